@@ -1,0 +1,40 @@
+"""Showing the task graphs an app makes for one request, without executing anything."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from cornserve.app.loader import AppSpec
+from cornserve.task.dispatcher import use_dispatcher
+from cornserve.task.graph import TaskGraph
+from cornserve.task.local import TracingDispatcher
+from cornserve.task.stream import Stream
+
+
+async def trace_app(spec: AppSpec, request: dict[str, Any] | Any) -> list[TaskGraph]:
+    """Run the app's `serve` on `request` with a dispatcher that only records, and return its graphs.
+
+    Streams come back empty, so `serve` runs to completion; a `serve` that reads non-forwarded task
+    outputs sees placeholders and fails with UnmaterializedDataError.
+    """
+    req = request if isinstance(request, spec.request_model) else spec.request_model.model_validate(request)
+    tracer = TracingDispatcher()
+    with use_dispatcher(tracer):
+        result = spec.serve(req)
+        if inspect.isasyncgen(result) or hasattr(result, "__anext__"):
+            async for _ in result:
+                pass
+        else:
+            awaited = await result
+            if hasattr(awaited, "__anext__"):
+                async for _ in awaited:
+                    pass
+    # Only a graph's last invocation may stream, and that stream is what the graph returns.
+    return [
+        TaskGraph(
+            invocations=graph,
+            output=graph[-1].task_output if isinstance(graph[-1].task_output, Stream) else None,
+        )
+        for graph in tracer.graphs
+    ]

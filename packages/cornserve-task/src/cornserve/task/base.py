@@ -1,0 +1,318 @@
+"""Task inputs, outputs and the Task base classes (unit and composite)."""
+
+from __future__ import annotations
+
+import inspect
+from abc import abstractmethod
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, cast
+
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SerializationInfo,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
+
+from cornserve.task.descriptor import TaskExecutionDescriptor
+from cornserve.task.errors import TaskDefinitionError
+
+if TYPE_CHECKING:
+    from cornserve.task.graph import TaskGraph
+
+
+class TaskInput(BaseModel):
+    """Base class of every task's input model."""
+
+
+class TaskOutput(BaseModel):
+    """Base class of every task's output model."""
+
+
+InputT = TypeVar("InputT", bound=TaskInput)
+OutputT = TypeVar("OutputT", bound=TaskOutput)
+
+
+def _contains_task(value: Any) -> bool:
+    if isinstance(value, Task):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(_contains_task(v) for v in value)
+    if isinstance(value, dict):
+        return any(_contains_task(v) for v in value.values())
+    return False
+
+
+def _iter_tasks(value: Any) -> Iterator[Task[Any, Any]]:
+    if isinstance(value, Task):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _iter_tasks(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _iter_tasks(v)
+
+
+def _generic_args(cls: type, origin: type) -> tuple[Any, ...] | None:
+    """Find the type arguments `cls` gave to the generic pydantic model `origin`, if any."""
+    for klass in cls.__mro__:
+        meta = getattr(klass, "__pydantic_generic_metadata__", None)
+        if meta and meta["origin"] is not None and issubclass(meta["origin"], origin) and meta["args"]:
+            return tuple(meta["args"])
+    return None
+
+
+class Task(BaseModel, Generic[InputT, OutputT]):
+    """A reusable, composable unit of work.
+
+    A task's fields are its configuration. `invoke` composes other tasks synchronously; calling the
+    task with `await task(input)` records the graph `invoke` makes, sends it to the dispatcher, and
+    replays `invoke` with the real outputs. Subtasks created in `post_init` (by assigning them to
+    attributes) or passed as fields are discovered automatically.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    _subtasks: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if args:
+            order = self._positional_fields()
+            if len(args) > len(order):
+                raise TypeError(f"{type(self).__name__} takes at most {len(order)} positional arguments")
+            for name, value in zip(order, args, strict=False):
+                if name in kwargs:
+                    raise TypeError(f"{type(self).__name__} got multiple values for argument {name!r}")
+                kwargs[name] = value
+        super().__init__(**kwargs)
+
+    @classmethod
+    def _positional_fields(cls) -> list[str]:
+        """Field order for positional construction: the class's own fields, configuration last."""
+        return list(cls.model_fields)
+
+    def model_post_init(self, context: Any) -> None:
+        """Run `post_init`, where composite tasks create their subtasks."""
+        self.post_init()
+
+    def post_init(self) -> None:
+        """Create subtasks here by assigning them to attributes (e.g. `self.llm = LLMTask(...)`)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in type(self).model_fields or name.startswith("_"):
+            super().__setattr__(name, value)
+            return
+        if not _contains_task(value):
+            raise TaskDefinitionError(
+                f"{type(self).__name__}.{name}: only subtasks (Task instances, or lists/dicts of them) "
+                "can be assigned as attributes; declare configuration as pydantic fields instead"
+            )
+        self._subtasks[name] = value
+
+    def __getattr__(self, name: str) -> Any:
+        private = object.__getattribute__(self, "__pydantic_private__")
+        if private is not None and name in private.get("_subtasks", {}):
+            return private["_subtasks"][name]
+        return super().__getattr__(name)  # type: ignore[misc]
+
+    # ----- types -----------------------------------------------------------------------------------
+
+    @classmethod
+    def input_cls(cls) -> type[TaskInput]:
+        """The input model class declared by `Task[InputT, OutputT]`."""
+        return cast(type[TaskInput], cls._io_types()[0])
+
+    @classmethod
+    def output_cls(cls) -> type[TaskOutput]:
+        """The output model class declared by `Task[InputT, OutputT]`."""
+        return cast(type[TaskOutput], cls._io_types()[1])
+
+    @classmethod
+    def _io_types(cls) -> tuple[Any, Any]:
+        args = _generic_args(cls, Task)
+        if args is None or len(args) != 2 or any(isinstance(a, TypeVar) for a in args):
+            raise TaskDefinitionError(
+                f"{cls.__name__} must declare its input and output types: class {cls.__name__}(Task[MyInput, MyOutput])"
+            )
+        return args[0], args[1]
+
+    # ----- composition -----------------------------------------------------------------------------
+
+    def subtasks(self) -> list[Task[Any, Any]]:
+        """Direct subtasks: tasks held in fields and tasks assigned as attributes, in order."""
+        found: list[Task[Any, Any]] = []
+        for name in type(self).model_fields:
+            found.extend(_iter_tasks(self.__dict__.get(name)))
+        for value in self._subtasks.values():
+            found.extend(_iter_tasks(value))
+        return found
+
+    @abstractmethod
+    def invoke(self, task_input: InputT) -> OutputT:
+        """Compose other tasks (composite) or describe one executor call (unit); synchronous."""
+
+    async def __call__(self, task_input: InputT) -> OutputT:
+        """Record the graph, execute it through the configured dispatcher, and replay with real outputs."""
+        from cornserve.task.context import execute_task
+
+        return cast(OutputT, await execute_task(self, self._coerce_input(task_input)))
+
+    def trace(self, task_input: InputT) -> TaskGraph:
+        """Record the graph this task makes for `task_input` without executing anything."""
+        from cornserve.task.context import trace_task
+
+        return trace_task(self, self._coerce_input(task_input))
+
+    def _coerce_input(self, task_input: Any) -> TaskInput:
+        input_cls = self.input_cls()
+        if isinstance(task_input, input_cls):
+            return task_input
+        if isinstance(task_input, dict):
+            return input_cls.model_validate(task_input)
+        raise TypeError(
+            f"{type(self).__name__} takes a {input_cls.__name__} (or a dict of its fields), "
+            f"not {type(task_input).__name__}"
+        )
+
+    def display_name(self) -> str:
+        """A short human-readable name for errors and graph pictures."""
+        return type(self).__name__
+
+
+class UnitTask(Task[InputT, OutputT]):
+    """A task executed by exactly one deployed executor.
+
+    Subclasses implement `make_output_placeholder` (what the output looks like before execution,
+    e.g. one `DataForward` per item) and set `default_descriptor` to the registered name of their
+    default `TaskExecutionDescriptor` class.
+    """
+
+    default_descriptor: ClassVar[str] = ""
+
+    # Typed as the unparametrized base so any descriptor subclass instance passes through as is.
+    descriptor: TaskExecutionDescriptor = Field(  # type: ignore[type-arg]
+        default=None,  # type: ignore[arg-type]  (filled with the default descriptor by _fill_descriptor)
+        validation_alias=AliasChoices("descriptor", "execution_descriptor"),
+        description="How this task is executed; defaults to an instance of the class's default descriptor.",
+    )
+
+    _deployment_key: str | None = PrivateAttr(default=None)
+
+    @classmethod
+    def _positional_fields(cls) -> list[str]:
+        return [name for name in cls.model_fields if name != "descriptor"] + ["descriptor"]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_descriptor(cls, data: Any) -> Any:
+        if (
+            isinstance(data, dict)
+            and data.get("descriptor") is None
+            and data.get("execution_descriptor") is None
+        ):
+            from cornserve.task.registry import descriptor_class
+
+            if not cls.default_descriptor:
+                raise TaskDefinitionError(f"{cls.__name__} has no default_descriptor; pass descriptor=...")
+            data = {k: v for k, v in data.items() if k not in ("descriptor", "execution_descriptor")}
+            data["descriptor"] = descriptor_class(cls.default_descriptor)()
+        return data
+
+    @field_validator("descriptor", mode="before")
+    @classmethod
+    def _load_descriptor(cls, value: Any) -> Any:
+        if isinstance(value, dict) and set(value) == {"name", "config"}:
+            from cornserve.task.registry import descriptor_class
+
+            return descriptor_class(value["name"]).model_validate(value["config"])
+        return value
+
+    @model_validator(mode="after")
+    def _check_descriptor(self) -> UnitTask[InputT, OutputT]:
+        runs = self.descriptor.task_cls()
+        if not isinstance(self, runs):
+            raise TaskDefinitionError(
+                f"{type(self.descriptor).__name__} executes {runs.__name__}, not {type(self).__name__}"
+            )
+        return self
+
+    @field_serializer("descriptor")
+    def _dump_descriptor(
+        self, value: TaskExecutionDescriptor[Any], info: SerializationInfo
+    ) -> dict[str, Any]:
+        return {"name": type(value).__name__, "config": value.model_dump(mode=info.mode)}
+
+    @property
+    def deployment_key(self) -> str:
+        """Equal for two instances that must share one deployment (class, descriptor and config)."""
+        if self._deployment_key is None:
+            from cornserve.task.registry import task_deployment_key
+
+            self._deployment_key = task_deployment_key(self)
+        return self._deployment_key
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "invoke" in cls.__dict__:
+            raise TaskDefinitionError(
+                f"{cls.__name__} is a UnitTask and must not override invoke(): a unit task is executed "
+                "by its executor; describe its output shape with make_output_placeholder() instead"
+            )
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        meta = cls.__pydantic_generic_metadata__
+        if meta["origin"] is None and not meta["parameters"] and not inspect.isabstract(cls):
+            from cornserve.task.registry import register_unit_task
+
+            register_unit_task(cls)
+
+    def invoke(self, task_input: InputT) -> OutputT:
+        """Add this call to the active recording, or take its real output during replay."""
+        from cornserve.task.context import current_context
+
+        return cast(OutputT, current_context(self).unit_invoke(self, task_input))
+
+    def make_output_placeholder(self, task_input: InputT) -> OutputT:
+        """The output as seen while recording.
+
+        The default fills `DataForward` fields with fresh forwards and every other field with an
+        `Unmaterialized` marker. Override it when the output shape depends on the input (e.g. one
+        forward per input item) or the output is a `Stream`.
+        """
+        from cornserve.task.forward import DataForward, Unmaterialized
+
+        output_cls = self.output_cls()
+        values: dict[str, Any] = {}
+        for name, field in output_cls.model_fields.items():
+            annotation = field.annotation
+            if isinstance(annotation, type) and issubclass(annotation, DataForward):
+                values[name] = annotation()
+            else:
+                values[name] = Unmaterialized(self.display_name(), name)
+        return cast(OutputT, output_cls.model_construct(**values))
+
+    def validate_input(self, task_input: InputT) -> None:
+        """Check an input against this task's configuration; raise InvalidTaskInputError if wrong."""
+
+
+def discover_unit_tasks(tasks: Iterable[Task[Any, Any]]) -> list[UnitTask[Any, Any]]:
+    """Flatten a tree of tasks into its distinct unit tasks (by deployment key), in discovery order."""
+    seen: dict[str, UnitTask[Any, Any]] = {}
+
+    def visit(task: Task[Any, Any]) -> None:
+        if isinstance(task, UnitTask):
+            seen.setdefault(task.deployment_key, task)
+        for sub in task.subtasks():
+            visit(sub)
+
+    for task in tasks:
+        visit(task)
+    return list(seen.values())

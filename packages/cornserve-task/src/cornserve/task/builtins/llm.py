@@ -1,0 +1,172 @@
+"""LLMTask: an LLM (optionally multimodal) that streams a chat completion."""
+
+from __future__ import annotations
+
+import json
+import sys
+from abc import abstractmethod
+from typing import Any
+
+from pydantic import Field
+
+from cornserve.task.base import UnitTask
+from cornserve.task.builtins.chat import ChatCompletionChunk, ChatCompletionRequest
+from cornserve.task.builtins.modality import Modality
+from cornserve.task.context import TaskInvocation
+from cornserve.task.descriptor import (
+    ExecutorLaunchContext,
+    ExecutorLaunchSpec,
+    ExecutorRequest,
+    TaskExecutionDescriptor,
+)
+from cornserve.task.errors import InvalidTaskInputError, TaskExecutionError
+from cornserve.task.stream import Stream
+
+
+class LLMTask(UnitTask[ChatCompletionRequest, Stream[ChatCompletionChunk]]):
+    """Generate a chat completion, streamed as OpenAI chunks.
+
+    With `receive_embeddings=True` the media of a request arrive as embedding forwards from
+    encoder tasks (encoder fission); otherwise the executor encodes the `modalities` it is given.
+    """
+
+    default_descriptor = "CPULLMDescriptor"
+
+    model_id: str = Field(min_length=1)
+    receive_embeddings: bool = False
+    modalities: list[Modality] = Field(default_factory=list)
+
+    def validate_input(self, task_input: ChatCompletionRequest) -> None:
+        """Media must arrive the way this task is configured to take them."""
+        media = task_input.media()
+        forwards = task_input.cornserve_embeddings
+        if self.receive_embeddings:
+            if len(forwards) != len(media):
+                raise InvalidTaskInputError(
+                    f"LLMTask({self.model_id}) receives embeddings: the request has {len(media)} media item(s) "
+                    f"but {len(forwards)} embedding forward(s)"
+                )
+            return
+        if forwards:
+            raise InvalidTaskInputError(
+                f"LLMTask({self.model_id}) was given embedding forwards but has receive_embeddings=False"
+            )
+        for item in media:
+            if item.modality not in self.modalities:
+                declared = ", ".join(m.value for m in self.modalities) or "none"
+                raise InvalidTaskInputError(
+                    f"LLMTask({self.model_id}) accepts modalities [{declared}], but message {item.message_index} "
+                    f"part {item.part_index} is {item.modality.value}"
+                )
+
+    def make_output_placeholder(self, task_input: ChatCompletionRequest) -> Stream[ChatCompletionChunk]:
+        """The completion streams."""
+        return Stream[ChatCompletionChunk].placeholder(self.display_name())
+
+    def display_name(self) -> str:
+        """E.g. `LLMTask[embeddings]` for an encoder-fission LLM."""
+        return "LLMTask[embeddings]" if self.receive_embeddings else "LLMTask"
+
+
+class OpenAIChatDescriptor(TaskExecutionDescriptor[LLMTask]):
+    """Shared request/stream translation for executors that speak OpenAI's chat-completions API."""
+
+    def to_request(self, task: LLMTask, invocation: TaskInvocation) -> ExecutorRequest:
+        """POST /v1/chat/completions, streaming, with usage, and the embedding forwards if any."""
+        request = invocation.task_input
+        assert isinstance(request, ChatCompletionRequest)
+        body = request.openai_body()
+        body["model"] = task.model_id
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+        if request.cornserve_embeddings:
+            body["cornserve_embeddings"] = [f.model_dump(mode="json") for f in request.cornserve_embeddings]
+        return ExecutorRequest(path="/v1/chat/completions", body=body, stream=True)
+
+    def from_stream_line(
+        self, task: LLMTask, invocation: TaskInvocation, line: str
+    ) -> ChatCompletionChunk | None:
+        """Parse one server-sent-events line: `data: {...}` → a chunk; `[DONE]` and blanks are skipped."""
+        line = line.strip()
+        if not line or line.startswith(":") or not line.startswith("data:"):
+            return None
+        data = line[len("data:") :].strip()
+        if data == "[DONE]":
+            return None
+        payload = json.loads(data)
+        if isinstance(payload, dict) and "error" in payload:
+            error = payload["error"]
+            message = error.get("message", error) if isinstance(error, dict) else error
+            raise TaskExecutionError(f"the LLM executor failed: {message}")
+        return ChatCompletionChunk.model_validate(payload)
+
+    def from_response(
+        self, task: LLMTask, invocation: TaskInvocation, body: Any
+    ) -> Stream[ChatCompletionChunk]:
+        """LLM responses always stream."""
+        raise TaskExecutionError("LLMTask responses are streamed; a non-streamed response was received")
+
+    @abstractmethod
+    def launch_spec(self, task: LLMTask, context: ExecutorLaunchContext) -> ExecutorLaunchSpec:
+        """The executor process."""
+
+
+class VLLMDescriptor(OpenAIChatDescriptor):
+    """Run an LLMTask with `vllm serve` on GPUs (see docs/tasks.md for the embedding hand-off)."""
+
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
+    max_model_len: int | None = Field(default=None, ge=1)
+    extra_args: list[str] = Field(default_factory=list)
+
+    def num_devices(self, task: LLMTask) -> int:
+        """One GPU per tensor-parallel rank."""
+        return self.tensor_parallel_size
+
+    def launch_spec(self, task: LLMTask, context: ExecutorLaunchContext) -> ExecutorLaunchSpec:
+        """`vllm serve MODEL --port P --tensor-parallel-size N ...` on the allocated GPUs."""
+        if any(d.kind != "cuda" for d in context.devices):
+            raise TaskExecutionError("VLLMDescriptor needs GPU devices; use CPULLMDescriptor on CPU slots")
+        command = [
+            "vllm", "serve", task.model_id,
+            "--host", context.host,
+            "--port", str(context.port),
+            "--tensor-parallel-size", str(self.tensor_parallel_size),
+            "--gpu-memory-utilization", str(self.gpu_memory_utilization),
+        ]  # fmt: skip
+        if self.max_model_len is not None:
+            command += ["--max-model-len", str(self.max_model_len)]
+        command += self.extra_args
+        env = {
+            "CUDA_VISIBLE_DEVICES": ",".join(str(d.index) for d in context.devices),
+            "CORNSERVE_SIDECAR_RANKS": ",".join(map(str, context.sidecar_ranks)),
+            "CORNSERVE_EXECUTOR_ID": context.executor_id,
+        }
+        if context.nats_url:
+            env["CORNSERVE_NATS_URL"] = context.nats_url
+        return ExecutorLaunchSpec(
+            command=command, env=env, port=context.port, health_path="/health", ready_timeout_s=900
+        )
+
+
+class CPULLMDescriptor(OpenAIChatDescriptor):
+    """Run an LLMTask on Cornserve's CPU LLM executor (Hugging Face transformers)."""
+
+    max_batch_size: int = Field(default=8, ge=1)
+
+    def launch_spec(self, task: LLMTask, context: ExecutorLaunchContext) -> ExecutorLaunchSpec:
+        """`python -m cornserve.llm_executor ...` with the sidecar ranks to receive embeddings on."""
+        command = [
+            sys.executable, "-m", "cornserve.llm_executor",
+            "--model-id", task.model_id,
+            "--host", context.host,
+            "--port", str(context.port),
+            "--max-batch-size", str(self.max_batch_size),
+            "--sidecar-ranks", ",".join(map(str, context.sidecar_ranks)),
+        ]  # fmt: skip
+        if task.receive_embeddings:
+            command.append("--receive-embeddings")
+        env = {"CORNSERVE_EXECUTOR_ID": context.executor_id}
+        if context.nats_url:
+            env["CORNSERVE_NATS_URL"] = context.nats_url
+        return ExecutorLaunchSpec(command=command, env=env, port=context.port, health_path="/health")

@@ -1,0 +1,366 @@
+"""Recording a task graph, and replaying `invoke` with the real outputs.
+
+`await task(x)` runs `task.invoke(x)` twice. The first run records: every unit task call appends a
+`TaskInvocation` (task, input, output placeholder) to a fresh `TaskContext`. The dispatcher executes
+the recorded list. The second run replays: each unit task call takes its real output, and must be
+exactly the call recorded at that position (the static-graph rule). Both runs are synchronous and
+the context lives in a ContextVar, so concurrent `await task(...)` calls never share one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, SkipValidation, ValidationError, model_serializer, model_validator
+
+from cornserve.task.base import Task, TaskInput, TaskOutput, UnitTask
+from cornserve.task.errors import (
+    StaticGraphError,
+    TaskContextError,
+    TaskDefinitionError,
+    TaskExecutionError,
+    TaskSerializationError,
+    UnmaterializedDataError,
+)
+from cornserve.task.forward import DataForward, Unmaterialized, iter_forwards
+from cornserve.task.registry import deserialize_task, serialize_task
+from cornserve.task.stream import Stream
+
+if TYPE_CHECKING:
+    from cornserve.task.graph import TaskGraph
+
+_UNMATERIALIZED_KEY = "__unmaterialized__"
+
+
+def _dump_value(value: Any) -> Any:
+    """JSON-able dump that keeps placeholder markers (model_dump would try to stringify them)."""
+    if isinstance(value, Unmaterialized):
+        return {_UNMATERIALIZED_KEY: repr(value)}
+    if isinstance(value, DataForward):
+        return value.model_dump(mode="json")
+    if isinstance(value, BaseModel):
+        return {name: _dump_value(value.__dict__.get(name)) for name in type(value).model_fields}
+    if isinstance(value, (list, tuple)):
+        return [_dump_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _dump_value(v) for k, v in value.items()}
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    raise TaskSerializationError(f"cannot serialize a {type(value).__name__} inside a task output")
+
+
+def _has_marker(data: Any) -> bool:
+    if isinstance(data, dict):
+        return _UNMATERIALIZED_KEY in data or any(_has_marker(v) for v in data.values())
+    if isinstance(data, list):
+        return any(_has_marker(v) for v in data)
+    return False
+
+
+def _load_output(output_cls: type[TaskOutput], data: Any, task_name: str) -> TaskOutput:
+    if not isinstance(data, dict):
+        raise TaskSerializationError(f"the output of {task_name} must be a JSON object")
+    if not _has_marker(data):
+        return output_cls.model_validate(data)
+    values: dict[str, Any] = {}
+    for name, raw in data.items():
+        if isinstance(raw, dict) and _UNMATERIALIZED_KEY in raw:
+            values[name] = Unmaterialized(task_name, name)
+        elif isinstance(raw, dict) and set(raw) == set(DataForward.model_fields):
+            values[name] = DataForward[Any].model_validate(raw)
+        else:
+            values[name] = raw
+    return output_cls.model_construct(**values)
+
+
+def _dump_output(output: TaskOutput) -> dict[str, Any]:
+    dumped = _dump_value(output)
+    assert isinstance(dumped, dict)
+    return dumped
+
+
+class TaskInvocation(BaseModel):
+    """One call of a unit task in a recorded graph: the task, its input, and its output placeholder."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    task: SkipValidation[UnitTask[Any, Any]]
+    task_input: SkipValidation[TaskInput]
+    task_output: SkipValidation[TaskOutput]
+
+    @model_validator(mode="after")
+    def _check_types(self) -> TaskInvocation:
+        if not isinstance(self.task, UnitTask):
+            raise TypeError(f"TaskInvocation.task must be a UnitTask, not {type(self.task).__name__}")
+        if not isinstance(self.task_input, TaskInput) or not isinstance(self.task_output, TaskOutput):
+            raise TypeError("TaskInvocation.task_input/task_output must be TaskInput/TaskOutput instances")
+        return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_wire(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not isinstance(data.get("task"), dict):
+            return data
+        task = deserialize_task(data["task"])
+        name = type(task).__name__
+        try:
+            task_input = task.input_cls().model_validate(data.get("task_input"))
+        except ValidationError as exc:
+            raise TaskSerializationError(f"invalid input for {name}: {exc}") from exc
+        try:
+            task_output = _load_output(task.output_cls(), data.get("task_output"), name)
+        except ValidationError as exc:
+            raise TaskSerializationError(f"invalid output for {name}: {exc}") from exc
+        return {"task": task, "task_input": task_input, "task_output": task_output}
+
+    @model_serializer(mode="plain")
+    def _to_wire(self) -> dict[str, Any]:
+        return {
+            "task": serialize_task(self.task),
+            "task_input": self.task_input.model_dump(mode="json"),
+            "task_output": _dump_output(self.task_output),
+        }
+
+
+def _walk(value: Any) -> Iterator[Any]:
+    yield value
+    if isinstance(value, BaseModel) and not isinstance(value, DataForward):
+        for name in type(value).model_fields:
+            yield from _walk(value.__dict__.get(name))
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _walk(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _walk(item)
+
+
+def _canonical(value: Any) -> Any:
+    """A comparable form of an input in which forwards compare by id only (ranks get wired later)."""
+    if isinstance(value, DataForward):
+        return ("forward", value.id)
+    if isinstance(value, Unmaterialized):
+        return ("unmaterialized", id(value))
+    if isinstance(value, BaseModel):
+        return (
+            type(value).__qualname__,
+            tuple((n, _canonical(value.__dict__.get(n))) for n in type(value).model_fields),
+        )
+    if isinstance(value, (list, tuple)):
+        return tuple(_canonical(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted(((k, _canonical(v)) for k, v in value.items()), key=lambda kv: repr(kv[0])))
+    return value
+
+
+def conforms(value: Any, cls: type) -> bool:
+    """isinstance() that treats `Stream[X]` (a pydantic parametrization) as `Stream`."""
+    origin = getattr(cls, "__pydantic_generic_metadata__", {}).get("origin")
+    return isinstance(value, origin or cls)
+
+
+class TaskContext:
+    """The per-call record of one graph: its invocations, then (during replay) their real outputs."""
+
+    def __init__(self, root: Task[Any, Any]) -> None:
+        self.root = root
+        self.invocations: list[TaskInvocation] = []
+        self._mode: Literal["record", "replay"] = "record"
+        self._outputs: Sequence[TaskOutput] = ()
+        self._cursor = 0
+
+    def unit_invoke(self, task: UnitTask[Any, Any], task_input: Any) -> TaskOutput:
+        """Called by every UnitTask.invoke: record the call, or hand back its real output."""
+        input_cls = task.input_cls()
+        if not isinstance(task_input, input_cls):
+            raise TypeError(
+                f"{task.display_name()}.invoke() takes a {input_cls.__name__}, not {type(task_input).__name__}"
+            )
+        if self._mode == "record":
+            return self._record(task, task_input)
+        return self._replay(task, task_input)
+
+    def _record(self, task: UnitTask[Any, Any], task_input: TaskInput) -> TaskOutput:
+        position = len(self.invocations)
+        for leaf in _walk(task_input):
+            if isinstance(leaf, Unmaterialized):
+                raise UnmaterializedDataError(
+                    f"{leaf!r} was passed into the input of {task.display_name()} at position {position}; "
+                    "only DataForwards may carry one task's output into another task's input"
+                )
+        task.validate_input(task_input)
+        output: TaskOutput = task.make_output_placeholder(task_input)
+        if not conforms(output, task.output_cls()):
+            raise TaskDefinitionError(
+                f"{type(task).__name__}.make_output_placeholder() returned {type(output).__name__}, "
+                f"not {task.output_cls().__name__}"
+            )
+        if isinstance(output, Stream) and output.is_placeholder:
+            output._producer = f"{task.display_name()} at position {position}"
+        self.invocations.append(TaskInvocation(task=task, task_input=task_input, task_output=output))
+        return output
+
+    def _replay(self, task: UnitTask[Any, Any], task_input: TaskInput) -> TaskOutput:
+        position = self._cursor
+        total = len(self.invocations)
+        if position >= total:
+            raise StaticGraphError(
+                f"replay of {self.root.display_name()} made an extra invocation: {task.display_name()} at "
+                f"position {position}, but only {total} invocations were recorded. invoke() must make the "
+                "same task calls for the same request"
+            )
+        recorded = self.invocations[position]
+        if recorded.task is not task and recorded.task.deployment_key != task.deployment_key:
+            raise StaticGraphError(
+                f"replay of {self.root.display_name()} invoked {task.display_name()} at position {position}, "
+                f"but the recording invoked {recorded.task.display_name()} there. invoke() must make the same "
+                "task calls in the same order for the same request"
+            )
+        if _canonical(recorded.task_input) != _canonical(task_input):
+            raise StaticGraphError(
+                f"replay of {self.root.display_name()} invoked {task.display_name()} at position {position} "
+                "with a different input than was recorded. Task inputs must depend only on the request and "
+                "on DataForwards, never on materialized outputs"
+            )
+        self._cursor += 1
+        output: TaskOutput = self._outputs[position]
+        return output
+
+    # ----- phases ----------------------------------------------------------------------------------
+
+    def check_recorded(self, result: Any) -> None:
+        """Enforce the static-graph rules that concern the recorded graph as a whole."""
+        if not conforms(result, self.root.output_cls()):
+            raise TaskDefinitionError(
+                f"{self.root.display_name()}.invoke() returned {type(result).__name__}, "
+                f"not its declared output {self.root.output_cls().__name__}"
+            )
+        last = len(self.invocations) - 1
+        producers: dict[str, int] = {}
+        consumed: set[str] = set()
+        for position, inv in enumerate(self.invocations):
+            name = inv.task.display_name()
+            if isinstance(inv.task_output, Stream) and position != last:
+                raise StaticGraphError(
+                    f"{name} at position {position} produces a Stream, but only the graph's last invocation "
+                    f"may stream ({last - position} invocation(s) follow it)"
+                )
+            for fwd in iter_forwards(inv.task_input):
+                if fwd.id not in producers:
+                    raise StaticGraphError(
+                        f"{name} at position {position} consumes DataForward {fwd.id}, which no earlier task in "
+                        "this graph produced. Forwarded data only travels within one `await task(...)` call: "
+                        "compose the producer and the consumer in one composite task"
+                    )
+                consumed.add(fwd.id)
+            for fwd in iter_forwards(inv.task_output):
+                producers[fwd.id] = position
+        returned = {fwd.id for fwd in iter_forwards(result)}
+        for fid, position in producers.items():
+            if fid not in consumed and fid not in returned:
+                inv = self.invocations[position]
+                data_type = next(f.data_type for f in iter_forwards(inv.task_output) if f.id == fid)
+                raise StaticGraphError(
+                    f"DataForward {fid} ({data_type}) produced by {inv.task.display_name()} at position "
+                    f"{position} is neither consumed by another task nor returned; every forwarded value "
+                    "needs a destination"
+                )
+
+    def begin_replay(self, outputs: Sequence[TaskOutput]) -> None:
+        """Switch to replay with the dispatcher's outputs, one per recorded invocation."""
+        if len(outputs) != len(self.invocations):
+            raise TaskExecutionError(
+                f"the dispatcher returned {len(outputs)} outputs for {len(self.invocations)} invocations"
+            )
+        for position, (inv, out) in enumerate(zip(self.invocations, outputs, strict=True)):
+            if not conforms(out, inv.task.output_cls()):
+                raise TaskExecutionError(
+                    f"the dispatcher returned {type(out).__name__} for {inv.task.display_name()} at position "
+                    f"{position}, expected {inv.task.output_cls().__name__}",
+                    task_name=inv.task.display_name(),
+                    position=position,
+                )
+        self._mode = "replay"
+        self._outputs = outputs
+        self._cursor = 0
+
+    def end_replay(self) -> None:
+        """Check that replay made every recorded invocation."""
+        if self._cursor != len(self.invocations):
+            missing = self.invocations[self._cursor]
+            raise StaticGraphError(
+                f"replay of {self.root.display_name()} made {self._cursor} of {len(self.invocations)} recorded "
+                f"invocations; {missing.task.display_name()} at position {self._cursor} was not invoked again. "
+                "invoke() must make the same task calls for the same request"
+            )
+
+
+_active_context: ContextVar[TaskContext | None] = ContextVar("cornserve_task_context", default=None)
+
+
+def current_context(task: UnitTask[Any, Any]) -> TaskContext:
+    """The context of the graph being recorded or replayed; an error outside of one."""
+    ctx = _active_context.get()
+    if ctx is None:
+        raise TaskContextError(
+            f"{task.display_name()}.invoke() was called outside of a task call. Call `await task(input)` "
+            "(or `task.trace(input)`) on the outermost task; inside a composite's invoke(), call subtasks' "
+            "invoke() directly"
+        )
+    return ctx
+
+
+def _run_invoke(ctx: TaskContext, task: Task[Any, Any], task_input: TaskInput) -> Any:
+    token = _active_context.set(ctx)
+    try:
+        return task.invoke(task_input)
+    finally:
+        _active_context.reset(token)
+
+
+def record_graph(task: Task[Any, Any], task_input: TaskInput) -> tuple[TaskContext, Any]:
+    """Run `invoke` once in record mode and check the static-graph rules."""
+    if _active_context.get() is not None:
+        raise TaskContextError(
+            f"`await {task.display_name()}(...)` was called inside another task's invoke(); invoke() is "
+            "synchronous and composes subtasks by calling their invoke()"
+        )
+    ctx = TaskContext(task)
+    result = _run_invoke(ctx, task, task_input)
+    ctx.check_recorded(result)
+    return ctx, result
+
+
+def replay_graph(ctx: TaskContext, task_input: TaskInput, outputs: Sequence[TaskOutput]) -> Any:
+    """Run `invoke` again, handing each unit task its real output."""
+    ctx.begin_replay(outputs)
+    result = _run_invoke(ctx, ctx.root, task_input)
+    ctx.end_replay()
+    return result
+
+
+async def execute_task(task: Task[Any, Any], task_input: TaskInput) -> Any:
+    """Record, dispatch, replay: the body of `await task(input)`."""
+    from cornserve.task.dispatcher import get_dispatcher
+
+    ctx, recorded = record_graph(task, task_input)
+    if not ctx.invocations:
+        return recorded
+    outputs = await get_dispatcher().dispatch(ctx.invocations)
+    try:
+        return replay_graph(ctx, task_input, outputs)
+    except BaseException:
+        for out in outputs:
+            if isinstance(out, Stream) and out._source is not None and hasattr(out._source, "aclose"):
+                await out._source.aclose()
+        raise
+
+
+def trace_task(task: Task[Any, Any], task_input: TaskInput) -> TaskGraph:
+    """Record the graph of one call without executing it."""
+    from cornserve.task.graph import TaskGraph
+
+    ctx, result = record_graph(task, task_input)
+    return TaskGraph(invocations=ctx.invocations, output=result)

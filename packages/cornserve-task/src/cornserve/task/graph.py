@@ -1,0 +1,139 @@
+"""The recorded task graph: invocations, forward edges, wiring, and pictures."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from cornserve.task.context import TaskInvocation
+from cornserve.task.forward import DataForward, iter_forwards
+from cornserve.task.stream import Stream
+
+
+def forward_edges(invocations: Sequence[TaskInvocation]) -> list[tuple[int, int, str]]:
+    """`(producer index, consumer index, forward id)` for every forward reused in a later input."""
+    producers: dict[str, int] = {}
+    edges: list[tuple[int, int, str]] = []
+    for position, inv in enumerate(invocations):
+        for fwd in iter_forwards(inv.task_input):
+            if fwd.id in producers:
+                edges.append((producers[fwd.id], position, fwd.id))
+        for fwd in iter_forwards(inv.task_output):
+            producers[fwd.id] = position
+    return edges
+
+
+def wire_forwards(invocations: Sequence[TaskInvocation], ranks: Sequence[list[int]]) -> None:
+    """Fill every forward's sidecar ranks from the ranks of the executor chosen for each invocation.
+
+    `ranks[i]` are the sidecar ranks of invocation i's executor. A forward's source is its
+    producer's ranks; its destinations are one rank group per consuming invocation (broadcast).
+    Every copy of a forward with the same id (producer output, consumer inputs) is updated, so
+    this also works on invocations that went through JSON.
+    """
+    if len(ranks) != len(invocations):
+        raise ValueError(f"{len(ranks)} rank lists for {len(invocations)} invocations")
+    src: dict[str, list[int]] = {}
+    dst: dict[str, list[list[int]]] = {}
+    for position, inv in enumerate(invocations):
+        for fwd in iter_forwards(inv.task_output):
+            src[fwd.id] = list(ranks[position])
+            dst.setdefault(fwd.id, [])
+    for position, inv in enumerate(invocations):
+        for fwd in iter_forwards(inv.task_input):
+            group = list(ranks[position])
+            if fwd.id in dst and group not in dst[fwd.id]:
+                dst[fwd.id].append(group)
+    for inv in invocations:
+        for fwd in [*iter_forwards(inv.task_input), *iter_forwards(inv.task_output)]:
+            if fwd.id in src:
+                fwd.src_sidecar_ranks = src[fwd.id]
+                fwd.dst_sidecar_ranks = dst[fwd.id]
+
+
+def _label(inv: TaskInvocation) -> str:
+    task = inv.task
+    detail = getattr(task, "model_id", None) or getattr(task, "modality", None)
+    return f"{task.display_name()}" + (f" ({detail})" if detail else "")
+
+
+@dataclass
+class TaskGraph:
+    """A recorded graph: invocations in call order, and the forward edges between them."""
+
+    invocations: list[TaskInvocation]
+    output: Any = None
+    edges: list[tuple[int, int, str]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.edges = forward_edges(self.invocations)
+
+    def _returned(self) -> tuple[list[tuple[int, str]], bool]:
+        """Forwards the graph returns (producer, id), and whether its output streams."""
+        returned_ids = {f.id for f in iter_forwards(self.output)}
+        found = [
+            (position, fwd.id)
+            for position, inv in enumerate(self.invocations)
+            for fwd in iter_forwards(inv.task_output)
+            if fwd.id in returned_ids
+        ]
+        return found, isinstance(self.output, Stream)
+
+    def _data_type(self, fid: str) -> str:
+        for inv in self.invocations:
+            for fwd in iter_forwards(inv.task_output):
+                if fwd.id == fid:
+                    return fwd.data_type
+        return "?"
+
+    def to_mermaid(self) -> str:
+        """Mermaid flowchart text: one node per invocation, one arrow per forward edge."""
+        lines = ["flowchart LR"]
+        for position, inv in enumerate(self.invocations):
+            lines.append(f'    t{position}["{position}: {_label(inv)}"]')
+        for producer, consumer, fid in self.edges:
+            lines.append(f"    t{producer} -->|{self._data_type(fid)} {fid[:8]}| t{consumer}")
+        returned, streams = self._returned()
+        if returned or streams:
+            lines.append('    out(["output"])')
+        for producer, fid in returned:
+            lines.append(f"    t{producer} -->|{self._data_type(fid)} {fid[:8]}| out")
+        if streams and self.invocations:
+            lines.append(f"    t{len(self.invocations) - 1} -.->|stream| out")
+        return "\n".join(lines) + "\n"
+
+    def to_dot(self) -> str:
+        """Graphviz DOT text of the same picture."""
+        lines = ["digraph task_graph {", "    rankdir=LR;", "    node [shape=box];"]
+        for position, inv in enumerate(self.invocations):
+            lines.append(f'    t{position} [label="{position}: {_label(inv)}"];')
+        for producer, consumer, fid in self.edges:
+            lines.append(f'    t{producer} -> t{consumer} [label="{self._data_type(fid)} {fid[:8]}"];')
+        returned, streams = self._returned()
+        if returned or streams:
+            lines.append('    out [label="output", shape=oval];')
+        for producer, fid in returned:
+            lines.append(f'    t{producer} -> out [label="{self._data_type(fid)} {fid[:8]}"];')
+        if streams and self.invocations:
+            lines.append(f'    t{len(self.invocations) - 1} -> out [label="stream", style=dashed];')
+        lines.append("}")
+        return "\n".join(lines) + "\n"
+
+    def describe(self) -> str:
+        """A plain-text listing: each invocation with the forwards it consumes and produces."""
+        lines = []
+        for position, inv in enumerate(self.invocations):
+            consumes = [f.id[:8] for f in iter_forwards(inv.task_input)]
+            produces = [f.id[:8] for f in iter_forwards(inv.task_output)]
+            kind = "stream" if isinstance(inv.task_output, Stream) else "output"
+            lines.append(
+                f"[{position}] {_label(inv)}  key={inv.task.deployment_key}\n"
+                f"      consumes: {', '.join(consumes) or '-'}   produces: {', '.join(produces) or '-'} ({kind})"
+            )
+        return "\n".join(lines) + "\n"
+
+
+def all_forwards(invocations: Sequence[TaskInvocation]) -> dict[str, DataForward[Any]]:
+    """Every forward produced in a graph, by id."""
+    return {f.id: f for inv in invocations for f in iter_forwards(inv.task_output)}
