@@ -8,6 +8,7 @@ pydantic model, which returns a pydantic model or streams them, and one `Config(
 
 from __future__ import annotations
 
+import ast
 import collections.abc
 import hashlib
 import inspect
@@ -56,12 +57,17 @@ class AppSpec:
         }
 
 
-def _line_of(obj: Any) -> int | None:
-    try:
-        return inspect.getsourcelines(obj)[1]
-    except (OSError, TypeError):
-        code = getattr(obj, "__code__", None)
-        return code.co_firstlineno if code is not None else None
+def _line_of(module: types.ModuleType, obj: Any) -> int | None:
+    """The line where a function or class of the app is defined (app source has no file to inspect)."""
+    code = getattr(obj, "__code__", None)
+    if code is not None:
+        return int(code.co_firstlineno)
+    source = module.__dict__.get("__cornserve_source__")
+    if isinstance(obj, type) and isinstance(source, str):
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.ClassDef) and node.name == obj.__name__:
+                return node.lineno
+    return None
 
 
 def _error_line(exc: BaseException, filename: str) -> int | None:
@@ -83,6 +89,7 @@ def load_app(source: str, name: str = "app") -> types.ModuleType:
         raise AppValidationError(f"syntax error: {exc.msg}", line=exc.lineno) from exc
     module = types.ModuleType(module_name)
     module.__file__ = filename
+    module.__dict__["__cornserve_source__"] = source
     sys.modules[module_name] = module
     try:
         exec(code, module.__dict__)
@@ -104,7 +111,7 @@ def _check_serve(module: types.ModuleType) -> tuple[Any, type[BaseModel], type[B
         raise AppValidationError(
             "the app defines no `serve` function: add `async def serve(request: MyRequest) -> MyResponse`"
         )
-    line = _line_of(serve)
+    line = _line_of(module, serve)
     is_generator = inspect.isasyncgenfunction(serve)
     if not (inspect.iscoroutinefunction(serve) or is_generator):
         raise AppValidationError("`serve` must be an async function (`async def serve(...)`)", line=line)
@@ -174,7 +181,7 @@ def _check_config(module: types.ModuleType) -> tuple[type[AppConfig], dict[str, 
             f"the app defines {len(configs)} AppConfig subclasses ({names}); define exactly one"
         )
     config = configs[0]
-    line = _line_of(config)
+    line = _line_of(module, config)
     tasks = config.__dict__.get("tasks")
     if not isinstance(tasks, dict) or not tasks:
         raise AppValidationError(
@@ -200,7 +207,9 @@ def validate_app(source: str, name: str = "app") -> AppSpec:
         try:
             unit_tasks = discover_unit_tasks(tasks.values())
         except TaskError as exc:
-            raise AppValidationError(f"the app's tasks are invalid: {exc}", line=_line_of(config)) from exc
+            raise AppValidationError(
+                f"the app's tasks are invalid: {exc}", line=_line_of(module, config)
+            ) from exc
     except AppValidationError:
         sys.modules.pop(module.__name__, None)
         raise

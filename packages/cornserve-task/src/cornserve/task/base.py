@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 from abc import abstractmethod
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, cast
@@ -121,6 +122,15 @@ class Task(BaseModel, Generic[InputT, OutputT]):
             return private["_subtasks"][name]
         return super().__getattr__(name)  # type: ignore[misc]
 
+    def __eq__(self, other: object) -> bool:
+        """Tasks are equal when they are of the same class with the same configuration."""
+        if not isinstance(other, Task):
+            return NotImplemented
+        return type(self) is type(other) and self.model_dump(mode="json") == other.model_dump(mode="json")
+
+    def __hash__(self) -> int:
+        return hash((type(self), json.dumps(self.model_dump(mode="json"), sort_keys=True)))
+
     # ----- types -----------------------------------------------------------------------------------
 
     @classmethod
@@ -197,7 +207,7 @@ class UnitTask(Task[InputT, OutputT]):
 
     # Typed as the unparametrized base so any descriptor subclass instance passes through as is.
     descriptor: TaskExecutionDescriptor = Field(  # type: ignore[type-arg]
-        default=None,  # type: ignore[arg-type]  (filled with the default descriptor by _fill_descriptor)
+        default=None,  # type: ignore[arg-type]  # _fill_descriptor puts the default descriptor here
         validation_alias=AliasChoices("descriptor", "execution_descriptor"),
         description="How this task is executed; defaults to an instance of the class's default descriptor.",
     )

@@ -213,10 +213,12 @@ class TaskContext:
             )
         recorded = self.invocations[position]
         if recorded.task is not task and recorded.task.deployment_key != task.deployment_key:
+            now, then = task.display_name(), recorded.task.display_name()
+            if now == then:
+                now, then = f"{now} ({task.deployment_key})", f"{then} ({recorded.task.deployment_key})"
             raise StaticGraphError(
-                f"replay of {self.root.display_name()} invoked {task.display_name()} at position {position}, "
-                f"but the recording invoked {recorded.task.display_name()} there. invoke() must make the same "
-                "task calls in the same order for the same request"
+                f"replay of {self.root.display_name()} invoked {now} at position {position}, but the recording "
+                f"invoked {then} there. invoke() must make the same task calls in the same order for the same request"
             )
         if _canonical(recorded.task_input) != _canonical(task_input):
             raise StaticGraphError(

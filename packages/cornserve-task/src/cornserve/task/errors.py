@@ -19,7 +19,7 @@ class TaskRegistryError(TaskError, LookupError):
     """A unit task or descriptor name is unknown, or two different classes claim one name."""
 
 
-class TaskSerializationError(TaskError, ValueError):
+class TaskSerializationError(TaskError):
     """Serialized task or invocation data does not describe a valid object."""
 
 

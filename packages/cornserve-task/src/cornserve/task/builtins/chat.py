@@ -137,7 +137,7 @@ class ChatCompletionRequest(TaskInput):
 
     def openai_body(self) -> dict[str, Any]:
         """The request as OpenAI JSON, without Cornserve's own fields."""
-        return self.model_dump(mode="json", exclude={"cornserve_embeddings"}, exclude_none=True)
+        return self.model_dump(mode="json", exclude={"cornserve_embeddings"}, exclude_unset=True)
 
 
 class ChoiceDelta(BaseModel):

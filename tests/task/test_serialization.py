@@ -1,0 +1,213 @@
+"""Serialization, registries, equivalence and deployment keys."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+from pydantic import TypeAdapter
+from tests.task.helpers import MakeTensor, NumbersInput, Pipeline, PipelineInput, Sum, SumOutput
+
+from cornserve.task import (
+    TaskDefinitionError,
+    TaskInvocation,
+    TaskRegistryError,
+    TaskSerializationError,
+    UnitTask,
+    Unmaterialized,
+    deserialize_task,
+    discover_unit_tasks,
+    registered_descriptors,
+    registered_unit_tasks,
+    serialize_task,
+)
+from cornserve.task.builtins import (
+    ChatCompletionRequest,
+    CPULLMDescriptor,
+    EncoderTask,
+    EricDescriptor,
+    LLMTask,
+    MLLMTask,
+    Modality,
+    VLLMDescriptor,
+)
+
+INVOCATIONS = TypeAdapter(list[TaskInvocation])
+
+
+def builtin_tasks() -> list[UnitTask[Any, Any]]:
+    return [
+        EncoderTask(modality=Modality.IMAGE, model_id="m", max_batch_size=4),
+        EncoderTask(modality=Modality.AUDIO, model_id="m", descriptor=EricDescriptor(tensor_parallel_size=2)),
+        LLMTask(model_id="m", receive_embeddings=True),
+        LLMTask(model_id="m", descriptor=VLLMDescriptor(tensor_parallel_size=2, max_model_len=4096)),
+        MakeTensor(label="x"),
+    ]
+
+
+@pytest.mark.parametrize("task", builtin_tasks(), ids=lambda t: t.deployment_key)
+def test_serialize_round_trip(task: UnitTask[Any, Any]) -> None:
+    data = serialize_task(task)
+    assert data["name"] == type(task).__name__
+    wire = json.loads(json.dumps(data))
+    back = deserialize_task(wire)
+    assert type(back) is type(task)
+    assert back == task
+    assert type(back.descriptor) is type(task.descriptor)
+    assert back.deployment_key == task.deployment_key
+    assert serialize_task(back) == data
+
+
+def test_deployment_key_equivalence() -> None:
+    a = EncoderTask(modality=Modality.IMAGE, model_id="m")
+    b = EncoderTask(modality=Modality.IMAGE, model_id="m", descriptor=EricDescriptor())
+    assert a is not b
+    assert a.deployment_key == b.deployment_key
+    distinct = {
+        a.deployment_key,
+        EncoderTask(modality=Modality.VIDEO, model_id="m").deployment_key,
+        EncoderTask(modality=Modality.IMAGE, model_id="other").deployment_key,
+        EncoderTask(modality=Modality.IMAGE, model_id="m", max_batch_size=1).deployment_key,
+        EncoderTask(
+            modality=Modality.IMAGE, model_id="m", descriptor=EricDescriptor(tensor_parallel_size=2)
+        ).deployment_key,
+        LLMTask(model_id="m").deployment_key,
+        LLMTask(model_id="m", descriptor=VLLMDescriptor()).deployment_key,
+    }
+    assert len(distinct) == 7
+    for key in distinct:
+        assert key == key.lower() and all(c.isalnum() or c == "-" for c in key)
+
+
+def test_deployment_key_is_stable_across_processes() -> None:
+    code = (
+        "from cornserve.task.builtins import EncoderTask, Modality;"
+        "print(EncoderTask(modality=Modality.IMAGE, model_id='m', max_batch_size=4).deployment_key)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert (
+        out.stdout.strip()
+        == EncoderTask(modality=Modality.IMAGE, model_id="m", max_batch_size=4).deployment_key
+    )
+
+
+def test_shared_encoder_is_discovered_once() -> None:
+    first = MLLMTask(model_id="m", modalities=[Modality.IMAGE])
+    second = MLLMTask(model_id="m", modalities=[Modality.IMAGE, Modality.VIDEO])
+    units = discover_unit_tasks([first, second])
+    names = sorted(t.display_name() for t in units)
+    assert names == ["EncoderTask[image]", "EncoderTask[video]", "LLMTask[embeddings]"]
+
+
+def test_registries_list_builtins_and_custom_tasks() -> None:
+    tasks = registered_unit_tasks()
+    assert {"EncoderTask", "LLMTask", "MakeTensor", "Sum"} <= set(tasks)
+    assert "MLLMTask" not in tasks  # composites are not deployed
+    assert {"EricDescriptor", "VLLMDescriptor", "CPULLMDescriptor"} <= set(registered_descriptors())
+    assert "OpenAIChatDescriptor" not in registered_descriptors()  # abstract
+
+
+def test_deserialize_errors() -> None:
+    with pytest.raises(
+        TaskRegistryError, match=r"unknown unit task 'NoSuchTask'; registered unit tasks: .*EncoderTask"
+    ):
+        deserialize_task({"name": "NoSuchTask", "config": {}})
+    with pytest.raises(TaskSerializationError, match="invalid configuration for EncoderTask"):
+        deserialize_task({"name": "EncoderTask", "config": {"modality": "smell", "model_id": "m"}})
+    with pytest.raises(TaskSerializationError, match="a serialized task is"):
+        deserialize_task({"name": "EncoderTask"})
+    with pytest.raises(TaskRegistryError, match="unknown execution descriptor 'Nope'"):
+        deserialize_task(
+            {
+                "name": "EncoderTask",
+                "config": {
+                    "modality": "image",
+                    "model_id": "m",
+                    "descriptor": {"name": "Nope", "config": {}},
+                },
+            }
+        )
+    with pytest.raises(TaskSerializationError, match="composite task"):
+        serialize_task(MLLMTask(model_id="m"))  # type: ignore[arg-type]
+
+
+def test_duplicate_registered_name_is_refused() -> None:
+    with pytest.raises(TaskRegistryError, match="two different unit task classes are named 'Sum'"):
+
+        class Sum(UnitTask[NumbersInput, SumOutput]):
+            default_descriptor = "SumDescriptor"
+
+
+def test_descriptor_must_match_task() -> None:
+    with pytest.raises(TaskDefinitionError, match="EricDescriptor executes EncoderTask, not LLMTask"):
+        LLMTask(model_id="m", descriptor=EricDescriptor())  # type: ignore[arg-type]
+
+
+def test_descriptor_by_alias_and_positionally() -> None:
+    by_alias = LLMTask(model_id="m", execution_descriptor=VLLMDescriptor())  # type: ignore[call-arg]
+    assert isinstance(by_alias.descriptor, VLLMDescriptor)
+    positional = EncoderTask(Modality.IMAGE, "m", 4, EricDescriptor(tensor_parallel_size=2))
+    assert positional.model_id == "m" and positional.max_batch_size == 4
+    assert positional.descriptor == EricDescriptor(tensor_parallel_size=2)
+    assert isinstance(LLMTask(model_id="m").descriptor, CPULLMDescriptor)
+
+
+def test_invocation_lists_round_trip_through_json() -> None:
+    graph = Pipeline().trace(PipelineInput(values=[1.0, 2.0], factors=[2.0, 3.0]))
+    payload = INVOCATIONS.dump_json(graph.invocations)
+    back = INVOCATIONS.validate_json(payload)
+    assert INVOCATIONS.dump_json(back) == payload
+    assert [type(i.task) for i in back] == [type(i.task) for i in graph.invocations]
+    assert [i.task.deployment_key for i in back] == [i.task.deployment_key for i in graph.invocations]
+    # The Sum output placeholder has an unmaterialized field, and stays one.
+    assert isinstance(back[-1].task_output.__dict__["total"], Unmaterialized)
+    assert back[1].task_input.tensor.id == graph.invocations[0].task_output.tensor.id
+
+
+def test_stream_invocations_round_trip() -> None:
+    mllm = MLLMTask(model_id="m", modalities=[Modality.IMAGE])
+    request = ChatCompletionRequest.model_validate(
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "file:///x.png"}}]}
+            ]
+        }
+    )
+    graph = mllm.trace(request)
+    back = INVOCATIONS.validate_json(INVOCATIONS.dump_json(graph.invocations))
+    assert type(back[1].task_output).__name__ == "Stream[ChatCompletionChunk]"
+    assert back[1].task_input.cornserve_embeddings[0].id == back[0].task_output.embeddings[0].id
+
+
+def test_bad_invocation_json_is_a_clear_error() -> None:
+    with pytest.raises(TaskSerializationError, match="invalid input for Sum"):
+        INVOCATIONS.validate_python(
+            [
+                {
+                    "task": serialize_task(Sum()),
+                    "task_input": {"tensors": "nope"},
+                    "task_output": {"total": 1.0},
+                }
+            ]
+        )
+
+
+def test_non_task_attribute_is_refused() -> None:
+    class Sloppy(Pipeline):
+        def post_init(self) -> None:
+            super().post_init()
+            self.threshold = 3
+
+    with pytest.raises(TaskDefinitionError, match="only subtasks"):
+        Sloppy()
+
+
+def test_unit_task_must_not_override_invoke() -> None:
+    with pytest.raises(TaskDefinitionError, match="must not override invoke"):
+
+        class Bad(UnitTask[NumbersInput, SumOutput]):
+            def invoke(self, task_input: NumbersInput) -> SumOutput:
+                return SumOutput(total=0)
