@@ -11,6 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from cornserve.task import (
+    DataForward,
     Device,
     ExecutorLaunchContext,
     ExecutorRequest,
@@ -21,6 +22,8 @@ from cornserve.task import (
     Task,
     TaskExecutionError,
     TaskOutput,
+    Tensor,
+    discover_unit_tasks,
     use_dispatcher,
     wire_forwards,
 )
@@ -263,3 +266,66 @@ async def test_mllm_end_to_end_in_process() -> None:
         text = "".join([c.choices[0].delta.content or "" async for c in stream])
     # URL lengths in media order: image a.png (13), video (13), image data URL (24).
     assert text == "0:13 1:13 2:24 "
+
+
+class Answer(TaskOutput):
+    thumbnail: DataForward[Tensor]
+    answer: Stream[ChatCompletionChunk]
+
+
+class ThumbnailAndAnswer(Task[ChatCompletionRequest, Answer]):
+    """A composite of an MLLMTask (itself a composite) and another encoder: three levels deep."""
+
+    model_id: str
+
+    def post_init(self) -> None:
+        self.thumbnailer = EncoderTask(modality=Modality.IMAGE, model_id="thumbnailer", max_batch_size=1)
+        self.mllm = MLLMTask(model_id=self.model_id, modalities=[Modality.IMAGE, Modality.VIDEO])
+
+    def invoke(self, task_input: ChatCompletionRequest) -> Answer:
+        first_image = next(m.url for m in task_input.media() if m.modality == Modality.IMAGE)
+        thumb = self.thumbnailer.invoke(EncoderInput(model_id="thumbnailer", data_urls=[first_image]))
+        return Answer(thumbnail=thumb.embeddings[0], answer=self.mllm.invoke(task_input))
+
+
+def test_deep_composite_records_in_order_and_discovers_all_unit_tasks() -> None:
+    task = ThumbnailAndAnswer(model_id="qwen")
+    graph = task.trace(MIXED)
+    assert [(inv.task.display_name(), getattr(inv.task, "model_id", None)) for inv in graph.invocations] == [
+        ("EncoderTask[image]", "thumbnailer"),
+        ("EncoderTask[image]", "qwen"),
+        ("EncoderTask[video]", "qwen"),
+        ("LLMTask[embeddings]", "qwen"),
+    ]
+    assert [e[:2] for e in graph.edges] == [(1, 3), (2, 3), (1, 3)]
+    assert 'out(["output"])' in graph.to_mermaid() and "t0 -->|Tensor" in graph.to_mermaid()
+    keys = {t.deployment_key for t in discover_unit_tasks([task])}
+    assert len(keys) == 4
+
+
+async def test_deep_composite_executes_in_process() -> None:
+    store = LocalForwardStore()
+
+    async def eric(req: ExecutorRequest) -> Any:
+        assert req.body is not None
+        for item in req.body["items"]:
+            store.put(item["forward_id"], np.full(2, float(len(item["url"]))))
+        return {"forward_ids": [item["forward_id"] for item in req.body["items"]]}
+
+    async def llm(req: ExecutorRequest) -> AsyncIterator[str]:
+        assert req.body is not None
+        forwards = req.body["cornserve_embeddings"]
+
+        async def lines() -> AsyncIterator[str]:
+            values = [float((await store.get(f["id"], timeout=5))[0]) for f in forwards]
+            yield "data: " + json.dumps(
+                {"id": "x", "created": 0, "model": "qwen", "choices": [{"delta": {"content": repr(values)}}]}
+            )
+
+        return lines()
+
+    with use_dispatcher(InProcessDispatcher({EncoderTask: eric, LLMTask: llm})):
+        answer = await ThumbnailAndAnswer(model_id="qwen")(MIXED)
+    assert answer.thumbnail.src_sidecar_ranks is not None and answer.thumbnail.dst_sidecar_ranks == []
+    chunks = [c async for c in answer.answer]
+    assert chunks[0].choices[0].delta.content == "[13.0, 13.0, 24.0]"

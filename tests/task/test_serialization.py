@@ -34,6 +34,7 @@ from cornserve.task.builtins import (
     Modality,
     VLLMDescriptor,
 )
+from cornserve.task.registry import register_unit_task
 
 INVOCATIONS = TypeAdapter(list[TaskInvocation])
 
@@ -134,11 +135,19 @@ def test_deserialize_errors() -> None:
         serialize_task(MLLMTask(model_id="m"))  # type: ignore[arg-type]
 
 
-def test_duplicate_registered_name_is_refused() -> None:
-    with pytest.raises(TaskRegistryError, match="two different unit task classes are named 'Sum'"):
+def test_a_later_class_of_the_same_name_replaces_the_earlier(caplog: pytest.LogCaptureFixture) -> None:
+    original = registered_unit_tasks()["Sum"]
+    try:
 
-        class Sum(UnitTask[NumbersInput, SumOutput]):
-            default_descriptor = "SumDescriptor"
+        class Sum(original):  # type: ignore[valid-type,misc]  # a new definition under the same name
+            extra: int = 1
+
+        assert registered_unit_tasks()["Sum"] is Sum
+        assert "unit task class 'Sum' is now" in caplog.text
+        assert type(deserialize_task({"name": "Sum", "config": {"extra": 2}})) is Sum
+    finally:
+        register_unit_task(original)
+    assert registered_unit_tasks()["Sum"] is original
 
 
 def test_descriptor_must_match_task() -> None:

@@ -41,7 +41,10 @@ def _dump_value(value: Any) -> Any:
     if isinstance(value, DataForward):
         return value.model_dump(mode="json")
     if isinstance(value, BaseModel):
-        return {name: _dump_value(value.__dict__.get(name)) for name in type(value).model_fields}
+        fields = type(value).model_fields
+        return {
+            name: _dump_value(value.__dict__.get(name)) for name, info in fields.items() if not info.exclude
+        }
     if isinstance(value, (list, tuple)):
         return [_dump_value(v) for v in value]
     if isinstance(value, dict):
@@ -198,7 +201,7 @@ class TaskContext:
                 f"not {task.output_cls().__name__}"
             )
         if isinstance(output, Stream) and output.is_placeholder:
-            output._producer = f"{task.display_name()} at position {position}"
+            output.handle.producer = f"{task.display_name()} at position {position}"
         self.invocations.append(TaskInvocation(task=task, task_input=task_input, task_output=output))
         return output
 
@@ -355,8 +358,8 @@ async def execute_task(task: Task[Any, Any], task_input: TaskInput) -> Any:
         return replay_graph(ctx, task_input, outputs)
     except BaseException:
         for out in outputs:
-            if isinstance(out, Stream) and out._source is not None and hasattr(out._source, "aclose"):
-                await out._source.aclose()
+            if isinstance(out, Stream):
+                await out.aclose()
         raise
 
 

@@ -77,15 +77,17 @@ class TaskExecutionDescriptor(BaseModel, Generic[TaskT]):
 
     @classmethod
     def task_cls(cls) -> type[UnitTask[Any, Any]]:
-        """The unit task class this descriptor executes (its generic argument)."""
-        from cornserve.task.base import _generic_args
+        """The unit task class this descriptor executes (its generic argument; any unit task if none)."""
+        from cornserve.task.base import UnitTask, _generic_args
 
         args = _generic_args(cls, TaskExecutionDescriptor)
-        if not args or isinstance(args[0], (TypeVar, str)):
+        if not args or isinstance(args[0], TypeVar):
+            return UnitTask
+        if not (isinstance(args[0], type) and issubclass(args[0], UnitTask)):
             raise TaskDefinitionError(
-                f"{cls.__name__} must name the task it executes: class {cls.__name__}(TaskExecutionDescriptor[MyTask])"
+                f"{cls.__name__} must name a unit task class: class {cls.__name__}(TaskExecutionDescriptor[MyTask])"
             )
-        return args[0]  # type: ignore[no-any-return]
+        return args[0]
 
     # ----- launching -------------------------------------------------------------------------------
 

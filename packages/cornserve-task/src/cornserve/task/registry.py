@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
@@ -18,23 +19,27 @@ if TYPE_CHECKING:
     from cornserve.task.base import UnitTask
     from cornserve.task.descriptor import TaskExecutionDescriptor
 
+logger = logging.getLogger(__name__)
+
 _UNIT_TASKS: dict[str, type[UnitTask[Any, Any]]] = {}
 _DESCRIPTORS: dict[str, type[TaskExecutionDescriptor[Any]]] = {}
 
 
-def _same_definition(a: type, b: type) -> bool:
-    """Re-executing the same source (a reloaded task library) may replace a class of the same name."""
-    return a.__module__ == b.__module__ and a.__qualname__ == b.__qualname__
-
-
 def _register(table: dict[str, Any], kind: str, cls: type) -> None:
+    """Register under the class name; a later class of the same name replaces the earlier one.
+
+    Replacement is what re-uploading a task library (or re-running a notebook cell) needs; a
+    different class taking over a name is logged, because deserialization will now build it.
+    """
     name = cls.__name__
     existing = table.get(name)
-    if existing is not None and existing is not cls and not _same_definition(existing, cls):
-        raise TaskRegistryError(
-            f"two different {kind} classes are named {name!r} ({existing.__module__}.{existing.__qualname__} "
-            f"and {cls.__module__}.{cls.__qualname__}); registered names must be unique, so rename one"
-        )
+    if existing is not None and existing is not cls:
+        same = existing.__module__ == cls.__module__ and existing.__qualname__ == cls.__qualname__
+        if not same:
+            logger.warning(
+                "%s class %r is now %s.%s (was %s.%s)",
+                kind, name, cls.__module__, cls.__qualname__, existing.__module__, existing.__qualname__,
+            )  # fmt: skip
     table[name] = cls
 
 

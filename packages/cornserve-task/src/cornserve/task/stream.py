@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Generic, TypeVar
 
-from pydantic import PrivateAttr
+from pydantic import ConfigDict, Field
 
 from cornserve.task.base import TaskOutput
 from cornserve.task.errors import StaticGraphError, UnmaterializedDataError
@@ -14,65 +14,94 @@ ItemT = TypeVar("ItemT")
 NewItemT = TypeVar("NewItemT")
 
 
-class Stream(TaskOutput, Generic[ItemT]):
-    """A task output that arrives item by item (e.g. LLM chunks); iterate it with `async for`.
+class StreamHandle:
+    """The state of one stream, shared by every copy of the Stream model that pydantic makes.
 
-    While a graph is recorded the stream is a placeholder with no source; `transform` still works
-    (the function is applied once the real stream flows). A stream can be iterated once.
+    Pydantic re-creates a `Stream` when one is placed in a field typed `Stream[X]`; keeping the
+    source and the consumed flag in one shared object makes those copies the same stream.
     """
 
-    _source: AsyncIterator[Any] | None = PrivateAttr(default=None)
-    _transforms: tuple[Callable[[Any], Any], ...] = PrivateAttr(default=())
-    _consumed: bool = PrivateAttr(default=False)
-    _producer: str = PrivateAttr(default="a task")
+    __slots__ = ("consumed", "producer", "source", "transforms")
+
+    def __init__(
+        self,
+        source: AsyncIterator[Any] | None = None,
+        transforms: tuple[Callable[[Any], Any], ...] = (),
+        producer: str = "a task",
+    ) -> None:
+        self.source = source
+        self.transforms = transforms
+        self.producer = producer
+        self.consumed = False
+
+
+class Stream(TaskOutput, Generic[ItemT]):
+    """A task output that arrives item by item (e.g. LLM chunks); iterate it once with `async for`.
+
+    While a graph is recorded the stream is a placeholder with no source; `transform` still works
+    (the function is applied once the real stream flows).
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    handle: StreamHandle = Field(default_factory=StreamHandle, exclude=True, repr=False)
 
     @classmethod
     def from_iterator(cls, source: AsyncIterator[Any]) -> Stream[Any]:
         """Wrap a real async iterator of items."""
-        stream = cls()
-        stream._source = source
-        return stream
+        return cls(handle=StreamHandle(source=source))
 
     @classmethod
     def placeholder(cls, producer: str) -> Stream[Any]:
         """The recorded stand-in for a stream that does not exist yet."""
-        stream = cls()
-        stream._producer = producer
-        return stream
+        return cls(handle=StreamHandle(producer=producer))
 
     @property
     def is_placeholder(self) -> bool:
         """True while recording: the stream has no source to read yet."""
-        return self._source is None
+        return self.handle.source is None
 
     def transform(self, fn: Callable[[ItemT], NewItemT]) -> Stream[NewItemT]:
         """A new stream whose items are `fn(item)`; lazy, so it also works while recording."""
-        out: Stream[NewItemT] = Stream()
-        out._source = self._source
-        out._transforms = (*self._transforms, fn)
-        out._producer = self._producer
-        if self._source is not None:
-            self._consumed = True  # ownership of the source moves to the new stream
-        return out
+        handle = self.handle
+        if handle.source is not None:
+            if handle.consumed:
+                raise StaticGraphError(f"the stream produced by {handle.producer} was already consumed")
+            handle.consumed = True  # the source now belongs to the new stream
+        new = StreamHandle(
+            source=handle.source, transforms=(*handle.transforms, fn), producer=handle.producer
+        )
+        return Stream[NewItemT](handle=new)
 
     def __aiter__(self) -> AsyncIterator[ItemT]:
-        if self._source is None:
+        handle = self.handle
+        if handle.source is None:
             raise UnmaterializedDataError(
-                f"the stream produced by {self._producer} was iterated while recording the task graph; "
+                f"the stream produced by {handle.producer} was iterated while recording the task graph; "
                 "a stream can only be read after `await task(...)` returns"
             )
-        if self._consumed:
-            raise StaticGraphError(f"the stream produced by {self._producer} was already consumed")
-        self._consumed = True
-        return self._iterate(self._source)
+        if handle.consumed:
+            raise StaticGraphError(f"the stream produced by {handle.producer} was already consumed")
+        handle.consumed = True
+        return self._iterate(handle.source, handle.transforms)
 
-    async def _iterate(self, source: AsyncIterator[Any]) -> AsyncIterator[ItemT]:
+    async def _iterate(
+        self, source: AsyncIterator[Any], transforms: tuple[Callable[[Any], Any], ...]
+    ) -> AsyncIterator[ItemT]:
         try:
             async for item in source:
-                for fn in self._transforms:
+                for fn in transforms:
                     item = fn(item)
                 yield item
         finally:
             aclose = getattr(source, "aclose", None)
             if aclose is not None:
                 await aclose()
+
+    async def aclose(self) -> None:
+        """Close the underlying source without reading it (e.g. when the caller gives up)."""
+        source = self.handle.source
+        self.handle.consumed = True
+        aclose = getattr(source, "aclose", None)
+        if aclose is not None:
+            await aclose()
