@@ -1,0 +1,1 @@
+"""cornserve.bus: shared NATS subjects, pydantic wire schemas and ``nats.micro`` helpers."""

@@ -1,0 +1,258 @@
+"""Wire schemas of the sidecar's control plane.
+
+Only control messages travel over NATS: where bytes live (arena name, offset, size), tensor
+metadata and bookkeeping. Payload bytes never do.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from cornserve.bus.schemas import RequestBase, WireModel
+
+DataKind = Literal["torch", "numpy", "object", "cuda"]
+NoticeKind = Literal["lost", "expired"]
+
+MAX_ID_LEN = 256
+
+
+class DataMeta(WireModel):
+    """How to rebuild the sender's value from raw bytes."""
+
+    kind: DataKind
+    dtype: str = "uint8"
+    shape: list[int] = Field(default_factory=list)
+    nbytes: int = Field(ge=0)
+
+
+class Location(WireModel):
+    """Where the bytes of one chunk live.
+
+    ``shm``: ``arena`` names a file under /dev/shm owned by a sidecar server on this node.
+    ``cuda_ipc``: ``cuda_handle`` is a hex CUDA IPC memory handle of a buffer on ``device``.
+    """
+
+    transport: Literal["shm", "cuda_ipc"] = "shm"
+    arena: str = ""
+    offset: int = Field(default=0, ge=0)
+    size: int = Field(default=0, ge=0)
+    meta: DataMeta
+    cuda_handle: str = ""
+    device: int = 0
+    node: str = ""
+
+
+def _check_groups(groups: list[list[int]]) -> list[list[int]]:
+    if not groups or any(not g for g in groups):
+        raise ValueError("dst_ranks must be a non-empty list of non-empty rank groups")
+    if any(r < 0 for g in groups for r in g):
+        raise ValueError("ranks must be >= 0")
+    return groups
+
+
+class Key(WireModel):
+    """Identity of one chunk of one piece of data."""
+
+    id: str = Field(min_length=1, max_length=MAX_ID_LEN)
+    chunk_id: int = Field(ge=0)
+
+
+class InfoRequest(RequestBase):
+    """Ask a sidecar server who it is (rank, node, instance, arena, TCP address)."""
+
+
+class InfoReply(WireModel):
+    """Identity of a sidecar server instance."""
+
+    request_id: str
+    rank: int
+    node: str
+    instance: str
+    version: str
+    arena: str
+    arena_bytes: int
+    tcp_host: str
+    tcp_port: int
+    ttl_s: float
+
+
+class StatsRequest(RequestBase):
+    """Ask for arena usage and bookkeeping counters."""
+
+
+class StatsReply(WireModel):
+    """Arena usage; ``used_bytes == 0`` means nothing is leaked."""
+
+    request_id: str
+    rank: int
+    instance: str
+    arena_bytes: int
+    used_bytes: int
+    free_bytes: int
+    largest_free_block: int
+    free_blocks: int
+    allocations: int
+    held_entries: int
+    mailbox_entries: int
+    pending_allocs: int
+    expired_total: int
+    lost_total: int
+    known_peers: dict[str, str]
+
+
+class AllocRequest(RequestBase):
+    """Reserve ``size`` bytes in the server's arena, waiting up to ``timeout`` under memory pressure."""
+
+    size: int = Field(ge=0)
+    timeout: float = Field(gt=0)
+
+
+class AllocReply(WireModel):
+    """A reservation in the arena; it is reclaimed after the TTL unless sent or freed."""
+
+    request_id: str
+    instance: str
+    arena: str
+    offset: int
+    size: int
+
+
+class FreeRequest(RequestBase):
+    """Give back an allocation that will not be sent."""
+
+    instance: str
+    offset: int = Field(ge=0)
+
+
+class SendRequest(RequestBase):
+    """Publish one chunk whose bytes are already at ``location`` to every rank in ``dst_ranks``."""
+
+    id: str = Field(min_length=1, max_length=MAX_ID_LEN)
+    chunk_id: int = Field(ge=0)
+    num_chunks: int | None = Field(default=1, ge=1)
+    dst_ranks: list[list[int]]
+    instance: str
+    location: Location
+    timeout: float = Field(gt=0)
+
+    @field_validator("dst_ranks")
+    @classmethod
+    def check_dst_ranks(cls, value: list[list[int]]) -> list[list[int]]:
+        """Reject empty groups and negative ranks at the boundary."""
+        return _check_groups(value)
+
+
+class CloseStreamRequest(RequestBase):
+    """Declare the length of a stream whose chunks were sent with ``num_chunks=None``."""
+
+    id: str = Field(min_length=1, max_length=MAX_ID_LEN)
+    num_chunks: int = Field(ge=0)
+    dst_ranks: list[list[int]] | None = None
+    timeout: float = Field(gt=0)
+
+
+class RecvRequest(RequestBase):
+    """Wait up to ``timeout`` for chunk ``chunk_id`` of ``id`` to arrive at this server."""
+
+    id: str = Field(min_length=1, max_length=MAX_ID_LEN)
+    chunk_id: int = Field(ge=0)
+    timeout: float = Field(gt=0)
+
+
+class RecvReply(WireModel):
+    """Where the chunk is, or ``end_of_stream`` when ``chunk_id`` is past the stream's end."""
+
+    request_id: str
+    instance: str
+    location: Location | None = None
+    end_of_stream: bool = False
+
+
+class DoneRequest(RequestBase):
+    """The consumer is finished with a chunk: its memory may be released."""
+
+    id: str = Field(min_length=1, max_length=MAX_ID_LEN)
+    chunk_id: int = Field(ge=0)
+
+
+class OkReply(WireModel):
+    """Generic success."""
+
+    request_id: str
+    instance: str
+
+
+# --- peer to peer -------------------------------------------------------------------------------
+
+
+class DeliverRequest(RequestBase):
+    """Source server -> destination server: a chunk is available at ``location`` (or a stream ended)."""
+
+    id: str = Field(min_length=1, max_length=MAX_ID_LEN)
+    chunk_id: int = Field(ge=0)
+    num_chunks: int | None = Field(default=1, ge=0)
+    source_rank: int = Field(ge=0)
+    source_instance: str
+    dst_rank: int = Field(ge=0)
+    location: Location | None = None
+    """None for a pure end-of-stream announcement."""
+
+
+class ReleaseRequest(RequestBase):
+    """Destination server -> source server: ``dst_rank`` is done with the chunk."""
+
+    key: Key
+    dst_rank: int = Field(ge=0)
+    source_instance: str
+
+
+class NoticeRequest(RequestBase):
+    """Source server -> destination server: these chunks will never be readable (lost or expired)."""
+
+    kind: NoticeKind
+    keys: list[Key]
+    source_rank: int
+    reason: str
+
+
+class UpEvent(WireModel):
+    """Published on :data:`~cornserve.bus.subjects.SIDECAR_UP_EVENT` when a server (re)starts."""
+
+    rank: int
+    node: str
+    instance: str
+
+
+class ReleasedEvent(WireModel):
+    """Tells a producer's clients that entries they keep alive (GPU tensors) may be dropped."""
+
+    instance: str
+    keys: list[Key]
+
+
+# --- TCP data path between servers on different nodes -----------------------------------------
+
+
+class TcpHeader(WireModel):
+    """First frame of a cross-node transfer; the payload bytes follow once the receiver said ready."""
+
+    request_id: str
+    id: str
+    chunk_id: int
+    num_chunks: int | None
+    source_rank: int
+    source_instance: str
+    dst_rank: int
+    meta: DataMeta
+    size: int
+    timeout: float
+
+
+class TcpAck(WireModel):
+    """Receiver's answer: first after allocating (ready), then after the bytes landed (done)."""
+
+    ok: bool
+    error: str = ""
+    message: str = ""

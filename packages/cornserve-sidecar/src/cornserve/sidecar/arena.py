@@ -1,0 +1,89 @@
+"""Shared-memory arenas: one file under /dev/shm per sidecar server.
+
+The server creates its arena (mode 0600, so only the same user's executors can map it) and owns
+its lifetime; clients map arenas by name: their own server's read-write (to write outputs in place)
+and any same-node arena read-only (so a consumer's view cannot corrupt the producer's bytes).
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import re
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+SHM_DIR = Path("/dev/shm")
+_NAME_RE = re.compile(r"^cornserve-sidecar-[A-Za-z0-9_.-]+$")
+
+
+def arena_name(node: str, rank: int, instance: str) -> str:
+    """File name of the arena of one server instance (unique per restart)."""
+    safe_node = re.sub(r"[^A-Za-z0-9_.-]", "_", node)
+    return f"cornserve-sidecar-{safe_node}-r{rank}-{instance}"
+
+
+def stale_prefix(node: str, rank: int) -> str:
+    """Prefix shared by every instance's arena of ``(node, rank)``; used to clean up after a crash."""
+    safe_node = re.sub(r"[^A-Za-z0-9_.-]", "_", node)
+    return f"cornserve-sidecar-{safe_node}-r{rank}-"
+
+
+def arena_path(name: str) -> Path:
+    """Absolute path of an arena, validating the name so a message cannot point us elsewhere."""
+    if not _NAME_RE.match(name):
+        raise ValueError(f"not a sidecar arena name: {name!r}")
+    return SHM_DIR / name
+
+
+class Arena:
+    """A server-owned shared-memory arena (created here, unlinked on close)."""
+
+    def __init__(self, name: str, size: int) -> None:
+        self.name = name
+        self.size = size
+        self.path = arena_path(name)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.fchmod(fd, 0o600)  # umask-proof
+            os.ftruncate(fd, size)
+            self.mmap = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        self.view = memoryview(self.mmap)
+
+    def close(self) -> None:
+        """Unlink the file; mappings held by clients stay valid until they drop them."""
+        self.view.release()
+        self.path.unlink(missing_ok=True)
+        try:
+            self.mmap.close()
+        except BufferError:
+            # A transfer still references the buffer during shutdown; the mapping goes with the process.
+            logger.warning(
+                "arena %s still referenced at close; leaving the mapping to process exit", self.name
+            )
+
+    @staticmethod
+    def remove_stale(node: str, rank: int) -> list[str]:
+        """Delete arenas left behind by crashed instances of the same (node, rank)."""
+        prefix = stale_prefix(node, rank)
+        removed = []
+        for p in SHM_DIR.glob(prefix + "*"):
+            p.unlink(missing_ok=True)
+            removed.append(p.name)
+        return removed
+
+
+def map_arena(name: str, writable: bool) -> mmap.mmap:
+    """Map an existing arena. Read-only mappings make numpy views non-writable by construction."""
+    path = arena_path(name)
+    fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=prot)
+    finally:
+        os.close(fd)

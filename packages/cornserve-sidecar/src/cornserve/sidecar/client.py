@@ -1,0 +1,492 @@
+"""The sidecar client library executors use: ``send`` / ``recv`` / ``mark_done`` and friends.
+
+Control requests go over NATS to the local sidecar server of ``rank``; bytes are written into
+that server's shared-memory arena by this process and read by consumers straight out of the
+arena that holds them. Every call has a deadline and failures surface as
+:mod:`cornserve.sidecar.errors` exceptions.
+
+Return types: a torch tensor comes back as a torch tensor, a numpy array as a numpy array
+(zero-copy, read-only views unless ``copy=True``), small objects as equal plain objects.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, TypeVar
+
+import nats
+import torch
+from nats.aio.client import Client
+from pydantic import BaseModel
+
+from cornserve.bus.micro import NoResponders, RequestTimeout, ServiceErrorReply, request
+from cornserve.bus.natsserver import nats_url_from_env
+from cornserve.bus.sidecar import (
+    AllocReply,
+    AllocRequest,
+    CloseStreamRequest,
+    DoneRequest,
+    FreeRequest,
+    InfoReply,
+    InfoRequest,
+    Location,
+    OkReply,
+    RecvReply,
+    RecvRequest,
+    ReleasedEvent,
+    SendRequest,
+    StatsReply,
+    StatsRequest,
+)
+from cornserve.bus.subjects import SidecarVerb, sidecar_released_subject, sidecar_subject
+from cornserve.sidecar import gpu
+from cornserve.sidecar.arena import map_arena
+from cornserve.sidecar.codec import decode, encode, torch_dtype_name
+from cornserve.sidecar.errors import (
+    BadRequest,
+    DataLost,
+    SidecarTimeout,
+    SidecarUnavailable,
+    error_from_kind,
+)
+from cornserve.sidecar.loop import BackgroundLoop
+
+logger = logging.getLogger(__name__)
+
+R = TypeVar("R", bound=BaseModel)
+
+DEFAULT_TIMEOUT_S = 60.0
+REPLY_MARGIN_S = 5.0
+"""Extra time a NATS request waits beyond the server-side deadline, so the server's typed error wins."""
+
+
+@dataclass(frozen=True)
+class _Region:
+    instance: str
+    offset: int
+    size: int
+
+
+class Sidecar:
+    """Client of the sidecar server of ``rank`` on this node.
+
+    Use ``async with Sidecar(rank) as sc`` (or :meth:`connect` / :meth:`close`); every method has a
+    ``*_sync`` twin for threads without an event loop.
+    """
+
+    def __init__(self, rank: int, nats_url: str | None = None, *, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        if rank < 0:
+            raise ValueError(f"rank must be >= 0, got {rank}")
+        self.rank = rank
+        self.nats_url = nats_url or nats_url_from_env()
+        self.timeout = timeout
+        self._bg = BackgroundLoop(f"cornserve-sidecar-client-{rank}")
+        self._nc: Client | None = None
+        self._info: InfoReply | None = None
+        self._own_map: mmap.mmap | None = None
+        self._own_view: memoryview | None = None
+        self._ro_maps: dict[str, mmap.mmap] = {}
+        self._regions: dict[int, _Region] = {}
+        self._gpu_hold: dict[tuple[str, int], Any] = {}
+        self._closed = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def connect(self) -> Sidecar:
+        """Connect to NATS and check the server is there (raises SidecarUnavailable otherwise)."""
+        await self._bg.run(self._connect())
+        return self
+
+    def connect_sync(self) -> Sidecar:
+        """Blocking :meth:`connect`."""
+        self._bg.run_sync(self._connect())
+        return self
+
+    async def _connect(self) -> None:
+        if self._nc is None:
+            self._nc = await nats.connect(
+                self.nats_url, name=f"cornserve-sidecar-client-{self.rank}", max_reconnect_attempts=-1
+            )
+            await self._nc.subscribe(sidecar_released_subject(self.rank), cb=self._on_released)
+        if self._info is None:
+            await self._refresh_info()
+
+    async def _refresh_info(self) -> InfoReply:
+        info = await self._call(SidecarVerb.INFO, InfoRequest(), InfoReply, self.timeout)
+        if self._info is not None and self._info.instance != info.instance:
+            logger.warning(
+                "sidecar rank %d restarted (%s -> %s); data it held is lost",
+                self.rank,
+                self._info.instance,
+                info.instance,
+            )
+        self._info = info
+        self._own_map = map_arena(info.arena, writable=True)
+        self._own_view = memoryview(self._own_map)
+        return info
+
+    async def close(self) -> None:
+        """Close the NATS connection and stop the client's loop thread."""
+        if self._closed:
+            return
+        await self._bg.run(self._close())
+        self._bg.stop()
+        self._closed = True
+
+    def close_sync(self) -> None:
+        """Blocking :meth:`close`."""
+        if self._closed:
+            return
+        self._bg.run_sync(self._close())
+        self._bg.stop()
+        self._closed = True
+
+    async def _close(self) -> None:
+        if self._nc is not None:
+            await self._nc.drain()
+            self._nc = None
+        # Views handed out keep their mappings alive; dropping our references lets GC unmap later.
+        self._own_view = None
+        self._own_map = None
+        self._ro_maps.clear()
+
+    async def __aenter__(self) -> Sidecar:
+        return await self.connect()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------------ transport to our server
+
+    async def _call(self, verb: SidecarVerb, msg: BaseModel, reply: type[R], timeout: float) -> R:
+        if self._nc is None:
+            await self._connect()
+        assert self._nc is not None
+        subject = sidecar_subject(self.rank, verb)
+        try:
+            result = await request(self._nc, subject, msg, reply, timeout)
+        except NoResponders:
+            raise SidecarUnavailable(
+                f"sidecar rank {self.rank} is not running (no responders on {subject})", rank=self.rank
+            ) from None
+        except RequestTimeout:
+            raise SidecarTimeout(
+                f"sidecar rank {self.rank} did not answer {verb.value} within {timeout:.3f}s"
+            ) from None
+        except ServiceErrorReply as exc:
+            raise error_from_kind(exc.error.error, exc.error.message, exc.error.details) from None
+        instance = getattr(result, "instance", None)
+        if (
+            instance is not None
+            and self._info is not None
+            and instance != self._info.instance
+            and verb != SidecarVerb.INFO
+        ):
+            await self._refresh_info()
+        return result
+
+    # ------------------------------------------------------------------ send side
+
+    async def alloc_tensor(
+        self, shape: tuple[int, ...] | list[int], dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """A writable CPU tensor living in the sidecar arena: build your output in it, then ``send``
+        it without any copy. After ``send`` the memory belongs to the sidecar; do not write to it.
+        """
+        return await self._bg.run(self._alloc_tensor(tuple(shape), dtype))
+
+    def alloc_tensor_sync(
+        self, shape: tuple[int, ...] | list[int], dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """Blocking :meth:`alloc_tensor`."""
+        return self._bg.run_sync(self._alloc_tensor(tuple(shape), dtype))
+
+    async def _alloc_tensor(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        await self._connect()
+        numel = 1
+        for d in shape:
+            numel *= d
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        reply = await self._call(
+            SidecarVerb.ALLOC,
+            AllocRequest(size=nbytes, timeout=self.timeout),
+            AllocReply,
+            self.timeout + REPLY_MARGIN_S,
+        )
+        assert self._own_view is not None
+        if nbytes == 0:
+            t = torch.empty(shape, dtype=dtype)
+        else:
+            t = torch.frombuffer(self._own_view, dtype=dtype, count=numel, offset=reply.offset).view(shape)
+        self._regions[t.data_ptr()] = _Region(reply.instance, reply.offset, nbytes)
+        return t
+
+    async def free_tensor(self, tensor: torch.Tensor) -> None:
+        """Give back an :meth:`alloc_tensor` tensor that will not be sent (else the TTL reclaims it)."""
+        await self._bg.run(self._free_tensor(tensor))
+
+    def free_tensor_sync(self, tensor: torch.Tensor) -> None:
+        """Blocking :meth:`free_tensor`."""
+        self._bg.run_sync(self._free_tensor(tensor))
+
+    async def _free_tensor(self, tensor: torch.Tensor) -> None:
+        region = self._regions.pop(tensor.data_ptr(), None)
+        if region is None:
+            raise BadRequest("tensor was not allocated with alloc_tensor (or was already sent/freed)")
+        await self._call(
+            SidecarVerb.FREE,
+            FreeRequest(instance=region.instance, offset=region.offset),
+            OkReply,
+            self.timeout,
+        )
+
+    async def send(
+        self,
+        data: Any,
+        id: str,
+        dst_ranks: list[list[int]],
+        chunk_id: int = 0,
+        num_chunks: int | None = 1,
+        *,
+        timeout: float | None = None,
+    ) -> None:
+        """Send ``data`` as chunk ``chunk_id`` of ``id`` to every rank of every group in ``dst_ranks``.
+
+        ``num_chunks=None`` starts a stream of unknown length; end it with :meth:`close_stream`.
+        Returns once every destination sidecar has the chunk; waits for arena space up to ``timeout``.
+        """
+        await self._bg.run(self._send(data, id, dst_ranks, chunk_id, num_chunks, timeout or self.timeout))
+
+    def send_sync(
+        self,
+        data: Any,
+        id: str,
+        dst_ranks: list[list[int]],
+        chunk_id: int = 0,
+        num_chunks: int | None = 1,
+        *,
+        timeout: float | None = None,
+    ) -> None:
+        """Blocking :meth:`send`."""
+        self._bg.run_sync(self._send(data, id, dst_ranks, chunk_id, num_chunks, timeout or self.timeout))
+
+    async def _send(
+        self,
+        data: Any,
+        id_: str,
+        dst_ranks: list[list[int]],
+        chunk_id: int,
+        num_chunks: int | None,
+        timeout: float,
+    ) -> None:
+        await self._connect()
+        assert self._info is not None
+        if isinstance(data, torch.Tensor) and data.device.type == "cuda":
+            await self._send_cuda(data, id_, dst_ranks, chunk_id, num_chunks, timeout)
+            return
+        region = self._zero_copy_region(data)
+        encoded = None
+        if region is None:
+            encoded = encode(data)
+            meta = encoded.meta
+            reply = await self._call(
+                SidecarVerb.ALLOC,
+                AllocRequest(size=meta.nbytes, timeout=timeout),
+                AllocReply,
+                timeout + REPLY_MARGIN_S,
+            )
+            region = _Region(reply.instance, reply.offset, meta.nbytes)
+            assert self._own_view is not None
+            try:
+                encoded.write_into(self._own_view, reply.offset)
+            except BaseException:
+                await self._call(
+                    SidecarVerb.FREE,
+                    FreeRequest(instance=region.instance, offset=region.offset),
+                    OkReply,
+                    self.timeout,
+                )
+                raise
+        else:
+            assert isinstance(data, torch.Tensor)
+            meta = encode(data).meta  # metadata only: the tensor is contiguous so no copy is made
+            self._regions.pop(data.data_ptr(), None)
+        location = Location(
+            transport="shm",
+            arena=self._info.arena,
+            offset=region.offset,
+            size=meta.nbytes,
+            meta=meta,
+            node=self._info.node,
+        )
+        msg = SendRequest(
+            id=id_,
+            chunk_id=chunk_id,
+            num_chunks=num_chunks,
+            dst_ranks=dst_ranks,
+            instance=region.instance,
+            location=location,
+            timeout=timeout,
+        )
+        await self._call(SidecarVerb.SEND, msg, OkReply, timeout + REPLY_MARGIN_S)
+
+    def _zero_copy_region(self, data: Any) -> _Region | None:
+        """The arena region a tensor from :meth:`alloc_tensor` occupies, if it can be sent as is."""
+        if not isinstance(data, torch.Tensor) or not self._regions:
+            return None
+        region = self._regions.get(data.data_ptr())
+        if region is None or not data.is_contiguous():
+            return None
+        if self._info is None or region.instance != self._info.instance:
+            logger.warning("tensor was allocated in a previous sidecar instance; copying it")
+            self._regions.pop(data.data_ptr(), None)
+            return None
+        if data.numel() * data.element_size() > region.size:
+            return None
+        return region
+
+    async def _send_cuda(
+        self,
+        data: torch.Tensor,
+        id_: str,
+        dst_ranks: list[list[int]],
+        chunk_id: int,
+        num_chunks: int | None,
+        timeout: float,
+    ) -> None:
+        assert self._info is not None
+        gpu.require_gpu()
+        t = data.detach().contiguous()
+        handle, device = gpu.export_ipc_handle(t)
+        meta = encode(torch.empty(0)).meta.model_copy(
+            update={
+                "kind": "cuda",
+                "dtype": torch_dtype_name(t.dtype),
+                "shape": list(t.shape),
+                "nbytes": t.numel() * t.element_size(),
+            }
+        )
+        location = Location(
+            transport="cuda_ipc",
+            size=meta.nbytes,
+            meta=meta,
+            cuda_handle=handle,
+            device=device,
+            node=self._info.node,
+        )
+        self._gpu_hold[(id_, chunk_id)] = t  # the producer's memory must outlive every consumer's view
+        msg = SendRequest(
+            id=id_,
+            chunk_id=chunk_id,
+            num_chunks=num_chunks,
+            dst_ranks=dst_ranks,
+            instance=self._info.instance,
+            location=location,
+            timeout=timeout,
+        )
+        try:
+            await self._call(SidecarVerb.SEND, msg, OkReply, timeout + REPLY_MARGIN_S)
+        except BaseException:
+            self._gpu_hold.pop((id_, chunk_id), None)
+            raise
+
+    async def _on_released(self, msg: Any) -> None:
+        event = ReleasedEvent.model_validate_json(msg.data)
+        for key in event.keys:
+            self._gpu_hold.pop((key.id, key.chunk_id), None)
+
+    async def close_stream(
+        self,
+        id: str,
+        num_chunks: int,
+        dst_ranks: list[list[int]] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> None:
+        """End a stream sent with ``num_chunks=None``: receives at ``chunk_id >= num_chunks`` return None."""
+        t = timeout or self.timeout
+        msg = CloseStreamRequest(id=id, num_chunks=num_chunks, dst_ranks=dst_ranks, timeout=t)
+        await self._bg.run(self._call(SidecarVerb.CLOSE, msg, OkReply, t + REPLY_MARGIN_S))
+
+    def close_stream_sync(
+        self,
+        id: str,
+        num_chunks: int,
+        dst_ranks: list[list[int]] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> None:
+        """Blocking :meth:`close_stream`."""
+        t = timeout or self.timeout
+        msg = CloseStreamRequest(id=id, num_chunks=num_chunks, dst_ranks=dst_ranks, timeout=t)
+        self._bg.run_sync(self._call(SidecarVerb.CLOSE, msg, OkReply, t + REPLY_MARGIN_S))
+
+    # ------------------------------------------------------------------ receive side
+
+    async def recv(
+        self, id: str, chunk_id: int = 0, timeout: float | None = None, *, copy: bool = False
+    ) -> Any:
+        """Wait for chunk ``chunk_id`` of ``id`` (it may not have been sent yet).
+
+        Tensors come back as zero-copy read-only views valid until :meth:`mark_done` (pass
+        ``copy=True`` for a private, writable copy). Returns None past the end of a stream.
+        Idempotent until :meth:`mark_done`.
+        """
+        return await self._bg.run(self._recv(id, chunk_id, timeout or self.timeout, copy))
+
+    def recv_sync(
+        self, id: str, chunk_id: int = 0, timeout: float | None = None, *, copy: bool = False
+    ) -> Any:
+        """Blocking :meth:`recv`."""
+        return self._bg.run_sync(self._recv(id, chunk_id, timeout or self.timeout, copy))
+
+    async def _recv(self, id_: str, chunk_id: int, timeout: float, copy: bool) -> Any:
+        msg = RecvRequest(id=id_, chunk_id=chunk_id, timeout=timeout)
+        reply = await self._call(SidecarVerb.RECV, msg, RecvReply, timeout + REPLY_MARGIN_S)
+        if reply.end_of_stream:
+            return None
+        loc = reply.location
+        assert loc is not None
+        if loc.transport == "cuda_ipc":
+            gpu.require_gpu()
+            return gpu.import_ipc_tensor(loc, copy=copy)
+        mm = self._ro_maps.get(loc.arena)
+        if mm is None:
+            try:
+                mm = self._ro_maps[loc.arena] = map_arena(loc.arena, writable=False)
+            except FileNotFoundError:
+                raise DataLost(
+                    f"id {id_!r} chunk {chunk_id}: arena {loc.arena} is gone (its sidecar restarted)", id=id_
+                ) from None
+        return decode(loc.meta, mm, loc.offset, copy)
+
+    async def mark_done(self, id: str, chunk_id: int = 0) -> None:
+        """Release the chunk: views from :meth:`recv` must not be used afterwards."""
+        await self._bg.run(
+            self._call(SidecarVerb.DONE, DoneRequest(id=id, chunk_id=chunk_id), OkReply, self.timeout)
+        )
+
+    def mark_done_sync(self, id: str, chunk_id: int = 0) -> None:
+        """Blocking :meth:`mark_done`."""
+        self._bg.run_sync(
+            self._call(SidecarVerb.DONE, DoneRequest(id=id, chunk_id=chunk_id), OkReply, self.timeout)
+        )
+
+    # ------------------------------------------------------------------ introspection
+
+    async def stats(self) -> StatsReply:
+        """Arena usage of our server."""
+        return await self._bg.run(self._call(SidecarVerb.STATS, StatsRequest(), StatsReply, self.timeout))
+
+    def stats_sync(self) -> StatsReply:
+        """Blocking :meth:`stats`."""
+        return self._bg.run_sync(self._call(SidecarVerb.STATS, StatsRequest(), StatsReply, self.timeout))
+
+    async def info(self) -> InfoReply:
+        """Identity of our server."""
+        return await self._bg.run(self._call(SidecarVerb.INFO, InfoRequest(), InfoReply, self.timeout))

@@ -1,0 +1,128 @@
+"""GPU data paths via CuPy: CUDA IPC on one node, NCCL across nodes.
+
+Written against CuPy's real APIs and guarded by :func:`gpu_available`; nothing here is imported
+eagerly, so CPU-only machines never need CuPy or a driver.
+
+Same node: the producer exports a CUDA IPC memory handle for its tensor's allocation; the
+consumer opens it and wraps the device memory as a tensor (device to device, no host bounce).
+The producer's client keeps the tensor alive until its sidecar reports every destination done.
+
+Across nodes: :class:`NcclPairs` lazily creates a two-rank NCCL communicator per peer; the lower
+rank makes the unique id and hands it to the other over NATS. Executors call ``send``/``recv`` on
+the communicator with the same stream ordering on both sides.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+from cornserve.bus.sidecar import Location
+from cornserve.sidecar.codec import torch_dtype
+from cornserve.sidecar.errors import UnsupportedData
+
+
+@functools.cache
+def gpu_available() -> bool:
+    """CuPy importable and at least one CUDA device visible."""
+    try:
+        import cupy  # noqa: F401
+        from cupy.cuda import runtime
+    except ImportError:
+        return False
+    try:
+        return bool(runtime.getDeviceCount() > 0)
+    except Exception:  # CUDARuntimeError without a driver
+        return False
+
+
+def require_gpu() -> None:
+    """Raise a clear error when a GPU path is used without CuPy/CUDA."""
+    if not gpu_available():
+        raise UnsupportedData("GPU tensors need CuPy (pip install cornserve-sidecar[gpu]) and a CUDA device")
+
+
+def export_ipc_handle(tensor: torch.Tensor) -> tuple[str, int]:
+    """IPC handle (hex) of the allocation holding ``tensor`` plus its device index.
+
+    The handle refers to the start of the allocation, so the tensor must start there; otherwise
+    it is copied into a fresh allocation first by the caller (``contiguous()`` of a view).
+    """
+    from cupy.cuda import runtime
+
+    if tensor.storage_offset() != 0:
+        raise UnsupportedData("CUDA IPC needs a tensor that starts its allocation; send tensor.clone()")
+    device = tensor.device.index or 0
+    with torch.cuda.device(device):
+        handle = runtime.ipcGetMemHandle(tensor.data_ptr())
+    return bytes(handle).hex(), device
+
+
+def import_ipc_tensor(loc: Location, copy: bool) -> torch.Tensor:
+    """Open a producer's IPC handle and view it as a torch tensor on the same device."""
+    import cupy
+    from cupy.cuda import runtime
+
+    meta = loc.meta
+    dt = torch_dtype(meta.dtype)
+    with cupy.cuda.Device(loc.device):
+        ptr = runtime.ipcOpenMemHandle(bytes.fromhex(loc.cuda_handle))
+        mem = cupy.cuda.UnownedMemory(ptr, meta.nbytes, owner=None, device_id=loc.device)
+        raw = cupy.ndarray((meta.nbytes,), dtype=cupy.uint8, memptr=cupy.cuda.MemoryPointer(mem, 0))
+        t = torch.from_dlpack(raw).view(dt).view(meta.shape)
+        if copy:
+            out = t.clone()
+            runtime.ipcCloseMemHandle(ptr)
+            return out
+        return t
+
+
+class NcclPairs:
+    """Lazily created pairwise NCCL communicators between this rank and its peers.
+
+    ``exchange(peer, uid_or_none)`` is an async callable supplied by the owner that sends the
+    unique id over NATS (lower rank) or waits for it (higher rank); this keeps the bus out of here.
+    """
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+        self._comms: dict[int, Any] = {}
+
+    async def comm(self, peer: int, exchange: Any) -> Any:
+        """The communicator shared with ``peer``, created on first use."""
+        require_gpu()
+        from cupy.cuda import nccl
+
+        found = self._comms.get(peer)
+        if found is not None:
+            return found
+        if self.rank < peer:
+            uid = nccl.get_unique_id()
+            await exchange(peer, bytes(uid))
+            my_index = 0
+        else:
+            uid = await exchange(peer, None)
+            my_index = 1
+        comm = nccl.NcclCommunicator(2, uid, my_index)
+        self._comms[peer] = comm
+        return comm
+
+    @staticmethod
+    def send(comm: Any, tensor: torch.Tensor, peer_index: int) -> None:
+        """Send a contiguous CUDA tensor's bytes to the other rank of ``comm`` on the current stream."""
+        from cupy.cuda import nccl
+
+        stream = torch.cuda.current_stream().cuda_stream
+        nbytes = tensor.numel() * tensor.element_size()
+        comm.send(tensor.data_ptr(), nbytes, nccl.NCCL_UINT8, peer_index, stream)
+
+    @staticmethod
+    def recv(comm: Any, out: torch.Tensor, peer_index: int) -> None:
+        """Receive into a preallocated contiguous CUDA tensor from the other rank of ``comm``."""
+        from cupy.cuda import nccl
+
+        stream = torch.cuda.current_stream().cuda_stream
+        nbytes = out.numel() * out.element_size()
+        comm.recv(out.data_ptr(), nbytes, nccl.NCCL_UINT8, peer_index, stream)
