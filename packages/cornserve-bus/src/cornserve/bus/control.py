@@ -1,0 +1,311 @@
+"""The control plane's contract: subjects, service names, KV buckets and wire schemas.
+
+Every control-plane message between the gateway, the resource manager (RM), the task managers
+(TM), the dispatchers and the executors' helpers is defined here, so no service imports another
+service's package. Requests are `RequestBase` models (with a request id) sent with
+`cornserve.bus.micro.request`; handlers reply with a model or a typed error (`ServiceFault`).
+
+Tasks travel as `TaskSpec` = the output of `cornserve.task.serialize_task` (name + config), and
+task graphs as lists of `TaskInvocation` JSON (`cornserve.task.TaskInvocation`). Schemas here keep
+them as plain JSON dicts so this module does not depend on which task classes are registered.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from cornserve.bus.schemas import RequestBase, WireModel
+
+# ----- service names (nats.micro) ------------------------------------------------------------------
+
+RM_SERVICE_NAME = "cornserve-resource-manager"
+TM_SERVICE_NAME = "cornserve-task-manager"
+DISPATCHER_SERVICE_NAME = "cornserve-dispatcher"
+GATEWAY_SERVICE_NAME = "cornserve-gateway"
+
+# ----- subjects ------------------------------------------------------------------------------------
+
+RM_PREFIX = "cornserve.rm"
+RM_DEPLOY = f"{RM_PREFIX}.deploy"
+"""DeployRequest -> DeployReply: deploy (or add a user to) unit tasks; replies once all are ready."""
+RM_RELEASE = f"{RM_PREFIX}.release"
+"""ReleaseRequest -> ReleaseReply: drop a user from its tasks; tasks left with no user are torn down."""
+RM_STATE = f"{RM_PREFIX}.state"
+"""StateRequest -> ClusterState: every deployment and device (dispatchers catch up with this)."""
+RM_SCALE = f"{RM_PREFIX}.scale"
+"""ScaleRequest -> DeploymentInfo: set the number of executors of a deployed task."""
+RM_EVENTS = f"{RM_PREFIX}.events.deployments"
+"""Fan-out DeploymentEvent on every change of a deployment (plain subscription: every replica sees it)."""
+
+
+def rm_progress_subject(request_id: str) -> str:
+    """Where the RM publishes ProgressEvents of one deploy/scale request (for streamed progress)."""
+    return f"{RM_PREFIX}.events.progress.{request_id}"
+
+
+TM_PREFIX = "cornserve.tm"
+
+
+def tm_subject(task_key: str, verb: Literal["route", "done", "status", "assign", "shutdown"]) -> str:
+    """Endpoint `verb` of the task manager of `task_key` (a deployment key: lowercase, digits, '-')."""
+    return f"{TM_PREFIX}.{task_key}.{verb}"
+
+
+DISPATCH_INVOKE = "cornserve.dispatch.invoke"
+"""InvokeRequest -> InvokeReply, served by every dispatcher replica in one queue group."""
+
+DISPATCH_QUEUE_GROUP = "cornserve-dispatchers"
+
+# ----- KV buckets (JetStream) ----------------------------------------------------------------------
+
+KV_APPS = "cornserve-apps"
+"""Gateway: app name -> AppRecord."""
+KV_DEPLOYMENTS = "cornserve-deployments"
+"""RM: task key -> DeploymentRecord."""
+KV_TASKLIBS = "cornserve-tasklibs"
+"""Task libraries: library name -> TaskLibraryRecord."""
+
+# ----- shared pieces -------------------------------------------------------------------------------
+
+TaskSpec = dict[str, Any]
+"""`{"name": <registered unit task class>, "config": {...}}` from cornserve.task.serialize_task."""
+
+
+class DeviceInfo(WireModel):
+    """One device of the inventory and the sidecar that serves it."""
+
+    kind: Literal["cuda", "cpu"]
+    index: int = Field(ge=0)
+    sidecar_rank: int = Field(ge=0)
+    node: str = "local"
+    task_key: str | None = None
+    """The deployment using the device, if any."""
+
+
+ExecutorState = Literal["starting", "ready", "unhealthy", "restarting", "draining", "stopped", "failed"]
+
+
+class ExecutorInfo(WireModel):
+    """One executor process of a deployed unit task."""
+
+    executor_id: str
+    url: str
+    """Base URL of the executor's HTTP server, e.g. http://127.0.0.1:41234."""
+    sidecar_ranks: list[int]
+    devices: list[DeviceInfo]
+    state: ExecutorState
+    in_flight: int = 0
+    restarts: int = 0
+    pid: int | None = None
+
+
+DeploymentState = Literal["deploying", "ready", "failed", "stopping"]
+
+
+class DeploymentInfo(WireModel):
+    """A deployed unit task: one task manager, its executors and its users."""
+
+    task_key: str
+    task: TaskSpec
+    state: DeploymentState
+    users: list[str]
+    executors: list[ExecutorInfo] = Field(default_factory=list)
+    devices: list[DeviceInfo] = Field(default_factory=list)
+    message: str = ""
+
+
+# ----- resource manager ----------------------------------------------------------------------------
+
+
+class DeployRequest(RequestBase):
+    """Deploy `tasks` for `owner` (an app name or a client session id); idempotent per owner."""
+
+    owner: str = Field(min_length=1, max_length=200)
+    tasks: list[TaskSpec] = Field(min_length=1)
+    timeout_s: float = Field(default=600.0, gt=0)
+
+
+class DeployReply(WireModel):
+    """The deployments of the requested tasks, in request order, all ready."""
+
+    request_id: str
+    deployments: list[DeploymentInfo]
+
+
+class ReleaseRequest(RequestBase):
+    """Remove `owner` from every task it uses."""
+
+    owner: str = Field(min_length=1, max_length=200)
+
+
+class ReleaseReply(WireModel):
+    """Which tasks the owner was removed from, and which of them were torn down."""
+
+    request_id: str
+    released: list[str]
+    torn_down: list[str]
+
+
+class StateRequest(RequestBase):
+    """Ask for the whole cluster state."""
+
+
+class ClusterState(WireModel):
+    """Every deployment and device."""
+
+    request_id: str
+    deployments: list[DeploymentInfo]
+    devices: list[DeviceInfo]
+
+
+class ScaleRequest(RequestBase):
+    """Run `num_executors` executors of a deployed task (each with the devices its descriptor needs)."""
+
+    task_key: str
+    num_executors: int = Field(ge=1)
+    timeout_s: float = Field(default=600.0, gt=0)
+
+
+class DeploymentEvent(WireModel):
+    """Published on RM_EVENTS whenever a deployment changes."""
+
+    kind: Literal["ready", "updated", "removed"]
+    deployment: DeploymentInfo
+
+
+class ProgressEvent(WireModel):
+    """Progress of a deploy or scale request, published on rm_progress_subject(request_id)."""
+
+    request_id: str
+    task_key: str
+    stage: Literal[
+        "queued", "allocating", "starting_task_manager", "starting_executors", "ready", "shared", "failed"
+    ]
+    message: str = ""
+
+
+# ----- task manager --------------------------------------------------------------------------------
+
+
+class ExecutorAssignment(WireModel):
+    """One executor the RM wants running: its id, devices and sidecar ranks."""
+
+    executor_id: str
+    devices: list[DeviceInfo] = Field(min_length=1)
+
+
+class AssignRequest(RequestBase):
+    """The desired set of executors; the TM starts missing ones and drains and stops the others."""
+
+    executors: list[ExecutorAssignment] = Field(min_length=1)
+    timeout_s: float = Field(default=600.0, gt=0)
+
+
+class TaskManagerStatusRequest(RequestBase):
+    """Ask a task manager for its executors."""
+
+
+class TaskManagerStatus(WireModel):
+    """A task manager's view of its executors."""
+
+    request_id: str
+    task_key: str
+    ready: bool
+    executors: list[ExecutorInfo]
+
+
+class RouteRequest(RequestBase):
+    """Pick an executor for one invocation."""
+
+
+class RouteReply(WireModel):
+    """The least-loaded healthy executor; report completion on tm_subject(key, "done")."""
+
+    request_id: str
+    executor_id: str
+    url: str
+    sidecar_ranks: list[int]
+
+
+class RouteDone(WireModel):
+    """Published (fire and forget) by a dispatcher when a routed invocation finished."""
+
+    executor_id: str
+
+
+class ShutdownRequest(RequestBase):
+    """Stop every executor and exit."""
+
+
+class OkReply(WireModel):
+    """A plain acknowledgement."""
+
+    request_id: str
+
+
+# ----- dispatcher ----------------------------------------------------------------------------------
+
+
+class InvokeRequest(RequestBase):
+    """Execute one recorded graph.
+
+    If the last invocation streams, the dispatcher publishes StreamMessages on `stream_subject`
+    (the caller subscribes before sending) and its output in the reply is None.
+    """
+
+    invocations: list[dict[str, Any]] = Field(min_length=1)
+    timeout_s: float = Field(default=300.0, gt=0)
+    stream_subject: str | None = None
+
+
+class InvokeReply(WireModel):
+    """One output (TaskOutput JSON) per invocation; None for a streamed output."""
+
+    request_id: str
+    outputs: list[dict[str, Any] | None]
+
+
+class StreamMessage(WireModel):
+    """One message of a relayed stream: an item, the end, or an error (which also ends it)."""
+
+    seq: int = Field(ge=0)
+    item: dict[str, Any] | None = None
+    end: bool = False
+    error: str | None = None
+
+
+# ----- durable records -----------------------------------------------------------------------------
+
+
+class AppRecord(WireModel):
+    """A registered app as the gateway stores it."""
+
+    name: str
+    source: str
+    state: Literal["deploying", "ready", "failed", "removing"]
+    task_keys: list[str] = Field(default_factory=list)
+    message: str = ""
+    created_at: float
+
+
+class TaskLibraryRecord(WireModel):
+    """An uploaded task library (Python source defining unit task and descriptor classes)."""
+
+    name: str
+    source: str
+    sha256: str
+    unit_tasks: list[str]
+    descriptors: list[str]
+    created_at: float
+
+
+class DeploymentRecord(WireModel):
+    """The RM's durable record of one deployment."""
+
+    task_key: str
+    task: TaskSpec
+    users: list[str]
+    devices: list[DeviceInfo]
+    num_executors: int = 1
