@@ -4,27 +4,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
+import signal
 import sys
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from cornserve.app import AppValidationError, trace_app, validate_app
+from cornserve.cli import commands
+from cornserve.cli.launcher import LaunchError, LocalCluster, default_state_dir, shut_down
+from cornserve.client import CornserveClient, CornserveError, default_url
 from cornserve.task.errors import TaskError
-
-
-def _load_json_arg(value: str) -> Any:
-    """A JSON argument given inline, as `@file`, or `-` for standard input."""
-    if value == "-":
-        text = sys.stdin.read()
-    elif value.startswith("@"):
-        text = Path(value[1:]).read_text()
-    else:
-        text = value
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise SystemExit(f"error: the request is not valid JSON: {exc}") from exc
 
 
 def _cmd_trace(args: argparse.Namespace) -> int:
@@ -39,7 +30,7 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     except AppValidationError as exc:
         print(f"error: {path}: {exc}", file=sys.stderr)
         return 1
-    request = _load_json_arg(args.request)
+    request = commands.load_json_arg(args.request)
     try:
         graphs = asyncio.run(trace_app(spec, request))
     except (TaskError, ValueError) as exc:
@@ -62,11 +53,136 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_up(args: argparse.Namespace) -> int:
+    cluster = LocalCluster(
+        state_dir=Path(args.state_dir),
+        host=args.host,
+        port=args.port,
+        cpu_slots=args.cpu_slots,
+        dispatchers=args.dispatchers,
+        nats_url=args.nats_url,
+    )
+    stopping = False
+
+    def request_stop(signum: int, frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    started = time.monotonic()
+    try:
+        cluster.start(ready_timeout_s=args.ready_timeout)
+    except (LaunchError, KeyboardInterrupt) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        cluster.stop()
+        return 1
+    print(
+        f"Cornserve is up in {time.monotonic() - started:.1f}s: {cluster.url}  (logs: {Path(args.state_dir) / 'logs'})"
+    )
+    print(
+        f"  export CORNSERVE_URL={cluster.url}   # then: cornserve register APP.py; Ctrl-C or `cornserve down` stops"
+    )
+    code = 0
+    while not stopping:
+        dead = cluster.first_dead_child()
+        if dead is not None:
+            print(f"error: {dead.name} exited unexpectedly; its log:\n{dead.log_tail()}", file=sys.stderr)
+            code = 1
+            break
+        time.sleep(0.5)
+    print("stopping Cornserve ...")
+    cluster.stop()
+    print("stopped")
+    return code
+
+
+def _cmd_down(args: argparse.Namespace) -> int:
+    return 0 if shut_down(Path(args.state_dir)) else 1
+
+
+def _http(fn: Callable[..., Awaitable[int]], *fields: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        async def go() -> int:
+            async with CornserveClient(args.url) as client:
+                return await fn(client, *(getattr(args, f) for f in fields))
+
+        try:
+            return asyncio.run(go())
+        except CornserveError as exc:
+            print(f"error: {exc.message} ({exc.status} {exc.error})", file=sys.stderr)
+            if exc.detail:
+                print(f"detail: {exc.detail}", file=sys.stderr)
+            return 1
+
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `cornserve`."""
     parser = argparse.ArgumentParser(prog="cornserve", description="Cornserve: serve multimodal AI apps.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    trace = commands.add_parser(
+    commands_ = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def http_command(name: str, help_: str) -> argparse.ArgumentParser:
+        sub = commands_.add_parser(name, help=help_)
+        sub.add_argument(
+            "--url",
+            default=default_url(),
+            help="gateway URL (default: $CORNSERVE_URL or http://127.0.0.1:8000)",
+        )
+        return sub
+
+    up = commands_.add_parser(
+        "up", help="start a local cluster (NATS, sidecars, resource manager, dispatchers, gateway)"
+    )
+    up.add_argument("--host", default="127.0.0.1", help="gateway address")
+    up.add_argument("--port", type=int, default=8000, help="gateway port")
+    up.add_argument("--cpu-slots", type=int, default=4, help="CPU device slots when there is no GPU")
+    up.add_argument("--dispatchers", type=int, default=2, help="dispatcher replicas")
+    up.add_argument("--nats-url", default=None, help="use this NATS server instead of starting one")
+    up.add_argument(
+        "--state-dir", default=str(default_state_dir()), help="state and logs (default: %(default)s)"
+    )
+    up.add_argument(
+        "--ready-timeout", type=float, default=180.0, help="seconds to wait for the cluster to be healthy"
+    )
+    up.set_defaults(func=_cmd_up)
+
+    down = commands_.add_parser("down", help="stop the local cluster started by `cornserve up`")
+    down.add_argument("--state-dir", default=str(default_state_dir()))
+    down.set_defaults(func=_cmd_down)
+
+    http_command("status", "cluster health, apps and tasks").set_defaults(func=_http(commands.status))
+    reg = http_command("register", "register an app (deploys its tasks)")
+    reg.add_argument("file", help="the app's Python file")
+    reg.add_argument("--name", default=None, help="app name (default: the file name)")
+    reg.set_defaults(func=_http(commands.register, "file", "name"))
+    http_command("apps", "list registered apps").set_defaults(func=_http(commands.apps))
+    inv = http_command("invoke", "invoke an app; streamed output is printed as it arrives")
+    inv.add_argument("app")
+    inv.add_argument("request", help="the request: JSON, @file, or - for stdin")
+    inv.set_defaults(func=_http(commands.invoke, "app", "request"))
+    unreg = http_command("unregister", "unregister an app")
+    unreg.add_argument("app")
+    unreg.set_defaults(func=_http(commands.unregister, "app"))
+    http_command("tasks", "list deployed unit tasks").set_defaults(func=_http(commands.tasks))
+    sc = http_command("scale", "set the number of executors of a task")
+    sc.add_argument("task", help="task key (see `cornserve tasks`)")
+    sc.add_argument("count", type=int)
+    sc.set_defaults(func=_http(commands.scale, "task", "count"))
+
+    tasklib = commands_.add_parser("tasklib", help="task libraries: custom unit tasks and descriptors")
+    tl = tasklib.add_subparsers(dest="tasklib_command", required=True, metavar="SUBCOMMAND")
+    add = tl.add_parser("add", help="upload a task library file")
+    add.add_argument("file")
+    add.add_argument("--name", default=None, help="library name (default: the file name)")
+    add.add_argument("--url", default=default_url())
+    add.set_defaults(func=_http(commands.tasklib_add, "file", "name"))
+    ls = tl.add_parser("list", help="list task libraries")
+    ls.add_argument("--url", default=default_url())
+    ls.set_defaults(func=_http(commands.tasklib_list))
+
+    trace = commands_.add_parser(
         "trace", help="print the task graphs an app makes for a request, executing nothing"
     )
     trace.add_argument("app", help="the app's Python file")

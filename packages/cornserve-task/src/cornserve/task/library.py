@@ -84,9 +84,26 @@ def load_task_library(name: str, source: str) -> LoadedLibrary:
                 f"task library {name!r} failed to load: {type(exc).__name__}: {exc}"
             ) from exc
         _loaded[name] = (sha, module)
+        _expose(name, module)
     tasks = sorted(n for n, cls in registered_unit_tasks().items() if cls.__module__ == module.__name__)
     descs = sorted(n for n, cls in registered_descriptors().items() if cls.__module__ == module.__name__)
     return LoadedLibrary(name=name, sha256=sha, module=module, unit_tasks=tasks, descriptors=descs)
+
+
+IMPORT_ROOT = "cornserve_tasklibs"
+"""Apps import library classes as `from cornserve_tasklibs.<name> import MyTask` ('-' becomes '_')."""
+
+
+def _expose(name: str, module: types.ModuleType) -> None:
+    """Make the newest version of a library importable under a stable name."""
+    root = sys.modules.get(IMPORT_ROOT)
+    if root is None:
+        root = types.ModuleType(IMPORT_ROOT)
+        root.__path__ = []  # a package, so submodules can be imported from it
+        sys.modules[IMPORT_ROOT] = root
+    attr = name.replace("-", "_")
+    sys.modules[f"{IMPORT_ROOT}.{attr}"] = module
+    setattr(root, attr, module)
 
 
 def loaded_libraries() -> dict[str, str]:

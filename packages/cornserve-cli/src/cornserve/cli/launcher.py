@@ -1,0 +1,275 @@
+"""`cornserve up`: a whole local cluster as child processes, and `cornserve down` to stop it.
+
+Order of start: NATS (JetStream) → one sidecar per device → resource manager → dispatchers →
+gateway; stop is the reverse. Every child runs in its own process group with its log under
+`<state dir>/logs`, and `<state dir>/cluster.json` records the PIDs so `cornserve down` (or a later
+`up` after a crash) can find them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cornserve.bus.natsserver import NatsServerProcess, free_port
+
+STATE_FILE = "cluster.json"
+SHM_DIR = Path("/dev/shm")
+
+
+def default_state_dir() -> Path:
+    """`$XDG_STATE_HOME/cornserve`, else `~/.local/state/cornserve`."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "cornserve"
+
+
+def count_gpus() -> int:
+    """CUDA devices visible to this machine (0 when torch or CUDA is missing)."""
+    try:
+        import torch
+    except ImportError:
+        return 0
+    return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
+
+
+class LaunchError(RuntimeError):
+    """The cluster could not be started; the message names the process and shows its log."""
+
+
+@dataclass
+class Child:
+    """One child process of the cluster."""
+
+    name: str
+    argv: list[str]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, env: dict[str, str]) -> None:
+        """Spawn it in its own process group, output to its log file."""
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+
+    def alive(self) -> bool:
+        """Whether it is still running."""
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, lines: int = 25) -> str:
+        """The end of its log, for error messages."""
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+
+
+def stop_children(children: list[Child], grace_s: float = 15.0, say: Any = print) -> None:
+    """SIGTERM every child (reverse start order), wait, then SIGKILL what is left."""
+    for child in reversed(children):
+        if child.alive() and child.proc is not None:
+            say(f"  stopping {child.name}")
+            _signal_group(child.proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for child in reversed(children):
+        if child.proc is None:
+            continue
+        try:
+            child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            say(f"  {child.name} did not stop within {grace_s:.0f} s; killing it")
+        _signal_group(child.proc.pid, signal.SIGKILL)  # also reaps grandchildren left in the group
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.proc.wait(timeout=5)
+
+
+@dataclass
+class LocalCluster:
+    """The processes of one local cluster."""
+
+    state_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8000
+    cpu_slots: int = 4
+    dispatchers: int = 2
+    nats_url: str | None = None
+    say: Any = print
+    cluster_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    children: list[Child] = field(default_factory=list)
+    nats: NatsServerProcess | None = None
+
+    @property
+    def url(self) -> str:
+        """The gateway URL."""
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def node(self) -> str:
+        """The node id of this cluster (sidecars with the same node share memory)."""
+        return f"local-{self.cluster_id}"
+
+    def _child(self, name: str, module: str, *args: str) -> Child:
+        child = Child(name, [sys.executable, "-m", module, *args], self.state_dir / "logs" / f"{name}.log")
+        self.children.append(child)
+        return child
+
+    def start(self, ready_timeout_s: float = 180.0) -> None:
+        """Start everything and wait until the gateway reports healthy."""
+        self._refuse_if_running()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        if self.nats_url is None:
+            self.say("starting NATS (JetStream) ...")
+            self.nats = NatsServerProcess(
+                port=free_port(),
+                store_dir=self.state_dir / "nats",
+                log_file=self.state_dir / "logs" / "nats.log",
+            )
+            (self.state_dir / "logs").mkdir(parents=True, exist_ok=True)
+            self.nats.start()
+            self.nats_url = self.nats.url
+        gpus = count_gpus()
+        devices = gpus or self.cpu_slots
+        kind = "GPU" if gpus else "CPU slot"
+        self.say(f"NATS at {self.nats_url}; {devices} {kind}(s)")
+        env = {**os.environ, "CORNSERVE_NATS_URL": self.nats_url, "PYTHONUNBUFFERED": "1"}
+        for rank in range(devices):
+            self._child(
+                f"sidecar-{rank}", "cornserve.sidecar.server", "--rank", str(rank), "--node", self.node
+            )
+        rm_args = ["--node", self.node, "--log-dir", str(self.state_dir / "logs")]
+        if not gpus:
+            rm_args += ["--cpu-slots", str(self.cpu_slots)]
+        self._child("resource-manager", "cornserve.resource_manager.main", *rm_args)
+        for index in range(self.dispatchers):
+            self._child(
+                f"dispatcher-{index}", "cornserve.dispatcher.main", "--replica-id", f"dispatcher-{index}"
+            )
+        self._child("gateway", "cornserve.gateway.main", "--host", self.host, "--port", str(self.port))
+        for child in self.children:
+            self.say(f"starting {child.name}")
+            child.start({**env, "CORNSERVE_NODE": self.node})
+        self._write_state()
+        self._wait_ready(ready_timeout_s)
+
+    def _refuse_if_running(self) -> None:
+        state = read_state(self.state_dir)
+        if state is not None and pid_alive(int(state["pid"])):
+            raise LaunchError(
+                f"a cluster is already running from {self.state_dir} (pid {state['pid']}, {state['url']}); "
+                "run `cornserve down` first or pass another --state-dir"
+            )
+
+    def _write_state(self) -> None:
+        state = {
+            "pid": os.getpid(),
+            "url": self.url,
+            "nats_url": self.nats_url,
+            "node": self.node,
+            "children": [{"name": c.name, "pid": c.proc.pid} for c in self.children if c.proc is not None],
+        }
+        (self.state_dir / STATE_FILE).write_text(json.dumps(state, indent=2))
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        last = ""
+        while time.monotonic() < deadline:
+            for child in self.children:
+                if not child.alive():
+                    raise LaunchError(
+                        f"{child.name} exited during start-up; its log ({child.log_path}):\n{child.log_tail()}"
+                    )
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=5) as response:
+                    if response.status == 200:
+                        return
+            except urllib.error.HTTPError as exc:
+                last = exc.read().decode(errors="replace")
+            except (urllib.error.URLError, OSError) as exc:
+                last = str(exc)
+            time.sleep(0.5)
+        raise LaunchError(
+            f"the cluster did not become healthy within {timeout_s:.0f} s (last answer: {last})"
+        )
+
+    def first_dead_child(self) -> Child | None:
+        """A child that exited on its own, if any."""
+        return next((c for c in self.children if not c.alive()), None)
+
+    def stop(self) -> None:
+        """Stop every process, remove leftover shared memory and the state file."""
+        stop_children(self.children, say=self.say)
+        if self.nats is not None:
+            self.say("  stopping NATS")
+            self.nats.stop()
+        for leftover in SHM_DIR.glob(f"cornserve-sidecar-{self.node}-*"):
+            self.say(f"  removing leftover shared memory {leftover.name}")
+            leftover.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            (self.state_dir / STATE_FILE).unlink()
+
+
+def read_state(state_dir: Path) -> dict[str, Any] | None:
+    """The running cluster's recorded state, if any."""
+    try:
+        state: dict[str, Any] = json.loads((state_dir / STATE_FILE).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    return state
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def shut_down(state_dir: Path, timeout_s: float = 60.0, say: Any = print) -> bool:
+    """`cornserve down`: ask the `up` process to stop everything; kill leftovers if it is gone."""
+    state = read_state(state_dir)
+    if state is None:
+        say(f"no cluster is recorded in {state_dir}")
+        return False
+    pid = int(state["pid"])
+    if pid_alive(pid):
+        say(f"stopping the cluster (pid {pid}) ...")
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    leftovers = [c for c in state.get("children", []) if pid_alive(int(c["pid"]))]
+    for child in leftovers:
+        say(f"  killing leftover {child['name']} (pid {child['pid']})")
+        _signal_group(int(child["pid"]), signal.SIGKILL)
+    for leftover in SHM_DIR.glob(f"cornserve-sidecar-{state.get('node', 'none')}-*"):
+        leftover.unlink(missing_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        (state_dir / STATE_FILE).unlink()
+    say("stopped")
+    return True

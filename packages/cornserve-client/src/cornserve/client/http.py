@@ -1,0 +1,205 @@
+"""HTTP calls to the gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+
+from cornserve.client.errors import CornserveError
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def default_url() -> str:
+    """`CORNSERVE_URL`, or the local default."""
+    return os.environ.get("CORNSERVE_URL", DEFAULT_URL).rstrip("/")
+
+
+async def raise_for_error(response: aiohttp.ClientResponse) -> None:
+    """Turn a 4xx/5xx reply into CornserveError with the gateway's message."""
+    if response.status < 400:
+        return
+    text = await response.text()
+    try:
+        body = json.loads(text)
+    except ValueError:
+        body = {"error": "http_error", "message": text.strip()[:2000]}
+    if not isinstance(body, dict):
+        body = {"error": "http_error", "message": str(body)}
+    raise CornserveError(
+        response.status, str(body.get("error", "error")), str(body.get("message", text)), body.get("detail")
+    )
+
+
+async def iter_lines(
+    response: aiohttp.ClientResponse, idle_timeout_s: float
+) -> AsyncIterator[dict[str, Any]]:
+    """Decode an NDJSON or SSE response body into JSON objects as they arrive."""
+    sse = response.headers.get("Content-Type", "").startswith("text/event-stream")
+    event = "message"
+    while True:
+        try:
+            raw = await asyncio.wait_for(response.content.readline(), idle_timeout_s)
+        except TimeoutError as exc:
+            raise CornserveError(504, "timeout", f"no data from the gateway for {idle_timeout_s} s") from exc
+        if not raw:
+            return
+        line = raw.decode().rstrip("\r\n")
+        if not line:
+            event = "message"
+            continue
+        if sse:
+            if line.startswith("event:"):
+                event = line[6:].strip()
+                continue
+            if not line.startswith("data:"):
+                continue
+            line = line[5:].strip()
+            if event == "end":
+                return
+        item = json.loads(line)
+        if (sse and event == "error") or (isinstance(item, dict) and "error" in item and "message" in item):
+            raise CornserveError(
+                502, str(item.get("error", "error")), str(item.get("message", item)), item.get("detail")
+            )
+        yield item
+
+
+class CornserveClient:
+    """Apps, tasks and task libraries of one cluster (one gateway URL)."""
+
+    def __init__(self, url: str | None = None, timeout_s: float = 900.0) -> None:
+        self.url = (url or default_url()).rstrip("/")
+        self.timeout_s = timeout_s
+        self._http: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> CornserveClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def http(self) -> aiohttp.ClientSession:
+        """The shared HTTP session (created lazily)."""
+        if self._http is None or self._http.closed:
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
+        return self._http
+
+    async def close(self) -> None:
+        """Close the HTTP session."""
+        if self._http is not None:
+            await self._http.close()
+
+    async def call(self, method: str, path: str, body: Any = None, timeout_s: float | None = None) -> Any:
+        """One JSON request; returns the decoded JSON reply."""
+        try:
+            async with self.http.request(
+                method,
+                self.url + path,
+                json=body,
+                timeout=aiohttp.ClientTimeout(total=timeout_s or self.timeout_s),
+            ) as response:
+                await raise_for_error(response)
+                return await response.json()
+        except aiohttp.ClientConnectionError as exc:
+            raise CornserveError(
+                503, "unreachable", f"cannot reach the gateway at {self.url}: {exc}"
+            ) from exc
+        except TimeoutError as exc:
+            raise CornserveError(
+                504, "timeout", f"{method} {path} did not finish in {timeout_s or self.timeout_s} s"
+            ) from exc
+
+    async def stream(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        accept: str = "application/x-ndjson",
+        idle_timeout_s: float = 300.0,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """A request whose reply is streamed (NDJSON or SSE); yields JSON objects as they arrive.
+
+        A non-streamed JSON reply is yielded as one object.
+        """
+        try:
+            async with self.http.request(
+                method, self.url + path, json=body, headers={"Accept": accept}
+            ) as response:
+                await raise_for_error(response)
+                content_type = response.headers.get("Content-Type", "")
+                if content_type.startswith("application/json"):
+                    yield await response.json()
+                    return
+                async for item in iter_lines(response, idle_timeout_s):
+                    yield item
+        except aiohttp.ClientConnectionError as exc:
+            raise CornserveError(
+                503, "unreachable", f"cannot reach the gateway at {self.url}: {exc}"
+            ) from exc
+
+    # ----- the API ---------------------------------------------------------------------------------
+
+    async def health(self) -> dict[str, Any]:
+        """GET /health (raises CornserveError 503 when degraded)."""
+        result: dict[str, Any] = await self.call("GET", "/health", timeout_s=30)
+        return result
+
+    async def register_app(self, name: str, source: str) -> AsyncIterator[dict[str, Any]]:
+        """Register an app, yielding deployment progress events and finally the app."""
+        async for event in self.stream(
+            "POST",
+            "/apps",
+            {"name": name, "source": source},
+            accept="text/event-stream",
+            idle_timeout_s=self.timeout_s,
+        ):
+            yield event
+
+    async def list_apps(self) -> list[dict[str, Any]]:
+        """GET /apps."""
+        result: list[dict[str, Any]] = await self.call("GET", "/apps")
+        return result
+
+    async def get_app(self, name: str) -> dict[str, Any]:
+        """GET /apps/{name}."""
+        result: dict[str, Any] = await self.call("GET", f"/apps/{name}")
+        return result
+
+    async def unregister_app(self, name: str) -> dict[str, Any]:
+        """DELETE /apps/{name}."""
+        result: dict[str, Any] = await self.call("DELETE", f"/apps/{name}")
+        return result
+
+    async def invoke_app(self, name: str, request: Any) -> AsyncIterator[dict[str, Any]]:
+        """POST /apps/{name}/invoke: yields the response (once) or each streamed item."""
+        async for item in self.stream("POST", f"/apps/{name}/invoke", request):
+            yield item
+
+    async def list_tasks(self) -> dict[str, Any]:
+        """GET /tasks."""
+        result: dict[str, Any] = await self.call("GET", "/tasks")
+        return result
+
+    async def scale_task(self, key: str, num_executors: int) -> dict[str, Any]:
+        """POST /tasks/{key}/scale."""
+        result: dict[str, Any] = await self.call(
+            "POST", f"/tasks/{key}/scale", {"num_executors": num_executors}
+        )
+        return result
+
+    async def add_tasklib(self, name: str, source: str) -> dict[str, Any]:
+        """POST /tasklibs."""
+        result: dict[str, Any] = await self.call("POST", "/tasklibs", {"name": name, "source": source})
+        return result
+
+    async def list_tasklibs(self) -> list[dict[str, Any]]:
+        """GET /tasklibs."""
+        result: list[dict[str, Any]] = await self.call("GET", "/tasklibs")
+        return result

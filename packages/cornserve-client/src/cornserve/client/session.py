@@ -1,0 +1,135 @@
+"""Notebook/SDK sessions: deploy tasks on a running cluster and `await task(input)` against it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from pydantic import TypeAdapter
+
+from cornserve.client.errors import CornserveError
+from cornserve.client.http import CornserveClient
+from cornserve.task import (
+    Stream,
+    Task,
+    TaskExecutionError,
+    TaskInvocation,
+    TaskOutput,
+    discover_unit_tasks,
+    serialize_task,
+    set_dispatcher,
+)
+
+logger = logging.getLogger(__name__)
+
+_INVOCATIONS = TypeAdapter(list[TaskInvocation])
+
+
+def _item_type(output: TaskOutput) -> Any:
+    for klass in type(output).__mro__:
+        meta = getattr(klass, "__pydantic_generic_metadata__", None)
+        if meta and meta["origin"] is Stream and meta["args"]:
+            return meta["args"][0]
+    return None
+
+
+class ClusterSession:
+    """A session on the gateway: owns the tasks it deployed and executes graphs for `await task(...)`.
+
+    It is a `cornserve.task.Dispatcher`; `connect()` installs it as the process's dispatcher.
+    """
+
+    def __init__(self, client: CornserveClient, session_id: str, ttl_s: float) -> None:
+        self.client = client
+        self.session_id = session_id
+        self.ttl_s = ttl_s
+        self._heartbeat: asyncio.Task[None] | None = None
+        self.closed = False
+
+    async def deploy(self, *tasks: Task[Any, Any]) -> list[str]:
+        """Deploy every unit task reachable from `tasks`; returns their deployment keys."""
+        units = discover_unit_tasks(tasks)
+        body = {"tasks": [serialize_task(t) for t in units]}
+        reply = await self.client.call("POST", f"/sessions/{self.session_id}/tasks", body)
+        return list(reply["deployed"])
+
+    async def dispatch(self, invocations: Sequence[TaskInvocation]) -> list[TaskOutput]:
+        """Send a recorded graph to the gateway; rebuild the outputs (and the stream, if any)."""
+        body = {"invocations": _INVOCATIONS.dump_python(list(invocations), mode="json")}
+        lines = self.client.stream("POST", f"/sessions/{self.session_id}/invoke", body)
+        try:
+            first = await anext(lines)
+        except CornserveError as exc:
+            raise TaskExecutionError(exc.message) from exc
+        except StopAsyncIteration:
+            raise TaskExecutionError("the gateway returned an empty response") from None
+        raw_outputs = first["outputs"]
+        outputs: list[TaskOutput] = []
+        for inv, raw in zip(invocations, raw_outputs, strict=True):
+            if raw is None:
+                outputs.append(Stream.from_iterator(self._items(lines, _item_type(inv.task_output))))
+            else:
+                outputs.append(inv.task.output_cls().model_validate(raw))
+        return outputs
+
+    async def _items(self, lines: AsyncIterator[dict[str, Any]], item_type: Any) -> AsyncIterator[Any]:
+        try:
+            async for line in lines:
+                if line.get("end"):
+                    return
+                if "error" in line:
+                    error = line["error"]
+                    raise TaskExecutionError(
+                        error.get("message", str(error)) if isinstance(error, dict) else str(error)
+                    )
+                item = line["item"]
+                yield item_type.model_validate(item) if item_type is not None else item
+        except CornserveError as exc:
+            raise TaskExecutionError(exc.message) from exc
+        finally:
+            await lines.aclose()  # type: ignore[attr-defined]
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(max(self.ttl_s / 3, 1.0))
+            try:
+                await self.client.call("POST", f"/sessions/{self.session_id}/heartbeat", timeout_s=10)
+            except CornserveError as exc:
+                logger.warning("session %s heartbeat failed: %s", self.session_id, exc)
+
+    async def close(self) -> None:
+        """Release the session's tasks and stop heartbeats."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+        set_dispatcher(None)
+        try:
+            await self.client.call("DELETE", f"/sessions/{self.session_id}")
+        finally:
+            await self.client.close()
+
+    async def __aenter__(self) -> ClusterSession:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+async def connect(url: str | None = None, ttl_s: float = 60.0) -> ClusterSession:
+    """Open a session on the cluster at `url` (default `CORNSERVE_URL`) and make it the dispatcher.
+
+    Use `async with await connect() as session: await session.deploy(task); await task(x)`.
+    """
+    client = CornserveClient(url)
+    reply = await client.call("POST", "/sessions", {"ttl_s": ttl_s})
+    session = ClusterSession(client, reply["session_id"], ttl_s)
+    session._heartbeat = asyncio.create_task(session._beat())
+    set_dispatcher(session)
+    return session
