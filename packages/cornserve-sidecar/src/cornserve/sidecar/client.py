@@ -286,6 +286,7 @@ class Sidecar:
     ) -> None:
         await self._connect()
         assert self._info is not None
+        _check_destinations(id_, dst_ranks, chunk_id, num_chunks)
         if isinstance(data, torch.Tensor) and data.device.type == "cuda":
             await self._send_cuda(data, id_, dst_ranks, chunk_id, num_chunks, timeout)
             return
@@ -490,3 +491,15 @@ class Sidecar:
     async def info(self) -> InfoReply:
         """Identity of our server."""
         return await self._bg.run(self._call(SidecarVerb.INFO, InfoRequest(), InfoReply, self.timeout))
+
+
+def _check_destinations(id_: str, dst_ranks: list[list[int]], chunk_id: int, num_chunks: int | None) -> None:
+    """Reject bad arguments before any memory is reserved."""
+    if not id_:
+        raise BadRequest("id must be a non-empty string")
+    if not dst_ranks or any(not group for group in dst_ranks):
+        raise BadRequest(f"dst_ranks must be a non-empty list of non-empty rank groups, got {dst_ranks!r}")
+    if any(not isinstance(r, int) or r < 0 for group in dst_ranks for r in group):
+        raise BadRequest(f"dst_ranks must hold non-negative integer ranks, got {dst_ranks!r}")
+    if chunk_id < 0 or (num_chunks is not None and not 0 <= chunk_id < num_chunks):
+        raise BadRequest(f"chunk_id {chunk_id} is outside num_chunks={num_chunks}")

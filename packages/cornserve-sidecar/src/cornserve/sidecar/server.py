@@ -657,11 +657,14 @@ class SidecarServer:
                 logger.error("another instance %s now claims rank %d", event.instance, self.rank)
             return
         old = self._peer_instances.get(event.rank)
+        if old == event.instance:
+            return
         self._peer_instances[event.rank] = event.instance
         self._peers.pop(event.rank, None)
-        if old is None or old == event.instance:
-            return
-        logger.warning("peer rank %d restarted (%s -> %s)", event.rank, old, event.instance)
+        if old is not None:
+            logger.warning("peer rank %d restarted (%s -> %s)", event.rank, old, event.instance)
+        # Even without having seen the old instance's announcement, slots naming another instance of
+        # that rank point into an arena that no longer exists.
         self._on_peer_restart(event.rank, event.instance)
 
     def _on_peer_restart(self, rank: int, new_instance: str) -> None:
