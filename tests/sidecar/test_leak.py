@@ -11,7 +11,9 @@ from cornserve.sidecar import Sidecar
 
 
 async def mixed_transfers(sidecars, nats_url, stats_of, n: int) -> None:
-    a, b, c, d = await sidecars(4, nodes=["node-a", "node-a", "node-a", "node-b"], arena_bytes=32 * 1024 * 1024)
+    a, b, c, d = await sidecars(
+        4, nodes=["node-a", "node-a", "node-a", "node-b"], arena_bytes=32 * 1024 * 1024
+    )
     rng = random.Random(1234)
     async with (
         Sidecar(a.rank, nats_url) as src,
@@ -77,7 +79,10 @@ async def mixed_transfers(sidecars, nats_url, stats_of, n: int) -> None:
     deadline = time.monotonic() + 30
     while True:
         stats = await stats_of(ranks)
-        if all(s.used_bytes == 0 and s.held_entries == 0 for s in stats.values()) or time.monotonic() > deadline:
+        if (
+            all(s.used_bytes == 0 and s.held_entries == 0 for s in stats.values())
+            or time.monotonic() > deadline
+        ):
             break
         await asyncio.sleep(0.05)  # releases travel asynchronously after mark_done
     for s in stats.values():

@@ -178,7 +178,11 @@ async def test_memory_pressure_waits_then_errors_and_unblocks_on_free(sidecars, 
 
 async def test_cross_node_tcp_path_lands_in_destination_arena(sidecars, nats_url, stats_of):
     a, b, c = await sidecars(3, nodes=["node-a", "node-b", "node-a"])
-    async with Sidecar(a.rank, nats_url) as src, Sidecar(b.rank, nats_url) as remote, Sidecar(c.rank, nats_url) as local:
+    async with (
+        Sidecar(a.rank, nats_url) as src,
+        Sidecar(b.rank, nats_url) as remote,
+        Sidecar(c.rank, nats_url) as local,
+    ):
         t = torch.randn(3 * MiB // 4 + 5)  # not a multiple of the socket chunk size
         await src.send(t, "x", [[b.rank], [c.rank]])
         stats = await stats_of([a.rank, b.rank])

@@ -195,8 +195,10 @@ class Sidecar:
     async def alloc_tensor(
         self, shape: tuple[int, ...] | list[int], dtype: torch.dtype = torch.float32
     ) -> torch.Tensor:
-        """A writable CPU tensor living in the sidecar arena: build your output in it, then ``send``
-        it without any copy. After ``send`` the memory belongs to the sidecar; do not write to it.
+        """Allocate a writable CPU tensor inside the sidecar arena.
+
+        Build your output in it, then ``send`` it without any copy. After ``send`` the memory
+        belongs to the sidecar; do not write to it.
         """
         return await self._bg.run(self._alloc_tensor(tuple(shape), dtype))
 
@@ -337,7 +339,7 @@ class Sidecar:
         await self._call(SidecarVerb.SEND, msg, OkReply, timeout + REPLY_MARGIN_S)
 
     def _zero_copy_region(self, data: Any) -> _Region | None:
-        """The arena region a tensor from :meth:`alloc_tensor` occupies, if it can be sent as is."""
+        """Return the arena region a tensor from :meth:`alloc_tensor` occupies, if it can be sent as is."""
         if not isinstance(data, torch.Tensor) or not self._regions:
             return None
         region = self._regions.get(data.data_ptr())

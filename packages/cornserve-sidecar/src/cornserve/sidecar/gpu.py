@@ -18,6 +18,7 @@ import functools
 from typing import Any
 
 import torch
+import torch.utils.dlpack
 
 from cornserve.bus.sidecar import Location
 from cornserve.sidecar.codec import torch_dtype
@@ -71,7 +72,7 @@ def import_ipc_tensor(loc: Location, copy: bool) -> torch.Tensor:
         ptr = runtime.ipcOpenMemHandle(bytes.fromhex(loc.cuda_handle))
         mem = cupy.cuda.UnownedMemory(ptr, meta.nbytes, owner=None, device_id=loc.device)
         raw = cupy.ndarray((meta.nbytes,), dtype=cupy.uint8, memptr=cupy.cuda.MemoryPointer(mem, 0))
-        t = torch.from_dlpack(raw).view(dt).view(meta.shape)
+        t = torch.utils.dlpack.from_dlpack(raw).view(dt).view(meta.shape)
         if copy:
             out = t.clone()
             runtime.ipcCloseMemHandle(ptr)
@@ -91,7 +92,7 @@ class NcclPairs:
         self._comms: dict[int, Any] = {}
 
     async def comm(self, peer: int, exchange: Any) -> Any:
-        """The communicator shared with ``peer``, created on first use."""
+        """Return the communicator shared with ``peer``, created on first use."""
         require_gpu()
         from cupy.cuda import nccl
 

@@ -15,8 +15,9 @@ import signal
 import socket
 import time
 import uuid
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import nats
 from nats.aio.client import Client
@@ -125,7 +126,7 @@ class SidecarServer:
         self._peer_instances: dict[int, str] = {}
         self._freed = asyncio.Event()
         self._runner = HandlerRunner()
-        self._bg: set[asyncio.Task[None]] = set()
+        self._bg: set[asyncio.Task[Any]] = set()
         self._nc: Client | None = None
         self._listener: socket.socket | None = None
         self.expired_total = 0
@@ -222,12 +223,13 @@ class SidecarServer:
             self.arena.close()
         self.stopped.set()
 
-    def _spawn(self, coro: object) -> None:
-        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run a background coroutine, keeping a reference and logging its failure."""
+        task = asyncio.ensure_future(coro)
         self._bg.add(task)
         task.add_done_callback(self._task_done)
 
-    def _task_done(self, task: asyncio.Task[None]) -> None:
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._bg.discard(task)
         if not task.cancelled() and task.exception() is not None:
             logger.error("background task failed", exc_info=task.exception())
@@ -266,7 +268,8 @@ class SidecarServer:
                         503,
                         "memory_pressure",
                         f"rank {self.rank}: no room for {size} bytes within {timeout:.3f}s "
-                        f"(used {self.alloc.used_bytes}/{self.alloc.capacity}, largest free {self.alloc.largest_free})",
+                        f"(used {self.alloc.used_bytes}/{self.alloc.capacity}, "
+                        f"largest free {self.alloc.largest_free})",
                         size=size,
                         rank=self.rank,
                     ) from None
@@ -340,7 +343,8 @@ class SidecarServer:
             raise fault(
                 410,
                 "data_lost",
-                f"rank {self.rank} restarted: the {what} belonged to instance {instance}, now {self.instance}",
+                f"rank {self.rank} restarted: the {what} belonged to instance {instance}, "
+                f"now {self.instance}",
                 rank=self.rank,
             )
 
@@ -479,7 +483,8 @@ class SidecarServer:
                 raise fault(
                     504,
                     "recv_timeout",
-                    f"rank {self.rank}: id {req.id!r} chunk {req.chunk_id} did not arrive within {req.timeout:.3f}s",
+                    f"rank {self.rank}: id {req.id!r} chunk {req.chunk_id} "
+                    f"did not arrive within {req.timeout:.3f}s",
                     id=req.id,
                     chunk_id=req.chunk_id,
                     rank=self.rank,
@@ -507,9 +512,8 @@ class SidecarServer:
             raise fault(
                 410,
                 kind,
-                f"id {req.id!r} chunk {req.chunk_id} is {slot.state} on rank {self.rank}: {slot.reason}".rstrip(
-                    ": "
-                ),
+                f"id {req.id!r} chunk {req.chunk_id} is {slot.state} on rank {self.rank}"
+                + (f": {slot.reason}" if slot.reason else ""),
                 id=req.id,
                 chunk_id=req.chunk_id,
                 rank=self.rank,
@@ -519,7 +523,7 @@ class SidecarServer:
         return None
 
     async def on_done(self, req: DoneRequest) -> OkReply:
-        """A consumer finished with a chunk: free our copy or tell the source to."""
+        """Handle a consumer finishing a chunk: free our copy or tell the source to."""
         ok = OkReply(request_id=req.request_id, instance=self.instance)
         box = self.mailbox.boxes.get(req.id)
         slot = box.chunks.get(req.chunk_id) if box is not None else None
@@ -564,7 +568,7 @@ class SidecarServer:
     # ------------------------------------------------------------------ peer endpoints
 
     async def on_deliver(self, req: DeliverRequest) -> OkReply:
-        """A source announces a chunk (or a stream's length) for one of our consumers."""
+        """Accept a source announcing a chunk (or a stream's length) for one of our consumers."""
         box = self.mailbox.box(req.id)
         if req.num_chunks is not None:
             box.num_chunks = req.num_chunks
@@ -598,7 +602,7 @@ class SidecarServer:
         return self.arena.name
 
     async def on_release(self, req: ReleaseRequest) -> OkReply:
-        """A destination is done with a chunk we hold."""
+        """Handle a destination being done with a chunk we hold."""
         self._release_local(req)
         return OkReply(request_id=req.request_id, instance=self.instance)
 
@@ -615,7 +619,7 @@ class SidecarServer:
         self._maybe_release(key)
 
     async def on_notice(self, req: NoticeRequest) -> OkReply:
-        """A source tells us chunks it announced will never be readable."""
+        """Record chunks a source says will never be readable (lost or expired)."""
         self._mark(
             req.kind, req.source_rank, [(k.id, k.chunk_id) for k in req.keys], req.reason, only_shm_of=None
         )
@@ -672,9 +676,9 @@ class SidecarServer:
         lost: list[tuple[str, int]] = []
         for id_, box in self.mailbox.boxes.items():
             for chunk, slot in box.chunks.items():
-                if slot.state == "ready" and slot.source_rank == rank and slot.owned_offset is None:
-                    if slot.source_instance != new_instance:
-                        lost.append((id_, chunk))
+                gone = slot.source_rank == rank and slot.source_instance != new_instance
+                if slot.state == "ready" and gone and slot.owned_offset is None:
+                    lost.append((id_, chunk))
         self._mark("lost", rank, lost, f"sidecar rank {rank} restarted", only_shm_of=None)
         # As source: the restarted destination forgot what we announced; tell its new instance.
         told: list[Key] = []
