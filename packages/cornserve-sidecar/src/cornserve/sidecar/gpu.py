@@ -80,6 +80,42 @@ def import_ipc_tensor(loc: Location, copy: bool) -> torch.Tensor:
         return t
 
 
+class NatsUidExchange:
+    """Hands NCCL unique ids between two ranks over NATS (request/reply, retried until the peer listens)."""
+
+    def __init__(self, nc: Any, rank: int) -> None:
+        self.nc = nc
+        self.rank = rank
+
+    async def __call__(self, peer: int, uid: bytes | None, timeout: float = 60.0) -> Any:
+        """Send ``uid`` to ``peer`` (lower rank) or wait for it from ``peer`` (higher rank)."""
+        import asyncio
+
+        import nats.errors
+
+        from cornserve.bus.subjects import sidecar_nccl_subject
+
+        if uid is not None:
+            deadline = asyncio.get_running_loop().time() + timeout
+            while True:
+                try:
+                    await self.nc.request(sidecar_nccl_subject(peer, self.rank), uid, timeout=5)
+                    return None
+                except nats.errors.NoRespondersError:
+                    if asyncio.get_running_loop().time() > deadline:
+                        raise
+                    await asyncio.sleep(0.1)
+        sub = await self.nc.subscribe(sidecar_nccl_subject(self.rank, peer), max_msgs=1)
+        msg = await sub.next_msg(timeout=timeout)
+        await msg.respond(b"ok")
+        return _uid_from_bytes(msg.data)
+
+
+def _uid_from_bytes(data: bytes) -> Any:
+    """Rebuild the id object cupy.cuda.nccl expects (a tuple of 128 signed chars)."""
+    return tuple(b - 256 if b > 127 else b for b in data)
+
+
 class NcclPairs:
     """Lazily created pairwise NCCL communicators between this rank and its peers.
 
@@ -101,7 +137,7 @@ class NcclPairs:
             return found
         if self.rank < peer:
             uid = nccl.get_unique_id()
-            await exchange(peer, bytes(uid))
+            await exchange(peer, bytes(b & 0xFF for b in uid))
             my_index = 0
         else:
             uid = await exchange(peer, None)
