@@ -52,7 +52,7 @@ from cornserve.sidecar.errors import (
     SidecarUnavailable,
     error_from_kind,
 )
-from cornserve.sidecar.loop import BackgroundLoop
+from cornserve.sidecar.loop import LoopRunner
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class Sidecar:
         self.rank = rank
         self.nats_url = nats_url or nats_url_from_env()
         self.timeout = timeout
-        self._bg = BackgroundLoop(f"cornserve-sidecar-client-{rank}")
+        self._bg = LoopRunner(f"cornserve-sidecar-client-{rank}")
         self._nc: Client | None = None
         self._info: InfoReply | None = None
         self._own_map: mmap.mmap | None = None
