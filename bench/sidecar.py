@@ -101,25 +101,26 @@ def spawn(*args: str) -> subprocess.Popen[str]:
 
 
 async def bench_sidecar(
-    src_rank: int, dst_rank: int, label: str, size: int, reps: int, zero_copy: bool = False
+    sc: Sidecar, dst_rank: int, label: str, size: int, reps: int, zero_copy: bool = False
 ) -> Row:
+    """Time one row; the producer client lives for the whole run, as an executor's would."""
+    src_rank = sc.rank
     prefix = f"{label}-{size}-{time.monotonic_ns()}"
     n = reps + WARMUP
     child = spawn("consumer", str(dst_rank), str(src_rank), prefix, str(n))
     starts = []
-    async with Sidecar(src_rank) as sc:
-        data = torch.rand(size // 4, dtype=torch.float32) if not zero_copy else None
-        for k in range(n):
-            if zero_copy:
-                out = await sc.alloc_tensor((size // 4,), torch.float32)
-                out.fill_(float(k))  # the producer computes its output directly in the arena (not timed)
-                starts.append(time.perf_counter())
-                await sc.send(out, f"{prefix}-{k}", [[dst_rank]])
-            else:
-                starts.append(time.perf_counter())
-                await sc.send(data, f"{prefix}-{k}", [[dst_rank]])
-            await sc.recv(f"{prefix}-ack-{k}", timeout=300)
-            await sc.mark_done(f"{prefix}-ack-{k}")
+    data = torch.rand(size // 4, dtype=torch.float32) if not zero_copy else None
+    for k in range(n):
+        if zero_copy:
+            out = await sc.alloc_tensor((size // 4,), torch.float32)
+            out.fill_(float(k))  # the producer computes its output directly in the arena (not timed)
+            starts.append(time.perf_counter())
+            await sc.send(out, f"{prefix}-{k}", [[dst_rank]])
+        else:
+            starts.append(time.perf_counter())
+            await sc.send(data, f"{prefix}-{k}", [[dst_rank]])
+        await sc.recv(f"{prefix}-ack-{k}", timeout=300)
+        await sc.mark_done(f"{prefix}-ack-{k}")
     out_s, _ = child.communicate(timeout=600)
     ends = json.loads(out_s.strip().splitlines()[-1])
     times = [e - s for s, e in zip(starts, ends, strict=True)][WARMUP:]
@@ -201,18 +202,18 @@ class RayBench:
         self.ray.shutdown()
 
 
-async def bench_small(src_rank: int, dst_rank: int, label: str) -> tuple[str, float, float]:
+async def bench_small(sc: Sidecar, dst_rank: int, label: str) -> tuple[str, float, float]:
+    src_rank = sc.rank
     prefix = f"small-{label}-{time.monotonic_ns()}"
     n = SMALL_N + 20
     child = spawn("consumer", str(dst_rank), str(src_rank), prefix, str(n))
     payload = os.urandom(1024)
     starts = []
-    async with Sidecar(src_rank) as sc:
-        for k in range(n):
-            starts.append(time.perf_counter())
-            await sc.send(payload, f"{prefix}-{k}", [[dst_rank]])
-            await sc.recv(f"{prefix}-ack-{k}", timeout=60)
-            await sc.mark_done(f"{prefix}-ack-{k}")
+    for k in range(n):
+        starts.append(time.perf_counter())
+        await sc.send(payload, f"{prefix}-{k}", [[dst_rank]])
+        await sc.recv(f"{prefix}-ack-{k}", timeout=60)
+        await sc.mark_done(f"{prefix}-ack-{k}")
     out_s, _ = child.communicate(timeout=600)
     ends = json.loads(out_s.strip().splitlines()[-1])
     lat = sorted(e - s for s, e in zip(starts, ends, strict=True))[20:]
@@ -235,6 +236,7 @@ def start_sidecars(url: str, log_dir: Path) -> list[subprocess.Popen[bytes]]:
             url,
             "--arena-bytes",
             str(1200 * MiB),
+            "--prefault",  # commit the arena up front: no first-touch page faults inside timed sends
         ]
         procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
     return procs
@@ -263,19 +265,22 @@ async def main_bench(skip_ray: bool) -> None:
         sidecars = start_sidecars(nats_srv.url, log_dir)
         try:
             await wait_sidecars()
-            for size, reps in SIZES:
-                print(f"size {size // MiB} MiB ...", file=sys.stderr, flush=True)
-                rows.append(bench_memcpy(size, reps))
-                rows.append(await bench_sidecar(0, 1, "sidecar same node (shm)", size, reps))
-                rows.append(
-                    await bench_sidecar(0, 1, "sidecar same node, alloc_tensor", size, reps, zero_copy=True)
-                )
-                rows.append(await bench_sidecar(0, 2, "sidecar across nodes (TCP)", size, reps))
-                rows.append(bench_pickle(size, reps))
-            small = [
-                await bench_small(0, 1, "same node (shm)"),
-                await bench_small(0, 2, "across nodes (TCP)"),
-            ]
+            async with Sidecar(0) as sc:
+                for size, reps in SIZES:
+                    print(f"size {size // MiB} MiB ...", file=sys.stderr, flush=True)
+                    rows.append(bench_memcpy(size, reps))
+                    rows.append(await bench_sidecar(sc, 1, "sidecar same node (shm)", size, reps))
+                    rows.append(
+                        await bench_sidecar(
+                            sc, 1, "sidecar same node, alloc_tensor", size, reps, zero_copy=True
+                        )
+                    )
+                    rows.append(await bench_sidecar(sc, 2, "sidecar across nodes (TCP)", size, reps))
+                    rows.append(bench_pickle(size, reps))
+                small = [
+                    await bench_small(sc, 1, "same node (shm)"),
+                    await bench_small(sc, 2, "across nodes (TCP)"),
+                ]
             # Ray last: its daemons keep polling and would steal the 2 cores from the other rows.
             if skip_ray:
                 ray_note = "Ray skipped (--skip-ray)"

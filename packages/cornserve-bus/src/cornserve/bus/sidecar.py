@@ -76,6 +76,7 @@ class InfoReply(WireModel):
     tcp_host: str
     tcp_port: int
     ttl_s: float
+    prefaulted: bool = False
 
 
 class StatsRequest(RequestBase):

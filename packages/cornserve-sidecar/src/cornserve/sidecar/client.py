@@ -28,6 +28,7 @@ from cornserve.bus.sidecar import (
     AllocReply,
     AllocRequest,
     CloseStreamRequest,
+    DataMeta,
     DoneRequest,
     FreeRequest,
     InfoReply,
@@ -91,6 +92,7 @@ class Sidecar:
         self._ro_maps: dict[str, mmap.mmap] = {}
         self._regions: dict[int, _Region] = {}
         self._gpu_hold: dict[tuple[str, int], Any] = {}
+        self._ipc_open: dict[tuple[str, int], gpu.OpenedIpc] = {}
         self._closed = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -124,7 +126,7 @@ class Sidecar:
                 info.instance,
             )
         self._info = info
-        self._own_map = map_arena(info.arena, writable=True)
+        self._own_map = map_arena(info.arena, writable=True, populate=info.prefaulted)
         self._own_view = memoryview(self._own_map)
         return info
 
@@ -366,13 +368,11 @@ class Sidecar:
         gpu.require_gpu()
         t = data.detach().contiguous()
         handle, device = gpu.export_ipc_handle(t)
-        meta = encode(torch.empty(0)).meta.model_copy(
-            update={
-                "kind": "cuda",
-                "dtype": torch_dtype_name(t.dtype),
-                "shape": list(t.shape),
-                "nbytes": t.numel() * t.element_size(),
-            }
+        meta = DataMeta(
+            kind="cuda",
+            dtype=torch_dtype_name(t.dtype),
+            shape=list(t.shape),
+            nbytes=t.numel() * t.element_size(),
         )
         location = Location(
             transport="cuda_ipc",
@@ -457,7 +457,10 @@ class Sidecar:
         assert loc is not None
         if loc.transport == "cuda_ipc":
             gpu.require_gpu()
-            return gpu.import_ipc_tensor(loc, copy=copy)
+            opened = self._ipc_open.get((id_, chunk_id))
+            if opened is None or opened.handle != loc.cuda_handle:
+                opened = self._ipc_open[(id_, chunk_id)] = gpu.open_ipc(loc)
+            return opened.tensor.clone() if copy else opened.tensor
         mm = self._ro_maps.get(loc.arena)
         if mm is None:
             try:
@@ -470,15 +473,17 @@ class Sidecar:
 
     async def mark_done(self, id: str, chunk_id: int = 0) -> None:
         """Release the chunk: views from :meth:`recv` must not be used afterwards."""
-        await self._bg.run(
-            self._call(SidecarVerb.DONE, DoneRequest(id=id, chunk_id=chunk_id), OkReply, self.timeout)
-        )
+        await self._bg.run(self._mark_done(id, chunk_id))
 
     def mark_done_sync(self, id: str, chunk_id: int = 0) -> None:
         """Blocking :meth:`mark_done`."""
-        self._bg.run_sync(
-            self._call(SidecarVerb.DONE, DoneRequest(id=id, chunk_id=chunk_id), OkReply, self.timeout)
-        )
+        self._bg.run_sync(self._mark_done(id, chunk_id))
+
+    async def _mark_done(self, id_: str, chunk_id: int) -> None:
+        opened = self._ipc_open.pop((id_, chunk_id), None)
+        if opened is not None:
+            opened.close()
+        await self._call(SidecarVerb.DONE, DoneRequest(id=id_, chunk_id=chunk_id), OkReply, self.timeout)
 
     # ------------------------------------------------------------------ introspection
 

@@ -61,8 +61,23 @@ def export_ipc_handle(tensor: torch.Tensor) -> tuple[str, int]:
     return bytes(handle).hex(), device
 
 
-def import_ipc_tensor(loc: Location, copy: bool) -> torch.Tensor:
-    """Open a producer's IPC handle and view it as a torch tensor on the same device."""
+class OpenedIpc:
+    """A producer's CUDA allocation opened in this process; close it once the chunk is marked done."""
+
+    def __init__(self, handle: str, ptr: int, tensor: torch.Tensor) -> None:
+        self.handle = handle
+        self.ptr = ptr
+        self.tensor = tensor
+
+    def close(self) -> None:
+        """Unmap the producer's memory (views of it must no longer be used)."""
+        from cupy.cuda import runtime
+
+        runtime.ipcCloseMemHandle(self.ptr)
+
+
+def open_ipc(loc: Location) -> OpenedIpc:
+    """Open a producer's IPC handle once and view it as a torch tensor on the same device."""
     import cupy
     from cupy.cuda import runtime
 
@@ -73,11 +88,7 @@ def import_ipc_tensor(loc: Location, copy: bool) -> torch.Tensor:
         mem = cupy.cuda.UnownedMemory(ptr, meta.nbytes, owner=None, device_id=loc.device)
         raw = cupy.ndarray((meta.nbytes,), dtype=cupy.uint8, memptr=cupy.cuda.MemoryPointer(mem, 0))
         t = torch.utils.dlpack.from_dlpack(raw).view(dt).view(meta.shape)
-        if copy:
-            out = t.clone()
-            runtime.ipcCloseMemHandle(ptr)
-            return out
-        return t
+    return OpenedIpc(loc.cuda_handle, ptr, t)
 
 
 class NatsUidExchange:

@@ -61,7 +61,9 @@ class LoopRunner:
             running = None
         if running is loop:
             coro.close()
-            raise RuntimeError("a *_sync sidecar call on the loop that owns the client would deadlock; await it")
+            raise RuntimeError(
+                "a *_sync sidecar call on the loop that owns the client would deadlock; await it"
+            )
         return asyncio.run_coroutine_threadsafe(coro, loop).result()
 
     def stop(self) -> None:

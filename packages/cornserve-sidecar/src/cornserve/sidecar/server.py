@@ -85,6 +85,7 @@ class Held:
     """Bytes this server owns on behalf of a producer, until every same-node destination released them."""
 
     offset: int | None
+    gpu: bool = False
     pending_local: set[int] = field(default_factory=set)
     pending_remote: set[int] = field(default_factory=set)
     created: float = field(default_factory=time.monotonic)
@@ -107,6 +108,7 @@ class SidecarServer:
         ttl_s: float,
         tcp_host: str,
         tcp_port: int = 0,
+        prefault: bool = False,
     ) -> None:
         self.rank = rank
         self.node = node
@@ -116,6 +118,7 @@ class SidecarServer:
         self.arena_bytes = aligned(arena_bytes)
         self.tcp_host = tcp_host
         self.tcp_port = tcp_port
+        self.prefault = prefault
         self.arena: Arena | None = None
         self.alloc = Allocator(self.arena_bytes)
         self.mailbox = Mailbox()
@@ -157,6 +160,8 @@ class SidecarServer:
         if removed:
             logger.warning("removed arenas of crashed instances: %s", removed)
         self.arena = Arena(arena_name(self.node, self.rank, self.instance), self.arena_bytes)
+        if self.prefault:
+            self.arena.prefault()
         await self._start_tcp()
         await self._nc.subscribe(SIDECAR_UP_EVENT, cb=self._on_up)
         await self._register()
@@ -294,6 +299,7 @@ class SidecarServer:
             tcp_host=self.tcp_host,
             tcp_port=self.tcp_port,
             ttl_s=self.ttl_s,
+            prefaulted=self.prefault,
         )
 
     async def on_stats(self, req: StatsRequest) -> StatsReply:
@@ -379,7 +385,7 @@ class SidecarServer:
             raise
         if offset is not None:
             del self._allocs[offset]
-        held = Held(offset=offset)
+        held = Held(offset=offset, gpu=loc.transport == "cuda_ipc")
         self._held[key] = held
         if req.num_chunks is None:
             self._streams_out[req.id] = req.dst_ranks
@@ -437,7 +443,8 @@ class SidecarServer:
             held.offset = None
         if not held.pending_local and not held.pending_remote:
             del self._held[key]
-            if held.offset is None:
+            if held.gpu:
+                # The producer's client keeps the GPU tensor alive until it hears this.
                 self._spawn(self._publish_released([key]))
 
     async def _publish_released(self, keys: list[tuple[str, int]]) -> None:
@@ -883,6 +890,10 @@ class SidecarServer:
                 )
         notices: dict[int, list[Key]] = {}
         for key, held in list(self._held.items()):
+            if held.created < cutoff and held.offset is None and not held.pending_local and not held.gpu:
+                # Only a record that TCP destinations have not finished yet: no memory is involved.
+                del self._held[key]
+                continue
             if held.created < cutoff:
                 logger.warning(
                     "rank %d: id %r chunk %d unclaimed by ranks %s for %.1fs; freeing",
@@ -897,6 +908,8 @@ class SidecarServer:
                 if held.offset is not None:
                     self._free(held.offset)
                 del self._held[key]
+                if held.gpu:
+                    self._spawn(self._publish_released([key]))
                 self.expired_total += 1
         for rank, keys in notices.items():
             note = NoticeRequest(
@@ -938,6 +951,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--tcp-host", default="127.0.0.1", help="address to bind and advertise for cross-node transfers"
     )
     p.add_argument("--tcp-port", type=int, default=0, help="TCP port for cross-node transfers (0 = any)")
+    p.add_argument(
+        "--prefault",
+        action="store_true",
+        help="touch every arena page at start: commits the memory, avoids first-touch page faults on sends",
+    )
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -952,6 +970,7 @@ async def serve(args: argparse.Namespace) -> None:
         ttl_s=args.ttl_seconds,
         tcp_host=args.tcp_host,
         tcp_port=args.tcp_port,
+        prefault=args.prefault,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
