@@ -54,3 +54,17 @@ def test_subjects_are_lowercase_dotted_broad_to_narrow():
         assert subject == subject.lower() and subject.split(".")[:3] == ["cornserve", "sidecar", "7"]
     with pytest.raises(ValueError):
         sidecar_subject(-1, SidecarVerb.INFO)
+
+
+def test_server_that_cannot_start_reports_why():
+    import socket
+
+    from cornserve.bus.natsserver import NatsServerError
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        srv = NatsServerProcess(port=busy.getsockname()[1])
+        with pytest.raises(NatsServerError):
+            srv.start()
+        srv.stop()
