@@ -11,6 +11,7 @@ Return types: a torch tensor comes back as a torch tensor, a numpy array as a nu
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import mmap
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from pydantic import BaseModel
 
 from cornserve.bus.micro import NoResponders, RequestTimeout, ServiceErrorReply, request
 from cornserve.bus.natsserver import nats_url_from_env
+from cornserve.bus.schemas import ErrorReply
 from cornserve.bus.sidecar import (
     AllocReply,
     AllocRequest,
@@ -34,6 +36,7 @@ from cornserve.bus.sidecar import (
     InfoReply,
     InfoRequest,
     Location,
+    NcclPullRequest,
     OkReply,
     RecvReply,
     RecvRequest,
@@ -42,13 +45,19 @@ from cornserve.bus.sidecar import (
     StatsReply,
     StatsRequest,
 )
-from cornserve.bus.subjects import SidecarVerb, sidecar_released_subject, sidecar_subject
+from cornserve.bus.subjects import (
+    SidecarVerb,
+    sidecar_nccl_pull_subject,
+    sidecar_released_subject,
+    sidecar_subject,
+)
 from cornserve.sidecar import gpu
 from cornserve.sidecar.arena import map_arena
-from cornserve.sidecar.codec import decode, encode, torch_dtype_name
+from cornserve.sidecar.codec import decode, encode, torch_dtype, torch_dtype_name
 from cornserve.sidecar.errors import (
     BadRequest,
     DataLost,
+    RecvTimeout,
     SidecarTimeout,
     SidecarUnavailable,
     error_from_kind,
@@ -93,6 +102,11 @@ class Sidecar:
         self._regions: dict[int, _Region] = {}
         self._gpu_hold: dict[tuple[str, int], Any] = {}
         self._ipc_open: dict[tuple[str, int], gpu.OpenedIpc] = {}
+        self._nccl: gpu.NcclPairs | None = None
+        self._nccl_locks: dict[int, asyncio.Lock] = {}
+        self._nccl_recvd: dict[tuple[str, int], torch.Tensor] = {}
+        self._pull_sub: Any = None
+        self._gpu_tasks: set[asyncio.Task[None]] = set()
         self._closed = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -382,6 +396,7 @@ class Sidecar:
             device=device,
             node=self._info.node,
         )
+        await self._ensure_pull_subscription()
         self._gpu_hold[(id_, chunk_id)] = t  # the producer's memory must outlive every consumer's view
         msg = SendRequest(
             id=id_,
@@ -397,6 +412,107 @@ class Sidecar:
         except BaseException:
             self._gpu_hold.pop((id_, chunk_id), None)
             raise
+
+    # ------------------------------------------------------------------ NCCL (GPU across nodes)
+
+    def _pairs(self) -> gpu.NcclPairs:
+        if self._nccl is None:
+            self._nccl = gpu.NcclPairs(self.rank)
+        return self._nccl
+
+    def _nccl_lock(self, peer: int) -> asyncio.Lock:
+        # One transfer at a time per peer keeps both sides' send/recv order identical.
+        return self._nccl_locks.setdefault(peer, asyncio.Lock())
+
+    async def _ensure_pull_subscription(self) -> None:
+        if self._pull_sub is None:
+            assert self._nc is not None
+            self._pull_sub = await self._nc.subscribe(sidecar_nccl_pull_subject(self.rank), cb=self._on_pull)
+
+    async def _on_pull(self, msg: Any) -> None:
+        """Serve a pull from a consumer on another node: acknowledge, then NCCL-send the chunk."""
+        assert self._nc is not None
+        try:
+            req = NcclPullRequest.model_validate_json(msg.data)
+        except ValueError as exc:
+            await self._reply_error(msg, "", 400, "bad_request", str(exc))
+            return
+        tensor = self._gpu_hold.get((req.id, req.chunk_id))
+        if tensor is None:
+            await self._reply_error(
+                msg,
+                req.request_id,
+                410,
+                "data_lost",
+                f"rank {self.rank} no longer holds {req.id!r} chunk {req.chunk_id}",
+            )
+            return
+        assert self._info is not None
+        await msg.respond(
+            OkReply(request_id=req.request_id, instance=self._info.instance).model_dump_json().encode()
+        )
+        task = asyncio.create_task(self._nccl_send(req.dst_rank, tensor))
+        self._gpu_tasks.add(task)
+        task.add_done_callback(self._gpu_task_done)
+
+    def _gpu_task_done(self, task: asyncio.Task[None]) -> None:
+        self._gpu_tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("NCCL send failed", exc_info=task.exception())
+
+    async def _reply_error(self, msg: Any, request_id: str, code: int, kind: str, message: str) -> None:
+        from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
+
+        assert self._nc is not None
+        body = ErrorReply(request_id=request_id, error=kind, message=message).model_dump_json().encode()
+        await self._nc.publish(msg.reply, body, headers={ERROR_HEADER: message, ERROR_CODE_HEADER: str(code)})
+
+    async def _nccl_send(self, peer: int, tensor: torch.Tensor) -> None:
+        assert self._nc is not None
+        pairs = self._pairs()
+        async with self._nccl_lock(peer):
+            comm = await pairs.comm(peer, gpu.NatsUidExchange(self._nc, self.rank))
+            _, peer_index = pairs.indices(peer)
+            device = tensor.device.index or 0
+            # Bounded: a consumer that died mid-transfer must not hold this peer's lock forever.
+            await asyncio.wait_for(
+                asyncio.to_thread(gpu.nccl_send_blocking, comm, tensor, peer_index, device), self.timeout
+            )
+
+    async def _nccl_pull(self, loc: Location, id_: str, chunk_id: int, timeout: float) -> torch.Tensor:
+        assert self._nc is not None
+        src = loc.rank
+        pairs = self._pairs()
+        async with self._nccl_lock(src):
+            try:
+                await request(
+                    self._nc,
+                    sidecar_nccl_pull_subject(src),
+                    NcclPullRequest(id=id_, chunk_id=chunk_id, dst_rank=self.rank),
+                    OkReply,
+                    timeout,
+                )
+            except (NoResponders, RequestTimeout) as exc:
+                raise DataLost(
+                    f"producer of rank {src} for {id_!r} chunk {chunk_id} is gone: {exc}", id=id_
+                ) from None
+            except ServiceErrorReply as exc:
+                raise error_from_kind(exc.error.error, exc.error.message, exc.error.details) from None
+            comm = await pairs.comm(src, gpu.NatsUidExchange(self._nc, self.rank))
+            _, peer_index = pairs.indices(src)
+            device = torch.cuda.current_device()
+            out = torch.empty(loc.meta.shape, dtype=torch_dtype(loc.meta.dtype), device=f"cuda:{device}")
+            try:
+                await asyncio.wait_for(
+                    asyncio.to_thread(gpu.nccl_recv_blocking, comm, out, peer_index, device), timeout
+                )
+            except TimeoutError:
+                raise RecvTimeout(
+                    f"NCCL receive of {id_!r} chunk {chunk_id} from rank {src} "
+                    f"took longer than {timeout:.3f}s",
+                    id=id_,
+                ) from None
+        return out
 
     async def _on_released(self, msg: Any) -> None:
         event = ReleasedEvent.model_validate_json(msg.data)
@@ -455,6 +571,12 @@ class Sidecar:
             return None
         loc = reply.location
         assert loc is not None
+        if loc.transport == "nccl":
+            gpu.require_gpu()
+            got = self._nccl_recvd.get((id_, chunk_id))
+            if got is None:
+                got = self._nccl_recvd[(id_, chunk_id)] = await self._nccl_pull(loc, id_, chunk_id, timeout)
+            return got.clone() if copy else got
         if loc.transport == "cuda_ipc":
             gpu.require_gpu()
             opened = self._ipc_open.get((id_, chunk_id))
@@ -480,6 +602,7 @@ class Sidecar:
         self._bg.run_sync(self._mark_done(id, chunk_id))
 
     async def _mark_done(self, id_: str, chunk_id: int) -> None:
+        self._nccl_recvd.pop((id_, chunk_id), None)
         opened = self._ipc_open.pop((id_, chunk_id), None)
         if opened is not None:
             opened.close()

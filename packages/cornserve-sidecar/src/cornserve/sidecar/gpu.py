@@ -14,6 +14,7 @@ the communicator with the same stream ordering on both sides.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from typing import Any
 
@@ -100,8 +101,6 @@ class NatsUidExchange:
 
     async def __call__(self, peer: int, uid: bytes | None, timeout: float = 60.0) -> Any:
         """Send ``uid`` to ``peer`` (lower rank) or wait for it from ``peer`` (higher rank)."""
-        import asyncio
-
         import nats.errors
 
         from cornserve.bus.subjects import sidecar_nccl_subject
@@ -138,7 +137,7 @@ class NcclPairs:
         self.rank = rank
         self._comms: dict[int, Any] = {}
 
-    async def comm(self, peer: int, exchange: Any) -> Any:
+    async def comm(self, peer: int, exchange: Any, timeout: float = 120.0) -> Any:
         """Return the communicator shared with ``peer``, created on first use."""
         require_gpu()
         from cupy.cuda import nccl
@@ -153,9 +152,22 @@ class NcclPairs:
         else:
             uid = await exchange(peer, None)
             my_index = 1
-        comm = nccl.NcclCommunicator(2, uid, my_index)
+        device = torch.cuda.current_device()
+
+        def init() -> Any:
+            import cupy
+
+            # Blocks until the peer joins, so it runs off the event loop, on the caller's device.
+            with cupy.cuda.Device(device):
+                return nccl.NcclCommunicator(2, uid, my_index)
+
+        comm = await asyncio.wait_for(asyncio.to_thread(init), timeout)
         self._comms[peer] = comm
         return comm
+
+    def indices(self, peer: int) -> tuple[int, int]:
+        """(my index, peer index) inside the two-rank communicator with ``peer``."""
+        return (0, 1) if self.rank < peer else (1, 0)
 
     @staticmethod
     def send(comm: Any, tensor: torch.Tensor, peer_index: int) -> None:
@@ -174,3 +186,17 @@ class NcclPairs:
         stream = torch.cuda.current_stream().cuda_stream
         nbytes = out.numel() * out.element_size()
         comm.recv(out.data_ptr(), nbytes, nccl.NCCL_UINT8, peer_index, stream)
+
+
+def nccl_send_blocking(comm: Any, tensor: torch.Tensor, peer_index: int, device: int) -> None:
+    """Send and wait for completion (run in a worker thread)."""
+    with torch.cuda.device(device):
+        NcclPairs.send(comm, tensor, peer_index)
+        torch.cuda.current_stream().synchronize()
+
+
+def nccl_recv_blocking(comm: Any, out: torch.Tensor, peer_index: int, device: int) -> None:
+    """Receive and wait for completion (run in a worker thread)."""
+    with torch.cuda.device(device):
+        NcclPairs.recv(comm, out, peer_index)
+        torch.cuda.current_stream().synchronize()

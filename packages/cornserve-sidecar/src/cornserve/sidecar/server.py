@@ -410,7 +410,25 @@ class SidecarServer:
                 source_rank=self.rank,
                 source_instance=self.instance,
                 dst_rank=peer.rank,
-                location=loc.model_copy(update={"node": self.node}),
+                location=loc.model_copy(update={"node": self.node, "rank": self.rank}),
+            )
+            held.pending_local.add(peer.rank)
+            try:
+                await self._deliver_msg(peer.rank, msg, deadline)
+            except BaseException:
+                held.pending_local.discard(peer.rank)
+                raise
+        elif loc.transport == "cuda_ipc":
+            # Across nodes the GPU bytes stay with the producer's client; the consumer's client pulls
+            # them over NCCL. We only announce where to pull from and keep the entry until it is done.
+            msg = DeliverRequest(
+                id=req.id,
+                chunk_id=req.chunk_id,
+                num_chunks=req.num_chunks,
+                source_rank=self.rank,
+                source_instance=self.instance,
+                dst_rank=peer.rank,
+                location=loc.model_copy(update={"transport": "nccl", "cuda_handle": "", "rank": self.rank}),
             )
             held.pending_local.add(peer.rank)
             try:
@@ -419,12 +437,6 @@ class SidecarServer:
                 held.pending_local.discard(peer.rank)
                 raise
         else:
-            if loc.transport != "shm":
-                raise fault(
-                    501,
-                    "bad_request",
-                    "cross-node GPU tensors use NCCL between executors; see cornserve.sidecar.gpu",
-                )
             await self._tcp_send(peer, req, deadline)
             held.pending_remote.add(peer.rank)
 
