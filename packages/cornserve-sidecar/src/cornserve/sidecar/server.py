@@ -124,7 +124,8 @@ class SidecarServer:
         self.mailbox = Mailbox()
         self._allocs: dict[int, float] = {}
         self._held: dict[tuple[str, int], Held] = {}
-        self._streams_out: dict[str, list[list[int]]] = {}
+        self._streams_out: dict[str, tuple[list[list[int]], float]] = {}
+        """Destinations of open streams (for ``close_stream``) and when their last chunk was sent."""
         self._peers: dict[int, InfoReply] = {}
         self._peer_instances: dict[int, str] = {}
         self._freed = asyncio.Event()
@@ -388,7 +389,7 @@ class SidecarServer:
         held = Held(offset=offset, gpu=loc.transport == "cuda_ipc")
         self._held[key] = held
         if req.num_chunks is None:
-            self._streams_out[req.id] = req.dst_ranks
+            self._streams_out[req.id] = (req.dst_ranks, time.monotonic())  # refreshed by every chunk
         results = await asyncio.gather(
             *(self._deliver_to(p, req, held, deadline) for p in peers), return_exceptions=True
         )
@@ -465,7 +466,8 @@ class SidecarServer:
 
     async def on_close(self, req: CloseStreamRequest) -> OkReply:
         """Announce a stream's final length to its destinations."""
-        groups = req.dst_ranks or self._streams_out.get(req.id)
+        known = self._streams_out.get(req.id)
+        groups = req.dst_ranks or (known[0] if known is not None else None)
         if groups is None:
             raise fault(
                 404,
@@ -931,6 +933,12 @@ class SidecarServer:
                 self._spawn(self.on_notice(note))
             else:
                 self._spawn(self._send_notice(rank, note))
+        for id_, (_, started) in list(self._streams_out.items()):
+            if started < cutoff:
+                logger.warning(
+                    "rank %d: stream %r never closed within %.1fs; forgetting it", self.rank, id_, self.ttl_s
+                )
+                del self._streams_out[id_]
         for id_, box in list(self.mailbox.boxes.items()):
             for chunk, slot in box.chunks.items():
                 if slot.state == "ready" and slot.owned_offset is not None and slot.since < cutoff:
