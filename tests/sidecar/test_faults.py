@@ -135,3 +135,19 @@ async def test_semantic_errors_are_typed(sidecars, nats_url):
         with pytest.raises(BadRequest):
             await c.send(torch.ones(1), "x", [[]])
         assert (await c.stats()).used_bytes == 0
+
+
+async def test_garbage_on_the_tcp_port_does_not_hurt_the_server(sidecars, nats_url):
+    import socket
+
+    (a,) = await sidecars(1)
+    async with Sidecar(a.rank, nats_url) as c:
+        info = await c.info()
+        for junk in (b"\x00\x00\x00\x05hello", b"\xff\xff\xff\xff", b""):
+            with socket.create_connection((info.tcp_host, info.tcp_port)) as s:
+                s.sendall(junk)
+        assert (await c.stats()).used_bytes == 0
+        await c.send("still fine", "ok", [[a.rank]])
+        assert await c.recv("ok", timeout=5) == "still fine"
+        await c.mark_done("ok")
+    assert "TCP transfer from" in a.log_path.read_text()

@@ -224,3 +224,18 @@ def test_sync_api_from_plain_threads(sidecars, nats_url, stats_of):
         loop.run_until_complete(wait_until(lambda: all_free(stats_of, [a.rank, b.rank])))
     finally:
         loop.close()
+
+
+async def test_cross_node_receiver_pressure_and_too_large_are_reported(sidecars, nats_url, stats_of):
+    (a,) = await sidecars(1, nodes=["node-a"])
+    (b,) = await sidecars(1, nodes=["node-b"], arena_bytes=4 * MiB)
+    async with Sidecar(a.rank, nats_url) as src, Sidecar(b.rank, nats_url) as dst:
+        three = torch.zeros(3 * MiB // 4)
+        await src.send(three, "r1", [[b.rank]])
+        with pytest.raises(MemoryPressure, match=f"rank {b.rank}"):
+            await src.send(three, "r2", [[b.rank]], timeout=0.5)
+        with pytest.raises(TooLarge):
+            await src.send(torch.zeros(2 * MiB), "r3", [[b.rank]], timeout=5)
+        await dst.recv("r1", timeout=5)
+        await dst.mark_done("r1")
+    await wait_until(lambda: all_free(stats_of, [a.rank, b.rank]))

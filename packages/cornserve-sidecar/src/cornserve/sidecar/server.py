@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import logging
 import signal
-import socket
 import time
 import uuid
 from collections.abc import Coroutine
@@ -55,7 +54,6 @@ from cornserve.bus.sidecar import (
     SendRequest,
     StatsReply,
     StatsRequest,
-    TcpAck,
     TcpHeader,
     UpEvent,
 )
@@ -70,7 +68,7 @@ from cornserve.sidecar import __version__
 from cornserve.sidecar.allocator import Allocator, OutOfMemory, aligned
 from cornserve.sidecar.arena import Arena, arena_name
 from cornserve.sidecar.mailbox import Mailbox, Slot
-from cornserve.sidecar.tcp import ProtocolError, recv_exactly_into, recv_frame, send_frame, tune
+from cornserve.sidecar.tcp import ProtocolError, Refusal, TcpReceiver, TransferRefused, push
 
 logger = logging.getLogger("cornserve.sidecar.server")
 
@@ -132,7 +130,7 @@ class SidecarServer:
         self._runner = HandlerRunner()
         self._bg: set[asyncio.Task[Any]] = set()
         self._nc: Client | None = None
-        self._listener: socket.socket | None = None
+        self._tcp: TcpReceiver | None = None
         self.expired_total = 0
         self.lost_total = 0
         self.stopped = asyncio.Event()
@@ -163,7 +161,10 @@ class SidecarServer:
         self.arena = Arena(arena_name(self.node, self.rank, self.instance), self.arena_bytes)
         if self.prefault:
             self.arena.prefault()
-        await self._start_tcp()
+        self._tcp = TcpReceiver(
+            self.tcp_host, self.tcp_port, self._tcp_allocate, self._tcp_land, self._tcp_abandon
+        )
+        self.tcp_port = self._tcp.start()
         await self._nc.subscribe(SIDECAR_UP_EVENT, cb=self._on_up)
         await self._register()
         self._spawn(self._reap_forever())
@@ -220,8 +221,8 @@ class SidecarServer:
         for task in list(self._bg):
             task.cancel()
         await asyncio.gather(*self._bg, return_exceptions=True)
-        if self._listener is not None:
-            self._listener.close()
+        if self._tcp is not None:
+            await self._tcp.close()
         if self._nc is not None:
             await self._service.stop()
             await self._nc.drain()
@@ -770,118 +771,71 @@ class SidecarServer:
 
     # ------------------------------------------------------------------ TCP path
 
-    async def _start_tcp(self) -> None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024 * 1024)
-        sock.bind((self.tcp_host, self.tcp_port))
-        sock.listen(64)
-        sock.setblocking(False)
-        self.tcp_port = sock.getsockname()[1]
-        self._listener = sock
-        self._spawn(self._accept_forever(sock))
-
-    async def _accept_forever(self, listener: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            conn, addr = await loop.sock_accept(listener)
-            tune(conn)
-            self._spawn(self._tcp_receive(conn, addr))
-
-    async def _tcp_receive(self, conn: socket.socket, addr: object) -> None:
-        """Receive one chunk straight into our arena, then hold it as a local slot."""
+    async def _tcp_allocate(self, header: TcpHeader) -> tuple[int, memoryview]:
         assert self.arena is not None
-        offset: int | None = None
+        if header.dst_rank != self.rank:
+            raise Refusal("bad_request", f"this is rank {self.rank}, not {header.dst_rank}")
         try:
-            header = await asyncio.wait_for(recv_frame(conn, TcpHeader), PEER_TIMEOUT_S)
-            async with asyncio.timeout(header.timeout):
-                if header.dst_rank != self.rank:
-                    await send_frame(
-                        conn, TcpAck(ok=False, error="bad_request", message=f"this is rank {self.rank}")
-                    )
-                    return
-                try:
-                    offset = await self._allocate(header.size, header.timeout)
-                except ServiceFault as f:
-                    await send_frame(conn, TcpAck(ok=False, error=f.error, message=f.message))
-                    return
-                await send_frame(conn, TcpAck(ok=True))
-                await recv_exactly_into(conn, self.arena.view[offset : offset + header.size])
-                loc = Location(
-                    arena=self.arena.name, offset=offset, size=header.size, meta=header.meta, node=self.node
-                )
-                deliver = DeliverRequest(
-                    id=header.id,
-                    chunk_id=header.chunk_id,
-                    num_chunks=header.num_chunks,
-                    source_rank=header.source_rank,
-                    source_instance=header.source_instance,
-                    dst_rank=self.rank,
-                    location=loc,
-                )
-                try:
-                    await self.on_deliver(deliver)
-                except ServiceFault as f:
-                    await send_frame(conn, TcpAck(ok=False, error=f.error, message=f.message))
-                    return
-                offset = None  # owned by the slot now
-                await send_frame(conn, TcpAck(ok=True))
-        except (ProtocolError, OSError, TimeoutError, ValidationError) as exc:
-            logger.warning("TCP transfer from %s failed: %s", addr, exc)
-        finally:
-            if offset is not None:
-                self._free(offset)
-            conn.close()
+            offset = await self._allocate(header.size, header.timeout)
+        except ServiceFault as f:
+            raise Refusal(f.error, f.message) from None
+        return offset, self.arena.view[offset : offset + header.size]
+
+    async def _tcp_land(self, header: TcpHeader, offset: int) -> None:
+        """Bytes from another node are in our arena: hold them as a local slot."""
+        assert self.arena is not None
+        loc = Location(
+            arena=self.arena.name,
+            offset=offset,
+            size=header.size,
+            meta=header.meta,
+            node=self.node,
+            rank=header.source_rank,
+        )
+        deliver = DeliverRequest(
+            id=header.id,
+            chunk_id=header.chunk_id,
+            num_chunks=header.num_chunks,
+            source_rank=header.source_rank,
+            source_instance=header.source_instance,
+            dst_rank=self.rank,
+            location=loc,
+        )
+        try:
+            await self.on_deliver(deliver)
+        except ServiceFault as f:
+            raise Refusal(f.error, f.message) from None
+
+    def _tcp_abandon(self, offset: int) -> None:
+        self._free(offset)
 
     async def _tcp_send(self, peer: InfoReply, req: SendRequest, deadline: float) -> None:
         """Stream the chunk's bytes from our arena into the peer's arena."""
         assert self.arena is not None
-        loop = asyncio.get_running_loop()
         loc = req.location
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        remaining = max(0.001, deadline - time.monotonic())
+        header = TcpHeader(
+            request_id=req.request_id,
+            id=req.id,
+            chunk_id=req.chunk_id,
+            num_chunks=req.num_chunks,
+            source_rank=self.rank,
+            source_instance=self.instance,
+            dst_rank=peer.rank,
+            meta=loc.meta,
+            size=loc.size,
+            timeout=remaining,
+        )
+        payload = self.arena.view[loc.offset : loc.offset + loc.size]
+        where = f"destination sidecar rank {peer.rank} (TCP {peer.tcp_host}:{peer.tcp_port})"
         try:
-            tune(sock)
-            remaining = deadline - time.monotonic()
-            async with asyncio.timeout(remaining):
-                try:
-                    await loop.sock_connect(sock, (peer.tcp_host, peer.tcp_port))
-                except OSError as exc:
-                    raise fault(
-                        502,
-                        "unreachable",
-                        f"destination sidecar rank {peer.rank} TCP {peer.tcp_host}:{peer.tcp_port}: {exc}",
-                        rank=peer.rank,
-                    ) from None
-                header = TcpHeader(
-                    request_id=req.request_id,
-                    id=req.id,
-                    chunk_id=req.chunk_id,
-                    num_chunks=req.num_chunks,
-                    source_rank=self.rank,
-                    source_instance=self.instance,
-                    dst_rank=peer.rank,
-                    meta=loc.meta,
-                    size=loc.size,
-                    timeout=max(0.001, remaining),
-                )
-                await send_frame(sock, header)
-                ready = await recv_frame(sock, TcpAck)
-                if not ready.ok:
-                    raise fault(503, ready.error, f"rank {peer.rank}: {ready.message}", rank=peer.rank)
-                await loop.sock_sendall(sock, self.arena.view[loc.offset : loc.offset + loc.size])
-                done = await recv_frame(sock, TcpAck)
-                if not done.ok:
-                    raise fault(409, done.error, f"rank {peer.rank}: {done.message}", rank=peer.rank)
+            await push(peer.tcp_host, peer.tcp_port, header, payload, remaining)
+        except TransferRefused as r:
+            raise fault(503, r.error, f"rank {peer.rank}: {r.message}", rank=peer.rank) from None
         except TimeoutError:
-            raise fault(
-                504, "unreachable", f"transfer to rank {peer.rank} timed out", rank=peer.rank
-            ) from None
+            raise fault(504, "unreachable", f"{where}: transfer timed out", rank=peer.rank) from None
         except (ProtocolError, OSError) as exc:
-            raise fault(
-                502, "unreachable", f"transfer to rank {peer.rank} failed: {exc}", rank=peer.rank
-            ) from None
-        finally:
-            sock.close()
+            raise fault(502, "unreachable", f"{where}: {exc}", rank=peer.rank) from None
 
     # ------------------------------------------------------------------ TTL
 
