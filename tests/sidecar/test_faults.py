@@ -151,3 +151,15 @@ async def test_garbage_on_the_tcp_port_does_not_hurt_the_server(sidecars, nats_u
         assert await c.recv("ok", timeout=5) == "still fine"
         await c.mark_done("ok")
     assert "TCP transfer from" in a.log_path.read_text()
+
+
+async def test_unreachable_nats_and_closed_client_are_typed_errors(nats_url):
+    from cornserve.bus.natsserver import free_port
+    from cornserve.sidecar.errors import SidecarError
+
+    c = Sidecar(1, f"nats://127.0.0.1:{free_port()}", timeout=2)
+    with pytest.raises(SidecarUnavailable, match="cannot reach NATS"):
+        await c.connect()
+    await c.close()
+    with pytest.raises(SidecarError, match="closed"):
+        await c.recv("x", timeout=1)

@@ -58,6 +58,7 @@ from cornserve.sidecar.errors import (
     BadRequest,
     DataLost,
     RecvTimeout,
+    SidecarError,
     SidecarTimeout,
     SidecarUnavailable,
     error_from_kind,
@@ -122,10 +123,27 @@ class Sidecar:
         return self
 
     async def _connect(self) -> None:
+        if self._closed:
+            raise SidecarError(f"sidecar client of rank {self.rank} is closed")
         if self._nc is None:
-            self._nc = await nats.connect(
-                self.nats_url, name=f"cornserve-sidecar-client-{self.rank}", max_reconnect_attempts=-1
-            )
+            deadline = min(self.timeout, 10.0)
+            try:
+                # With unlimited reconnects nats-py would retry the *first* connect forever too.
+                nc = await asyncio.wait_for(
+                    nats.connect(
+                        self.nats_url,
+                        name=f"cornserve-sidecar-client-{self.rank}",
+                        max_reconnect_attempts=-1,
+                        connect_timeout=min(self.timeout, 2.0),
+                    ),
+                    deadline,
+                )
+            except Exception as exc:  # nats-py raises several unrelated types for "cannot connect"
+                raise SidecarUnavailable(
+                    f"cannot reach NATS at {self.nats_url} for sidecar rank {self.rank}: {exc!r}",
+                    rank=self.rank,
+                ) from exc
+            self._nc = nc
             await self._nc.subscribe(sidecar_released_subject(self.rank), cb=self._on_released)
         if self._info is None:
             await self._refresh_info()
@@ -180,6 +198,8 @@ class Sidecar:
     # ------------------------------------------------------------------ transport to our server
 
     async def _call(self, verb: SidecarVerb, msg: BaseModel, reply: type[R], timeout: float) -> R:
+        if self._closed:
+            raise SidecarError(f"sidecar client of rank {self.rank} is closed")
         if self._nc is None:
             await self._connect()
         assert self._nc is not None

@@ -74,6 +74,8 @@ logger = logging.getLogger("cornserve.sidecar.server")
 
 R = TypeVar("R", bound=BaseModel)
 
+CONNECT_TIMEOUT_S = 30.0
+
 PEER_TIMEOUT_S = 5.0
 """Upper bound on one control round trip to a peer; keeps 'unreachable' fast."""
 
@@ -139,12 +141,20 @@ class SidecarServer:
 
     async def start(self) -> None:
         """Connect, refuse to double-serve a rank, create the arena, register endpoints, announce."""
-        self._nc = await nats.connect(
-            self.nats_url,
-            name=f"cornserve-sidecar-{self.rank}",
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
-        )
+        try:
+            # Unlimited reconnects keep a running server alive through NATS restarts, but would also
+            # retry the first connect forever: bound that one.
+            self._nc = await asyncio.wait_for(
+                nats.connect(
+                    self.nats_url,
+                    name=f"cornserve-sidecar-{self.rank}",
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,
+                ),
+                CONNECT_TIMEOUT_S,
+            )
+        except TimeoutError:
+            raise RuntimeError(f"cannot reach NATS at {self.nats_url} within {CONNECT_TIMEOUT_S}s") from None
         try:
             other = await request(
                 self._nc, sidecar_subject(self.rank, SidecarVerb.INFO), InfoRequest(), InfoReply, 1.0
