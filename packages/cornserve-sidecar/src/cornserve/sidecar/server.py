@@ -88,6 +88,8 @@ class Held:
     gpu: bool = False
     pending_local: set[int] = field(default_factory=set)
     pending_remote: set[int] = field(default_factory=set)
+    released: set[int] = field(default_factory=set)
+    """Ranks that already released (a fast consumer's release can overtake our TCP bookkeeping)."""
     created: float = field(default_factory=time.monotonic)
 
 
@@ -449,8 +451,15 @@ class SidecarServer:
                 held.pending_local.discard(peer.rank)
                 raise
         else:
-            await self._tcp_send(peer, req, deadline)
-            held.pending_remote.add(peer.rank)
+            # While the bytes stream out of our arena they must not be freed, even if every same-node
+            # consumer releases meanwhile: count the transfer as a local user until it completes.
+            held.pending_local.add(peer.rank)
+            try:
+                await self._tcp_send(peer, req, deadline)
+            finally:
+                held.pending_local.discard(peer.rank)
+            if peer.rank not in held.released:
+                held.pending_remote.add(peer.rank)
 
     async def _deliver_msg(self, rank: int, msg: DeliverRequest, deadline: float) -> None:
         if rank == self.rank:
@@ -646,6 +655,7 @@ class SidecarServer:
         held = self._held.get(key)
         if held is None:
             return
+        held.released.add(req.dst_rank)
         held.pending_local.discard(req.dst_rank)
         held.pending_remote.discard(req.dst_rank)
         self._maybe_release(key)
