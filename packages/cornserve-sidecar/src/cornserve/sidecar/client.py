@@ -401,7 +401,7 @@ class Sidecar:
         assert self._info is not None
         gpu.require_gpu()
         t = data.detach().contiguous()
-        handle, device = gpu.export_ipc_handle(t)
+        handle, offset, device = gpu.export_ipc_handle(t)
         meta = DataMeta(
             kind="cuda",
             dtype=torch_dtype_name(t.dtype),
@@ -410,6 +410,7 @@ class Sidecar:
         )
         location = Location(
             transport="cuda_ipc",
+            offset=offset,
             size=meta.nbytes,
             meta=meta,
             cuda_handle=handle,

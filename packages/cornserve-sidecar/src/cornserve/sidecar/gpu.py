@@ -46,20 +46,33 @@ def require_gpu() -> None:
         raise UnsupportedData("GPU tensors need CuPy (pip install cornserve-sidecar[gpu]) and a CUDA device")
 
 
-def export_ipc_handle(tensor: torch.Tensor) -> tuple[str, int]:
-    """IPC handle (hex) of the allocation holding ``tensor`` plus its device index.
+def _allocation_base(ptr: int) -> int:
+    """Start of the cudaMalloc allocation containing ``ptr`` (``cuMemGetAddressRange``).
 
-    The handle refers to the start of the allocation, so the tensor must start there; otherwise
-    it is copied into a fresh allocation first by the caller (``contiguous()`` of a view).
+    PyTorch's caching allocator carves tensors out of larger allocations, and an IPC handle always
+    names a whole allocation, so the consumer needs the tensor's offset inside it.
     """
+    import ctypes
+
+    libcuda = ctypes.CDLL("libcuda.so.1")
+    base = ctypes.c_uint64()
+    size = ctypes.c_size_t()
+    rc = libcuda.cuMemGetAddressRange_v2(ctypes.byref(base), ctypes.byref(size), ctypes.c_uint64(ptr))
+    if rc != 0:
+        raise UnsupportedData(f"cuMemGetAddressRange failed with CUresult {rc} for pointer {ptr:#x}")
+    return int(base.value)
+
+
+def export_ipc_handle(tensor: torch.Tensor) -> tuple[str, int, int]:
+    """(IPC handle hex, offset of the tensor inside that allocation, device index)."""
     from cupy.cuda import runtime
 
-    if tensor.storage_offset() != 0:
-        raise UnsupportedData("CUDA IPC needs a tensor that starts its allocation; send tensor.clone()")
-    device = tensor.device.index or 0
+    device = tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()
     with torch.cuda.device(device):
-        handle = runtime.ipcGetMemHandle(tensor.data_ptr())
-    return bytes(handle).hex(), device
+        ptr = tensor.data_ptr()
+        base = _allocation_base(ptr)
+        handle = runtime.ipcGetMemHandle(base)
+    return bytes(handle).hex(), ptr - base, device
 
 
 class OpenedIpc:
@@ -86,8 +99,8 @@ def open_ipc(loc: Location) -> OpenedIpc:
     dt = torch_dtype(meta.dtype)
     with cupy.cuda.Device(loc.device):
         ptr = runtime.ipcOpenMemHandle(bytes.fromhex(loc.cuda_handle))
-        mem = cupy.cuda.UnownedMemory(ptr, meta.nbytes, owner=None, device_id=loc.device)
-        raw = cupy.ndarray((meta.nbytes,), dtype=cupy.uint8, memptr=cupy.cuda.MemoryPointer(mem, 0))
+        mem = cupy.cuda.UnownedMemory(ptr, loc.offset + meta.nbytes, owner=None, device_id=loc.device)
+        raw = cupy.ndarray((meta.nbytes,), dtype=cupy.uint8, memptr=cupy.cuda.MemoryPointer(mem, loc.offset))
         t = torch.utils.dlpack.from_dlpack(raw).view(dt).view(meta.shape)
     return OpenedIpc(loc.cuda_handle, ptr, t)
 
