@@ -102,7 +102,7 @@ class Sidecar:
         self._ro_maps: dict[str, mmap.mmap] = {}
         self._regions: dict[int, _Region] = {}
         self._gpu_hold: dict[tuple[str, int], Any] = {}
-        self._ipc_open: dict[tuple[str, int], gpu.OpenedIpc] = {}
+        self._ipc = gpu.IpcMappings()
         self._nccl: gpu.NcclPairs | None = None
         self._nccl_locks: dict[int, asyncio.Lock] = {}
         self._nccl_recvd: dict[tuple[str, int], torch.Tensor] = {}
@@ -600,10 +600,8 @@ class Sidecar:
             return got.clone() if copy else got
         if loc.transport == "cuda_ipc":
             gpu.require_gpu()
-            opened = self._ipc_open.get((id_, chunk_id))
-            if opened is None or opened.handle != loc.cuda_handle:
-                opened = self._ipc_open[(id_, chunk_id)] = gpu.open_ipc(loc)
-            return opened.tensor.clone() if copy else opened.tensor
+            view = self._ipc.view((id_, chunk_id), loc)
+            return view.clone() if copy else view
         mm = self._ro_maps.get(loc.arena)
         if mm is None:
             try:
@@ -624,9 +622,7 @@ class Sidecar:
 
     async def _mark_done(self, id_: str, chunk_id: int) -> None:
         self._nccl_recvd.pop((id_, chunk_id), None)
-        opened = self._ipc_open.pop((id_, chunk_id), None)
-        if opened is not None:
-            opened.close()
+        self._ipc.close((id_, chunk_id))
         await self._call(SidecarVerb.DONE, DoneRequest(id=id_, chunk_id=chunk_id), OkReply, self.timeout)
 
     # ------------------------------------------------------------------ introspection

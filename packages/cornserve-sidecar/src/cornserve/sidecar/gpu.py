@@ -75,34 +75,55 @@ def export_ipc_handle(tensor: torch.Tensor) -> tuple[str, int, int]:
     return bytes(handle).hex(), ptr - base, device
 
 
-class OpenedIpc:
-    """A producer's CUDA allocation opened in this process; close it once the chunk is marked done."""
+class IpcMappings:
+    """Producer allocations opened in this process, reference-counted per IPC handle.
 
-    def __init__(self, handle: str, ptr: int, tensor: torch.Tensor) -> None:
-        self.handle = handle
-        self.ptr = ptr
-        self.tensor = tensor
+    CUDA lets a process open a given handle only once, yet several chunks can live in one producer
+    allocation (PyTorch's caching allocator); so opens are shared and closed with the last chunk.
+    """
 
-    def close(self) -> None:
-        """Unmap the producer's memory (views of it must no longer be used)."""
+    def __init__(self) -> None:
+        self._open: dict[str, tuple[int, int]] = {}  # handle -> (base pointer, users)
+        self._chunks: dict[tuple[str, int], tuple[str, torch.Tensor]] = {}
+
+    def view(self, key: tuple[str, int], loc: Location) -> torch.Tensor:
+        """Return the chunk's tensor on the producer's device, opening the handle if needed."""
+        import cupy
         from cupy.cuda import runtime
 
-        runtime.ipcCloseMemHandle(self.ptr)
+        found = self._chunks.get(key)
+        if found is not None and found[0] == loc.cuda_handle:
+            return found[1]
+        if found is not None:
+            self.close(key)
+        meta = loc.meta
+        with cupy.cuda.Device(loc.device):
+            base, users = self._open.get(loc.cuda_handle, (0, 0))
+            if users == 0:
+                base = runtime.ipcOpenMemHandle(bytes.fromhex(loc.cuda_handle))
+            self._open[loc.cuda_handle] = (base, users + 1)
+            mem = cupy.cuda.UnownedMemory(base, loc.offset + meta.nbytes, owner=None, device_id=loc.device)
+            raw = cupy.ndarray(
+                (meta.nbytes,), dtype=cupy.uint8, memptr=cupy.cuda.MemoryPointer(mem, loc.offset)
+            )
+            t = torch.utils.dlpack.from_dlpack(raw).view(torch_dtype(meta.dtype)).view(meta.shape)
+        self._chunks[key] = (loc.cuda_handle, t)
+        return t
 
+    def close(self, key: tuple[str, int]) -> None:
+        """Drop a finished chunk's view; unmap the allocation after its last chunk."""
+        found = self._chunks.pop(key, None)
+        if found is None:
+            return  # not a GPU chunk (and CuPy may not even be installed)
+        from cupy.cuda import runtime
 
-def open_ipc(loc: Location) -> OpenedIpc:
-    """Open a producer's IPC handle once and view it as a torch tensor on the same device."""
-    import cupy
-    from cupy.cuda import runtime
-
-    meta = loc.meta
-    dt = torch_dtype(meta.dtype)
-    with cupy.cuda.Device(loc.device):
-        ptr = runtime.ipcOpenMemHandle(bytes.fromhex(loc.cuda_handle))
-        mem = cupy.cuda.UnownedMemory(ptr, loc.offset + meta.nbytes, owner=None, device_id=loc.device)
-        raw = cupy.ndarray((meta.nbytes,), dtype=cupy.uint8, memptr=cupy.cuda.MemoryPointer(mem, loc.offset))
-        t = torch.utils.dlpack.from_dlpack(raw).view(dt).view(meta.shape)
-    return OpenedIpc(loc.cuda_handle, ptr, t)
+        handle = found[0]
+        base, users = self._open[handle]
+        if users <= 1:
+            del self._open[handle]
+            runtime.ipcCloseMemHandle(base)
+        else:
+            self._open[handle] = (base, users - 1)
 
 
 class NatsUidExchange:
