@@ -401,6 +401,8 @@ class Sidecar:
         assert self._info is not None
         gpu.require_gpu()
         t = data.detach().contiguous()
+        # Consumers read through IPC/NCCL on their own streams: the producer's kernels must be done.
+        torch.cuda.current_stream(t.device).synchronize()
         handle, offset, device = gpu.export_ipc_handle(t)
         meta = DataMeta(
             kind="cuda",
