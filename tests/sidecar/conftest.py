@@ -31,7 +31,9 @@ def sidecar_binary() -> str:
 class SidecarProc:
     """One real sidecar server process."""
 
-    def __init__(self, rank: int, node: str, nats_url: str, arena_bytes: int, ttl: float, log_dir: Path) -> None:
+    def __init__(
+        self, rank: int, node: str, nats_url: str, arena_bytes: int, ttl: float, log_dir: Path
+    ) -> None:
         self.rank, self.node, self.nats_url = rank, node, nats_url
         self.arena_bytes, self.ttl = arena_bytes, ttl
         self.log_path = log_dir / f"sidecar-{rank}.log"
@@ -59,7 +61,9 @@ class SidecarProc:
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"sidecar {self.rank} exited: {self.log_path.read_text()}")
                 try:
-                    info = await request(nc, sidecar_subject(self.rank, SidecarVerb.INFO), InfoRequest(), InfoReply, 1.0)
+                    info = await request(
+                        nc, sidecar_subject(self.rank, SidecarVerb.INFO), InfoRequest(), InfoReply, 1.0
+                    )
                     if info.instance != not_instance:
                         return info
                 except (NoResponders, RequestTimeout):
@@ -89,7 +93,7 @@ StartSidecars = Callable[..., Awaitable[list[SidecarProc]]]
 
 @pytest.fixture
 async def sidecars(nats_url: str, tmp_path: Path) -> AsyncIterator[StartSidecars]:
-    """Factory: ``await sidecars(n, nodes=[...], arena_bytes=..., ttl=...)`` -> running servers with fresh ranks."""
+    """Factory: ``await sidecars(n, nodes=..., arena_bytes=..., ttl=...)`` -> running servers, fresh ranks."""
     started: list[SidecarProc] = []
 
     async def start(
@@ -142,4 +146,3 @@ def stats_of(nats_url: str) -> StatsOf:
 def env_nats(nats_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv("CORNSERVE_NATS_URL", nats_url)
     return nats_url
-

@@ -1,3 +1,5 @@
+import contextlib
+import itertools
 import random
 
 import pytest
@@ -46,13 +48,11 @@ def test_fragmentation_then_full_coalesce_randomized():
         if live and (rng.random() < 0.5 or a.free_bytes < 70_000):
             a.free(live.pop(rng.randrange(len(live))))
         else:
-            try:
+            with contextlib.suppress(OutOfMemory):
                 live.append(a.alloc(rng.randrange(0, 65_536)))
-            except OutOfMemory:
-                pass
         # Invariant: blocks never overlap.
         spans = sorted((o, a.size_of(o)) for o in live)
-        assert all(o1 + s1 <= o2 for (o1, s1), (o2, _) in zip(spans, spans[1:], strict=False))
+        assert all(o1 + s1 <= o2 for (o1, s1), (o2, _) in itertools.pairwise(spans))
     for off in live:
         a.free(off)
     assert a.used_bytes == 0 and a.free_blocks == 1 and a.largest_free == a.capacity

@@ -178,7 +178,11 @@ async def test_memory_pressure_waits_then_errors_and_unblocks_on_free(sidecars, 
 
 async def test_cross_node_tcp_path_lands_in_destination_arena(sidecars, nats_url, stats_of):
     a, b, c = await sidecars(3, nodes=["node-a", "node-b", "node-a"])
-    async with Sidecar(a.rank, nats_url) as src, Sidecar(b.rank, nats_url) as remote, Sidecar(c.rank, nats_url) as local:
+    async with (
+        Sidecar(a.rank, nats_url) as src,
+        Sidecar(b.rank, nats_url) as remote,
+        Sidecar(c.rank, nats_url) as local,
+    ):
         t = torch.randn(3 * MiB // 4 + 5)  # not a multiple of the socket chunk size
         await src.send(t, "x", [[b.rank], [c.rank]])
         stats = await stats_of([a.rank, b.rank])
@@ -220,3 +224,45 @@ def test_sync_api_from_plain_threads(sidecars, nats_url, stats_of):
         loop.run_until_complete(wait_until(lambda: all_free(stats_of, [a.rank, b.rank])))
     finally:
         loop.close()
+
+
+async def test_cross_node_receiver_pressure_and_too_large_are_reported(sidecars, nats_url, stats_of):
+    (a,) = await sidecars(1, nodes=["node-a"])
+    (b,) = await sidecars(1, nodes=["node-b"], arena_bytes=4 * MiB)
+    async with Sidecar(a.rank, nats_url) as src, Sidecar(b.rank, nats_url) as dst:
+        three = torch.zeros(3 * MiB // 4)
+        await src.send(three, "r1", [[b.rank]])
+        with pytest.raises(MemoryPressure, match=f"rank {b.rank}"):
+            await src.send(three, "r2", [[b.rank]], timeout=0.5)
+        with pytest.raises(TooLarge):
+            await src.send(torch.zeros(2 * MiB), "r3", [[b.rank]], timeout=5)
+        await dst.recv("r1", timeout=5)
+        await dst.mark_done("r1")
+    await wait_until(lambda: all_free(stats_of, [a.rank, b.rank]))
+
+
+async def test_bytes_streaming_to_a_remote_node_are_not_reused_after_local_release(
+    sidecars, nats_url, stats_of
+):
+    # Source arena fits one 40 MiB tensor only. The local consumer releases while the TCP copy to the
+    # remote node may still be reading the source arena; a second send must wait, not overwrite it.
+    (a,) = await sidecars(1, nodes=["node-a"], arena_bytes=64 * MiB)
+    c, d = await sidecars(2, nodes=["node-a", "node-b"], arena_bytes=64 * MiB)
+    async with (
+        Sidecar(a.rank, nats_url) as src,
+        Sidecar(a.rank, nats_url) as src2,
+        Sidecar(c.rank, nats_url) as local,
+        Sidecar(d.rank, nats_url) as remote,
+    ):
+        ones = torch.ones(10 * MiB)  # 40 MiB
+        first = asyncio.create_task(src.send(ones, "big", [[c.rank], [d.rank]]))
+        assert torch.equal(await local.recv("big", timeout=30), ones)
+        await local.mark_done("big")
+        second = asyncio.create_task(src2.send(torch.full((10 * MiB,), 2.0), "big2", [[c.rank]], timeout=30))
+        await first
+        await second
+        assert torch.equal(await remote.recv("big", timeout=30), ones)
+        await remote.mark_done("big")
+        assert torch.equal(await local.recv("big2", timeout=30), torch.full((10 * MiB,), 2.0))
+        await local.mark_done("big2")
+    await wait_until(lambda: all_free(stats_of, [a.rank, c.rank, d.rank]))

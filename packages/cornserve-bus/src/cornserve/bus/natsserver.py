@@ -38,7 +38,7 @@ def find_nats_server_binary() -> str:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (the kernel picks it)."""
+    """Return a TCP port that was free a moment ago (the kernel picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
@@ -76,6 +76,7 @@ class NatsServerProcess:
         if self._proc is not None:
             raise NatsServerError("nats-server already started")
         binary = find_nats_server_binary()
+        self.store_dir.mkdir(parents=True, exist_ok=True)
         cmd = [binary, "-a", self.host, "-p", str(self.port), "-js", "-sd", str(self.store_dir)]
         cmd += ["-l", str(self._log_file)]
         logger.info("starting %s", " ".join(cmd))
@@ -85,8 +86,12 @@ class NatsServerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                err = self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
-                raise NatsServerError(f"nats-server exited with {self._proc.returncode}: {err.strip()}")
+                proc, self._proc = self._proc, None
+                err = ""
+                if proc.stderr is not None:
+                    err = proc.stderr.read().decode(errors="replace")
+                    proc.stderr.close()
+                raise NatsServerError(f"nats-server exited with {proc.returncode}: {err.strip()}")
             try:
                 with socket.create_connection((self.host, self.port), timeout=0.5) as s:
                     if s.recv(4) == b"INFO":

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 def new_request_id() -> str:
-    """A fresh request id; every request on the bus carries one for correlation in logs and errors."""
+    """Make a fresh request id; every request on the bus carries one for correlation in logs and errors."""
     return uuid.uuid4().hex
 
 

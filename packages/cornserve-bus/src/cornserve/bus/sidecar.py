@@ -32,9 +32,13 @@ class Location(WireModel):
 
     ``shm``: ``arena`` names a file under /dev/shm owned by a sidecar server on this node.
     ``cuda_ipc``: ``cuda_handle`` is a hex CUDA IPC memory handle of a buffer on ``device``.
+    ``nccl``: the GPU bytes stay with the producer client of ``rank`` on another node; the consumer
+    pulls them over a pairwise NCCL communicator.
     """
 
-    transport: Literal["shm", "cuda_ipc"] = "shm"
+    transport: Literal["shm", "cuda_ipc", "nccl"] = "shm"
+    rank: int = -1
+    """Rank of the producer (source) sidecar."""
     arena: str = ""
     offset: int = Field(default=0, ge=0)
     size: int = Field(default=0, ge=0)
@@ -76,6 +80,7 @@ class InfoReply(WireModel):
     tcp_host: str
     tcp_port: int
     ttl_s: float
+    prefaulted: bool = False
 
 
 class StatsRequest(RequestBase):
@@ -215,6 +220,14 @@ class NoticeRequest(RequestBase):
     keys: list[Key]
     source_rank: int
     reason: str
+
+
+class NcclPullRequest(RequestBase):
+    """Consumer client -> producer client (other node): NCCL-send me this GPU chunk now."""
+
+    id: str = Field(min_length=1, max_length=MAX_ID_LEN)
+    chunk_id: int = Field(ge=0)
+    dst_rank: int = Field(ge=0)
 
 
 class UpEvent(WireModel):

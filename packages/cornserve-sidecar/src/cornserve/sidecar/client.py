@@ -11,6 +11,7 @@ Return types: a torch tensor comes back as a torch tensor, a numpy array as a nu
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import mmap
 from dataclasses import dataclass
@@ -24,15 +25,18 @@ from pydantic import BaseModel
 
 from cornserve.bus.micro import NoResponders, RequestTimeout, ServiceErrorReply, request
 from cornserve.bus.natsserver import nats_url_from_env
+from cornserve.bus.schemas import ErrorReply
 from cornserve.bus.sidecar import (
     AllocReply,
     AllocRequest,
     CloseStreamRequest,
+    DataMeta,
     DoneRequest,
     FreeRequest,
     InfoReply,
     InfoRequest,
     Location,
+    NcclPullRequest,
     OkReply,
     RecvReply,
     RecvRequest,
@@ -41,18 +45,25 @@ from cornserve.bus.sidecar import (
     StatsReply,
     StatsRequest,
 )
-from cornserve.bus.subjects import SidecarVerb, sidecar_released_subject, sidecar_subject
+from cornserve.bus.subjects import (
+    SidecarVerb,
+    sidecar_nccl_pull_subject,
+    sidecar_released_subject,
+    sidecar_subject,
+)
 from cornserve.sidecar import gpu
 from cornserve.sidecar.arena import map_arena
-from cornserve.sidecar.codec import decode, encode, torch_dtype_name
+from cornserve.sidecar.codec import decode, encode, torch_dtype, torch_dtype_name
 from cornserve.sidecar.errors import (
     BadRequest,
     DataLost,
+    RecvTimeout,
+    SidecarError,
     SidecarTimeout,
     SidecarUnavailable,
     error_from_kind,
 )
-from cornserve.sidecar.loop import BackgroundLoop
+from cornserve.sidecar.loop import LoopRunner
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +94,7 @@ class Sidecar:
         self.rank = rank
         self.nats_url = nats_url or nats_url_from_env()
         self.timeout = timeout
-        self._bg = BackgroundLoop(f"cornserve-sidecar-client-{rank}")
+        self._bg = LoopRunner(f"cornserve-sidecar-client-{rank}")
         self._nc: Client | None = None
         self._info: InfoReply | None = None
         self._own_map: mmap.mmap | None = None
@@ -91,6 +102,12 @@ class Sidecar:
         self._ro_maps: dict[str, mmap.mmap] = {}
         self._regions: dict[int, _Region] = {}
         self._gpu_hold: dict[tuple[str, int], Any] = {}
+        self._ipc = gpu.IpcMappings()
+        self._nccl: gpu.NcclPairs | None = None
+        self._nccl_locks: dict[int, asyncio.Lock] = {}
+        self._nccl_recvd: dict[tuple[str, int], torch.Tensor] = {}
+        self._pull_sub: Any = None
+        self._gpu_tasks: set[asyncio.Task[None]] = set()
         self._closed = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -106,10 +123,27 @@ class Sidecar:
         return self
 
     async def _connect(self) -> None:
+        if self._closed:
+            raise SidecarError(f"sidecar client of rank {self.rank} is closed")
         if self._nc is None:
-            self._nc = await nats.connect(
-                self.nats_url, name=f"cornserve-sidecar-client-{self.rank}", max_reconnect_attempts=-1
-            )
+            deadline = min(self.timeout, 10.0)
+            try:
+                # With unlimited reconnects nats-py would retry the *first* connect forever too.
+                nc = await asyncio.wait_for(
+                    nats.connect(
+                        self.nats_url,
+                        name=f"cornserve-sidecar-client-{self.rank}",
+                        max_reconnect_attempts=-1,
+                        connect_timeout=min(self.timeout, 2.0),
+                    ),
+                    deadline,
+                )
+            except Exception as exc:  # nats-py raises several unrelated types for "cannot connect"
+                raise SidecarUnavailable(
+                    f"cannot reach NATS at {self.nats_url} for sidecar rank {self.rank}: {exc!r}",
+                    rank=self.rank,
+                ) from exc
+            self._nc = nc
             await self._nc.subscribe(sidecar_released_subject(self.rank), cb=self._on_released)
         if self._info is None:
             await self._refresh_info()
@@ -124,7 +158,7 @@ class Sidecar:
                 info.instance,
             )
         self._info = info
-        self._own_map = map_arena(info.arena, writable=True)
+        self._own_map = map_arena(info.arena, writable=True, populate=info.prefaulted)
         self._own_view = memoryview(self._own_map)
         return info
 
@@ -164,6 +198,8 @@ class Sidecar:
     # ------------------------------------------------------------------ transport to our server
 
     async def _call(self, verb: SidecarVerb, msg: BaseModel, reply: type[R], timeout: float) -> R:
+        if self._closed:
+            raise SidecarError(f"sidecar client of rank {self.rank} is closed")
         if self._nc is None:
             await self._connect()
         assert self._nc is not None
@@ -195,8 +231,10 @@ class Sidecar:
     async def alloc_tensor(
         self, shape: tuple[int, ...] | list[int], dtype: torch.dtype = torch.float32
     ) -> torch.Tensor:
-        """A writable CPU tensor living in the sidecar arena: build your output in it, then ``send``
-        it without any copy. After ``send`` the memory belongs to the sidecar; do not write to it.
+        """Allocate a writable CPU tensor inside the sidecar arena.
+
+        Build your output in it, then ``send`` it without any copy. After ``send`` the memory
+        belongs to the sidecar; do not write to it.
         """
         return await self._bg.run(self._alloc_tensor(tuple(shape), dtype))
 
@@ -286,6 +324,7 @@ class Sidecar:
     ) -> None:
         await self._connect()
         assert self._info is not None
+        _check_destinations(id_, dst_ranks, chunk_id, num_chunks)
         if isinstance(data, torch.Tensor) and data.device.type == "cuda":
             await self._send_cuda(data, id_, dst_ranks, chunk_id, num_chunks, timeout)
             return
@@ -336,7 +375,7 @@ class Sidecar:
         await self._call(SidecarVerb.SEND, msg, OkReply, timeout + REPLY_MARGIN_S)
 
     def _zero_copy_region(self, data: Any) -> _Region | None:
-        """The arena region a tensor from :meth:`alloc_tensor` occupies, if it can be sent as is."""
+        """Return the arena region a tensor from :meth:`alloc_tensor` occupies, if it can be sent as is."""
         if not isinstance(data, torch.Tensor) or not self._regions:
             return None
         region = self._regions.get(data.data_ptr())
@@ -362,23 +401,25 @@ class Sidecar:
         assert self._info is not None
         gpu.require_gpu()
         t = data.detach().contiguous()
-        handle, device = gpu.export_ipc_handle(t)
-        meta = encode(torch.empty(0)).meta.model_copy(
-            update={
-                "kind": "cuda",
-                "dtype": torch_dtype_name(t.dtype),
-                "shape": list(t.shape),
-                "nbytes": t.numel() * t.element_size(),
-            }
+        # Consumers read through IPC/NCCL on their own streams: the producer's kernels must be done.
+        torch.cuda.current_stream(t.device).synchronize()
+        handle, offset, device = gpu.export_ipc_handle(t)
+        meta = DataMeta(
+            kind="cuda",
+            dtype=torch_dtype_name(t.dtype),
+            shape=list(t.shape),
+            nbytes=t.numel() * t.element_size(),
         )
         location = Location(
             transport="cuda_ipc",
+            offset=offset,
             size=meta.nbytes,
             meta=meta,
             cuda_handle=handle,
             device=device,
             node=self._info.node,
         )
+        await self._ensure_pull_subscription()
         self._gpu_hold[(id_, chunk_id)] = t  # the producer's memory must outlive every consumer's view
         msg = SendRequest(
             id=id_,
@@ -394,6 +435,107 @@ class Sidecar:
         except BaseException:
             self._gpu_hold.pop((id_, chunk_id), None)
             raise
+
+    # ------------------------------------------------------------------ NCCL (GPU across nodes)
+
+    def _pairs(self) -> gpu.NcclPairs:
+        if self._nccl is None:
+            self._nccl = gpu.NcclPairs(self.rank)
+        return self._nccl
+
+    def _nccl_lock(self, peer: int) -> asyncio.Lock:
+        # One transfer at a time per peer keeps both sides' send/recv order identical.
+        return self._nccl_locks.setdefault(peer, asyncio.Lock())
+
+    async def _ensure_pull_subscription(self) -> None:
+        if self._pull_sub is None:
+            assert self._nc is not None
+            self._pull_sub = await self._nc.subscribe(sidecar_nccl_pull_subject(self.rank), cb=self._on_pull)
+
+    async def _on_pull(self, msg: Any) -> None:
+        """Serve a pull from a consumer on another node: acknowledge, then NCCL-send the chunk."""
+        assert self._nc is not None
+        try:
+            req = NcclPullRequest.model_validate_json(msg.data)
+        except ValueError as exc:
+            await self._reply_error(msg, "", 400, "bad_request", str(exc))
+            return
+        tensor = self._gpu_hold.get((req.id, req.chunk_id))
+        if tensor is None:
+            await self._reply_error(
+                msg,
+                req.request_id,
+                410,
+                "data_lost",
+                f"rank {self.rank} no longer holds {req.id!r} chunk {req.chunk_id}",
+            )
+            return
+        assert self._info is not None
+        await msg.respond(
+            OkReply(request_id=req.request_id, instance=self._info.instance).model_dump_json().encode()
+        )
+        task = asyncio.create_task(self._nccl_send(req.dst_rank, tensor))
+        self._gpu_tasks.add(task)
+        task.add_done_callback(self._gpu_task_done)
+
+    def _gpu_task_done(self, task: asyncio.Task[None]) -> None:
+        self._gpu_tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("NCCL send failed", exc_info=task.exception())
+
+    async def _reply_error(self, msg: Any, request_id: str, code: int, kind: str, message: str) -> None:
+        from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
+
+        assert self._nc is not None
+        body = ErrorReply(request_id=request_id, error=kind, message=message).model_dump_json().encode()
+        await self._nc.publish(msg.reply, body, headers={ERROR_HEADER: message, ERROR_CODE_HEADER: str(code)})
+
+    async def _nccl_send(self, peer: int, tensor: torch.Tensor) -> None:
+        assert self._nc is not None
+        pairs = self._pairs()
+        async with self._nccl_lock(peer):
+            comm = await pairs.comm(peer, gpu.NatsUidExchange(self._nc, self.rank))
+            _, peer_index = pairs.indices(peer)
+            device = tensor.device.index or 0
+            # Bounded: a consumer that died mid-transfer must not hold this peer's lock forever.
+            await asyncio.wait_for(
+                asyncio.to_thread(gpu.nccl_send_blocking, comm, tensor, peer_index, device), self.timeout
+            )
+
+    async def _nccl_pull(self, loc: Location, id_: str, chunk_id: int, timeout: float) -> torch.Tensor:
+        assert self._nc is not None
+        src = loc.rank
+        pairs = self._pairs()
+        async with self._nccl_lock(src):
+            try:
+                await request(
+                    self._nc,
+                    sidecar_nccl_pull_subject(src),
+                    NcclPullRequest(id=id_, chunk_id=chunk_id, dst_rank=self.rank),
+                    OkReply,
+                    timeout,
+                )
+            except (NoResponders, RequestTimeout) as exc:
+                raise DataLost(
+                    f"producer of rank {src} for {id_!r} chunk {chunk_id} is gone: {exc}", id=id_
+                ) from None
+            except ServiceErrorReply as exc:
+                raise error_from_kind(exc.error.error, exc.error.message, exc.error.details) from None
+            comm = await pairs.comm(src, gpu.NatsUidExchange(self._nc, self.rank))
+            _, peer_index = pairs.indices(src)
+            device = torch.cuda.current_device()
+            out = torch.empty(loc.meta.shape, dtype=torch_dtype(loc.meta.dtype), device=f"cuda:{device}")
+            try:
+                await asyncio.wait_for(
+                    asyncio.to_thread(gpu.nccl_recv_blocking, comm, out, peer_index, device), timeout
+                )
+            except TimeoutError:
+                raise RecvTimeout(
+                    f"NCCL receive of {id_!r} chunk {chunk_id} from rank {src} "
+                    f"took longer than {timeout:.3f}s",
+                    id=id_,
+                ) from None
+        return out
 
     async def _on_released(self, msg: Any) -> None:
         event = ReleasedEvent.model_validate_json(msg.data)
@@ -452,9 +594,16 @@ class Sidecar:
             return None
         loc = reply.location
         assert loc is not None
+        if loc.transport == "nccl":
+            gpu.require_gpu()
+            got = self._nccl_recvd.get((id_, chunk_id))
+            if got is None:
+                got = self._nccl_recvd[(id_, chunk_id)] = await self._nccl_pull(loc, id_, chunk_id, timeout)
+            return got.clone() if copy else got
         if loc.transport == "cuda_ipc":
             gpu.require_gpu()
-            return gpu.import_ipc_tensor(loc, copy=copy)
+            view = self._ipc.view((id_, chunk_id), loc)
+            return view.clone() if copy else view
         mm = self._ro_maps.get(loc.arena)
         if mm is None:
             try:
@@ -467,15 +616,16 @@ class Sidecar:
 
     async def mark_done(self, id: str, chunk_id: int = 0) -> None:
         """Release the chunk: views from :meth:`recv` must not be used afterwards."""
-        await self._bg.run(
-            self._call(SidecarVerb.DONE, DoneRequest(id=id, chunk_id=chunk_id), OkReply, self.timeout)
-        )
+        await self._bg.run(self._mark_done(id, chunk_id))
 
     def mark_done_sync(self, id: str, chunk_id: int = 0) -> None:
         """Blocking :meth:`mark_done`."""
-        self._bg.run_sync(
-            self._call(SidecarVerb.DONE, DoneRequest(id=id, chunk_id=chunk_id), OkReply, self.timeout)
-        )
+        self._bg.run_sync(self._mark_done(id, chunk_id))
+
+    async def _mark_done(self, id_: str, chunk_id: int) -> None:
+        self._nccl_recvd.pop((id_, chunk_id), None)
+        self._ipc.close((id_, chunk_id))
+        await self._call(SidecarVerb.DONE, DoneRequest(id=id_, chunk_id=chunk_id), OkReply, self.timeout)
 
     # ------------------------------------------------------------------ introspection
 
@@ -490,3 +640,15 @@ class Sidecar:
     async def info(self) -> InfoReply:
         """Identity of our server."""
         return await self._bg.run(self._call(SidecarVerb.INFO, InfoRequest(), InfoReply, self.timeout))
+
+
+def _check_destinations(id_: str, dst_ranks: list[list[int]], chunk_id: int, num_chunks: int | None) -> None:
+    """Reject bad arguments before any memory is reserved."""
+    if not id_:
+        raise BadRequest("id must be a non-empty string")
+    if not dst_ranks or any(not group for group in dst_ranks):
+        raise BadRequest(f"dst_ranks must be a non-empty list of non-empty rank groups, got {dst_ranks!r}")
+    if any(not isinstance(r, int) or r < 0 for group in dst_ranks for r in group):
+        raise BadRequest(f"dst_ranks must hold non-negative integer ranks, got {dst_ranks!r}")
+    if chunk_id < 0 or (num_chunks is not None and not 0 <= chunk_id < num_chunks):
+        raise BadRequest(f"chunk_id {chunk_id} is outside num_chunks={num_chunks}")

@@ -59,7 +59,7 @@ class Mailbox:
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
 
     def box(self, id_: str) -> StreamBox:
-        """The box of ``id_``, created on first use (a re-sent finished id starts afresh)."""
+        """Return the box of ``id_``, created on first use (a re-sent finished id starts afresh)."""
         box = self.boxes.get(id_)
         if box is None:
             self.finished.pop(id_, None)

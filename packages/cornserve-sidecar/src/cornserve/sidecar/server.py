@@ -12,11 +12,11 @@ import argparse
 import asyncio
 import logging
 import signal
-import socket
 import time
 import uuid
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import nats
 from nats.aio.client import Client
@@ -54,7 +54,6 @@ from cornserve.bus.sidecar import (
     SendRequest,
     StatsReply,
     StatsRequest,
-    TcpAck,
     TcpHeader,
     UpEvent,
 )
@@ -69,11 +68,13 @@ from cornserve.sidecar import __version__
 from cornserve.sidecar.allocator import Allocator, OutOfMemory, aligned
 from cornserve.sidecar.arena import Arena, arena_name
 from cornserve.sidecar.mailbox import Mailbox, Slot
-from cornserve.sidecar.tcp import ProtocolError, recv_exactly_into, recv_frame, send_frame, tune
+from cornserve.sidecar.tcp import ProtocolError, Refusal, TcpReceiver, TransferRefused, push
 
 logger = logging.getLogger("cornserve.sidecar.server")
 
 R = TypeVar("R", bound=BaseModel)
+
+CONNECT_TIMEOUT_S = 30.0
 
 PEER_TIMEOUT_S = 5.0
 """Upper bound on one control round trip to a peer; keeps 'unreachable' fast."""
@@ -84,8 +85,11 @@ class Held:
     """Bytes this server owns on behalf of a producer, until every same-node destination released them."""
 
     offset: int | None
+    gpu: bool = False
     pending_local: set[int] = field(default_factory=set)
     pending_remote: set[int] = field(default_factory=set)
+    released: set[int] = field(default_factory=set)
+    """Ranks that already released (a fast consumer's release can overtake our TCP bookkeeping)."""
     created: float = field(default_factory=time.monotonic)
 
 
@@ -106,6 +110,7 @@ class SidecarServer:
         ttl_s: float,
         tcp_host: str,
         tcp_port: int = 0,
+        prefault: bool = False,
     ) -> None:
         self.rank = rank
         self.node = node
@@ -115,19 +120,21 @@ class SidecarServer:
         self.arena_bytes = aligned(arena_bytes)
         self.tcp_host = tcp_host
         self.tcp_port = tcp_port
+        self.prefault = prefault
         self.arena: Arena | None = None
         self.alloc = Allocator(self.arena_bytes)
         self.mailbox = Mailbox()
         self._allocs: dict[int, float] = {}
         self._held: dict[tuple[str, int], Held] = {}
-        self._streams_out: dict[str, list[list[int]]] = {}
+        self._streams_out: dict[str, tuple[list[list[int]], float]] = {}
+        """Destinations of open streams (for ``close_stream``) and when their last chunk was sent."""
         self._peers: dict[int, InfoReply] = {}
         self._peer_instances: dict[int, str] = {}
         self._freed = asyncio.Event()
         self._runner = HandlerRunner()
-        self._bg: set[asyncio.Task[None]] = set()
+        self._bg: set[asyncio.Task[Any]] = set()
         self._nc: Client | None = None
-        self._listener: socket.socket | None = None
+        self._tcp: TcpReceiver | None = None
         self.expired_total = 0
         self.lost_total = 0
         self.stopped = asyncio.Event()
@@ -136,12 +143,20 @@ class SidecarServer:
 
     async def start(self) -> None:
         """Connect, refuse to double-serve a rank, create the arena, register endpoints, announce."""
-        self._nc = await nats.connect(
-            self.nats_url,
-            name=f"cornserve-sidecar-{self.rank}",
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
-        )
+        try:
+            # Unlimited reconnects keep a running server alive through NATS restarts, but would also
+            # retry the first connect forever: bound that one.
+            self._nc = await asyncio.wait_for(
+                nats.connect(
+                    self.nats_url,
+                    name=f"cornserve-sidecar-{self.rank}",
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,
+                ),
+                CONNECT_TIMEOUT_S,
+            )
+        except TimeoutError:
+            raise RuntimeError(f"cannot reach NATS at {self.nats_url} within {CONNECT_TIMEOUT_S}s") from None
         try:
             other = await request(
                 self._nc, sidecar_subject(self.rank, SidecarVerb.INFO), InfoRequest(), InfoReply, 1.0
@@ -156,7 +171,12 @@ class SidecarServer:
         if removed:
             logger.warning("removed arenas of crashed instances: %s", removed)
         self.arena = Arena(arena_name(self.node, self.rank, self.instance), self.arena_bytes)
-        await self._start_tcp()
+        if self.prefault:
+            self.arena.prefault()
+        self._tcp = TcpReceiver(
+            self.tcp_host, self.tcp_port, self._tcp_allocate, self._tcp_land, self._tcp_abandon
+        )
+        self.tcp_port = self._tcp.start()
         await self._nc.subscribe(SIDECAR_UP_EVENT, cb=self._on_up)
         await self._register()
         self._spawn(self._reap_forever())
@@ -213,8 +233,8 @@ class SidecarServer:
         for task in list(self._bg):
             task.cancel()
         await asyncio.gather(*self._bg, return_exceptions=True)
-        if self._listener is not None:
-            self._listener.close()
+        if self._tcp is not None:
+            await self._tcp.close()
         if self._nc is not None:
             await self._service.stop()
             await self._nc.drain()
@@ -222,12 +242,13 @@ class SidecarServer:
             self.arena.close()
         self.stopped.set()
 
-    def _spawn(self, coro: object) -> None:
-        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run a background coroutine, keeping a reference and logging its failure."""
+        task = asyncio.ensure_future(coro)
         self._bg.add(task)
         task.add_done_callback(self._task_done)
 
-    def _task_done(self, task: asyncio.Task[None]) -> None:
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._bg.discard(task)
         if not task.cancelled() and task.exception() is not None:
             logger.error("background task failed", exc_info=task.exception())
@@ -266,7 +287,8 @@ class SidecarServer:
                         503,
                         "memory_pressure",
                         f"rank {self.rank}: no room for {size} bytes within {timeout:.3f}s "
-                        f"(used {self.alloc.used_bytes}/{self.alloc.capacity}, largest free {self.alloc.largest_free})",
+                        f"(used {self.alloc.used_bytes}/{self.alloc.capacity}, "
+                        f"largest free {self.alloc.largest_free})",
                         size=size,
                         rank=self.rank,
                     ) from None
@@ -291,6 +313,7 @@ class SidecarServer:
             tcp_host=self.tcp_host,
             tcp_port=self.tcp_port,
             ttl_s=self.ttl_s,
+            prefaulted=self.prefault,
         )
 
     async def on_stats(self, req: StatsRequest) -> StatsReply:
@@ -340,7 +363,8 @@ class SidecarServer:
             raise fault(
                 410,
                 "data_lost",
-                f"rank {self.rank} restarted: the {what} belonged to instance {instance}, now {self.instance}",
+                f"rank {self.rank} restarted: the {what} belonged to instance {instance}, "
+                f"now {self.instance}",
                 rank=self.rank,
             )
 
@@ -375,10 +399,10 @@ class SidecarServer:
             raise
         if offset is not None:
             del self._allocs[offset]
-        held = Held(offset=offset)
+        held = Held(offset=offset, gpu=loc.transport == "cuda_ipc")
         self._held[key] = held
         if req.num_chunks is None:
-            self._streams_out[req.id] = req.dst_ranks
+            self._streams_out[req.id] = (req.dst_ranks, time.monotonic())  # refreshed by every chunk
         results = await asyncio.gather(
             *(self._deliver_to(p, req, held, deadline) for p in peers), return_exceptions=True
         )
@@ -400,7 +424,25 @@ class SidecarServer:
                 source_rank=self.rank,
                 source_instance=self.instance,
                 dst_rank=peer.rank,
-                location=loc.model_copy(update={"node": self.node}),
+                location=loc.model_copy(update={"node": self.node, "rank": self.rank}),
+            )
+            held.pending_local.add(peer.rank)
+            try:
+                await self._deliver_msg(peer.rank, msg, deadline)
+            except BaseException:
+                held.pending_local.discard(peer.rank)
+                raise
+        elif loc.transport == "cuda_ipc":
+            # Across nodes the GPU bytes stay with the producer's client; the consumer's client pulls
+            # them over NCCL. We only announce where to pull from and keep the entry until it is done.
+            msg = DeliverRequest(
+                id=req.id,
+                chunk_id=req.chunk_id,
+                num_chunks=req.num_chunks,
+                source_rank=self.rank,
+                source_instance=self.instance,
+                dst_rank=peer.rank,
+                location=loc.model_copy(update={"transport": "nccl", "cuda_handle": "", "rank": self.rank}),
             )
             held.pending_local.add(peer.rank)
             try:
@@ -409,14 +451,15 @@ class SidecarServer:
                 held.pending_local.discard(peer.rank)
                 raise
         else:
-            if loc.transport != "shm":
-                raise fault(
-                    501,
-                    "bad_request",
-                    "cross-node GPU tensors use NCCL between executors; see cornserve.sidecar.gpu",
-                )
-            await self._tcp_send(peer, req, deadline)
-            held.pending_remote.add(peer.rank)
+            # While the bytes stream out of our arena they must not be freed, even if every same-node
+            # consumer releases meanwhile: count the transfer as a local user until it completes.
+            held.pending_local.add(peer.rank)
+            try:
+                await self._tcp_send(peer, req, deadline)
+            finally:
+                held.pending_local.discard(peer.rank)
+            if peer.rank not in held.released:
+                held.pending_remote.add(peer.rank)
 
     async def _deliver_msg(self, rank: int, msg: DeliverRequest, deadline: float) -> None:
         if rank == self.rank:
@@ -433,7 +476,8 @@ class SidecarServer:
             held.offset = None
         if not held.pending_local and not held.pending_remote:
             del self._held[key]
-            if held.offset is None:
+            if held.gpu:
+                # The producer's client keeps the GPU tensor alive until it hears this.
                 self._spawn(self._publish_released([key]))
 
     async def _publish_released(self, keys: list[tuple[str, int]]) -> None:
@@ -442,7 +486,8 @@ class SidecarServer:
 
     async def on_close(self, req: CloseStreamRequest) -> OkReply:
         """Announce a stream's final length to its destinations."""
-        groups = req.dst_ranks or self._streams_out.get(req.id)
+        known = self._streams_out.get(req.id)
+        groups = req.dst_ranks or (known[0] if known is not None else None)
         if groups is None:
             raise fault(
                 404,
@@ -479,7 +524,8 @@ class SidecarServer:
                 raise fault(
                     504,
                     "recv_timeout",
-                    f"rank {self.rank}: id {req.id!r} chunk {req.chunk_id} did not arrive within {req.timeout:.3f}s",
+                    f"rank {self.rank}: id {req.id!r} chunk {req.chunk_id} "
+                    f"did not arrive within {req.timeout:.3f}s",
                     id=req.id,
                     chunk_id=req.chunk_id,
                     rank=self.rank,
@@ -507,9 +553,8 @@ class SidecarServer:
             raise fault(
                 410,
                 kind,
-                f"id {req.id!r} chunk {req.chunk_id} is {slot.state} on rank {self.rank}: {slot.reason}".rstrip(
-                    ": "
-                ),
+                f"id {req.id!r} chunk {req.chunk_id} is {slot.state} on rank {self.rank}"
+                + (f": {slot.reason}" if slot.reason else ""),
                 id=req.id,
                 chunk_id=req.chunk_id,
                 rank=self.rank,
@@ -519,7 +564,7 @@ class SidecarServer:
         return None
 
     async def on_done(self, req: DoneRequest) -> OkReply:
-        """A consumer finished with a chunk: free our copy or tell the source to."""
+        """Handle a consumer finishing a chunk: free our copy or tell the source to."""
         ok = OkReply(request_id=req.request_id, instance=self.instance)
         box = self.mailbox.boxes.get(req.id)
         slot = box.chunks.get(req.chunk_id) if box is not None else None
@@ -564,7 +609,7 @@ class SidecarServer:
     # ------------------------------------------------------------------ peer endpoints
 
     async def on_deliver(self, req: DeliverRequest) -> OkReply:
-        """A source announces a chunk (or a stream's length) for one of our consumers."""
+        """Accept a source announcing a chunk (or a stream's length) for one of our consumers."""
         box = self.mailbox.box(req.id)
         if req.num_chunks is not None:
             box.num_chunks = req.num_chunks
@@ -598,7 +643,7 @@ class SidecarServer:
         return self.arena.name
 
     async def on_release(self, req: ReleaseRequest) -> OkReply:
-        """A destination is done with a chunk we hold."""
+        """Handle a destination being done with a chunk we hold."""
         self._release_local(req)
         return OkReply(request_id=req.request_id, instance=self.instance)
 
@@ -610,12 +655,13 @@ class SidecarServer:
         held = self._held.get(key)
         if held is None:
             return
+        held.released.add(req.dst_rank)
         held.pending_local.discard(req.dst_rank)
         held.pending_remote.discard(req.dst_rank)
         self._maybe_release(key)
 
     async def on_notice(self, req: NoticeRequest) -> OkReply:
-        """A source tells us chunks it announced will never be readable."""
+        """Record chunks a source says will never be readable (lost or expired)."""
         self._mark(
             req.kind, req.source_rank, [(k.id, k.chunk_id) for k in req.keys], req.reason, only_shm_of=None
         )
@@ -657,11 +703,14 @@ class SidecarServer:
                 logger.error("another instance %s now claims rank %d", event.instance, self.rank)
             return
         old = self._peer_instances.get(event.rank)
+        if old == event.instance:
+            return
         self._peer_instances[event.rank] = event.instance
         self._peers.pop(event.rank, None)
-        if old is None or old == event.instance:
-            return
-        logger.warning("peer rank %d restarted (%s -> %s)", event.rank, old, event.instance)
+        if old is not None:
+            logger.warning("peer rank %d restarted (%s -> %s)", event.rank, old, event.instance)
+        # Even without having seen the old instance's announcement, slots naming another instance of
+        # that rank point into an arena that no longer exists.
         self._on_peer_restart(event.rank, event.instance)
 
     def _on_peer_restart(self, rank: int, new_instance: str) -> None:
@@ -669,9 +718,9 @@ class SidecarServer:
         lost: list[tuple[str, int]] = []
         for id_, box in self.mailbox.boxes.items():
             for chunk, slot in box.chunks.items():
-                if slot.state == "ready" and slot.source_rank == rank and slot.owned_offset is None:
-                    if slot.source_instance != new_instance:
-                        lost.append((id_, chunk))
+                gone = slot.source_rank == rank and slot.source_instance != new_instance
+                if slot.state == "ready" and gone and slot.owned_offset is None:
+                    lost.append((id_, chunk))
         self._mark("lost", rank, lost, f"sidecar rank {rank} restarted", only_shm_of=None)
         # As source: the restarted destination forgot what we announced; tell its new instance.
         told: list[Key] = []
@@ -742,118 +791,71 @@ class SidecarServer:
 
     # ------------------------------------------------------------------ TCP path
 
-    async def _start_tcp(self) -> None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024 * 1024)
-        sock.bind((self.tcp_host, self.tcp_port))
-        sock.listen(64)
-        sock.setblocking(False)
-        self.tcp_port = sock.getsockname()[1]
-        self._listener = sock
-        self._spawn(self._accept_forever(sock))
-
-    async def _accept_forever(self, listener: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            conn, addr = await loop.sock_accept(listener)
-            tune(conn)
-            self._spawn(self._tcp_receive(conn, addr))
-
-    async def _tcp_receive(self, conn: socket.socket, addr: object) -> None:
-        """Receive one chunk straight into our arena, then hold it as a local slot."""
+    async def _tcp_allocate(self, header: TcpHeader) -> tuple[int, memoryview]:
         assert self.arena is not None
-        offset: int | None = None
+        if header.dst_rank != self.rank:
+            raise Refusal("bad_request", f"this is rank {self.rank}, not {header.dst_rank}")
         try:
-            header = await asyncio.wait_for(recv_frame(conn, TcpHeader), PEER_TIMEOUT_S)
-            async with asyncio.timeout(header.timeout):
-                if header.dst_rank != self.rank:
-                    await send_frame(
-                        conn, TcpAck(ok=False, error="bad_request", message=f"this is rank {self.rank}")
-                    )
-                    return
-                try:
-                    offset = await self._allocate(header.size, header.timeout)
-                except ServiceFault as f:
-                    await send_frame(conn, TcpAck(ok=False, error=f.error, message=f.message))
-                    return
-                await send_frame(conn, TcpAck(ok=True))
-                await recv_exactly_into(conn, self.arena.view[offset : offset + header.size])
-                loc = Location(
-                    arena=self.arena.name, offset=offset, size=header.size, meta=header.meta, node=self.node
-                )
-                deliver = DeliverRequest(
-                    id=header.id,
-                    chunk_id=header.chunk_id,
-                    num_chunks=header.num_chunks,
-                    source_rank=header.source_rank,
-                    source_instance=header.source_instance,
-                    dst_rank=self.rank,
-                    location=loc,
-                )
-                try:
-                    await self.on_deliver(deliver)
-                except ServiceFault as f:
-                    await send_frame(conn, TcpAck(ok=False, error=f.error, message=f.message))
-                    return
-                offset = None  # owned by the slot now
-                await send_frame(conn, TcpAck(ok=True))
-        except (ProtocolError, OSError, TimeoutError, ValidationError) as exc:
-            logger.warning("TCP transfer from %s failed: %s", addr, exc)
-        finally:
-            if offset is not None:
-                self._free(offset)
-            conn.close()
+            offset = await self._allocate(header.size, header.timeout)
+        except ServiceFault as f:
+            raise Refusal(f.error, f.message) from None
+        return offset, self.arena.view[offset : offset + header.size]
+
+    async def _tcp_land(self, header: TcpHeader, offset: int) -> None:
+        """Bytes from another node are in our arena: hold them as a local slot."""
+        assert self.arena is not None
+        loc = Location(
+            arena=self.arena.name,
+            offset=offset,
+            size=header.size,
+            meta=header.meta,
+            node=self.node,
+            rank=header.source_rank,
+        )
+        deliver = DeliverRequest(
+            id=header.id,
+            chunk_id=header.chunk_id,
+            num_chunks=header.num_chunks,
+            source_rank=header.source_rank,
+            source_instance=header.source_instance,
+            dst_rank=self.rank,
+            location=loc,
+        )
+        try:
+            await self.on_deliver(deliver)
+        except ServiceFault as f:
+            raise Refusal(f.error, f.message) from None
+
+    def _tcp_abandon(self, offset: int) -> None:
+        self._free(offset)
 
     async def _tcp_send(self, peer: InfoReply, req: SendRequest, deadline: float) -> None:
         """Stream the chunk's bytes from our arena into the peer's arena."""
         assert self.arena is not None
-        loop = asyncio.get_running_loop()
         loc = req.location
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        remaining = max(0.001, deadline - time.monotonic())
+        header = TcpHeader(
+            request_id=req.request_id,
+            id=req.id,
+            chunk_id=req.chunk_id,
+            num_chunks=req.num_chunks,
+            source_rank=self.rank,
+            source_instance=self.instance,
+            dst_rank=peer.rank,
+            meta=loc.meta,
+            size=loc.size,
+            timeout=remaining,
+        )
+        payload = self.arena.view[loc.offset : loc.offset + loc.size]
+        where = f"destination sidecar rank {peer.rank} (TCP {peer.tcp_host}:{peer.tcp_port})"
         try:
-            tune(sock)
-            remaining = deadline - time.monotonic()
-            async with asyncio.timeout(remaining):
-                try:
-                    await loop.sock_connect(sock, (peer.tcp_host, peer.tcp_port))
-                except OSError as exc:
-                    raise fault(
-                        502,
-                        "unreachable",
-                        f"destination sidecar rank {peer.rank} TCP {peer.tcp_host}:{peer.tcp_port}: {exc}",
-                        rank=peer.rank,
-                    ) from None
-                header = TcpHeader(
-                    request_id=req.request_id,
-                    id=req.id,
-                    chunk_id=req.chunk_id,
-                    num_chunks=req.num_chunks,
-                    source_rank=self.rank,
-                    source_instance=self.instance,
-                    dst_rank=peer.rank,
-                    meta=loc.meta,
-                    size=loc.size,
-                    timeout=max(0.001, remaining),
-                )
-                await send_frame(sock, header)
-                ready = await recv_frame(sock, TcpAck)
-                if not ready.ok:
-                    raise fault(503, ready.error, f"rank {peer.rank}: {ready.message}", rank=peer.rank)
-                await loop.sock_sendall(sock, self.arena.view[loc.offset : loc.offset + loc.size])
-                done = await recv_frame(sock, TcpAck)
-                if not done.ok:
-                    raise fault(409, done.error, f"rank {peer.rank}: {done.message}", rank=peer.rank)
+            await push(peer.tcp_host, peer.tcp_port, header, payload, remaining)
+        except TransferRefused as r:
+            raise fault(503, r.error, f"rank {peer.rank}: {r.message}", rank=peer.rank) from None
         except TimeoutError:
-            raise fault(
-                504, "unreachable", f"transfer to rank {peer.rank} timed out", rank=peer.rank
-            ) from None
+            raise fault(504, "unreachable", f"{where}: transfer timed out", rank=peer.rank) from None
         except (ProtocolError, OSError) as exc:
-            raise fault(
-                502, "unreachable", f"transfer to rank {peer.rank} failed: {exc}", rank=peer.rank
-            ) from None
-        finally:
-            sock.close()
+            raise fault(502, "unreachable", f"{where}: {exc}", rank=peer.rank) from None
 
     # ------------------------------------------------------------------ TTL
 
@@ -876,6 +878,10 @@ class SidecarServer:
                 )
         notices: dict[int, list[Key]] = {}
         for key, held in list(self._held.items()):
+            if held.created < cutoff and held.offset is None and not held.pending_local and not held.gpu:
+                # Only a record that TCP destinations have not finished yet: no memory is involved.
+                del self._held[key]
+                continue
             if held.created < cutoff:
                 logger.warning(
                     "rank %d: id %r chunk %d unclaimed by ranks %s for %.1fs; freeing",
@@ -890,6 +896,8 @@ class SidecarServer:
                 if held.offset is not None:
                     self._free(held.offset)
                 del self._held[key]
+                if held.gpu:
+                    self._spawn(self._publish_released([key]))
                 self.expired_total += 1
         for rank, keys in notices.items():
             note = NoticeRequest(
@@ -899,6 +907,12 @@ class SidecarServer:
                 self._spawn(self.on_notice(note))
             else:
                 self._spawn(self._send_notice(rank, note))
+        for id_, (_, started) in list(self._streams_out.items()):
+            if started < cutoff:
+                logger.warning(
+                    "rank %d: stream %r never closed within %.1fs; forgetting it", self.rank, id_, self.ttl_s
+                )
+                del self._streams_out[id_]
         for id_, box in list(self.mailbox.boxes.items()):
             for chunk, slot in box.chunks.items():
                 if slot.state == "ready" and slot.owned_offset is not None and slot.since < cutoff:
@@ -931,6 +945,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--tcp-host", default="127.0.0.1", help="address to bind and advertise for cross-node transfers"
     )
     p.add_argument("--tcp-port", type=int, default=0, help="TCP port for cross-node transfers (0 = any)")
+    p.add_argument(
+        "--prefault",
+        action="store_true",
+        help="touch every arena page at start: commits the memory, avoids first-touch page faults on sends",
+    )
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -945,6 +964,7 @@ async def serve(args: argparse.Namespace) -> None:
         ttl_s=args.ttl_seconds,
         tcp_host=args.tcp_host,
         tcp_port=args.tcp_port,
+        prefault=args.prefault,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
