@@ -28,7 +28,9 @@ class LibDescriptor(TaskExecutionDescriptor[LibTask]):
 def test_load_register_reload_and_import() -> None:
     first = load_task_library("demo-lib", LIB.replace("VERSION", "1"))
     assert first.unit_tasks == ["LibTask"] and first.descriptors == ["LibDescriptor"]
-    assert load_task_library("demo-lib", LIB.replace("VERSION", "1")).module is first.module  # same version: no-op
+    assert (
+        load_task_library("demo-lib", LIB.replace("VERSION", "1")).module is first.module
+    )  # same version: no-op
     task = registered_unit_tasks()["LibTask"]()
     assert deserialize_task(serialize_task(task)) == task
 

@@ -214,6 +214,8 @@ class TaskManagerStatus(WireModel):
     task_key: str
     ready: bool
     executors: list[ExecutorInfo]
+    pid: int | None = None
+    """The task manager's process id (lets a restarted RM stop a TM it adopted)."""
 
 
 class RouteRequest(RequestBase):
@@ -309,3 +311,5 @@ class DeploymentRecord(WireModel):
     users: list[str]
     devices: list[DeviceInfo]
     num_executors: int = 1
+    tm_pid: int | None = None
+    """Process id of the task manager (local spawner), so a restarted RM can stop one it adopted."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -51,10 +52,8 @@ async def kv_put(kv: KeyValue, key: str, record: BaseModel) -> None:
 
 async def kv_delete(kv: KeyValue, key: str) -> None:
     """Delete one record (absent is fine)."""
-    try:
+    with contextlib.suppress(KeyNotFoundError):
         await kv.delete(kv_key(key))
-    except KeyNotFoundError:
-        pass
 
 
 async def kv_all(kv: KeyValue, model: type[M]) -> list[M]:

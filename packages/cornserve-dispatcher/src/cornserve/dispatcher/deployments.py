@@ -1,0 +1,134 @@
+"""The dispatcher's view of which unit tasks are deployed, kept in step with the resource manager.
+
+Every replica follows the RM's fan-out DeploymentEvents (a plain subscription, so every replica
+sees every event) and catches up with one RM_STATE request at start. The RM may not be running
+when a replica starts: the catch-up retries in the background with backoff while the replica
+already serves. Events can lag a deploy reply, so a lookup that misses re-queries the RM once
+before the caller reports the task as not deployed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from pydantic import ValidationError
+
+from cornserve.bus.control import (
+    RM_EVENTS,
+    RM_STATE,
+    ClusterState,
+    DeploymentEvent,
+    DeploymentInfo,
+    StateRequest,
+)
+from cornserve.bus.micro import BusError, request
+
+logger = logging.getLogger(__name__)
+
+
+class DeploymentCache:
+    """Deployments by task key, from RM_STATE snapshots and RM_EVENTS updates."""
+
+    def __init__(
+        self,
+        nc: Client,
+        *,
+        state_timeout_s: float = 3.0,
+        initial_backoff_s: float = 0.2,
+        max_backoff_s: float = 5.0,
+    ) -> None:
+        self._nc = nc
+        self._state_timeout_s = state_timeout_s
+        self._initial_backoff_s = initial_backoff_s
+        self._max_backoff_s = max_backoff_s
+        self._deployments: dict[str, DeploymentInfo] = {}
+        self._touched: set[str] | None = None
+        """Keys changed by events while a snapshot is in flight (the events are newer than it)."""
+        self._refreshing: asyncio.Future[bool] | None = None
+        self._sub: Subscription | None = None
+        self._catch_up: asyncio.Task[None] | None = None
+        self.synced = asyncio.Event()
+        """Set once one RM_STATE snapshot has been applied."""
+
+    async def start(self) -> None:
+        """Follow events first (so none is missed), then catch up with the RM in the background."""
+        self._sub = await self._nc.subscribe(RM_EVENTS, cb=self._on_event)
+        self._catch_up = asyncio.create_task(self._catch_up_forever(), name="rm-catch-up")
+
+    async def stop(self) -> None:
+        """Stop following the RM."""
+        if self._catch_up is not None:
+            self._catch_up.cancel()
+            await asyncio.gather(self._catch_up, return_exceptions=True)
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+
+    def get(self, task_key: str) -> DeploymentInfo | None:
+        """The cached deployment of `task_key`, if any."""
+        return self._deployments.get(task_key)
+
+    def keys(self) -> list[str]:
+        """Every cached task key."""
+        return sorted(self._deployments)
+
+    async def lookup(self, task_keys: Iterable[str]) -> dict[str, DeploymentInfo | None]:
+        """Deployments of `task_keys`; a miss triggers one fresh RM_STATE query before it counts."""
+        keys = list(dict.fromkeys(task_keys))
+        if any(key not in self._deployments for key in keys):
+            await self.refresh()
+        return {key: self._deployments.get(key) for key in keys}
+
+    async def refresh(self) -> bool:
+        """Query RM_STATE now (concurrent callers share one query); False if the RM did not answer."""
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.ensure_future(self._query_state())
+        return await asyncio.shield(self._refreshing)
+
+    # ----- internals -------------------------------------------------------------------------------
+
+    async def _query_state(self) -> bool:
+        self._touched = set()
+        try:
+            state = await request(self._nc, RM_STATE, StateRequest(), ClusterState, self._state_timeout_s)
+        except BusError as exc:
+            logger.info("resource manager state unavailable: %s", exc)
+            return False
+        finally:
+            touched, self._touched = self._touched or set(), None
+        fresh = {d.task_key: d for d in state.deployments}
+        for key in list(self._deployments):
+            if key not in fresh and key not in touched:
+                del self._deployments[key]
+        for key, info in fresh.items():
+            if key not in touched:
+                self._deployments[key] = info
+        if not self.synced.is_set():
+            logger.info("caught up with the resource manager: %d deployment(s)", len(fresh))
+        self.synced.set()
+        return True
+
+    async def _catch_up_forever(self) -> None:
+        backoff = self._initial_backoff_s
+        while not await self.refresh():
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self._max_backoff_s)
+
+    async def _on_event(self, msg: Msg) -> None:
+        try:
+            event = DeploymentEvent.model_validate_json(msg.data)
+        except ValidationError as exc:
+            logger.warning("ignoring a malformed deployment event on %s: %s", msg.subject, exc)
+            return
+        key = event.deployment.task_key
+        if self._touched is not None:
+            self._touched.add(key)
+        if event.kind == "removed":
+            self._deployments.pop(key, None)
+        else:
+            self._deployments[key] = event.deployment
+        logger.debug("deployment %s: %s (%s)", key, event.kind, event.deployment.state)

@@ -1,0 +1,74 @@
+"""The typed error replies of the dispatcher, in one place so codes and kinds stay consistent.
+
+The gateway maps the codes to HTTP statuses: 400 bad graph, 404 task not deployed, 502 an
+executor (or its descriptor) failed, 503 a task manager or the dispatcher itself is unavailable,
+504 the graph's deadline passed.
+"""
+
+from __future__ import annotations
+
+from cornserve.bus.micro import ServiceFault
+
+BAD_REQUEST = "bad_request"
+TASK_NOT_DEPLOYED = "task_not_deployed"
+TASK_UNAVAILABLE = "task_unavailable"
+EXECUTOR_FAILED = "executor_failed"
+TIMEOUT = "timeout"
+SHUTTING_DOWN = "shutting_down"
+
+
+def bad_request(message: str) -> ServiceFault:
+    """The graph cannot be executed as sent (malformed, unknown task class, misplaced stream)."""
+    return ServiceFault(400, BAD_REQUEST, message)
+
+
+def task_not_deployed(task_name: str, task_key: str, position: int) -> ServiceFault:
+    """A unit task of the graph has no deployment."""
+    return ServiceFault(
+        404,
+        TASK_NOT_DEPLOYED,
+        f"{task_name} at position {position} is not deployed (deployment key {task_key}); "
+        "deploy it first (register an app that uses it, or deploy it from a client session)",
+        task=task_name,
+        task_key=task_key,
+        position=position,
+    )
+
+
+def task_unavailable(task_name: str, task_key: str, position: int, reason: str) -> ServiceFault:
+    """A deployed task cannot take the invocation right now (task manager down, no healthy executor)."""
+    return ServiceFault(
+        503,
+        TASK_UNAVAILABLE,
+        f"{task_name} at position {position} (deployment key {task_key}) is unavailable: {reason}",
+        task=task_name,
+        task_key=task_key,
+        position=position,
+    )
+
+
+def executor_failed(task_name: str, position: int, reason: str, **details: object) -> ServiceFault:
+    """An executor answered with an error, could not be reached, or its descriptor failed."""
+    return ServiceFault(
+        502,
+        EXECUTOR_FAILED,
+        f"{task_name} at position {position} failed: {reason}",
+        task=task_name,
+        position=position,
+        **details,
+    )
+
+
+def graph_timeout(timeout_s: float, pending: list[str]) -> ServiceFault:
+    """The graph's deadline passed; `pending` names the invocations still running."""
+    waiting = f"; still running: {', '.join(pending)}" if pending else ""
+    return ServiceFault(
+        504, TIMEOUT, f"the task graph did not finish within its deadline of {timeout_s:g} s{waiting}"
+    )
+
+
+def shutting_down(replica_id: str) -> ServiceFault:
+    """The replica stopped before the graph finished; the caller may retry on another replica."""
+    return ServiceFault(
+        503, SHUTTING_DOWN, f"dispatcher replica {replica_id} shut down before the graph finished; retry it"
+    )

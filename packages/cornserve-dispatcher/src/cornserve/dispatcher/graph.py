@@ -1,0 +1,344 @@
+"""Executing one recorded graph: resolve, route, wire, call every executor, gather.
+
+Every invocation's executor is picked by its task manager (`route`), every DataForward is wired
+to the picked executors' sidecar ranks, and all executor requests run at once: a consumer
+executor waits for its forwarded data through its sidecar, so the dispatcher never orders them.
+The first failure cancels everything else and becomes the graph's typed error; the deadline
+covers the whole graph. Each routed invocation is reported done to its task manager exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from nats.aio.client import Client
+
+from cornserve.bus.control import RouteReply, RouteRequest, tm_subject
+from cornserve.bus.micro import NoResponders, RequestTimeout, ServiceErrorReply, ServiceFault, request
+from cornserve.dispatcher import faults
+from cornserve.dispatcher.deployments import DeploymentCache
+from cornserve.task import ExecutorRequest, Stream, TaskInvocation, wire_forwards
+
+logger = logging.getLogger(__name__)
+
+ERROR_TEXT_LIMIT = 2000
+"""How much of an executor's error body goes into the error message."""
+
+OnDone = Callable[[str, str], None]
+"""`(task_key, executor_id)`: report one routed invocation finished (publishes RouteDone)."""
+
+
+@dataclass
+class Routed:
+    """One invocation and the executor its task manager picked for it."""
+
+    position: int
+    task_key: str
+    task_name: str
+    route: RouteReply
+    released: bool = False
+
+    @property
+    def where(self) -> str:
+        """The executor, for messages."""
+        return f"executor {self.route.executor_id} ({self.route.url})"
+
+
+@dataclass
+class OpenStream:
+    """The last invocation's streaming HTTP response, open and OK, for the relay to read."""
+
+    invocation: TaskInvocation
+    routed: Routed
+    response: aiohttp.ClientResponse
+
+
+@dataclass
+class GraphResult:
+    """Outputs as JSON, one per invocation (None for the stream), and the open stream if any."""
+
+    outputs: list[dict[str, Any] | None]
+    stream: OpenStream | None = None
+
+
+@dataclass
+class _Run:
+    """Book-keeping of one graph run, so failures and deadlines can clean up precisely."""
+
+    routed: dict[int, Routed] = field(default_factory=dict)
+    finished: set[int] = field(default_factory=set)
+    """Positions whose executor answered (for a stream: started streaming)."""
+    stream: OpenStream | None = None
+
+
+def executor_url(route: RouteReply, path: str) -> str:
+    """The executor's base URL joined with a descriptor's request path."""
+    return route.url.rstrip("/") + "/" + path.lstrip("/")
+
+
+class GraphRunner:
+    """Runs graphs against executors over one pooled HTTP session."""
+
+    def __init__(
+        self,
+        nc: Client,
+        session: aiohttp.ClientSession,
+        deployments: DeploymentCache,
+        on_done: OnDone,
+        *,
+        route_timeout_s: float = 10.0,
+    ) -> None:
+        self._nc = nc
+        self._session = session
+        self._deployments = deployments
+        self._on_done = on_done
+        self._route_timeout_s = route_timeout_s
+
+    async def run(
+        self, invocations: Sequence[TaskInvocation], timeout_s: float, stream_subject: str | None
+    ) -> GraphResult:
+        """Execute the graph within `timeout_s`; raise a ServiceFault on any failure."""
+        check_streams(invocations, stream_subject)
+        state = _Run()
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._resolve(invocations)
+                await self._route_all(invocations, state)
+                wire_forwards(
+                    invocations, [state.routed[i].route.sidecar_ranks for i in range(len(invocations))]
+                )
+                requests = [self._build(state.routed[i], inv) for i, inv in enumerate(invocations)]
+                outputs = await self._call_all(invocations, requests, state)
+        except TimeoutError:
+            pending = [
+                f"{inv.task.display_name()} at position {i}"
+                for i, inv in enumerate(invocations)
+                if i not in state.finished
+            ]
+            raise faults.graph_timeout(timeout_s, pending) from None
+        except BaseException:
+            if state.stream is not None:
+                state.stream.response.close()
+                state.stream = None
+            raise
+        finally:
+            for routed in state.routed.values():
+                if state.stream is None or routed is not state.stream.routed:
+                    self.release(routed)
+        return GraphResult(outputs=outputs, stream=state.stream)
+
+    def release(self, routed: Routed) -> None:
+        """Report a routed invocation finished, once."""
+        if not routed.released:
+            routed.released = True
+            self._on_done(routed.task_key, routed.route.executor_id)
+
+    # ----- steps -----------------------------------------------------------------------------------
+
+    async def _resolve(self, invocations: Sequence[TaskInvocation]) -> None:
+        """Every unit task must be deployed (a miss re-queries the resource manager once)."""
+        found = await self._deployments.lookup(inv.task.deployment_key for inv in invocations)
+        for position, inv in enumerate(invocations):
+            info = found[inv.task.deployment_key]
+            if info is None:
+                raise faults.task_not_deployed(inv.task.display_name(), inv.task.deployment_key, position)
+            if info.state == "failed":
+                reason = f"its deployment failed: {info.message}" if info.message else "its deployment failed"
+                raise faults.task_unavailable(inv.task.display_name(), info.task_key, position, reason)
+
+    async def _route_all(self, invocations: Sequence[TaskInvocation], state: _Run) -> None:
+        """Ask every invocation's task manager for an executor, concurrently."""
+        await _first_fault(self._route(position, inv, state) for position, inv in enumerate(invocations))
+
+    async def _route(self, position: int, inv: TaskInvocation, state: _Run) -> None:
+        name, key = inv.task.display_name(), inv.task.deployment_key
+        subject = tm_subject(key, "route")
+        try:
+            reply = await request(self._nc, subject, RouteRequest(), RouteReply, self._route_timeout_s)
+        except NoResponders:
+            raise faults.task_unavailable(
+                name, key, position, f"its task manager is not running (no responders on {subject})"
+            ) from None
+        except RequestTimeout:
+            raise faults.task_unavailable(
+                name,
+                key,
+                position,
+                f"its task manager did not answer {subject} within {self._route_timeout_s:g} s",
+            ) from None
+        except ServiceErrorReply as exc:
+            raise faults.task_unavailable(
+                name, key, position, f"its task manager could not route it ({exc.code}): {exc.error.message}"
+            ) from None
+        state.routed[position] = Routed(position=position, task_key=key, task_name=name, route=reply)
+
+    def _build(self, routed: Routed, inv: TaskInvocation) -> ExecutorRequest:
+        descriptor = inv.task.descriptor
+        try:
+            req = descriptor.to_request(inv.task, inv)
+        except Exception as exc:
+            raise faults.executor_failed(
+                routed.task_name,
+                routed.position,
+                f"its descriptor {type(descriptor).__name__} could not build the executor request: "
+                f"{type(exc).__name__}: {exc}",
+            ) from None
+        if req.stream != isinstance(inv.task_output, Stream):
+            kind = "a stream" if isinstance(inv.task_output, Stream) else "a single response"
+            raise faults.executor_failed(
+                routed.task_name,
+                routed.position,
+                f"its descriptor {type(descriptor).__name__} built a request with stream={req.stream}, "
+                f"but the task's output is {kind}",
+            )
+        return req
+
+    async def _call_all(
+        self, invocations: Sequence[TaskInvocation], requests: list[ExecutorRequest], state: _Run
+    ) -> list[dict[str, Any] | None]:
+        outputs: list[dict[str, Any] | None] = [None] * len(invocations)
+
+        async def call(position: int) -> None:
+            outputs[position] = await self._call(
+                invocations[position], state.routed[position], requests[position], state
+            )
+
+        await _first_fault(call(i) for i in range(len(invocations)))
+        return outputs
+
+    async def _call(
+        self, inv: TaskInvocation, routed: Routed, req: ExecutorRequest, state: _Run
+    ) -> dict[str, Any] | None:
+        """Send one executor request; a streamed response is left open in `state.stream`."""
+        url = executor_url(routed.route, req.path)
+        try:
+            try:
+                response = await self._session.request(req.method, url, json=req.body)
+            except aiohttp.ClientError as exc:
+                raise faults.executor_failed(
+                    routed.task_name,
+                    routed.position,
+                    f"could not reach {routed.where}: {type(exc).__name__}: {exc}",
+                    executor_id=routed.route.executor_id,
+                ) from None
+            if req.stream:
+                if response.status >= 400:
+                    async with response:
+                        raise await _status_failure(routed, response)
+                state.stream = OpenStream(invocation=inv, routed=routed, response=response)
+                state.finished.add(routed.position)
+                return None
+            async with response:
+                if response.status >= 400:
+                    raise await _status_failure(routed, response)
+                try:
+                    raw = await response.read()
+                except aiohttp.ClientError as exc:
+                    raise faults.executor_failed(
+                        routed.task_name,
+                        routed.position,
+                        f"{routed.where} broke off its response: {type(exc).__name__}: {exc}",
+                        executor_id=routed.route.executor_id,
+                    ) from None
+            output = self._parse_output(inv, routed, raw)
+            state.finished.add(routed.position)
+            return output
+        finally:
+            if not req.stream:
+                self.release(routed)
+
+    def _parse_output(self, inv: TaskInvocation, routed: Routed, raw: bytes) -> dict[str, Any]:
+        descriptor = inv.task.descriptor
+        try:
+            body = json.loads(raw) if raw.strip() else None
+        except ValueError:
+            raise faults.executor_failed(
+                routed.task_name,
+                routed.position,
+                f"{routed.where} answered with invalid JSON: {_text(raw)}",
+                executor_id=routed.route.executor_id,
+            ) from None
+        try:
+            output = descriptor.from_response(inv.task, inv, body)
+            dumped: dict[str, Any] = output.model_dump(mode="json")
+        except Exception as exc:
+            raise faults.executor_failed(
+                routed.task_name,
+                routed.position,
+                f"its descriptor {type(descriptor).__name__} could not read the response of {routed.where}: "
+                f"{type(exc).__name__}: {exc}",
+                executor_id=routed.route.executor_id,
+            ) from None
+        return dumped
+
+
+def check_streams(invocations: Sequence[TaskInvocation], stream_subject: str | None) -> None:
+    """Only the last invocation may stream, and a streaming graph needs a subject to relay it on."""
+    last = len(invocations) - 1
+    for position, inv in enumerate(invocations):
+        if isinstance(inv.task_output, Stream) and position != last:
+            raise faults.bad_request(
+                f"{inv.task.display_name()} at position {position} streams, but only the graph's last "
+                "invocation may stream"
+            )
+    if isinstance(invocations[last].task_output, Stream) and not stream_subject:
+        raise faults.bad_request(
+            f"the graph's last invocation ({invocations[last].task.display_name()}) streams; "
+            "the request must name a stream_subject to relay it on"
+        )
+
+
+async def _first_fault(coros: Any) -> None:
+    """Run coroutines concurrently; the first failure cancels the rest and is raised alone."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            for coro in coros:
+                group.create_task(coro)
+    except BaseExceptionGroup as failed:
+        errors = _flatten(failed)
+        fault = next((e for e in errors if isinstance(e, ServiceFault)), None)
+        if fault is not None:
+            raise fault from None
+        logger.error("graph step failed unexpectedly", exc_info=errors[0])
+        raise ServiceFault(
+            500, "internal", f"the dispatcher failed: {type(errors[0]).__name__}: {errors[0]}"
+        ) from None
+
+
+def _flatten(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            out.extend(_flatten(exc))
+        else:
+            out.append(exc)
+    return out
+
+
+async def _status_failure(routed: Routed, response: aiohttp.ClientResponse) -> ServiceFault:
+    """The executor's error answer as a fault carrying its own error text."""
+    try:
+        raw = await response.content.read(16 * 1024)
+    except aiohttp.ClientError:
+        raw = b""
+    text = _text(raw) or (response.reason or "")
+    return faults.executor_failed(
+        routed.task_name,
+        routed.position,
+        f"{routed.where} answered HTTP {response.status}: {text}",
+        executor_id=routed.route.executor_id,
+        status=response.status,
+    )
+
+
+def _text(raw: bytes) -> str:
+    text = raw.decode(errors="replace").strip()
+    if len(text) > ERROR_TEXT_LIMIT:
+        text = text[:ERROR_TEXT_LIMIT] + " …(truncated)"
+    return text

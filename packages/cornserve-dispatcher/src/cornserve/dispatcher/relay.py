@@ -1,0 +1,134 @@
+"""Relaying a graph's final stream from its executor's HTTP response to the caller over NATS.
+
+Each line of the response goes through the task's descriptor (`from_stream_line`); every item is
+published as a StreamMessage with a sequence number on the subject the caller subscribed to before
+sending the graph. The stream always ends with exactly one terminal message — `end`, or `error`
+plus `end` — including when the executor stalls past the idle deadline, breaks off, or this
+replica shuts down, so the caller never waits on a stream nobody is feeding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import nats.errors
+from nats.aio.client import Client
+from pydantic import BaseModel
+
+from cornserve.bus.control import StreamMessage
+from cornserve.dispatcher.graph import OpenStream
+
+logger = logging.getLogger(__name__)
+
+
+class StreamFailure(Exception):
+    """The stream cannot go on; the message is sent to the caller."""
+
+
+def item_json(item: Any) -> dict[str, Any]:
+    """A stream item as a JSON object (items are pydantic models, or already JSON objects)."""
+    if isinstance(item, BaseModel):
+        dumped: dict[str, Any] = item.model_dump(mode="json")
+        return dumped
+    if isinstance(item, dict):
+        return item
+    raise StreamFailure(f"stream items must be pydantic models or JSON objects, got {type(item).__name__}")
+
+
+class StreamRelay:
+    """Reads one open streaming response and publishes its items on `subject`."""
+
+    def __init__(
+        self,
+        nc: Client,
+        stream: OpenStream,
+        subject: str,
+        idle_timeout_s: float,
+        on_finish: Callable[[], None],
+    ) -> None:
+        self._nc = nc
+        self._stream = stream
+        self._subject = subject
+        self._idle_timeout_s = idle_timeout_s
+        self._on_finish = on_finish
+        self._seq = 0
+
+    @property
+    def _label(self) -> str:
+        routed = self._stream.routed
+        return f"{routed.task_name} at position {routed.position}"
+
+    async def run(self) -> None:
+        """Relay until the response ends, fails or stalls; always publish a terminal message."""
+        response = self._stream.response
+        clean = False
+        try:
+            try:
+                await self._relay_lines(response)
+            except StreamFailure as failure:
+                await self._finish(error=f"{self._label} failed while streaming: {failure}")
+            except asyncio.CancelledError:
+                await self._finish(error=f"{self._label}: the dispatcher shut down while relaying the stream")
+                raise
+            else:
+                clean = True
+                await self._finish(error=None)
+        finally:
+            if clean:
+                response.release()
+            else:
+                response.close()  # drop the connection so the executor stops generating
+            self._on_finish()
+
+    async def _relay_lines(self, response: aiohttp.ClientResponse) -> None:
+        inv = self._stream.invocation
+        descriptor = inv.task.descriptor
+        where = self._stream.routed.where
+        while True:
+            try:
+                async with asyncio.timeout(self._idle_timeout_s):
+                    raw = await response.content.readline()
+            except TimeoutError:
+                raise StreamFailure(f"{where} sent nothing for {self._idle_timeout_s:g} s") from None
+            except aiohttp.ClientError as exc:
+                raise StreamFailure(f"{where} broke off the stream: {type(exc).__name__}: {exc}") from None
+            except ValueError as exc:  # aiohttp: a line longer than the read buffer
+                raise StreamFailure(f"{where} sent an oversized line: {exc}") from None
+            if not raw:
+                return
+            try:
+                line = raw.decode().rstrip("\r\n")
+            except UnicodeDecodeError as exc:
+                raise StreamFailure(f"{where} sent a line that is not UTF-8: {exc}") from None
+            try:
+                item = descriptor.from_stream_line(inv.task, inv, line)
+            except Exception as exc:
+                raise StreamFailure(
+                    f"its descriptor {type(descriptor).__name__} could not read a stream line of {where}: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from None
+            if item is not None:
+                await self._publish(StreamMessage(seq=self._seq, item=item_json(item)))
+
+    async def _publish(self, message: StreamMessage) -> None:
+        try:
+            await self._nc.publish(self._subject, message.model_dump_json().encode())
+        except nats.errors.MaxPayloadError:
+            raise StreamFailure(
+                f"stream item {message.seq} is larger than the NATS payload limit; send large data "
+                "through a DataForward instead"
+            ) from None
+        self._seq += 1
+
+    async def _finish(self, error: str | None) -> None:
+        if error is not None:
+            logger.warning("stream on %s ended with an error: %s", self._subject, error)
+        message = StreamMessage(seq=self._seq, end=True, error=error)
+        try:
+            await self._nc.publish(self._subject, message.model_dump_json().encode())
+        except nats.errors.Error as exc:
+            logger.error("could not end the stream on %s: %s", self._subject, exc)

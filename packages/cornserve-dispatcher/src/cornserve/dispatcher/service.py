@@ -1,0 +1,318 @@
+"""One dispatcher replica: the `cornserve.dispatch.invoke` micro endpoint and what it needs.
+
+A replica loads uploaded task libraries (so it can rebuild any registered task class), follows the
+resource manager's deployments, and serves graphs from the shared queue group. On shutdown it
+stops taking graphs, lets running ones finish for a grace period, then fails the rest with a typed
+error (and ends open streams with an error message) so no caller waits on a replica that is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import aiohttp
+import nats
+from nats.aio.client import Client
+from nats.micro import add_service
+from nats.micro.request import Request
+from nats.micro.service import Service
+from pydantic import TypeAdapter, ValidationError
+
+import cornserve.task.builtins  # noqa: F401  - registers the built-in unit tasks and descriptors
+from cornserve.bus.control import (
+    DISPATCH_INVOKE,
+    DISPATCH_QUEUE_GROUP,
+    DISPATCHER_SERVICE_NAME,
+    InvokeReply,
+    InvokeRequest,
+    RouteDone,
+    TaskLibraryRecord,
+    tm_subject,
+)
+from cornserve.bus.kv import TaskLibrarySync
+from cornserve.bus.micro import ServiceFault, respond_error
+from cornserve.dispatcher import __version__, faults
+from cornserve.dispatcher.deployments import DeploymentCache
+from cornserve.dispatcher.graph import GraphRunner
+from cornserve.dispatcher.relay import StreamRelay
+from cornserve.task import TaskError, TaskInvocation, TaskRegistryError
+from cornserve.task.library import load_task_library
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_INVOCATIONS = TypeAdapter(list[TaskInvocation])
+
+
+def parse_invocations(raw: list[dict[str, Any]]) -> list[TaskInvocation]:
+    """Rebuild the recorded invocations; TaskRegistryError means a task class is not loaded (yet)."""
+    try:
+        return _INVOCATIONS.validate_python(raw)
+    except TaskRegistryError:
+        raise
+    except ValidationError as exc:
+        raise faults.bad_request(f"invalid invocations: {_short(exc)}") from None
+    except (TaskError, TypeError, ValueError, LookupError) as exc:
+        raise faults.bad_request(f"invalid invocations: {exc}") from None
+
+
+def _short(exc: ValidationError) -> str:
+    parts = [
+        f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}"
+        for e in exc.errors(include_url=False)[:5]
+    ]
+    return "; ".join(parts)
+
+
+def _request_id_of(data: bytes) -> str:
+    """The request id of a message that failed validation, if it has one (for correlation)."""
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        return ""
+    rid = obj.get("request_id") if isinstance(obj, dict) else None
+    return rid if isinstance(rid, str) else ""
+
+
+class DispatcherService:
+    """State and handler of one dispatcher replica."""
+
+    def __init__(
+        self,
+        nats_url: str,
+        replica_id: str,
+        *,
+        route_timeout_s: float = 10.0,
+        state_timeout_s: float = 3.0,
+        drain_timeout_s: float = 30.0,
+    ) -> None:
+        self.nats_url = nats_url
+        self.replica_id = replica_id
+        self._route_timeout_s = route_timeout_s
+        self._state_timeout_s = state_timeout_s
+        self._drain_timeout_s = drain_timeout_s
+        self._nc: Client | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._tasklibs: TaskLibrarySync | None = None
+        self._deployments: DeploymentCache | None = None
+        self._graphs: GraphRunner | None = None
+        self._service: Service | None = None
+        self._handlers: set[asyncio.Task[None]] = set()
+        """One task per graph being executed (parse, run, reply); micro runs callbacks one at a time."""
+        self._relays: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[None]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._closing = asyncio.Event()
+
+    # ----- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect, load task libraries, follow deployments, then serve the invoke endpoint."""
+        self._nc = await nats.connect(
+            self.nats_url,
+            name=f"{DISPATCHER_SERVICE_NAME}-{self.replica_id}",
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=1024, limit_per_host=0),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10.0),
+            read_bufsize=1 << 20,
+        )
+        self._tasklibs = TaskLibrarySync(self._nc, _load_library)
+        await self._tasklibs.start()
+        self._deployments = DeploymentCache(self._nc, state_timeout_s=self._state_timeout_s)
+        await self._deployments.start()
+        self._graphs = GraphRunner(
+            self._nc,
+            self._session,
+            self._deployments,
+            self._route_done,
+            route_timeout_s=self._route_timeout_s,
+        )
+        self._service = await add_service(
+            self._nc,
+            name=DISPATCHER_SERVICE_NAME,
+            version=__version__,
+            description="Cornserve task dispatcher: executes recorded task graphs on executors",
+            metadata={"replica_id": self.replica_id},
+        )
+        await self._service.add_endpoint(
+            name="invoke",
+            subject=DISPATCH_INVOKE,
+            queue_group=DISPATCH_QUEUE_GROUP,
+            handler=self._on_invoke,
+            metadata={"replica_id": self.replica_id},
+        )
+        logger.info(
+            "dispatcher replica %s serving %s (queue group %s)",
+            self.replica_id,
+            DISPATCH_INVOKE,
+            DISPATCH_QUEUE_GROUP,
+        )
+
+    async def stop(self) -> None:
+        """Stop taking graphs, drain running ones (bounded), fail the rest, then close everything."""
+        if self._service is not None:
+            await self._service.stop()
+        if not await _wait_event(self._idle, self._drain_timeout_s):
+            logger.warning(
+                "%d graph(s) and %d stream(s) still running after %g s; failing them",
+                len(self._handlers),
+                len(self._relays),
+                self._drain_timeout_s,
+            )
+        self._closing.set()  # running graphs now reply with a typed error
+        for task in list(self._relays):
+            task.cancel()  # relays end their streams with an error message
+        if not await _wait_event(self._idle, 10.0):
+            for task in list(self._handlers):
+                task.cancel()
+        await asyncio.gather(*self._handlers, *self._relays, return_exceptions=True)
+        if self._deployments is not None:
+            await self._deployments.stop()
+        if self._tasklibs is not None:
+            await self._tasklibs.stop()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+        if self._nc is not None:
+            await self._nc.drain()
+        logger.info("dispatcher replica %s stopped", self.replica_id)
+
+    @property
+    def nc(self) -> Client:
+        """The NATS connection (after start)."""
+        assert self._nc is not None
+        return self._nc
+
+    # ----- invoke ----------------------------------------------------------------------------------
+
+    async def _on_invoke(self, msg: Request) -> None:
+        """Micro handler: validate the envelope, then execute the graph in its own task."""
+        try:
+            req = InvokeRequest.model_validate_json(msg.data)
+        except ValidationError as exc:
+            await respond_error(
+                msg, _request_id_of(msg.data), 400, faults.BAD_REQUEST, f"invalid request: {_short(exc)}"
+            )
+            return
+        if self._closing.is_set():
+            fault = faults.shutting_down(self.replica_id)
+            await respond_error(msg, req.request_id, fault.code, fault.error, fault.message, **fault.details)
+            return
+        self._track(
+            self._handlers, asyncio.create_task(self._serve(msg, req), name=f"graph-{req.request_id}")
+        )
+
+    async def _serve(self, msg: Request, req: InvokeRequest) -> None:
+        try:
+            reply = await self.invoke(req)
+        except ServiceFault as fault:
+            logger.info("graph %s failed (%d %s): %s", req.request_id, fault.code, fault.error, fault.message)
+            await respond_error(msg, req.request_id, fault.code, fault.error, fault.message, **fault.details)
+            return
+        except Exception as exc:
+            logger.exception("graph %s failed unexpectedly", req.request_id)
+            await respond_error(msg, req.request_id, 500, "internal", f"{type(exc).__name__}: {exc}")
+            return
+        await msg.respond(reply.model_dump_json().encode())
+
+    async def invoke(self, req: InvokeRequest) -> InvokeReply:
+        """Execute one graph; the reply comes once every non-stream output (and the stream's start) is in."""
+        assert self._graphs is not None
+        invocations = await self._parse(req.invocations)
+        result = await self._unless_closing(self._graphs.run(invocations, req.timeout_s, req.stream_subject))
+        if result.stream is not None:
+            assert req.stream_subject is not None
+            graphs, opened = self._graphs, result.stream
+            relay = StreamRelay(
+                self.nc,
+                opened,
+                req.stream_subject,
+                req.timeout_s,
+                on_finish=lambda: graphs.release(opened.routed),
+            )
+            self._track(self._relays, asyncio.create_task(relay.run(), name=f"relay-{req.request_id}"))
+        return InvokeReply(request_id=req.request_id, outputs=result.outputs)
+
+    async def _parse(self, raw: list[dict[str, Any]]) -> list[TaskInvocation]:
+        """Parse, reloading task libraries once if a class is unknown (it may have just been uploaded)."""
+        try:
+            return parse_invocations(raw)
+        except TaskRegistryError:
+            assert self._tasklibs is not None
+            await self._tasklibs.refresh()
+        try:
+            return parse_invocations(raw)
+        except TaskRegistryError as exc:
+            raise faults.bad_request(f"invalid invocations: {exc}") from None
+
+    async def _unless_closing(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run `coro`, failing it with a typed error if the replica is forced to close first."""
+        run = asyncio.ensure_future(coro)
+        closing = asyncio.ensure_future(self._closing.wait())
+        try:
+            await asyncio.wait({run, closing}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closing.cancel()
+            if not run.done():
+                run.cancel()
+                await asyncio.gather(run, return_exceptions=True)
+        if run.cancelled():
+            raise faults.shutting_down(self.replica_id)
+        return run.result()
+
+    # ----- book-keeping ----------------------------------------------------------------------------
+
+    def _track(self, tasks: set[asyncio.Task[None]], task: asyncio.Task[None]) -> None:
+        tasks.add(task)
+        self._idle.clear()
+
+        def done(finished: asyncio.Task[None]) -> None:
+            tasks.discard(finished)
+            if not self._handlers and not self._relays:
+                self._idle.set()
+            if not finished.cancelled() and finished.exception() is not None:
+                logger.error("%s failed", finished.get_name(), exc_info=finished.exception())
+
+        task.add_done_callback(done)
+
+    def _route_done(self, task_key: str, executor_id: str) -> None:
+        """Tell the task manager an invocation finished (fire and forget, never blocks the caller)."""
+        payload = RouteDone(executor_id=executor_id).model_dump_json().encode()
+        task = asyncio.ensure_future(self.nc.publish(tm_subject(task_key, "done"), payload))
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("publishing RouteDone failed", exc_info=task.exception())
+
+
+async def _wait_event(event: asyncio.Event, timeout: float) -> bool:
+    """Wait for `event` at most `timeout` seconds; whether it was set."""
+    try:
+        async with asyncio.timeout(timeout):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True
+
+
+def _load_library(record: TaskLibraryRecord) -> None:
+    loaded = load_task_library(record.name, record.source)
+    logger.info(
+        "task library %s (sha256 %s): unit tasks %s, descriptors %s",
+        record.name,
+        record.sha256[:12],
+        loaded.unit_tasks,
+        loaded.descriptors,
+    )

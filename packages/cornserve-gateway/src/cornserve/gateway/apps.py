@@ -1,0 +1,172 @@
+"""The app registry: validated apps, their deployments, and their durable records."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from nats.js.kv import KeyValue
+
+from cornserve.app import AppSpec, validate_app
+from cornserve.bus.control import AppRecord, DeployReply, ProgressEvent
+from cornserve.bus.kv import kv_all, kv_delete, kv_put
+from cornserve.gateway.control import ResourceManagerClient
+from cornserve.gateway.errors import HTTPError
+
+logger = logging.getLogger(__name__)
+
+MAX_NAME = 100
+
+
+def check_app_name(name: Any) -> str:
+    """App names: 1-100 letters, digits, '-', '_' or '.'; they appear in URLs."""
+    if (
+        not isinstance(name, str)
+        or not name
+        or len(name) > MAX_NAME
+        or not all(c.isalnum() or c in "-_." for c in name)
+    ):
+        raise HTTPError(
+            400, "invalid_name", "app name must be 1-100 characters of letters, digits, '-', '_' or '.'"
+        )
+    return name
+
+
+def app_owner(name: str) -> str:
+    """The resource manager's owner id of an app."""
+    return f"app:{name}"
+
+
+@dataclass
+class App:
+    """A registered app: its durable record and its loaded spec."""
+
+    record: AppRecord
+    spec: AppSpec | None
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON shape returned by the API."""
+        tasks = []
+        if self.spec is not None:
+            for task in self.spec.unit_tasks:
+                tasks.append(
+                    {"key": task.deployment_key, "task": type(task).__name__, "name": task.display_name()}
+                )
+        body: dict[str, Any] = {"name": self.record.name, "state": self.record.state, "tasks": tasks}
+        if self.spec is not None:
+            body["streaming"] = self.spec.streaming
+        if self.record.message:
+            body["message"] = self.record.message
+        return body
+
+
+class AppRegistry:
+    """Registers, lists and unregisters apps; survives gateway restarts through the KV bucket."""
+
+    def __init__(self, kv: KeyValue, rm: ResourceManagerClient) -> None:
+        self._kv = kv
+        self._rm = rm
+        self._apps: dict[str, App] = {}
+        self._lock = asyncio.Lock()
+
+    def get(self, name: str) -> App:
+        """A registered app, or 404."""
+        app = self._apps.get(name)
+        if app is None:
+            raise HTTPError(404, "app_not_found", f"no app named {name!r} is registered")
+        return app
+
+    def all(self) -> list[App]:
+        """Every registered app, by name."""
+        return [self._apps[n] for n in sorted(self._apps)]
+
+    async def _reserve(self, name: str, source: str) -> tuple[App, list[Any]]:
+        check_app_name(name)
+        spec = validate_app(source, name=name)
+        async with self._lock:
+            if name in self._apps:
+                raise HTTPError(
+                    409, "app_exists", f"an app named {name!r} is already registered; unregister it first"
+                )
+            record = AppRecord(name=name, source=source, state="deploying", created_at=time.time())
+            app = App(record=record, spec=spec)
+            self._apps[name] = app
+        await kv_put(self._kv, name, record)
+        return app, spec.unit_tasks
+
+    async def _finish(self, app: App, reply: DeployReply) -> None:
+        record = app.record.model_copy(
+            update={"state": "ready", "task_keys": [d.task_key for d in reply.deployments], "message": ""}
+        )
+        app.record = record
+        await kv_put(self._kv, record.name, record)
+
+    async def _fail(self, app: App, exc: BaseException) -> None:
+        name = app.record.name
+        logger.warning("deploying app %r failed: %s", name, exc)
+        try:
+            await self._rm.release(app_owner(name))
+        except Exception:
+            logger.exception("releasing the tasks of failed app %r", name)
+        self._apps.pop(name, None)
+        await kv_delete(self._kv, name)
+
+    async def register(self, name: str, source: str) -> App:
+        """Validate, deploy every unit task, and record the app; errors leave nothing behind."""
+        app, tasks = await self._reserve(name, source)
+        try:
+            reply = await self._rm.deploy(app_owner(name), tasks)
+        except BaseException as exc:
+            await self._fail(app, exc)
+            raise
+        await self._finish(app, reply)
+        return app
+
+    async def register_with_progress(self, name: str, source: str) -> AsyncIterator[ProgressEvent | App]:
+        """The same registration as a stream of progress events ending with the app."""
+        app, tasks = await self._reserve(name, source)
+        try:
+            async for event in self._rm.deploy_with_progress(app_owner(name), tasks):
+                if isinstance(event, DeployReply):
+                    await self._finish(app, event)
+                else:
+                    yield event
+        except BaseException as exc:
+            await self._fail(app, exc)
+            raise
+        yield app
+
+    async def unregister(self, name: str) -> dict[str, Any]:
+        """Release the app's tasks (tearing down those nobody else uses) and forget it."""
+        app = self.get(name)
+        app.record = app.record.model_copy(update={"state": "removing"})
+        reply = await self._rm.release(app_owner(name))
+        self._apps.pop(name, None)
+        await kv_delete(self._kv, name)
+        return {"name": name, "released": reply.released, "torn_down": reply.torn_down}
+
+    async def recover(self) -> None:
+        """Reload apps recorded before a restart and make sure their tasks are deployed."""
+        for record in await kv_all(self._kv, AppRecord):
+            try:
+                spec = validate_app(record.source, name=record.name)
+            except Exception as exc:
+                logger.error("recorded app %r no longer validates: %s", record.name, exc)
+                self._apps[record.name] = App(
+                    record=record.model_copy(update={"state": "failed", "message": str(exc)}), spec=None
+                )
+                continue
+            app = App(record=record, spec=spec)
+            self._apps[record.name] = app
+            try:
+                reply = await self._rm.deploy(app_owner(record.name), spec.unit_tasks)
+            except Exception as exc:
+                logger.error("re-deploying recorded app %r failed: %s", record.name, exc)
+                app.record = record.model_copy(update={"state": "failed", "message": str(exc)})
+                continue
+            await self._finish(app, reply)
+        logger.info("recovered %d app(s)", len(self._apps))

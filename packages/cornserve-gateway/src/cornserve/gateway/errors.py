@@ -1,0 +1,98 @@
+"""Errors as HTTP responses: every failure maps to a status code and a JSON body a user can act on."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from cornserve.app import AppValidationError
+from cornserve.bus.micro import BusError, NoResponders, RequestTimeout, ServiceErrorReply
+from cornserve.task.errors import (
+    InvalidTaskInputError,
+    NoDispatcherError,
+    StaticGraphError,
+    TaskDefinitionError,
+    TaskError,
+    TaskExecutionError,
+    TaskRegistryError,
+    TaskSerializationError,
+)
+
+
+class HTTPError(Exception):
+    """Raised by handlers to answer with `status` and a JSON error body."""
+
+    def __init__(self, status: int, error: str, message: str, detail: Any = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error = error
+        self.message = message
+        self.detail = detail
+
+    def body(self) -> dict[str, Any]:
+        """`{"error": kind, "message": text, "detail": ...}`."""
+        body: dict[str, Any] = {"error": self.error, "message": self.message}
+        if self.detail is not None:
+            body["detail"] = self.detail
+        return body
+
+    def response(self) -> web.Response:
+        """The error as an aiohttp response."""
+        return web.json_response(self.body(), status=self.status)
+
+
+def validation_detail(exc: ValidationError) -> list[dict[str, Any]]:
+    """Pydantic's error list in a JSON-safe form (loc, msg, type, input)."""
+    detail: list[dict[str, Any]] = json.loads(exc.json(include_url=False))
+    return detail
+
+
+def _code_status(code: str, default: int) -> int:
+    try:
+        status = int(code)
+    except ValueError:
+        return default
+    return status if 400 <= status <= 599 else default
+
+
+def to_http_error(exc: BaseException) -> HTTPError:
+    """Map any exception from validation, the bus or task execution to an HTTP error."""
+    if isinstance(exc, HTTPError):
+        return exc
+    if isinstance(exc, AppValidationError):
+        return HTTPError(400, "invalid_app", str(exc))
+    if isinstance(exc, ValidationError):
+        return HTTPError(
+            422, "validation_error", f"{exc.error_count()} validation error(s)", validation_detail(exc)
+        )
+    if isinstance(exc, InvalidTaskInputError):
+        return HTTPError(422, "invalid_task_input", str(exc))
+    if isinstance(exc, TaskExecutionError):
+        code = getattr(exc, "code", None)
+        status = _code_status(str(code), 502) if code is not None else 502
+        kind = getattr(exc, "error", None) or {
+            404: "task_not_deployed",
+            503: "unavailable",
+            504: "timeout",
+        }.get(status, "executor_failed")
+        return HTTPError(status, str(kind), str(exc))
+    if isinstance(exc, ServiceErrorReply):
+        return HTTPError(_code_status(exc.code, 502), exc.error.error, exc.error.message)
+    if isinstance(exc, NoResponders):
+        return HTTPError(503, "service_unavailable", f"{exc} — is the service running?")
+    if isinstance(exc, RequestTimeout):
+        return HTTPError(504, "timeout", str(exc))
+    if isinstance(exc, BusError):
+        return HTTPError(502, "bus_error", str(exc))
+    if isinstance(exc, (StaticGraphError, TaskDefinitionError, NoDispatcherError)):
+        return HTTPError(500, "app_error", f"{type(exc).__name__}: {exc}")
+    if isinstance(exc, (TaskRegistryError, TaskSerializationError)):
+        return HTTPError(400, "invalid_task", str(exc))
+    if isinstance(exc, TaskError):
+        return HTTPError(500, "task_error", f"{type(exc).__name__}: {exc}")
+    if isinstance(exc, TimeoutError):
+        return HTTPError(504, "timeout", "the request did not finish before its deadline")
+    return HTTPError(500, "internal", f"{type(exc).__name__}: {exc}")

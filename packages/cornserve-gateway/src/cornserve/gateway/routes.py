@@ -1,0 +1,350 @@
+"""The gateway's HTTP API (see docs/api.md)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from aiohttp import web
+from nats.aio.client import Client
+from nats.js.kv import KeyValue
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from cornserve.bus.control import ProgressEvent, TaskLibraryRecord
+from cornserve.bus.kv import kv_all, kv_put
+from cornserve.gateway import __version__
+from cornserve.gateway.apps import App, AppRegistry
+from cornserve.gateway.control import ResourceManagerClient
+from cornserve.gateway.discovery import ping_services
+from cornserve.gateway.driver import parse_request, run_streaming, run_unary
+from cornserve.gateway.errors import HTTPError, to_http_error
+from cornserve.gateway.openapi import openapi_document
+from cornserve.gateway.sessions import SessionRegistry
+from cornserve.gateway.streaming import StreamWriter, wants_sse
+from cornserve.task import Dispatcher, Stream, TaskInvocation, TaskOutput
+from cornserve.task.library import check_library_name, library_sha256, load_task_library
+
+logger = logging.getLogger(__name__)
+
+INVOCATIONS = TypeAdapter(list[TaskInvocation])
+MAX_BODY = 64 * 1024 * 1024
+
+
+async def read_json(request: web.Request) -> Any:
+    """The request body as JSON, or 400."""
+    try:
+        return await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise HTTPError(400, "invalid_json", f"the request body is not valid JSON: {exc}") from exc
+
+
+def _require_object(body: Any, *fields: str) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise HTTPError(
+            400, "invalid_request", f"the request body must be a JSON object with {', '.join(fields)}"
+        )
+    missing = [f for f in fields if f not in body]
+    if missing:
+        raise HTTPError(400, "invalid_request", f"missing field(s): {', '.join(missing)}")
+    return body
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Turn every exception into a JSON error response with the right status."""
+    try:
+        response: web.StreamResponse = await handler(request)
+        return response
+    except web.HTTPException:
+        raise
+    except Exception as exc:
+        error = to_http_error(exc)
+        if error.status >= 500:
+            logger.warning("%s %s -> %d: %s", request.method, request.path, error.status, error.message)
+        return error.response()
+
+
+class Gateway:
+    """Holds the gateway's state and serves its routes."""
+
+    def __init__(
+        self,
+        nc: Client,
+        apps_kv: KeyValue,
+        tasklibs_kv: KeyValue,
+        dispatcher: Dispatcher,
+        rm: ResourceManagerClient,
+        sessions: SessionRegistry,
+        request_timeout_s: float = 600.0,
+    ) -> None:
+        self.nc = nc
+        self.rm = rm
+        self.apps = AppRegistry(apps_kv, rm)
+        self.sessions = sessions
+        self.dispatcher = dispatcher
+        self._tasklibs_kv = tasklibs_kv
+        self.request_timeout_s = request_timeout_s
+
+    def app(self) -> web.Application:
+        """The aiohttp application with every route."""
+        app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY)
+        app.add_routes(
+            [
+                web.get("/health", self.health),
+                web.get("/openapi.json", self.openapi),
+                web.post("/apps", self.register_app),
+                web.get("/apps", self.list_apps),
+                web.get("/apps/{name}", self.get_app),
+                web.delete("/apps/{name}", self.unregister_app),
+                web.post("/apps/{name}/invoke", self.invoke_app),
+                web.get("/tasks", self.list_tasks),
+                web.post("/tasks/{key}/scale", self.scale_task),
+                web.post("/tasklibs", self.add_tasklib),
+                web.get("/tasklibs", self.list_tasklibs),
+                web.post("/sessions", self.create_session),
+                web.post("/sessions/{id}/tasks", self.deploy_session_tasks),
+                web.post("/sessions/{id}/invoke", self.invoke_session),
+                web.post("/sessions/{id}/heartbeat", self.heartbeat_session),
+                web.delete("/sessions/{id}", self.close_session),
+            ]
+        )
+        return app
+
+    # ----- health and docs -------------------------------------------------------------------------
+
+    async def health(self, request: web.Request) -> web.Response:
+        """200 when NATS, the resource manager and at least one dispatcher answer; else 503."""
+        services = await ping_services(self.nc)
+        counts = {name: len(found) for name, found in services.items()}
+        ok = (
+            self.nc.is_connected
+            and counts.get("cornserve-resource-manager", 0) > 0
+            and counts.get("cornserve-dispatcher", 0) > 0
+        )
+        body = {
+            "status": "ok" if ok else "degraded",
+            "version": __version__,
+            "nats": self.nc.is_connected,
+            "services": counts,
+        }
+        return web.json_response(body, status=200 if ok else 503)
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        """The OpenAPI 3.1 document, including every registered app's request and response schema."""
+        return web.json_response(openapi_document([a for a in self.apps.all() if a.spec is not None]))
+
+    # ----- apps ------------------------------------------------------------------------------------
+
+    async def register_app(self, request: web.Request) -> web.StreamResponse:
+        """POST /apps {"name", "source"} → 201 once deployed (or an SSE progress stream)."""
+        body = _require_object(await read_json(request), "name", "source")
+        name, source = body["name"], body["source"]
+        if not isinstance(source, str):
+            raise HTTPError(400, "invalid_request", '"source" must be the app\'s Python source as a string')
+        if not wants_sse(request):
+            app = await self.apps.register(name, source)
+            return web.json_response(app.summary(), status=201)
+        events = self.apps.register_with_progress(name, source)
+        first = await anext(events)  # validation and name errors surface here, as plain HTTP errors
+        stream = StreamWriter(request, status=201)
+        await stream.start()
+        try:
+            item: ProgressEvent | App = first
+            while True:
+                if isinstance(item, App):
+                    await stream.send(item.summary(), event="done")
+                    break
+                await stream.send(item.model_dump(mode="json"), event="progress")
+                item = await anext(events)
+        except Exception as exc:
+            await stream.fail(to_http_error(exc).body())
+        return await stream.close()
+
+    async def list_apps(self, request: web.Request) -> web.Response:
+        """GET /apps."""
+        return web.json_response([a.summary() for a in self.apps.all()])
+
+    async def get_app(self, request: web.Request) -> web.Response:
+        """GET /apps/{name}: state, tasks and request/response schemas."""
+        app = self.apps.get(request.match_info["name"])
+        body = app.summary()
+        if app.spec is not None:
+            body["request_schema"] = app.spec.request_model.model_json_schema()
+            body["response_schema"] = app.spec.response_model.model_json_schema()
+        return web.json_response(body)
+
+    async def unregister_app(self, request: web.Request) -> web.Response:
+        """DELETE /apps/{name}: tasks no other app or session uses are torn down."""
+        return web.json_response(await self.apps.unregister(request.match_info["name"]))
+
+    async def invoke_app(self, request: web.Request) -> web.StreamResponse:
+        """POST /apps/{name}/invoke: run the app's serve on the request JSON."""
+        app = self.apps.get(request.match_info["name"])
+        if app.spec is None or app.record.state != "ready":
+            raise HTTPError(
+                409, "app_not_ready", f"app {app.record.name!r} is {app.record.state}: {app.record.message}"
+            )
+        spec = app.spec
+        payload = parse_request(spec, await read_json(request))
+        if not spec.streaming:
+            result = await run_unary(spec, payload)
+            return web.Response(text=result.model_dump_json(), content_type="application/json")
+        items = run_streaming(spec, payload)
+        try:
+            first: BaseModel | None = await anext(items)
+        except StopAsyncIteration:
+            first = None
+        stream = StreamWriter(request)
+        await stream.start()
+        try:
+            if first is not None:
+                await stream.send(first.model_dump_json())
+                async for item in items:
+                    await stream.send(item.model_dump_json())
+        except Exception as exc:
+            logger.warning("app %r failed while streaming: %s", app.record.name, exc)
+            await stream.fail(to_http_error(exc).body())
+        finally:
+            await items.aclose()
+        return await stream.close()
+
+    # ----- tasks -----------------------------------------------------------------------------------
+
+    async def list_tasks(self, request: web.Request) -> web.Response:
+        """GET /tasks: deployed unit tasks with users, executors and devices."""
+        state = await self.rm.state()
+        tasks = []
+        for d in state.deployments:
+            tasks.append(
+                {
+                    "key": d.task_key,
+                    "task": d.task.get("name"),
+                    "config": d.task.get("config"),
+                    "state": d.state,
+                    "users": d.users,
+                    "executors": [e.model_dump(mode="json") for e in d.executors],
+                    "devices": [dev.model_dump(mode="json") for dev in d.devices],
+                    "message": d.message,
+                }
+            )
+        devices = [dev.model_dump(mode="json") for dev in state.devices]
+        return web.json_response({"tasks": tasks, "devices": devices})
+
+    async def scale_task(self, request: web.Request) -> web.Response:
+        """POST /tasks/{key}/scale {"num_executors": N}."""
+        body = _require_object(await read_json(request), "num_executors")
+        count = body["num_executors"]
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise HTTPError(422, "validation_error", '"num_executors" must be an integer >= 1')
+        info = await self.rm.scale(request.match_info["key"], count)
+        return web.json_response(info.model_dump(mode="json"))
+
+    # ----- task libraries --------------------------------------------------------------------------
+
+    async def add_tasklib(self, request: web.Request) -> web.Response:
+        """POST /tasklibs {"name", "source"}: load it here (to validate), store it for every service."""
+        body = _require_object(await read_json(request), "name", "source")
+        name, source = body["name"], body["source"]
+        if not isinstance(name, str) or not isinstance(source, str):
+            raise HTTPError(400, "invalid_request", '"name" and "source" must be strings')
+        try:
+            check_library_name(name)
+            loaded = load_task_library(name, source)
+        except Exception as exc:
+            raise HTTPError(400, "invalid_task_library", str(exc)) from exc
+        record = TaskLibraryRecord(
+            name=name,
+            source=source,
+            sha256=library_sha256(source),
+            unit_tasks=loaded.unit_tasks,
+            descriptors=loaded.descriptors,
+            created_at=time.time(),
+        )
+        await kv_put(self._tasklibs_kv, name, record)
+        return web.json_response(record.model_dump(mode="json", exclude={"source"}), status=201)
+
+    async def list_tasklibs(self, request: web.Request) -> web.Response:
+        """GET /tasklibs."""
+        records = await kv_all(self._tasklibs_kv, TaskLibraryRecord)
+        return web.json_response(
+            [r.model_dump(mode="json", exclude={"source"}) for r in sorted(records, key=lambda r: r.name)]
+        )
+
+    # ----- sessions (notebooks / SDK) --------------------------------------------------------------
+
+    async def create_session(self, request: web.Request) -> web.Response:
+        """POST /sessions {"ttl_s"?, "tasks"?}: a client session, optionally deploying tasks."""
+        body = await read_json(request) if request.can_read_body else {}
+        if not isinstance(body, dict):
+            raise HTTPError(400, "invalid_request", "the request body must be a JSON object")
+        ttl = body.get("ttl_s")
+        if ttl is not None and (not isinstance(ttl, int | float) or ttl <= 0):
+            raise HTTPError(422, "validation_error", '"ttl_s" must be a positive number')
+        session = self.sessions.create(ttl)
+        if body.get("tasks"):
+            try:
+                await self.sessions.deploy(session, body["tasks"])
+            except BaseException:
+                await self.sessions.close(session.id)
+                raise
+        return web.json_response(session.summary(), status=201)
+
+    async def deploy_session_tasks(self, request: web.Request) -> web.Response:
+        """POST /sessions/{id}/tasks {"tasks": [...]}: deploy more unit tasks for the session."""
+        session = self.sessions.get(request.match_info["id"])
+        body = _require_object(await read_json(request), "tasks")
+        tasks = await self.sessions.deploy(session, body["tasks"])
+        return web.json_response({**session.summary(), "deployed": [t.deployment_key for t in tasks]})
+
+    async def heartbeat_session(self, request: web.Request) -> web.Response:
+        """POST /sessions/{id}/heartbeat: keep the session (and its tasks) alive."""
+        return web.json_response(self.sessions.get(request.match_info["id"]).summary())
+
+    async def close_session(self, request: web.Request) -> web.Response:
+        """DELETE /sessions/{id}: release the session's tasks."""
+        return web.json_response(await self.sessions.close(request.match_info["id"]))
+
+    async def invoke_session(self, request: web.Request) -> web.StreamResponse:
+        """POST /sessions/{id}/invoke {"invocations": [...]}: execute a recorded graph.
+
+        Replies `{"outputs": [...]}`; when the last output streams, replies NDJSON: that object
+        first (with null for the stream), then `{"item": ...}` lines, then `{"end": true}`.
+        """
+        session = self.sessions.get(request.match_info["id"])
+        body = _require_object(await read_json(request), "invocations")
+        try:
+            invocations = INVOCATIONS.validate_python(body["invocations"])
+        except ValidationError as exc:
+            raise HTTPError(
+                422, "validation_error", "invalid invocations", json.loads(exc.json(include_url=False))
+            ) from exc
+        if not invocations:
+            raise HTTPError(422, "validation_error", '"invocations" must not be empty')
+        for position, inv in enumerate(invocations):
+            if inv.task.deployment_key not in session.task_keys:
+                raise HTTPError(
+                    409,
+                    "task_not_deployed",
+                    f"{inv.task.display_name()} at position {position} (key {inv.task.deployment_key}) is not deployed "
+                    "in this session; deploy it first",
+                )
+        outputs: list[TaskOutput] = await self.dispatcher.dispatch(invocations)
+        dumped = [None if isinstance(o, Stream) else o.model_dump(mode="json") for o in outputs]
+        last = outputs[-1]
+        if not isinstance(last, Stream):
+            return web.json_response({"outputs": dumped})
+        stream = StreamWriter(request)
+        await stream.start()
+        await stream.send({"outputs": dumped})
+        try:
+            async for item in last:
+                await stream.send(
+                    {"item": item.model_dump(mode="json") if isinstance(item, BaseModel) else item}
+                )
+                session.last_seen = time.monotonic()
+            await stream.send({"end": True})
+        except Exception as exc:
+            await stream.fail({"error": to_http_error(exc).body()})
+        return await stream.close()

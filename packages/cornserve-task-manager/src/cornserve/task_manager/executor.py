@@ -1,0 +1,177 @@
+"""One executor process of a deployed unit task: launch from the descriptor, readiness, health, stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from cornserve.bus.control import DeviceInfo, ExecutorInfo, ExecutorState
+from cornserve.bus.natsserver import free_port
+from cornserve.task import Device, ExecutorLaunchContext, ExecutorLaunchSpec, UnitTask
+from cornserve.task_manager.process import log_tail, spawn_in_group, stop_group
+
+logger = logging.getLogger(__name__)
+
+HOST = "127.0.0.1"
+PROBE_TIMEOUT_S = 2.0
+"""One health probe; a probe slower than this counts as a failure."""
+
+
+class ExecutorStartError(RuntimeError):
+    """An executor did not become healthy: it exited, timed out, or its descriptor failed."""
+
+
+@dataclass
+class ManagedExecutor:
+    """State of one executor; the process is replaced on restart, the id and devices stay."""
+
+    executor_id: str
+    devices: list[DeviceInfo]
+    log_path: Path
+    state: ExecutorState = "starting"
+    port: int = 0
+    health_path: str = "/health"
+    proc: subprocess.Popen[bytes] | None = None
+    in_flight: int = 0
+    routed: int = 0
+    restarts: int = 0
+    failed_probes: int = 0
+    last_activity: float = field(default_factory=time.monotonic)
+    next_restart_at: float = 0.0
+    ever_ready: bool = False
+    """Only executors that were healthy once are restarted automatically (a broken launch is not retried)."""
+    start_failures: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def url(self) -> str:
+        """Base URL of the executor's HTTP server."""
+        return f"http://{HOST}:{self.port}"
+
+    @property
+    def sidecar_ranks(self) -> list[int]:
+        """The sidecar ranks of its devices, in device order."""
+        return [d.sidecar_rank for d in self.devices]
+
+    def info(self) -> ExecutorInfo:
+        """Wire view of this executor."""
+        return ExecutorInfo(
+            executor_id=self.executor_id,
+            url=self.url,
+            sidecar_ranks=self.sidecar_ranks,
+            devices=self.devices,
+            state=self.state,
+            in_flight=self.in_flight,
+            restarts=self.restarts,
+            pid=self.proc.pid if self.proc is not None and self.proc.poll() is None else None,
+        )
+
+    def add_in_flight(self, delta: int) -> None:
+        """Change the in-flight count, never below zero; `idle` is set whenever it is zero."""
+        self.in_flight = max(0, self.in_flight + delta)
+        self.last_activity = time.monotonic()
+        if self.in_flight == 0:
+            self.idle.set()
+        else:
+            self.idle.clear()
+
+    def exited(self) -> int | None:
+        """The exit code if the process has exited, else None."""
+        return None if self.proc is None else self.proc.poll()
+
+    def launch(self, task: UnitTask[Any, Any], nats_url: str) -> float:
+        """Start the process on a fresh port; returns the descriptor's readiness timeout."""
+        port = free_port(HOST)
+        context = ExecutorLaunchContext(
+            executor_id=self.executor_id,
+            host=HOST,
+            port=port,
+            devices=[Device(kind=d.kind, index=d.index) for d in self.devices],
+            sidecar_ranks=self.sidecar_ranks,
+            nats_url=nats_url,
+        )
+        try:
+            spec: ExecutorLaunchSpec = task.descriptor.launch_spec(task, context)
+        except Exception as exc:
+            raise ExecutorStartError(
+                f"{type(task.descriptor).__name__}.launch_spec failed for executor {self.executor_id}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        env = {**os.environ, **spec.env, "CORNSERVE_NATS_URL": nats_url}
+        self.port = spec.port
+        self.health_path = spec.health_path if spec.health_path.startswith("/") else "/" + spec.health_path
+        self.failed_probes = 0
+        logger.info("executor %s: starting %s (port %d)", self.executor_id, spec.command, spec.port)
+        try:
+            self.proc = spawn_in_group(spec.command, env, self.log_path)
+        except OSError as exc:
+            raise ExecutorStartError(
+                f"executor {self.executor_id}: cannot run {spec.command[0]!r}: {exc}"
+            ) from exc
+        return spec.ready_timeout_s
+
+    async def probe(self, session: aiohttp.ClientSession) -> bool:
+        """One health check: HTTP 200 from the health path."""
+        try:
+            async with session.get(
+                self.url + self.health_path, timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S)
+            ) as resp:
+                return resp.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+
+    async def wait_ready(self, session: aiohttp.ClientSession, timeout_s: float) -> None:
+        """Poll the health path until 200; fail early (with the log's tail) if the process exits."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            code = self.exited()
+            if code is not None:
+                raise ExecutorStartError(
+                    f"executor {self.executor_id} exited with code {code} before becoming healthy; "
+                    f"log {self.log_path}:\n{log_tail(self.log_path)}"
+                )
+            if await self.probe(session):
+                return
+            if time.monotonic() >= deadline:
+                raise ExecutorStartError(
+                    f"executor {self.executor_id} not healthy at {self.url}{self.health_path} within "
+                    f"{timeout_s:.1f}s; log {self.log_path}:\n{log_tail(self.log_path)}"
+                )
+            await asyncio.sleep(0.1)
+
+    async def start(
+        self, task: UnitTask[Any, Any], nats_url: str, session: aiohttp.ClientSession, timeout_s: float
+    ) -> None:
+        """Launch and wait until healthy (within the descriptor's timeout and `timeout_s`)."""
+        self.state = "starting"
+        ready_timeout = self.launch(task, nats_url)
+        try:
+            await self.wait_ready(session, min(ready_timeout, timeout_s))
+        except BaseException:
+            await self.stop(grace_s=2.0)
+            raise
+        self.state = "ready"
+        self.ever_ready = True
+        self.start_failures = 0
+        self.add_in_flight(-self.in_flight)
+        logger.info("executor %s ready at %s (pid %d)", self.executor_id, self.url, self.pid or -1)
+
+    @property
+    def pid(self) -> int | None:
+        """Process id of the current process, if any."""
+        return None if self.proc is None else self.proc.pid
+
+    async def stop(self, grace_s: float) -> None:
+        """SIGTERM the process group, SIGKILL after the grace period."""
+        if self.proc is None:
+            return
+        code = await stop_group(self.proc, grace_s)
+        logger.info("executor %s (pid %d) stopped with code %d", self.executor_id, self.proc.pid, code)

@@ -1,0 +1,302 @@
+"""The task manager's logic: the desired executor set, health checks and restarts, routing.
+
+It is transport-free (the NATS wiring is in `service`), so every decision here is a plain method:
+`assign` converges the running executors to the set the resource manager wants, `route` picks the
+least-loaded healthy executor, `done` releases a routed slot, and a background loop restarts
+executors whose process died or whose health checks keep failing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from cornserve.bus.control import AssignRequest, RouteReply, RouteRequest, TaskManagerStatus
+from cornserve.bus.micro import ServiceFault
+from cornserve.task import UnitTask
+from cornserve.task_manager.executor import ExecutorStartError, ManagedExecutor
+
+logger = logging.getLogger(__name__)
+
+
+class TaskManager:
+    """Executors of one deployed unit task."""
+
+    def __init__(
+        self,
+        task_key: str,
+        task: UnitTask[Any, Any],
+        nats_url: str,
+        log_dir: Path,
+        *,
+        health_interval_s: float = 1.0,
+        unhealthy_after: int = 3,
+        stop_grace_s: float = 5.0,
+        drain_timeout_s: float = 60.0,
+        restart_timeout_s: float = 600.0,
+        inflight_stale_s: float = 900.0,
+    ) -> None:
+        self.task_key = task_key
+        self.task = task
+        self.nats_url = nats_url
+        self.log_dir = log_dir
+        self.health_interval_s = health_interval_s
+        self.unhealthy_after = unhealthy_after
+        self.stop_grace_s = stop_grace_s
+        self.drain_timeout_s = drain_timeout_s
+        self.restart_timeout_s = restart_timeout_s
+        self.inflight_stale_s = inflight_stale_s
+        self.executors: dict[str, ManagedExecutor] = {}
+        self._assign_lock = asyncio.Lock()
+        self._restarting: dict[str, asyncio.Task[None]] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._health: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Open the HTTP client and start the health loop."""
+        self._session = aiohttp.ClientSession()
+        self._health = asyncio.create_task(self._health_loop())
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The HTTP client used for health probes."""
+        assert self._session is not None, "TaskManager.start() not called"
+        return self._session
+
+    async def close(self) -> None:
+        """Stop health checks and every executor (SIGTERM, then SIGKILL after the grace period)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._health is not None:
+            self._health.cancel()
+            await asyncio.gather(self._health, return_exceptions=True)
+        restarts = list(self._restarting.values())
+        for t in restarts:
+            t.cancel()
+        await asyncio.gather(*restarts, return_exceptions=True)
+        executors = list(self.executors.values())
+        await asyncio.gather(*(ex.stop(self.stop_grace_s) for ex in executors))
+        for ex in executors:
+            ex.state = "stopped"
+        if self._session is not None:
+            await self._session.close()
+
+    # ------------------------------------------------------------------ requests
+
+    def status(self, request_id: str) -> TaskManagerStatus:
+        """Every executor and whether all of them are ready."""
+        infos = [ex.info() for ex in self.executors.values()]
+        ready = bool(infos) and all(i.state == "ready" for i in infos)
+        return TaskManagerStatus(
+            request_id=request_id, task_key=self.task_key, ready=ready, executors=infos, pid=os.getpid()
+        )
+
+    async def assign(self, req: AssignRequest) -> TaskManagerStatus:
+        """Converge to the desired executor set; replies once every desired executor is ready."""
+        ids = [a.executor_id for a in req.executors]
+        if len(set(ids)) != len(ids):
+            raise ServiceFault(400, "bad_request", f"duplicate executor ids in assignment: {ids}")
+        try:
+            async with asyncio.timeout(req.timeout_s):
+                async with self._assign_lock:
+                    await self._converge(req)
+        except TimeoutError:
+            for ex in self.executors.values():
+                if ex.state == "starting":
+                    ex.state = "failed"
+            raise ServiceFault(
+                504,
+                "assign_timeout",
+                f"task {self.task_key}: executors not ready within {req.timeout_s:.1f}s ({self._states()})",
+            ) from None
+        return self.status(req.request_id)
+
+    async def _converge(self, req: AssignRequest) -> None:
+        desired = {a.executor_id: a for a in req.executors}
+        removed = [
+            ex
+            for eid, ex in self.executors.items()
+            if eid not in desired or ex.devices != desired[eid].devices
+        ]
+        # Drain first: an executor that keeps its id but moves devices must release the old ones.
+        await asyncio.gather(*(self._drain_and_stop(ex) for ex in removed))
+        for ex in removed:
+            self.executors.pop(ex.executor_id, None)
+        new: list[ManagedExecutor] = []
+        for a in req.executors:
+            existing = self.executors.get(a.executor_id)
+            if existing is not None and existing.state != "failed":
+                continue
+            if existing is not None:
+                await self._cancel_restart(existing.executor_id)
+                await existing.stop(self.stop_grace_s)
+            ex = ManagedExecutor(
+                executor_id=a.executor_id,
+                devices=list(a.devices),
+                log_path=self.log_dir / f"{self.task_key}.{a.executor_id}.log",
+            )
+            self.executors[a.executor_id] = ex
+            new.append(ex)
+        results = await asyncio.gather(
+            *(ex.start(self.task, self.nats_url, self.session, req.timeout_s) for ex in new),
+            return_exceptions=True,
+        )
+        errors: list[str] = []
+        for ex, result in zip(new, results, strict=True):
+            if isinstance(result, ExecutorStartError):
+                ex.state = "failed"
+                errors.append(str(result))
+            elif isinstance(result, BaseException):
+                ex.state = "failed"
+                raise result
+        if errors:
+            for e in errors:
+                logger.error("task %s: %s", self.task_key, e)
+            raise ServiceFault(502, "executor_failed", "\n".join(errors))
+
+    async def _drain_and_stop(self, ex: ManagedExecutor) -> None:
+        """No new routes; wait for in-flight work to finish (bounded), then stop the process."""
+        await self._cancel_restart(ex.executor_id)
+        ex.state = "draining"
+        logger.info("executor %s draining (%d in flight)", ex.executor_id, ex.in_flight)
+        if ex.in_flight > 0:
+            try:
+                await asyncio.wait_for(ex.idle.wait(), self.drain_timeout_s)
+            except TimeoutError:
+                logger.warning(
+                    "executor %s still had %d in flight after %.1fs of draining; stopping it anyway",
+                    ex.executor_id,
+                    ex.in_flight,
+                    self.drain_timeout_s,
+                )
+        await ex.stop(self.stop_grace_s)
+        ex.state = "stopped"
+
+    def route(self, req: RouteRequest) -> RouteReply:
+        """The healthy executor with the fewest invocations in flight (ties: fewest routed so far)."""
+        ready: list[ManagedExecutor] = []
+        for ex in self.executors.values():
+            if ex.state != "ready":
+                continue
+            code = ex.exited()
+            if code is not None and ex.executor_id not in self._restarting:
+                # Do not wait for the next health round to notice: never route to a dead process.
+                self._restart(ex, f"process exited with code {code}")
+                continue
+            ready.append(ex)
+        if not ready:
+            raise ServiceFault(
+                503,
+                "no_healthy_executor",
+                f"task {self.task_key} has no healthy executor ({self._states() or 'no executors assigned'})",
+                states={eid: ex.state for eid, ex in self.executors.items()},
+            )
+        best = min(ready, key=lambda ex: (ex.in_flight, ex.routed))
+        best.routed += 1
+        best.add_in_flight(1)
+        return RouteReply(
+            request_id=req.request_id,
+            executor_id=best.executor_id,
+            url=best.url,
+            sidecar_ranks=best.sidecar_ranks,
+        )
+
+    def done(self, executor_id: str) -> None:
+        """A routed invocation finished (a stale id, e.g. of a removed executor, is ignored)."""
+        ex = self.executors.get(executor_id)
+        if ex is None:
+            logger.debug("done for unknown executor %s ignored", executor_id)
+            return
+        ex.add_in_flight(-1)
+
+    def _states(self) -> str:
+        return ", ".join(f"{eid}: {ex.state}" for eid, ex in self.executors.items())
+
+    # ------------------------------------------------------------------ health
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.health_interval_s)
+            try:
+                await self.check_health()
+            except Exception:
+                logger.exception("health check round failed")
+
+    async def check_health(self) -> None:
+        """One round: restart executors that exited or failed `unhealthy_after` probes in a row."""
+        now = time.monotonic()
+        probing: list[ManagedExecutor] = []
+        for ex in list(self.executors.values()):
+            if ex.executor_id in self._restarting:
+                continue
+            if ex.state == "ready":
+                code = ex.exited()
+                if code is not None:
+                    self._restart(ex, f"process exited with code {code}")
+                    continue
+                probing.append(ex)
+                if ex.in_flight > 0 and now - ex.last_activity > self.inflight_stale_s:
+                    logger.warning(
+                        "executor %s: %d in flight with no activity for %.0fs (lost done messages?); resetting",
+                        ex.executor_id,
+                        ex.in_flight,
+                        now - ex.last_activity,
+                    )
+                    ex.add_in_flight(-ex.in_flight)
+            elif ex.state == "failed" and ex.ever_ready and now >= ex.next_restart_at:
+                self._restart(ex, "retrying after a failed restart")
+        results = await asyncio.gather(*(ex.probe(self.session) for ex in probing))
+        for ex, ok in zip(probing, results, strict=True):
+            if ex.state != "ready" or ex.executor_id in self._restarting:
+                continue
+            if ok:
+                ex.failed_probes = 0
+                continue
+            ex.failed_probes += 1
+            if ex.failed_probes >= self.unhealthy_after:
+                self._restart(ex, f"{ex.failed_probes} health checks of {ex.url}{ex.health_path} failed")
+
+    def _restart(self, ex: ManagedExecutor, reason: str) -> None:
+        ex.state = "unhealthy"
+        logger.warning("executor %s unhealthy: %s; restarting it", ex.executor_id, reason)
+        task = asyncio.create_task(self._do_restart(ex))
+        self._restarting[ex.executor_id] = task
+        task.add_done_callback(lambda t: self._forget_restart(ex.executor_id, t))
+
+    def _forget_restart(self, executor_id: str, task: asyncio.Task[None]) -> None:
+        if self._restarting.get(executor_id) is task:
+            del self._restarting[executor_id]
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("restart of executor %s crashed", executor_id, exc_info=task.exception())
+
+    async def _do_restart(self, ex: ManagedExecutor) -> None:
+        ex.state = "restarting"
+        await ex.stop(grace_s=2.0)
+        ex.add_in_flight(-ex.in_flight)  # whatever was in flight died with the process
+        ex.restarts += 1
+        try:
+            await ex.start(self.task, self.nats_url, self.session, self.restart_timeout_s)
+        except ExecutorStartError as exc:
+            ex.start_failures += 1
+            backoff = min(30.0, 2.0**ex.start_failures)
+            ex.state = "failed"
+            ex.next_restart_at = time.monotonic() + backoff
+            logger.error("executor %s restart failed (retry in %.0fs): %s", ex.executor_id, backoff, exc)
+            return
+        logger.info("executor %s restarted (%d restarts so far)", ex.executor_id, ex.restarts)
+
+    async def _cancel_restart(self, executor_id: str) -> None:
+        task = self._restarting.pop(executor_id, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)

@@ -1,0 +1,419 @@
+"""The dispatcher service end to end: real nats-server, real dispatcher processes, stand-in TMs/executors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import types
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+from nats.micro.request import ERROR_CODE_HEADER
+from tests.dispatcher.support import (
+    Cluster,
+    DispatcherProc,
+    start_dispatchers,
+    stop_dispatchers,
+    upload_library,
+)
+
+from cornserve.bus.control import (
+    DISPATCH_INVOKE,
+    DISPATCH_QUEUE_GROUP,
+    DISPATCHER_SERVICE_NAME,
+    InvokeReply,
+    InvokeRequest,
+)
+from cornserve.bus.micro import RequestTimeout, ServiceErrorReply, request
+from cornserve.bus.natsserver import NatsServerProcess
+from cornserve.gateway.dispatch_client import DispatchError, NatsDispatcherClient
+from cornserve.task import TaskExecutionError, TaskInvocation, use_dispatcher
+
+DEADLINE = 60.0
+"""Upper bound on any single step of a test (generous for a loaded 2-core machine)."""
+
+
+def wire(invocations: list[TaskInvocation]) -> list[dict[str, Any]]:
+    from pydantic import TypeAdapter
+
+    dumped: list[dict[str, Any]] = TypeAdapter(list[TaskInvocation]).dump_python(invocations, mode="json")
+    return dumped
+
+
+# ----- the happy paths -----------------------------------------------------------------------------
+
+
+async def test_unit_task(cluster: Cluster, lib: types.ModuleType) -> None:
+    echo = lib.DEcho()
+    executor, tm = await cluster.deploy(echo, ranks=[7])
+    client = NatsDispatcherClient(cluster.nc, timeout_s=30)
+    with use_dispatcher(client):
+        async with asyncio.timeout(DEADLINE):
+            out = await echo(lib.DEchoIn(text="hello"))
+    assert isinstance(out, lib.DEchoOut)
+    assert out.text == "HELLO"
+    assert out.executor == executor.executor_id
+    assert await tm.wait_done(1) == [executor.executor_id]
+
+
+async def test_graph_forwards_wired_to_routed_ranks(cluster: Cluster, lib: types.ModuleType) -> None:
+    pipeline = lib.DPipeline()
+    produce_exec, produce_tm = await cluster.deploy(pipeline.produce, ranks=[1])
+    scale_exec, scale_tm = await cluster.deploy(pipeline.scale, ranks=[2, 3])
+    sum_exec, sum_tm = await cluster.deploy(pipeline.sum, ranks=[4])
+    client = NatsDispatcherClient(cluster.nc, timeout_s=30)
+    with use_dispatcher(client):
+        async with asyncio.timeout(DEADLINE):
+            out = await pipeline(lib.DPipelineIn(values=[1.0, 2.0, 3.0], factor=10.0))
+    assert out.total == pytest.approx(6.0 + 60.0)
+
+    ((_, produced),) = produce_exec.requests
+    ((_, scaled),) = scale_exec.requests
+    ((_, summed),) = sum_exec.requests
+    made = produced["outputs"][0]
+    assert made["src_sidecar_ranks"] == [1]
+    assert made["dst_sidecar_ranks"] == [[2, 3], [4]]  # broadcast: scale and sum consume it
+    assert scaled["input"]["tensor"]["id"] == made["id"]
+    assert scaled["input"]["tensor"]["src_sidecar_ranks"] == [1]
+    assert scaled["outputs"][0]["src_sidecar_ranks"] == [2, 3]
+    assert scaled["outputs"][0]["dst_sidecar_ranks"] == [[4]]
+    consumed = summed["input"]["tensors"]
+    assert [f["src_sidecar_ranks"] for f in consumed] == [[1], [2, 3]]
+    assert [f["dst_sidecar_ranks"] for f in consumed] == [[[2, 3], [4]], [[4]]]
+
+    for executor, tm in [(produce_exec, produce_tm), (scale_exec, scale_tm), (sum_exec, sum_tm)]:
+        assert await tm.wait_done(1) == [executor.executor_id]
+
+
+async def test_many_concurrent_graphs(cluster: Cluster, lib: types.ModuleType) -> None:
+    pipeline = lib.DPipeline()
+    for task, ranks in [(pipeline.produce, [1]), (pipeline.scale, [2]), (pipeline.sum, [3])]:
+        await cluster.deploy(task, ranks=ranks)
+    client = NatsDispatcherClient(cluster.nc, timeout_s=30)
+    with use_dispatcher(client):
+        async with asyncio.timeout(DEADLINE):
+            outs = await asyncio.gather(
+                *(pipeline(lib.DPipelineIn(values=[float(i)], factor=2.0)) for i in range(20))
+            )
+    assert [o.total for o in outs] == [pytest.approx(3.0 * i) for i in range(20)]
+
+
+async def test_stream_relayed_through_nats(cluster: Cluster, lib: types.ModuleType) -> None:
+    chat = lib.DChat()
+    _, produce_tm = await cluster.deploy(chat.produce, ranks=[1])
+    gen_exec, gen_tm = await cluster.deploy(chat.generate, ranks=[5])
+    client = NatsDispatcherClient(cluster.nc, timeout_s=30)
+    with use_dispatcher(client):
+        async with asyncio.timeout(DEADLINE):
+            stream = await chat(lib.DChatIn(values=[1.0, 2.0, 3.0, 4.0]))
+            items = [item async for item in stream]
+    assert [(t.index, t.text) for t in items] == [(i, f"TOK{i}") for i in range(4)]
+    assert all(isinstance(t, lib.DToken) for t in items)
+    ((_, generated),) = gen_exec.requests
+    assert generated["input"]["tensor"]["src_sidecar_ranks"] == [1]
+    assert generated["input"]["tensor"]["dst_sidecar_ranks"] == [[5]]
+    assert await produce_tm.wait_done(1)
+    assert await gen_tm.wait_done(1) == [gen_exec.executor_id]  # after the stream ended
+
+
+async def test_stream_error_mid_stream(cluster: Cluster, lib: types.ModuleType) -> None:
+    chat = lib.DChat()
+    await cluster.deploy(chat.produce, ranks=[1])
+    await cluster.deploy(chat.generate, ranks=[2])
+    client = NatsDispatcherClient(cluster.nc, timeout_s=30)
+    items: list[Any] = []
+    with use_dispatcher(client):
+        async with asyncio.timeout(DEADLINE):
+            stream = await chat(lib.DChatIn(values=[1.0, 2.0, 3.0], bad_line_at=1))
+            with pytest.raises(TaskExecutionError, match="DGenerate at position 1 failed while streaming"):
+                async for item in stream:
+                    items.append(item)
+    assert [t.index for t in items] == [0]
+
+
+async def test_stream_idle_deadline(cluster: Cluster, lib: types.ModuleType) -> None:
+    chat = lib.DChat()
+    await cluster.deploy(chat.produce, ranks=[1])
+    gen_exec, gen_tm = await cluster.deploy(chat.generate, ranks=[2])
+    client = NatsDispatcherClient(cluster.nc, timeout_s=1.5)
+    items: list[Any] = []
+    with use_dispatcher(client):
+        async with asyncio.timeout(DEADLINE):
+            stream = await chat(lib.DChatIn(values=[1.0, 2.0, 3.0], stall_at=2))
+            with pytest.raises(TaskExecutionError, match=r"sent nothing for 1\.5 s"):
+                async for item in stream:
+                    items.append(item)
+    assert [t.index for t in items] == [0, 1]
+    async with asyncio.timeout(DEADLINE):
+        await gen_exec.cancelled.wait()  # the dispatcher hung up on the stalled executor
+    assert await gen_tm.wait_done(1)
+
+
+async def test_stream_that_fails_to_start(cluster: Cluster, lib: types.ModuleType) -> None:
+    chat = lib.DChat()
+    await cluster.deploy(chat.produce, ranks=[1])
+    await cluster.deploy(chat.generate, ranks=[2])
+    client = NatsDispatcherClient(cluster.nc, timeout_s=30)
+    with use_dispatcher(client), pytest.raises(DispatchError) as failure:
+        async with asyncio.timeout(DEADLINE):
+            await chat(lib.DChatIn(values=[1.0], fail="no tokens today"))
+    assert failure.value.code == 502
+    assert "DGenerate at position 1 failed" in str(failure.value)
+    assert "no tokens today" in str(failure.value)
+
+
+# ----- failures ------------------------------------------------------------------------------------
+
+
+async def test_failing_executor_fails_graph_promptly(cluster: Cluster, lib: types.ModuleType) -> None:
+    """produce fails; scale and sum wait for its data: they are cancelled, the caller gets the error now."""
+    pipeline = lib.DPipeline()
+    _, produce_tm = await cluster.deploy(pipeline.produce, ranks=[1])
+    scale_exec, _ = await cluster.deploy(pipeline.scale, ranks=[2])
+    sum_exec, _ = await cluster.deploy(pipeline.sum, ranks=[3])
+    # The graph's deadline (600 s) is far beyond the test's own deadline: only a prompt failure passes.
+    client = NatsDispatcherClient(cluster.nc, timeout_s=600)
+    with use_dispatcher(client), pytest.raises(DispatchError) as failure:
+        async with asyncio.timeout(DEADLINE):
+            await pipeline(lib.DPipelineIn(values=[1.0], fail="out of cheese"))
+    err = failure.value
+    assert err.code == 502 and err.error == "executor_failed"
+    assert "DProduce at position 0 failed" in str(err)
+    assert "dproduce exploded: out of cheese" in str(err)  # the executor's own message
+    assert err.task_name == "DProduce" and err.position == 0
+    async with asyncio.timeout(DEADLINE):
+        await scale_exec.cancelled.wait()  # the invocations still waiting were cancelled
+        await sum_exec.cancelled.wait()
+    assert await produce_tm.wait_done(1)
+
+
+async def test_task_not_deployed(cluster: Cluster, lib: types.ModuleType) -> None:
+    ghost = lib.DEcho(label="never-deployed")
+    client = NatsDispatcherClient(cluster.nc, timeout_s=30)
+    with use_dispatcher(client), pytest.raises(DispatchError) as failure:
+        async with asyncio.timeout(DEADLINE):
+            await ghost(lib.DEchoIn(text="x"))
+    assert failure.value.code == 404 and failure.value.error == "task_not_deployed"
+    assert "DEcho at position 0 is not deployed" in str(failure.value)
+    assert ghost.deployment_key in str(failure.value)
+
+
+async def test_deployment_seen_without_event_then_removed(cluster: Cluster, lib: types.ModuleType) -> None:
+    """A deploy whose event has not arrived is found by re-querying the RM; a removal event un-deploys."""
+    echo = lib.DEcho(label="quiet")
+    await cluster.deploy(echo, ranks=[1], announce=False)
+    client = NatsDispatcherClient(cluster.nc, timeout_s=30)
+    with use_dispatcher(client):
+        async with asyncio.timeout(DEADLINE):
+            assert (await echo(lib.DEchoIn(text="a"))).text == "A"
+            await cluster.remove(echo)
+            with pytest.raises(DispatchError) as failure:
+                await echo(lib.DEchoIn(text="b"))
+    assert failure.value.code == 404
+
+
+async def test_graph_deadline(cluster: Cluster, lib: types.ModuleType) -> None:
+    echo = lib.DEcho(label="slow")
+    executor, tm = await cluster.deploy(echo, ranks=[1])
+    client = NatsDispatcherClient(cluster.nc, timeout_s=1.0)
+    with use_dispatcher(client), pytest.raises(DispatchError) as failure:
+        async with asyncio.timeout(DEADLINE):
+            await echo(lib.DEchoIn(text="x", delay_s=300))
+    assert failure.value.code == 504 and failure.value.error == "timeout"
+    assert "DEcho at position 0" in str(failure.value)  # names what was still running
+    async with asyncio.timeout(DEADLINE):
+        await executor.cancelled.wait()
+    assert await tm.wait_done(1)
+
+
+async def test_task_manager_not_answering(cluster: Cluster, lib: types.ModuleType) -> None:
+    silent, absent = lib.DEcho(label="silent-tm"), lib.DEcho(label="absent-tm")
+    await cluster.deploy(silent, ranks=[1], tm="silent")
+    await cluster.deploy(absent, ranks=[2], tm="absent")
+    client = NatsDispatcherClient(cluster.nc, timeout_s=30)
+    with use_dispatcher(client):
+        for task, expected in [(silent, "did not answer"), (absent, "is not running")]:
+            with pytest.raises(DispatchError) as failure:
+                async with asyncio.timeout(DEADLINE):
+                    await task(lib.DEchoIn(text="x"))
+            assert failure.value.code == 503 and failure.value.error == "task_unavailable"
+            assert "DEcho at position 0" in str(failure.value) and expected in str(failure.value)
+
+
+async def test_malformed_requests_get_typed_errors(cluster: Cluster, lib: types.ModuleType) -> None:
+    echo = lib.DEcho(label="after-garbage")
+    await cluster.deploy(echo, ranks=[1])
+    nc = cluster.nc
+    async with asyncio.timeout(DEADLINE):
+        for garbage in [
+            b"not json",
+            b"{}",
+            b'{"invocations": []}',
+            json.dumps({"invocations": [1]}).encode(),
+        ]:
+            msg = await nc.request(DISPATCH_INVOKE, garbage, timeout=10)
+            assert msg.headers is not None and msg.headers[ERROR_CODE_HEADER] == "400", garbage
+
+        bad_graphs: list[tuple[list[dict[str, Any]], str]] = [
+            (
+                [{"task": {"name": "NoSuchTask", "config": {}}, "task_input": {}, "task_output": {}}],
+                "NoSuchTask",
+            ),
+            (
+                [{"task": {"name": "DEcho", "config": {}}, "task_input": {"nope": 1}, "task_output": {}}],
+                "DEcho",
+            ),
+            ([{"unexpected": True}], "invalid invocations"),
+        ]
+        for invocations, expected in bad_graphs:
+            with pytest.raises(ServiceErrorReply) as failure:
+                await request(nc, DISPATCH_INVOKE, InvokeRequest(invocations=invocations), InvokeReply, 10)
+            assert failure.value.code == "400" and failure.value.error.error == "bad_request"
+            assert expected in failure.value.error.message
+
+        # A streaming graph without a subject to relay on is refused before anything runs.
+        chat = lib.DChat()
+        graph = chat.trace(lib.DChatIn(values=[1.0]))
+        with pytest.raises(ServiceErrorReply) as failure:
+            await request(
+                nc, DISPATCH_INVOKE, InvokeRequest(invocations=wire(graph.invocations)), InvokeReply, 10
+            )
+        assert failure.value.code == "400" and "stream_subject" in failure.value.error.message
+
+        # Still serving.
+        with use_dispatcher(NatsDispatcherClient(nc, timeout_s=30)):
+            assert (await echo(lib.DEchoIn(text="ok"))).text == "OK"
+
+
+async def test_replicas_registered_with_micro(cluster: Cluster, dispatchers: list[DispatcherProc]) -> None:
+    nc = cluster.nc
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    seen: dict[str, dict[str, Any]] = {}
+    async with asyncio.timeout(DEADLINE):
+        while len(seen) < len(dispatchers):
+            await nc.publish(f"$SRV.INFO.{DISPATCHER_SERVICE_NAME}", b"", reply=inbox)
+            try:
+                msg = await sub.next_msg(timeout=1.0)
+            except nats.errors.TimeoutError:
+                continue
+            info = json.loads(msg.data)
+            seen[info["metadata"]["replica_id"]] = info
+    await sub.unsubscribe()
+    assert set(seen) == {p.replica_id for p in dispatchers}
+    for info in seen.values():
+        (endpoint,) = info["endpoints"]
+        assert endpoint["subject"] == DISPATCH_INVOKE
+        assert endpoint["queue_group"] == DISPATCH_QUEUE_GROUP
+
+
+# ----- replicas coming and going (own nats-server, own replicas) -----------------------------------
+
+
+async def test_replica_killed_mid_load(lib: types.ModuleType, tmp_path: Path) -> None:
+    with NatsServerProcess() as server:
+        await upload_library(server.url)
+        procs = await asyncio.to_thread(start_dispatchers, server.url, ["k1", "k2"], tmp_path)
+        nc = await nats.connect(server.url)
+        cluster = Cluster(nc)
+        try:
+            await cluster.start_rm()
+            echo = lib.DEcho(label="held")
+            executor, _ = await cluster.deploy(echo, ranks=[1])
+            graph = wire(echo.trace(lib.DEchoIn(text="held", hold=True)).invocations)
+
+            async def held_call() -> InvokeReply | BaseException:
+                try:
+                    return await request(
+                        nc, DISPATCH_INVOKE, InvokeRequest(invocations=graph, timeout_s=8), InvokeReply, 12
+                    )
+                except (RequestTimeout, ServiceErrorReply) as exc:
+                    return exc
+
+            in_flight = [asyncio.create_task(held_call()) for _ in range(10)]
+            async with asyncio.timeout(DEADLINE):
+                while executor.held < len(in_flight):  # every graph reached the executor
+                    await asyncio.sleep(0.02)
+            procs[0].kill()
+            executor.gate.set()
+            async with asyncio.timeout(DEADLINE):
+                results = await asyncio.gather(*in_flight)
+            answered = [r for r in results if isinstance(r, InvokeReply)]
+            for r in answered:
+                assert r.outputs[0] is not None and r.outputs[0]["text"] == "HELD"
+            for r in results:  # graphs on the killed replica are lost: the caller's deadline says so
+                assert isinstance(r, InvokeReply | RequestTimeout), r
+
+            # The survivor takes every new graph.
+            with use_dispatcher(NatsDispatcherClient(nc, timeout_s=30)):
+                async with asyncio.timeout(DEADLINE):
+                    outs = await asyncio.gather(*(echo(lib.DEchoIn(text=f"n{i}")) for i in range(10)))
+            assert [o.text for o in outs] == [f"N{i}" for i in range(10)]
+        finally:
+            await cluster.close()
+            await nc.close()
+            await asyncio.to_thread(stop_dispatchers, procs, ("k1",))
+
+
+async def test_resource_manager_down_at_start(lib: types.ModuleType, tmp_path: Path) -> None:
+    with NatsServerProcess() as server:
+        await upload_library(server.url)
+        (proc,) = await asyncio.to_thread(start_dispatchers, server.url, ["late-rm"], tmp_path)
+        nc = await nats.connect(server.url)
+        cluster = Cluster(nc)
+        echo = lib.DEcho(label="late")
+        try:
+            # Serving already: an unknown task is a prompt 404 even though the RM is not there.
+            client = NatsDispatcherClient(nc, timeout_s=30)
+            with use_dispatcher(client), pytest.raises(DispatchError) as failure:
+                async with asyncio.timeout(DEADLINE):
+                    await echo(lib.DEchoIn(text="x"))
+            assert failure.value.code == 404
+
+            await cluster.deploy(echo, ranks=[1], announce=False)
+            await cluster.start_rm()
+            await proc.wait_log("caught up with the resource manager: 1 deployment(s)", DEADLINE)
+            queries = cluster.state_queries
+            with use_dispatcher(client):
+                async with asyncio.timeout(DEADLINE):
+                    assert (await echo(lib.DEchoIn(text="x"))).text == "X"
+            assert cluster.state_queries == queries  # served from the caught-up cache
+        finally:
+            await cluster.close()
+            await nc.close()
+            await asyncio.to_thread(stop_dispatchers, [proc])
+
+
+async def test_sigterm_drains_then_fails_what_is_left(lib: types.ModuleType, tmp_path: Path) -> None:
+    """SIGTERM: the replica stops taking graphs, gives running ones its drain time, then fails them typed."""
+    with NatsServerProcess() as server:
+        await upload_library(server.url)
+        proc = DispatcherProc(server.url, "draining", tmp_path, "--drain-timeout", "1")
+        await asyncio.to_thread(proc.wait_ready)
+        nc = await nats.connect(server.url)
+        cluster = Cluster(nc)
+        try:
+            await cluster.start_rm()
+            echo = lib.DEcho(label="drain")
+            executor, tm = await cluster.deploy(echo, ranks=[1])
+            graph = wire(echo.trace(lib.DEchoIn(text="held", hold=True)).invocations)
+            call = asyncio.create_task(
+                request(nc, DISPATCH_INVOKE, InvokeRequest(invocations=graph, timeout_s=120), InvokeReply, 60)
+            )
+            async with asyncio.timeout(DEADLINE):
+                while executor.held < 1:
+                    await asyncio.sleep(0.02)
+            code = await asyncio.to_thread(proc.stop)
+            with pytest.raises(ServiceErrorReply) as failure:
+                async with asyncio.timeout(DEADLINE):
+                    await call
+            assert failure.value.code == "503" and failure.value.error.error == "shutting_down"
+            assert code == 0 and "Traceback" not in proc.log()
+            assert await tm.wait_done(1)
+        finally:
+            await cluster.close()
+            await nc.close()
+            if proc.proc.poll() is None:
+                proc.kill()
