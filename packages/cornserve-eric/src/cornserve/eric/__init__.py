@@ -1,0 +1,1 @@
+"""Eric: Cornserve's multimodal encoder executor (HTTP server sending embeddings through the sidecar)."""

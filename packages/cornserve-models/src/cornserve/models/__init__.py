@@ -1,0 +1,1 @@
+"""Tiny checkpoints and model-family adapters (encoder towers, prompts, embedding splicing) for Cornserve executors."""
