@@ -174,12 +174,21 @@ def test_vllm_descriptor_launch_and_translation() -> None:
     spec = descriptor.launch_spec(
         task, launch_context([Device(kind="cuda", index=2), Device(kind="cuda", index=3)])
     )
-    assert spec.command[:3] == ["vllm", "serve", "Qwen/Qwen2-VL-7B-Instruct"]
+    # Encoder fission: Cornserve's proxy receives the embeddings and runs `vllm serve` behind it.
+    assert spec.command[1:3] == ["-m", "cornserve.vllm"]
     joined = " ".join(spec.command)
+    assert "--model-id Qwen/Qwen2-VL-7B-Instruct" in joined and "--sidecar-ranks 3,4" in joined
     assert (
         "--port 8123" in joined and "--tensor-parallel-size 2" in joined and "--max-model-len 2048" in joined
     )
-    assert spec.command[-1] == "--enforce-eager"
+    assert spec.command[-2:] == ["--", "--enforce-eager"]
+    # Without fission vLLM takes the media itself and is launched directly.
+    plain = LLMTask(model_id="Qwen/Qwen2-VL-7B-Instruct", modalities=["image"], descriptor=descriptor)
+    direct = descriptor.launch_spec(
+        plain, launch_context([Device(kind="cuda", index=2), Device(kind="cuda", index=3)])
+    ).command
+    assert direct[:3] == ["vllm", "serve", "Qwen/Qwen2-VL-7B-Instruct"]
+    assert "--port 8123" in " ".join(direct) and direct[-1] == "--enforce-eager"
     assert spec.env["CUDA_VISIBLE_DEVICES"] == "2,3" and spec.env["CORNSERVE_SIDECAR_RANKS"] == "3,4"
     with pytest.raises(TaskExecutionError, match="needs GPU devices"):
         descriptor.launch_spec(task, launch_context([Device(kind="cpu", index=0)]))

@@ -124,19 +124,39 @@ class VLLMDescriptor(OpenAIChatDescriptor):
         return self.tensor_parallel_size
 
     def launch_spec(self, task: LLMTask, context: ExecutorLaunchContext) -> ExecutorLaunchSpec:
-        """`vllm serve MODEL --port P --tensor-parallel-size N ...` on the allocated GPUs."""
+        """`vllm serve MODEL ...` on the allocated GPUs; behind Cornserve's proxy with encoder fission.
+
+        vLLM cannot pull embeddings from a sidecar, so an LLMTask with `receive_embeddings=True`
+        runs `python -m cornserve.vllm`, which receives them and hands them to `vllm serve
+        --enable-mm-embeds` as `image_embeds` content parts (docs/executors.md).
+        """
         if any(d.kind != "cuda" for d in context.devices):
             raise TaskExecutionError("VLLMDescriptor needs GPU devices; use CPULLMDescriptor on CPU slots")
-        command = [
-            "vllm", "serve", task.model_id,
-            "--host", context.host,
-            "--port", str(context.port),
-            "--tensor-parallel-size", str(self.tensor_parallel_size),
-            "--gpu-memory-utilization", str(self.gpu_memory_utilization),
-        ]  # fmt: skip
-        if self.max_model_len is not None:
-            command += ["--max-model-len", str(self.max_model_len)]
-        command += self.extra_args
+        if task.receive_embeddings:
+            command = [
+                sys.executable, "-m", "cornserve.vllm",
+                "--model-id", task.model_id,
+                "--host", context.host,
+                "--port", str(context.port),
+                "--sidecar-ranks", ",".join(map(str, context.sidecar_ranks)),
+                "--tensor-parallel-size", str(self.tensor_parallel_size),
+                "--gpu-memory-utilization", str(self.gpu_memory_utilization),
+            ]  # fmt: skip
+            if self.max_model_len is not None:
+                command += ["--max-model-len", str(self.max_model_len)]
+            if self.extra_args:
+                command += ["--", *self.extra_args]
+        else:
+            command = [
+                "vllm", "serve", task.model_id,
+                "--host", context.host,
+                "--port", str(context.port),
+                "--tensor-parallel-size", str(self.tensor_parallel_size),
+                "--gpu-memory-utilization", str(self.gpu_memory_utilization),
+            ]  # fmt: skip
+            if self.max_model_len is not None:
+                command += ["--max-model-len", str(self.max_model_len)]
+            command += self.extra_args
         env = {
             "CUDA_VISIBLE_DEVICES": ",".join(str(d.index) for d in context.devices),
             "CORNSERVE_SIDECAR_RANKS": ",".join(map(str, context.sidecar_ranks)),

@@ -1,0 +1,229 @@
+"""The proxy in front of `vllm serve` for encoder-fission LLMTasks.
+
+Start-up: the proxy's port opens first with `/health` answering 503, `vllm serve` starts on an
+internal port, and `/health` turns 200 once vLLM's own `/health` does (within `ready_timeout_s`).
+If vLLM exits, the proxy exits too so that the task manager restarts the executor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+from typing import Any
+
+import aiohttp
+import torch
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field
+
+from cornserve.sidecar import Sidecar
+from cornserve.sidecar.errors import SidecarError
+from cornserve.vllm.command import VLLMServeArgs, vllm_serve_command
+from cornserve.vllm.translate import EmbeddingTranslationError, ReceivedEmbedding, rewrite_request
+
+logger = logging.getLogger(__name__)
+
+
+class ProxyConfig(BaseModel):
+    """The proxy's command line."""
+
+    model_config = ConfigDict(frozen=True)
+
+    serve: VLLMServeArgs
+    sidecar_rank: int = Field(ge=0)
+    nats_url: str | None = None
+    vllm_executable: str = "vllm"
+    ready_timeout_s: float = Field(default=900.0, gt=0)
+    embedding_timeout_s: float = Field(default=60.0, gt=0)
+    request_timeout_s: float = Field(default=600.0, gt=0)
+
+
+def free_local_port() -> int:
+    """A port on 127.0.0.1 nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _error(status: int, kind: str, message: str) -> web.Response:
+    return web.json_response({"error": {"type": kind, "message": message}}, status=status)
+
+
+class ProxyState:
+    """The vLLM child, the sidecar client and the HTTP session to vLLM."""
+
+    def __init__(self, config: ProxyConfig, internal_port: int) -> None:
+        self.config = config
+        self.internal_url = f"http://127.0.0.1:{internal_port}"
+        self.internal_args = config.serve.model_copy(
+            update={"host": "127.0.0.1", "port": internal_port, "enable_mm_embeds": True}
+        )
+        self.child: subprocess.Popen[bytes] | None = None
+        self.ready = asyncio.Event()
+        self.failed: str | None = None
+        self.sidecar: Sidecar | None = None
+        self.session: aiohttp.ClientSession | None = None
+        self.exit_code: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.watchers: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        """Start vLLM in its own process group and watch it become healthy."""
+        command = vllm_serve_command(self.internal_args, self.config.vllm_executable)
+        logger.info("starting %s", " ".join(command))
+        self.child = subprocess.Popen(command, start_new_session=True)
+        self.session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self.config.request_timeout_s)
+        )
+        self.sidecar = Sidecar(self.config.sidecar_rank, self.config.nats_url)
+        self.watchers = [
+            asyncio.create_task(self._wait_ready(), name="vllm-ready"),
+            asyncio.create_task(self._watch_child(), name="vllm-watch"),
+        ]
+
+    async def _wait_ready(self) -> None:
+        assert self.session is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.ready_timeout_s
+        while loop.time() < deadline and not self.exit_code.done():
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                async with self.session.get(
+                    self.internal_url + "/health", timeout=aiohttp.ClientTimeout(total=5)
+                ) as response:
+                    if response.status == 200:
+                        logger.info("vLLM is healthy at %s", self.internal_url)
+                        self.ready.set()
+                        return
+            await asyncio.sleep(1.0)
+        if not self.exit_code.done():
+            self.failed = f"vLLM did not become healthy within {self.config.ready_timeout_s:.0f}s"
+            logger.error(self.failed)
+            self.exit_code.set_result(1)
+
+    async def _watch_child(self) -> None:
+        assert self.child is not None
+        while self.child.poll() is None and not self.exit_code.done():
+            await asyncio.sleep(0.5)
+        code = self.child.poll()
+        if code is not None and not self.exit_code.done():
+            self.failed = f"vLLM exited with code {code}"
+            logger.error(self.failed)
+            self.exit_code.set_result(1)
+
+    async def receive(self, forward: dict[str, Any]) -> ReceivedEmbedding:
+        """Chunk 0 (tensor) and chunk 1 (metadata) of one embedding forward; both marked done."""
+        assert self.sidecar is not None
+        forward_id = forward.get("id")
+        if not isinstance(forward_id, str) or not forward_id:
+            raise EmbeddingTranslationError(f"cornserve_embeddings entry without an id: {forward!r}")
+        timeout = self.config.embedding_timeout_s
+        tensor = await self.sidecar.recv(forward_id, 0, timeout, copy=True)
+        meta = await self.sidecar.recv(forward_id, 1, timeout)
+        await self.sidecar.mark_done(forward_id, 0)
+        await self.sidecar.mark_done(forward_id, 1)
+        if not isinstance(tensor, torch.Tensor) or not isinstance(meta, dict):
+            raise EmbeddingTranslationError(
+                f"forward {forward_id} is not an embedding (expected a tensor and a metadata dict)"
+            )
+        return ReceivedEmbedding(
+            tensor=tensor,
+            modality=str(meta.get("modality", "")),
+            num_tokens=int(meta.get("num_tokens", tensor.shape[0])),
+            grid_thw=meta.get("grid_thw"),
+        )
+
+    def request_stop(self) -> None:
+        """SIGTERM/SIGINT: leave with exit code 0."""
+        if not self.exit_code.done():
+            self.exit_code.set_result(0)
+
+    async def stop(self) -> None:
+        """Stop vLLM (SIGTERM to its group, SIGKILL after 30 s) and close clients."""
+        for watcher in self.watchers:
+            watcher.cancel()
+        if self.child is not None and self.child.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.child.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(asyncio.to_thread(self.child.wait), 30)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.child.pid, signal.SIGKILL)
+                await asyncio.to_thread(self.child.wait)
+        if self.session is not None:
+            await self.session.close()
+        if self.sidecar is not None:
+            await self.sidecar.close()
+
+
+_STATE_KEY: web.AppKey[ProxyState] = web.AppKey("proxy_state")
+
+
+async def _health(request: web.Request) -> web.Response:
+    state = request.app[_STATE_KEY]
+    if state.failed:
+        return _error(503, "unhealthy", state.failed)
+    if not state.ready.is_set():
+        return _error(503, "starting", "vLLM is starting")
+    return web.json_response({"status": "ok", "model": state.config.serve.model})
+
+
+async def _chat(request: web.Request) -> web.StreamResponse:
+    state = request.app[_STATE_KEY]
+    if not state.ready.is_set():
+        return _error(503, "starting", "vLLM is not ready yet")
+    try:
+        body = await request.json()
+    except json.JSONDecodeError as exc:
+        return _error(400, "invalid_request_error", f"the body is not JSON: {exc}")
+    if not isinstance(body, dict):
+        return _error(400, "invalid_request_error", "the body must be a JSON object")
+    forwards = body.get("cornserve_embeddings") or []
+    try:
+        embeddings = [await state.receive(f) for f in forwards]
+        rewritten = rewrite_request(body, embeddings)
+    except EmbeddingTranslationError as exc:
+        return _error(400, "invalid_request_error", str(exc))
+    except SidecarError as exc:
+        return _error(504, "embedding_unavailable", f"an embedding did not arrive: {exc}")
+    assert state.session is not None
+    async with state.session.post(state.internal_url + "/v1/chat/completions", json=rewritten) as upstream:
+        response = web.StreamResponse(status=upstream.status)
+        response.content_type = upstream.content_type
+        await response.prepare(request)
+        async for block in upstream.content.iter_any():
+            await response.write(block)
+        await response.write_eof()
+        return response
+
+
+def build_app(state: ProxyState) -> web.Application:
+    """Routes: `/health`, `/v1/chat/completions`."""
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app[_STATE_KEY] = state
+    app.router.add_get("/health", _health)
+    app.router.add_post("/v1/chat/completions", _chat)
+    return app
+
+
+async def serve(config: ProxyConfig) -> int:
+    """Run until SIGTERM/SIGINT or until vLLM dies; returns the exit code."""
+    state = ProxyState(config, free_local_port())
+    runner = web.AppRunner(build_app(state))
+    await runner.setup()
+    site = web.TCPSite(runner, config.serve.host, config.serve.port)
+    await site.start()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, state.request_stop)
+    try:
+        await state.start()
+        return await state.exit_code
+    finally:
+        await state.stop()
+        await runner.cleanup()
