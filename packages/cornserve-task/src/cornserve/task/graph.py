@@ -87,36 +87,47 @@ class TaskGraph:
                     return fwd.data_type
         return "?"
 
-    def to_mermaid(self) -> str:
-        """Mermaid flowchart text: one node per invocation, one arrow per forward edge."""
-        lines = ["flowchart LR"]
-        for position, inv in enumerate(self.invocations):
-            lines.append(f'    t{position}["{position}: {_label(inv)}"]')
-        for producer, consumer, fid in self.edges:
-            lines.append(f"    t{producer} -->|{self._data_type(fid)} {fid[:8]}| t{consumer}")
+    def _picture(self) -> tuple[list[tuple[str, str]], list[tuple[str, str, str, bool]]]:
+        """The drawing both renderers share: nodes (id, label) and arrows (src, dst, label, dashed)."""
+        nodes = [
+            (f"t{position}", f"{position}: {_label(inv)}") for position, inv in enumerate(self.invocations)
+        ]
+        arrows = [
+            (f"t{producer}", f"t{consumer}", f"{self._data_type(fid)} {fid[:8]}", False)
+            for producer, consumer, fid in self.edges
+        ]
         returned, streams = self._returned()
         if returned or streams:
-            lines.append('    out(["output"])')
-        for producer, fid in returned:
-            lines.append(f"    t{producer} -->|{self._data_type(fid)} {fid[:8]}| out")
+            nodes.append(("out", "output"))
+        arrows += [
+            (f"t{producer}", "out", f"{self._data_type(fid)} {fid[:8]}", False) for producer, fid in returned
+        ]
         if streams and self.invocations:
-            lines.append(f"    t{len(self.invocations) - 1} -.->|stream| out")
+            arrows.append((f"t{len(self.invocations) - 1}", "out", "stream", True))
+        return nodes, arrows
+
+    def to_mermaid(self) -> str:
+        """Mermaid flowchart text: one node per invocation, one arrow per forward edge."""
+        nodes, arrows = self._picture()
+        lines = ["flowchart LR"]
+        lines += [f'    {n}(["{label}"])' if n == "out" else f'    {n}["{label}"]' for n, label in nodes]
+        lines += [f"    {a} {'-.->' if dashed else '-->'}|{label}| {b}" for a, b, label, dashed in arrows]
         return "\n".join(lines) + "\n"
 
     def to_dot(self) -> str:
         """Graphviz DOT text of the same picture."""
+        nodes, arrows = self._picture()
         lines = ["digraph task_graph {", "    rankdir=LR;", "    node [shape=box];"]
-        for position, inv in enumerate(self.invocations):
-            lines.append(f'    t{position} [label="{position}: {_label(inv)}"];')
-        for producer, consumer, fid in self.edges:
-            lines.append(f'    t{producer} -> t{consumer} [label="{self._data_type(fid)} {fid[:8]}"];')
-        returned, streams = self._returned()
-        if returned or streams:
-            lines.append('    out [label="output", shape=oval];')
-        for producer, fid in returned:
-            lines.append(f'    t{producer} -> out [label="{self._data_type(fid)} {fid[:8]}"];')
-        if streams and self.invocations:
-            lines.append(f'    t{len(self.invocations) - 1} -> out [label="stream", style=dashed];')
+        lines += [
+            f'    {n} [label="{label}", shape=oval];' if n == "out" else f'    {n} [label="{label}"];'
+            for n, label in nodes
+        ]
+        lines += [
+            f'    {a} -> {b} [label="{label}", style=dashed];'
+            if dashed
+            else f'    {a} -> {b} [label="{label}"];'
+            for a, b, label, dashed in arrows
+        ]
         lines.append("}")
         return "\n".join(lines) + "\n"
 
