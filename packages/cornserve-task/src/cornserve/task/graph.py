@@ -137,7 +137,7 @@ class TaskGraph:
         for position, inv in enumerate(self.invocations):
             consumes = [f.id[:8] for f in iter_forwards(inv.task_input)]
             produces = [f.id[:8] for f in iter_forwards(inv.task_output)]
-            kind = "stream" if isinstance(inv.task_output, Stream) else "output"
+            kind = "output streams" if isinstance(inv.task_output, Stream) else "output is a value"
             lines.append(
                 f"[{position}] {_label(inv)}  key={inv.task.deployment_key}\n"
                 f"      consumes: {', '.join(consumes) or '-'}   produces: {', '.join(produces) or '-'} ({kind})"
