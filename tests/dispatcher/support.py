@@ -182,6 +182,9 @@ class FakeExecutor:
 
     async def _serve(self, name: str, body: dict[str, Any], request: web.Request) -> web.StreamResponse:
         inp, outs = body["input"], body["outputs"]
+        if (inp.get("fail") or "").startswith("reject:"):
+            message = inp["fail"][len("reject:") :].strip()
+            return web.json_response({"error": {"type": "invalid_request", "message": message}}, status=400)
         if inp.get("fail"):
             return web.Response(status=500, text=f"{name} exploded: {inp['fail']}")
         if name == "decho":

@@ -167,6 +167,23 @@ async def test_stream_that_fails_to_start(cluster: Cluster, lib: types.ModuleTyp
 # ----- failures ------------------------------------------------------------------------------------
 
 
+async def test_executor_refusing_its_input_keeps_the_client_error_status(
+    cluster: Cluster, lib: types.ModuleType
+) -> None:
+    """An executor's 400 (bad media, too many tokens) is the caller's fault: 400 with its message."""
+    pipeline = lib.DPipeline()
+    await cluster.deploy(pipeline.produce, ranks=[1])
+    await cluster.deploy(pipeline.scale, ranks=[2])
+    await cluster.deploy(pipeline.sum, ranks=[3])
+    client = NatsDispatcherClient(cluster.nc, timeout_s=600)
+    with use_dispatcher(client), pytest.raises(DispatchError) as failure:
+        async with asyncio.timeout(DEADLINE):
+            await pipeline(lib.DPipelineIn(values=[1.0], fail="reject: the image cannot be decoded"))
+    err = failure.value
+    assert err.code == 400 and err.error == "invalid_input"
+    assert "DProduce at position 0 rejected its input: the image cannot be decoded" in str(err)
+
+
 async def test_failing_executor_fails_graph_promptly(cluster: Cluster, lib: types.ModuleType) -> None:
     """produce fails; scale and sum wait for its data: they are cancelled, the caller gets the error now."""
     pipeline = lib.DPipeline()

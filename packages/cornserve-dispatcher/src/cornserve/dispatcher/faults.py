@@ -1,7 +1,8 @@
 """The typed error replies of the dispatcher, in one place so codes and kinds stay consistent.
 
 The gateway maps the codes to HTTP statuses: 400 bad graph, 404 task not deployed, 502 an
-executor (or its descriptor) failed, 503 a task manager or the dispatcher itself is unavailable,
+executor (or its descriptor) failed, 400/413/422 an executor refused the request's input
+(undecodable media, too many tokens), 503 a task manager or the dispatcher itself is unavailable,
 504 the graph's deadline passed.
 """
 
@@ -13,6 +14,9 @@ BAD_REQUEST = "bad_request"
 TASK_NOT_DEPLOYED = "task_not_deployed"
 TASK_UNAVAILABLE = "task_unavailable"
 EXECUTOR_FAILED = "executor_failed"
+INVALID_INPUT = "invalid_input"
+CLIENT_ERROR_STATUSES = frozenset({400, 413, 422})
+"""Executor answers that blame the request (bad media, too many tokens): passed on as they are."""
 TIMEOUT = "timeout"
 SHUTTING_DOWN = "shutting_down"
 
@@ -53,6 +57,20 @@ def executor_failed(task_name: str, position: int, reason: str, **details: objec
         502,
         EXECUTOR_FAILED,
         f"{task_name} at position {position} failed: {reason}",
+        task=task_name,
+        position=position,
+        **details,
+    )
+
+
+def executor_rejected_input(
+    task_name: str, position: int, status: int, message: str, **details: object
+) -> ServiceFault:
+    """An executor refused the invocation's input: the caller's fault, so its 4xx status is kept."""
+    return ServiceFault(
+        status,
+        INVALID_INPUT,
+        f"{task_name} at position {position} rejected its input: {message}",
         task=task_name,
         position=position,
         **details,

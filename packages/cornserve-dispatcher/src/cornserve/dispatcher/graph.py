@@ -328,6 +328,14 @@ async def _status_failure(routed: Routed, response: aiohttp.ClientResponse) -> S
     except aiohttp.ClientError:
         raw = b""
     text = _text(raw) or (response.reason or "")
+    if response.status in faults.CLIENT_ERROR_STATUSES:
+        return faults.executor_rejected_input(
+            routed.task_name,
+            routed.position,
+            response.status,
+            _error_message(raw) or text,
+            executor_id=routed.route.executor_id,
+        )
     return faults.executor_failed(
         routed.task_name,
         routed.position,
@@ -335,6 +343,20 @@ async def _status_failure(routed: Routed, response: aiohttp.ClientResponse) -> S
         executor_id=routed.route.executor_id,
         status=response.status,
     )
+
+
+def _error_message(raw: bytes) -> str | None:
+    """The message of an OpenAI-style `{"error": {"message": ...}}` body, if that is what it is."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return None
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return _text(error["message"].encode())
+    if isinstance(error, str):
+        return _text(error.encode())
+    return None
 
 
 def _text(raw: bytes) -> str:

@@ -1,0 +1,5 @@
+"""`python -m cornserve.eric`."""
+
+from cornserve.eric.main import main
+
+main()

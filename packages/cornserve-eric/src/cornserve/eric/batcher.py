@@ -1,0 +1,112 @@
+"""Dynamic batching of same-modality items onto one encoder.
+
+Items of one request are queued together, so they form one batch (up to `max_batch_size`); items
+of requests that arrive while a batch is running wait and go together in the next one. The model
+runs on a single worker thread, so the event loop stays free to accept and preprocess requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from pydantic import BaseModel
+
+from cornserve.models.encoders import EncodedItem, Preprocessed
+
+logger = logging.getLogger(__name__)
+
+EncodeFn = Callable[[list[Preprocessed]], list[EncodedItem]]
+
+
+class BatchStats(BaseModel):
+    """Counters shown in `/info`: how batching actually went."""
+
+    batches: int = 0
+    items: int = 0
+    largest_batch: int = 0
+    recent_batch_sizes: list[int] = []
+
+
+@dataclass
+class _Job:
+    item: Preprocessed
+    future: asyncio.Future[EncodedItem]
+
+
+class DynamicBatcher:
+    """Collects queued items into batches of at most `max_batch_size` and encodes them in order."""
+
+    def __init__(self, encode: EncodeFn, max_batch_size: int) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self._encode = encode
+        self.max_batch_size = max_batch_size
+        self._queue: asyncio.Queue[_Job] = asyncio.Queue()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eric-encode")
+        self._task: asyncio.Task[None] | None = None
+        self._recent: deque[int] = deque(maxlen=32)
+        self.stats = BatchStats()
+
+    def start(self) -> None:
+        """Start the batching loop on the running event loop."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="eric-batcher")
+
+    async def stop(self) -> None:
+        """Stop the loop; queued items fail with CancelledError-free RuntimeErrors."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        while not self._queue.empty():
+            job = self._queue.get_nowait()
+            if not job.future.done():
+                job.future.set_exception(RuntimeError("Eric is shutting down"))
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    async def encode(self, items: list[Preprocessed]) -> list[EncodedItem]:
+        """Queue `items` together and wait for their embeddings (in order)."""
+        if self._task is None:
+            raise RuntimeError("the batcher is not running")
+        loop = asyncio.get_running_loop()
+        jobs = [_Job(item, loop.create_future()) for item in items]
+        for job in jobs:
+            self._queue.put_nowait(job)
+        return list(await asyncio.gather(*(job.future for job in jobs)))
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self.max_batch_size and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            batch = [job for job in batch if not job.future.done()]  # the request was cancelled
+            if not batch:
+                continue
+            self._record(len(batch))
+            try:
+                results = await loop.run_in_executor(self._pool, self._encode, [job.item for job in batch])
+            except Exception as exc:
+                logger.exception("encoding a batch of %d items failed", len(batch))
+                for job in batch:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+                continue
+            for job, result in zip(batch, results, strict=True):
+                if not job.future.done():
+                    job.future.set_result(result)
+
+    def _record(self, size: int) -> None:
+        self._recent.append(size)
+        self.stats = BatchStats(
+            batches=self.stats.batches + 1,
+            items=self.stats.items + size,
+            largest_batch=max(self.stats.largest_batch, size),
+            recent_batch_sizes=list(self._recent),
+        )
+        logger.debug("encoding a batch of %d items", size)

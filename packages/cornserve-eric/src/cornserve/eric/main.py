@@ -1,0 +1,114 @@
+"""`python -m cornserve.eric`: the command line `EricDescriptor.launch_spec` writes."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from pydantic import ValidationError
+
+from cornserve.eric.server import EricConfig, EricServer, StartupError
+
+logger = logging.getLogger("cornserve.eric")
+
+
+def _ranks(text: str) -> list[int]:
+    try:
+        ranks = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"sidecar ranks are comma-separated integers, got {text!r}"
+        ) from None
+    if not ranks or any(r < 0 for r in ranks):
+        raise argparse.ArgumentTypeError(f"sidecar ranks must be one or more integers >= 0, got {text!r}")
+    return ranks
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Flags of EricDescriptor's command line (plus a few tuning knobs with defaults)."""
+    p = argparse.ArgumentParser(
+        prog="python -m cornserve.eric", description="Eric, Cornserve's encoder server"
+    )
+    p.add_argument("--model-id", required=True, help="local checkpoint directory or Hub id")
+    p.add_argument("--modality", required=True, help="the one modality this server encodes (image, video)")
+    p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--sidecar-ranks", type=_ranks, required=True, help="comma-separated; the first one sends")
+    p.add_argument("--media-timeout", type=float, default=30.0, help="seconds to fetch one media item")
+    p.add_argument(
+        "--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM"
+    )
+    p.add_argument("--log-level", default="INFO")
+    return p.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> EricConfig:
+    """Validate the command line and environment (CORNSERVE_NATS_URL, CORNSERVE_EXECUTOR_ID)."""
+    from cornserve.bus.natsserver import nats_url_from_env
+
+    try:
+        return EricConfig(
+            model_id=args.model_id,
+            modality=args.modality,
+            max_batch_size=args.max_batch_size,
+            tensor_parallel_size=args.tensor_parallel_size,
+            host=args.host,
+            port=args.port,
+            sidecar_ranks=args.sidecar_ranks,
+            nats_url=nats_url_from_env(),
+            executor_id=os.environ.get("CORNSERVE_EXECUTOR_ID", "eric"),
+            media_timeout_s=args.media_timeout,
+            drain_timeout_s=args.drain_timeout,
+        )
+    except ValidationError as exc:
+        raise SystemExit(f"invalid Eric arguments: {exc}") from None
+
+
+async def serve(config: EricConfig) -> int:
+    """Run until SIGTERM/SIGINT (0), or 1 if Eric could not start."""
+    server = EricServer(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    code = 0
+    try:
+        await server.start_http()
+        init = asyncio.create_task(server.initialize())
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait({init, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if not init.done():
+            logger.info("stopped while starting")
+            init.cancel()
+            await asyncio.gather(init, return_exceptions=True)
+        elif (exc := init.exception()) is not None:
+            # A StartupError says what to fix; anything else is a bug worth a traceback.
+            trace = None if isinstance(exc, StartupError) else exc
+            logger.error(
+                "Eric %s failed to start: %s: %s", config.executor_id, type(exc).__name__, exc, exc_info=trace
+            )
+            code = 1
+        else:
+            await stopped
+        stopped.cancel()
+    except OSError as exc:
+        logger.error("Eric %s cannot listen on %s:%d: %s", config.executor_id, config.host, config.port, exc)
+        code = 1
+    finally:
+        await server.stop()
+    return code
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of `python -m cornserve.eric`."""
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    sys.exit(asyncio.run(serve(config_from_args(args))))

@@ -1,0 +1,314 @@
+"""Eric's HTTP server: `POST /embeddings`, `/health`, `/info`.
+
+Start-up order matters to the task manager: the port opens first (`/health` answers 503 while
+the model loads), then the encoder tower + projector are loaded (never the language model), the
+sidecar client connects, and only then does `/health` turn 200.
+
+Per request: every item is fetched, decoded and preprocessed in a thread pool; the request's
+items are queued together on the dynamic batcher; each embedding goes out through the sidecar
+as a two-chunk DataForward (docs/executors.md) and the reply lists the forward ids in input
+order. Bad media is the client's fault (400) and never takes the server down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cornserve.eric.batcher import DynamicBatcher
+from cornserve.eric.schemas import (
+    EmbeddingItem,
+    EmbeddingsRequest,
+    EmbeddingsResponse,
+    embedding_metadata,
+    error_body,
+)
+from cornserve.models.encoders import EncodedItem, EncoderModel, Preprocessed, load_encoder
+from cornserve.models.loading import resolve_model_dir
+from cornserve.models.media import MediaDecodeError, MediaError, MediaFetchError, load_media
+
+if TYPE_CHECKING:
+    from cornserve.sidecar import Sidecar
+
+logger = logging.getLogger(__name__)
+
+
+class EricConfig(BaseModel):
+    """Everything the command line (and environment) gives one Eric process."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model_id: str = Field(min_length=1)
+    modality: str = Field(min_length=1)
+    max_batch_size: int = Field(default=8, ge=1)
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    host: str = "127.0.0.1"
+    port: int = Field(gt=0, lt=65536)
+    sidecar_ranks: list[int] = Field(min_length=1)
+    nats_url: str
+    executor_id: str = "eric"
+    media_timeout_s: float = Field(default=30.0, gt=0)
+    preprocess_workers: int = Field(default=2, ge=1)
+    send_timeout_s: float = Field(default=60.0, gt=0)
+    drain_timeout_s: float = Field(default=30.0, gt=0)
+
+
+class StartupError(RuntimeError):
+    """Eric cannot serve: the model cannot be loaded, or it cannot encode the requested modality."""
+
+
+class RequestFailed(Exception):
+    """A request-level failure, answered with `status` and the JSON error body."""
+
+    def __init__(self, status: int, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.kind = kind
+        self.message = message
+
+    def response(self) -> web.Response:
+        """The failure as an aiohttp JSON response."""
+        return web.json_response(error_body(self.kind, self.message), status=self.status)
+
+
+def _validation_message(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors(include_url=False)[:5]:
+        loc = ".".join(str(p) for p in err["loc"]) or "body"
+        parts.append(f"{loc}: {err['msg']}")
+    return "invalid /embeddings request: " + "; ".join(parts)
+
+
+class EricServer:
+    """One Eric process: the encoder, the batcher, the sidecar client and the HTTP endpoints."""
+
+    def __init__(self, config: EricConfig) -> None:
+        self.config = config
+        self.encoder: EncoderModel | None = None
+        self.model_dir: Path | None = None
+        self.sidecar: Sidecar | None = None
+        self.batcher: DynamicBatcher | None = None
+        self._pool = ThreadPoolExecutor(max_workers=config.preprocess_workers, thread_name_prefix="eric-prep")
+        self._runner: web.AppRunner | None = None
+        self._ready = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def make_app(self) -> web.Application:
+        """The aiohttp application with Eric's routes."""
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/embeddings", self._embeddings)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/info", self._info)
+        return app
+
+    async def start_http(self) -> None:
+        """Open the port (health answers 503 until `initialize` finishes)."""
+        self._runner = web.AppRunner(
+            self.make_app(), access_log=None, shutdown_timeout=self.config.drain_timeout_s
+        )
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.config.host, self.config.port)
+        await site.start()
+        logger.info("Eric %s listening on %s:%d", self.config.executor_id, self.config.host, self.config.port)
+
+    async def initialize(self) -> None:
+        """Load the encoder, connect the sidecar client, start batching; then report healthy."""
+        cfg = self.config
+        if cfg.tensor_parallel_size > 1:
+            logger.warning(
+                "tensor parallelism (%d) is not implemented in Eric; running the encoder on one device",
+                cfg.tensor_parallel_size,
+            )
+        loop = asyncio.get_running_loop()
+        try:
+            self.model_dir = await loop.run_in_executor(self._pool, resolve_model_dir, cfg.model_id)
+            self.encoder = await loop.run_in_executor(self._pool, load_encoder, self.model_dir)
+        except ValueError as exc:
+            raise StartupError(f"cannot load the encoder of {cfg.model_id!r}: {exc}") from exc
+        if cfg.modality not in self.encoder.modalities:
+            raise StartupError(
+                f"{cfg.model_id!r} is a {self.encoder.family} model, whose encoder takes "
+                f"{', '.join(self.encoder.modalities)}; it cannot serve --modality {cfg.modality}"
+            )
+        from cornserve.sidecar import Sidecar
+
+        self.sidecar = await Sidecar(cfg.sidecar_ranks[0], cfg.nats_url).connect()
+        self.batcher = DynamicBatcher(self.encoder.encode, cfg.max_batch_size)
+        self.batcher.start()
+        self._ready = True
+        logger.info(
+            "Eric ready: %s (%s, %s), %d encoder parameters on %s, max batch %d, sidecar rank %d",
+            cfg.model_id,
+            self.encoder.family,
+            cfg.modality,
+            self.encoder.num_parameters,
+            self.encoder.device,
+            cfg.max_batch_size,
+            cfg.sidecar_ranks[0],
+        )
+
+    async def stop(self) -> None:
+        """Drain in-flight requests, then stop batching and close the sidecar client."""
+        self._ready = False
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self.batcher is not None:
+            await self.batcher.stop()
+        if self.sidecar is not None:
+            await self.sidecar.close()
+            self.sidecar = None
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        logger.info("Eric %s stopped", self.config.executor_id)
+
+    # ------------------------------------------------------------------ endpoints
+
+    async def _health(self, request: web.Request) -> web.Response:
+        if not self._ready:
+            return web.json_response(error_body("not_ready", "Eric is loading its model"), status=503)
+        return web.json_response({"status": "ok"})
+
+    async def _info(self, request: web.Request) -> web.Response:
+        cfg, enc = self.config, self.encoder
+        info: dict[str, Any] = {
+            "executor_id": cfg.executor_id,
+            "model_id": cfg.model_id,
+            "model_dir": str(self.model_dir) if self.model_dir else None,
+            "family": enc.family if enc else None,
+            "modality": cfg.modality,
+            "supported_modalities": list(enc.modalities) if enc else None,
+            "max_batch_size": cfg.max_batch_size,
+            "tensor_parallel_size": cfg.tensor_parallel_size,
+            "device": str(enc.device) if enc else None,
+            "dtype": str(enc.dtype).removeprefix("torch.") if enc else None,
+            "sidecar_ranks": cfg.sidecar_ranks,
+            "parameter_count": enc.num_parameters if enc else None,
+            "loaded_tensors": len(enc.loaded_tensor_names) if enc else None,
+            "loaded_files": list(enc.opened_files) if enc else None,
+            "ready": self._ready,
+            "batching": self.batcher.stats.model_dump() if self.batcher else None,
+        }
+        return web.json_response(info)
+
+    async def _embeddings(self, request: web.Request) -> web.Response:
+        try:
+            body = await self._parse(request)
+            forward_ids = await self._serve(body)
+        except RequestFailed as failed:
+            logger.info("/embeddings failed (%d %s): %s", failed.status, failed.kind, failed.message)
+            return failed.response()
+        return web.json_response(EmbeddingsResponse(forward_ids=forward_ids).model_dump())
+
+    # ------------------------------------------------------------------ request handling
+
+    async def _parse(self, request: web.Request) -> EmbeddingsRequest:
+        if not self._ready or self.encoder is None:
+            raise RequestFailed(503, "not_ready", "Eric is still loading its model; retry shortly")
+        try:
+            raw = await request.json()
+        except ValueError as exc:
+            raise RequestFailed(400, "invalid_json", f"the request body is not JSON: {exc}") from None
+        try:
+            body = EmbeddingsRequest.model_validate(raw)
+        except ValidationError as exc:
+            raise RequestFailed(400, "invalid_request", _validation_message(exc)) from None
+        cfg = self.config
+        if body.model_id != cfg.model_id:
+            raise RequestFailed(
+                400, "model_mismatch", f"this Eric serves {cfg.model_id!r}, not {body.model_id!r}"
+            )
+        if body.modality != cfg.modality:
+            raise RequestFailed(
+                400,
+                "unsupported_modality",
+                f"this Eric encodes {cfg.modality} ({self.encoder.family} supports "
+                f"{', '.join(self.encoder.modalities)}); it cannot encode {body.modality!r}",
+            )
+        return body
+
+    def _prepare(self, url: str, modality: str) -> Preprocessed:
+        """Fetch, decode and preprocess one item (runs in the preprocessing pool)."""
+        assert self.encoder is not None
+        media = load_media(url, modality, timeout_s=self.config.media_timeout_s)
+        return self.encoder.preprocess(media, modality)
+
+    async def _preprocess_all(self, body: EmbeddingsRequest) -> list[Preprocessed]:
+        loop = asyncio.get_running_loop()
+        results = await asyncio.gather(
+            *(
+                loop.run_in_executor(self._pool, self._prepare, item.url, body.modality)
+                for item in body.items
+            ),
+            return_exceptions=True,
+        )
+        prepared: list[Preprocessed] = []
+        for index, result in enumerate(results):
+            if isinstance(result, MediaFetchError):
+                raise RequestFailed(400, "media_fetch_error", f"items[{index}]: {result}")
+            if isinstance(result, MediaDecodeError):
+                raise RequestFailed(400, "media_decode_error", f"items[{index}]: {result}")
+            if isinstance(result, (MediaError, ValueError)):
+                raise RequestFailed(400, "invalid_media", f"items[{index}]: {result}")
+            if isinstance(result, BaseException):
+                logger.error("preprocessing items[%d] failed", index, exc_info=result)
+                raise RequestFailed(
+                    500, "preprocess_failed", f"items[{index}]: {type(result).__name__}: {result}"
+                )
+            prepared.append(result)
+        return prepared
+
+    async def _serve(self, body: EmbeddingsRequest) -> list[str]:
+        prepared = await self._preprocess_all(body)
+        assert self.batcher is not None
+        try:
+            encoded = await self.batcher.encode(prepared)
+        except Exception as exc:
+            raise RequestFailed(
+                500, "encode_failed", f"the encoder failed: {type(exc).__name__}: {exc}"
+            ) from exc
+        try:
+            await asyncio.gather(
+                *(self._send(item, enc) for item, enc in zip(body.items, encoded, strict=True))
+            )
+        except Exception as exc:
+            from cornserve.sidecar.errors import SidecarError
+
+            if isinstance(exc, SidecarError):
+                raise RequestFailed(
+                    502, "sidecar_error", f"sending embeddings through the sidecar failed: {exc}"
+                ) from exc
+            logger.exception("sending embeddings failed unexpectedly")
+            raise RequestFailed(
+                500, "internal", f"sending embeddings failed: {type(exc).__name__}: {exc}"
+            ) from exc
+        return [item.forward_id for item in body.items]
+
+    async def _send(self, item: EmbeddingItem, encoded: EncodedItem) -> None:
+        """Chunk 0: the float32 embedding; chunk 1: its metadata (docs/executors.md)."""
+        assert self.sidecar is not None
+        meta = embedding_metadata(
+            encoded.modality,
+            int(encoded.embedding.shape[0]),
+            encoded.grid_thw,
+            self.config.model_id,
+            encoded.second_per_grid_t,
+        )
+        timeout = self.config.send_timeout_s
+        await self.sidecar.send(
+            encoded.embedding,
+            item.forward_id,
+            item.dst_sidecar_ranks,
+            chunk_id=0,
+            num_chunks=2,
+            timeout=timeout,
+        )
+        await self.sidecar.send(
+            meta, item.forward_id, item.dst_sidecar_ranks, chunk_id=1, num_chunks=2, timeout=timeout
+        )

@@ -1,0 +1,67 @@
+"""DynamicBatcher: requests that arrive while a batch runs are encoded together in the next batch."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import torch
+
+from cornserve.eric.batcher import DynamicBatcher
+from cornserve.models.encoders import EncodedItem, Preprocessed
+
+
+def item(value: float) -> Preprocessed:
+    return Preprocessed("image", torch.full((1, 4), value))
+
+
+async def test_requests_arriving_together_share_a_batch() -> None:
+    started, release = threading.Event(), threading.Event()
+    batches: list[list[float]] = []
+
+    def encode(items: list[Preprocessed]) -> list[EncodedItem]:
+        # Stand-in for the model: records the batch, and holds the first one until released.
+        batches.append([float(i.pixels[0, 0]) for i in items])
+        started.set()
+        assert release.wait(timeout=60)
+        return [EncodedItem(i.modality, i.pixels * 2, None) for i in items]
+
+    batcher = DynamicBatcher(encode, max_batch_size=3)
+    batcher.start()
+    try:
+        first = asyncio.create_task(batcher.encode([item(1)]))
+        assert await asyncio.to_thread(started.wait, 60)
+        second = asyncio.create_task(batcher.encode([item(2), item(3)]))
+        third = asyncio.create_task(batcher.encode([item(4), item(5)]))
+        await asyncio.sleep(0)  # let both requests queue their items
+        release.set()
+        async with asyncio.timeout(60):
+            results = await asyncio.gather(first, second, third)
+    finally:
+        await batcher.stop()
+    assert batches == [[1.0], [2.0, 3.0, 4.0], [5.0]]
+    assert [[float(r.embedding[0, 0]) for r in res] for res in results] == [[2.0], [4.0, 6.0], [8.0, 10.0]]
+    assert batcher.stats.largest_batch == 3 and batcher.stats.batches == 3 and batcher.stats.items == 5
+
+
+async def test_a_failing_batch_fails_its_requests_and_the_batcher_goes_on() -> None:
+    calls = 0
+
+    def encode(items: list[Preprocessed]) -> list[EncodedItem]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("boom")
+        return [EncodedItem(i.modality, i.pixels, None) for i in items]
+
+    batcher = DynamicBatcher(encode, max_batch_size=2)
+    batcher.start()
+    try:
+        async with asyncio.timeout(60):
+            with pytest.raises(RuntimeError, match="boom"):
+                await batcher.encode([item(1)])
+            [ok] = await batcher.encode([item(2)])
+    finally:
+        await batcher.stop()
+    assert float(ok.embedding[0, 0]) == 2.0
