@@ -1,0 +1,115 @@
+"""Receiving encoder embeddings through the sidecar (see docs/executors.md, "Embedding hand-off").
+
+Each forward has two chunks: 0 is a `[num_tokens, hidden]` float32 tensor, 1 is a small
+metadata dict. Both are copied out of the arena and marked done right away, so the sidecar can
+reuse the memory while the request is still generating.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from pydantic import BaseModel, Field, ValidationError
+
+from cornserve.llm_executor.errors import EmbeddingError, EmbeddingTimeout, ExecutorUnavailable
+from cornserve.sidecar import Sidecar
+from cornserve.sidecar.errors import RecvTimeout, SidecarError, SidecarTimeout, SidecarUnavailable
+from cornserve.task.builtins.modality import Modality
+from cornserve.task.forward import DataForward, Tensor
+
+logger = logging.getLogger(__name__)
+
+EMBEDDING_CHUNK = 0
+METADATA_CHUNK = 1
+
+
+class EmbeddingMeta(BaseModel):
+    """Chunk 1 of an embedding forward."""
+
+    modality: Modality
+    num_tokens: int = Field(ge=1)
+    grid_thw: list[int] | None = None
+    model_id: str = ""
+    second_per_grid_t: float | None = None
+    """Qwen2.5-VL videos: seconds per temporal patch (its M-RoPE time spacing); null otherwise."""
+
+
+@dataclass
+class ReceivedEmbedding:
+    """One media item's embedding, copied out of the sidecar."""
+
+    forward_id: str
+    meta: EmbeddingMeta
+    tensor: torch.Tensor
+
+
+class EmbeddingReceiver:
+    """Receives a request's embedding forwards on this executor's sidecar rank."""
+
+    def __init__(self, sidecar: Sidecar, timeout_s: float) -> None:
+        self.sidecar = sidecar
+        self.timeout_s = timeout_s
+
+    async def receive_all(self, forwards: list[DataForward[Tensor]]) -> list[ReceivedEmbedding]:
+        """Receive every forward (concurrently), in order; the first failure is raised after all settle."""
+        results = await asyncio.gather(*(self._receive(f) for f in forwards), return_exceptions=True)
+        received: list[ReceivedEmbedding] = []
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+            received.append(result)
+        return received
+
+    async def _receive(self, forward: DataForward[Tensor]) -> ReceivedEmbedding:
+        fid = forward.id
+        if forward.dst_sidecar_ranks is not None and not any(
+            self.sidecar.rank in group for group in forward.dst_sidecar_ranks
+        ):
+            logger.warning(
+                "embedding forward %s lists destinations %s, not this executor's rank %d; waiting for it anyway",
+                fid,
+                forward.dst_sidecar_ranks,
+                self.sidecar.rank,
+            )
+        got: list[int] = []
+        data: Any = None
+        raw_meta: Any = None
+        try:
+            async with asyncio.timeout(self.timeout_s + 5.0):
+                data = await self.sidecar.recv(fid, EMBEDDING_CHUNK, timeout=self.timeout_s, copy=True)
+                got.append(EMBEDDING_CHUNK)
+                raw_meta = await self.sidecar.recv(fid, METADATA_CHUNK, timeout=self.timeout_s, copy=True)
+                got.append(METADATA_CHUNK)
+        except (RecvTimeout, SidecarTimeout, TimeoutError):
+            raise EmbeddingTimeout(
+                f"embedding forward {fid} did not arrive through sidecar rank {self.sidecar.rank} within "
+                f"{self.timeout_s:.1f}s (did the encoder task run and send it to this rank?)"
+            ) from None
+        except SidecarUnavailable as exc:
+            raise ExecutorUnavailable(f"this executor's sidecar is not reachable: {exc}") from exc
+        except SidecarError as exc:
+            raise EmbeddingError(f"embedding forward {fid} could not be received: {exc}") from exc
+        finally:
+            await self._release(fid, got)
+        try:
+            meta = EmbeddingMeta.model_validate(raw_meta)
+        except ValidationError as exc:
+            raise EmbeddingError(f"embedding forward {fid} has malformed metadata (chunk 1): {exc}") from exc
+        if not isinstance(data, torch.Tensor) or data.ndim != 2:
+            raise EmbeddingError(
+                f"embedding forward {fid} chunk 0 must be a 2-D tensor [num_tokens, hidden], got "
+                f"{type(data).__name__} {getattr(data, 'shape', '')}"
+            )
+        return ReceivedEmbedding(forward_id=fid, meta=meta, tensor=data.to(torch.float32))
+
+    async def _release(self, fid: str, chunks: list[int]) -> None:
+        """Mark the received chunks done; a chunk that never arrived is expired by the sidecar's TTL."""
+        for chunk in chunks:
+            try:
+                await self.sidecar.mark_done(fid, chunk)
+            except SidecarError as exc:
+                logger.warning("could not mark chunk %d of forward %s done: %s", chunk, fid, exc)

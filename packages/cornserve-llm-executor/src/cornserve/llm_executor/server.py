@@ -1,0 +1,388 @@
+"""The aiohttp app: OpenAI-compatible chat completions on top of the engine.
+
+Errors before the response starts are HTTP errors with an OpenAI-style JSON body; errors after a
+stream has started are one SSE `data: {"error": {...}}` line (what `OpenAIChatDescriptor.from_stream_line`
+turns into a TaskExecutionError). Either way the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from cornserve.llm_executor.config import ExecutorConfig
+from cornserve.llm_executor.detok import TextAssembler
+from cornserve.llm_executor.embeddings import EmbeddingReceiver
+from cornserve.llm_executor.engine import Engine, Sequence
+from cornserve.llm_executor.errors import (
+    ContextLengthExceeded,
+    ExecutorRequestError,
+    InvalidRequest,
+    MediaInputError,
+)
+from cornserve.llm_executor.model import LoadedModel
+from cornserve.llm_executor.prompt import (
+    PreparedPrompt,
+    check_modalities,
+    prepare_with_embeddings,
+    prepare_with_media,
+)
+from cornserve.llm_executor.sampling import SamplingParams
+from cornserve.models.media import MediaError, load_media
+from cornserve.task.builtins.chat import (
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChoiceDelta,
+    ChunkChoice,
+    Usage,
+)
+from cornserve.task.builtins.modality import Modality
+
+logger = logging.getLogger(__name__)
+
+TOKEN_TIMEOUT_S = 300.0
+"""Longest wait for one token (a queue behind a full batch on a loaded CPU included)."""
+
+
+@dataclass
+class Piece:
+    """A piece of a completion: new text, and the finish reason on the last piece."""
+
+    text: str
+    finish_reason: str | None = None
+
+
+@dataclass
+class Completion:
+    """A request admitted to the engine."""
+
+    id: str
+    created: int
+    model: str
+    prompt: PreparedPrompt
+    seq: Sequence
+    stop: list[str]
+
+    @property
+    def usage(self) -> Usage:
+        """Token counts so far."""
+        done = len(self.seq.generated)
+        return Usage(
+            prompt_tokens=self.prompt.num_tokens,
+            completion_tokens=done,
+            total_tokens=self.prompt.num_tokens + done,
+        )
+
+
+def error_response(exc: ExecutorRequestError) -> web.Response:
+    """An OpenAI-style JSON error."""
+    return web.json_response(exc.body(), status=exc.status)
+
+
+class ChatServer:
+    """Request handling; owns the engine and (with fission) the embedding receiver."""
+
+    def __init__(
+        self, config: ExecutorConfig, loaded: LoadedModel, engine: Engine, receiver: EmbeddingReceiver | None
+    ) -> None:
+        self.config = config
+        self.loaded = loaded
+        self.engine = engine
+        self.receiver = receiver
+        self.requests_failed = 0
+
+    def app(self) -> web.Application:
+        """The aiohttp application with every route."""
+        app = web.Application(client_max_size=256 * 1024 * 1024)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/stats", self.stats)
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        return app
+
+    # ------------------------------------------------------------------ small endpoints
+
+    async def health(self, request: web.Request) -> web.Response:
+        """Ready once the model is loaded (the process only listens after that)."""
+        return web.json_response({"status": "ok", "model": self.config.model_id})
+
+    async def models(self, request: web.Request) -> web.Response:
+        """OpenAI's model list: the one served model."""
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": self.config.model_id,
+                        "object": "model",
+                        "created": 0,
+                        "owned_by": "cornserve",
+                        "max_model_len": self.loaded.max_model_len,
+                    }
+                ],
+            }
+        )
+
+    async def stats(self, request: web.Request) -> web.Response:
+        """Scheduler counters (batching shows as `max_batch_size_observed` > 1)."""
+        body: dict[str, Any] = asdict(self.engine.stats)
+        body |= {
+            "max_batch_size": self.engine.max_batch_size,
+            "receive_embeddings": self.config.receive_embeddings,
+            "requests_failed": self.requests_failed,
+        }
+        return web.json_response(body)
+
+    # ------------------------------------------------------------------ chat completions
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        """`POST /v1/chat/completions`, streaming or not."""
+        try:
+            req = await self._parse(request)
+            completion = await self._admit(req)
+        except ExecutorRequestError as exc:
+            self.requests_failed += 1
+            logger.info("request refused (%d): %s", exc.status, exc.message)
+            return error_response(exc)
+        pieces = self._pieces(completion)
+        try:
+            # The first piece is awaited before answering, so prefill failures are still HTTP errors.
+            first = await anext(pieces)
+        except ExecutorRequestError as exc:
+            self.requests_failed += 1
+            completion.seq.cancel()
+            return error_response(exc)
+        except BaseException:
+            completion.seq.cancel()
+            raise
+        try:
+            if req.stream:
+                options = getattr(req, "stream_options", None) or {}
+                include_usage = bool(options.get("include_usage", False))
+                return await self._stream(request, completion, first, pieces, include_usage)
+            return await self._complete(completion, first, pieces)
+        finally:
+            # However the response ended (done, stop string, error, client gone), stop generating.
+            completion.seq.cancel()
+            await pieces.aclose()
+
+    async def _parse(self, request: web.Request) -> ChatCompletionRequest:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InvalidRequest(f"request body is not valid JSON: {exc}") from exc
+        if not isinstance(body, dict):
+            raise InvalidRequest("request body must be a JSON object")
+        try:
+            req = ChatCompletionRequest.model_validate(body)
+        except ValidationError as exc:
+            raise InvalidRequest(f"invalid chat completion request: {exc}") from exc
+        options = body.get("stream_options")
+        if options is not None and not isinstance(options, dict):
+            raise InvalidRequest("stream_options must be an object")
+        return req
+
+    async def _admit(self, req: ChatCompletionRequest) -> Completion:
+        """Validate, receive or load media, tokenize, check lengths, and queue on the engine."""
+        media = req.media()
+        forwards = req.cornserve_embeddings
+        if self.config.receive_embeddings:
+            if len(forwards) != len(media):
+                raise InvalidRequest(
+                    f"this executor receives media as embeddings: the request has {len(media)} media item(s) "
+                    f"but {len(forwards)} cornserve_embeddings forward(s)"
+                )
+            check_modalities(self.loaded, req)
+            assert self.receiver is not None
+            received = await self.receiver.receive_all(forwards)
+            prompt = await asyncio.to_thread(prepare_with_embeddings, self.loaded, req, received)
+        else:
+            if forwards:
+                raise InvalidRequest(
+                    "this executor was started without --receive-embeddings; it takes raw media, not "
+                    "cornserve_embeddings"
+                )
+            check_modalities(self.loaded, req)
+            loaded_media = await asyncio.gather(*(self._load(item.url, item.modality) for item in media))
+            prompt = await asyncio.to_thread(
+                prepare_with_media,
+                self.loaded,
+                req,
+                list(zip([m.modality for m in media], loaded_media, strict=True)),
+            )
+        max_tokens = self._max_tokens(req, prompt.num_tokens)
+        params = self._sampling(req)
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        seq = self.engine.submit(completion_id, prompt, params, max_tokens)
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        return Completion(
+            id=completion_id,
+            created=int(time.time()),
+            model=req.model or self.config.model_id,
+            prompt=prompt,
+            seq=seq,
+            stop=stop,
+        )
+
+    async def _load(self, url: str, modality: Modality) -> Any:
+        timeout = self.config.media_timeout_s
+        try:
+            async with asyncio.timeout(timeout + 5.0):
+                return await asyncio.to_thread(load_media, url, modality.value, timeout_s=timeout)
+        except MediaError as exc:
+            raise MediaInputError(f"cannot use the {modality.value} of the request: {exc}") from exc
+        except TimeoutError:
+            raise MediaInputError(
+                f"loading the {modality.value} of the request took over {timeout:.0f}s"
+            ) from None
+
+    def _max_tokens(self, req: ChatCompletionRequest, prompt_tokens: int) -> int:
+        limit = self.loaded.max_model_len
+        room = limit - prompt_tokens
+        requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        if room < 1:
+            raise ContextLengthExceeded(
+                f"the prompt has {prompt_tokens} tokens but the model's context is {limit} tokens; "
+                "shorten the messages or send fewer/smaller media"
+            )
+        if requested is None:
+            return min(self.config.default_max_tokens, room)
+        if requested > room:
+            raise ContextLengthExceeded(
+                f"prompt ({prompt_tokens} tokens) + max_completion_tokens ({requested}) = "
+                f"{prompt_tokens + requested} exceeds the model's context of {limit} tokens"
+            )
+        return requested
+
+    def _sampling(self, req: ChatCompletionRequest) -> SamplingParams:
+        """Unset temperature follows the checkpoint's generation config (greedy unless it samples)."""
+        temperature = req.temperature
+        if temperature is None:
+            gen = self.loaded.model.generation_config
+            temperature = float(gen.temperature or 1.0) if getattr(gen, "do_sample", False) else 0.0
+        return SamplingParams(
+            temperature=temperature, top_p=req.top_p if req.top_p is not None else 1.0, seed=req.seed
+        )
+
+    async def _pieces(self, completion: Completion) -> AsyncGenerator[Piece, None]:
+        """Text pieces of a completion, stop strings applied; the last piece has the finish reason."""
+        assembler = TextAssembler(self.loaded.tokenizer, completion.stop)
+        seq = completion.seq
+        try:
+            async for event in self.engine.tokens(seq, TOKEN_TIMEOUT_S):
+                assert event.token_id is not None
+                finish = event.finish_reason
+                text = ""
+                if event.token_id not in self.loaded.eos_token_ids:
+                    text = assembler.add(event.token_id)
+                if assembler.stopped:
+                    finish = "stop"
+                elif finish is not None:
+                    text += assembler.flush()
+                yield Piece(text, finish)
+                if finish is not None:
+                    return
+        finally:
+            seq.cancel()
+
+    async def _complete(
+        self, completion: Completion, first: Piece, pieces: AsyncIterator[Piece]
+    ) -> web.Response:
+        texts = [first.text]
+        finish = first.finish_reason
+        try:
+            async for piece in pieces:
+                texts.append(piece.text)
+                finish = piece.finish_reason
+        except ExecutorRequestError as exc:
+            self.requests_failed += 1
+            return error_response(exc)
+        return web.json_response(
+            {
+                "id": completion.id,
+                "object": "chat.completion",
+                "created": completion.created,
+                "model": completion.model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": "".join(texts)},
+                        "finish_reason": finish,
+                    }
+                ],
+                "usage": completion.usage.model_dump(),
+            }
+        )
+
+    def _chunk(self, completion: Completion, **fields: Any) -> ChatCompletionChunk:
+        return ChatCompletionChunk(
+            id=completion.id, created=completion.created, model=completion.model, **fields
+        )
+
+    async def _stream(
+        self,
+        request: web.Request,
+        completion: Completion,
+        first: Piece,
+        pieces: AsyncIterator[Piece],
+        include_usage: bool,
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "X-Request-Id": completion.id,
+            }
+        )
+        await response.prepare(request)
+
+        async def send(payload: str) -> None:
+            await response.write(f"data: {payload}\n\n".encode())
+
+        try:
+            await send(
+                self._chunk(
+                    completion, choices=[ChunkChoice(delta=ChoiceDelta(role="assistant", content=""))]
+                ).model_dump_json(exclude_none=True)
+            )
+            piece: Piece | None = first
+            while piece is not None:
+                if piece.text:
+                    chunk = self._chunk(
+                        completion, choices=[ChunkChoice(delta=ChoiceDelta(content=piece.text))]
+                    )
+                    await send(chunk.model_dump_json(exclude_none=True))
+                if piece.finish_reason is not None:
+                    chunk = self._chunk(
+                        completion,
+                        choices=[ChunkChoice(delta=ChoiceDelta(), finish_reason=piece.finish_reason)],
+                    )
+                    await send(chunk.model_dump_json(exclude_none=True))
+                    break
+                piece = await anext(pieces, None)
+            if include_usage:
+                await send(
+                    self._chunk(completion, choices=[], usage=completion.usage).model_dump_json(
+                        exclude_none=True
+                    )
+                )
+            await send("[DONE]")
+        except ExecutorRequestError as exc:
+            self.requests_failed += 1
+            logger.warning("request %s failed while streaming: %s", completion.id, exc.message)
+            await send(json.dumps(exc.body()))
+        except ConnectionResetError:
+            logger.info("client of request %s went away", completion.id)
+            completion.seq.cancel()
+            return response
+        await response.write_eof()
+        return response

@@ -1,0 +1,428 @@
+"""The CPU LLM executor against real processes: sidecars, NATS, HTTP, and transformers' own generate."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, cast
+
+import aiohttp
+import pytest
+import torch
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from tests.llm_executor.conftest import (
+    Cluster,
+    get_json,
+    image_messages,
+    mp4_file,
+    png_data_url,
+    post_json,
+)
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from cornserve.llm_executor.config import ExecutorConfig, parse_config
+from cornserve.llm_executor.detok import TextAssembler
+from cornserve.llm_executor.engine import Sequence
+from cornserve.llm_executor.errors import GenerationFailed
+from cornserve.llm_executor.prompt import PreparedPrompt
+from cornserve.llm_executor.sampling import SamplingParams
+from cornserve.llm_executor.server import ChatServer, Completion, Piece
+from cornserve.models.media import load_media
+from cornserve.sidecar import Sidecar
+from cornserve.task.builtins.chat import ChatCompletionChunk, ChatCompletionRequest
+from cornserve.task.builtins.llm import CPULLMDescriptor, LLMTask
+from cornserve.task.builtins.modality import Modality
+from cornserve.task.context import TaskInvocation
+from cornserve.task.descriptor import ExecutorLaunchContext
+from cornserve.task.errors import TaskExecutionError
+from cornserve.task.forward import DataForward, Tensor
+
+MAX_TOKENS = 12
+DESCRIPTOR = CPULLMDescriptor()
+
+
+class Reference:
+    """The monolithic model in this process: the correctness oracle."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.model: Any = AutoModelForImageTextToText.from_pretrained(model_dir)
+        self.model.eval()  # type: ignore[no-untyped-call]
+        self.processor: Any = AutoProcessor.from_pretrained(model_dir)  # type: ignore[no-untyped-call]
+
+    def inputs(self, items: list[tuple[str, Any]], text: str) -> Any:
+        parts: list[dict[str, Any]] = [{"type": modality} for modality, _ in items]
+        conversation = [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
+        prompt = self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        images = [m for modality, m in items if modality == "image"]
+        videos = [m for modality, m in items if modality == "video"]
+        kwargs: dict[str, Any] = {"images": images} if images else {}
+        if videos:
+            kwargs["videos"] = videos
+        return self.processor(text=[prompt], return_tensors="pt", **kwargs)
+
+    def generate(
+        self, items: list[tuple[str, Any]], text: str, max_new_tokens: int
+    ) -> tuple[list[int], str, int]:
+        inputs = self.inputs(items, text)
+        with torch.no_grad():
+            out = self.model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
+        prompt_len = int(inputs["input_ids"].shape[1])
+        ids = out[0, prompt_len:].tolist()
+        return ids, self.processor.tokenizer.decode(ids, skip_special_tokens=True), prompt_len
+
+    def embeddings(
+        self, items: list[tuple[str, Any]], text: str
+    ) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+        """What Eric sends per item: the rows the monolithic model scatters, plus chunk-1 metadata."""
+        inputs = self.inputs(items, text)
+        per_kind: dict[str, list[tuple[torch.Tensor, list[int] | None]]] = {"image": [], "video": []}
+        with torch.no_grad():
+            if "pixel_values_videos" in inputs:
+                grids = inputs["video_grid_thw"]
+                feats = self.model.get_video_features(inputs["pixel_values_videos"], grids).pooler_output
+                per_kind["video"] = [
+                    (f, [int(x) for x in g.tolist()]) for f, g in zip(feats, grids, strict=True)
+                ]
+            if "image_grid_thw" in inputs:
+                grids = inputs["image_grid_thw"]
+                feats = self.model.get_image_features(inputs["pixel_values"], grids).pooler_output
+                per_kind["image"] = [
+                    (f, [int(x) for x in g.tolist()]) for f, g in zip(feats, grids, strict=True)
+                ]
+            elif "pixel_values" in inputs:
+                feats = self.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+                per_kind["image"] = [(f, None) for f in feats]
+        out = []
+        for modality, _ in items:
+            emb, grid = per_kind[modality].pop(0)
+            emb = emb.to(torch.float32).contiguous()
+            meta = {
+                "modality": modality,
+                "num_tokens": int(emb.shape[0]),
+                "grid_thw": grid,
+                "model_id": "tiny",
+            }
+            out.append((emb, meta))
+        return out
+
+
+def invocation(task: LLMTask, body: dict[str, Any]) -> TaskInvocation:
+    req = ChatCompletionRequest.model_validate(body)
+    return TaskInvocation(task=task, task_input=req, task_output=task.make_output_placeholder(req))
+
+
+async def stream_via_descriptor(
+    session: aiohttp.ClientSession, url: str, task: LLMTask, body: dict[str, Any]
+) -> tuple[str, list[ChatCompletionChunk]]:
+    """Send the request exactly as the dispatcher would and parse the stream with the descriptor."""
+    inv = invocation(task, body)
+    request = DESCRIPTOR.to_request(task, inv)
+    assert request.stream
+    chunks: list[ChatCompletionChunk] = []
+    async with asyncio.timeout(120):
+        async with session.post(url + request.path, json=request.body) as resp:
+            assert resp.status == 200, await resp.text()
+            async for raw in resp.content:
+                chunk = DESCRIPTOR.from_stream_line(task, inv, raw.decode())
+                if chunk is not None:
+                    chunks.append(chunk)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    return text, chunks
+
+
+def finish_of(chunks: list[ChatCompletionChunk]) -> str | None:
+    reasons = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(reasons) == 1, reasons
+    return reasons[0]
+
+
+# ---------------------------------------------------------------------- correctness
+
+
+@pytest.mark.parametrize(
+    ("arch", "modalities"),
+    [
+        ("qwen2-vl", ["image"]),
+        ("llava", ["image"]),
+        ("qwen2-vl", ["video"]),
+        ("qwen2-vl", ["image", "video", "image"]),
+    ],
+)
+async def test_greedy_matches_transformers_generate_in_both_modes(
+    cluster: Cluster, nats_url: str, tmp_path: Path, arch: str, modalities: list[str]
+) -> None:
+    ref = Reference(cluster.models[arch])
+    parts: list[dict[str, Any]] = []
+    items: list[tuple[str, Any]] = []
+    for index, modality in enumerate(modalities):
+        if modality == "image":
+            url = png_data_url(seed=1 + index, size=(56 - 8 * index, 40))
+        else:
+            url = mp4_file(tmp_path / f"clip{index}.mp4").as_uri()
+        parts.append({"type": f"{modality}_url", f"{modality}_url": {"url": url}})
+        items.append((modality, load_media(url, modality)))  # the same decoder the executors use
+    text = "Describe this picture."
+    ref_ids, ref_text, prompt_len = ref.generate(items, text, MAX_TOKENS)
+    assert len(ref_ids) >= 1
+
+    messages = [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
+    body = {"messages": messages, "max_completion_tokens": MAX_TOKENS, "temperature": 0.0}
+    mono_task = LLMTask(model_id=str(cluster.models[arch]), modalities=[Modality(m) for m in set(modalities)])
+    fission_task = LLMTask(model_id=str(cluster.models[arch]), receive_embeddings=True)
+
+    embeddings = ref.embeddings(items, text)
+    mono = cluster.monolithic[arch]
+    fis = cluster.fission[arch]
+    assert fis.sidecar_rank is not None
+    dst = [[fis.sidecar_rank]]
+    forwards = [
+        DataForward[Tensor](src_sidecar_ranks=[cluster.producer_rank], dst_sidecar_ranks=dst) for _ in items
+    ]
+    fission_body = {**body, "cornserve_embeddings": [f.model_dump(mode="json") for f in forwards]}
+
+    async with aiohttp.ClientSession() as session, Sidecar(cluster.producer_rank, nats_url) as producer:
+        mono_text, mono_chunks = await stream_via_descriptor(session, mono.url, mono_task, body)
+        # The LLM request goes first and waits for the embeddings, as with a real encoder task;
+        # they are sent in reverse order to show the executor orders them by the request.
+        fission_call = asyncio.create_task(
+            stream_via_descriptor(session, fis.url, fission_task, fission_body)
+        )
+        for forward, (emb, meta) in reversed(list(zip(forwards, embeddings, strict=True))):
+            await producer.send(emb, forward.id, dst, chunk_id=0, num_chunks=2)
+            await producer.send(meta, forward.id, dst, chunk_id=1, num_chunks=2)
+        fission_text, fission_chunks = await fission_call
+
+    for got_text, chunks in ((mono_text, mono_chunks), (fission_text, fission_chunks)):
+        assert got_text == ref_text
+        usage = chunks[-1].usage
+        assert usage is not None and chunks[-1].choices == []
+        assert usage.prompt_tokens == prompt_len
+        assert usage.completion_tokens == len(ref_ids)
+        assert usage.total_tokens == prompt_len + len(ref_ids)
+        assert finish_of(chunks) == ("length" if len(ref_ids) == MAX_TOKENS else "stop")
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert len({c.id for c in chunks}) == 1
+
+
+# ---------------------------------------------------------------------- batching and sampling
+
+
+async def test_concurrent_streams_are_batched_and_each_matches_its_single_run(cluster: Cluster) -> None:
+    mono = cluster.monolithic["qwen2-vl"]
+    task = LLMTask(model_id="tiny", modalities=[Modality.IMAGE])
+    bodies: list[dict[str, Any]] = [
+        {"messages": image_messages(png_data_url(seed=10), "What is in the image?"), "max_completion_tokens": 24},
+        {"messages": image_messages(png_data_url(seed=11, size=(32, 48)), "Colors?"), "max_completion_tokens": 24},
+        {"messages": [{"role": "user", "content": "Tell me a story."}], "max_completion_tokens": 24},
+        {"messages": [{"role": "user", "content": "Hi"}], "max_completion_tokens": 24, "temperature": 0.9,
+         "top_p": 0.8, "seed": 7},
+    ]  # fmt: skip
+    async with aiohttp.ClientSession() as session:
+        singles = [await stream_via_descriptor(session, mono.url, task, b) for b in bodies]
+        before = get_json(mono.url, "/stats")
+        together = await asyncio.gather(*(stream_via_descriptor(session, mono.url, task, b) for b in bodies))
+    stats = get_json(mono.url, "/stats")
+    for (single_text, single_chunks), (text, chunks) in zip(singles, together, strict=True):
+        assert text == single_text
+        assert single_chunks[-1].usage == chunks[-1].usage
+    assert 2 <= stats["max_batch_size_observed"] <= 4, stats  # the executor runs with --max-batch-size 4
+    assert stats["sequences_finished"] - before["sequences_finished"] == len(bodies)
+
+
+async def test_sampling_is_reproducible_with_a_seed_and_varies_without(cluster: Cluster) -> None:
+    mono = cluster.monolithic["llava"]
+    task = LLMTask(model_id="tiny")
+    body = {
+        "messages": [{"role": "user", "content": "Sample"}],
+        "max_completion_tokens": 16,
+        "temperature": 1.5,
+    }
+    async with aiohttp.ClientSession() as session:
+        a, _ = await stream_via_descriptor(session, mono.url, task, {**body, "seed": 123})
+        b, _ = await stream_via_descriptor(session, mono.url, task, {**body, "seed": 123})
+        unseeded = {(await stream_via_descriptor(session, mono.url, task, body))[0] for _ in range(3)}
+    assert a == b
+    assert len(unseeded) > 1
+
+
+# ---------------------------------------------------------------------- non-streaming, stop, length
+
+
+def test_non_streaming_length_and_stop_strings(cluster: Cluster) -> None:
+    mono = cluster.monolithic["llava"]
+    body = {"messages": image_messages(png_data_url(seed=3), "Go"), "max_tokens": 10}
+    status, full = post_json(mono.url, body)
+    assert status == 200, full
+    assert full["object"] == "chat.completion"
+    choice = full["choices"][0]
+    assert choice["finish_reason"] == "length"
+    assert full["usage"]["completion_tokens"] == 10
+    text = choice["message"]["content"]
+    assert len(text) >= 4, text
+
+    stop = text[2:4]
+    status, stopped = post_json(mono.url, {**body, "stop": ["never-appears", stop]})
+    assert status == 200, stopped
+    assert stopped["choices"][0]["finish_reason"] == "stop"
+    assert stopped["choices"][0]["message"]["content"] == text[: text.index(stop)]
+    assert stopped["usage"]["completion_tokens"] <= 10
+
+    status, short = post_json(mono.url, {**body, "max_completion_tokens": 3, "max_tokens": 50})
+    assert status == 200 and short["usage"]["completion_tokens"] == 3
+
+
+def test_text_assembler_holds_back_a_stop_string_split_across_tokens(tiny_models: dict[str, Path]) -> None:
+    tokenizer = AutoProcessor.from_pretrained(tiny_models["qwen2-vl"]).tokenizer  # type: ignore[no-untyped-call]
+    ids = tokenizer("hello world, goodbye", add_special_tokens=False)["input_ids"]
+    assembler = TextAssembler(tokenizer, ["world, g"])
+    out = ""
+    for token in ids:
+        out += assembler.add(token)
+        if assembler.stopped:
+            break
+    assert assembler.stopped
+    assert out == "hello "
+
+
+# ---------------------------------------------------------------------- bad inputs
+
+
+def assert_error(status: int, body: Any, expect_status: int, error_type: str, *needles: str) -> None:
+    assert status == expect_status, body
+    error = body["error"]
+    assert error["type"] == error_type, error
+    for needle in needles:
+        assert needle in error["message"], error
+
+
+def test_bad_inputs_are_client_errors_and_the_executor_stays_up(cluster: Cluster, tmp_path: Path) -> None:
+    mono = cluster.monolithic["qwen2-vl"]
+    garbage = tmp_path / "not-an-image.png"
+    garbage.write_bytes(b"definitely not a png")
+    cases: list[tuple[dict[str, Any], int, str, tuple[str, ...]]] = [
+        ({"messages": image_messages("data:image/png;base64,AAAA", "x")}, 400, "invalid_media", ("image",)),
+        ({"messages": image_messages(garbage.as_uri(), "x")}, 400, "invalid_media", ("decodable",)),
+        ({"messages": image_messages((tmp_path / "missing.png").as_uri(), "x")}, 400, "invalid_media", ("cannot read",)),
+        ({"messages": image_messages(png_data_url(1), "x"), "max_completion_tokens": 100_000}, 400,
+         "context_length_exceeded", ("4096",)),
+        ({"messages": [{"role": "user", "content": "x"}], "cornserve_embeddings": [{"id": "abc"}]}, 400,
+         "invalid_request_error", ("--receive-embeddings",)),
+        ({"messages": []}, 400, "invalid_request_error", ("messages",)),
+        ({"messages": [{"role": "user", "content": [{"type": "audio_url", "audio_url": {"url": "data:,"}}]}]}, 400,
+         "invalid_request_error", ("audio",)),
+    ]  # fmt: skip
+    for body, status_expected, error_type, needles in cases:
+        status, reply = post_json(mono.url, body)
+        assert_error(status, reply, status_expected, error_type, *needles)
+    for stream in (False, True):
+        status, reply = post_json(
+            mono.url, {"messages": image_messages("file:///nope.png", "x"), "stream": stream}
+        )
+        assert_error(status, reply, 400, "invalid_media", "cannot read")
+
+    llava = cluster.monolithic["llava"]
+    video = {
+        "messages": [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "data:,"}}]}]
+    }
+    assert_error(*post_json(llava.url, video), 400, "invalid_request_error", "video")
+
+    status, reply = post_json(
+        mono.url, {"messages": [{"role": "user", "content": "still alive?"}], "max_tokens": 2}
+    )
+    assert status == 200 and reply["usage"]["completion_tokens"] == 2
+    assert get_json(mono.url, "/health")["status"] == "ok"
+    assert get_json(mono.url, "/v1/models")["data"][0]["id"] == str(cluster.models["qwen2-vl"])
+
+
+async def test_fission_errors_name_the_forward_and_the_executor_stays_up(
+    cluster: Cluster, nats_url: str
+) -> None:
+    fis = cluster.fission["qwen2-vl"]
+    assert fis.sidecar_rank is not None
+    url = png_data_url(seed=2)
+    never = DataForward[Tensor](id=f"never-{uuid.uuid4().hex}", dst_sidecar_ranks=[[fis.sidecar_rank]])
+    body: dict[str, Any] = {
+        "messages": image_messages(url, "x"),
+        "cornserve_embeddings": [never.model_dump(mode="json")],
+    }
+    status, reply = await asyncio.to_thread(post_json, fis.url, body)
+    assert_error(status, reply, 504, "embedding_timeout", never.id)
+
+    status, reply = await asyncio.to_thread(post_json, fis.url, {"messages": image_messages(url, "x")})
+    assert_error(status, reply, 400, "invalid_request_error", "0 cornserve_embeddings")
+
+    # An embedding of the wrong width for this LLM is refused with the forward id.
+    bad = DataForward[Tensor](dst_sidecar_ranks=[[fis.sidecar_rank]])
+    async with Sidecar(cluster.producer_rank, nats_url) as producer:
+        await producer.send(torch.zeros(4, 3), bad.id, [[fis.sidecar_rank]], chunk_id=0, num_chunks=2)
+        meta = {"modality": "image", "num_tokens": 4, "grid_thw": [1, 4, 4], "model_id": "x"}
+        await producer.send(meta, bad.id, [[fis.sidecar_rank]], chunk_id=1, num_chunks=2)
+    body = {
+        "messages": image_messages(url, "x"),
+        "cornserve_embeddings": [bad.model_dump(mode="json")],
+        "stream": True,
+    }
+    status, reply = await asyncio.to_thread(post_json, fis.url, body)
+    assert_error(status, reply, 400, "invalid_embedding", bad.id, "[4, 3]")
+    assert get_json(fis.url, "/health")["status"] == "ok"
+
+
+def test_stream_error_line_is_a_task_execution_error() -> None:
+    task = LLMTask(model_id="tiny")
+    inv = invocation(task, {"messages": [{"role": "user", "content": "x"}]})
+    line = "data: " + json.dumps({"error": {"message": "boom", "type": "internal_error"}})
+    with pytest.raises(TaskExecutionError, match="boom"):
+        DESCRIPTOR.from_stream_line(task, inv, line)
+
+
+def test_command_line_of_the_descriptor_is_accepted() -> None:
+    task = LLMTask(model_id="/models/tiny", receive_embeddings=True)
+    context = ExecutorLaunchContext.model_validate(
+        {"executor_id": "ex-1", "host": "127.0.0.1", "port": 8123, "sidecar_ranks": [3, 4], "devices": [],
+         "nats_url": "nats://127.0.0.1:4222"}
+    )  # fmt: skip
+    spec = CPULLMDescriptor(max_batch_size=5).launch_spec(task, context)
+    assert spec.command[1:3] == ["-m", "cornserve.llm_executor"]
+    config = parse_config(spec.command[3:])
+    assert (config.model_id, config.port, config.max_batch_size) == ("/models/tiny", 8123, 5)
+    assert config.sidecar_ranks == [3, 4] and config.receive_embeddings
+
+
+async def test_a_failure_after_the_stream_started_is_an_sse_error_line() -> None:
+    """Mid-stream failures cannot change the HTTP status; the dispatcher must still see an error."""
+    server = ChatServer(ExecutorConfig(model_id="tiny"), cast(Any, None), cast(Any, None), None)
+    ids = torch.zeros((1, 3), dtype=torch.long)
+    prompt = PreparedPrompt(input_ids=ids, position_ids=ids)
+    seq = Sequence(request_id="chatcmpl-x", prompt=prompt, params=SamplingParams(), max_tokens=8)
+    completion = Completion(id="chatcmpl-x", created=0, model="tiny", prompt=prompt, seq=seq, stop=[])
+
+    async def pieces() -> AsyncIterator[Piece]:
+        yield Piece("b")
+        raise GenerationFailed("the model broke")
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await server._stream(request, completion, Piece("a"), pieces(), True)
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handler)
+    task = LLMTask(model_id="tiny")
+    inv = invocation(task, {"messages": [{"role": "user", "content": "x"}]})
+    texts: list[str] = []
+    async with (
+        TestServer(app) as ts,
+        aiohttp.ClientSession() as session,
+        asyncio.timeout(30),
+        session.post(ts.make_url("/v1/chat/completions"), json={}) as resp,
+    ):
+        assert resp.status == 200
+        with pytest.raises(TaskExecutionError, match="the model broke"):
+            async for raw in resp.content:
+                chunk = DESCRIPTOR.from_stream_line(task, inv, raw.decode())
+                if chunk is not None and chunk.choices:
+                    texts.append(chunk.choices[0].delta.content or "")
+    assert "".join(texts) == "ab"
+    assert server.requests_failed == 1
