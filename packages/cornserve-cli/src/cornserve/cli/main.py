@@ -53,6 +53,28 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from cornserve.cli.demo import run_demo
+
+    return run_demo(
+        state_dir=Path(args.state_dir), host=args.host, port=args.port, cpu_slots=args.cpu_slots,
+        model=args.model, once=args.once, prompt=args.prompt, max_tokens=args.max_tokens,
+        ready_timeout_s=args.ready_timeout,
+    )  # fmt: skip
+
+
+def _cmd_models_tiny(args: argparse.Namespace) -> int:
+    from cornserve.models.tiny import UnknownArchitectureError, build_tiny  # heavy: imported on use
+
+    try:
+        path = build_tiny(args.arch, Path(args.dir), seed=args.seed)
+    except UnknownArchitectureError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"built a tiny {args.arch} checkpoint (random weights) in {path}")
+    return 0
+
+
 def _cmd_up(args: argparse.Namespace) -> int:
     cluster = LocalCluster(
         state_dir=Path(args.state_dir),
@@ -181,6 +203,33 @@ def build_parser() -> argparse.ArgumentParser:
     ls = tl.add_parser("list", help="list task libraries")
     ls.add_argument("--url", default=default_url())
     ls.set_defaults(func=_http(commands.tasklib_list))
+
+    demo = commands_.add_parser(
+        "demo",
+        help="start a local cluster, register the example MLLM app, ask it about an image, keep serving",
+    )
+    demo.add_argument("--once", action="store_true", help="exit after the first answer")
+    demo.add_argument(
+        "--model",
+        default=None,
+        help="checkpoint dir or Hub id (default: $CORNSERVE_DEMO_MODEL or a tiny random one)",
+    )
+    demo.add_argument("--prompt", default="What is in this picture?")
+    demo.add_argument("--max-tokens", type=int, default=32)
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=8000)
+    demo.add_argument("--cpu-slots", type=int, default=4)
+    demo.add_argument("--state-dir", default=str(default_state_dir()))
+    demo.add_argument("--ready-timeout", type=float, default=180.0)
+    demo.set_defaults(func=_cmd_demo)
+
+    models = commands_.add_parser("models", help="model checkpoints for tests and the demo")
+    md = models.add_subparsers(dest="models_command", required=True, metavar="SUBCOMMAND")
+    tiny = md.add_parser("tiny", help="build a small checkpoint with seeded random weights (no downloads)")
+    tiny.add_argument("arch", help="architecture family (see the list in `cornserve models tiny --help`)")
+    tiny.add_argument("dir", help="output directory (Hugging Face layout)")
+    tiny.add_argument("--seed", type=int, default=0, help="random seed of the weights")
+    tiny.set_defaults(func=_cmd_models_tiny)
 
     trace = commands_.add_parser(
         "trace", help="print the task graphs an app makes for a request, executing nothing"
