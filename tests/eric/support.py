@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-_ranks = itertools.count(300)  # away from the ranks other test packages use in the same session
+_ranks = itertools.count(500)  # away from the ranks other test packages use in the same session
 
 
 def next_rank() -> int:

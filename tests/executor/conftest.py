@@ -22,7 +22,7 @@ from tests.executor.cluster import (
 
 from cornserve.task.library import load_task_library
 
-_ranks = itertools.count(300)
+_ranks = itertools.count(300)  # tests/sidecar use 100+, tests/eric 500+, tests/llm_executor 400-499
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,350 @@
+"""Benchmark: image + text requests through Cornserve, encoder fission vs monolithic, vs in-process.
+
+For each app (one MLLMTask with `encoder_fission=True`, one with `False`, same checkpoint) and each
+arrival rate, N requests arrive as a Poisson process (seeded) and are sent through the gateway's
+streaming invoke; per request it records the time to the first streamed chunk (TTFT), the time per
+output token after that (TPOT) and the end-to-end latency. In the same run the same model runs
+in-process with transformers (`generate`, one request at a time, no serving system) on the same
+inputs: the difference at the lowest rate is Cornserve's orchestration overhead (HTTP, NATS,
+dispatch, sidecar, separate processes).
+
+    uv run python bench/mllm.py                 # tiny random Qwen2-VL checkpoint, built on the fly
+    uv run python bench/mllm.py --model DIR     # any local checkpoint of a supported family
+    uv run python bench/mllm.py --quick         # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import random
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from cornserve.bus.natsserver import free_port
+from cornserve.cli.launcher import LocalCluster
+from cornserve.client import CornserveClient
+
+APP_TEMPLATE = """
+from collections.abc import AsyncIterator
+
+from pydantic import BaseModel
+
+from cornserve.app import AppConfig
+from cornserve.task.builtins import ChatCompletionRequest, MLLMTask, Modality
+
+mllm = MLLMTask(model_id={model!r}, modalities=[Modality.IMAGE], encoder_fission={fission!r})
+
+
+class Config(AppConfig):
+    tasks = {{"mllm": mllm}}
+
+
+class Request(BaseModel):
+    prompt: str
+    image_url: str
+    max_completion_tokens: int
+
+
+class Response(BaseModel):
+    text: str = ""
+    completion_tokens: int | None = None
+
+
+async def serve(request: Request) -> AsyncIterator[Response]:
+    chat = ChatCompletionRequest.model_validate(
+        {{
+            "messages": [
+                {{
+                    "role": "user",
+                    "content": [
+                        {{"type": "image_url", "image_url": {{"url": request.image_url}}}},
+                        {{"type": "text", "text": request.prompt}},
+                    ],
+                }}
+            ],
+            "max_completion_tokens": request.max_completion_tokens,
+        }}
+    )
+    async for chunk in await mllm(chat):
+        for choice in chunk.choices:
+            if choice.delta.content:
+                yield Response(text=choice.delta.content)
+"""
+
+PROMPTS = ["What is in this picture?", "Describe the colours.", "Is there a square?", "What shape is it?"]
+
+
+def make_image(index: int, size: int) -> tuple[str, Any]:
+    """A distinct synthetic picture as a `data:` URL, and the PIL image."""
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(index)
+    image = Image.new("RGB", (size, size), tuple(rng.randrange(256) for _ in range(3)))
+    draw = ImageDraw.Draw(image)
+    for _ in range(3):
+        x, y = rng.randrange(size // 2), rng.randrange(size // 2)
+        draw.rectangle((x, y, x + size // 3, y + size // 3), fill=tuple(rng.randrange(256) for _ in range(3)))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii"), image
+
+
+@dataclass
+class Sample:
+    """One request's timeline (seconds, monotonic clock)."""
+
+    sent: float
+    first: float | None = None
+    done: float | None = None
+    chunks: int = 0
+    tokens: int | None = None
+    error: str | None = None
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first is None else self.first - self.sent
+
+    @property
+    def e2e(self) -> float | None:
+        return None if self.done is None else self.done - self.sent
+
+    @property
+    def tpot(self) -> float | None:
+        count = self.tokens if self.tokens is not None else self.chunks
+        if self.first is None or self.done is None or count < 2:
+            return None
+        return (self.done - self.first) / (count - 1)
+
+
+@dataclass
+class Result:
+    """One (system, rate) cell of the table."""
+
+    system: str
+    rate: str
+    samples: list[Sample] = field(default_factory=list)
+    wall: float = 0.0
+
+    def ok(self) -> list[Sample]:
+        return [s for s in self.samples if s.error is None and s.done is not None]
+
+    def row(self) -> list[str]:
+        ok = self.ok()
+        errors = len(self.samples) - len(ok)
+
+        def pct(values: list[float], q: float) -> str:
+            if not values:
+                return "-"
+            values = sorted(values)
+            return f"{values[min(len(values) - 1, int(q * len(values)))] * 1e3:.0f}"
+
+        ttft = [s.ttft for s in ok if s.ttft is not None]
+        tpot = [s.tpot for s in ok if s.tpot is not None]
+        e2e = [s.e2e for s in ok if s.e2e is not None]
+        tokens = sum(s.tokens if s.tokens is not None else s.chunks for s in ok)
+        return [
+            self.system,
+            self.rate,
+            f"{len(ok) / self.wall:.2f}" if self.wall else "-",
+            f"{tokens / self.wall:.1f}" if self.wall else "-",
+            pct(ttft, 0.5),
+            f"{statistics.mean(tpot) * 1e3:.1f}" if tpot else "-",
+            pct(e2e, 0.5),
+            pct(e2e, 0.99),
+            str(errors),
+        ]
+
+
+HEADER = [
+    "system",
+    "rate req/s",
+    "req/s",
+    "tok/s",
+    "TTFT p50 ms",
+    "TPOT ms",
+    "E2E p50 ms",
+    "E2E p99 ms",
+    "errors",
+]
+
+
+def print_table(rows: list[list[str]]) -> None:
+    """A Markdown table."""
+    widths = [max(len(r[i]) for r in [HEADER, *rows]) for i in range(len(HEADER))]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"  # noqa: E731
+    print(line(HEADER))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in rows:
+        print(line(row))
+
+
+async def one_request(session: aiohttp.ClientSession, url: str, body: dict[str, Any], sample: Sample) -> None:
+    """Stream one invoke; record first-chunk and end times."""
+    try:
+        async with session.post(url, json=body, headers={"Accept": "application/x-ndjson"}) as response:
+            if response.status != 200:
+                sample.error = f"{response.status}: {(await response.text())[:200]}"
+                return
+            async for line in response.content:
+                if not line.strip():
+                    continue
+                item = json.loads(line)
+                if "error" in item:
+                    sample.error = str(item["error"])[:200]
+                    return
+                if item.get("completion_tokens") is not None:
+                    sample.tokens = int(item["completion_tokens"])
+                    continue
+                if sample.first is None:
+                    sample.first = time.monotonic()
+                sample.chunks += 1
+        sample.done = time.monotonic()
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        sample.error = f"{type(exc).__name__}: {exc}"
+
+
+async def poisson_run(gateway: str, app: str, rate: float, bodies: list[dict[str, Any]], seed: int) -> Result:
+    """Send `bodies` with exponential inter-arrival gaps of mean 1/rate."""
+    rng = random.Random(seed)
+    result = Result(app, f"{rate:g}")
+    url = f"{gateway}/apps/{app}/invoke"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+        start = time.monotonic()
+        tasks = []
+        for body in bodies:
+            sample = Sample(sent=time.monotonic())
+            result.samples.append(sample)
+            tasks.append(asyncio.create_task(one_request(session, url, body, sample)))
+            await asyncio.sleep(rng.expovariate(rate))
+        await asyncio.gather(*tasks)
+        result.wall = time.monotonic() - start
+    for s in result.samples:
+        if s.error:
+            print(f"  error ({app} @ {rate:g}/s): {s.error}")
+    return result
+
+
+def in_process(model_dir: str, requests: list[tuple[str, Any, int]]) -> Result:
+    """The same model and inputs in this process with transformers, one request at a time."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers.generation.streamers import BaseStreamer
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+    class Clock(BaseStreamer):
+        def __init__(self, sample: Sample) -> None:
+            self.sample, self.prompt_seen = sample, False
+
+        def put(self, value: Any) -> None:
+            if not self.prompt_seen:
+                self.prompt_seen = True
+                return
+            if self.sample.first is None:
+                self.sample.first = time.monotonic()
+            self.sample.chunks += 1
+
+        def end(self) -> None:
+            self.sample.done = time.monotonic()
+
+    result = Result("in-process transformers", "back-to-back")
+    start = time.monotonic()
+    for prompt, image, max_tokens in requests:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        sample = Sample(sent=time.monotonic())
+        text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        inputs = processor(text=[text], images=[image], return_tensors="pt")
+        with torch.inference_mode():
+            model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False, streamer=Clock(sample))
+        result.samples.append(sample)
+    result.wall = time.monotonic() - start
+    return result
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    """Build/locate the model, start a cluster, run both apps at each rate, then in-process."""
+    workdir = Path(tempfile.mkdtemp(prefix="cornserve-bench-mllm-"))
+    model = args.model
+    if model is None:
+        from cornserve.models.tiny import build_tiny
+
+        model = str(build_tiny(args.arch, workdir / f"tiny-{args.arch}", seed=0))
+        print(f"built a tiny {args.arch} checkpoint (random weights) in {model}")
+    rates = [float(r) for r in args.rates.split(",")]
+    images = [make_image(i, args.image_size) for i in range(args.requests)]
+    requests = [(PROMPTS[i % len(PROMPTS)], images[i][1], args.max_tokens) for i in range(args.requests)]
+    bodies = [
+        {"prompt": p, "image_url": images[i][0], "max_completion_tokens": args.max_tokens}
+        for i, (p, _, _) in enumerate(requests)
+    ]
+    cluster = LocalCluster(state_dir=workdir / "cluster", port=free_port(), cpu_slots=3, dispatchers=2)
+    rows: list[list[str]] = []
+    try:
+        cluster.start(ready_timeout_s=300)
+        async with CornserveClient(cluster.url) as client:
+            for name, fission in (("fission", True), ("monolithic", False)):
+                t0 = time.monotonic()
+                async for _ in client.register_app(name, APP_TEMPLATE.format(model=model, fission=fission)):
+                    pass
+                print(f"registered app {name!r} (encoder_fission={fission}) in {time.monotonic() - t0:.1f}s")
+            for name in ("fission", "monolithic"):  # warm-up: first requests pay lazy initialisation
+                await poisson_run(cluster.url, name, 100.0, bodies[:2], seed=0)
+        for rate in rates:
+            for name in ("fission", "monolithic"):
+                print(f"running {name} at {rate:g} req/s ({args.requests} requests) ...")
+                result = await poisson_run(cluster.url, name, rate, bodies, seed=int(rate * 1000))
+                rows.append(result.row())
+    finally:
+        cluster.stop()
+    print("running the same model in-process (transformers generate, sequential) ...")
+    in_process(model, requests[:2])  # warm-up
+    local = in_process(model, requests)
+    rows.append(local.row())
+    print(
+        f"\nmodel: {model}; {args.requests} requests per cell; max_completion_tokens={args.max_tokens}; "
+        f"image {args.image_size}x{args.image_size}; 2-core CPU, no GPU"
+    )
+    print_table(rows)
+    low = min(rates)
+    cells = {(r[0], r[1]): r for r in rows}
+    base = local.row()
+    for name in ("fission", "monolithic"):
+        row = cells.get((name, f"{low:g}"))
+        if row and row[6] != "-" and base[6] != "-":
+            print(
+                f"orchestration overhead ({name} at {low:g} req/s vs in-process): "
+                f"E2E p50 +{int(row[6]) - int(base[6])} ms, TTFT p50 +{int(row[4]) - int(base[4])} ms"
+            )
+
+
+def main() -> None:
+    """Command line."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default=None, help="checkpoint dir (default: build a tiny random one)")
+    parser.add_argument("--arch", default="qwen2-vl", help="family of the tiny checkpoint")
+    parser.add_argument("--requests", type=int, default=24, help="requests per (app, rate)")
+    parser.add_argument("--rates", default="1,4,16", help="Poisson arrival rates, req/s")
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--image-size", type=int, default=96)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 6 requests at 2 and 8 req/s")
+    args = parser.parse_args()
+    if args.quick:
+        args.requests, args.rates, args.max_tokens = 6, "2,8", 8
+    asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    main()
