@@ -6,11 +6,11 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import sys
 
 from pydantic import ValidationError
 
+from cornserve.bus.lifecycle import run_executor
 from cornserve.eric.server import EricConfig, EricServer, StartupError
 
 logger = logging.getLogger("cornserve.eric")
@@ -73,36 +73,13 @@ def config_from_args(args: argparse.Namespace) -> EricConfig:
 async def serve(config: EricConfig) -> int:
     """Run until SIGTERM/SIGINT (0), or 1 if Eric could not start."""
     server = EricServer(config)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    code = 0
-    try:
-        await server.start_http()
-        init = asyncio.create_task(server.initialize())
-        stopped = asyncio.create_task(stop.wait())
-        await asyncio.wait({init, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        if not init.done():
-            logger.info("stopped while starting")
-            init.cancel()
-            await asyncio.gather(init, return_exceptions=True)
-        elif (exc := init.exception()) is not None:
-            # A StartupError says what to fix; anything else is a bug worth a traceback.
-            trace = None if isinstance(exc, StartupError) else exc
-            logger.error(
-                "Eric %s failed to start: %s: %s", config.executor_id, type(exc).__name__, exc, exc_info=trace
-            )
-            code = 1
-        else:
-            await stopped
-        stopped.cancel()
-    except OSError as exc:
-        logger.error("Eric %s cannot listen on %s:%d: %s", config.executor_id, config.host, config.port, exc)
-        code = 1
-    finally:
-        await server.stop()
-    return code
+    return await run_executor(
+        server,
+        f"Eric {config.executor_id}",
+        f"{config.host}:{config.port}",
+        logger,
+        expected_errors=(StartupError,),
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,13 +6,13 @@ import argparse
 import asyncio
 import json
 import logging
-import signal
 import sys
 
 from pydantic import ValidationError
 
+from cornserve.bus.lifecycle import run_executor
 from cornserve.bus.natsserver import nats_url_from_env
-from cornserve.executor.server import ExecutorConfig, ExecutorServer, error_text
+from cornserve.executor.server import ExecutorConfig, ExecutorServer
 
 logger = logging.getLogger("cornserve.executor")
 
@@ -76,36 +76,9 @@ def config_from_args(args: argparse.Namespace) -> ExecutorConfig:
 async def serve(config: ExecutorConfig) -> int:
     """Run until SIGTERM/SIGINT; 1 if the executor could not start."""
     server = ExecutorServer(config)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    code = 0
-    try:
-        await server.start_http()
-        init = asyncio.create_task(server.initialize())
-        stopped = asyncio.create_task(stop.wait())
-        await asyncio.wait({init, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        if not init.done():
-            logger.info("stopped while starting")
-            init.cancel()
-            await asyncio.gather(init, return_exceptions=True)
-        elif init.exception() is not None:
-            exc = init.exception()
-            assert exc is not None
-            logger.error("executor %s failed to start: %s", config.executor_id, error_text(exc), exc_info=exc)
-            code = 1
-        else:
-            await stopped
-        stopped.cancel()
-    except OSError as exc:
-        logger.error(
-            "executor %s cannot listen on %s:%d: %s", config.executor_id, config.host, config.port, exc
-        )
-        code = 1
-    finally:
-        await server.stop()
-    return code
+    return await run_executor(
+        server, f"executor {config.executor_id}", f"{config.host}:{config.port}", logger
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
