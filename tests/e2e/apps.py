@@ -2,16 +2,8 @@
 
 from __future__ import annotations
 
-MLLM_APP = """
-from collections.abc import AsyncIterator
-
-from pydantic import BaseModel
-
-from cornserve.app import AppConfig
-from cornserve.task.builtins import ChatCompletionRequest, MLLMTask, Modality
-
-mllm = MLLMTask(model_id={model!r}, modalities=[Modality.IMAGE], encoder_fission={fission!r})
-
+# What both apps share: the request/response models and a `serve` that streams `mllm`'s text.
+_SERVE_MLLM = """
 
 class Config(AppConfig):
     tasks = {{"mllm": mllm}}
@@ -36,9 +28,24 @@ async def serve(request: Request) -> AsyncIterator[Response]:
                 yield Response(text=choice.delta.content)
 """
 
+MLLM_APP = (
+    """
+from collections.abc import AsyncIterator
+
+from pydantic import BaseModel
+
+from cornserve.app import AppConfig
+from cornserve.task.builtins import ChatCompletionRequest, MLLMTask, Modality
+
+mllm = MLLMTask(model_id={model!r}, modalities=[Modality.IMAGE], encoder_fission={fission!r})
+"""
+    + _SERVE_MLLM
+)
+
 # Another LLM over the same image encoder: one composite task, so the embeddings stay in one graph
 # (encoder → LLM through the sidecar); the encoder (same model id, same config) is shared.
-SHARED_ENCODER_APP = """
+SHARED_ENCODER_APP = (
+    """
 from collections.abc import AsyncIterator
 
 from pydantic import BaseModel
@@ -68,27 +75,6 @@ class EncoderThenLLM(Task[ChatCompletionRequest, Stream[ChatCompletionChunk]]):
 
 
 mllm = EncoderThenLLM(encoder_model={encoder_model!r}, llm_model={llm_model!r})
-
-
-class Config(AppConfig):
-    tasks = {{"mllm": mllm}}
-
-
-class Request(BaseModel):
-    messages: list[dict]
-    max_completion_tokens: int = 12
-
-
-class Response(BaseModel):
-    text: str
-
-
-async def serve(request: Request) -> AsyncIterator[Response]:
-    chat = ChatCompletionRequest.model_validate(
-        {{"messages": request.messages, "max_completion_tokens": request.max_completion_tokens}}
-    )
-    async for chunk in await mllm(chat):
-        for choice in chunk.choices:
-            if choice.delta.content:
-                yield Response(text=choice.delta.content)
 """
+    + _SERVE_MLLM
+)
