@@ -78,3 +78,43 @@ class Response(BaseModel):
 async def serve(request: Request) -> Response:
     return Response(sum=(await matrix_sum(SumInput(seed=request.seed))).sum)
 """
+
+# Streams one item per row of a seeded matrix: MakeMatrix -> (sidecar) -> RowSums.
+ROWS_APP = """
+from collections.abc import AsyncIterator
+from pydantic import BaseModel, Field
+from cornserve.app import AppConfig
+from cornserve.task import Stream, Task, TaskInput
+from cornserve_tasklibs.tensor_math import MakeMatrix, MakeMatrixInput, RowSum, RowSums, RowSumsInput
+
+class RowsInput(TaskInput):
+    seed: int
+    n: int
+
+class MatrixRows(Task[RowsInput, Stream[RowSum]]):
+    def post_init(self) -> None:
+        self.make = MakeMatrix()
+        self.rows = RowSums()
+
+    def invoke(self, x: RowsInput) -> Stream[RowSum]:
+        matrix = self.make.invoke(MakeMatrixInput(seed=x.seed, rows=x.n, cols=x.n)).matrix
+        return self.rows.invoke(RowSumsInput(x=matrix))
+
+matrix_rows = MatrixRows()
+
+class Config(AppConfig):
+    tasks = {"rows": matrix_rows}
+
+class Request(BaseModel):
+    seed: int
+    n: int = Field(default=4, ge=1, le=64)
+
+class Response(BaseModel):
+    index: int
+    sum: float
+
+async def serve(request: Request) -> AsyncIterator[Response]:
+    stream = await matrix_rows(RowsInput(seed=request.seed, n=request.n))
+    async for item in stream:
+        yield Response(index=item.index, sum=item.sum)
+"""

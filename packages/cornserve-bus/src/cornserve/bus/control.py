@@ -260,6 +260,11 @@ class InvokeRequest(RequestBase):
     invocations: list[dict[str, Any]] = Field(min_length=1)
     timeout_s: float = Field(default=300.0, gt=0)
     stream_subject: str | None = None
+    keepalive_subject: str | None = None
+    """If set, the replica that takes the graph publishes InvokeKeepalive here at once (the
+    acknowledgement) and every `keepalive_interval_s` until the reply and any relayed stream are
+    done, so the caller learns within seconds that the replica died (see docs/architecture.md)."""
+    keepalive_interval_s: float = Field(default=1.0, gt=0, le=60)
 
 
 class InvokeReply(WireModel):
@@ -267,6 +272,14 @@ class InvokeReply(WireModel):
 
     request_id: str
     outputs: list[dict[str, Any] | None]
+
+
+class InvokeKeepalive(WireModel):
+    """Published on InvokeRequest.keepalive_subject: `seq` 0 acknowledges the graph, then one per interval."""
+
+    request_id: str
+    replica_id: str
+    seq: int = Field(ge=0)
 
 
 class StreamMessage(WireModel):

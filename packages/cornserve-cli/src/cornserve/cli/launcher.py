@@ -119,6 +119,8 @@ class LocalCluster:
     cluster_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     children: list[Child] = field(default_factory=list)
     nats: NatsServerProcess | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    """The environment the children were started with (for `restart`)."""
 
     @property
     def url(self) -> str:
@@ -167,9 +169,10 @@ class LocalCluster:
                 f"dispatcher-{index}", "cornserve.dispatcher.main", "--replica-id", f"dispatcher-{index}"
             )
         self._child("gateway", "cornserve.gateway.main", "--host", self.host, "--port", str(self.port))
+        self.env = {**env, "CORNSERVE_NODE": self.node}
         for child in self.children:
             self.say(f"starting {child.name}")
-            child.start({**env, "CORNSERVE_NODE": self.node})
+            child.start(self.env)
         self._write_state()
         self._wait_ready(ready_timeout_s)
 
@@ -213,6 +216,23 @@ class LocalCluster:
             f"the cluster did not become healthy within {timeout_s:.0f} s (last answer: {last})"
         )
 
+    def restart(self, name: str, timeout_s: float = 10.0) -> Child:
+        """Stop child `name` if it still runs (SIGTERM, then SIGKILL) and start it again.
+
+        For operators replacing a crashed service and for tests of recovery; the state file is
+        updated so `cornserve down` finds the new process.
+        """
+        child = next((c for c in self.children if c.name == name), None)
+        if child is None:
+            known = ", ".join(c.name for c in self.children)
+            raise LaunchError(f"no child process named {name!r} in this cluster (known: {known})")
+        if child.alive() and child.proc is not None:
+            stop_children([child], grace_s=timeout_s, say=self.say)
+        self.say(f"restarting {child.name}")
+        child.start(self.env)
+        self._write_state()
+        return child
+
     def first_dead_child(self) -> Child | None:
         """A child that exited on its own, if any."""
         return next((c for c in self.children if not c.alive()), None)
@@ -240,14 +260,23 @@ def read_state(state_dir: Path) -> dict[str, Any] | None:
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether a process exists."""
+    """Whether a process exists and has not exited.
+
+    A zombie (exited, not yet reaped by its parent — e.g. `cornserve up` whose shell or test
+    harness is busy) counts as gone, so `cornserve down` does not wait on it.
+    """
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # no procfs (not Linux), or it just went away
+        return True
+    fields = stat.rsplit(")", 1)[-1].split()
+    return not (fields and fields[0] in ("Z", "X"))
 
 
 def shut_down(state_dir: Path, timeout_s: float = 60.0, say: Any = print) -> bool:

@@ -4,6 +4,8 @@ A replica loads uploaded task libraries (so it can rebuild any registered task c
 resource manager's deployments, and serves graphs from the shared queue group. On shutdown it
 stops taking graphs, lets running ones finish for a grace period, then fails the rest with a typed
 error (and ends open streams with an error message) so no caller waits on a replica that is gone.
+While a graph runs, and while its stream is relayed, the replica sends the caller keepalives
+(`keepalive.py`), so a replica that is killed outright is noticed within seconds too.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from cornserve.bus.micro import ServiceFault, respond_error
 from cornserve.dispatcher import __version__, faults
 from cornserve.dispatcher.deployments import DeploymentCache
 from cornserve.dispatcher.graph import GraphRunner
+from cornserve.dispatcher.keepalive import Keepalive
 from cornserve.dispatcher.relay import StreamRelay
 from cornserve.task import TaskError, TaskInvocation, TaskRegistryError
 from cornserve.task.library import load_task_library
@@ -106,6 +109,7 @@ class DispatcherService:
         """One task per graph being executed (parse, run, reply); micro runs callbacks one at a time."""
         self._relays: set[asyncio.Task[None]] = set()
         self._background: set[asyncio.Task[None]] = set()
+        self._keepalives: set[Keepalive] = set()
         self._idle = asyncio.Event()
         self._idle.set()
         self._closing = asyncio.Event()
@@ -175,6 +179,8 @@ class DispatcherService:
             for task in list(self._handlers):
                 task.cancel()
         await asyncio.gather(*self._handlers, *self._relays, return_exceptions=True)
+        for keepalive in list(self._keepalives):
+            keepalive.cancel()
         if self._deployments is not None:
             await self._deployments.stop()
         if self._tasklibs is not None:
@@ -207,38 +213,61 @@ class DispatcherService:
             fault = faults.shutting_down(self.replica_id)
             await respond_error(msg, req.request_id, fault.code, fault.error, fault.message, **fault.details)
             return
+        keepalive = Keepalive(
+            self.nc, req.keepalive_subject, req.request_id, self.replica_id, req.keepalive_interval_s
+        )
+        self._keepalives.add(keepalive)
+        await keepalive.start()  # the acknowledgement: the caller now knows which replica runs it
         self._track(
-            self._handlers, asyncio.create_task(self._serve(msg, req), name=f"graph-{req.request_id}")
+            self._handlers,
+            asyncio.create_task(self._serve(msg, req, keepalive), name=f"graph-{req.request_id}"),
         )
 
-    async def _serve(self, msg: Request, req: InvokeRequest) -> None:
+    async def _serve(self, msg: Request, req: InvokeRequest, keepalive: Keepalive) -> None:
         try:
-            reply = await self.invoke(req)
-        except ServiceFault as fault:
-            logger.info("graph %s failed (%d %s): %s", req.request_id, fault.code, fault.error, fault.message)
-            await respond_error(msg, req.request_id, fault.code, fault.error, fault.message, **fault.details)
-            return
-        except Exception as exc:
-            logger.exception("graph %s failed unexpectedly", req.request_id)
-            await respond_error(msg, req.request_id, 500, "internal", f"{type(exc).__name__}: {exc}")
-            return
-        await msg.respond(reply.model_dump_json().encode())
+            try:
+                reply = await self.invoke(req, keepalive)
+            except ServiceFault as fault:
+                logger.info(
+                    "graph %s failed (%d %s): %s", req.request_id, fault.code, fault.error, fault.message
+                )
+                await respond_error(
+                    msg, req.request_id, fault.code, fault.error, fault.message, **fault.details
+                )
+                return
+            except Exception as exc:
+                logger.exception("graph %s failed unexpectedly", req.request_id)
+                await respond_error(msg, req.request_id, 500, "internal", f"{type(exc).__name__}: {exc}")
+                return
+            await msg.respond(reply.model_dump_json().encode())
+        finally:
+            self._release(keepalive)
 
-    async def invoke(self, req: InvokeRequest) -> InvokeReply:
-        """Execute one graph; the reply comes once every non-stream output (and the stream's start) is in."""
+    def _release(self, keepalive: Keepalive) -> None:
+        keepalive.release()
+        if keepalive.stopped:
+            self._keepalives.discard(keepalive)
+
+    async def invoke(self, req: InvokeRequest, keepalive: Keepalive | None = None) -> InvokeReply:
+        """Execute one graph; the reply comes once every non-stream output (and the stream's start) is in.
+
+        A relayed stream holds `keepalive` until it ends, so the caller keeps hearing from this replica.
+        """
         assert self._graphs is not None
         invocations = await self._parse(req.invocations)
         result = await self._unless_closing(self._graphs.run(invocations, req.timeout_s, req.stream_subject))
         if result.stream is not None:
             assert req.stream_subject is not None
             graphs, opened = self._graphs, result.stream
-            relay = StreamRelay(
-                self.nc,
-                opened,
-                req.stream_subject,
-                req.timeout_s,
-                on_finish=lambda: graphs.release(opened.routed),
-            )
+
+            def finished() -> None:
+                graphs.release(opened.routed)
+                if keepalive is not None:
+                    self._release(keepalive)
+
+            if keepalive is not None:
+                keepalive.hold()
+            relay = StreamRelay(self.nc, opened, req.stream_subject, req.timeout_s, on_finish=finished)
             self._track(self._relays, asyncio.create_task(relay.run(), name=f"relay-{req.request_id}"))
         return InvokeReply(request_id=req.request_id, outputs=result.outputs)
 

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import nats.errors
 from nats.js.kv import KeyValue
 
 from cornserve.app import AppSpec, validate_app
@@ -20,6 +21,9 @@ from cornserve.gateway.errors import HTTPError
 logger = logging.getLogger(__name__)
 
 MAX_NAME = 100
+LIST_TIMEOUT_S = 15.0
+"""Deadline of one listing of the apps bucket (a KV key listing can stall under load)."""
+LIST_ATTEMPTS = 8
 
 
 def check_app_name(name: Any) -> str:
@@ -149,9 +153,31 @@ class AppRegistry:
         await kv_delete(self._kv, name)
         return {"name": name, "released": reply.released, "torn_down": reply.torn_down}
 
+    async def _recorded(self) -> list[AppRecord]:
+        """Every app record in the bucket, retrying a listing that stalls or fails (bounded).
+
+        nats-py's key listing waits for an "initial values done" marker without a deadline; on a
+        loaded server that marker can be lost, so each attempt gets its own deadline and watcher.
+        """
+        for attempt in range(1, LIST_ATTEMPTS + 1):
+            try:
+                async with asyncio.timeout(LIST_TIMEOUT_S):
+                    return await kv_all(self._kv, AppRecord)
+            except (TimeoutError, nats.errors.Error) as exc:
+                if attempt == LIST_ATTEMPTS:
+                    raise
+                logger.warning(
+                    "listing recorded apps failed (attempt %d of %d): %s; retrying",
+                    attempt,
+                    LIST_ATTEMPTS,
+                    type(exc).__name__,
+                )
+                await asyncio.sleep(min(2.0**attempt, 10.0))
+        raise AssertionError("unreachable")
+
     async def recover(self) -> None:
         """Reload apps recorded before a restart and make sure their tasks are deployed."""
-        for record in await kv_all(self._kv, AppRecord):
+        for record in await self._recorded():
             try:
                 spec = validate_app(record.source, name=record.name)
             except Exception as exc:

@@ -3,36 +3,51 @@
 `NatsDispatcherClient` implements `cornserve.task.Dispatcher`, so an app driver's
 `await task(input)` is executed by whichever dispatcher replica takes the request from the queue
 group. Errors come back as `DispatchError` (a `TaskExecutionError`) with the dispatcher's code
-(404 not deployed, 502 executor failed, 503 unavailable, 504 timeout, ...) for HTTP mapping. A
-streamed final output is read from a private inbox subscribed before the graph is sent, so no
-stream message can be missed.
+(404 not deployed, 502 executor failed, 503 unavailable, 504 timeout, ...) for HTTP mapping.
+
+Each attempt uses one private inbox `I` subscribed (as `I.*`) before the graph is sent: the reply
+comes on `I.reply`, the replica's keepalives on `I.alive` and a relayed stream on `I.stream`, so
+nothing can be missed and one deadline loop watches all three. A replica that stops sending
+keepalives (killed, hung, partitioned) is noticed within `keepalive_timeout_s`: if it had not
+delivered any output yet (no reply, or no stream item), the graph is retried once on another
+replica with fresh forward ids; otherwise it fails at once with `DispatcherLost` (503).
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import nats.errors
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
 from pydantic import TypeAdapter, ValidationError
 
-from cornserve.bus.control import DISPATCH_INVOKE, InvokeReply, InvokeRequest, StreamMessage
-from cornserve.bus.micro import NoResponders, RequestTimeout, ServiceErrorReply, request
+from cornserve.bus.control import DISPATCH_INVOKE, InvokeKeepalive, InvokeReply, InvokeRequest, StreamMessage
+from cornserve.bus.schemas import ErrorReply
+from cornserve.gateway.forward_ids import forward_ids, fresh_ids, replace_ids
 from cornserve.task import Stream, TaskExecutionError, TaskInvocation, TaskOutput
 
 logger = logging.getLogger(__name__)
 
 _INVOCATIONS = TypeAdapter(list[TaskInvocation])
+_NO_RESPONDERS = "503"
+_RETRYABLE_ERRORS = {"shutting_down"}
+"""Typed dispatcher errors that mean "this replica went away before finishing": retried once."""
 
 
 class DispatchError(TaskExecutionError):
     """A graph failed in (or on its way to) the dispatcher.
 
     `code` is the HTTP-like status (an int) and `error` the machine-readable kind, e.g. 404
-    `task_not_deployed`, 502 `executor_failed`, 503 `task_unavailable`/`no_dispatcher`, 504 `timeout`.
+    `task_not_deployed`, 502 `executor_failed`, 503 `task_unavailable`/`no_dispatcher`/
+    `dispatcher_lost`, 504 `timeout`.
     """
 
     def __init__(
@@ -49,6 +64,18 @@ class DispatchError(TaskExecutionError):
         self.error = error
 
 
+class DispatcherLost(DispatchError):
+    """The dispatcher replica running the graph died or shut down before finishing it (503).
+
+    `relayed` says whether it had already delivered output (then the graph is not retried).
+    """
+
+    def __init__(self, message: str, *, replica_id: str | None, relayed: bool) -> None:
+        super().__init__(message, code=503, error="dispatcher_lost")
+        self.replica_id = replica_id
+        self.relayed = relayed
+
+
 def stream_item_type(output_cls: type[Any]) -> Any:
     """The item type of a `Stream[X]` output class (X), or None for an unparametrized Stream."""
     for klass in output_cls.__mro__:
@@ -56,6 +83,101 @@ def stream_item_type(output_cls: type[Any]) -> Any:
         if meta and meta["origin"] is not None and issubclass(meta["origin"], Stream) and meta["args"]:
             return meta["args"][0]
     return None
+
+
+class Liveness:
+    """When the replica running a graph was last heard from, and when it counts as lost."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self.replica_id: str | None = None
+        self._loop = asyncio.get_running_loop()
+        self._last = self._loop.time()
+
+    def heard(self, replica_id: str | None = None) -> None:
+        """A keepalive (or any message) arrived."""
+        self._last = self._loop.time()
+        if replica_id is not None:
+            self.replica_id = replica_id
+
+    def remaining(self) -> float:
+        """Seconds until the replica counts as lost."""
+        return self._last + self.timeout_s - self._loop.time()
+
+    def lost(self, doing: str, relayed: bool) -> DispatcherLost:
+        """The error for a replica that went silent while `doing`."""
+        who = f"dispatcher replica {self.replica_id}" if self.replica_id else "no dispatcher replica"
+        what = "sent no keepalive" if self.replica_id else "acknowledged the graph"
+        return DispatcherLost(
+            f"{who} {what} for {self.timeout_s:g} s while {doing}; it probably died or is overloaded. "
+            "Retry the request (the other replicas keep serving); if this persists, check the "
+            "dispatchers with `cornserve status`",
+            replica_id=self.replica_id,
+            relayed=relayed,
+        )
+
+
+class GraphInbox:
+    """The private inbox of one attempt: `I.reply`, `I.alive`, `I.stream` on one subscription."""
+
+    def __init__(self, nc: Client, sub: Subscription, prefix: str, liveness: Liveness) -> None:
+        self._nc = nc
+        self._sub = sub
+        self.prefix = prefix
+        self.liveness = liveness
+        self.stream_early: dict[int, StreamMessage] = {}
+        self._closed = False
+
+    @classmethod
+    async def open(cls, nc: Client, liveness: Liveness) -> GraphInbox:
+        """Subscribe before anything is sent."""
+        prefix = nc.new_inbox()
+        return cls(nc, await nc.subscribe(f"{prefix}.*"), prefix, liveness)
+
+    async def next(self, deadline: float, doing: str, relayed: bool) -> Msg | None:
+        """The next reply or stream message (keepalives are absorbed); None past `deadline`.
+
+        Raises DispatcherLost when the replica falls silent first.
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            left = deadline - loop.time()
+            if left <= 0:
+                return None
+            silent = self.liveness.remaining()
+            if silent <= 0:
+                if self._sub.pending_msgs == 0:  # not just a reader that fell behind its queue
+                    raise self.liveness.lost(doing, relayed)
+                silent = 0.001
+            try:
+                msg = await self._sub.next_msg(timeout=min(left, silent))
+            except nats.errors.TimeoutError:
+                continue
+            kind = msg.subject.rsplit(".", 1)[-1]
+            if kind == "alive":
+                try:
+                    keepalive = InvokeKeepalive.model_validate_json(msg.data)
+                except ValidationError:
+                    logger.warning("ignoring a malformed keepalive on %s", msg.subject)
+                    continue
+                self.liveness.heard(keepalive.replica_id)
+                continue
+            self.liveness.heard()
+            return msg
+
+    async def close(self) -> None:
+        """Unsubscribe (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._sub.unsubscribe()
+        except nats.errors.Error as exc:  # the connection may already be closed
+            logger.debug("unsubscribing inbox %s failed: %s", self.prefix, exc)
+
+
+StreamRetry = Callable[[], Awaitable[GraphInbox]]
+"""Sends the graph again and returns the new attempt's inbox (for a stream lost before its first item)."""
 
 
 class RelayedStream:
@@ -66,15 +188,21 @@ class RelayedStream:
     """
 
     def __init__(
-        self, sub: Subscription, item_type: Any, idle_timeout_s: float, task_name: str, position: int
+        self,
+        inbox: GraphInbox,
+        item_type: Any,
+        idle_timeout_s: float,
+        task_name: str,
+        position: int,
+        retry: StreamRetry | None = None,
     ) -> None:
-        self._sub = sub
+        self._inbox = inbox
+        self._retry = retry
         self._adapter: TypeAdapter[Any] | None = TypeAdapter(item_type) if item_type is not None else None
         self._idle_timeout_s = idle_timeout_s
         self._task_name = task_name
         self._position = position
         self._next_seq = 0
-        self._early: dict[int, StreamMessage] = {}
         self._closed = False
 
     def __aiter__(self) -> RelayedStream:
@@ -100,10 +228,23 @@ class RelayedStream:
             raise
 
     async def _next_message(self) -> StreamMessage:
-        while self._next_seq not in self._early:
+        loop = asyncio.get_running_loop()
+        while self._next_seq not in self._inbox.stream_early:
+            early = self._inbox.stream_early
+            deadline = loop.time() + self._idle_timeout_s
+            doing = f"relaying the stream of {self._task_name} at position {self._position}"
+            relayed = self._next_seq > 0 or bool(early)
             try:
-                msg = await self._sub.next_msg(timeout=self._idle_timeout_s)
-            except nats.errors.TimeoutError:
+                msg = await self._inbox.next(deadline, doing, relayed=relayed)
+            except DispatcherLost as lost:
+                if lost.relayed or self._retry is None:
+                    raise
+                retry, self._retry = self._retry, None
+                logger.warning("retrying a streaming graph on another dispatcher replica: %s", lost)
+                await self._inbox.close()
+                self._inbox = await retry()
+                continue
+            if msg is None:
                 raise DispatchError(
                     f"the stream of {self._task_name} at position {self._position} sent nothing for "
                     f"{self._idle_timeout_s:g} s",
@@ -111,15 +252,17 @@ class RelayedStream:
                     error="timeout",
                     task_name=self._task_name,
                     position=self._position,
-                ) from None
+                )
+            if not msg.subject.endswith(".stream"):
+                continue  # a duplicate reply: nothing to do with the stream
             try:
                 message = StreamMessage.model_validate_json(msg.data)
             except ValidationError as exc:
                 raise self._failure(f"the dispatcher sent a malformed stream message: {exc}") from None
             if message.seq >= self._next_seq:
-                self._early[message.seq] = message
+                early[message.seq] = message
         self._next_seq += 1
-        return self._early.pop(self._next_seq - 1)
+        return self._inbox.stream_early.pop(self._next_seq - 1)
 
     def _failure(self, message: str) -> DispatchError:
         return DispatchError(
@@ -128,81 +271,183 @@ class RelayedStream:
 
     async def aclose(self) -> None:
         """Stop reading: unsubscribe from the inbox (idempotent)."""
-        if self._closed:
-            return
         self._closed = True
-        try:
-            await self._sub.unsubscribe()
-        except nats.errors.Error as exc:  # the connection may already be closed
-            logger.debug("unsubscribing a stream inbox failed: %s", exc)
+        await self._inbox.close()
+
+
+@dataclass
+class _Graph:
+    """One graph being dispatched: its invocations, wire form, and whether its one retry is used."""
+
+    invocations: Sequence[TaskInvocation]
+    wire: list[dict[str, Any]]
+    ids_back: dict[str, str] = field(default_factory=dict)
+    retried: bool = False
+
+    @property
+    def streaming(self) -> bool:
+        """Whether the last invocation streams."""
+        return isinstance(self.invocations[-1].task_output, Stream)
+
+    def use_retry(self) -> bool:
+        """Use up the one retry: refresh every forward id; False if it was already used."""
+        if self.retried:
+            return False
+        self.retried = True
+        mapping = fresh_ids(forward_ids(self.invocations))
+        self.ids_back = {new: old for old, new in mapping.items()}
+        self.wire = replace_ids(self.wire, mapping)
+        return True
 
 
 class NatsDispatcherClient:
     """Executes graphs on the dispatcher replicas (`cornserve.dispatch.invoke`) over `nc`."""
 
-    def __init__(self, nc: Client, *, timeout_s: float = 300.0, margin_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        nc: Client,
+        *,
+        timeout_s: float = 300.0,
+        margin_s: float = 10.0,
+        keepalive_interval_s: float = 1.0,
+        keepalive_timeout_s: float = 6.0,
+    ) -> None:
         """`timeout_s` is each graph's deadline in the dispatcher; the reply is awaited `margin_s` longer.
 
         A relayed stream fails if no message arrives for `timeout_s + margin_s` (the dispatcher
-        applies `timeout_s` as the idle deadline of the executor's stream).
+        applies `timeout_s` as the idle deadline of the executor's stream). The replica is asked
+        for a keepalive every `keepalive_interval_s` and counts as lost after `keepalive_timeout_s`
+        without one (also the deadline for its first one, the acknowledgement).
         """
+        if keepalive_timeout_s <= keepalive_interval_s:
+            raise ValueError("keepalive_timeout_s must be longer than keepalive_interval_s")
         self._nc = nc
         self.timeout_s = timeout_s
         self.margin_s = margin_s
+        self.keepalive_interval_s = keepalive_interval_s
+        self.keepalive_timeout_s = keepalive_timeout_s
 
     async def dispatch(self, invocations: Sequence[TaskInvocation]) -> list[TaskOutput]:
-        """Execute `invocations`; raise DispatchError (a TaskExecutionError) if the graph fails."""
+        """Execute `invocations`; raise DispatchError (a TaskExecutionError) if the graph fails.
+
+        A replica lost before it delivered any output (no keepalives before its reply, or before
+        the first item of a relayed stream; or it shut down) gets the graph retried once on
+        another replica, with fresh forward ids; a second loss is a DispatcherLost (503).
+        """
         if not invocations:
             return []
-        wire: list[dict[str, Any]] = _INVOCATIONS.dump_python(list(invocations), mode="json")
-        last = invocations[-1]
-        sub: Subscription | None = None
-        stream_subject: str | None = None
-        if isinstance(last.task_output, Stream):
-            stream_subject = self._nc.new_inbox()
-            sub = await self._nc.subscribe(stream_subject)
-        payload = InvokeRequest(invocations=wire, timeout_s=self.timeout_s, stream_subject=stream_subject)
+        graph = _Graph(invocations, _INVOCATIONS.dump_python(list(invocations), mode="json"))
         try:
-            reply = await self._send(payload)
-            outputs = self._outputs(invocations, reply, sub)
-        except BaseException:
-            if sub is not None:
-                await sub.unsubscribe()
-            raise
-        return outputs
+            inbox, reply = await self._send(graph)
+        except DispatcherLost as lost:
+            if lost.relayed or not graph.use_retry():
+                raise
+            logger.warning("retrying a graph on another dispatcher replica: %s", lost)
+            inbox, reply = await self._send(graph)
+        handed_over = False
+        try:
+            outputs = self._outputs(graph, reply, inbox)
+            handed_over = graph.streaming  # the returned Stream reads (and closes) the inbox
+            return outputs
+        finally:
+            if not handed_over:
+                await inbox.close()
 
-    async def _send(self, payload: InvokeRequest) -> InvokeReply:
-        timeout = self.timeout_s + self.margin_s
+    async def _send(self, graph: _Graph) -> tuple[GraphInbox, InvokeReply]:
+        """One attempt: subscribe, send, await the reply (with the ids the graph was sent with)."""
+        inbox = await GraphInbox.open(self._nc, Liveness(self.keepalive_timeout_s))
+        payload = InvokeRequest(
+            invocations=graph.wire,
+            timeout_s=self.timeout_s,
+            stream_subject=f"{inbox.prefix}.stream" if graph.streaming else None,
+            keepalive_subject=f"{inbox.prefix}.alive",
+            keepalive_interval_s=self.keepalive_interval_s,
+        )
         try:
-            return await request(self._nc, DISPATCH_INVOKE, payload, InvokeReply, timeout)
-        except ServiceErrorReply as exc:
-            details = exc.error.details
-            task_name = details.get("task")
-            position = details.get("position")
-            raise DispatchError(
-                exc.error.message,
-                code=_int_code(exc.code),
-                error=exc.error.error,
-                task_name=task_name if isinstance(task_name, str) else None,
-                position=position if isinstance(position, int) else None,
-            ) from None
-        except NoResponders:
+            await self._nc.publish(
+                DISPATCH_INVOKE, payload.model_dump_json().encode(), reply=f"{inbox.prefix}.reply"
+            )
+            reply = await self._await_reply(inbox)
+        except BaseException:
+            await inbox.close()
+            raise
+        if graph.ids_back:
+            reply = InvokeReply(
+                request_id=reply.request_id, outputs=replace_ids(reply.outputs, graph.ids_back)
+            )
+        return inbox, reply
+
+    async def _resend_for_stream(self, graph: _Graph) -> GraphInbox:
+        """Run a streaming graph again after its replica died before the first item; its new inbox.
+
+        Only the new run's stream is used: the other outputs were already returned to the app
+        from the first run.
+        """
+        inbox, _ = await self._send(graph)
+        return inbox
+
+    async def _await_reply(self, inbox: GraphInbox) -> InvokeReply:
+        """The replica's reply; stream messages arriving first are kept for the stream."""
+        timeout = self.timeout_s + self.margin_s
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            msg = await inbox.next(deadline, "running the graph", relayed=False)
+            if msg is None:
+                raise DispatchError(
+                    f"the dispatcher did not answer within {timeout:g} s (graph deadline "
+                    f"{self.timeout_s:g} s)",
+                    code=504,
+                    error="timeout",
+                )
+            if msg.subject.endswith(".stream"):
+                try:
+                    early = StreamMessage.model_validate_json(msg.data)
+                except ValidationError as exc:
+                    raise DispatchError(
+                        f"the dispatcher sent a malformed stream message: {exc}",
+                        code=502,
+                        error="bad_reply",
+                    ) from None
+                inbox.stream_early[early.seq] = early
+                continue
+            if msg.subject.endswith(".reply"):
+                return self._parse_reply(msg, inbox.liveness)
+
+    def _parse_reply(self, msg: Msg, liveness: Liveness) -> InvokeReply:
+        headers = msg.headers or {}
+        if headers.get("Status") == _NO_RESPONDERS and not msg.data:
             raise DispatchError(
                 f"no dispatcher is running (no responders on {DISPATCH_INVOKE}); start the cluster with "
                 "`cornserve up` or a replica with `cornserve-dispatcher --nats-url URL`",
                 code=503,
                 error="no_dispatcher",
-            ) from None
-        except RequestTimeout:
+            )
+        if ERROR_CODE_HEADER in headers:
+            try:
+                error = ErrorReply.model_validate_json(msg.data)
+            except ValidationError:
+                error = ErrorReply(request_id="", error="unknown", message=headers.get(ERROR_HEADER, ""))
+            if error.error in _RETRYABLE_ERRORS:
+                raise DispatcherLost(error.message, replica_id=liveness.replica_id, relayed=False)
+            details = error.details
+            task_name = details.get("task")
+            position = details.get("position")
             raise DispatchError(
-                f"the dispatcher did not answer within {timeout:g} s (graph deadline {self.timeout_s:g} s)",
-                code=504,
-                error="timeout",
+                error.message,
+                code=_int_code(headers[ERROR_CODE_HEADER]),
+                error=error.error,
+                task_name=task_name if isinstance(task_name, str) else None,
+                position=position if isinstance(position, int) else None,
+            )
+        try:
+            return InvokeReply.model_validate_json(msg.data)
+        except ValidationError as exc:
+            raise DispatchError(
+                f"the dispatcher sent a malformed reply: {exc}", code=502, error="bad_reply"
             ) from None
 
-    def _outputs(
-        self, invocations: Sequence[TaskInvocation], reply: InvokeReply, sub: Subscription | None
-    ) -> list[TaskOutput]:
+    def _outputs(self, graph: _Graph, reply: InvokeReply, inbox: GraphInbox) -> list[TaskOutput]:
+        invocations = graph.invocations
         if len(reply.outputs) != len(invocations):
             raise DispatchError(
                 f"the dispatcher returned {len(reply.outputs)} outputs for {len(invocations)} invocations",
@@ -214,9 +459,12 @@ class NatsDispatcherClient:
         for position, (inv, data) in enumerate(zip(invocations, reply.outputs, strict=True)):
             name = inv.task.display_name()
             output_cls = inv.task.output_cls()
-            if position == last and sub is not None:
+            if position == last and graph.streaming:
+                retry: StreamRetry | None = (
+                    functools.partial(self._resend_for_stream, graph) if graph.use_retry() else None
+                )
                 source = RelayedStream(
-                    sub, stream_item_type(output_cls), self.timeout_s + self.margin_s, name, position
+                    inbox, stream_item_type(output_cls), self.timeout_s + self.margin_s, name, position, retry
                 )
                 stream_cls: type[Stream[Any]] = output_cls if issubclass(output_cls, Stream) else Stream
                 outputs.append(stream_cls.from_iterator(source))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -15,7 +16,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from cornserve.bus.control import ProgressEvent, TaskLibraryRecord
 from cornserve.bus.kv import kv_all, kv_put
 from cornserve.gateway import __version__
-from cornserve.gateway.apps import App, AppRegistry
+from cornserve.gateway.apps import LIST_TIMEOUT_S, App, AppRegistry
 from cornserve.gateway.control import ResourceManagerClient
 from cornserve.gateway.discovery import ping_services
 from cornserve.gateway.driver import parse_request, run_streaming, run_unary
@@ -267,7 +268,8 @@ class Gateway:
 
     async def list_tasklibs(self, request: web.Request) -> web.Response:
         """GET /tasklibs."""
-        records = await kv_all(self._tasklibs_kv, TaskLibraryRecord)
+        async with asyncio.timeout(LIST_TIMEOUT_S):  # a stalled KV listing answers 504, never hangs
+            records = await kv_all(self._tasklibs_kv, TaskLibraryRecord)
         return web.json_response(
             [r.model_dump(mode="json", exclude={"source"}) for r in sorted(records, key=lambda r: r.name)]
         )

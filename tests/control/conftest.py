@@ -1,0 +1,47 @@
+"""One real local cluster (as `cornserve up` runs it) shared by the control-plane tests.
+
+Starting NATS, four sidecars, the resource manager, two dispatchers and the gateway costs several
+seconds on a loaded machine, so every test module of this directory shares one cluster; each test
+cleans up the apps and sessions it creates (and restarts anything it kills) so the next one finds
+the cluster whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from cornserve.bus.natsserver import free_port
+from cornserve.cli.launcher import LocalCluster, pid_alive
+
+
+@pytest.fixture(scope="package")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """The shared cluster (stopped once this directory's tests are done); on teardown nothing of it may survive (processes, shared memory)."""
+    cluster = LocalCluster(
+        state_dir=tmp_path_factory.mktemp("cluster"),
+        port=free_port(),
+        cpu_slots=4,
+        dispatchers=2,
+        say=lambda *_: None,
+    )
+    try:
+        cluster.start(ready_timeout_s=180)
+        yield cluster
+    finally:
+        cluster.stop()
+    for child in cluster.children:
+        assert child.proc is not None and not pid_alive(child.proc.pid), f"{child.name} outlived the cluster"
+    assert not list(Path("/dev/shm").glob(f"cornserve-sidecar-{cluster.node}-*"))
+
+
+@pytest.fixture
+async def http(cluster: LocalCluster) -> AsyncIterator[aiohttp.ClientSession]:
+    """An HTTP session on the cluster's gateway."""
+    async with aiohttp.ClientSession(
+        base_url=cluster.url, timeout=aiohttp.ClientTimeout(total=300)
+    ) as session:
+        yield session

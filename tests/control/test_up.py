@@ -1,0 +1,209 @@
+"""`cornserve up` as a user runs it: a subprocess that prints the URL, serves, and stops cleanly.
+
+Both stop paths are covered — Ctrl-C (SIGINT) on `cornserve up` after an app was deployed (so task
+managers and executors exist), and `cornserve down --state-dir` from another process — and after
+each, no process of that cluster may be left (found by scanning /proc for the cluster's node id in
+environments and its state dir in command lines) and no shared-memory file of its sidecars.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from tests.control.apps import SUM_APP
+from tests.control.support import TASKLIB, make_matrix_tensor
+
+from cornserve.bus.natsserver import free_port
+
+DEADLINE = 180.0
+URL_LINE = re.compile(r"Cornserve is up in [\d.]+s: (http://\S+)")
+
+
+class UpProcess:
+    """`cornserve up` in its own process group, its output read line by line by a thread."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "cornserve.cli.main",
+                "up",
+                "--state-dir",
+                str(state_dir),
+                "--port",
+                str(self.port),
+                "--cpu-slots",
+                "2",
+                "--dispatchers",
+                "2",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            start_new_session=True,
+        )
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.output: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def wait_url(self) -> str:
+        """The gateway URL from the line `up` prints once everything is healthy."""
+        deadline = time.monotonic() + DEADLINE
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            self.output.append(line)
+            match = URL_LINE.search(line)
+            if match:
+                return match.group(1)
+        raise AssertionError(f"`cornserve up` printed no URL; its output:\n{''.join(self.output)}")
+
+    def wait_exit(self) -> int:
+        """Its exit code (killing its group if it hangs, so the test never leaks it)."""
+        try:
+            return self.proc.wait(timeout=DEADLINE)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError("`cornserve up` did not exit") from None
+        finally:
+            self.close()
+
+    def kill(self) -> None:
+        """SIGKILL its process group (cleanup after a failed assertion)."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+        self.close()
+
+    def close(self) -> None:
+        """Collect the rest of its output and close the pipe."""
+        if self.proc.poll() is not None:
+            self._reader.join(timeout=10)
+            while True:
+                try:
+                    line = self.lines.get_nowait()
+                except queue.Empty:
+                    break
+                if line is not None:
+                    self.output.append(line)
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
+
+    def node(self) -> str:
+        """The cluster's node id, from the state file it recorded."""
+        state = json.loads((self.state_dir / "cluster.json").read_text())
+        assert state["pid"] == self.proc.pid
+        return str(state["node"])
+
+
+def cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cornserve.cli.main", *args],
+        env={**os.environ, "CORNSERVE_URL": url},
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+        check=False,
+    )
+
+
+def cluster_processes(node: str, state_dir: Path) -> list[str]:
+    """Live processes of the cluster: its node id in their environment or its state dir in argv."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            stat = (entry / "stat").read_text()
+        except OSError:  # exited meanwhile, or not ours to read
+            continue
+        if stat.rsplit(")", 1)[-1].split()[0] == "Z":
+            continue  # a zombie is dead; its parent reaps it
+        if f"CORNSERVE_NODE={node}".encode() in environ.split(b"\0") or str(state_dir) in cmdline:
+            found.append(f"{entry.name}: {cmdline[:160]}")
+    return found
+
+
+def assert_nothing_left(node: str, state_dir: Path) -> None:
+    deadline = time.monotonic() + 30
+    while (left := cluster_processes(node, state_dir)) and time.monotonic() < deadline:
+        time.sleep(0.2)  # grandchildren may still be finishing their own shutdown
+    assert left == [], left
+    assert not list(Path("/dev/shm").glob(f"cornserve-sidecar-{node}-*"))
+    assert not (state_dir / "cluster.json").exists()
+
+
+def test_up_serves_then_ctrl_c_leaves_nothing(tmp_path: Path) -> None:
+    state_dir = tmp_path / "state"
+    up = UpProcess(state_dir)
+    try:
+        url = up.wait_url()
+        node = up.node()
+        out = cli(url, "tasklib", "add", str(TASKLIB), "--name", "tensor-math")
+        assert out.returncode == 0, out.stderr
+        app_file = tmp_path / "sums.py"
+        app_file.write_text(SUM_APP)
+        out = cli(url, "register", str(app_file), "--name", "sums")
+        assert out.returncode == 0 and "ready" in out.stdout, out.stdout + out.stderr
+        out = cli(url, "invoke", "sums", '{"seed": 4}')
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["sum"] == pytest.approx(
+            float(make_matrix_tensor(4, 3, 3).sum()), abs=1e-3
+        )
+        running = cluster_processes(node, state_dir)  # the scan sees the whole tree, grandchildren too
+        assert any("task_manager" in p for p in running) and any("nats-server" in p for p in running), running
+        up.proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        assert up.wait_exit() == 0, "".join(up.output)
+    finally:
+        up.kill()
+    assert_nothing_left(node, state_dir)
+
+
+def test_up_then_cornserve_down_leaves_nothing(tmp_path: Path) -> None:
+    state_dir = tmp_path / "state"
+    up = UpProcess(state_dir)
+    try:
+        url = up.wait_url()
+        node = up.node()
+        out = cli(url, "status")
+        assert out.returncode == 0 and ": ok" in out.stdout, out.stdout + out.stderr
+        down = subprocess.run(
+            [sys.executable, "-m", "cornserve.cli.main", "down", "--state-dir", str(state_dir)],
+            capture_output=True,
+            text=True,
+            timeout=DEADLINE,
+            check=False,
+        )
+        assert down.returncode == 0, down.stdout + down.stderr
+        assert up.wait_exit() == 0, "".join(up.output)
+    finally:
+        up.kill()
+    assert_nothing_left(node, state_dir)
