@@ -1,6 +1,6 @@
 """`cornserve up` as a user runs it: a subprocess that prints the URL, serves, and stops cleanly.
 
-Both stop paths are covered — Ctrl-C (SIGINT) on `cornserve up` after an app was deployed (so task
+A child service that dies is restarted by `up`. Both stop paths are covered — Ctrl-C (SIGINT) on `cornserve up` after an app was deployed (so task
 managers and executors exist), and `cornserve down --state-dir` from another process — and after
 each, no process of that cluster may be left (found by scanning /proc for the cluster's node id in
 environments and its state dir in command lines) and no shared-memory file of its sidecars.
@@ -84,6 +84,21 @@ class UpProcess:
                 return match.group(1)
         raise AssertionError(f"`cornserve up` printed no URL; its output:\n{''.join(self.output)}")
 
+    def wait_line(self, text: str) -> str:
+        """The first output line containing `text` (within the deadline)."""
+        deadline = time.monotonic() + DEADLINE
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            self.output.append(line)
+            if text in line:
+                return line
+        raise AssertionError(f"`cornserve up` never printed {text!r}; its output:\n{''.join(self.output)}")
+
     def wait_exit(self) -> int:
         """Its exit code (killing its group if it hangs, so the test never leaks it)."""
         try:
@@ -120,6 +135,11 @@ class UpProcess:
         state = json.loads((self.state_dir / "cluster.json").read_text())
         assert state["pid"] == self.proc.pid
         return str(state["node"])
+
+
+def _child_pid(state_dir: Path, name: str) -> int:
+    state = json.loads((state_dir / "cluster.json").read_text())
+    return int(next(c["pid"] for c in state["children"] if c["name"] == name))
 
 
 def cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -195,6 +215,20 @@ def test_up_then_cornserve_down_leaves_nothing(tmp_path: Path) -> None:
         node = up.node()
         out = cli(url, "status")
         assert out.returncode == 0 and ": ok" in out.stdout, out.stdout + out.stderr
+        # A service that dies is restarted by `up` instead of taking the cluster down.
+        children = {
+            c["name"]: c["pid"] for c in json.loads((state_dir / "cluster.json").read_text())["children"]
+        }
+        os.kill(children["dispatcher-0"], signal.SIGKILL)
+        up.wait_line("restarting dispatcher-0")
+        deadline = time.monotonic() + 60
+        while (pid := _child_pid(state_dir, "dispatcher-0")) == children["dispatcher-0"]:
+            assert time.monotonic() < deadline, "the state file never showed the restarted dispatcher"
+            time.sleep(0.2)
+        while "dispatcher x2" not in (out := cli(url, "status")).stdout:  # the new one registers with NATS
+            assert time.monotonic() < deadline, out.stdout + out.stderr
+            time.sleep(0.5)
+        assert pid != children["dispatcher-0"] and up.proc.poll() is None
         down = subprocess.run(
             [sys.executable, "-m", "cornserve.cli.main", "down", "--state-dir", str(state_dir)],
             capture_output=True,

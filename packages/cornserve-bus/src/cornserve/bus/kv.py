@@ -8,6 +8,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+import nats.errors
 from nats.aio.client import Client
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NoKeysError
 from nats.js.kv import KeyValue
@@ -56,8 +57,33 @@ async def kv_delete(kv: KeyValue, key: str) -> None:
         await kv.delete(kv_key(key))
 
 
-async def kv_all(kv: KeyValue, model: type[M]) -> list[M]:
-    """Every record in a bucket."""
+async def kv_all(
+    kv: KeyValue, model: type[M], *, attempt_timeout_s: float = 10.0, attempts: int = 3
+) -> list[M]:
+    """Every record in a bucket, retrying a listing that stalls or fails (bounded).
+
+    nats-py's key listing waits for an "initial values done" marker without a deadline; on a loaded
+    server that marker can be lost, so each attempt gets its own deadline (and its own watcher).
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            async with asyncio.timeout(attempt_timeout_s):
+                return await _list_records(kv, model)
+        except (TimeoutError, nats.errors.Error) as exc:
+            if attempt == attempts:
+                raise
+            logger.warning(
+                "listing %s records failed (attempt %d of %d): %s; retrying",
+                model.__name__,
+                attempt,
+                attempts,
+                type(exc).__name__,
+            )
+            await asyncio.sleep(min(2.0**attempt, 10.0))
+    raise AssertionError("unreachable")
+
+
+async def _list_records(kv: KeyValue, model: type[M]) -> list[M]:
     try:
         keys = await kv.keys()
     except NoKeysError:

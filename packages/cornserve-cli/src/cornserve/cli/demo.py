@@ -121,15 +121,7 @@ def run_demo(
         if not once:
             print(f"\nserving app 'demo' at {cluster.url}/apps/demo/invoke — Ctrl-C stops")
             print(f"  try: CORNSERVE_URL={cluster.url} cornserve invoke demo @examples/mllm_request.json")
-            while not stopping:
-                dead = cluster.first_dead_child()
-                if dead is not None:
-                    print(
-                        f"error: {dead.name} exited unexpectedly; its log:\n{dead.log_tail()}",
-                        file=sys.stderr,
-                    )
-                    return 1
-                time.sleep(0.5)
+            return cluster.supervise(lambda: stopping)
         return 0
     except KeyboardInterrupt:
         return 0

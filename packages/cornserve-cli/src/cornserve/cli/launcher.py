@@ -18,6 +18,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -232,6 +233,33 @@ class LocalCluster:
         child.start(self.env)
         self._write_state()
         return child
+
+    def supervise(self, should_stop: Callable[[], bool], max_restarts: int = 3, poll_s: float = 0.5) -> int:
+        """Watch the children until `should_stop()`; restart one that dies, up to `max_restarts` each.
+
+        Returns 0 when asked to stop, 1 when a child kept dying (its log tail is printed first).
+        A service that crashes once (or is killed) comes back without taking the cluster down.
+        """
+        restarts: dict[str, int] = {}
+        while not should_stop():
+            dead = self.first_dead_child()
+            if dead is not None:
+                code = dead.proc.returncode if dead.proc is not None else None
+                count = restarts.get(dead.name, 0)
+                if count >= max_restarts:
+                    self.say(
+                        f"error: {dead.name} exited (code {code}) after {count} restart(s); giving up. "
+                        f"Its log:\n{dead.log_tail()}"
+                    )
+                    return 1
+                restarts[dead.name] = count + 1
+                self.say(
+                    f"warning: {dead.name} exited unexpectedly (code {code}); restarting it "
+                    f"({count + 1} of {max_restarts}). Its log:\n{dead.log_tail()}"
+                )
+                self.restart(dead.name)
+            time.sleep(poll_s)
+        return 0
 
     def first_dead_child(self) -> Child | None:
         """A child that exited on its own, if any."""

@@ -105,14 +105,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     print(
         f"  export CORNSERVE_URL={cluster.url}   # then: cornserve register APP.py; Ctrl-C or `cornserve down` stops"
     )
-    code = 0
-    while not stopping:
-        dead = cluster.first_dead_child()
-        if dead is not None:
-            print(f"error: {dead.name} exited unexpectedly; its log:\n{dead.log_tail()}", file=sys.stderr)
-            code = 1
-            break
-        time.sleep(0.5)
+    code = cluster.supervise(lambda: stopping)
     print("stopping Cornserve ...")
     cluster.stop()
     print("stopped")

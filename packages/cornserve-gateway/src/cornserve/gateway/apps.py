@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import nats.errors
 from nats.js.kv import KeyValue
 
 from cornserve.app import AppSpec, validate_app
@@ -154,26 +153,8 @@ class AppRegistry:
         return {"name": name, "released": reply.released, "torn_down": reply.torn_down}
 
     async def _recorded(self) -> list[AppRecord]:
-        """Every app record in the bucket, retrying a listing that stalls or fails (bounded).
-
-        nats-py's key listing waits for an "initial values done" marker without a deadline; on a
-        loaded server that marker can be lost, so each attempt gets its own deadline and watcher.
-        """
-        for attempt in range(1, LIST_ATTEMPTS + 1):
-            try:
-                async with asyncio.timeout(LIST_TIMEOUT_S):
-                    return await kv_all(self._kv, AppRecord)
-            except (TimeoutError, nats.errors.Error) as exc:
-                if attempt == LIST_ATTEMPTS:
-                    raise
-                logger.warning(
-                    "listing recorded apps failed (attempt %d of %d): %s; retrying",
-                    attempt,
-                    LIST_ATTEMPTS,
-                    type(exc).__name__,
-                )
-                await asyncio.sleep(min(2.0**attempt, 10.0))
-        raise AssertionError("unreachable")
+        """Every app record in the bucket (patient: a restart may meet a loaded NATS server)."""
+        return await kv_all(self._kv, AppRecord, attempt_timeout_s=LIST_TIMEOUT_S, attempts=LIST_ATTEMPTS)
 
     async def recover(self) -> None:
         """Reload apps recorded before a restart and make sure their tasks are deployed."""
