@@ -231,6 +231,12 @@ async def test_concurrent_streams_are_batched_and_each_matches_its_single_run(cl
         assert single_chunks[-1].usage == chunks[-1].usage
     assert 2 <= stats["max_batch_size_observed"] <= 4, stats  # the executor runs with --max-batch-size 4
     assert stats["sequences_finished"] - before["sequences_finished"] == len(bodies)
+    # Decode batching: several sequences shared one forward, so forwards trail tokens by far.
+    assert 2 <= stats["max_decode_batch_observed"] <= 4, stats
+    tokens = stats["tokens_generated"] - before["tokens_generated"]
+    assert tokens == sum(c[-1].usage.completion_tokens for _, c in together if c[-1].usage is not None)
+    assert stats["steps"] - before["steps"] < tokens, (stats, before)
+    assert stats["decode_forwards"] - before["decode_forwards"] < tokens - len(bodies), (stats, before)
 
 
 async def test_sampling_is_reproducible_with_a_seed_and_varies_without(cluster: Cluster) -> None:

@@ -80,8 +80,14 @@ class NatsServerProcess:
         cmd = [binary, "-a", self.host, "-p", str(self.port), "-js", "-sd", str(self.store_dir)]
         cmd += ["-l", str(self._log_file)]
         logger.info("starting %s", " ".join(cmd))
+        # Its own session: a terminal's Ctrl-C reaches the whole foreground process group, and NATS
+        # must outlive the services that drain through it while the launcher stops them in order.
         self._proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -61,6 +61,10 @@ async def register_and_ask(url: str, app_source: str, prompt: str, image_url: st
     async with CornserveClient(url) as client:
         started = time.monotonic()
         print("registering examples/mllm_app.py as app 'demo' ...")
+        if any(app["name"] == "demo" for app in await client.list_apps()):
+            # The state dir keeps apps across runs; the model may have changed since, so start afresh.
+            print("  app 'demo' is still registered from an earlier run; replacing it")
+            await client.unregister_app("demo")
         async for event in client.register_app("demo", app_source):
             if "stage" in event:
                 detail = f" — {event['message']}" if event.get("message") else ""

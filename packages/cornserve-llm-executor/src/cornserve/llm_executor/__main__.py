@@ -37,7 +37,7 @@ async def serve(config: ExecutorConfig) -> None:
         sidecar = Sidecar(config.sidecar_ranks[0], config.nats_url)
         await sidecar.connect()
         receiver = EmbeddingReceiver(sidecar, config.embedding_timeout_s)
-    engine = Engine(loaded, config.max_batch_size)
+    engine = Engine(loaded, config.max_batch_size, decode_batching=config.decode_batching)
     engine.start()
     runner = web.AppRunner(ChatServer(config, loaded, engine, receiver).app(), access_log=None)
     await runner.setup()
@@ -45,12 +45,13 @@ async def serve(config: ExecutorConfig) -> None:
         site = web.TCPSite(runner, config.host, config.port)
         await site.start()
         logger.info(
-            "LLM executor %s serving %s on http://%s:%d (batch %d, fission %s, sidecar ranks %s)",
+            "LLM executor %s serving %s on http://%s:%d (batch %d, decode batching %s, fission %s, sidecar ranks %s)",
             config.executor_id,
             config.model_id,
             config.host,
             config.port,
             config.max_batch_size,
+            config.decode_batching,
             config.receive_embeddings,
             config.sidecar_ranks,
         )

@@ -15,6 +15,7 @@ class ExecutorConfig(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     max_batch_size: int = Field(default=8, ge=1)
+    decode_batching: bool = True
     sidecar_ranks: list[int] = Field(default_factory=list)
     receive_embeddings: bool = False
     max_model_len: int | None = Field(default=None, ge=1)
@@ -49,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch-size", type=int, default=8, help="most sequences decoded per step")
+    p.add_argument(
+        "--decode-batching",
+        choices=("on", "off"),
+        default="on",
+        help="decode all active sequences in one forward per step (off: one forward per sequence)",
+    )
     p.add_argument("--sidecar-ranks", type=_ranks, default=[], help="comma-separated sidecar ranks")
     p.add_argument(
         "--receive-embeddings",
@@ -72,6 +79,7 @@ def parse_config(argv: list[str] | None = None) -> ExecutorConfig:
         host=args.host,
         port=args.port,
         max_batch_size=args.max_batch_size,
+        decode_batching=args.decode_batching == "on",
         sidecar_ranks=args.sidecar_ranks,
         receive_embeddings=args.receive_embeddings,
         max_model_len=args.max_model_len,

@@ -1,32 +1,43 @@
-"""The step-level scheduler: iteration-level batching over per-sequence KV caches.
+"""The step-level scheduler: iteration-level batching with one batched forward per decode step.
 
 One asyncio task owns the model. Each step it admits waiting sequences (up to
-`max_batch_size` active), then runs one model step for every active sequence in a worker
-thread: a prefill for a new sequence, one decode token for the others. Requests that arrive
-while a step runs join at the next step, so concurrent requests are served together rather
-than one after another. Every sequence keeps its own `DynamicCache` and its own positions, so
-its tokens are exactly what it would get alone (greedy output equals transformers' `generate`).
+`max_batch_size` active), then, in a worker thread, prefills every new sequence (one forward
+each: their media differ) and decodes one token for all the others in ONE forward over a
+left-padded batched KV cache (`batch_cache.BatchedDecodeCache`). Requests that arrive while a
+step runs join at the next step, so concurrent requests share the model's forwards and
+throughput rises with concurrency. Each row keeps its own positions (M-RoPE included) and the
+attention mask hides its padding, so a sequence's tokens are what it would get alone (greedy
+output equals transformers' `generate`). `decode_batching=False` decodes each sequence in its
+own forward (the escape hatch `--decode-batching off`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import DynamicCache
 
+from cornserve.llm_executor import batch_cache
+from cornserve.llm_executor.batch_cache import BatchedDecodeCache
 from cornserve.llm_executor.errors import ExecutorUnavailable, GenerationFailed
 from cornserve.llm_executor.model import LoadedModel
 from cornserve.llm_executor.prompt import PreparedPrompt
 from cornserve.llm_executor.sampling import SamplingParams, select_token
 
 logger = logging.getLogger(__name__)
+
+
+def _row_of(logits: torch.Tensor, row: int, _seq: Sequence) -> torch.Tensor:
+    """Row `row` of a batched forward's `[B, vocab]` logits (for `Engine._guarded`)."""
+    return logits[row]
 
 
 @dataclass
@@ -45,6 +56,11 @@ class EngineStats:
     sequences_started: int = 0
     sequences_finished: int = 0
     max_batch_size_observed: int = 0
+    decode_forwards: int = 0
+    """Model forwards that decoded tokens (one per step when decode batching is on)."""
+    max_decode_batch_observed: int = 0
+    """The most sequences decoded by a single forward."""
+    tokens_generated: int = 0
     active: int = 0
     waiting: int = 0
 
@@ -60,6 +76,8 @@ class Sequence:
     events: asyncio.Queue[TokenEvent | BaseException] = field(default_factory=asyncio.Queue)
     generated: list[int] = field(default_factory=list)
     cache: Any = None
+    """This sequence's own `DynamicCache` (until it joins the batched decode cache)."""
+    prefilled: bool = False
     generator: torch.Generator | None = None
     cancelled: bool = False
     finished: bool = False
@@ -72,9 +90,12 @@ class Sequence:
 class Engine:
     """Runs sequences on one model with iteration-level batching."""
 
-    def __init__(self, loaded: LoadedModel, max_batch_size: int) -> None:
+    def __init__(self, loaded: LoadedModel, max_batch_size: int, *, decode_batching: bool = True) -> None:
         self.loaded = loaded
         self.max_batch_size = max_batch_size
+        self.decode_batching = decode_batching
+        self._batch = BatchedDecodeCache()
+        """Touched only by `_step` (worker thread) and while no step runs."""
         self.stats = EngineStats()
         self._waiting: deque[Sequence] = deque()
         self._active: list[Sequence] = []
@@ -140,6 +161,7 @@ class Engine:
             self.stats.waiting = len(self._waiting)
             self.stats.active = len(self._active)
             if not self._active:
+                self._batch.clear()  # no step is running: free finished rows' memory
                 self._wake.clear()
                 await self._wake.wait()
                 continue
@@ -163,6 +185,7 @@ class Engine:
 
     def _deliver(self, seq: Sequence, token: int) -> None:
         seq.generated.append(token)
+        self.stats.tokens_generated += 1
         finish: str | None = None
         if token in self.loaded.eos_token_ids:
             finish = "stop"
@@ -177,16 +200,93 @@ class Engine:
     # ------------------------------------------------------------------ model steps (worker thread)
 
     def _step(self, batch: list[Sequence]) -> list[int | BaseException]:
-        out: list[int | BaseException] = []
+        results: dict[Sequence, int | BaseException] = {}
         with self._model_lock, torch.inference_mode():
+            decoding = [seq for seq in batch if seq.prefilled]
             for seq in batch:
-                try:
-                    logits = self._prefill(seq) if seq.cache is None else self._decode(seq)
-                    out.append(select_token(logits, seq.params, seq.generator))
-                except Exception as exc:
-                    logger.exception("generation failed for request %s", seq.request_id)
-                    out.append(GenerationFailed(f"generation failed for request {seq.request_id}: {exc!r}"))
-        return out
+                if not seq.prefilled:
+                    results[seq] = self._guarded(seq, self._prefill)
+            if self.decode_batching:
+                results |= self._decode_batched(decoding)
+            else:
+                self._count_decode(1, forwards=len(decoding))
+                for seq in decoding:
+                    results[seq] = self._guarded(seq, self._decode)
+        return [results[seq] for seq in batch]
+
+    def _guarded(self, seq: Sequence, run: Callable[[Sequence], torch.Tensor]) -> int | BaseException:
+        """Get one sequence's logits and pick its token; a failure fails only this sequence."""
+        try:
+            return select_token(run(seq), seq.params, seq.generator)
+        except Exception as exc:
+            logger.exception("generation failed for request %s", seq.request_id)
+            return GenerationFailed(f"generation failed for request {seq.request_id}: {exc!r}")
+
+    def _count_decode(self, rows_per_forward: int, forwards: int = 1) -> None:
+        if rows_per_forward and forwards:
+            self.stats.decode_forwards += forwards
+            self.stats.max_decode_batch_observed = max(self.stats.max_decode_batch_observed, rows_per_forward)
+
+    def _decode_batched(self, decoding: list[Sequence]) -> dict[Sequence, int | BaseException]:
+        """One forward decodes a token for every sequence in `decoding` (their caches joined as rows)."""
+        results: dict[Sequence, int | BaseException] = {}
+        batched: list[Sequence] = []
+        for seq in decoding:
+            if seq in self._batch or (seq.cache is not None and batch_cache.supports(seq.cache)):
+                batched.append(seq)
+            elif seq.cache is not None:  # a cache kind the batch cannot pad (e.g. sliding windows)
+                self._count_decode(1)
+                results[seq] = self._guarded(seq, self._decode)
+            else:
+                results[seq] = GenerationFailed(f"request {seq.request_id} lost its KV cache")
+        self._batch.retain(batched)
+        if not batched:
+            return results
+        try:
+            for seq in batched:
+                if seq not in self._batch:
+                    self._batch.add(seq, seq.cache)
+                    seq.cache = None
+            rows = [cast(Sequence, key) for key in self._batch.rows]
+            logits = self._forward_rows(rows)
+            self._batch.advanced()
+        except Exception as exc:
+            logger.exception("batched decode of %d sequences failed", len(batched))
+            self._batch.clear()
+            ids = ", ".join(seq.request_id for seq in batched)
+            failure = GenerationFailed(f"generation failed for requests {ids}: {exc!r}")
+            return results | dict.fromkeys(batched, failure)
+        self._count_decode(len(rows))
+        for row, seq in enumerate(rows):
+            results[seq] = self._guarded(seq, functools.partial(_row_of, logits, row))
+        return results
+
+    def _forward_rows(self, rows: list[Sequence]) -> torch.Tensor:
+        """The batched decode forward: `[B, 1]` last tokens at each row's own position → `[B, vocab]`."""
+        past = [seq.prompt.num_tokens + len(seq.generated) - 1 for seq in rows]
+        if past != self._batch.lengths:
+            raise RuntimeError(
+                f"decode batch rows hold {self._batch.lengths} tokens, sequences expect {past}"
+            )
+        input_ids = torch.tensor([[seq.generated[-1]] for seq in rows], dtype=torch.long)
+        text = torch.tensor(past, dtype=torch.long).view(1, -1, 1)
+        if self.loaded.mrope:
+            rope = text + torch.tensor([seq.prompt.rope_delta for seq in rows], dtype=torch.long).view(
+                1, -1, 1
+            )
+            position_ids = torch.cat([text, rope, rope, rope], dim=0)
+        else:
+            position_ids = text[0]
+        result = self.loaded.model(
+            input_ids=input_ids,
+            attention_mask=self._batch.attention_mask(),
+            position_ids=position_ids,
+            cache=self._batch.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        logits: torch.Tensor = result.logits[:, -1]
+        return logits
 
     def _prefill(self, seq: Sequence) -> torch.Tensor:
         loaded, prompt = self.loaded, seq.prompt
@@ -206,6 +306,7 @@ class Engine:
             logits_to_keep=1,
         )
         result = loaded.model(**kwargs)
+        seq.prefilled = True
         # Media tensors are not needed after prefill.
         prompt.model_inputs = {}
         prompt.media_embeds = None
