@@ -336,7 +336,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="checkpoint dir (default: build a tiny random one)")
     parser.add_argument("--arch", default="qwen2-vl", help="family of the tiny checkpoint")
     parser.add_argument("--requests", type=int, default=24, help="requests per (app, rate)")
-    parser.add_argument("--rates", default="1,4,16", help="Poisson arrival rates, req/s")
+    parser.add_argument("--rates", default="1,4,16,64", help="Poisson arrival rates, req/s")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--quick", action="store_true", help="smoke run: 6 requests at 2 and 8 req/s")
