@@ -18,6 +18,8 @@ import pytest
 import torch
 from tests.e2e.apps import MLLM_APP, SHARED_ENCODER_APP
 
+from cornserve.bus.natsserver import free_port
+
 MAX_TOKENS = 12
 
 
@@ -138,6 +140,7 @@ async def test_qwen2_vl_fission_and_monolithic_match_transformers_and_share_the_
     # Bad inputs: a clear 4xx, and the executors stay up.
     bad_cases = [
         (messages("file:///nonexistent/cornserve.png", "hi"), MAX_TOKENS, "nonexistent"),
+        (messages(f"http://127.0.0.1:{free_port()}/cornserve.png", "hi"), MAX_TOKENS, "127.0.0.1"),
         (messages("data:image/png;base64,bm90IGFuIGltYWdl", "hi"), MAX_TOKENS, ""),
         (
             [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "file:///v.mp4"}}]}],
