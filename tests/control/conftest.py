@@ -9,33 +9,19 @@ the cluster whole.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import aiohttp
 import pytest
+from tests.support.cluster import running_cluster
 
-from cornserve.bus.natsserver import free_port
-from cornserve.cli.launcher import LocalCluster, pid_alive
+from cornserve.cli.launcher import LocalCluster
 
 
 @pytest.fixture(scope="package")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     """The shared cluster (stopped once this directory's tests are done); on teardown nothing of it may survive (processes, shared memory)."""
-    cluster = LocalCluster(
-        state_dir=tmp_path_factory.mktemp("cluster"),
-        port=free_port(),
-        cpu_slots=4,
-        dispatchers=2,
-        say=lambda *_: None,
-    )
-    try:
-        cluster.start(ready_timeout_s=180)
+    with running_cluster(tmp_path_factory.mktemp("cluster")) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
-    for child in cluster.children:
-        assert child.proc is not None and not pid_alive(child.proc.pid), f"{child.name} outlived the cluster"
-    assert not list(Path("/dev/shm").glob(f"cornserve-sidecar-{cluster.node}-*"))
 
 
 @pytest.fixture

@@ -70,19 +70,9 @@ class UpProcess:
 
     def wait_url(self) -> str:
         """The gateway URL from the line `up` prints once everything is healthy."""
-        deadline = time.monotonic() + DEADLINE
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=max(0.1, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-            if line is None:
-                break
-            self.output.append(line)
-            match = URL_LINE.search(line)
-            if match:
-                return match.group(1)
-        raise AssertionError(f"`cornserve up` printed no URL; its output:\n{''.join(self.output)}")
+        match = URL_LINE.search(self.wait_line("Cornserve is up in"))
+        assert match, "".join(self.output)
+        return match.group(1)
 
     def wait_line(self, text: str) -> str:
         """The first output line containing `text` (within the deadline)."""

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from tests.support.cluster import running_cluster
 
-from cornserve.bus.natsserver import free_port
-from cornserve.cli.launcher import LocalCluster, pid_alive
+from cornserve.cli.launcher import LocalCluster
 
 
 @pytest.fixture(scope="module")
@@ -28,20 +28,8 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def mllm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     """Four CPU slots: enough for one family's encoder, its two LLMs and a second LLM."""
-    cluster = LocalCluster(
-        state_dir=tmp_path_factory.mktemp("mllm-cluster"),
-        port=free_port(),
-        cpu_slots=4,
-        dispatchers=2,
-        say=lambda *_: None,
-    )
-    try:
-        cluster.start(ready_timeout_s=180)
+    with running_cluster(tmp_path_factory.mktemp("mllm-cluster")) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
-    for child in cluster.children:
-        assert child.proc is not None and not pid_alive(child.proc.pid), f"{child.name} outlived the cluster"
 
 
 @pytest.fixture

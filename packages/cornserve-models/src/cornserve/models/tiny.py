@@ -202,26 +202,18 @@ def _build_qwen2_vl(seed: int, *, v2_5: bool) -> _Built:
             "window_size": patch * merge * 2,
             "fullatt_block_indexes": [1],
         }
-        config: Any = Qwen2_5_VLConfig(
-            text_config=text,
-            vision_config=vision,
-            image_token_id=image_pad,
-            video_token_id=video_pad,
-            vision_start_token_id=vs,
-            vision_end_token_id=ve,
-            tie_word_embeddings=False,
-        )
     else:
         vision |= {"embed_dim": 32, "hidden_size": 64, "mlp_ratio": 2}
-        config = Qwen2VLConfig(
-            text_config=text,
-            vision_config=vision,
-            image_token_id=image_pad,
-            video_token_id=video_pad,
-            vision_start_token_id=vs,
-            vision_end_token_id=ve,
-            tie_word_embeddings=False,
-        )
+    config_cls: Any = Qwen2_5_VLConfig if v2_5 else Qwen2VLConfig
+    config = config_cls(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=image_pad,
+        video_token_id=video_pad,
+        vision_start_token_id=vs,
+        vision_end_token_id=ve,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(seed)
     model_cls: Any = Qwen2_5_VLForConditionalGeneration if v2_5 else Qwen2VLForConditionalGeneration
     model = model_cls(config)

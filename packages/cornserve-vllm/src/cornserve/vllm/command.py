@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cornserve.task.builtins.llm import vllm_serve_flags
+
 
 class VLLMServeArgs(BaseModel):
     """What Cornserve decides about a `vllm serve` process; everything else goes in `extra_args`."""
@@ -22,15 +24,10 @@ class VLLMServeArgs(BaseModel):
 
 def vllm_serve_command(args: VLLMServeArgs, executable: str = "vllm") -> list[str]:
     """`vllm serve MODEL ...`; `--enable-mm-embeds` when embeddings arrive instead of media."""
-    command = [
-        executable, "serve", args.model,
-        "--host", args.host,
-        "--port", str(args.port),
-        "--tensor-parallel-size", str(args.tensor_parallel_size),
-        "--gpu-memory-utilization", str(args.gpu_memory_utilization),
-    ]  # fmt: skip
-    if args.max_model_len is not None:
-        command += ["--max-model-len", str(args.max_model_len)]
+    command = [executable, "serve", args.model]
+    command += vllm_serve_flags(
+        args.host, args.port, args.tensor_parallel_size, args.gpu_memory_utilization, args.max_model_len
+    )
     if args.enable_mm_embeds:
         command.append("--enable-mm-embeds")
     return command + list(args.extra_args)

@@ -111,6 +111,21 @@ class OpenAIChatDescriptor(TaskExecutionDescriptor[LLMTask]):
         """The executor process."""
 
 
+def vllm_serve_flags(
+    host: str, port: int, tensor_parallel_size: int, gpu_memory_utilization: float, max_model_len: int | None
+) -> list[str]:
+    """The `vllm serve` flags Cornserve decides (the `cornserve.vllm` proxy takes the same ones)."""
+    flags = [
+        "--host", host,
+        "--port", str(port),
+        "--tensor-parallel-size", str(tensor_parallel_size),
+        "--gpu-memory-utilization", str(gpu_memory_utilization),
+    ]  # fmt: skip
+    if max_model_len is not None:
+        flags += ["--max-model-len", str(max_model_len)]
+    return flags
+
+
 class VLLMDescriptor(OpenAIChatDescriptor):
     """Run an LLMTask with `vllm serve` on GPUs (see docs/tasks.md for the embedding hand-off)."""
 
@@ -132,31 +147,21 @@ class VLLMDescriptor(OpenAIChatDescriptor):
         """
         if any(d.kind != "cuda" for d in context.devices):
             raise TaskExecutionError("VLLMDescriptor needs GPU devices; use CPULLMDescriptor on CPU slots")
+        flags = vllm_serve_flags(
+            context.host,
+            context.port,
+            self.tensor_parallel_size,
+            self.gpu_memory_utilization,
+            self.max_model_len,
+        )
         if task.receive_embeddings:
-            command = [
-                sys.executable, "-m", "cornserve.vllm",
-                "--model-id", task.model_id,
-                "--host", context.host,
-                "--port", str(context.port),
-                "--sidecar-ranks", ",".join(map(str, context.sidecar_ranks)),
-                "--tensor-parallel-size", str(self.tensor_parallel_size),
-                "--gpu-memory-utilization", str(self.gpu_memory_utilization),
-            ]  # fmt: skip
-            if self.max_model_len is not None:
-                command += ["--max-model-len", str(self.max_model_len)]
+            sidecar_ranks = ",".join(map(str, context.sidecar_ranks))
+            command = [sys.executable, "-m", "cornserve.vllm", "--model-id", task.model_id]
+            command += ["--sidecar-ranks", sidecar_ranks, *flags]
             if self.extra_args:
                 command += ["--", *self.extra_args]
         else:
-            command = [
-                "vllm", "serve", task.model_id,
-                "--host", context.host,
-                "--port", str(context.port),
-                "--tensor-parallel-size", str(self.tensor_parallel_size),
-                "--gpu-memory-utilization", str(self.gpu_memory_utilization),
-            ]  # fmt: skip
-            if self.max_model_len is not None:
-                command += ["--max-model-len", str(self.max_model_len)]
-            command += self.extra_args
+            command = ["vllm", "serve", task.model_id, *flags, *self.extra_args]
         env = {
             "CUDA_VISIBLE_DEVICES": ",".join(str(d.index) for d in context.devices),
             "CORNSERVE_SIDECAR_RANKS": ",".join(map(str, context.sidecar_ranks)),
