@@ -7,10 +7,32 @@ Exit code 0 after a signal, 1 when the port cannot be opened or initialisation f
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import signal
 from typing import Protocol
+
+
+def sidecar_ranks_arg(text: str) -> list[int]:
+    """Argparse type of `--sidecar-ranks`: comma-separated ranks >= 0 (empty allowed)."""
+    try:
+        ranks = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"sidecar ranks are comma-separated integers, got {text!r}"
+        ) from None
+    if any(r < 0 for r in ranks):
+        raise argparse.ArgumentTypeError(f"sidecar ranks must be >= 0, got {text!r}")
+    return ranks
+
+
+def required_sidecar_ranks_arg(text: str) -> list[int]:
+    """`sidecar_ranks_arg` for executors that cannot work without a sidecar (at least one rank)."""
+    ranks = sidecar_ranks_arg(text)
+    if not ranks:
+        raise argparse.ArgumentTypeError(f"at least one sidecar rank is needed, got {text!r}")
+    return ranks
 
 
 class ExecutorProcess(Protocol):

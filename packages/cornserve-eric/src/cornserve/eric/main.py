@@ -10,22 +10,10 @@ import sys
 
 from pydantic import ValidationError
 
-from cornserve.bus.lifecycle import run_executor
+from cornserve.bus.lifecycle import required_sidecar_ranks_arg, run_executor
 from cornserve.eric.server import EricConfig, EricServer, StartupError
 
 logger = logging.getLogger("cornserve.eric")
-
-
-def _ranks(text: str) -> list[int]:
-    try:
-        ranks = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"sidecar ranks are comma-separated integers, got {text!r}"
-        ) from None
-    if not ranks or any(r < 0 for r in ranks):
-        raise argparse.ArgumentTypeError(f"sidecar ranks must be one or more integers >= 0, got {text!r}")
-    return ranks
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,7 +27,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
-    p.add_argument("--sidecar-ranks", type=_ranks, required=True, help="comma-separated; the first one sends")
+    p.add_argument(
+        "--sidecar-ranks",
+        type=required_sidecar_ranks_arg,
+        required=True,
+        help="comma-separated; the first one sends",
+    )
     p.add_argument("--media-timeout", type=float, default=30.0, help="seconds to fetch one media item")
     p.add_argument(
         "--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM"

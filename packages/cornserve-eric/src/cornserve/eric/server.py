@@ -32,6 +32,7 @@ from cornserve.eric.schemas import (
 from cornserve.models.encoders import EncodedItem, EncoderModel, Preprocessed, load_encoder
 from cornserve.models.loading import resolve_model_dir
 from cornserve.models.media import MediaDecodeError, MediaError, MediaFetchError, load_media
+from cornserve.sidecar.errors import SidecarError
 
 if TYPE_CHECKING:
     from cornserve.sidecar import Sidecar
@@ -277,13 +278,11 @@ class EricServer:
             await asyncio.gather(
                 *(self._send(item, enc) for item, enc in zip(body.items, encoded, strict=True))
             )
+        except SidecarError as exc:
+            raise RequestFailed(
+                502, "sidecar_error", f"sending embeddings through the sidecar failed: {exc}"
+            ) from exc
         except Exception as exc:
-            from cornserve.sidecar.errors import SidecarError
-
-            if isinstance(exc, SidecarError):
-                raise RequestFailed(
-                    502, "sidecar_error", f"sending embeddings through the sidecar failed: {exc}"
-                ) from exc
             logger.exception("sending embeddings failed unexpectedly")
             raise RequestFailed(
                 500, "internal", f"sending embeddings failed: {type(exc).__name__}: {exc}"

@@ -10,23 +10,11 @@ import sys
 
 from pydantic import ValidationError
 
-from cornserve.bus.lifecycle import run_executor
+from cornserve.bus.lifecycle import run_executor, sidecar_ranks_arg
 from cornserve.bus.natsserver import nats_url_from_env
 from cornserve.executor.server import ExecutorConfig, ExecutorServer
 
 logger = logging.getLogger("cornserve.executor")
-
-
-def _ranks(text: str) -> list[int]:
-    try:
-        ranks = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"sidecar ranks are comma-separated integers, got {text!r}"
-        ) from None
-    if any(r < 0 for r in ranks):
-        raise argparse.ArgumentTypeError(f"sidecar ranks must be >= 0, got {text!r}")
-    return ranks
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,7 +26,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--executor-id", required=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
-    p.add_argument("--sidecar-ranks", type=_ranks, default=[], help="comma-separated; the first one is used")
+    p.add_argument(
+        "--sidecar-ranks", type=sidecar_ranks_arg, default=[], help="comma-separated; the first one is used"
+    )
     p.add_argument("--nats-url", default=None, help="NATS URL (default: $CORNSERVE_NATS_URL)")
     p.add_argument("--startup-timeout", type=float, default=120.0, help="seconds to become ready")
     p.add_argument(

@@ -7,6 +7,8 @@ import os
 
 from pydantic import BaseModel, Field
 
+from cornserve.bus.lifecycle import sidecar_ranks_arg
+
 
 class ExecutorConfig(BaseModel):
     """Everything the executor process is configured with (flags plus environment)."""
@@ -26,20 +28,6 @@ class ExecutorConfig(BaseModel):
     executor_id: str = "llm-executor"
 
 
-def _ranks(text: str) -> list[int]:
-    if not text.strip():
-        return []
-    try:
-        ranks = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--sidecar-ranks must be comma-separated integers, got {text!r}"
-        ) from None
-    if any(r < 0 for r in ranks):
-        raise argparse.ArgumentTypeError(f"--sidecar-ranks must be non-negative, got {text!r}")
-    return ranks
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (flags mirror CPULLMDescriptor; the rest are optional tuning knobs)."""
     p = argparse.ArgumentParser(
@@ -56,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="on",
         help="decode all active sequences in one forward per step (off: one forward per sequence)",
     )
-    p.add_argument("--sidecar-ranks", type=_ranks, default=[], help="comma-separated sidecar ranks")
+    p.add_argument(
+        "--sidecar-ranks", type=sidecar_ranks_arg, default=[], help="comma-separated sidecar ranks"
+    )
     p.add_argument(
         "--receive-embeddings",
         action="store_true",

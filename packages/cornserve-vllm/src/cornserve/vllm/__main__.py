@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 
+from cornserve.bus.lifecycle import required_sidecar_ranks_arg
 from cornserve.vllm.command import VLLMServeArgs
 from cornserve.vllm.proxy import ProxyConfig, serve
 
@@ -23,7 +24,10 @@ def parse_args(argv: list[str]) -> ProxyConfig:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument(
-        "--sidecar-ranks", required=True, help="comma-separated; embeddings arrive on the first"
+        "--sidecar-ranks",
+        type=required_sidecar_ranks_arg,
+        required=True,
+        help="comma-separated; embeddings arrive on the first",
     )
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
@@ -32,9 +36,6 @@ def parse_args(argv: list[str]) -> ProxyConfig:
     parser.add_argument("--ready-timeout", type=float, default=900.0)
     parser.add_argument("--embedding-timeout", type=float, default=60.0)
     ns = parser.parse_args(argv)
-    ranks = [int(r) for r in ns.sidecar_ranks.split(",") if r.strip()]
-    if not ranks:
-        parser.error("--sidecar-ranks needs at least one rank")
     return ProxyConfig(
         serve=VLLMServeArgs(
             model=ns.model_id,
@@ -45,7 +46,7 @@ def parse_args(argv: list[str]) -> ProxyConfig:
             max_model_len=ns.max_model_len,
             extra_args=extra,
         ),
-        sidecar_rank=ranks[0],
+        sidecar_rank=ns.sidecar_ranks[0],
         nats_url=os.environ.get("CORNSERVE_NATS_URL"),
         vllm_executable=ns.vllm_executable,
         ready_timeout_s=ns.ready_timeout,
