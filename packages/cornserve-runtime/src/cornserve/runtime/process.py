@@ -32,6 +32,9 @@ PR_SET_PDEATHSIG = 1
 KILL_WAIT_S = 5.0
 """How long to wait for a group to vanish after SIGKILL (only a process stuck in the kernel takes longer)."""
 
+SPAWN_TIMEOUT_S = 60.0
+"""Bound on handing a spawn to the spawning thread (a fork and exec take milliseconds)."""
+
 _PROC = Path("/proc")
 
 
@@ -202,7 +205,7 @@ def spawn_group(
 
     try:
         if die_with_parent and threading.current_thread() is not threading.main_thread():
-            return _spawn_thread().submit(popen).result()
+            return _spawn_thread().submit(popen).result(timeout=SPAWN_TIMEOUT_S)
         return popen()
     finally:
         if stdout is not None:
