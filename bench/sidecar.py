@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cornserve.bus.natsserver import NatsServerProcess
+from cornserve.cli.natsserver import NatsServerProcess
+from cornserve.runtime.process import free_port
 from cornserve.sidecar import Sidecar
 
 MiB = 1024 * 1024
@@ -140,9 +141,7 @@ def bench_memcpy(size: int, reps: int) -> Row:
 
 
 def bench_pickle(size: int, reps: int) -> Row:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     child = spawn("pickle-server", str(port))
     deadline = time.monotonic() + 60
     while True:

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from cornserve.bus.natsserver import NatsServerProcess
+from cornserve.cli.natsserver import NatsServerProcess
 
 
 @pytest.fixture(scope="session")

@@ -27,7 +27,8 @@ from tests.control.support import (
 )
 
 from cornserve.bus.control import InvokeKeepalive
-from cornserve.cli.launcher import LocalCluster, pid_alive
+from cornserve.cli.launcher import LocalCluster
+from cornserve.runtime.process import pid_alive
 
 DEADLINE = 120.0
 

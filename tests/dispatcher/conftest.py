@@ -18,7 +18,7 @@ from tests.dispatcher.support import (
     upload_library,
 )
 
-from cornserve.bus.natsserver import NatsServerProcess
+from cornserve.cli.natsserver import NatsServerProcess
 from cornserve.task.library import load_task_library
 
 

@@ -27,7 +27,7 @@ from cornserve.bus.control import (
     InvokeRequest,
 )
 from cornserve.bus.micro import RequestTimeout, ServiceErrorReply, request
-from cornserve.bus.natsserver import NatsServerProcess
+from cornserve.cli.natsserver import NatsServerProcess
 from cornserve.gateway.dispatch_client import DispatchError, NatsDispatcherClient
 from cornserve.task import TaskExecutionError, TaskInvocation, use_dispatcher
 

@@ -7,9 +7,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.eric.support import Cluster, Eric, Proc, free_port, next_rank, spawn, wait_healthy, wait_sidecar
+from tests.eric.support import Cluster, Eric, Proc, next_rank, spawn, wait_healthy, wait_sidecar
 
 from cornserve.models.tiny import build_tiny
+from cornserve.runtime.process import free_port
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ import itertools
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -23,12 +22,6 @@ def next_rank() -> int:
 
 
 STARTUP_DEADLINE_S = 180.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def http_json(method: str, url: str, body: Any = None, timeout: float = 60.0) -> tuple[int, Any]:

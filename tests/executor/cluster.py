@@ -24,9 +24,9 @@ from pydantic import TypeAdapter
 from cornserve.bus.control import KV_TASKLIBS, TaskLibraryRecord
 from cornserve.bus.kv import kv_put, open_bucket
 from cornserve.bus.micro import NoResponders, RequestTimeout, request
-from cornserve.bus.natsserver import free_port
 from cornserve.bus.sidecar import InfoReply, InfoRequest
 from cornserve.bus.subjects import SidecarVerb, sidecar_subject
+from cornserve.runtime.process import free_port
 from cornserve.task import (
     Device,
     ExecutorLaunchContext,

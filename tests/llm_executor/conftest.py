@@ -27,8 +27,8 @@ import pytest
 from PIL import Image
 from tests.sidecar.conftest import SidecarProc
 
-from cornserve.bus.natsserver import free_port
 from cornserve.models.tiny import build_tiny
+from cornserve.runtime.process import free_port
 
 ARCHS = ("qwen2-vl", "llava")
 _next_rank = iter(range(400, 500))

@@ -154,7 +154,7 @@ async def test_garbage_on_the_tcp_port_does_not_hurt_the_server(sidecars, nats_u
 
 
 async def test_unreachable_nats_and_closed_client_are_typed_errors(nats_url):
-    from cornserve.bus.natsserver import free_port
+    from cornserve.runtime.process import free_port
     from cornserve.sidecar.errors import SidecarError
 
     c = Sidecar(1, f"nats://127.0.0.1:{free_port()}", timeout=2)

@@ -6,8 +6,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from cornserve.bus.natsserver import free_port
-from cornserve.cli.launcher import LocalCluster, pid_alive
+from cornserve.cli.launcher import LocalCluster
+from cornserve.runtime.process import free_port, pid_alive
 
 
 @contextmanager

@@ -22,7 +22,7 @@ import pytest
 import torch
 from tests.sidecar.conftest import StartSidecars, sidecars  # noqa: F401 - fixture
 
-from cornserve.bus.natsserver import free_port
+from cornserve.runtime.process import free_port
 from cornserve.sidecar import Sidecar
 from cornserve.vllm import (
     EmbeddingTranslationError,

@@ -14,12 +14,12 @@ from nats.micro import add_service
 
 from cornserve.bus.control import GATEWAY_SERVICE_NAME, KV_APPS, KV_TASKLIBS, TaskLibraryRecord
 from cornserve.bus.kv import TaskLibrarySync, open_bucket
-from cornserve.bus.natsserver import nats_url_from_env
 from cornserve.gateway import __version__
 from cornserve.gateway.control import ResourceManagerClient
 from cornserve.gateway.dispatch_client import NatsDispatcherClient
 from cornserve.gateway.routes import Gateway
 from cornserve.gateway.sessions import SessionRegistry
+from cornserve.runtime.nats_url import nats_url_from_env
 from cornserve.task import set_dispatcher
 from cornserve.task.library import load_task_library
 

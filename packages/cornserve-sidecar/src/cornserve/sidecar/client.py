@@ -24,7 +24,6 @@ from nats.aio.client import Client
 from pydantic import BaseModel
 
 from cornserve.bus.micro import NoResponders, RequestTimeout, ServiceErrorReply, request
-from cornserve.bus.natsserver import nats_url_from_env
 from cornserve.bus.schemas import ErrorReply
 from cornserve.bus.sidecar import (
     AllocReply,
@@ -51,6 +50,7 @@ from cornserve.bus.subjects import (
     sidecar_released_subject,
     sidecar_subject,
 )
+from cornserve.runtime.nats_url import nats_url_from_env
 from cornserve.sidecar import gpu
 from cornserve.sidecar.arena import map_arena
 from cornserve.sidecar.codec import decode, encode, torch_dtype, torch_dtype_name

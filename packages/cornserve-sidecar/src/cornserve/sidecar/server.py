@@ -32,7 +32,6 @@ from cornserve.bus.micro import (
     ServiceFault,
     request,
 )
-from cornserve.bus.natsserver import nats_url_from_env
 from cornserve.bus.sidecar import (
     AllocReply,
     AllocRequest,
@@ -64,6 +63,7 @@ from cornserve.bus.subjects import (
     sidecar_released_subject,
     sidecar_subject,
 )
+from cornserve.runtime.nats_url import nats_url_from_env
 from cornserve.sidecar import __version__
 from cornserve.sidecar.allocator import Allocator, OutOfMemory, aligned
 from cornserve.sidecar.arena import Arena, arena_name

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,9 +13,8 @@ from typing import Any
 import aiohttp
 
 from cornserve.bus.control import DeviceInfo, ExecutorInfo, ExecutorState
-from cornserve.bus.natsserver import free_port
+from cornserve.runtime.process import ProcessGroup, free_port, log_tail
 from cornserve.task import Device, ExecutorLaunchContext, ExecutorLaunchSpec, UnitTask
-from cornserve.task_manager.process import log_tail, spawn_in_group, stop_group
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +37,7 @@ class ManagedExecutor:
     state: ExecutorState = "starting"
     port: int = 0
     health_path: str = "/health"
-    proc: subprocess.Popen[bytes] | None = None
+    proc: ProcessGroup | None = None
     in_flight: int = 0
     routed: int = 0
     restarts: int = 0
@@ -71,7 +69,7 @@ class ManagedExecutor:
             state=self.state,
             in_flight=self.in_flight,
             restarts=self.restarts,
-            pid=self.proc.pid if self.proc is not None and self.proc.poll() is None else None,
+            pid=self.proc.pid if self.proc is not None and self.proc.alive() else None,
         )
 
     def add_in_flight(self, delta: int) -> None:
@@ -85,7 +83,7 @@ class ManagedExecutor:
 
     def exited(self) -> int | None:
         """The exit code if the process has exited, else None."""
-        return None if self.proc is None else self.proc.poll()
+        return None if self.proc is None else self.proc.exit_code()
 
     def launch(self, task: UnitTask[Any, Any], nats_url: str) -> float:
         """Start the process on a fresh port; returns the descriptor's readiness timeout."""
@@ -111,7 +109,10 @@ class ManagedExecutor:
         self.failed_probes = 0
         logger.info("executor %s: starting %s (port %d)", self.executor_id, spec.command, spec.port)
         try:
-            self.proc = spawn_in_group(spec.command, env, self.log_path)
+            # Dies with this task manager (Linux), so a SIGKILLed manager leaves no executor holding devices.
+            self.proc = ProcessGroup.spawn(
+                spec.command, log_path=self.log_path, env=env, die_with_parent=True
+            )
         except OSError as exc:
             raise ExecutorStartError(
                 f"executor {self.executor_id}: cannot run {spec.command[0]!r}: {exc}"
@@ -173,5 +174,5 @@ class ManagedExecutor:
         """SIGTERM the process group, SIGKILL after the grace period."""
         if self.proc is None:
             return
-        code = await stop_group(self.proc, grace_s)
-        logger.info("executor %s (pid %d) stopped with code %d", self.executor_id, self.proc.pid, code)
+        code = await self.proc.stop_async(grace_s)
+        logger.info("executor %s (pid %d) stopped with code %s", self.executor_id, self.proc.pid, code)
