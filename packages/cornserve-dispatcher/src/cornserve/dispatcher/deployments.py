@@ -45,6 +45,10 @@ class DeploymentCache:
     _catch_up: asyncio.Task[None] | None = field(default=None, init=False)
     synced: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     """Set once one RM_STATE snapshot has been applied."""
+    _rm: ResourceManagerClient = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._rm = ResourceManagerClient(self.nc, state_timeout_s=self.state_timeout_s)
 
     async def start(self) -> None:
         """Follow events first (so none is missed), then catch up with the RM in the background."""
@@ -85,7 +89,7 @@ class DeploymentCache:
     async def _query_state(self) -> bool:
         self._touched = set()
         try:
-            state = await ResourceManagerClient(self.nc).state(self.state_timeout_s)
+            state = await self._rm.state()
         except BusError as exc:
             logger.info("resource manager state unavailable: %s", exc)
             return False
