@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from nats.aio.client import Client
 
 from cornserve.bus.control import KV_TASKLIBS, TaskLibraryRecord
 from cornserve.bus.kv import kv_put, open_bucket
+from cornserve.bus.micro import NoResponders, RequestTimeout
 from cornserve.task import UnitTask, serialize_task
 from cornserve.task.library import LoadedLibrary, library_sha256, load_task_library
 
@@ -135,6 +137,26 @@ async def wait_for(predicate: Any, timeout: float, what: str, interval: float = 
             return last
         await asyncio.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+async def wait_answering(
+    proc: subprocess.Popen[bytes],
+    probe: Callable[[], Awaitable[object]],
+    name: str,
+    log_text: Callable[[], str],
+    timeout: float,
+) -> None:
+    """Wait until the service `proc` runs answers `probe`; fail at once (with its log) if it exits."""
+
+    async def answers() -> bool:
+        assert proc.poll() is None, f"{name} exited: {log_text()}"
+        try:
+            await probe()
+        except (NoResponders, RequestTimeout):
+            return False
+        return True
+
+    await wait_for(answers, timeout, f"the {name} to answer")
 
 
 async def wait_gone(pids: list[int], timeout: float = 20.0) -> None:

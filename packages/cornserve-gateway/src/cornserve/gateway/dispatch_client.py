@@ -26,11 +26,10 @@ import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
 from pydantic import TypeAdapter, ValidationError
 
 from cornserve.bus.control import DISPATCH_INVOKE, InvokeKeepalive, InvokeReply, InvokeRequest, StreamMessage
-from cornserve.bus.schemas import ErrorReply
+from cornserve.bus.error_codec import decode_error
 from cornserve.gateway.forward_ids import forward_ids, fresh_ids, replace_ids
 from cornserve.task import Stream, TaskExecutionError, TaskInvocation, TaskOutput
 
@@ -422,11 +421,9 @@ class NatsDispatcherClient:
                 code=503,
                 error="no_dispatcher",
             )
-        if ERROR_CODE_HEADER in headers:
-            try:
-                error = ErrorReply.model_validate_json(msg.data)
-            except ValidationError:
-                error = ErrorReply(request_id="", error="unknown", message=headers.get(ERROR_HEADER, ""))
+        decoded = decode_error(headers, msg.data)
+        if decoded is not None:
+            error = decoded.reply
             if error.error in _RETRYABLE_ERRORS:
                 raise DispatcherLost(error.message, replica_id=liveness.replica_id, relayed=False)
             details = error.details
@@ -434,7 +431,7 @@ class NatsDispatcherClient:
             position = details.get("position")
             raise DispatchError(
                 error.message,
-                code=_int_code(headers[ERROR_CODE_HEADER]),
+                code=decoded.status,
                 error=error.error,
                 task_name=task_name if isinstance(task_name, str) else None,
                 position=position if isinstance(position, int) else None,
@@ -488,10 +485,3 @@ class NatsDispatcherClient:
                     position=position,
                 ) from None
         return outputs
-
-
-def _int_code(code: str) -> int:
-    try:
-        return int(code)
-    except ValueError:
-        return 502

@@ -14,8 +14,8 @@ from nats.micro import add_service
 
 from cornserve.bus.control import GATEWAY_SERVICE_NAME, KV_APPS, KV_TASKLIBS, TaskLibraryRecord
 from cornserve.bus.kv import TaskLibrarySync, open_bucket
+from cornserve.bus.rm_client import ResourceManagerClient
 from cornserve.gateway import __version__
-from cornserve.gateway.control import ResourceManagerClient
 from cornserve.gateway.dispatch_client import NatsDispatcherClient
 from cornserve.gateway.routes import Gateway
 from cornserve.gateway.sessions import SessionRegistry

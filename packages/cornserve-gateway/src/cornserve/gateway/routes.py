@@ -15,9 +15,9 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from cornserve.bus.control import ProgressEvent, TaskLibraryRecord
 from cornserve.bus.kv import kv_all, kv_put
+from cornserve.bus.rm_client import ResourceManagerClient
 from cornserve.gateway import __version__
 from cornserve.gateway.apps import LIST_TIMEOUT_S, App, AppRegistry
-from cornserve.gateway.control import ResourceManagerClient
 from cornserve.gateway.discovery import ping_services
 from cornserve.gateway.driver import parse_request, run_streaming, run_unary
 from cornserve.gateway.errors import HTTPError, to_http_error

@@ -23,8 +23,8 @@ import torch
 from nats.aio.client import Client
 from pydantic import BaseModel
 
+from cornserve.bus.error_codec import publish_error
 from cornserve.bus.micro import NoResponders, RequestTimeout, ServiceErrorReply, request
-from cornserve.bus.schemas import ErrorReply
 from cornserve.bus.sidecar import (
     AllocReply,
     AllocRequest,
@@ -484,11 +484,8 @@ class Sidecar:
             logger.error("NCCL send failed", exc_info=task.exception())
 
     async def _reply_error(self, msg: Any, request_id: str, code: int, kind: str, message: str) -> None:
-        from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
-
         assert self._nc is not None
-        body = ErrorReply(request_id=request_id, error=kind, message=message).model_dump_json().encode()
-        await self._nc.publish(msg.reply, body, headers={ERROR_HEADER: message, ERROR_CODE_HEADER: str(code)})
+        await publish_error(self._nc, msg.reply, request_id, code, kind, message)
 
     async def _nccl_send(self, peer: int, tensor: torch.Tensor) -> None:
         assert self._nc is not None

@@ -60,17 +60,8 @@ class ManagedExecutor:
         return [d.sidecar_rank for d in self.devices]
 
     def info(self) -> ExecutorInfo:
-        """Wire view of this executor."""
-        return ExecutorInfo(
-            executor_id=self.executor_id,
-            url=self.url,
-            sidecar_ranks=self.sidecar_ranks,
-            devices=self.devices,
-            state=self.state,
-            in_flight=self.in_flight,
-            restarts=self.restarts,
-            pid=self.proc.pid if self.proc is not None and self.proc.alive() else None,
-        )
+        """Wire view of this executor (its fields are read off the attributes of the same names)."""
+        return ExecutorInfo.model_validate(self, from_attributes=True)
 
     def add_in_flight(self, delta: int) -> None:
         """Change the in-flight count, never below zero; `idle` is set whenever it is zero."""
@@ -167,8 +158,8 @@ class ManagedExecutor:
 
     @property
     def pid(self) -> int | None:
-        """Process id of the current process, if any."""
-        return None if self.proc is None else self.proc.pid
+        """Process id of the current process while it runs (None before the first start and once it exited)."""
+        return self.proc.pid if self.proc is not None and self.proc.alive() else None
 
     async def stop(self, grace_s: float) -> None:
         """SIGTERM the process group, SIGKILL after the grace period."""
