@@ -13,7 +13,7 @@ from cornserve.executor import PythonExecutorDescriptor, stream_item_type
 from cornserve.task import (
     DataForward,
     Device,
-    ExecutorLaunchContext,
+    ExecutorPlacement,
     Stream,
     TaskDefinitionError,
     TaskExecutionError,
@@ -26,7 +26,7 @@ from cornserve.task import (
 
 def test_launch_spec(tensor_math: ModuleType) -> None:
     task = tensor_math.MatMul()
-    ctx = ExecutorLaunchContext(
+    placement = ExecutorPlacement(
         executor_id="mm-1",
         host="127.0.0.1",
         port=8123,
@@ -34,7 +34,7 @@ def test_launch_spec(tensor_math: ModuleType) -> None:
         sidecar_ranks=[0, 1],
         nats_url="nats://127.0.0.1:4222",
     )
-    spec = task.descriptor.launch_spec(task, ctx)
+    spec = task.descriptor.launch_spec(task, placement)
     assert spec.command[:3] == [sys.executable, "-m", "cornserve.executor"]
     args = dict(zip(spec.command[3::2], spec.command[4::2], strict=True))
     assert deserialize_task(json.loads(args["--task-json"])) == task

@@ -15,7 +15,7 @@ import aiohttp
 
 from cornserve.bus.control import DeviceInfo, ExecutorInfo, ExecutorState
 from cornserve.bus.natsserver import free_port
-from cornserve.task import Device, ExecutorLaunchContext, ExecutorLaunchSpec, UnitTask
+from cornserve.task import Device, ExecutorLaunchSpec, ExecutorPlacement, UnitTask
 from cornserve.task_manager.process import log_tail, spawn_in_group, stop_group
 
 logger = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ class ManagedExecutor:
     def launch(self, task: UnitTask[Any, Any], nats_url: str) -> float:
         """Start the process on a fresh port; returns the descriptor's readiness timeout."""
         port = free_port(HOST)
-        context = ExecutorLaunchContext(
+        placement = ExecutorPlacement(
             executor_id=self.executor_id,
             host=HOST,
             port=port,
@@ -99,7 +99,7 @@ class ManagedExecutor:
             nats_url=nats_url,
         )
         try:
-            spec: ExecutorLaunchSpec = task.descriptor.launch_spec(task, context)
+            spec: ExecutorLaunchSpec = task.descriptor.launch_spec(task, placement)
         except Exception as exc:
             raise ExecutorStartError(
                 f"{type(task.descriptor).__name__}.launch_spec failed for executor {self.executor_id}: "

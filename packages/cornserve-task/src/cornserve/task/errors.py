@@ -44,7 +44,7 @@ class UnmaterializedDataError(StaticGraphError):
     """
 
 
-class NoDispatcherError(TaskError, RuntimeError):
+class NoGraphRunnerError(TaskError, RuntimeError):
     """`await task(...)` was called but no dispatcher is configured to execute the graph."""
 
 
