@@ -47,7 +47,7 @@ def test_launch_spec(tensor_math: ModuleType) -> None:
 def test_descriptor_is_registered_and_round_trips(tensor_math: ModuleType) -> None:
     task = tensor_math.Reduce(descriptor=tensor_math.ReduceExecutor(sidecar_timeout_s=5.0))
     data = serialize_task(task)
-    assert data["config"]["descriptor"]["name"] == "ReduceExecutor"
+    assert data["config"]["descriptor"]["name"] == "tensor-math:ReduceExecutor"
     again = deserialize_task(data)
     assert again == task and again.descriptor.sidecar_timeout_s == 5.0
     assert again.deployment_key != tensor_math.Reduce().deployment_key

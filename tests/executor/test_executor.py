@@ -20,7 +20,7 @@ import aiohttp
 import nats
 import pytest
 import torch
-from tests.executor.cluster import HttpRunner, launch_executor, wait_exit
+from tests.executor.cluster import LIBRARY_NAME, HttpRunner, launch_executor, wait_exit
 from tests.executor.conftest import Cluster
 
 from cornserve.bus.micro import request
@@ -127,7 +127,7 @@ async def test_health_and_info(cluster: Cluster, session: aiohttp.ClientSession)
         async with session.get(e.url + "/info") as resp:
             info = await resp.json()
         assert info["task_key"] == e.task.deployment_key
-        assert info["task"]["name"] == name
+        assert info["task"]["name"] == f"{LIBRARY_NAME}:{name}"
         assert info["handler"] == e.task.descriptor.handler
         assert info["sidecar_ranks"] == e.ranks
 

@@ -118,22 +118,24 @@ def test_task_and_app_have_no_import_cycle() -> None:
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
 
 
+def write_package(root: Path, a: str, b: str) -> tuple[Path, set[str]]:
+    """A package `pkg` with modules `a` and `b` under `root`; returns its folder and module names."""
+    pkg = root / "pkg"
+    pkg.mkdir(exist_ok=True)
+    for name, text in (("__init__", ""), ("a", a), ("b", b)):
+        (pkg / f"{name}.py").write_text(text)
+    return pkg, {"pkg", "pkg.a", "pkg.b"}
+
+
 def test_the_cycle_finder_sees_function_level_imports(tmp_path: Path) -> None:
     """The check itself can fail: a cycle closed by an import inside a function is found."""
-    pkg = tmp_path / "pkg"
-    pkg.mkdir()
-    (pkg / "__init__.py").write_text("")
-    (pkg / "a.py").write_text("from pkg.b import thing\n")
-    (pkg / "b.py").write_text(
-        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg import a\n"
-        "def thing():\n    from pkg import a\n    return a\n"
+    type_checking_only = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg import a\n"
+    pkg, known = write_package(
+        tmp_path, "from pkg.b import thing\n", type_checking_only + "def thing():\n    from pkg import a\n"
     )
-    known = {"pkg", "pkg.a", "pkg.b"}
-    graph = {
-        m: imported_modules(tmp_path / (m.replace(".", "/") + ".py"), m, known) for m in ("pkg.a", "pkg.b")
-    }
+    graph = {m: imported_modules(pkg / f"{m[4:]}.py", m, known) for m in ("pkg.a", "pkg.b")}
     assert find_cycle(graph) == ["pkg.a", "pkg.b", "pkg.a"]
-    (pkg / "b.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg import a\n")
+    (pkg / "b.py").write_text(type_checking_only)
     graph["pkg.b"] = imported_modules(pkg / "b.py", "pkg.b", known)
     assert find_cycle(graph) is None
 
@@ -192,14 +194,10 @@ def test_no_module_reaches_into_another_modules_private_names() -> None:
 
 
 def test_the_private_name_check_can_fail(tmp_path: Path) -> None:
-    src = tmp_path / "pkg"
-    src.mkdir()
-    (src / "__init__.py").write_text("")
-    (src / "a.py").write_text("_hidden = 1\n")
-    (src / "b.py").write_text(
-        "from pkg.a import _hidden\nfrom pkg import a\nimport json\n"
-        "x = a._hidden + json._default_decoder is None\n"
+    pkg, known = write_package(
+        tmp_path,
+        "_hidden = 1\n",
+        "from pkg.a import _hidden\nfrom pkg import a\nimport json\nx = a._hidden + json._default_decoder is None\n",
     )
-    known = {"pkg", "pkg.a", "pkg.b"}
-    found = [p.split(": ", 1)[1] for p in private_accesses(src / "b.py", "pkg.b", known, tmp_path)]
+    found = [p.split(": ", 1)[1] for p in private_accesses(pkg / "b.py", "pkg.b", known, tmp_path)]
     assert found == ["from pkg.a import _hidden", "pkg.a._hidden", "json._default_decoder"]

@@ -24,7 +24,7 @@ from cornserve.gateway.errors import HTTPError, to_http_error
 from cornserve.gateway.openapi import openapi_document
 from cornserve.gateway.sessions import SessionRegistry
 from cornserve.gateway.streaming import StreamWriter, wants_sse
-from cornserve.task import GraphRunner, Stream, TaskInvocation, TaskOutput
+from cornserve.task import ClassKey, GraphRunner, Stream, TaskInvocation, TaskOutput
 from cornserve.task.library import check_library_name, library_sha256, load_task_library
 
 logger = logging.getLogger(__name__)
@@ -218,10 +218,12 @@ class Gateway:
         state = await self.rm.state()
         tasks = []
         for d in state.deployments:
+            cls_key = ClassKey.parse(str(d.task.get("name")))
             tasks.append(
                 {
                     "key": d.task_key,
-                    "task": d.task.get("name"),
+                    "task": cls_key.qualname,
+                    "library": cls_key.library,
                     "config": d.task.get("config"),
                     "state": d.state,
                     "users": d.users,

@@ -67,9 +67,9 @@ class Task(BaseModel, Generic[InputT, OutputT]):
     """A reusable, composable unit of work.
 
     A task's fields are its configuration. `invoke` composes other tasks synchronously; calling the
-    task with `await task(input)` records the graph `invoke` makes, sends it to the dispatcher, and
-    replays `invoke` with the real outputs. Subtasks created in `post_init` (by assigning them to
-    attributes) or passed as fields are discovered automatically.
+    task with `await task(input)` records the graph `invoke` makes, has the current graph runner
+    execute it, and replays `invoke` with the real outputs. Subtasks created in `post_init` (by
+    assigning them to attributes) or passed as fields are discovered automatically.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")

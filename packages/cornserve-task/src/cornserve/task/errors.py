@@ -45,7 +45,7 @@ class UnmaterializedDataError(StaticGraphError):
 
 
 class NoGraphRunnerError(TaskError, RuntimeError):
-    """`await task(...)` was called but no dispatcher is configured to execute the graph."""
+    """`await task(...)` was called but no graph runner is configured to execute the graph."""
 
 
 class TaskExecutionError(TaskError, RuntimeError):

@@ -33,7 +33,7 @@ class DataForward(BaseModel, Generic[DataT]):
     """A handle to one piece of intermediate data forwarded between executors through the sidecar.
 
     The producer's output holds a DataForward and a consumer's input reuses the very same one: that
-    reuse is an edge of the task graph. The dispatcher fills in the sidecar ranks before execution.
+    reuse is an edge of the task graph. The graph runner fills in the sidecar ranks before execution.
     """
 
     model_config = ConfigDict(extra="forbid")
