@@ -270,3 +270,19 @@ def test_unit_task_must_not_override_invoke() -> None:
         class Bad(UnitTask[NumbersInput, SumOutput]):
             def invoke(self, task_input: NumbersInput) -> SumOutput:
                 return SumOutput(total=0)
+
+
+def test_the_same_source_executed_again_replaces_its_classes() -> None:
+    """An app's source loaded twice is two module objects of one name: the later class wins, no error."""
+    from cornserve.app import load_app
+
+    source = (
+        "from cornserve.task import TaskInput, TaskOutput, UnitTask\n"
+        "class In(TaskInput):\n    pass\n"
+        "class Out(TaskOutput):\n    pass\n"
+        "class Inline(UnitTask[In, Out]):\n    pass\n"
+    )
+    first = load_app(source, "inline").Inline
+    second = load_app(source, "inline").Inline
+    assert first is not second and ClassKey.of(first) == ClassKey.of(second)
+    assert UNIT_TASKS.key_of(second) == ClassKey.of(second) and UNIT_TASKS.key_of(first) is None

@@ -71,31 +71,34 @@ class ClassKey:
 class ClassRegistry(Generic[ClassT]):
     """Classes of one kind by `ClassKey`.
 
-    A new version of a task library (or a re-imported module) is loaded as a new module object;
-    its classes replace the previous version's under the same key. Two different classes of the
-    same key from the same module (e.g. one defined inside a function called twice) are a true
-    collision and refused: deserialization could not know which one is meant.
+    A new version of a task library (or any module executed again as a fresh module object, such
+    as an app's source loaded again) replaces the previous version's classes under the same keys.
+    Two different classes of one key from the same module object (e.g. a class defined inside a
+    function that is called twice) are a true collision and refused: deserialization could not know
+    which one is meant.
     """
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._classes: dict[ClassKey, ClassT] = {}
+        self._modules: dict[ClassKey, object] = {}
+        """The module object each class was defined in, told apart from a re-executed namesake."""
 
     def register(self, klass: ClassT) -> ClassKey:
         """Register `klass` under its key; raise TaskRegistryError on a true collision."""
         key = ClassKey.of(klass)
+        module = sys.modules.get(klass.__module__)
         existing = self._classes.get(key)
         if existing is not None and existing is not klass:
-            if sys.modules.get(existing.__module__) is sys.modules.get(klass.__module__) and (
-                existing.__module__ == klass.__module__
-            ):
+            if module is not None and self._modules.get(key) is module:
                 raise TaskRegistryError(
-                    f"two different {self.kind} classes are named {key.ref}: {klass.__module__} defines "
-                    f"{klass.__qualname__} twice. Give each class its own name (a class defined inside a "
-                    "function is the same class name on every call: define it once at module level)"
+                    f"two different {self.kind} classes are named {key.ref}: module {klass.__module__} "
+                    f"defines {klass.__qualname__} twice. Give each class its own name (a class defined "
+                    "inside a function is a new class of the same name on every call: define it once)"
                 )
             logger.info("%s %s is replaced by a new version from %s", self.kind, key.ref, klass.__module__)
         self._classes[key] = klass
+        self._modules[key] = module
         return key
 
     def key_of(self, klass: type) -> ClassKey | None:
