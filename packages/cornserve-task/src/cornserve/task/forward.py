@@ -9,6 +9,7 @@ from typing import Any, Generic, NoReturn, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from cornserve.task.errors import UnmaterializedDataError
+from cornserve.task.generics import generic_args
 
 DataT = TypeVar("DataT")
 
@@ -46,7 +47,7 @@ class DataForward(BaseModel, Generic[DataT]):
     def model_post_init(self, context: Any) -> None:
         """Record the forwarded type (`DataForward[Tensor]` → "Tensor") for executors and graph pictures."""
         if not self.data_type:
-            args = type(self).__pydantic_generic_metadata__["args"]
+            args = generic_args(type(self), DataForward)
             self.data_type = _type_name(args[0]) if args else "Any"
 
     def __hash__(self) -> int:
