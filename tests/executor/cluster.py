@@ -29,7 +29,7 @@ from cornserve.bus.subjects import SidecarVerb, sidecar_subject
 from cornserve.runtime.process import free_port
 from cornserve.task import (
     Device,
-    ExecutorLaunchContext,
+    ExecutorPlacement,
     Stream,
     TaskExecutionError,
     TaskInvocation,
@@ -164,14 +164,14 @@ def launch_executor(
 ) -> Executor:
     """Spawn an executor from `task.descriptor.launch_spec(...)`, as the task manager does."""
     port = free_port()
-    ctx = ExecutorLaunchContext(
+    placement = ExecutorPlacement(
         executor_id=executor_id,
         port=port,
         devices=[Device(kind="cpu", index=r) for r in ranks],
         sidecar_ranks=ranks,
         nats_url=nats_url,
     )
-    spec = task.descriptor.launch_spec(task, ctx)
+    spec = task.descriptor.launch_spec(task, placement)
     log_path = log_dir / f"executor-{executor_id}.log"
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
@@ -187,7 +187,7 @@ def launch_executor(
 
 
 @dataclass
-class HttpDispatcher:
+class HttpRunner:
     """Executes graphs against executor processes over HTTP, following the dispatcher's steps.
 
     JSON round trip of the invocations, forwards wired to the executors' sidecar ranks, each
@@ -236,7 +236,7 @@ class HttpDispatcher:
         finally:
             resp.release()
 
-    async def dispatch(self, invocations: Sequence[TaskInvocation]) -> list[TaskOutput]:
+    async def run_graph(self, invocations: Sequence[TaskInvocation]) -> list[TaskOutput]:
         wire = self.route(invocations)
         try:
             async with asyncio.timeout(self.timeout), asyncio.TaskGroup() as group:

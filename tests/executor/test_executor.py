@@ -20,13 +20,13 @@ import aiohttp
 import nats
 import pytest
 import torch
-from tests.executor.cluster import HttpDispatcher, launch_executor, wait_exit
+from tests.executor.cluster import LIBRARY_NAME, HttpRunner, launch_executor, wait_exit
 from tests.executor.conftest import Cluster
 
 from cornserve.bus.micro import request
 from cornserve.bus.sidecar import StatsReply, StatsRequest
 from cornserve.bus.subjects import SidecarVerb, sidecar_subject
-from cornserve.task import Stream, Task, TaskExecutionError, TaskInput, use_dispatcher
+from cornserve.task import Stream, Task, TaskExecutionError, TaskInput, use_graph_runner
 
 
 class PipelineInput(TaskInput):
@@ -127,7 +127,7 @@ async def test_health_and_info(cluster: Cluster, session: aiohttp.ClientSession)
         async with session.get(e.url + "/info") as resp:
             info = await resp.json()
         assert info["task_key"] == e.task.deployment_key
-        assert info["task"]["name"] == name
+        assert info["task"]["name"] == f"{LIBRARY_NAME}:{name}"
         assert info["handler"] == e.task.descriptor.handler
         assert info["sidecar_ranks"] == e.ranks
 
@@ -145,7 +145,7 @@ async def test_traced_graph_over_http_matches_torch(cluster: Cluster, session: a
     ]
     assert [(p, c) for p, c, _ in graph.edges] == [(0, 2), (1, 2), (2, 3)]
 
-    dispatcher = HttpDispatcher(cluster.by_key(), session)
+    dispatcher = HttpRunner(cluster.by_key(), session)
     wire = dispatcher.route(graph.invocations)
     make, matmul, reduce = (cluster.executors[n].ranks for n in ("MakeMatrix", "MatMul", "Reduce"))
     fwd_a = wire[0].task_output.matrix
@@ -169,7 +169,7 @@ async def test_concurrent_awaited_graphs(cluster: Cluster, session: aiohttp.Clie
         PipelineInput(seed_a=i, seed_b=100 + i, n=4 + i % 3, k=8, m=3 + i % 2, scale=0.25 * i)
         for i in range(8)
     ]
-    with use_dispatcher(HttpDispatcher(cluster.by_key(), session)):
+    with use_graph_runner(HttpRunner(cluster.by_key(), session)):
         results = await asyncio.gather(*(pipeline(x) for x in inputs))
     for x, out in zip(inputs, results, strict=True):
         assert isinstance(out, lib.ReduceOutput)
@@ -182,7 +182,7 @@ async def test_streamed_rows(cluster: Cluster, session: aiohttp.ClientSession) -
     lib = cluster.lib
     rows = composites(lib)[1]()
     x = PipelineInput(seed_a=5, seed_b=6, n=9, k=4, m=3, scale=1.5)
-    with use_dispatcher(HttpDispatcher(cluster.by_key(), session)):
+    with use_graph_runner(HttpRunner(cluster.by_key(), session)):
         stream = await rows(x)
     items = [item async for item in stream]
     want = expected(lib, x).sum(dim=1)
@@ -193,7 +193,7 @@ async def test_streamed_rows(cluster: Cluster, session: aiohttp.ClientSession) -
 
 async def test_stream_fails_mid_way(cluster: Cluster, session: aiohttp.ClientSession) -> None:
     rows = composites(cluster.lib)[1]()
-    with use_dispatcher(HttpDispatcher(cluster.by_key(), session)):
+    with use_graph_runner(HttpRunner(cluster.by_key(), session)):
         stream = await rows(PipelineInput(seed_a=1, seed_b=1, n=6, k=2, m=2, fail_after=2))
     got = []
     with pytest.raises(TaskExecutionError, match=r"^ValueError: RowSums was asked to fail after 2 rows$"):
@@ -216,9 +216,9 @@ async def test_handler_failure(cluster: Cluster, session: aiohttp.ClientSession)
 
     # A failure in the middle of a graph fails it promptly; the consumer waiting downstream is cancelled.
     pipeline = composites(lib)[0]()
-    dispatcher = HttpDispatcher(cluster.by_key(), session)
+    dispatcher = HttpRunner(cluster.by_key(), session)
     with (
-        use_dispatcher(dispatcher),
+        use_graph_runner(dispatcher),
         pytest.raises(TaskExecutionError, match=r"^ValueError: MatMul was asked to fail"),
     ):
         await pipeline(PipelineInput(seed_a=1, seed_b=2, fail=True))
@@ -228,7 +228,7 @@ async def test_handler_failure(cluster: Cluster, session: aiohttp.ClientSession)
 
     # The executors keep serving.
     x = PipelineInput(seed_a=8, seed_b=9)
-    with use_dispatcher(HttpDispatcher(cluster.by_key(), session)):
+    with use_graph_runner(HttpRunner(cluster.by_key(), session)):
         assert_reduced(await pipeline(x), expected(lib, x))
 
 

@@ -267,7 +267,7 @@ async def test_malformed_requests_get_error_replies(start_rm: StartRM, nc: Clien
     bad_tasks: list[Any] = [
         {"name": "NoSuchTask", "config": {}},
         {"nonsense": 1},
-        {"name": "LcEchoTask", "config": {"label": 5}},
+        {"name": "cs-test-echo:EchoTask", "config": {"label": 5}},
     ]
     for spec in bad_tasks:
         req = DeployRequest(owner="app", tasks=[spec])

@@ -33,23 +33,23 @@ from cornserve.task import ExecutorLaunchSpec, ExecutorRequest, TaskExecutionDes
 EXECUTOR_SCRIPT = @SCRIPT@
 
 
-class LcEchoInput(TaskInput):
+class EchoInput(TaskInput):
     text: str
 
 
-class LcEchoOutput(TaskOutput):
+class EchoOutput(TaskOutput):
     text: str
     executor_id: str
 
 
-class LcEchoTask(UnitTask[LcEchoInput, LcEchoOutput]):
-    default_descriptor = "LcEchoDescriptor"
+class EchoTask(UnitTask[EchoInput, EchoOutput]):
+    default_descriptor = "EchoDescriptor"
     label: str
     devices: int = 1
     crash: bool = False
 
 
-class LcEchoDescriptor(TaskExecutionDescriptor[LcEchoTask]):
+class EchoDescriptor(TaskExecutionDescriptor[EchoTask]):
     def num_devices(self, task):
         return task.devices
 
@@ -75,7 +75,7 @@ def load_library() -> LoadedLibrary:
 
 
 def echo_task(label: str, **kwargs: Any) -> UnitTask[Any, Any]:
-    task = load_library().module.LcEchoTask(label=label, **kwargs)
+    task = load_library().module.EchoTask(label=label, **kwargs)
     assert isinstance(task, UnitTask)
     return task
 

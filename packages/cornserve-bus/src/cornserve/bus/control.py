@@ -75,7 +75,7 @@ KV_TASKLIBS = "cornserve-tasklibs"
 # ----- shared pieces -------------------------------------------------------------------------------
 
 TaskSpec = dict[str, Any]
-"""`{"name": <registered unit task class>, "config": {...}}` from cornserve.task.serialize_task."""
+"""`{"name": "<library>:<qualname>", "config": {...}}` from cornserve.task.serialize_task."""
 
 
 class DeviceInfo(WireModel):

@@ -14,7 +14,7 @@ import aiohttp
 
 from cornserve.bus.control import DeviceInfo, ExecutorInfo, ExecutorState
 from cornserve.runtime.process import ProcessGroup, free_port, log_tail
-from cornserve.task import Device, ExecutorLaunchContext, ExecutorLaunchSpec, UnitTask
+from cornserve.task import Device, ExecutorLaunchSpec, ExecutorPlacement, UnitTask
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class ManagedExecutor:
     def launch(self, task: UnitTask[Any, Any], nats_url: str) -> float:
         """Start the process on a fresh port; returns the descriptor's readiness timeout."""
         port = free_port(HOST)
-        context = ExecutorLaunchContext(
+        placement = ExecutorPlacement(
             executor_id=self.executor_id,
             host=HOST,
             port=port,
@@ -88,7 +88,7 @@ class ManagedExecutor:
             nats_url=nats_url,
         )
         try:
-            spec: ExecutorLaunchSpec = task.descriptor.launch_spec(task, context)
+            spec: ExecutorLaunchSpec = task.descriptor.launch_spec(task, placement)
         except Exception as exc:
             raise ExecutorStartError(
                 f"{type(task.descriptor).__name__}.launch_spec failed for executor {self.executor_id}: "

@@ -17,11 +17,12 @@ from typing import Any
 import aiohttp
 import torch
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cornserve.runtime.process import ProcessGroup, free_port
 from cornserve.sidecar import Sidecar
 from cornserve.sidecar.errors import SidecarError
+from cornserve.task.builtins.embedding import EMBEDDING_META_CHUNK, EMBEDDING_TENSOR_CHUNK, EmbeddingMeta
 from cornserve.vllm.command import VLLMServeArgs, vllm_serve_command
 from cornserve.vllm.translate import EmbeddingTranslationError, ReceivedEmbedding, rewrite_request
 
@@ -110,26 +111,24 @@ class ProxyState:
             self.exit_code.set_result(1)
 
     async def receive(self, forward: dict[str, Any]) -> ReceivedEmbedding:
-        """Chunk 0 (tensor) and chunk 1 (metadata) of one embedding forward; both marked done."""
+        """The tensor and `EmbeddingMeta` chunks of one embedding forward; both marked done."""
         assert self.sidecar is not None
         forward_id = forward.get("id")
         if not isinstance(forward_id, str) or not forward_id:
             raise EmbeddingTranslationError(f"cornserve_embeddings entry without an id: {forward!r}")
         timeout = self.config.embedding_timeout_s
-        tensor = await self.sidecar.recv(forward_id, 0, timeout, copy=True)
-        meta = await self.sidecar.recv(forward_id, 1, timeout)
-        await self.sidecar.mark_done(forward_id, 0)
-        await self.sidecar.mark_done(forward_id, 1)
-        if not isinstance(tensor, torch.Tensor) or not isinstance(meta, dict):
+        tensor = await self.sidecar.recv(forward_id, EMBEDDING_TENSOR_CHUNK, timeout, copy=True)
+        meta = await self.sidecar.recv(forward_id, EMBEDDING_META_CHUNK, timeout)
+        await self.sidecar.mark_done(forward_id, EMBEDDING_TENSOR_CHUNK)
+        await self.sidecar.mark_done(forward_id, EMBEDDING_META_CHUNK)
+        if not isinstance(tensor, torch.Tensor):
+            raise EmbeddingTranslationError(f"forward {forward_id} is not an embedding (expected a tensor)")
+        try:
+            return ReceivedEmbedding(tensor=tensor, meta=EmbeddingMeta.model_validate(meta))
+        except ValidationError as exc:
             raise EmbeddingTranslationError(
-                f"forward {forward_id} is not an embedding (expected a tensor and a metadata dict)"
-            )
-        return ReceivedEmbedding(
-            tensor=tensor,
-            modality=str(meta.get("modality", "")),
-            num_tokens=int(meta.get("num_tokens", tensor.shape[0])),
-            grid_thw=meta.get("grid_thw"),
-        )
+                f"forward {forward_id} has malformed embedding metadata: {exc}"
+            ) from exc
 
     def request_stop(self) -> None:
         """SIGTERM/SIGINT: leave with exit code 0."""
