@@ -180,6 +180,23 @@ def test_a_true_collision_is_refused() -> None:
     assert UNIT_TASKS.lookup(ClassKey.of(first)) is first
 
 
+def test_a_notebook_cell_run_again_replaces_its_class() -> None:
+    """In `__main__` (a notebook or REPL) defining a task class again replaces it: that is how it is edited."""
+    namespace: dict[str, Any] = {"__name__": "__main__"}
+    source = (
+        "from cornserve.task import TaskInput, TaskOutput, UnitTask\n"
+        "class CellIn(TaskInput):\n    n: int = 0\n"
+        "class CellOut(TaskOutput):\n    n: int\n"
+        "class CellTask(UnitTask[CellIn, CellOut]):\n    pass\n"
+    )
+    exec(compile(source, "<cell>", "exec"), namespace)
+    first = namespace["CellTask"]
+    exec(compile(source, "<cell>", "exec"), namespace)
+    second = namespace["CellTask"]
+    assert first is not second
+    assert UNIT_TASKS.lookup(ClassKey("__main__", "CellTask")) is second
+
+
 def test_a_new_library_version_replaces_its_classes() -> None:
     """A different module object of the same library (a new version) replaces the earlier class."""
     from cornserve.task.library import load_task_library

@@ -75,7 +75,8 @@ class ClassRegistry(Generic[ClassT]):
     as an app's source loaded again) replaces the previous version's classes under the same keys.
     Two different classes of one key from the same module object (e.g. a class defined inside a
     function that is called twice) are a true collision and refused: deserialization could not know
-    which one is meant.
+    which one is meant. The one exception is `__main__` (a notebook or a REPL): re-running the cell
+    that defines a task class is how people edit it there, so the new class replaces the old one.
     """
 
     def __init__(self, kind: str) -> None:
@@ -90,7 +91,8 @@ class ClassRegistry(Generic[ClassT]):
         module = sys.modules.get(klass.__module__)
         existing = self._classes.get(key)
         if existing is not None and existing is not klass:
-            if module is not None and self._modules.get(key) is module:
+            redefined_interactively = klass.__module__ == "__main__"
+            if module is not None and self._modules.get(key) is module and not redefined_interactively:
                 raise TaskRegistryError(
                     f"two different {self.kind} classes are named {key.ref}: module {klass.__module__} "
                     f"defines {klass.__qualname__} twice. Give each class its own name (a class defined "
