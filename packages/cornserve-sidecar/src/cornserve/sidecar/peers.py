@@ -43,7 +43,9 @@ class Peers:
     own_info: Callable[[], InfoReply]
     background: BackgroundTasks
     on_restart: Restarted
-    connection: AfterStart[Client] = field(init=False, default_factory=lambda: AfterStart[Client]("NATS connection"))
+    connection: AfterStart[Client] = field(
+        init=False, default_factory=lambda: AfterStart[Client]("NATS connection")
+    )
     instances: dict[int, str] = field(init=False, default_factory=dict)
     """The last instance seen per peer rank (reported in stats as ``known_peers``)."""
     _info: dict[int, InfoReply] = field(init=False, default_factory=dict)
