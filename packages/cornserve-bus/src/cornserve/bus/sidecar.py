@@ -101,18 +101,23 @@ class StatsRequest(RequestBase):
     """Ask for arena usage and bookkeeping counters."""
 
 
-class StatsReply(WireModel):
-    """Arena usage; ``used_bytes == 0`` means nothing is leaked."""
+class ArenaUsage(WireModel):
+    """How full a server's arena is; ``used_bytes == 0`` means nothing is leaked."""
 
-    request_id: str
-    rank: int
-    instance: str
     arena_bytes: int
     used_bytes: int
     free_bytes: int
     largest_free_block: int
     free_blocks: int
     allocations: int
+
+
+class StatsReply(ArenaUsage):
+    """Arena usage plus the server's bookkeeping counters (the leak tests' ground truth)."""
+
+    request_id: str
+    rank: int
+    instance: str
     held_entries: int
     mailbox_entries: int
     pending_allocs: int

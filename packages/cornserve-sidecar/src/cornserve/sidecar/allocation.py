@@ -7,6 +7,7 @@ that every free replaces, up to its own deadline.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 from cornserve.bus.micro import ServiceFault
@@ -61,24 +62,30 @@ class ArenaMemory:
         deadline = time.monotonic() + timeout
         while True:
             freed = self._freed
-            try:
-                return self.alloc.alloc(size)
-            except OutOfMemory:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise ServiceFault(
-                        503,
-                        "memory_pressure",
-                        f"rank {self._me.rank}: no room for {size} bytes within {timeout:.3f}s "
-                        f"(used {self.alloc.used_bytes}/{self.alloc.capacity}, "
-                        f"largest free {self.alloc.largest_free})",
-                        size=size,
-                        rank=self._me.rank,
-                    ) from None
-                try:
-                    await asyncio.wait_for(freed.wait(), remaining)
-                except TimeoutError:
-                    continue
+            offset = self._try_alloc(size)
+            if offset is not None:
+                return offset
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise self._no_room(size, timeout)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(freed.wait(), remaining)
+
+    def _try_alloc(self, size: int) -> int | None:
+        try:
+            return self.alloc.alloc(size)
+        except OutOfMemory:
+            return None
+
+    def _no_room(self, size: int, timeout: float) -> ServiceFault:
+        return ServiceFault(
+            503,
+            "memory_pressure",
+            f"rank {self._me.rank}: no room for {size} bytes within {timeout:.3f}s "
+            f"(used {self.alloc.used_bytes}/{self.alloc.capacity}, largest free {self.alloc.largest_free_block})",
+            size=size,
+            rank=self._me.rank,
+        )
 
     def take_unsent(self, offset: int) -> None:
         """A reservation is being sent: it is no longer the client's to free."""

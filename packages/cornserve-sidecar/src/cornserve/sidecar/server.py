@@ -18,6 +18,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import Awaitable, Callable
+from dataclasses import asdict
 
 import nats
 from nats.aio.client import Client
@@ -29,6 +30,7 @@ from cornserve.bus.micro import HandlerRunner, NoResponders, RequestTimeout, req
 from cornserve.bus.natsserver import nats_url_from_env
 from cornserve.bus.sidecar import (
     AllocRequest,
+    ArenaUsage,
     CloseStreamRequest,
     DeliverRequest,
     DoneRequest,
@@ -231,22 +233,16 @@ class SidecarServer:
 
     async def on_stats(self, req: StatsRequest) -> StatsReply:
         """Arena usage and counters (the leak test's ground truth)."""
-        alloc = self.memory.alloc
+        usage = ArenaUsage.model_validate(self.memory.alloc, from_attributes=True)
         return StatsReply(
+            **usage.model_dump(),
+            **asdict(self.counters),
             request_id=req.request_id,
             rank=self.rank,
             instance=self.instance,
-            arena_bytes=alloc.capacity,
-            used_bytes=alloc.used_bytes,
-            free_bytes=alloc.free_bytes,
-            largest_free_block=alloc.largest_free,
-            free_blocks=alloc.free_blocks,
-            allocations=alloc.allocations,
             held_entries=len(self.holdings.held),
             mailbox_entries=self.inbox.mailbox.slot_count(),
             pending_allocs=len(self.memory.unsent),
-            expired_total=self.counters.expired_total,
-            lost_total=self.counters.lost_total,
             known_peers={str(r): i for r, i in self.peers.instances.items()},
         )
 
