@@ -28,6 +28,14 @@ def sidecar_binary() -> str:
     return str(path)
 
 
+TORCHLESS_SERVER = (
+    "import sys; sys.modules.update(torch=None, numpy=None); "
+    "from cornserve.sidecar.server import main; main()"
+)
+"""Runs the ``cornserve-sidecar`` entry point with torch and numpy made unimportable: every test
+proves the server needs neither (a sidecar host does not install them)."""
+
+
 class SidecarProc:
     """One real sidecar server process."""
 
@@ -40,8 +48,9 @@ class SidecarProc:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def spawn(self) -> None:
+        sidecar_binary()  # the console script is installed (the guard below runs the same main)
         cmd = [
-            sidecar_binary(),
+            sys.executable, "-c", TORCHLESS_SERVER,
             "--rank", str(self.rank),
             "--node", self.node,
             "--nats-url", self.nats_url,

@@ -1,28 +1,18 @@
 """Fault handling: unreachable ranks, missing data, restarts, malformed messages."""
 
-import asyncio
 import json
-import time
 
 import nats
 import pytest
 import torch
 from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
+from tests.sidecar.waiting import wait_until
 
 from cornserve.bus.micro import request
 from cornserve.bus.sidecar import InfoReply, InfoRequest
 from cornserve.bus.subjects import SidecarVerb, sidecar_subject
 from cornserve.sidecar import Sidecar
 from cornserve.sidecar.errors import DataLost, DestinationUnreachable, RecvTimeout, SidecarUnavailable
-
-
-async def wait_until(pred, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await pred():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("condition not reached before the deadline")
 
 
 async def test_unreachable_destination_fails_naming_the_rank(sidecars, nats_url, stats_of):

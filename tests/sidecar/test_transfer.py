@@ -2,25 +2,16 @@
 
 import asyncio
 import threading
-import time
 
 import numpy as np
 import pytest
 import torch
+from tests.sidecar.waiting import wait_until
 
 from cornserve.sidecar import Sidecar
 from cornserve.sidecar.errors import AlreadyConsumed, DataExpired, MemoryPressure, TooLarge
 
 MiB = 1024 * 1024
-
-
-async def wait_until(pred, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await pred():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("condition not reached before the deadline")
 
 
 async def all_free(stats_of, ranks):
