@@ -16,7 +16,7 @@ from nats.aio.client import Client
 from pydantic import Field
 
 from cornserve.runtime.logging import request_context
-from cornserve.runtime.service import run_executor, run_service
+from cornserve.runtime.service import run_executor, run_service, stop_callback
 from cornserve.runtime.settings import Flag, OnOff, ServiceSettings, SidecarRanks
 
 logger = logging.getLogger("demo")
@@ -40,6 +40,7 @@ class DemoSettings(ServiceSettings):
     sidecar_ranks: SidecarRanks = Field(default_factory=list)
     secret: Annotated[str, Flag(env_only=True)] = "unset"
     deadline_s: float = 60.0
+    stop_after_s: float | None = None
 
     @property
     def stop_deadline_s(self) -> float:
@@ -58,6 +59,8 @@ async def serve(settings: DemoSettings, nc: Client) -> AsyncIterator[None]:
     with request_context("req-42"):
         logger.info("handling a request")
     logger.info("settings %s", settings.model_dump_json())
+    if settings.stop_after_s is not None:
+        asyncio.get_running_loop().call_later(settings.stop_after_s, stop_callback())
     try:
         yield
     finally:

@@ -104,3 +104,9 @@ def test_executor_opens_its_port_before_initialising_and_stops_on_sigterm() -> N
     proc.send_signal(signal.SIGTERM)
     code, err = finish(proc)
     assert code == 0 and "executor stopped" in err
+
+
+def test_a_service_can_stop_itself_as_a_signal_would(nats_url: str) -> None:
+    code, err = finish(start("service", "--nats-url", nats_url, "--stop-after-s", "0.5"))
+    assert code == 0, err
+    assert "drained" in err

@@ -18,6 +18,7 @@ from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER, Request
 from pydantic import BaseModel, ValidationError
 
 from cornserve.bus.schemas import ErrorReply
+from cornserve.runtime.logging import set_request_id
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +144,7 @@ class HandlerRunner:
 
     async def _run(self, req: Request, parsed: ReqT, fn: Callable[[ReqT], Awaitable[BaseModel]]) -> None:
         request_id = str(getattr(parsed, "request_id", ""))
+        set_request_id(request_id)  # this task serves one request: its log lines carry the id
         try:
             reply = await fn(parsed)
         except ServiceFault as fault:

@@ -15,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Sequence
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextvars import ContextVar
 from typing import Protocol, TypeVar
 
 from nats.aio.client import Client
@@ -39,6 +40,17 @@ Serve = Callable[[S, Client], AbstractAsyncContextManager[object]]
 """A service: entering the context starts it (connected to NATS); leaving it drains and stops it."""
 
 
+_stop_event: ContextVar[asyncio.Event] = ContextVar("cornserve_stop_event")
+
+
+def stop_callback() -> Callable[[], None]:
+    """A function that stops the running service as SIGTERM would (for a service told to shut down).
+
+    Call it while starting, inside the service's context; outside `run_service` it raises LookupError.
+    """
+    return _stop_event.get().set
+
+
 class ExecutorProcess(Protocol):
     """What `run_executor` drives."""
 
@@ -59,7 +71,21 @@ def run_service(
     argv: Sequence[str] | None = None,
     expected_errors: tuple[type[BaseException], ...] = (),
 ) -> int:
-    """Run the service `serve` builds from `settings_type`'s settings; returns the exit code."""
+    """Run the service `serve` builds from `settings_type`'s settings and a NATS connection; the exit code."""
+    settings = _settings_and_logging(settings_type, argv)
+    return asyncio.run(
+        serve_until_signal(settings, _with_nats(serve), (*expected_errors, NatsConnectTimeout))
+    )
+
+
+def run_process(
+    settings_type: type[S],
+    serve: Callable[[S], AbstractAsyncContextManager[object]],
+    *,
+    argv: Sequence[str] | None = None,
+    expected_errors: tuple[type[BaseException], ...] = (),
+) -> int:
+    """`run_service` for a process that manages its own NATS connection (the sidecar server)."""
     settings = _settings_and_logging(settings_type, argv)
     return asyncio.run(serve_until_signal(settings, serve, expected_errors))
 
@@ -82,32 +108,37 @@ def _settings_and_logging(settings_type: type[S], argv: Sequence[str] | None) ->
     return settings
 
 
+def _with_nats(serve: Serve[S]) -> Callable[[S], AbstractAsyncContextManager[object]]:
+    """`serve` with a NATS connection opened before it starts and closed after it stopped."""
+
+    @asynccontextmanager
+    async def connected(settings: S) -> AsyncIterator[object]:
+        nc = await connect_nats(settings.nats_url, name=settings.nats_client_name)
+        try:
+            async with serve(settings, nc) as service:
+                yield service
+        finally:
+            await _close_nats(nc, settings.service_name)
+
+    return connected
+
+
 async def serve_until_signal(
-    settings: S, serve: Serve[S], expected_errors: tuple[type[BaseException], ...] = ()
+    settings: S,
+    serve: Callable[[S], AbstractAsyncContextManager[object]],
+    expected_errors: tuple[type[BaseException], ...] = (),
 ) -> int:
-    """Connect, start, wait for SIGTERM/SIGINT, drain (bounded), close NATS; returns the exit code."""
+    """Start, wait for SIGTERM/SIGINT, stop within the deadline; returns the exit code."""
     name = settings.service_name
     with _StopSignals() as stop:
-        connected = await _start(
-            connect_nats(settings.nats_url, name=settings.nats_client_name),
-            stop,
-            name,
-            expected_errors=(NatsConnectTimeout,),
-        )
-        if not isinstance(connected, Client):
-            return connected
-        nc = connected
-        try:
-            service = serve(settings, nc)
-            entered = await _start(service.__aenter__(), stop, name, expected_errors)
-            if isinstance(entered, int):
-                return entered
-            logger.info("%s serving", name)
-            await stop.wait()
-            logger.info("%s shutting down (deadline %g s)", name, settings.stop_deadline_s)
-            return await _bounded(service.__aexit__(None, None, None), name, settings.stop_deadline_s)
-        finally:
-            await _close_nats(nc, name)
+        service = serve(settings)
+        entered = await _start(service.__aenter__(), stop, name, expected_errors)
+        if isinstance(entered, int):
+            return entered
+        logger.info("%s serving", name)
+        await stop.wait()
+        logger.info("%s shutting down (deadline %g s)", name, settings.stop_deadline_s)
+        return await _bounded(service.__aexit__(None, None, None), name, settings.stop_deadline_s)
 
 
 async def run_executor_until_signal(
@@ -193,6 +224,7 @@ class _StopSignals:
 
     def __enter__(self) -> asyncio.Event:
         self.event = asyncio.Event()
+        self._token = _stop_event.set(self.event)
         self.loop = asyncio.get_running_loop()
         for sig in self.SIGNALS:
             self.loop.add_signal_handler(sig, self._on_signal, sig)
@@ -205,3 +237,4 @@ class _StopSignals:
     def __exit__(self, *exc: object) -> None:
         for sig in self.SIGNALS:
             self.loop.remove_signal_handler(sig)
+        _stop_event.reset(self._token)
