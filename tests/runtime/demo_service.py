@@ -17,7 +17,7 @@ from pydantic import Field
 
 from cornserve.runtime.logging import request_context
 from cornserve.runtime.service import run_executor, run_service, stop_callback
-from cornserve.runtime.settings import Flag, OnOff, ServiceSettings, SidecarRanks
+from cornserve.runtime.settings import Flag, OnOff, ProcessInfo, ServiceSettings, SidecarRanks
 
 logger = logging.getLogger("demo")
 
@@ -27,8 +27,7 @@ class DemoStartupError(RuntimeError):
 
 
 class DemoSettings(ServiceSettings):
-    service_name: ClassVar[str] = "demo"
-    prog: ClassVar[str] = "demo-service"
+    process: ClassVar[ProcessInfo] = ProcessInfo("demo", "demo-service")
 
     port: int = Field(default=1, gt=0, lt=65536)
     greeting: str = "hello"

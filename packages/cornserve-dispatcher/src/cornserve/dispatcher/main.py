@@ -6,8 +6,8 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import ClassVar
 
 from nats.aio.client import Client
@@ -15,8 +15,8 @@ from pydantic import Field
 
 from cornserve.bus.control import DISPATCHER_SERVICE_NAME
 from cornserve.dispatcher.service import DispatcherService
-from cornserve.runtime.service import run_service
-from cornserve.runtime.settings import ServiceSettings
+from cornserve.runtime.service import run_service, running
+from cornserve.runtime.settings import ProcessInfo, ServiceSettings
 
 logger = logging.getLogger("cornserve.dispatcher")
 
@@ -31,10 +31,10 @@ def _default_replica_id() -> str:
 class DispatcherSettings(ServiceSettings):
     """Flags and ``CORNSERVE_*`` environment of `cornserve-dispatcher`."""
 
-    service_name: ClassVar[str] = "dispatcher"
-    prog: ClassVar[str] = "cornserve-dispatcher"
-    description: ClassVar[str] = (
-        "Cornserve task dispatcher replica: executes recorded task graphs on executors"
+    process: ClassVar[ProcessInfo] = ProcessInfo(
+        "dispatcher",
+        "cornserve-dispatcher",
+        ("Cornserve task dispatcher replica: executes recorded task graphs on executors"),
     )
 
     replica_id: str = Field(default_factory=_default_replica_id, min_length=1)
@@ -57,21 +57,17 @@ class DispatcherSettings(ServiceSettings):
         return self.drain_timeout + DRAIN_MARGIN_S
 
 
-@asynccontextmanager
-async def serve(settings: DispatcherSettings, nc: Client) -> AsyncIterator[None]:
-    """Run one replica while the context is open; leaving it drains running graphs."""
-    service = DispatcherService(
-        nc,
-        settings.replica_id,
-        route_timeout_s=settings.route_timeout,
-        state_timeout_s=settings.state_timeout,
-        drain_timeout_s=settings.drain_timeout,
+def serve(settings: DispatcherSettings, nc: Client) -> AbstractAsyncContextManager[None]:
+    """One replica, running while the context is open; leaving it drains running graphs."""
+    return running(
+        DispatcherService(
+            nc,
+            settings.replica_id,
+            route_timeout_s=settings.route_timeout,
+            state_timeout_s=settings.state_timeout,
+            drain_timeout_s=settings.drain_timeout,
+        )
     )
-    try:
-        await service.start()
-        yield
-    finally:
-        await service.stop()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

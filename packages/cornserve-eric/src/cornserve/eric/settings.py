@@ -6,15 +6,15 @@ from typing import Annotated, ClassVar
 
 from pydantic import Field
 
-from cornserve.runtime.settings import Flag, RequiredSidecarRanks, ServiceSettings
+from cornserve.runtime.settings import Flag, ProcessInfo, RequiredSidecarRanks, ServiceSettings
 
 
 class EricSettings(ServiceSettings):
     """Everything the command line and ``CORNSERVE_*`` environment give one Eric process."""
 
-    service_name: ClassVar[str] = "eric"
-    prog: ClassVar[str] = "python -m cornserve.eric"
-    description: ClassVar[str] = "Eric, Cornserve's encoder server"
+    process: ClassVar[ProcessInfo] = ProcessInfo(
+        "eric", "python -m cornserve.eric", "Eric, Cornserve's encoder server"
+    )
 
     model_id: str = Field(min_length=1)
     """Local checkpoint directory or Hub id."""

@@ -7,7 +7,7 @@ from typing import Annotated, Any, ClassVar
 
 from pydantic import BeforeValidator, Field
 
-from cornserve.runtime.settings import Flag, ServiceSettings, SidecarRanks
+from cornserve.runtime.settings import Flag, ProcessInfo, ServiceSettings, SidecarRanks
 
 
 def _json_object(value: object) -> object:
@@ -22,9 +22,9 @@ def _json_object(value: object) -> object:
 class PythonExecutorSettings(ServiceSettings):
     """Everything the command line and ``CORNSERVE_*`` environment give one executor process."""
 
-    service_name: ClassVar[str] = "executor"
-    prog: ClassVar[str] = "python -m cornserve.executor"
-    description: ClassVar[str] = "Cornserve Python task executor"
+    process: ClassVar[ProcessInfo] = ProcessInfo(
+        "executor", "python -m cornserve.executor", "Cornserve Python task executor"
+    )
 
     task: Annotated[dict[str, Any], Flag(name="--task-json"), BeforeValidator(_json_object)]
     """The unit task, as serialize_task() JSON."""

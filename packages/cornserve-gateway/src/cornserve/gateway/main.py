@@ -23,7 +23,7 @@ from cornserve.gateway.dispatch_client import NatsDispatcherClient
 from cornserve.gateway.routes import Gateway
 from cornserve.gateway.sessions import SessionRegistry
 from cornserve.runtime.service import run_service
-from cornserve.runtime.settings import ServiceSettings
+from cornserve.runtime.settings import ProcessInfo, ServiceSettings
 from cornserve.task import set_dispatcher
 from cornserve.task.library import load_task_library
 
@@ -33,9 +33,7 @@ logger = logging.getLogger("cornserve.gateway")
 class GatewaySettings(ServiceSettings):
     """Flags and ``CORNSERVE_*`` environment of `cornserve-gateway`."""
 
-    service_name: ClassVar[str] = "gateway"
-    prog: ClassVar[str] = "cornserve-gateway"
-    description: ClassVar[str] = "Cornserve's HTTP gateway."
+    process: ClassVar[ProcessInfo] = ProcessInfo("gateway", "cornserve-gateway", "Cornserve's HTTP gateway.")
 
     host: str = "127.0.0.1"
     """Address the HTTP API listens on."""

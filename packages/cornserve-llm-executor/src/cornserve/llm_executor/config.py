@@ -6,16 +6,16 @@ from typing import Annotated, ClassVar
 
 from pydantic import Field, model_validator
 
-from cornserve.runtime.settings import Flag, OnOff, ServiceSettings, SidecarRanks
+from cornserve.runtime.settings import Flag, OnOff, ProcessInfo, ServiceSettings, SidecarRanks
 
 
 class LLMExecutorSettings(ServiceSettings):
     """Everything the executor process is configured with (flags plus ``CORNSERVE_*`` environment)."""
 
-    service_name: ClassVar[str] = "llm-executor"
-    prog: ClassVar[str] = "python -m cornserve.llm_executor"
-    description: ClassVar[str] = (
-        "Cornserve's CPU LLM executor: an OpenAI-compatible chat server on transformers."
+    process: ClassVar[ProcessInfo] = ProcessInfo(
+        "llm-executor",
+        "python -m cornserve.llm_executor",
+        ("Cornserve's CPU LLM executor: an OpenAI-compatible chat server on transformers."),
     )
 
     model_id: str = Field(min_length=1)

@@ -32,9 +32,9 @@ class LLMExecutor:
     def __init__(self, settings: LLMExecutorSettings) -> None:
         self.settings = settings
         self.chat: ChatServer | None = None
-        self._engine: Engine | None = None
-        self._sidecar: Sidecar | None = None
         self._runner: web.AppRunner | None = None
+        self._closers: list[Callable[[], Awaitable[None]]] = []
+        """What `initialize` opened (sidecar client, engine), closed in reverse by `stop`."""
         self.app = web.Application(client_max_size=MAX_BODY)
         for method, path, handler in ROUTES:
             self.app.router.add_route(method, path, self._when_ready(handler))
@@ -68,12 +68,14 @@ class LLMExecutor:
         loaded = await asyncio.to_thread(load_model, s.model_id, s.max_model_len)
         receiver: EmbeddingReceiver | None = None
         if s.receive_embeddings:
-            self._sidecar = Sidecar(s.sidecar_ranks[0], s.nats_url)
-            await self._sidecar.connect()
-            receiver = EmbeddingReceiver(self._sidecar, s.embedding_timeout_s)
-        self._engine = Engine(loaded, s.max_batch_size, decode_batching=s.decode_batching)
-        self._engine.start()
-        self.chat = ChatServer(s, loaded, self._engine, receiver)
+            sidecar = Sidecar(s.sidecar_ranks[0], s.nats_url)
+            self._closers.append(sidecar.close)
+            await sidecar.connect()
+            receiver = EmbeddingReceiver(sidecar, s.embedding_timeout_s)
+        engine = Engine(loaded, s.max_batch_size, decode_batching=s.decode_batching)
+        self._closers.append(engine.close)
+        engine.start()
+        self.chat = ChatServer(s, loaded, engine, receiver)
         logger.info(
             "LLM executor %s serving %s (batch %d, decode batching %s, fission %s, sidecar ranks %s)",
             s.executor_id,
@@ -88,7 +90,5 @@ class LLMExecutor:
         """Close the port (in-flight requests finish), then the engine and the sidecar client."""
         if self._runner is not None:
             await self._runner.cleanup()
-        if self._engine is not None:
-            await self._engine.close()
-        if self._sidecar is not None:
-            await self._sidecar.close()
+        while self._closers:
+            await self._closers.pop()()

@@ -23,7 +23,7 @@ from cornserve.resource_manager.manager import ResourceManager
 from cornserve.resource_manager.service import ResourceManagerService
 from cornserve.resource_manager.spawner import LocalSubprocessSpawner, Spawner
 from cornserve.runtime.service import run_service
-from cornserve.runtime.settings import ServiceSettings
+from cornserve.runtime.settings import ProcessInfo, ServiceSettings
 
 logger = logging.getLogger("cornserve.resource_manager")
 
@@ -31,9 +31,9 @@ logger = logging.getLogger("cornserve.resource_manager")
 class ResourceManagerSettings(ServiceSettings):
     """Flags and ``CORNSERVE_*`` environment of `cornserve-resource-manager`."""
 
-    service_name: ClassVar[str] = "resource-manager"
-    prog: ClassVar[str] = "cornserve-resource-manager"
-    description: ClassVar[str] = "Cornserve resource manager"
+    process: ClassVar[ProcessInfo] = ProcessInfo(
+        "resource-manager", "cornserve-resource-manager", "Cornserve resource manager"
+    )
 
     cpu_slots: int = Field(default=4, ge=1)
     """CPU slots when no GPU is present."""

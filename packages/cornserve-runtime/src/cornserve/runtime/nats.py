@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 import nats
 from nats.aio.client import Client
@@ -29,6 +30,14 @@ PING_INTERVAL_S = 20
 MAX_OUTSTANDING_PINGS = 3
 
 
+_POLICY: dict[str, Any] = {
+    "reconnect_time_wait": RECONNECT_WAIT_S,
+    "max_reconnect_attempts": MAX_RECONNECT_ATTEMPTS,
+    "ping_interval": PING_INTERVAL_S,
+    "max_outstanding_pings": MAX_OUTSTANDING_PINGS,
+}
+
+
 class NatsConnectTimeout(TimeoutError):
     """NATS did not accept the first connection in time (is it running, is the URL right?)."""
 
@@ -44,19 +53,7 @@ async def connect_nats(
     log = _ConnectionLog(name)
     try:
         return await asyncio.wait_for(
-            nats.connect(
-                servers,
-                name=name,
-                connect_timeout=connect_timeout_s,
-                reconnect_time_wait=RECONNECT_WAIT_S,
-                max_reconnect_attempts=MAX_RECONNECT_ATTEMPTS,
-                ping_interval=PING_INTERVAL_S,
-                max_outstanding_pings=MAX_OUTSTANDING_PINGS,
-                error_cb=log.on_error,
-                disconnected_cb=log.on_disconnected,
-                reconnected_cb=log.on_reconnected,
-                closed_cb=log.on_closed,
-            ),
+            nats.connect(servers, name=name, connect_timeout=connect_timeout_s, **_POLICY, **log.callbacks()),
             first_connect_deadline_s,
         )
     except TimeoutError:
@@ -72,6 +69,15 @@ class _ConnectionLog:
     def __init__(self, name: str) -> None:
         self.name = name
         self._last_error = ""
+
+    def callbacks(self) -> dict[str, Any]:
+        """The nats-py callback keyword arguments."""
+        return {
+            "error_cb": self.on_error,
+            "disconnected_cb": self.on_disconnected,
+            "reconnected_cb": self.on_reconnected,
+            "closed_cb": self.on_closed,
+        }
 
     async def on_error(self, exc: Exception) -> None:
         text = f"{type(exc).__name__}: {exc}"

@@ -51,6 +51,26 @@ def stop_callback() -> Callable[[], None]:
     return _stop_event.get().set
 
 
+class Startable(Protocol):
+    """A part with an async start and an async stop (safe to call after a failed start)."""
+
+    async def start(self) -> None:
+        """Start serving."""
+
+    async def stop(self) -> None:
+        """Drain and close."""
+
+
+@asynccontextmanager
+async def running(part: Startable) -> AsyncIterator[None]:
+    """`part` started while the context is open and stopped on the way out (also after a failed start)."""
+    try:
+        await part.start()
+        yield
+    finally:
+        await part.stop()
+
+
 class ExecutorProcess(Protocol):
     """What `run_executor` drives."""
 

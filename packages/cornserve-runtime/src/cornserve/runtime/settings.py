@@ -92,19 +92,31 @@ OnOff = Annotated[bool, BeforeValidator(_on_off), Flag(choices=("on", "off"))]
 """A boolean spelled ``on``/``off`` on the command line (``true``/``false`` work too)."""
 
 
+@dataclass(frozen=True)
+class ProcessInfo:
+    """Which process a settings model configures: its name in logs, its command, what it is."""
+
+    name: str
+    prog: str
+    description: str = ""
+
+
 class ServiceSettings(BaseSettings):
     """What every Cornserve process is configured with; subclasses add their own fields.
 
-    `service_name` names the process in every log line; `prog` is its command name in usage lines.
+    `process` names it: in every log line, and as the command in usage lines.
     """
 
     model_config = SettingsConfigDict(
         env_prefix="CORNSERVE_", frozen=True, extra="ignore", use_attribute_docstrings=True
     )
 
-    service_name: ClassVar[str] = "cornserve"
-    prog: ClassVar[str] = "cornserve"
-    description: ClassVar[str] = ""
+    process: ClassVar[ProcessInfo] = ProcessInfo("cornserve", "cornserve")
+
+    @property
+    def service_name(self) -> str:
+        """The process's name in log lines."""
+        return self.process.name
 
     nats_url: str = DEFAULT_NATS_URL
     """NATS server URL; ``CORNSERVE_NATS_URL`` is how `cornserve up` and task managers hand it down."""
@@ -161,8 +173,8 @@ def build_parser(settings_type: type[ServiceSettings]) -> argparse.ArgumentParse
     text given, so there is exactly one validation.
     """
     parser = argparse.ArgumentParser(
-        prog=settings_type.prog,
-        description=settings_type.description or None,
+        prog=settings_type.process.prog,
+        description=settings_type.process.description or None,
         argument_default=argparse.SUPPRESS,
     )
     for name, info in settings_type.model_fields.items():

@@ -13,8 +13,8 @@ import logging
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Coroutine, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
@@ -63,8 +63,8 @@ from cornserve.bus.subjects import (
     sidecar_subject,
 )
 from cornserve.runtime.nats import connect_nats
-from cornserve.runtime.service import run_process
-from cornserve.runtime.settings import ServiceSettings
+from cornserve.runtime.service import run_process, running
+from cornserve.runtime.settings import ProcessInfo, ServiceSettings
 from cornserve.sidecar import __version__
 from cornserve.sidecar.allocator import Allocator, OutOfMemory, aligned
 from cornserve.sidecar.arena import Arena, arena_name
@@ -928,9 +928,9 @@ class SidecarServer:
 class SidecarSettings(ServiceSettings):
     """Flags and ``CORNSERVE_*`` environment of `cornserve-sidecar`."""
 
-    service_name: ClassVar[str] = "sidecar"
-    prog: ClassVar[str] = "cornserve-sidecar"
-    description: ClassVar[str] = "Cornserve tensor forwarding sidecar server"
+    process: ClassVar[ProcessInfo] = ProcessInfo(
+        "sidecar", "cornserve-sidecar", "Cornserve tensor forwarding sidecar server"
+    )
 
     rank: int = Field(ge=0)
     """Global sidecar rank (one per device)."""
@@ -948,24 +948,20 @@ class SidecarSettings(ServiceSettings):
     """Touch every arena page at start: commits the memory, avoids first-touch page faults on sends."""
 
 
-@asynccontextmanager
-async def serve(settings: SidecarSettings) -> AsyncIterator[None]:
-    """Serve one rank while the context is open (the server holds its own NATS connection)."""
-    server = SidecarServer(
-        rank=settings.rank,
-        node=settings.node,
-        nats_url=settings.nats_url,
-        arena_bytes=settings.arena_bytes,
-        ttl_s=settings.ttl_seconds,
-        tcp_host=settings.tcp_host,
-        tcp_port=settings.tcp_port,
-        prefault=settings.prefault,
+def serve(settings: SidecarSettings) -> AbstractAsyncContextManager[None]:
+    """One rank, served while the context is open (the server holds its own NATS connection)."""
+    return running(
+        SidecarServer(
+            rank=settings.rank,
+            node=settings.node,
+            nats_url=settings.nats_url,
+            arena_bytes=settings.arena_bytes,
+            ttl_s=settings.ttl_seconds,
+            tcp_host=settings.tcp_host,
+            tcp_port=settings.tcp_port,
+            prefault=settings.prefault,
+        )
     )
-    try:
-        await server.start()
-        yield
-    finally:
-        await server.stop()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

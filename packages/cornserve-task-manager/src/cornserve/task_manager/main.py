@@ -22,7 +22,7 @@ from pydantic import Field
 from cornserve.bus.control import TaskLibraryRecord
 from cornserve.bus.kv import TaskLibrarySync
 from cornserve.runtime.service import run_service, stop_callback
-from cornserve.runtime.settings import ServiceSettings
+from cornserve.runtime.settings import ProcessInfo, ServiceSettings
 from cornserve.task import TaskError, UnitTask, deserialize_task
 from cornserve.task.errors import TaskRegistryError
 from cornserve.task.library import load_task_library
@@ -39,9 +39,9 @@ class TaskLoadError(RuntimeError):
 class TaskManagerSettings(ServiceSettings):
     """Flags and ``CORNSERVE_*`` environment of a task manager (the resource manager's spawner writes them)."""
 
-    service_name: ClassVar[str] = "task-manager"
-    prog: ClassVar[str] = "cornserve-task-manager"
-    description: ClassVar[str] = "Cornserve task manager"
+    process: ClassVar[ProcessInfo] = ProcessInfo(
+        "task-manager", "cornserve-task-manager", "Cornserve task manager"
+    )
 
     task_key: str = Field(min_length=1)
     """Deployment key of the unit task."""

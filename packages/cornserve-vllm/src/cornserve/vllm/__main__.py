@@ -10,7 +10,13 @@ from typing import Annotated, ClassVar
 from pydantic import Field
 
 from cornserve.runtime.logging import configure_logging
-from cornserve.runtime.settings import Flag, RequiredSidecarRanks, ServiceSettings, parse_settings
+from cornserve.runtime.settings import (
+    Flag,
+    ProcessInfo,
+    RequiredSidecarRanks,
+    ServiceSettings,
+    parse_settings,
+)
 from cornserve.vllm.command import VLLMServeArgs
 from cornserve.vllm.proxy import ProxyConfig, serve
 
@@ -18,9 +24,11 @@ from cornserve.vllm.proxy import ProxyConfig, serve
 class VLLMProxySettings(ServiceSettings):
     """Flags as `VLLMDescriptor` passes them (and ``CORNSERVE_*`` environment)."""
 
-    service_name: ClassVar[str] = "vllm-proxy"
-    prog: ClassVar[str] = "python -m cornserve.vllm"
-    description: ClassVar[str] = "Cornserve's proxy in front of `vllm serve` (arguments after -- go to vllm)"
+    process: ClassVar[ProcessInfo] = ProcessInfo(
+        "vllm-proxy",
+        "python -m cornserve.vllm",
+        "Cornserve's proxy in front of `vllm serve` (arguments after -- go to vllm)",
+    )
 
     model_id: str = Field(min_length=1)
     """Checkpoint `vllm serve` loads."""
@@ -44,6 +52,10 @@ class VLLMProxySettings(ServiceSettings):
     """Seconds one embedding forward may take to arrive."""
 
 
+VLLM_SERVE_FIELDS = {"host", "port", "tensor_parallel_size", "gpu_memory_utilization", "max_model_len"}
+"""Settings that `VLLMServeArgs` takes under the same name."""
+
+
 def split_vllm_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     """The proxy's own flags, and the arguments after `--` that go to `vllm serve` as they are."""
     argv = list(argv)
@@ -58,12 +70,8 @@ def proxy_config(settings: VLLMProxySettings, vllm_args: list[str]) -> ProxyConf
     return ProxyConfig(
         serve=VLLMServeArgs(
             model=settings.model_id,
-            host=settings.host,
-            port=settings.port,
-            tensor_parallel_size=settings.tensor_parallel_size,
-            gpu_memory_utilization=settings.gpu_memory_utilization,
-            max_model_len=settings.max_model_len,
             extra_args=vllm_args,
+            **settings.model_dump(include=VLLM_SERVE_FIELDS),
         ),
         sidecar_rank=settings.sidecar_ranks[0],
         nats_url=settings.nats_url,
