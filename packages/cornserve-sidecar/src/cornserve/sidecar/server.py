@@ -948,20 +948,13 @@ class SidecarSettings(ServiceSettings):
     """Touch every arena page at start: commits the memory, avoids first-touch page faults on sends."""
 
 
+SERVER_FIELDS = {"rank", "node", "nats_url", "arena_bytes", "tcp_host", "tcp_port", "prefault"}
+"""Settings that `SidecarServer` takes under the same name."""
+
+
 def serve(settings: SidecarSettings) -> AbstractAsyncContextManager[None]:
     """One rank, served while the context is open (the server holds its own NATS connection)."""
-    return running(
-        SidecarServer(
-            rank=settings.rank,
-            node=settings.node,
-            nats_url=settings.nats_url,
-            arena_bytes=settings.arena_bytes,
-            ttl_s=settings.ttl_seconds,
-            tcp_host=settings.tcp_host,
-            tcp_port=settings.tcp_port,
-            prefault=settings.prefault,
-        )
-    )
+    return running(SidecarServer(ttl_s=settings.ttl_seconds, **settings.model_dump(include=SERVER_FIELDS)))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
