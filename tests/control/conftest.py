@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
 import pytest
-from tests.support.cluster import running_cluster
+from tests.support.cluster import ProcessCluster
 
 from cornserve.cli.launcher import LocalCluster
 
@@ -20,8 +20,9 @@ from cornserve.cli.launcher import LocalCluster
 @pytest.fixture(scope="package")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     """The shared cluster (stopped once this directory's tests are done); on teardown nothing of it may survive (processes, shared memory)."""
-    with running_cluster(tmp_path_factory.mktemp("cluster")) as cluster:
-        yield cluster
+    root = tmp_path_factory.mktemp("cluster")
+    with ProcessCluster(root) as processes:
+        yield processes.start_local(root, cpu_slots=4, dispatchers=2)
 
 
 @pytest.fixture

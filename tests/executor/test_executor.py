@@ -20,8 +20,7 @@ import aiohttp
 import nats
 import pytest
 import torch
-from tests.executor.cluster import HttpDispatcher, launch_executor, wait_exit
-from tests.executor.conftest import Cluster
+from tests.executor.support import ExecutorSetup, HttpGraphRunner, launch_executor
 
 from cornserve.bus.micro import request
 from cornserve.bus.sidecar import StatsReply, StatsRequest
@@ -91,7 +90,7 @@ async def wait_until(predicate: Any, what: str, timeout: float = 30.0) -> None:
     raise AssertionError(f"{what}: not reached within {timeout}s")
 
 
-async def arenas_empty(cluster: Cluster) -> bool:
+async def arenas_empty(cluster: ExecutorSetup) -> bool:
     nc = await nats.connect(cluster.nats_url)
     try:
         for s in cluster.sidecars:
@@ -105,7 +104,7 @@ async def arenas_empty(cluster: Cluster) -> bool:
         await nc.close()
 
 
-async def all_idle(cluster: Cluster, session: aiohttp.ClientSession) -> bool:
+async def all_idle(cluster: ExecutorSetup, session: aiohttp.ClientSession) -> bool:
     for e in cluster.executors.values():
         async with session.get(e.url + "/health") as resp:
             if resp.status != 200 or (await resp.json())["in_flight"] != 0:
@@ -119,7 +118,7 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
         yield s
 
 
-async def test_health_and_info(cluster: Cluster, session: aiohttp.ClientSession) -> None:
+async def test_health_and_info(cluster: ExecutorSetup, session: aiohttp.ClientSession) -> None:
     for name, e in cluster.executors.items():
         async with session.get(e.url + "/health") as resp:
             assert resp.status == 200
@@ -132,7 +131,9 @@ async def test_health_and_info(cluster: Cluster, session: aiohttp.ClientSession)
         assert info["sidecar_ranks"] == e.ranks
 
 
-async def test_traced_graph_over_http_matches_torch(cluster: Cluster, session: aiohttp.ClientSession) -> None:
+async def test_traced_graph_over_http_matches_torch(
+    cluster: ExecutorSetup, session: aiohttp.ClientSession
+) -> None:
     lib = cluster.lib
     pipeline_cls, _ = composites(lib)
     x = PipelineInput(seed_a=1, seed_b=2, n=7, k=3, m=5, scale=2.0)
@@ -145,7 +146,7 @@ async def test_traced_graph_over_http_matches_torch(cluster: Cluster, session: a
     ]
     assert [(p, c) for p, c, _ in graph.edges] == [(0, 2), (1, 2), (2, 3)]
 
-    dispatcher = HttpDispatcher(cluster.by_key(), session)
+    dispatcher = HttpGraphRunner(cluster.by_key(), session)
     wire = dispatcher.route(graph.invocations)
     make, matmul, reduce = (cluster.executors[n].ranks for n in ("MakeMatrix", "MatMul", "Reduce"))
     fwd_a = wire[0].task_output.matrix
@@ -162,14 +163,14 @@ async def test_traced_graph_over_http_matches_torch(cluster: Cluster, session: a
     await wait_until(lambda: arenas_empty(cluster), "every forwarded tensor released")
 
 
-async def test_concurrent_awaited_graphs(cluster: Cluster, session: aiohttp.ClientSession) -> None:
+async def test_concurrent_awaited_graphs(cluster: ExecutorSetup, session: aiohttp.ClientSession) -> None:
     lib = cluster.lib
     pipeline = composites(lib)[0]()
     inputs = [
         PipelineInput(seed_a=i, seed_b=100 + i, n=4 + i % 3, k=8, m=3 + i % 2, scale=0.25 * i)
         for i in range(8)
     ]
-    with use_dispatcher(HttpDispatcher(cluster.by_key(), session)):
+    with use_dispatcher(HttpGraphRunner(cluster.by_key(), session)):
         results = await asyncio.gather(*(pipeline(x) for x in inputs))
     for x, out in zip(inputs, results, strict=True):
         assert isinstance(out, lib.ReduceOutput)
@@ -178,11 +179,11 @@ async def test_concurrent_awaited_graphs(cluster: Cluster, session: aiohttp.Clie
     await wait_until(lambda: all_idle(cluster, session), "executors idle")
 
 
-async def test_streamed_rows(cluster: Cluster, session: aiohttp.ClientSession) -> None:
+async def test_streamed_rows(cluster: ExecutorSetup, session: aiohttp.ClientSession) -> None:
     lib = cluster.lib
     rows = composites(lib)[1]()
     x = PipelineInput(seed_a=5, seed_b=6, n=9, k=4, m=3, scale=1.5)
-    with use_dispatcher(HttpDispatcher(cluster.by_key(), session)):
+    with use_dispatcher(HttpGraphRunner(cluster.by_key(), session)):
         stream = await rows(x)
     items = [item async for item in stream]
     want = expected(lib, x).sum(dim=1)
@@ -191,9 +192,9 @@ async def test_streamed_rows(cluster: Cluster, session: aiohttp.ClientSession) -
     assert [item.sum for item in items] == pytest.approx(want.tolist(), rel=1e-5, abs=1e-5)
 
 
-async def test_stream_fails_mid_way(cluster: Cluster, session: aiohttp.ClientSession) -> None:
+async def test_stream_fails_mid_way(cluster: ExecutorSetup, session: aiohttp.ClientSession) -> None:
     rows = composites(cluster.lib)[1]()
-    with use_dispatcher(HttpDispatcher(cluster.by_key(), session)):
+    with use_dispatcher(HttpGraphRunner(cluster.by_key(), session)):
         stream = await rows(PipelineInput(seed_a=1, seed_b=1, n=6, k=2, m=2, fail_after=2))
     got = []
     with pytest.raises(TaskExecutionError, match=r"^ValueError: RowSums was asked to fail after 2 rows$"):
@@ -203,7 +204,7 @@ async def test_stream_fails_mid_way(cluster: Cluster, session: aiohttp.ClientSes
     await wait_until(lambda: all_idle(cluster, session), "executors idle")
 
 
-async def test_handler_failure(cluster: Cluster, session: aiohttp.ClientSession) -> None:
+async def test_handler_failure(cluster: ExecutorSetup, session: aiohttp.ClientSession) -> None:
     lib = cluster.lib
     # One failing executor call: HTTP 500 with "<Type>: <message>".
     make = cluster.executors["MakeMatrix"]
@@ -216,7 +217,7 @@ async def test_handler_failure(cluster: Cluster, session: aiohttp.ClientSession)
 
     # A failure in the middle of a graph fails it promptly; the consumer waiting downstream is cancelled.
     pipeline = composites(lib)[0]()
-    dispatcher = HttpDispatcher(cluster.by_key(), session)
+    dispatcher = HttpGraphRunner(cluster.by_key(), session)
     with (
         use_dispatcher(dispatcher),
         pytest.raises(TaskExecutionError, match=r"^ValueError: MatMul was asked to fail"),
@@ -228,11 +229,11 @@ async def test_handler_failure(cluster: Cluster, session: aiohttp.ClientSession)
 
     # The executors keep serving.
     x = PipelineInput(seed_a=8, seed_b=9)
-    with use_dispatcher(HttpDispatcher(cluster.by_key(), session)):
+    with use_dispatcher(HttpGraphRunner(cluster.by_key(), session)):
         assert_reduced(await pipeline(x), expected(lib, x))
 
 
-async def test_bad_requests(cluster: Cluster, session: aiohttp.ClientSession) -> None:
+async def test_bad_requests(cluster: ExecutorSetup, session: aiohttp.ClientSession) -> None:
     lib = cluster.lib
     reduce = cluster.executors["Reduce"]
     matmul_graph = composites(lib)[0]().trace(PipelineInput(seed_a=1, seed_b=2))
@@ -258,7 +259,7 @@ async def test_bad_requests(cluster: Cluster, session: aiohttp.ClientSession) ->
         assert resp.status == 200
 
 
-async def test_sigterm_stops_cleanly(cluster: Cluster, session: aiohttp.ClientSession) -> None:
+async def test_sigterm_stops_cleanly(cluster: ExecutorSetup, session: aiohttp.ClientSession) -> None:
     lib = cluster.lib
     rank = cluster.executors["Reduce"].ranks
     extra = launch_executor(lib.Reduce(), "reduce-extra", rank, cluster.nats_url, cluster.log_dir)
@@ -271,12 +272,12 @@ async def test_sigterm_stops_cleanly(cluster: Cluster, session: aiohttp.ClientSe
     assert extra.proc.poll() == 0
 
 
-async def test_startup_failures_exit_with_a_message(cluster: Cluster) -> None:
+async def test_startup_failures_exit_with_a_message(cluster: ExecutorSetup) -> None:
     lib = cluster.lib
     ranks = cluster.executors["Reduce"].ranks
     no_handler = lib.Reduce(descriptor=lib.ReduceExecutor(handler="no_such_handler"))
     e = launch_executor(no_handler, "reduce-broken", ranks, cluster.nats_url, cluster.log_dir)
-    assert await asyncio.to_thread(wait_exit, e.proc, 60) == 1
+    assert await asyncio.to_thread(e.service.wait_exit, 60) == 1
     assert "defines no function of that name" in e.log(), e.log()
 
     cmd = [

@@ -57,7 +57,7 @@ async def test_source_restart_reports_lost_and_clients_reconnect(sidecars, nats_
         await src.send(torch.ones(1000), "held", [[b.rank]])
         old = (await src.info()).instance
         a.kill()  # SIGKILL: the data it held in its arena is gone
-        a.spawn()
+        a.restart()
         await a.wait_ready(not_instance=old)
         await wait_until(lambda: _lost(stats_of, b.rank))
         with pytest.raises(DataLost, match=f"rank {a.rank} restarted"):
@@ -76,7 +76,7 @@ async def test_destination_restart_reports_lost_and_frees_source(sidecars, nats_
         await src.send(torch.ones(1000), "pending", [[b.rank]])
         old = (await dst.info()).instance
         b.kill()
-        b.spawn()
+        b.restart()
         await b.wait_ready(not_instance=old)
         with pytest.raises(DataLost, match="restarted"):
             await _recv_until_lost(dst, "pending")
