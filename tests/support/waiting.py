@@ -26,16 +26,32 @@ class ProcessExited(RuntimeError):
     """The process a wait depended on exited first."""
 
 
-def _check_alive(process: ServiceProcess | None, what: str) -> None:
-    if process is not None and not process.running:
-        raise ProcessExited(
-            f"{process.name} exited with {process.returncode} while waiting for {what}:\n{process.log()}"
+class _Deadline:
+    """One wait's deadline: whether to keep polling, the last answer, and the failure to raise."""
+
+    def __init__(self, timeout: float, what: str, process: ServiceProcess | None) -> None:
+        self.timeout, self.what, self.process = timeout, what, process
+        self.end = time.monotonic() + timeout
+        self.last: Any = None
+
+    def pending(self) -> bool:
+        """True until the deadline; a process that exited meanwhile fails the wait at once."""
+        if self.process is not None and not self.process.running:
+            raise ProcessExited(
+                f"{self.process.name} exited with {self.process.returncode} while waiting for "
+                f"{self.what}:\n{self.process.log()}"
+            )
+        return time.monotonic() < self.end
+
+    def answer(self, value: Any) -> Any:
+        self.last = value
+        return value
+
+    def expired(self) -> AssertionError:
+        log = f"\n{self.process.name}'s log:\n{self.process.log()}" if self.process is not None else ""
+        return AssertionError(
+            f"timed out after {self.timeout}s waiting for {self.what} (last: {self.last!r}){log}"
         )
-
-
-def _timed_out(timeout: float, what: str, last: Any, process: ServiceProcess | None) -> AssertionError:
-    log = f"\n{process.name}'s log:\n{process.log()}" if process is not None else ""
-    return AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r}){log}")
 
 
 def poll_until(
@@ -47,15 +63,12 @@ def poll_until(
     interval: float = 0.1,
 ) -> Any:
     """Call `check` until it returns something truthy (that value is returned), with a deadline."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        _check_alive(process, what)
-        last = check()
-        if last:
-            return last
+    deadline = _Deadline(timeout, what, process)
+    while deadline.pending():
+        if deadline.answer(check()):
+            return deadline.last
         time.sleep(interval)
-    raise _timed_out(timeout, what, last, process)
+    raise deadline.expired()
 
 
 async def wait_for(
@@ -67,17 +80,15 @@ async def wait_for(
     interval: float = 0.1,
 ) -> Any:
     """Await an (async or sync) predicate until it returns something truthy, with a deadline."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        _check_alive(process, what)
-        last = predicate()
-        if asyncio.iscoroutine(last):
-            last = await last
-        if last:
-            return last
+    deadline = _Deadline(timeout, what, process)
+    while deadline.pending():
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if deadline.answer(value):
+            return value
         await asyncio.sleep(interval)
-    raise _timed_out(timeout, what, last, process)
+    raise deadline.expired()
 
 
 async def wait_gone(pids: list[int], timeout: float = 20.0) -> None:
