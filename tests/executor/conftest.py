@@ -38,7 +38,7 @@ def cluster(
                     task, f"{name.lower()}-0", [sidecar.rank], nats_url, cluster.log_dir
                 )
             for executor in executors.values():
-                executor.wait_healthy()
+                executor.wait_ready()
             yield ExecutorSetup(cluster, lib, sidecars, executors)
         finally:
             codes = {name: e.stop() for name, e in executors.items()}

@@ -56,7 +56,7 @@ class LaunchedExecutor:
     def log(self) -> str:
         return self.service.log()
 
-    def wait_healthy(self) -> dict[str, Any]:
+    def wait_ready(self) -> dict[str, Any]:
         """Poll the health path until 200 (deadline: the spec's ready_timeout_s, capped for tests)."""
         body: dict[str, Any] = wait_healthy(
             self.url,

@@ -264,7 +264,7 @@ async def test_sigterm_stops_cleanly(cluster: ExecutorSetup, session: aiohttp.Cl
     rank = cluster.executors["Reduce"].ranks
     extra = launch_executor(lib.Reduce(), "reduce-extra", rank, cluster.nats_url, cluster.log_dir)
     try:
-        await asyncio.to_thread(extra.wait_healthy)
+        await asyncio.to_thread(extra.wait_ready)
     finally:
         code = extra.stop()
     assert code == 0, extra.log()
