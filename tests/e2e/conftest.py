@@ -7,7 +7,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from tests.support.cluster import ProcessCluster
+from tests.support.cluster import gateway_session, running_local_cluster
 from tests.support.plugin import TinyCheckpoint
 
 from cornserve.cli.launcher import LocalCluster
@@ -26,15 +26,12 @@ def checkpoints(tiny_checkpoint: TinyCheckpoint) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def mllm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     """Four CPU slots: enough for one family's encoder, its two LLMs and a second LLM."""
-    root = tmp_path_factory.mktemp("mllm-cluster")
-    with ProcessCluster(root) as processes:
-        yield processes.start_local(root, cpu_slots=4, dispatchers=2)
+    with running_local_cluster(tmp_path_factory.mktemp("mllm-cluster"), cpu_slots=4) as cluster:
+        yield cluster
 
 
 @pytest.fixture
 async def gateway(mllm_cluster: LocalCluster) -> AsyncIterator[aiohttp.ClientSession]:
     """An HTTP session on the cluster's gateway (deploying executors on 2 cores takes a while)."""
-    async with aiohttp.ClientSession(
-        base_url=mllm_cluster.url, timeout=aiohttp.ClientTimeout(total=600)
-    ) as session:
+    async with gateway_session(mllm_cluster, timeout_s=600) as session:
         yield session

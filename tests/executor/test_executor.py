@@ -11,7 +11,6 @@ import asyncio
 import json
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator
 from types import ModuleType
 from typing import Any
@@ -21,6 +20,7 @@ import nats
 import pytest
 import torch
 from tests.executor.support import ExecutorSetup, HttpGraphRunner, launch_executor
+from tests.support.waiting import wait_for
 
 from cornserve.bus.micro import request
 from cornserve.bus.sidecar import StatsReply, StatsRequest
@@ -82,12 +82,7 @@ def assert_reduced(out: Any, c: torch.Tensor) -> None:
 
 
 async def wait_until(predicate: Any, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await predicate():
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"{what}: not reached within {timeout}s")
+    await wait_for(predicate, timeout, what)
 
 
 async def arenas_empty(cluster: ExecutorSetup) -> bool:

@@ -18,7 +18,7 @@ from nats.aio.msg import Msg
 from nats.micro.request import ERROR_CODE_HEADER
 from tests.support.processes import ServiceProcess, pids_matching, python_module
 from tests.support.tasklibs import ECHO, echo_task, upload_library
-from tests.support.waiting import wait_for, wait_gone
+from tests.support.waiting import wait_answering, wait_for, wait_gone
 
 from cornserve.bus.control import (
     KV_DEPLOYMENTS,
@@ -44,7 +44,7 @@ from cornserve.bus.control import (
     tm_subject,
 )
 from cornserve.bus.kv import kv_all, kv_get, open_bucket
-from cornserve.bus.micro import NoResponders, RequestTimeout, ServiceErrorReply, request
+from cornserve.bus.micro import ServiceErrorReply, request
 from cornserve.bus.schemas import ErrorReply
 from cornserve.cli.launcher import pid_alive
 from cornserve.task import serialize_task
@@ -121,19 +121,15 @@ async def start_rm(nats_url: str, nc: Client, tmp_path: Path) -> AsyncIterator[S
             ),
             tmp_path,
         )  # fmt: skip
-        proc = service.proc
         rm = RM(nc, service)
         started.append(rm)
 
-        async def answers() -> bool:
-            assert proc.poll() is None, f"resource manager exited: {rm.log_text()}"
-            try:
-                await request(nc, RM_STATE, StateRequest(), ClusterState, 2)
-            except (NoResponders, RequestTimeout):
-                return False
-            return True
-
-        await wait_for(answers, 60, "the resource manager to answer")
+        await wait_answering(
+            lambda: request(nc, RM_STATE, StateRequest(), ClusterState, 2),
+            60,
+            "the resource manager to answer",
+            process=service,
+        )
         return rm
 
     yield start

@@ -1,13 +1,12 @@
 """Fault handling: unreachable ranks, missing data, restarts, malformed messages."""
 
-import asyncio
 import json
-import time
 
 import nats
 import pytest
 import torch
 from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
+from tests.support.waiting import wait_for
 
 from cornserve.bus.micro import request
 from cornserve.bus.sidecar import InfoReply, InfoRequest
@@ -17,12 +16,7 @@ from cornserve.sidecar.errors import DataLost, DestinationUnreachable, RecvTimeo
 
 
 async def wait_until(pred, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await pred():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("condition not reached before the deadline")
+    await wait_for(pred, timeout, "the condition", interval=0.05)
 
 
 async def test_unreachable_destination_fails_naming_the_rank(sidecars, nats_url, stats_of):

@@ -2,11 +2,11 @@
 
 import asyncio
 import threading
-import time
 
 import numpy as np
 import pytest
 import torch
+from tests.support.waiting import wait_for
 
 from cornserve.sidecar import Sidecar
 from cornserve.sidecar.errors import AlreadyConsumed, DataExpired, MemoryPressure, TooLarge
@@ -15,12 +15,7 @@ MiB = 1024 * 1024
 
 
 async def wait_until(pred, timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await pred():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("condition not reached before the deadline")
+    await wait_for(pred, timeout, "the condition", interval=0.05)
 
 
 async def all_free(stats_of, ranks):

@@ -20,9 +20,12 @@ after a clean run it also checks that nothing of a local cluster survived (proce
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 
+import aiohttp
 from tests.support.processes import ServiceProcess
 from tests.support.sidecars import MiB, RankRange, SidecarProcess, start_sidecars
 
@@ -127,3 +130,15 @@ class ProcessCluster:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close(check_leaks=exc is None)
+
+
+@contextmanager
+def running_local_cluster(root: Path, *, cpu_slots: int = 4, dispatchers: int = 2) -> Iterator[LocalCluster]:
+    """A whole local cluster in `root` for a `with` block; afterwards nothing of it may survive."""
+    with ProcessCluster(root) as processes:
+        yield processes.start_local(root, cpu_slots=cpu_slots, dispatchers=dispatchers)
+
+
+def gateway_session(local: LocalCluster, timeout_s: float) -> aiohttp.ClientSession:
+    """An HTTP session on the local cluster's gateway (`async with` it; relative paths like "/apps")."""
+    return aiohttp.ClientSession(base_url=local.url, timeout=aiohttp.ClientTimeout(total=timeout_s))

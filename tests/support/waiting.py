@@ -17,6 +17,7 @@ from typing import Any
 
 from tests.support.processes import ServiceProcess
 
+from cornserve.bus.micro import NoResponders, RequestTimeout
 from cornserve.cli.launcher import pid_alive
 
 HEALTH_DEADLINE_S = 120.0
@@ -89,6 +90,25 @@ async def wait_for(
             return value
         await asyncio.sleep(interval)
     raise deadline.expired()
+
+
+async def wait_answering(
+    ask: Callable[[], Awaitable[Any]],
+    timeout: float,
+    what: str,
+    *,
+    process: ServiceProcess | None = None,
+    interval: float = 0.1,
+) -> Any:
+    """Until a NATS service answers `ask()` (no responders or no reply yet: not up yet); its reply."""
+
+    async def answered() -> Any:
+        try:
+            return await ask()
+        except (NoResponders, RequestTimeout):
+            return None
+
+    return await wait_for(answered, timeout, what, process=process, interval=interval)
 
 
 async def wait_gone(pids: list[int], timeout: float = 20.0) -> None:

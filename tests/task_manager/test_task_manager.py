@@ -18,7 +18,7 @@ from nats.aio.client import Client
 from nats.micro.request import ERROR_CODE_HEADER
 from tests.support.processes import ServiceProcess, python_module
 from tests.support.tasklibs import ECHO, echo_task, upload_library
-from tests.support.waiting import wait_for, wait_gone
+from tests.support.waiting import wait_answering, wait_for, wait_gone
 
 from cornserve.bus.control import (
     AssignRequest,
@@ -33,7 +33,7 @@ from cornserve.bus.control import (
     TaskManagerStatusRequest,
     tm_subject,
 )
-from cornserve.bus.micro import NoResponders, RequestTimeout, ServiceErrorReply, request
+from cornserve.bus.micro import ServiceErrorReply, request
 from cornserve.bus.schemas import ErrorReply
 from cornserve.cli.launcher import pid_alive
 from cornserve.task import serialize_task
@@ -116,19 +116,10 @@ async def start_tm(nats_url: str, nc: Client, tmp_path: Path) -> AsyncIterator[S
             ),
             tmp_path,
         )  # fmt: skip
-        proc = service.proc
         tm = TM(nc, key, service)
         started.append(tm)
 
-        async def answers() -> bool:
-            assert proc.poll() is None, f"task manager exited: {tm.log_text()}"
-            try:
-                await tm.status()
-            except (NoResponders, RequestTimeout):
-                return False
-            return True
-
-        await wait_for(answers, 30, "the task manager to answer")
+        await wait_answering(tm.status, 30, "the task manager to answer", process=service)
         return tm
 
     yield start
