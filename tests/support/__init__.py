@@ -11,5 +11,5 @@ test directory.
     tasklibs    upload_library and the test task libraries (tensor math, echo)
     cluster     ProcessCluster: the one cluster builder (sidecars, services, or a whole `cornserve up`);
                 running_local_cluster, gateway_session for tests through the gateway
-    plugin      the fixtures: nats_server, nats_url, private_nats, tiny_checkpoint, process_cluster
+    plugin      the fixtures: nats_server, nats_url, private_nats, tiny_checkpoint, sidecars, stats_of
 """
