@@ -13,7 +13,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from tests.support.processes import ServiceProcess
 
@@ -55,50 +55,40 @@ class _Deadline:
         )
 
 
-def poll_until(
-    check: Callable[[], Any],
-    timeout: float,
-    what: str,
-    *,
-    process: ServiceProcess | None = None,
-    interval: float = 0.1,
-) -> Any:
+class WaitOptions(TypedDict, total=False):
+    """What every wait also takes: the process it depends on, and how often to poll."""
+
+    process: ServiceProcess | None
+    interval: float
+
+
+def poll_until(check: Callable[[], Any], timeout: float, what: str, **options: Unpack[WaitOptions]) -> Any:
     """Call `check` until it returns something truthy (that value is returned), with a deadline."""
-    deadline = _Deadline(timeout, what, process)
+    deadline = _Deadline(timeout, what, options.get("process"))
     while deadline.pending():
         if deadline.answer(check()):
             return deadline.last
-        time.sleep(interval)
+        time.sleep(options.get("interval", 0.1))
     raise deadline.expired()
 
 
 async def wait_for(
-    predicate: Callable[[], Any | Awaitable[Any]],
-    timeout: float,
-    what: str,
-    *,
-    process: ServiceProcess | None = None,
-    interval: float = 0.1,
+    predicate: Callable[[], Any | Awaitable[Any]], timeout: float, what: str, **options: Unpack[WaitOptions]
 ) -> Any:
     """Await an (async or sync) predicate until it returns something truthy, with a deadline."""
-    deadline = _Deadline(timeout, what, process)
+    deadline = _Deadline(timeout, what, options.get("process"))
     while deadline.pending():
         value = predicate()
         if asyncio.iscoroutine(value):
             value = await value
         if deadline.answer(value):
             return value
-        await asyncio.sleep(interval)
+        await asyncio.sleep(options.get("interval", 0.1))
     raise deadline.expired()
 
 
 async def wait_answering(
-    ask: Callable[[], Awaitable[Any]],
-    timeout: float,
-    what: str,
-    *,
-    process: ServiceProcess | None = None,
-    interval: float = 0.1,
+    ask: Callable[[], Awaitable[Any]], timeout: float, what: str, **options: Unpack[WaitOptions]
 ) -> Any:
     """Until a NATS service answers `ask()` (no responders or no reply yet: not up yet); its reply."""
 
@@ -108,7 +98,7 @@ async def wait_answering(
         except (NoResponders, RequestTimeout):
             return None
 
-    return await wait_for(answered, timeout, what, process=process, interval=interval)
+    return await wait_for(answered, timeout, what, **options)
 
 
 async def wait_gone(pids: list[int], timeout: float = 20.0) -> None:
