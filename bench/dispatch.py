@@ -43,9 +43,9 @@ from typing import Any
 
 import aiohttp
 
-from cornserve.bus.natsserver import free_port
 from cornserve.cli.launcher import LocalCluster
 from cornserve.client import CornserveClient
+from cornserve.runtime.process import free_port
 
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))

@@ -30,9 +30,9 @@ from typing import Any
 
 import aiohttp
 
-from cornserve.bus.natsserver import free_port
 from cornserve.cli.launcher import LocalCluster
 from cornserve.client import CornserveClient
+from cornserve.runtime.process import free_port
 
 APP_TEMPLATE = """
 from collections.abc import AsyncIterator

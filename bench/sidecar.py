@@ -26,13 +26,15 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from cornserve.bus.natsserver import NatsServerProcess
+from cornserve.cli.natsserver import NatsServerProcess
+from cornserve.runtime.process import free_port
 from cornserve.sidecar import Sidecar
 
 MiB = 1024 * 1024
@@ -100,31 +102,43 @@ def spawn(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True)
 
 
-async def bench_sidecar(
-    sc: Sidecar, dst_rank: int, label: str, size: int, reps: int, zero_copy: bool = False
-) -> Row:
-    """Time one row; the producer client lives for the whole run, as an executor's would."""
-    src_rank = sc.rank
-    prefix = f"{label}-{size}-{time.monotonic_ns()}"
-    n = reps + WARMUP
-    child = spawn("consumer", str(dst_rank), str(src_rank), prefix, str(n))
+async def round_trips(
+    sc: Sidecar, dst_rank: int, prefix: str, n: int, send: Callable[[int, str], Awaitable[float]]
+) -> list[float]:
+    """Latency of ``n`` transfers to a consumer child on ``dst_rank``, each acknowledged before the next.
+
+    ``send(k, id)`` sends transfer ``k`` and returns when its clock started; the child reports
+    when each one arrived.
+    """
+    child = spawn("consumer", str(dst_rank), str(sc.rank), prefix, str(n))
     starts = []
-    data = torch.rand(size // 4, dtype=torch.float32) if not zero_copy else None
     for k in range(n):
-        if zero_copy:
-            out = await sc.alloc_tensor((size // 4,), torch.float32)
-            out.fill_(float(k))  # the producer computes its output directly in the arena (not timed)
-            starts.append(time.perf_counter())
-            await sc.send(out, f"{prefix}-{k}", [[dst_rank]])
-        else:
-            starts.append(time.perf_counter())
-            await sc.send(data, f"{prefix}-{k}", [[dst_rank]])
+        starts.append(await send(k, f"{prefix}-{k}"))
         await sc.recv(f"{prefix}-ack-{k}", timeout=300)
         await sc.mark_done(f"{prefix}-ack-{k}")
     out_s, _ = child.communicate(timeout=600)
     ends = json.loads(out_s.strip().splitlines()[-1])
-    times = [e - s for s, e in zip(starts, ends, strict=True)][WARMUP:]
-    return Row(label, size, times)
+    return [e - s for s, e in zip(starts, ends, strict=True)]
+
+
+async def bench_sidecar(
+    sc: Sidecar, dst_rank: int, label: str, size: int, reps: int, zero_copy: bool = False
+) -> Row:
+    """Time one row; the producer client lives for the whole run, as an executor's would."""
+    data = torch.rand(size // 4, dtype=torch.float32) if not zero_copy else None
+
+    async def send(k: int, id_: str) -> float:
+        value = data
+        if value is None:
+            value = await sc.alloc_tensor((size // 4,), torch.float32)
+            value.fill_(float(k))  # the producer computes its output directly in the arena (not timed)
+        started = time.perf_counter()
+        await sc.send(value, id_, [[dst_rank]])
+        return started
+
+    prefix = f"{label}-{size}-{time.monotonic_ns()}"
+    times = await round_trips(sc, dst_rank, prefix, reps + WARMUP, send)
+    return Row(label, size, times[WARMUP:])
 
 
 def bench_memcpy(size: int, reps: int) -> Row:
@@ -140,9 +154,7 @@ def bench_memcpy(size: int, reps: int) -> Row:
 
 
 def bench_pickle(size: int, reps: int) -> Row:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     child = spawn("pickle-server", str(port))
     deadline = time.monotonic() + 60
     while True:
@@ -203,20 +215,15 @@ class RayBench:
 
 
 async def bench_small(sc: Sidecar, dst_rank: int, label: str) -> tuple[str, float, float]:
-    src_rank = sc.rank
-    prefix = f"small-{label}-{time.monotonic_ns()}"
-    n = SMALL_N + 20
-    child = spawn("consumer", str(dst_rank), str(src_rank), prefix, str(n))
     payload = os.urandom(1024)
-    starts = []
-    for k in range(n):
-        starts.append(time.perf_counter())
-        await sc.send(payload, f"{prefix}-{k}", [[dst_rank]])
-        await sc.recv(f"{prefix}-ack-{k}", timeout=60)
-        await sc.mark_done(f"{prefix}-ack-{k}")
-    out_s, _ = child.communicate(timeout=600)
-    ends = json.loads(out_s.strip().splitlines()[-1])
-    lat = sorted(e - s for s, e in zip(starts, ends, strict=True))[20:]
+
+    async def send(k: int, id_: str) -> float:
+        started = time.perf_counter()
+        await sc.send(payload, id_, [[dst_rank]])
+        return started
+
+    prefix = f"small-{label}-{time.monotonic_ns()}"
+    lat = sorted(await round_trips(sc, dst_rank, prefix, SMALL_N + 20, send))[20:]
     lat = sorted(lat)
     return label, lat[len(lat) // 2], lat[min(len(lat) - 1, int(len(lat) * 0.99))]
 

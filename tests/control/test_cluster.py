@@ -28,7 +28,8 @@ from tests.control.support import (
 from tests.support.waiting import wait_for
 
 from cornserve.bus.control import InvokeKeepalive
-from cornserve.cli.launcher import LocalCluster, pid_alive
+from cornserve.cli.launcher import LocalCluster
+from cornserve.runtime.process import pid_alive
 
 DEADLINE = 120.0
 

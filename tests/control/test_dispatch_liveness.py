@@ -2,7 +2,7 @@
 
 A scripted replica (a plain nats-py subscriber in the dispatchers' queue group) stands in for a
 dispatcher that dies at a chosen moment — something a real process can only do at a random point.
-The client under test is the gateway's real `NatsDispatcherClient`; deadlines are short here and
+The client under test is the gateway's real `DispatcherClient`; deadlines are short here and
 every test runs under an overall timeout far below the graph deadline (300 s), so a test passes
 only if the loss is noticed promptly.
 """
@@ -26,7 +26,7 @@ from cornserve.bus.control import (
     InvokeRequest,
     StreamMessage,
 )
-from cornserve.gateway.dispatch_client import DispatcherLost, NatsDispatcherClient
+from cornserve.gateway.dispatch_client import DispatcherClient, DispatcherLost
 from cornserve.task import Stream, Task, TaskInput, TaskInvocation
 
 BOUND = 30.0
@@ -152,8 +152,8 @@ async def nc(nats_url: str) -> Any:
     await conn.close()
 
 
-def client(nc: Client) -> NatsDispatcherClient:
-    return NatsDispatcherClient(nc, timeout_s=300, keepalive_interval_s=0.3, keepalive_timeout_s=2.0)
+def client(nc: Client) -> DispatcherClient:
+    return DispatcherClient(nc, timeout_s=300, keepalive_interval_s=0.3, keepalive_timeout_s=2.0)
 
 
 def invocations(task: Task[Any, Any]) -> list[TaskInvocation]:
@@ -167,7 +167,7 @@ async def test_graph_on_a_dead_replica_is_retried_with_fresh_forward_ids(nc: Cli
     original_id = graph[0].task_output.matrix.id
     async with asyncio.timeout(BOUND):
         await dead.start()
-        call = asyncio.create_task(client(nc).dispatch(graph))
+        call = asyncio.create_task(client(nc).run_graph(graph))
         await dead.got.wait()
         await dead.die()
         await alive.start()
@@ -189,7 +189,7 @@ async def test_replica_lost_twice_is_a_prompt_503(nc: Client) -> None:
     try:
         async with asyncio.timeout(BOUND):
             with pytest.raises(DispatcherLost) as failure:
-                await client(nc).dispatch(invocations(MatrixSum()))
+                await client(nc).run_graph(invocations(MatrixSum()))
     finally:
         await replica.die()
     assert failure.value.code == 503 and failure.value.error == "dispatcher_lost"
@@ -204,7 +204,7 @@ async def test_death_after_stream_output_fails_promptly_without_retry(nc: Client
     items: list[Any] = []
     try:
         async with asyncio.timeout(BOUND):
-            outputs = await client(nc).dispatch(invocations(MatrixRows()))
+            outputs = await client(nc).run_graph(invocations(MatrixRows()))
             stream = outputs[-1]
             assert isinstance(stream, Stream)
             with pytest.raises(DispatcherLost) as failure:
@@ -222,7 +222,7 @@ async def test_a_slow_replica_that_keeps_sending_keepalives_is_not_abandoned(nc:
     await replica.start()
     try:
         async with asyncio.timeout(BOUND):
-            outputs = await client(nc).dispatch(invocations(MatrixSum()))
+            outputs = await client(nc).run_graph(invocations(MatrixSum()))
     finally:
         await replica.die()
     assert outputs[1].sum == 1.0 and len(replica.requests) == 1
@@ -234,7 +234,7 @@ async def test_stream_lost_before_its_first_item_is_retried(nc: Client) -> None:
     graph = invocations(MatrixRows())
     try:
         async with asyncio.timeout(BOUND):
-            outputs = await client(nc).dispatch(graph)
+            outputs = await client(nc).run_graph(graph)
             stream = outputs[-1]
             assert isinstance(stream, Stream)
             items = [item async for item in stream]

@@ -23,7 +23,7 @@ import pytest
 from tests.control.apps import SUM_APP
 from tests.control.support import TASKLIB, make_matrix_tensor
 
-from cornserve.bus.natsserver import free_port
+from cornserve.runtime.process import free_port
 
 DEADLINE = 180.0
 URL_LINE = re.compile(r"Cornserve is up in [\d.]+s: (http://\S+)")

@@ -17,7 +17,7 @@ from tests.dispatcher.support import (
 )
 from tests.support.tasklibs import upload_library
 
-from cornserve.bus.natsserver import NatsServerProcess
+from cornserve.cli.natsserver import NatsServerProcess
 
 
 @pytest.fixture(scope="session")

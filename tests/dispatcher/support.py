@@ -142,26 +142,26 @@ class FakeExecutor:
             return web.json_response({"error": {"type": "invalid_request", "message": message}}, status=400)
         if inp.get("fail"):
             return web.Response(status=500, text=f"{name} exploded: {inp['fail']}")
-        if name == "decho":
+        if name == "echo":
             if inp["hold"]:
                 self.held += 1
                 await asyncio.wait_for(self.gate.wait(), 60)
             if inp["delay_s"]:
                 await asyncio.sleep(inp["delay_s"])
             return web.json_response({"text": inp["text"].upper(), "executor": self.executor_id})
-        if name == "dproduce":
+        if name == "produce":
             self.store.put(outs[0]["id"], np.asarray(inp["values"], dtype=np.float64))
             return web.json_response({})
-        if name == "dscale":
+        if name == "scale":
             data = await self.store.get(inp["tensor"]["id"], timeout=60)
             self.store.put(outs[0]["id"], data * inp["factor"])
             return web.json_response({})
-        if name == "dsum":
+        if name == "sum":
             total = 0.0
             for fwd in inp["tensors"]:
                 total += float(np.sum(await self.store.get(fwd["id"], timeout=60)))
             return web.json_response({"total": total})
-        if name == "dgenerate":
+        if name == "generate":
             if inp["tensor"] is not None:
                 await self.store.get(inp["tensor"]["id"], timeout=60)
             response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})

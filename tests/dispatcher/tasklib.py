@@ -23,41 +23,41 @@ from cornserve.task import (
 from cornserve.task.forward import iter_forwards
 
 
-class DEchoIn(TaskInput):
+class EchoIn(TaskInput):
     text: str
     delay_s: float = 0.0
     hold: bool = False
     fail: str | None = None
 
 
-class DEchoOut(TaskOutput):
+class EchoOut(TaskOutput):
     text: str
     executor: str
 
 
-class DValues(TaskInput):
+class Values(TaskInput):
     values: list[float]
     fail: str | None = None
 
 
-class DTensor(TaskOutput):
+class TensorOut(TaskOutput):
     tensor: DataForward[Tensor]
 
 
-class DScaleIn(TaskInput):
+class ScaleIn(TaskInput):
     tensor: DataForward[Tensor]
     factor: float = 1.0
 
 
-class DSumIn(TaskInput):
+class SumIn(TaskInput):
     tensors: list[DataForward[Tensor]]
 
 
-class DSumOut(TaskOutput):
+class SumOut(TaskOutput):
     total: float
 
 
-class DGenIn(TaskInput):
+class GenIn(TaskInput):
     prompt: str
     count: int = 3
     tensor: DataForward[Tensor] | None = None
@@ -66,39 +66,39 @@ class DGenIn(TaskInput):
     fail: str | None = None
 
 
-class DToken(TaskOutput):
+class Token(TaskOutput):
     index: int
     text: str
 
 
-class DEcho(UnitTask[DEchoIn, DEchoOut]):
-    default_descriptor = "DEchoDescriptor"
+class Echo(UnitTask[EchoIn, EchoOut]):
+    default_descriptor = "EchoDescriptor"
     label: str = "echo"
 
 
-class DProduce(UnitTask[DValues, DTensor]):
-    default_descriptor = "DProduceDescriptor"
+class Produce(UnitTask[Values, TensorOut]):
+    default_descriptor = "ProduceDescriptor"
 
 
-class DScale(UnitTask[DScaleIn, DTensor]):
-    default_descriptor = "DScaleDescriptor"
+class Scale(UnitTask[ScaleIn, TensorOut]):
+    default_descriptor = "ScaleDescriptor"
 
 
-class DSum(UnitTask[DSumIn, DSumOut]):
-    default_descriptor = "DSumDescriptor"
+class Sum(UnitTask[SumIn, SumOut]):
+    default_descriptor = "SumDescriptor"
 
 
-class DGenerate(UnitTask[DGenIn, Stream[DToken]]):
-    default_descriptor = "DGenerateDescriptor"
+class Generate(UnitTask[GenIn, Stream[Token]]):
+    default_descriptor = "GenerateDescriptor"
 
-    def make_output_placeholder(self, task_input: DGenIn) -> Stream[DToken]:
-        return Stream[DToken].placeholder(self.display_name())
+    def make_output_placeholder(self, task_input: GenIn) -> Stream[Token]:
+        return Stream[Token].placeholder(self.display_name())
 
 
 TaskT = TypeVar("TaskT", bound=UnitTask[Any, Any])
 
 
-class DJSONDescriptor(TaskExecutionDescriptor[TaskT], Generic[TaskT]):
+class JSONDescriptor(TaskExecutionDescriptor[TaskT], Generic[TaskT]):
     """POST /<task class> with the input and the output forwards; outputs with forwards come back as recorded."""
 
     def to_request(self, task: TaskT, invocation: TaskInvocation) -> ExecutorRequest:
@@ -121,70 +121,70 @@ class DJSONDescriptor(TaskExecutionDescriptor[TaskT], Generic[TaskT]):
             return None
         if line == "BAD":
             raise ValueError("the executor sent a line that is not a token")
-        return DToken.model_validate_json(line)
+        return Token.model_validate_json(line)
 
 
-class DEchoDescriptor(DJSONDescriptor[DEcho]):
+class EchoDescriptor(JSONDescriptor[Echo]):
     pass
 
 
-class DProduceDescriptor(DJSONDescriptor[DProduce]):
+class ProduceDescriptor(JSONDescriptor[Produce]):
     pass
 
 
-class DScaleDescriptor(DJSONDescriptor[DScale]):
+class ScaleDescriptor(JSONDescriptor[Scale]):
     pass
 
 
-class DSumDescriptor(DJSONDescriptor[DSum]):
+class SumDescriptor(JSONDescriptor[Sum]):
     pass
 
 
-class DGenerateDescriptor(DJSONDescriptor[DGenerate]):
+class GenerateDescriptor(JSONDescriptor[Generate]):
     pass
 
 
 # ----- composites (not registered; only the test process uses them) -------------------------------
 
 
-class DPipelineIn(TaskInput):
+class PipelineIn(TaskInput):
     values: list[float]
     factor: float = 2.0
     fail: str | None = None
 
 
-class DPipeline(Task[DPipelineIn, DSumOut]):
+class Pipeline(Task[PipelineIn, SumOut]):
     """produce → scale; sum(produced, scaled): 3 invocations, one forward broadcast to two consumers."""
 
     def post_init(self) -> None:
-        self.produce = DProduce()
-        self.scale = DScale()
-        self.sum = DSum()
+        self.produce = Produce()
+        self.scale = Scale()
+        self.sum = Sum()
 
-    def invoke(self, task_input: DPipelineIn) -> DSumOut:
-        made = self.produce.invoke(DValues(values=task_input.values, fail=task_input.fail))
-        scaled = self.scale.invoke(DScaleIn(tensor=made.tensor, factor=task_input.factor))
-        return self.sum.invoke(DSumIn(tensors=[made.tensor, scaled.tensor]))
+    def invoke(self, task_input: PipelineIn) -> SumOut:
+        made = self.produce.invoke(Values(values=task_input.values, fail=task_input.fail))
+        scaled = self.scale.invoke(ScaleIn(tensor=made.tensor, factor=task_input.factor))
+        return self.sum.invoke(SumIn(tensors=[made.tensor, scaled.tensor]))
 
 
-class DChatIn(TaskInput):
+class ChatIn(TaskInput):
     values: list[float]
     bad_line_at: int | None = None
     stall_at: int | None = None
     fail: str | None = None
 
 
-class DChat(Task[DChatIn, Stream[DToken]]):
+class Chat(Task[ChatIn, Stream[Token]]):
     """produce → generate (stream), with a transform of the items."""
 
     def post_init(self) -> None:
-        self.produce = DProduce()
-        self.generate = DGenerate()
+        self.produce = Produce()
+        self.generate = Generate()
 
-    def invoke(self, task_input: DChatIn) -> Stream[DToken]:
-        made = self.produce.invoke(DValues(values=task_input.values))
+    def invoke(self, task_input: ChatIn) -> Stream[Token]:
+        made = self.produce.invoke(Values(values=task_input.values))
         stream = self.generate.invoke(
-            DGenIn(
+            GenIn(
                 prompt="p",
                 tensor=made.tensor,
                 count=len(task_input.values),

@@ -28,9 +28,9 @@ from cornserve.bus.control import (
     InvokeRequest,
 )
 from cornserve.bus.micro import RequestTimeout, ServiceErrorReply, request
-from cornserve.bus.natsserver import NatsServerProcess
-from cornserve.gateway.dispatch_client import DispatchError, NatsDispatcherClient
-from cornserve.task import TaskExecutionError, TaskInvocation, use_dispatcher
+from cornserve.cli.natsserver import NatsServerProcess
+from cornserve.gateway.dispatch_client import DispatcherClient, DispatchError
+from cornserve.task import TaskExecutionError, TaskInvocation, use_graph_runner
 
 DEADLINE = 60.0
 """Upper bound on any single step of a test (generous for a loaded 2-core machine)."""
@@ -47,13 +47,13 @@ def wire(invocations: list[TaskInvocation]) -> list[dict[str, Any]]:
 
 
 async def test_unit_task(control_plane: StandInControlPlane, lib: types.ModuleType) -> None:
-    echo = lib.DEcho()
+    echo = lib.Echo()
     executor, tm = await control_plane.deploy(echo, ranks=[7])
-    client = NatsDispatcherClient(control_plane.nc, timeout_s=30)
-    with use_dispatcher(client):
+    client = DispatcherClient(control_plane.nc, timeout_s=30)
+    with use_graph_runner(client):
         async with asyncio.timeout(DEADLINE):
-            out = await echo(lib.DEchoIn(text="hello"))
-    assert isinstance(out, lib.DEchoOut)
+            out = await echo(lib.EchoIn(text="hello"))
+    assert isinstance(out, lib.EchoOut)
     assert out.text == "HELLO"
     assert out.executor == executor.executor_id
     assert await tm.wait_done(1) == [executor.executor_id]
@@ -62,14 +62,14 @@ async def test_unit_task(control_plane: StandInControlPlane, lib: types.ModuleTy
 async def test_graph_forwards_wired_to_routed_ranks(
     control_plane: StandInControlPlane, lib: types.ModuleType
 ) -> None:
-    pipeline = lib.DPipeline()
+    pipeline = lib.Pipeline()
     produce_exec, produce_tm = await control_plane.deploy(pipeline.produce, ranks=[1])
     scale_exec, scale_tm = await control_plane.deploy(pipeline.scale, ranks=[2, 3])
     sum_exec, sum_tm = await control_plane.deploy(pipeline.sum, ranks=[4])
-    client = NatsDispatcherClient(control_plane.nc, timeout_s=30)
-    with use_dispatcher(client):
+    client = DispatcherClient(control_plane.nc, timeout_s=30)
+    with use_graph_runner(client):
         async with asyncio.timeout(DEADLINE):
-            out = await pipeline(lib.DPipelineIn(values=[1.0, 2.0, 3.0], factor=10.0))
+            out = await pipeline(lib.PipelineIn(values=[1.0, 2.0, 3.0], factor=10.0))
     assert out.total == pytest.approx(6.0 + 60.0)
 
     ((_, produced),) = produce_exec.requests
@@ -91,29 +91,29 @@ async def test_graph_forwards_wired_to_routed_ranks(
 
 
 async def test_many_concurrent_graphs(control_plane: StandInControlPlane, lib: types.ModuleType) -> None:
-    pipeline = lib.DPipeline()
+    pipeline = lib.Pipeline()
     for task, ranks in [(pipeline.produce, [1]), (pipeline.scale, [2]), (pipeline.sum, [3])]:
         await control_plane.deploy(task, ranks=ranks)
-    client = NatsDispatcherClient(control_plane.nc, timeout_s=30)
-    with use_dispatcher(client):
+    client = DispatcherClient(control_plane.nc, timeout_s=30)
+    with use_graph_runner(client):
         async with asyncio.timeout(DEADLINE):
             outs = await asyncio.gather(
-                *(pipeline(lib.DPipelineIn(values=[float(i)], factor=2.0)) for i in range(20))
+                *(pipeline(lib.PipelineIn(values=[float(i)], factor=2.0)) for i in range(20))
             )
     assert [o.total for o in outs] == [pytest.approx(3.0 * i) for i in range(20)]
 
 
 async def test_stream_relayed_through_nats(control_plane: StandInControlPlane, lib: types.ModuleType) -> None:
-    chat = lib.DChat()
+    chat = lib.Chat()
     _, produce_tm = await control_plane.deploy(chat.produce, ranks=[1])
     gen_exec, gen_tm = await control_plane.deploy(chat.generate, ranks=[5])
-    client = NatsDispatcherClient(control_plane.nc, timeout_s=30)
-    with use_dispatcher(client):
+    client = DispatcherClient(control_plane.nc, timeout_s=30)
+    with use_graph_runner(client):
         async with asyncio.timeout(DEADLINE):
-            stream = await chat(lib.DChatIn(values=[1.0, 2.0, 3.0, 4.0]))
+            stream = await chat(lib.ChatIn(values=[1.0, 2.0, 3.0, 4.0]))
             items = [item async for item in stream]
     assert [(t.index, t.text) for t in items] == [(i, f"TOK{i}") for i in range(4)]
-    assert all(isinstance(t, lib.DToken) for t in items)
+    assert all(isinstance(t, lib.Token) for t in items)
     ((_, generated),) = gen_exec.requests
     assert generated["input"]["tensor"]["src_sidecar_ranks"] == [1]
     assert generated["input"]["tensor"]["dst_sidecar_ranks"] == [[5]]
@@ -122,29 +122,29 @@ async def test_stream_relayed_through_nats(control_plane: StandInControlPlane, l
 
 
 async def test_stream_error_mid_stream(control_plane: StandInControlPlane, lib: types.ModuleType) -> None:
-    chat = lib.DChat()
+    chat = lib.Chat()
     await control_plane.deploy(chat.produce, ranks=[1])
     await control_plane.deploy(chat.generate, ranks=[2])
-    client = NatsDispatcherClient(control_plane.nc, timeout_s=30)
+    client = DispatcherClient(control_plane.nc, timeout_s=30)
     items: list[Any] = []
-    with use_dispatcher(client):
+    with use_graph_runner(client):
         async with asyncio.timeout(DEADLINE):
-            stream = await chat(lib.DChatIn(values=[1.0, 2.0, 3.0], bad_line_at=1))
-            with pytest.raises(TaskExecutionError, match="DGenerate at position 1 failed while streaming"):
+            stream = await chat(lib.ChatIn(values=[1.0, 2.0, 3.0], bad_line_at=1))
+            with pytest.raises(TaskExecutionError, match="Generate at position 1 failed while streaming"):
                 async for item in stream:
                     items.append(item)
     assert [t.index for t in items] == [0]
 
 
 async def test_stream_idle_deadline(control_plane: StandInControlPlane, lib: types.ModuleType) -> None:
-    chat = lib.DChat()
+    chat = lib.Chat()
     await control_plane.deploy(chat.produce, ranks=[1])
     gen_exec, gen_tm = await control_plane.deploy(chat.generate, ranks=[2])
-    client = NatsDispatcherClient(control_plane.nc, timeout_s=1.5)
+    client = DispatcherClient(control_plane.nc, timeout_s=1.5)
     items: list[Any] = []
-    with use_dispatcher(client):
+    with use_graph_runner(client):
         async with asyncio.timeout(DEADLINE):
-            stream = await chat(lib.DChatIn(values=[1.0, 2.0, 3.0], stall_at=2))
+            stream = await chat(lib.ChatIn(values=[1.0, 2.0, 3.0], stall_at=2))
             with pytest.raises(TaskExecutionError, match=r"sent nothing for 1\.5 s"):
                 async for item in stream:
                     items.append(item)
@@ -155,15 +155,15 @@ async def test_stream_idle_deadline(control_plane: StandInControlPlane, lib: typ
 
 
 async def test_stream_that_fails_to_start(control_plane: StandInControlPlane, lib: types.ModuleType) -> None:
-    chat = lib.DChat()
+    chat = lib.Chat()
     await control_plane.deploy(chat.produce, ranks=[1])
     await control_plane.deploy(chat.generate, ranks=[2])
-    client = NatsDispatcherClient(control_plane.nc, timeout_s=30)
-    with use_dispatcher(client), pytest.raises(DispatchError) as failure:
+    client = DispatcherClient(control_plane.nc, timeout_s=30)
+    with use_graph_runner(client), pytest.raises(DispatchError) as failure:
         async with asyncio.timeout(DEADLINE):
-            await chat(lib.DChatIn(values=[1.0], fail="no tokens today"))
+            await chat(lib.ChatIn(values=[1.0], fail="no tokens today"))
     assert failure.value.code == 502
-    assert "DGenerate at position 1 failed" in str(failure.value)
+    assert "Generate at position 1 failed" in str(failure.value)
     assert "no tokens today" in str(failure.value)
 
 
@@ -174,37 +174,37 @@ async def test_executor_refusing_its_input_keeps_the_client_error_status(
     control_plane: StandInControlPlane, lib: types.ModuleType
 ) -> None:
     """An executor's 400 (bad media, too many tokens) is the caller's fault: 400 with its message."""
-    pipeline = lib.DPipeline()
+    pipeline = lib.Pipeline()
     await control_plane.deploy(pipeline.produce, ranks=[1])
     await control_plane.deploy(pipeline.scale, ranks=[2])
     await control_plane.deploy(pipeline.sum, ranks=[3])
-    client = NatsDispatcherClient(control_plane.nc, timeout_s=600)
-    with use_dispatcher(client), pytest.raises(DispatchError) as failure:
+    client = DispatcherClient(control_plane.nc, timeout_s=600)
+    with use_graph_runner(client), pytest.raises(DispatchError) as failure:
         async with asyncio.timeout(DEADLINE):
-            await pipeline(lib.DPipelineIn(values=[1.0], fail="reject: the image cannot be decoded"))
+            await pipeline(lib.PipelineIn(values=[1.0], fail="reject: the image cannot be decoded"))
     err = failure.value
     assert err.code == 400 and err.error == "invalid_input"
-    assert "DProduce at position 0 rejected its input: the image cannot be decoded" in str(err)
+    assert "Produce at position 0 rejected its input: the image cannot be decoded" in str(err)
 
 
 async def test_failing_executor_fails_graph_promptly(
     control_plane: StandInControlPlane, lib: types.ModuleType
 ) -> None:
     """produce fails; scale and sum wait for its data: they are cancelled, the caller gets the error now."""
-    pipeline = lib.DPipeline()
+    pipeline = lib.Pipeline()
     _, produce_tm = await control_plane.deploy(pipeline.produce, ranks=[1])
     scale_exec, _ = await control_plane.deploy(pipeline.scale, ranks=[2])
     sum_exec, _ = await control_plane.deploy(pipeline.sum, ranks=[3])
     # The graph's deadline (600 s) is far beyond the test's own deadline: only a prompt failure passes.
-    client = NatsDispatcherClient(control_plane.nc, timeout_s=600)
-    with use_dispatcher(client), pytest.raises(DispatchError) as failure:
+    client = DispatcherClient(control_plane.nc, timeout_s=600)
+    with use_graph_runner(client), pytest.raises(DispatchError) as failure:
         async with asyncio.timeout(DEADLINE):
-            await pipeline(lib.DPipelineIn(values=[1.0], fail="out of cheese"))
+            await pipeline(lib.PipelineIn(values=[1.0], fail="out of cheese"))
     err = failure.value
     assert err.code == 502 and err.error == "executor_failed"
-    assert "DProduce at position 0 failed" in str(err)
-    assert "dproduce exploded: out of cheese" in str(err)  # the executor's own message
-    assert err.task_name == "DProduce" and err.position == 0
+    assert "Produce at position 0 failed" in str(err)
+    assert "produce exploded: out of cheese" in str(err)  # the executor's own message
+    assert err.task_name == "Produce" and err.position == 0
     async with asyncio.timeout(DEADLINE):
         await scale_exec.cancelled.wait()  # the invocations still waiting were cancelled
         await sum_exec.cancelled.wait()
@@ -212,13 +212,13 @@ async def test_failing_executor_fails_graph_promptly(
 
 
 async def test_task_not_deployed(control_plane: StandInControlPlane, lib: types.ModuleType) -> None:
-    ghost = lib.DEcho(label="never-deployed")
-    client = NatsDispatcherClient(control_plane.nc, timeout_s=30)
-    with use_dispatcher(client), pytest.raises(DispatchError) as failure:
+    ghost = lib.Echo(label="never-deployed")
+    client = DispatcherClient(control_plane.nc, timeout_s=30)
+    with use_graph_runner(client), pytest.raises(DispatchError) as failure:
         async with asyncio.timeout(DEADLINE):
-            await ghost(lib.DEchoIn(text="x"))
+            await ghost(lib.EchoIn(text="x"))
     assert failure.value.code == 404 and failure.value.error == "task_not_deployed"
-    assert "DEcho at position 0 is not deployed" in str(failure.value)
+    assert "Echo at position 0 is not deployed" in str(failure.value)
     assert ghost.deployment_key in str(failure.value)
 
 
@@ -226,50 +226,50 @@ async def test_deployment_seen_without_event_then_removed(
     control_plane: StandInControlPlane, lib: types.ModuleType
 ) -> None:
     """A deploy whose event has not arrived is found by re-querying the RM; a removal event un-deploys."""
-    echo = lib.DEcho(label="quiet")
+    echo = lib.Echo(label="quiet")
     await control_plane.deploy(echo, ranks=[1], announce=False)
-    client = NatsDispatcherClient(control_plane.nc, timeout_s=30)
-    with use_dispatcher(client):
+    client = DispatcherClient(control_plane.nc, timeout_s=30)
+    with use_graph_runner(client):
         async with asyncio.timeout(DEADLINE):
-            assert (await echo(lib.DEchoIn(text="a"))).text == "A"
+            assert (await echo(lib.EchoIn(text="a"))).text == "A"
             await control_plane.remove(echo)
             with pytest.raises(DispatchError) as failure:
-                await echo(lib.DEchoIn(text="b"))
+                await echo(lib.EchoIn(text="b"))
     assert failure.value.code == 404
 
 
 async def test_graph_deadline(control_plane: StandInControlPlane, lib: types.ModuleType) -> None:
-    echo = lib.DEcho(label="slow")
+    echo = lib.Echo(label="slow")
     executor, tm = await control_plane.deploy(echo, ranks=[1])
-    client = NatsDispatcherClient(control_plane.nc, timeout_s=1.0)
-    with use_dispatcher(client), pytest.raises(DispatchError) as failure:
+    client = DispatcherClient(control_plane.nc, timeout_s=1.0)
+    with use_graph_runner(client), pytest.raises(DispatchError) as failure:
         async with asyncio.timeout(DEADLINE):
-            await echo(lib.DEchoIn(text="x", delay_s=300))
+            await echo(lib.EchoIn(text="x", delay_s=300))
     assert failure.value.code == 504 and failure.value.error == "timeout"
-    assert "DEcho at position 0" in str(failure.value)  # names what was still running
+    assert "Echo at position 0" in str(failure.value)  # names what was still running
     async with asyncio.timeout(DEADLINE):
         await executor.cancelled.wait()
     assert await tm.wait_done(1)
 
 
 async def test_task_manager_not_answering(control_plane: StandInControlPlane, lib: types.ModuleType) -> None:
-    silent, absent = lib.DEcho(label="silent-tm"), lib.DEcho(label="absent-tm")
+    silent, absent = lib.Echo(label="silent-tm"), lib.Echo(label="absent-tm")
     await control_plane.deploy(silent, ranks=[1], tm="silent")
     await control_plane.deploy(absent, ranks=[2], tm="absent")
-    client = NatsDispatcherClient(control_plane.nc, timeout_s=30)
-    with use_dispatcher(client):
+    client = DispatcherClient(control_plane.nc, timeout_s=30)
+    with use_graph_runner(client):
         for task, expected in [(silent, "did not answer"), (absent, "is not running")]:
             with pytest.raises(DispatchError) as failure:
                 async with asyncio.timeout(DEADLINE):
-                    await task(lib.DEchoIn(text="x"))
+                    await task(lib.EchoIn(text="x"))
             assert failure.value.code == 503 and failure.value.error == "task_unavailable"
-            assert "DEcho at position 0" in str(failure.value) and expected in str(failure.value)
+            assert "Echo at position 0" in str(failure.value) and expected in str(failure.value)
 
 
 async def test_malformed_requests_get_typed_errors(
     control_plane: StandInControlPlane, lib: types.ModuleType
 ) -> None:
-    echo = lib.DEcho(label="after-garbage")
+    echo = lib.Echo(label="after-garbage")
     await control_plane.deploy(echo, ranks=[1])
     nc = control_plane.nc
     async with asyncio.timeout(DEADLINE):
@@ -288,8 +288,14 @@ async def test_malformed_requests_get_typed_errors(
                 "NoSuchTask",
             ),
             (
-                [{"task": {"name": "DEcho", "config": {}}, "task_input": {"nope": 1}, "task_output": {}}],
-                "DEcho",
+                [
+                    {
+                        "task": {"name": "dispatcher-test:Echo", "config": {}},
+                        "task_input": {"nope": 1},
+                        "task_output": {},
+                    }
+                ],
+                "Echo",
             ),
             ([{"unexpected": True}], "invalid invocations"),
         ]
@@ -300,8 +306,8 @@ async def test_malformed_requests_get_typed_errors(
             assert expected in failure.value.error.message
 
         # A streaming graph without a subject to relay on is refused before anything runs.
-        chat = lib.DChat()
-        graph = chat.trace(lib.DChatIn(values=[1.0]))
+        chat = lib.Chat()
+        graph = chat.trace(lib.ChatIn(values=[1.0]))
         with pytest.raises(ServiceErrorReply) as failure:
             await request(
                 nc, DISPATCH_INVOKE, InvokeRequest(invocations=wire(graph.invocations)), InvokeReply, 10
@@ -309,8 +315,8 @@ async def test_malformed_requests_get_typed_errors(
         assert failure.value.code == "400" and "stream_subject" in failure.value.error.message
 
         # Still serving.
-        with use_dispatcher(NatsDispatcherClient(nc, timeout_s=30)):
-            assert (await echo(lib.DEchoIn(text="ok"))).text == "OK"
+        with use_graph_runner(DispatcherClient(nc, timeout_s=30)):
+            assert (await echo(lib.EchoIn(text="ok"))).text == "OK"
 
 
 async def test_replicas_registered_with_micro(
@@ -348,9 +354,9 @@ async def test_replica_killed_mid_load(lib: types.ModuleType, tmp_path: Path) ->
         control_plane = StandInControlPlane(nc)
         try:
             await control_plane.start_rm()
-            echo = lib.DEcho(label="held")
+            echo = lib.Echo(label="held")
             executor, _ = await control_plane.deploy(echo, ranks=[1])
-            graph = wire(echo.trace(lib.DEchoIn(text="held", hold=True)).invocations)
+            graph = wire(echo.trace(lib.EchoIn(text="held", hold=True)).invocations)
 
             async def held_call() -> InvokeReply | BaseException:
                 try:
@@ -375,9 +381,9 @@ async def test_replica_killed_mid_load(lib: types.ModuleType, tmp_path: Path) ->
                 assert isinstance(r, InvokeReply | RequestTimeout), r
 
             # The survivor takes every new graph.
-            with use_dispatcher(NatsDispatcherClient(nc, timeout_s=30)):
+            with use_graph_runner(DispatcherClient(nc, timeout_s=30)):
                 async with asyncio.timeout(DEADLINE):
-                    outs = await asyncio.gather(*(echo(lib.DEchoIn(text=f"n{i}")) for i in range(10)))
+                    outs = await asyncio.gather(*(echo(lib.EchoIn(text=f"n{i}")) for i in range(10)))
             assert [o.text for o in outs] == [f"N{i}" for i in range(10)]
         finally:
             await control_plane.close()
@@ -391,22 +397,22 @@ async def test_resource_manager_down_at_start(lib: types.ModuleType, tmp_path: P
         (proc,) = await asyncio.to_thread(start_dispatchers, server.url, ["late-rm"], tmp_path)
         nc = await nats.connect(server.url)
         control_plane = StandInControlPlane(nc)
-        echo = lib.DEcho(label="late")
+        echo = lib.Echo(label="late")
         try:
             # Serving already: an unknown task is a prompt 404 even though the RM is not there.
-            client = NatsDispatcherClient(nc, timeout_s=30)
-            with use_dispatcher(client), pytest.raises(DispatchError) as failure:
+            client = DispatcherClient(nc, timeout_s=30)
+            with use_graph_runner(client), pytest.raises(DispatchError) as failure:
                 async with asyncio.timeout(DEADLINE):
-                    await echo(lib.DEchoIn(text="x"))
+                    await echo(lib.EchoIn(text="x"))
             assert failure.value.code == 404
 
             await control_plane.deploy(echo, ranks=[1], announce=False)
             await control_plane.start_rm()
             await proc.wait_log("caught up with the resource manager: 1 deployment(s)", DEADLINE)
             queries = control_plane.state_queries
-            with use_dispatcher(client):
+            with use_graph_runner(client):
                 async with asyncio.timeout(DEADLINE):
-                    assert (await echo(lib.DEchoIn(text="x"))).text == "X"
+                    assert (await echo(lib.EchoIn(text="x"))).text == "X"
             assert control_plane.state_queries == queries  # served from the caught-up cache
         finally:
             await control_plane.close()
@@ -424,9 +430,9 @@ async def test_sigterm_drains_then_fails_what_is_left(lib: types.ModuleType, tmp
         control_plane = StandInControlPlane(nc)
         try:
             await control_plane.start_rm()
-            echo = lib.DEcho(label="drain")
+            echo = lib.Echo(label="drain")
             executor, tm = await control_plane.deploy(echo, ranks=[1])
-            graph = wire(echo.trace(lib.DEchoIn(text="held", hold=True)).invocations)
+            graph = wire(echo.trace(lib.EchoIn(text="held", hold=True)).invocations)
             call = asyncio.create_task(
                 request(nc, DISPATCH_INVOKE, InvokeRequest(invocations=graph, timeout_s=120), InvokeReply, 60)
             )

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cornserve.bus.natsserver import free_port
+from cornserve.runtime.process import free_port
 
 
 @pytest.mark.timeout(600)

@@ -18,7 +18,7 @@ import pytest
 import torch
 from tests.e2e.apps import MLLM_APP, SHARED_ENCODER_APP
 
-from cornserve.bus.natsserver import free_port
+from cornserve.runtime.process import free_port
 
 MAX_TOKENS = 12
 

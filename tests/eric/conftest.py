@@ -12,7 +12,7 @@ from tests.support.processes import python_module
 from tests.support.sidecars import ERIC_RANKS
 from tests.support.waiting import wait_healthy
 
-from cornserve.bus.natsserver import free_port
+from cornserve.runtime.process import free_port
 
 STARTUP_DEADLINE_S = 180.0
 

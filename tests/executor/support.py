@@ -17,10 +17,10 @@ from tests.support.processes import ServiceProcess
 from tests.support.sidecars import SidecarProcess
 from tests.support.waiting import wait_healthy
 
-from cornserve.bus.natsserver import free_port
+from cornserve.runtime.process import free_port
 from cornserve.task import (
     Device,
-    ExecutorLaunchContext,
+    ExecutorPlacement,
     Stream,
     TaskExecutionError,
     TaskInvocation,
@@ -75,14 +75,14 @@ def launch_executor(
 ) -> LaunchedExecutor:
     """Spawn an executor from `task.descriptor.launch_spec(...)`, as the task manager does."""
     port = free_port()
-    ctx = ExecutorLaunchContext(
+    placement = ExecutorPlacement(
         executor_id=executor_id,
         port=port,
         devices=[Device(kind="cpu", index=r) for r in ranks],
         sidecar_ranks=ranks,
         nats_url=nats_url,
     )
-    spec = task.descriptor.launch_spec(task, ctx)
+    spec = task.descriptor.launch_spec(task, placement)
     service = ServiceProcess.start(f"executor-{executor_id}", spec.command, log_dir, spec.env)
     return LaunchedExecutor(
         task, executor_id, ranks, spec.port, service, spec.health_path, spec.ready_timeout_s
@@ -111,7 +111,7 @@ class ExecutorSetup:
 
 
 @dataclass
-class HttpGraphRunner:
+class HttpRunner:
     """Executes graphs against executor processes over HTTP, following the dispatcher's steps.
 
     JSON round trip of the invocations, forwards wired to the executors' sidecar ranks, each
@@ -160,7 +160,7 @@ class HttpGraphRunner:
         finally:
             resp.release()
 
-    async def dispatch(self, invocations: Sequence[TaskInvocation]) -> list[TaskOutput]:
+    async def run_graph(self, invocations: Sequence[TaskInvocation]) -> list[TaskOutput]:
         wire = self.route(invocations)
         try:
             async with asyncio.timeout(self.timeout), asyncio.TaskGroup() as group:

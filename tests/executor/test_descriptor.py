@@ -13,7 +13,7 @@ from cornserve.executor import PythonExecutorDescriptor, stream_item_type
 from cornserve.task import (
     DataForward,
     Device,
-    ExecutorLaunchContext,
+    ExecutorPlacement,
     Stream,
     TaskDefinitionError,
     TaskExecutionError,
@@ -26,7 +26,7 @@ from cornserve.task import (
 
 def test_launch_spec(tensor_math: ModuleType) -> None:
     task = tensor_math.MatMul()
-    ctx = ExecutorLaunchContext(
+    placement = ExecutorPlacement(
         executor_id="mm-1",
         host="127.0.0.1",
         port=8123,
@@ -34,7 +34,7 @@ def test_launch_spec(tensor_math: ModuleType) -> None:
         sidecar_ranks=[0, 1],
         nats_url="nats://127.0.0.1:4222",
     )
-    spec = task.descriptor.launch_spec(task, ctx)
+    spec = task.descriptor.launch_spec(task, placement)
     assert spec.command[:3] == [sys.executable, "-m", "cornserve.executor"]
     args = dict(zip(spec.command[3::2], spec.command[4::2], strict=True))
     assert deserialize_task(json.loads(args["--task-json"])) == task
@@ -47,7 +47,7 @@ def test_launch_spec(tensor_math: ModuleType) -> None:
 def test_descriptor_is_registered_and_round_trips(tensor_math: ModuleType) -> None:
     task = tensor_math.Reduce(descriptor=tensor_math.ReduceExecutor(sidecar_timeout_s=5.0))
     data = serialize_task(task)
-    assert data["config"]["descriptor"]["name"] == "ReduceExecutor"
+    assert data["config"]["descriptor"]["name"] == "tensor-math:ReduceExecutor"
     again = deserialize_task(data)
     assert again == task and again.descriptor.sidecar_timeout_s == 5.0
     assert again.deployment_key != tensor_math.Reduce().deployment_key

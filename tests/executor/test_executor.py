@@ -19,13 +19,14 @@ import aiohttp
 import nats
 import pytest
 import torch
-from tests.executor.support import ExecutorSetup, HttpGraphRunner, launch_executor
+from tests.executor.support import ExecutorSetup, HttpRunner, launch_executor
+from tests.support.tasklibs import TENSOR_MATH
 from tests.support.waiting import wait_for
 
 from cornserve.bus.micro import request
 from cornserve.bus.sidecar import StatsReply, StatsRequest
 from cornserve.bus.subjects import SidecarVerb, sidecar_subject
-from cornserve.task import Stream, Task, TaskExecutionError, TaskInput, use_dispatcher
+from cornserve.task import Stream, Task, TaskExecutionError, TaskInput, use_graph_runner
 
 
 class PipelineInput(TaskInput):
@@ -121,7 +122,7 @@ async def test_health_and_info(cluster: ExecutorSetup, session: aiohttp.ClientSe
         async with session.get(e.url + "/info") as resp:
             info = await resp.json()
         assert info["task_key"] == e.task.deployment_key
-        assert info["task"]["name"] == name
+        assert info["task"]["name"] == f"{TENSOR_MATH.name}:{name}"
         assert info["handler"] == e.task.descriptor.handler
         assert info["sidecar_ranks"] == e.ranks
 
@@ -141,7 +142,7 @@ async def test_traced_graph_over_http_matches_torch(
     ]
     assert [(p, c) for p, c, _ in graph.edges] == [(0, 2), (1, 2), (2, 3)]
 
-    dispatcher = HttpGraphRunner(cluster.by_key(), session)
+    dispatcher = HttpRunner(cluster.by_key(), session)
     wire = dispatcher.route(graph.invocations)
     make, matmul, reduce = (cluster.executors[n].ranks for n in ("MakeMatrix", "MatMul", "Reduce"))
     fwd_a = wire[0].task_output.matrix
@@ -165,7 +166,7 @@ async def test_concurrent_awaited_graphs(cluster: ExecutorSetup, session: aiohtt
         PipelineInput(seed_a=i, seed_b=100 + i, n=4 + i % 3, k=8, m=3 + i % 2, scale=0.25 * i)
         for i in range(8)
     ]
-    with use_dispatcher(HttpGraphRunner(cluster.by_key(), session)):
+    with use_graph_runner(HttpRunner(cluster.by_key(), session)):
         results = await asyncio.gather(*(pipeline(x) for x in inputs))
     for x, out in zip(inputs, results, strict=True):
         assert isinstance(out, lib.ReduceOutput)
@@ -178,7 +179,7 @@ async def test_streamed_rows(cluster: ExecutorSetup, session: aiohttp.ClientSess
     lib = cluster.lib
     rows = composites(lib)[1]()
     x = PipelineInput(seed_a=5, seed_b=6, n=9, k=4, m=3, scale=1.5)
-    with use_dispatcher(HttpGraphRunner(cluster.by_key(), session)):
+    with use_graph_runner(HttpRunner(cluster.by_key(), session)):
         stream = await rows(x)
     items = [item async for item in stream]
     want = expected(lib, x).sum(dim=1)
@@ -189,7 +190,7 @@ async def test_streamed_rows(cluster: ExecutorSetup, session: aiohttp.ClientSess
 
 async def test_stream_fails_mid_way(cluster: ExecutorSetup, session: aiohttp.ClientSession) -> None:
     rows = composites(cluster.lib)[1]()
-    with use_dispatcher(HttpGraphRunner(cluster.by_key(), session)):
+    with use_graph_runner(HttpRunner(cluster.by_key(), session)):
         stream = await rows(PipelineInput(seed_a=1, seed_b=1, n=6, k=2, m=2, fail_after=2))
     got = []
     with pytest.raises(TaskExecutionError, match=r"^ValueError: RowSums was asked to fail after 2 rows$"):
@@ -212,9 +213,9 @@ async def test_handler_failure(cluster: ExecutorSetup, session: aiohttp.ClientSe
 
     # A failure in the middle of a graph fails it promptly; the consumer waiting downstream is cancelled.
     pipeline = composites(lib)[0]()
-    dispatcher = HttpGraphRunner(cluster.by_key(), session)
+    dispatcher = HttpRunner(cluster.by_key(), session)
     with (
-        use_dispatcher(dispatcher),
+        use_graph_runner(dispatcher),
         pytest.raises(TaskExecutionError, match=r"^ValueError: MatMul was asked to fail"),
     ):
         await pipeline(PipelineInput(seed_a=1, seed_b=2, fail=True))
@@ -224,7 +225,7 @@ async def test_handler_failure(cluster: ExecutorSetup, session: aiohttp.ClientSe
 
     # The executors keep serving.
     x = PipelineInput(seed_a=8, seed_b=9)
-    with use_dispatcher(HttpGraphRunner(cluster.by_key(), session)):
+    with use_graph_runner(HttpRunner(cluster.by_key(), session)):
         assert_reduced(await pipeline(x), expected(lib, x))
 
 

@@ -17,7 +17,7 @@ from tests.support.processes import python_module
 from tests.support.sidecars import LLM_EXECUTOR_RANKS, MiB
 from tests.support.waiting import wait_healthy
 
-from cornserve.bus.natsserver import free_port
+from cornserve.runtime.process import free_port
 
 
 @pytest.fixture(scope="session")

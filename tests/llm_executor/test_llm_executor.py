@@ -34,12 +34,18 @@ from cornserve.llm_executor.server import ChatServer, Completion, Piece
 from cornserve.models.media import load_media
 from cornserve.sidecar import Sidecar
 from cornserve.task.builtins.chat import ChatCompletionChunk, ChatCompletionRequest
+from cornserve.task.builtins.embedding import (
+    EMBEDDING_META_CHUNK,
+    EMBEDDING_NUM_CHUNKS,
+    EMBEDDING_TENSOR_CHUNK,
+    EmbeddingMeta,
+)
 from cornserve.task.builtins.llm import CPULLMDescriptor, LLMTask
 from cornserve.task.builtins.modality import Modality
-from cornserve.task.context import TaskInvocation
-from cornserve.task.descriptor import ExecutorLaunchContext
+from cornserve.task.descriptor import ExecutorPlacement
 from cornserve.task.errors import TaskExecutionError
 from cornserve.task.forward import DataForward, Tensor
+from cornserve.task.invocation import TaskInvocation
 
 MAX_TOKENS = 12
 DESCRIPTOR = CPULLMDescriptor()
@@ -74,9 +80,7 @@ class Reference:
         ids = out[0, prompt_len:].tolist()
         return ids, self.processor.tokenizer.decode(ids, skip_special_tokens=True), prompt_len
 
-    def embeddings(
-        self, items: list[tuple[str, Any]], text: str
-    ) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+    def embeddings(self, items: list[tuple[str, Any]], text: str) -> list[tuple[torch.Tensor, EmbeddingMeta]]:
         """What Eric sends per item: the rows the monolithic model scatters, plus chunk-1 metadata."""
         inputs = self.inputs(items, text)
         per_kind: dict[str, list[tuple[torch.Tensor, list[int] | None]]] = {"image": [], "video": []}
@@ -100,14 +104,27 @@ class Reference:
         for modality, _ in items:
             emb, grid = per_kind[modality].pop(0)
             emb = emb.to(torch.float32).contiguous()
-            meta = {
-                "modality": modality,
-                "num_tokens": int(emb.shape[0]),
-                "grid_thw": grid,
-                "model_id": "tiny",
-            }
+            meta = EmbeddingMeta(
+                modality=modality, num_tokens=int(emb.shape[0]), grid_thw=grid, model_id="tiny"
+            )
             out.append((emb, meta))
         return out
+
+
+async def send_embedding(
+    producer: Sidecar, forward_id: str, dst: list[list[int]], tensor: torch.Tensor, meta: EmbeddingMeta
+) -> None:
+    """Send one embedding forward the way Eric does (docs/executors.md, "Embedding hand-off")."""
+    await producer.send(
+        tensor, forward_id, dst, chunk_id=EMBEDDING_TENSOR_CHUNK, num_chunks=EMBEDDING_NUM_CHUNKS
+    )
+    await producer.send(
+        meta.model_dump(mode="json"),
+        forward_id,
+        dst,
+        chunk_id=EMBEDDING_META_CHUNK,
+        num_chunks=EMBEDDING_NUM_CHUNKS,
+    )
 
 
 def invocation(task: LLMTask, body: dict[str, Any]) -> TaskInvocation:
@@ -192,8 +209,7 @@ async def test_greedy_matches_transformers_generate_in_both_modes(
             stream_via_descriptor(session, fis.url, fission_task, fission_body)
         )
         for forward, (emb, meta) in reversed(list(zip(forwards, embeddings, strict=True))):
-            await producer.send(emb, forward.id, dst, chunk_id=0, num_chunks=2)
-            await producer.send(meta, forward.id, dst, chunk_id=1, num_chunks=2)
+            await send_embedding(producer, forward.id, dst, emb, meta)
         fission_text, fission_chunks = await fission_call
 
     for got_text, chunks in ((mono_text, mono_chunks), (fission_text, fission_chunks)):
@@ -368,9 +384,8 @@ async def test_fission_errors_name_the_forward_and_the_executor_stays_up(
     # An embedding of the wrong width for this LLM is refused with the forward id.
     bad = DataForward[Tensor](dst_sidecar_ranks=[[fis.sidecar_rank]])
     async with Sidecar(cluster.producer_rank, nats_url) as producer:
-        await producer.send(torch.zeros(4, 3), bad.id, [[fis.sidecar_rank]], chunk_id=0, num_chunks=2)
-        meta = {"modality": "image", "num_tokens": 4, "grid_thw": [1, 4, 4], "model_id": "x"}
-        await producer.send(meta, bad.id, [[fis.sidecar_rank]], chunk_id=1, num_chunks=2)
+        meta = EmbeddingMeta(modality="image", num_tokens=4, grid_thw=[1, 4, 4], model_id="x")
+        await send_embedding(producer, bad.id, [[fis.sidecar_rank]], torch.zeros(4, 3), meta)
     body = {
         "messages": image_messages(url, "x"),
         "cornserve_embeddings": [bad.model_dump(mode="json")],
@@ -391,11 +406,11 @@ def test_stream_error_line_is_a_task_execution_error() -> None:
 
 def test_command_line_of_the_descriptor_is_accepted() -> None:
     task = LLMTask(model_id="/models/tiny", receive_embeddings=True)
-    context = ExecutorLaunchContext.model_validate(
+    placement = ExecutorPlacement.model_validate(
         {"executor_id": "ex-1", "host": "127.0.0.1", "port": 8123, "sidecar_ranks": [3, 4], "devices": [],
          "nats_url": "nats://127.0.0.1:4222"}
     )  # fmt: skip
-    spec = CPULLMDescriptor(max_batch_size=5).launch_spec(task, context)
+    spec = CPULLMDescriptor(max_batch_size=5).launch_spec(task, placement)
     assert spec.command[1:3] == ["-m", "cornserve.llm_executor"]
     config = parse_config(spec.command[3:])
     assert (config.model_id, config.port, config.max_batch_size) == ("/models/tiny", 8123, 5)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -17,6 +16,7 @@ from PIL import Image
 
 from cornserve.models.loading import ModelNotFoundError, resolve_model_dir
 from cornserve.models.media import MediaDecodeError, MediaError, MediaFetchError, load_media
+from cornserve.runtime.process import free_port
 
 
 def png_bytes(size: tuple[int, int] = (40, 30), mode: str = "RGBA") -> bytes:
@@ -90,9 +90,7 @@ def test_missing_file_and_unreachable_url_are_fetch_errors(tmp_path: Path, http_
         load_media((tmp_path / "nope.png").as_uri(), "image")
     with pytest.raises(MediaFetchError, match="404"):
         load_media(f"{http_server}/missing.png", "image")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nobody listens there
     with pytest.raises(MediaFetchError, match=f"127.0.0.1:{port}"):
         load_media(f"http://127.0.0.1:{port}/x.png", "image", timeout_s=5)
     with pytest.raises(MediaFetchError, match="base64"):

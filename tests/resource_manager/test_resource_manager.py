@@ -31,56 +31,46 @@ from cornserve.bus.control import (
     DeploymentEvent,
     DeploymentInfo,
     DeploymentRecord,
+    DeploymentReleaseReply,
     DeployReply,
     DeployRequest,
     ProgressEvent,
-    ReleaseReply,
-    ReleaseRequest,
-    RouteReply,
-    RouteRequest,
-    ScaleRequest,
-    StateRequest,
-    rm_progress_subject,
-    tm_subject,
 )
 from cornserve.bus.kv import kv_all, kv_get, open_bucket
 from cornserve.bus.micro import ServiceErrorReply, request
+from cornserve.bus.rm_client import ResourceManagerClient
 from cornserve.bus.schemas import ErrorReply
-from cornserve.cli.launcher import pid_alive
+from cornserve.bus.tm_client import TaskManagerClient
+from cornserve.runtime.process import pid_alive
 from cornserve.task import serialize_task
 
 CPU_SLOTS = 3
 
 
 class RM:
+    """One resource-manager process, driven through the bus's typed client."""
+
     def __init__(self, nc: Client, service: ServiceProcess) -> None:
         self.nc, self.service = nc, service
+        self.client = ResourceManagerClient(nc, deploy_timeout_s=90, margin_s=30, release_timeout_s=60)
 
     @property
     def proc(self) -> subprocess.Popen[bytes]:
         return self.service.proc
 
-    async def deploy(self, owner: str, *tasks: Any, request_id: str | None = None) -> DeployReply:
-        req = DeployRequest(owner=owner, tasks=[serialize_task(t) for t in tasks], timeout_s=90)
-        if request_id is not None:
-            req = req.model_copy(update={"request_id": request_id})
-        result: DeployReply = await request(self.nc, RM_DEPLOY, req, DeployReply, 120)
-        return result
+    async def deploy(
+        self, owner: str, *tasks: Any, on_progress: Callable[[ProgressEvent], None] | None = None
+    ) -> DeployReply:
+        return await self.client.deploy(owner, [serialize_task(t) for t in tasks], on_progress)
 
-    async def release(self, owner: str) -> ReleaseReply:
-        result: ReleaseReply = await request(
-            self.nc, RM_RELEASE, ReleaseRequest(owner=owner), ReleaseReply, 60
-        )
-        return result
+    async def release(self, owner: str) -> DeploymentReleaseReply:
+        return await self.client.release(owner)
 
     async def state(self) -> ClusterState:
-        result: ClusterState = await request(self.nc, RM_STATE, StateRequest(), ClusterState, 20)
-        return result
+        return await self.client.state(20)
 
     async def scale(self, key: str, n: int) -> DeploymentInfo:
-        req = ScaleRequest(task_key=key, num_executors=n, timeout_s=90)
-        result: DeploymentInfo = await request(self.nc, RM_SCALE, req, DeploymentInfo, 120)
-        return result
+        return await self.client.scale(key, n)
 
     def log_text(self) -> str:
         return self.service.log()
@@ -125,10 +115,7 @@ async def start_rm(nats_url: str, nc: Client, tmp_path: Path) -> AsyncIterator[S
         started.append(rm)
 
         await wait_answering(
-            lambda: request(nc, RM_STATE, StateRequest(), ClusterState, 2),
-            60,
-            "the resource manager to answer",
-            process=service,
+            lambda: rm.client.state(2), 60, "the resource manager to answer", process=service
         )
         return rm
 
@@ -167,14 +154,14 @@ async def test_shared_task_deploys_once_and_is_torn_down_with_its_last_user(
     task = echo_task("shared")
     key = task.deployment_key
     events, events_sub = await collect(nc, RM_EVENTS)
-    progress, progress_sub = await collect(nc, rm_progress_subject("deploy-1"))
+    progress: list[ProgressEvent] = []
 
-    reply = await rm.deploy("app1", task, request_id="deploy-1")
+    reply = await rm.deploy("app1", task, on_progress=progress.append)
     (dep,) = reply.deployments
     assert dep.task_key == key and dep.state == "ready" and dep.users == ["app1"]
     assert len(dep.executors) == 1 and dep.executors[0].state == "ready"
     assert [d.sidecar_rank for d in dep.devices] == dep.executors[0].sidecar_ranks
-    stages = [ProgressEvent.model_validate_json(m.data).stage for m in progress]
+    stages = [event.stage for event in progress]
     assert stages == ["queued", "allocating", "starting_task_manager", "starting_executors", "ready"]
     await wait_for(lambda: events, 10, "a deployment event")
     first = DeploymentEvent.model_validate_json(events[0].data)
@@ -194,7 +181,7 @@ async def test_shared_task_deploys_once_and_is_torn_down_with_its_last_user(
     assert record.tm_pid == tm_pids(key)[0]
 
     # The deployment routes: its task manager answers on the key's subject.
-    route = await request(nc, tm_subject(key, "route"), RouteRequest(), RouteReply, 10)
+    route = await TaskManagerClient(nc, key).route(10)
     async with aiohttp.ClientSession() as s, s.post(route.url + "/echo", json={"text": "x"}) as resp:
         assert (await resp.json())["text"] == "x"
 
@@ -216,10 +203,9 @@ async def test_shared_task_deploys_once_and_is_torn_down_with_its_last_user(
         "the removed event",
     )
     await events_sub.unsubscribe()
-    await progress_sub.unsubscribe()
 
 
-def outcome(reply: ReleaseReply) -> tuple[list[str], list[str]]:
+def outcome(reply: DeploymentReleaseReply) -> tuple[list[str], list[str]]:
     return reply.released, reply.torn_down
 
 
@@ -282,7 +268,7 @@ async def test_malformed_requests_get_error_replies(start_rm: StartRM, nc: Clien
     bad_tasks: list[Any] = [
         {"name": "NoSuchTask", "config": {}},
         {"nonsense": 1},
-        {"name": "LcEchoTask", "config": {"label": 5}},
+        {"name": f"{ECHO.name}:EchoTask", "config": {"label": 5}},
     ]
     for spec in bad_tasks:
         req = DeployRequest(owner="app", tasks=[spec])

@@ -16,7 +16,7 @@ def test_first_fit_and_coalescing_back_to_one_block():
     a.free(x)  # merges with the hole after it
     assert a.free_blocks == 2
     a.free(z)  # merges both sides and the tail
-    assert a.free_blocks == 1 and a.used_bytes == 0 and a.largest_free == 1024
+    assert a.free_blocks == 1 and a.used_bytes == 0 and a.largest_free_block == 1024
 
 
 def test_any_size_that_fits_succeeds_including_whole_arena_and_zero():
@@ -55,4 +55,4 @@ def test_fragmentation_then_full_coalesce_randomized():
         assert all(o1 + s1 <= o2 for (o1, s1), (o2, _) in itertools.pairwise(spans))
     for off in live:
         a.free(off)
-    assert a.used_bytes == 0 and a.free_blocks == 1 and a.largest_free == a.capacity
+    assert a.used_bytes == 0 and a.free_blocks == 1 and a.largest_free_block == a.capacity

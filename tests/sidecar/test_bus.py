@@ -4,9 +4,9 @@ import nats
 import pytest
 
 from cornserve.bus.micro import NoResponders, RequestTimeout, request
-from cornserve.bus.natsserver import NatsServerProcess, find_nats_server_binary
 from cornserve.bus.sidecar import InfoReply, InfoRequest
 from cornserve.bus.subjects import SidecarVerb, sidecar_subject
+from cornserve.cli.natsserver import NatsServerProcess, find_nats_server_binary
 
 
 async def test_session_server_has_jetstream(nats_url):
@@ -59,7 +59,7 @@ def test_subjects_are_lowercase_dotted_broad_to_narrow():
 def test_server_that_cannot_start_reports_why():
     import socket
 
-    from cornserve.bus.natsserver import NatsServerError
+    from cornserve.cli.natsserver import NatsServerError
 
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

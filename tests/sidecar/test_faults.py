@@ -15,10 +15,6 @@ from cornserve.sidecar import Sidecar
 from cornserve.sidecar.errors import DataLost, DestinationUnreachable, RecvTimeout, SidecarUnavailable
 
 
-async def wait_until(pred, timeout=20.0):
-    await wait_for(pred, timeout, "the condition", interval=0.05)
-
-
 async def test_unreachable_destination_fails_naming_the_rank(sidecars, nats_url, stats_of):
     a, b = await sidecars(2)
     async with Sidecar(a.rank, nats_url, timeout=120) as src:
@@ -45,7 +41,7 @@ async def test_client_without_server_gets_unavailable(nats_url):
     await c.close()
 
 
-async def test_source_restart_reports_lost_and_clients_reconnect(sidecars, nats_url, stats_of):
+async def test_source_restart_reports_lost_and_clients_reconnect(sidecars, nats_url, stats_of, arenas_empty):
     a, b = await sidecars(2)
     async with Sidecar(a.rank, nats_url) as src, Sidecar(b.rank, nats_url) as dst:
         await src.send(torch.ones(1000), "held", [[b.rank]])
@@ -53,7 +49,7 @@ async def test_source_restart_reports_lost_and_clients_reconnect(sidecars, nats_
         a.kill()  # SIGKILL: the data it held in its arena is gone
         a.restart()
         await a.wait_ready(not_instance=old)
-        await wait_until(lambda: _lost(stats_of, b.rank))
+        await wait_for(lambda: _lost(stats_of, b.rank), 20.0, "the data marked lost", interval=0.05)
         with pytest.raises(DataLost, match=f"rank {a.rank} restarted"):
             await dst.recv("held", timeout=5)
         # The same client keeps working against the new instance.
@@ -61,10 +57,10 @@ async def test_source_restart_reports_lost_and_clients_reconnect(sidecars, nats_
         assert torch.equal(await dst.recv("after", timeout=5), torch.full((10,), 7.0))
         await dst.mark_done("after")
         assert (await src.info()).instance != old
-    await wait_until(lambda: _free(stats_of, [a.rank, b.rank]))
+    await arenas_empty([a.rank, b.rank])
 
 
-async def test_destination_restart_reports_lost_and_frees_source(sidecars, nats_url, stats_of):
+async def test_destination_restart_reports_lost_and_frees_source(sidecars, nats_url, stats_of, arenas_empty):
     a, b = await sidecars(2)
     async with Sidecar(a.rank, nats_url) as src, Sidecar(b.rank, nats_url) as dst:
         await src.send(torch.ones(1000), "pending", [[b.rank]])
@@ -74,7 +70,7 @@ async def test_destination_restart_reports_lost_and_frees_source(sidecars, nats_
         await b.wait_ready(not_instance=old)
         with pytest.raises(DataLost, match="restarted"):
             await _recv_until_lost(dst, "pending")
-    await wait_until(lambda: _free(stats_of, [a.rank, b.rank]))
+    await arenas_empty([a.rank, b.rank])
 
 
 async def _recv_until_lost(dst, id_):
@@ -85,10 +81,6 @@ async def _recv_until_lost(dst, id_):
 
 async def _lost(stats_of, rank):
     return (await stats_of([rank]))[rank].lost_total > 0
-
-
-async def _free(stats_of, ranks):
-    return all(s.used_bytes == 0 for s in (await stats_of(ranks)).values())
 
 
 BAD_PAYLOADS = [b"", b"not json", b"[]", json.dumps({"request_id": "r1", "bogus": 1}).encode()]
@@ -148,7 +140,7 @@ async def test_garbage_on_the_tcp_port_does_not_hurt_the_server(sidecars, nats_u
 
 
 async def test_unreachable_nats_and_closed_client_are_typed_errors(nats_url):
-    from cornserve.bus.natsserver import free_port
+    from cornserve.runtime.process import free_port
     from cornserve.sidecar.errors import SidecarError
 
     c = Sidecar(1, f"nats://127.0.0.1:{free_port()}", timeout=2)

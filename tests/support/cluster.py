@@ -29,8 +29,8 @@ import aiohttp
 from tests.support.processes import ServiceProcess
 from tests.support.sidecars import MiB, RankRange, SidecarProcess, start_sidecars
 
-from cornserve.bus.natsserver import free_port
-from cornserve.cli.launcher import LocalCluster, pid_alive
+from cornserve.cli.launcher import LocalCluster
+from cornserve.runtime.process import free_port, pid_alive
 
 LOCAL_READY_DEADLINE_S = 180.0
 

@@ -7,6 +7,7 @@ Fixtures:
     sidecars                 `await sidecars(n, nodes=..., arena_bytes=..., ttl=...)` -> ready servers
                              (ranks 100-299), stopped after the test, which fails if one logged a traceback
     stats_of                 `await stats_of([ranks])` -> StatsReply per rank
+    arenas_empty             `await arenas_empty([ranks])`: until those sidecars hold nothing (frees are async)
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ from pathlib import Path
 
 import pytest
 from tests.support.sidecars import SIDECAR_RANKS, MiB, SidecarProcess, sidecar_stats, start_sidecars
+from tests.support.waiting import wait_for
 
-from cornserve.bus.natsserver import NatsServerProcess
 from cornserve.bus.sidecar import StatsReply
+from cornserve.cli.natsserver import NatsServerProcess
 
 StartSidecars = Callable[..., Awaitable[list[SidecarProcess]]]
 StatsOf = Callable[[list[int]], Awaitable[dict[int, StatsReply]]]
+ArenasEmpty = Callable[..., Awaitable[None]]
 TinyCheckpoint = Callable[..., Path]
 
 
@@ -92,3 +95,20 @@ def stats_of(nats_url: str) -> StatsOf:
         return await sidecar_stats(nats_url, ranks)
 
     return get
+
+
+@pytest.fixture
+def arenas_empty(stats_of: StatsOf) -> ArenasEmpty:
+    """`await arenas_empty([ranks], timeout=20.0)`: until every one of those arenas is back to 0 bytes.
+
+    Frees happen on the servers after the last receiver's ack, so leak checks wait for them (with a
+    deadline) instead of asserting at once.
+    """
+
+    async def wait(ranks: list[int], timeout: float = 20.0) -> None:
+        async def empty() -> bool:
+            return all(s.used_bytes == 0 for s in (await stats_of(ranks)).values())
+
+        await wait_for(empty, timeout, f"the arenas of ranks {ranks} to be empty", interval=0.05)
+
+    return wait

@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from cornserve.cli.launcher import pid_alive
+from cornserve.runtime.process import pid_alive
 
 STOP_DEADLINE_S = 30.0
 

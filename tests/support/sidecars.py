@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,13 @@ from cornserve.bus.subjects import SidecarVerb, sidecar_subject
 
 MiB = 1024 * 1024
 READY_DEADLINE_S = 60.0
+
+TORCHLESS_SERVER = (
+    "import sys; sys.modules.update(torch=None, numpy=None); "
+    "from cornserve.sidecar.server import main; main()"
+)
+"""Runs the `cornserve-sidecar` entry point with torch and numpy made unimportable: every test that
+starts a sidecar server proves the server needs neither (a sidecar host does not install them)."""
 
 
 class RankRange:
@@ -66,8 +74,9 @@ class SidecarProcess:
         arena_bytes: int = 64 * MiB,
         ttl_s: float | None = None,
     ) -> SidecarProcess:
+        console_script("cornserve-sidecar")  # installed (the guard below runs the same main)
         cmd = [
-            console_script("cornserve-sidecar"),
+            sys.executable, "-c", TORCHLESS_SERVER,
             "--rank", str(rank),
             "--node", node,
             "--nats-url", nats_url,

@@ -72,23 +72,23 @@ from cornserve.task import ExecutorLaunchSpec, ExecutorRequest, TaskExecutionDes
 EXECUTOR_SCRIPT = @SCRIPT@
 
 
-class LcEchoInput(TaskInput):
+class EchoInput(TaskInput):
     text: str
 
 
-class LcEchoOutput(TaskOutput):
+class EchoOutput(TaskOutput):
     text: str
     executor_id: str
 
 
-class LcEchoTask(UnitTask[LcEchoInput, LcEchoOutput]):
-    default_descriptor = "LcEchoDescriptor"
+class EchoTask(UnitTask[EchoInput, EchoOutput]):
+    default_descriptor = "EchoDescriptor"
     label: str
     devices: int = 1
     crash: bool = False
 
 
-class LcEchoDescriptor(TaskExecutionDescriptor[LcEchoTask]):
+class EchoDescriptor(TaskExecutionDescriptor[EchoTask]):
     def num_devices(self, task):
         return task.devices
 
@@ -111,7 +111,7 @@ class LcEchoDescriptor(TaskExecutionDescriptor[LcEchoTask]):
 
 
 def echo_task(label: str, **config: Any) -> UnitTask[Any, Any]:
-    """An `LcEchoTask` of the echo library (loaded into the test process first)."""
-    task = ECHO.load().LcEchoTask(label=label, **config)
+    """An `EchoTask` of the echo library (loaded into the test process first)."""
+    task = ECHO.load().EchoTask(label=label, **config)
     assert isinstance(task, UnitTask)
     return task

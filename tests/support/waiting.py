@@ -18,7 +18,7 @@ from typing import Any, TypedDict, Unpack
 from tests.support.processes import ServiceProcess
 
 from cornserve.bus.micro import NoResponders, RequestTimeout
-from cornserve.cli.launcher import pid_alive
+from cornserve.runtime.process import pid_alive
 
 HEALTH_DEADLINE_S = 120.0
 

@@ -15,7 +15,7 @@ import numpy as np
 from cornserve.task import (
     DataForward,
     ExecutorRequest,
-    InProcessDispatcher,
+    InProcessRunner,
     LocalForwardStore,
     Stream,
     Task,
@@ -222,6 +222,6 @@ def make_executors(store: LocalForwardStore, log: list[str] | None = None) -> di
     return {MakeTensor: make, Scale: scale, Sum: total, Generate: generate}
 
 
-def in_process(log: list[str] | None = None, **kwargs: Any) -> tuple[InProcessDispatcher, LocalForwardStore]:
+def in_process(log: list[str] | None = None, **kwargs: Any) -> tuple[InProcessRunner, LocalForwardStore]:
     store = LocalForwardStore()
-    return InProcessDispatcher(make_executors(store, log), **kwargs), store
+    return InProcessRunner(make_executors(store, log), **kwargs), store

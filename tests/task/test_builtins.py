@@ -13,9 +13,9 @@ from pydantic import ValidationError
 from cornserve.task import (
     DataForward,
     Device,
-    ExecutorLaunchContext,
+    ExecutorPlacement,
     ExecutorRequest,
-    InProcessDispatcher,
+    InProcessRunner,
     InvalidTaskInputError,
     LocalForwardStore,
     Stream,
@@ -24,7 +24,7 @@ from cornserve.task import (
     TaskOutput,
     Tensor,
     discover_unit_tasks,
-    use_dispatcher,
+    use_graph_runner,
     wire_forwards,
 )
 from cornserve.task.builtins import (
@@ -156,8 +156,8 @@ def test_chat_request_is_openai_wire_compatible() -> None:
         ChatCompletionRequest.model_validate({"messages": []})
 
 
-def launch_context(devices: list[Device]) -> ExecutorLaunchContext:
-    return ExecutorLaunchContext(
+def placement(devices: list[Device]) -> ExecutorPlacement:
+    return ExecutorPlacement(
         executor_id="ex-1",
         host="127.0.0.1",
         port=8123,
@@ -172,7 +172,7 @@ def test_vllm_descriptor_launch_and_translation() -> None:
     task = LLMTask(model_id="Qwen/Qwen2-VL-7B-Instruct", receive_embeddings=True, descriptor=descriptor)
     assert descriptor.num_devices(task) == 2
     spec = descriptor.launch_spec(
-        task, launch_context([Device(kind="cuda", index=2), Device(kind="cuda", index=3)])
+        task, placement([Device(kind="cuda", index=2), Device(kind="cuda", index=3)])
     )
     # Encoder fission: Cornserve's proxy receives the embeddings and runs `vllm serve` behind it.
     assert spec.command[1:3] == ["-m", "cornserve.vllm"]
@@ -185,13 +185,13 @@ def test_vllm_descriptor_launch_and_translation() -> None:
     # Without fission vLLM takes the media itself and is launched directly.
     plain = LLMTask(model_id="Qwen/Qwen2-VL-7B-Instruct", modalities=["image"], descriptor=descriptor)
     direct = descriptor.launch_spec(
-        plain, launch_context([Device(kind="cuda", index=2), Device(kind="cuda", index=3)])
+        plain, placement([Device(kind="cuda", index=2), Device(kind="cuda", index=3)])
     ).command
     assert direct[:3] == ["vllm", "serve", "Qwen/Qwen2-VL-7B-Instruct"]
     assert "--port 8123" in " ".join(direct) and direct[-1] == "--enforce-eager"
     assert spec.env["CUDA_VISIBLE_DEVICES"] == "2,3" and spec.env["CORNSERVE_SIDECAR_RANKS"] == "3,4"
     with pytest.raises(TaskExecutionError, match="needs GPU devices"):
-        descriptor.launch_spec(task, launch_context([Device(kind="cpu", index=0)]))
+        descriptor.launch_spec(task, placement([Device(kind="cpu", index=0)]))
 
     graph = MLLMTask(model_id="Qwen/Qwen2-VL-7B-Instruct", llm_descriptor=descriptor).trace(
         chat(("image", "file:///a.png"), ("text", "hi"))
@@ -224,7 +224,7 @@ def test_vllm_descriptor_launch_and_translation() -> None:
 def test_eric_and_cpu_llm_launch_specs() -> None:
     mllm = MLLMTask(model_id="/models/tiny", modalities=[Modality.IMAGE])
     encoder = mllm.encoders[Modality.IMAGE]
-    spec = encoder.descriptor.launch_spec(encoder, launch_context([Device(kind="cpu", index=0)]))
+    spec = encoder.descriptor.launch_spec(encoder, placement([Device(kind="cpu", index=0)]))
     assert spec.command[1:3] == ["-m", "cornserve.eric"]
     assert (
         "--sidecar-ranks" in spec.command and spec.command[spec.command.index("--sidecar-ranks") + 1] == "3,4"
@@ -232,7 +232,7 @@ def test_eric_and_cpu_llm_launch_specs() -> None:
     assert "CUDA_VISIBLE_DEVICES" not in spec.env
     llm = mllm.llm
     assert isinstance(llm.descriptor, CPULLMDescriptor)
-    llm_spec = llm.descriptor.launch_spec(llm, launch_context([Device(kind="cpu", index=1)]))
+    llm_spec = llm.descriptor.launch_spec(llm, placement([Device(kind="cpu", index=1)]))
     assert (
         llm_spec.command[1:3] == ["-m", "cornserve.llm_executor"]
         and "--receive-embeddings" in llm_spec.command
@@ -268,9 +268,9 @@ async def test_mllm_end_to_end_in_process() -> None:
 
         return lines()
 
-    dispatcher = InProcessDispatcher({EncoderTask: eric, LLMTask: llm})
+    runner = InProcessRunner({EncoderTask: eric, LLMTask: llm})
     mllm = MLLMTask(model_id="tiny", modalities=[Modality.IMAGE, Modality.VIDEO])
-    with use_dispatcher(dispatcher):
+    with use_graph_runner(runner):
         stream = await mllm(MIXED)
         text = "".join([c.choices[0].delta.content or "" async for c in stream])
     # URL lengths in media order: image a.png (13), video (13), image data URL (24).
@@ -333,7 +333,7 @@ async def test_deep_composite_executes_in_process() -> None:
 
         return lines()
 
-    with use_dispatcher(InProcessDispatcher({EncoderTask: eric, LLMTask: llm})):
+    with use_graph_runner(InProcessRunner({EncoderTask: eric, LLMTask: llm})):
         answer = await ThumbnailAndAnswer(model_id="qwen")(MIXED)
     assert answer.thumbnail.src_sidecar_ranks is not None and answer.thumbnail.dst_sidecar_ranks == []
     chunks = [c async for c in answer.answer]

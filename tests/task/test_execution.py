@@ -1,4 +1,4 @@
-"""`await task(input)`: record, dispatch, replay — with real array math in in-process executors."""
+"""`await task(input)`: record, run, replay — with real array math in in-process executors."""
 
 from __future__ import annotations
 
@@ -23,59 +23,59 @@ from tests.task.helpers import (
 
 from cornserve.task import (
     ExecutorRequest,
-    InProcessDispatcher,
+    InProcessRunner,
     LocalForwardStore,
-    NoDispatcherError,
+    NoGraphRunnerError,
     Stream,
     TaskContextError,
     TaskExecutionError,
-    use_dispatcher,
+    use_graph_runner,
 )
 
 
 async def test_pipeline_executes_fan_out_and_fan_in() -> None:
-    dispatcher, _ = in_process()
-    with use_dispatcher(dispatcher):
+    runner, _ = in_process()
+    with use_graph_runner(runner):
         out = await Pipeline()(PipelineInput(values=[1, 2, 3], factors=[2, 10]))
     assert isinstance(out, SumOutput)
     assert out.total == pytest.approx(6 * 2 + 6 * 10)
-    assert dispatcher.graphs_dispatched == 1
+    assert runner.graphs_run == 1
 
 
 async def test_nested_composites_execute_in_recorded_order() -> None:
     log: list[str] = []
-    dispatcher, _ = in_process(log)
+    runner, _ = in_process(log)
     task = TwoPipelines(first=Pipeline(), second=Pipeline())
-    with use_dispatcher(dispatcher):
+    with use_graph_runner(runner):
         out = await task(PipelineInput(values=[1.0], factors=[3.0]))
     assert out.total == pytest.approx(3.0)
     assert sorted(log) == sorted(["/maketensor", "/scale", "/sum"] * 2)
 
 
 async def test_concurrent_calls_are_isolated() -> None:
-    dispatcher, _ = in_process()
+    runner, _ = in_process()
     seen_graph_sizes: list[int] = []
-    real_dispatch = dispatcher.dispatch
+    real_run_graph = runner.run_graph
 
     async def counting(invocations: Any) -> Any:
         seen_graph_sizes.append(len(invocations))
         await asyncio.sleep(0.001)
-        return await real_dispatch(invocations)
+        return await real_run_graph(invocations)
 
-    dispatcher.dispatch = counting  # type: ignore[method-assign]
+    runner.run_graph = counting  # type: ignore[method-assign]
     pipeline = Pipeline()
     inputs = [PipelineInput(values=[float(i)], factors=[1.0] * (1 + i % 4)) for i in range(40)]
-    with use_dispatcher(dispatcher):
+    with use_graph_runner(runner):
         outs = await asyncio.gather(*(pipeline(x) for x in inputs))
     for i, (x, out) in enumerate(zip(inputs, outs, strict=True)):
         assert out.total == pytest.approx(i * len(x.factors)), i
-    # Each call dispatched exactly its own graph: make + one scale per factor + sum.
+    # Each call ran exactly its own graph: make + one scale per factor + sum.
     assert sorted(seen_graph_sizes) == sorted(2 + len(x.factors) for x in inputs)
 
 
 async def test_streaming_output_with_transform() -> None:
-    dispatcher, _ = in_process()
-    with use_dispatcher(dispatcher):
+    runner, _ = in_process()
+    with use_graph_runner(runner):
         stream = await Chat()(NumbersInput(values=[1, 2, 3, 4]))
     assert isinstance(stream, Stream)
     items = [tok async for tok in stream]
@@ -94,10 +94,13 @@ async def test_failing_invocation_fails_graph_promptly_with_its_message() -> Non
         raise RuntimeError("sum executor exploded")
 
     executors[Sum] = broken
-    dispatcher = InProcessDispatcher(executors, timeout=30)
+    runner = InProcessRunner(executors, timeout=30)
     loop = asyncio.get_running_loop()
     start = loop.time()
-    with use_dispatcher(dispatcher), pytest.raises(TaskExecutionError, match="sum executor exploded") as info:
+    with (
+        use_graph_runner(runner),
+        pytest.raises(TaskExecutionError, match="sum executor exploded") as info,
+    ):
         await Pipeline()(PipelineInput(values=[1], factors=[1]))
     assert info.value.task_name == "Sum"
     assert info.value.position == 2
@@ -113,20 +116,20 @@ async def test_graph_deadline() -> None:
 
     executors[Sum] = hangs
     with (
-        use_dispatcher(InProcessDispatcher(executors, timeout=0.2)),
+        use_graph_runner(InProcessRunner(executors, timeout=0.2)),
         pytest.raises(TaskExecutionError, match=r"within 0\.2 s"),
     ):
         await Pipeline()(PipelineInput(values=[1], factors=[1]))
 
 
-async def test_no_dispatcher_configured() -> None:
-    with pytest.raises(NoDispatcherError, match="no dispatcher is configured"):
+async def test_no_graph_runner_configured() -> None:
+    with pytest.raises(NoGraphRunnerError, match="no graph runner is configured"):
         await Pipeline()(PipelineInput(values=[1], factors=[1]))
 
 
 async def test_unit_task_called_directly_returns_its_forward() -> None:
-    dispatcher, _ = in_process()
-    with use_dispatcher(dispatcher):
+    runner, _ = in_process()
+    with use_graph_runner(runner):
         out = await MakeTensor()(NumbersInput(values=[1.0]))
     assert out.tensor.src_sidecar_ranks == [0]
     assert out.tensor.dst_sidecar_ranks == []
@@ -138,8 +141,8 @@ def test_invoke_outside_a_call_is_a_clear_error() -> None:
 
 
 async def test_input_given_as_dict_is_validated() -> None:
-    dispatcher, _ = in_process()
-    with use_dispatcher(dispatcher):
+    runner, _ = in_process()
+    with use_graph_runner(runner):
         out = await Pipeline()({"values": [2.0], "factors": [2.0]})  # type: ignore[arg-type]
     assert out.total == pytest.approx(4.0)
     with pytest.raises(TypeError, match="takes a PipelineInput"):
@@ -147,8 +150,8 @@ async def test_input_given_as_dict_is_validated() -> None:
 
 
 async def test_many_sequential_calls_do_not_leak_contexts() -> None:
-    dispatcher, _ = in_process()
+    runner, _ = in_process()
     pipeline = Pipeline()
-    with use_dispatcher(dispatcher):
+    with use_graph_runner(runner):
         for i in itertools.islice(itertools.count(), 20):
             assert (await pipeline(PipelineInput(values=[i], factors=[1.0]))).total == pytest.approx(i)

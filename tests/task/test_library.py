@@ -31,12 +31,12 @@ def test_load_register_reload_and_import() -> None:
     assert (
         load_task_library("demo-lib", LIB.replace("VERSION", "1")).module is first.module
     )  # same version: no-op
-    task = registered_unit_tasks()["LibTask"]()
+    task = registered_unit_tasks()["demo-lib:LibTask"]()
     assert deserialize_task(serialize_task(task)) == task
 
     second = load_task_library("demo-lib", LIB.replace("VERSION", "2"))
     assert second.sha256 == library_sha256(LIB.replace("VERSION", "2")) != first.sha256
-    assert registered_unit_tasks()["LibTask"]().size == 2
+    assert registered_unit_tasks()["demo-lib:LibTask"]().size == 2
     assert loaded_libraries()["demo-lib"] == second.sha256
 
     from cornserve_tasklibs.demo_lib import LibTask  # type: ignore[import-not-found]

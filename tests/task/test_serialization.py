@@ -9,10 +9,12 @@ from typing import Any
 
 import pytest
 from pydantic import TypeAdapter
-from tests.task.helpers import MakeTensor, NumbersInput, Pipeline, PipelineInput, Sum, SumOutput
+from tests.task.helpers import MakeTensor, NumbersInput, Pipeline, PipelineInput, SumOutput
+from tests.task.helpers import Sum as HelperSum
 
 from cornserve.task import (
     TaskDefinitionError,
+    TaskExecutionDescriptor,
     TaskInvocation,
     TaskRegistryError,
     TaskSerializationError,
@@ -34,7 +36,7 @@ from cornserve.task.builtins import (
     Modality,
     VLLMDescriptor,
 )
-from cornserve.task.registry import register_unit_task
+from cornserve.task.registry import UNIT_TASKS, ClassKey
 
 INVOCATIONS = TypeAdapter(list[TaskInvocation])
 
@@ -52,7 +54,7 @@ def builtin_tasks() -> list[UnitTask[Any, Any]]:
 @pytest.mark.parametrize("task", builtin_tasks(), ids=lambda t: t.deployment_key)
 def test_serialize_round_trip(task: UnitTask[Any, Any]) -> None:
     data = serialize_task(task)
-    assert data["name"] == type(task).__name__
+    assert data["name"] == f"{type(task).__module__}:{type(task).__qualname__}"
     wire = json.loads(json.dumps(data))
     back = deserialize_task(wire)
     assert type(back) is type(task)
@@ -105,25 +107,35 @@ def test_shared_encoder_is_discovered_once() -> None:
 
 def test_registries_list_builtins_and_custom_tasks() -> None:
     tasks = registered_unit_tasks()
-    assert {"EncoderTask", "LLMTask", "MakeTensor", "Sum"} <= set(tasks)
-    assert "MLLMTask" not in tasks  # composites are not deployed
-    assert {"EricDescriptor", "VLLMDescriptor", "CPULLMDescriptor"} <= set(registered_descriptors())
-    assert "OpenAIChatDescriptor" not in registered_descriptors()  # abstract
+    assert tasks["cornserve.task.builtins.encoder:EncoderTask"] is EncoderTask
+    assert tasks["cornserve.task.builtins.llm:LLMTask"] is LLMTask
+    assert (
+        tasks["tests.task.helpers:MakeTensor"] is MakeTensor and tasks["tests.task.helpers:Sum"] is HelperSum
+    )
+    assert not any(name.endswith(":MLLMTask") for name in tasks)  # composites are not deployed
+    descriptors = registered_descriptors()
+    assert descriptors["cornserve.task.builtins.encoder:EricDescriptor"] is EricDescriptor
+    assert descriptors["cornserve.task.builtins.llm:VLLMDescriptor"] is VLLMDescriptor
+    assert descriptors["cornserve.task.builtins.llm:CPULLMDescriptor"] is CPULLMDescriptor
+    assert not any(name.endswith(":OpenAIChatDescriptor") for name in descriptors)  # abstract
 
 
 def test_deserialize_errors() -> None:
+    encoder = "cornserve.task.builtins.encoder:EncoderTask"
     with pytest.raises(
-        TaskRegistryError, match=r"unknown unit task 'NoSuchTask'; registered unit tasks: .*EncoderTask"
+        TaskRegistryError, match=r"unknown unit task 'NoSuchTask'; registered: .*:EncoderTask"
     ):
         deserialize_task({"name": "NoSuchTask", "config": {}})
-    with pytest.raises(TaskSerializationError, match="invalid configuration for EncoderTask"):
-        deserialize_task({"name": "EncoderTask", "config": {"modality": "smell", "model_id": "m"}})
+    with pytest.raises(TaskRegistryError, match=r"unknown unit task 'other\.module:EncoderTask'"):
+        deserialize_task({"name": "other.module:EncoderTask", "config": {}})
+    with pytest.raises(TaskSerializationError, match=r"invalid configuration for .*:EncoderTask"):
+        deserialize_task({"name": encoder, "config": {"modality": "smell", "model_id": "m"}})
     with pytest.raises(TaskSerializationError, match="a serialized task is"):
-        deserialize_task({"name": "EncoderTask"})
+        deserialize_task({"name": encoder})
     with pytest.raises(TaskRegistryError, match="unknown execution descriptor 'Nope'"):
         deserialize_task(
             {
-                "name": "EncoderTask",
+                "name": encoder,
                 "config": {
                     "modality": "image",
                     "model_id": "m",
@@ -135,19 +147,74 @@ def test_deserialize_errors() -> None:
         serialize_task(MLLMTask(model_id="m"))  # type: ignore[arg-type]
 
 
-def test_a_later_class_of_the_same_name_replaces_the_earlier(caplog: pytest.LogCaptureFixture) -> None:
-    original = registered_unit_tasks()["Sum"]
-    try:
+def test_equal_class_names_in_different_modules_do_not_collide() -> None:
+    """Keys are (library, qualified name): a second `Sum` elsewhere is a different registered task."""
 
-        class Sum(original):  # type: ignore[valid-type,misc]  # a new definition under the same name
-            extra: int = 1
+    class Sum(UnitTask[NumbersInput, SumOutput]):  # the same __name__ as tests.task.helpers.Sum
+        pass
 
-        assert registered_unit_tasks()["Sum"] is Sum
-        assert "unit task class 'Sum' is now" in caplog.text
-        assert type(deserialize_task({"name": "Sum", "config": {"extra": 2}})) is Sum
-    finally:
-        register_unit_task(original)
-    assert registered_unit_tasks()["Sum"] is original
+    class SumRunner(TaskExecutionDescriptor[Sum]):
+        pass
+
+    assert ClassKey.of(Sum) == ClassKey("tests.task.test_serialization", Sum.__qualname__)
+    assert ClassKey.of(Sum) != ClassKey.of(HelperSum)
+    registered = registered_unit_tasks()
+    assert registered[f"tests.task.test_serialization:{Sum.__qualname__}"] is Sum
+    assert registered["tests.task.helpers:Sum"] is not Sum
+    back = deserialize_task(json.loads(json.dumps(serialize_task(Sum(descriptor=SumRunner())))))
+    assert type(back) is Sum and type(back.descriptor) is SumRunner
+
+
+def test_a_true_collision_is_refused() -> None:
+    """One module defining two different classes under one qualified name cannot be deserialized."""
+
+    def define() -> type[UnitTask[Any, Any]]:
+        class Twice(UnitTask[NumbersInput, SumOutput]):
+            pass
+
+        return Twice
+
+    first = define()
+    with pytest.raises(TaskRegistryError, match=r"two different unit task classes are named .*Twice"):
+        define()
+    assert UNIT_TASKS.lookup(ClassKey.of(first)) is first
+
+
+def test_a_notebook_cell_run_again_replaces_its_class() -> None:
+    """In `__main__` (a notebook or REPL) defining a task class again replaces it: that is how it is edited."""
+    namespace: dict[str, Any] = {"__name__": "__main__"}
+    source = (
+        "from cornserve.task import TaskInput, TaskOutput, UnitTask\n"
+        "class CellIn(TaskInput):\n    n: int = 0\n"
+        "class CellOut(TaskOutput):\n    n: int\n"
+        "class CellTask(UnitTask[CellIn, CellOut]):\n    pass\n"
+    )
+    exec(compile(source, "<cell>", "exec"), namespace)
+    first = namespace["CellTask"]
+    exec(compile(source, "<cell>", "exec"), namespace)
+    second = namespace["CellTask"]
+    assert first is not second
+    assert UNIT_TASKS.lookup(ClassKey("__main__", "CellTask")) is second
+
+
+def test_a_new_library_version_replaces_its_classes() -> None:
+    """A different module object of the same library (a new version) replaces the earlier class."""
+    from cornserve.task.library import load_task_library
+
+    source = (
+        "from cornserve.task import TaskExecutionDescriptor, TaskInput, TaskOutput, UnitTask\n"
+        "class In(TaskInput):\n    n: int = VERSION\n"
+        "class Out(TaskOutput):\n    n: int\n"
+        "class Versioned(UnitTask[In, Out]):\n    default_descriptor = 'VersionedDescriptor'\n"
+        "class VersionedDescriptor(TaskExecutionDescriptor[Versioned]):\n    pass\n"
+    )
+    first = load_task_library("versioned-lib", source.replace("VERSION", "1")).module.Versioned
+    second = load_task_library("versioned-lib", source.replace("VERSION", "2")).module.Versioned
+    assert first is not second
+    assert registered_unit_tasks()["versioned-lib:Versioned"] is second
+    assert UNIT_TASKS.key_of(first) is None and UNIT_TASKS.key_of(second) == ClassKey(
+        "versioned-lib", "Versioned"
+    )
 
 
 def test_descriptor_must_match_task() -> None:
@@ -196,7 +263,7 @@ def test_bad_invocation_json_is_a_clear_error() -> None:
         INVOCATIONS.validate_python(
             [
                 {
-                    "task": serialize_task(Sum()),
+                    "task": serialize_task(HelperSum()),
                     "task_input": {"tensors": "nope"},
                     "task_output": {"total": 1.0},
                 }
@@ -220,3 +287,19 @@ def test_unit_task_must_not_override_invoke() -> None:
         class Bad(UnitTask[NumbersInput, SumOutput]):
             def invoke(self, task_input: NumbersInput) -> SumOutput:
                 return SumOutput(total=0)
+
+
+def test_the_same_source_executed_again_replaces_its_classes() -> None:
+    """An app's source loaded twice is two module objects of one name: the later class wins, no error."""
+    from cornserve.app import load_app
+
+    source = (
+        "from cornserve.task import TaskInput, TaskOutput, UnitTask\n"
+        "class In(TaskInput):\n    pass\n"
+        "class Out(TaskOutput):\n    pass\n"
+        "class Inline(UnitTask[In, Out]):\n    pass\n"
+    )
+    first = load_app(source, "inline").Inline
+    second = load_app(source, "inline").Inline
+    assert first is not second and ClassKey.of(first) == ClassKey.of(second)
+    assert UNIT_TASKS.key_of(second) == ClassKey.of(second) and UNIT_TASKS.key_of(first) is None

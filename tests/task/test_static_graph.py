@@ -25,7 +25,7 @@ from cornserve.task import (
     Task,
     TaskInput,
     UnmaterializedDataError,
-    use_dispatcher,
+    use_graph_runner,
 )
 
 
@@ -103,14 +103,14 @@ class OtherInputOnReplay(Task[FlakyInput, SumOutput]):
     ],
 )
 async def test_replay_must_match_recording(task_cls: type[Task], pattern: str) -> None:  # type: ignore[type-arg]
-    dispatcher, _ = in_process()
-    with use_dispatcher(dispatcher), pytest.raises(StaticGraphError, match=pattern):
+    runner, _ = in_process()
+    with use_graph_runner(runner), pytest.raises(StaticGraphError, match=pattern):
         await task_cls()(FlakyInput(values=[1.0]))
 
 
 async def test_replay_with_different_task_instance_names_both() -> None:
-    dispatcher, _ = in_process()
-    with use_dispatcher(dispatcher), pytest.raises(StaticGraphError) as info:
+    runner, _ = in_process()
+    with use_graph_runner(runner), pytest.raises(StaticGraphError) as info:
         await OtherTaskOnReplay()(FlakyInput(values=[1.0]))
     assert "position 0" in str(info.value)
     assert "same task calls in the same order" in str(info.value)
@@ -227,8 +227,8 @@ def test_forward_produced_but_unused() -> None:
 
 
 async def test_forward_from_another_graph_cannot_be_consumed() -> None:
-    dispatcher, _ = in_process()
-    with use_dispatcher(dispatcher):
+    runner, _ = in_process()
+    with use_graph_runner(runner):
         made = await MakeTensor()(NumbersInput(values=[1.0]))
         with pytest.raises(StaticGraphError, match="which no earlier task in this graph produced"):
             await Sum()(SumInput(tensors=[made.tensor]))

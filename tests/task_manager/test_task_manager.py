@@ -21,21 +21,19 @@ from tests.support.tasklibs import ECHO, echo_task, upload_library
 from tests.support.waiting import wait_answering, wait_for, wait_gone
 
 from cornserve.bus.control import (
+    AckReply,
     AssignRequest,
     DeviceInfo,
     ExecutorAssignment,
-    OkReply,
-    RouteDone,
     RouteReply,
-    RouteRequest,
     ShutdownRequest,
     TaskManagerStatus,
-    TaskManagerStatusRequest,
     tm_subject,
 )
 from cornserve.bus.micro import ServiceErrorReply, request
 from cornserve.bus.schemas import ErrorReply
-from cornserve.cli.launcher import pid_alive
+from cornserve.bus.tm_client import TaskManagerClient
+from cornserve.runtime.process import pid_alive
 from cornserve.task import serialize_task
 
 
@@ -43,42 +41,36 @@ def device(i: int) -> DeviceInfo:
     return DeviceInfo(kind="cpu", index=i, sidecar_rank=i)
 
 
-def assignment(*ids_and_devices: tuple[str, int]) -> AssignRequest:
-    return AssignRequest(
-        executors=[ExecutorAssignment(executor_id=e, devices=[device(d)]) for e, d in ids_and_devices],
-        timeout_s=60,
-    )
+def assignment(*ids_and_devices: tuple[str, int]) -> dict[str, list[DeviceInfo]]:
+    return {e: [device(d)] for e, d in ids_and_devices}
 
 
 class TM:
-    """One task-manager process for one task."""
+    """One task-manager process for one task, driven through the bus's typed client."""
 
     def __init__(self, nc: Client, key: str, service: ServiceProcess) -> None:
         self.nc, self.key, self.service = nc, key, service
+        self.client = TaskManagerClient(nc, key)
 
     @property
     def proc(self) -> subprocess.Popen[bytes]:
         return self.service.proc
 
     async def call(self, verb: Any, msg: Any, reply: Any, timeout: float = 10.0) -> Any:
+        """A raw request, for messages the typed client cannot express."""
         return await request(self.nc, tm_subject(self.key, verb), msg, reply, timeout)
 
     async def status(self) -> TaskManagerStatus:
-        result: TaskManagerStatus = await self.call("status", TaskManagerStatusRequest(), TaskManagerStatus)
-        return result
+        return await self.client.status(10.0)
 
-    async def assign(self, req: AssignRequest) -> TaskManagerStatus:
-        result: TaskManagerStatus = await self.call("assign", req, TaskManagerStatus, 90.0)
-        return result
+    async def assign(self, executors: dict[str, list[DeviceInfo]]) -> TaskManagerStatus:
+        return await self.client.assign(executors, 60.0)
 
     async def route(self) -> RouteReply:
-        result: RouteReply = await self.call("route", RouteRequest(), RouteReply)
-        return result
+        return await self.client.route(10.0)
 
     async def done(self, executor_id: str) -> None:
-        await self.nc.publish(
-            tm_subject(self.key, "done"), RouteDone(executor_id=executor_id).model_dump_json().encode()
-        )
+        await self.client.done(executor_id)
         await self.nc.flush()
 
     def log_text(self) -> str:
@@ -251,7 +243,8 @@ async def test_malformed_messages_get_error_replies(start_tm: StartTM, nc: Clien
             ErrorReply.model_validate_json(msg.data)
     # Duplicate executor ids are refused too.
     with pytest.raises(ServiceErrorReply) as info:
-        await tm.assign(assignment(("e0", 0), ("e0", 1)))
+        duplicate = [ExecutorAssignment(executor_id="e0", devices=[device(d)]) for d in (0, 1)]
+        await tm.call("assign", AssignRequest(executors=duplicate, timeout_s=60), TaskManagerStatus)
     assert info.value.code == "400"
     # A done for an unknown executor, and garbage published without a reply subject, are ignored.
     await tm.done("nobody")
@@ -266,7 +259,7 @@ async def test_shutdown_stops_executors_and_exits(start_tm: StartTM) -> None:
     await tm.assign(assignment(("e0", 0), ("e1", 1)))
     pids = list((await executor_pids(tm)).values())
     assert len(pids) == 2
-    reply = await tm.call("shutdown", ShutdownRequest(request_id="bye"), OkReply, 30.0)
+    reply = await tm.call("shutdown", ShutdownRequest(request_id="bye"), AckReply, 30.0)
     assert reply.request_id == "bye"
     await wait_for(lambda: tm.proc.poll() is not None, 30, "the task manager to exit")
     assert tm.proc.returncode == 0

@@ -22,8 +22,14 @@ from tests.support.plugin import StartSidecars
 from tests.support.processes import ServiceProcess, python_module
 from tests.support.waiting import wait_healthy
 
-from cornserve.bus.natsserver import free_port
+from cornserve.runtime.process import free_port
 from cornserve.sidecar import Sidecar
+from cornserve.task.builtins.embedding import (
+    EMBEDDING_META_CHUNK,
+    EMBEDDING_NUM_CHUNKS,
+    EMBEDDING_TENSOR_CHUNK,
+    EmbeddingMeta,
+)
 from cornserve.vllm import (
     EmbeddingTranslationError,
     ReceivedEmbedding,
@@ -73,8 +79,10 @@ def _request() -> dict[str, object]:
 
 
 def test_rewrite_request_replaces_media_in_order() -> None:
-    a = ReceivedEmbedding(tensor=torch.ones(4, 8), modality="image", num_tokens=4, grid_thw=[1, 4, 4])
-    b = ReceivedEmbedding(tensor=torch.full((2, 8), 2.0), modality="image", num_tokens=2)
+    a = ReceivedEmbedding(
+        tensor=torch.ones(4, 8), meta=EmbeddingMeta(modality="image", num_tokens=4, grid_thw=[1, 4, 4])
+    )
+    b = ReceivedEmbedding(tensor=torch.full((2, 8), 2.0), meta=EmbeddingMeta(modality="image", num_tokens=2))
     out = rewrite_request(_request(), [a, b])
     assert "cornserve_embeddings" not in out
     parts = out["messages"][1]["content"]
@@ -87,15 +95,15 @@ def test_rewrite_request_replaces_media_in_order() -> None:
 
 
 def test_rewrite_request_errors() -> None:
-    one = ReceivedEmbedding(tensor=torch.ones(4, 8), modality="image", num_tokens=4)
+    one = ReceivedEmbedding(tensor=torch.ones(4, 8), meta=EmbeddingMeta(modality="image", num_tokens=4))
     with pytest.raises(EmbeddingTranslationError, match="no embedding is left"):
         rewrite_request(_request(), [one])
     with pytest.raises(EmbeddingTranslationError, match="left over"):
         rewrite_request(_request(), [one, one, one])
-    video = ReceivedEmbedding(tensor=torch.ones(4, 8), modality="video", num_tokens=4)
+    video = ReceivedEmbedding(tensor=torch.ones(4, 8), meta=EmbeddingMeta(modality="video", num_tokens=4))
     with pytest.raises(EmbeddingTranslationError, match="is image media but its embedding is video"):
         rewrite_request(_request(), [video, one])
-    bad = ReceivedEmbedding(tensor=torch.ones(3, 8), modality="image", num_tokens=4)
+    bad = ReceivedEmbedding(tensor=torch.ones(3, 8), meta=EmbeddingMeta(modality="image", num_tokens=4))
     with pytest.raises(EmbeddingTranslationError, match="does not match its 4 tokens"):
         rewrite_request(_request(), [bad, one])
 
@@ -125,9 +133,21 @@ async def test_proxy_feeds_sidecar_embeddings_to_vllm(
         await asyncio.to_thread(wait_healthy, url, process=proxy, timeout=90)
         embedding = torch.arange(24, dtype=torch.float32).reshape(3, 8)
         async with Sidecar(src.rank, nats_url) as sender:
-            await sender.send(embedding, "fwd-1", [[dst.rank]], chunk_id=0, num_chunks=2)
-            meta = {"modality": "image", "num_tokens": 3, "grid_thw": [1, 2, 6], "model_id": "tiny-qwen"}
-            await sender.send(meta, "fwd-1", [[dst.rank]], chunk_id=1, num_chunks=2)
+            await sender.send(
+                embedding,
+                "fwd-1",
+                [[dst.rank]],
+                chunk_id=EMBEDDING_TENSOR_CHUNK,
+                num_chunks=EMBEDDING_NUM_CHUNKS,
+            )
+            meta = EmbeddingMeta(modality="image", num_tokens=3, grid_thw=[1, 2, 6], model_id="tiny-qwen")
+            await sender.send(
+                meta.model_dump(mode="json"),
+                "fwd-1",
+                [[dst.rank]],
+                chunk_id=EMBEDDING_META_CHUNK,
+                num_chunks=EMBEDDING_NUM_CHUNKS,
+            )
         body = {
             "model": "tiny-qwen",
             "stream": True,

@@ -2,8 +2,9 @@
 
 Every control-plane message between the gateway, the resource manager (RM), the task managers
 (TM), the dispatchers and the executors' helpers is defined here, so no service imports another
-service's package. Requests are `RequestBase` models (with a request id) sent with
-`cornserve.bus.micro.request`; handlers reply with a model or a typed error (`ServiceFault`).
+service's package. Requests are `RequestBase` models (with a request id); callers send them through
+the typed clients next to this module (`cornserve.bus.rm_client`, `cornserve.bus.tm_client`), and
+handlers reply with a model or a typed error (`ServiceFault`).
 
 Tasks travel as `TaskSpec` = the output of `cornserve.task.serialize_task` (name + config), and
 task graphs as lists of `TaskInvocation` JSON (`cornserve.task.TaskInvocation`). Schemas here keep
@@ -31,7 +32,8 @@ RM_PREFIX = "cornserve.rm"
 RM_DEPLOY = f"{RM_PREFIX}.deploy"
 """DeployRequest -> DeployReply: deploy (or add a user to) unit tasks; replies once all are ready."""
 RM_RELEASE = f"{RM_PREFIX}.release"
-"""ReleaseRequest -> ReleaseReply: drop a user from its tasks; tasks left with no user are torn down."""
+"""DeploymentReleaseRequest -> DeploymentReleaseReply: drop a user from its tasks; tasks left with no
+user are torn down."""
 RM_STATE = f"{RM_PREFIX}.state"
 """StateRequest -> ClusterState: every deployment and device (dispatchers catch up with this)."""
 RM_SCALE = f"{RM_PREFIX}.scale"
@@ -47,8 +49,11 @@ def rm_progress_subject(request_id: str) -> str:
 
 TM_PREFIX = "cornserve.tm"
 
+TaskManagerVerb = Literal["route", "done", "status", "assign", "shutdown"]
+"""The endpoints of a task manager (`done` is a plain subscription, the others nats.micro endpoints)."""
 
-def tm_subject(task_key: str, verb: Literal["route", "done", "status", "assign", "shutdown"]) -> str:
+
+def tm_subject(task_key: str, verb: TaskManagerVerb) -> str:
     """Endpoint `verb` of the task manager of `task_key` (a deployment key: lowercase, digits, '-')."""
     return f"{TM_PREFIX}.{task_key}.{verb}"
 
@@ -70,7 +75,7 @@ KV_TASKLIBS = "cornserve-tasklibs"
 # ----- shared pieces -------------------------------------------------------------------------------
 
 TaskSpec = dict[str, Any]
-"""`{"name": <registered unit task class>, "config": {...}}` from cornserve.task.serialize_task."""
+"""`{"name": "<library>:<qualname>", "config": {...}}` from cornserve.task.serialize_task."""
 
 
 class DeviceInfo(WireModel):
@@ -134,13 +139,13 @@ class DeployReply(WireModel):
     deployments: list[DeploymentInfo]
 
 
-class ReleaseRequest(RequestBase):
+class DeploymentReleaseRequest(RequestBase):
     """Remove `owner` from every task it uses."""
 
     owner: str = Field(min_length=1, max_length=200)
 
 
-class ReleaseReply(WireModel):
+class DeploymentReleaseReply(WireModel):
     """Which tasks the owner was removed from, and which of them were torn down."""
 
     request_id: str
@@ -238,11 +243,11 @@ class RouteDone(WireModel):
 
 
 class ShutdownRequest(RequestBase):
-    """Stop every executor and exit."""
+    """Stop every executor and exit; answered with AckReply."""
 
 
-class OkReply(WireModel):
-    """A plain acknowledgement."""
+class AckReply(WireModel):
+    """A plain acknowledgement (of a task manager's shutdown or of a requested RouteDone)."""
 
     request_id: str
 

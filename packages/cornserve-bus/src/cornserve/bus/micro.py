@@ -1,8 +1,8 @@
 """Thin helpers over ``nats.micro`` so every Cornserve service speaks the same request/reply dialect.
 
-Requests and replies are pydantic models serialized as JSON. Errors come back as micro error replies
-(``Nats-Service-Error`` / ``Nats-Service-Error-Code`` headers) with an :class:`ErrorReply` body, and
-the calling side turns "nobody is listening" and "nobody answered in time" into distinct exceptions.
+Requests and replies are pydantic models serialized as JSON. Errors come back as typed error replies
+(encoded and decoded by :mod:`cornserve.bus.error_codec`), and the calling side turns "nobody is
+listening" and "nobody answered in time" into distinct exceptions.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from typing import Any, TypeVar
 
 import nats.errors
 from nats.aio.client import Client
-from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER, Request
+from nats.micro.request import Request
 from pydantic import BaseModel, ValidationError
 
+from cornserve.bus.error_codec import decode_error, describe_invalid, request_id_of, respond_error
 from cornserve.bus.schemas import ErrorReply
 
 logger = logging.getLogger(__name__)
@@ -89,26 +90,15 @@ async def request(
         raise NoResponders(subject) from exc
     except nats.errors.TimeoutError as exc:
         raise RequestTimeout(subject, timeout) from exc
-    headers = msg.headers or {}
-    if ERROR_CODE_HEADER in headers:
-        code = headers[ERROR_CODE_HEADER]
-        try:
-            error = ErrorReply.model_validate_json(msg.data)
-        except ValidationError:
-            error = ErrorReply(request_id="", error="unknown", message=headers.get(ERROR_HEADER, ""))
-        raise ServiceErrorReply(subject, code, error)
+    error = decode_error(msg.headers, msg.data)
+    if error is not None:
+        raise ServiceErrorReply(subject, error.code, error.reply)
     return reply_type.model_validate_json(msg.data)
 
 
-async def respond_error(
-    req: Request, request_id: str, code: int, error: str, message: str, **details: Any
-) -> None:
-    """Send a typed error reply: micro error headers plus an :class:`ErrorReply` JSON body."""
-    body = ErrorReply(request_id=request_id, error=error, message=message, details=details)
-    # Header values must be single-line.
-    await req.respond_error(
-        str(code), message.replace("\r", " ").replace("\n", " "), data=body.model_dump_json().encode()
-    )
+async def respond_fault(req: Request, request_id: str, fault: ServiceFault) -> None:
+    """Answer `req` with the typed error reply `fault` describes."""
+    await respond_error(req, request_id, fault.code, fault.error, fault.message, **fault.details)
 
 
 class HandlerRunner:
@@ -133,7 +123,8 @@ class HandlerRunner:
             try:
                 parsed = request_type.model_validate_json(req.data)
             except ValidationError as exc:
-                await respond_error(req, _best_effort_request_id(req.data), 400, "bad_request", _short(exc))
+                message = "invalid request: " + describe_invalid(exc)
+                await respond_error(req, request_id_of(req.data), 400, "bad_request", message)
                 return
             task = asyncio.create_task(self._run(req, parsed, fn))
             self._tasks.add(task)
@@ -146,7 +137,7 @@ class HandlerRunner:
         try:
             reply = await fn(parsed)
         except ServiceFault as fault:
-            await respond_error(req, request_id, fault.code, fault.error, fault.message, **fault.details)
+            await respond_fault(req, request_id, fault)
             return
         except Exception as exc:
             logger.exception("handler for %s failed", req.subject)
@@ -160,22 +151,3 @@ class HandlerRunner:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def _best_effort_request_id(data: bytes) -> str:
-    """Pull a request id out of a malformed message so even a bad request gets a correlatable reply."""
-    import json
-
-    try:
-        obj = json.loads(data)
-    except ValueError:
-        return ""
-    if isinstance(obj, dict) and isinstance(obj.get("request_id"), str):
-        return str(obj["request_id"])
-    return ""
-
-
-def _short(exc: ValidationError) -> str:
-    errors = exc.errors(include_url=False)
-    parts = [f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in errors[:5]]
-    return "invalid request: " + "; ".join(parts)

@@ -6,7 +6,7 @@ metadata and bookkeeping. Payload bytes never do.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
@@ -16,6 +16,13 @@ DataKind = Literal["torch", "numpy", "object", "cuda"]
 NoticeKind = Literal["lost", "expired"]
 
 MAX_ID_LEN = 256
+
+DataId = Annotated[str, Field(min_length=1, max_length=MAX_ID_LEN)]
+"""The sender-chosen id of one piece of data (all its chunks share it)."""
+ChunkIndex = Annotated[int, Field(ge=0)]
+"""Position of a chunk within its data (0 for single-chunk data)."""
+Rank = Annotated[int, Field(ge=0)]
+"""A global sidecar rank (one per device)."""
 
 
 class DataMeta(WireModel):
@@ -59,8 +66,15 @@ def _check_groups(groups: list[list[int]]) -> list[list[int]]:
 class Key(WireModel):
     """Identity of one chunk of one piece of data."""
 
-    id: str = Field(min_length=1, max_length=MAX_ID_LEN)
-    chunk_id: int = Field(ge=0)
+    id: DataId
+    chunk_id: ChunkIndex
+
+
+class ChunkRequest(RequestBase):
+    """A request about one chunk of one piece of data (the fields every chunk request shares)."""
+
+    id: DataId
+    chunk_id: ChunkIndex
 
 
 class InfoRequest(RequestBase):
@@ -87,18 +101,23 @@ class StatsRequest(RequestBase):
     """Ask for arena usage and bookkeeping counters."""
 
 
-class StatsReply(WireModel):
-    """Arena usage; ``used_bytes == 0`` means nothing is leaked."""
+class ArenaUsage(WireModel):
+    """How full a server's arena is; ``used_bytes == 0`` means nothing is leaked."""
 
-    request_id: str
-    rank: int
-    instance: str
     arena_bytes: int
     used_bytes: int
     free_bytes: int
     largest_free_block: int
     free_blocks: int
     allocations: int
+
+
+class StatsReply(ArenaUsage):
+    """Arena usage plus the server's bookkeeping counters (the leak tests' ground truth)."""
+
+    request_id: str
+    rank: int
+    instance: str
     held_entries: int
     mailbox_entries: int
     pending_allocs: int
@@ -131,11 +150,9 @@ class FreeRequest(RequestBase):
     offset: int = Field(ge=0)
 
 
-class SendRequest(RequestBase):
+class SendRequest(ChunkRequest):
     """Publish one chunk whose bytes are already at ``location`` to every rank in ``dst_ranks``."""
 
-    id: str = Field(min_length=1, max_length=MAX_ID_LEN)
-    chunk_id: int = Field(ge=0)
     num_chunks: int | None = Field(default=1, ge=1)
     dst_ranks: list[list[int]]
     instance: str
@@ -152,17 +169,15 @@ class SendRequest(RequestBase):
 class CloseStreamRequest(RequestBase):
     """Declare the length of a stream whose chunks were sent with ``num_chunks=None``."""
 
-    id: str = Field(min_length=1, max_length=MAX_ID_LEN)
+    id: DataId
     num_chunks: int = Field(ge=0)
     dst_ranks: list[list[int]] | None = None
     timeout: float = Field(gt=0)
 
 
-class RecvRequest(RequestBase):
+class RecvRequest(ChunkRequest):
     """Wait up to ``timeout`` for chunk ``chunk_id`` of ``id`` to arrive at this server."""
 
-    id: str = Field(min_length=1, max_length=MAX_ID_LEN)
-    chunk_id: int = Field(ge=0)
     timeout: float = Field(gt=0)
 
 
@@ -175,15 +190,15 @@ class RecvReply(WireModel):
     end_of_stream: bool = False
 
 
-class DoneRequest(RequestBase):
+class DoneRequest(ChunkRequest):
     """The consumer is finished with a chunk: its memory may be released."""
 
-    id: str = Field(min_length=1, max_length=MAX_ID_LEN)
-    chunk_id: int = Field(ge=0)
 
+class SidecarAck(WireModel):
+    """A sidecar server (or producer client) did what was asked; ``instance`` names who answered.
 
-class OkReply(WireModel):
-    """Generic success."""
+    Carrying the instance lets a client notice that its server restarted between two calls.
+    """
 
     request_id: str
     instance: str
@@ -192,24 +207,30 @@ class OkReply(WireModel):
 # --- peer to peer -------------------------------------------------------------------------------
 
 
-class DeliverRequest(RequestBase):
+class ChunkAnnouncement(ChunkRequest):
+    """Source server -> destination server about one chunk: who sends it to whom.
+
+    ``num_chunks`` is the data's length, or None while a stream's length is still unknown.
+    """
+
+    num_chunks: int | None = Field(default=1, ge=0)
+    source_rank: Rank
+    source_instance: str
+    dst_rank: Rank
+
+
+class DeliverRequest(ChunkAnnouncement):
     """Source server -> destination server: a chunk is available at ``location`` (or a stream ended)."""
 
-    id: str = Field(min_length=1, max_length=MAX_ID_LEN)
-    chunk_id: int = Field(ge=0)
-    num_chunks: int | None = Field(default=1, ge=0)
-    source_rank: int = Field(ge=0)
-    source_instance: str
-    dst_rank: int = Field(ge=0)
     location: Location | None = None
     """None for a pure end-of-stream announcement."""
 
 
-class ReleaseRequest(RequestBase):
-    """Destination server -> source server: ``dst_rank`` is done with the chunk."""
+class ReleaseChunkRequest(RequestBase):
+    """Destination server -> source server: ``dst_rank`` is done with the chunk the source holds."""
 
     key: Key
-    dst_rank: int = Field(ge=0)
+    dst_rank: Rank
     source_instance: str
 
 
@@ -222,12 +243,10 @@ class NoticeRequest(RequestBase):
     reason: str
 
 
-class NcclPullRequest(RequestBase):
+class NcclPullRequest(ChunkRequest):
     """Consumer client -> producer client (other node): NCCL-send me this GPU chunk now."""
 
-    id: str = Field(min_length=1, max_length=MAX_ID_LEN)
-    chunk_id: int = Field(ge=0)
-    dst_rank: int = Field(ge=0)
+    dst_rank: Rank
 
 
 class UpEvent(WireModel):
@@ -248,16 +267,9 @@ class ReleasedEvent(WireModel):
 # --- TCP data path between servers on different nodes -----------------------------------------
 
 
-class TcpHeader(WireModel):
+class TcpHeader(ChunkAnnouncement):
     """First frame of a cross-node transfer; the payload bytes follow once the receiver said ready."""
 
-    request_id: str
-    id: str
-    chunk_id: int
-    num_chunks: int | None
-    source_rank: int
-    source_instance: str
-    dst_rank: int
     meta: DataMeta
     size: int
     timeout: float

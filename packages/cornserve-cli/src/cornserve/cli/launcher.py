@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 import urllib.error
@@ -23,7 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cornserve.bus.natsserver import NatsServerProcess, free_port
+from cornserve.cli.natsserver import NatsServerProcess
+from cornserve.runtime.process import ProcessGroup, free_port, log_tail, pid_alive, signal_group, wait_for
+from cornserve.runtime.supervise import supervise
 
 STATE_FILE = "cluster.json"
 SHM_DIR = Path("/dev/shm")
@@ -50,60 +51,43 @@ class LaunchError(RuntimeError):
 
 @dataclass
 class Child:
-    """One child process of the cluster."""
+    """One child process of the cluster: a service, restarted in place by `LocalCluster.restart`."""
 
     name: str
     argv: list[str]
     log_path: Path
-    proc: subprocess.Popen[bytes] | None = None
+    proc: ProcessGroup | None = None
 
     def start(self, env: dict[str, str]) -> None:
-        """Spawn it in its own process group, output to its log file."""
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-            )
+        """Spawn it in its own process group, output appended to its log file; it dies with `up`."""
+        self.proc = ProcessGroup.spawn(self.argv, log_path=self.log_path, env=env, die_with_parent=True)
+
+    def exit_code(self) -> int | None:
+        """None while it runs (or before it was started)."""
+        return None if self.proc is None else self.proc.exit_code()
 
     def alive(self) -> bool:
         """Whether it is still running."""
-        return self.proc is not None and self.proc.poll() is None
+        return self.proc is not None and self.proc.alive()
 
     def log_tail(self, lines: int = 25) -> str:
-        """The end of its log, for error messages."""
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-
-def _signal_group(pid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, sig)
+        """The last `lines` lines of its log, for error messages."""
+        return log_tail(self.log_path, max_chars=lines * 400, max_lines=lines)
 
 
 def stop_children(children: list[Child], grace_s: float = 15.0, say: Any = print) -> None:
-    """SIGTERM every child (reverse start order), wait, then SIGKILL what is left."""
+    """SIGTERM every child (reverse start order), wait, then SIGKILL what is left of each group."""
     for child in reversed(children):
         if child.alive() and child.proc is not None:
             say(f"  stopping {child.name}")
-            _signal_group(child.proc.pid, signal.SIGTERM)
+            child.proc.signal(signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     for child in reversed(children):
         if child.proc is None:
             continue
-        try:
-            child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
+        if child.proc.wait(max(0.1, deadline - time.monotonic())) is None:
             say(f"  {child.name} did not stop within {grace_s:.0f} s; killing it")
-        _signal_group(child.proc.pid, signal.SIGKILL)  # also reaps grandchildren left in the group
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            child.proc.wait(timeout=5)
+        child.proc.kill_group()  # also reaps grandchildren left in the group
 
 
 @dataclass
@@ -218,7 +202,7 @@ class LocalCluster:
         )
 
     def restart(self, name: str, timeout_s: float = 10.0) -> Child:
-        """Stop child `name` if it still runs (SIGTERM, then SIGKILL) and start it again.
+        """Stop child `name` if it still runs (SIGTERM, then SIGKILL to its group) and start it again.
 
         For operators replacing a crashed service and for tests of recovery; the state file is
         updated so `cornserve down` finds the new process.
@@ -227,8 +211,7 @@ class LocalCluster:
         if child is None:
             known = ", ".join(c.name for c in self.children)
             raise LaunchError(f"no child process named {name!r} in this cluster (known: {known})")
-        if child.alive() and child.proc is not None:
-            stop_children([child], grace_s=timeout_s, say=self.say)
+        stop_children([child], grace_s=timeout_s, say=self.say)  # also sweeps what a dead one left
         self.say(f"restarting {child.name}")
         child.start(self.env)
         self._write_state()
@@ -240,30 +223,7 @@ class LocalCluster:
         Returns 0 when asked to stop, 1 when a child kept dying (its log tail is printed first).
         A service that crashes once (or is killed) comes back without taking the cluster down.
         """
-        restarts: dict[str, int] = {}
-        while not should_stop():
-            dead = self.first_dead_child()
-            if dead is not None:
-                code = dead.proc.returncode if dead.proc is not None else None
-                count = restarts.get(dead.name, 0)
-                if count >= max_restarts:
-                    self.say(
-                        f"error: {dead.name} exited (code {code}) after {count} restart(s); giving up. "
-                        f"Its log:\n{dead.log_tail()}"
-                    )
-                    return 1
-                restarts[dead.name] = count + 1
-                self.say(
-                    f"warning: {dead.name} exited unexpectedly (code {code}); restarting it "
-                    f"({count + 1} of {max_restarts}). Its log:\n{dead.log_tail()}"
-                )
-                self.restart(dead.name)
-            time.sleep(poll_s)
-        return 0
-
-    def first_dead_child(self) -> Child | None:
-        """A child that exited on its own, if any."""
-        return next((c for c in self.children if not c.alive()), None)
+        return supervise(self.children, self.restart, should_stop, max_restarts, poll_s, self.say)
 
     def stop(self) -> None:
         """Stop every process, remove leftover shared memory and the state file."""
@@ -287,26 +247,6 @@ def read_state(state_dir: Path) -> dict[str, Any] | None:
     return state
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether a process exists and has not exited.
-
-    A zombie (exited, not yet reaped by its parent — e.g. `cornserve up` whose shell or test
-    harness is busy) counts as gone, so `cornserve down` does not wait on it.
-    """
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:  # no procfs (not Linux), or it just went away
-        return True
-    fields = stat.rsplit(")", 1)[-1].split()
-    return not (fields and fields[0] in ("Z", "X"))
-
-
 def shut_down(state_dir: Path, timeout_s: float = 60.0, say: Any = print) -> bool:
     """`cornserve down`: ask the `up` process to stop everything; kill leftovers if it is gone."""
     state = read_state(state_dir)
@@ -317,13 +257,11 @@ def shut_down(state_dir: Path, timeout_s: float = 60.0, say: Any = print) -> boo
     if pid_alive(pid):
         say(f"stopping the cluster (pid {pid}) ...")
         os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        while pid_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_for(lambda: not pid_alive(pid), timeout_s, poll_s=0.2)
     leftovers = [c for c in state.get("children", []) if pid_alive(int(c["pid"]))]
     for child in leftovers:
         say(f"  killing leftover {child['name']} (pid {child['pid']})")
-        _signal_group(int(child["pid"]), signal.SIGKILL)
+        signal_group(int(child["pid"]), signal.SIGKILL)
     for leftover in SHM_DIR.glob(f"cornserve-sidecar-{state.get('node', 'none')}-*"):
         leftover.unlink(missing_ok=True)
     with contextlib.suppress(FileNotFoundError):

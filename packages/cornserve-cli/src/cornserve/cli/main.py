@@ -13,6 +13,7 @@ from typing import Any
 
 from cornserve.app import AppValidationError, trace_app, validate_app
 from cornserve.cli import commands
+from cornserve.cli.extras import MissingExtraError, require_models_extra
 from cornserve.cli.launcher import LaunchError, LocalCluster, default_state_dir, shut_down
 from cornserve.client import CornserveClient, CornserveError, default_url
 from cornserve.task.errors import TaskError
@@ -54,6 +55,8 @@ def _cmd_trace(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    # The demo builds a tiny checkpoint and serves it on Eric and the CPU LLM executor.
+    require_models_extra("demo", ("cornserve.models", "cornserve.eric", "cornserve.llm_executor"))
     from cornserve.cli.demo import run_demo
 
     return run_demo(
@@ -64,6 +67,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_models_tiny(args: argparse.Namespace) -> int:
+    require_models_extra("models tiny", ("cornserve.models",))
     from cornserve.models.tiny import UnknownArchitectureError, build_tiny  # heavy: imported on use
 
     try:
@@ -199,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands_.add_parser(
         "demo",
-        help="start a local cluster, register the example MLLM app, ask it about an image, keep serving",
+        help="start a local cluster, register the example MLLM app, ask it about an image, keep serving "
+        "(needs cornserve-cli[models])",
     )
     demo.add_argument("--once", action="store_true", help="exit after the first answer")
     demo.add_argument(
@@ -216,7 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--ready-timeout", type=float, default=180.0)
     demo.set_defaults(func=_cmd_demo)
 
-    models = commands_.add_parser("models", help="model checkpoints for tests and the demo")
+    models = commands_.add_parser(
+        "models", help="model checkpoints for tests and the demo (needs cornserve-cli[models])"
+    )
     md = models.add_subparsers(dest="models_command", required=True, metavar="SUBCOMMAND")
     tiny = md.add_parser("tiny", help="build a small checkpoint with seeded random weights (no downloads)")
     tiny.add_argument("arch", help="architecture family (see the list in `cornserve models tiny --help`)")
@@ -237,7 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `cornserve` console script."""
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except MissingExtraError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from cornserve.task import (
     TaskOutput,
     discover_unit_tasks,
     serialize_task,
-    set_dispatcher,
+    set_graph_runner,
 )
 
 logger = logging.getLogger(__name__)
@@ -28,18 +28,10 @@ logger = logging.getLogger(__name__)
 _INVOCATIONS = TypeAdapter(list[TaskInvocation])
 
 
-def _item_type(output: TaskOutput) -> Any:
-    for klass in type(output).__mro__:
-        meta = getattr(klass, "__pydantic_generic_metadata__", None)
-        if meta and meta["origin"] is Stream and meta["args"]:
-            return meta["args"][0]
-    return None
-
-
 class ClusterSession:
     """A session on the gateway: owns the tasks it deployed and executes graphs for `await task(...)`.
 
-    It is a `cornserve.task.Dispatcher`; `connect()` installs it as the process's dispatcher.
+    It is a `cornserve.task.GraphRunner`; `connect()` installs it as the process's graph runner.
     """
 
     def __init__(self, client: CornserveClient, session_id: str, ttl_s: float) -> None:
@@ -56,7 +48,7 @@ class ClusterSession:
         reply = await self.client.call("POST", f"/sessions/{self.session_id}/tasks", body)
         return list(reply["deployed"])
 
-    async def dispatch(self, invocations: Sequence[TaskInvocation]) -> list[TaskOutput]:
+    async def run_graph(self, invocations: Sequence[TaskInvocation]) -> list[TaskOutput]:
         """Send a recorded graph to the gateway; rebuild the outputs (and the stream, if any)."""
         body = {"invocations": _INVOCATIONS.dump_python(list(invocations), mode="json")}
         lines = self.client.stream("POST", f"/sessions/{self.session_id}/invoke", body)
@@ -70,12 +62,16 @@ class ClusterSession:
         outputs: list[TaskOutput] = []
         for inv, raw in zip(invocations, raw_outputs, strict=True):
             if raw is None:
-                outputs.append(Stream.from_iterator(self._items(lines, _item_type(inv.task_output))))
+                stream_cls = type(inv.task_output) if isinstance(inv.task_output, Stream) else Stream
+                items = self._items(lines, TypeAdapter(stream_cls.item_type()))
+                outputs.append(Stream.from_iterator(items))
             else:
                 outputs.append(inv.task.output_cls().model_validate(raw))
         return outputs
 
-    async def _items(self, lines: AsyncIterator[dict[str, Any]], item_type: Any) -> AsyncIterator[Any]:
+    async def _items(
+        self, lines: AsyncIterator[dict[str, Any]], adapter: TypeAdapter[Any]
+    ) -> AsyncIterator[Any]:
         try:
             async for line in lines:
                 if line.get("end"):
@@ -86,7 +82,7 @@ class ClusterSession:
                         error.get("message", str(error)) if isinstance(error, dict) else str(error)
                     )
                 item = line["item"]
-                yield item_type.model_validate(item) if item_type is not None else item
+                yield adapter.validate_python(item)
         except CornserveError as exc:
             raise TaskExecutionError(exc.message) from exc
         finally:
@@ -109,7 +105,7 @@ class ClusterSession:
             self._heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._heartbeat
-        set_dispatcher(None)
+        set_graph_runner(None)
         try:
             await self.client.call("DELETE", f"/sessions/{self.session_id}")
         finally:
@@ -123,7 +119,7 @@ class ClusterSession:
 
 
 async def connect(url: str | None = None, ttl_s: float = 60.0) -> ClusterSession:
-    """Open a session on the cluster at `url` (default `CORNSERVE_URL`) and make it the dispatcher.
+    """Open a session on the cluster at `url` (default `CORNSERVE_URL`) and make it the graph runner.
 
     Use `async with await connect() as session: await session.deploy(task); await task(x)`.
     """
@@ -131,5 +127,5 @@ async def connect(url: str | None = None, ttl_s: float = 60.0) -> ClusterSession
     reply = await client.call("POST", "/sessions", {"ttl_s": ttl_s})
     session = ClusterSession(client, reply["session_id"], ttl_s)
     session._heartbeat = asyncio.create_task(session._beat())
-    set_dispatcher(session)
+    set_graph_runner(session)
     return session

@@ -6,4 +6,6 @@ DataForward is wired to the chosen executors' sidecar ranks, and the executor re
 concurrently over HTTP; outputs (or the final stream, relayed over NATS) go back to the caller.
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import version
+
+__version__ = version("cornserve-dispatcher")

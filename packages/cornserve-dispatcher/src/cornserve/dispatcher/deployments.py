@@ -12,52 +12,47 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable
+from dataclasses import KW_ONLY, dataclass, field
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from pydantic import ValidationError
 
-from cornserve.bus.control import (
-    RM_EVENTS,
-    RM_STATE,
-    ClusterState,
-    DeploymentEvent,
-    DeploymentInfo,
-    StateRequest,
-)
-from cornserve.bus.micro import BusError, request
+from cornserve.bus.control import RM_EVENTS, DeploymentEvent, DeploymentInfo
+from cornserve.bus.micro import BusError
+from cornserve.bus.rm_client import ResourceManagerClient
 
 logger = logging.getLogger(__name__)
 
 
+@dataclass(eq=False)
 class DeploymentCache:
     """Deployments by task key, from RM_STATE snapshots and RM_EVENTS updates."""
 
-    def __init__(
-        self,
-        nc: Client,
-        *,
-        state_timeout_s: float = 3.0,
-        initial_backoff_s: float = 0.2,
-        max_backoff_s: float = 5.0,
-    ) -> None:
-        self._nc = nc
-        self._state_timeout_s = state_timeout_s
-        self._initial_backoff_s = initial_backoff_s
-        self._max_backoff_s = max_backoff_s
-        self._deployments: dict[str, DeploymentInfo] = {}
-        self._touched: set[str] | None = None
-        """Keys changed by events while a snapshot is in flight (the events are newer than it)."""
-        self._refreshing: asyncio.Future[bool] | None = None
-        self._sub: Subscription | None = None
-        self._catch_up: asyncio.Task[None] | None = None
-        self.synced = asyncio.Event()
-        """Set once one RM_STATE snapshot has been applied."""
+    nc: Client
+    _: KW_ONLY
+    state_timeout_s: float = 3.0
+    """Deadline of one RM_STATE query."""
+    initial_backoff_s: float = 0.2
+    max_backoff_s: float = 5.0
+    """Bounds of the pause between catch-up attempts while the resource manager does not answer."""
+    _deployments: dict[str, DeploymentInfo] = field(default_factory=dict, init=False)
+    _touched: set[str] | None = field(default=None, init=False)
+    """Keys changed by events while a snapshot is in flight (the events are newer than it)."""
+    _refreshing: asyncio.Future[bool] | None = field(default=None, init=False)
+    _sub: Subscription | None = field(default=None, init=False)
+    _catch_up: asyncio.Task[None] | None = field(default=None, init=False)
+    synced: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+    """Set once one RM_STATE snapshot has been applied."""
+    _rm: ResourceManagerClient = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._rm = ResourceManagerClient(self.nc, state_timeout_s=self.state_timeout_s)
 
     async def start(self) -> None:
         """Follow events first (so none is missed), then catch up with the RM in the background."""
-        self._sub = await self._nc.subscribe(RM_EVENTS, cb=self._on_event)
+        self._sub = await self.nc.subscribe(RM_EVENTS, cb=self._on_event)
         self._catch_up = asyncio.create_task(self._catch_up_forever(), name="rm-catch-up")
 
     async def stop(self) -> None:
@@ -94,7 +89,7 @@ class DeploymentCache:
     async def _query_state(self) -> bool:
         self._touched = set()
         try:
-            state = await request(self._nc, RM_STATE, StateRequest(), ClusterState, self._state_timeout_s)
+            state = await self._rm.state()
         except BusError as exc:
             logger.info("resource manager state unavailable: %s", exc)
             return False
@@ -113,10 +108,10 @@ class DeploymentCache:
         return True
 
     async def _catch_up_forever(self) -> None:
-        backoff = self._initial_backoff_s
+        backoff = self.initial_backoff_s
         while not await self.refresh():
             await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, self._max_backoff_s)
+            backoff = min(backoff * 2, self.max_backoff_s)
 
     async def _on_event(self, msg: Msg) -> None:
         try:

@@ -19,8 +19,9 @@ from typing import Any
 import aiohttp
 from nats.aio.client import Client
 
-from cornserve.bus.control import RouteReply, RouteRequest, tm_subject
-from cornserve.bus.micro import NoResponders, RequestTimeout, ServiceErrorReply, ServiceFault, request
+from cornserve.bus.control import RouteReply
+from cornserve.bus.micro import NoResponders, RequestTimeout, ServiceErrorReply, ServiceFault
+from cornserve.bus.tm_client import TaskManagerClient
 from cornserve.dispatcher import faults
 from cornserve.dispatcher.deployments import DeploymentCache
 from cornserve.task import ExecutorRequest, Stream, TaskInvocation, wire_forwards
@@ -158,9 +159,10 @@ class GraphRunner:
 
     async def _route(self, position: int, inv: TaskInvocation, state: _Run) -> None:
         name, key = inv.task.display_name(), inv.task.deployment_key
-        subject = tm_subject(key, "route")
+        tm = TaskManagerClient(self._nc, key)
+        subject = tm.subject("route")
         try:
-            reply = await request(self._nc, subject, RouteRequest(), RouteReply, self._route_timeout_s)
+            reply = await tm.route(self._route_timeout_s)
         except NoResponders:
             raise faults.task_unavailable(
                 name, key, position, f"its task manager is not running (no responders on {subject})"

@@ -9,8 +9,8 @@ import os
 import signal
 import socket
 
-from cornserve.bus.natsserver import nats_url_from_env
 from cornserve.dispatcher.service import DispatcherService
+from cornserve.runtime.nats_url import nats_url_from_env
 
 logger = logging.getLogger("cornserve.dispatcher")
 

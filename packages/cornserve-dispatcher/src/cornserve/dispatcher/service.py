@@ -11,7 +11,6 @@ While a graph runs, and while its stream is relayed, the replica sends the calle
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -31,12 +30,12 @@ from cornserve.bus.control import (
     DISPATCHER_SERVICE_NAME,
     InvokeReply,
     InvokeRequest,
-    RouteDone,
     TaskLibraryRecord,
-    tm_subject,
 )
+from cornserve.bus.error_codec import describe_invalid, request_id_of, respond_error
 from cornserve.bus.kv import TaskLibrarySync
-from cornserve.bus.micro import ServiceFault, respond_error
+from cornserve.bus.micro import ServiceFault, respond_fault
+from cornserve.bus.tm_client import TaskManagerClient
 from cornserve.dispatcher import __version__, faults
 from cornserve.dispatcher.deployments import DeploymentCache
 from cornserve.dispatcher.graph import GraphRunner
@@ -59,27 +58,9 @@ def parse_invocations(raw: list[dict[str, Any]]) -> list[TaskInvocation]:
     except TaskRegistryError:
         raise
     except ValidationError as exc:
-        raise faults.bad_request(f"invalid invocations: {_short(exc)}") from None
+        raise faults.bad_request(f"invalid invocations: {describe_invalid(exc)}") from None
     except (TaskError, TypeError, ValueError, LookupError) as exc:
         raise faults.bad_request(f"invalid invocations: {exc}") from None
-
-
-def _short(exc: ValidationError) -> str:
-    parts = [
-        f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}"
-        for e in exc.errors(include_url=False)[:5]
-    ]
-    return "; ".join(parts)
-
-
-def _request_id_of(data: bytes) -> str:
-    """The request id of a message that failed validation, if it has one (for correlation)."""
-    try:
-        obj = json.loads(data)
-    except ValueError:
-        return ""
-    rid = obj.get("request_id") if isinstance(obj, dict) else None
-    return rid if isinstance(rid, str) else ""
 
 
 class DispatcherService:
@@ -205,13 +186,11 @@ class DispatcherService:
         try:
             req = InvokeRequest.model_validate_json(msg.data)
         except ValidationError as exc:
-            await respond_error(
-                msg, _request_id_of(msg.data), 400, faults.BAD_REQUEST, f"invalid request: {_short(exc)}"
-            )
+            message = f"invalid request: {describe_invalid(exc)}"
+            await respond_error(msg, request_id_of(msg.data), 400, faults.BAD_REQUEST, message)
             return
         if self._closing.is_set():
-            fault = faults.shutting_down(self.replica_id)
-            await respond_error(msg, req.request_id, fault.code, fault.error, fault.message, **fault.details)
+            await respond_fault(msg, req.request_id, faults.shutting_down(self.replica_id))
             return
         keepalive = Keepalive(
             self.nc, req.keepalive_subject, req.request_id, self.replica_id, req.keepalive_interval_s
@@ -231,9 +210,7 @@ class DispatcherService:
                 logger.info(
                     "graph %s failed (%d %s): %s", req.request_id, fault.code, fault.error, fault.message
                 )
-                await respond_error(
-                    msg, req.request_id, fault.code, fault.error, fault.message, **fault.details
-                )
+                await respond_fault(msg, req.request_id, fault)
                 return
             except Exception as exc:
                 logger.exception("graph %s failed unexpectedly", req.request_id)
@@ -315,8 +292,7 @@ class DispatcherService:
 
     def _route_done(self, task_key: str, executor_id: str) -> None:
         """Tell the task manager an invocation finished (fire and forget, never blocks the caller)."""
-        payload = RouteDone(executor_id=executor_id).model_dump_json().encode()
-        task = asyncio.ensure_future(self.nc.publish(tm_subject(task_key, "done"), payload))
+        task = asyncio.ensure_future(TaskManagerClient(self.nc, task_key).done(executor_id))
         self._background.add(task)
         task.add_done_callback(self._background_done)
 

@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def config_from_args(args: argparse.Namespace) -> EricConfig:
     """Validate the command line and environment (CORNSERVE_NATS_URL, CORNSERVE_EXECUTOR_ID)."""
-    from cornserve.bus.natsserver import nats_url_from_env
+    from cornserve.runtime.nats_url import nats_url_from_env
 
     try:
         return EricConfig(

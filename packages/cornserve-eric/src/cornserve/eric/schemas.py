@@ -49,20 +49,3 @@ class ErrorBody(BaseModel):
 def error_body(kind: str, message: str) -> dict[str, Any]:
     """The JSON error body of every non-2xx answer."""
     return ErrorBody(error=ErrorInfo(type=kind, message=message)).model_dump()
-
-
-def embedding_metadata(
-    modality: str,
-    num_tokens: int,
-    grid_thw: tuple[int, int, int] | None,
-    model_id: str,
-    second_per_grid_t: float | None = None,
-) -> dict[str, Any]:
-    """Chunk 1 of an embedding forward (docs/executors.md): plain data the LLM executor needs."""
-    return {
-        "modality": modality,
-        "num_tokens": num_tokens,
-        "grid_thw": list(grid_thw) if grid_thw is not None else None,
-        "model_id": model_id,
-        "second_per_grid_t": second_per_grid_t,
-    }

@@ -26,13 +26,18 @@ from cornserve.eric.schemas import (
     EmbeddingItem,
     EmbeddingsRequest,
     EmbeddingsResponse,
-    embedding_metadata,
     error_body,
 )
 from cornserve.models.encoders import EncodedItem, EncoderModel, Preprocessed, load_encoder
 from cornserve.models.loading import resolve_model_dir
 from cornserve.models.media import MediaDecodeError, MediaError, MediaFetchError, load_media
 from cornserve.sidecar.errors import SidecarError
+from cornserve.task.builtins.embedding import (
+    EMBEDDING_META_CHUNK,
+    EMBEDDING_NUM_CHUNKS,
+    EMBEDDING_TENSOR_CHUNK,
+    EmbeddingMeta,
+)
 
 if TYPE_CHECKING:
     from cornserve.sidecar import Sidecar
@@ -290,24 +295,25 @@ class EricServer:
         return [item.forward_id for item in body.items]
 
     async def _send(self, item: EmbeddingItem, encoded: EncodedItem) -> None:
-        """Chunk 0: the float32 embedding; chunk 1: its metadata (docs/executors.md)."""
+        """The embedding hand-off (docs/executors.md): the float32 tensor, then its `EmbeddingMeta`."""
         assert self.sidecar is not None
-        meta = embedding_metadata(
-            encoded.modality,
-            int(encoded.embedding.shape[0]),
-            encoded.grid_thw,
-            self.config.model_id,
-            encoded.second_per_grid_t,
+        meta = EmbeddingMeta(
+            modality=encoded.modality,
+            num_tokens=int(encoded.embedding.shape[0]),
+            grid_thw=list(encoded.grid_thw) if encoded.grid_thw is not None else None,
+            model_id=self.config.model_id,
+            second_per_grid_t=encoded.second_per_grid_t,
         )
         timeout = self.config.send_timeout_s
-        await self.sidecar.send(
-            encoded.embedding,
-            item.forward_id,
-            item.dst_sidecar_ranks,
-            chunk_id=0,
-            num_chunks=2,
-            timeout=timeout,
-        )
-        await self.sidecar.send(
-            meta, item.forward_id, item.dst_sidecar_ranks, chunk_id=1, num_chunks=2, timeout=timeout
-        )
+        for chunk_id, data in (
+            (EMBEDDING_TENSOR_CHUNK, encoded.embedding),
+            (EMBEDDING_META_CHUNK, meta.model_dump(mode="json")),
+        ):
+            await self.sidecar.send(
+                data,
+                item.forward_id,
+                item.dst_sidecar_ranks,
+                chunk_id=chunk_id,
+                num_chunks=EMBEDDING_NUM_CHUNKS,
+                timeout=timeout,
+            )

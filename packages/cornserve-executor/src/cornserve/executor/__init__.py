@@ -7,10 +7,12 @@ Only the descriptor and the context are imported here (services loading task lib
 this package too, and must not pay for the server or the sidecar client).
 """
 
+from importlib.metadata import version
+
 from cornserve.executor.context import ExecutorContext, Handler, HandlerResult, NoSidecarError
 from cornserve.executor.descriptor import HEALTH_PATH, INVOKE_PATH, PythonExecutorDescriptor, stream_item_type
 
-__version__ = "0.1.0"
+__version__ = version("cornserve-executor")
 
 __all__ = [
     "HEALTH_PATH",

@@ -6,8 +6,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-from cornserve.task.base import TaskOutput, UnitTask
-from cornserve.task.context import TaskInvocation
+from cornserve.task.base import UnitTask
+from cornserve.task.invocation import TaskInvocation
+from cornserve.task.io_models import TaskOutput
 
 if TYPE_CHECKING:
     from cornserve.sidecar import Sidecar

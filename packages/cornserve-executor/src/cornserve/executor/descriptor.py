@@ -17,17 +17,17 @@ from typing import Any, Generic, cast
 
 from pydantic import Field, TypeAdapter, ValidationError
 
-from cornserve.task.base import TaskOutput
-from cornserve.task.context import TaskInvocation
 from cornserve.task.descriptor import (
-    ExecutorLaunchContext,
     ExecutorLaunchSpec,
+    ExecutorPlacement,
     ExecutorRequest,
     TaskExecutionDescriptor,
     TaskT,
 )
 from cornserve.task.errors import TaskDefinitionError, TaskExecutionError
 from cornserve.task.forward import DataForward, iter_forwards
+from cornserve.task.invocation import TaskInvocation
+from cornserve.task.io_models import TaskOutput
 from cornserve.task.registry import serialize_task
 from cornserve.task.stream import Stream
 
@@ -36,13 +36,8 @@ HEALTH_PATH = "/health"
 
 
 def stream_item_type(output_cls: type[TaskOutput]) -> Any | None:
-    """The item type X of a `Stream[X]` output class; None when the output does not stream."""
-    meta = getattr(output_cls, "__pydantic_generic_metadata__", None) or {}
-    origin = meta.get("origin") or output_cls
-    if not (isinstance(origin, type) and issubclass(origin, Stream)):
-        return None
-    args = meta.get("args") or ()
-    return args[0] if args else Any
+    """`Stream.item_type()` of a streamed output class (X of `Stream[X]`); None when it does not stream."""
+    return output_cls.item_type() if issubclass(output_cls, Stream) else None
 
 
 @cache
@@ -97,33 +92,33 @@ class PythonExecutorDescriptor(TaskExecutionDescriptor[TaskT], Generic[TaskT]):
 
     # ----- launching -------------------------------------------------------------------------------
 
-    def launch_spec(self, task: TaskT, context: ExecutorLaunchContext) -> ExecutorLaunchSpec:
+    def launch_spec(self, task: TaskT, placement: ExecutorPlacement) -> ExecutorLaunchSpec:
         """`python -m cornserve.executor --task-json ... --sidecar-ranks 0,1 ...`."""
         command = [
             sys.executable, "-m", "cornserve.executor",
             "--task-json", json.dumps(serialize_task(task), separators=(",", ":")),
-            "--executor-id", context.executor_id,
-            "--host", context.host,
-            "--port", str(context.port),
-            "--sidecar-ranks", ",".join(map(str, context.sidecar_ranks)),
+            "--executor-id", placement.executor_id,
+            "--host", placement.host,
+            "--port", str(placement.port),
+            "--sidecar-ranks", ",".join(map(str, placement.sidecar_ranks)),
         ]  # fmt: skip
         env = {
-            "CORNSERVE_EXECUTOR_ID": context.executor_id,
-            "CORNSERVE_SIDECAR_RANKS": ",".join(map(str, context.sidecar_ranks)),
+            "CORNSERVE_EXECUTOR_ID": placement.executor_id,
+            "CORNSERVE_SIDECAR_RANKS": ",".join(map(str, placement.sidecar_ranks)),
         }
-        if context.nats_url:
-            command += ["--nats-url", context.nats_url]
-            env["CORNSERVE_NATS_URL"] = context.nats_url
-        cuda = [d.index for d in context.devices if d.kind == "cuda"]
+        if placement.nats_url:
+            command += ["--nats-url", placement.nats_url]
+            env["CORNSERVE_NATS_URL"] = placement.nats_url
+        cuda = [d.index for d in placement.devices if d.kind == "cuda"]
         if cuda:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, cuda))
-        elif context.devices:
+        elif placement.devices:
             # One CPU slot is one core's worth of work: keep torch from oversubscribing the node.
-            env["OMP_NUM_THREADS"] = str(len(context.devices))
+            env["OMP_NUM_THREADS"] = str(len(placement.devices))
         return ExecutorLaunchSpec(
             command=command,
             env=env,
-            port=context.port,
+            port=placement.port,
             health_path=HEALTH_PATH,
             ready_timeout_s=self.ready_timeout_s,
         )

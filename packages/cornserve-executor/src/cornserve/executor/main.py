@@ -11,8 +11,8 @@ import sys
 from pydantic import ValidationError
 
 from cornserve.bus.lifecycle import run_executor, sidecar_ranks_arg
-from cornserve.bus.natsserver import nats_url_from_env
 from cornserve.executor.server import ExecutorConfig, ExecutorServer
+from cornserve.runtime.nats_url import nats_url_from_env
 
 logger = logging.getLogger("cornserve.executor")
 

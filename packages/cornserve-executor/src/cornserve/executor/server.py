@@ -31,9 +31,10 @@ from cornserve.executor.descriptor import (
     item_adapter,
     stream_item_type,
 )
-from cornserve.task.base import TaskOutput, UnitTask
-from cornserve.task.context import TaskInvocation
+from cornserve.task.base import UnitTask
 from cornserve.task.errors import TaskDefinitionError, TaskError, TaskRegistryError
+from cornserve.task.invocation import TaskInvocation
+from cornserve.task.io_models import TaskOutput
 from cornserve.task.library import load_task_library, loaded_libraries
 from cornserve.task.registry import deserialize_task, serialize_task
 

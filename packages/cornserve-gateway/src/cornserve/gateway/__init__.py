@@ -1,3 +1,5 @@
 """Cornserve's gateway: the only user-facing HTTP server (apps, invocations, tasks, sessions)."""
 
-__version__ = "0.1.0"
+from importlib.metadata import version
+
+__version__ = version("cornserve-gateway")

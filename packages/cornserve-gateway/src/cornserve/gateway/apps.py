@@ -5,17 +5,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from nats.js.kv import KeyValue
 
 from cornserve.app import AppSpec, validate_app
-from cornserve.bus.control import AppRecord, DeployReply, ProgressEvent
+from cornserve.bus.control import AppRecord, DeployReply, ProgressEvent, TaskSpec
 from cornserve.bus.kv import kv_all, kv_delete, kv_put
-from cornserve.gateway.control import ResourceManagerClient
+from cornserve.bus.rm_client import ResourceManagerClient
 from cornserve.gateway.errors import HTTPError
+from cornserve.task import UnitTask, serialize_task
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,11 @@ def check_app_name(name: Any) -> str:
             400, "invalid_name", "app name must be 1-100 characters of letters, digits, '-', '_' or '.'"
         )
     return name
+
+
+def task_specs(tasks: Sequence[UnitTask[Any, Any]]) -> list[TaskSpec]:
+    """The wire form of an app's unit tasks, as the resource manager deploys them."""
+    return [serialize_task(t) for t in tasks]
 
 
 def app_owner(name: str) -> str:
@@ -122,7 +128,7 @@ class AppRegistry:
         """Validate, deploy every unit task, and record the app; errors leave nothing behind."""
         app, tasks = await self._reserve(name, source)
         try:
-            reply = await self._rm.deploy(app_owner(name), tasks)
+            reply = await self._rm.deploy(app_owner(name), task_specs(tasks))
         except BaseException as exc:
             await self._fail(app, exc)
             raise
@@ -133,7 +139,7 @@ class AppRegistry:
         """The same registration as a stream of progress events ending with the app."""
         app, tasks = await self._reserve(name, source)
         try:
-            async for event in self._rm.deploy_with_progress(app_owner(name), tasks):
+            async for event in self._rm.deploy_with_progress(app_owner(name), task_specs(tasks)):
                 if isinstance(event, DeployReply):
                     await self._finish(app, event)
                 else:
@@ -170,7 +176,7 @@ class AppRegistry:
             app = App(record=record, spec=spec)
             self._apps[record.name] = app
             try:
-                reply = await self._rm.deploy(app_owner(record.name), spec.unit_tasks)
+                reply = await self._rm.deploy(app_owner(record.name), task_specs(spec.unit_tasks))
             except Exception as exc:
                 logger.error("re-deploying recorded app %r failed: %s", record.name, exc)
                 app.record = record.model_copy(update={"state": "failed", "message": str(exc)})

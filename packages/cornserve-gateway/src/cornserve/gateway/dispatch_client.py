@@ -1,6 +1,6 @@
-"""The gateway's dispatcher: sends recorded graphs to the dispatcher replicas over NATS.
+"""The gateway's client of the Task Dispatcher: sends recorded graphs to its replicas over NATS.
 
-`NatsDispatcherClient` implements `cornserve.task.Dispatcher`, so an app driver's
+`DispatcherClient` implements `cornserve.task.GraphRunner`, so an app driver's
 `await task(input)` is executed by whichever dispatcher replica takes the request from the queue
 group. Errors come back as `DispatchError` (a `TaskExecutionError`) with the dispatcher's code
 (404 not deployed, 502 executor failed, 503 unavailable, 504 timeout, ...) for HTTP mapping.
@@ -26,11 +26,10 @@ import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
 from pydantic import TypeAdapter, ValidationError
 
 from cornserve.bus.control import DISPATCH_INVOKE, InvokeKeepalive, InvokeReply, InvokeRequest, StreamMessage
-from cornserve.bus.schemas import ErrorReply
+from cornserve.bus.error_codec import decode_error
 from cornserve.gateway.forward_ids import forward_ids, fresh_ids, replace_ids
 from cornserve.task import Stream, TaskExecutionError, TaskInvocation, TaskOutput
 
@@ -74,15 +73,6 @@ class DispatcherLost(DispatchError):
         super().__init__(message, code=503, error="dispatcher_lost")
         self.replica_id = replica_id
         self.relayed = relayed
-
-
-def stream_item_type(output_cls: type[Any]) -> Any:
-    """The item type of a `Stream[X]` output class (X), or None for an unparametrized Stream."""
-    for klass in output_cls.__mro__:
-        meta = getattr(klass, "__pydantic_generic_metadata__", None)
-        if meta and meta["origin"] is not None and issubclass(meta["origin"], Stream) and meta["args"]:
-            return meta["args"][0]
-    return None
 
 
 class Liveness:
@@ -198,7 +188,7 @@ class RelayedStream:
     ) -> None:
         self._inbox = inbox
         self._retry = retry
-        self._adapter: TypeAdapter[Any] | None = TypeAdapter(item_type) if item_type is not None else None
+        self._adapter: TypeAdapter[Any] = TypeAdapter(item_type)
         self._idle_timeout_s = idle_timeout_s
         self._task_name = task_name
         self._position = position
@@ -217,8 +207,6 @@ class RelayedStream:
                 raise self._failure(message.error)
             if message.end:
                 raise StopAsyncIteration
-            if self._adapter is None:
-                return message.item
             try:
                 return self._adapter.validate_python(message.item)
             except ValidationError as exc:
@@ -300,7 +288,7 @@ class _Graph:
         return True
 
 
-class NatsDispatcherClient:
+class DispatcherClient:
     """Executes graphs on the dispatcher replicas (`cornserve.dispatch.invoke`) over `nc`."""
 
     def __init__(
@@ -327,7 +315,7 @@ class NatsDispatcherClient:
         self.keepalive_interval_s = keepalive_interval_s
         self.keepalive_timeout_s = keepalive_timeout_s
 
-    async def dispatch(self, invocations: Sequence[TaskInvocation]) -> list[TaskOutput]:
+    async def run_graph(self, invocations: Sequence[TaskInvocation]) -> list[TaskOutput]:
         """Execute `invocations`; raise DispatchError (a TaskExecutionError) if the graph fails.
 
         A replica lost before it delivered any output (no keepalives before its reply, or before
@@ -422,11 +410,9 @@ class NatsDispatcherClient:
                 code=503,
                 error="no_dispatcher",
             )
-        if ERROR_CODE_HEADER in headers:
-            try:
-                error = ErrorReply.model_validate_json(msg.data)
-            except ValidationError:
-                error = ErrorReply(request_id="", error="unknown", message=headers.get(ERROR_HEADER, ""))
+        decoded = decode_error(headers, msg.data)
+        if decoded is not None:
+            error = decoded.reply
             if error.error in _RETRYABLE_ERRORS:
                 raise DispatcherLost(error.message, replica_id=liveness.replica_id, relayed=False)
             details = error.details
@@ -434,7 +420,7 @@ class NatsDispatcherClient:
             position = details.get("position")
             raise DispatchError(
                 error.message,
-                code=_int_code(headers[ERROR_CODE_HEADER]),
+                code=decoded.status,
                 error=error.error,
                 task_name=task_name if isinstance(task_name, str) else None,
                 position=position if isinstance(position, int) else None,
@@ -463,10 +449,10 @@ class NatsDispatcherClient:
                 retry: StreamRetry | None = (
                     functools.partial(self._resend_for_stream, graph) if graph.use_retry() else None
                 )
-                source = RelayedStream(
-                    inbox, stream_item_type(output_cls), self.timeout_s + self.margin_s, name, position, retry
-                )
                 stream_cls: type[Stream[Any]] = output_cls if issubclass(output_cls, Stream) else Stream
+                source = RelayedStream(
+                    inbox, stream_cls.item_type(), self.timeout_s + self.margin_s, name, position, retry
+                )
                 outputs.append(stream_cls.from_iterator(source))
                 continue
             if data is None:
@@ -488,10 +474,3 @@ class NatsDispatcherClient:
                     position=position,
                 ) from None
         return outputs
-
-
-def _int_code(code: str) -> int:
-    try:
-        return int(code)
-    except ValueError:
-        return 502

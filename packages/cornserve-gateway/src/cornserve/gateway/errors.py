@@ -12,7 +12,7 @@ from cornserve.app import AppValidationError
 from cornserve.bus.micro import BusError, NoResponders, RequestTimeout, ServiceErrorReply
 from cornserve.task.errors import (
     InvalidTaskInputError,
-    NoDispatcherError,
+    NoGraphRunnerError,
     StaticGraphError,
     TaskDefinitionError,
     TaskError,
@@ -87,7 +87,7 @@ def to_http_error(exc: BaseException) -> HTTPError:
         return HTTPError(504, "timeout", str(exc))
     if isinstance(exc, BusError):
         return HTTPError(502, "bus_error", str(exc))
-    if isinstance(exc, (StaticGraphError, TaskDefinitionError, NoDispatcherError)):
+    if isinstance(exc, (StaticGraphError, TaskDefinitionError, NoGraphRunnerError)):
         return HTTPError(500, "app_error", f"{type(exc).__name__}: {exc}")
     if isinstance(exc, (TaskRegistryError, TaskSerializationError)):
         return HTTPError(400, "invalid_task", str(exc))

@@ -14,13 +14,13 @@ from nats.micro import add_service
 
 from cornserve.bus.control import GATEWAY_SERVICE_NAME, KV_APPS, KV_TASKLIBS, TaskLibraryRecord
 from cornserve.bus.kv import TaskLibrarySync, open_bucket
-from cornserve.bus.natsserver import nats_url_from_env
+from cornserve.bus.rm_client import ResourceManagerClient
 from cornserve.gateway import __version__
-from cornserve.gateway.control import ResourceManagerClient
-from cornserve.gateway.dispatch_client import NatsDispatcherClient
+from cornserve.gateway.dispatch_client import DispatcherClient
 from cornserve.gateway.routes import Gateway
 from cornserve.gateway.sessions import SessionRegistry
-from cornserve.task import set_dispatcher
+from cornserve.runtime.nats_url import nats_url_from_env
+from cornserve.task import set_graph_runner
 from cornserve.task.library import load_task_library
 
 logger = logging.getLogger("cornserve.gateway")
@@ -55,8 +55,8 @@ async def serve(args: argparse.Namespace) -> None:
     libraries = TaskLibrarySync(nc, _load_library)
     await libraries.start()
     rm = ResourceManagerClient(nc, deploy_timeout_s=args.deploy_timeout)
-    dispatcher = NatsDispatcherClient(nc, timeout_s=args.graph_timeout)
-    set_dispatcher(dispatcher)
+    dispatcher = DispatcherClient(nc, timeout_s=args.graph_timeout)
+    set_graph_runner(dispatcher)
     sessions = SessionRegistry(rm, default_ttl_s=args.session_ttl)
     gateway = Gateway(
         nc,

@@ -15,16 +15,16 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from cornserve.bus.control import ProgressEvent, TaskLibraryRecord
 from cornserve.bus.kv import kv_all, kv_put
+from cornserve.bus.rm_client import ResourceManagerClient
 from cornserve.gateway import __version__
 from cornserve.gateway.apps import LIST_TIMEOUT_S, App, AppRegistry
-from cornserve.gateway.control import ResourceManagerClient
 from cornserve.gateway.discovery import ping_services
 from cornserve.gateway.driver import parse_request, run_streaming, run_unary
 from cornserve.gateway.errors import HTTPError, to_http_error
 from cornserve.gateway.openapi import openapi_document
 from cornserve.gateway.sessions import SessionRegistry
 from cornserve.gateway.streaming import StreamWriter, wants_sse
-from cornserve.task import Dispatcher, Stream, TaskInvocation, TaskOutput
+from cornserve.task import ClassKey, GraphRunner, Stream, TaskInvocation, TaskOutput
 from cornserve.task.library import check_library_name, library_sha256, load_task_library
 
 logger = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ class Gateway:
         nc: Client,
         apps_kv: KeyValue,
         tasklibs_kv: KeyValue,
-        dispatcher: Dispatcher,
+        dispatcher: GraphRunner,
         rm: ResourceManagerClient,
         sessions: SessionRegistry,
         request_timeout_s: float = 600.0,
@@ -218,10 +218,12 @@ class Gateway:
         state = await self.rm.state()
         tasks = []
         for d in state.deployments:
+            cls_key = ClassKey.parse(str(d.task.get("name")))
             tasks.append(
                 {
                     "key": d.task_key,
-                    "task": d.task.get("name"),
+                    "task": cls_key.qualname,
+                    "library": cls_key.library,
                     "config": d.task.get("config"),
                     "state": d.state,
                     "users": d.users,
@@ -332,7 +334,7 @@ class Gateway:
                     f"{inv.task.display_name()} at position {position} (key {inv.task.deployment_key}) is not deployed "
                     "in this session; deploy it first",
                 )
-        outputs: list[TaskOutput] = await self.dispatcher.dispatch(invocations)
+        outputs: list[TaskOutput] = await self.dispatcher.run_graph(invocations)
         dumped = [None if isinstance(o, Stream) else o.model_dump(mode="json") for o in outputs]
         last = outputs[-1]
         if not isinstance(last, Stream):

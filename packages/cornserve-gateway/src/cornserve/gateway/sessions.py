@@ -15,9 +15,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from cornserve.gateway.control import ResourceManagerClient
+from cornserve.bus.rm_client import ResourceManagerClient
 from cornserve.gateway.errors import HTTPError
-from cornserve.task import UnitTask, deserialize_task
+from cornserve.task import UnitTask, deserialize_task, serialize_task
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class SessionRegistry:
                 400, "invalid_request", '"tasks" must be a non-empty list of {"name", "config"} objects'
             )
         tasks = [deserialize_task(spec) for spec in task_specs]
-        await self._rm.deploy(session.owner, tasks)
+        await self._rm.deploy(session.owner, [serialize_task(t) for t in tasks])
         session.task_keys.update(t.deployment_key for t in tasks)
         session.last_seen = time.monotonic()
         return tasks

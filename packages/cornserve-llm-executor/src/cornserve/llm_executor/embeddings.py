@@ -1,7 +1,7 @@
 """Receiving encoder embeddings through the sidecar (see docs/executors.md, "Embedding hand-off").
 
-Each forward has two chunks: 0 is a `[num_tokens, hidden]` float32 tensor, 1 is a small
-metadata dict. Both are copied out of the arena and marked done right away, so the sidecar can
+Each forward has two chunks (`cornserve.task.builtins.embedding`): the `[num_tokens, hidden]`
+float32 tensor and its `EmbeddingMeta` as a dict. Both are copied out of the arena and marked done right away, so the sidecar can
 reuse the memory while the request is still generating.
 """
 
@@ -13,29 +13,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import ValidationError
 
 from cornserve.llm_executor.errors import EmbeddingError, EmbeddingTimeout, ExecutorUnavailable
 from cornserve.sidecar import Sidecar
 from cornserve.sidecar.errors import RecvTimeout, SidecarError, SidecarTimeout, SidecarUnavailable
-from cornserve.task.builtins.modality import Modality
+from cornserve.task.builtins.embedding import EMBEDDING_META_CHUNK, EMBEDDING_TENSOR_CHUNK, EmbeddingMeta
 from cornserve.task.forward import DataForward, Tensor
 
 logger = logging.getLogger(__name__)
-
-EMBEDDING_CHUNK = 0
-METADATA_CHUNK = 1
-
-
-class EmbeddingMeta(BaseModel):
-    """Chunk 1 of an embedding forward."""
-
-    modality: Modality
-    num_tokens: int = Field(ge=1)
-    grid_thw: list[int] | None = None
-    model_id: str = ""
-    second_per_grid_t: float | None = None
-    """Qwen2.5-VL videos: seconds per temporal patch (its M-RoPE time spacing); null otherwise."""
 
 
 @dataclass
@@ -80,10 +66,12 @@ class EmbeddingReceiver:
         raw_meta: Any = None
         try:
             async with asyncio.timeout(self.timeout_s + 5.0):
-                data = await self.sidecar.recv(fid, EMBEDDING_CHUNK, timeout=self.timeout_s, copy=True)
-                got.append(EMBEDDING_CHUNK)
-                raw_meta = await self.sidecar.recv(fid, METADATA_CHUNK, timeout=self.timeout_s, copy=True)
-                got.append(METADATA_CHUNK)
+                data = await self.sidecar.recv(fid, EMBEDDING_TENSOR_CHUNK, timeout=self.timeout_s, copy=True)
+                got.append(EMBEDDING_TENSOR_CHUNK)
+                raw_meta = await self.sidecar.recv(
+                    fid, EMBEDDING_META_CHUNK, timeout=self.timeout_s, copy=True
+                )
+                got.append(EMBEDDING_META_CHUNK)
         except (RecvTimeout, SidecarTimeout, TimeoutError):
             raise EmbeddingTimeout(
                 f"embedding forward {fid} did not arrive through sidecar rank {self.sidecar.rank} within "
@@ -98,10 +86,12 @@ class EmbeddingReceiver:
         try:
             meta = EmbeddingMeta.model_validate(raw_meta)
         except ValidationError as exc:
-            raise EmbeddingError(f"embedding forward {fid} has malformed metadata (chunk 1): {exc}") from exc
+            raise EmbeddingError(
+                f"embedding forward {fid} has malformed metadata (chunk {EMBEDDING_META_CHUNK}): {exc}"
+            ) from exc
         if not isinstance(data, torch.Tensor) or data.ndim != 2:
             raise EmbeddingError(
-                f"embedding forward {fid} chunk 0 must be a 2-D tensor [num_tokens, hidden], got "
+                f"embedding forward {fid} chunk {EMBEDDING_TENSOR_CHUNK} must be a 2-D tensor [num_tokens, hidden], got "
                 f"{type(data).__name__} {getattr(data, 'shape', '')}"
             )
         return ReceivedEmbedding(forward_id=fid, meta=meta, tensor=data.to(torch.float32))

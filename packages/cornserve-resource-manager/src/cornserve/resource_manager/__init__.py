@@ -1,3 +1,5 @@
 """cornserve.resource_manager: device inventory, deduplicated deployments, task-manager processes."""
 
-__version__ = "0.1.0"
+from importlib.metadata import version
+
+__version__ = version("cornserve-resource-manager")

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import nats
 
-from cornserve.bus.natsserver import nats_url_from_env
 from cornserve.resource_manager.devices import DeviceInventory, discover_devices
 from cornserve.resource_manager.manager import ResourceManager
 from cornserve.resource_manager.service import ResourceManagerService
 from cornserve.resource_manager.spawner import LocalSubprocessSpawner, Spawner
+from cornserve.runtime.nats_url import nats_url_from_env
 
 logger = logging.getLogger("cornserve.resource_manager")
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from functools import partial
+
 from nats.aio.client import Client
 from nats.micro import add_service
+from nats.micro.request import Request
 from nats.micro.service import Service
 
 from cornserve.bus.control import (
@@ -12,13 +16,13 @@ from cornserve.bus.control import (
     RM_SCALE,
     RM_SERVICE_NAME,
     RM_STATE,
+    DeploymentReleaseRequest,
     DeployRequest,
-    ReleaseRequest,
     ScaleRequest,
     StateRequest,
 )
 from cornserve.bus.micro import HandlerRunner
-from cornserve.resource_manager import __version__
+from cornserve.resource_manager import __version__, deploy, release, scale, state
 from cornserve.resource_manager.manager import ResourceManager
 
 
@@ -41,19 +45,15 @@ class ResourceManagerService:
             description="Cornserve resource manager: devices, deduplicated deployments, task managers",
             metadata=self.metadata,
         )
-        m = self.manager
-        await svc.add_endpoint(
-            name="deploy", subject=RM_DEPLOY, handler=self._runner.wrap(DeployRequest, m.deploy)
-        )
-        await svc.add_endpoint(
-            name="release", subject=RM_RELEASE, handler=self._runner.wrap(ReleaseRequest, m.release)
-        )
-        await svc.add_endpoint(
-            name="state", subject=RM_STATE, handler=self._runner.wrap(StateRequest, m.state)
-        )
-        await svc.add_endpoint(
-            name="scale", subject=RM_SCALE, handler=self._runner.wrap(ScaleRequest, m.scale)
-        )
+        ctx, wrap = self.manager.ctx, self._runner.wrap
+        endpoints: dict[str, tuple[str, Callable[[Request], Awaitable[None]]]] = {
+            "deploy": (RM_DEPLOY, wrap(DeployRequest, partial(deploy.deploy, ctx))),
+            "release": (RM_RELEASE, wrap(DeploymentReleaseRequest, partial(release.release, ctx))),
+            "state": (RM_STATE, wrap(StateRequest, partial(state.cluster_state, ctx))),
+            "scale": (RM_SCALE, wrap(ScaleRequest, partial(scale.scale, ctx))),
+        }
+        for name, (subject, handler) in endpoints.items():
+            await svc.add_endpoint(name=name, subject=subject, handler=handler)
         self._service = svc
 
     async def stop(self) -> None:

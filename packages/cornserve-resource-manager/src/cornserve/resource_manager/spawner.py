@@ -6,19 +6,14 @@ needs to start a task manager, know whether it is still alive, read its log's ta
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Protocol
 
 from cornserve.bus.control import TaskSpec
+from cornserve.runtime.process import ProcessGroup
 
 logger = logging.getLogger(__name__)
 
@@ -50,104 +45,29 @@ class Spawner(Protocol):
         """A handle to a task manager started by an earlier resource-manager process."""
 
 
-def _read_tail(path: Path, max_chars: int) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - max_chars))
-            return f.read().decode(errors="replace").strip()
-    except OSError as exc:
-        return f"<log {path} unreadable: {exc}>"
-
-
-def _signal_group(pid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, sig)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class LocalProcessHandle:
-    """A task manager this process started (its child, leader of its own process group)."""
-
-    def __init__(self, proc: subprocess.Popen[bytes], log_path: Path) -> None:
-        self._proc = proc
-        self.log_path = log_path
-
-    @property
-    def pid(self) -> int | None:
-        """The child's pid."""
-        return self._proc.pid
-
-    def exit_code(self) -> int | None:
-        """None while alive."""
-        return self._proc.poll()
-
-    def log_tail(self, max_chars: int = 2000) -> str:
-        """End of the task manager's log file."""
-        return _read_tail(self.log_path, max_chars)
+class TaskManagerProcess(ProcessGroup):
+    """A task manager in its own process group: spawned here, or adopted from an earlier resource manager."""
 
     async def kill(self, grace_s: float) -> None:
-        """SIGTERM the group, then SIGKILL (also sweeps children left behind by an exited leader)."""
-        pid = self._proc.pid
-        if self._proc.poll() is None:
-            _signal_group(pid, signal.SIGTERM)
-            deadline = time.monotonic() + grace_s
-            while self._proc.poll() is None and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            if self._proc.poll() is None:
-                logger.warning("task manager pid %d ignored SIGTERM for %.1fs; killing it", pid, grace_s)
-        _signal_group(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 5.0
-        while self._proc.poll() is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+        """SIGTERM its process group, SIGKILL after `grace_s` (also sweeps executors left behind)."""
+        await self.stop_async(grace_s)
 
 
-class AdoptedProcessHandle:
-    """A task manager started by an earlier resource manager: known only by pid (not our child)."""
+class PidlessTaskManager:
+    """A stored deployment whose task manager pid was never recorded: nothing to watch or kill."""
 
-    def __init__(self, pid: int | None, log_path: Path | None) -> None:
-        self._pid = pid
-        self.log_path = log_path
-
-    @property
-    def pid(self) -> int | None:
-        """The pid recorded when it was spawned (or reported by the task manager)."""
-        return self._pid
+    pid = None
 
     def exit_code(self) -> int | None:
-        """None while the pid is alive; -1 (unknown code) once it is gone."""
-        if self._pid is None:
-            return None
-        return None if _pid_alive(self._pid) else -1
+        """Unknown, so treated as running (its status answers decide)."""
+        return None
 
     def log_tail(self, max_chars: int = 2000) -> str:
-        """End of its log file, when known."""
-        return "" if self.log_path is None else _read_tail(self.log_path, max_chars)
+        """No log is known."""
+        return ""
 
     async def kill(self, grace_s: float) -> None:
-        """SIGTERM its group, SIGKILL after the grace period (it is its own group leader)."""
-        pid = self._pid
-        if pid is None:
-            return
-        if _pid_alive(pid):
-            _signal_group(pid, signal.SIGTERM)
-            deadline = time.monotonic() + grace_s
-            while _pid_alive(pid) and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-        _signal_group(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 5.0
-        while _pid_alive(pid) and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+        """Nothing to signal."""
 
 
 class LocalSubprocessSpawner:
@@ -173,17 +93,13 @@ class LocalSubprocessSpawner:
             "--log-dir", str(self.log_dir),
             "--log-level", self.log_level,
         ]  # fmt: skip
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        # Not tied to this process's life: a restarted resource manager adopts the task managers.
+        proc = TaskManagerProcess.spawn(command, log_path=log_path, die_with_parent=False)
         logger.info("spawned task manager for %s (pid %d, log %s)", task_key, proc.pid, log_path)
-        return LocalProcessHandle(proc, log_path)
+        return proc
 
     def adopt(self, task_key: str, pid: int | None) -> TaskManagerHandle:
         """Handle to a surviving task manager."""
-        return AdoptedProcessHandle(pid, self.log_path(task_key))
+        if pid is None:
+            return PidlessTaskManager()
+        return TaskManagerProcess.adopt(pid, self.log_path(task_key))

@@ -5,9 +5,10 @@
 
 from __future__ import annotations
 
+from importlib.metadata import version
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+__version__ = version("cornserve-sidecar")
 
 if TYPE_CHECKING:
     from cornserve.sidecar.client import Sidecar

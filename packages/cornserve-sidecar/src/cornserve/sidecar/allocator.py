@@ -52,7 +52,7 @@ class Allocator:
                 self.used_bytes += need
                 return off
         raise OutOfMemory(
-            f"no free block of {need} bytes (free {self.free_bytes}, largest {self.largest_free})"
+            f"no free block of {need} bytes (free {self.free_bytes}, largest {self.largest_free_block})"
         )
 
     def free(self, offset: int) -> int:
@@ -84,12 +84,17 @@ class Allocator:
         return offset in self._used
 
     @property
+    def arena_bytes(self) -> int:
+        """Usable size of the managed range (the capacity, aligned down)."""
+        return self.capacity
+
+    @property
     def free_bytes(self) -> int:
         """Total free bytes (possibly fragmented)."""
         return self.capacity - self.used_bytes
 
     @property
-    def largest_free(self) -> int:
+    def largest_free_block(self) -> int:
         """Largest single allocation that would succeed now."""
         return max(self._free_sizes.values(), default=0)
 

@@ -23,9 +23,8 @@ import torch
 from nats.aio.client import Client
 from pydantic import BaseModel
 
+from cornserve.bus.error_codec import publish_error
 from cornserve.bus.micro import NoResponders, RequestTimeout, ServiceErrorReply, request
-from cornserve.bus.natsserver import nats_url_from_env
-from cornserve.bus.schemas import ErrorReply
 from cornserve.bus.sidecar import (
     AllocReply,
     AllocRequest,
@@ -37,11 +36,11 @@ from cornserve.bus.sidecar import (
     InfoRequest,
     Location,
     NcclPullRequest,
-    OkReply,
     RecvReply,
     RecvRequest,
     ReleasedEvent,
     SendRequest,
+    SidecarAck,
     StatsReply,
     StatsRequest,
 )
@@ -51,6 +50,7 @@ from cornserve.bus.subjects import (
     sidecar_released_subject,
     sidecar_subject,
 )
+from cornserve.runtime.nats_url import nats_url_from_env
 from cornserve.sidecar import gpu
 from cornserve.sidecar.arena import map_arena
 from cornserve.sidecar.codec import decode, encode, torch_dtype, torch_dtype_name
@@ -63,7 +63,8 @@ from cornserve.sidecar.errors import (
     SidecarUnavailable,
     error_from_kind,
 )
-from cornserve.sidecar.loop import LoopRunner
+from cornserve.sidecar.loop import LoopRunner, blocking, on_owner_loop
+from cornserve.sidecar.tasks import BackgroundTasks
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +85,8 @@ class _Region:
 class Sidecar:
     """Client of the sidecar server of ``rank`` on this node.
 
-    Use ``async with Sidecar(rank) as sc`` (or :meth:`connect` / :meth:`close`); every method has a
-    ``*_sync`` twin for threads without an event loop.
+    Use ``async with Sidecar(rank) as sc`` (or :meth:`connect` / :meth:`close`); every operation has a
+    generated ``*_sync`` twin for threads without an event loop.
     """
 
     def __init__(self, rank: int, nats_url: str | None = None, *, timeout: float = DEFAULT_TIMEOUT_S) -> None:
@@ -94,7 +95,7 @@ class Sidecar:
         self.rank = rank
         self.nats_url = nats_url or nats_url_from_env()
         self.timeout = timeout
-        self._bg = LoopRunner(f"cornserve-sidecar-client-{rank}")
+        self._loop = LoopRunner(f"cornserve-sidecar-client-{rank}")
         self._nc: Client | None = None
         self._info: InfoReply | None = None
         self._own_map: mmap.mmap | None = None
@@ -107,19 +108,15 @@ class Sidecar:
         self._nccl_locks: dict[int, asyncio.Lock] = {}
         self._nccl_recvd: dict[tuple[str, int], torch.Tensor] = {}
         self._pull_sub: Any = None
-        self._gpu_tasks: set[asyncio.Task[None]] = set()
+        self._gpu_tasks = BackgroundTasks(logger, "NCCL send")
         self._closed = False
 
     # ------------------------------------------------------------------ lifecycle
 
+    @on_owner_loop
     async def connect(self) -> Sidecar:
         """Connect to NATS and check the server is there (raises SidecarUnavailable otherwise)."""
-        await self._bg.run(self._connect())
-        return self
-
-    def connect_sync(self) -> Sidecar:
-        """Blocking :meth:`connect`."""
-        self._bg.run_sync(self._connect())
+        await self._connect()
         return self
 
     async def _connect(self) -> None:
@@ -162,30 +159,19 @@ class Sidecar:
         self._own_view = memoryview(self._own_map)
         return info
 
+    @on_owner_loop
     async def close(self) -> None:
-        """Close the NATS connection and stop the client's loop thread."""
-        if self._closed:
-            return
-        await self._bg.run(self._close())
-        self._bg.stop()
-        self._closed = True
-
-    def close_sync(self) -> None:
-        """Blocking :meth:`close`."""
-        if self._closed:
-            return
-        self._bg.run_sync(self._close())
-        self._bg.stop()
-        self._closed = True
-
-    async def _close(self) -> None:
-        if self._nc is not None:
-            await self._nc.drain()
-            self._nc = None
-        # Views handed out keep their mappings alive; dropping our references lets GC unmap later.
-        self._own_view = None
-        self._own_map = None
-        self._ro_maps.clear()
+        """Close the NATS connection and stop the client's loop thread (idempotent)."""
+        if not self._closed:
+            if self._nc is not None:
+                await self._nc.drain()
+                self._nc = None
+            # Views handed out keep their mappings alive; dropping our references lets GC unmap later.
+            self._own_view = None
+            self._own_map = None
+            self._ro_maps.clear()
+            self._closed = True
+        self._loop.request_stop()
 
     async def __aenter__(self) -> Sidecar:
         return await self.connect()
@@ -228,6 +214,7 @@ class Sidecar:
 
     # ------------------------------------------------------------------ send side
 
+    @on_owner_loop
     async def alloc_tensor(
         self, shape: tuple[int, ...] | list[int], dtype: torch.dtype = torch.float32
     ) -> torch.Tensor:
@@ -236,15 +223,7 @@ class Sidecar:
         Build your output in it, then ``send`` it without any copy. After ``send`` the memory
         belongs to the sidecar; do not write to it.
         """
-        return await self._bg.run(self._alloc_tensor(tuple(shape), dtype))
-
-    def alloc_tensor_sync(
-        self, shape: tuple[int, ...] | list[int], dtype: torch.dtype = torch.float32
-    ) -> torch.Tensor:
-        """Blocking :meth:`alloc_tensor`."""
-        return self._bg.run_sync(self._alloc_tensor(tuple(shape), dtype))
-
-    async def _alloc_tensor(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        shape = tuple(shape)
         await self._connect()
         numel = 1
         for d in shape:
@@ -264,25 +243,20 @@ class Sidecar:
         self._regions[t.data_ptr()] = _Region(reply.instance, reply.offset, nbytes)
         return t
 
+    @on_owner_loop
     async def free_tensor(self, tensor: torch.Tensor) -> None:
         """Give back an :meth:`alloc_tensor` tensor that will not be sent (else the TTL reclaims it)."""
-        await self._bg.run(self._free_tensor(tensor))
-
-    def free_tensor_sync(self, tensor: torch.Tensor) -> None:
-        """Blocking :meth:`free_tensor`."""
-        self._bg.run_sync(self._free_tensor(tensor))
-
-    async def _free_tensor(self, tensor: torch.Tensor) -> None:
         region = self._regions.pop(tensor.data_ptr(), None)
         if region is None:
             raise BadRequest("tensor was not allocated with alloc_tensor (or was already sent/freed)")
         await self._call(
             SidecarVerb.FREE,
             FreeRequest(instance=region.instance, offset=region.offset),
-            OkReply,
+            SidecarAck,
             self.timeout,
         )
 
+    @on_owner_loop
     async def send(
         self,
         data: Any,
@@ -298,30 +272,7 @@ class Sidecar:
         ``num_chunks=None`` starts a stream of unknown length; end it with :meth:`close_stream`.
         Returns once every destination sidecar has the chunk; waits for arena space up to ``timeout``.
         """
-        await self._bg.run(self._send(data, id, dst_ranks, chunk_id, num_chunks, timeout or self.timeout))
-
-    def send_sync(
-        self,
-        data: Any,
-        id: str,
-        dst_ranks: list[list[int]],
-        chunk_id: int = 0,
-        num_chunks: int | None = 1,
-        *,
-        timeout: float | None = None,
-    ) -> None:
-        """Blocking :meth:`send`."""
-        self._bg.run_sync(self._send(data, id, dst_ranks, chunk_id, num_chunks, timeout or self.timeout))
-
-    async def _send(
-        self,
-        data: Any,
-        id_: str,
-        dst_ranks: list[list[int]],
-        chunk_id: int,
-        num_chunks: int | None,
-        timeout: float,
-    ) -> None:
+        id_, timeout = id, timeout or self.timeout
         await self._connect()
         assert self._info is not None
         _check_destinations(id_, dst_ranks, chunk_id, num_chunks)
@@ -347,7 +298,7 @@ class Sidecar:
                 await self._call(
                     SidecarVerb.FREE,
                     FreeRequest(instance=region.instance, offset=region.offset),
-                    OkReply,
+                    SidecarAck,
                     self.timeout,
                 )
                 raise
@@ -372,7 +323,7 @@ class Sidecar:
             location=location,
             timeout=timeout,
         )
-        await self._call(SidecarVerb.SEND, msg, OkReply, timeout + REPLY_MARGIN_S)
+        await self._call(SidecarVerb.SEND, msg, SidecarAck, timeout + REPLY_MARGIN_S)
 
     def _zero_copy_region(self, data: Any) -> _Region | None:
         """Return the arena region a tensor from :meth:`alloc_tensor` occupies, if it can be sent as is."""
@@ -431,7 +382,7 @@ class Sidecar:
             timeout=timeout,
         )
         try:
-            await self._call(SidecarVerb.SEND, msg, OkReply, timeout + REPLY_MARGIN_S)
+            await self._call(SidecarVerb.SEND, msg, SidecarAck, timeout + REPLY_MARGIN_S)
         except BaseException:
             self._gpu_hold.pop((id_, chunk_id), None)
             raise
@@ -472,23 +423,13 @@ class Sidecar:
             return
         assert self._info is not None
         await msg.respond(
-            OkReply(request_id=req.request_id, instance=self._info.instance).model_dump_json().encode()
+            SidecarAck(request_id=req.request_id, instance=self._info.instance).model_dump_json().encode()
         )
-        task = asyncio.create_task(self._nccl_send(req.dst_rank, tensor))
-        self._gpu_tasks.add(task)
-        task.add_done_callback(self._gpu_task_done)
-
-    def _gpu_task_done(self, task: asyncio.Task[None]) -> None:
-        self._gpu_tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("NCCL send failed", exc_info=task.exception())
+        self._gpu_tasks.spawn(self._nccl_send(req.dst_rank, tensor))
 
     async def _reply_error(self, msg: Any, request_id: str, code: int, kind: str, message: str) -> None:
-        from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
-
         assert self._nc is not None
-        body = ErrorReply(request_id=request_id, error=kind, message=message).model_dump_json().encode()
-        await self._nc.publish(msg.reply, body, headers={ERROR_HEADER: message, ERROR_CODE_HEADER: str(code)})
+        await publish_error(self._nc, msg.reply, request_id, code, kind, message)
 
     async def _nccl_send(self, peer: int, tensor: torch.Tensor) -> None:
         assert self._nc is not None
@@ -512,7 +453,7 @@ class Sidecar:
                     self._nc,
                     sidecar_nccl_pull_subject(src),
                     NcclPullRequest(id=id_, chunk_id=chunk_id, dst_rank=self.rank),
-                    OkReply,
+                    SidecarAck,
                     timeout,
                 )
             except (NoResponders, RequestTimeout) as exc:
@@ -542,6 +483,7 @@ class Sidecar:
         for key in event.keys:
             self._gpu_hold.pop((key.id, key.chunk_id), None)
 
+    @on_owner_loop
     async def close_stream(
         self,
         id: str,
@@ -553,23 +495,11 @@ class Sidecar:
         """End a stream sent with ``num_chunks=None``: receives at ``chunk_id >= num_chunks`` return None."""
         t = timeout or self.timeout
         msg = CloseStreamRequest(id=id, num_chunks=num_chunks, dst_ranks=dst_ranks, timeout=t)
-        await self._bg.run(self._call(SidecarVerb.CLOSE, msg, OkReply, t + REPLY_MARGIN_S))
-
-    def close_stream_sync(
-        self,
-        id: str,
-        num_chunks: int,
-        dst_ranks: list[list[int]] | None = None,
-        *,
-        timeout: float | None = None,
-    ) -> None:
-        """Blocking :meth:`close_stream`."""
-        t = timeout or self.timeout
-        msg = CloseStreamRequest(id=id, num_chunks=num_chunks, dst_ranks=dst_ranks, timeout=t)
-        self._bg.run_sync(self._call(SidecarVerb.CLOSE, msg, OkReply, t + REPLY_MARGIN_S))
+        await self._call(SidecarVerb.CLOSE, msg, SidecarAck, t + REPLY_MARGIN_S)
 
     # ------------------------------------------------------------------ receive side
 
+    @on_owner_loop
     async def recv(
         self, id: str, chunk_id: int = 0, timeout: float | None = None, *, copy: bool = False
     ) -> Any:
@@ -579,15 +509,7 @@ class Sidecar:
         ``copy=True`` for a private, writable copy). Returns None past the end of a stream.
         Idempotent until :meth:`mark_done`.
         """
-        return await self._bg.run(self._recv(id, chunk_id, timeout or self.timeout, copy))
-
-    def recv_sync(
-        self, id: str, chunk_id: int = 0, timeout: float | None = None, *, copy: bool = False
-    ) -> Any:
-        """Blocking :meth:`recv`."""
-        return self._bg.run_sync(self._recv(id, chunk_id, timeout or self.timeout, copy))
-
-    async def _recv(self, id_: str, chunk_id: int, timeout: float, copy: bool) -> Any:
+        id_, timeout = id, timeout or self.timeout
         msg = RecvRequest(id=id_, chunk_id=chunk_id, timeout=timeout)
         reply = await self._call(SidecarVerb.RECV, msg, RecvReply, timeout + REPLY_MARGIN_S)
         if reply.end_of_stream:
@@ -614,32 +536,37 @@ class Sidecar:
                 ) from None
         return decode(loc.meta, mm, loc.offset, copy)
 
+    @on_owner_loop
     async def mark_done(self, id: str, chunk_id: int = 0) -> None:
         """Release the chunk: views from :meth:`recv` must not be used afterwards."""
-        await self._bg.run(self._mark_done(id, chunk_id))
-
-    def mark_done_sync(self, id: str, chunk_id: int = 0) -> None:
-        """Blocking :meth:`mark_done`."""
-        self._bg.run_sync(self._mark_done(id, chunk_id))
-
-    async def _mark_done(self, id_: str, chunk_id: int) -> None:
-        self._nccl_recvd.pop((id_, chunk_id), None)
-        self._ipc.close((id_, chunk_id))
-        await self._call(SidecarVerb.DONE, DoneRequest(id=id_, chunk_id=chunk_id), OkReply, self.timeout)
+        self._nccl_recvd.pop((id, chunk_id), None)
+        self._ipc.close((id, chunk_id))
+        await self._call(SidecarVerb.DONE, DoneRequest(id=id, chunk_id=chunk_id), SidecarAck, self.timeout)
 
     # ------------------------------------------------------------------ introspection
 
+    @on_owner_loop
     async def stats(self) -> StatsReply:
         """Arena usage of our server."""
-        return await self._bg.run(self._call(SidecarVerb.STATS, StatsRequest(), StatsReply, self.timeout))
+        return await self._call(SidecarVerb.STATS, StatsRequest(), StatsReply, self.timeout)
 
-    def stats_sync(self) -> StatsReply:
-        """Blocking :meth:`stats`."""
-        return self._bg.run_sync(self._call(SidecarVerb.STATS, StatsRequest(), StatsReply, self.timeout))
-
+    @on_owner_loop
     async def info(self) -> InfoReply:
         """Identity of our server."""
-        return await self._bg.run(self._call(SidecarVerb.INFO, InfoRequest(), InfoReply, self.timeout))
+        return await self._call(SidecarVerb.INFO, InfoRequest(), InfoReply, self.timeout)
+
+    # ------------------------------------------------------------------ blocking twins (generated)
+
+    connect_sync = blocking(connect)
+    close_sync = blocking(close)
+    alloc_tensor_sync = blocking(alloc_tensor)
+    free_tensor_sync = blocking(free_tensor)
+    send_sync = blocking(send)
+    close_stream_sync = blocking(close_stream)
+    recv_sync = blocking(recv)
+    mark_done_sync = blocking(mark_done)
+    stats_sync = blocking(stats)
+    info_sync = blocking(info)
 
 
 def _check_destinations(id_: str, dst_ranks: list[list[int]], chunk_id: int, num_chunks: int | None) -> None:

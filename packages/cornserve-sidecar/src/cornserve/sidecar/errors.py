@@ -8,120 +8,81 @@ from __future__ import annotations
 
 from typing import Any
 
+ERRORS_BY_KIND: dict[str, type[SidecarError]] = {}
+"""Every error class by its wire kind; filled as the classes below are defined."""
+
 
 class SidecarError(Exception):
-    """Base class of sidecar failures."""
+    """Base class of sidecar failures; each subclass names its wire error kind (``kind=...``)."""
 
     kind = "sidecar_error"
+
+    def __init_subclass__(cls, *, kind: str, **rest: Any) -> None:
+        super().__init_subclass__(**rest)
+        if kind in ERRORS_BY_KIND:
+            raise TypeError(f"sidecar error kind {kind!r} is already {ERRORS_BY_KIND[kind].__name__}")
+        cls.kind = kind
+        ERRORS_BY_KIND[kind] = cls
 
     def __init__(self, message: str, **details: Any) -> None:
         super().__init__(message)
         self.details = details
 
 
-class BadRequest(SidecarError):
+class BadRequest(SidecarError, kind="bad_request"):
     """A message on a sidecar subject was malformed or inconsistent."""
 
-    kind = "bad_request"
 
-
-class UnsupportedData(SidecarError, TypeError):
+class UnsupportedData(SidecarError, TypeError, kind="unsupported_data"):
     """The value cannot be sent (type not supported)."""
 
-    kind = "unsupported_data"
 
-
-class SidecarUnavailable(SidecarError):
+class SidecarUnavailable(SidecarError, kind="unavailable"):
     """The client's own sidecar server is not running (no responders on its subjects)."""
 
-    kind = "unavailable"
 
-
-class DestinationUnreachable(SidecarError):
+class DestinationUnreachable(SidecarError, kind="unreachable"):
     """A destination sidecar rank does not answer; ``details['rank']`` names it."""
 
-    kind = "unreachable"
 
-
-class RecvTimeout(SidecarError, TimeoutError):
+class RecvTimeout(SidecarError, TimeoutError, kind="recv_timeout"):
     """Nothing arrived for the id/chunk before the deadline; ``details['id']`` names it."""
 
-    kind = "recv_timeout"
 
-
-class SidecarTimeout(SidecarError, TimeoutError):
+class SidecarTimeout(SidecarError, TimeoutError, kind="timeout"):
     """A control request got no answer before its deadline."""
 
-    kind = "timeout"
 
-
-class MemoryPressure(SidecarError):
+class MemoryPressure(SidecarError, kind="memory_pressure"):
     """The arena had no room for the data before the deadline."""
 
-    kind = "memory_pressure"
 
-
-class TooLarge(SidecarError):
+class TooLarge(SidecarError, kind="too_large"):
     """The data can never fit: it is larger than the arena."""
 
-    kind = "too_large"
 
-
-class DataLost(SidecarError):
+class DataLost(SidecarError, kind="data_lost"):
     """The data was sent but the sidecar holding it restarted; it will never arrive."""
 
-    kind = "data_lost"
 
-
-class DataExpired(SidecarError):
+class DataExpired(SidecarError, kind="data_expired"):
     """Nobody claimed the data within the TTL; it was freed."""
 
-    kind = "data_expired"
 
-
-class AlreadyConsumed(SidecarError):
+class AlreadyConsumed(SidecarError, kind="already_consumed"):
     """``recv`` after ``mark_done`` of the same chunk."""
 
-    kind = "already_consumed"
 
-
-class UnknownStream(SidecarError):
+class UnknownStream(SidecarError, kind="unknown_stream"):
     """``close_stream`` for an id this sidecar never sent and without destinations."""
 
-    kind = "unknown_stream"
 
-
-class NotFound(SidecarError):
+class NotFound(SidecarError, kind="not_found"):
     """Referenced allocation or entry does not exist on the server."""
 
-    kind = "not_found"
 
-
-class InternalError(SidecarError):
+class InternalError(SidecarError, kind="internal"):
     """The server failed unexpectedly (it logged the traceback)."""
-
-    kind = "internal"
-
-
-ERRORS_BY_KIND: dict[str, type[SidecarError]] = {
-    cls.kind: cls
-    for cls in (
-        BadRequest,
-        UnsupportedData,
-        SidecarUnavailable,
-        DestinationUnreachable,
-        RecvTimeout,
-        SidecarTimeout,
-        MemoryPressure,
-        TooLarge,
-        DataLost,
-        DataExpired,
-        AlreadyConsumed,
-        UnknownStream,
-        NotFound,
-        InternalError,
-    )
-}
 
 
 def error_from_kind(kind: str, message: str, details: dict[str, Any]) -> SidecarError:

@@ -17,6 +17,7 @@ from typing import TypeVar
 from pydantic import BaseModel, ValidationError
 
 from cornserve.bus.sidecar import TcpAck, TcpHeader
+from cornserve.sidecar.tasks import BackgroundTasks
 
 SOCKET_BUFFER_BYTES = 16 * 1024 * 1024
 """Requested SO_SNDBUF/SO_RCVBUF; the kernel caps it at net.core.[rw]mem_max."""
@@ -109,7 +110,7 @@ class TcpReceiver:
         self._land = land
         self._abandon = abandon
         self._listener: socket.socket | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = BackgroundTasks(logger, "TCP receiver task")
 
     def start(self) -> int:
         """Bind and start accepting; returns the bound port."""
@@ -121,33 +122,21 @@ class TcpReceiver:
         sock.setblocking(False)
         self.port = int(sock.getsockname()[1])
         self._listener = sock
-        self._track(self._accept_forever(sock))
+        self._tasks.spawn(self._accept_forever(sock))
         return self.port
-
-    def _track(self, coro: Awaitable[None]) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("TCP receiver task failed", exc_info=task.exception())
 
     async def close(self) -> None:
         """Stop accepting and cancel transfers in progress."""
         if self._listener is not None:
             self._listener.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.close()
 
     async def _accept_forever(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         while True:
             conn, addr = await loop.sock_accept(listener)
             tune(conn)
-            self._track(self._receive(conn, addr))
+            self._tasks.spawn(self._receive(conn, addr))
 
     async def _receive(self, conn: socket.socket, addr: object) -> None:
         """One transfer: header -> allocate -> ready -> payload -> land -> done."""

@@ -1,3 +1,5 @@
 """cornserve.task_manager: one process per deployed unit task; runs, health-checks and routes to its executors."""
 
-__version__ = "0.1.0"
+from importlib.metadata import version
+
+__version__ = version("cornserve-task-manager")

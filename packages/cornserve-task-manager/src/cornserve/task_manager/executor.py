@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,9 +13,8 @@ from typing import Any
 import aiohttp
 
 from cornserve.bus.control import DeviceInfo, ExecutorInfo, ExecutorState
-from cornserve.bus.natsserver import free_port
-from cornserve.task import Device, ExecutorLaunchContext, ExecutorLaunchSpec, UnitTask
-from cornserve.task_manager.process import log_tail, spawn_in_group, stop_group
+from cornserve.runtime.process import ProcessGroup, free_port, log_tail
+from cornserve.task import Device, ExecutorLaunchSpec, ExecutorPlacement, UnitTask
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +37,7 @@ class ManagedExecutor:
     state: ExecutorState = "starting"
     port: int = 0
     health_path: str = "/health"
-    proc: subprocess.Popen[bytes] | None = None
+    proc: ProcessGroup | None = None
     in_flight: int = 0
     routed: int = 0
     restarts: int = 0
@@ -62,17 +60,8 @@ class ManagedExecutor:
         return [d.sidecar_rank for d in self.devices]
 
     def info(self) -> ExecutorInfo:
-        """Wire view of this executor."""
-        return ExecutorInfo(
-            executor_id=self.executor_id,
-            url=self.url,
-            sidecar_ranks=self.sidecar_ranks,
-            devices=self.devices,
-            state=self.state,
-            in_flight=self.in_flight,
-            restarts=self.restarts,
-            pid=self.proc.pid if self.proc is not None and self.proc.poll() is None else None,
-        )
+        """Wire view of this executor (its fields are read off the attributes of the same names)."""
+        return ExecutorInfo.model_validate(self, from_attributes=True)
 
     def add_in_flight(self, delta: int) -> None:
         """Change the in-flight count, never below zero; `idle` is set whenever it is zero."""
@@ -85,12 +74,12 @@ class ManagedExecutor:
 
     def exited(self) -> int | None:
         """The exit code if the process has exited, else None."""
-        return None if self.proc is None else self.proc.poll()
+        return None if self.proc is None else self.proc.exit_code()
 
     def launch(self, task: UnitTask[Any, Any], nats_url: str) -> float:
         """Start the process on a fresh port; returns the descriptor's readiness timeout."""
         port = free_port(HOST)
-        context = ExecutorLaunchContext(
+        placement = ExecutorPlacement(
             executor_id=self.executor_id,
             host=HOST,
             port=port,
@@ -99,7 +88,7 @@ class ManagedExecutor:
             nats_url=nats_url,
         )
         try:
-            spec: ExecutorLaunchSpec = task.descriptor.launch_spec(task, context)
+            spec: ExecutorLaunchSpec = task.descriptor.launch_spec(task, placement)
         except Exception as exc:
             raise ExecutorStartError(
                 f"{type(task.descriptor).__name__}.launch_spec failed for executor {self.executor_id}: "
@@ -111,7 +100,10 @@ class ManagedExecutor:
         self.failed_probes = 0
         logger.info("executor %s: starting %s (port %d)", self.executor_id, spec.command, spec.port)
         try:
-            self.proc = spawn_in_group(spec.command, env, self.log_path)
+            # Dies with this task manager (Linux), so a SIGKILLed manager leaves no executor holding devices.
+            self.proc = ProcessGroup.spawn(
+                spec.command, log_path=self.log_path, env=env, die_with_parent=True
+            )
         except OSError as exc:
             raise ExecutorStartError(
                 f"executor {self.executor_id}: cannot run {spec.command[0]!r}: {exc}"
@@ -166,12 +158,12 @@ class ManagedExecutor:
 
     @property
     def pid(self) -> int | None:
-        """Process id of the current process, if any."""
-        return None if self.proc is None else self.proc.pid
+        """Process id of the current process while it runs (None before the first start and once it exited)."""
+        return self.proc.pid if self.proc is not None and self.proc.alive() else None
 
     async def stop(self, grace_s: float) -> None:
         """SIGTERM the process group, SIGKILL after the grace period."""
         if self.proc is None:
             return
-        code = await stop_group(self.proc, grace_s)
-        logger.info("executor %s (pid %d) stopped with code %d", self.executor_id, self.proc.pid, code)
+        code = await self.proc.stop_async(grace_s)
+        logger.info("executor %s (pid %d) stopped with code %s", self.executor_id, self.proc.pid, code)

@@ -21,7 +21,7 @@ import nats
 
 from cornserve.bus.control import TaskLibraryRecord
 from cornserve.bus.kv import TaskLibrarySync
-from cornserve.bus.natsserver import nats_url_from_env
+from cornserve.runtime.nats_url import nats_url_from_env
 from cornserve.task import TaskRegistryError, UnitTask, deserialize_task
 from cornserve.task.library import load_task_library
 from cornserve.task_manager.manager import TaskManager

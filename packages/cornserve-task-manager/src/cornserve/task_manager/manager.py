@@ -12,12 +12,19 @@ import asyncio
 import logging
 import os
 import time
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from cornserve.bus.control import AssignRequest, RouteReply, RouteRequest, TaskManagerStatus
+from cornserve.bus.control import (
+    AssignRequest,
+    RouteReply,
+    RouteRequest,
+    TaskManagerStatus,
+    TaskManagerStatusRequest,
+)
 from cornserve.bus.micro import ServiceFault
 from cornserve.task import UnitTask
 from cornserve.task_manager.executor import ExecutorStartError, ManagedExecutor
@@ -25,39 +32,35 @@ from cornserve.task_manager.executor import ExecutorStartError, ManagedExecutor
 logger = logging.getLogger(__name__)
 
 
+@dataclass(eq=False)
 class TaskManager:
     """Executors of one deployed unit task."""
 
-    def __init__(
-        self,
-        task_key: str,
-        task: UnitTask[Any, Any],
-        nats_url: str,
-        log_dir: Path,
-        *,
-        health_interval_s: float = 1.0,
-        unhealthy_after: int = 3,
-        stop_grace_s: float = 5.0,
-        drain_timeout_s: float = 60.0,
-        restart_timeout_s: float = 600.0,
-        inflight_stale_s: float = 900.0,
-    ) -> None:
-        self.task_key = task_key
-        self.task = task
-        self.nats_url = nats_url
-        self.log_dir = log_dir
-        self.health_interval_s = health_interval_s
-        self.unhealthy_after = unhealthy_after
-        self.stop_grace_s = stop_grace_s
-        self.drain_timeout_s = drain_timeout_s
-        self.restart_timeout_s = restart_timeout_s
-        self.inflight_stale_s = inflight_stale_s
-        self.executors: dict[str, ManagedExecutor] = {}
-        self._assign_lock = asyncio.Lock()
-        self._restarting: dict[str, asyncio.Task[None]] = {}
-        self._session: aiohttp.ClientSession | None = None
-        self._health: asyncio.Task[None] | None = None
-        self._closed = False
+    task_key: str
+    task: UnitTask[Any, Any]
+    nats_url: str
+    log_dir: Path
+    _: KW_ONLY
+    # Health: probing, restarting, and forgetting in-flight work whose done messages were lost.
+    _health: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
+    health_interval_s: float = 1.0
+    """Seconds between health-check rounds."""
+    unhealthy_after: int = 3
+    """Failed probes in a row after which a ready executor is restarted."""
+    restart_timeout_s: float = 600.0
+    """The readiness deadline of an executor restarted by the health loop."""
+    inflight_stale_s: float = 900.0
+    """In-flight work with no activity for this long is assumed lost (its done messages never came)."""
+    _restarting: dict[str, asyncio.Task[None]] = field(default_factory=dict, init=False, repr=False)
+    # Assignment: removed executors drain, then stop.
+    stop_grace_s: float = 5.0
+    """SIGTERM to SIGKILL of an executor's process group."""
+    drain_timeout_s: float = 60.0
+    """How long a removed executor may finish its in-flight work before it is stopped anyway."""
+    executors: dict[str, ManagedExecutor] = field(default_factory=dict, init=False)
+    _assign_lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False, repr=False)
+    _session: aiohttp.ClientSession | None = field(default=None, init=False, repr=False)
+    _closed: bool = field(default=False, init=False, repr=False)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -77,13 +80,10 @@ class TaskManager:
         if self._closed:
             return
         self._closed = True
-        if self._health is not None:
-            self._health.cancel()
-            await asyncio.gather(self._health, return_exceptions=True)
-        restarts = list(self._restarting.values())
-        for t in restarts:
+        background = [t for t in (self._health, *self._restarting.values()) if t is not None]
+        for t in background:
             t.cancel()
-        await asyncio.gather(*restarts, return_exceptions=True)
+        await asyncio.gather(*background, return_exceptions=True)
         executors = list(self.executors.values())
         await asyncio.gather(*(ex.stop(self.stop_grace_s) for ex in executors))
         for ex in executors:
@@ -93,8 +93,11 @@ class TaskManager:
 
     # ------------------------------------------------------------------ requests
 
-    def status(self, request_id: str) -> TaskManagerStatus:
+    async def status(self, req: TaskManagerStatusRequest) -> TaskManagerStatus:
         """Every executor and whether all of them are ready."""
+        return self._status(req.request_id)
+
+    def _status(self, request_id: str) -> TaskManagerStatus:
         infos = [ex.info() for ex in self.executors.values()]
         ready = bool(infos) and all(i.state == "ready" for i in infos)
         return TaskManagerStatus(
@@ -119,7 +122,7 @@ class TaskManager:
                 "assign_timeout",
                 f"task {self.task_key}: executors not ready within {req.timeout_s:.1f}s ({self._states()})",
             ) from None
-        return self.status(req.request_id)
+        return self._status(req.request_id)
 
     async def _converge(self, req: AssignRequest) -> None:
         desired = {a.executor_id: a for a in req.executors}
@@ -182,7 +185,7 @@ class TaskManager:
         await ex.stop(self.stop_grace_s)
         ex.state = "stopped"
 
-    def route(self, req: RouteRequest) -> RouteReply:
+    async def route(self, req: RouteRequest) -> RouteReply:
         """The healthy executor with the fewest invocations in flight (ties: fewest routed so far)."""
         ready: list[ManagedExecutor] = []
         for ex in self.executors.values():

@@ -6,21 +6,21 @@ import inspect
 from typing import Any
 
 from cornserve.app.loader import AppSpec
-from cornserve.task.dispatcher import use_dispatcher
 from cornserve.task.graph import TaskGraph
-from cornserve.task.local import TracingDispatcher
+from cornserve.task.local import TracingRunner
+from cornserve.task.runner import use_graph_runner
 from cornserve.task.stream import Stream
 
 
 async def trace_app(spec: AppSpec, request: dict[str, Any] | Any) -> list[TaskGraph]:
-    """Run the app's `serve` on `request` with a dispatcher that only records, and return its graphs.
+    """Run the app's `serve` on `request` with a graph runner that only records, and return its graphs.
 
     Streams come back empty, so `serve` runs to completion; a `serve` that reads non-forwarded task
     outputs sees placeholders and fails with UnmaterializedDataError.
     """
     req = request if isinstance(request, spec.request_model) else spec.request_model.model_validate(request)
-    tracer = TracingDispatcher()
-    with use_dispatcher(tracer):
+    tracer = TracingRunner()
+    with use_graph_runner(tracer):
         result = spec.serve(req)
         if inspect.isasyncgen(result) or hasattr(result, "__anext__"):
             async for _ in result:

@@ -1,23 +1,26 @@
 """Cornserve's task abstraction.
 
 Tasks describe work: unit tasks run on one executor, composite tasks compose other tasks in a
-synchronous `invoke`. `await task(input)` records the graph, has a dispatcher execute it, and
-replays `invoke` with the real outputs. See docs/tasks.md.
+synchronous `invoke`. `await task(input)` records the graph, has the current graph runner execute
+it, and replays `invoke` with the real outputs. See docs/tasks.md.
+
+Importing this package registers the built-in tasks (`register_builtins()`), so every service that
+deserializes tasks knows them.
 """
 
-from cornserve.task.base import Task, TaskInput, TaskOutput, UnitTask, discover_unit_tasks
-from cornserve.task.context import TaskContext, TaskInvocation
+from cornserve.task.base import Task, UnitTask, discover_unit_tasks
+from cornserve.task.builtins import register_builtins
+from cornserve.task.context import TaskContext
 from cornserve.task.descriptor import (
     Device,
-    ExecutorLaunchContext,
     ExecutorLaunchSpec,
+    ExecutorPlacement,
     ExecutorRequest,
     TaskExecutionDescriptor,
 )
-from cornserve.task.dispatcher import Dispatcher, get_dispatcher, set_dispatcher, use_dispatcher
 from cornserve.task.errors import (
     InvalidTaskInputError,
-    NoDispatcherError,
+    NoGraphRunnerError,
     StaticGraphError,
     TaskContextError,
     TaskDefinitionError,
@@ -29,26 +32,33 @@ from cornserve.task.errors import (
 )
 from cornserve.task.forward import DataForward, Tensor, Unmaterialized
 from cornserve.task.graph import TaskGraph, forward_edges, wire_forwards
-from cornserve.task.local import InProcessDispatcher, LocalForwardStore, TracingDispatcher
+from cornserve.task.invocation import TaskInvocation
+from cornserve.task.io_models import TaskInput, TaskOutput
+from cornserve.task.local import InProcessRunner, LocalForwardStore, TracingRunner
 from cornserve.task.registry import (
+    ClassKey,
     deserialize_task,
     registered_descriptors,
     registered_unit_tasks,
     serialize_task,
 )
+from cornserve.task.runner import GraphRunner, current_graph_runner, set_graph_runner, use_graph_runner
 from cornserve.task.stream import Stream
 
+register_builtins()
+
 __all__ = [
+    "ClassKey",
     "DataForward",
     "Device",
-    "Dispatcher",
-    "ExecutorLaunchContext",
     "ExecutorLaunchSpec",
+    "ExecutorPlacement",
     "ExecutorRequest",
-    "InProcessDispatcher",
+    "GraphRunner",
+    "InProcessRunner",
     "InvalidTaskInputError",
     "LocalForwardStore",
-    "NoDispatcherError",
+    "NoGraphRunnerError",
     "StaticGraphError",
     "Stream",
     "Task",
@@ -65,18 +75,19 @@ __all__ = [
     "TaskRegistryError",
     "TaskSerializationError",
     "Tensor",
-    "TracingDispatcher",
+    "TracingRunner",
     "UnitTask",
     "Unmaterialized",
     "UnmaterializedDataError",
+    "current_graph_runner",
     "deserialize_task",
     "discover_unit_tasks",
     "forward_edges",
-    "get_dispatcher",
+    "register_builtins",
     "registered_descriptors",
     "registered_unit_tasks",
     "serialize_task",
-    "set_dispatcher",
-    "use_dispatcher",
+    "set_graph_runner",
+    "use_graph_runner",
     "wire_forwards",
 ]

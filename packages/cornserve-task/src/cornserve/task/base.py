@@ -1,4 +1,8 @@
-"""Task inputs, outputs and the Task base classes (unit and composite)."""
+"""The Task base classes: composite `Task` and `UnitTask`.
+
+Imports only downwards: recording (`context`), execution (`execution`) and the registries are
+modules below this one, so `await task(x)` needs no function-local import.
+"""
 
 from __future__ import annotations
 
@@ -20,20 +24,19 @@ from pydantic import (
     model_validator,
 )
 
+from cornserve.task.context import current_context
 from cornserve.task.descriptor import TaskExecutionDescriptor
 from cornserve.task.errors import TaskDefinitionError
+from cornserve.task.execution import execute_task, trace_task
+from cornserve.task.forward import DataForward, Unmaterialized
+from cornserve.task.generics import generic_args, is_concrete, is_unbound
+from cornserve.task.io_models import TaskInput, TaskOutput
+from cornserve.task.registry import DESCRIPTORS, UNIT_TASKS, ClassKey, task_deployment_key
 
 if TYPE_CHECKING:
     from cornserve.task.graph import TaskGraph
 
-
-class TaskInput(BaseModel):
-    """Base class of every task's input model."""
-
-
-class TaskOutput(BaseModel):
-    """Base class of every task's output model."""
-
+__all__ = ["InputT", "OutputT", "Task", "TaskInput", "TaskOutput", "UnitTask", "discover_unit_tasks"]
 
 InputT = TypeVar("InputT", bound=TaskInput)
 OutputT = TypeVar("OutputT", bound=TaskOutput)
@@ -60,22 +63,13 @@ def _iter_tasks(value: Any) -> Iterator[Task[Any, Any]]:
             yield from _iter_tasks(v)
 
 
-def _generic_args(cls: type, origin: type) -> tuple[Any, ...] | None:
-    """Find the type arguments `cls` gave to the generic pydantic model `origin`, if any."""
-    for klass in cls.__mro__:
-        meta = getattr(klass, "__pydantic_generic_metadata__", None)
-        if meta and meta["origin"] is not None and issubclass(meta["origin"], origin) and meta["args"]:
-            return tuple(meta["args"])
-    return None
-
-
 class Task(BaseModel, Generic[InputT, OutputT]):
     """A reusable, composable unit of work.
 
     A task's fields are its configuration. `invoke` composes other tasks synchronously; calling the
-    task with `await task(input)` records the graph `invoke` makes, sends it to the dispatcher, and
-    replays `invoke` with the real outputs. Subtasks created in `post_init` (by assigning them to
-    attributes) or passed as fields are discovered automatically.
+    task with `await task(input)` records the graph `invoke` makes, has the current graph runner
+    execute it, and replays `invoke` with the real outputs. Subtasks created in `post_init` (by
+    assigning them to attributes) or passed as fields are discovered automatically.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -145,8 +139,8 @@ class Task(BaseModel, Generic[InputT, OutputT]):
 
     @classmethod
     def _io_types(cls) -> tuple[Any, Any]:
-        args = _generic_args(cls, Task)
-        if args is None or len(args) != 2 or any(isinstance(a, TypeVar) for a in args):
+        args = generic_args(cls, Task)
+        if args is None or len(args) != 2 or any(is_unbound(a) for a in args):
             raise TaskDefinitionError(
                 f"{cls.__name__} must declare its input and output types: class {cls.__name__}(Task[MyInput, MyOutput])"
             )
@@ -168,15 +162,11 @@ class Task(BaseModel, Generic[InputT, OutputT]):
         """Compose other tasks (composite) or describe one executor call (unit); synchronous."""
 
     async def __call__(self, task_input: InputT) -> OutputT:
-        """Record the graph, execute it through the configured dispatcher, and replay with real outputs."""
-        from cornserve.task.context import execute_task
-
+        """Record the graph, have the current graph runner execute it, and replay with real outputs."""
         return cast(OutputT, await execute_task(self, self._coerce_input(task_input)))
 
     def trace(self, task_input: InputT) -> TaskGraph:
         """Record the graph this task makes for `task_input` without executing anything."""
-        from cornserve.task.context import trace_task
-
         return trace_task(self, self._coerce_input(task_input))
 
     def _coerce_input(self, task_input: Any) -> TaskInput:
@@ -199,8 +189,8 @@ class UnitTask(Task[InputT, OutputT]):
     """A task executed by exactly one deployed executor.
 
     Subclasses implement `make_output_placeholder` (what the output looks like before execution,
-    e.g. one `DataForward` per item) and set `default_descriptor` to the registered name of their
-    default `TaskExecutionDescriptor` class.
+    e.g. one `DataForward` per item) and set `default_descriptor` to the qualified name of their
+    default `TaskExecutionDescriptor` class, defined in the same library (module or task library).
     """
 
     default_descriptor: ClassVar[str] = ""
@@ -226,27 +216,29 @@ class UnitTask(Task[InputT, OutputT]):
             and data.get("descriptor") is None
             and data.get("execution_descriptor") is None
         ):
-            from cornserve.task.registry import descriptor_class
-
             if not cls.default_descriptor:
                 raise TaskDefinitionError(f"{cls.__name__} has no default_descriptor; pass descriptor=...")
             data = {k: v for k, v in data.items() if k not in ("descriptor", "execution_descriptor")}
-            data["descriptor"] = descriptor_class(cls.default_descriptor)()
+            library = ClassKey.of(cls).library
+            data["descriptor"] = DESCRIPTORS.lookup(ClassKey(library, cls.default_descriptor))()
         return data
 
     @field_validator("descriptor", mode="before")
     @classmethod
     def _load_descriptor(cls, value: Any) -> Any:
         if isinstance(value, dict) and set(value) == {"name", "config"}:
-            from cornserve.task.registry import descriptor_class
-
-            return descriptor_class(value["name"]).model_validate(value["config"])
+            return DESCRIPTORS.lookup(ClassKey.parse(value["name"])).model_validate(value["config"])
         return value
 
     @model_validator(mode="after")
     def _check_descriptor(self) -> UnitTask[InputT, OutputT]:
         runs = self.descriptor.task_cls()
-        if not isinstance(self, runs):
+        if runs is not None and not (isinstance(runs, type) and issubclass(runs, UnitTask)):
+            raise TaskDefinitionError(
+                f"{type(self.descriptor).__name__} must name a unit task class, not {runs!r}: "
+                f"class {type(self.descriptor).__name__}(TaskExecutionDescriptor[MyTask])"
+            )
+        if runs is not None and not isinstance(self, runs):
             raise TaskDefinitionError(
                 f"{type(self.descriptor).__name__} executes {runs.__name__}, not {type(self).__name__}"
             )
@@ -256,14 +248,13 @@ class UnitTask(Task[InputT, OutputT]):
     def _dump_descriptor(
         self, value: TaskExecutionDescriptor[Any], info: SerializationInfo
     ) -> dict[str, Any]:
-        return {"name": type(value).__name__, "config": value.model_dump(mode=info.mode)}
+        key = DESCRIPTORS.key_of(type(value)) or ClassKey.of(type(value))
+        return {"name": key.ref, "config": value.model_dump(mode=info.mode)}
 
     @property
     def deployment_key(self) -> str:
         """Equal for two instances that must share one deployment (class, descriptor and config)."""
         if self._deployment_key is None:
-            from cornserve.task.registry import task_deployment_key
-
             self._deployment_key = task_deployment_key(self)
         return self._deployment_key
 
@@ -278,16 +269,11 @@ class UnitTask(Task[InputT, OutputT]):
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
         super().__pydantic_init_subclass__(**kwargs)
-        meta = cls.__pydantic_generic_metadata__
-        if meta["origin"] is None and not meta["parameters"] and not inspect.isabstract(cls):
-            from cornserve.task.registry import register_unit_task
-
-            register_unit_task(cls)
+        if is_concrete(cls) and not inspect.isabstract(cls):
+            UNIT_TASKS.register(cls)
 
     def invoke(self, task_input: InputT) -> OutputT:
         """Add this call to the active recording, or take its real output during replay."""
-        from cornserve.task.context import current_context
-
         return cast(OutputT, current_context(self).unit_invoke(self, task_input))
 
     def make_output_placeholder(self, task_input: InputT) -> OutputT:
@@ -297,8 +283,6 @@ class UnitTask(Task[InputT, OutputT]):
         `Unmaterialized` marker. Override it when the output shape depends on the input (e.g. one
         forward per input item) or the output is a `Stream`.
         """
-        from cornserve.task.forward import DataForward, Unmaterialized
-
         output_cls = self.output_cls()
         values: dict[str, Any] = {}
         for name, field in output_cls.model_fields.items():

@@ -1,7 +1,7 @@
 """Recording a task graph, and replaying `invoke` with the real outputs.
 
 `await task(x)` runs `task.invoke(x)` twice. The first run records: every unit task call appends a
-`TaskInvocation` (task, input, output placeholder) to a fresh `TaskContext`. The dispatcher executes
+`TaskInvocation` (task, input, output placeholder) to a fresh `TaskContext`. The graph runner executes
 the recorded list. The second run replays: each unit task call takes its real output, and must be
 exactly the call recorded at that position (the static-graph rule). Both runs are synchronous and
 the context lives in a ContextVar, so concurrent `await task(...)` calls never share one.
@@ -13,118 +13,23 @@ from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, SkipValidation, ValidationError, model_serializer, model_validator
+from pydantic import BaseModel
 
-from cornserve.task.base import Task, TaskInput, TaskOutput, UnitTask
 from cornserve.task.errors import (
     StaticGraphError,
     TaskContextError,
     TaskDefinitionError,
     TaskExecutionError,
-    TaskSerializationError,
     UnmaterializedDataError,
 )
 from cornserve.task.forward import DataForward, Unmaterialized, iter_forwards
-from cornserve.task.registry import deserialize_task, serialize_task
+from cornserve.task.generics import generic_origin
+from cornserve.task.invocation import TaskInvocation
+from cornserve.task.io_models import TaskInput, TaskOutput
 from cornserve.task.stream import Stream
 
 if TYPE_CHECKING:
-    from cornserve.task.graph import TaskGraph
-
-_UNMATERIALIZED_KEY = "__unmaterialized__"
-
-
-def _dump_value(value: Any) -> Any:
-    """JSON-able dump that keeps placeholder markers (model_dump would try to stringify them)."""
-    if isinstance(value, Unmaterialized):
-        return {_UNMATERIALIZED_KEY: repr(value)}
-    if isinstance(value, DataForward):
-        return value.model_dump(mode="json")
-    if isinstance(value, BaseModel):
-        fields = type(value).model_fields
-        return {
-            name: _dump_value(value.__dict__.get(name)) for name, info in fields.items() if not info.exclude
-        }
-    if isinstance(value, (list, tuple)):
-        return [_dump_value(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _dump_value(v) for k, v in value.items()}
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    raise TaskSerializationError(f"cannot serialize a {type(value).__name__} inside a task output")
-
-
-def _has_marker(data: Any) -> bool:
-    if isinstance(data, dict):
-        return _UNMATERIALIZED_KEY in data or any(_has_marker(v) for v in data.values())
-    if isinstance(data, list):
-        return any(_has_marker(v) for v in data)
-    return False
-
-
-def _load_output(output_cls: type[TaskOutput], data: Any, task_name: str) -> TaskOutput:
-    if not isinstance(data, dict):
-        raise TaskSerializationError(f"the output of {task_name} must be a JSON object")
-    if not _has_marker(data):
-        return output_cls.model_validate(data)
-    values: dict[str, Any] = {}
-    for name, raw in data.items():
-        if isinstance(raw, dict) and _UNMATERIALIZED_KEY in raw:
-            values[name] = Unmaterialized(task_name, name)
-        elif isinstance(raw, dict) and set(raw) == set(DataForward.model_fields):
-            values[name] = DataForward[Any].model_validate(raw)
-        else:
-            values[name] = raw
-    return output_cls.model_construct(**values)
-
-
-def _dump_output(output: TaskOutput) -> dict[str, Any]:
-    dumped = _dump_value(output)
-    assert isinstance(dumped, dict)
-    return dumped
-
-
-class TaskInvocation(BaseModel):
-    """One call of a unit task in a recorded graph: the task, its input, and its output placeholder."""
-
-    model_config = ConfigDict(arbitrary_types_allowed=True)
-
-    task: SkipValidation[UnitTask[Any, Any]]
-    task_input: SkipValidation[TaskInput]
-    task_output: SkipValidation[TaskOutput]
-
-    @model_validator(mode="after")
-    def _check_types(self) -> TaskInvocation:
-        if not isinstance(self.task, UnitTask):
-            raise TypeError(f"TaskInvocation.task must be a UnitTask, not {type(self.task).__name__}")
-        if not isinstance(self.task_input, TaskInput) or not isinstance(self.task_output, TaskOutput):
-            raise TypeError("TaskInvocation.task_input/task_output must be TaskInput/TaskOutput instances")
-        return self
-
-    @model_validator(mode="before")
-    @classmethod
-    def _from_wire(cls, data: Any) -> Any:
-        if not isinstance(data, dict) or not isinstance(data.get("task"), dict):
-            return data
-        task = deserialize_task(data["task"])
-        name = type(task).__name__
-        try:
-            task_input = task.input_cls().model_validate(data.get("task_input"))
-        except ValidationError as exc:
-            raise TaskSerializationError(f"invalid input for {name}: {exc}") from exc
-        try:
-            task_output = _load_output(task.output_cls(), data.get("task_output"), name)
-        except ValidationError as exc:
-            raise TaskSerializationError(f"invalid output for {name}: {exc}") from exc
-        return {"task": task, "task_input": task_input, "task_output": task_output}
-
-    @model_serializer(mode="plain")
-    def _to_wire(self) -> dict[str, Any]:
-        return {
-            "task": serialize_task(self.task),
-            "task_input": self.task_input.model_dump(mode="json"),
-            "task_output": _dump_output(self.task_output),
-        }
+    from cornserve.task.base import Task, UnitTask
 
 
 def _walk(value: Any) -> Iterator[Any]:
@@ -160,8 +65,7 @@ def _canonical(value: Any) -> Any:
 
 def conforms(value: Any, cls: type) -> bool:
     """isinstance() that treats `Stream[X]` (a pydantic parametrization) as `Stream`."""
-    origin = getattr(cls, "__pydantic_generic_metadata__", {}).get("origin")
-    return isinstance(value, origin or cls)
+    return isinstance(value, generic_origin(cls))
 
 
 class TaskContext:
@@ -274,15 +178,15 @@ class TaskContext:
                 )
 
     def begin_replay(self, outputs: Sequence[TaskOutput]) -> None:
-        """Switch to replay with the dispatcher's outputs, one per recorded invocation."""
+        """Switch to replay with the graph runner's outputs, one per recorded invocation."""
         if len(outputs) != len(self.invocations):
             raise TaskExecutionError(
-                f"the dispatcher returned {len(outputs)} outputs for {len(self.invocations)} invocations"
+                f"the graph runner returned {len(outputs)} outputs for {len(self.invocations)} invocations"
             )
         for position, (inv, out) in enumerate(zip(self.invocations, outputs, strict=True)):
             if not conforms(out, inv.task.output_cls()):
                 raise TaskExecutionError(
-                    f"the dispatcher returned {type(out).__name__} for {inv.task.display_name()} at position "
+                    f"the graph runner returned {type(out).__name__} for {inv.task.display_name()} at position "
                     f"{position}, expected {inv.task.output_cls().__name__}",
                     task_name=inv.task.display_name(),
                     position=position,
@@ -344,28 +248,3 @@ def replay_graph(ctx: TaskContext, task_input: TaskInput, outputs: Sequence[Task
     result = _run_invoke(ctx, ctx.root, task_input)
     ctx.end_replay()
     return result
-
-
-async def execute_task(task: Task[Any, Any], task_input: TaskInput) -> Any:
-    """Record, dispatch, replay: the body of `await task(input)`."""
-    from cornserve.task.dispatcher import get_dispatcher
-
-    ctx, recorded = record_graph(task, task_input)
-    if not ctx.invocations:
-        return recorded
-    outputs = await get_dispatcher().dispatch(ctx.invocations)
-    try:
-        return replay_graph(ctx, task_input, outputs)
-    except BaseException:
-        for out in outputs:
-            if isinstance(out, Stream):
-                await out.aclose()
-        raise
-
-
-def trace_task(task: Task[Any, Any], task_input: TaskInput) -> TaskGraph:
-    """Record the graph of one call without executing it."""
-    from cornserve.task.graph import TaskGraph
-
-    ctx, result = record_graph(task, task_input)
-    return TaskGraph(invocations=ctx.invocations, output=result)

@@ -13,10 +13,13 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from cornserve.task.errors import TaskDefinitionError
+from cornserve.task.generics import generic_args, is_concrete, is_unbound
+from cornserve.task.invocation import TaskInvocation
+from cornserve.task.io_models import TaskOutput
+from cornserve.task.registry import DESCRIPTORS
 
 if TYPE_CHECKING:
-    from cornserve.task.base import TaskOutput, UnitTask
-    from cornserve.task.context import TaskInvocation
+    from cornserve.task.base import UnitTask
 
 TaskT = TypeVar("TaskT", bound="UnitTask[Any, Any]")
 
@@ -28,8 +31,12 @@ class Device(BaseModel):
     index: int = Field(ge=0)
 
 
-class ExecutorLaunchContext(BaseModel):
-    """What the task manager decided for one executor before launching it."""
+class ExecutorPlacement(BaseModel):
+    """Where one executor runs: its id, address, devices and sidecar ranks, as the task manager decided.
+
+    The input of `TaskExecutionDescriptor.launch_spec` (not to be confused with the
+    `ExecutorContext` a Python executor's handler receives per invocation).
+    """
 
     executor_id: str
     host: str = "127.0.0.1"
@@ -61,7 +68,8 @@ class ExecutorRequest(BaseModel):
 class TaskExecutionDescriptor(BaseModel, Generic[TaskT]):
     """Base class of execution descriptors; `TaskExecutionDescriptor[MyTask]` names the task it runs.
 
-    Concrete descriptors are registered by class name so they can be rebuilt from JSON anywhere.
+    Concrete descriptors are registered by (library, qualified name) so they can be rebuilt from
+    JSON anywhere.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -69,21 +77,20 @@ class TaskExecutionDescriptor(BaseModel, Generic[TaskT]):
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
         super().__pydantic_init_subclass__(**kwargs)
-        meta = cls.__pydantic_generic_metadata__
-        if meta["origin"] is None and not meta["parameters"] and not inspect.isabstract(cls):
-            from cornserve.task.registry import register_descriptor
-
-            register_descriptor(cls)
+        if is_concrete(cls) and not inspect.isabstract(cls):
+            DESCRIPTORS.register(cls)
 
     @classmethod
-    def task_cls(cls) -> type[UnitTask[Any, Any]]:
-        """The unit task class this descriptor executes (its generic argument; any unit task if none)."""
-        from cornserve.task.base import UnitTask, _generic_args
+    def task_cls(cls) -> type[UnitTask[Any, Any]] | None:
+        """The unit task class this descriptor executes (its generic argument); None if it runs any.
 
-        args = _generic_args(cls, TaskExecutionDescriptor)
-        if not args or isinstance(args[0], TypeVar):
-            return UnitTask
-        if not (isinstance(args[0], type) and issubclass(args[0], UnitTask)):
+        Whether that class is a unit task is checked where a task is given a descriptor
+        (`UnitTask`), which is also where the answer matters.
+        """
+        args = generic_args(cls, TaskExecutionDescriptor)
+        if not args or is_unbound(args[0]):
+            return None
+        if not isinstance(args[0], type):
             raise TaskDefinitionError(
                 f"{cls.__name__} must name a unit task class: class {cls.__name__}(TaskExecutionDescriptor[MyTask])"
             )
@@ -95,7 +102,7 @@ class TaskExecutionDescriptor(BaseModel, Generic[TaskT]):
         """How many devices one executor of `task` needs."""
         return 1
 
-    def launch_spec(self, task: TaskT, context: ExecutorLaunchContext) -> ExecutorLaunchSpec:
+    def launch_spec(self, task: TaskT, placement: ExecutorPlacement) -> ExecutorLaunchSpec:
         """The command line and environment of one executor process."""
         raise NotImplementedError(f"{type(self).__name__} does not describe how to launch an executor")
 

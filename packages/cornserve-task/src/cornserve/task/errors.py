@@ -44,8 +44,8 @@ class UnmaterializedDataError(StaticGraphError):
     """
 
 
-class NoDispatcherError(TaskError, RuntimeError):
-    """`await task(...)` was called but no dispatcher is configured to execute the graph."""
+class NoGraphRunnerError(TaskError, RuntimeError):
+    """`await task(...)` was called but no graph runner is configured to execute the graph."""
 
 
 class TaskExecutionError(TaskError, RuntimeError):

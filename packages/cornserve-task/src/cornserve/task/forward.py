@@ -9,6 +9,7 @@ from typing import Any, Generic, NoReturn, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from cornserve.task.errors import UnmaterializedDataError
+from cornserve.task.generics import generic_args
 
 DataT = TypeVar("DataT")
 
@@ -33,7 +34,7 @@ class DataForward(BaseModel, Generic[DataT]):
     """A handle to one piece of intermediate data forwarded between executors through the sidecar.
 
     The producer's output holds a DataForward and a consumer's input reuses the very same one: that
-    reuse is an edge of the task graph. The dispatcher fills in the sidecar ranks before execution.
+    reuse is an edge of the task graph. The graph runner fills in the sidecar ranks before execution.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -46,7 +47,7 @@ class DataForward(BaseModel, Generic[DataT]):
     def model_post_init(self, context: Any) -> None:
         """Record the forwarded type (`DataForward[Tensor]` → "Tensor") for executors and graph pictures."""
         if not self.data_type:
-            args = type(self).__pydantic_generic_metadata__["args"]
+            args = generic_args(type(self), DataForward)
             self.data_type = _type_name(args[0]) if args else "Any"
 
     def __hash__(self) -> int:

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cornserve.task.context import TaskInvocation
 from cornserve.task.forward import DataForward, iter_forwards
+from cornserve.task.invocation import TaskInvocation
 from cornserve.task.stream import Stream
 
 

@@ -2,8 +2,9 @@
 
 Registration (spec: "Task Lifecycle") makes a unit task class known to every service. A task
 library is one Python source file; loading it executes it in a fresh module, and the classes it
-defines register themselves by name. Loading the same source twice is a no-op; a new version of a
-library re-registers its classes (a later class of a name replaces the earlier one).
+defines register themselves under (library name, qualified name). Loading the same source twice
+is a no-op; a new version of a library re-registers its classes (its classes replace the earlier
+version's under the same keys).
 
 Trust model: loading a library runs its code with the privileges of the loading process, in every
 service. Only people who may run code on the cluster may upload task libraries.
@@ -16,9 +17,10 @@ import re
 import sys
 import types
 from dataclasses import dataclass
+from typing import Any
 
 from cornserve.task.errors import TaskDefinitionError
-from cornserve.task.registry import registered_descriptors, registered_unit_tasks
+from cornserve.task.registry import DESCRIPTORS, TASKLIB_MARKER, UNIT_TASKS, ClassRegistry
 
 _NAME = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 _loaded: dict[str, tuple[str, types.ModuleType]] = {}
@@ -55,14 +57,6 @@ def module_name_for(name: str, sha256: str) -> str:
     return f"cornserve_tasklib_{name.replace('-', '_')}_{sha256[:12]}"
 
 
-def library_of_module(module_name: str) -> str | None:
-    """The library name a class's module belongs to, or None for ordinary modules."""
-    for name, (_, module) in _loaded.items():
-        if module.__name__ == module_name:
-            return name
-    return None
-
-
 def load_task_library(name: str, source: str) -> LoadedLibrary:
     """Execute a library's source (once per version) and report the classes it registered."""
     check_library_name(name)
@@ -74,7 +68,7 @@ def load_task_library(name: str, source: str) -> LoadedLibrary:
         module_name = module_name_for(name, sha)
         module = types.ModuleType(module_name)
         module.__file__ = f"<task library {name}>"
-        module.__dict__["__cornserve_tasklib__"] = name
+        module.__dict__[TASKLIB_MARKER] = name
         sys.modules[module_name] = module
         try:
             exec(compile(source, module.__file__, "exec"), module.__dict__)
@@ -85,9 +79,20 @@ def load_task_library(name: str, source: str) -> LoadedLibrary:
             ) from exc
         _loaded[name] = (sha, module)
         _expose(name, module)
-    tasks = sorted(n for n, cls in registered_unit_tasks().items() if cls.__module__ == module.__name__)
-    descs = sorted(n for n, cls in registered_descriptors().items() if cls.__module__ == module.__name__)
-    return LoadedLibrary(name=name, sha256=sha, module=module, unit_tasks=tasks, descriptors=descs)
+    return LoadedLibrary(
+        name=name,
+        sha256=sha,
+        module=module,
+        unit_tasks=_defined_in(UNIT_TASKS, module),
+        descriptors=_defined_in(DESCRIPTORS, module),
+    )
+
+
+def _defined_in(registry: ClassRegistry[Any], module: types.ModuleType) -> list[str]:
+    """Qualified names of the registered classes `module` defines."""
+    return sorted(
+        cls.__qualname__ for cls in registry.snapshot().values() if cls.__module__ == module.__name__
+    )
 
 
 IMPORT_ROOT = "cornserve_tasklibs"

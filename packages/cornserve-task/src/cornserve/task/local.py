@@ -1,9 +1,9 @@
-"""An in-process dispatcher: executes graphs against executor functions in the same process.
+"""An in-process graph runner: executes graphs against executor functions in the same process.
 
-It follows the real dispatcher's steps — the invocations cross a JSON round trip, forwards are
+It follows the Task Dispatcher service's steps — the invocations cross a JSON round trip, forwards are
 wired to sidecar ranks, every executor request is built by the task's descriptor and its response
 parsed by it — but executors are async functions and forwarded data lives in a `LocalForwardStore`.
-It serves tests and offline experiments; the cluster uses the NATS dispatcher service instead.
+It serves tests and offline experiments; the cluster uses the Task Dispatcher service instead.
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ from typing import Any
 
 from pydantic import TypeAdapter
 
-from cornserve.task.base import TaskOutput, UnitTask
-from cornserve.task.context import TaskInvocation
+from cornserve.task.base import UnitTask
 from cornserve.task.descriptor import ExecutorRequest
 from cornserve.task.errors import TaskExecutionError
 from cornserve.task.graph import wire_forwards
+from cornserve.task.invocation import TaskInvocation
+from cornserve.task.io_models import TaskOutput
 from cornserve.task.stream import Stream
 
 InProcessExecutor = Callable[[ExecutorRequest], Awaitable[Any]]
@@ -60,7 +61,7 @@ class LocalForwardStore:
         return len(self._slots)
 
 
-class InProcessDispatcher:
+class InProcessRunner:
     """Executes graphs by calling `executors[task class or deployment key](request)` concurrently."""
 
     def __init__(
@@ -72,7 +73,7 @@ class InProcessDispatcher:
         self._executors = dict(executors)
         self._ranks: dict[str, int] = {}
         self.timeout = timeout
-        self.graphs_dispatched = 0
+        self.graphs_run = 0
 
     def _resolve(self, task: UnitTask[Any, Any]) -> tuple[InProcessExecutor, list[int]]:
         executor = self._executors.get(task.deployment_key)
@@ -86,12 +87,12 @@ class InProcessDispatcher:
         rank = self._ranks.setdefault(task.deployment_key, len(self._ranks))
         return executor, [rank]
 
-    async def dispatch(self, invocations: Sequence[TaskInvocation]) -> list[TaskOutput]:
+    async def run_graph(self, invocations: Sequence[TaskInvocation]) -> list[TaskOutput]:
         """Execute one graph; any failure cancels the rest and raises TaskExecutionError."""
         wire = _INVOCATIONS.validate_json(_INVOCATIONS.dump_json(list(invocations)))
         resolved = [self._resolve(inv.task) for inv in wire]
         wire_forwards(wire, [ranks for _, ranks in resolved])
-        self.graphs_dispatched += 1
+        self.graphs_run += 1
 
         async def run(position: int) -> TaskOutput:
             inv = wire[position]
@@ -134,7 +135,7 @@ async def _parse_stream(
         ) from exc
 
 
-class TracingDispatcher:
+class TracingRunner:
     """Executes nothing: keeps each graph it is given and returns the recorded placeholders.
 
     Streams come back empty. Used to show the graphs an app's `serve` makes for a request.
@@ -143,7 +144,7 @@ class TracingDispatcher:
     def __init__(self) -> None:
         self.graphs: list[list[TaskInvocation]] = []
 
-    async def dispatch(self, invocations: Sequence[TaskInvocation]) -> list[TaskOutput]:
+    async def run_graph(self, invocations: Sequence[TaskInvocation]) -> list[TaskOutput]:
         """Record the graph; return its placeholders."""
         self.graphs.append(list(invocations))
         outputs: list[TaskOutput] = []

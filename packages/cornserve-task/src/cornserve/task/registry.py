@@ -2,6 +2,16 @@
 
 Deployment step 1 of the spec: a unit task instance is serialized as its registered class name
 plus its JSON configuration, sent to other services, and rebuilt there from the same registry.
+
+A class is registered under `(library, qualified name)`: the library is the task library that
+defined it (stable across versions of that library) or, for classes shipped in Python packages and
+test modules, the defining module. The wire name is `"<library>:<qualname>"`, so two classes that
+share a `__name__` in different modules never collide.
+
+A leaf of `cornserve.task` (it imports only `errors`): the task and descriptor base classes
+register their concrete subclasses here when they are defined; the built-in ones are registered
+by `cornserve.task.builtins.register_builtins()`, which `cornserve.task` calls on import. A lookup
+never imports anything.
 """
 
 from __future__ import annotations
@@ -9,7 +19,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from typing import TYPE_CHECKING, Any
+import re
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from pydantic import ValidationError
 
@@ -21,92 +34,120 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_UNIT_TASKS: dict[str, type[UnitTask[Any, Any]]] = {}
-_DESCRIPTORS: dict[str, type[TaskExecutionDescriptor[Any]]] = {}
+TASKLIB_MARKER = "__cornserve_tasklib__"
+"""A module-level name every task library module defines: the library's name."""
+
+ClassT = TypeVar("ClassT", bound=type)
 
 
-def _register(table: dict[str, Any], kind: str, cls: type) -> None:
-    """Register under the class name; a later class of the same name replaces the earlier one.
+@dataclass(frozen=True, order=True)
+class ClassKey:
+    """What a registered class is known by: its library and its qualified name."""
 
-    Replacement is what re-uploading a task library (or re-running a notebook cell) needs; a
-    different class taking over a name is logged, because deserialization will now build it.
+    library: str
+    qualname: str
+
+    @classmethod
+    def of(cls, klass: type) -> ClassKey:
+        """The key of a class: task library name (or module name) and `__qualname__`."""
+        module = sys.modules.get(klass.__module__)
+        library = getattr(module, TASKLIB_MARKER, None) if module is not None else None
+        return cls(
+            library=library if isinstance(library, str) else klass.__module__, qualname=klass.__qualname__
+        )
+
+    @classmethod
+    def parse(cls, ref: str) -> ClassKey:
+        """`"library:qualname"` → key; a ref without a library is refused as unknown by the lookup."""
+        library, sep, qualname = ref.rpartition(":")
+        return cls(library=library if sep else "", qualname=qualname)
+
+    @property
+    def ref(self) -> str:
+        """The wire name: `"library:qualname"`."""
+        return f"{self.library}:{self.qualname}"
+
+
+class ClassRegistry(Generic[ClassT]):
+    """Classes of one kind by `ClassKey`.
+
+    A new version of a task library (or any module executed again as a fresh module object, such
+    as an app's source loaded again) replaces the previous version's classes under the same keys.
+    Two different classes of one key from the same module object (e.g. a class defined inside a
+    function that is called twice) are a true collision and refused: deserialization could not know
+    which one is meant. The one exception is `__main__` (a notebook or a REPL): re-running the cell
+    that defines a task class is how people edit it there, so the new class replaces the old one.
     """
-    name = cls.__name__
-    existing = table.get(name)
-    if existing is not None and existing is not cls:
-        same = existing.__module__ == cls.__module__ and existing.__qualname__ == cls.__qualname__
-        if not same:
-            logger.warning(
-                "%s class %r is now %s.%s (was %s.%s)",
-                kind, name, cls.__module__, cls.__qualname__, existing.__module__, existing.__qualname__,
-            )  # fmt: skip
-    table[name] = cls
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._classes: dict[ClassKey, ClassT] = {}
+        self._modules: dict[ClassKey, object] = {}
+        """The module object each class was defined in, told apart from a re-executed namesake."""
+
+    def register(self, klass: ClassT) -> ClassKey:
+        """Register `klass` under its key; raise TaskRegistryError on a true collision."""
+        key = ClassKey.of(klass)
+        module = sys.modules.get(klass.__module__)
+        existing = self._classes.get(key)
+        if existing is not None and existing is not klass:
+            redefined_interactively = klass.__module__ == "__main__"
+            if module is not None and self._modules.get(key) is module and not redefined_interactively:
+                raise TaskRegistryError(
+                    f"two different {self.kind} classes are named {key.ref}: module {klass.__module__} "
+                    f"defines {klass.__qualname__} twice. Give each class its own name (a class defined "
+                    "inside a function is a new class of the same name on every call: define it once)"
+                )
+            logger.info("%s %s is replaced by a new version from %s", self.kind, key.ref, klass.__module__)
+        self._classes[key] = klass
+        self._modules[key] = module
+        return key
+
+    def key_of(self, klass: type) -> ClassKey | None:
+        """The key `klass` is registered under, or None when it is not (or no longer) registered."""
+        key = ClassKey.of(klass)
+        return key if self._classes.get(key) is klass else None
+
+    def lookup(self, key: ClassKey) -> ClassT:
+        """The class registered under `key`; TaskRegistryError naming the known ones otherwise."""
+        try:
+            return self._classes[key]
+        except KeyError:
+            known = ", ".join(sorted(k.ref for k in self._classes)) or "none"
+            raise TaskRegistryError(
+                f"unknown {self.kind} {key.ref if key.library else key.qualname!r}; registered: {known}. "
+                "Custom classes must be registered (imported, or uploaded as a task library) before use"
+            ) from None
+
+    def snapshot(self) -> dict[str, ClassT]:
+        """Wire name → class, for every registered class."""
+        return {key.ref: klass for key, klass in sorted(self._classes.items())}
 
 
-def register_unit_task(cls: type[UnitTask[Any, Any]]) -> None:
-    """Register a concrete unit task class under its class name (done automatically on definition)."""
-    _register(_UNIT_TASKS, "unit task", cls)
-
-
-def register_descriptor(cls: type[TaskExecutionDescriptor[Any]]) -> None:
-    """Register a concrete descriptor class under its class name (done automatically on definition)."""
-    _register(_DESCRIPTORS, "descriptor", cls)
-
-
-def _ensure_builtins() -> None:
-    import cornserve.task.builtins  # noqa: F401  (registers the built-in classes)
-
-
-def unit_task_class(name: str) -> type[UnitTask[Any, Any]]:
-    """Look up a registered unit task class by name."""
-    _ensure_builtins()
-    try:
-        return _UNIT_TASKS[name]
-    except KeyError:
-        known = ", ".join(sorted(_UNIT_TASKS)) or "none"
-        raise TaskRegistryError(
-            f"unknown unit task {name!r}; registered unit tasks: {known}. Custom tasks must be "
-            "registered (imported, or uploaded as a task library) before use"
-        ) from None
-
-
-def descriptor_class(name: str) -> type[TaskExecutionDescriptor[Any]]:
-    """Look up a registered descriptor class by name."""
-    _ensure_builtins()
-    try:
-        return _DESCRIPTORS[name]
-    except KeyError:
-        known = ", ".join(sorted(_DESCRIPTORS)) or "none"
-        raise TaskRegistryError(
-            f"unknown execution descriptor {name!r}; registered descriptors: {known}"
-        ) from None
+UNIT_TASKS: ClassRegistry[type[UnitTask[Any, Any]]] = ClassRegistry("unit task")
+DESCRIPTORS: ClassRegistry[type[TaskExecutionDescriptor[Any]]] = ClassRegistry("execution descriptor")
 
 
 def registered_unit_tasks() -> dict[str, type[UnitTask[Any, Any]]]:
-    """A snapshot of the unit task registry (name → class)."""
-    _ensure_builtins()
-    return dict(_UNIT_TASKS)
+    """A snapshot of the unit task registry (`"library:qualname"` → class)."""
+    return UNIT_TASKS.snapshot()
 
 
 def registered_descriptors() -> dict[str, type[TaskExecutionDescriptor[Any]]]:
-    """A snapshot of the descriptor registry (name → class)."""
-    _ensure_builtins()
-    return dict(_DESCRIPTORS)
+    """A snapshot of the descriptor registry (`"library:qualname"` → class)."""
+    return DESCRIPTORS.snapshot()
 
 
 def serialize_task(task: UnitTask[Any, Any]) -> dict[str, Any]:
-    """`{"name": <registered class name>, "config": <JSON-able dict>}` for a unit task instance."""
-    from cornserve.task.base import UnitTask
-
-    if not isinstance(task, UnitTask):
+    """`{"name": "<library>:<qualname>", "config": <JSON-able dict>}` for a unit task instance."""
+    key = UNIT_TASKS.key_of(type(task))
+    if key is None:
         raise TaskSerializationError(
-            f"only unit tasks are deployed and serialized; {type(task).__name__} is a composite task "
-            "(use discover_unit_tasks() to find its unit tasks)"
+            f"{type(task).__qualname__} is not a registered unit task: only unit tasks are deployed and "
+            "serialized, not a composite task (use discover_unit_tasks() to find its unit tasks), and a "
+            "unit task class replaced by a newer version can no longer be serialized"
         )
-    name = type(task).__name__
-    if _UNIT_TASKS.get(name) is not type(task):
-        raise TaskRegistryError(f"{type(task).__qualname__} is not the registered unit task named {name!r}")
-    return {"name": name, "config": task.model_dump(mode="json")}
+    return {"name": key.ref, "config": task.model_dump(mode="json")}
 
 
 def deserialize_task(data: dict[str, Any]) -> UnitTask[Any, Any]:
@@ -118,11 +159,14 @@ def deserialize_task(data: dict[str, Any]) -> UnitTask[Any, Any]:
     name, config = data["name"], data["config"]
     if not isinstance(name, str) or not isinstance(config, dict):
         raise TaskSerializationError('a serialized task is {"name": str, "config": dict}')
-    cls = unit_task_class(name)
+    cls = UNIT_TASKS.lookup(ClassKey.parse(name))
     try:
         return cls.model_validate(config)
     except ValidationError as exc:
         raise TaskSerializationError(f"invalid configuration for {name}: {exc}") from exc
+
+
+_UNSAFE = re.compile(r"[^a-z0-9_]+")
 
 
 def task_deployment_key(task: UnitTask[Any, Any]) -> str:
@@ -130,4 +174,5 @@ def task_deployment_key(task: UnitTask[Any, Any]) -> str:
     data = serialize_task(task)
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     digest = hashlib.sha256(canonical.encode()).hexdigest()[:20]
-    return f"{data['name'].lower()}-{digest}"
+    readable = _UNSAFE.sub("_", type(task).__qualname__.lower()).strip("_")
+    return f"{readable}-{digest}"

@@ -7,8 +7,9 @@ from typing import Any, Generic, TypeVar
 
 from pydantic import ConfigDict, Field
 
-from cornserve.task.base import TaskOutput
 from cornserve.task.errors import StaticGraphError, UnmaterializedDataError
+from cornserve.task.generics import generic_args, is_unbound
+from cornserve.task.io_models import TaskOutput
 
 ItemT = TypeVar("ItemT")
 NewItemT = TypeVar("NewItemT")
@@ -45,6 +46,19 @@ class Stream(TaskOutput, Generic[ItemT]):
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     handle: StreamHandle = Field(default_factory=StreamHandle, exclude=True, repr=False)
+
+    @classmethod
+    def item_type(cls) -> Any:
+        """The item type X of `Stream[X]` (or of a subclass of it); `Any` for an unparametrized Stream.
+
+        The one answer to "what does this stream carry" for everyone who validates or serializes
+        stream items (executors, the gateway's dispatcher client, notebook sessions):
+        `TypeAdapter(output_cls.item_type())` validates an item, and for `Any` passes it through.
+        """
+        args = generic_args(cls, Stream)
+        if not args or is_unbound(args[0]):
+            return Any
+        return args[0]
 
     @classmethod
     def from_iterator(cls, source: AsyncIterator[Any]) -> Stream[Any]:

@@ -11,23 +11,25 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import signal
-import socket
-import subprocess
 from typing import Any
 
 import aiohttp
 import torch
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from cornserve.runtime.process import ProcessGroup, free_port
 from cornserve.sidecar import Sidecar
 from cornserve.sidecar.errors import SidecarError
+from cornserve.task.builtins.embedding import EMBEDDING_META_CHUNK, EMBEDDING_TENSOR_CHUNK, EmbeddingMeta
 from cornserve.vllm.command import VLLMServeArgs, vllm_serve_command
 from cornserve.vllm.translate import EmbeddingTranslationError, ReceivedEmbedding, rewrite_request
 
 logger = logging.getLogger(__name__)
+
+VLLM_STOP_GRACE_S = 30.0
+"""vLLM gets this long after SIGTERM to release its devices before its process group is SIGKILLed."""
 
 
 class ProxyConfig(BaseModel):
@@ -44,13 +46,6 @@ class ProxyConfig(BaseModel):
     request_timeout_s: float = Field(default=600.0, gt=0)
 
 
-def free_local_port() -> int:
-    """A port on 127.0.0.1 nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _error(status: int, kind: str, message: str) -> web.Response:
     return web.json_response({"error": {"type": kind, "message": message}}, status=status)
 
@@ -64,7 +59,7 @@ class ProxyState:
         self.internal_args = config.serve.model_copy(
             update={"host": "127.0.0.1", "port": internal_port, "enable_mm_embeds": True}
         )
-        self.child: subprocess.Popen[bytes] | None = None
+        self.child: ProcessGroup | None = None
         self.ready = asyncio.Event()
         self.failed: str | None = None
         self.sidecar: Sidecar | None = None
@@ -73,10 +68,10 @@ class ProxyState:
         self.watchers: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
-        """Start vLLM in its own process group and watch it become healthy."""
+        """Start vLLM in its own process group (dying with this proxy) and watch it become healthy."""
         command = vllm_serve_command(self.internal_args, self.config.vllm_executable)
         logger.info("starting %s", " ".join(command))
-        self.child = subprocess.Popen(command, start_new_session=True)
+        self.child = ProcessGroup.spawn(command, log_path=None, die_with_parent=True)
         self.session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.config.request_timeout_s)
         )
@@ -107,35 +102,33 @@ class ProxyState:
 
     async def _watch_child(self) -> None:
         assert self.child is not None
-        while self.child.poll() is None and not self.exit_code.done():
+        while self.child.alive() and not self.exit_code.done():
             await asyncio.sleep(0.5)
-        code = self.child.poll()
+        code = self.child.exit_code()
         if code is not None and not self.exit_code.done():
             self.failed = f"vLLM exited with code {code}"
             logger.error(self.failed)
             self.exit_code.set_result(1)
 
     async def receive(self, forward: dict[str, Any]) -> ReceivedEmbedding:
-        """Chunk 0 (tensor) and chunk 1 (metadata) of one embedding forward; both marked done."""
+        """The tensor and `EmbeddingMeta` chunks of one embedding forward; both marked done."""
         assert self.sidecar is not None
         forward_id = forward.get("id")
         if not isinstance(forward_id, str) or not forward_id:
             raise EmbeddingTranslationError(f"cornserve_embeddings entry without an id: {forward!r}")
         timeout = self.config.embedding_timeout_s
-        tensor = await self.sidecar.recv(forward_id, 0, timeout, copy=True)
-        meta = await self.sidecar.recv(forward_id, 1, timeout)
-        await self.sidecar.mark_done(forward_id, 0)
-        await self.sidecar.mark_done(forward_id, 1)
-        if not isinstance(tensor, torch.Tensor) or not isinstance(meta, dict):
+        tensor = await self.sidecar.recv(forward_id, EMBEDDING_TENSOR_CHUNK, timeout, copy=True)
+        meta = await self.sidecar.recv(forward_id, EMBEDDING_META_CHUNK, timeout)
+        await self.sidecar.mark_done(forward_id, EMBEDDING_TENSOR_CHUNK)
+        await self.sidecar.mark_done(forward_id, EMBEDDING_META_CHUNK)
+        if not isinstance(tensor, torch.Tensor):
+            raise EmbeddingTranslationError(f"forward {forward_id} is not an embedding (expected a tensor)")
+        try:
+            return ReceivedEmbedding(tensor=tensor, meta=EmbeddingMeta.model_validate(meta))
+        except ValidationError as exc:
             raise EmbeddingTranslationError(
-                f"forward {forward_id} is not an embedding (expected a tensor and a metadata dict)"
-            )
-        return ReceivedEmbedding(
-            tensor=tensor,
-            modality=str(meta.get("modality", "")),
-            num_tokens=int(meta.get("num_tokens", tensor.shape[0])),
-            grid_thw=meta.get("grid_thw"),
-        )
+                f"forward {forward_id} has malformed embedding metadata: {exc}"
+            ) from exc
 
     def request_stop(self) -> None:
         """SIGTERM/SIGINT: leave with exit code 0."""
@@ -146,15 +139,8 @@ class ProxyState:
         """Stop vLLM (SIGTERM to its group, SIGKILL after 30 s) and close clients."""
         for watcher in self.watchers:
             watcher.cancel()
-        if self.child is not None and self.child.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.child.pid, signal.SIGTERM)
-            try:
-                await asyncio.wait_for(asyncio.to_thread(self.child.wait), 30)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.child.pid, signal.SIGKILL)
-                await asyncio.to_thread(self.child.wait)
+        if self.child is not None:
+            await self.child.stop_async(VLLM_STOP_GRACE_S)
         if self.session is not None:
             await self.session.close()
         if self.sidecar is not None:
@@ -213,7 +199,7 @@ def build_app(state: ProxyState) -> web.Application:
 
 async def serve(config: ProxyConfig) -> int:
     """Run until SIGTERM/SIGINT or until vLLM dies; returns the exit code."""
-    state = ProxyState(config, free_local_port())
+    state = ProxyState(config, free_port())
     runner = web.AppRunner(build_app(state))
     await runner.setup()
     site = web.TCPSite(runner, config.serve.host, config.serve.port)

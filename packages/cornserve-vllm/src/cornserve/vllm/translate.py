@@ -13,7 +13,9 @@ import io
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
+
+from cornserve.task.builtins.embedding import EmbeddingMeta
 
 MEDIA_PART_TYPES = {"image_url": "image", "video_url": "video", "audio_url": "audio", "input_audio": "audio"}
 
@@ -23,14 +25,12 @@ class EmbeddingTranslationError(ValueError):
 
 
 class ReceivedEmbedding(BaseModel):
-    """One media item's embedding as Eric sends it: chunk 0 tensor, chunk 1 metadata."""
+    """One media item's embedding as Eric sends it: the tensor and its `EmbeddingMeta` (two chunks)."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
 
     tensor: torch.Tensor
-    modality: str
-    num_tokens: int = Field(ge=1)
-    grid_thw: list[int] | None = None
+    meta: EmbeddingMeta
 
 
 def tensor_to_base64(tensor: torch.Tensor) -> str:
@@ -42,19 +42,20 @@ def tensor_to_base64(tensor: torch.Tensor) -> str:
 
 def embeds_part(embedding: ReceivedEmbedding) -> dict[str, Any]:
     """The `image_embeds` content part of one embedding."""
-    if embedding.modality != "image":
+    meta = embedding.meta
+    if meta.modality != "image":
         raise EmbeddingTranslationError(
-            f"vLLM takes precomputed embeddings for images only; got a {embedding.modality} embedding "
+            f"vLLM takes precomputed embeddings for images only; got a {meta.modality} embedding "
             "(run this task without encoder fission, or on CPULLMDescriptor)"
         )
-    if embedding.tensor.dim() != 2 or embedding.tensor.shape[0] != embedding.num_tokens:
+    if embedding.tensor.dim() != 2 or embedding.tensor.shape[0] != meta.num_tokens:
         raise EmbeddingTranslationError(
-            f"embedding of shape {tuple(embedding.tensor.shape)} does not match its {embedding.num_tokens} tokens"
+            f"embedding of shape {tuple(embedding.tensor.shape)} does not match its {meta.num_tokens} tokens"
         )
     data = tensor_to_base64(embedding.tensor)
-    if embedding.grid_thw is None:
+    if meta.grid_thw is None:
         return {"type": "image_embeds", "image_embeds": data}
-    grid = tensor_to_base64(torch.tensor(embedding.grid_thw, dtype=torch.long))
+    grid = tensor_to_base64(torch.tensor(meta.grid_thw, dtype=torch.long))
     return {"type": "image_embeds", "image_embeds": {"image_embeds": data, "image_grid_thw": grid}}
 
 
@@ -84,9 +85,9 @@ def rewrite_request(body: dict[str, Any], embeddings: list[ReceivedEmbedding]) -
                     f"({len(embeddings)} embedding(s) for more media items)"
                 )
             embedding = remaining.pop(0)
-            if embedding.modality != kind:
+            if embedding.meta.modality != kind:
                 raise EmbeddingTranslationError(
-                    f"message {m_index} part {p_index} is {kind} media but its embedding is {embedding.modality}"
+                    f"message {m_index} part {p_index} is {kind} media but its embedding is {embedding.meta.modality}"
                 )
             parts.append(embeds_part(embedding))
         messages.append({**message, "content": parts})

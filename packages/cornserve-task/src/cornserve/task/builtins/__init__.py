@@ -15,12 +15,35 @@ from cornserve.task.builtins.chat import (
     Usage,
     VideoURLPart,
 )
+from cornserve.task.builtins.embedding import (
+    EMBEDDING_META_CHUNK,
+    EMBEDDING_NUM_CHUNKS,
+    EMBEDDING_TENSOR_CHUNK,
+    EmbeddingMeta,
+)
 from cornserve.task.builtins.encoder import EncoderInput, EncoderOutput, EncoderTask, EricDescriptor
 from cornserve.task.builtins.llm import CPULLMDescriptor, LLMTask, OpenAIChatDescriptor, VLLMDescriptor
 from cornserve.task.builtins.mllm import MLLMTask
 from cornserve.task.builtins.modality import Modality
+from cornserve.task.registry import DESCRIPTORS, UNIT_TASKS, ClassKey
+
+
+def register_builtins() -> list[ClassKey]:
+    """Register the built-in unit tasks and descriptors; returns their keys. Idempotent.
+
+    Defining a task class registers it already; this names the built-ins in one place so that
+    registering them is an explicit step (`cornserve.task` calls it on import) rather than a side
+    effect a registry lookup triggers.
+    """
+    tasks = [UNIT_TASKS.register(cls) for cls in (EncoderTask, LLMTask)]
+    descriptors = [DESCRIPTORS.register(cls) for cls in (EricDescriptor, VLLMDescriptor, CPULLMDescriptor)]
+    return tasks + descriptors
+
 
 __all__ = [
+    "EMBEDDING_META_CHUNK",
+    "EMBEDDING_NUM_CHUNKS",
+    "EMBEDDING_TENSOR_CHUNK",
     "AudioURLPart",
     "CPULLMDescriptor",
     "ChatCompletionChunk",
@@ -28,6 +51,7 @@ __all__ = [
     "ChatMessage",
     "ChoiceDelta",
     "ChunkChoice",
+    "EmbeddingMeta",
     "EncoderInput",
     "EncoderOutput",
     "EncoderTask",
@@ -44,4 +68,5 @@ __all__ = [
     "Usage",
     "VLLMDescriptor",
     "VideoURLPart",
+    "register_builtins",
 ]

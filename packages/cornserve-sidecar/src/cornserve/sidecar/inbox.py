@@ -1,0 +1,196 @@
+"""Destination side of the server: chunks announced to this rank, and its consumers' receives.
+
+Sources announce chunks (``deliver``); consumers long-poll for them (``recv``) and finish them
+(``done``), which frees bytes this server owns or releases the source's bytes. Chunks that will
+never be readable (source restarted, TTL expired) keep a state so a receive gets a precise error.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from cornserve.bus.micro import ServiceFault
+from cornserve.bus.sidecar import (
+    DeliverRequest,
+    DoneRequest,
+    Key,
+    NoticeKind,
+    NoticeRequest,
+    RecvReply,
+    RecvRequest,
+    ReleaseChunkRequest,
+    SidecarAck,
+)
+from cornserve.bus.subjects import SidecarVerb
+from cornserve.sidecar.allocation import ArenaMemory
+from cornserve.sidecar.holdings import ChunkKey, Holdings
+from cornserve.sidecar.identity import LossCounters, ServerIdentity
+from cornserve.sidecar.mailbox import Mailbox, Slot, SlotState
+from cornserve.sidecar.peers import Peers
+
+_ERROR_OF_STATE = {"done": "already_consumed", "lost": "data_lost", "expired": "data_expired"}
+
+
+@dataclass
+class Inbox:
+    """The deliver, recv, done and notice endpoints over this rank's :class:`Mailbox`."""
+
+    me: ServerIdentity
+    memory: ArenaMemory
+    holdings: Holdings
+    peers: Peers
+    counters: LossCounters
+    mailbox: Mailbox = field(default_factory=Mailbox)
+
+    async def on_deliver(self, req: DeliverRequest) -> SidecarAck:
+        """Accept a source announcing a chunk (or a stream's length) for one of our consumers."""
+        box = self.mailbox.box(req.id)
+        if req.num_chunks is not None:
+            box.num_chunks = req.num_chunks
+        if req.location is not None:
+            old = box.chunks.get(req.chunk_id)
+            if old is not None and old.state == "ready":
+                raise ServiceFault(
+                    409,
+                    "bad_request",
+                    f"id {req.id!r} chunk {req.chunk_id} is already waiting on rank {self.me.rank}",
+                )
+            owned = (
+                req.location.offset
+                if req.source_rank != self.me.rank and req.location.arena == self.memory.arena.name
+                else None
+            )
+            box.chunks[req.chunk_id] = Slot(
+                state="ready",
+                source_rank=req.source_rank,
+                source_instance=req.source_instance,
+                location=req.location,
+                owned_offset=owned,
+            )
+        self.mailbox.retire_if_finished(req.id)
+        self.mailbox.wake(req.id)
+        return self.me.ack(req.request_id)
+
+    async def on_recv(self, req: RecvRequest) -> RecvReply:
+        """Long-poll for a chunk: answers as soon as it is here, or with a typed error at the deadline."""
+        deadline = time.monotonic() + req.timeout
+        while True:
+            reply = self._try_recv(req)
+            if reply is not None:
+                return reply
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not await self.mailbox.wait_change(req.id, remaining):
+                raise ServiceFault(
+                    504,
+                    "recv_timeout",
+                    f"rank {self.me.rank}: id {req.id!r} chunk {req.chunk_id} "
+                    f"did not arrive within {req.timeout:.3f}s",
+                    id=req.id,
+                    chunk_id=req.chunk_id,
+                    rank=self.me.rank,
+                )
+
+    def _try_recv(self, req: RecvRequest) -> RecvReply | None:
+        """The answer to ``req`` if there is one now; None means keep waiting."""
+        end = RecvReply(request_id=req.request_id, instance=self.me.instance, end_of_stream=True)
+        done_len = self.mailbox.finished.get(req.id)
+        box = self.mailbox.boxes.get(req.id)
+        if box is None and done_len is not None:
+            if req.chunk_id >= done_len:
+                return end
+            raise ServiceFault(
+                410,
+                "already_consumed",
+                f"id {req.id!r} chunk {req.chunk_id} was already marked done",
+                id=req.id,
+            )
+        if box is None:
+            return None
+        slot = box.chunks.get(req.chunk_id)
+        if slot is not None:
+            if slot.state == "ready":
+                return RecvReply(request_id=req.request_id, instance=self.me.instance, location=slot.location)
+            raise ServiceFault(
+                410,
+                _ERROR_OF_STATE[slot.state],
+                f"id {req.id!r} chunk {req.chunk_id} is {slot.state} on rank {self.me.rank}"
+                + (f": {slot.reason}" if slot.reason else ""),
+                id=req.id,
+                chunk_id=req.chunk_id,
+                rank=self.me.rank,
+            )
+        if box.num_chunks is not None and req.chunk_id >= box.num_chunks:
+            return end
+        return None
+
+    async def on_done(self, req: DoneRequest) -> SidecarAck:
+        """Handle a consumer finishing a chunk: free our copy or tell the source to."""
+        ok = self.me.ack(req.request_id)
+        box = self.mailbox.boxes.get(req.id)
+        slot = box.chunks.get(req.chunk_id) if box is not None else None
+        if slot is None:
+            if req.id in self.mailbox.finished:
+                return ok  # idempotent
+            raise ServiceFault(
+                404,
+                "not_found",
+                f"id {req.id!r} chunk {req.chunk_id} was never delivered to rank {self.me.rank}",
+            )
+        if slot.state != "ready":
+            return ok
+        self.consume(req.id, req.chunk_id, slot, state="done", reason="")
+        self.mailbox.retire_if_finished(req.id)
+        self.mailbox.wake(req.id)
+        return ok
+
+    def consume(self, id_: str, chunk_id: int, slot: Slot, state: SlotState, reason: str) -> None:
+        """Leave the ready state: free owned bytes, or release the source's bytes."""
+        slot.state = state
+        slot.reason = reason
+        slot.location = None
+        if slot.owned_offset is not None:
+            self.memory.free(slot.owned_offset)
+            slot.owned_offset = None
+        msg = ReleaseChunkRequest(
+            key=Key(id=id_, chunk_id=chunk_id), dst_rank=self.me.rank, source_instance=slot.source_instance
+        )
+        if slot.source_rank == self.me.rank:
+            self.holdings.release(msg)
+        else:
+            # A gone or restarted source lost its memory anyway (or its TTL reclaims it).
+            self.peers.tell(slot.source_rank, SidecarVerb.RELEASE, msg, f"release of {msg.key}")
+
+    async def on_notice(self, req: NoticeRequest) -> SidecarAck:
+        """Record chunks a source says will never be readable (lost or expired)."""
+        self.mark(req.kind, req.source_rank, [(k.id, k.chunk_id) for k in req.keys], req.reason)
+        return self.me.ack(req.request_id)
+
+    def mark(self, kind: NoticeKind, source_rank: int, keys: list[ChunkKey], reason: str) -> None:
+        """Mark chunks that are not yet consumed as lost or expired, and wake their receivers."""
+        for id_, chunk in keys:
+            box = self.mailbox.box(id_)
+            slot = box.chunks.get(chunk)
+            if slot is None:
+                box.chunks[chunk] = Slot(
+                    state=kind, source_rank=source_rank, source_instance="", reason=reason
+                )
+            elif slot.state == "ready":
+                self.consume(id_, chunk, slot, state=kind, reason=reason)
+            else:
+                continue
+            if kind == "lost":
+                self.counters.lost_total += 1
+            else:
+                self.counters.expired_total += 1
+            self.mailbox.wake(id_)
+
+    def forget_source(self, rank: int, new_instance: str) -> None:
+        """A source rank restarted: chunks whose bytes lived in its old arena are gone."""
+        lost: list[ChunkKey] = []
+        for id_, box in self.mailbox.boxes.items():
+            for chunk, slot in box.chunks.items():
+                gone = slot.source_rank == rank and slot.source_instance != new_instance
+                if slot.state == "ready" and gone and slot.owned_offset is None:
+                    lost.append((id_, chunk))
+        self.mark("lost", rank, lost, f"sidecar rank {rank} restarted")

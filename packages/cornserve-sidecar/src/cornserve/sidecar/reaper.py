@@ -1,0 +1,133 @@
+"""Time-to-live reclamation: whatever nobody claimed within the TTL is freed, and said so in the log.
+
+This is what keeps a crashed or forgetful executor from leaking the arena: unsent allocations,
+chunks destinations never released, streams never closed and received chunks never consumed.
+Destinations of expired chunks are told, so their receives fail with ``data_expired`` at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from cornserve.bus.sidecar import Key, NoticeRequest
+from cornserve.bus.subjects import SidecarVerb
+from cornserve.sidecar.allocation import ArenaMemory
+from cornserve.sidecar.holdings import Holdings
+from cornserve.sidecar.identity import LossCounters, ServerIdentity
+from cornserve.sidecar.inbox import Inbox
+from cornserve.sidecar.outbox import Outbox
+from cornserve.sidecar.peers import Peers
+from cornserve.sidecar.tasks import BackgroundTasks
+
+logger = logging.getLogger("cornserve.sidecar.server")
+
+
+@dataclass
+class Reaper:
+    """Periodic sweep over every part of the server that can hold memory or state."""
+
+    me: ServerIdentity
+    memory: ArenaMemory
+    holdings: Holdings
+    inbox: Inbox
+    outbox: Outbox
+    peers: Peers
+    counters: LossCounters
+    background: BackgroundTasks
+
+    async def run_forever(self) -> None:
+        """Sweep a few times per TTL (at most every 5 s) until cancelled."""
+        interval = min(5.0, max(0.05, self.me.ttl_s / 4))
+        while True:
+            await asyncio.sleep(interval)
+            self.reap()
+
+    def reap(self) -> None:
+        """Free whatever nobody claimed within the TTL, and say so in the log."""
+        cutoff = time.monotonic() - self.me.ttl_s
+        self._reap_unsent(cutoff)
+        self._reap_held(cutoff)
+        self._reap_streams(cutoff)
+        self._reap_received(cutoff)
+
+    def _unclaimed(self, what: str, id_: str, chunk: int, by: str = "") -> None:
+        logger.warning(
+            "rank %d: %s id %r chunk %d unclaimed%s for %.1fs; freeing",
+            self.me.rank,
+            what,
+            id_,
+            chunk,
+            by,
+            self.me.ttl_s,
+        )
+
+    def _reap_unsent(self, cutoff: float) -> None:
+        for offset, created in list(self.memory.unsent.items()):
+            if created < cutoff:
+                self.memory.discard_unsent(offset)
+                logger.warning(
+                    "rank %d: unsent allocation at %d expired after %.1fs",
+                    self.me.rank,
+                    offset,
+                    self.me.ttl_s,
+                )
+
+    def _reap_held(self, cutoff: float) -> None:
+        notices: dict[int, list[Key]] = {}
+        held_by_key = self.holdings.held
+        for key, held in list(held_by_key.items()):
+            if held.created >= cutoff:
+                continue
+            if held.offset is None and not held.pending_local and not held.gpu:
+                # Only a record that TCP destinations have not finished yet: no memory is involved.
+                del held_by_key[key]
+                continue
+            self._unclaimed(
+                "sent", key[0], key[1], f" by ranks {sorted(held.pending_local | held.pending_remote)}"
+            )
+            for r in held.pending_local:
+                notices.setdefault(r, []).append(Key(id=key[0], chunk_id=key[1]))
+            if held.offset is not None:
+                self.memory.free(held.offset)
+            del held_by_key[key]
+            if held.gpu:
+                self.holdings.announce_released([key])
+            self.counters.expired_total += 1
+        for rank, keys in notices.items():
+            note = NoticeRequest(
+                kind="expired",
+                keys=keys,
+                source_rank=self.me.rank,
+                reason=f"unclaimed for {self.me.ttl_s}s",
+            )
+            if rank == self.me.rank:
+                self.background.spawn(self.inbox.on_notice(note))
+            else:
+                self.peers.tell(rank, SidecarVerb.NOTICE, note, f"notice {note.kind}")
+
+    def _reap_streams(self, cutoff: float) -> None:
+        for id_, (_, started) in list(self.outbox.streams.items()):
+            if started < cutoff:
+                logger.warning(
+                    "rank %d: stream %r never closed within %.1fs; forgetting it",
+                    self.me.rank,
+                    id_,
+                    self.me.ttl_s,
+                )
+                del self.outbox.streams[id_]
+
+    def _reap_received(self, cutoff: float) -> None:
+        mailbox = self.inbox.mailbox
+        for id_, box in list(mailbox.boxes.items()):
+            for chunk, slot in box.chunks.items():
+                if slot.state == "ready" and slot.owned_offset is not None and slot.since < cutoff:
+                    self._unclaimed("received", id_, chunk)
+                    self.inbox.consume(
+                        id_, chunk, slot, state="expired", reason=f"unclaimed for {self.me.ttl_s}s"
+                    )
+                    self.counters.expired_total += 1
+            if box.touched < cutoff and not any(s.state == "ready" for s in box.chunks.values()):
+                del mailbox.boxes[id_]
