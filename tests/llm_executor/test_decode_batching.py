@@ -21,12 +21,13 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from cornserve.llm_executor.batch_cache import BatchedDecodeCache
-from cornserve.llm_executor.config import parse_config
+from cornserve.llm_executor.config import LLMExecutorSettings
 from cornserve.llm_executor.engine import Engine, Sequence
 from cornserve.llm_executor.errors import GenerationFailed
 from cornserve.llm_executor.model import LoadedModel, load_model
 from cornserve.llm_executor.prompt import PreparedPrompt, prepare_with_media
 from cornserve.llm_executor.sampling import SamplingParams
+from cornserve.runtime.settings import parse_settings
 from cornserve.task.builtins.chat import ChatCompletionRequest
 from cornserve.task.builtins.modality import Modality
 
@@ -184,10 +185,12 @@ def test_batched_cache_pads_on_the_left_and_trims_when_the_longest_row_leaves() 
 
 
 def test_decode_batching_flag() -> None:
-    assert parse_config(["--model-id", "m"]).decode_batching
-    assert not parse_config(["--model-id", "m", "--decode-batching", "off"]).decode_batching
+    assert parse_settings(LLMExecutorSettings, ["--model-id", "m"]).decode_batching
+    assert not parse_settings(
+        LLMExecutorSettings, ["--model-id", "m", "--decode-batching", "off"]
+    ).decode_batching
     with pytest.raises(SystemExit):
-        parse_config(["--model-id", "m", "--decode-batching", "maybe"])
+        parse_settings(LLMExecutorSettings, ["--model-id", "m", "--decode-batching", "maybe"])
 
 
 async def test_a_failed_batched_forward_fails_its_rows_and_the_engine_keeps_serving(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -24,14 +26,17 @@ from tests.llm_executor.support import (
 )
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from cornserve.llm_executor.config import ExecutorConfig, parse_config
+from cornserve.llm_executor.config import LLMExecutorSettings
 from cornserve.llm_executor.detok import TextAssembler
 from cornserve.llm_executor.engine import Sequence
 from cornserve.llm_executor.errors import GenerationFailed
+from cornserve.llm_executor.executor import LLMExecutor
 from cornserve.llm_executor.prompt import PreparedPrompt
 from cornserve.llm_executor.sampling import SamplingParams
 from cornserve.llm_executor.server import ChatServer, Completion, Piece
 from cornserve.models.media import load_media
+from cornserve.runtime.process import free_port
+from cornserve.runtime.settings import parse_settings
 from cornserve.sidecar import Sidecar
 from cornserve.task.builtins.chat import ChatCompletionChunk, ChatCompletionRequest
 from cornserve.task.builtins.embedding import (
@@ -412,14 +417,14 @@ def test_command_line_of_the_descriptor_is_accepted() -> None:
     )  # fmt: skip
     spec = CPULLMDescriptor(max_batch_size=5).launch_spec(task, placement)
     assert spec.command[1:3] == ["-m", "cornserve.llm_executor"]
-    config = parse_config(spec.command[3:])
+    config = parse_settings(LLMExecutorSettings, spec.command[3:])
     assert (config.model_id, config.port, config.max_batch_size) == ("/models/tiny", 8123, 5)
     assert config.sidecar_ranks == [3, 4] and config.receive_embeddings
 
 
 async def test_a_failure_after_the_stream_started_is_an_sse_error_line() -> None:
     """Mid-stream failures cannot change the HTTP status; the dispatcher must still see an error."""
-    server = ChatServer(ExecutorConfig(model_id="tiny"), cast(Any, None), cast(Any, None), None)
+    server = ChatServer(LLMExecutorSettings(model_id="tiny"), cast(Any, None), cast(Any, None), None)
     ids = torch.zeros((1, 3), dtype=torch.long)
     prompt = PreparedPrompt(input_ids=ids, position_ids=ids)
     seq = Sequence(request_id="chatcmpl-x", prompt=prompt, params=SamplingParams(), max_tokens=8)
@@ -451,3 +456,27 @@ async def test_a_failure_after_the_stream_started_is_an_sse_error_line() -> None
                     texts.append(chunk.choices[0].delta.content or "")
     assert "".join(texts) == "ab"
     assert server.requests_failed == 1
+
+
+async def test_the_port_opens_first_and_health_is_503_while_the_model_loads() -> None:
+    settings = LLMExecutorSettings(model_id="/models/not-loaded-yet", port=free_port())
+    executor = LLMExecutor(settings)
+    await executor.start_http()
+    try:
+        async with aiohttp.ClientSession() as http:
+            for path in ("/health", "/v1/models"):
+                async with http.get(f"http://127.0.0.1:{settings.port}{path}") as resp:
+                    assert resp.status == 503
+                    assert (await resp.json())["status"] == "loading"
+    finally:
+        await executor.stop()
+
+
+def test_a_model_that_cannot_load_exits_1(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "cornserve.llm_executor", "--model-id", str(tmp_path / "missing"),
+         "--port", str(free_port())],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    assert "llm-executor failed to start" in proc.stderr

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 
 from cornserve.bus.error_codec import decode_error, describe_invalid, request_id_of, respond_error
 from cornserve.bus.schemas import ErrorReply
+from cornserve.runtime.logging import set_request_id
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +135,7 @@ class HandlerRunner:
 
     async def _run(self, req: Request, parsed: ReqT, fn: Callable[[ReqT], Awaitable[BaseModel]]) -> None:
         request_id = str(getattr(parsed, "request_id", ""))
+        set_request_id(request_id)  # this task serves one request: its log lines carry the id
         try:
             reply = await fn(parsed)
         except ServiceFault as fault:

@@ -2,82 +2,77 @@
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import logging
 import os
-import signal
 import socket
+import sys
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import ClassVar
 
+from nats.aio.client import Client
+from pydantic import Field
+
+from cornserve.bus.control import DISPATCHER_SERVICE_NAME
 from cornserve.dispatcher.service import DispatcherService
-from cornserve.runtime.nats_url import nats_url_from_env
+from cornserve.runtime.service import run_service, running
+from cornserve.runtime.settings import ProcessInfo, ServiceSettings
 
 logger = logging.getLogger("cornserve.dispatcher")
 
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command line of `cornserve-dispatcher`."""
-    p = argparse.ArgumentParser(
-        prog="cornserve-dispatcher",
-        description="Cornserve task dispatcher replica: executes recorded task graphs on executors",
-    )
-    p.add_argument(
-        "--nats-url", default=nats_url_from_env(), help="NATS server (default: $CORNSERVE_NATS_URL)"
-    )
-    p.add_argument(
-        "--replica-id",
-        default=f"{socket.gethostname()}-{os.getpid()}",
-        help="name of this replica in `nats micro` metadata and logs (default: host-pid)",
-    )
-    p.add_argument(
-        "--route-timeout",
-        type=float,
-        default=10.0,
-        help="seconds a task manager has to pick an executor for one invocation",
-    )
-    p.add_argument(
-        "--state-timeout",
-        type=float,
-        default=3.0,
-        help="seconds the resource manager has to answer one state query",
-    )
-    p.add_argument(
-        "--drain-timeout",
-        type=float,
-        default=30.0,
-        help="on SIGTERM, seconds running graphs and streams get to finish before they are failed",
-    )
-    p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
-    return p.parse_args(argv)
+DRAIN_MARGIN_S = 15.0
+"""Seconds of the stop deadline beyond `--drain-timeout`: failing what is left and closing clients."""
 
 
-async def serve(args: argparse.Namespace) -> None:
-    """Run one replica until SIGTERM/SIGINT, then shut it down cleanly."""
-    service = DispatcherService(
-        args.nats_url,
-        args.replica_id,
-        route_timeout_s=args.route_timeout,
-        state_timeout_s=args.state_timeout,
-        drain_timeout_s=args.drain_timeout,
+def _default_replica_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class DispatcherSettings(ServiceSettings):
+    """Flags and ``CORNSERVE_*`` environment of `cornserve-dispatcher`."""
+
+    process: ClassVar[ProcessInfo] = ProcessInfo(
+        "dispatcher",
+        "cornserve-dispatcher",
+        ("Cornserve task dispatcher replica: executes recorded task graphs on executors"),
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await service.start()
-    await stop.wait()
-    logger.info("replica %s shutting down", args.replica_id)
-    await service.stop()
+
+    replica_id: str = Field(default_factory=_default_replica_id, min_length=1)
+    """Name of this replica in `nats micro` metadata and logs (default: host-pid)."""
+    route_timeout: float = Field(default=10.0, gt=0)
+    """Seconds a task manager has to pick an executor for one invocation."""
+    state_timeout: float = Field(default=3.0, gt=0)
+    """Seconds the resource manager has to answer one state query."""
+    drain_timeout: float = Field(default=30.0, gt=0)
+    """On SIGTERM, seconds running graphs and streams get to finish before they are failed."""
+
+    @property
+    def nats_client_name(self) -> str:
+        """One NATS client name per replica."""
+        return f"{DISPATCHER_SERVICE_NAME}-{self.replica_id}"
+
+    @property
+    def stop_deadline_s(self) -> float:
+        """The drain, then a margin to fail what is left."""
+        return self.drain_timeout + DRAIN_MARGIN_S
 
 
-def main(argv: list[str] | None = None) -> None:
+def serve(settings: DispatcherSettings, nc: Client) -> AbstractAsyncContextManager[None]:
+    """One replica, running while the context is open; leaving it drains running graphs."""
+    return running(
+        DispatcherService(
+            nc,
+            settings.replica_id,
+            route_timeout_s=settings.route_timeout,
+            state_timeout_s=settings.state_timeout,
+            drain_timeout_s=settings.drain_timeout,
+        )
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the `cornserve-dispatcher` console script."""
-    args = parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s [dispatcher %(process)d]: %(message)s",
-    )
-    asyncio.run(serve(args))
+    sys.exit(run_service(DispatcherSettings, serve, argv=argv))
 
 
 if __name__ == "__main__":

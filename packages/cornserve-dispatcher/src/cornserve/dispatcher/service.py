@@ -16,7 +16,6 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 import aiohttp
-import nats
 from nats.aio.client import Client
 from nats.micro import add_service
 from nats.micro.request import Request
@@ -41,6 +40,7 @@ from cornserve.dispatcher.deployments import DeploymentCache
 from cornserve.dispatcher.graph import GraphRunner
 from cornserve.dispatcher.keepalive import Keepalive
 from cornserve.dispatcher.relay import StreamRelay
+from cornserve.runtime.logging import set_request_id
 from cornserve.task import TaskError, TaskInvocation, TaskRegistryError
 from cornserve.task.library import load_task_library
 
@@ -68,19 +68,18 @@ class DispatcherService:
 
     def __init__(
         self,
-        nats_url: str,
+        nc: Client,
         replica_id: str,
         *,
         route_timeout_s: float = 10.0,
         state_timeout_s: float = 3.0,
         drain_timeout_s: float = 30.0,
     ) -> None:
-        self.nats_url = nats_url
+        self._nc = nc
         self.replica_id = replica_id
         self._route_timeout_s = route_timeout_s
         self._state_timeout_s = state_timeout_s
         self._drain_timeout_s = drain_timeout_s
-        self._nc: Client | None = None
         self._session: aiohttp.ClientSession | None = None
         self._tasklibs: TaskLibrarySync | None = None
         self._deployments: DeploymentCache | None = None
@@ -98,13 +97,7 @@ class DispatcherService:
     # ----- lifecycle -------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Connect, load task libraries, follow deployments, then serve the invoke endpoint."""
-        self._nc = await nats.connect(
-            self.nats_url,
-            name=f"{DISPATCHER_SERVICE_NAME}-{self.replica_id}",
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
-        )
+        """Load task libraries, follow deployments, then serve the invoke endpoint."""
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=1024, limit_per_host=0),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10.0),
@@ -169,14 +162,11 @@ class DispatcherService:
         await asyncio.gather(*self._background, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
-        if self._nc is not None:
-            await self._nc.drain()
         logger.info("dispatcher replica %s stopped", self.replica_id)
 
     @property
     def nc(self) -> Client:
-        """The NATS connection (after start)."""
-        assert self._nc is not None
+        """The NATS connection (owned by the caller, who closes it after `stop`)."""
         return self._nc
 
     # ----- invoke ----------------------------------------------------------------------------------
@@ -203,6 +193,7 @@ class DispatcherService:
         )
 
     async def _serve(self, msg: Request, req: InvokeRequest, keepalive: Keepalive) -> None:
+        set_request_id(req.request_id)  # this task is the graph run: its log lines carry the id
         try:
             try:
                 reply = await self.invoke(req, keepalive)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from cornserve.eric.batcher import DynamicBatcher
 from cornserve.eric.schemas import (
@@ -28,6 +28,7 @@ from cornserve.eric.schemas import (
     EmbeddingsResponse,
     error_body,
 )
+from cornserve.eric.settings import EricSettings
 from cornserve.models.encoders import EncodedItem, EncoderModel, Preprocessed, load_encoder
 from cornserve.models.loading import resolve_model_dir
 from cornserve.models.media import MediaDecodeError, MediaError, MediaFetchError, load_media
@@ -43,26 +44,6 @@ if TYPE_CHECKING:
     from cornserve.sidecar import Sidecar
 
 logger = logging.getLogger(__name__)
-
-
-class EricConfig(BaseModel):
-    """Everything the command line (and environment) gives one Eric process."""
-
-    model_config = ConfigDict(frozen=True)
-
-    model_id: str = Field(min_length=1)
-    modality: str = Field(min_length=1)
-    max_batch_size: int = Field(default=8, ge=1)
-    tensor_parallel_size: int = Field(default=1, ge=1)
-    host: str = "127.0.0.1"
-    port: int = Field(gt=0, lt=65536)
-    sidecar_ranks: list[int] = Field(min_length=1)
-    nats_url: str
-    executor_id: str = "eric"
-    media_timeout_s: float = Field(default=30.0, gt=0)
-    preprocess_workers: int = Field(default=2, ge=1)
-    send_timeout_s: float = Field(default=60.0, gt=0)
-    drain_timeout_s: float = Field(default=30.0, gt=0)
 
 
 class StartupError(RuntimeError):
@@ -94,7 +75,7 @@ def _validation_message(exc: ValidationError) -> str:
 class EricServer:
     """One Eric process: the encoder, the batcher, the sidecar client and the HTTP endpoints."""
 
-    def __init__(self, config: EricConfig) -> None:
+    def __init__(self, config: EricSettings) -> None:
         self.config = config
         self.encoder: EncoderModel | None = None
         self.model_dir: Path | None = None

@@ -16,10 +16,9 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-import nats
 from aiohttp import web
 from nats.aio.client import Client
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from cornserve.bus.control import TaskLibraryRecord
 from cornserve.bus.kv import TaskLibrarySync
@@ -31,6 +30,8 @@ from cornserve.executor.descriptor import (
     item_adapter,
     stream_item_type,
 )
+from cornserve.executor.settings import PythonExecutorSettings
+from cornserve.runtime.nats import connect_nats
 from cornserve.task.base import UnitTask
 from cornserve.task.errors import TaskDefinitionError, TaskError, TaskRegistryError
 from cornserve.task.invocation import TaskInvocation
@@ -44,22 +45,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 NDJSON = "application/x-ndjson"
-
-
-class ExecutorConfig(BaseModel):
-    """Everything the command line gives one executor process."""
-
-    model_config = ConfigDict(frozen=True)
-
-    task: dict[str, Any]
-    executor_id: str = Field(min_length=1)
-    host: str = "127.0.0.1"
-    port: int = Field(gt=0, lt=65536)
-    sidecar_ranks: list[int] = Field(default_factory=list)
-    nats_url: str
-    startup_timeout_s: float = Field(default=120.0, gt=0)
-    library_wait_s: float = Field(default=10.0, gt=0)
-    drain_timeout_s: float = Field(default=30.0, gt=0)
 
 
 class StartupError(RuntimeError):
@@ -78,7 +63,7 @@ def _error(status: int, message: str) -> web.Response:
 class ExecutorServer:
     """One executor: HTTP endpoints, the handler, and the connections it needs."""
 
-    def __init__(self, config: ExecutorConfig) -> None:
+    def __init__(self, config: PythonExecutorSettings) -> None:
         self.config = config
         self.state = "starting"
         self.in_flight = 0
@@ -131,10 +116,8 @@ class ExecutorServer:
 
     async def _initialize(self, deadline: float) -> None:
         self._phase = f"connecting to NATS at {self.config.nats_url}"
-        self._nc = await nats.connect(
-            self.config.nats_url,
-            name=f"cornserve-executor-{self.config.executor_id}",
-            max_reconnect_attempts=-1,
+        self._nc = await connect_nats(
+            self.config.nats_url, name=f"cornserve-executor-{self.config.executor_id}"
         )
         self._phase = "loading task libraries"
         self._sync = TaskLibrarySync(self._nc, self._load_library)

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import time
+import uuid
 from typing import Any
 
 from aiohttp import web
@@ -24,6 +25,7 @@ from cornserve.gateway.errors import HTTPError, to_http_error
 from cornserve.gateway.openapi import openapi_document
 from cornserve.gateway.sessions import SessionRegistry
 from cornserve.gateway.streaming import StreamWriter, wants_sse
+from cornserve.runtime.logging import set_request_id
 from cornserve.task import ClassKey, GraphRunner, Stream, TaskInvocation, TaskOutput
 from cornserve.task.library import check_library_name, library_sha256, load_task_library
 
@@ -52,9 +54,16 @@ def _require_object(body: Any, *fields: str) -> dict[str, Any]:
     return body
 
 
+REQUEST_ID_HEADER = "X-Request-Id"
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Turn every exception into a JSON error response with the right status."""
+    """Turn every exception into a JSON error response with the right status.
+
+    Every request runs in its own task; its log lines carry the caller's ``X-Request-Id`` (or a new id).
+    """
+    set_request_id(request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex)
     try:
         response: web.StreamResponse = await handler(request)
         return response

@@ -1,81 +1,52 @@
-"""Command line of the LLM executor: exactly the flags `CPULLMDescriptor.launch_spec` passes."""
+"""Settings of the LLM executor: exactly the flags `CPULLMDescriptor.launch_spec` passes, plus tuning knobs."""
 
 from __future__ import annotations
 
-import argparse
-import os
+from typing import Annotated, ClassVar
 
-from pydantic import BaseModel, Field
+from pydantic import Field, model_validator
 
-from cornserve.bus.lifecycle import sidecar_ranks_arg
+from cornserve.runtime.settings import Flag, OnOff, ProcessInfo, ServiceSettings, SidecarRanks
 
 
-class ExecutorConfig(BaseModel):
-    """Everything the executor process is configured with (flags plus environment)."""
+class LLMExecutorSettings(ServiceSettings):
+    """Everything the executor process is configured with (flags plus ``CORNSERVE_*`` environment)."""
+
+    process: ClassVar[ProcessInfo] = ProcessInfo(
+        "llm-executor",
+        "python -m cornserve.llm_executor",
+        ("Cornserve's CPU LLM executor: an OpenAI-compatible chat server on transformers."),
+    )
 
     model_id: str = Field(min_length=1)
+    """Local Hugging Face-layout directory or Hub id."""
     host: str = "127.0.0.1"
+    """Address the HTTP endpoints listen on."""
     port: int = Field(default=8000, ge=0, le=65535)
+    """Port of the HTTP endpoints."""
     max_batch_size: int = Field(default=8, ge=1)
-    decode_batching: bool = True
-    sidecar_ranks: list[int] = Field(default_factory=list)
+    """Most sequences decoded per step."""
+    decode_batching: OnOff = True
+    """Decode all active sequences in one forward per step (off: one forward per sequence)."""
+    sidecar_ranks: SidecarRanks = Field(default_factory=list)
+    """Comma-separated sidecar ranks."""
     receive_embeddings: bool = False
+    """Encoder fission: media arrive as embedding forwards through the sidecar."""
     max_model_len: int | None = Field(default=None, ge=1)
+    """Context limit (default: the model's)."""
     default_max_tokens: int = Field(default=256, ge=1)
+    """Completion cap when a request sets none."""
     embedding_timeout_s: float = Field(default=60.0, gt=0)
+    """Deadline per embedding forward."""
     media_timeout_s: float = Field(default=30.0, gt=0)
-    nats_url: str | None = None
-    executor_id: str = "llm-executor"
+    """Deadline per media fetch."""
+    executor_id: Annotated[str, Flag(env_only=True)] = "llm-executor"
+    """This executor's id (the task manager sets it)."""
 
-
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (flags mirror CPULLMDescriptor; the rest are optional tuning knobs)."""
-    p = argparse.ArgumentParser(
-        prog="python -m cornserve.llm_executor",
-        description="Cornserve's CPU LLM executor: an OpenAI-compatible chat server on transformers.",
-    )
-    p.add_argument("--model-id", required=True, help="local Hugging Face-layout directory or Hub id")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch-size", type=int, default=8, help="most sequences decoded per step")
-    p.add_argument(
-        "--decode-batching",
-        choices=("on", "off"),
-        default="on",
-        help="decode all active sequences in one forward per step (off: one forward per sequence)",
-    )
-    p.add_argument(
-        "--sidecar-ranks", type=sidecar_ranks_arg, default=[], help="comma-separated sidecar ranks"
-    )
-    p.add_argument(
-        "--receive-embeddings",
-        action="store_true",
-        help="encoder fission: media arrive as embedding forwards through the sidecar",
-    )
-    p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
-    p.add_argument(
-        "--default-max-tokens", type=int, default=256, help="completion cap when a request sets none"
-    )
-    p.add_argument("--embedding-timeout-s", type=float, default=60.0, help="deadline per embedding forward")
-    p.add_argument("--media-timeout-s", type=float, default=30.0, help="deadline per media fetch")
-    return p
-
-
-def parse_config(argv: list[str] | None = None) -> ExecutorConfig:
-    """Parse flags and the CORNSERVE_NATS_URL / CORNSERVE_EXECUTOR_ID environment."""
-    args = build_parser().parse_args(argv)
-    return ExecutorConfig(
-        model_id=args.model_id,
-        host=args.host,
-        port=args.port,
-        max_batch_size=args.max_batch_size,
-        decode_batching=args.decode_batching == "on",
-        sidecar_ranks=args.sidecar_ranks,
-        receive_embeddings=args.receive_embeddings,
-        max_model_len=args.max_model_len,
-        default_max_tokens=args.default_max_tokens,
-        embedding_timeout_s=args.embedding_timeout_s,
-        media_timeout_s=args.media_timeout_s,
-        nats_url=os.environ.get("CORNSERVE_NATS_URL") or None,
-        executor_id=os.environ.get("CORNSERVE_EXECUTOR_ID", "llm-executor"),
-    )
+    @model_validator(mode="after")
+    def _fission_needs_a_sidecar(self) -> LLMExecutorSettings:
+        if self.receive_embeddings and not self.sidecar_ranks:
+            raise ValueError(
+                "--receive-embeddings needs --sidecar-ranks (the sidecar to receive embeddings on)"
+            )
+        return self

@@ -19,7 +19,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import ValidationError
 
-from cornserve.llm_executor.config import ExecutorConfig
+from cornserve.llm_executor.config import LLMExecutorSettings
 from cornserve.llm_executor.detok import TextAssembler
 from cornserve.llm_executor.embeddings import EmbeddingReceiver
 from cornserve.llm_executor.engine import Engine, Sequence
@@ -88,11 +88,24 @@ def error_response(exc: ExecutorRequestError) -> web.Response:
     return web.json_response(exc.body(), status=exc.status)
 
 
+ROUTES: list[tuple[str, str, str]] = [
+    ("GET", "/health", "health"),
+    ("GET", "/v1/models", "models"),
+    ("GET", "/stats", "stats"),
+    ("POST", "/v1/chat/completions", "chat_completions"),
+]
+"""Method, path and `ChatServer` handler name of every route."""
+
+
 class ChatServer:
     """Request handling; owns the engine and (with fission) the embedding receiver."""
 
     def __init__(
-        self, config: ExecutorConfig, loaded: LoadedModel, engine: Engine, receiver: EmbeddingReceiver | None
+        self,
+        config: LLMExecutorSettings,
+        loaded: LoadedModel,
+        engine: Engine,
+        receiver: EmbeddingReceiver | None,
     ) -> None:
         self.config = config
         self.loaded = loaded
@@ -100,19 +113,10 @@ class ChatServer:
         self.receiver = receiver
         self.requests_failed = 0
 
-    def app(self) -> web.Application:
-        """The aiohttp application with every route."""
-        app = web.Application(client_max_size=256 * 1024 * 1024)
-        app.router.add_get("/health", self.health)
-        app.router.add_get("/v1/models", self.models)
-        app.router.add_get("/stats", self.stats)
-        app.router.add_post("/v1/chat/completions", self.chat_completions)
-        return app
-
     # ------------------------------------------------------------------ small endpoints
 
     async def health(self, request: web.Request) -> web.Response:
-        """Ready once the model is loaded (the process only listens after that)."""
+        """Ready: the model is loaded (`LLMExecutor` answers 503 itself before that)."""
         return web.json_response({"status": "ok", "model": self.config.model_id})
 
     async def models(self, request: web.Request) -> web.Response:

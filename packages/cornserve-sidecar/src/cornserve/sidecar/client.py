@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeVar
 
-import nats
 import torch
 from nats.aio.client import Client
 from pydantic import BaseModel
@@ -50,7 +49,8 @@ from cornserve.bus.subjects import (
     sidecar_released_subject,
     sidecar_subject,
 )
-from cornserve.runtime.nats_url import nats_url_from_env
+from cornserve.runtime.nats import connect_nats
+from cornserve.runtime.settings import nats_url_from_env
 from cornserve.sidecar import gpu
 from cornserve.sidecar.arena import map_arena
 from cornserve.sidecar.codec import decode, encode, torch_dtype, torch_dtype_name
@@ -127,11 +127,11 @@ class Sidecar:
             try:
                 # With unlimited reconnects nats-py would retry the *first* connect forever too.
                 nc = await asyncio.wait_for(
-                    nats.connect(
+                    connect_nats(
                         self.nats_url,
                         name=f"cornserve-sidecar-client-{self.rank}",
-                        max_reconnect_attempts=-1,
-                        connect_timeout=min(self.timeout, 2.0),
+                        connect_timeout_s=min(self.timeout, 2.0),
+                        first_connect_deadline_s=deadline,
                     ),
                     deadline,
                 )

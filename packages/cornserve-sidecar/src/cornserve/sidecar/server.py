@@ -13,20 +13,25 @@ module: ``allocation`` (arena memory), ``holdings`` (bytes held for destinations
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
-import signal
-from collections.abc import Awaitable, Callable
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict
+from typing import ClassVar
 
-import nats
 from nats.aio.client import Client
 from nats.micro import add_service
 from nats.micro.service import Service
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
-from cornserve.bus.micro import HandlerRunner, NoResponders, RequestTimeout, request
+from cornserve.bus.micro import (
+    HandlerRunner,
+    NoResponders,
+    RequestTimeout,
+    request,
+)
 from cornserve.bus.sidecar import (
     AllocRequest,
     ArenaUsage,
@@ -44,8 +49,15 @@ from cornserve.bus.sidecar import (
     StatsRequest,
     UpEvent,
 )
-from cornserve.bus.subjects import SIDECAR_SERVICE_NAME, SIDECAR_UP_EVENT, SidecarVerb, sidecar_subject
-from cornserve.runtime.nats_url import nats_url_from_env
+from cornserve.bus.subjects import (
+    SIDECAR_SERVICE_NAME,
+    SIDECAR_UP_EVENT,
+    SidecarVerb,
+    sidecar_subject,
+)
+from cornserve.runtime.nats import connect_nats
+from cornserve.runtime.service import run_process, running
+from cornserve.runtime.settings import ProcessInfo, ServiceSettings
 from cornserve.sidecar import __version__
 from cornserve.sidecar.allocation import ArenaMemory
 from cornserve.sidecar.arena import Arena, arena_name
@@ -118,12 +130,7 @@ class SidecarServer:
             # Unlimited reconnects keep a running server alive through NATS restarts, but would also
             # retry the first connect forever: bound that one.
             self._nc = await asyncio.wait_for(
-                nats.connect(
-                    self.nats_url,
-                    name=f"cornserve-sidecar-{self.rank}",
-                    max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.5,
-                ),
+                connect_nats(self.nats_url, name=f"cornserve-sidecar-{self.rank}"),
                 CONNECT_TIMEOUT_S,
             )
         except TimeoutError:
@@ -266,60 +273,41 @@ class SidecarServer:
         self.reaper.reap()
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command line of ``cornserve-sidecar``."""
-    p = argparse.ArgumentParser(
-        prog="cornserve-sidecar", description="Cornserve tensor forwarding sidecar server"
+class SidecarSettings(ServiceSettings):
+    """Flags and ``CORNSERVE_*`` environment of `cornserve-sidecar`."""
+
+    process: ClassVar[ProcessInfo] = ProcessInfo(
+        "sidecar", "cornserve-sidecar", "Cornserve tensor forwarding sidecar server"
     )
-    p.add_argument("--rank", type=int, required=True, help="global sidecar rank (one per device)")
-    p.add_argument("--node", required=True, help="node id; same node = shared memory, else TCP")
-    p.add_argument("--nats-url", default=None, help="NATS URL (default: $CORNSERVE_NATS_URL)")
-    p.add_argument(
-        "--arena-bytes", type=int, default=1 << 30, help="shared-memory arena size (default 1 GiB)"
-    )
-    p.add_argument("--ttl-seconds", type=float, default=300.0, help="free data nobody claims after this long")
-    p.add_argument(
-        "--tcp-host", default="127.0.0.1", help="address to bind and advertise for cross-node transfers"
-    )
-    p.add_argument("--tcp-port", type=int, default=0, help="TCP port for cross-node transfers (0 = any)")
-    p.add_argument(
-        "--prefault",
-        action="store_true",
-        help="touch every arena page at start: commits the memory, avoids first-touch page faults on sends",
-    )
-    p.add_argument("--log-level", default="INFO")
-    return p.parse_args(argv)
+
+    rank: int = Field(ge=0)
+    """Global sidecar rank (one per device)."""
+    node: str = Field(min_length=1)
+    """Node id; same node = shared memory, else TCP."""
+    arena_bytes: int = Field(default=1 << 30, gt=0)
+    """Shared-memory arena size (default 1 GiB)."""
+    ttl_seconds: float = Field(default=300.0, gt=0)
+    """Free data nobody claims after this long."""
+    tcp_host: str = "127.0.0.1"
+    """Address to bind and advertise for cross-node transfers."""
+    tcp_port: int = Field(default=0, ge=0, lt=65536)
+    """TCP port for cross-node transfers (0 = any)."""
+    prefault: bool = False
+    """Touch every arena page at start: commits the memory, avoids first-touch page faults on sends."""
 
 
-async def serve(args: argparse.Namespace) -> None:
-    """Run a server until SIGTERM/SIGINT."""
-    server = SidecarServer(
-        rank=args.rank,
-        node=args.node,
-        nats_url=args.nats_url or nats_url_from_env(),
-        arena_bytes=args.arena_bytes,
-        ttl_s=args.ttl_seconds,
-        tcp_host=args.tcp_host,
-        tcp_port=args.tcp_port,
-        prefault=args.prefault,
-    )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await server.start()
-    await stop.wait()
-    logger.info("rank %d shutting down", server.rank)
-    await server.stop()
+SERVER_FIELDS = {"rank", "node", "nats_url", "arena_bytes", "tcp_host", "tcp_port", "prefault"}
+"""Settings that `SidecarServer` takes under the same name."""
 
 
-def main(argv: list[str] | None = None) -> None:
+def serve(settings: SidecarSettings) -> AbstractAsyncContextManager[None]:
+    """One rank, served while the context is open (the server holds its own NATS connection)."""
+    return running(SidecarServer(ttl_s=settings.ttl_seconds, **settings.model_dump(include=SERVER_FIELDS)))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``cornserve-sidecar`` console script."""
-    args = parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    asyncio.run(serve(args))
+    sys.exit(run_process(SidecarSettings, serve, argv=argv))
 
 
 if __name__ == "__main__":

@@ -2,62 +2,94 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import logging
-import os
 import sys
+from collections.abc import Sequence
+from typing import Annotated, ClassVar
 
-from cornserve.bus.lifecycle import required_sidecar_ranks_arg
+from pydantic import Field
+
+from cornserve.runtime.logging import configure_logging
+from cornserve.runtime.settings import (
+    Flag,
+    ProcessInfo,
+    RequiredSidecarRanks,
+    ServiceSettings,
+    parse_settings,
+)
 from cornserve.vllm.command import VLLMServeArgs
 from cornserve.vllm.proxy import ProxyConfig, serve
 
 
-def parse_args(argv: list[str]) -> ProxyConfig:
-    """Flags as `VLLMDescriptor` passes them; arguments after `--` go to `vllm serve` as they are."""
-    extra: list[str] = []
-    if "--" in argv:
-        at = argv.index("--")
-        argv, extra = argv[:at], argv[at + 1 :]
-    parser = argparse.ArgumentParser(prog="python -m cornserve.vllm")
-    parser.add_argument("--model-id", required=True)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument(
-        "--sidecar-ranks",
-        type=required_sidecar_ranks_arg,
-        required=True,
-        help="comma-separated; embeddings arrive on the first",
+class VLLMProxySettings(ServiceSettings):
+    """Flags as `VLLMDescriptor` passes them (and ``CORNSERVE_*`` environment)."""
+
+    process: ClassVar[ProcessInfo] = ProcessInfo(
+        "vllm-proxy",
+        "python -m cornserve.vllm",
+        "Cornserve's proxy in front of `vllm serve` (arguments after -- go to vllm)",
     )
-    parser.add_argument("--tensor-parallel-size", type=int, default=1)
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--vllm-executable", default="vllm")
-    parser.add_argument("--ready-timeout", type=float, default=900.0)
-    parser.add_argument("--embedding-timeout", type=float, default=60.0)
-    ns = parser.parse_args(argv)
+
+    model_id: str = Field(min_length=1)
+    """Checkpoint `vllm serve` loads."""
+    host: str = "127.0.0.1"
+    """Address the proxy listens on."""
+    port: int = Field(gt=0, lt=65536)
+    """Port the proxy listens on (vLLM itself gets a private one)."""
+    sidecar_ranks: RequiredSidecarRanks
+    """Comma-separated sidecar ranks; embeddings arrive on the first."""
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    """vLLM's --tensor-parallel-size."""
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    """vLLM's --gpu-memory-utilization."""
+    max_model_len: int | None = Field(default=None, ge=1)
+    """vLLM's --max-model-len (default: the model's)."""
+    vllm_executable: str = "vllm"
+    """The `vllm` command."""
+    ready_timeout_s: Annotated[float, Flag(name="--ready-timeout")] = Field(default=900.0, gt=0)
+    """Seconds vLLM has to become healthy."""
+    embedding_timeout_s: Annotated[float, Flag(name="--embedding-timeout")] = Field(default=60.0, gt=0)
+    """Seconds one embedding forward may take to arrive."""
+
+
+VLLM_SERVE_FIELDS = {"host", "port", "tensor_parallel_size", "gpu_memory_utilization", "max_model_len"}
+"""Settings that `VLLMServeArgs` takes under the same name."""
+
+
+def split_vllm_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The proxy's own flags, and the arguments after `--` that go to `vllm serve` as they are."""
+    argv = list(argv)
+    if "--" not in argv:
+        return argv, []
+    at = argv.index("--")
+    return argv[:at], argv[at + 1 :]
+
+
+def proxy_config(settings: VLLMProxySettings, vllm_args: list[str]) -> ProxyConfig:
+    """What the proxy runs with."""
     return ProxyConfig(
         serve=VLLMServeArgs(
-            model=ns.model_id,
-            host=ns.host,
-            port=ns.port,
-            tensor_parallel_size=ns.tensor_parallel_size,
-            gpu_memory_utilization=ns.gpu_memory_utilization,
-            max_model_len=ns.max_model_len,
-            extra_args=extra,
+            model=settings.model_id,
+            extra_args=vllm_args,
+            **settings.model_dump(include=VLLM_SERVE_FIELDS),
         ),
-        sidecar_rank=ns.sidecar_ranks[0],
-        nats_url=os.environ.get("CORNSERVE_NATS_URL"),
-        vllm_executable=ns.vllm_executable,
-        ready_timeout_s=ns.ready_timeout,
-        embedding_timeout_s=ns.embedding_timeout,
+        sidecar_rank=settings.sidecar_ranks[0],
+        nats_url=settings.nats_url,
+        vllm_executable=settings.vllm_executable,
+        ready_timeout_s=settings.ready_timeout_s,
+        embedding_timeout_s=settings.embedding_timeout_s,
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    code: int = asyncio.run(serve(parse_args(sys.argv[1:] if argv is None else argv)))
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: settings (exit 2 when invalid), logging, then the proxy, which supervises `vllm serve`.
+
+    The proxy keeps its own signal handling: it also ends when vLLM dies, with vLLM's exit code.
+    """
+    own, vllm_args = split_vllm_args(sys.argv[1:] if argv is None else argv)
+    settings = parse_settings(VLLMProxySettings, own)
+    configure_logging(settings.log_level, settings.log_format, service=settings.service_name)
+    code: int = asyncio.run(serve(proxy_config(settings, vllm_args)))
     return code
 
 

@@ -1,0 +1,94 @@
+"""The LLM executor process: HTTP port first (health 503 while the model loads), then the model.
+
+Start-up order matters to the task manager as for every executor (see `cornserve.runtime.service`):
+the port opens at once, `/health` answers 503 until the model, the engine and (with encoder
+fission) the sidecar client are ready, and then every route is served by the `ChatServer`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from cornserve.llm_executor.config import LLMExecutorSettings
+from cornserve.llm_executor.embeddings import EmbeddingReceiver
+from cornserve.llm_executor.engine import Engine
+from cornserve.llm_executor.model import load_model
+from cornserve.llm_executor.server import ROUTES, ChatServer
+from cornserve.sidecar import Sidecar
+
+logger = logging.getLogger(__name__)
+
+MAX_BODY = 256 * 1024 * 1024
+"""Largest request body (inline media in chat requests)."""
+
+
+class LLMExecutor:
+    """The `ExecutorProcess` of the LLM executor: routes answer 503 until `initialize` finishes."""
+
+    def __init__(self, settings: LLMExecutorSettings) -> None:
+        self.settings = settings
+        self.chat: ChatServer | None = None
+        self._runner: web.AppRunner | None = None
+        self._closers: list[Callable[[], Awaitable[None]]] = []
+        """What `initialize` opened (sidecar client, engine), closed in reverse by `stop`."""
+        self.app = web.Application(client_max_size=MAX_BODY)
+        for method, path, handler in ROUTES:
+            self.app.router.add_route(method, path, self._when_ready(handler))
+
+    def _when_ready(self, handler: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        """A route that answers 503 while loading, then calls `ChatServer.<handler>`."""
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            if self.chat is None:
+                return web.json_response({"status": "loading", "model": self.settings.model_id}, status=503)
+            route: Callable[[web.Request], Awaitable[web.StreamResponse]] = getattr(self.chat, handler)
+            return await route(request)
+
+        return handle
+
+    async def start_http(self) -> None:
+        """Open the HTTP port (every route answers 503 until the model is loaded)."""
+        self._runner = web.AppRunner(self.app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self.settings.host, self.settings.port).start()
+        logger.info(
+            "LLM executor %s listening on http://%s:%d",
+            self.settings.executor_id,
+            self.settings.host,
+            self.settings.port,
+        )
+
+    async def initialize(self) -> None:
+        """Load the model, connect the sidecar (fission), start the engine; then serve."""
+        s = self.settings
+        loaded = await asyncio.to_thread(load_model, s.model_id, s.max_model_len)
+        receiver: EmbeddingReceiver | None = None
+        if s.receive_embeddings:
+            sidecar = Sidecar(s.sidecar_ranks[0], s.nats_url)
+            self._closers.append(sidecar.close)
+            await sidecar.connect()
+            receiver = EmbeddingReceiver(sidecar, s.embedding_timeout_s)
+        engine = Engine(loaded, s.max_batch_size, decode_batching=s.decode_batching)
+        self._closers.append(engine.close)
+        engine.start()
+        self.chat = ChatServer(s, loaded, engine, receiver)
+        logger.info(
+            "LLM executor %s serving %s (batch %d, decode batching %s, fission %s, sidecar ranks %s)",
+            s.executor_id,
+            s.model_id,
+            s.max_batch_size,
+            s.decode_batching,
+            s.receive_embeddings,
+            s.sidecar_ranks,
+        )
+
+    async def stop(self) -> None:
+        """Close the port (in-flight requests finish), then the engine and the sidecar client."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+        while self._closers:
+            await self._closers.pop()()

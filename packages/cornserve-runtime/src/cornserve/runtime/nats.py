@@ -1,0 +1,96 @@
+"""The one way a Cornserve process connects to NATS, with one reconnect policy for all of them.
+
+A running process rides out NATS restarts (unlimited reconnects every `RECONNECT_WAIT_S`), while the
+*first* connect has a deadline (nats-py would otherwise retry it forever too) and fails with a
+`NatsConnectTimeout` that names the URL. Disconnects, reconnects and errors are logged, each state
+change once, so an operator sees an outage start and end in every service's log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import nats
+from nats.aio.client import Client
+
+logger = logging.getLogger(__name__)
+
+RECONNECT_WAIT_S = 0.5
+"""Seconds between reconnect attempts (NATS on loopback or in the cluster comes back quickly)."""
+MAX_RECONNECT_ATTEMPTS = -1
+"""Unlimited: a service never gives up on NATS while it runs; its supervisor decides when to stop it."""
+CONNECT_TIMEOUT_S = 2.0
+"""Seconds one TCP connect + handshake attempt may take."""
+FIRST_CONNECT_DEADLINE_S = 10.0
+"""Seconds a process waits for NATS at start-up before it gives up."""
+PING_INTERVAL_S = 20
+"""Seconds between client pings; with `MAX_OUTSTANDING_PINGS` a dead server is noticed within a minute."""
+MAX_OUTSTANDING_PINGS = 3
+
+
+_POLICY: dict[str, Any] = {
+    "reconnect_time_wait": RECONNECT_WAIT_S,
+    "max_reconnect_attempts": MAX_RECONNECT_ATTEMPTS,
+    "ping_interval": PING_INTERVAL_S,
+    "max_outstanding_pings": MAX_OUTSTANDING_PINGS,
+}
+
+
+class NatsConnectTimeout(TimeoutError):
+    """NATS did not accept the first connection in time (is it running, is the URL right?)."""
+
+
+async def connect_nats(
+    servers: str | list[str],
+    *,
+    name: str,
+    connect_timeout_s: float = CONNECT_TIMEOUT_S,
+    first_connect_deadline_s: float = FIRST_CONNECT_DEADLINE_S,
+) -> Client:
+    """Connect as client `name` (shown by ``nats server report connections``) with the shared policy."""
+    log = _ConnectionLog(name)
+    try:
+        return await asyncio.wait_for(
+            nats.connect(servers, name=name, connect_timeout=connect_timeout_s, **_POLICY, **log.callbacks()),
+            first_connect_deadline_s,
+        )
+    except TimeoutError:
+        raise NatsConnectTimeout(
+            f"{name}: cannot reach NATS at {servers} within {first_connect_deadline_s:g} s "
+            "(is nats-server running? set --nats-url or CORNSERVE_NATS_URL)"
+        ) from None
+
+
+class _ConnectionLog:
+    """nats-py callbacks that log each connection state change (repeated identical errors once)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._last_error = ""
+
+    def callbacks(self) -> dict[str, Any]:
+        """The nats-py callback keyword arguments."""
+        return {
+            "error_cb": self.on_error,
+            "disconnected_cb": self.on_disconnected,
+            "reconnected_cb": self.on_reconnected,
+            "closed_cb": self.on_closed,
+        }
+
+    async def on_error(self, exc: Exception) -> None:
+        text = f"{type(exc).__name__}: {exc}"
+        if text != self._last_error:
+            self._last_error = text
+            logger.warning("%s: NATS error: %s", self.name, text)
+
+    async def on_disconnected(self) -> None:
+        logger.warning("%s: disconnected from NATS; reconnecting every %g s", self.name, RECONNECT_WAIT_S)
+
+    async def on_reconnected(self) -> None:
+        self._last_error = ""
+        logger.info("%s: reconnected to NATS", self.name)
+
+    async def on_closed(self) -> None:
+        logger.debug("%s: NATS connection closed", self.name)
