@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
 import pytest
-from tests.support.cluster import running_cluster
+from tests.support.cluster import gateway_session, running_local_cluster
 
 from cornserve.cli.launcher import LocalCluster
 
@@ -20,14 +20,12 @@ from cornserve.cli.launcher import LocalCluster
 @pytest.fixture(scope="package")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     """The shared cluster (stopped once this directory's tests are done); on teardown nothing of it may survive (processes, shared memory)."""
-    with running_cluster(tmp_path_factory.mktemp("cluster")) as cluster:
+    with running_local_cluster(tmp_path_factory.mktemp("cluster")) as cluster:
         yield cluster
 
 
 @pytest.fixture
 async def http(cluster: LocalCluster) -> AsyncIterator[aiohttp.ClientSession]:
     """An HTTP session on the cluster's gateway."""
-    async with aiohttp.ClientSession(
-        base_url=cluster.url, timeout=aiohttp.ClientTimeout(total=300)
-    ) as session:
+    async with gateway_session(cluster, timeout_s=300) as session:
         yield session

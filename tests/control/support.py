@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Any
 
 import aiohttp
+from tests.support.tasklibs import TENSOR_MATH, TENSOR_MATH_PATH
 
-ROOT = Path(__file__).resolve().parents[2]
-TASKLIB = ROOT / "tests" / "executor" / "tasklib_tensor_math.py"
-if str(TASKLIB.parent) not in sys.path:
-    sys.path.insert(0, str(TASKLIB.parent))
-import tasklib_tensor_math as tensor_math  # noqa: E402
-from tasklib_tensor_math import make_matrix_tensor  # noqa: E402
+TASKLIB = TENSOR_MATH_PATH
+tensor_math = TENSOR_MATH.load()
+make_matrix_tensor = tensor_math.make_matrix_tensor
 
 __all__ = [
     "TASKLIB",
@@ -47,6 +43,6 @@ async def tasks_by_key(http: aiohttp.ClientSession) -> dict[str, dict[str, Any]]
 async def ensure_tasklib(http: aiohttp.ClientSession) -> None:
     """Upload the tensor-math task library (idempotent: same name, same source)."""
     status, body = await call(
-        http, "POST", "/tasklibs", {"name": "tensor-math", "source": TASKLIB.read_text()}
+        http, "POST", "/tasklibs", {"name": TENSOR_MATH.name, "source": TENSOR_MATH.source}
     )
     assert status == 201, body

@@ -25,6 +25,7 @@ from tests.control.support import (
     make_matrix_tensor,
     tasks_by_key,
 )
+from tests.support.waiting import wait_for
 
 from cornserve.bus.control import InvokeKeepalive
 from cornserve.cli.launcher import LocalCluster
@@ -162,17 +163,17 @@ async def test_survives_a_dispatcher_and_an_executor_being_killed(
         status, body = await call(http, "POST", "/apps/pipeline2/invoke", {"seed": seed})
         assert status == 200 and body["sum"] == pytest.approx(expected_sum(seed, 8), rel=1e-4, abs=1e-3)
     assert (await call(http, "DELETE", "/apps/pipeline2"))[0] == 200
-    await wait_healthy(http, dispatchers=2)
+    await wait_dispatchers_registered(http, dispatchers=2)
 
 
-async def wait_healthy(http: aiohttp.ClientSession, dispatchers: int) -> None:
-    """Until /health is ok with `dispatchers` replicas registered."""
-    async with asyncio.timeout(DEADLINE):
-        while True:
-            status, body = await call(http, "GET", "/health")
-            if status == 200 and body["services"].get("cornserve-dispatcher", 0) == dispatchers:
-                return
-            await asyncio.sleep(0.2)
+async def wait_dispatchers_registered(http: aiohttp.ClientSession, dispatchers: int) -> None:
+    """Until the gateway's /health is ok with `dispatchers` replicas registered."""
+
+    async def registered() -> bool:
+        status, body = await call(http, "GET", "/health")
+        return status == 200 and body["services"].get("cornserve-dispatcher", 0) == dispatchers
+
+    await wait_for(registered, DEADLINE, f"/health to list {dispatchers} dispatchers", interval=0.2)
 
 
 def test_cli_against_the_cluster(cluster: LocalCluster) -> None:

@@ -9,50 +9,47 @@ from collections.abc import AsyncIterator, Iterator
 import nats
 import pytest
 from tests.dispatcher.support import (
-    LIBRARY_NAME,
-    LIBRARY_SOURCE,
-    Cluster,
-    DispatcherProc,
+    LIBRARY,
+    DispatcherReplica,
+    StandInControlPlane,
     start_dispatchers,
     stop_dispatchers,
-    upload_library,
 )
+from tests.support.tasklibs import upload_library
 
 from cornserve.cli.natsserver import NatsServerProcess
-from cornserve.task.library import load_task_library
 
 
 @pytest.fixture(scope="session")
 def lib() -> types.ModuleType:
     """The test task library, loaded in this process the way every service loads it."""
-    return load_task_library(LIBRARY_NAME, LIBRARY_SOURCE).module
+    return LIBRARY.load()
 
 
 @pytest.fixture(scope="module")
-def nats_module() -> Iterator[NatsServerProcess]:
-    """A nats-server of this module's own, so no other test's services share its subjects."""
-    with NatsServerProcess() as server:
-        asyncio.run(upload_library(server.url))
-        yield server
+def dispatch_nats(private_nats: NatsServerProcess) -> NatsServerProcess:
+    """The module's own nats-server (no other test's services share its subjects), library uploaded."""
+    asyncio.run(upload_library(private_nats.url, LIBRARY))
+    return private_nats
 
 
 @pytest.fixture(scope="module")
 def dispatchers(
-    nats_module: NatsServerProcess, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[list[DispatcherProc]]:
+    dispatch_nats: NatsServerProcess, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[list[DispatcherReplica]]:
     """Two dispatcher replicas in one queue group, for the whole module."""
-    procs = start_dispatchers(nats_module.url, ["d1", "d2"], tmp_path_factory.mktemp("dispatchers"))
+    procs = start_dispatchers(dispatch_nats.url, ["d1", "d2"], tmp_path_factory.mktemp("dispatchers"))
     yield procs
     stop_dispatchers(procs)
 
 
 @pytest.fixture
-async def cluster(
-    nats_module: NatsServerProcess, dispatchers: list[DispatcherProc]
-) -> AsyncIterator[Cluster]:
+async def control_plane(
+    dispatch_nats: NatsServerProcess, dispatchers: list[DispatcherReplica]
+) -> AsyncIterator[StandInControlPlane]:
     """Stand-in RM (answering state) with no deployments yet, next to the module's dispatchers."""
-    nc = await nats.connect(nats_module.url)
-    c = Cluster(nc)
+    nc = await nats.connect(dispatch_nats.url)
+    c = StandInControlPlane(nc)
     await c.start_rm()
     try:
         yield c

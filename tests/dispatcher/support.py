@@ -9,21 +9,19 @@ goes through an in-test store, the sidecar's job in a cluster.
 from __future__ import annotations
 
 import asyncio
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
-import nats
 import numpy as np
 from aiohttp import web
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from tests.support.processes import ServiceProcess, python_module
+from tests.support.tasklibs import TaskLibrarySource
+from tests.support.waiting import wait_for, wait_log
 
 from cornserve.bus.control import (
-    KV_TASKLIBS,
     RM_EVENTS,
     RM_STATE,
     ClusterState,
@@ -33,111 +31,68 @@ from cornserve.bus.control import (
     RouteReply,
     RouteRequest,
     StateRequest,
-    TaskLibraryRecord,
     tm_subject,
 )
-from cornserve.bus.kv import kv_put, open_bucket
 from cornserve.task import LocalForwardStore, UnitTask, serialize_task
-from cornserve.task.library import library_sha256
 
-LIBRARY_NAME = "dispatcher-test"
-LIBRARY_SOURCE = (Path(__file__).parent / "tasklib.py").read_text()
+LIBRARY = TaskLibrarySource.from_file("dispatcher-test", Path(__file__).parent / "tasklib.py")
 READY_LINE = "serving cornserve.dispatch.invoke"
-
-
-# ----- the task library ----------------------------------------------------------------------------
-
-
-async def upload_library(url: str) -> None:
-    """Store the library in the KV bucket, where dispatchers load it from."""
-    nc = await nats.connect(url)
-    try:
-        kv = await open_bucket(nc, KV_TASKLIBS)
-        record = TaskLibraryRecord(
-            name=LIBRARY_NAME,
-            source=LIBRARY_SOURCE,
-            sha256=library_sha256(LIBRARY_SOURCE),
-            unit_tasks=["Echo", "Produce", "Scale", "Sum", "Generate"],
-            descriptors=[],
-            created_at=time.time(),
-        )
-        await kv_put(kv, LIBRARY_NAME, record)
-    finally:
-        await nc.close()
 
 
 # ----- dispatcher processes ------------------------------------------------------------------------
 
 
-class DispatcherProc:
+class DispatcherReplica:
     """One real dispatcher replica process."""
 
     def __init__(self, url: str, replica_id: str, log_dir: Path, *extra: str) -> None:
         self.url = url
         self.replica_id = replica_id
-        self.log_path = log_dir / f"dispatcher-{replica_id}.log"
-        cmd = [
-            sys.executable, "-m", "cornserve.dispatcher.main",
+        cmd = python_module(
+            "cornserve.dispatcher.main",
             "--nats-url", url,
             "--replica-id", replica_id,
             "--route-timeout", "3",
             "--state-timeout", "2",
             "--drain-timeout", "10",
             *extra,
-        ]  # fmt: skip
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        )  # fmt: skip
+        self.service = ServiceProcess.start(f"dispatcher-{replica_id}", cmd, log_dir)
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        return self.service.proc
 
     def log(self) -> str:
-        return self.log_path.read_text() if self.log_path.exists() else ""
+        return self.service.log()
 
     def wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"dispatcher {self.replica_id} exited:\n{self.log()}")
-            if READY_LINE in self.log():
-                return
-            time.sleep(0.05)
-        raise TimeoutError(f"dispatcher {self.replica_id} not ready in {timeout}s:\n{self.log()}")
+        wait_log(self.service, READY_LINE, timeout)
 
     async def wait_log(self, text: str, timeout: float = 30.0) -> None:
-        async with asyncio.timeout(timeout):
-            while text not in self.log():
-                await asyncio.sleep(0.05)
+        await wait_for(lambda: text in self.log(), timeout, f"dispatcher {self.replica_id} to log {text!r}")
 
     def stop(self) -> int:
         """SIGTERM and wait; the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                raise AssertionError(f"dispatcher {self.replica_id} ignored SIGTERM:\n{self.log()}") from None
-        return self.proc.returncode
+        return self.service.stop()
 
     def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
+        self.service.kill()
 
 
-def start_dispatchers(url: str, ids: list[str], log_dir: Path) -> list[DispatcherProc]:
-    procs = [DispatcherProc(url, replica_id, log_dir) for replica_id in ids]
+def start_dispatchers(url: str, ids: list[str], log_dir: Path) -> list[DispatcherReplica]:
+    procs = [DispatcherReplica(url, replica_id, log_dir) for replica_id in ids]
     for p in procs:
         p.wait_ready()
     return procs
 
 
-def stop_dispatchers(procs: list[DispatcherProc], killed: tuple[str, ...] = ()) -> None:
+def stop_dispatchers(procs: list[DispatcherReplica], killed: tuple[str, ...] = ()) -> None:
     for p in procs:
         if p.replica_id in killed:
             continue
-        code = p.stop()
-        log = p.log()
-        assert code == 0, f"dispatcher {p.replica_id} exited with {code}:\n{log}"
-        assert "Traceback" not in log, f"dispatcher {p.replica_id} logged a traceback:\n{log}"
+        p.stop()
+        p.service.assert_clean_exit(stopped_line=None)
 
 
 # ----- stand-ins: executors, task managers, resource manager ---------------------------------------
@@ -264,8 +219,8 @@ class StandInTM:
         return self.done
 
 
-class Cluster:
-    """The stand-in control plane around the dispatchers of one test."""
+class StandInControlPlane:
+    """The stand-in resource manager, task managers and executors around the dispatchers of one test."""
 
     def __init__(self, nc: Client) -> None:
         self.nc = nc

@@ -12,12 +12,13 @@ import nats
 import pytest
 from nats.micro.request import ERROR_CODE_HEADER
 from tests.dispatcher.support import (
-    Cluster,
-    DispatcherProc,
+    LIBRARY,
+    DispatcherReplica,
+    StandInControlPlane,
     start_dispatchers,
     stop_dispatchers,
-    upload_library,
 )
+from tests.support.tasklibs import upload_library
 
 from cornserve.bus.control import (
     DISPATCH_INVOKE,
@@ -45,10 +46,10 @@ def wire(invocations: list[TaskInvocation]) -> list[dict[str, Any]]:
 # ----- the happy paths -----------------------------------------------------------------------------
 
 
-async def test_unit_task(cluster: Cluster, lib: types.ModuleType) -> None:
+async def test_unit_task(control_plane: StandInControlPlane, lib: types.ModuleType) -> None:
     echo = lib.Echo()
-    executor, tm = await cluster.deploy(echo, ranks=[7])
-    client = DispatcherClient(cluster.nc, timeout_s=30)
+    executor, tm = await control_plane.deploy(echo, ranks=[7])
+    client = DispatcherClient(control_plane.nc, timeout_s=30)
     with use_graph_runner(client):
         async with asyncio.timeout(DEADLINE):
             out = await echo(lib.EchoIn(text="hello"))
@@ -58,12 +59,14 @@ async def test_unit_task(cluster: Cluster, lib: types.ModuleType) -> None:
     assert await tm.wait_done(1) == [executor.executor_id]
 
 
-async def test_graph_forwards_wired_to_routed_ranks(cluster: Cluster, lib: types.ModuleType) -> None:
+async def test_graph_forwards_wired_to_routed_ranks(
+    control_plane: StandInControlPlane, lib: types.ModuleType
+) -> None:
     pipeline = lib.Pipeline()
-    produce_exec, produce_tm = await cluster.deploy(pipeline.produce, ranks=[1])
-    scale_exec, scale_tm = await cluster.deploy(pipeline.scale, ranks=[2, 3])
-    sum_exec, sum_tm = await cluster.deploy(pipeline.sum, ranks=[4])
-    client = DispatcherClient(cluster.nc, timeout_s=30)
+    produce_exec, produce_tm = await control_plane.deploy(pipeline.produce, ranks=[1])
+    scale_exec, scale_tm = await control_plane.deploy(pipeline.scale, ranks=[2, 3])
+    sum_exec, sum_tm = await control_plane.deploy(pipeline.sum, ranks=[4])
+    client = DispatcherClient(control_plane.nc, timeout_s=30)
     with use_graph_runner(client):
         async with asyncio.timeout(DEADLINE):
             out = await pipeline(lib.PipelineIn(values=[1.0, 2.0, 3.0], factor=10.0))
@@ -87,11 +90,11 @@ async def test_graph_forwards_wired_to_routed_ranks(cluster: Cluster, lib: types
         assert await tm.wait_done(1) == [executor.executor_id]
 
 
-async def test_many_concurrent_graphs(cluster: Cluster, lib: types.ModuleType) -> None:
+async def test_many_concurrent_graphs(control_plane: StandInControlPlane, lib: types.ModuleType) -> None:
     pipeline = lib.Pipeline()
     for task, ranks in [(pipeline.produce, [1]), (pipeline.scale, [2]), (pipeline.sum, [3])]:
-        await cluster.deploy(task, ranks=ranks)
-    client = DispatcherClient(cluster.nc, timeout_s=30)
+        await control_plane.deploy(task, ranks=ranks)
+    client = DispatcherClient(control_plane.nc, timeout_s=30)
     with use_graph_runner(client):
         async with asyncio.timeout(DEADLINE):
             outs = await asyncio.gather(
@@ -100,11 +103,11 @@ async def test_many_concurrent_graphs(cluster: Cluster, lib: types.ModuleType) -
     assert [o.total for o in outs] == [pytest.approx(3.0 * i) for i in range(20)]
 
 
-async def test_stream_relayed_through_nats(cluster: Cluster, lib: types.ModuleType) -> None:
+async def test_stream_relayed_through_nats(control_plane: StandInControlPlane, lib: types.ModuleType) -> None:
     chat = lib.Chat()
-    _, produce_tm = await cluster.deploy(chat.produce, ranks=[1])
-    gen_exec, gen_tm = await cluster.deploy(chat.generate, ranks=[5])
-    client = DispatcherClient(cluster.nc, timeout_s=30)
+    _, produce_tm = await control_plane.deploy(chat.produce, ranks=[1])
+    gen_exec, gen_tm = await control_plane.deploy(chat.generate, ranks=[5])
+    client = DispatcherClient(control_plane.nc, timeout_s=30)
     with use_graph_runner(client):
         async with asyncio.timeout(DEADLINE):
             stream = await chat(lib.ChatIn(values=[1.0, 2.0, 3.0, 4.0]))
@@ -118,11 +121,11 @@ async def test_stream_relayed_through_nats(cluster: Cluster, lib: types.ModuleTy
     assert await gen_tm.wait_done(1) == [gen_exec.executor_id]  # after the stream ended
 
 
-async def test_stream_error_mid_stream(cluster: Cluster, lib: types.ModuleType) -> None:
+async def test_stream_error_mid_stream(control_plane: StandInControlPlane, lib: types.ModuleType) -> None:
     chat = lib.Chat()
-    await cluster.deploy(chat.produce, ranks=[1])
-    await cluster.deploy(chat.generate, ranks=[2])
-    client = DispatcherClient(cluster.nc, timeout_s=30)
+    await control_plane.deploy(chat.produce, ranks=[1])
+    await control_plane.deploy(chat.generate, ranks=[2])
+    client = DispatcherClient(control_plane.nc, timeout_s=30)
     items: list[Any] = []
     with use_graph_runner(client):
         async with asyncio.timeout(DEADLINE):
@@ -133,11 +136,11 @@ async def test_stream_error_mid_stream(cluster: Cluster, lib: types.ModuleType) 
     assert [t.index for t in items] == [0]
 
 
-async def test_stream_idle_deadline(cluster: Cluster, lib: types.ModuleType) -> None:
+async def test_stream_idle_deadline(control_plane: StandInControlPlane, lib: types.ModuleType) -> None:
     chat = lib.Chat()
-    await cluster.deploy(chat.produce, ranks=[1])
-    gen_exec, gen_tm = await cluster.deploy(chat.generate, ranks=[2])
-    client = DispatcherClient(cluster.nc, timeout_s=1.5)
+    await control_plane.deploy(chat.produce, ranks=[1])
+    gen_exec, gen_tm = await control_plane.deploy(chat.generate, ranks=[2])
+    client = DispatcherClient(control_plane.nc, timeout_s=1.5)
     items: list[Any] = []
     with use_graph_runner(client):
         async with asyncio.timeout(DEADLINE):
@@ -151,11 +154,11 @@ async def test_stream_idle_deadline(cluster: Cluster, lib: types.ModuleType) -> 
     assert await gen_tm.wait_done(1)
 
 
-async def test_stream_that_fails_to_start(cluster: Cluster, lib: types.ModuleType) -> None:
+async def test_stream_that_fails_to_start(control_plane: StandInControlPlane, lib: types.ModuleType) -> None:
     chat = lib.Chat()
-    await cluster.deploy(chat.produce, ranks=[1])
-    await cluster.deploy(chat.generate, ranks=[2])
-    client = DispatcherClient(cluster.nc, timeout_s=30)
+    await control_plane.deploy(chat.produce, ranks=[1])
+    await control_plane.deploy(chat.generate, ranks=[2])
+    client = DispatcherClient(control_plane.nc, timeout_s=30)
     with use_graph_runner(client), pytest.raises(DispatchError) as failure:
         async with asyncio.timeout(DEADLINE):
             await chat(lib.ChatIn(values=[1.0], fail="no tokens today"))
@@ -168,14 +171,14 @@ async def test_stream_that_fails_to_start(cluster: Cluster, lib: types.ModuleTyp
 
 
 async def test_executor_refusing_its_input_keeps_the_client_error_status(
-    cluster: Cluster, lib: types.ModuleType
+    control_plane: StandInControlPlane, lib: types.ModuleType
 ) -> None:
     """An executor's 400 (bad media, too many tokens) is the caller's fault: 400 with its message."""
     pipeline = lib.Pipeline()
-    await cluster.deploy(pipeline.produce, ranks=[1])
-    await cluster.deploy(pipeline.scale, ranks=[2])
-    await cluster.deploy(pipeline.sum, ranks=[3])
-    client = DispatcherClient(cluster.nc, timeout_s=600)
+    await control_plane.deploy(pipeline.produce, ranks=[1])
+    await control_plane.deploy(pipeline.scale, ranks=[2])
+    await control_plane.deploy(pipeline.sum, ranks=[3])
+    client = DispatcherClient(control_plane.nc, timeout_s=600)
     with use_graph_runner(client), pytest.raises(DispatchError) as failure:
         async with asyncio.timeout(DEADLINE):
             await pipeline(lib.PipelineIn(values=[1.0], fail="reject: the image cannot be decoded"))
@@ -184,14 +187,16 @@ async def test_executor_refusing_its_input_keeps_the_client_error_status(
     assert "Produce at position 0 rejected its input: the image cannot be decoded" in str(err)
 
 
-async def test_failing_executor_fails_graph_promptly(cluster: Cluster, lib: types.ModuleType) -> None:
+async def test_failing_executor_fails_graph_promptly(
+    control_plane: StandInControlPlane, lib: types.ModuleType
+) -> None:
     """produce fails; scale and sum wait for its data: they are cancelled, the caller gets the error now."""
     pipeline = lib.Pipeline()
-    _, produce_tm = await cluster.deploy(pipeline.produce, ranks=[1])
-    scale_exec, _ = await cluster.deploy(pipeline.scale, ranks=[2])
-    sum_exec, _ = await cluster.deploy(pipeline.sum, ranks=[3])
+    _, produce_tm = await control_plane.deploy(pipeline.produce, ranks=[1])
+    scale_exec, _ = await control_plane.deploy(pipeline.scale, ranks=[2])
+    sum_exec, _ = await control_plane.deploy(pipeline.sum, ranks=[3])
     # The graph's deadline (600 s) is far beyond the test's own deadline: only a prompt failure passes.
-    client = DispatcherClient(cluster.nc, timeout_s=600)
+    client = DispatcherClient(control_plane.nc, timeout_s=600)
     with use_graph_runner(client), pytest.raises(DispatchError) as failure:
         async with asyncio.timeout(DEADLINE):
             await pipeline(lib.PipelineIn(values=[1.0], fail="out of cheese"))
@@ -206,9 +211,9 @@ async def test_failing_executor_fails_graph_promptly(cluster: Cluster, lib: type
     assert await produce_tm.wait_done(1)
 
 
-async def test_task_not_deployed(cluster: Cluster, lib: types.ModuleType) -> None:
+async def test_task_not_deployed(control_plane: StandInControlPlane, lib: types.ModuleType) -> None:
     ghost = lib.Echo(label="never-deployed")
-    client = DispatcherClient(cluster.nc, timeout_s=30)
+    client = DispatcherClient(control_plane.nc, timeout_s=30)
     with use_graph_runner(client), pytest.raises(DispatchError) as failure:
         async with asyncio.timeout(DEADLINE):
             await ghost(lib.EchoIn(text="x"))
@@ -217,24 +222,26 @@ async def test_task_not_deployed(cluster: Cluster, lib: types.ModuleType) -> Non
     assert ghost.deployment_key in str(failure.value)
 
 
-async def test_deployment_seen_without_event_then_removed(cluster: Cluster, lib: types.ModuleType) -> None:
+async def test_deployment_seen_without_event_then_removed(
+    control_plane: StandInControlPlane, lib: types.ModuleType
+) -> None:
     """A deploy whose event has not arrived is found by re-querying the RM; a removal event un-deploys."""
     echo = lib.Echo(label="quiet")
-    await cluster.deploy(echo, ranks=[1], announce=False)
-    client = DispatcherClient(cluster.nc, timeout_s=30)
+    await control_plane.deploy(echo, ranks=[1], announce=False)
+    client = DispatcherClient(control_plane.nc, timeout_s=30)
     with use_graph_runner(client):
         async with asyncio.timeout(DEADLINE):
             assert (await echo(lib.EchoIn(text="a"))).text == "A"
-            await cluster.remove(echo)
+            await control_plane.remove(echo)
             with pytest.raises(DispatchError) as failure:
                 await echo(lib.EchoIn(text="b"))
     assert failure.value.code == 404
 
 
-async def test_graph_deadline(cluster: Cluster, lib: types.ModuleType) -> None:
+async def test_graph_deadline(control_plane: StandInControlPlane, lib: types.ModuleType) -> None:
     echo = lib.Echo(label="slow")
-    executor, tm = await cluster.deploy(echo, ranks=[1])
-    client = DispatcherClient(cluster.nc, timeout_s=1.0)
+    executor, tm = await control_plane.deploy(echo, ranks=[1])
+    client = DispatcherClient(control_plane.nc, timeout_s=1.0)
     with use_graph_runner(client), pytest.raises(DispatchError) as failure:
         async with asyncio.timeout(DEADLINE):
             await echo(lib.EchoIn(text="x", delay_s=300))
@@ -245,11 +252,11 @@ async def test_graph_deadline(cluster: Cluster, lib: types.ModuleType) -> None:
     assert await tm.wait_done(1)
 
 
-async def test_task_manager_not_answering(cluster: Cluster, lib: types.ModuleType) -> None:
+async def test_task_manager_not_answering(control_plane: StandInControlPlane, lib: types.ModuleType) -> None:
     silent, absent = lib.Echo(label="silent-tm"), lib.Echo(label="absent-tm")
-    await cluster.deploy(silent, ranks=[1], tm="silent")
-    await cluster.deploy(absent, ranks=[2], tm="absent")
-    client = DispatcherClient(cluster.nc, timeout_s=30)
+    await control_plane.deploy(silent, ranks=[1], tm="silent")
+    await control_plane.deploy(absent, ranks=[2], tm="absent")
+    client = DispatcherClient(control_plane.nc, timeout_s=30)
     with use_graph_runner(client):
         for task, expected in [(silent, "did not answer"), (absent, "is not running")]:
             with pytest.raises(DispatchError) as failure:
@@ -259,10 +266,12 @@ async def test_task_manager_not_answering(cluster: Cluster, lib: types.ModuleTyp
             assert "Echo at position 0" in str(failure.value) and expected in str(failure.value)
 
 
-async def test_malformed_requests_get_typed_errors(cluster: Cluster, lib: types.ModuleType) -> None:
+async def test_malformed_requests_get_typed_errors(
+    control_plane: StandInControlPlane, lib: types.ModuleType
+) -> None:
     echo = lib.Echo(label="after-garbage")
-    await cluster.deploy(echo, ranks=[1])
-    nc = cluster.nc
+    await control_plane.deploy(echo, ranks=[1])
+    nc = control_plane.nc
     async with asyncio.timeout(DEADLINE):
         for garbage in [
             b"not json",
@@ -310,8 +319,10 @@ async def test_malformed_requests_get_typed_errors(cluster: Cluster, lib: types.
             assert (await echo(lib.EchoIn(text="ok"))).text == "OK"
 
 
-async def test_replicas_registered_with_micro(cluster: Cluster, dispatchers: list[DispatcherProc]) -> None:
-    nc = cluster.nc
+async def test_replicas_registered_with_micro(
+    control_plane: StandInControlPlane, dispatchers: list[DispatcherReplica]
+) -> None:
+    nc = control_plane.nc
     inbox = nc.new_inbox()
     sub = await nc.subscribe(inbox)
     seen: dict[str, dict[str, Any]] = {}
@@ -337,14 +348,14 @@ async def test_replicas_registered_with_micro(cluster: Cluster, dispatchers: lis
 
 async def test_replica_killed_mid_load(lib: types.ModuleType, tmp_path: Path) -> None:
     with NatsServerProcess() as server:
-        await upload_library(server.url)
+        await upload_library(server.url, LIBRARY)
         procs = await asyncio.to_thread(start_dispatchers, server.url, ["k1", "k2"], tmp_path)
         nc = await nats.connect(server.url)
-        cluster = Cluster(nc)
+        control_plane = StandInControlPlane(nc)
         try:
-            await cluster.start_rm()
+            await control_plane.start_rm()
             echo = lib.Echo(label="held")
-            executor, _ = await cluster.deploy(echo, ranks=[1])
+            executor, _ = await control_plane.deploy(echo, ranks=[1])
             graph = wire(echo.trace(lib.EchoIn(text="held", hold=True)).invocations)
 
             async def held_call() -> InvokeReply | BaseException:
@@ -375,17 +386,17 @@ async def test_replica_killed_mid_load(lib: types.ModuleType, tmp_path: Path) ->
                     outs = await asyncio.gather(*(echo(lib.EchoIn(text=f"n{i}")) for i in range(10)))
             assert [o.text for o in outs] == [f"N{i}" for i in range(10)]
         finally:
-            await cluster.close()
+            await control_plane.close()
             await nc.close()
             await asyncio.to_thread(stop_dispatchers, procs, ("k1",))
 
 
 async def test_resource_manager_down_at_start(lib: types.ModuleType, tmp_path: Path) -> None:
     with NatsServerProcess() as server:
-        await upload_library(server.url)
+        await upload_library(server.url, LIBRARY)
         (proc,) = await asyncio.to_thread(start_dispatchers, server.url, ["late-rm"], tmp_path)
         nc = await nats.connect(server.url)
-        cluster = Cluster(nc)
+        control_plane = StandInControlPlane(nc)
         echo = lib.Echo(label="late")
         try:
             # Serving already: an unknown task is a prompt 404 even though the RM is not there.
@@ -395,16 +406,16 @@ async def test_resource_manager_down_at_start(lib: types.ModuleType, tmp_path: P
                     await echo(lib.EchoIn(text="x"))
             assert failure.value.code == 404
 
-            await cluster.deploy(echo, ranks=[1], announce=False)
-            await cluster.start_rm()
+            await control_plane.deploy(echo, ranks=[1], announce=False)
+            await control_plane.start_rm()
             await proc.wait_log("caught up with the resource manager: 1 deployment(s)", DEADLINE)
-            queries = cluster.state_queries
+            queries = control_plane.state_queries
             with use_graph_runner(client):
                 async with asyncio.timeout(DEADLINE):
                     assert (await echo(lib.EchoIn(text="x"))).text == "X"
-            assert cluster.state_queries == queries  # served from the caught-up cache
+            assert control_plane.state_queries == queries  # served from the caught-up cache
         finally:
-            await cluster.close()
+            await control_plane.close()
             await nc.close()
             await asyncio.to_thread(stop_dispatchers, [proc])
 
@@ -412,15 +423,15 @@ async def test_resource_manager_down_at_start(lib: types.ModuleType, tmp_path: P
 async def test_sigterm_drains_then_fails_what_is_left(lib: types.ModuleType, tmp_path: Path) -> None:
     """SIGTERM: the replica stops taking graphs, gives running ones its drain time, then fails them typed."""
     with NatsServerProcess() as server:
-        await upload_library(server.url)
-        proc = DispatcherProc(server.url, "draining", tmp_path, "--drain-timeout", "1")
+        await upload_library(server.url, LIBRARY)
+        proc = DispatcherReplica(server.url, "draining", tmp_path, "--drain-timeout", "1")
         await asyncio.to_thread(proc.wait_ready)
         nc = await nats.connect(server.url)
-        cluster = Cluster(nc)
+        control_plane = StandInControlPlane(nc)
         try:
-            await cluster.start_rm()
+            await control_plane.start_rm()
             echo = lib.Echo(label="drain")
-            executor, tm = await cluster.deploy(echo, ranks=[1])
+            executor, tm = await control_plane.deploy(echo, ranks=[1])
             graph = wire(echo.trace(lib.EchoIn(text="held", hold=True)).invocations)
             call = asyncio.create_task(
                 request(nc, DISPATCH_INVOKE, InvokeRequest(invocations=graph, timeout_s=120), InvokeReply, 60)
@@ -436,7 +447,7 @@ async def test_sigterm_drains_then_fails_what_is_left(lib: types.ModuleType, tmp
             assert code == 0 and "Traceback" not in proc.log()
             assert await tm.wait_done(1)
         finally:
-            await cluster.close()
+            await control_plane.close()
             await nc.close()
             if proc.proc.poll() is None:
                 proc.kill()

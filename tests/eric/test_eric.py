@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
-from tests.eric.support import Cluster, Eric, http_json
+from tests.eric.support import Eric, EricSetup, http_json
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from cornserve.models.tiny import ENCODER_SHARD, INDEX_FILE
@@ -64,7 +64,7 @@ def request_body(eric: Eric, modality: str, urls: list[str], dst: int) -> dict[s
     }
 
 
-async def receive(cluster: Cluster, forward_ids: list[str]) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+async def receive(cluster: EricSetup, forward_ids: list[str]) -> list[tuple[torch.Tensor, dict[str, Any]]]:
     out = []
     async with Sidecar(cluster.dst_rank, cluster.nats_url, timeout=60) as sc:
         for fid in forward_ids:
@@ -102,7 +102,7 @@ def reference(model_dir: Path, modality: str, media: list[Any]) -> list[torch.Te
     return list(features)
 
 
-def test_qwen_images_match_full_model_and_batch(eric_cluster: Cluster) -> None:
+def test_qwen_images_match_full_model_and_batch(eric_cluster: EricSetup) -> None:
     eric = eric_cluster.erics["qwen-image"]  # max batch size 2
     images = [image(1, (64, 64)), image(2, (48, 80)), image(3, (100, 40))]
     body = request_body(eric, "image", [png_url(i) for i in images], eric_cluster.dst_rank)
@@ -127,7 +127,7 @@ def test_qwen_images_match_full_model_and_batch(eric_cluster: Cluster) -> None:
     assert info["batching"]["items"] >= 3 and info["batching"]["batches"] >= 2
 
 
-async def test_qwen_video_matches_full_model(eric_cluster: Cluster) -> None:
+async def test_qwen_video_matches_full_model(eric_cluster: EricSetup) -> None:
     from cornserve.models.media import load_media
 
     eric = eric_cluster.erics["qwen-video"]
@@ -143,7 +143,7 @@ async def test_qwen_video_matches_full_model(eric_cluster: Cluster) -> None:
     assert meta["second_per_grid_t"] is None  # Qwen2-VL (unlike Qwen2.5-VL) has no temporal spacing
 
 
-async def test_llava_image_matches_full_model(eric_cluster: Cluster) -> None:
+async def test_llava_image_matches_full_model(eric_cluster: EricSetup) -> None:
     eric = eric_cluster.erics["llava-image"]
     images = [image(7, (64, 64)), image(8, (50, 90))]
     body = request_body(eric, "image", [png_url(i) for i in images], eric_cluster.dst_rank)
@@ -162,7 +162,7 @@ async def test_llava_image_matches_full_model(eric_cluster: Cluster) -> None:
 
 
 @pytest.mark.parametrize("name", ["qwen-image", "llava-image"])
-def test_loads_only_encoder_weights(eric_cluster: Cluster, name: str) -> None:
+def test_loads_only_encoder_weights(eric_cluster: EricSetup, name: str) -> None:
     eric = eric_cluster.erics[name]
     _, info = http_json("GET", f"{eric.url}/info")
     weight_map = json.loads((eric.model_dir / INDEX_FILE).read_text())["weight_map"]
@@ -176,7 +176,7 @@ def test_loads_only_encoder_weights(eric_cluster: Cluster, name: str) -> None:
     assert info["sidecar_ranks"] == [eric.src_rank] and info["modality"] == "image"
 
 
-def test_bad_inputs_are_400_and_eric_stays_up(eric_cluster: Cluster, tmp_path: Path) -> None:
+def test_bad_inputs_are_400_and_eric_stays_up(eric_cluster: EricSetup, tmp_path: Path) -> None:
     eric = eric_cluster.erics["qwen-image"]
     dst = eric_cluster.dst_rank
     cases = {
@@ -210,7 +210,7 @@ def test_bad_inputs_are_400_and_eric_stays_up(eric_cluster: Cluster, tmp_path: P
     asyncio.run(receive(eric_cluster, reply["forward_ids"]))
 
 
-def test_unsupported_modality_fails_at_startup(eric_cluster: Cluster) -> None:
+def test_unsupported_modality_fails_at_startup(eric_cluster: EricSetup) -> None:
     proc = eric_cluster.failed
     deadline = time.monotonic() + 180
     while proc.proc.poll() is None and time.monotonic() < deadline:

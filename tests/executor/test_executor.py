@@ -11,7 +11,6 @@ import asyncio
 import json
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator
 from types import ModuleType
 from typing import Any
@@ -20,8 +19,9 @@ import aiohttp
 import nats
 import pytest
 import torch
-from tests.executor.cluster import LIBRARY_NAME, HttpRunner, launch_executor, wait_exit
-from tests.executor.conftest import Cluster
+from tests.executor.support import ExecutorSetup, HttpRunner, launch_executor
+from tests.support.tasklibs import TENSOR_MATH
+from tests.support.waiting import wait_for
 
 from cornserve.bus.micro import request
 from cornserve.bus.sidecar import StatsReply, StatsRequest
@@ -83,15 +83,10 @@ def assert_reduced(out: Any, c: torch.Tensor) -> None:
 
 
 async def wait_until(predicate: Any, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await predicate():
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"{what}: not reached within {timeout}s")
+    await wait_for(predicate, timeout, what)
 
 
-async def arenas_empty(cluster: Cluster) -> bool:
+async def arenas_empty(cluster: ExecutorSetup) -> bool:
     nc = await nats.connect(cluster.nats_url)
     try:
         for s in cluster.sidecars:
@@ -105,7 +100,7 @@ async def arenas_empty(cluster: Cluster) -> bool:
         await nc.close()
 
 
-async def all_idle(cluster: Cluster, session: aiohttp.ClientSession) -> bool:
+async def all_idle(cluster: ExecutorSetup, session: aiohttp.ClientSession) -> bool:
     for e in cluster.executors.values():
         async with session.get(e.url + "/health") as resp:
             if resp.status != 200 or (await resp.json())["in_flight"] != 0:
@@ -119,7 +114,7 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
         yield s
 
 
-async def test_health_and_info(cluster: Cluster, session: aiohttp.ClientSession) -> None:
+async def test_health_and_info(cluster: ExecutorSetup, session: aiohttp.ClientSession) -> None:
     for name, e in cluster.executors.items():
         async with session.get(e.url + "/health") as resp:
             assert resp.status == 200
@@ -127,12 +122,14 @@ async def test_health_and_info(cluster: Cluster, session: aiohttp.ClientSession)
         async with session.get(e.url + "/info") as resp:
             info = await resp.json()
         assert info["task_key"] == e.task.deployment_key
-        assert info["task"]["name"] == f"{LIBRARY_NAME}:{name}"
+        assert info["task"]["name"] == f"{TENSOR_MATH.name}:{name}"
         assert info["handler"] == e.task.descriptor.handler
         assert info["sidecar_ranks"] == e.ranks
 
 
-async def test_traced_graph_over_http_matches_torch(cluster: Cluster, session: aiohttp.ClientSession) -> None:
+async def test_traced_graph_over_http_matches_torch(
+    cluster: ExecutorSetup, session: aiohttp.ClientSession
+) -> None:
     lib = cluster.lib
     pipeline_cls, _ = composites(lib)
     x = PipelineInput(seed_a=1, seed_b=2, n=7, k=3, m=5, scale=2.0)
@@ -162,7 +159,7 @@ async def test_traced_graph_over_http_matches_torch(cluster: Cluster, session: a
     await wait_until(lambda: arenas_empty(cluster), "every forwarded tensor released")
 
 
-async def test_concurrent_awaited_graphs(cluster: Cluster, session: aiohttp.ClientSession) -> None:
+async def test_concurrent_awaited_graphs(cluster: ExecutorSetup, session: aiohttp.ClientSession) -> None:
     lib = cluster.lib
     pipeline = composites(lib)[0]()
     inputs = [
@@ -178,7 +175,7 @@ async def test_concurrent_awaited_graphs(cluster: Cluster, session: aiohttp.Clie
     await wait_until(lambda: all_idle(cluster, session), "executors idle")
 
 
-async def test_streamed_rows(cluster: Cluster, session: aiohttp.ClientSession) -> None:
+async def test_streamed_rows(cluster: ExecutorSetup, session: aiohttp.ClientSession) -> None:
     lib = cluster.lib
     rows = composites(lib)[1]()
     x = PipelineInput(seed_a=5, seed_b=6, n=9, k=4, m=3, scale=1.5)
@@ -191,7 +188,7 @@ async def test_streamed_rows(cluster: Cluster, session: aiohttp.ClientSession) -
     assert [item.sum for item in items] == pytest.approx(want.tolist(), rel=1e-5, abs=1e-5)
 
 
-async def test_stream_fails_mid_way(cluster: Cluster, session: aiohttp.ClientSession) -> None:
+async def test_stream_fails_mid_way(cluster: ExecutorSetup, session: aiohttp.ClientSession) -> None:
     rows = composites(cluster.lib)[1]()
     with use_graph_runner(HttpRunner(cluster.by_key(), session)):
         stream = await rows(PipelineInput(seed_a=1, seed_b=1, n=6, k=2, m=2, fail_after=2))
@@ -203,7 +200,7 @@ async def test_stream_fails_mid_way(cluster: Cluster, session: aiohttp.ClientSes
     await wait_until(lambda: all_idle(cluster, session), "executors idle")
 
 
-async def test_handler_failure(cluster: Cluster, session: aiohttp.ClientSession) -> None:
+async def test_handler_failure(cluster: ExecutorSetup, session: aiohttp.ClientSession) -> None:
     lib = cluster.lib
     # One failing executor call: HTTP 500 with "<Type>: <message>".
     make = cluster.executors["MakeMatrix"]
@@ -232,7 +229,7 @@ async def test_handler_failure(cluster: Cluster, session: aiohttp.ClientSession)
         assert_reduced(await pipeline(x), expected(lib, x))
 
 
-async def test_bad_requests(cluster: Cluster, session: aiohttp.ClientSession) -> None:
+async def test_bad_requests(cluster: ExecutorSetup, session: aiohttp.ClientSession) -> None:
     lib = cluster.lib
     reduce = cluster.executors["Reduce"]
     matmul_graph = composites(lib)[0]().trace(PipelineInput(seed_a=1, seed_b=2))
@@ -258,12 +255,12 @@ async def test_bad_requests(cluster: Cluster, session: aiohttp.ClientSession) ->
         assert resp.status == 200
 
 
-async def test_sigterm_stops_cleanly(cluster: Cluster, session: aiohttp.ClientSession) -> None:
+async def test_sigterm_stops_cleanly(cluster: ExecutorSetup, session: aiohttp.ClientSession) -> None:
     lib = cluster.lib
     rank = cluster.executors["Reduce"].ranks
     extra = launch_executor(lib.Reduce(), "reduce-extra", rank, cluster.nats_url, cluster.log_dir)
     try:
-        await asyncio.to_thread(extra.wait_healthy)
+        await asyncio.to_thread(extra.wait_ready)
     finally:
         code = extra.stop()
     assert code == 0, extra.log()
@@ -271,12 +268,12 @@ async def test_sigterm_stops_cleanly(cluster: Cluster, session: aiohttp.ClientSe
     assert extra.proc.poll() == 0
 
 
-async def test_startup_failures_exit_with_a_message(cluster: Cluster) -> None:
+async def test_startup_failures_exit_with_a_message(cluster: ExecutorSetup) -> None:
     lib = cluster.lib
     ranks = cluster.executors["Reduce"].ranks
     no_handler = lib.Reduce(descriptor=lib.ReduceExecutor(handler="no_such_handler"))
     e = launch_executor(no_handler, "reduce-broken", ranks, cluster.nats_url, cluster.log_dir)
-    assert await asyncio.to_thread(wait_exit, e.proc, 60) == 1
+    assert await asyncio.to_thread(e.service.wait_exit, 60) == 1
     assert "defines no function of that name" in e.log(), e.log()
 
     cmd = [

@@ -16,8 +16,8 @@ import pytest
 import torch
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from tests.llm_executor.conftest import (
-    Cluster,
+from tests.llm_executor.support import (
+    LLMExecutorSetup,
     get_json,
     image_messages,
     mp4_file,
@@ -175,7 +175,7 @@ def finish_of(chunks: list[ChatCompletionChunk]) -> str | None:
     ],
 )
 async def test_greedy_matches_transformers_generate_in_both_modes(
-    cluster: Cluster, nats_url: str, tmp_path: Path, arch: str, modalities: list[str]
+    cluster: LLMExecutorSetup, nats_url: str, tmp_path: Path, arch: str, modalities: list[str]
 ) -> None:
     ref = Reference(cluster.models[arch])
     parts: list[dict[str, Any]] = []
@@ -232,7 +232,9 @@ async def test_greedy_matches_transformers_generate_in_both_modes(
 # ---------------------------------------------------------------------- batching and sampling
 
 
-async def test_concurrent_streams_are_batched_and_each_matches_its_single_run(cluster: Cluster) -> None:
+async def test_concurrent_streams_are_batched_and_each_matches_its_single_run(
+    cluster: LLMExecutorSetup,
+) -> None:
     mono = cluster.monolithic["qwen2-vl"]
     task = LLMTask(model_id="tiny", modalities=[Modality.IMAGE])
     bodies: list[dict[str, Any]] = [
@@ -260,7 +262,7 @@ async def test_concurrent_streams_are_batched_and_each_matches_its_single_run(cl
     assert stats["decode_forwards"] - before["decode_forwards"] < tokens - len(bodies), (stats, before)
 
 
-async def test_sampling_is_reproducible_with_a_seed_and_varies_without(cluster: Cluster) -> None:
+async def test_sampling_is_reproducible_with_a_seed_and_varies_without(cluster: LLMExecutorSetup) -> None:
     mono = cluster.monolithic["llava"]
     task = LLMTask(model_id="tiny")
     body = {
@@ -279,7 +281,7 @@ async def test_sampling_is_reproducible_with_a_seed_and_varies_without(cluster: 
 # ---------------------------------------------------------------------- non-streaming, stop, length
 
 
-def test_non_streaming_length_and_stop_strings(cluster: Cluster) -> None:
+def test_non_streaming_length_and_stop_strings(cluster: LLMExecutorSetup) -> None:
     mono = cluster.monolithic["llava"]
     body = {"messages": image_messages(png_data_url(seed=3), "Go"), "max_tokens": 10}
     status, full = post_json(mono.url, body)
@@ -326,7 +328,9 @@ def assert_error(status: int, body: Any, expect_status: int, error_type: str, *n
         assert needle in error["message"], error
 
 
-def test_bad_inputs_are_client_errors_and_the_executor_stays_up(cluster: Cluster, tmp_path: Path) -> None:
+def test_bad_inputs_are_client_errors_and_the_executor_stays_up(
+    cluster: LLMExecutorSetup, tmp_path: Path
+) -> None:
     mono = cluster.monolithic["qwen2-vl"]
     garbage = tmp_path / "not-an-image.png"
     garbage.write_bytes(b"definitely not a png")
@@ -366,7 +370,7 @@ def test_bad_inputs_are_client_errors_and_the_executor_stays_up(cluster: Cluster
 
 
 async def test_fission_errors_name_the_forward_and_the_executor_stays_up(
-    cluster: Cluster, nats_url: str
+    cluster: LLMExecutorSetup, nats_url: str
 ) -> None:
     fis = cluster.fission["qwen2-vl"]
     assert fis.sidecar_rank is not None

@@ -1,15 +1,15 @@
-"""Tiny checkpoints built once per test session (each takes a few seconds on CPU)."""
+"""Tiny checkpoints of every architecture (the plugin builds each once per test session)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+from tests.support.plugin import TinyCheckpoint
 
-from cornserve.models.tiny import TINY_ARCHITECTURES, build_tiny
+from cornserve.models.tiny import TINY_ARCHITECTURES
 
 
 @pytest.fixture(scope="session")
-def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("tiny")
-    return {arch: build_tiny(arch, root / arch, seed=0) for arch in TINY_ARCHITECTURES}
+def tiny_dirs(tiny_checkpoint: TinyCheckpoint) -> dict[str, Path]:
+    return {arch: tiny_checkpoint(arch) for arch in TINY_ARCHITECTURES}

@@ -11,23 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import nats
 import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.micro.request import ERROR_CODE_HEADER
-from tests.task_manager.helpers import (
-    alive,
-    connect,
-    echo_task,
-    pids_matching,
-    python_module,
-    spec_of,
-    stop_process,
-    upload_library,
-    wait_answering,
-    wait_for,
-    wait_gone,
-)
+from tests.support.processes import ServiceProcess, pids_matching, python_module
+from tests.support.tasklibs import ECHO, echo_task, upload_library
+from tests.support.waiting import wait_answering, wait_for, wait_gone
 
 from cornserve.bus.control import (
     KV_DEPLOYMENTS,
@@ -50,6 +41,8 @@ from cornserve.bus.micro import ServiceErrorReply, request
 from cornserve.bus.rm_client import ResourceManagerClient
 from cornserve.bus.schemas import ErrorReply
 from cornserve.bus.tm_client import TaskManagerClient
+from cornserve.runtime.process import pid_alive
+from cornserve.task import serialize_task
 
 CPU_SLOTS = 3
 
@@ -57,14 +50,18 @@ CPU_SLOTS = 3
 class RM:
     """One resource-manager process, driven through the bus's typed client."""
 
-    def __init__(self, nc: Client, proc: subprocess.Popen[bytes], log: Path) -> None:
-        self.nc, self.proc, self.log = nc, proc, log
+    def __init__(self, nc: Client, service: ServiceProcess) -> None:
+        self.nc, self.service = nc, service
         self.client = ResourceManagerClient(nc, deploy_timeout_s=90, margin_s=30, release_timeout_s=60)
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        return self.service.proc
 
     async def deploy(
         self, owner: str, *tasks: Any, on_progress: Callable[[ProgressEvent], None] | None = None
     ) -> DeployReply:
-        return await self.client.deploy(owner, [spec_of(t) for t in tasks], on_progress)
+        return await self.client.deploy(owner, [serialize_task(t) for t in tasks], on_progress)
 
     async def release(self, owner: str) -> DeploymentReleaseReply:
         return await self.client.release(owner)
@@ -76,7 +73,7 @@ class RM:
         return await self.client.scale(key, n)
 
     def log_text(self) -> str:
-        return self.log.read_text() if self.log.exists() else ""
+        return self.service.log()
 
 
 StartRM = Callable[[], Awaitable[RM]]
@@ -90,8 +87,8 @@ async def clear_deployments(nc: Client) -> None:
 
 @pytest.fixture
 async def nc(nats_url: str) -> AsyncIterator[Client]:
-    client = await connect(nats_url)
-    await upload_library(client)
+    client = await nats.connect(nats_url)
+    await upload_library(nats_url, ECHO)
     await clear_deployments(client)
     yield client
     await clear_deployments(client)
@@ -103,25 +100,29 @@ async def start_rm(nats_url: str, nc: Client, tmp_path: Path) -> AsyncIterator[S
     started: list[RM] = []
 
     async def start() -> RM:
-        log = tmp_path / f"rm-{len(started)}.log"
-        proc = python_module(
-            "cornserve.resource_manager.main",
-            "--nats-url", nats_url,
-            "--cpu-slots", str(CPU_SLOTS),
-            "--device-kind", "cpu",
-            "--log-dir", str(tmp_path / "logs"),
-            log_path=log,
+        service = ServiceProcess.start(
+            f"rm-{len(started)}",
+            python_module(
+                "cornserve.resource_manager.main",
+                "--nats-url", nats_url,
+                "--cpu-slots", str(CPU_SLOTS),
+                "--device-kind", "cpu",
+                "--log-dir", str(tmp_path / "logs"),
+            ),
+            tmp_path,
         )  # fmt: skip
-        rm = RM(nc, proc, log)
+        rm = RM(nc, service)
         started.append(rm)
 
-        await wait_answering(proc, lambda: rm.client.state(2), "resource manager", rm.log_text, 60)
+        await wait_answering(
+            lambda: rm.client.state(2), 60, "the resource manager to answer", process=service
+        )
         return rm
 
     yield start
     for rm in started:
         if rm.proc.poll() is None:
-            assert stop_process(rm.proc, timeout=60) == 0, rm.log_text()
+            assert rm.service.stop(timeout=60) == 0, rm.log_text()
         assert "Traceback" not in rm.log_text(), rm.log_text()
     # A clean shutdown leaves no task manager behind.
     await wait_gone(pids_matching("cornserve.task_manager.main", str(tmp_path / "logs")))
@@ -267,7 +268,7 @@ async def test_malformed_requests_get_error_replies(start_rm: StartRM, nc: Clien
     bad_tasks: list[Any] = [
         {"name": "NoSuchTask", "config": {}},
         {"nonsense": 1},
-        {"name": "cs-test-echo:EchoTask", "config": {"label": 5}},
+        {"name": f"{ECHO.name}:EchoTask", "config": {"label": 5}},
     ]
     for spec in bad_tasks:
         req = DeployRequest(owner="app", tasks=[spec])
@@ -292,7 +293,7 @@ async def test_restart_adopts_running_task_managers_and_respawns_stopped_ones(
     # Crash: the task manager and its executor survive; the next resource manager adopts them.
     rm.proc.send_signal(signal.SIGKILL)
     rm.proc.wait(timeout=30)
-    assert alive(tm_pid) and all(alive(p) for p in executor_pids(dep))
+    assert pid_alive(tm_pid) and all(pid_alive(p) for p in executor_pids(dep))
     rm = await start_rm()
     state = await rm.state()
     (adopted,) = state.deployments
@@ -307,7 +308,7 @@ async def test_restart_adopts_running_task_managers_and_respawns_stopped_ones(
     await rm.scale(key, 1)
 
     # Clean shutdown stops every task manager (adopted ones too); the record stays for a re-spawn.
-    assert stop_process(rm.proc, timeout=60) == 0
+    assert rm.service.stop(timeout=60) == 0
     await wait_gone([tm_pid, *executor_pids(dep)])
     rm = await start_rm()
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
 import pytest
+from tests.support.waiting import wait_for
 
 from cornserve.cli.natsserver import NatsServerProcess
 from cornserve.runtime.nats import NatsConnectTimeout, connect_nats
@@ -25,9 +25,7 @@ async def test_connects_and_reconnects_after_a_restart(caplog: pytest.LogCapture
             assert (await sub.next_msg(timeout=2)).data == b"1"
             server.stop()
             server.start()
-            deadline = time.monotonic() + 10
-            while "reconnected" not in caplog.text and time.monotonic() < deadline:
-                await asyncio.sleep(0.1)
+            await wait_for(lambda: "reconnected" in caplog.text, 10, "the client to log its reconnect")
             assert "runtime-test: disconnected from NATS" in caplog.text
             assert "runtime-test: reconnected to NATS" in caplog.text
             await nc.publish("t.x", b"2")

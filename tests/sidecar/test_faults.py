@@ -6,7 +6,7 @@ import nats
 import pytest
 import torch
 from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
-from tests.sidecar.waiting import wait_until
+from tests.support.waiting import wait_for
 
 from cornserve.bus.micro import request
 from cornserve.bus.sidecar import InfoReply, InfoRequest
@@ -41,15 +41,15 @@ async def test_client_without_server_gets_unavailable(nats_url):
     await c.close()
 
 
-async def test_source_restart_reports_lost_and_clients_reconnect(sidecars, nats_url, stats_of):
+async def test_source_restart_reports_lost_and_clients_reconnect(sidecars, nats_url, stats_of, arenas_empty):
     a, b = await sidecars(2)
     async with Sidecar(a.rank, nats_url) as src, Sidecar(b.rank, nats_url) as dst:
         await src.send(torch.ones(1000), "held", [[b.rank]])
         old = (await src.info()).instance
         a.kill()  # SIGKILL: the data it held in its arena is gone
-        a.spawn()
+        a.restart()
         await a.wait_ready(not_instance=old)
-        await wait_until(lambda: _lost(stats_of, b.rank))
+        await wait_for(lambda: _lost(stats_of, b.rank), 20.0, "the data marked lost", interval=0.05)
         with pytest.raises(DataLost, match=f"rank {a.rank} restarted"):
             await dst.recv("held", timeout=5)
         # The same client keeps working against the new instance.
@@ -57,20 +57,20 @@ async def test_source_restart_reports_lost_and_clients_reconnect(sidecars, nats_
         assert torch.equal(await dst.recv("after", timeout=5), torch.full((10,), 7.0))
         await dst.mark_done("after")
         assert (await src.info()).instance != old
-    await wait_until(lambda: _free(stats_of, [a.rank, b.rank]))
+    await arenas_empty([a.rank, b.rank])
 
 
-async def test_destination_restart_reports_lost_and_frees_source(sidecars, nats_url, stats_of):
+async def test_destination_restart_reports_lost_and_frees_source(sidecars, nats_url, stats_of, arenas_empty):
     a, b = await sidecars(2)
     async with Sidecar(a.rank, nats_url) as src, Sidecar(b.rank, nats_url) as dst:
         await src.send(torch.ones(1000), "pending", [[b.rank]])
         old = (await dst.info()).instance
         b.kill()
-        b.spawn()
+        b.restart()
         await b.wait_ready(not_instance=old)
         with pytest.raises(DataLost, match="restarted"):
             await _recv_until_lost(dst, "pending")
-    await wait_until(lambda: _free(stats_of, [a.rank, b.rank]))
+    await arenas_empty([a.rank, b.rank])
 
 
 async def _recv_until_lost(dst, id_):
@@ -81,10 +81,6 @@ async def _recv_until_lost(dst, id_):
 
 async def _lost(stats_of, rank):
     return (await stats_of([rank]))[rank].lost_total > 0
-
-
-async def _free(stats_of, ranks):
-    return all(s.used_bytes == 0 for s in (await stats_of(ranks)).values())
 
 
 BAD_PAYLOADS = [b"", b"not json", b"[]", json.dumps({"request_id": "r1", "bogus": 1}).encode()]

@@ -6,17 +6,11 @@ import threading
 import numpy as np
 import pytest
 import torch
-from tests.sidecar.waiting import wait_until
 
 from cornserve.sidecar import Sidecar
 from cornserve.sidecar.errors import AlreadyConsumed, DataExpired, MemoryPressure, TooLarge
 
 MiB = 1024 * 1024
-
-
-async def all_free(stats_of, ranks):
-    stats = await stats_of(ranks)
-    return all(s.used_bytes == 0 for s in stats.values())
 
 
 async def test_objects_numpy_and_torch_same_node(sidecars, nats_url, stats_of):
@@ -39,10 +33,11 @@ async def test_objects_numpy_and_torch_same_node(sidecars, nats_url, stats_of):
         with pytest.raises(ValueError):
             got_n[0, 0] = 1
         await dst.mark_done("n")
-    assert await all_free(stats_of, [a.rank, b.rank])
+    stats = await stats_of([a.rank, b.rank])
+    assert all(s.used_bytes == 0 for s in stats.values())
 
 
-async def test_zero_copy_view_idempotent_recv_and_copy(sidecars, nats_url, stats_of):
+async def test_zero_copy_view_idempotent_recv_and_copy(sidecars, nats_url, stats_of, arenas_empty):
     a, b = await sidecars(2)
     async with Sidecar(a.rank, nats_url) as src, Sidecar(b.rank, nats_url) as dst:
         await src.send(torch.ones(1000), "z", [[b.rank]])
@@ -59,10 +54,10 @@ async def test_zero_copy_view_idempotent_recv_and_copy(sidecars, nats_url, stats
         await dst.mark_done("z")  # idempotent
         with pytest.raises(AlreadyConsumed):
             await dst.recv("z", timeout=5)
-    await wait_until(lambda: all_free(stats_of, [a.rank, b.rank]))
+    await arenas_empty([a.rank, b.rank])
 
 
-async def test_alloc_tensor_is_sent_without_a_second_allocation(sidecars, nats_url, stats_of):
+async def test_alloc_tensor_is_sent_without_a_second_allocation(sidecars, nats_url, stats_of, arenas_empty):
     a, b = await sidecars(2)
     async with Sidecar(a.rank, nats_url) as src, Sidecar(b.rank, nats_url) as dst:
         out = await src.alloc_tensor((256, 256), torch.float32)
@@ -77,10 +72,12 @@ async def test_alloc_tensor_is_sent_without_a_second_allocation(sidecars, nats_u
         # An unsent alloc_tensor can be handed back explicitly.
         spare = await src.alloc_tensor((10,), torch.int32)
         await src.free_tensor(spare)
-    await wait_until(lambda: all_free(stats_of, [a.rank, b.rank]))
+    await arenas_empty([a.rank, b.rank])
 
 
-async def test_broadcast_to_groups_frees_only_after_everyone_is_done(sidecars, nats_url, stats_of):
+async def test_broadcast_to_groups_frees_only_after_everyone_is_done(
+    sidecars, nats_url, stats_of, arenas_empty
+):
     a, b, c, d = await sidecars(4)
     async with (
         Sidecar(a.rank, nats_url) as src,
@@ -97,10 +94,10 @@ async def test_broadcast_to_groups_frees_only_after_everyone_is_done(sidecars, n
         await asyncio.sleep(0.2)
         assert (await stats_of([a.rank]))[a.rank].used_bytes > 0  # d still reading
         await cd.mark_done("bc")
-    await wait_until(lambda: all_free(stats_of, [a.rank, b.rank, c.rank, d.rank]))
+    await arenas_empty([a.rank, b.rank, c.rank, d.rank])
 
 
-async def test_chunks_early_receive_and_end_of_stream(sidecars, nats_url, stats_of):
+async def test_chunks_early_receive_and_end_of_stream(sidecars, nats_url, stats_of, arenas_empty):
     a, b = await sidecars(2)
     async with Sidecar(a.rank, nats_url) as src, Sidecar(b.rank, nats_url) as dst:
         early = asyncio.create_task(dst.recv("ch", chunk_id=1, timeout=10))  # before anything was sent
@@ -112,10 +109,10 @@ async def test_chunks_early_receive_and_end_of_stream(sidecars, nats_url, stats_
             assert torch.equal(await dst.recv("ch", chunk_id=i, timeout=5), torch.full((10,), float(i)))
             await dst.mark_done("ch", i)
         assert await dst.recv("ch", chunk_id=3, timeout=5) is None
-    await wait_until(lambda: all_free(stats_of, [a.rank, b.rank]))
+    await arenas_empty([a.rank, b.rank])
 
 
-async def test_stream_of_unknown_length_then_close(sidecars, nats_url, stats_of):
+async def test_stream_of_unknown_length_then_close(sidecars, nats_url, stats_of, arenas_empty):
     a, b = await sidecars(2)
     async with Sidecar(a.rank, nats_url) as src, Sidecar(b.rank, nats_url) as dst:
         waiting_past_end = asyncio.create_task(dst.recv("st", chunk_id=4, timeout=10))
@@ -129,21 +126,23 @@ async def test_stream_of_unknown_length_then_close(sidecars, nats_url, stats_of)
         await src.close_stream("st", 4)
         assert await waiting_past_end is None
         assert await dst.recv("st", chunk_id=4, timeout=5) is None
-    await wait_until(lambda: all_free(stats_of, [a.rank, b.rank]))
+    await arenas_empty([a.rank, b.rank])
 
 
-async def test_ttl_frees_unclaimed_data_and_reports_expired(sidecars, nats_url, stats_of):
+async def test_ttl_frees_unclaimed_data_and_reports_expired(sidecars, nats_url, stats_of, arenas_empty):
     a, b = await sidecars(2, ttl=0.5)
     async with Sidecar(a.rank, nats_url) as src, Sidecar(b.rank, nats_url) as dst:
         await src.send(torch.ones(4096), "ttl", [[b.rank]])
         await src.alloc_tensor((1024,), torch.float32)  # never sent: also reclaimed
-        await wait_until(lambda: all_free(stats_of, [a.rank]))
+        await arenas_empty([a.rank])
         with pytest.raises(DataExpired, match="ttl"):
             await dst.recv("ttl", timeout=5)
     assert "unclaimed" in a.log_path.read_text()
 
 
-async def test_memory_pressure_waits_then_errors_and_unblocks_on_free(sidecars, nats_url, stats_of):
+async def test_memory_pressure_waits_then_errors_and_unblocks_on_free(
+    sidecars, nats_url, stats_of, arenas_empty
+):
     (a,) = await sidecars(1, arena_bytes=4 * MiB)
     b, c = await sidecars(2)
     async with Sidecar(a.rank, nats_url) as src, Sidecar(b.rank, nats_url) as dst:
@@ -164,10 +163,10 @@ async def test_memory_pressure_waits_then_errors_and_unblocks_on_free(sidecars, 
         await dst.mark_done("p3")
         # The server kept serving other requests throughout.
         assert (await stats_of([c.rank]))[c.rank].used_bytes == 0
-    await wait_until(lambda: all_free(stats_of, [a.rank, b.rank]))
+    await arenas_empty([a.rank, b.rank])
 
 
-async def test_cross_node_tcp_path_lands_in_destination_arena(sidecars, nats_url, stats_of):
+async def test_cross_node_tcp_path_lands_in_destination_arena(sidecars, nats_url, stats_of, arenas_empty):
     a, b, c = await sidecars(3, nodes=["node-a", "node-b", "node-a"])
     async with (
         Sidecar(a.rank, nats_url) as src,
@@ -187,10 +186,10 @@ async def test_cross_node_tcp_path_lands_in_destination_arena(sidecars, nats_url
         await src.send({"k": "v"}, "o", [[b.rank]])
         assert await remote.recv("o", timeout=5) == {"k": "v"}
         await remote.mark_done("o")
-    await wait_until(lambda: all_free(stats_of, [a.rank, b.rank, c.rank]))
+    await arenas_empty([a.rank, b.rank, c.rank])
 
 
-def test_sync_api_from_plain_threads(sidecars, nats_url, stats_of):
+def test_sync_api_from_plain_threads(sidecars, nats_url, stats_of, arenas_empty):
     async def start():
         return await sidecars(2)
 
@@ -212,12 +211,14 @@ def test_sync_api_from_plain_threads(sidecars, nats_url, stats_of):
         assert torch.equal(results["v"], torch.arange(10))
         src.close_sync()
         dst.close_sync()
-        loop.run_until_complete(wait_until(lambda: all_free(stats_of, [a.rank, b.rank])))
+        loop.run_until_complete(arenas_empty([a.rank, b.rank]))
     finally:
         loop.close()
 
 
-async def test_cross_node_receiver_pressure_and_too_large_are_reported(sidecars, nats_url, stats_of):
+async def test_cross_node_receiver_pressure_and_too_large_are_reported(
+    sidecars, nats_url, stats_of, arenas_empty
+):
     (a,) = await sidecars(1, nodes=["node-a"])
     (b,) = await sidecars(1, nodes=["node-b"], arena_bytes=4 * MiB)
     async with Sidecar(a.rank, nats_url) as src, Sidecar(b.rank, nats_url) as dst:
@@ -229,11 +230,11 @@ async def test_cross_node_receiver_pressure_and_too_large_are_reported(sidecars,
             await src.send(torch.zeros(2 * MiB), "r3", [[b.rank]], timeout=5)
         await dst.recv("r1", timeout=5)
         await dst.mark_done("r1")
-    await wait_until(lambda: all_free(stats_of, [a.rank, b.rank]))
+    await arenas_empty([a.rank, b.rank])
 
 
 async def test_bytes_streaming_to_a_remote_node_are_not_reused_after_local_release(
-    sidecars, nats_url, stats_of
+    sidecars, nats_url, stats_of, arenas_empty
 ):
     # Source arena fits one 40 MiB tensor only. The local consumer releases while the TCP copy to the
     # remote node may still be reading the source arena; a second send must wait, not overwrite it.
@@ -256,4 +257,4 @@ async def test_bytes_streaming_to_a_remote_node_are_not_reused_after_local_relea
         await remote.mark_done("big")
         assert torch.equal(await local.recv("big2", timeout=30), torch.full((10 * MiB,), 2.0))
         await local.mark_done("big2")
-    await wait_until(lambda: all_free(stats_of, [a.rank, c.rank, d.rank]))
+    await arenas_empty([a.rank, c.rank, d.rank])

@@ -1,33 +1,144 @@
-"""A real local cluster (as `cornserve up` runs it) for tests that go through the gateway."""
+"""The one cluster builder of the tests: real processes on loopback, all stopped when it closes.
+
+A test directory asks for the parts it tests and nothing else:
+
+    with ProcessCluster(log_dir, nats_url, EXECUTOR_RANKS) as cluster:
+        sidecars = cluster.start_sidecars(4)                     # real sidecar servers, ready
+        svc = cluster.start_service("matmul-0", cmd, env)        # any service process, logged
+        wait_healthy(url, process=svc)
+
+or the whole stack as `cornserve up` runs it (own NATS, sidecars per CPU slot, resource manager,
+dispatchers, gateway):
+
+    with ProcessCluster(log_dir) as cluster:
+        local = cluster.start_local(state_dir, cpu_slots=4, dispatchers=2)
+
+Closing stops every service (SIGTERM with a deadline), then the sidecars, then the local cluster;
+after a clean run it also checks that nothing of a local cluster survived (processes, shared memory).
+"""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import TracebackType
+
+import aiohttp
+from tests.support.processes import ServiceProcess
+from tests.support.sidecars import MiB, RankRange, SidecarProcess, start_sidecars
 
 from cornserve.cli.launcher import LocalCluster
 from cornserve.runtime.process import free_port, pid_alive
 
+LOCAL_READY_DEADLINE_S = 180.0
+
+
+class ProcessCluster:
+    """Sidecars, services and/or a whole local cluster started for a test, and stopped together."""
+
+    def __init__(self, log_dir: Path, nats_url: str | None = None, ranks: RankRange | None = None) -> None:
+        self.log_dir = log_dir
+        self._nats_url = nats_url
+        self._ranks = ranks
+        self.sidecars: list[SidecarProcess] = []
+        self.services: list[ServiceProcess] = []
+        self.local: LocalCluster | None = None
+
+    @property
+    def nats_url(self) -> str:
+        if self.local is not None:
+            return self.local.nats_url
+        assert self._nats_url is not None, "this cluster was built without a nats-server"
+        return self._nats_url
+
+    def new_rank(self) -> int:
+        assert self._ranks is not None, "this cluster was built without a rank range"
+        return self._ranks.next()
+
+    def start_sidecars(
+        self,
+        count: int,
+        *,
+        nodes: list[str] | None = None,
+        arena_bytes: int = 64 * MiB,
+        ttl_s: float | None = None,
+    ) -> list[SidecarProcess]:
+        """`count` sidecar servers on fresh ranks, started together; returns once all answer INFO."""
+        ranks = [self.new_rank() for _ in range(count)]
+        started = asyncio.run(
+            start_sidecars(
+                ranks, self.nats_url, self.log_dir, nodes=nodes, arena_bytes=arena_bytes, ttl_s=ttl_s
+            )
+        )
+        self.sidecars += started
+        return started
+
+    def start_service(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> ServiceProcess:
+        """Spawn one service process (log: `<log_dir>/<name>.log`); wait for it with tests.support.waiting."""
+        service = ServiceProcess.start(name, cmd, self.log_dir, env)
+        self.services.append(service)
+        return service
+
+    def start_local(self, state_dir: Path, *, cpu_slots: int = 4, dispatchers: int = 2) -> LocalCluster:
+        """The whole stack as `cornserve up --cpu-slots N` runs it, on a free gateway port; returns when ready."""
+        assert self.local is None, "one local cluster per ProcessCluster"
+        self.local = LocalCluster(
+            state_dir=state_dir,
+            port=free_port(),
+            cpu_slots=cpu_slots,
+            dispatchers=dispatchers,
+            say=lambda *_: None,
+        )
+        self.local.start(ready_timeout_s=LOCAL_READY_DEADLINE_S)
+        return self.local
+
+    def assert_sidecars_clean(self) -> None:
+        """No sidecar logged a traceback."""
+        for s in self.sidecars:
+            log = s.log()
+            assert "Traceback" not in log, f"sidecar {s.rank} logged a traceback:\n{log}"
+
+    def close(self, *, check_leaks: bool = True) -> None:
+        """Stop services (newest first), then sidecars, then the local cluster; raise the first failure."""
+        failures: list[AssertionError] = []
+        for proc in [*reversed(self.services), *(s.service for s in self.sidecars)]:
+            try:
+                proc.stop()
+            except AssertionError as exc:  # killed past its deadline; stop the rest, then report it
+                failures.append(exc)
+        if self.local is not None:
+            self.local.stop()
+            if check_leaks:
+                self._assert_local_gone(self.local)
+        if failures:
+            raise failures[0]
+
+    @staticmethod
+    def _assert_local_gone(local: LocalCluster) -> None:
+        for child in local.children:
+            assert child.proc is not None and not pid_alive(child.proc.pid), (
+                f"{child.name} outlived the cluster"
+            )
+        assert not list(Path("/dev/shm").glob(f"cornserve-sidecar-{local.node}-*"))
+
+    def __enter__(self) -> ProcessCluster:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close(check_leaks=exc is None)
+
 
 @contextmanager
-def running_cluster(state_dir: Path, cpu_slots: int = 4, dispatchers: int = 2) -> Iterator[LocalCluster]:
-    """Start a cluster on a free port; on exit stop it and check nothing of it survived.
+def running_local_cluster(root: Path, *, cpu_slots: int = 4, dispatchers: int = 2) -> Iterator[LocalCluster]:
+    """A whole local cluster in `root` for a `with` block; afterwards nothing of it may survive."""
+    with ProcessCluster(root) as processes:
+        yield processes.start_local(root, cpu_slots=cpu_slots, dispatchers=dispatchers)
 
-    Nothing means no child process and no shared-memory file of its sidecars.
-    """
-    cluster = LocalCluster(
-        state_dir=state_dir,
-        port=free_port(),
-        cpu_slots=cpu_slots,
-        dispatchers=dispatchers,
-        say=lambda *_: None,
-    )
-    try:
-        cluster.start(ready_timeout_s=180)
-        yield cluster
-    finally:
-        cluster.stop()
-    for child in cluster.children:
-        assert child.proc is not None and not pid_alive(child.proc.pid), f"{child.name} outlived the cluster"
-    assert not list(Path("/dev/shm").glob(f"cornserve-sidecar-{cluster.node}-*"))
+
+def gateway_session(local: LocalCluster, timeout_s: float) -> aiohttp.ClientSession:
+    """An HTTP session on the local cluster's gateway (`async with` it; relative paths like "/apps")."""
+    return aiohttp.ClientSession(base_url=local.url, timeout=aiohttp.ClientTimeout(total=timeout_s))

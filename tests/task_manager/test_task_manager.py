@@ -12,20 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import nats
 import pytest
 from nats.aio.client import Client
 from nats.micro.request import ERROR_CODE_HEADER
-from tests.task_manager.helpers import (
-    alive,
-    connect,
-    echo_task,
-    python_module,
-    stop_process,
-    upload_library,
-    wait_answering,
-    wait_for,
-    wait_gone,
-)
+from tests.support.processes import ServiceProcess, python_module
+from tests.support.tasklibs import ECHO, echo_task, upload_library
+from tests.support.waiting import wait_answering, wait_for, wait_gone
 
 from cornserve.bus.control import (
     AckReply,
@@ -40,6 +33,7 @@ from cornserve.bus.control import (
 from cornserve.bus.micro import ServiceErrorReply, request
 from cornserve.bus.schemas import ErrorReply
 from cornserve.bus.tm_client import TaskManagerClient
+from cornserve.runtime.process import pid_alive
 from cornserve.task import serialize_task
 
 
@@ -54,9 +48,13 @@ def assignment(*ids_and_devices: tuple[str, int]) -> dict[str, list[DeviceInfo]]
 class TM:
     """One task-manager process for one task, driven through the bus's typed client."""
 
-    def __init__(self, nc: Client, key: str, proc: subprocess.Popen[bytes], log: Path) -> None:
-        self.nc, self.key, self.proc, self.log = nc, key, proc, log
+    def __init__(self, nc: Client, key: str, service: ServiceProcess) -> None:
+        self.nc, self.key, self.service = nc, key, service
         self.client = TaskManagerClient(nc, key)
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        return self.service.proc
 
     async def call(self, verb: Any, msg: Any, reply: Any, timeout: float = 10.0) -> Any:
         """A raw request, for messages the typed client cannot express."""
@@ -76,7 +74,7 @@ class TM:
         await self.nc.flush()
 
     def log_text(self) -> str:
-        return self.log.read_text() if self.log.exists() else ""
+        return self.service.log()
 
 
 StartTM = Callable[..., Awaitable[TM]]
@@ -84,8 +82,8 @@ StartTM = Callable[..., Awaitable[TM]]
 
 @pytest.fixture
 async def nc(nats_url: str) -> AsyncIterator[Client]:
-    client = await connect(nats_url)
-    await upload_library(client)
+    client = await nats.connect(nats_url)
+    await upload_library(nats_url, ECHO)
     yield client
     await client.close()
 
@@ -97,26 +95,28 @@ async def start_tm(nats_url: str, nc: Client, tmp_path: Path) -> AsyncIterator[S
     async def start(label: str, **task_kwargs: Any) -> TM:
         task = echo_task(label, **task_kwargs)
         key = task.deployment_key
-        log = tmp_path / f"tm-{label}.log"
-        proc = python_module(
-            "cornserve.task_manager.main",
-            "--task-key", key,
-            "--task-json", json.dumps(serialize_task(task)),
-            "--nats-url", nats_url,
-            "--log-dir", str(tmp_path),
-            "--health-interval", "0.2",
-            "--stop-grace", "3",
-            log_path=log,
+        service = ServiceProcess.start(
+            f"tm-{label}",
+            python_module(
+                "cornserve.task_manager.main",
+                "--task-key", key,
+                "--task-json", json.dumps(serialize_task(task)),
+                "--nats-url", nats_url,
+                "--log-dir", str(tmp_path),
+                "--health-interval", "0.2",
+                "--stop-grace", "3",
+            ),
+            tmp_path,
         )  # fmt: skip
-        tm = TM(nc, key, proc, log)
+        tm = TM(nc, key, service)
         started.append(tm)
 
-        await wait_answering(proc, tm.status, "task manager", tm.log_text, 30)
+        await wait_answering(tm.status, 30, "the task manager to answer", process=service)
         return tm
 
     yield start
     for tm in started:
-        code = stop_process(tm.proc)
+        code = tm.service.stop()
         assert code == 0, f"task manager exited with {code}:\n{tm.log_text()}"
         assert "Traceback" not in tm.log_text(), tm.log_text()
 
@@ -210,12 +210,12 @@ async def test_scale_down_drains_before_stopping(start_tm: StartTM) -> None:
     # Draining: no new routes, the process still serves its in-flight work.
     for _ in range(3):
         assert (await tm.route()).executor_id == "e0"
-    assert alive(pids["e1"]) and not shrink.done()
+    assert pid_alive(pids["e1"]) and not shrink.done()
     await tm.done("e1")
     status = await asyncio.wait_for(shrink, 30)
     assert [e.executor_id for e in status.executors] == ["e0"]
     await wait_gone([pids["e1"]])
-    assert alive(pids["e0"])
+    assert pid_alive(pids["e0"])
 
 
 async def test_failed_executor_start_is_reported(start_tm: StartTM) -> None:
@@ -270,5 +270,5 @@ async def test_sigterm_stops_executors(start_tm: StartTM) -> None:
     tm = await start_tm("sigterm")
     await tm.assign(assignment(("e0", 0)))
     pids = list((await executor_pids(tm)).values())
-    assert stop_process(tm.proc) == 0
+    assert tm.service.stop() == 0
     await wait_gone(pids)

@@ -11,8 +11,6 @@ import asyncio
 import base64
 import io
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +18,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 import torch
-from tests.sidecar.conftest import StartSidecars, sidecars  # noqa: F401 - fixture
+from tests.support.plugin import StartSidecars
+from tests.support.processes import ServiceProcess, python_module
+from tests.support.waiting import wait_healthy
 
 from cornserve.runtime.process import free_port
 from cornserve.sidecar import Sidecar
@@ -108,24 +108,8 @@ def test_rewrite_request_errors() -> None:
         rewrite_request(_request(), [bad, one])
 
 
-async def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 90.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    async with aiohttp.ClientSession() as session:
-        while loop.time() < deadline:
-            assert proc.poll() is None, "the proxy exited during start-up"
-            try:
-                async with session.get(url + "/health") as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.3)
-    raise TimeoutError(f"proxy at {url} not healthy within {timeout}s")
-
-
 async def test_proxy_feeds_sidecar_embeddings_to_vllm(
-    sidecars: StartSidecars,  # noqa: F811
+    sidecars: StartSidecars,
     nats_url: str,
     tmp_path: Path,
 ) -> None:
@@ -134,20 +118,19 @@ async def test_proxy_feeds_sidecar_embeddings_to_vllm(
     fake.write_text(f'#!/bin/sh\nexec {sys.executable} {HERE / "fake_vllm.py"} "$@"\n')
     fake.chmod(0o755)
     port = free_port()
-    log = open(tmp_path / "proxy.log", "wb")  # noqa: SIM115 - handed to the child
-    proc = subprocess.Popen(
-        [
-            sys.executable, "-m", "cornserve.vllm", "--model-id", "tiny-qwen", "--port", str(port),
+    proxy = ServiceProcess.start(
+        "proxy",
+        python_module(
+            "cornserve.vllm", "--model-id", "tiny-qwen", "--port", str(port),
             "--sidecar-ranks", str(dst.rank), "--vllm-executable", str(fake), "--embedding-timeout", "5",
             "--", "--enforce-eager",
-        ],
-        env={**os.environ, "CORNSERVE_NATS_URL": nats_url},
-        stdout=log, stderr=subprocess.STDOUT,
+        ),
+        tmp_path,
+        {"CORNSERVE_NATS_URL": nats_url},
     )  # fmt: skip
-    log.close()
     url = f"http://127.0.0.1:{port}"
     try:
-        await _wait_healthy(url, proc)
+        await asyncio.to_thread(wait_healthy, url, process=proxy, timeout=90)
         embedding = torch.arange(24, dtype=torch.float32).reshape(3, 8)
         async with Sidecar(src.rank, nats_url) as sender:
             await sender.send(
@@ -201,12 +184,7 @@ async def test_proxy_feeds_sidecar_embeddings_to_vllm(
             async with session.get(url + "/health") as response:
                 assert response.status == 200
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(timeout=40)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
-    assert code == 0, (tmp_path / "proxy.log").read_text()
+        code = proxy.stop(timeout=40)
+    assert code == 0, proxy.log()
     stray = subprocess.run(["pgrep", "-f", str(HERE / "fake_vllm.py")], capture_output=True, text=True)
     assert stray.stdout.strip() == "", "the proxy left vLLM running"

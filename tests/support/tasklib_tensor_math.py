@@ -1,6 +1,6 @@
 """Tensor-math task library: small unit tasks whose executors do real torch math on the CPU.
 
-Uploaded as a task library (e.g. `cornserve tasklib add tests/executor/tasklib_tensor_math.py`,
+Uploaded as a task library (e.g. `cornserve tasklib add tests/support/tasklib_tensor_math.py`,
 name `tensor-math`) and used by the executor and end-to-end tests. Each unit task runs in a
 `python -m cornserve.executor` process through a PythonExecutorDescriptor; matrices travel
 between executors through the sidecar as `DataForward[Tensor]`.
