@@ -40,6 +40,7 @@ class DemoSettings(ServiceSettings):
     secret: Annotated[str, Flag(env_only=True)] = "unset"
     deadline_s: float = 60.0
     stop_after_s: float | None = None
+    stop_code: int = 0
 
     @property
     def stop_deadline_s(self) -> float:
@@ -59,7 +60,7 @@ async def serve(settings: DemoSettings, nc: Client) -> AsyncIterator[None]:
         logger.info("handling a request")
     logger.info("settings %s", settings.model_dump_json())
     if settings.stop_after_s is not None:
-        asyncio.get_running_loop().call_later(settings.stop_after_s, stop_callback())
+        asyncio.get_running_loop().call_later(settings.stop_after_s, stop_callback(settings.stop_code))
     try:
         yield
     finally:

@@ -110,3 +110,10 @@ def test_a_service_can_stop_itself_as_a_signal_would(nats_url: str) -> None:
     code, err = finish(start("service", "--nats-url", nats_url, "--stop-after-s", "0.5"))
     assert code == 0, err
     assert "drained" in err
+
+
+def test_a_service_that_stops_itself_with_a_code_drains_then_exits_with_it(nats_url: str) -> None:
+    """What the vLLM proxy does when vLLM dies: stop as a signal would, but end with exit code 1 (here 3)."""
+    code, err = finish(start("service", "--nats-url", nats_url, "--stop-after-s", "0.5", "--stop-code", "3"))
+    assert code == 3, err
+    assert "drained" in err

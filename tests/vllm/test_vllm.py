@@ -188,3 +188,23 @@ async def test_proxy_feeds_sidecar_embeddings_to_vllm(
     assert code == 0, proxy.log()
     stray = subprocess.run(["pgrep", "-f", str(HERE / "fake_vllm.py")], capture_output=True, text=True)
     assert stray.stdout.strip() == "", "the proxy left vLLM running"
+
+
+async def test_proxy_exits_1_when_vllm_dies(sidecars: StartSidecars, nats_url: str, tmp_path: Path) -> None:
+    """vLLM exiting ends the proxy (through the runtime's stop, exit code 1) so the task manager restarts it."""
+    (dst,) = await sidecars(1)
+    dying = tmp_path / "vllm"
+    dying.write_text("#!/bin/sh\nsleep 1\nexit 3\n")
+    dying.chmod(0o755)
+    proxy = ServiceProcess.start(
+        "proxy-dying",
+        python_module(
+            "cornserve.vllm", "--model-id", "tiny-qwen", "--port", str(free_port()),
+            "--sidecar-ranks", str(dst.rank), "--vllm-executable", str(dying),
+        ),
+        tmp_path,
+        {"CORNSERVE_NATS_URL": nats_url},
+    )  # fmt: skip
+    code = await asyncio.to_thread(proxy.wait_exit, 60)  # kills it and fails past the deadline
+    assert code == 1, proxy.log()
+    assert "vLLM exited with code 3" in proxy.log()

@@ -40,15 +40,40 @@ Serve = Callable[[S, Client], AbstractAsyncContextManager[object]]
 """A service: entering the context starts it (connected to NATS); leaving it drains and stops it."""
 
 
-_stop_event: ContextVar[asyncio.Event] = ContextVar("cornserve_stop_event")
+class StopRequest:
+    """Why the running process stops, and with which exit code.
 
-
-def stop_callback() -> Callable[[], None]:
-    """A function that stops the running service as SIGTERM would (for a service told to shut down).
-
-    Call it while starting, inside the service's context; outside `run_service` it raises LookupError.
+    SIGTERM/SIGINT or the service itself set the event; a service whose essential part died asks for
+    a non-zero code (a signal or an orderly shutdown leaves 0).
     """
-    return _stop_event.get().set
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.exit_code = EXIT_OK
+
+    def request(self, exit_code: int = EXIT_OK) -> None:
+        """Stop; the first non-zero code asked for is the process's exit code."""
+        if exit_code and not self.exit_code:
+            self.exit_code = exit_code
+        self.event.set()
+
+    async def wait(self) -> None:
+        """Until a stop is requested."""
+        await self.event.wait()
+
+
+_stop_request: ContextVar[StopRequest] = ContextVar("cornserve_stop_request")
+
+
+def stop_callback(exit_code: int = EXIT_OK) -> Callable[[], None]:
+    """A function that stops the running service as SIGTERM would, ending the process with `exit_code`.
+
+    For a service told to shut down (0) or one whose essential part died (non-zero, e.g. the vLLM
+    proxy when vLLM exits). Call it while starting, inside the service's context; outside the runtime
+    it raises LookupError.
+    """
+    stop = _stop_request.get()
+    return lambda: stop.request(exit_code)
 
 
 class Startable(Protocol):
@@ -158,7 +183,8 @@ async def serve_until_signal(
         logger.info("%s serving", name)
         await stop.wait()
         logger.info("%s shutting down (deadline %g s)", name, settings.stop_deadline_s)
-        return await _bounded(service.__aexit__(None, None, None), name, settings.stop_deadline_s)
+        stopped = await _bounded(service.__aexit__(None, None, None), name, settings.stop_deadline_s)
+        return stop.exit_code or stopped
 
 
 async def run_executor_until_signal(
@@ -182,14 +208,14 @@ async def run_executor_until_signal(
                 await stop.wait()
                 logger.info("%s shutting down (deadline %g s)", name, settings.stop_deadline_s)
         stopped = await _bounded(server.stop(), name, settings.stop_deadline_s)
-        return code or stopped
+        return code or stop.exit_code or stopped
 
 
 T = TypeVar("T")
 
 
 async def _start(
-    starting: Awaitable[T], stop: asyncio.Event, name: str, expected_errors: tuple[type[BaseException], ...]
+    starting: Awaitable[T], stop: StopRequest, name: str, expected_errors: tuple[type[BaseException], ...]
 ) -> T | int:
     """Await `starting` unless a stop signal comes first; an int result is the exit code to end with."""
     start = asyncio.ensure_future(starting)
@@ -202,7 +228,7 @@ async def _start(
         logger.info("%s stopped while starting", name)
         start.cancel()
         await asyncio.gather(start, return_exceptions=True)
-        return EXIT_OK
+        return stop.exit_code
     if (exc := start.exception()) is not None:
         trace = None if isinstance(exc, expected_errors) else exc
         logger.error("%s failed to start: %s: %s", name, type(exc).__name__, exc, exc_info=trace)
@@ -238,23 +264,23 @@ async def _close_nats(nc: Client, name: str) -> None:
 
 
 class _StopSignals:
-    """An event set by SIGTERM/SIGINT while the block runs (handlers removed after it)."""
+    """A `StopRequest` that SIGTERM/SIGINT fulfil while the block runs (handlers removed after it)."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __enter__(self) -> asyncio.Event:
-        self.event = asyncio.Event()
-        self._token = _stop_event.set(self.event)
+    def __enter__(self) -> StopRequest:
+        self.stop = StopRequest()
+        self._token = _stop_request.set(self.stop)
         self.loop = asyncio.get_running_loop()
         for sig in self.SIGNALS:
             self.loop.add_signal_handler(sig, self._on_signal, sig)
-        return self.event
+        return self.stop
 
     def _on_signal(self, sig: signal.Signals) -> None:
         logger.info("received %s", sig.name)
-        self.event.set()
+        self.stop.request()
 
     def __exit__(self, *exc: object) -> None:
         for sig in self.SIGNALS:
             self.loop.remove_signal_handler(sig)
-        _stop_event.reset(self._token)
+        _stop_request.reset(self._token)

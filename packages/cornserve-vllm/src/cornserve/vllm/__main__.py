@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from collections.abc import Sequence
 from typing import Annotated, ClassVar
 
 from pydantic import Field
 
-from cornserve.runtime.logging import configure_logging
+from cornserve.runtime.service import run_process
 from cornserve.runtime.settings import (
     Flag,
     ProcessInfo,
     RequiredSidecarRanks,
     ServiceSettings,
-    parse_settings,
 )
 from cornserve.vllm.command import VLLMServeArgs
-from cornserve.vllm.proxy import ProxyConfig, serve
+from cornserve.vllm.proxy import ProxyConfig, serving
 
 
 class VLLMProxySettings(ServiceSettings):
@@ -82,15 +80,14 @@ def proxy_config(settings: VLLMProxySettings, vllm_args: list[str]) -> ProxyConf
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: settings (exit 2 when invalid), logging, then the proxy, which supervises `vllm serve`.
+    """Entry point: through the runtime (settings, logging, signals, bounded stop), the proxy and its vLLM.
 
-    The proxy keeps its own signal handling: it also ends when vLLM dies, with vLLM's exit code.
+    Exit codes: 0 after SIGTERM/SIGINT, 1 when vLLM exits or never becomes healthy, 2 on bad flags.
     """
     own, vllm_args = split_vllm_args(sys.argv[1:] if argv is None else argv)
-    settings = parse_settings(VLLMProxySettings, own)
-    configure_logging(settings.log_level, settings.log_format, service=settings.service_name)
-    code: int = asyncio.run(serve(proxy_config(settings, vllm_args)))
-    return code
+    return run_process(
+        VLLMProxySettings, lambda settings: serving(proxy_config(settings, vllm_args)), argv=own
+    )
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 Start-up: the proxy's port opens first with `/health` answering 503, `vllm serve` starts on an
 internal port, and `/health` turns 200 once vLLM's own `/health` does (within `ready_timeout_s`).
-If vLLM exits, the proxy exits too so that the task manager restarts the executor.
+If vLLM exits (or never becomes healthy), the proxy stops with exit code 1 so that the task manager
+restarts the executor. The process runs through `cornserve.runtime` (`run_process`): SIGTERM/SIGINT
+stop vLLM's process group and close the clients within the stop deadline.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import asyncio
 import contextlib
 import json
 import logging
-import signal
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
@@ -20,6 +23,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cornserve.runtime.process import ProcessGroup, free_port
+from cornserve.runtime.service import EXIT_FAILED, stop_callback
 from cornserve.sidecar import Sidecar
 from cornserve.sidecar.errors import SidecarError
 from cornserve.task.builtins.embedding import EMBEDDING_META_CHUNK, EMBEDDING_TENSOR_CHUNK, EmbeddingMeta
@@ -53,8 +57,10 @@ def _error(status: int, kind: str, message: str) -> web.Response:
 class ProxyState:
     """The vLLM child, the sidecar client and the HTTP session to vLLM."""
 
-    def __init__(self, config: ProxyConfig, internal_port: int) -> None:
+    def __init__(self, config: ProxyConfig, internal_port: int, on_failure: Callable[[], None]) -> None:
         self.config = config
+        self.on_failure = on_failure
+        """Called once when vLLM dies or never becomes healthy: the process must end (non-zero)."""
         self.internal_url = f"http://127.0.0.1:{internal_port}"
         self.internal_args = config.serve.model_copy(
             update={"host": "127.0.0.1", "port": internal_port, "enable_mm_embeds": True}
@@ -64,7 +70,8 @@ class ProxyState:
         self.failed: str | None = None
         self.sidecar: Sidecar | None = None
         self.session: aiohttp.ClientSession | None = None
-        self.exit_code: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.finished = asyncio.Event()
+        """Set once vLLM failed or the proxy is stopping: the watchers end."""
         self.watchers: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -85,7 +92,7 @@ class ProxyState:
         assert self.session is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.ready_timeout_s
-        while loop.time() < deadline and not self.exit_code.done():
+        while loop.time() < deadline and not self.finished.is_set():
             with contextlib.suppress(aiohttp.ClientError, TimeoutError):
                 async with self.session.get(
                     self.internal_url + "/health", timeout=aiohttp.ClientTimeout(total=5)
@@ -95,20 +102,24 @@ class ProxyState:
                         self.ready.set()
                         return
             await asyncio.sleep(1.0)
-        if not self.exit_code.done():
-            self.failed = f"vLLM did not become healthy within {self.config.ready_timeout_s:.0f}s"
-            logger.error(self.failed)
-            self.exit_code.set_result(1)
+        self._fail(f"vLLM did not become healthy within {self.config.ready_timeout_s:.0f}s")
 
     async def _watch_child(self) -> None:
         assert self.child is not None
-        while self.child.alive() and not self.exit_code.done():
+        while self.child.alive() and not self.finished.is_set():
             await asyncio.sleep(0.5)
         code = self.child.exit_code()
-        if code is not None and not self.exit_code.done():
-            self.failed = f"vLLM exited with code {code}"
-            logger.error(self.failed)
-            self.exit_code.set_result(1)
+        if code is not None:
+            self._fail(f"vLLM exited with code {code}")
+
+    def _fail(self, message: str) -> None:
+        """VLLM is gone or never came up: say why on /health and end the process (once)."""
+        if self.finished.is_set():
+            return
+        self.failed = message
+        logger.error(message)
+        self.finished.set()
+        self.on_failure()
 
     async def receive(self, forward: dict[str, Any]) -> ReceivedEmbedding:
         """The tensor and `EmbeddingMeta` chunks of one embedding forward; both marked done."""
@@ -130,13 +141,9 @@ class ProxyState:
                 f"forward {forward_id} has malformed embedding metadata: {exc}"
             ) from exc
 
-    def request_stop(self) -> None:
-        """SIGTERM/SIGINT: leave with exit code 0."""
-        if not self.exit_code.done():
-            self.exit_code.set_result(0)
-
     async def stop(self) -> None:
         """Stop vLLM (SIGTERM to its group, SIGKILL after 30 s) and close clients."""
+        self.finished.set()
         for watcher in self.watchers:
             watcher.cancel()
         if self.child is not None:
@@ -197,19 +204,20 @@ def build_app(state: ProxyState) -> web.Application:
     return app
 
 
-async def serve(config: ProxyConfig) -> int:
-    """Run until SIGTERM/SIGINT or until vLLM dies; returns the exit code."""
-    state = ProxyState(config, free_port())
+@asynccontextmanager
+async def serving(config: ProxyConfig) -> AsyncIterator[ProxyState]:
+    """The proxy served while the context is open: its port first, then `vllm serve` behind it.
+
+    Run by `cornserve.runtime.service.run_process`, which stops it on SIGTERM/SIGINT; vLLM dying stops
+    it too, with exit code 1.
+    """
+    state = ProxyState(config, free_port(), on_failure=stop_callback(EXIT_FAILED))
     runner = web.AppRunner(build_app(state))
     await runner.setup()
-    site = web.TCPSite(runner, config.serve.host, config.serve.port)
-    await site.start()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, state.request_stop)
     try:
+        await web.TCPSite(runner, config.serve.host, config.serve.port).start()
         await state.start()
-        return await state.exit_code
+        yield state
     finally:
         await state.stop()
         await runner.cleanup()
