@@ -37,7 +37,7 @@ from cornserve.task import (
     UnitTask,
     wire_forwards,
 )
-from cornserve.task.library import library_sha256, load_task_library
+from cornserve.task.library import load_task_library
 
 LIBRARY_NAME = "tensor-math"
 LIBRARY_PATH = Path(__file__).with_name("tasklib_tensor_math.py")
@@ -51,14 +51,7 @@ def library_source() -> str:
 async def upload_library(nats_url: str, name: str, source: str) -> TaskLibraryRecord:
     """What `cornserve tasklib add` does: load it once to learn its classes, then store it in KV."""
     loaded = load_task_library(name, source)
-    record = TaskLibraryRecord(
-        name=name,
-        source=source,
-        sha256=library_sha256(source),
-        unit_tasks=loaded.unit_tasks,
-        descriptors=loaded.descriptors,
-        created_at=time.time(),
-    )
+    record = TaskLibraryRecord.from_loaded(source, loaded)
     nc = await nats.connect(nats_url)
     try:
         kv = await open_bucket(nc, KV_TASKLIBS)

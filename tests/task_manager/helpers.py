@@ -20,7 +20,7 @@ from cornserve.bus.control import KV_TASKLIBS, TaskLibraryRecord
 from cornserve.bus.kv import kv_put, open_bucket
 from cornserve.bus.micro import NoResponders, RequestTimeout
 from cornserve.task import UnitTask, serialize_task
-from cornserve.task.library import LoadedLibrary, library_sha256, load_task_library
+from cornserve.task.library import LoadedLibrary, load_task_library
 
 EXECUTOR_SCRIPT = Path(__file__).with_name("echo_executor.py")
 LIBRARY_NAME = "cs-test-echo"
@@ -84,14 +84,7 @@ async def upload_library(nc: Client) -> None:
     """Store the library in KV_TASKLIBS, where services' TaskLibrarySync finds it."""
     lib = load_library()
     kv = await open_bucket(nc, KV_TASKLIBS)
-    record = TaskLibraryRecord(
-        name=LIBRARY_NAME,
-        source=LIBRARY_SOURCE,
-        sha256=library_sha256(LIBRARY_SOURCE),
-        unit_tasks=lib.unit_tasks,
-        descriptors=lib.descriptors,
-        created_at=time.time(),
-    )
+    record = TaskLibraryRecord.from_loaded(LIBRARY_SOURCE, lib)
     await kv_put(kv, LIBRARY_NAME, record)
 
 
