@@ -30,7 +30,7 @@ from cornserve.task.errors import TaskDefinitionError
 from cornserve.task.execution import execute_task, trace_task
 from cornserve.task.forward import DataForward, Unmaterialized
 from cornserve.task.generics import generic_args, is_concrete, is_unbound
-from cornserve.task.io_models import TaskInput, TaskOutput
+from cornserve.task.io_models import TaskInput, TaskOutput, as_model
 from cornserve.task.nested import nested_values
 from cornserve.task.registry import DESCRIPTORS, UNIT_TASKS, ClassKey, task_deployment_key
 
@@ -158,10 +158,9 @@ class Task(BaseModel, Generic[InputT, OutputT]):
 
     def _coerce_input(self, task_input: Any) -> TaskInput:
         input_cls = self.input_cls()
-        if isinstance(task_input, input_cls):
-            return task_input
-        if isinstance(task_input, dict):
-            return input_cls.model_validate(task_input)
+        coerced = as_model(task_input, input_cls)
+        if coerced is not None:
+            return coerced
         raise TypeError(
             f"{type(self).__name__} takes a {input_cls.__name__} (or a dict of its fields), "
             f"not {type(task_input).__name__}"
