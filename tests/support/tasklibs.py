@@ -6,7 +6,6 @@ tasks and descriptors, then store the record where every service's library sync 
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -17,7 +16,7 @@ import nats
 from cornserve.bus.control import KV_TASKLIBS, TaskLibraryRecord
 from cornserve.bus.kv import kv_put, open_bucket
 from cornserve.task import UnitTask
-from cornserve.task.library import library_sha256, load_task_library
+from cornserve.task.library import load_task_library
 
 HERE = Path(__file__).parent
 
@@ -41,14 +40,7 @@ class TaskLibrarySource:
 async def upload_library(nats_url: str, library: TaskLibrarySource) -> TaskLibraryRecord:
     """Store `library` in the task-library KV bucket (as `cornserve tasklib add` does)."""
     loaded = load_task_library(library.name, library.source)
-    record = TaskLibraryRecord(
-        name=library.name,
-        source=library.source,
-        sha256=library_sha256(library.source),
-        unit_tasks=loaded.unit_tasks,
-        descriptors=loaded.descriptors,
-        created_at=time.time(),
-    )
+    record = TaskLibraryRecord.from_loaded(library.source, loaded)
     nc = await nats.connect(nats_url)
     try:
         await kv_put(await open_bucket(nc, KV_TASKLIBS), library.name, record)

@@ -13,7 +13,9 @@ them as plain JSON dicts so this module does not depend on which task classes ar
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import time
+from collections.abc import Sequence
+from typing import Any, Literal, Protocol
 
 from pydantic import Field
 
@@ -319,6 +321,45 @@ class TaskLibraryRecord(WireModel):
     unit_tasks: list[str]
     descriptors: list[str]
     created_at: float
+
+    @classmethod
+    def from_loaded(cls, source: str, library: LoadedLibraryFacts) -> TaskLibraryRecord:
+        """The record to store for a library just loaded from `source` (so its classes are known)."""
+        return cls(
+            name=library.name,
+            source=source,
+            sha256=library.sha256,
+            unit_tasks=list(library.unit_tasks),
+            descriptors=list(library.descriptors),
+            created_at=time.time(),
+        )
+
+
+class LoadedLibraryFacts(Protocol):
+    """What a loaded task library tells about itself (`cornserve.task.library.LoadedLibrary` fits).
+
+    Structural, so that the bus needs no dependency on the task package.
+    """
+
+    @property
+    def name(self) -> str:
+        """The library name."""
+        ...
+
+    @property
+    def sha256(self) -> str:
+        """Content hash of its source."""
+        ...
+
+    @property
+    def unit_tasks(self) -> Sequence[str]:
+        """Unit task classes it registered."""
+        ...
+
+    @property
+    def descriptors(self) -> Sequence[str]:
+        """Descriptor classes it registered."""
+        ...
 
 
 class DeploymentRecord(WireModel):

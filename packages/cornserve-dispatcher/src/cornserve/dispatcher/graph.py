@@ -50,6 +50,12 @@ class Routed:
         """The executor, for messages."""
         return f"executor {self.route.executor_id} ({self.route.url})"
 
+    def failed(self, reason: str, **details: object) -> ServiceFault:
+        """The graph's error when this executor fails: the reason, with the executor's id attached."""
+        return faults.executor_failed(
+            self.task_name, self.position, reason, executor_id=self.route.executor_id, **details
+        )
+
 
 @dataclass
 class OpenStream:
@@ -83,23 +89,15 @@ def executor_url(route: RouteReply, path: str) -> str:
     return route.url.rstrip("/") + "/" + path.lstrip("/")
 
 
+@dataclass(eq=False)
 class GraphRunner:
     """Runs graphs against executors over one pooled HTTP session."""
 
-    def __init__(
-        self,
-        nc: Client,
-        session: aiohttp.ClientSession,
-        deployments: DeploymentCache,
-        on_done: OnDone,
-        *,
-        route_timeout_s: float = 10.0,
-    ) -> None:
-        self._nc = nc
-        self._session = session
-        self._deployments = deployments
-        self._on_done = on_done
-        self._route_timeout_s = route_timeout_s
+    nc: Client
+    session: aiohttp.ClientSession
+    deployments: DeploymentCache
+    on_done: OnDone
+    route_timeout_s: float = field(default=10.0, kw_only=True)
 
     async def run(
         self, invocations: Sequence[TaskInvocation], timeout_s: float, stream_subject: str | None
@@ -138,13 +136,13 @@ class GraphRunner:
         """Report a routed invocation finished, once."""
         if not routed.released:
             routed.released = True
-            self._on_done(routed.task_key, routed.route.executor_id)
+            self.on_done(routed.task_key, routed.route.executor_id)
 
     # ----- steps -----------------------------------------------------------------------------------
 
     async def _resolve(self, invocations: Sequence[TaskInvocation]) -> None:
         """Every unit task must be deployed (a miss re-queries the resource manager once)."""
-        found = await self._deployments.lookup(inv.task.deployment_key for inv in invocations)
+        found = await self.deployments.lookup(inv.task.deployment_key for inv in invocations)
         for position, inv in enumerate(invocations):
             info = found[inv.task.deployment_key]
             if info is None:
@@ -159,10 +157,10 @@ class GraphRunner:
 
     async def _route(self, position: int, inv: TaskInvocation, state: _Run) -> None:
         name, key = inv.task.display_name(), inv.task.deployment_key
-        tm = TaskManagerClient(self._nc, key)
+        tm = TaskManagerClient(self.nc, key)
         subject = tm.subject("route")
         try:
-            reply = await tm.route(self._route_timeout_s)
+            reply = await tm.route(self.route_timeout_s)
         except NoResponders:
             raise faults.task_unavailable(
                 name, key, position, f"its task manager is not running (no responders on {subject})"
@@ -172,7 +170,7 @@ class GraphRunner:
                 name,
                 key,
                 position,
-                f"its task manager did not answer {subject} within {self._route_timeout_s:g} s",
+                f"its task manager did not answer {subject} within {self.route_timeout_s:g} s",
             ) from None
         except ServiceErrorReply as exc:
             raise faults.task_unavailable(
@@ -221,14 +219,9 @@ class GraphRunner:
         url = executor_url(routed.route, req.path)
         try:
             try:
-                response = await self._session.request(req.method, url, json=req.body)
+                response = await self.session.request(req.method, url, json=req.body)
             except aiohttp.ClientError as exc:
-                raise faults.executor_failed(
-                    routed.task_name,
-                    routed.position,
-                    f"could not reach {routed.where}: {type(exc).__name__}: {exc}",
-                    executor_id=routed.route.executor_id,
-                ) from None
+                raise routed.failed(f"could not reach {routed.where}: {type(exc).__name__}: {exc}") from None
             if req.stream:
                 if response.status >= 400:
                     async with response:
@@ -242,11 +235,8 @@ class GraphRunner:
                 try:
                     raw = await response.read()
                 except aiohttp.ClientError as exc:
-                    raise faults.executor_failed(
-                        routed.task_name,
-                        routed.position,
-                        f"{routed.where} broke off its response: {type(exc).__name__}: {exc}",
-                        executor_id=routed.route.executor_id,
+                    raise routed.failed(
+                        f"{routed.where} broke off its response: {type(exc).__name__}: {exc}"
                     ) from None
             output = self._parse_output(inv, routed, raw)
             state.finished.add(routed.position)
@@ -260,22 +250,14 @@ class GraphRunner:
         try:
             body = json.loads(raw) if raw.strip() else None
         except ValueError:
-            raise faults.executor_failed(
-                routed.task_name,
-                routed.position,
-                f"{routed.where} answered with invalid JSON: {_text(raw)}",
-                executor_id=routed.route.executor_id,
-            ) from None
+            raise routed.failed(f"{routed.where} answered with invalid JSON: {_text(raw)}") from None
         try:
             output = descriptor.from_response(inv.task, inv, body)
             dumped: dict[str, Any] = output.model_dump(mode="json")
         except Exception as exc:
-            raise faults.executor_failed(
-                routed.task_name,
-                routed.position,
+            raise routed.failed(
                 f"its descriptor {type(descriptor).__name__} could not read the response of {routed.where}: "
-                f"{type(exc).__name__}: {exc}",
-                executor_id=routed.route.executor_id,
+                f"{type(exc).__name__}: {exc}"
             ) from None
         return dumped
 
@@ -338,11 +320,8 @@ async def _status_failure(routed: Routed, response: aiohttp.ClientResponse) -> S
             _error_message(raw) or text,
             executor_id=routed.route.executor_id,
         )
-    return faults.executor_failed(
-        routed.task_name,
-        routed.position,
+    return routed.failed(
         f"{routed.where} answered HTTP {response.status}: {text}",
-        executor_id=routed.route.executor_id,
         status=response.status,
     )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass, field
 
 import nats.errors
 from nats.aio.client import Client
@@ -19,27 +20,26 @@ from cornserve.bus.control import InvokeKeepalive
 logger = logging.getLogger(__name__)
 
 
+@dataclass(eq=False)
 class Keepalive:
     """Publishes keepalives for one graph while anyone holds it (the handler, then the stream relay)."""
 
-    def __init__(
-        self, nc: Client, subject: str | None, request_id: str, replica_id: str, interval_s: float
-    ) -> None:
-        self._nc = nc
-        self._subject = subject
-        self._request_id = request_id
-        self._replica_id = replica_id
-        self._interval_s = interval_s
-        self._holds = 1
-        self._seq = 0
-        self._task: asyncio.Task[None] | None = None
+    nc: Client
+    subject: str | None
+    """Where the caller listens; None when it asked for no keepalives."""
+    request_id: str
+    replica_id: str
+    interval_s: float
+    _holds: int = field(default=1, init=False)
+    _seq: int = field(default=0, init=False)
+    _task: asyncio.Task[None] | None = field(default=None, init=False)
 
     async def start(self) -> None:
         """Acknowledge the graph (seq 0) and keep publishing in the background."""
-        if self._subject is None:
+        if self.subject is None:
             return
         await self._publish()
-        self._task = asyncio.create_task(self._loop(), name=f"keepalive-{self._request_id}")
+        self._task = asyncio.create_task(self._loop(), name=f"keepalive-{self.request_id}")
 
     def hold(self) -> None:
         """One more user (a stream relay outliving the handler) keeps the keepalives going."""
@@ -63,14 +63,14 @@ class Keepalive:
 
     async def _loop(self) -> None:
         while True:
-            await asyncio.sleep(self._interval_s)
+            await asyncio.sleep(self.interval_s)
             await self._publish()
 
     async def _publish(self) -> None:
-        assert self._subject is not None
-        message = InvokeKeepalive(request_id=self._request_id, replica_id=self._replica_id, seq=self._seq)
+        assert self.subject is not None
+        message = InvokeKeepalive(request_id=self.request_id, replica_id=self.replica_id, seq=self._seq)
         self._seq += 1
         try:
-            await self._nc.publish(self._subject, message.model_dump_json().encode())
+            await self.nc.publish(self.subject, message.model_dump_json().encode())
         except nats.errors.Error as exc:  # reconnecting or closing: the caller's deadline still holds
-            logger.debug("keepalive on %s not sent: %s", self._subject, exc)
+            logger.debug("keepalive on %s not sent: %s", self.subject, exc)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -39,32 +40,26 @@ def item_json(item: Any) -> dict[str, Any]:
     raise StreamFailure(f"stream items must be pydantic models or JSON objects, got {type(item).__name__}")
 
 
+@dataclass(eq=False)
 class StreamRelay:
     """Reads one open streaming response and publishes its items on `subject`."""
 
-    def __init__(
-        self,
-        nc: Client,
-        stream: OpenStream,
-        subject: str,
-        idle_timeout_s: float,
-        on_finish: Callable[[], None],
-    ) -> None:
-        self._nc = nc
-        self._stream = stream
-        self._subject = subject
-        self._idle_timeout_s = idle_timeout_s
-        self._on_finish = on_finish
-        self._seq = 0
+    nc: Client
+    stream: OpenStream
+    subject: str
+    idle_timeout_s: float
+    on_finish: Callable[[], None]
+    """Called once the terminal message is out (or could not be sent)."""
+    _seq: int = field(default=0, init=False)
 
     @property
     def _label(self) -> str:
-        routed = self._stream.routed
+        routed = self.stream.routed
         return f"{routed.task_name} at position {routed.position}"
 
     async def run(self) -> None:
         """Relay until the response ends, fails or stalls; always publish a terminal message."""
-        response = self._stream.response
+        response = self.stream.response
         clean = False
         try:
             try:
@@ -82,18 +77,18 @@ class StreamRelay:
                 response.release()
             else:
                 response.close()  # drop the connection so the executor stops generating
-            self._on_finish()
+            self.on_finish()
 
     async def _relay_lines(self, response: aiohttp.ClientResponse) -> None:
-        inv = self._stream.invocation
+        inv = self.stream.invocation
         descriptor = inv.task.descriptor
-        where = self._stream.routed.where
+        where = self.stream.routed.where
         while True:
             try:
-                async with asyncio.timeout(self._idle_timeout_s):
+                async with asyncio.timeout(self.idle_timeout_s):
                     raw = await response.content.readline()
             except TimeoutError:
-                raise StreamFailure(f"{where} sent nothing for {self._idle_timeout_s:g} s") from None
+                raise StreamFailure(f"{where} sent nothing for {self.idle_timeout_s:g} s") from None
             except aiohttp.ClientError as exc:
                 raise StreamFailure(f"{where} broke off the stream: {type(exc).__name__}: {exc}") from None
             except ValueError as exc:  # aiohttp: a line longer than the read buffer
@@ -116,7 +111,7 @@ class StreamRelay:
 
     async def _publish(self, message: StreamMessage) -> None:
         try:
-            await self._nc.publish(self._subject, message.model_dump_json().encode())
+            await self.nc.publish(self.subject, message.model_dump_json().encode())
         except nats.errors.MaxPayloadError:
             raise StreamFailure(
                 f"stream item {message.seq} is larger than the NATS payload limit; send large data "
@@ -126,9 +121,9 @@ class StreamRelay:
 
     async def _finish(self, error: str | None) -> None:
         if error is not None:
-            logger.warning("stream on %s ended with an error: %s", self._subject, error)
+            logger.warning("stream on %s ended with an error: %s", self.subject, error)
         message = StreamMessage(seq=self._seq, end=True, error=error)
         try:
-            await self._nc.publish(self._subject, message.model_dump_json().encode())
+            await self.nc.publish(self.subject, message.model_dump_json().encode())
         except nats.errors.Error as exc:
-            logger.error("could not end the stream on %s: %s", self._subject, exc)
+            logger.error("could not end the stream on %s: %s", self.subject, exc)

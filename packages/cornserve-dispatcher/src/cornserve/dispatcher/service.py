@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Coroutine
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import aiohttp
@@ -63,36 +64,32 @@ def parse_invocations(raw: list[dict[str, Any]]) -> list[TaskInvocation]:
         raise faults.bad_request(f"invalid invocations: {exc}") from None
 
 
+@dataclass(eq=False)
 class DispatcherService:
     """State and handler of one dispatcher replica."""
 
-    def __init__(
-        self,
-        nc: Client,
-        replica_id: str,
-        *,
-        route_timeout_s: float = 10.0,
-        state_timeout_s: float = 3.0,
-        drain_timeout_s: float = 30.0,
-    ) -> None:
-        self._nc = nc
-        self.replica_id = replica_id
-        self._route_timeout_s = route_timeout_s
-        self._state_timeout_s = state_timeout_s
-        self._drain_timeout_s = drain_timeout_s
-        self._session: aiohttp.ClientSession | None = None
-        self._tasklibs: TaskLibrarySync | None = None
-        self._deployments: DeploymentCache | None = None
-        self._graphs: GraphRunner | None = None
-        self._service: Service | None = None
-        self._handlers: set[asyncio.Task[None]] = set()
-        """One task per graph being executed (parse, run, reply); micro runs callbacks one at a time."""
-        self._relays: set[asyncio.Task[None]] = set()
-        self._background: set[asyncio.Task[None]] = set()
-        self._keepalives: set[Keepalive] = set()
-        self._idle = asyncio.Event()
+    nc: Client
+    """The NATS connection (owned by the caller, who closes it after `stop`)."""
+    replica_id: str
+    route_timeout_s: float = field(default=10.0, kw_only=True)
+    state_timeout_s: float = field(default=3.0, kw_only=True)
+    drain_timeout_s: float = field(default=30.0, kw_only=True)
+    _session: aiohttp.ClientSession | None = field(default=None, init=False)
+    _tasklibs: TaskLibrarySync | None = field(default=None, init=False)
+    _deployments: DeploymentCache | None = field(default=None, init=False)
+    _graphs: GraphRunner | None = field(default=None, init=False)
+    _service: Service | None = field(default=None, init=False)
+    _handlers: set[asyncio.Task[None]] = field(default_factory=set, init=False)
+    """One task per graph being executed (parse, run, reply); micro runs callbacks one at a time."""
+    _relays: set[asyncio.Task[None]] = field(default_factory=set, init=False)
+    _background: set[asyncio.Task[None]] = field(default_factory=set, init=False)
+    _keepalives: set[Keepalive] = field(default_factory=set, init=False)
+    _idle: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+    """Set while no graph is running (the drain waits for it)."""
+    _closing: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+
+    def __post_init__(self) -> None:
         self._idle.set()
-        self._closing = asyncio.Event()
 
     # ----- lifecycle -------------------------------------------------------------------------------
 
@@ -103,19 +100,19 @@ class DispatcherService:
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10.0),
             read_bufsize=1 << 20,
         )
-        self._tasklibs = TaskLibrarySync(self._nc, _load_library)
+        self._tasklibs = TaskLibrarySync(self.nc, _load_library)
         await self._tasklibs.start()
-        self._deployments = DeploymentCache(self._nc, state_timeout_s=self._state_timeout_s)
+        self._deployments = DeploymentCache(self.nc, state_timeout_s=self.state_timeout_s)
         await self._deployments.start()
         self._graphs = GraphRunner(
-            self._nc,
+            self.nc,
             self._session,
             self._deployments,
             self._route_done,
-            route_timeout_s=self._route_timeout_s,
+            route_timeout_s=self.route_timeout_s,
         )
         self._service = await add_service(
-            self._nc,
+            self.nc,
             name=DISPATCHER_SERVICE_NAME,
             version=__version__,
             description="Cornserve task dispatcher: executes recorded task graphs on executors",
@@ -139,12 +136,12 @@ class DispatcherService:
         """Stop taking graphs, drain running ones (bounded), fail the rest, then close everything."""
         if self._service is not None:
             await self._service.stop()
-        if not await _wait_event(self._idle, self._drain_timeout_s):
+        if not await _wait_event(self._idle, self.drain_timeout_s):
             logger.warning(
                 "%d graph(s) and %d stream(s) still running after %g s; failing them",
                 len(self._handlers),
                 len(self._relays),
-                self._drain_timeout_s,
+                self.drain_timeout_s,
             )
         self._closing.set()  # running graphs now reply with a typed error
         for task in list(self._relays):
@@ -163,11 +160,6 @@ class DispatcherService:
         if self._session is not None:
             await self._session.close()
         logger.info("dispatcher replica %s stopped", self.replica_id)
-
-    @property
-    def nc(self) -> Client:
-        """The NATS connection (owned by the caller, who closes it after `stop`)."""
-        return self._nc
 
     # ----- invoke ----------------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from pydantic import ValidationError
 
 from cornserve.eric.batcher import DynamicBatcher
@@ -64,6 +65,16 @@ class RequestFailed(Exception):
         return web.json_response(error_body(self.kind, self.message), status=self.status)
 
 
+@web.middleware
+async def _answer_request_failures(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every handler may raise RequestFailed; it is logged and answered here, in one place."""
+    try:
+        return await handler(request)
+    except RequestFailed as failed:
+        logger.info("%s failed (%d %s): %s", request.path, failed.status, failed.kind, failed.message)
+        return failed.response()
+
+
 def _validation_message(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors(include_url=False)[:5]:
@@ -89,7 +100,7 @@ class EricServer:
 
     def make_app(self) -> web.Application:
         """The aiohttp application with Eric's routes."""
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[_answer_request_failures])
         app.router.add_post("/embeddings", self._embeddings)
         app.router.add_get("/health", self._health)
         app.router.add_get("/info", self._info)
@@ -185,12 +196,8 @@ class EricServer:
         return web.json_response(info)
 
     async def _embeddings(self, request: web.Request) -> web.Response:
-        try:
-            body = await self._parse(request)
-            forward_ids = await self._serve(body)
-        except RequestFailed as failed:
-            logger.info("/embeddings failed (%d %s): %s", failed.status, failed.kind, failed.message)
-            return failed.response()
+        body = await self._parse(request)
+        forward_ids = await self._serve(body)
         return web.json_response(EmbeddingsResponse(forward_ids=forward_ids).model_dump())
 
     # ------------------------------------------------------------------ request handling

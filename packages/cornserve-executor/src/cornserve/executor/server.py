@@ -35,7 +35,7 @@ from cornserve.runtime.nats import connect_nats
 from cornserve.task.base import UnitTask
 from cornserve.task.errors import TaskDefinitionError, TaskError, TaskRegistryError
 from cornserve.task.invocation import TaskInvocation
-from cornserve.task.io_models import TaskOutput
+from cornserve.task.io_models import TaskOutput, as_model
 from cornserve.task.library import load_task_library, loaded_libraries
 from cornserve.task.registry import deserialize_task, serialize_task
 
@@ -326,10 +326,9 @@ class ExecutorServer:
     def _check_output(self, result: Any) -> TaskOutput:
         assert self._ctx is not None
         output_cls = self._ctx.task.output_cls()
-        if isinstance(result, output_cls):
-            return result
-        if isinstance(result, dict):
-            return output_cls.model_validate(result)
+        output = as_model(result, output_cls)
+        if output is not None:
+            return output
         raise TaskDefinitionError(
             f"handler {self._descriptor.handler if self._descriptor else '?'} returned "
             f"{type(result).__name__}, not {output_cls.__name__}"

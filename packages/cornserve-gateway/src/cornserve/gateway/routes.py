@@ -27,7 +27,7 @@ from cornserve.gateway.sessions import SessionRegistry
 from cornserve.gateway.streaming import StreamWriter, wants_sse
 from cornserve.runtime.logging import set_request_id
 from cornserve.task import ClassKey, GraphRunner, Stream, TaskInvocation, TaskOutput
-from cornserve.task.library import check_library_name, library_sha256, load_task_library
+from cornserve.task.library import check_library_name, load_task_library
 
 logger = logging.getLogger(__name__)
 
@@ -266,14 +266,7 @@ class Gateway:
             loaded = load_task_library(name, source)
         except Exception as exc:
             raise HTTPError(400, "invalid_task_library", str(exc)) from exc
-        record = TaskLibraryRecord(
-            name=name,
-            source=source,
-            sha256=library_sha256(source),
-            unit_tasks=loaded.unit_tasks,
-            descriptors=loaded.descriptors,
-            created_at=time.time(),
-        )
+        record = TaskLibraryRecord.from_loaded(source, loaded)
         await kv_put(self._tasklibs_kv, name, record)
         return web.json_response(record.model_dump(mode="json", exclude={"source"}), status=201)
 

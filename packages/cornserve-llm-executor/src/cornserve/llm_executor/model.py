@@ -44,13 +44,21 @@ class LoadedModel:
     model: Any
     tokenizer: Any
     processor: Any | None
-    model_type: str
     max_model_len: int
-    hidden_size: int
     eos_token_ids: frozenset[int]
     placeholder_ids: dict[Modality, int] = field(default_factory=dict)
     placeholder_tokens: dict[Modality, str] = field(default_factory=dict)
     spatial_merge_size: int = 1
+
+    @property
+    def model_type(self) -> str:
+        """The family (`config.model_type`), as the model's own config says."""
+        return str(self.model.config.model_type)
+
+    @property
+    def hidden_size(self) -> int:
+        """The LLM's hidden size: the width of its token embeddings."""
+        return int(self.model.config.get_text_config().hidden_size)
 
     @property
     def mrope(self) -> bool:
@@ -104,9 +112,7 @@ def load_model(model_id: str, max_model_len: int | None = None) -> LoadedModel:
         model=model,
         tokenizer=tokenizer,
         processor=processor,
-        model_type=model_type,
         max_model_len=limit,
-        hidden_size=int(text_config.hidden_size),
         eos_token_ids=_eos_ids(model, tokenizer),
     )
     if processor is not None:

@@ -62,6 +62,13 @@ QWEN_SPECIAL_TOKENS = [
     "<|image_pad|>",
     "<|video_pad|>",
 ]
+QWEN_MEDIA_TOKEN_FIELDS = {
+    "vision_start_token_id": "<|vision_start|>",
+    "vision_end_token_id": "<|vision_end|>",
+    "image_token_id": "<|image_pad|>",
+    "video_token_id": "<|video_pad|>",
+}
+"""Which special token each of the Qwen2-VL config's media token ids names."""
 LLAVA_SPECIAL_TOKENS = ["<s>", "</s>", "<pad>", "<image>"]
 
 # Qwen2-VL's chat template, in the family's own format (system prompt, <|im_start|>role ... <|im_end|>,
@@ -165,12 +172,9 @@ def _text_ids(tok: PreTrainedTokenizerFast, *names: str) -> list[int]:
     return [int(i) for i in ids]  # type: ignore[arg-type]
 
 
-def _build_qwen2_vl(seed: int, *, v2_5: bool) -> _Built:
-    tok = _qwen_tokenizer()
-    eot, im_start, im_end, vs, ve, image_pad, video_pad = _text_ids(tok, *QWEN_SPECIAL_TOKENS)
-    del im_start
-    patch, merge, temporal = 8, 2, 2
-    text = {
+def _tiny_language_model(tok: PreTrainedTokenizerFast, *, bos: int, eos: int, pad: int) -> dict[str, Any]:
+    """The language model every family gets: 2 layers, hidden 64, 4 heads (2 KV heads), 4096 positions."""
+    return {
         "vocab_size": len(tok),
         "hidden_size": 64,
         "intermediate_size": 128,
@@ -178,11 +182,22 @@ def _build_qwen2_vl(seed: int, *, v2_5: bool) -> _Built:
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
         "max_position_embeddings": 4096,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-        "bos_token_id": eot,
-        "eos_token_id": im_end,
-        "pad_token_id": eot,
+        "bos_token_id": bos,
+        "eos_token_id": eos,
+        "pad_token_id": pad,
         "initializer_range": 0.1,
+    }
+
+
+def _build_qwen2_vl(seed: int, *, v2_5: bool) -> _Built:
+    tok = _qwen_tokenizer()
+    eot, im_end = _text_ids(tok, "<|endoftext|>", "<|im_end|>")
+    media_token_ids = dict(
+        zip(QWEN_MEDIA_TOKEN_FIELDS, _text_ids(tok, *QWEN_MEDIA_TOKEN_FIELDS.values()), strict=True)
+    )
+    patch, merge, temporal = 8, 2, 2
+    text = _tiny_language_model(tok, bos=eot, eos=im_end, pad=eot) | {
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
     }
     vision: dict[str, Any] = {
         "depth": 2,
@@ -205,15 +220,7 @@ def _build_qwen2_vl(seed: int, *, v2_5: bool) -> _Built:
     else:
         vision |= {"embed_dim": 32, "hidden_size": 64, "mlp_ratio": 2}
     config_cls: Any = Qwen2_5_VLConfig if v2_5 else Qwen2VLConfig
-    config = config_cls(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=image_pad,
-        video_token_id=video_pad,
-        vision_start_token_id=vs,
-        vision_end_token_id=ve,
-        tie_word_embeddings=False,
-    )
+    config = config_cls(text_config=text, vision_config=vision, tie_word_embeddings=False, **media_token_ids)
     torch.manual_seed(seed)
     model_cls: Any = Qwen2_5_VLForConditionalGeneration if v2_5 else Qwen2VLForConditionalGeneration
     model = model_cls(config)
@@ -245,19 +252,7 @@ def _build_llava(seed: int) -> _Built:
         initializer_range=0.1,
         initializer_factor=1.0,
     )
-    text = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        bos_token_id=bos,
-        eos_token_id=eos,
-        pad_token_id=pad,
-        initializer_range=0.1,
-    )
+    text = LlamaConfig(**_tiny_language_model(tok, bos=bos, eos=eos, pad=pad))
     num_image_tokens = (image_size // patch) ** 2
     config = _untyped(LlavaConfig)(
         vision_config=vision,

@@ -30,7 +30,8 @@ from cornserve.task.errors import TaskDefinitionError
 from cornserve.task.execution import execute_task, trace_task
 from cornserve.task.forward import DataForward, Unmaterialized
 from cornserve.task.generics import generic_args, is_concrete, is_unbound
-from cornserve.task.io_models import TaskInput, TaskOutput
+from cornserve.task.io_models import TaskInput, TaskOutput, as_model
+from cornserve.task.nested import nested_values
 from cornserve.task.registry import DESCRIPTORS, UNIT_TASKS, ClassKey, task_deployment_key
 
 if TYPE_CHECKING:
@@ -42,25 +43,11 @@ InputT = TypeVar("InputT", bound=TaskInput)
 OutputT = TypeVar("OutputT", bound=TaskOutput)
 
 
-def _contains_task(value: Any) -> bool:
-    if isinstance(value, Task):
-        return True
-    if isinstance(value, (list, tuple)):
-        return any(_contains_task(v) for v in value)
-    if isinstance(value, dict):
-        return any(_contains_task(v) for v in value.values())
-    return False
-
-
 def _iter_tasks(value: Any) -> Iterator[Task[Any, Any]]:
-    if isinstance(value, Task):
-        yield value
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _iter_tasks(v)
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _iter_tasks(v)
+    """Tasks held directly or in lists, tuples and dicts (a task's own subtasks are not entered)."""
+    for item in nested_values(value, into_models=False):
+        if isinstance(item, Task):
+            yield item
 
 
 class Task(BaseModel, Generic[InputT, OutputT]):
@@ -103,7 +90,7 @@ class Task(BaseModel, Generic[InputT, OutputT]):
         if name in type(self).model_fields or name.startswith("_"):
             super().__setattr__(name, value)
             return
-        if not _contains_task(value):
+        if next(_iter_tasks(value), None) is None:
             raise TaskDefinitionError(
                 f"{type(self).__name__}.{name}: only subtasks (Task instances, or lists/dicts of them) "
                 "can be assigned as attributes; declare configuration as pydantic fields instead"
@@ -171,10 +158,9 @@ class Task(BaseModel, Generic[InputT, OutputT]):
 
     def _coerce_input(self, task_input: Any) -> TaskInput:
         input_cls = self.input_cls()
-        if isinstance(task_input, input_cls):
-            return task_input
-        if isinstance(task_input, dict):
-            return input_cls.model_validate(task_input)
+        coerced = as_model(task_input, input_cls)
+        if coerced is not None:
+            return coerced
         raise TypeError(
             f"{type(self).__name__} takes a {input_cls.__name__} (or a dict of its fields), "
             f"not {type(task_input).__name__}"

@@ -9,7 +9,7 @@ the context lives in a ContextVar, so concurrent `await task(...)` calls never s
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -26,23 +26,11 @@ from cornserve.task.forward import DataForward, Unmaterialized, iter_forwards
 from cornserve.task.generics import generic_origin
 from cornserve.task.invocation import TaskInvocation
 from cornserve.task.io_models import TaskInput, TaskOutput
+from cornserve.task.nested import nested_values
 from cornserve.task.stream import Stream
 
 if TYPE_CHECKING:
     from cornserve.task.base import Task, UnitTask
-
-
-def _walk(value: Any) -> Iterator[Any]:
-    yield value
-    if isinstance(value, BaseModel) and not isinstance(value, DataForward):
-        for name in type(value).model_fields:
-            yield from _walk(value.__dict__.get(name))
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from _walk(item)
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _walk(item)
 
 
 def _canonical(value: Any) -> Any:
@@ -91,7 +79,7 @@ class TaskContext:
 
     def _record(self, task: UnitTask[Any, Any], task_input: TaskInput) -> TaskOutput:
         position = len(self.invocations)
-        for leaf in _walk(task_input):
+        for leaf in nested_values(task_input, opaque=(DataForward,)):
             if isinstance(leaf, Unmaterialized):
                 raise UnmaterializedDataError(
                     f"{leaf!r} was passed into the input of {task.display_name()} at position {position}; "

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cornserve.task.errors import UnmaterializedDataError
 from cornserve.task.generics import generic_args
+from cornserve.task.nested import nested_values
 
 DataT = TypeVar("DataT")
 
@@ -125,14 +126,6 @@ class Unmaterialized:
 
 def iter_forwards(value: Any) -> Iterator[DataForward[Any]]:
     """Yield every DataForward inside a value (models, lists, tuples, dicts), in field order."""
-    if isinstance(value, DataForward):
-        yield value
-    elif isinstance(value, BaseModel):
-        for name in type(value).model_fields:
-            yield from iter_forwards(value.__dict__.get(name))
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from iter_forwards(item)
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from iter_forwards(item)
+    for item in nested_values(value, opaque=(DataForward,)):
+        if isinstance(item, DataForward):
+            yield item

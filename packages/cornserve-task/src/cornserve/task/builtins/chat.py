@@ -7,11 +7,13 @@ executor. Chunks follow OpenAI's `chat.completion.chunk` format.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from cornserve.task.builtins.modality import Modality
+from cornserve.task.errors import InvalidTaskInputError
 from cornserve.task.forward import DataForward, Tensor
 from cornserve.task.io_models import TaskInput, TaskOutput
 
@@ -134,6 +136,18 @@ class ChatCompletionRequest(TaskInput):
                         MediaItem(modality=found[0], url=found[1], message_index=m_index, part_index=p_index)
                     )
         return items
+
+    def check_modalities(self, declared: Collection[Modality], task: str) -> list[MediaItem]:
+        """The request's media, each checked against the modalities `task` (e.g. `LLMTask(qwen)`) declares."""
+        media = self.media()
+        for item in media:
+            if item.modality not in declared:
+                names = ", ".join(m.value for m in declared) or "none"
+                raise InvalidTaskInputError(
+                    f"{item.modality.value} content (message {item.message_index}, part {item.part_index}) is not "
+                    f"accepted: {task} declares modalities [{names}]"
+                )
+        return media
 
     def openai_body(self) -> dict[str, Any]:
         """The request as OpenAI JSON, without Cornserve's own fields."""

@@ -51,13 +51,7 @@ class LLMTask(UnitTask[ChatCompletionRequest, Stream[ChatCompletionChunk]]):
             raise InvalidTaskInputError(
                 f"LLMTask({self.model_id}) was given embedding forwards but has receive_embeddings=False"
             )
-        for item in media:
-            if item.modality not in self.modalities:
-                declared = ", ".join(m.value for m in self.modalities) or "none"
-                raise InvalidTaskInputError(
-                    f"LLMTask({self.model_id}) accepts modalities [{declared}], but message {item.message_index} "
-                    f"part {item.part_index} is {item.modality.value}"
-                )
+        task_input.check_modalities(self.modalities, f"LLMTask({self.model_id})")
 
     def make_output_placeholder(self, task_input: ChatCompletionRequest) -> Stream[ChatCompletionChunk]:
         """The completion streams."""

@@ -10,7 +10,6 @@ from cornserve.task.builtins.encoder import EncoderInput, EncoderTask
 from cornserve.task.builtins.llm import LLMTask
 from cornserve.task.builtins.modality import Modality
 from cornserve.task.descriptor import TaskExecutionDescriptor
-from cornserve.task.errors import InvalidTaskInputError
 from cornserve.task.forward import DataForward, Tensor
 from cornserve.task.stream import Stream
 
@@ -56,14 +55,7 @@ class MLLMTask(Task[ChatCompletionRequest, Stream[ChatCompletionChunk]]):
 
     def invoke(self, task_input: ChatCompletionRequest) -> Stream[ChatCompletionChunk]:
         """Encode each modality's media in one batch, then generate from the ordered embeddings."""
-        media = task_input.media()
-        for item in media:
-            if item.modality not in self.modalities:
-                declared = ", ".join(m.value for m in self.modalities) or "none"
-                raise InvalidTaskInputError(
-                    f"{item.modality.value} content (message {item.message_index}, part {item.part_index}) is not "
-                    f"accepted: this MLLMTask ({self.model_id}) declares modalities [{declared}]"
-                )
+        media = task_input.check_modalities(self.modalities, f"this MLLMTask ({self.model_id})")
         request = task_input.model_copy(update={"model": self.model_id})
         if not self.encoder_fission or not media:
             return self.llm.invoke(request)
