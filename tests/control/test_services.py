@@ -32,6 +32,7 @@ from cornserve.bus.control import (
     RM_SERVICE_NAME,
     RM_STATE,
     TM_SERVICE_NAME,
+    InvokeRequest,
     tm_subject,
 )
 from cornserve.bus.subjects import SIDECAR_SERVICE_NAME, SidecarVerb, sidecar_subject
@@ -119,6 +120,35 @@ async def test_streaming_invoke_ndjson_and_sse(rows_app: Any, http: aiohttp.Clie
     assert events[-1][0] == "end"
     items = [data for kind, data in events[:-1]]
     assert [item["sum"] for item in items] == pytest.approx(expected, rel=1e-4, abs=1e-4)
+
+
+async def test_the_callers_request_id_travels_with_its_graphs(
+    rows_app: Any, http: aiohttp.ClientSession, cluster: LocalCluster
+) -> None:
+    """`X-Request-Id` names the graphs the request sends to the dispatchers (their log lines carry it)."""
+    nc = await nats.connect(cluster.nats_url)
+    seen: list[str] = []
+
+    async def copy(msg: Any) -> None:  # a plain subscriber sees every request the queue group gets
+        seen.append(InvokeRequest.model_validate_json(msg.data).request_id)
+
+    sub = await nc.subscribe(DISPATCH_INVOKE, cb=copy)
+    try:
+        request_id = f"trace-{os.getpid()}-rows"
+        bogus = "x" * 200  # not a plain token of at most 128 characters: not trusted
+        for header in (request_id, bogus):
+            async with http.post(
+                f"/apps/{APP}/invoke", json={"seed": 2, "n": 3}, headers={"X-Request-Id": header}
+            ) as response:
+                assert response.status == 200
+                assert len([line async for line in response.content if line.strip()]) == 3
+        await nc.flush()
+    finally:
+        await sub.unsubscribe()
+        await nc.close()
+    assert request_id in seen
+    assert bogus not in seen and all(0 < len(rid) <= 128 for rid in seen)
+    assert len(set(seen)) == 2  # the untrusted header's request got an id of its own
 
 
 class SumInput(TaskInput):

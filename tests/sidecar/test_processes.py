@@ -41,3 +41,15 @@ async def test_producer_process_to_consumer_process(sidecars, env_nats, stats_of
         assert p.wait(timeout=60) == 0
     stats = await stats_of([a.rank, b.rank])
     assert all(s.used_bytes == 0 for s in stats.values()), stats
+
+
+def test_the_client_without_its_extra_says_what_to_install() -> None:
+    """Where torch is not installed (a sidecar-only host), asking for the client names the extra."""
+    probe = (
+        "import sys; sys.modules.update(torch=None, numpy=None)\n"
+        "import cornserve.sidecar.server  # the server imports fine\n"
+        "from cornserve.sidecar import Sidecar\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "install 'cornserve-sidecar[client]'" in result.stderr

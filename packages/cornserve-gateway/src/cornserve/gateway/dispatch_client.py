@@ -30,7 +30,9 @@ from pydantic import TypeAdapter, ValidationError
 
 from cornserve.bus.control import DISPATCH_INVOKE, InvokeKeepalive, InvokeReply, InvokeRequest, StreamMessage
 from cornserve.bus.error_codec import decode_error
+from cornserve.bus.schemas import new_request_id
 from cornserve.gateway.forward_ids import forward_ids, fresh_ids, replace_ids
+from cornserve.runtime.logging import request_id_var
 from cornserve.task import Stream, TaskExecutionError, TaskInvocation, TaskOutput
 
 logger = logging.getLogger(__name__)
@@ -345,6 +347,8 @@ class DispatcherClient:
         """One attempt: subscribe, send, await the reply (with the ids the graph was sent with)."""
         inbox = await GraphInbox.open(self._nc, Liveness(self.keepalive_timeout_s))
         payload = InvokeRequest(
+            # The app request's id (set by the HTTP layer) names its graphs in the dispatchers' logs too.
+            request_id=request_id_var.get() or new_request_id(),
             invocations=graph.wire,
             timeout_s=self.timeout_s,
             stream_subject=f"{inbox.prefix}.stream" if graph.streaming else None,

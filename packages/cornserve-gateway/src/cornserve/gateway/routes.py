@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
 from typing import Any
@@ -56,14 +57,24 @@ def _require_object(body: Any, *fields: str) -> dict[str, Any]:
 
 REQUEST_ID_HEADER = "X-Request-Id"
 
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+"""What a caller's request id may look like (it goes into every log line and onto the bus)."""
+
+
+def request_id_for(request: web.Request) -> str:
+    """The caller's ``X-Request-Id`` when it is a plain token of at most 128 characters, else a new id."""
+    given = request.headers.get(REQUEST_ID_HEADER, "")
+    return given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     """Turn every exception into a JSON error response with the right status.
 
-    Every request runs in its own task; its log lines carry the caller's ``X-Request-Id`` (or a new id).
+    Every request runs in its own task; its log lines carry the caller's ``X-Request-Id`` (or a new id),
+    and so do the graphs it sends to the dispatchers (whose log lines then carry the same id).
     """
-    set_request_id(request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex)
+    set_request_id(request_id_for(request))
     try:
         response: web.StreamResponse = await handler(request)
         return response
