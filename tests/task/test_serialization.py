@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -195,6 +196,26 @@ def test_a_notebook_cell_run_again_replaces_its_class() -> None:
     second = namespace["CellTask"]
     assert first is not second
     assert UNIT_TASKS.lookup(ClassKey("__main__", "CellTask")) is second
+
+
+def test_a_module_reloaded_in_place_replaces_its_classes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`importlib.reload` re-executes a module in the same module object: a redefinition, not a collision."""
+    import importlib
+
+    (tmp_path / "reloaded_tasks.py").write_text(
+        "from cornserve.task import TaskInput, TaskOutput, UnitTask\n"
+        "class RIn(TaskInput):\n    n: int = 0\n"
+        "class ROut(TaskOutput):\n    n: int\n"
+        "class Reloaded(UnitTask[RIn, ROut]):\n    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("reloaded_tasks")
+    first = module.Reloaded
+    second = importlib.reload(module).Reloaded
+    assert first is not second
+    assert UNIT_TASKS.lookup(ClassKey("reloaded_tasks", "Reloaded")) is second
 
 
 def test_a_new_library_version_replaces_its_classes() -> None:

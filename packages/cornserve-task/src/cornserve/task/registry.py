@@ -71,12 +71,11 @@ class ClassKey:
 class ClassRegistry(Generic[ClassT]):
     """Classes of one kind by `ClassKey`.
 
-    A new version of a task library (or any module executed again as a fresh module object, such
-    as an app's source loaded again) replaces the previous version's classes under the same keys.
-    Two different classes of one key from the same module object (e.g. a class defined inside a
-    function that is called twice) are a true collision and refused: deserialization could not know
-    which one is meant. The one exception is `__main__` (a notebook or a REPL): re-running the cell
-    that defines a task class is how people edit it there, so the new class replaces the old one.
+    A class defined again under the same key replaces the earlier one: a new version of a task
+    library, an app's source loaded again, a module reloaded in place, or a notebook cell run again
+    (Python itself rebinds the name). The true collision is a class defined inside a function that
+    runs twice in the same module object: both versions stay alive under one `<locals>` name, and
+    deserialization could not know which one is meant, so it is refused.
     """
 
     def __init__(self, kind: str) -> None:
@@ -91,8 +90,8 @@ class ClassRegistry(Generic[ClassT]):
         module = sys.modules.get(klass.__module__)
         existing = self._classes.get(key)
         if existing is not None and existing is not klass:
-            redefined_interactively = klass.__module__ == "__main__"
-            if module is not None and self._modules.get(key) is module and not redefined_interactively:
+            defined_in_a_function = "<locals>" in klass.__qualname__
+            if defined_in_a_function and module is not None and self._modules.get(key) is module:
                 raise TaskRegistryError(
                     f"two different {self.kind} classes are named {key.ref}: module {klass.__module__} "
                     f"defines {klass.__qualname__} twice. Give each class its own name (a class defined "
