@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import sys
 import time
+from pathlib import Path
 from typing import TypeVar
 
 import nats
 import pytest
 from pydantic import BaseModel
-from tests.support.sidecars import MiB, SidecarProcess, peer_secret
+from tests.support.processes import ServiceProcess
+from tests.support.sidecars import SIDECAR_RANKS, TORCHLESS_SERVER, MiB, SidecarProcess, peer_secret
 
 from cornserve.bus.micro import ServiceErrorReply, request
 from cornserve.bus.sidecar import (
@@ -39,7 +42,7 @@ from cornserve.sidecar.tcp import HANDSHAKE_TIMEOUT_S, MAX_FRAME_BYTES
 
 LEN = struct.Struct("!I")
 M = TypeVar("M", bound=BaseModel)
-SOURCE_RANK = 299  # a rank no test starts: the hand-made peer
+SOURCE_RANK = 299  # the rank the hand-made peer claims (nothing is sent to it)
 
 
 class Peer:
@@ -236,7 +239,7 @@ async def test_cross_node_transfer_between_sidecars_with_different_secrets_fails
 
     (a,) = await sidecars(1, nodes=["node-a"])
     other = write_secret_file(tmp_path / "other-secret", new_token())
-    b = SidecarProcess.start(298, nats_url, tmp_path, node="node-b", peer_secret=other)
+    b = SidecarProcess.start(SIDECAR_RANKS.next(), nats_url, tmp_path, node="node-b", peer_secret=other)
     try:
         await b.wait_ready()
         async with Sidecar(a.rank, nats_url) as src:
@@ -305,3 +308,60 @@ async def test_forged_deliver_cannot_point_at_or_free_anothers_bytes(
         await dst.mark_done("real")
     await arenas_empty([a.rank, b.rank])
     assert (await stats_of([b.rank]))[b.rank].mailbox_entries == 0
+
+
+def start_without_secret(rank: int, nats_url: str, log_dir: Path, node: str) -> ServiceProcess:
+    """A sidecar given no --peer-secret-file (the helper always gives one)."""
+    cmd = [
+        sys.executable,
+        "-c",
+        TORCHLESS_SERVER,
+        "--rank",
+        str(rank),
+        "--node",
+        node,
+        "--nats-url",
+        nats_url,
+    ]
+    cmd += ["--arena-bytes", str(16 * MiB)]
+    return ServiceProcess.start(f"sidecar-{rank}", cmd, log_dir)
+
+
+async def test_without_a_secret_same_node_works_and_cross_node_fails_typed(
+    sidecars, nats_url, tmp_path, arenas_empty
+):
+    from cornserve.sidecar.errors import PeerAuthFailed
+
+    (a,) = await sidecars(1, nodes=["node-a"])
+    ranks = [SIDECAR_RANKS.next(), SIDECAR_RANKS.next()]  # started by hand, without a secret
+    bare = [start_without_secret(r, nats_url, tmp_path, "node-b") for r in ranks]
+    try:
+        for r, proc in zip(ranks, bare, strict=True):
+            await SidecarProcess(r, "node-b", nats_url, proc).wait_ready()
+        assert (await info_of(nats_url, ranks[0])).tcp_port == 0  # not listening at all
+        async with Sidecar(ranks[0], nats_url) as n1, Sidecar(ranks[1], nats_url) as n2:
+            await n1.send({"same": "node"}, "bare-shm", [[ranks[1]]], timeout=5)
+            assert await n2.recv("bare-shm", timeout=5) == {"same": "node"}
+            await n2.mark_done("bare-shm")
+            with pytest.raises(PeerAuthFailed, match="no peer secret"):
+                await n1.send({"k": 1}, "bare-out", [[a.rank]], timeout=5)
+        async with Sidecar(a.rank, nats_url) as src:
+            with pytest.raises(PeerAuthFailed, match="accepts no cross-node transfers"):
+                await src.send({"k": 1}, "bare-in", [[ranks[0]]], timeout=5)
+        await arenas_empty([a.rank, *ranks])
+    finally:
+        for proc in bare:
+            proc.stop()
+    for proc in bare:
+        log = proc.log()
+        assert "no peer secret configured" in log and "Traceback" not in log, log
+
+
+async def test_a_secret_file_others_can_read_stops_the_server_at_start(nats_url, tmp_path):
+    from cornserve.runtime.secrets import new_token, write_secret_file
+
+    loose = write_secret_file(tmp_path / "loose-secret", new_token())
+    loose.chmod(0o644)
+    s = SidecarProcess.start(SIDECAR_RANKS.next(), nats_url, tmp_path, node="node-b", peer_secret=loose)
+    assert s.service.wait_exit(60) != 0
+    assert "chmod 600" in s.log() and "Traceback" not in s.log(), s.log()
