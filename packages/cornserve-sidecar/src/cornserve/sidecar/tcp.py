@@ -275,10 +275,10 @@ class TcpReceiver:
                     token = None  # owned by the receiver's owner now
                     await send_frame(conn, TcpAck(ok=True))
             except Refusal as r:
-                logger.warning(
-                    "TCP transfer from %s (rank %d) refused: %s", host, hello.source_rank, r.message
-                )
-                await send_frame(conn, TcpAck(ok=False, error=r.error, message=r.message))
+                # The sender gets the typed reason (memory pressure is routine: not a warning here).
+                logger.info("TCP transfer from %s (rank %d) refused: %s", host, hello.source_rank, r.message)
+                async with asyncio.timeout(ACK_GRACE_S):
+                    await send_frame(conn, TcpAck(ok=False, error=r.error, message=r.message))
         except (ProtocolError, OSError, TimeoutError) as exc:
             logger.warning("TCP transfer from %s failed: %s", host, str(exc) or type(exc).__name__)
         finally:
