@@ -173,7 +173,7 @@ async def test_sdk_session_deploys_invokes_and_releases(
 ) -> None:
     task = MatrixSum()
     async with asyncio.timeout(DEADLINE):
-        session = await connect(cluster.url, ttl_s=60)
+        session = await connect(cluster.url, ttl_s=60, token=cluster.admin_token)
         async with session:
             owner = f"session:{session.session_id}"
             keys = await session.deploy(task)
