@@ -130,3 +130,16 @@ def test_the_launcher_token_is_generated_once_private_and_reused(
     first.file.chmod(0o640)
     with pytest.raises(SecretFileError, match="chmod 600"):
         ensure_admin_token(tmp_path)
+
+
+@pytest.mark.parametrize("command", ["up", "demo"])
+def test_up_and_demo_take_the_tls_pair_together(command: str, tmp_path: Path) -> None:
+    out = subprocess.run(
+        python_module("cornserve.cli.main", command, "--state-dir", str(tmp_path), "--tls-key", "k.pem"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 2 and "--tls-cert and --tls-key go together" in out.stderr, out.stderr
+    assert not (tmp_path / "admin-token").exists()

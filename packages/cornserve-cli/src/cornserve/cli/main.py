@@ -82,7 +82,11 @@ def _cmd_models_tiny(args: argparse.Namespace) -> int:
 def _tls_pair(args: argparse.Namespace) -> tuple[Path, Path] | None:
     """`--tls-cert`/`--tls-key` of `up` and `demo`: both or neither (argparse exits 2 otherwise)."""
     if (args.tls_cert is None) != (args.tls_key is None):
-        raise SystemExit("error: --tls-cert and --tls-key go together: give both (HTTPS) or neither (HTTP)")
+        print(
+            "error: --tls-cert and --tls-key go together: give both (HTTPS) or neither (HTTP)",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
     return None if args.tls_cert is None else (Path(args.tls_cert), Path(args.tls_key))
 
 
