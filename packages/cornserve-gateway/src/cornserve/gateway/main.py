@@ -14,8 +14,7 @@ from typing import Annotated, ClassVar
 from aiohttp import web
 from nats.aio.client import Client
 from nats.micro import add_service
-from pydantic import BeforeValidator, Field, SecretStr, ValidationInfo, field_validator
-from pydantic_settings import NoDecode
+from pydantic import AfterValidator, Field, SecretStr, ValidationInfo, field_validator, model_validator
 
 from cornserve.bus.control import GATEWAY_SERVICE_NAME, KV_APPS, KV_TASKLIBS, TaskLibraryRecord
 from cornserve.bus.kv import TaskLibrarySync, open_bucket
@@ -24,25 +23,22 @@ from cornserve.gateway import __version__
 from cornserve.gateway.auth import AuthConfigError, Credentials
 from cornserve.gateway.dispatch_client import DispatcherClient
 from cornserve.gateway.routes import Gateway
-from cornserve.gateway.sessions import SessionRegistry
+from cornserve.gateway.sessions import SessionLimits, SessionRegistry
 from cornserve.gateway.tls import TLSConfigError, is_loopback, server_context
 from cornserve.runtime.secrets import SecretFileError, read_secret_file
 from cornserve.runtime.service import run_service
-from cornserve.runtime.settings import Flag, ProcessInfo, ServiceSettings
+from cornserve.runtime.settings import (
+    CommaSeparated,
+    CommaSeparatedSecrets,
+    Flag,
+    ProcessInfo,
+    ServiceSettings,
+)
 from cornserve.task import set_graph_runner
+from cornserve.task.executor_flags import check_allowed_names
 from cornserve.task.library import load_task_library
 
 logger = logging.getLogger("cornserve.gateway")
-
-
-def _split_keys(value: object) -> object:
-    if isinstance(value, str):
-        return [part.strip() for part in value.split(",") if part.strip()]
-    return value
-
-
-ApiKeys = Annotated[list[SecretStr], NoDecode, BeforeValidator(_split_keys), Flag(env_only=True)]
-"""``CORNSERVE_API_KEYS``: comma-separated invoke keys (environment only: argv is visible to every user)."""
 
 
 class GatewaySettings(ServiceSettings):
@@ -54,8 +50,18 @@ class GatewaySettings(ServiceSettings):
     """Address the HTTP API listens on."""
     port: int = Field(default=8000, ge=0, lt=65536)
     """Port of the HTTP API."""
-    session_ttl: float = Field(default=60.0, gt=0)
-    """Seconds a client session lives without heartbeats."""
+    session_ttl: float = Field(default=60.0, gt=0, allow_inf_nan=False)
+    """Seconds a client session lives without heartbeats, when it does not ask for another TTL."""
+    session_max_ttl: float = Field(default=3600.0, gt=0, allow_inf_nan=False)
+    """The longest TTL a client may ask for (a session holds devices until it expires)."""
+    session_max_tasks: int = Field(default=16, ge=1)
+    """Unit tasks one session may deploy; more are refused with 403."""
+    session_max_open: int = Field(default=64, ge=1)
+    """Sessions open at once; creating another is refused with 503 until one closes or expires."""
+    allow_executor_flags: Annotated[CommaSeparated, AfterValidator(check_allowed_names)] = Field(
+        default_factory=list
+    )
+    """Executor flags that widen exposure (--host, --trust-remote-code, ...) task configs may pass anyway."""
     deploy_timeout: float = Field(default=900.0, gt=0)
     """Deadline for deploying an app's tasks."""
     graph_timeout: float = Field(default=300.0, gt=0)
@@ -64,7 +70,7 @@ class GatewaySettings(ServiceSettings):
     """The admin token (environment only); or give --admin-token-file."""
     admin_token_file: Path | None = Field(default=None, validate_default=True)
     """A 0600 file holding the admin token (what `cornserve up` passes)."""
-    api_keys: ApiKeys = []
+    api_keys: CommaSeparatedSecrets = []
     """Invoke-only bearer keys; when none are set, invoking needs the admin token."""
     tls_cert: Path | None = None
     """PEM certificate (chain) to serve HTTPS with; needs --tls-key."""
@@ -107,6 +113,14 @@ class GatewaySettings(ServiceSettings):
         """The URL scheme: https when a certificate is configured."""
         return "https" if self.tls_cert is not None else "http"
 
+    @model_validator(mode="after")
+    def _ttl_within_max(self) -> GatewaySettings:
+        if self.session_ttl > self.session_max_ttl:
+            raise ValueError(
+                f"session_ttl ({self.session_ttl:g} s) exceeds session_max_ttl ({self.session_max_ttl:g} s)"
+            )
+        return self
+
 
 def _load_library(record: TaskLibraryRecord) -> None:
     load_task_library(record.name, record.source)
@@ -134,7 +148,16 @@ async def serve(settings: GatewaySettings, nc: Client) -> AsyncIterator[None]:
         rm = ResourceManagerClient(nc, deploy_timeout_s=settings.deploy_timeout)
         dispatcher = DispatcherClient(nc, timeout_s=settings.graph_timeout)
         set_graph_runner(dispatcher)
-        sessions = SessionRegistry(rm, default_ttl_s=settings.session_ttl)
+        sessions = SessionRegistry(
+            rm,
+            SessionLimits(
+                default_ttl_s=settings.session_ttl,
+                max_ttl_s=settings.session_max_ttl,
+                max_tasks=settings.session_max_tasks,
+                max_open=settings.session_max_open,
+            ),
+            allowed_flags=settings.allow_executor_flags,
+        )
         gateway = Gateway(
             nc,
             await open_bucket(nc, KV_APPS),
@@ -142,6 +165,7 @@ async def serve(settings: GatewaySettings, nc: Client) -> AsyncIterator[None]:
             dispatcher,
             rm,
             sessions,
+            allowed_flags=settings.allow_executor_flags,
         )
         service = await add_service(
             nc,
