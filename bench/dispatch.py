@@ -75,6 +75,8 @@ class Target:
     name: str
     url: str
     body: Callable[[int], Any]
+    headers: dict[str, str] = field(default_factory=dict)
+    """Sent with every request (the gateway's bearer token)."""
 
 
 @dataclass
@@ -99,7 +101,7 @@ class Result:
 async def call_once(http: aiohttp.ClientSession, target: Target, seed: int) -> str | None:
     """One request; None when the reply is 200 with the right sum, else a description of the failure."""
     try:
-        async with http.post(target.url, json=target.body(seed)) as response:
+        async with http.post(target.url, json=target.body(seed), headers=target.headers) as response:
             text = await response.text()
             if response.status != 200:
                 return f"HTTP {response.status}: {text[:300]}"
@@ -211,9 +213,9 @@ async def floor_target(client: CornserveClient) -> Target:
     return Target(FLOOR, base + "/invoke", body)
 
 
-async def bench_cornserve(url: str, args: argparse.Namespace) -> list[Result]:
+async def bench_cornserve(url: str, token: str, args: argparse.Namespace) -> list[Result]:
     """Upload the task library, register both apps, measure them and the floor."""
-    async with CornserveClient(url, timeout_s=600) as client:
+    async with CornserveClient(url, timeout_s=600, token=token) as client:
         source = (BENCH_DIR / "dispatch_tasklib.py").read_text()
         lib = await client.add_tasklib(TASKLIB_NAME, source)
         logger.info("task library %s uploaded: %s", TASKLIB_NAME, lib.get("unit_tasks"))
@@ -224,9 +226,10 @@ async def bench_cornserve(url: str, args: argparse.Namespace) -> list[Result]:
     def app_body(seed: int) -> dict[str, Any]:
         return {"seed": seed}
 
+    auth = {"Authorization": f"Bearer {token}"}
     targets = [
-        Target(CORNSERVE, f"{url}/apps/{TWO_STAGE_APP}/invoke", app_body),
-        Target(CORNSERVE_ONE, f"{url}/apps/{ONE_STAGE_APP}/invoke", app_body),
+        Target(CORNSERVE, f"{url}/apps/{TWO_STAGE_APP}/invoke", app_body, auth),
+        Target(CORNSERVE_ONE, f"{url}/apps/{ONE_STAGE_APP}/invoke", app_body, auth),
         floor,
     ]
     return [await measure(t, args.requests, args.concurrency, args.warmup) for t in targets]
@@ -244,7 +247,7 @@ def run_cornserve(args: argparse.Namespace, work_dir: Path) -> list[Result]:
     try:
         cluster.start(ready_timeout_s=300)
         logger.info("gateway at %s", cluster.url)
-        return asyncio.run(bench_cornserve(cluster.url, args))
+        return asyncio.run(bench_cornserve(cluster.url, cluster.admin_token, args))
     finally:
         cluster.stop()
 

@@ -213,12 +213,16 @@ async def one_request(session: aiohttp.ClientSession, url: str, body: dict[str, 
         sample.error = f"{type(exc).__name__}: {exc}"
 
 
-async def poisson_run(gateway: str, app: str, rate: float, bodies: list[dict[str, Any]], seed: int) -> Result:
-    """Send `bodies` with exponential inter-arrival gaps of mean 1/rate."""
+async def poisson_run(
+    gateway: str, token: str, app: str, rate: float, bodies: list[dict[str, Any]], seed: int
+) -> Result:
+    """Send `bodies` with exponential inter-arrival gaps of mean 1/rate (`token`: the gateway's bearer token)."""
     rng = random.Random(seed)
     result = Result(app, f"{rate:g}")
     url = f"{gateway}/apps/{app}/invoke"
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+    async with aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=600), headers={"Authorization": f"Bearer {token}"}
+    ) as session:
         start = time.monotonic()
         tasks = []
         for body in bodies:
@@ -292,18 +296,20 @@ async def main_async(args: argparse.Namespace) -> None:
     rows: list[list[str]] = []
     try:
         cluster.start(ready_timeout_s=300)
-        async with CornserveClient(cluster.url) as client:
+        async with CornserveClient(cluster.url, token=cluster.admin_token) as client:
             for name, fission in (("fission", True), ("monolithic", False)):
                 t0 = time.monotonic()
                 async for _ in client.register_app(name, APP_TEMPLATE.format(model=model, fission=fission)):
                     pass
                 print(f"registered app {name!r} (encoder_fission={fission}) in {time.monotonic() - t0:.1f}s")
             for name in ("fission", "monolithic"):  # warm-up: first requests pay lazy initialisation
-                await poisson_run(cluster.url, name, 100.0, bodies[:2], seed=0)
+                await poisson_run(cluster.url, cluster.admin_token, name, 100.0, bodies[:2], seed=0)
         for rate in rates:
             for name in ("fission", "monolithic"):
                 print(f"running {name} at {rate:g} req/s ({args.requests} requests) ...")
-                result = await poisson_run(cluster.url, name, rate, bodies, seed=int(rate * 1000))
+                result = await poisson_run(
+                    cluster.url, cluster.admin_token, name, rate, bodies, seed=int(rate * 1000)
+                )
                 rows.append(result.row())
     finally:
         cluster.stop()

@@ -177,7 +177,8 @@ async def wait_dispatchers_registered(http: aiohttp.ClientSession, dispatchers: 
 
 
 def test_cli_against_the_cluster(cluster: LocalCluster) -> None:
-    env = {**os.environ, "CORNSERVE_URL": cluster.url}
+    # No token in the environment: the CLI finds the admin token `up` wrote to the state dir.
+    env = {**os.environ, "CORNSERVE_URL": cluster.url, "CORNSERVE_STATE_DIR": str(cluster.state_dir)}
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

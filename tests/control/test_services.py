@@ -22,6 +22,7 @@ from nats.micro.request import ERROR_CODE_HEADER
 from tests.control.apps import ROWS_APP
 from tests.control.support import call, ensure_tasklib, tasks_by_key
 from tests.control.support import tensor_math as tm_lib
+from tests.support.cluster import gateway_session
 
 from cornserve.bus.control import (
     DISPATCH_INVOKE,
@@ -62,8 +63,8 @@ async def read_sse(response: aiohttp.ClientResponse) -> list[tuple[str, Any]]:
     return events
 
 
-async def register_with_progress(url: str) -> list[tuple[str, Any]]:
-    async with aiohttp.ClientSession(base_url=url, timeout=aiohttp.ClientTimeout(total=300)) as http:
+async def register_with_progress(cluster: LocalCluster) -> list[tuple[str, Any]]:
+    async with gateway_session(cluster, timeout_s=300) as http:
         await ensure_tasklib(http)
         async with http.post(
             "/apps", json={"name": APP, "source": ROWS_APP}, headers={"Accept": "text/event-stream"}
@@ -73,8 +74,8 @@ async def register_with_progress(url: str) -> list[tuple[str, Any]]:
             return await read_sse(response)
 
 
-async def unregister(url: str) -> None:
-    async with aiohttp.ClientSession(base_url=url, timeout=aiohttp.ClientTimeout(total=300)) as http:
+async def unregister(cluster: LocalCluster) -> None:
+    async with gateway_session(cluster, timeout_s=300) as http:
         status, body = await call(http, "DELETE", f"/apps/{APP}")
         assert status == 200, body
 
@@ -85,9 +86,9 @@ def rows_app(cluster: LocalCluster) -> Iterator[list[tuple[str, Any]]]:
 
     Sync (its own short event loops) so that it can be module-scoped under function-scoped loops.
     """
-    events = asyncio.run(register_with_progress(cluster.url))
+    events = asyncio.run(register_with_progress(cluster))
     yield events
-    asyncio.run(unregister(cluster.url))
+    asyncio.run(unregister(cluster))
 
 
 async def test_deploy_progress_streams_as_sse(rows_app: list[tuple[str, Any]]) -> None:
@@ -173,7 +174,7 @@ async def test_sdk_session_deploys_invokes_and_releases(
 ) -> None:
     task = MatrixSum()
     async with asyncio.timeout(DEADLINE):
-        session = await connect(cluster.url, ttl_s=60)
+        session = await connect(cluster.url, ttl_s=60, token=cluster.admin_token)
         async with session:
             owner = session.owner  # the session's fingerprint: its id is a capability, never listed
             assert owner.startswith("session:") and session.session_id not in owner

@@ -13,6 +13,7 @@ import os
 import queue
 import re
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -132,10 +133,11 @@ def _child_pid(state_dir: Path, name: str) -> int:
     return int(next(c["pid"] for c in state["children"] if c["name"] == name))
 
 
-def cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+def cli(url: str, state_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI as a user runs it after `up`: the URL and the state dir (for the admin token) from the environment."""
     return subprocess.run(
         [sys.executable, "-m", "cornserve.cli.main", *args],
-        env={**os.environ, "CORNSERVE_URL": url},
+        env={**os.environ, "CORNSERVE_URL": url, "CORNSERVE_STATE_DIR": str(state_dir)},
         capture_output=True,
         text=True,
         timeout=DEADLINE,
@@ -177,13 +179,16 @@ def test_up_serves_then_ctrl_c_leaves_nothing(tmp_path: Path) -> None:
     try:
         url = up.wait_url()
         node = up.node()
-        out = cli(url, "tasklib", "add", str(TASKLIB), "--name", "tensor-math")
+        token_file = state_dir / "admin-token"
+        assert f"admin token: {token_file} (new)" in "".join(up.output)
+        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+        out = cli(url, state_dir, "tasklib", "add", str(TASKLIB), "--name", "tensor-math")
         assert out.returncode == 0, out.stderr
         app_file = tmp_path / "sums.py"
         app_file.write_text(SUM_APP)
-        out = cli(url, "register", str(app_file), "--name", "sums")
+        out = cli(url, state_dir, "register", str(app_file), "--name", "sums")
         assert out.returncode == 0 and "ready" in out.stdout, out.stdout + out.stderr
-        out = cli(url, "invoke", "sums", '{"seed": 4}')
+        out = cli(url, state_dir, "invoke", "sums", '{"seed": 4}')
         assert out.returncode == 0, out.stderr
         assert json.loads(out.stdout)["sum"] == pytest.approx(
             float(make_matrix_tensor(4, 3, 3).sum()), abs=1e-3
@@ -203,7 +208,7 @@ def test_up_then_cornserve_down_leaves_nothing(tmp_path: Path) -> None:
     try:
         url = up.wait_url()
         node = up.node()
-        out = cli(url, "status")
+        out = cli(url, state_dir, "status")
         assert out.returncode == 0 and ": ok" in out.stdout, out.stdout + out.stderr
         # A service that dies is restarted by `up` instead of taking the cluster down.
         children = {
@@ -215,7 +220,9 @@ def test_up_then_cornserve_down_leaves_nothing(tmp_path: Path) -> None:
         while (pid := _child_pid(state_dir, "dispatcher-0")) == children["dispatcher-0"]:
             assert time.monotonic() < deadline, "the state file never showed the restarted dispatcher"
             time.sleep(0.2)
-        while "dispatcher x2" not in (out := cli(url, "status")).stdout:  # the new one registers with NATS
+        while (
+            "dispatcher x2" not in (out := cli(url, state_dir, "status")).stdout
+        ):  # the new one registers with NATS
             assert time.monotonic() < deadline, out.stdout + out.stderr
             time.sleep(0.5)
         assert pid != children["dispatcher-0"] and up.proc.poll() is None

@@ -20,6 +20,7 @@ after a clean run it also checks that nothing of a local cluster survived (proce
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -81,8 +82,19 @@ class ProcessCluster:
         self.services.append(service)
         return service
 
-    def start_local(self, state_dir: Path, *, cpu_slots: int = 4, dispatchers: int = 2) -> LocalCluster:
-        """The whole stack as `cornserve up --cpu-slots N` runs it, on a free gateway port; returns when ready."""
+    def start_local(
+        self,
+        state_dir: Path,
+        *,
+        cpu_slots: int = 4,
+        dispatchers: int = 2,
+        tls: tuple[Path, Path] | None = None,
+    ) -> LocalCluster:
+        """The whole stack as `cornserve up --cpu-slots N` runs it, on a free gateway port; returns when ready.
+
+        `tls` is (certificate, key) for an HTTPS gateway. The admin token is generated into the state
+        dir, as `up` does; `gateway_session` sends it.
+        """
         assert self.local is None, "one local cluster per ProcessCluster"
         self.local = LocalCluster(
             state_dir=state_dir,
@@ -90,6 +102,8 @@ class ProcessCluster:
             cpu_slots=cpu_slots,
             dispatchers=dispatchers,
             say=lambda *_: None,
+            tls_cert=tls[0] if tls else None,
+            tls_key=tls[1] if tls else None,
         )
         self.local.start(ready_timeout_s=LOCAL_READY_DEADLINE_S)
         return self.local
@@ -133,12 +147,28 @@ class ProcessCluster:
 
 
 @contextmanager
-def running_local_cluster(root: Path, *, cpu_slots: int = 4, dispatchers: int = 2) -> Iterator[LocalCluster]:
+def running_local_cluster(
+    root: Path, *, cpu_slots: int = 4, dispatchers: int = 2, tls: tuple[Path, Path] | None = None
+) -> Iterator[LocalCluster]:
     """A whole local cluster in `root` for a `with` block; afterwards nothing of it may survive."""
     with ProcessCluster(root) as processes:
-        yield processes.start_local(root, cpu_slots=cpu_slots, dispatchers=dispatchers)
+        yield processes.start_local(root, cpu_slots=cpu_slots, dispatchers=dispatchers, tls=tls)
 
 
-def gateway_session(local: LocalCluster, timeout_s: float) -> aiohttp.ClientSession:
-    """An HTTP session on the local cluster's gateway (`async with` it; relative paths like "/apps")."""
-    return aiohttp.ClientSession(base_url=local.url, timeout=aiohttp.ClientTimeout(total=timeout_s))
+def gateway_session(
+    local: LocalCluster, timeout_s: float, token: str | None = None, *, anonymous: bool = False
+) -> aiohttp.ClientSession:
+    """An HTTP session on the local cluster's gateway (`async with` it; relative paths like "/apps").
+
+    It sends `token` as a bearer token, by default the cluster's admin token (none when `anonymous`).
+    An HTTPS gateway's certificate is trusted as its own CA.
+    """
+    chosen = None if anonymous else (token or local.admin_token)
+    headers = {"Authorization": f"Bearer {chosen}"} if chosen else {}
+    tls = ssl.create_default_context(cafile=str(local.tls_cert)) if local.tls_cert is not None else True
+    return aiohttp.ClientSession(
+        base_url=local.url,
+        timeout=aiohttp.ClientTimeout(total=timeout_s),
+        headers=headers,
+        connector=aiohttp.TCPConnector(ssl=tls),
+    )

@@ -56,9 +56,11 @@ def ensure_model(model: str | None, state_dir: Path) -> str:
     return str(path)
 
 
-async def register_and_ask(url: str, app_source: str, prompt: str, image_url: str, max_tokens: int) -> None:
+async def register_and_ask(
+    cluster: LocalCluster, app_source: str, prompt: str, image_url: str, max_tokens: int
+) -> None:
     """Register the demo app (progress printed) and stream one answer, with timing."""
-    async with CornserveClient(url) as client:
+    async with CornserveClient(cluster.url, token=cluster.admin_token, ca_file=cluster.tls_cert) as client:
         started = time.monotonic()
         print("registering examples/mllm_app.py as app 'demo' ...")
         if any(app["name"] == "demo" for app in await client.list_apps()):
@@ -100,6 +102,7 @@ def run_demo(
     prompt: str,
     max_tokens: int,
     ready_timeout_s: float,
+    tls: tuple[Path, Path] | None = None,
 ) -> int:
     """Start the cluster, build the model if needed, register the app, ask once, keep serving."""
     if not DEMO_APP.exists():
@@ -107,7 +110,10 @@ def run_demo(
         return 2
     model_id = ensure_model(model, state_dir)
     os.environ["CORNSERVE_DEMO_MODEL"] = model_id  # the app reads it where it runs: in the gateway
-    cluster = LocalCluster(state_dir=state_dir, host=host, port=port, cpu_slots=cpu_slots, dispatchers=2)
+    cluster = LocalCluster(
+        state_dir=state_dir, host=host, port=port, cpu_slots=cpu_slots, dispatchers=2,
+        tls_cert=tls[0] if tls else None, tls_key=tls[1] if tls else None,
+    )  # fmt: skip
     stopping = False
 
     def request_stop(signum: int, frame: Any) -> None:
@@ -121,10 +127,13 @@ def run_demo(
         print(
             f"Cornserve is up in {time.monotonic() - started:.1f}s: {cluster.url}  (logs: {state_dir / 'logs'})"
         )
-        asyncio.run(register_and_ask(cluster.url, DEMO_APP.read_text(), prompt, demo_image_url(), max_tokens))
+        asyncio.run(register_and_ask(cluster, DEMO_APP.read_text(), prompt, demo_image_url(), max_tokens))
         if not once:
             print(f"\nserving app 'demo' at {cluster.url}/apps/demo/invoke — Ctrl-C stops")
-            print(f"  try: CORNSERVE_URL={cluster.url} cornserve invoke demo @examples/mllm_request.json")
+            print(
+                f"  try: CORNSERVE_URL={cluster.url} CORNSERVE_STATE_DIR={state_dir} "
+                "cornserve invoke demo @examples/mllm_request.json"
+            )
             return cluster.supervise(lambda: stopping)
         return 0
     except KeyboardInterrupt:

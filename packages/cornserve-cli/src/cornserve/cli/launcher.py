@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import signal
+import ssl
 import sys
 import time
 import urllib.error
@@ -22,21 +23,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cornserve.cli.admintoken import ensure_admin_token
 from cornserve.cli.natsserver import NatsServerProcess
 from cornserve.runtime.process import ProcessGroup, free_port, log_tail, pid_alive, signal_group, wait_for
-from cornserve.runtime.secrets import new_token, write_secret_file
+from cornserve.runtime.secrets import SecretFileError, new_token, write_secret_file
+from cornserve.runtime.statedir import default_state_dir
 from cornserve.runtime.supervise import supervise
+
+__all__ = ["LaunchError", "LocalCluster", "default_state_dir", "read_state", "shut_down"]
 
 STATE_FILE = "cluster.json"
 SIDECAR_SECRET_FILE = "sidecar-secret"
 """The sidecars' peer secret in the state dir (0600, new at every `up`)."""
 SHM_DIR = Path("/dev/shm")
-
-
-def default_state_dir() -> Path:
-    """`$XDG_STATE_HOME/cornserve`, else `~/.local/state/cornserve`."""
-    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "cornserve"
 
 
 def count_gpus() -> int:
@@ -109,11 +108,29 @@ class LocalCluster:
     nats: NatsServerProcess | None = None
     env: dict[str, str] = field(default_factory=dict)
     """The environment the children were started with (for `restart`)."""
+    tls_cert: Path | None = None
+    """PEM certificate (and `tls_key`) for an HTTPS gateway; None serves HTTP."""
+    tls_key: Path | None = None
+    admin_token: str = field(default="", repr=False)
+    """The gateway's admin token (set by `start`; see `cornserve.cli.admintoken`)."""
 
     @property
     def url(self) -> str:
         """The gateway URL."""
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls_cert is not None else 'http'}://{self.host}:{self.port}"
+
+    def _gateway_auth_args(self) -> list[str]:
+        """The admin token (env, else state-dir file, else generated) and TLS flags of the gateway."""
+        try:
+            token = ensure_admin_token(self.state_dir)
+        except SecretFileError as exc:
+            raise LaunchError(str(exc)) from None
+        self.admin_token = token.value
+        self.say(f"admin token: {token.where}")
+        args = [] if token.file is None else ["--admin-token-file", str(token.file)]
+        if self.tls_cert is not None and self.tls_key is not None:
+            args += ["--tls-cert", str(self.tls_cert), "--tls-key", str(self.tls_key)]
+        return args
 
     @property
     def node(self) -> str:
@@ -160,7 +177,10 @@ class LocalCluster:
             self._child(
                 f"dispatcher-{index}", "cornserve.dispatcher.main", "--replica-id", f"dispatcher-{index}"
             )
-        self._child("gateway", "cornserve.gateway.main", "--host", self.host, "--port", str(self.port))
+        self._child(
+            "gateway", "cornserve.gateway.main", "--host", self.host, "--port", str(self.port),
+            *self._gateway_auth_args(),
+        )  # fmt: skip
         self.env = {**env, "CORNSERVE_NODE": self.node}
         for child in self.children:
             self.say(f"starting {child.name}")
@@ -196,7 +216,9 @@ class LocalCluster:
                         f"{child.name} exited during start-up; its log ({child.log_path}):\n{child.log_tail()}"
                     )
             try:
-                with urllib.request.urlopen(self.url + "/health", timeout=5) as response:
+                with urllib.request.urlopen(
+                    self.url + "/health", timeout=5, context=self._probe_tls()
+                ) as response:
                     if response.status == 200:
                         return
             except urllib.error.HTTPError as exc:
@@ -207,6 +229,19 @@ class LocalCluster:
         raise LaunchError(
             f"the cluster did not become healthy within {timeout_s:.0f} s (last answer: {last})"
         )
+
+    def _probe_tls(self) -> ssl.SSLContext | None:
+        """For the readiness probe of an HTTPS gateway: trust its own certificate, whatever name it carries.
+
+        The probe reads only the open /health route and sends no token; the certificate's name may
+        not match the bind address (0.0.0.0), so only the chain is checked.
+        """
+        if self.tls_cert is None:
+            return None
+        context = ssl.create_default_context(cafile=str(self.tls_cert))
+        context.check_hostname = False
+        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+        return context
 
     def restart(self, name: str, timeout_s: float = 10.0) -> Child:
         """Stop child `name` if it still runs (SIGTERM, then SIGKILL to its group) and start it again.

@@ -62,7 +62,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(
         state_dir=Path(args.state_dir), host=args.host, port=args.port, cpu_slots=args.cpu_slots,
         model=args.model, once=args.once, prompt=args.prompt, max_tokens=args.max_tokens,
-        ready_timeout_s=args.ready_timeout,
+        ready_timeout_s=args.ready_timeout, tls=_tls_pair(args),
     )  # fmt: skip
 
 
@@ -79,7 +79,19 @@ def _cmd_models_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tls_pair(args: argparse.Namespace) -> tuple[Path, Path] | None:
+    """`--tls-cert`/`--tls-key` of `up` and `demo`: both or neither (argparse exits 2 otherwise)."""
+    if (args.tls_cert is None) != (args.tls_key is None):
+        print(
+            "error: --tls-cert and --tls-key go together: give both (HTTPS) or neither (HTTP)",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+    return None if args.tls_cert is None else (Path(args.tls_cert), Path(args.tls_key))
+
+
 def _cmd_up(args: argparse.Namespace) -> int:
+    tls = _tls_pair(args)
     cluster = LocalCluster(
         state_dir=Path(args.state_dir),
         host=args.host,
@@ -87,6 +99,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
         cpu_slots=args.cpu_slots,
         dispatchers=args.dispatchers,
         nats_url=args.nats_url,
+        tls_cert=tls[0] if tls else None,
+        tls_key=tls[1] if tls else None,
     )
     stopping = False
 
@@ -109,6 +123,10 @@ def _cmd_up(args: argparse.Namespace) -> int:
     print(
         f"  export CORNSERVE_URL={cluster.url}   # then: cornserve register APP.py; Ctrl-C or `cornserve down` stops"
     )
+    if Path(args.state_dir) != default_state_dir():
+        print(f"  export CORNSERVE_STATE_DIR={args.state_dir}   # where the CLI finds the admin token")
+    if tls:
+        print(f"  export CORNSERVE_CA_FILE={tls[0]}   # if the certificate is not one the system trusts")
     code = cluster.supervise(lambda: stopping)
     print("stopping Cornserve ...")
     cluster.stop()
@@ -123,7 +141,7 @@ def _cmd_down(args: argparse.Namespace) -> int:
 def _http(fn: Callable[..., Awaitable[int]], *fields: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         async def go() -> int:
-            async with CornserveClient(args.url) as client:
+            async with CornserveClient(args.url, state_dir=args.state_dir) as client:
                 return await fn(client, *(getattr(args, f) for f in fields))
 
         try:
@@ -142,14 +160,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cornserve", description="Cornserve: serve multimodal AI apps.")
     commands_ = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def http_command(name: str, help_: str) -> argparse.ArgumentParser:
-        sub = commands_.add_parser(name, help=help_)
+    def gateway_flags(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
         sub.add_argument(
             "--url",
             default=default_url(),
             help="gateway URL (default: $CORNSERVE_URL or http://127.0.0.1:8000)",
         )
+        sub.add_argument(
+            "--state-dir",
+            default=str(default_state_dir()),
+            help="where `cornserve up` keeps the admin token, used when neither $CORNSERVE_ADMIN_TOKEN "
+            "nor $CORNSERVE_API_KEY is set (default: %(default)s)",
+        )
         return sub
+
+    def http_command(name: str, help_: str) -> argparse.ArgumentParser:
+        return gateway_flags(commands_.add_parser(name, help=help_))
+
+    def tls_flags(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--tls-cert", default=None, help="PEM certificate: serve the gateway over HTTPS")
+        sub.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
 
     up = commands_.add_parser(
         "up", help="start a local cluster (NATS, sidecars, resource manager, dispatchers, gateway)"
@@ -165,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--ready-timeout", type=float, default=180.0, help="seconds to wait for the cluster to be healthy"
     )
+    tls_flags(up)
     up.set_defaults(func=_cmd_up)
 
     down = commands_.add_parser("down", help="stop the local cluster started by `cornserve up`")
@@ -192,13 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     tasklib = commands_.add_parser("tasklib", help="task libraries: custom unit tasks and descriptors")
     tl = tasklib.add_subparsers(dest="tasklib_command", required=True, metavar="SUBCOMMAND")
-    add = tl.add_parser("add", help="upload a task library file")
+    add = gateway_flags(tl.add_parser("add", help="upload a task library file"))
     add.add_argument("file")
     add.add_argument("--name", default=None, help="library name (default: the file name)")
-    add.add_argument("--url", default=default_url())
     add.set_defaults(func=_http(commands.tasklib_add, "file", "name"))
-    ls = tl.add_parser("list", help="list task libraries")
-    ls.add_argument("--url", default=default_url())
+    ls = gateway_flags(tl.add_parser("list", help="list task libraries"))
     ls.set_defaults(func=_http(commands.tasklib_list))
 
     demo = commands_.add_parser(
@@ -219,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--cpu-slots", type=int, default=4)
     demo.add_argument("--state-dir", default=str(default_state_dir()))
     demo.add_argument("--ready-timeout", type=float, default=180.0)
+    tls_flags(demo)
     demo.set_defaults(func=_cmd_demo)
 
     models = commands_.add_parser(

@@ -5,8 +5,17 @@ notebook/SDK session: deploy tasks, then `await task(input)` runs them on the cl
 session (or missing heartbeats) releases them.
 """
 
-from cornserve.client.errors import CornserveError
+from cornserve.client.auth import resolve_token
+from cornserve.client.errors import CornserveAuthError, CornserveError
 from cornserve.client.http import CornserveClient, default_url
 from cornserve.client.session import ClusterSession, connect
 
-__all__ = ["ClusterSession", "CornserveClient", "CornserveError", "connect", "default_url"]
+__all__ = [
+    "ClusterSession",
+    "CornserveAuthError",
+    "CornserveClient",
+    "CornserveError",
+    "connect",
+    "default_url",
+    "resolve_token",
+]

@@ -14,3 +14,10 @@ class CornserveError(Exception):
         self.error = error
         self.message = message
         self.detail = detail
+
+
+class CornserveAuthError(CornserveError):
+    """The gateway refused the token (401: none or unknown; 403: an API key on an admin route).
+
+    The message says which token was sent (never its value) and how to supply the right one.
+    """

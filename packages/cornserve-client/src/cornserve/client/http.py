@@ -6,11 +6,13 @@ import asyncio
 import json
 import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from cornserve.client.errors import CornserveError
+from cornserve.client.auth import Token, client_ssl_context, how_to_authenticate, resolve_token
+from cornserve.client.errors import CornserveAuthError, CornserveError
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -20,8 +22,19 @@ def default_url() -> str:
     return os.environ.get("CORNSERVE_URL", DEFAULT_URL).rstrip("/")
 
 
-async def raise_for_error(response: aiohttp.ClientResponse) -> None:
-    """Turn a 4xx/5xx reply into CornserveError with the gateway's message."""
+def auth_hint(status: int, token: Token | None, state_dir: Path | None = None) -> str:
+    """What to do about a 401/403, naming the token that was sent by where it came from."""
+    if token is None:
+        return f"no token was sent: {how_to_authenticate(state_dir)}"
+    if status == 403:
+        return f"the token from {token.source} may only invoke apps; this needs the admin token"
+    return (
+        f"the token from {token.source} was refused: is it this cluster's? {how_to_authenticate(state_dir)}"
+    )
+
+
+async def raise_for_error(response: aiohttp.ClientResponse, auth_help: str | None = None) -> None:
+    """Turn a 4xx/5xx reply into CornserveError with the gateway's message (CornserveAuthError for 401/403)."""
     if response.status < 400:
         return
     text = await response.text()
@@ -31,6 +44,11 @@ async def raise_for_error(response: aiohttp.ClientResponse) -> None:
         body = {"error": "http_error", "message": text.strip()[:2000]}
     if not isinstance(body, dict):
         body = {"error": "http_error", "message": str(body)}
+    if response.status in (401, 403):
+        message = str(body.get("message", text)) + (f" — {auth_help}" if auth_help else "")
+        raise CornserveAuthError(
+            response.status, str(body.get("error", "error")), message, body.get("detail")
+        )
     raise CornserveError(
         response.status, str(body.get("error", "error")), str(body.get("message", text)), body.get("detail")
     )
@@ -71,11 +89,28 @@ async def iter_lines(
 
 
 class CornserveClient:
-    """Apps, tasks and task libraries of one cluster (one gateway URL)."""
+    """Apps, tasks and task libraries of one cluster (one gateway URL).
 
-    def __init__(self, url: str | None = None, timeout_s: float = 900.0) -> None:
+    `token` is the bearer token sent with every request; without one it is looked up as
+    `cornserve.client.auth.resolve_token` says (environment, then the local state dir). `ca_file`
+    (or ``$CORNSERVE_CA_FILE``) is the CA an HTTPS gateway's certificate chains to, when it is not one
+    the system trusts (a self-signed certificate is its own CA).
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        timeout_s: float = 900.0,
+        *,
+        token: str | None = None,
+        state_dir: str | Path | None = None,
+        ca_file: str | Path | None = None,
+    ) -> None:
         self.url = (url or default_url()).rstrip("/")
         self.timeout_s = timeout_s
+        self._state_dir = Path(state_dir) if state_dir is not None else None
+        self.token = resolve_token(self.url, token, self._state_dir)
+        self._ssl = client_ssl_context(ca_file)
         self._http: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> CornserveClient:
@@ -88,8 +123,16 @@ class CornserveClient:
     def http(self) -> aiohttp.ClientSession:
         """The shared HTTP session (created lazily)."""
         if self._http is None or self._http.closed:
-            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
+            headers = {} if self.token is None else {"Authorization": f"Bearer {self.token.value}"}
+            self._http = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+                headers=headers,
+                connector=aiohttp.TCPConnector(ssl=self._ssl if self._ssl is not None else True),
+            )
         return self._http
+
+    def _auth_help(self, status: int) -> str:
+        return auth_hint(status, self.token, self._state_dir)
 
     async def close(self) -> None:
         """Close the HTTP session."""
@@ -105,7 +148,7 @@ class CornserveClient:
                 json=body,
                 timeout=aiohttp.ClientTimeout(total=timeout_s or self.timeout_s),
             ) as response:
-                await raise_for_error(response)
+                await raise_for_error(response, self._auth_help(response.status))
                 return await response.json()
         except aiohttp.ClientConnectionError as exc:
             raise CornserveError(
@@ -132,7 +175,7 @@ class CornserveClient:
             async with self.http.request(
                 method, self.url + path, json=body, headers={"Accept": accept}
             ) as response:
-                await raise_for_error(response)
+                await raise_for_error(response, self._auth_help(response.status))
                 content_type = response.headers.get("Content-Type", "")
                 if content_type.startswith("application/json"):
                     yield await response.json()

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from pydantic import TypeAdapter
@@ -124,13 +125,25 @@ class ClusterSession:
         await self.close()
 
 
-async def connect(url: str | None = None, ttl_s: float = 60.0) -> ClusterSession:
+async def connect(
+    url: str | None = None,
+    ttl_s: float = 60.0,
+    *,
+    token: str | None = None,
+    state_dir: str | Path | None = None,
+    ca_file: str | Path | None = None,
+) -> ClusterSession:
     """Open a session on the cluster at `url` (default `CORNSERVE_URL`) and make it the graph runner.
 
-    Use `async with await connect() as session: await session.deploy(task); await task(x)`.
+    Sessions need the admin token (`token`, else as `CornserveClient` finds it). Use
+    `async with await connect() as session: await session.deploy(task); await task(x)`.
     """
-    client = CornserveClient(url)
-    reply = await client.call("POST", "/sessions", {"ttl_s": ttl_s})
+    client = CornserveClient(url, token=token, state_dir=state_dir, ca_file=ca_file)
+    try:
+        reply = await client.call("POST", "/sessions", {"ttl_s": ttl_s})
+    except BaseException:
+        await client.close()
+        raise
     session = ClusterSession(client, reply["session_id"], ttl_s, owner=str(reply.get("owner", "")))
     session._heartbeat = asyncio.create_task(session._beat())
     set_graph_runner(session)

@@ -8,22 +8,32 @@ import logging
 import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Annotated, ClassVar
 
 from aiohttp import web
 from nats.aio.client import Client
 from nats.micro import add_service
-from pydantic import AfterValidator, Field, model_validator
+from pydantic import AfterValidator, Field, SecretStr, ValidationInfo, field_validator, model_validator
 
 from cornserve.bus.control import GATEWAY_SERVICE_NAME, KV_APPS, KV_TASKLIBS, TaskLibraryRecord
 from cornserve.bus.kv import TaskLibrarySync, open_bucket
 from cornserve.bus.rm_client import ResourceManagerClient
 from cornserve.gateway import __version__
+from cornserve.gateway.auth import AuthConfigError, Credentials
 from cornserve.gateway.dispatch_client import DispatcherClient
 from cornserve.gateway.routes import Gateway
 from cornserve.gateway.sessions import SessionLimits, SessionRegistry
+from cornserve.gateway.tls import TLSConfigError, is_loopback, server_context
+from cornserve.runtime.secrets import SecretFileError, read_secret_file
 from cornserve.runtime.service import run_service
-from cornserve.runtime.settings import CommaSeparated, ProcessInfo, ServiceSettings
+from cornserve.runtime.settings import (
+    CommaSeparated,
+    CommaSeparatedSecrets,
+    Flag,
+    ProcessInfo,
+    ServiceSettings,
+)
 from cornserve.task import set_graph_runner
 from cornserve.task.executor_flags import check_allowed_names
 from cornserve.task.library import load_task_library
@@ -56,6 +66,52 @@ class GatewaySettings(ServiceSettings):
     """Deadline for deploying an app's tasks."""
     graph_timeout: float = Field(default=300.0, gt=0)
     """Deadline for executing one task graph."""
+    admin_token: Annotated[SecretStr | None, Flag(env_only=True)] = None
+    """The admin token (environment only); or give --admin-token-file."""
+    admin_token_file: Path | None = Field(default=None, validate_default=True)
+    """A 0600 file holding the admin token (what `cornserve up` passes)."""
+    api_keys: CommaSeparatedSecrets = []
+    """Invoke-only bearer keys; when none are set, invoking needs the admin token."""
+    tls_cert: Path | None = None
+    """PEM certificate (chain) to serve HTTPS with; needs --tls-key."""
+    tls_key: Path | None = Field(default=None, validate_default=True)
+    """PEM private key of --tls-cert."""
+
+    @field_validator("admin_token_file")
+    @classmethod
+    def _one_admin_token(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        given = info.data.get("admin_token") is not None
+        if value is None and not given:
+            raise ValueError(
+                "the gateway needs an admin token: set CORNSERVE_ADMIN_TOKEN or pass --admin-token-file "
+                "(`cornserve up` does this for you)"
+            )
+        if value is not None and given:
+            raise ValueError(
+                "give the admin token once: CORNSERVE_ADMIN_TOKEN or --admin-token-file, not both"
+            )
+        return value
+
+    @field_validator("tls_key")
+    @classmethod
+    def _tls_pair(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if (value is None) != (info.data.get("tls_cert") is None):
+            raise ValueError("--tls-cert and --tls-key go together: give both (HTTPS) or neither (HTTP)")
+        return value
+
+    def credentials(self) -> Credentials:
+        """The tokens the API accepts; raises AuthConfigError or SecretFileError naming the problem."""
+        if self.admin_token_file is not None:
+            admin = read_secret_file(self.admin_token_file)
+        else:
+            assert self.admin_token is not None  # the validator saw one of the two
+            admin = self.admin_token.get_secret_value()
+        return Credentials.from_tokens(admin, [k.get_secret_value() for k in self.api_keys])
+
+    @property
+    def scheme(self) -> str:
+        """The URL scheme: https when a certificate is configured."""
+        return "https" if self.tls_cert is not None else "http"
 
     @model_validator(mode="after")
     def _ttl_within_max(self) -> GatewaySettings:
@@ -73,6 +129,18 @@ def _load_library(record: TaskLibraryRecord) -> None:
 @asynccontextmanager
 async def serve(settings: GatewaySettings, nc: Client) -> AsyncIterator[None]:
     """Serve the HTTP API while the context is open; every part started is stopped on the way out."""
+    credentials = settings.credentials()
+    ssl_context = None
+    if settings.tls_cert is not None and settings.tls_key is not None:
+        ssl_context = server_context(settings.tls_cert, settings.tls_key)
+    elif not is_loopback(settings.host):
+        logger.warning(
+            "listening on %s without TLS: bearer tokens and request data cross the network in clear text "
+            "and can be read or replayed by anyone on the path; pass --tls-cert/--tls-key or put a TLS "
+            "proxy in front",
+            settings.host,
+        )
+    url = f"{settings.scheme}://{settings.host}:{settings.port}"
     async with contextlib.AsyncExitStack() as stack:
         libraries = TaskLibrarySync(nc, _load_library)
         await libraries.start()
@@ -104,15 +172,19 @@ async def serve(settings: GatewaySettings, nc: Client) -> AsyncIterator[None]:
             name=GATEWAY_SERVICE_NAME,
             version=__version__,
             description="Cornserve HTTP gateway",
-            metadata={"url": f"http://{settings.host}:{settings.port}"},
+            metadata={"url": url},
         )
         stack.push_async_callback(service.stop)
         stack.push_async_callback(sessions.stop)
-        runner = web.AppRunner(gateway.app(), access_log=None)
+        runner = web.AppRunner(gateway.app(credentials), access_log=None)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
-        await web.TCPSite(runner, settings.host, settings.port).start()
-        logger.info("gateway listening on http://%s:%d", settings.host, settings.port)
+        await web.TCPSite(runner, settings.host, settings.port, ssl_context=ssl_context).start()
+        logger.info(
+            "gateway listening on %s (%d API key(s); without one, invoking needs the admin token)",
+            url,
+            len(settings.api_keys),
+        )
         sessions.start()
 
         async def recover() -> None:
@@ -133,7 +205,14 @@ async def serve(settings: GatewaySettings, nc: Client) -> AsyncIterator[None]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of `cornserve-gateway`."""
-    sys.exit(run_service(GatewaySettings, serve, argv=argv))
+    sys.exit(
+        run_service(
+            GatewaySettings,
+            serve,
+            argv=argv,
+            expected_errors=(AuthConfigError, SecretFileError, TLSConfigError),
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from cornserve.bus.kv import kv_all, kv_put
 from cornserve.bus.rm_client import ResourceManagerClient
 from cornserve.gateway import __version__
 from cornserve.gateway.apps import LIST_TIMEOUT_S, App, AppRegistry
+from cornserve.gateway.auth import Credentials, auth_middleware, check_route_scopes
 from cornserve.gateway.discovery import ping_services
 from cornserve.gateway.driver import parse_request, run_streaming, run_unary
 from cornserve.gateway.errors import HTTPError, to_http_error
@@ -120,9 +121,11 @@ class Gateway:
         self._tasklibs_kv = tasklibs_kv
         self.request_timeout_s = request_timeout_s
 
-    def app(self) -> web.Application:
-        """The aiohttp application with every route."""
-        app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY)
+    def app(self, credentials: Credentials) -> web.Application:
+        """The aiohttp application with every route, each behind the scope `auth.ROUTE_SCOPES` gives it."""
+        app = web.Application(
+            middlewares=[error_middleware, auth_middleware(credentials)], client_max_size=MAX_BODY
+        )
         app.add_routes(
             [
                 web.get("/health", self.health),
@@ -143,6 +146,7 @@ class Gateway:
                 web.delete("/sessions/{id}", self.close_session),
             ]
         )
+        check_route_scopes(app)
         return app
 
     # ----- health and docs -------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, ClassVar, Literal, NoReturn, TypeVar
 
-from pydantic import AfterValidator, BeforeValidator, ValidationError
+from pydantic import AfterValidator, BeforeValidator, SecretStr, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -98,6 +98,12 @@ def _split_commas(value: object) -> object:
 
 CommaSeparated = Annotated[list[str], NoDecode, BeforeValidator(_split_commas)]
 """A list setting written as comma-separated text (``--x a,b`` / ``CORNSERVE_X=a,b``); blanks are dropped."""
+
+CommaSeparatedSecrets = Annotated[
+    list[SecretStr], NoDecode, BeforeValidator(_split_commas), Flag(env_only=True)
+]
+"""Comma-separated secrets (API keys): environment only, since every user can read a command line;
+masked in reprs."""
 
 
 def _upper(value: object) -> object:
