@@ -24,10 +24,22 @@ def checkpoints(tiny_checkpoint: TinyCheckpoint) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def mllm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    """Four CPU slots: enough for one family's encoder, its two LLMs and a second LLM."""
-    with running_local_cluster(tmp_path_factory.mktemp("mllm-cluster"), cpu_slots=4) as cluster:
-        yield cluster
+def media_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The one directory the cluster's executors may read `file:` media from."""
+    return tmp_path_factory.mktemp("media")
+
+
+@pytest.fixture(scope="module")
+def mllm_cluster(tmp_path_factory: pytest.TempPathFactory, media_dir: Path) -> Iterator[LocalCluster]:
+    """Four CPU slots: enough for one family's encoder, its two LLMs and a second LLM.
+
+    `CORNSERVE_MEDIA_DIRS` is set as an operator sets it for `cornserve up`: every process inherits
+    it, down to the executors the task managers start.
+    """
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("CORNSERVE_MEDIA_DIRS", str(media_dir))
+        with running_local_cluster(tmp_path_factory.mktemp("mllm-cluster"), cpu_slots=4) as cluster:
+            yield cluster
 
 
 @pytest.fixture

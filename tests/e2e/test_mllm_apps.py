@@ -103,7 +103,7 @@ async def task_keys(gateway: aiohttp.ClientSession) -> dict[str, dict[str, Any]]
 
 
 async def test_qwen2_vl_fission_and_monolithic_match_transformers_and_share_the_encoder(
-    gateway: aiohttp.ClientSession, checkpoints: dict[str, Path], tmp_path: Path
+    gateway: aiohttp.ClientSession, checkpoints: dict[str, Path], media_dir: Path
 ) -> None:
     qwen, qwen_b = checkpoints["qwen"], checkpoints["qwen-b"]
     fission = await register(gateway, "qwen-fission", MLLM_APP.format(model=str(qwen), fission=True))
@@ -121,7 +121,7 @@ async def test_qwen2_vl_fission_and_monolithic_match_transformers_and_share_the_
     assert mono["tasks"]
 
     image = picture(1)
-    file_image = tmp_path / "picture.png"
+    file_image = media_dir / "picture.png"
     picture(2).save(file_image)
     for url, img, prompt in (
         (data_url(image), image, "What is in this picture?"),
@@ -139,8 +139,17 @@ async def test_qwen2_vl_fission_and_monolithic_match_transformers_and_share_the_
 
     # Bad inputs: a clear 4xx, and the executors stay up.
     bad_cases = [
-        (messages("file:///nonexistent/cornserve.png", "hi"), MAX_TOKENS, "nonexistent"),
-        (messages(f"http://127.0.0.1:{free_port()}/cornserve.png", "hi"), MAX_TOKENS, "127.0.0.1"),
+        (
+            messages("file:///nonexistent/cornserve.png", "hi"),
+            MAX_TOKENS,
+            "not in an allowed media directory",
+        ),
+        (messages("file:///etc/passwd", "hi"), MAX_TOKENS, "not in an allowed media directory"),
+        (
+            messages(f"http://127.0.0.1:{free_port()}/cornserve.png", "hi"),
+            MAX_TOKENS,
+            "address is not allowed",
+        ),
         (messages("data:image/png;base64,bm90IGFuIGltYWdl", "hi"), MAX_TOKENS, ""),
         (
             [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "file:///v.mp4"}}]}],

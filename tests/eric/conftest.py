@@ -44,7 +44,12 @@ def eric_cluster(
     with ProcessCluster(tmp_path_factory.mktemp("eric"), nats_url, ERIC_RANKS) as cluster:
         sidecars = cluster.start_sidecars(len(specs) + 2, nodes=["node-eric"] * (len(specs) + 2))
         ranks = [s.rank for s in sidecars]
-        env = {"CORNSERVE_NATS_URL": nats_url, "HF_HUB_OFFLINE": "1"}
+        env = {
+            "CORNSERVE_NATS_URL": nats_url,
+            "HF_HUB_OFFLINE": "1",
+            # file: media may come from the tests' temporary directories (and nowhere else).
+            "CORNSERVE_MEDIA_DIRS": str(tmp_path_factory.getbasetemp()),
+        }
         erics: dict[str, Eric] = {}
         for (name, (arch, modality, batch)), rank in zip(specs.items(), ranks[1:], strict=False):
             port = free_port()

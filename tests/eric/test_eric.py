@@ -180,7 +180,7 @@ def test_bad_inputs_are_400_and_eric_stays_up(eric_cluster: EricSetup, tmp_path:
     eric = eric_cluster.erics["qwen-image"]
     dst = eric_cluster.dst_rank
     cases = {
-        "media_fetch_error": [(tmp_path / "missing.png").as_uri()],
+        "media_refused": [(tmp_path / "missing.png").as_uri()],
         "media_decode_error": ["data:image/png;base64," + base64.b64encode(b"garbage" * 50).decode()],
     }
     for kind, urls in cases.items():
@@ -188,6 +188,13 @@ def test_bad_inputs_are_400_and_eric_stays_up(eric_cluster: EricSetup, tmp_path:
         assert status == 400, reply
         assert reply["error"]["type"] == kind
         assert "items[0]" in reply["error"]["message"]
+    # The media policy: a file outside the media dirs reads exactly like a missing one.
+    texts = set()
+    for url in ("file:///etc/passwd", (tmp_path / "missing.png").as_uri()):
+        status, reply = http_json("POST", f"{eric.url}/embeddings", request_body(eric, "image", [url], dst))
+        assert status == 400 and reply["error"]["type"] == "media_refused", reply
+        texts.add(reply["error"]["message"].replace(repr(url), "<url>"))
+    assert texts == {"items[0]: <url> is not in an allowed media directory or cannot be read"}, texts
     status, reply = http_json(
         "POST", f"{eric.url}/embeddings", request_body(eric, "audio", [png_url(image(0, (32, 32)))], dst)
     )

@@ -50,20 +50,22 @@ def cluster(
     tiny_models: dict[str, Path], nats_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LLMExecutorSetup]:
     log_dir = tmp_path_factory.mktemp("llm-executor-logs")
+    # file: media may come from the tests' temporary directories (and nowhere else).
+    media = ["--media-dirs", str(tmp_path_factory.getbasetemp())]
     with ProcessCluster(log_dir, nats_url, LLM_EXECUTOR_RANKS) as cluster:
         producer, *consumers = cluster.start_sidecars(3, arena_bytes=16 * MiB, ttl_s=300.0)
         mono = {}
         fission = {}
         for arch, consumer in zip(ARCHS, consumers, strict=True):
             mono[arch] = start_executor(
-                cluster, tiny_models[arch], f"{arch}-mono", sidecar_rank=None, extra=[]
+                cluster, tiny_models[arch], f"{arch}-mono", sidecar_rank=None, extra=media
             )
             fission[arch] = start_executor(
                 cluster,
                 tiny_models[arch],
                 f"{arch}-fission",
                 sidecar_rank=consumer.rank,
-                extra=["--embedding-timeout-s", "3"],
+                extra=["--embedding-timeout-s", "3", *media],
             )
         executors = [*mono.values(), *fission.values()]
         for ex in executors:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -34,7 +36,7 @@ from cornserve.llm_executor.executor import LLMExecutor
 from cornserve.llm_executor.prompt import PreparedPrompt
 from cornserve.llm_executor.sampling import SamplingParams
 from cornserve.llm_executor.server import ChatServer, Completion, Piece
-from cornserve.models.media import load_media
+from cornserve.models.media import MediaPolicy, load_media
 from cornserve.runtime.process import free_port
 from cornserve.runtime.settings import parse_settings
 from cornserve.sidecar import Sidecar
@@ -186,7 +188,8 @@ async def test_greedy_matches_transformers_generate_in_both_modes(
         else:
             url = mp4_file(tmp_path / f"clip{index}.mp4").as_uri()
         parts.append({"type": f"{modality}_url", f"{modality}_url": {"url": url}})
-        items.append((modality, load_media(url, modality)))  # the same decoder the executors use
+        # The same decoder the executors use.
+        items.append((modality, load_media(url, modality, MediaPolicy(media_dirs=str(tmp_path)))))
     text = "Describe this picture."
     ref_ids, ref_text, prompt_len = ref.generate(items, text, MAX_TOKENS)
     assert len(ref_ids) >= 1
@@ -337,7 +340,7 @@ def test_bad_inputs_are_client_errors_and_the_executor_stays_up(
     cases: list[tuple[dict[str, Any], int, str, tuple[str, ...]]] = [
         ({"messages": image_messages("data:image/png;base64,AAAA", "x")}, 400, "invalid_media", ("image",)),
         ({"messages": image_messages(garbage.as_uri(), "x")}, 400, "invalid_media", ("decodable",)),
-        ({"messages": image_messages((tmp_path / "missing.png").as_uri(), "x")}, 400, "invalid_media", ("cannot read",)),
+        ({"messages": image_messages((tmp_path / "missing.png").as_uri(), "x")}, 400, "invalid_media", ("cannot be read",)),
         ({"messages": image_messages(png_data_url(1), "x"), "max_completion_tokens": 100_000}, 400,
          "context_length_exceeded", ("4096",)),
         ({"messages": [{"role": "user", "content": "x"}], "cornserve_embeddings": [{"id": "abc"}]}, 400,
@@ -353,7 +356,28 @@ def test_bad_inputs_are_client_errors_and_the_executor_stays_up(
         status, reply = post_json(
             mono.url, {"messages": image_messages("file:///nope.png", "x"), "stream": stream}
         )
-        assert_error(status, reply, 400, "invalid_media", "cannot read")
+        assert_error(status, reply, 400, "invalid_media", "cannot be read")
+
+    # The media policy through a real executor: no filesystem oracle, no port scanner.
+    replies = []
+    for url in ("file:///etc/passwd", (tmp_path / "missing.png").as_uri(), "file:///nonexistent/x.png"):
+        status, reply = post_json(mono.url, {"messages": image_messages(url, "x")})
+        assert status == 400, reply
+        replies.append(reply["error"]["message"].replace(repr(url), "<url>"))
+    assert len(set(replies)) == 1, replies
+    assert "not in an allowed media directory or cannot be read" in replies[0]
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        listener.setblocking(False)
+        port = listener.getsockname()[1]
+        status, reply = post_json(
+            mono.url, {"messages": image_messages(f"http://127.0.0.1:{port}/x.png", "x")}
+        )
+        assert_error(status, reply, 400, "invalid_media", "address is not allowed")
+        time.sleep(0.2)
+        with pytest.raises(BlockingIOError):  # nobody connected
+            listener.accept()
 
     llava = cluster.monolithic["llava"]
     video = {

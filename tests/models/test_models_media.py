@@ -1,4 +1,7 @@
-"""load_media: data:/file:/http: URLs to RGB images and [T, H, W, 3] uint8 videos, with typed errors."""
+"""load_media: data:/file:/http: URLs to RGB images and [T, H, W, 3] uint8 videos, with typed errors.
+
+The attack-shaped cases of the media policy are in test_media_policy.py.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import pytest
 from PIL import Image
 
 from cornserve.models.loading import ModelNotFoundError, resolve_model_dir
-from cornserve.models.media import MediaDecodeError, MediaError, MediaFetchError, load_media
+from cornserve.models.media import MediaDecodeError, MediaError, MediaFetchError, MediaPolicy, load_media
 from cornserve.runtime.process import free_port
 
 
@@ -74,8 +77,9 @@ def http_server() -> Iterator[str]:
 def test_image_from_data_file_and_http(tmp_path: Path, http_server: str) -> None:
     path = tmp_path / "a b.png"
     path.write_bytes(png_bytes())
+    policy = MediaPolicy(media_dirs=str(tmp_path), media_allow_hosts="127.0.0.1")
     for url in (data_url(png_bytes(), "image/png"), path.as_uri(), f"{http_server}/img.png"):
-        img = load_media(url, "image")
+        img = load_media(url, "image", policy)
         assert isinstance(img, Image.Image)
         assert img.mode == "RGB" and img.size == (40, 30)
 
@@ -86,13 +90,14 @@ def test_video_from_data_url() -> None:
 
 
 def test_missing_file_and_unreachable_url_are_fetch_errors(tmp_path: Path, http_server: str) -> None:
+    policy = MediaPolicy(media_dirs=str(tmp_path), media_allow_hosts="127.0.0.1")
     with pytest.raises(MediaFetchError, match=r"nope\.png"):
-        load_media((tmp_path / "nope.png").as_uri(), "image")
+        load_media((tmp_path / "nope.png").as_uri(), "image", policy)
     with pytest.raises(MediaFetchError, match="404"):
-        load_media(f"{http_server}/missing.png", "image")
-    port = free_port()  # nobody listens there
-    with pytest.raises(MediaFetchError, match=f"127.0.0.1:{port}"):
-        load_media(f"http://127.0.0.1:{port}/x.png", "image", timeout_s=5)
+        load_media(f"{http_server}/missing.png", "image", policy)
+    port = free_port()  # nobody listens there (an allow-listed address may say it could not connect)
+    with pytest.raises(MediaFetchError, match=f"127.0.0.1:{port}.*cannot connect"):
+        load_media(f"http://127.0.0.1:{port}/x.png", "image", policy, timeout_s=5)
     with pytest.raises(MediaFetchError, match="base64"):
         load_media("data:image/png;base64,@@@", "image")
 

@@ -4,7 +4,8 @@ Start-up order matters to the task manager: the port opens first (`/health` answ
 the model loads), then the encoder tower + projector are loaded (never the language model), the
 sidecar client connects, and only then does `/health` turn 200.
 
-Per request: every item is fetched, decoded and preprocessed in a thread pool; the request's
+Per request: every item is fetched and decoded on the media pool (bounded, under the media policy
+of the settings: `cornserve.models.media_pool`), then preprocessed in a thread pool; the request's
 items are queued together on the dynamic batcher; each embedding goes out through the sidecar
 as a two-chunk DataForward (docs/executors.md) and the reply lists the forward ids in input
 order. Bad media is the client's fault (400) and never takes the server down.
@@ -32,7 +33,8 @@ from cornserve.eric.schemas import (
 from cornserve.eric.settings import EricSettings
 from cornserve.models.encoders import EncodedItem, EncoderModel, Preprocessed, load_encoder
 from cornserve.models.loading import resolve_model_dir
-from cornserve.models.media import MediaDecodeError, MediaError, MediaFetchError, load_media
+from cornserve.models.media import MediaError
+from cornserve.models.media_pool import MediaPool
 from cornserve.sidecar.errors import SidecarError
 from cornserve.task.builtins.embedding import (
     EMBEDDING_META_CHUNK,
@@ -93,6 +95,7 @@ class EricServer:
         self.sidecar: Sidecar | None = None
         self.batcher: DynamicBatcher | None = None
         self._pool = ThreadPoolExecutor(max_workers=config.preprocess_workers, thread_name_prefix="eric-prep")
+        self._media = MediaPool(config.media_policy(), name="eric-media")
         self._runner: web.AppRunner | None = None
         self._ready = False
 
@@ -163,6 +166,7 @@ class EricServer:
         if self.sidecar is not None:
             await self.sidecar.close()
             self.sidecar = None
+        self._media.close()
         self._pool.shutdown(wait=True, cancel_futures=True)
         logger.info("Eric %s stopped", self.config.executor_id)
 
@@ -227,28 +231,23 @@ class EricServer:
             )
         return body
 
-    def _prepare(self, url: str, modality: str) -> Preprocessed:
-        """Fetch, decode and preprocess one item (runs in the preprocessing pool)."""
+    async def _prepare(self, url: str, modality: str) -> Preprocessed:
+        """Fetch and decode one item on the media pool, then preprocess it in the preprocessing pool."""
         assert self.encoder is not None
-        media = load_media(url, modality, timeout_s=self.config.media_timeout_s)
-        return self.encoder.preprocess(media, modality)
+        media = await self._media.load(url, modality)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self.encoder.preprocess, media, modality)
 
     async def _preprocess_all(self, body: EmbeddingsRequest) -> list[Preprocessed]:
-        loop = asyncio.get_running_loop()
         results = await asyncio.gather(
-            *(
-                loop.run_in_executor(self._pool, self._prepare, item.url, body.modality)
-                for item in body.items
-            ),
+            *(self._prepare(item.url, body.modality) for item in body.items),
             return_exceptions=True,
         )
         prepared: list[Preprocessed] = []
         for index, result in enumerate(results):
-            if isinstance(result, MediaFetchError):
-                raise RequestFailed(400, "media_fetch_error", f"items[{index}]: {result}")
-            if isinstance(result, MediaDecodeError):
-                raise RequestFailed(400, "media_decode_error", f"items[{index}]: {result}")
-            if isinstance(result, (MediaError, ValueError)):
+            if isinstance(result, MediaError):
+                raise RequestFailed(result.status, result.kind, f"items[{index}]: {result}")
+            if isinstance(result, ValueError):
                 raise RequestFailed(400, "invalid_media", f"items[{index}]: {result}")
             if isinstance(result, BaseException):
                 logger.error("preprocessing items[%d] failed", index, exc_info=result)

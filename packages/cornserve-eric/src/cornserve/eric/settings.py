@@ -6,11 +6,17 @@ from typing import Annotated, ClassVar
 
 from pydantic import Field
 
+from cornserve.models.media_policy import MediaPolicy
 from cornserve.runtime.settings import Flag, ProcessInfo, RequiredSidecarRanks, ServiceSettings
 
 
-class EricSettings(ServiceSettings):
-    """Everything the command line and ``CORNSERVE_*`` environment give one Eric process."""
+class EricSettings(ServiceSettings, MediaPolicy):
+    """Everything the command line and ``CORNSERVE_*`` environment give one Eric process.
+
+    The ``media_*`` fields (`MediaPolicy`) are the media policy: ``--media-dirs``, ``CORNSERVE_MEDIA_DIRS``, ...
+    """
+
+    model_config = ServiceSettings.model_config  # the settings' config wins over MediaPolicy's
 
     process: ClassVar[ProcessInfo] = ProcessInfo(
         "eric", "python -m cornserve.eric", "Eric, Cornserve's encoder server"
@@ -33,7 +39,7 @@ class EricSettings(ServiceSettings):
     executor_id: Annotated[str, Flag(env_only=True)] = "eric"
     """This executor's id (the task manager sets it)."""
     media_timeout_s: Annotated[float, Flag(name="--media-timeout")] = Field(default=30.0, gt=0)
-    """Seconds to fetch one media item."""
+    """One deadline for fetching and decoding one media item, slow senders included."""
     preprocess_workers: Annotated[int, Flag(env_only=True)] = Field(default=2, ge=1)
     """Threads preparing media for the encoder."""
     send_timeout_s: Annotated[float, Flag(env_only=True)] = Field(default=60.0, gt=0)

@@ -6,11 +6,17 @@ from typing import Annotated, ClassVar
 
 from pydantic import Field, model_validator
 
+from cornserve.models.media_policy import MediaPolicy
 from cornserve.runtime.settings import Flag, OnOff, ProcessInfo, ServiceSettings, SidecarRanks
 
 
-class LLMExecutorSettings(ServiceSettings):
-    """Everything the executor process is configured with (flags plus ``CORNSERVE_*`` environment)."""
+class LLMExecutorSettings(ServiceSettings, MediaPolicy):
+    """Everything the executor process is configured with (flags plus ``CORNSERVE_*`` environment).
+
+    The ``media_*`` fields (`MediaPolicy`) are the media policy: ``--media-dirs``, ``CORNSERVE_MEDIA_DIRS``, ...
+    """
+
+    model_config = ServiceSettings.model_config  # the settings' config wins over MediaPolicy's
 
     process: ClassVar[ProcessInfo] = ProcessInfo(
         "llm-executor",
@@ -38,8 +44,6 @@ class LLMExecutorSettings(ServiceSettings):
     """Completion cap when a request sets none."""
     embedding_timeout_s: float = Field(default=60.0, gt=0)
     """Deadline per embedding forward."""
-    media_timeout_s: float = Field(default=30.0, gt=0)
-    """Deadline per media fetch."""
     executor_id: Annotated[str, Flag(env_only=True)] = "llm-executor"
     """This executor's id (the task manager sets it)."""
 

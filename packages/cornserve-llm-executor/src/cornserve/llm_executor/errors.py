@@ -35,6 +35,12 @@ class MediaInputError(ExecutorRequestError):
     error_type = "invalid_media"
 
 
+class MediaTooLarge(MediaInputError):
+    """A media item is over a cap of the media policy (bytes, pixels, video frames/size/duration)."""
+
+    status = 413
+
+
 class ContextLengthExceeded(ExecutorRequestError):
     """Prompt plus requested completion tokens do not fit the model's context."""
 

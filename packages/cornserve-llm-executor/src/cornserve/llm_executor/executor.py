@@ -18,6 +18,7 @@ from cornserve.llm_executor.embeddings import EmbeddingReceiver
 from cornserve.llm_executor.engine import Engine
 from cornserve.llm_executor.model import load_model
 from cornserve.llm_executor.server import ROUTES, ChatServer
+from cornserve.models.media_pool import MediaPool
 from cornserve.sidecar import Sidecar
 
 logger = logging.getLogger(__name__)
@@ -75,7 +76,13 @@ class LLMExecutor:
         engine = Engine(loaded, s.max_batch_size, decode_batching=s.decode_batching)
         self._closers.append(engine.close)
         engine.start()
-        self.chat = ChatServer(s, loaded, engine, receiver)
+        media = MediaPool(s.media_policy(), name="llm-media")
+
+        async def close_media() -> None:
+            media.close()
+
+        self._closers.append(close_media)
+        self.chat = ChatServer(s, loaded, engine, receiver, media)
         logger.info(
             "LLM executor %s serving %s (batch %d, decode batching %s, fission %s, sidecar ranks %s)",
             s.executor_id,

@@ -26,8 +26,10 @@ from cornserve.llm_executor.engine import Engine, Sequence
 from cornserve.llm_executor.errors import (
     ContextLengthExceeded,
     ExecutorRequestError,
+    ExecutorUnavailable,
     InvalidRequest,
     MediaInputError,
+    MediaTooLarge,
 )
 from cornserve.llm_executor.model import LoadedModel
 from cornserve.llm_executor.prompt import (
@@ -37,7 +39,8 @@ from cornserve.llm_executor.prompt import (
     prepare_with_media,
 )
 from cornserve.llm_executor.sampling import SamplingParams
-from cornserve.models.media import MediaError, load_media
+from cornserve.models.media import MediaBusyError, MediaError, MediaTooLargeError
+from cornserve.models.media_pool import MediaPool
 from cornserve.task.builtins.chat import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -106,8 +109,11 @@ class ChatServer:
         loaded: LoadedModel,
         engine: Engine,
         receiver: EmbeddingReceiver | None,
+        media: MediaPool | None = None,
     ) -> None:
         self.config = config
+        self.media = media if media is not None else MediaPool(config.media_policy(), name="llm-media")
+        """Media are fetched and decoded here, never on the default executor the engine's steps use."""
         self.loaded = loaded
         self.engine = engine
         self.receiver = receiver
@@ -238,16 +244,14 @@ class ChatServer:
         )
 
     async def _load(self, url: str, modality: Modality) -> Any:
-        timeout = self.config.media_timeout_s
         try:
-            async with asyncio.timeout(timeout + 5.0):
-                return await asyncio.to_thread(load_media, url, modality.value, timeout_s=timeout)
+            return await self.media.load(url, modality.value)
+        except MediaBusyError as exc:
+            raise ExecutorUnavailable(str(exc)) from exc
+        except MediaTooLargeError as exc:
+            raise MediaTooLarge(f"cannot use the {modality.value} of the request: {exc}") from exc
         except MediaError as exc:
             raise MediaInputError(f"cannot use the {modality.value} of the request: {exc}") from exc
-        except TimeoutError:
-            raise MediaInputError(
-                f"loading the {modality.value} of the request took over {timeout:.0f}s"
-            ) from None
 
     def _max_tokens(self, req: ChatCompletionRequest, prompt_tokens: int) -> int:
         limit = self.loaded.max_model_len
