@@ -87,6 +87,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         cpu_slots=args.cpu_slots,
         dispatchers=args.dispatchers,
         nats_url=args.nats_url,
+        nats_creds=Path(args.nats_creds) if args.nats_creds else None,
     )
     stopping = False
 
@@ -159,6 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--cpu-slots", type=int, default=4, help="CPU device slots when there is no GPU")
     up.add_argument("--dispatchers", type=int, default=2, help="dispatcher replicas")
     up.add_argument("--nats-url", default=None, help="use this NATS server instead of starting one")
+    up.add_argument(
+        "--nats-creds",
+        default=None,
+        help="credentials file for --nats-url (a NATS .creds file or an nkey seed), used by every service",
+    )
     up.add_argument(
         "--state-dir", default=str(default_state_dir()), help="state and logs (default: %(default)s)"
     )

@@ -19,6 +19,7 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict
+from pathlib import Path
 from typing import ClassVar
 
 from nats.aio.client import Client
@@ -55,7 +56,8 @@ from cornserve.bus.subjects import (
     SidecarVerb,
     sidecar_subject,
 )
-from cornserve.runtime.nats import connect_nats
+from cornserve.runtime.nats import NatsAuthError, connect_nats
+from cornserve.runtime.natscreds import NatsCredentialsError
 from cornserve.runtime.service import run_process, running
 from cornserve.runtime.settings import ProcessInfo, ServiceSettings
 from cornserve.sidecar import __version__
@@ -89,12 +91,14 @@ class SidecarServer:
         tcp_host: str,
         tcp_port: int = 0,
         prefault: bool = False,
+        nats_creds: Path | None = None,
     ) -> None:
         self.me = ServerIdentity(
             rank=rank, node=node, ttl_s=ttl_s, tcp_host=tcp_host, tcp_port=tcp_port, prefault=prefault
         )
         self.rank = rank
         self.nats_url = nats_url
+        self.nats_creds = nats_creds
         self.counters = LossCounters()
         self.background = BackgroundTasks(logger, "background task")
         self.memory = ArenaMemory(self.me, arena_bytes)
@@ -130,7 +134,7 @@ class SidecarServer:
             # Unlimited reconnects keep a running server alive through NATS restarts, but would also
             # retry the first connect forever: bound that one.
             self._nc = await asyncio.wait_for(
-                connect_nats(self.nats_url, name=f"cornserve-sidecar-{self.rank}"),
+                connect_nats(self.nats_url, name=f"cornserve-sidecar-{self.rank}", creds=self.nats_creds),
                 CONNECT_TIMEOUT_S,
             )
         except TimeoutError:
@@ -296,7 +300,7 @@ class SidecarSettings(ServiceSettings):
     """Touch every arena page at start: commits the memory, avoids first-touch page faults on sends."""
 
 
-SERVER_FIELDS = {"rank", "node", "nats_url", "arena_bytes", "tcp_host", "tcp_port", "prefault"}
+SERVER_FIELDS = {"rank", "node", "nats_url", "nats_creds", "arena_bytes", "tcp_host", "tcp_port", "prefault"}
 """Settings that `SidecarServer` takes under the same name."""
 
 
@@ -307,7 +311,9 @@ def serve(settings: SidecarSettings) -> AbstractAsyncContextManager[None]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``cornserve-sidecar`` console script."""
-    sys.exit(run_process(SidecarSettings, serve, argv=argv))
+    sys.exit(
+        run_process(SidecarSettings, serve, argv=argv, expected_errors=(NatsAuthError, NatsCredentialsError))
+    )
 
 
 if __name__ == "__main__":
