@@ -35,6 +35,8 @@ from cornserve.cli.natsauth import (
     create_buckets,
 )
 from cornserve.cli.natsserver import NatsServerProcess
+from cornserve.runtime.nats import NatsAuthError, NatsConnectTimeout
+from cornserve.runtime.natscreds import NatsCredentialsError
 from cornserve.runtime.process import ProcessGroup, free_port, log_tail, pid_alive, signal_group, wait_for
 from cornserve.runtime.supervise import supervise
 
@@ -177,7 +179,10 @@ class LocalCluster:
             self.nats.start()
             self.nats_url = self.nats.url
         if self.nats_admin_creds is not None:  # services may not create buckets they only read
-            create_buckets(self.nats_url, self.nats_admin_creds)
+            try:
+                create_buckets(self.nats_url, self.nats_admin_creds)
+            except (NatsAuthError, NatsCredentialsError, NatsConnectTimeout, TimeoutError) as exc:
+                raise LaunchError(f"cannot create the KV buckets on NATS at {self.nats_url}: {exc}") from exc
 
     def start(self, ready_timeout_s: float = 180.0) -> None:
         """Start everything and wait until the gateway reports healthy."""

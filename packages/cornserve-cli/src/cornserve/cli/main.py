@@ -80,6 +80,9 @@ def _cmd_models_tiny(args: argparse.Namespace) -> int:
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
+    if args.nats_creds and not args.nats_url:
+        print("error: --nats-creds is for an external NATS (--nats-url); `up` makes its own", file=sys.stderr)
+        return 2
     cluster = LocalCluster(
         state_dir=Path(args.state_dir),
         host=args.host,
