@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import stat
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import nats.errors
+import nkeys
 import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -248,3 +250,22 @@ async def test_the_local_cluster_runs_with_auth(cluster: LocalCluster) -> None:
     finally:
         await gateway.close()
         await admin.close()
+
+
+async def test_an_external_nats_with_nkey_users_takes_a_seed_file(tmp_path: Path) -> None:
+    """`--nats-creds` for an operator's NATS: an nkey user seed file logs in; another user's seed does not."""
+    seeds = [nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER) for _ in range(2)]
+    allowed = nkeys.from_seed(bytearray(seeds[0])).public_key.decode()
+    config = write_secret_file(
+        tmp_path / "nats.conf", json.dumps({"authorization": {"users": [{"nkey": allowed}]}})
+    )
+    good = write_secret_file(tmp_path / "good.nk", seeds[0].decode())
+    stranger = write_secret_file(tmp_path / "stranger.nk", seeds[1].decode())
+    with NatsServerProcess(store_dir=tmp_path / "store", config_file=config) as server:
+        nc = await connect_nats(server.url, name="operator", creds=good)
+        try:
+            assert nc.is_connected
+        finally:
+            await nc.close()
+        with pytest.raises(NatsAuthError, match=str(stranger)):
+            await connect_nats(server.url, name="stranger", creds=stranger, first_connect_deadline_s=DEADLINE)

@@ -7,7 +7,9 @@ from its content, so the same setting serves the cluster `cornserve up` runs and
   per role under ``<state dir>/nats-auth/``: user/password login, replies on the role's own inbox
   prefix (the server lets each role subscribe to its own prefix only);
 - a standard NATS ``.creds`` file (a user JWT and its nkey seed, as ``nsc`` writes them);
-- a bare nkey user seed (one line starting with ``SU``); nats-py needs the ``nkeys`` package for it.
+- a bare nkey user seed (one line starting with ``SU``).
+
+The last two are signed with nats-py's ``nkeys`` extra, a dependency of this package.
 
 Every file is read with `cornserve.runtime.secrets.read_secret_file`: one that other users can read
 is refused rather than used.
