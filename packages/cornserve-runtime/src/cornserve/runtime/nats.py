@@ -13,7 +13,6 @@ with a `NatsAuthError` naming the URL and the file, instead of a retry loop endi
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -88,7 +87,6 @@ async def connect_nats(
             {connecting, refused}, timeout=first_connect_deadline_s, return_when=asyncio.FIRST_COMPLETED
         )
         if connecting in done:
-            log.on_auth_error = None
             return connecting.result()
         if refused in done:
             which = f"credentials file {creds}" if creds is not None else "no credentials"
@@ -101,12 +99,14 @@ async def connect_nats(
             "(is nats-server running? set --nats-url or CORNSERVE_NATS_URL)"
         )
     finally:
-        if not refused.done():
+        log.on_auth_error = None
+        if refused.done():
+            refused.exception()  # retrieved (also when the connect won a race with a refusal)
+        else:
             refused.cancel()
         if not connecting.done():
             connecting.cancel()
-            with contextlib.suppress(BaseException):
-                await connecting
+            await asyncio.wait({connecting})  # its CancelledError stays in the task; ours is not eaten
 
 
 def _is_auth_error(exc: Exception) -> bool:
