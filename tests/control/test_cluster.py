@@ -208,3 +208,21 @@ def test_cli_against_the_cluster(cluster: LocalCluster) -> None:
     out = cli("scale", key, "2")
     assert out.returncode == 0 and "2 executor(s)" in out.stdout, out.stderr
     assert cli("unregister", "cli-sums").returncode == 0
+
+
+def test_sidecars_share_the_clusters_peer_secret(cluster: LocalCluster) -> None:
+    """`up` writes one owner-only peer secret and every sidecar serves cross-node TCP with it."""
+    import stat
+
+    from cornserve.cli.launcher import SIDECAR_SECRET_FILE
+    from cornserve.runtime.secrets import read_secret_file
+
+    secret = cluster.state_dir / SIDECAR_SECRET_FILE
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    assert len(read_secret_file(secret)) >= 32
+    sidecars = [c for c in cluster.children if c.name.startswith("sidecar-")]
+    assert sidecars
+    for child in sidecars:
+        assert str(secret) in child.argv
+        log = child.log_path.read_text()
+        assert "no peer secret configured" not in log and " ready" in log, log

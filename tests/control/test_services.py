@@ -175,11 +175,14 @@ async def test_sdk_session_deploys_invokes_and_releases(
     async with asyncio.timeout(DEADLINE):
         session = await connect(cluster.url, ttl_s=60)
         async with session:
-            owner = f"session:{session.session_id}"
+            owner = session.owner  # the session's fingerprint: its id is a capability, never listed
+            assert owner.startswith("session:") and session.session_id not in owner
             keys = await session.deploy(task)
             assert len(keys) == 2
             tasks = await tasks_by_key(http)
             assert all(owner in tasks[k]["users"] for k in keys)
+            async with http.get("/tasks") as response:
+                assert session.session_id not in await response.text()
             make_key = next(k for k in keys if k.startswith("makematrix-"))
             assert f"app:{APP}" in tasks[make_key]["users"]  # shared with the app: deployed once
 

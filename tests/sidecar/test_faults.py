@@ -136,7 +136,7 @@ async def test_garbage_on_the_tcp_port_does_not_hurt_the_server(sidecars, nats_u
         await c.send("still fine", "ok", [[a.rank]])
         assert await c.recv("ok", timeout=5) == "still fine"
         await c.mark_done("ok")
-    assert "TCP transfer from" in a.log_path.read_text()
+    assert "refused TCP peer" in a.log_path.read_text()  # junk never gets past the handshake
 
 
 async def test_unreachable_nats_and_closed_client_are_typed_errors(nats_url):

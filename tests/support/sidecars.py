@@ -10,8 +10,12 @@ module or session on the shared server, so each directory draws its ranks from i
 from __future__ import annotations
 
 import asyncio
+import atexit
+import functools
 import itertools
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +27,7 @@ from tests.support.waiting import wait_for
 from cornserve.bus.micro import NoResponders, RequestTimeout, request
 from cornserve.bus.sidecar import InfoReply, InfoRequest, StatsReply, StatsRequest
 from cornserve.bus.subjects import SidecarVerb, sidecar_subject
+from cornserve.runtime.secrets import new_token, read_secret_file, write_secret_file
 
 MiB = 1024 * 1024
 READY_DEADLINE_S = 60.0
@@ -33,6 +38,23 @@ TORCHLESS_SERVER = (
 )
 """Runs the `cornserve-sidecar` entry point with torch and numpy made unimportable: every test that
 starts a sidecar server proves the server needs neither (a sidecar host does not install them)."""
+
+
+@functools.cache
+def peer_secret_file() -> Path:
+    """The peer secret every test sidecar of this pytest process shares (as `cornserve up` gives one).
+
+    One per process (removed at exit): sidecars started by different fixtures still authenticate
+    each other over TCP.
+    """
+    folder = Path(tempfile.mkdtemp(prefix="cornserve-test-peers-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return write_secret_file(folder / "sidecar-secret", new_token())
+
+
+def peer_secret() -> bytes:
+    """The shared peer secret itself (tests that speak the TCP handshake by hand)."""
+    return read_secret_file(peer_secret_file()).encode()
 
 
 class RankRange:
@@ -73,7 +95,9 @@ class SidecarProcess:
         node: str = "node-a",
         arena_bytes: int = 64 * MiB,
         ttl_s: float | None = None,
+        peer_secret: Path | None = None,
     ) -> SidecarProcess:
+        """Start one server; `peer_secret` defaults to the shared file (pass a path to use another)."""
         console_script("cornserve-sidecar")  # installed (the guard below runs the same main)
         cmd = [
             sys.executable, "-c", TORCHLESS_SERVER,
@@ -82,6 +106,7 @@ class SidecarProcess:
             "--nats-url", nats_url,
             "--arena-bytes", str(arena_bytes),
             *(["--ttl-seconds", str(ttl_s)] if ttl_s is not None else []),
+            "--peer-secret-file", str(peer_secret or peer_secret_file()),
         ]  # fmt: skip
         return cls(rank, node, nats_url, ServiceProcess.start(f"sidecar-{rank}", cmd, log_dir))
 

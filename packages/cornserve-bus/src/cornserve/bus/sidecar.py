@@ -271,8 +271,9 @@ class TcpHeader(ChunkAnnouncement):
     """First frame of a cross-node transfer; the payload bytes follow once the receiver said ready."""
 
     meta: DataMeta
-    size: int
-    timeout: float
+    size: int = Field(ge=0)
+    timeout: float = Field(gt=0, allow_inf_nan=False)
+    """The sender's deadline; the receiver caps it at its own ``--tcp-max-timeout``."""
 
 
 class TcpAck(WireModel):
@@ -281,3 +282,50 @@ class TcpAck(WireModel):
     ok: bool
     error: str = ""
     message: str = ""
+
+
+# --- TCP peer authentication (before any header is read) ----------------------------------------
+
+
+class TcpChallenge(WireModel):
+    """Receiver -> sender, first frame of every connection: prove you hold the cluster's peer secret.
+
+    ``nonce`` is fresh random hex per connection, so a recorded answer is worth nothing later.
+    """
+
+    nonce: str = Field(min_length=32, max_length=128)
+    rank: Rank
+    """The receiving server's rank (the sender checks it is the rank it meant to reach)."""
+
+
+class TcpHello(WireModel):
+    """Sender -> receiver: who is sending to whom, and the HMAC of the challenge under the secret.
+
+    ``nonce`` is the sender's own challenge: the receiver's :class:`TcpProof` answers it (mutual auth).
+    """
+
+    source_rank: Rank
+    dst_rank: Rank
+    nonce: str = Field(min_length=32, max_length=128)
+    mac: str = Field(min_length=64, max_length=64)
+
+
+class TcpProof(WireModel):
+    """Receiver -> sender: ``mac`` answers the sender's nonce (the receiver holds the secret too).
+
+    ``ok`` False (with ``message``) says the sender's answer was wrong; the connection then closes.
+    """
+
+    ok: bool
+    mac: str = Field(default="", max_length=64)
+    message: str = Field(default="", max_length=1024)
+
+
+class TcpSent(WireModel):
+    """Sender -> receiver, right after the payload: how many bytes it sent.
+
+    A payload longer than the header announced turns this frame into garbage, so the receiver sees
+    it instead of silently dropping the excess.
+    """
+
+    nbytes: int = Field(ge=0)

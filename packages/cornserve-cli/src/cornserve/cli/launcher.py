@@ -38,9 +38,12 @@ from cornserve.cli.natsserver import NatsServerProcess
 from cornserve.runtime.nats import NatsAuthError, NatsConnectTimeout
 from cornserve.runtime.natscreds import NatsCredentialsError
 from cornserve.runtime.process import ProcessGroup, free_port, log_tail, pid_alive, signal_group, wait_for
+from cornserve.runtime.secrets import new_token, write_secret_file
 from cornserve.runtime.supervise import supervise
 
 STATE_FILE = "cluster.json"
+SIDECAR_SECRET_FILE = "sidecar-secret"
+"""The sidecars' peer secret in the state dir (0600, new at every `up`)."""
 SHM_DIR = Path("/dev/shm")
 
 
@@ -195,14 +198,13 @@ class LocalCluster:
         kind = "GPU" if gpus else "CPU slot"
         self.say(f"NATS at {self.nats_url}; {devices} {kind}(s)")
         env = {**os.environ, "CORNSERVE_NATS_URL": self.nats_url, "PYTHONUNBUFFERED": "1"}
+        # The sidecars' per-cluster peer secret: they authenticate each other on the TCP data path.
+        peer_secret = write_secret_file(self.state_dir / SIDECAR_SECRET_FILE, new_token())
         for rank in range(devices):
             self._child(
                 f"sidecar-{rank}",
                 "cornserve.sidecar.server",
-                "--rank",
-                str(rank),
-                "--node",
-                self.node,
+                *("--rank", str(rank), "--node", self.node, "--peer-secret-file", str(peer_secret)),
                 role=SIDECAR,
             )
         rm_args = ["--node", self.node, "--log-dir", str(self.state_dir / "logs")]

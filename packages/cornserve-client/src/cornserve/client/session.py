@@ -34,12 +34,18 @@ class ClusterSession:
     It is a `cornserve.task.GraphRunner`; `connect()` installs it as the process's graph runner.
     """
 
-    def __init__(self, client: CornserveClient, session_id: str, ttl_s: float) -> None:
+    def __init__(self, client: CornserveClient, session_id: str, ttl_s: float, owner: str = "") -> None:
         self.client = client
         self.session_id = session_id
+        """The session's capability: keep it out of logs (`owner` names the session there)."""
         self.ttl_s = ttl_s
+        self.owner = owner or "session"
         self._heartbeat: asyncio.Task[None] | None = None
         self.closed = False
+
+    def _redact(self, text: str) -> str:
+        """`text` (an error message, which may hold a request path) without the session id."""
+        return text.replace(self.session_id, self.owner)
 
     async def deploy(self, *tasks: Task[Any, Any]) -> list[str]:
         """Deploy every unit task reachable from `tasks`; returns their deployment keys."""
@@ -55,7 +61,7 @@ class ClusterSession:
         try:
             first = await anext(lines)
         except CornserveError as exc:
-            raise TaskExecutionError(exc.message) from exc
+            raise TaskExecutionError(self._redact(exc.message)) from exc
         except StopAsyncIteration:
             raise TaskExecutionError("the gateway returned an empty response") from None
         raw_outputs = first["outputs"]
@@ -84,7 +90,7 @@ class ClusterSession:
                 item = line["item"]
                 yield adapter.validate_python(item)
         except CornserveError as exc:
-            raise TaskExecutionError(exc.message) from exc
+            raise TaskExecutionError(self._redact(exc.message)) from exc
         finally:
             await lines.aclose()  # type: ignore[attr-defined]
 
@@ -94,7 +100,7 @@ class ClusterSession:
             try:
                 await self.client.call("POST", f"/sessions/{self.session_id}/heartbeat", timeout_s=10)
             except CornserveError as exc:
-                logger.warning("session %s heartbeat failed: %s", self.session_id, exc)
+                logger.warning("%s heartbeat failed: %s", self.owner, self._redact(str(exc)))
 
     async def close(self) -> None:
         """Release the session's tasks and stop heartbeats."""
@@ -125,7 +131,7 @@ async def connect(url: str | None = None, ttl_s: float = 60.0) -> ClusterSession
     """
     client = CornserveClient(url)
     reply = await client.call("POST", "/sessions", {"ttl_s": ttl_s})
-    session = ClusterSession(client, reply["session_id"], ttl_s)
+    session = ClusterSession(client, reply["session_id"], ttl_s, owner=str(reply.get("owner", "")))
     session._heartbeat = asyncio.create_task(session._beat())
     set_graph_runner(session)
     return session

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +17,7 @@ from cornserve.bus.kv import kv_all, kv_delete, kv_put
 from cornserve.bus.rm_client import ResourceManagerClient
 from cornserve.gateway.errors import HTTPError
 from cornserve.task import UnitTask, serialize_task
+from cornserve.task.executor_flags import check_executor_flags
 
 logger = logging.getLogger(__name__)
 
@@ -76,9 +77,10 @@ class App:
 class AppRegistry:
     """Registers, lists and unregisters apps; survives gateway restarts through the KV bucket."""
 
-    def __init__(self, kv: KeyValue, rm: ResourceManagerClient) -> None:
+    def __init__(self, kv: KeyValue, rm: ResourceManagerClient, allowed_flags: Collection[str] = ()) -> None:
         self._kv = kv
         self._rm = rm
+        self.allowed_flags = frozenset(allowed_flags)
         self._apps: dict[str, App] = {}
         self._lock = asyncio.Lock()
 
@@ -93,9 +95,16 @@ class AppRegistry:
         """Every registered app, by name."""
         return [self._apps[n] for n in sorted(self._apps)]
 
+    def _validate(self, source: str, name: str) -> AppSpec:
+        """The app's spec; its unit tasks' configs must pass the executor-flag policy (else 403)."""
+        spec = validate_app(source, name=name)
+        for task in spec.unit_tasks:
+            check_executor_flags(task, self.allowed_flags)
+        return spec
+
     async def _reserve(self, name: str, source: str) -> tuple[App, list[Any]]:
         check_app_name(name)
-        spec = validate_app(source, name=name)
+        spec = self._validate(source, name=name)
         async with self._lock:
             if name in self._apps:
                 raise HTTPError(
@@ -166,7 +175,7 @@ class AppRegistry:
         """Reload apps recorded before a restart and make sure their tasks are deployed."""
         for record in await self._recorded():
             try:
-                spec = validate_app(record.source, name=record.name)
+                spec = self._validate(record.source, name=record.name)
             except Exception as exc:
                 logger.error("recorded app %r no longer validates: %s", record.name, exc)
                 self._apps[record.name] = App(

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from cornserve.app import AppValidationError
 from cornserve.bus.micro import BusError, NoResponders, RequestTimeout, ServiceErrorReply
 from cornserve.task.errors import (
+    ExecutorFlagError,
     InvalidTaskInputError,
     NoGraphRunnerError,
     StaticGraphError,
@@ -25,12 +26,20 @@ from cornserve.task.errors import (
 class HTTPError(Exception):
     """Raised by handlers to answer with `status` and a JSON error body."""
 
-    def __init__(self, status: int, error: str, message: str, detail: Any = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        error: str,
+        message: str,
+        detail: Any = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.error = error
         self.message = message
         self.detail = detail
+        self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
         """`{"error": kind, "message": text, "detail": ...}`."""
@@ -41,7 +50,7 @@ class HTTPError(Exception):
 
     def response(self) -> web.Response:
         """The error as an aiohttp response."""
-        return web.json_response(self.body(), status=self.status)
+        return web.json_response(self.body(), status=self.status, headers=self.headers)
 
 
 def validation_detail(exc: ValidationError) -> list[dict[str, Any]]:
@@ -68,6 +77,8 @@ def to_http_error(exc: BaseException) -> HTTPError:
         return HTTPError(
             422, "validation_error", f"{exc.error_count()} validation error(s)", validation_detail(exc)
         )
+    if isinstance(exc, ExecutorFlagError):
+        return HTTPError(403, "executor_flag_refused", str(exc), {"flag": exc.flag})
     if isinstance(exc, InvalidTaskInputError):
         return HTTPError(422, "invalid_task_input", str(exc))
     if isinstance(exc, TaskExecutionError):

@@ -8,6 +8,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Collection
 from typing import Any
 
 from aiohttp import web
@@ -24,7 +25,7 @@ from cornserve.gateway.discovery import ping_services
 from cornserve.gateway.driver import parse_request, run_streaming, run_unary
 from cornserve.gateway.errors import HTTPError, to_http_error
 from cornserve.gateway.openapi import openapi_document
-from cornserve.gateway.sessions import SessionRegistry
+from cornserve.gateway.sessions import SessionCreate, SessionDeploy, SessionRegistry, redact_path
 from cornserve.gateway.streaming import StreamWriter, wants_sse
 from cornserve.runtime.logging import set_request_id
 from cornserve.task import ClassKey, GraphRunner, Stream, TaskInvocation, TaskOutput
@@ -36,11 +37,20 @@ INVOCATIONS = TypeAdapter(list[TaskInvocation])
 MAX_BODY = 64 * 1024 * 1024
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON (RFC 8259 has no NaN or Infinity)")
+
+
+def strict_json_loads(text: str) -> Any:
+    """`json.loads` without Python's extensions: the literals NaN, Infinity and -Infinity are refused."""
+    return json.loads(text, parse_constant=_no_constant)
+
+
 async def read_json(request: web.Request) -> Any:
-    """The request body as JSON, or 400."""
+    """The request body as (standard) JSON, or 400."""
     try:
-        return await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return await request.json(loads=strict_json_loads)
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
         raise HTTPError(400, "invalid_json", f"the request body is not valid JSON: {exc}") from exc
 
 
@@ -83,7 +93,8 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
     except Exception as exc:
         error = to_http_error(exc)
         if error.status >= 500:
-            logger.warning("%s %s -> %d: %s", request.method, request.path, error.status, error.message)
+            path = redact_path(request.path)
+            logger.warning("%s %s -> %d: %s", request.method, path, error.status, error.message)
         return error.response()
 
 
@@ -99,10 +110,11 @@ class Gateway:
         rm: ResourceManagerClient,
         sessions: SessionRegistry,
         request_timeout_s: float = 600.0,
+        allowed_flags: Collection[str] = (),
     ) -> None:
         self.nc = nc
         self.rm = rm
-        self.apps = AppRegistry(apps_kv, rm)
+        self.apps = AppRegistry(apps_kv, rm, allowed_flags=allowed_flags)
         self.sessions = sessions
         self.dispatcher = dispatcher
         self._tasklibs_kv = tasklibs_kv
@@ -292,17 +304,19 @@ class Gateway:
     # ----- sessions (notebooks / SDK) --------------------------------------------------------------
 
     async def create_session(self, request: web.Request) -> web.Response:
-        """POST /sessions {"ttl_s"?, "tasks"?}: a client session, optionally deploying tasks."""
+        """POST /sessions {"ttl_s"?, "tasks"?}: a client session, optionally deploying tasks.
+
+        The reply carries the session id, the capability for every other /sessions route; it is
+        returned here only.
+        """
         body = await read_json(request) if request.can_read_body else {}
         if not isinstance(body, dict):
             raise HTTPError(400, "invalid_request", "the request body must be a JSON object")
-        ttl = body.get("ttl_s")
-        if ttl is not None and (not isinstance(ttl, int | float) or ttl <= 0):
-            raise HTTPError(422, "validation_error", '"ttl_s" must be a positive number')
-        session = self.sessions.create(ttl)
-        if body.get("tasks"):
+        spec = SessionCreate.model_validate(body)  # a ValidationError answers 422
+        session = self.sessions.create(spec.ttl_s)
+        if spec.tasks:
             try:
-                await self.sessions.deploy(session, body["tasks"])
+                await self.sessions.deploy(session, spec.tasks)
             except BaseException:
                 await self.sessions.close(session.id)
                 raise
@@ -312,7 +326,8 @@ class Gateway:
         """POST /sessions/{id}/tasks {"tasks": [...]}: deploy more unit tasks for the session."""
         session = self.sessions.get(request.match_info["id"])
         body = _require_object(await read_json(request), "tasks")
-        tasks = await self.sessions.deploy(session, body["tasks"])
+        spec = SessionDeploy.model_validate(body)
+        tasks = await self.sessions.deploy(session, spec.tasks)
         return web.json_response({**session.summary(), "deployed": [t.deployment_key for t in tasks]})
 
     async def heartbeat_session(self, request: web.Request) -> web.Response:

@@ -97,6 +97,14 @@ RequiredSidecarRanks = Annotated[SidecarRanks, AfterValidator(_require_one)]
 """`SidecarRanks` for executors that cannot work without a sidecar (at least one rank)."""
 
 
+def _split_commas(value: object) -> object:
+    return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+
+
+CommaSeparated = Annotated[list[str], NoDecode, BeforeValidator(_split_commas)]
+"""A list setting written as comma-separated text (``--x a,b`` / ``CORNSERVE_X=a,b``); blanks are dropped."""
+
+
 def _upper(value: object) -> object:
     return value.upper() if isinstance(value, str) else value
 

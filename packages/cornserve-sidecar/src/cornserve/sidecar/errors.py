@@ -49,6 +49,13 @@ class RecvTimeout(SidecarError, TimeoutError, kind="recv_timeout"):
     """Nothing arrived for the id/chunk before the deadline; ``details['id']`` names it."""
 
 
+class PeerAuthFailed(SidecarError, kind="peer_auth"):
+    """A cross-node transfer was refused: the two sidecars do not share the cluster's peer secret.
+
+    Either side may have none configured (``--peer-secret-file``) or a different one.
+    """
+
+
 class SidecarTimeout(SidecarError, TimeoutError, kind="timeout"):
     """A control request got no answer before its deadline."""
 

@@ -30,6 +30,8 @@ class Held:
 
     offset: int | None
     gpu: bool = False
+    dsts: set[int] = field(default_factory=set)
+    """Every destination rank of the chunk: only these may release it."""
     pending_local: set[int] = field(default_factory=set)
     pending_remote: set[int] = field(default_factory=set)
     released: set[int] = field(default_factory=set)
@@ -77,6 +79,11 @@ class Holdings:
         key = (req.key.id, req.key.chunk_id)
         held = self.held.get(key)
         if held is None:
+            return
+        if req.dst_rank not in held.dsts:
+            logger.warning(
+                "ignoring release of %s by rank %d, not one of its destinations", req.key, req.dst_rank
+            )
             return
         held.released.add(req.dst_rank)
         held.pending_local.discard(req.dst_rank)

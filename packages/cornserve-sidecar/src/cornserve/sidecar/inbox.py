@@ -24,6 +24,7 @@ from cornserve.bus.sidecar import (
 )
 from cornserve.bus.subjects import SidecarVerb
 from cornserve.sidecar.allocation import ArenaMemory
+from cornserve.sidecar.arena import arena_name
 from cornserve.sidecar.holdings import ChunkKey, Holdings
 from cornserve.sidecar.identity import LossCounters, ServerIdentity
 from cornserve.sidecar.mailbox import Mailbox, Slot, SlotState
@@ -44,10 +45,42 @@ class Inbox:
     mailbox: Mailbox = field(default_factory=Mailbox)
 
     async def on_deliver(self, req: DeliverRequest) -> SidecarAck:
-        """Accept a source announcing a chunk (or a stream's length) for one of our consumers."""
+        """Endpoint: a peer server announces a chunk (or a stream's length) for one of our consumers.
+
+        Everything in it comes from the bus, so it may only point into the *source's* own arena: a
+        location in this server's arena (whose blocks we would free when the chunk is consumed) or
+        one whose ``meta.nbytes`` overruns its size is refused with ``bad_request``.
+        """
+        self.check_peer_deliver(req)
+        self.accept(req, owned_offset=None)
+        return self.me.ack(req.request_id)
+
+    def check_peer_deliver(self, req: DeliverRequest) -> None:
+        """Refuse an announcement that is not a peer's, for us, about the peer's own bytes."""
+
+        def bad(why: str) -> ServiceFault:
+            return ServiceFault(400, "bad_request", f"rank {self.me.rank}: deliver of id {req.id!r} {why}")
+
+        if req.dst_rank != self.me.rank:
+            raise bad(f"is addressed to rank {req.dst_rank}")
+        if req.source_rank == self.me.rank:
+            raise bad("claims to come from this rank (local deliveries never use the bus)")
+        loc = req.location
+        if loc is None:
+            return
+        if loc.meta.nbytes > loc.size:
+            raise bad(f"has meta.nbytes {loc.meta.nbytes} beyond its size {loc.size}")
+        if loc.transport != "shm":
+            return
+        if loc.arena == self.memory.arena.name:
+            raise bad("points into this server's own arena; only TCP arrivals land there")
+        expected = arena_name(self.me.node, req.source_rank, req.source_instance)
+        if loc.arena != expected or loc.node != self.me.node:
+            raise bad(f"names arena {loc.arena!r} on node {loc.node!r}, not its source's {expected!r}")
+
+    def accept(self, req: DeliverRequest, owned_offset: int | None) -> None:
+        """Record an announced chunk; ``owned_offset`` is our arena block holding it (TCP arrivals only)."""
         box = self.mailbox.box(req.id)
-        if req.num_chunks is not None:
-            box.num_chunks = req.num_chunks
         if req.location is not None:
             old = box.chunks.get(req.chunk_id)
             if old is not None and old.state == "ready":
@@ -56,21 +89,17 @@ class Inbox:
                     "bad_request",
                     f"id {req.id!r} chunk {req.chunk_id} is already waiting on rank {self.me.rank}",
                 )
-            owned = (
-                req.location.offset
-                if req.source_rank != self.me.rank and req.location.arena == self.memory.arena.name
-                else None
-            )
             box.chunks[req.chunk_id] = Slot(
                 state="ready",
                 source_rank=req.source_rank,
                 source_instance=req.source_instance,
                 location=req.location,
-                owned_offset=owned,
+                owned_offset=owned_offset,
             )
+        if req.num_chunks is not None:
+            box.num_chunks = req.num_chunks
         self.mailbox.retire_if_finished(req.id)
         self.mailbox.wake(req.id)
-        return self.me.ack(req.request_id)
 
     async def on_recv(self, req: RecvRequest) -> RecvReply:
         """Long-poll for a chunk: answers as soon as it is here, or with a typed error at the deadline."""
@@ -175,6 +204,8 @@ class Inbox:
                 box.chunks[chunk] = Slot(
                     state=kind, source_rank=source_rank, source_instance="", reason=reason
                 )
+            elif slot.source_rank != source_rank:
+                continue  # only a chunk's own source may declare it lost or expired
             elif slot.state == "ready":
                 self.consume(id_, chunk, slot, state=kind, reason=reason)
             else:

@@ -29,6 +29,10 @@ class TcpLanding:
         """Room for the header's payload, as (offset, view into our arena)."""
         if header.dst_rank != self.me.rank:
             raise Refusal("bad_request", f"this is rank {self.me.rank}, not {header.dst_rank}")
+        if header.meta.nbytes > header.size:
+            raise Refusal(
+                "bad_request", f"meta.nbytes {header.meta.nbytes} exceeds the chunk size {header.size}"
+            )
         try:
             offset = await self.memory.allocate(header.size, header.timeout)
         except ServiceFault as f:
@@ -36,7 +40,17 @@ class TcpLanding:
         return offset, self.memory.arena.view[offset : offset + header.size]
 
     async def land(self, header: TcpHeader, offset: int) -> None:
-        """Bytes from another node are in our arena: hold them as a local slot."""
+        """Bytes from another node are in our arena: hold them as a local slot.
+
+        A consumer reads ``meta.nbytes`` from ``offset``: more than the block would read the
+        neighbouring transfer's bytes, so the sizes are checked against the block itself.
+        """
+        block = self.memory.alloc.size_of(offset)
+        if header.size > block or header.meta.nbytes > header.size:
+            raise Refusal(
+                "bad_request",
+                f"chunk of {header.size} bytes (meta.nbytes {header.meta.nbytes}) does not fit its block of {block}",
+            )
         loc = Location(
             arena=self.memory.arena.name,
             offset=offset,
@@ -48,7 +62,7 @@ class TcpLanding:
         announced = header.model_dump(include=set(ChunkAnnouncement.model_fields))
         deliver = DeliverRequest(**announced, location=loc)
         try:
-            await self.inbox.on_deliver(deliver)
+            self.inbox.accept(deliver, owned_offset=offset)
         except ServiceFault as f:
             raise Refusal(f.error, f.message) from None
 

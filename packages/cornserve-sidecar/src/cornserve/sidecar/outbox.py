@@ -29,6 +29,7 @@ from cornserve.sidecar.allocator import aligned
 from cornserve.sidecar.holdings import Held, Holdings
 from cornserve.sidecar.identity import ServerIdentity
 from cornserve.sidecar.inbox import Inbox
+from cornserve.sidecar.peerauth import PeerKey
 from cornserve.sidecar.peers import Peers
 from cornserve.sidecar.tcp import ProtocolError, TransferRefused, push
 
@@ -51,6 +52,8 @@ class Outbox:
     peers: Peers
     streams: dict[str, tuple[list[list[int]], float]] = field(default_factory=dict)
     """Destinations of open streams (for ``close_stream``) and when their last chunk was sent."""
+    peer_key: PeerKey | None = None
+    """The cluster's peer secret (set at start when configured); without it no cross-node pushes."""
 
     async def on_send(self, req: SendRequest) -> SidecarAck:
         """Take ownership of the written bytes and announce them to every destination rank."""
@@ -82,7 +85,7 @@ class Outbox:
             raise
         if offset is not None:
             self.memory.take_unsent(offset)
-        held = Held(offset=offset, gpu=loc.transport == "cuda_ipc")
+        held = Held(offset=offset, gpu=loc.transport == "cuda_ipc", dsts={p.rank for p in peers})
         self.holdings.held[key] = held
         if req.num_chunks is None:
             self.streams[req.id] = (req.dst_ranks, time.monotonic())  # refreshed by every chunk
@@ -141,13 +144,14 @@ class Outbox:
 
     async def _deliver(self, msg: DeliverRequest, deadline: float) -> None:
         if msg.dst_rank == self.me.rank:
-            await self.inbox.on_deliver(msg)
+            self.inbox.accept(msg, owned_offset=None)
             return
         await self.peers.request(msg.dst_rank, SidecarVerb.DELIVER, msg, SidecarAck, deadline)
 
     async def _push(self, peer: InfoReply, req: SendRequest, deadline: float) -> None:
         """Stream the chunk's bytes from our arena into the peer's arena."""
         loc = req.location
+        key = self._check_cross_node(peer)
         remaining = max(0.001, deadline - time.monotonic())
         header = self._announce(
             TcpHeader,
@@ -163,13 +167,33 @@ class Outbox:
         payload = self.memory.arena.view[loc.offset : loc.offset + loc.size]
         where = f"destination sidecar rank {peer.rank} (TCP {peer.tcp_host}:{peer.tcp_port})"
         try:
-            await push(peer.tcp_host, peer.tcp_port, header, payload, remaining)
+            await push(peer.tcp_host, peer.tcp_port, key, header, payload, remaining)
         except TransferRefused as r:
             raise ServiceFault(503, r.error, f"rank {peer.rank}: {r.message}", rank=peer.rank) from None
         except TimeoutError:
             raise ServiceFault(504, "unreachable", f"{where}: transfer timed out", rank=peer.rank) from None
         except (ProtocolError, OSError) as exc:
             raise ServiceFault(502, "unreachable", f"{where}: {exc}", rank=peer.rank) from None
+
+    def _check_cross_node(self, peer: InfoReply) -> PeerKey:
+        """Our key for a push to ``peer``; a typed ``peer_auth`` fault when either side has none."""
+        if self.peer_key is None:
+            raise ServiceFault(
+                503,
+                "peer_auth",
+                f"rank {self.me.rank} cannot send to rank {peer.rank} on node {peer.node}: it has no "
+                "peer secret (give every sidecar the same --peer-secret-file; `cornserve up` does)",
+                rank=peer.rank,
+            )
+        if peer.tcp_port == 0:
+            raise ServiceFault(
+                503,
+                "peer_auth",
+                f"destination sidecar rank {peer.rank} on node {peer.node} accepts no cross-node "
+                "transfers: it has no peer secret (give it the cluster's --peer-secret-file)",
+                rank=peer.rank,
+            )
+        return self.peer_key
 
     async def on_close(self, req: CloseStreamRequest) -> SidecarAck:
         """Announce a stream's final length to its destinations."""

@@ -24,6 +24,9 @@ from cornserve.sidecar.tasks import BackgroundTasks
 
 logger = logging.getLogger("cornserve.sidecar.server")
 
+MAX_BACKOFF_S = 60.0
+"""Longest pause between sweeps while they keep failing."""
+
 
 @dataclass
 class Reaper:
@@ -39,19 +42,34 @@ class Reaper:
     background: BackgroundTasks
 
     async def run_forever(self) -> None:
-        """Sweep a few times per TTL (at most every 5 s) until cancelled."""
-        interval = min(5.0, max(0.05, self.me.ttl_s / 4))
-        while True:
-            await asyncio.sleep(interval)
-            self.reap()
+        """Sweep a few times per TTL (at most every 5 s) until cancelled; no failure stops it.
 
-    def reap(self) -> None:
-        """Free whatever nobody claimed within the TTL, and say so in the log."""
+        A sweep that raised is logged with its traceback and the next one comes after a doubled
+        pause (up to :data:`MAX_BACKOFF_S`), so a persistent fault neither kills reclamation nor
+        floods the log; the first clean sweep restores the normal pace.
+        """
+        interval = min(5.0, max(0.05, self.me.ttl_s / 4))
+        pause = interval
+        while True:
+            await asyncio.sleep(pause)
+            failed = self.reap()
+            pause = min(MAX_BACKOFF_S, max(interval, pause * 2)) if failed else interval
+
+    def reap(self) -> int:
+        """Free whatever nobody claimed within the TTL, and say so in the log; returns failed sweeps.
+
+        Each kind of holding is swept on its own, so a fault in one (a corrupt entry) still lets the
+        others be reclaimed.
+        """
         cutoff = time.monotonic() - self.me.ttl_s
-        self._reap_unsent(cutoff)
-        self._reap_held(cutoff)
-        self._reap_streams(cutoff)
-        self._reap_received(cutoff)
+        failed = 0
+        for sweep in (self._reap_unsent, self._reap_held, self._reap_streams, self._reap_received):
+            try:
+                sweep(cutoff)
+            except Exception:
+                failed += 1
+                logger.exception("rank %d: TTL sweep %s failed; continuing", self.me.rank, sweep.__name__)
+        return failed
 
     def _unclaimed(self, what: str, id_: str, chunk: int, by: str = "") -> None:
         logger.warning(
@@ -67,7 +85,7 @@ class Reaper:
     def _reap_unsent(self, cutoff: float) -> None:
         for offset, created in list(self.memory.unsent.items()):
             if created < cutoff:
-                self.memory.discard_unsent(offset)
+                self.memory.discard_unsent(offset)  # forgets the entry before freeing its bytes
                 logger.warning(
                     "rank %d: unsent allocation at %d expired after %.1fs",
                     self.me.rank,
@@ -90,9 +108,9 @@ class Reaper:
             )
             for r in held.pending_local:
                 notices.setdefault(r, []).append(Key(id=key[0], chunk_id=key[1]))
+            del held_by_key[key]  # first: an entry whose free fails is not retried at every sweep
             if held.offset is not None:
                 self.memory.free(held.offset)
-            del held_by_key[key]
             if held.gpu:
                 self.holdings.announce_released([key])
             self.counters.expired_total += 1

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict
 from pathlib import Path
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 from nats.aio.client import Client
 from nats.micro import add_service
@@ -58,8 +58,9 @@ from cornserve.bus.subjects import (
 )
 from cornserve.runtime.nats import NatsAuthError, connect_nats
 from cornserve.runtime.natscreds import NatsCredentialsError
+from cornserve.runtime.secrets import SecretFileError
 from cornserve.runtime.service import run_process, running
-from cornserve.runtime.settings import ProcessInfo, ServiceSettings
+from cornserve.runtime.settings import Flag, ProcessInfo, ServiceSettings
 from cornserve.sidecar import __version__
 from cornserve.sidecar.allocation import ArenaMemory
 from cornserve.sidecar.arena import Arena, arena_name
@@ -68,14 +69,16 @@ from cornserve.sidecar.identity import LossCounters, ServerIdentity
 from cornserve.sidecar.inbox import Inbox
 from cornserve.sidecar.landing import TcpLanding
 from cornserve.sidecar.outbox import Outbox
+from cornserve.sidecar.peerauth import load_peer_key
 from cornserve.sidecar.peers import Peers
 from cornserve.sidecar.reaper import Reaper
 from cornserve.sidecar.tasks import BackgroundTasks
-from cornserve.sidecar.tcp import TcpReceiver
+from cornserve.sidecar.tcp import ReceiverLimits, TcpReceiver
 
 logger = logging.getLogger("cornserve.sidecar.server")
 
 CONNECT_TIMEOUT_S = 30.0
+DEFAULT_TCP_MAX_TIMEOUT_S = 120.0
 
 
 class SidecarServer:
@@ -92,6 +95,8 @@ class SidecarServer:
         tcp_port: int = 0,
         prefault: bool = False,
         nats_creds: Path | None = None,
+        peer_secret_file: Path | None = None,
+        tcp_max_timeout_s: float = DEFAULT_TCP_MAX_TIMEOUT_S,
     ) -> None:
         self.me = ServerIdentity(
             rank=rank, node=node, ttl_s=ttl_s, tcp_host=tcp_host, tcp_port=tcp_port, prefault=prefault
@@ -99,6 +104,8 @@ class SidecarServer:
         self.rank = rank
         self.nats_url = nats_url
         self.nats_creds = nats_creds
+        self.peer_secret_file = peer_secret_file
+        self.tcp_max_timeout_s = tcp_max_timeout_s
         self.counters = LossCounters()
         self.background = BackgroundTasks(logger, "background task")
         self.memory = ArenaMemory(self.me, arena_bytes)
@@ -130,6 +137,8 @@ class SidecarServer:
 
     async def start(self) -> None:
         """Connect, refuse to double-serve a rank, create the arena, register endpoints, announce."""
+        # First: a bad secret file is a configuration error to report before touching anything.
+        key = load_peer_key(self.peer_secret_file)
         try:
             # Unlimited reconnects keep a running server alive through NATS restarts, but would also
             # retry the first connect forever: bound that one.
@@ -148,10 +157,25 @@ class SidecarServer:
         self.memory.open(arena)
         if self.me.prefault:
             arena.prefault()
-        self._tcp = TcpReceiver(
-            self.me.tcp_host, self.me.tcp_port, self.landing.allocate, self.landing.land, self.landing.abandon
-        )
-        self.me.tcp_port = self._tcp.start()
+        if key is None:
+            # Same-node transfers need no secret; cross-node ones are refused with a typed error.
+            logger.warning(
+                "no peer secret configured (--peer-secret-file / CORNSERVE_SIDECAR_PEER_SECRET_FILE): "
+                "cross-node transfers to and from rank %d are disabled; same-node transfers work",
+                self.rank,
+            )
+        else:
+            self.outbox.peer_key = key
+            self._tcp = TcpReceiver(
+                self.me.tcp_host,
+                self.me.tcp_port,
+                key,
+                ReceiverLimits(rank=self.rank, max_timeout=self.tcp_max_timeout_s),
+                self.landing.allocate,
+                self.landing.land,
+                self.landing.abandon,
+            )
+            self.me.tcp_port = self._tcp.start()
         await self._nc.subscribe(SIDECAR_UP_EVENT, cb=self.peers.on_up)
         self._service = await self._register(self._nc)
         self.background.spawn(self.reaper.run_forever())
@@ -272,9 +296,9 @@ class SidecarServer:
             )
             self.peers.tell(rank, SidecarVerb.NOTICE, note, f"notice {note.kind}")
 
-    def reap(self) -> None:
-        """Run one TTL sweep now (the reaper also runs them periodically)."""
-        self.reaper.reap()
+    def reap(self) -> int:
+        """Run one TTL sweep now (the reaper also runs them periodically); returns failed sweeps."""
+        return self.reaper.reap()
 
 
 class SidecarSettings(ServiceSettings):
@@ -298,21 +322,40 @@ class SidecarSettings(ServiceSettings):
     """TCP port for cross-node transfers (0 = any)."""
     prefault: bool = False
     """Touch every arena page at start: commits the memory, avoids first-touch page faults on sends."""
+    sidecar_peer_secret_file: Annotated[Path | None, Flag(name="--peer-secret-file")] = None
+    """Secret file (mode 0600) shared by every sidecar of the cluster; without it, no cross-node transfers."""
+    tcp_max_timeout_s: Annotated[float, Flag(name="--tcp-max-timeout")] = Field(
+        default=DEFAULT_TCP_MAX_TIMEOUT_S, gt=0, allow_inf_nan=False
+    )
+    """Longest a peer's transfer may hold memory here waiting for its bytes (caps its own timeout)."""
 
 
-SERVER_FIELDS = {"rank", "node", "nats_url", "nats_creds", "arena_bytes", "tcp_host", "tcp_port", "prefault"}
+SERVER_FIELDS = {
+    "rank", "node", "nats_url", "nats_creds", "arena_bytes", "tcp_host", "tcp_port", "prefault", "tcp_max_timeout_s"
+}  # fmt: skip
 """Settings that `SidecarServer` takes under the same name."""
 
 
 def serve(settings: SidecarSettings) -> AbstractAsyncContextManager[None]:
     """One rank, served while the context is open (the server holds its own NATS connection)."""
-    return running(SidecarServer(ttl_s=settings.ttl_seconds, **settings.model_dump(include=SERVER_FIELDS)))
+    return running(
+        SidecarServer(
+            ttl_s=settings.ttl_seconds,
+            peer_secret_file=settings.sidecar_peer_secret_file,
+            **settings.model_dump(include=SERVER_FIELDS),
+        )
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``cornserve-sidecar`` console script."""
     sys.exit(
-        run_process(SidecarSettings, serve, argv=argv, expected_errors=(NatsAuthError, NatsCredentialsError))
+        run_process(
+            SidecarSettings,
+            serve,
+            argv=argv,
+            expected_errors=(NatsAuthError, NatsCredentialsError, SecretFileError),
+        )
     )
 
 

@@ -11,20 +11,21 @@ import json
 import logging
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 from nats.aio.client import Client
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from cornserve.bus.control import TaskLibraryRecord
 from cornserve.bus.kv import TaskLibrarySync
 from cornserve.runtime.service import run_service, stop_callback
-from cornserve.runtime.settings import ProcessInfo, ServiceSettings
+from cornserve.runtime.settings import CommaSeparated, ProcessInfo, ServiceSettings
 from cornserve.task import TaskError, UnitTask, deserialize_task
 from cornserve.task.errors import TaskRegistryError
+from cornserve.task.executor_flags import check_allowed_names, check_executor_flags
 from cornserve.task.library import load_task_library
 from cornserve.task_manager.manager import TaskManager
 from cornserve.task_manager.service import TaskManagerService
@@ -55,6 +56,10 @@ class TaskManagerSettings(ServiceSettings):
     """Seconds between SIGTERM and SIGKILL when stopping an executor."""
     executor_nats_creds: Path | None = None
     """NATS credentials file of the executor role, handed to executors (none: they get no credentials)."""
+    allow_executor_flags: Annotated[CommaSeparated, AfterValidator(check_allowed_names)] = Field(
+        default_factory=list
+    )
+    """Executor flags that widen exposure a task config may pass anyway (inherited from the cluster's environment)."""
 
     @property
     def nats_client_name(self) -> str:
@@ -67,8 +72,15 @@ def _load_record(record: TaskLibraryRecord) -> None:
     logger.info("task library %s (%s) loaded: %s", record.name, record.sha256[:12], loaded.unit_tasks)
 
 
-async def load_task(sync: TaskLibrarySync, task_json: str, task_key: str) -> UnitTask[Any, Any]:
-    """Rebuild the task (refreshing task libraries once if its class is unknown) and check its key."""
+async def load_task(
+    sync: TaskLibrarySync, task_json: str, task_key: str, allowed_flags: Collection[str] = ()
+) -> UnitTask[Any, Any]:
+    """Rebuild the task (refreshing task libraries once if its class is unknown) and check its key.
+
+    The task's config must also pass the executor-flag policy: the gateway checks it too, but the
+    task manager is where the command line is built, so a task that reached the bus some other way
+    is refused here before any executor starts.
+    """
     try:
         spec = json.loads(task_json)
     except ValueError as exc:
@@ -85,6 +97,10 @@ async def load_task(sync: TaskLibrarySync, task_json: str, task_key: str) -> Uni
         raise TaskLoadError(
             f"--task-key {task_key} does not match the task's deployment key {task.deployment_key}"
         )
+    try:
+        check_executor_flags(task, allowed_flags)
+    except TaskError as exc:
+        raise TaskLoadError(f"refusing task {task_key}: {exc}") from exc
     return task
 
 
@@ -96,7 +112,7 @@ async def serve(settings: TaskManagerSettings, nc: Client) -> AsyncIterator[None
     sync = TaskLibrarySync(nc, _load_record)
     try:
         await sync.start()
-        task = await load_task(sync, settings.task_json, settings.task_key)
+        task = await load_task(sync, settings.task_json, settings.task_key, settings.allow_executor_flags)
         manager = TaskManager(
             settings.task_key,
             task,

@@ -19,6 +19,7 @@ from cornserve.task.descriptor import (
     TaskExecutionDescriptor,
 )
 from cornserve.task.errors import (
+    ExecutorFlagError,
     InvalidTaskInputError,
     NoGraphRunnerError,
     StaticGraphError,
@@ -51,6 +52,7 @@ __all__ = [
     "ClassKey",
     "DataForward",
     "Device",
+    "ExecutorFlagError",
     "ExecutorLaunchSpec",
     "ExecutorPlacement",
     "ExecutorRequest",

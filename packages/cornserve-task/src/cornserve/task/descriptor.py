@@ -102,6 +102,15 @@ class TaskExecutionDescriptor(BaseModel, Generic[TaskT]):
         """How many devices one executor of `task` needs."""
         return 1
 
+    def executor_args(self) -> list[str]:
+        """Arguments from this config that reach the executor's command line as they are (none here).
+
+        A descriptor that passes user-written arguments through (e.g. `VLLMDescriptor.extra_args`)
+        returns them, so the gateway and the task manager can refuse flags that widen exposure
+        (`cornserve.task.executor_flags`).
+        """
+        return []
+
     def launch_spec(self, task: TaskT, placement: ExecutorPlacement) -> ExecutorLaunchSpec:
         """The command line and environment of one executor process."""
         raise NotImplementedError(f"{type(self).__name__} does not describe how to launch an executor")

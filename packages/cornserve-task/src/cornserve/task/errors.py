@@ -19,6 +19,17 @@ class TaskRegistryError(TaskError, LookupError):
     """A unit task or descriptor name is unknown, or two different classes claim one name."""
 
 
+class ExecutorFlagError(TaskError, ValueError):
+    """A task config passes an executor flag that widens exposure and no admin allowed it.
+
+    See `cornserve.task.executor_flags`; `flag` is the refused flag's full name.
+    """
+
+    def __init__(self, message: str, *, flag: str) -> None:
+        super().__init__(message)
+        self.flag = flag
+
+
 class TaskSerializationError(TaskError):
     """Serialized task or invocation data does not describe a valid object."""
 

@@ -16,6 +16,7 @@ from cornserve.task.descriptor import (
     TaskExecutionDescriptor,
 )
 from cornserve.task.errors import InvalidTaskInputError, TaskExecutionError
+from cornserve.task.executor_flags import ModelId
 from cornserve.task.forward import DataForward, Tensor
 from cornserve.task.invocation import TaskInvocation
 from cornserve.task.io_models import TaskInput, TaskOutput
@@ -51,7 +52,7 @@ class EncoderTask(UnitTask[EncoderInput, EncoderOutput]):
     default_descriptor = "EricDescriptor"
 
     modality: Modality
-    model_id: str = Field(min_length=1)
+    model_id: ModelId
     max_batch_size: int = Field(default=8, ge=1)
 
     def validate_input(self, task_input: EncoderInput) -> None:

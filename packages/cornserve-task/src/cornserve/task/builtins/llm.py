@@ -19,6 +19,7 @@ from cornserve.task.descriptor import (
     TaskExecutionDescriptor,
 )
 from cornserve.task.errors import InvalidTaskInputError, TaskExecutionError
+from cornserve.task.executor_flags import ModelId
 from cornserve.task.invocation import TaskInvocation
 from cornserve.task.stream import Stream
 
@@ -32,7 +33,7 @@ class LLMTask(UnitTask[ChatCompletionRequest, Stream[ChatCompletionChunk]]):
 
     default_descriptor = "CPULLMDescriptor"
 
-    model_id: str = Field(min_length=1)
+    model_id: ModelId
     receive_embeddings: bool = False
     modalities: list[Modality] = Field(default_factory=list)
 
@@ -131,6 +132,10 @@ class VLLMDescriptor(OpenAIChatDescriptor):
     def num_devices(self, task: LLMTask) -> int:
         """One GPU per tensor-parallel rank."""
         return self.tensor_parallel_size
+
+    def executor_args(self) -> list[str]:
+        """`extra_args` reach `vllm serve` as they are (and come after Cornserve's own flags)."""
+        return list(self.extra_args)
 
     def launch_spec(self, task: LLMTask, placement: ExecutorPlacement) -> ExecutorLaunchSpec:
         """`vllm serve MODEL ...` on the allocated GPUs; behind Cornserve's proxy with encoder fission.

@@ -10,6 +10,7 @@ from cornserve.task.builtins.encoder import EncoderInput, EncoderTask
 from cornserve.task.builtins.llm import LLMTask
 from cornserve.task.builtins.modality import Modality
 from cornserve.task.descriptor import TaskExecutionDescriptor
+from cornserve.task.executor_flags import ModelId
 from cornserve.task.forward import DataForward, Tensor
 from cornserve.task.stream import Stream
 
@@ -22,7 +23,7 @@ class MLLMTask(Task[ChatCompletionRequest, Stream[ChatCompletionChunk]]):
     messages. With `encoder_fission=False` a single LLMTask encodes the media itself.
     """
 
-    model_id: str = Field(min_length=1)
+    model_id: ModelId
     modalities: list[Modality] = Field(default_factory=lambda: [Modality.IMAGE])
     encoder_fission: bool = True
     max_batch_size: int = Field(default=8, ge=1)
