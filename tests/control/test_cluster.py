@@ -14,11 +14,11 @@ import sys
 from typing import Any
 
 import aiohttp
-import nats
 import pytest
 from tests.control.apps import PIPELINE_APP, SUM_APP
 from tests.control.support import (
     TASKLIB,
+    admin_nats,
     call,
     ensure_tasklib,
     expected_sum,
@@ -108,14 +108,14 @@ async def test_survives_a_dispatcher_and_an_executor_being_killed(
     assert cluster.nats_url is not None
 
     # Watch the replicas' keepalives, so the kill lands while dispatcher-0 runs graphs.
-    nc = await nats.connect(cluster.nats_url)
+    nc = await admin_nats(cluster)
     taken_by_victim = asyncio.Event()
 
     async def on_keepalive(msg: Any) -> None:
         if InvokeKeepalive.model_validate_json(msg.data).replica_id == "dispatcher-0":
             taken_by_victim.set()
 
-    await nc.subscribe("_INBOX.*.alive", cb=on_keepalive)
+    await nc.subscribe("_INBOX_gateway.*.alive", cb=on_keepalive)  # the gateway's inbox prefix
     try:
         seeds = list(range(30))
         load = [

@@ -20,7 +20,7 @@ import pytest
 from nats.aio.client import Client
 from nats.micro.request import ERROR_CODE_HEADER
 from tests.control.apps import ROWS_APP
-from tests.control.support import call, ensure_tasklib, tasks_by_key
+from tests.control.support import admin_nats, call, ensure_tasklib, tasks_by_key
 from tests.control.support import tensor_math as tm_lib
 from tests.support.cluster import gateway_session
 
@@ -127,7 +127,7 @@ async def test_the_callers_request_id_travels_with_its_graphs(
     rows_app: Any, http: aiohttp.ClientSession, cluster: LocalCluster
 ) -> None:
     """`X-Request-Id` names the graphs the request sends to the dispatchers (their log lines carry it)."""
-    nc = await nats.connect(cluster.nats_url)
+    nc = await admin_nats(cluster)
     seen: list[str] = []
 
     async def copy(msg: Any) -> None:  # a plain subscriber sees every request the queue group gets
@@ -274,7 +274,7 @@ async def test_malformed_messages_get_error_replies_and_nobody_dies(
     assert cluster.nats_url is not None
     tasks = await tasks_by_key(http)
     task_key = next(k for k in tasks if k.startswith("makematrix-"))
-    nc = await nats.connect(cluster.nats_url)
+    nc = await admin_nats(cluster)
     try:
         expected = {
             RM_SERVICE_NAME: 1,

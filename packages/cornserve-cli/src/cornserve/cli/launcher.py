@@ -24,7 +24,21 @@ from pathlib import Path
 from typing import Any
 
 from cornserve.cli.admintoken import ensure_admin_token
+from cornserve.cli.natsauth import (
+    ADMIN,
+    AUTH_DIR,
+    DISPATCHER,
+    EXECUTOR,
+    GATEWAY,
+    RESOURCE_MANAGER,
+    SIDECAR,
+    TASK_MANAGER,
+    NatsAuth,
+    create_buckets,
+)
 from cornserve.cli.natsserver import NatsServerProcess
+from cornserve.runtime.nats import NatsAuthError, NatsConnectTimeout
+from cornserve.runtime.natscreds import NatsCredentialsError
 from cornserve.runtime.process import ProcessGroup, free_port, log_tail, pid_alive, signal_group, wait_for
 from cornserve.runtime.secrets import SecretFileError, new_token, write_secret_file
 from cornserve.runtime.statedir import default_state_dir
@@ -59,10 +73,14 @@ class Child:
     argv: list[str]
     log_path: Path
     proc: ProcessGroup | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    """Variables of this child only (its NATS role's credentials), over the cluster's environment."""
 
     def start(self, env: dict[str, str]) -> None:
         """Spawn it in its own process group, output appended to its log file; it dies with `up`."""
-        self.proc = ProcessGroup.spawn(self.argv, log_path=self.log_path, env=env, die_with_parent=True)
+        self.proc = ProcessGroup.spawn(
+            self.argv, log_path=self.log_path, env={**env, **self.env}, die_with_parent=True
+        )
 
     def exit_code(self) -> int | None:
         """None while it runs (or before it was started)."""
@@ -102,6 +120,9 @@ class LocalCluster:
     cpu_slots: int = 4
     dispatchers: int = 2
     nats_url: str | None = None
+    nats_creds: Path | None = None
+    """Credentials for an external NATS (`nats_url`), used by every service; without an external
+    NATS, `start` generates one user per role instead (`cornserve.cli.natsauth`)."""
     say: Any = print
     cluster_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     children: list[Child] = field(default_factory=list)
@@ -113,6 +134,8 @@ class LocalCluster:
     tls_key: Path | None = None
     admin_token: str = field(default="", repr=False)
     """The gateway's admin token (set by `start`; see `cornserve.cli.admintoken`)."""
+    nats_auth: NatsAuth | None = None
+    """The generated per-role NATS credentials (None with an external NATS)."""
 
     @property
     def url(self) -> str:
@@ -137,25 +160,56 @@ class LocalCluster:
         """The node id of this cluster (sidecars with the same node share memory)."""
         return f"local-{self.cluster_id}"
 
-    def _child(self, name: str, module: str, *args: str) -> Child:
-        child = Child(name, [sys.executable, "-m", module, *args], self.state_dir / "logs" / f"{name}.log")
+    def _child(self, name: str, module: str, *args: str, role: str) -> Child:
+        log_path = self.state_dir / "logs" / f"{name}.log"
+        child = Child(name, [sys.executable, "-m", module, *args], log_path, env=self._nats_env(role))
         self.children.append(child)
         return child
+
+    # ----- NATS authentication: each child gets its role's credentials (never its parent's) -------
+
+    @property
+    def nats_admin_creds(self) -> Path | None:
+        """Credentials that may do anything on this cluster's NATS (operators' tools, tests)."""
+        return self.nats_auth.creds(ADMIN) if self.nats_auth is not None else self.nats_creds
+
+    def _creds(self, role: str) -> Path | None:
+        return self.nats_auth.creds(role) if self.nats_auth is not None else self.nats_creds
+
+    def _nats_env(self, role: str) -> dict[str, str]:
+        if self._creds(role) is None:
+            return {}
+        env = {"CORNSERVE_NATS_CREDS": str(self._creds(role))}
+        if role == RESOURCE_MANAGER:  # it hands these down: to task managers, they to executors
+            env["CORNSERVE_TASK_MANAGER_NATS_CREDS"] = str(self._creds(TASK_MANAGER))
+            env["CORNSERVE_EXECUTOR_NATS_CREDS"] = str(self._creds(EXECUTOR))
+        return env
+
+    def _start_nats(self) -> None:
+        if self.nats_url is None:
+            self.say("starting NATS (JetStream, one user per role) ...")
+            self.nats_auth = NatsAuth.generate(self.state_dir / AUTH_DIR)
+            (self.state_dir / "logs").mkdir(parents=True, exist_ok=True)
+            self.nats = NatsServerProcess(
+                port=free_port(),
+                store_dir=self.state_dir / "nats",
+                log_file=self.state_dir / "logs" / "nats.log",
+                config_file=self.nats_auth.server_config,
+            )
+            self.nats.start()
+            self.nats_url = self.nats.url
+        if self.nats_admin_creds is not None:  # services may not create buckets they only read
+            try:
+                create_buckets(self.nats_url, self.nats_admin_creds)
+            except (NatsAuthError, NatsCredentialsError, NatsConnectTimeout, TimeoutError) as exc:
+                raise LaunchError(f"cannot create the KV buckets on NATS at {self.nats_url}: {exc}") from exc
 
     def start(self, ready_timeout_s: float = 180.0) -> None:
         """Start everything and wait until the gateway reports healthy."""
         self._refuse_if_running()
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        if self.nats_url is None:
-            self.say("starting NATS (JetStream) ...")
-            self.nats = NatsServerProcess(
-                port=free_port(),
-                store_dir=self.state_dir / "nats",
-                log_file=self.state_dir / "logs" / "nats.log",
-            )
-            (self.state_dir / "logs").mkdir(parents=True, exist_ok=True)
-            self.nats.start()
-            self.nats_url = self.nats.url
+        self._start_nats()
+        assert self.nats_url is not None
         gpus = count_gpus()
         devices = gpus or self.cpu_slots
         kind = "GPU" if gpus else "CPU slot"
@@ -168,18 +222,23 @@ class LocalCluster:
                 f"sidecar-{rank}",
                 "cornserve.sidecar.server",
                 *("--rank", str(rank), "--node", self.node, "--peer-secret-file", str(peer_secret)),
+                role=SIDECAR,
             )
         rm_args = ["--node", self.node, "--log-dir", str(self.state_dir / "logs")]
         if not gpus:
             rm_args += ["--cpu-slots", str(self.cpu_slots)]
-        self._child("resource-manager", "cornserve.resource_manager.main", *rm_args)
+        self._child("resource-manager", "cornserve.resource_manager.main", *rm_args, role=RESOURCE_MANAGER)
         for index in range(self.dispatchers):
             self._child(
-                f"dispatcher-{index}", "cornserve.dispatcher.main", "--replica-id", f"dispatcher-{index}"
+                f"dispatcher-{index}",
+                "cornserve.dispatcher.main",
+                "--replica-id",
+                f"dispatcher-{index}",
+                role=DISPATCHER,
             )
         self._child(
             "gateway", "cornserve.gateway.main", "--host", self.host, "--port", str(self.port),
-            *self._gateway_auth_args(),
+            *self._gateway_auth_args(), role=GATEWAY,
         )  # fmt: skip
         self.env = {**env, "CORNSERVE_NODE": self.node}
         for child in self.children:
@@ -201,6 +260,7 @@ class LocalCluster:
             "pid": os.getpid(),
             "url": self.url,
             "nats_url": self.nats_url,
+            "nats_auth_dir": str(self.nats_auth.directory) if self.nats_auth is not None else None,
             "node": self.node,
             "children": [{"name": c.name, "pid": c.proc.pid} for c in self.children if c.proc is not None],
         }

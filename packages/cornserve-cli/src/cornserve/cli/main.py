@@ -92,6 +92,9 @@ def _tls_pair(args: argparse.Namespace) -> tuple[Path, Path] | None:
 
 def _cmd_up(args: argparse.Namespace) -> int:
     tls = _tls_pair(args)
+    if args.nats_creds and not args.nats_url:
+        print("error: --nats-creds is for an external NATS (--nats-url); `up` makes its own", file=sys.stderr)
+        return 2
     cluster = LocalCluster(
         state_dir=Path(args.state_dir),
         host=args.host,
@@ -101,6 +104,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         nats_url=args.nats_url,
         tls_cert=tls[0] if tls else None,
         tls_key=tls[1] if tls else None,
+        nats_creds=Path(args.nats_creds) if args.nats_creds else None,
     )
     stopping = False
 
@@ -189,6 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--cpu-slots", type=int, default=4, help="CPU device slots when there is no GPU")
     up.add_argument("--dispatchers", type=int, default=2, help="dispatcher replicas")
     up.add_argument("--nats-url", default=None, help="use this NATS server instead of starting one")
+    up.add_argument(
+        "--nats-creds",
+        default=None,
+        help="credentials file for --nats-url (a NATS .creds file or an nkey seed), used by every service",
+    )
     up.add_argument(
         "--state-dir", default=str(default_state_dir()), help="state and logs (default: %(default)s)"
     )

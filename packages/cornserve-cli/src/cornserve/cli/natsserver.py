@@ -51,8 +51,12 @@ class NatsServerProcess:
         port: int | None = None,
         store_dir: str | Path | None = None,
         log_file: str | Path | None = None,
+        config_file: Path | None = None,
     ) -> None:
         self.host = host
+        self.config_file = config_file
+        """A config file (`cornserve.cli.natsauth` writes one with the ``authorization`` block);
+        None: no authentication, as for the tests' shared server."""
         self.port = port or free_port(host)
         self._own_store = store_dir is None
         self.store_dir = (
@@ -73,6 +77,8 @@ class NatsServerProcess:
         binary = find_nats_server_binary()
         self.store_dir.mkdir(parents=True, exist_ok=True)
         cmd = [binary, "-a", self.host, "-p", str(self.port), "-js", "-sd", str(self.store_dir)]
+        if self.config_file is not None:
+            cmd += ["-c", str(self.config_file)]  # the flags above still win over the file
         logger.info("starting %s", " ".join(cmd))
         # Its own process group: a terminal's Ctrl-C reaches the whole foreground group, and NATS
         # must outlive the services that drain through it while the launcher stops them in order.

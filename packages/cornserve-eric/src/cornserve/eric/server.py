@@ -140,7 +140,7 @@ class EricServer:
             )
         from cornserve.sidecar import Sidecar
 
-        self.sidecar = await Sidecar(cfg.sidecar_ranks[0], cfg.nats_url).connect()
+        self.sidecar = await Sidecar(cfg.sidecar_ranks[0], cfg.nats_url, nats_creds=cfg.nats_creds).connect()
         self.batcher = DynamicBatcher(self.encoder.encode, cfg.max_batch_size)
         self.batcher.start()
         self._ready = True

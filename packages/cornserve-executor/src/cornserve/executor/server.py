@@ -117,7 +117,9 @@ class ExecutorServer:
     async def _initialize(self, deadline: float) -> None:
         self._phase = f"connecting to NATS at {self.config.nats_url}"
         self._nc = await connect_nats(
-            self.config.nats_url, name=f"cornserve-executor-{self.config.executor_id}"
+            self.config.nats_url,
+            name=f"cornserve-executor-{self.config.executor_id}",
+            creds=self.config.nats_creds,
         )
         self._phase = "loading task libraries"
         self._sync = TaskLibrarySync(self._nc, self._load_library)
@@ -146,7 +148,12 @@ class ExecutorServer:
             from cornserve.sidecar import Sidecar
 
             # Held by the context before connecting, so stop() closes it even if connecting fails.
-            self._ctx._sidecar = Sidecar(rank, self.config.nats_url, timeout=descriptor.sidecar_timeout_s)
+            self._ctx._sidecar = Sidecar(
+                rank,
+                self.config.nats_url,
+                timeout=descriptor.sidecar_timeout_s,
+                nats_creds=self.config.nats_creds,
+            )
             await self._connect_sidecar(self._ctx._sidecar, deadline)
         self.state = "ready"
         logger.info(

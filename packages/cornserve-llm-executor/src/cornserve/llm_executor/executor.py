@@ -69,7 +69,7 @@ class LLMExecutor:
         loaded = await asyncio.to_thread(load_model, s.model_id, s.max_model_len)
         receiver: EmbeddingReceiver | None = None
         if s.receive_embeddings:
-            sidecar = Sidecar(s.sidecar_ranks[0], s.nats_url)
+            sidecar = Sidecar(s.sidecar_ranks[0], s.nats_url, nats_creds=s.nats_creds)
             self._closers.append(sidecar.close)
             await sidecar.connect()
             receiver = EmbeddingReceiver(sidecar, s.embedding_timeout_s)

@@ -45,12 +45,14 @@ class ResourceManagerSettings(ServiceSettings):
     """How task managers are started."""
     log_dir: Path | None = None
     """Task manager and executor logs (default: a new temp dir)."""
+    task_manager_nats_creds: Path | None = None
+    """NATS credentials file of the task-manager role, handed to task managers (none: they get none)."""
 
 
-def make_spawner(name: str, log_dir: Path, log_level: str) -> Spawner:
-    """The spawner named on the command line."""
+def make_spawner(name: str, log_dir: Path, log_level: str, nats_creds: Path | None = None) -> Spawner:
+    """The spawner named on the command line; `nats_creds` is the task managers' credentials file."""
     if name == "local":
-        return LocalSubprocessSpawner(log_dir, log_level)
+        return LocalSubprocessSpawner(log_dir, log_level, nats_creds)
     raise ValueError(f"unknown spawner {name!r}")
 
 
@@ -64,7 +66,7 @@ async def serve(settings: ResourceManagerSettings, nc: Client) -> AsyncIterator[
         nc,
         settings.nats_url,
         DeviceInventory(devices),
-        make_spawner(settings.spawner, log_dir, settings.log_level),
+        make_spawner(settings.spawner, log_dir, settings.log_level, settings.task_manager_nats_creds),
     )
     service = ResourceManagerService(
         nc,

@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Protocol
 
 from cornserve.bus.control import TaskSpec
 from cornserve.runtime.process import ProcessGroup
+from cornserve.runtime.settings import NATS_CREDS_ENV
+
+TASK_MANAGER_NATS_CREDS_ENV = "CORNSERVE_TASK_MANAGER_NATS_CREDS"
+"""The resource manager's setting naming the task managers' credentials file."""
 
 logger = logging.getLogger(__name__)
 
@@ -73,9 +78,11 @@ class PidlessTaskManager:
 class LocalSubprocessSpawner:
     """`python -m cornserve.task_manager.main` as a child process in its own process group."""
 
-    def __init__(self, log_dir: Path, log_level: str = "INFO") -> None:
+    def __init__(self, log_dir: Path, log_level: str = "INFO", nats_creds: Path | None = None) -> None:
         self.log_dir = log_dir
         self.log_level = log_level
+        self.nats_creds = nats_creds
+        """The task-manager role's NATS credentials file (never the resource manager's own)."""
 
     def log_path(self, task_key: str) -> Path:
         """Where a task manager's stdout/stderr go (executor logs sit next to it)."""
@@ -94,7 +101,12 @@ class LocalSubprocessSpawner:
             "--log-level", self.log_level,
         ]  # fmt: skip
         # Not tied to this process's life: a restarted resource manager adopts the task managers.
-        proc = TaskManagerProcess.spawn(command, log_path=log_path, die_with_parent=False)
+        proc = TaskManagerProcess.spawn(
+            command,
+            log_path=log_path,
+            env=task_manager_env(dict(os.environ), self.nats_creds),
+            die_with_parent=False,
+        )
         logger.info("spawned task manager for %s (pid %d, log %s)", task_key, proc.pid, log_path)
         return proc
 
@@ -103,3 +115,17 @@ class LocalSubprocessSpawner:
         if pid is None:
             return PidlessTaskManager()
         return TaskManagerProcess.adopt(pid, self.log_path(task_key))
+
+
+def task_manager_env(base: dict[str, str], nats_creds: Path | None) -> dict[str, str]:
+    """A task manager's environment: this process's, with the task-manager role's NATS credentials.
+
+    Variables are inherited, so the resource manager's own ``CORNSERVE_NATS_CREDS`` would otherwise
+    reach the task manager: it is replaced by the task-manager role's file, or removed when there is
+    none, and the task-manager-credentials setting itself is not passed on.
+    ``CORNSERVE_EXECUTOR_NATS_CREDS`` does pass on: the task manager hands it to its executors.
+    """
+    env = {k: v for k, v in base.items() if k not in (NATS_CREDS_ENV, TASK_MANAGER_NATS_CREDS_ENV)}
+    if nats_creds is not None:
+        env[NATS_CREDS_ENV] = str(nats_creds)
+    return env

@@ -4,16 +4,24 @@ A running process rides out NATS restarts (unlimited reconnects every `RECONNECT
 *first* connect has a deadline (nats-py would otherwise retry it forever too) and fails with a
 `NatsConnectTimeout` that names the URL. Disconnects, reconnects and errors are logged, each state
 change once, so an operator sees an outage start and end in every service's log.
+
+Credentials (`creds`, a file path) are how a process proves which role it plays on an authenticated
+NATS (see `cornserve.runtime.natscreds`); a server that refuses them fails the first connect at once
+with a `NatsAuthError` naming the URL and the file, instead of a retry loop ending in a timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 from typing import Any
 
 import nats
 from nats.aio.client import Client
+from nats.errors import AuthorizationError
+
+from cornserve.runtime.natscreds import connect_options
 
 logger = logging.getLogger(__name__)
 
@@ -42,25 +50,68 @@ class NatsConnectTimeout(TimeoutError):
     """NATS did not accept the first connection in time (is it running, is the URL right?)."""
 
 
+class NatsAuthError(PermissionError):
+    """NATS refused this process's credentials (none given, a wrong file, or a stale one)."""
+
+
 async def connect_nats(
     servers: str | list[str],
     *,
     name: str,
+    creds: str | Path | None = None,
     connect_timeout_s: float = CONNECT_TIMEOUT_S,
     first_connect_deadline_s: float = FIRST_CONNECT_DEADLINE_S,
 ) -> Client:
-    """Connect as client `name` (shown by ``nats server report connections``) with the shared policy."""
+    """Connect as client `name` (shown by ``nats server report connections``) with the shared policy.
+
+    `creds` is a credentials file (`cornserve.runtime.natscreds` reads it; a bad one raises
+    `NatsCredentialsError` before any connect). Raises `NatsAuthError` when the server refuses them
+    and `NatsConnectTimeout` when it cannot be reached within `first_connect_deadline_s`.
+    """
+    options = connect_options(Path(creds)) if creds is not None else {}
     log = _ConnectionLog(name)
-    try:
-        return await asyncio.wait_for(
-            nats.connect(servers, name=name, connect_timeout=connect_timeout_s, **_POLICY, **log.callbacks()),
-            first_connect_deadline_s,
+    refused: asyncio.Future[Client] = asyncio.get_running_loop().create_future()
+
+    def on_auth_error(exc: Exception) -> None:
+        if not refused.done():
+            refused.set_exception(exc)
+
+    log.on_auth_error = on_auth_error
+    connecting: asyncio.Future[Client] = asyncio.ensure_future(
+        nats.connect(
+            servers, name=name, connect_timeout=connect_timeout_s, **_POLICY, **options, **log.callbacks()
         )
-    except TimeoutError:
+    )
+    try:
+        done, _ = await asyncio.wait(
+            {connecting, refused}, timeout=first_connect_deadline_s, return_when=asyncio.FIRST_COMPLETED
+        )
+        if connecting in done:
+            return connecting.result()
+        if refused in done:
+            which = f"credentials file {creds}" if creds is not None else "no credentials"
+            fix = "" if creds is not None else " (set --nats-creds or CORNSERVE_NATS_CREDS)"
+            raise NatsAuthError(
+                f"{name}: NATS at {servers} refused the connection with {which}: {refused.exception()}{fix}"
+            )
         raise NatsConnectTimeout(
             f"{name}: cannot reach NATS at {servers} within {first_connect_deadline_s:g} s "
             "(is nats-server running? set --nats-url or CORNSERVE_NATS_URL)"
-        ) from None
+        )
+    finally:
+        log.on_auth_error = None
+        if refused.done():
+            refused.exception()  # retrieved (also when the connect won a race with a refusal)
+        else:
+            refused.cancel()
+        if not connecting.done():
+            connecting.cancel()
+            await asyncio.wait({connecting})  # its CancelledError stays in the task; ours is not eaten
+
+
+def _is_auth_error(exc: Exception) -> bool:
+    """Whether the server refused the login (nats-py reports it as a typed or a plain error)."""
+    return isinstance(exc, AuthorizationError) or "authorization violation" in str(exc).lower()
 
 
 class _ConnectionLog:
@@ -69,6 +120,8 @@ class _ConnectionLog:
     def __init__(self, name: str) -> None:
         self.name = name
         self._last_error = ""
+        self.on_auth_error: Any = None
+        """Called with an `AuthorizationError` while the first connect is under way."""
 
     def callbacks(self) -> dict[str, Any]:
         """The nats-py callback keyword arguments."""
@@ -80,6 +133,8 @@ class _ConnectionLog:
         }
 
     async def on_error(self, exc: Exception) -> None:
+        if self.on_auth_error is not None and _is_auth_error(exc):
+            self.on_auth_error(exc)
         text = f"{type(exc).__name__}: {exc}"
         if text != self._last_error:
             self._last_error = text

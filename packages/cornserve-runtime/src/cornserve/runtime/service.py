@@ -23,7 +23,8 @@ from typing import Protocol, TypeVar
 from nats.aio.client import Client
 
 from cornserve.runtime.logging import configure_logging
-from cornserve.runtime.nats import NatsConnectTimeout, connect_nats
+from cornserve.runtime.nats import NatsAuthError, NatsConnectTimeout, connect_nats
+from cornserve.runtime.natscreds import NatsCredentialsError
 from cornserve.runtime.settings import ServiceSettings, parse_settings
 
 logger = logging.getLogger(__name__)
@@ -119,7 +120,11 @@ def run_service(
     """Run the service `serve` builds from `settings_type`'s settings and a NATS connection; the exit code."""
     settings = _settings_and_logging(settings_type, argv)
     return asyncio.run(
-        serve_until_signal(settings, _with_nats(serve), (*expected_errors, NatsConnectTimeout))
+        serve_until_signal(
+            settings,
+            _with_nats(serve),
+            (*expected_errors, NatsConnectTimeout, NatsAuthError, NatsCredentialsError),
+        )
     )
 
 
@@ -158,7 +163,7 @@ def _with_nats(serve: Serve[S]) -> Callable[[S], AbstractAsyncContextManager[obj
 
     @asynccontextmanager
     async def connected(settings: S) -> AsyncIterator[object]:
-        nc = await connect_nats(settings.nats_url, name=settings.nats_client_name)
+        nc = await connect_nats(settings.nats_url, name=settings.nats_client_name, creds=settings.nats_creds)
         try:
             async with serve(settings, nc) as service:
                 yield service

@@ -18,11 +18,16 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, ClassVar, Literal, NoReturn, TypeVar
 
 from pydantic import AfterValidator, BeforeValidator, SecretStr, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# Re-exported next to nats_url_from_env: a library reads its NATS URL and credentials from one place.
+from cornserve.runtime.natscreds import NATS_CREDS_ENV as NATS_CREDS_ENV
+from cornserve.runtime.natscreds import nats_creds_from_env as nats_creds_from_env
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 """A NATS server on this machine's standard port: what every process uses when none is configured."""
@@ -148,6 +153,8 @@ class ServiceSettings(BaseSettings):
 
     nats_url: str = DEFAULT_NATS_URL
     """NATS server URL; ``CORNSERVE_NATS_URL`` is how `cornserve up` and task managers hand it down."""
+    nats_creds: Path | None = None
+    """NATS credentials file of this process's role (none: connect unauthenticated)."""
     log_level: Annotated[LogLevel, BeforeValidator(_upper)] = "INFO"
     """DEBUG, INFO, WARNING, ERROR or CRITICAL (any case)."""
     log_format: LogFormat = "text"

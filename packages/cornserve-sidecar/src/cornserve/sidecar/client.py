@@ -15,6 +15,7 @@ import asyncio
 import logging
 import mmap
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -50,7 +51,7 @@ from cornserve.bus.subjects import (
     sidecar_subject,
 )
 from cornserve.runtime.nats import connect_nats
-from cornserve.runtime.settings import nats_url_from_env
+from cornserve.runtime.settings import nats_creds_from_env, nats_url_from_env
 from cornserve.sidecar import gpu
 from cornserve.sidecar.arena import map_arena
 from cornserve.sidecar.codec import decode, encode, torch_dtype, torch_dtype_name
@@ -89,11 +90,20 @@ class Sidecar:
     generated ``*_sync`` twin for threads without an event loop.
     """
 
-    def __init__(self, rank: int, nats_url: str | None = None, *, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        rank: int,
+        nats_url: str | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        nats_creds: Path | None = None,
+    ) -> None:
         if rank < 0:
             raise ValueError(f"rank must be >= 0, got {rank}")
         self.rank = rank
         self.nats_url = nats_url or nats_url_from_env()
+        self.nats_creds = nats_creds or nats_creds_from_env()
+        """The executor role's credentials file (the task manager sets ``CORNSERVE_NATS_CREDS``)."""
         self.timeout = timeout
         self._loop = LoopRunner(f"cornserve-sidecar-client-{rank}")
         self._nc: Client | None = None
@@ -130,6 +140,7 @@ class Sidecar:
                     connect_nats(
                         self.nats_url,
                         name=f"cornserve-sidecar-client-{self.rank}",
+                        creds=self.nats_creds,
                         connect_timeout_s=min(self.timeout, 2.0),
                         first_connect_deadline_s=deadline,
                     ),

@@ -56,7 +56,8 @@ from cornserve.bus.subjects import (
     SidecarVerb,
     sidecar_subject,
 )
-from cornserve.runtime.nats import connect_nats
+from cornserve.runtime.nats import NatsAuthError, connect_nats
+from cornserve.runtime.natscreds import NatsCredentialsError
 from cornserve.runtime.secrets import SecretFileError
 from cornserve.runtime.service import run_process, running
 from cornserve.runtime.settings import Flag, ProcessInfo, ServiceSettings
@@ -93,6 +94,7 @@ class SidecarServer:
         tcp_host: str,
         tcp_port: int = 0,
         prefault: bool = False,
+        nats_creds: Path | None = None,
         peer_secret_file: Path | None = None,
         tcp_max_timeout_s: float = DEFAULT_TCP_MAX_TIMEOUT_S,
     ) -> None:
@@ -101,6 +103,7 @@ class SidecarServer:
         )
         self.rank = rank
         self.nats_url = nats_url
+        self.nats_creds = nats_creds
         self.peer_secret_file = peer_secret_file
         self.tcp_max_timeout_s = tcp_max_timeout_s
         self.counters = LossCounters()
@@ -140,7 +143,7 @@ class SidecarServer:
             # Unlimited reconnects keep a running server alive through NATS restarts, but would also
             # retry the first connect forever: bound that one.
             self._nc = await asyncio.wait_for(
-                connect_nats(self.nats_url, name=f"cornserve-sidecar-{self.rank}"),
+                connect_nats(self.nats_url, name=f"cornserve-sidecar-{self.rank}", creds=self.nats_creds),
                 CONNECT_TIMEOUT_S,
             )
         except TimeoutError:
@@ -328,7 +331,7 @@ class SidecarSettings(ServiceSettings):
 
 
 SERVER_FIELDS = {
-    "rank", "node", "nats_url", "arena_bytes", "tcp_host", "tcp_port", "prefault", "tcp_max_timeout_s"
+    "rank", "node", "nats_url", "nats_creds", "arena_bytes", "tcp_host", "tcp_port", "prefault", "tcp_max_timeout_s"
 }  # fmt: skip
 """Settings that `SidecarServer` takes under the same name."""
 
@@ -346,7 +349,14 @@ def serve(settings: SidecarSettings) -> AbstractAsyncContextManager[None]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``cornserve-sidecar`` console script."""
-    sys.exit(run_process(SidecarSettings, serve, argv=argv, expected_errors=(SecretFileError,)))
+    sys.exit(
+        run_process(
+            SidecarSettings,
+            serve,
+            argv=argv,
+            expected_errors=(NatsAuthError, NatsCredentialsError, SecretFileError),
+        )
+    )
 
 
 if __name__ == "__main__":

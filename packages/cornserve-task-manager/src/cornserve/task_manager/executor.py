@@ -14,7 +14,11 @@ import aiohttp
 
 from cornserve.bus.control import DeviceInfo, ExecutorInfo, ExecutorState
 from cornserve.runtime.process import ProcessGroup, free_port, log_tail
+from cornserve.runtime.settings import NATS_CREDS_ENV, NATS_URL_ENV
 from cornserve.task import Device, ExecutorLaunchSpec, ExecutorPlacement, UnitTask
+
+EXECUTOR_NATS_CREDS_ENV = "CORNSERVE_EXECUTOR_NATS_CREDS"
+"""The task manager's setting naming the executors' credentials file (`TaskManagerSettings`)."""
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +38,8 @@ class ManagedExecutor:
     executor_id: str
     devices: list[DeviceInfo]
     log_path: Path
+    nats_creds: Path | None = None
+    """The executor role's NATS credentials file (never the task manager's own)."""
     state: ExecutorState = "starting"
     port: int = 0
     health_path: str = "/health"
@@ -94,7 +100,7 @@ class ManagedExecutor:
                 f"{type(task.descriptor).__name__}.launch_spec failed for executor {self.executor_id}: "
                 f"{type(exc).__name__}: {exc}"
             ) from exc
-        env = {**os.environ, **spec.env, "CORNSERVE_NATS_URL": nats_url}
+        env = executor_env({**os.environ, **spec.env}, nats_url, self.nats_creds)
         self.port = spec.port
         self.health_path = spec.health_path if spec.health_path.startswith("/") else "/" + spec.health_path
         self.failed_probes = 0
@@ -167,3 +173,18 @@ class ManagedExecutor:
             return
         code = await self.proc.stop_async(grace_s)
         logger.info("executor %s (pid %d) stopped with code %s", self.executor_id, self.proc.pid, code)
+
+
+def executor_env(base: dict[str, str], nats_url: str, nats_creds: Path | None) -> dict[str, str]:
+    """An executor's environment: this manager's, with the executor role's NATS URL and credentials.
+
+    Variables are inherited, so the manager's own ``CORNSERVE_NATS_CREDS`` would otherwise reach the
+    executor (which runs task-library code): it is replaced by the executor role's file, or removed
+    when there is none, and the executor-credentials setting itself is not passed on.
+    """
+    env = {**base, NATS_URL_ENV: nats_url}
+    env.pop(NATS_CREDS_ENV, None)
+    env.pop(EXECUTOR_NATS_CREDS_ENV, None)
+    if nats_creds is not None:
+        env[NATS_CREDS_ENV] = str(nats_creds)
+    return env

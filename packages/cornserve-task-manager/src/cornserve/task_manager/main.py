@@ -54,6 +54,8 @@ class TaskManagerSettings(ServiceSettings):
     """Seconds between executor health checks."""
     stop_grace: float = Field(default=5.0, gt=0)
     """Seconds between SIGTERM and SIGKILL when stopping an executor."""
+    executor_nats_creds: Path | None = None
+    """NATS credentials file of the executor role, handed to executors (none: they get no credentials)."""
     allow_executor_flags: Annotated[CommaSeparated, AfterValidator(check_allowed_names)] = Field(
         default_factory=list
     )
@@ -118,6 +120,7 @@ async def serve(settings: TaskManagerSettings, nc: Client) -> AsyncIterator[None
             log_dir,
             health_interval_s=settings.health_interval,
             stop_grace_s=settings.stop_grace,
+            executor_nats_creds=settings.executor_nats_creds,
         )
         await manager.start()
         service = TaskManagerService(nc, manager, on_shutdown=stop_callback())

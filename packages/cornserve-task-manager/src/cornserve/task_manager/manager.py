@@ -41,6 +41,8 @@ class TaskManager:
     nats_url: str
     log_dir: Path
     _: KW_ONLY
+    executor_nats_creds: Path | None = None
+    """NATS credentials file handed to executors (their role's, not this manager's)."""
     # Health: probing, restarting, and forgetting in-flight work whose done messages were lost.
     _health: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
     health_interval_s: float = 1.0
@@ -147,6 +149,7 @@ class TaskManager:
                 executor_id=a.executor_id,
                 devices=list(a.devices),
                 log_path=self.log_dir / f"{self.task_key}.{a.executor_id}.log",
+                nats_creds=self.executor_nats_creds,
             )
             self.executors[a.executor_id] = ex
             new.append(ex)
