@@ -19,6 +19,7 @@ CLIENT_ERROR_STATUSES = frozenset({400, 413, 422})
 """Executor answers that blame the request (bad media, too many tokens): passed on as they are."""
 TIMEOUT = "timeout"
 SHUTTING_DOWN = "shutting_down"
+OUTPUT_TOO_LARGE = "output_too_large"
 
 
 def bad_request(message: str) -> ServiceFault:
@@ -89,4 +90,20 @@ def shutting_down(replica_id: str) -> ServiceFault:
     """The replica stopped before the graph finished; the caller may retry on another replica."""
     return ServiceFault(
         503, SHUTTING_DOWN, f"dispatcher replica {replica_id} shut down before the graph finished; retry it"
+    )
+
+
+def output_too_large(size: int, limit: int) -> ServiceFault:
+    """The graph ran, but its outputs are larger than one bus message may carry (502, never retried).
+
+    Said instead of a reply that could not be published: without it the caller would see a silent
+    replica and run the graph again elsewhere.
+    """
+    return ServiceFault(
+        502,
+        OUTPUT_TOO_LARGE,
+        f"the graph's outputs are {size} bytes, more than the message bus carries ({limit} bytes); "
+        "return large data through a DataForward (the sidecar) or return less",
+        size=size,
+        limit=limit,
     )

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import aiohttp
+import nats.errors
 from nats.aio.client import Client
 from nats.micro import add_service
 from nats.micro.request import Request
@@ -50,6 +51,8 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _INVOCATIONS = TypeAdapter(list[TaskInvocation])
+REPLY_HEADER_ROOM = 4096
+"""Bytes of `max_payload` kept for a reply's headers (the server counts them in the limit)."""
 
 
 def parse_invocations(raw: list[dict[str, Any]]) -> list[TaskInvocation]:
@@ -199,9 +202,22 @@ class DispatcherService:
                 logger.exception("graph %s failed unexpectedly", req.request_id)
                 await respond_error(msg, req.request_id, 500, "internal", f"{type(exc).__name__}: {exc}")
                 return
-            await msg.respond(reply.model_dump_json().encode())
+            await self._respond(msg, req.request_id, reply.model_dump_json().encode())
         finally:
             self._release(keepalive)
+
+    async def _respond(self, msg: Request, request_id: str, data: bytes) -> None:
+        """Send the reply, or — when it is larger than the bus carries — a typed `output_too_large` error."""
+        limit = max(self.nc.max_payload - REPLY_HEADER_ROOM, 0)
+        if len(data) <= limit:
+            try:
+                await msg.respond(data)
+                return
+            except nats.errors.MaxPayloadError:
+                pass
+        fault = faults.output_too_large(len(data), limit)
+        logger.warning("graph %s: %s", request_id, fault.message)
+        await respond_fault(msg, request_id, fault)
 
     def _release(self, keepalive: Keepalive) -> None:
         keepalive.release()

@@ -15,6 +15,7 @@ from cornserve.app import AppSpec, validate_app
 from cornserve.bus.control import AppRecord, DeployReply, ProgressEvent, TaskSpec
 from cornserve.bus.kv import kv_all, kv_delete, kv_put
 from cornserve.bus.rm_client import ResourceManagerClient
+from cornserve.gateway.app_loading import AppLoader
 from cornserve.gateway.errors import HTTPError
 from cornserve.task import UnitTask, serialize_task
 from cornserve.task.executor_flags import check_executor_flags
@@ -77,9 +78,16 @@ class App:
 class AppRegistry:
     """Registers, lists and unregisters apps; survives gateway restarts through the KV bucket."""
 
-    def __init__(self, kv: KeyValue, rm: ResourceManagerClient, allowed_flags: Collection[str] = ()) -> None:
+    def __init__(
+        self,
+        kv: KeyValue,
+        rm: ResourceManagerClient,
+        allowed_flags: Collection[str] = (),
+        loader: AppLoader | None = None,
+    ) -> None:
         self._kv = kv
         self._rm = rm
+        self.loader = loader or AppLoader()
         self.allowed_flags = frozenset(allowed_flags)
         self._apps: dict[str, App] = {}
         self._lock = asyncio.Lock()
@@ -95,16 +103,20 @@ class AppRegistry:
         """Every registered app, by name."""
         return [self._apps[n] for n in sorted(self._apps)]
 
-    def _validate(self, source: str, name: str) -> AppSpec:
-        """The app's spec; its unit tasks' configs must pass the executor-flag policy (else 403)."""
-        spec = validate_app(source, name=name)
+    async def _validate(self, source: str, name: str) -> AppSpec:
+        """The app's spec; its unit tasks' configs must pass the executor-flag policy (else 403).
+
+        The source runs off the event loop with a time limit (`AppLoader`), so a source that loops
+        at import cannot stop the gateway.
+        """
+        spec = await self.loader.run(lambda: validate_app(source, name=name), f"app {name!r}")
         for task in spec.unit_tasks:
             check_executor_flags(task, self.allowed_flags)
         return spec
 
     async def _reserve(self, name: str, source: str) -> tuple[App, list[Any]]:
         check_app_name(name)
-        spec = self._validate(source, name=name)
+        spec = await self._validate(source, name=name)
         async with self._lock:
             if name in self._apps:
                 raise HTTPError(
@@ -175,7 +187,7 @@ class AppRegistry:
         """Reload apps recorded before a restart and make sure their tasks are deployed."""
         for record in await self._recorded():
             try:
-                spec = self._validate(record.source, name=record.name)
+                spec = await self._validate(record.source, name=record.name)
             except Exception as exc:
                 logger.error("recorded app %r no longer validates: %s", record.name, exc)
                 self._apps[record.name] = App(

@@ -77,6 +77,29 @@ class DispatcherLost(DispatchError):
         self.relayed = relayed
 
 
+HEADER_ROOM = 4096
+"""Bytes of `max_payload` kept for the message's headers (the server counts them in the limit)."""
+
+
+class PayloadTooLarge(DispatchError):
+    """A graph's wire form is larger than the bus carries (413); refused before it is sent."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(
+            f"the task graph is {size} bytes, more than the message bus carries ({limit} bytes); "
+            "pass large media as file: or http(s): URLs instead of data: URLs, or send smaller inputs",
+            code=413,
+            error="payload_too_large",
+        )
+        self.size = size
+        self.limit = limit
+
+
+def payload_limit(nc: Client) -> int:
+    """The largest message body this connection may publish (the server's `max_payload`, less header room)."""
+    return max(nc.max_payload - HEADER_ROOM, 0)
+
+
 class Liveness:
     """When the replica running a graph was last heard from, and when it counts as lost."""
 
@@ -121,9 +144,9 @@ class GraphInbox:
         self._closed = False
 
     @classmethod
-    async def open(cls, nc: Client, liveness: Liveness) -> GraphInbox:
-        """Subscribe before anything is sent."""
-        prefix = nc.new_inbox()
+    async def open(cls, nc: Client, liveness: Liveness, prefix: str | None = None) -> GraphInbox:
+        """Subscribe before anything is sent (on `prefix`, or a new inbox)."""
+        prefix = prefix or nc.new_inbox()
         return cls(nc, await nc.subscribe(f"{prefix}.*"), prefix, liveness)
 
     async def next(self, deadline: float, doing: str, relayed: bool) -> Msg | None:
@@ -344,21 +367,27 @@ class DispatcherClient:
                 await inbox.close()
 
     async def _send(self, graph: _Graph) -> tuple[GraphInbox, InvokeReply]:
-        """One attempt: subscribe, send, await the reply (with the ids the graph was sent with)."""
-        inbox = await GraphInbox.open(self._nc, Liveness(self.keepalive_timeout_s))
+        """One attempt: subscribe, send, await the reply (with the ids the graph was sent with).
+
+        A graph larger than the bus carries is refused (PayloadTooLarge, 413) before anything is sent.
+        """
+        prefix = self._nc.new_inbox()
         payload = InvokeRequest(
             # The app request's id (set by the HTTP layer) names its graphs in the dispatchers' logs too.
             request_id=request_id_var.get() or new_request_id(),
             invocations=graph.wire,
             timeout_s=self.timeout_s,
-            stream_subject=f"{inbox.prefix}.stream" if graph.streaming else None,
-            keepalive_subject=f"{inbox.prefix}.alive",
+            stream_subject=f"{prefix}.stream" if graph.streaming else None,
+            keepalive_subject=f"{prefix}.alive",
             keepalive_interval_s=self.keepalive_interval_s,
         )
+        data = payload.model_dump_json().encode()
+        limit = payload_limit(self._nc)
+        if len(data) > limit:
+            raise PayloadTooLarge(len(data), limit)
+        inbox = await GraphInbox.open(self._nc, Liveness(self.keepalive_timeout_s), prefix)
         try:
-            await self._nc.publish(
-                DISPATCH_INVOKE, payload.model_dump_json().encode(), reply=f"{inbox.prefix}.reply"
-            )
+            await self._nc.publish(DISPATCH_INVOKE, data, reply=f"{inbox.prefix}.reply")
             reply = await self._await_reply(inbox)
         except BaseException:
             await inbox.close()

@@ -20,6 +20,7 @@ from cornserve.bus.control import GATEWAY_SERVICE_NAME, KV_APPS, KV_TASKLIBS, Ta
 from cornserve.bus.kv import TaskLibrarySync, open_bucket
 from cornserve.bus.rm_client import ResourceManagerClient
 from cornserve.gateway import __version__
+from cornserve.gateway.app_loading import AppLoader
 from cornserve.gateway.auth import AuthConfigError, Credentials
 from cornserve.gateway.dispatch_client import DispatcherClient
 from cornserve.gateway.routes import Gateway
@@ -66,6 +67,12 @@ class GatewaySettings(ServiceSettings):
     """Deadline for deploying an app's tasks."""
     graph_timeout: float = Field(default=300.0, gt=0)
     """Deadline for executing one task graph."""
+    request_timeout: float = Field(default=600.0, gt=0, allow_inf_nan=False)
+    """Deadline of one app invocation: its driver, graphs and whole stream; past it, 504 and cancel."""
+    app_load_timeout: float = Field(default=30.0, gt=0, allow_inf_nan=False)
+    """Seconds an app's source may take to load (run its module code) before registration fails with 422."""
+    app_load_max_running: int = Field(default=2, ge=1)
+    """App source loads running at once (ones past their deadline included); more are refused with 503."""
     admin_token: Annotated[SecretStr | None, Flag(env_only=True)] = None
     """The admin token (environment only); or give --admin-token-file."""
     admin_token_file: Path | None = Field(default=None, validate_default=True)
@@ -165,7 +172,9 @@ async def serve(settings: GatewaySettings, nc: Client) -> AsyncIterator[None]:
             dispatcher,
             rm,
             sessions,
+            request_timeout_s=settings.request_timeout,
             allowed_flags=settings.allow_executor_flags,
+            app_loader=AppLoader(settings.app_load_timeout, settings.app_load_max_running),
         )
         service = await add_service(
             nc,

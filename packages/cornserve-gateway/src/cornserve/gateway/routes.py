@@ -20,6 +20,7 @@ from cornserve.bus.control import ProgressEvent, TaskLibraryRecord
 from cornserve.bus.kv import kv_all, kv_put
 from cornserve.bus.rm_client import ResourceManagerClient
 from cornserve.gateway import __version__
+from cornserve.gateway.app_loading import AppLoader
 from cornserve.gateway.apps import LIST_TIMEOUT_S, App, AppRegistry
 from cornserve.gateway.auth import Credentials, auth_middleware, check_route_scopes
 from cornserve.gateway.discovery import ping_services
@@ -36,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 INVOCATIONS = TypeAdapter(list[TaskInvocation])
 MAX_BODY = 64 * 1024 * 1024
+"""The body cap when the bus's payload limit is unknown; normally the cap is the NATS `max_payload`."""
 
 
 def _no_constant(name: str) -> Any:
@@ -51,6 +53,14 @@ async def read_json(request: web.Request) -> Any:
     """The request body as (standard) JSON, or 400."""
     try:
         return await request.json(loads=strict_json_loads)
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise HTTPError(
+            413,
+            "payload_too_large",
+            f"the request body is larger than {request.app['max_body']} bytes, the most the gateway "
+            "accepts (the message bus's payload limit, which every request and graph must fit in); "
+            "pass large media as file: or http(s): URLs instead of data: URLs, or send smaller inputs",
+        ) from exc
     except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
         raise HTTPError(400, "invalid_json", f"the request body is not valid JSON: {exc}") from exc
 
@@ -112,10 +122,12 @@ class Gateway:
         sessions: SessionRegistry,
         request_timeout_s: float = 600.0,
         allowed_flags: Collection[str] = (),
+        app_loader: AppLoader | None = None,
     ) -> None:
+        """`request_timeout_s` is the deadline of one app invocation (see `invoke_app`)."""
         self.nc = nc
         self.rm = rm
-        self.apps = AppRegistry(apps_kv, rm, allowed_flags=allowed_flags)
+        self.apps = AppRegistry(apps_kv, rm, allowed_flags=allowed_flags, loader=app_loader)
         self.sessions = sessions
         self.dispatcher = dispatcher
         self._tasklibs_kv = tasklibs_kv
@@ -123,9 +135,13 @@ class Gateway:
 
     def app(self, credentials: Credentials) -> web.Application:
         """The aiohttp application with every route, each behind the scope `auth.ROUTE_SCOPES` gives it."""
+        # No body can be larger than what the bus carries: an invoke's input travels in a graph,
+        # a source into the KV store. Bigger bodies are refused with 413 before any work starts.
+        max_body = getattr(self.nc, "max_payload", 0) or MAX_BODY
         app = web.Application(
-            middlewares=[error_middleware, auth_middleware(credentials)], client_max_size=MAX_BODY
+            middlewares=[error_middleware, auth_middleware(credentials)], client_max_size=max_body
         )
+        app["max_body"] = max_body
         app.add_routes(
             [
                 web.get("/health", self.health),
@@ -216,33 +232,68 @@ class Gateway:
         """DELETE /apps/{name}: tasks no other app or session uses are torn down."""
         return web.json_response(await self.apps.unregister(request.match_info["name"]))
 
+    def _timed_out(self, name: str) -> HTTPError:
+        return HTTPError(
+            504,
+            "request_timeout",
+            f"app {name!r} did not finish within the request deadline of {self.request_timeout_s:g} s "
+            "(the gateway's --request-timeout); the app was cancelled",
+        )
+
     async def invoke_app(self, request: web.Request) -> web.StreamResponse:
-        """POST /apps/{name}/invoke: run the app's serve on the request JSON."""
+        """POST /apps/{name}/invoke: run the app's serve on the request JSON.
+
+        The whole invocation (the app driver, its graphs and, when it streams, the whole stream)
+        must finish within `request_timeout_s`: past it the driver is cancelled and the caller gets
+        504 (or, once a stream has started, an error event that ends the stream).
+        """
         app = self.apps.get(request.match_info["name"])
         if app.spec is None or app.record.state != "ready":
             raise HTTPError(
                 409, "app_not_ready", f"app {app.record.name!r} is {app.record.state}: {app.record.message}"
             )
         spec = app.spec
+        deadline = asyncio.get_running_loop().time() + self.request_timeout_s
         payload = parse_request(spec, await read_json(request))
+        name = app.record.name
         if not spec.streaming:
-            result = await run_unary(spec, payload)
+            limit = asyncio.timeout_at(deadline)
+            try:
+                async with limit:
+                    result = await run_unary(spec, payload)
+            except TimeoutError:
+                if limit.expired():
+                    raise self._timed_out(name) from None
+                raise
             return web.Response(text=result.model_dump_json(), content_type="application/json")
         items = run_streaming(spec, payload)
+        first_limit = asyncio.timeout_at(deadline)
         try:
-            first: BaseModel | None = await anext(items)
+            async with first_limit:
+                first: BaseModel | None = await anext(items)
         except StopAsyncIteration:
             first = None
+        except TimeoutError:
+            await items.aclose()
+            if first_limit.expired():
+                raise self._timed_out(name) from None
+            raise
+        except BaseException:
+            await items.aclose()
+            raise
         stream = StreamWriter(request)
         await stream.start()
+        limit = asyncio.timeout_at(deadline)
         try:
-            if first is not None:
-                await stream.send(first.model_dump_json())
-                async for item in items:
-                    await stream.send(item.model_dump_json())
+            async with limit:
+                if first is not None:
+                    await stream.send(first.model_dump_json())
+                    async for item in items:
+                        await stream.send(item.model_dump_json())
         except Exception as exc:
-            logger.warning("app %r failed while streaming: %s", app.record.name, exc)
-            await stream.fail(to_http_error(exc).body())
+            error = self._timed_out(name) if limit.expired() else to_http_error(exc)
+            logger.warning("app %r failed while streaming: %s", name, error.message)
+            await stream.fail(error.body())
         finally:
             await items.aclose()
         return await stream.close()

@@ -1,0 +1,213 @@
+"""Payload limits and deadlines, end to end on a real local cluster (issue 11).
+
+* a request body, or a graph, larger than the bus's `max_payload` is refused with 413 before any
+  work starts (the executor never sees it);
+* an output larger than the bus carries comes back as a typed 502 `output_too_large`, and the
+  graph ran exactly once (it is not retried on another replica);
+* `--request-timeout` bounds an invocation: 504 within the deadline + 1 s;
+* an app source that loops at import fails with 422 within `--app-load-timeout` + 1 s while the
+  gateway keeps answering, and a further load is refused with 503 while that thread still runs.
+
+The cluster runs with short deadlines (set in its environment), so this directory has its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from tests.support.cluster import gateway_session, running_local_cluster
+
+from cornserve.cli.launcher import LocalCluster
+
+REQUEST_TIMEOUT_S = 4.0
+APP_LOAD_TIMEOUT_S = 3.0
+MiB = 1024 * 1024
+EXECUTOR = Path(__file__).parent / "big_executor.py"
+
+TASKLIB = """
+import sys
+
+from cornserve.task import ExecutorLaunchSpec, ExecutorRequest, TaskExecutionDescriptor, TaskInput, TaskOutput, UnitTask
+
+
+class BigInput(TaskInput):
+    text: str
+    size: int
+    hold_s: float = 0.0
+
+
+class BigOutput(TaskOutput):
+    text: str
+
+
+class BigTask(UnitTask[BigInput, BigOutput]):
+    default_descriptor = "BigDescriptor"
+    count_file: str
+
+
+class BigDescriptor(TaskExecutionDescriptor[BigTask]):
+    def num_devices(self, task):
+        return 1
+
+    def launch_spec(self, task, context):
+        command = [
+            sys.executable, @SCRIPT@,
+            "--host", context.host, "--port", str(context.port),
+            "--executor-id", context.executor_id,
+        ]
+        return ExecutorLaunchSpec(
+            command=command, env={"BIG_COUNT_FILE": task.count_file}, port=context.port, ready_timeout_s=60
+        )
+
+    def to_request(self, task, invocation):
+        i = invocation.task_input
+        return ExecutorRequest(path="/big", body={"text": i.text, "size": i.size, "hold_s": i.hold_s})
+""".replace("@SCRIPT@", repr(str(EXECUTOR)))
+
+APP = """
+from pydantic import BaseModel
+from cornserve.app import AppConfig
+from cornserve_tasklibs.cs_test_big import BigInput, BigTask
+
+big = BigTask(count_file=@COUNT@)
+
+class Config(AppConfig):
+    tasks = {"big": big}
+
+class Request(BaseModel):
+    text: str = ""
+    repeat: int = 1
+    size: int = 10
+    hold_s: float = 0.0
+
+class Response(BaseModel):
+    length: int
+
+async def serve(request: Request) -> Response:
+    out = await big(BigInput(text=request.text * request.repeat, size=request.size, hold_s=request.hold_s))
+    return Response(length=len(out.text))
+"""
+
+LOOPING_APP = "while True:\n    pass\n"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A cluster whose gateway has short deadlines and one app-load slot."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CORNSERVE_REQUEST_TIMEOUT", str(REQUEST_TIMEOUT_S))
+        mp.setenv("CORNSERVE_APP_LOAD_TIMEOUT", str(APP_LOAD_TIMEOUT_S))
+        mp.setenv("CORNSERVE_APP_LOAD_MAX_RUNNING", "1")
+        with running_local_cluster(tmp_path_factory.mktemp("cluster"), cpu_slots=2) as cluster:
+            yield cluster
+
+
+@pytest.fixture(scope="module")
+def count_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("count") / "requests"
+    path.touch()
+    return path
+
+
+@pytest.fixture
+async def http(cluster: LocalCluster) -> AsyncIterator[aiohttp.ClientSession]:
+    async with gateway_session(cluster, timeout_s=300) as session:
+        yield session
+
+
+@pytest.fixture
+async def big_app(http: aiohttp.ClientSession, count_file: Path) -> AsyncIterator[str]:
+    """The app `limits-big` (its task library uploaded first), unregistered afterwards."""
+    async with http.post("/tasklibs", json={"name": "cs-test-big", "source": TASKLIB}) as resp:
+        assert resp.status == 201, await resp.text()
+    source = APP.replace("@COUNT@", repr(str(count_file)))
+    async with http.post("/apps", json={"name": "limits-big", "source": source}) as resp:
+        assert resp.status == 201, await resp.text()
+    yield "/apps/limits-big/invoke"
+    async with http.delete("/apps/limits-big") as resp:
+        assert resp.status == 200, await resp.text()
+
+
+def executions(count_file: Path) -> int:
+    return len(count_file.read_text().splitlines())
+
+
+async def invoke(http: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    data = io.BytesIO(json.dumps(body).encode())  # (aiohttp warns about large raw bodies)
+    async with http.post(url, data=data, headers={"Content-Type": "application/json"}) as resp:
+        return resp.status, await resp.json()
+
+
+async def test_payload_limits(http: aiohttp.ClientSession, big_app: str, count_file: Path) -> None:
+    status, body = await invoke(http, big_app, {"text": "ok"})
+    assert (status, body) == (200, {"length": 10})
+    assert executions(count_file) == 1
+
+    # A request body larger than the bus carries: refused before the app runs.
+    status, body = await invoke(http, big_app, {"text": "a" * (2 * MiB)})
+    assert status == 413, body
+    assert body["error"] == "payload_too_large"
+    assert "file:" in body["message"]
+
+    # A small request whose app builds a graph larger than the bus carries: refused before sending.
+    status, body = await invoke(http, big_app, {"text": "b" * (300 * 1024), "repeat": 6})
+    assert status == 413, body
+    assert body["error"] == "payload_too_large"
+    assert "bytes" in body["message"]
+    assert executions(count_file) == 1  # neither reached an executor
+
+    # An output larger than the bus carries: a typed error, and the graph ran exactly once.
+    status, body = await invoke(http, big_app, {"text": "c", "size": 2 * MiB})
+    assert status == 502, body
+    assert body["error"] == "output_too_large"
+    assert executions(count_file) == 2
+
+    # The cluster still serves normally.
+    status, body = await invoke(http, big_app, {"text": "ok", "size": 5})
+    assert (status, body) == (200, {"length": 5})
+
+
+async def test_request_timeout(http: aiohttp.ClientSession, big_app: str) -> None:
+    started = time.monotonic()
+    status, body = await invoke(http, big_app, {"text": "slow", "hold_s": REQUEST_TIMEOUT_S + 4})
+    assert status == 504, body
+    assert body["error"] == "request_timeout"
+    assert time.monotonic() - started < REQUEST_TIMEOUT_S + 1
+
+
+async def test_looping_app_source(http: aiohttp.ClientSession, cluster: LocalCluster) -> None:
+    """Runs last: its thread spins until the gateway exits (that is the documented limit)."""
+
+    async def register() -> tuple[int, dict[str, Any], float]:
+        started = time.monotonic()
+        async with http.post("/apps", json={"name": "limits-loop", "source": LOOPING_APP}) as resp:
+            return resp.status, await resp.json(), time.monotonic() - started
+
+    registering = asyncio.create_task(register())
+    health_checks = 0
+    async with gateway_session(cluster, timeout_s=2, anonymous=True) as probe:
+        while not registering.done():
+            async with probe.get("/health") as resp:  # answers within 2 s while the source spins
+                assert resp.status == 200, await resp.text()
+            health_checks += 1
+            await asyncio.sleep(0.2)
+    status, body, elapsed = await registering
+    assert status == 422, body
+    assert body["error"] == "app_load_timeout"
+    assert elapsed < APP_LOAD_TIMEOUT_S + 1
+    assert health_checks >= 2
+
+    # The spinning thread holds the one load slot: another registration is refused at once.
+    status, body, _ = await register()
+    assert status == 503, body
+    assert body["error"] == "app_loader_busy"
+    async with http.get("/apps/limits-loop") as resp:
+        assert resp.status == 404  # nothing was registered
