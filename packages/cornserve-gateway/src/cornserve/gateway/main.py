@@ -185,7 +185,7 @@ async def serve(settings: GatewaySettings, nc: Client) -> AsyncIterator[None]:
         )
         stack.push_async_callback(service.stop)
         stack.push_async_callback(sessions.stop)
-        runner = web.AppRunner(gateway.app(credentials), access_log=None)
+        runner = web.AppRunner(gateway.app(credentials, max_body=nc.max_payload), access_log=None)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
         await web.TCPSite(runner, settings.host, settings.port, ssl_context=ssl_context).start()

@@ -37,7 +37,9 @@ logger = logging.getLogger(__name__)
 
 INVOCATIONS = TypeAdapter(list[TaskInvocation])
 MAX_BODY = 64 * 1024 * 1024
-"""The body cap when the bus's payload limit is unknown; normally the cap is the NATS `max_payload`."""
+"""The default body cap; the running gateway uses the NATS `max_payload` instead (see `Gateway.app`)."""
+MAX_BODY_KEY = web.AppKey("max_body", int)
+"""Where the application keeps its body cap (for the 413 message)."""
 
 
 def _no_constant(name: str) -> Any:
@@ -57,7 +59,7 @@ async def read_json(request: web.Request) -> Any:
         raise HTTPError(
             413,
             "payload_too_large",
-            f"the request body is larger than {request.app['max_body']} bytes, the most the gateway "
+            f"the request body is larger than {request.app[MAX_BODY_KEY]} bytes, the most the gateway "
             "accepts (the message bus's payload limit, which every request and graph must fit in); "
             "pass large media as file: or http(s): URLs instead of data: URLs, or send smaller inputs",
         ) from exc
@@ -133,15 +135,17 @@ class Gateway:
         self._tasklibs_kv = tasklibs_kv
         self.request_timeout_s = request_timeout_s
 
-    def app(self, credentials: Credentials) -> web.Application:
-        """The aiohttp application with every route, each behind the scope `auth.ROUTE_SCOPES` gives it."""
-        # No body can be larger than what the bus carries: an invoke's input travels in a graph,
-        # a source into the KV store. Bigger bodies are refused with 413 before any work starts.
-        max_body = getattr(self.nc, "max_payload", 0) or MAX_BODY
+    def app(self, credentials: Credentials, max_body: int = MAX_BODY) -> web.Application:
+        """The aiohttp application with every route, each behind the scope `auth.ROUTE_SCOPES` gives it.
+
+        `max_body` caps request bodies (413 beyond it); `serve` passes the bus's `max_payload`, since
+        no body can be larger than what the bus carries: an invoke's input travels in a graph, a
+        source into the KV store. Bigger bodies are thus refused before any work starts.
+        """
         app = web.Application(
             middlewares=[error_middleware, auth_middleware(credentials)], client_max_size=max_body
         )
-        app["max_body"] = max_body
+        app[MAX_BODY_KEY] = max_body
         app.add_routes(
             [
                 web.get("/health", self.health),
