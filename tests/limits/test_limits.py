@@ -96,6 +96,32 @@ async def serve(request: Request) -> Response:
     return Response(length=len(out.text))
 """
 
+# Streams one item (after one quick task call), then stalls past the request deadline in the driver.
+STALLING_STREAM_APP = """
+import asyncio
+from collections.abc import AsyncIterator
+from pydantic import BaseModel
+from cornserve.app import AppConfig
+from cornserve_tasklibs.cs_test_big import BigInput, BigTask
+
+big = BigTask(count_file=@COUNT@)
+
+class Config(AppConfig):
+    tasks = {"big": big}
+
+class Request(BaseModel):
+    stall_s: float
+
+class Response(BaseModel):
+    index: int
+
+async def serve(request: Request) -> AsyncIterator[Response]:
+    out = await big(BigInput(text="s", size=1))
+    yield Response(index=len(out.text) - 1)
+    await asyncio.sleep(request.stall_s)
+    yield Response(index=1)
+"""
+
 LOOPING_APP = "while True:\n    pass\n"
 
 
@@ -181,6 +207,26 @@ async def test_request_timeout(http: aiohttp.ClientSession, big_app: str) -> Non
     assert status == 504, body
     assert body["error"] == "request_timeout"
     assert time.monotonic() - started < REQUEST_TIMEOUT_S + 1
+
+
+async def test_request_timeout_bounds_the_whole_stream(
+    http: aiohttp.ClientSession, big_app: str, count_file: Path
+) -> None:
+    source = STALLING_STREAM_APP.replace("@COUNT@", repr(str(count_file)))
+    async with http.post("/apps", json={"name": "limits-stall", "source": source}) as resp:
+        assert resp.status == 201, await resp.text()
+    try:
+        started = time.monotonic()
+        async with http.post("/apps/limits-stall/invoke", json={"stall_s": REQUEST_TIMEOUT_S + 4}) as resp:
+            assert resp.status == 200
+            lines = [json.loads(line) for line in (await resp.text()).splitlines() if line.strip()]
+        assert time.monotonic() - started < REQUEST_TIMEOUT_S + 1
+        assert lines[0] == {"index": 0}
+        assert lines[-1]["error"] == "request_timeout", lines
+        assert len(lines) == 2
+    finally:
+        async with http.delete("/apps/limits-stall") as resp:
+            assert resp.status == 200, await resp.text()
 
 
 async def test_looping_app_source(http: aiohttp.ClientSession, cluster: LocalCluster) -> None:
