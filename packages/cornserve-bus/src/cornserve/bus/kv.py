@@ -243,8 +243,8 @@ class TaskLibrarySync:
     """Keeps a process's loaded task libraries in step with the KV bucket.
 
     `start()` loads every stored library, then a watcher loads new versions as they are uploaded.
-    `load` is the process's loader (cornserve.task.library.load_task_library); a library that
-    fails to load is logged and skipped, never fatal to the service.
+    `load` is the process's loader (cornserve.task.library.load_task_library); a record that does
+    not decode, and a library that fails to load, are logged and skipped, never fatal to the service.
     """
 
     def __init__(self, nc: Client, load: Callable[[TaskLibraryRecord], Awaitable[None] | None]) -> None:
