@@ -49,3 +49,7 @@ def test_bad_libraries() -> None:
         load_task_library("Bad Name", "x = 1")
     with pytest.raises(TaskDefinitionError, match="task library 'broken' failed to load: ZeroDivisionError"):
         load_task_library("broken", "x = 1 / 0")
+    # A stray sys.exit() in a library fails that library, not the service loading it.
+    with pytest.raises(TaskDefinitionError, match="task library 'exits' failed to load: SystemExit"):
+        load_task_library("exits", "import sys\nsys.exit(3)")
+    assert "exits" not in loaded_libraries()

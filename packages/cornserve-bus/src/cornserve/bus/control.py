@@ -19,7 +19,7 @@ from typing import Any, Literal, Protocol
 
 from pydantic import Field
 
-from cornserve.bus.schemas import RequestBase, WireModel
+from cornserve.bus.schemas import RequestBase, StoredRecord, WireModel
 
 # ----- service names (nats.micro) ------------------------------------------------------------------
 
@@ -299,10 +299,11 @@ class StreamMessage(WireModel):
 
 
 # ----- durable records -----------------------------------------------------------------------------
+# Kept in the KV buckets above; `StoredRecord` says how they are versioned and read tolerantly.
 
 
-class AppRecord(WireModel):
-    """A registered app as the gateway stores it."""
+class AppRecord(StoredRecord):
+    """A registered app as the gateway stores it (in KV_APPS under its name)."""
 
     name: str
     source: str
@@ -311,9 +312,16 @@ class AppRecord(WireModel):
     message: str = ""
     created_at: float
 
+    def stored_under(self) -> str:
+        """Its name."""
+        return self.name
 
-class TaskLibraryRecord(WireModel):
-    """An uploaded task library (Python source defining unit task and descriptor classes)."""
+
+class TaskLibraryRecord(StoredRecord):
+    """An uploaded task library (Python source defining unit task and descriptor classes).
+
+    Stored in KV_TASKLIBS under its name.
+    """
 
     name: str
     source: str
@@ -321,6 +329,10 @@ class TaskLibraryRecord(WireModel):
     unit_tasks: list[str]
     descriptors: list[str]
     created_at: float
+
+    def stored_under(self) -> str:
+        """Its name."""
+        return self.name
 
     @classmethod
     def from_loaded(cls, source: str, library: LoadedLibraryFacts) -> TaskLibraryRecord:
@@ -362,8 +374,8 @@ class LoadedLibraryFacts(Protocol):
         ...
 
 
-class DeploymentRecord(WireModel):
-    """The RM's durable record of one deployment."""
+class DeploymentRecord(StoredRecord):
+    """The RM's durable record of one deployment (in KV_DEPLOYMENTS under its task key)."""
 
     task_key: str
     task: TaskSpec
@@ -372,3 +384,7 @@ class DeploymentRecord(WireModel):
     num_executors: int = 1
     tm_pid: int | None = None
     """Process id of the task manager (local spawner), so a restarted RM can stop one it adopted."""
+
+    def stored_under(self) -> str:
+        """Its task key."""
+        return self.task_key

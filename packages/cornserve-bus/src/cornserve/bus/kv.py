@@ -1,24 +1,143 @@
-"""JetStream key-value helpers: durable control state that survives service restarts."""
+"""JetStream key-value helpers: durable control state that survives service restarts.
+
+Stored records are read tolerantly: one that does not decode (not JSON, fails validation, stored
+under another record's key, or written by a newer Cornserve: see `StoredRecord`) is logged with its
+bucket, key, revision and a short reason, and skipped. It is never fatal to the reader, and never
+deleted or rewritten for being unreadable: it stays until its owner writes that key again.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
 
 import nats.errors
 from nats.aio.client import Client
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NoKeysError
 from nats.js.kv import KeyValue
-from pydantic import BaseModel
+from pydantic import ValidationError
 
 from cornserve.bus.control import KV_TASKLIBS, TaskLibraryRecord
+from cornserve.bus.schemas import StoredRecord
 
 logger = logging.getLogger(__name__)
 
-M = TypeVar("M", bound=BaseModel)
+M = TypeVar("M", bound=StoredRecord)
+
+MAX_REASON_CHARS = 200
+"""A skip reason is short: it names what is wrong, never quotes the stored value."""
+
+MAX_WARNED = 10_000
+"""Bound of the (bucket, key, revision) set that keeps a skip from being warned about twice."""
+
+_warned: set[tuple[str, str, int]] = set()
+
+
+class StoredRecordError(ValueError):
+    """A stored value that is not a readable record of the expected kind (`reason` says why, briefly)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class SkippedRecord:
+    """One stored value a reader skipped, and why."""
+
+    bucket: str
+    key: str
+    revision: int
+    reason: str
+
+
+@dataclass
+class KvListing(Generic[M]):
+    """The readable records of a bucket, and the values skipped as unreadable."""
+
+    records: list[M] = field(default_factory=list)
+    skipped: list[SkippedRecord] = field(default_factory=list)
+
+
+def encode_record(record: StoredRecord) -> bytes:
+    """The stored form of `record`, stamped with the schema version this code writes."""
+    stamped = record.model_copy(update={"schema_version": type(record).SCHEMA_VERSION})
+    return stamped.model_dump_json().encode()
+
+
+def decode_record(raw: bytes, model: type[M], *, key: str | None = None) -> M:
+    """The record stored as `raw` (under `key`, if given), or a `StoredRecordError` saying why not.
+
+    Unknown fields (at any depth) are ignored; a `schema_version` newer than `model.SCHEMA_VERSION`
+    is refused before validation, since a newer shape may mean something else.
+    """
+    if not raw:
+        raise StoredRecordError("empty value")
+    try:
+        data: Any = json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # also UnicodeDecodeError: undecodable bytes
+        raise StoredRecordError(_short(f"not JSON: {exc}")) from None
+    if not isinstance(data, dict):
+        raise StoredRecordError(f"not a JSON object but a JSON {type(data).__name__}")
+    version = data.get("schema_version", 1)
+    if isinstance(version, int) and not isinstance(version, bool) and version > model.SCHEMA_VERSION:
+        raise StoredRecordError(
+            f"schema_version {version} is newer than the {model.SCHEMA_VERSION} this reader knows "
+            "(written by a newer Cornserve)"
+        )
+    try:
+        record = model.model_validate_json(raw, extra="ignore")
+    except ValidationError as exc:
+        raise StoredRecordError(_validation_reason(model, exc)) from None
+    if key is not None and kv_key(record.stored_under()) != key:  # e.g. copied by hand under a new key
+        raise StoredRecordError(_short(f"stored under key {key!r} but names {record.stored_under()!r}"))
+    return record
+
+
+def _validation_reason(model: type[StoredRecord], exc: ValidationError) -> str:
+    errors = exc.errors(include_url=False, include_input=False, include_context=False)
+    first = errors[0]
+    where = ".".join(str(part) for part in first["loc"]) or "(root)"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return _short(f"not a valid {model.__name__}: {where}: {first['msg']}{more}")
+
+
+def _short(reason: str) -> str:
+    return reason if len(reason) <= MAX_REASON_CHARS else reason[: MAX_REASON_CHARS - 3] + "..."
+
+
+def note_skipped(skipped: SkippedRecord) -> None:
+    """Log a skipped value: a warning the first time this process meets that revision, then at debug."""
+    marker = (skipped.bucket, skipped.key, skipped.revision)
+    first = marker not in _warned
+    if first:
+        if len(_warned) >= MAX_WARNED:
+            _warned.clear()
+        _warned.add(marker)
+    logger.log(
+        logging.WARNING if first else logging.DEBUG,
+        "skipping unreadable record in KV bucket %s: key %r, revision %d: %s "
+        "(left in place until its owner writes that key)",
+        skipped.bucket,
+        skipped.key,
+        skipped.revision,
+        skipped.reason,
+    )
+
+
+def decode_entry(entry: KeyValue.Entry, model: type[M]) -> M | SkippedRecord:
+    """The record of one KV entry, or (logged) why it was skipped."""
+    try:
+        return decode_record(entry.value or b"", model, key=entry.key)
+    except StoredRecordError as exc:
+        skipped = SkippedRecord(entry.bucket, entry.key, entry.revision or 0, exc.reason)
+        note_skipped(skipped)
+        return skipped
 
 
 async def open_bucket(nc: Client, bucket: str) -> KeyValue:
@@ -36,19 +155,27 @@ def kv_key(name: str) -> str:
 
 
 async def kv_get(kv: KeyValue, key: str, model: type[M]) -> M | None:
-    """One record, or None if absent (or deleted)."""
+    """One record, or None if absent (or deleted); `StoredRecordError` if what is stored is unreadable.
+
+    Unlike a listing this raises rather than skips: the caller asked for this key, and treating an
+    unreadable record as absent could lead it to overwrite the record.
+    """
     try:
         entry = await kv.get(kv_key(key))
     except KeyNotFoundError:
         return None
     if entry.value is None or not entry.value:
         return None
-    return model.model_validate_json(entry.value)
+    return decode_record(entry.value, model, key=entry.key)
 
 
-async def kv_put(kv: KeyValue, key: str, record: BaseModel) -> None:
-    """Store one record."""
-    await kv.put(kv_key(key), record.model_dump_json().encode())
+async def kv_put(kv: KeyValue, key: str, record: StoredRecord) -> None:
+    """Store one record under `key` (its `stored_under()` name), stamped with the current schema version."""
+    if key != record.stored_under():
+        raise ValueError(
+            f"a {type(record).__name__} naming {record.stored_under()!r} cannot be stored under {key!r}"
+        )
+    await kv.put(kv_key(key), encode_record(record))
 
 
 async def kv_delete(kv: KeyValue, key: str) -> None:
@@ -60,10 +187,20 @@ async def kv_delete(kv: KeyValue, key: str) -> None:
 async def kv_all(
     kv: KeyValue, model: type[M], *, attempt_timeout_s: float = 10.0, attempts: int = 3
 ) -> list[M]:
-    """Every record in a bucket, retrying a listing that stalls or fails (bounded).
+    """Every readable record in a bucket (unreadable ones are logged and skipped; see `kv_listing`)."""
+    listing = await kv_listing(kv, model, attempt_timeout_s=attempt_timeout_s, attempts=attempts)
+    return listing.records
 
-    nats-py's key listing waits for an "initial values done" marker without a deadline; on a loaded
-    server that marker can be lost, so each attempt gets its own deadline (and its own watcher).
+
+async def kv_listing(
+    kv: KeyValue, model: type[M], *, attempt_timeout_s: float = 10.0, attempts: int = 3
+) -> KvListing[M]:
+    """Every record in a bucket, each decoded on its own, retrying a listing that stalls or fails (bounded).
+
+    A value that does not decode is logged (`note_skipped`) and reported in `skipped`, never raised:
+    one bad record must not keep a service from starting. nats-py's key listing waits for an
+    "initial values done" marker without a deadline; on a loaded server that marker can be lost, so
+    each attempt gets its own deadline (and its own watcher).
     """
     for attempt in range(1, attempts + 1):
         try:
@@ -83,28 +220,31 @@ async def kv_all(
     raise AssertionError("unreachable")
 
 
-async def _list_records(kv: KeyValue, model: type[M]) -> list[M]:
+async def _list_records(kv: KeyValue, model: type[M]) -> KvListing[M]:
+    listing: KvListing[M] = KvListing()
     try:
         keys = await kv.keys()
     except NoKeysError:
-        return []
-    records = []
+        return listing
     for key in keys:
         try:
             entry = await kv.get(key)
         except KeyNotFoundError:
             continue
-        if entry.value:
-            records.append(model.model_validate_json(entry.value))
-    return records
+        decoded = decode_entry(entry, model)
+        if isinstance(decoded, SkippedRecord):
+            listing.skipped.append(decoded)
+        else:
+            listing.records.append(decoded)
+    return listing
 
 
 class TaskLibrarySync:
     """Keeps a process's loaded task libraries in step with the KV bucket.
 
     `start()` loads every stored library, then a watcher loads new versions as they are uploaded.
-    `load` is the process's loader (cornserve.task.library.load_task_library); a library that
-    fails to load is logged and skipped, never fatal to the service.
+    `load` is the process's loader (cornserve.task.library.load_task_library); a record that does
+    not decode, and a library that fails to load, are logged and skipped, never fatal to the service.
     """
 
     def __init__(self, nc: Client, load: Callable[[TaskLibraryRecord], Awaitable[None] | None]) -> None:
@@ -136,9 +276,11 @@ class TaskLibrarySync:
 
     async def _follow(self, watcher: object) -> None:
         async for entry in watcher:  # type: ignore[attr-defined]
-            if entry is None or not entry.value:
+            if entry is None or not entry.value:  # the end of the initial values, or a delete marker
                 continue
-            await self._apply(TaskLibraryRecord.model_validate_json(entry.value))
+            decoded = decode_entry(entry, TaskLibraryRecord)  # an unreadable one is logged and skipped
+            if isinstance(decoded, TaskLibraryRecord):
+                await self._apply(decoded)
 
     async def stop(self) -> None:
         """Stop following updates."""

@@ -194,7 +194,8 @@ class AppRegistry:
                     record=record.model_copy(update={"state": "failed", "message": str(exc)}), spec=None
                 )
                 continue
-            app = App(record=record, spec=spec)
+            # "deploying" (in memory only) until its tasks answer again: not "ready" while re-deployed.
+            app = App(record=record.model_copy(update={"state": "deploying"}), spec=spec)
             self._apps[record.name] = app
             try:
                 reply = await self._rm.deploy(app_owner(record.name), task_specs(spec.unit_tasks))

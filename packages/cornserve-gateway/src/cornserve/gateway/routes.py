@@ -350,14 +350,19 @@ class Gateway:
             raise HTTPError(400, "invalid_task_library", str(exc)) from exc
         record = TaskLibraryRecord.from_loaded(source, loaded)
         await kv_put(self._tasklibs_kv, name, record)
-        return web.json_response(record.model_dump(mode="json", exclude={"source"}), status=201)
+        return web.json_response(
+            record.model_dump(mode="json", exclude={"source", "schema_version"}), status=201
+        )
 
     async def list_tasklibs(self, request: web.Request) -> web.Response:
         """GET /tasklibs."""
         async with asyncio.timeout(LIST_TIMEOUT_S):  # a stalled KV listing answers 504, never hangs
             records = await kv_all(self._tasklibs_kv, TaskLibraryRecord)
         return web.json_response(
-            [r.model_dump(mode="json", exclude={"source"}) for r in sorted(records, key=lambda r: r.name)]
+            [
+                r.model_dump(mode="json", exclude={"source", "schema_version"})
+                for r in sorted(records, key=lambda r: r.name)
+            ]
         )
 
     # ----- sessions (notebooks / SDK) --------------------------------------------------------------

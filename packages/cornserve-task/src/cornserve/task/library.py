@@ -72,7 +72,7 @@ def load_task_library(name: str, source: str) -> LoadedLibrary:
         sys.modules[module_name] = module
         try:
             exec(compile(source, module.__file__, "exec"), module.__dict__)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # a stray sys.exit() fails the library, not the service
             sys.modules.pop(module_name, None)
             raise TaskDefinitionError(
                 f"task library {name!r} failed to load: {type(exc).__name__}: {exc}"
