@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from cornserve.runtime.process import ProcessGroup, free_port
+from cornserve.runtime.process import ProcessGroup, free_port, log_tail
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +71,11 @@ class NatsServerProcess:
         return f"nats://{self.host}:{self.port}"
 
     def start(self, timeout: float = 15.0) -> None:
-        """Spawn the server and wait until it accepts TCP connections."""
-        if self._group is not None:
+        """Spawn the server and wait until it accepts TCP connections.
+
+        Also after it died: it comes back on the same port, store directory and config.
+        """
+        if self._group is not None and self._group.alive():
             raise NatsServerError("nats-server already started")
         binary = find_nats_server_binary()
         self.store_dir.mkdir(parents=True, exist_ok=True)
@@ -106,6 +109,19 @@ class NatsServerProcess:
             group.stop(timeout)
         if self._own_store and self.store_dir.exists():
             shutil.rmtree(self.store_dir)
+
+    def kill(self) -> None:
+        """SIGKILL the server (a crash or a node going down, for tests); `start` may run it again."""
+        if self._group is not None:
+            self._group.kill_group()  # kept: `exit_code` reports the death, as for a crash
+
+    def exit_code(self) -> int | None:
+        """None while it runs (or before it was started); its exit code once it died."""
+        return None if self._group is None else self._group.exit_code()
+
+    def log_tail(self, lines: int = 25) -> str:
+        """The end of its log (shown when it died)."""
+        return log_tail(self._log_file, max_chars=lines * 400, max_lines=lines)
 
     @property
     def running(self) -> bool:
