@@ -88,9 +88,10 @@ class NatsStopBudget:
         try:
             async with asyncio.timeout(NATS_CLOSE_S):
                 await nc.close()
-        except Exception as exc:
-            logger.warning(
-                "%s: closing the NATS connection failed (%s: %s)", self.name, type(exc).__name__, exc
+        except Exception as exc:  # a lost server's socket often fails to close; already said above
+            level = logging.DEBUG if self.failed is not None else logging.WARNING
+            logger.log(
+                level, "%s: closing the NATS connection failed (%s: %s)", self.name, type(exc).__name__, exc
             )
 
 
