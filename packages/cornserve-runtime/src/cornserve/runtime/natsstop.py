@@ -70,6 +70,13 @@ class NatsStopBudget:
         except TimeoutError:
             self._fail(what, f"no answer within the {self.budget_s:g} s budget")
             return False
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # this stop itself is cancelled
+            # nats-py cancels its own waiters when the connection drops mid-drain: a lost server too
+            self._fail(what, "cancelled by the connection dropping")
+            return False
         except Exception as exc:  # nats-py raises plain and typed errors alike for a lost server
             self._fail(what, f"{type(exc).__name__}: {exc}")
             return False
@@ -88,6 +95,11 @@ class NatsStopBudget:
         try:
             async with asyncio.timeout(NATS_CLOSE_S):
                 await nc.close()
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            logger.debug("%s: closing the NATS connection was cancelled by nats-py", self.name)
         except Exception as exc:  # a lost server's socket often fails to close; already said above
             level = logging.DEBUG if self.failed is not None else logging.WARNING
             logger.log(
