@@ -36,13 +36,13 @@ from cornserve.cli.natsauth import (
     NatsAuth,
     create_buckets,
 )
-from cornserve.cli.natsserver import NatsServerProcess
+from cornserve.cli.natsserver import NatsServerError, NatsServerProcess
 from cornserve.runtime.nats import NatsAuthError, NatsConnectTimeout
 from cornserve.runtime.natscreds import NatsCredentialsError
 from cornserve.runtime.process import ProcessGroup, free_port, log_tail, pid_alive, signal_group, wait_for
 from cornserve.runtime.secrets import SecretFileError, new_token, write_secret_file
 from cornserve.runtime.statedir import default_state_dir
-from cornserve.runtime.supervise import supervise
+from cornserve.runtime.supervise import Supervised, supervise
 
 __all__ = ["LaunchError", "LocalCluster", "default_state_dir", "read_state", "shut_down"]
 
@@ -50,6 +50,10 @@ STATE_FILE = "cluster.json"
 SIDECAR_SECRET_FILE = "sidecar-secret"
 """The sidecars' peer secret in the state dir (0600, new at every `up`)."""
 SHM_DIR = Path("/dev/shm")
+NATS_SYNC_INTERVAL = "1s"
+"""JetStream fsync interval of `up`'s NATS: the KV state (apps, task libraries, deployments) is small
+and rarely written, so syncing each second costs nothing and loses at most a second of it when the
+machine itself goes down (NATS's own default is 2 minutes)."""
 
 
 def count_gpus() -> int:
@@ -136,6 +140,8 @@ class LocalCluster:
     """The gateway's admin token (set by `start`; see `cornserve.cli.admintoken`)."""
     nats_auth: NatsAuth | None = None
     """The generated per-role NATS credentials (None with an external NATS)."""
+    nats_sync_interval: str = NATS_SYNC_INTERVAL
+    """JetStream ``sync_interval`` of the embedded NATS ("default", "always" or a duration like 1s)."""
 
     @property
     def url(self) -> str:
@@ -195,6 +201,7 @@ class LocalCluster:
                 store_dir=self.state_dir / "nats",
                 log_file=self.state_dir / "logs" / "nats.log",
                 config_file=self.nats_auth.server_config,
+                sync_interval=self.nats_sync_interval,
             )
             self.nats.start()
             self.nats_url = self.nats.url
@@ -325,7 +332,20 @@ class LocalCluster:
         Returns 0 when asked to stop, 1 when a child kept dying (its log tail is printed first).
         A service that crashes once (or is killed) comes back without taking the cluster down.
         """
-        return supervise(self.children, self.restart, should_stop, max_restarts, poll_s, self.say)
+        watched: list[Supervised] = [*([self.nats] if self.nats is not None else []), *self.children]
+        return supervise(watched, self._restart_supervised, should_stop, max_restarts, poll_s, self.say)
+
+    def _restart_supervised(self, name: str) -> None:
+        """`restart` for a service; the embedded NATS (supervised as "nats") comes back as it was."""
+        if self.nats is None or name != self.nats.name:
+            self.restart(name)
+            return
+        self.say(f"restarting NATS on {self.nats.url} (same store and credentials); services reconnect")
+        self.nats.kill()  # sweeps what is left of its process group
+        try:
+            self.nats.start()
+        except NatsServerError as exc:  # counted as another death by the supervisor
+            self.say(f"error: NATS did not come back: {exc}")
 
     def stop(self) -> None:
         """Stop every process, remove leftover shared memory and the state file."""

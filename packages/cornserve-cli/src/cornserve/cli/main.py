@@ -14,7 +14,8 @@ from typing import Any
 from cornserve.app import AppValidationError, trace_app, validate_app
 from cornserve.cli import commands
 from cornserve.cli.extras import MissingExtraError, require_models_extra
-from cornserve.cli.launcher import LaunchError, LocalCluster, default_state_dir, shut_down
+from cornserve.cli.launcher import NATS_SYNC_INTERVAL, LaunchError, LocalCluster, default_state_dir, shut_down
+from cornserve.cli.natsserver import check_sync_interval
 from cornserve.client import CornserveClient, CornserveError, default_url
 from cornserve.task.errors import TaskError
 
@@ -90,10 +91,22 @@ def _tls_pair(args: argparse.Namespace) -> tuple[Path, Path] | None:
     return None if args.tls_cert is None else (Path(args.tls_cert), Path(args.tls_key))
 
 
+def _sync_interval(value: str) -> str:
+    try:
+        return check_sync_interval(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _cmd_up(args: argparse.Namespace) -> int:
     tls = _tls_pair(args)
     if args.nats_creds and not args.nats_url:
         print("error: --nats-creds is for an external NATS (--nats-url); `up` makes its own", file=sys.stderr)
+        return 2
+    if args.nats_sync_interval and args.nats_url:
+        print(
+            "error: --nats-sync-interval is for the NATS `up` starts; configure yours itself", file=sys.stderr
+        )
         return 2
     cluster = LocalCluster(
         state_dir=Path(args.state_dir),
@@ -105,6 +118,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         tls_cert=tls[0] if tls else None,
         tls_key=tls[1] if tls else None,
         nats_creds=Path(args.nats_creds) if args.nats_creds else None,
+        nats_sync_interval=args.nats_sync_interval or NATS_SYNC_INTERVAL,
     )
     stopping = False
 
@@ -197,6 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--nats-creds",
         default=None,
         help="credentials file for --nats-url (a NATS .creds file or an nkey seed), used by every service",
+    )
+    up.add_argument(
+        "--nats-sync-interval",
+        type=_sync_interval,
+        default=None,
+        help="how often the embedded NATS fsyncs JetStream (KV state): a duration like 1s, 'always' "
+        f"(every write), or 'default' (NATS's 2 min); default: {NATS_SYNC_INTERVAL}",
     )
     up.add_argument(
         "--state-dir", default=str(default_state_dir()), help="state and logs (default: %(default)s)"

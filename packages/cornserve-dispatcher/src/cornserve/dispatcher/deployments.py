@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from cornserve.bus.control import RM_EVENTS, DeploymentEvent, DeploymentInfo
 from cornserve.bus.micro import BusError
 from cornserve.bus.rm_client import ResourceManagerClient
+from cornserve.runtime.natsstop import nats_step
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ class DeploymentCache:
             self._catch_up.cancel()
             await asyncio.gather(self._catch_up, return_exceptions=True)
         if self._sub is not None:
-            await self._sub.unsubscribe()
+            await nats_step("unsubscribing from RM events", self._sub.unsubscribe)
 
     def get(self, task_key: str) -> DeploymentInfo | None:
         """The cached deployment of `task_key`, if any."""

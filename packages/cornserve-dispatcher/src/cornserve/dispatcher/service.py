@@ -43,6 +43,7 @@ from cornserve.dispatcher.graph import GraphRunner
 from cornserve.dispatcher.keepalive import Keepalive
 from cornserve.dispatcher.relay import StreamRelay
 from cornserve.runtime.logging import set_request_id
+from cornserve.runtime.natsstop import nats_step
 from cornserve.task import TaskError, TaskInvocation, TaskRegistryError
 from cornserve.task.library import load_task_library
 
@@ -138,7 +139,7 @@ class DispatcherService:
     async def stop(self) -> None:
         """Stop taking graphs, drain running ones (bounded), fail the rest, then close everything."""
         if self._service is not None:
-            await self._service.stop()
+            await nats_step("stopping the micro service", self._service.stop)
         if not await _wait_event(self._idle, self.drain_timeout_s):
             logger.warning(
                 "%d graph(s) and %d stream(s) still running after %g s; failing them",

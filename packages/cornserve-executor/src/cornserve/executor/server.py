@@ -32,6 +32,7 @@ from cornserve.executor.descriptor import (
 )
 from cornserve.executor.settings import PythonExecutorSettings
 from cornserve.runtime.nats import connect_nats
+from cornserve.runtime.natsstop import current_budget
 from cornserve.task.base import UnitTask
 from cornserve.task.errors import TaskDefinitionError, TaskError, TaskRegistryError
 from cornserve.task.invocation import TaskInvocation
@@ -228,12 +229,8 @@ class ExecutorServer:
                 logger.exception("closing the sidecar client failed")
         if self._sync is not None:
             await self._sync.stop()
-        if self._nc is not None:
-            try:
-                async with asyncio.timeout(10):
-                    await self._nc.drain()
-            except Exception:
-                logger.exception("closing the NATS connection failed")
+        if self._nc is not None:  # bounded, and a lost NATS is one warning (cornserve.runtime.natsstop)
+            await current_budget(f"executor {self.config.executor_id}").close(self._nc)
         logger.info("executor %s stopped", self.config.executor_id)
 
     # ----- endpoints -------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from cornserve.bus.control import (
 from cornserve.bus.micro import HandlerRunner
 from cornserve.resource_manager import __version__, deploy, release, scale, state
 from cornserve.resource_manager.manager import ResourceManager
+from cornserve.runtime.natsstop import nats_step
 
 
 class ResourceManagerService:
@@ -59,5 +60,5 @@ class ResourceManagerService:
     async def stop(self) -> None:
         """Stop serving and cancel handlers still running."""
         if self._service is not None:
-            await self._service.stop()
+            await nats_step("stopping the micro service", self._service.stop)
         await self._runner.close()

@@ -85,11 +85,18 @@ class TaskManagerControl:
         return await self.client(task_key).status(self.timeouts.status_s)
 
     async def stop(self, dep: Deployment) -> None:
-        """Ask the task manager to stop its executors and exit; kill its process group if it is still there."""
-        try:
-            await self.client(dep.task_key).shutdown(self.timeouts.shutdown_s)
-        except BusError as exc:
-            logger.warning("task manager of %s did not shut down cleanly: %s", dep.task_key, exc)
+        """Ask the task manager to stop its executors and exit; kill its process group if it is still there.
+
+        Without NATS (a node shutting down) the request could not arrive: its process group gets
+        SIGTERM at once (the task manager stops its executors on it) instead of after `shutdown_s`.
+        """
+        if not self.nc.is_connected:
+            logger.warning("NATS is unavailable: stopping the task manager of %s by signal", dep.task_key)
+        else:
+            try:
+                await self.client(dep.task_key).shutdown(self.timeouts.shutdown_s)
+            except BusError as exc:
+                logger.warning("task manager of %s did not shut down cleanly: %s", dep.task_key, exc)
         await self.kill(dep)
 
     async def kill(self, dep: Deployment) -> None:

@@ -5,8 +5,9 @@ service, serve until SIGTERM/SIGINT, drain within a deadline, close NATS. `run_e
 for executors, whose order matters to the task manager: the HTTP port opens first (so `/health`
 answers 503 while the process loads), then the slow initialisation runs.
 
-Exit codes: 0 after a signal (also one that arrives while starting), 1 when start-up fails or the
-drain overruns its deadline, 2 on bad settings. Start-up errors of the expected types say what to fix
+Exit codes: 0 after a signal (also one that arrives while starting, and also when NATS is gone
+during the drain: its NATS work is bounded by `cornserve.runtime.natsstop` and skipped, local
+clean-up still runs), 1 when start-up fails or the drain overruns its deadline, 2 on bad settings. Start-up errors of the expected types say what to fix
 and are logged without a traceback; anything else is a bug and is logged with one.
 """
 
@@ -25,6 +26,7 @@ from nats.aio.client import Client
 from cornserve.runtime.logging import configure_logging
 from cornserve.runtime.nats import NatsAuthError, NatsConnectTimeout, connect_nats
 from cornserve.runtime.natscreds import NatsCredentialsError
+from cornserve.runtime.natsstop import current_budget, stopping
 from cornserve.runtime.settings import ServiceSettings, parse_settings
 
 logger = logging.getLogger(__name__)
@@ -33,9 +35,6 @@ S = TypeVar("S", bound=ServiceSettings)
 
 EXIT_OK = 0
 EXIT_FAILED = 1
-
-NATS_CLOSE_DEADLINE_S = 5.0
-"""Seconds flushing and closing the NATS connection may take after the service stopped."""
 
 Serve = Callable[[S, Client], AbstractAsyncContextManager[object]]
 """A service: entering the context starts it (connected to NATS); leaving it drains and stops it."""
@@ -188,7 +187,8 @@ async def serve_until_signal(
         logger.info("%s serving", name)
         await stop.wait()
         logger.info("%s shutting down (deadline %g s)", name, settings.stop_deadline_s)
-        stopped = await _bounded(service.__aexit__(None, None, None), name, settings.stop_deadline_s)
+        with stopping(name):
+            stopped = await _bounded(service.__aexit__(None, None, None), name, settings.stop_deadline_s)
         return stop.exit_code or stopped
 
 
@@ -212,7 +212,8 @@ async def run_executor_until_signal(
                 logger.info("%s ready", name)
                 await stop.wait()
                 logger.info("%s shutting down (deadline %g s)", name, settings.stop_deadline_s)
-        stopped = await _bounded(server.stop(), name, settings.stop_deadline_s)
+        with stopping(name):
+            stopped = await _bounded(server.stop(), name, settings.stop_deadline_s)
         return code or stop.exit_code or stopped
 
 
@@ -257,15 +258,11 @@ async def _bounded(stopping: Awaitable[object], name: str, deadline_s: float) ->
 
 
 async def _close_nats(nc: Client, name: str) -> None:
-    """Flush what the service published, then close; a dead connection is closed without waiting."""
-    try:
-        async with asyncio.timeout(NATS_CLOSE_DEADLINE_S):
-            await nc.drain()
-    except Exception as exc:
-        logger.warning(
-            "%s: draining the NATS connection failed (%s: %s); closing it", name, type(exc).__name__, exc
-        )
-        await nc.close()
+    """Flush what the service published, then close; a dead connection is closed without waiting.
+
+    Part of the stop's NATS budget (`cornserve.runtime.natsstop`): NATS gone costs at most the budget.
+    """
+    await current_budget(name).close(nc)
 
 
 class _StopSignals:

@@ -51,6 +51,7 @@ from cornserve.bus.subjects import (
     sidecar_subject,
 )
 from cornserve.runtime.nats import connect_nats
+from cornserve.runtime.natsstop import current_budget
 from cornserve.runtime.settings import nats_creds_from_env, nats_url_from_env
 from cornserve.sidecar import gpu
 from cornserve.sidecar.arena import map_arena
@@ -174,8 +175,8 @@ class Sidecar:
     async def close(self) -> None:
         """Close the NATS connection and stop the client's loop thread (idempotent)."""
         if not self._closed:
-            if self._nc is not None:
-                await self._nc.drain()
+            if self._nc is not None:  # bounded, also when NATS is gone (cornserve.runtime.natsstop)
+                await current_budget("sidecar client").close(self._nc)
                 self._nc = None
             # Views handed out keep their mappings alive; dropping our references lets GC unmap later.
             self._own_view = None

@@ -58,6 +58,7 @@ from cornserve.bus.subjects import (
 )
 from cornserve.runtime.nats import NatsAuthError, connect_nats
 from cornserve.runtime.natscreds import NatsCredentialsError
+from cornserve.runtime.natsstop import current_budget, nats_step
 from cornserve.runtime.secrets import SecretFileError
 from cornserve.runtime.service import run_process, running
 from cornserve.runtime.settings import Flag, ProcessInfo, ServiceSettings
@@ -234,18 +235,27 @@ class SidecarServer:
         return svc
 
     async def stop(self) -> None:
-        """Stop serving, cancel waiting handlers, unlink the arena."""
-        await self._runner.close()
-        await self.background.close()
-        if self._tcp is not None:
-            await self._tcp.close()
-        if self._nc is not None:
-            if self._service is not None:
-                await self._service.stop()
-            await self._nc.drain()
-        if self.memory.is_open:
-            self.memory.arena.close()
-        self.stopped.set()
+        """Cancel waiting handlers, unlink the arena, then stop serving on NATS.
+
+        Local resources go first and regardless of errors: the arena is unlinked even when NATS is
+        gone (a node shutting down), whose clean-up is then bounded and skipped
+        (`cornserve.runtime.natsstop`).
+        """
+        try:
+            await self._runner.close()
+            await self.background.close()
+            if self._tcp is not None:
+                await self._tcp.close()
+        finally:
+            if self.memory.is_open:
+                self.memory.arena.close()
+            try:
+                if self._nc is not None:
+                    if self._service is not None:
+                        await nats_step("stopping the micro service", self._service.stop)
+                    await current_budget(f"sidecar-{self.rank}").close(self._nc)
+            finally:
+                self.stopped.set()
 
     def _own_info(self, request_id: str = "") -> InfoReply:
         return InfoReply(

@@ -26,6 +26,7 @@ from cornserve.bus.control import (
 )
 from cornserve.bus.error_codec import describe_invalid, publish_error, request_id_of, respond_error
 from cornserve.bus.micro import HandlerRunner
+from cornserve.runtime.natsstop import nats_step
 from cornserve.task_manager import __version__
 from cornserve.task_manager.manager import TaskManager
 
@@ -69,9 +70,9 @@ class TaskManagerService:
     async def stop(self) -> None:
         """Stop serving and cancel handlers still running."""
         if self._service is not None:
-            await self._service.stop()
+            await nats_step("stopping the micro service", self._service.stop)
         if self._done_sub is not None:
-            await self._done_sub.unsubscribe()
+            await nats_step("unsubscribing from route-done", self._done_sub.unsubscribe)
         await self._runner.close()
 
     async def _done(self, msg: Msg) -> None:
