@@ -3,8 +3,11 @@
 Every replica follows the RM's fan-out DeploymentEvents (a plain subscription, so every replica
 sees every event) and catches up with one RM_STATE request at start. The RM may not be running
 when a replica starts: the catch-up retries in the background with backoff while the replica
-already serves. Events can lag a deploy reply, so a lookup that misses re-queries the RM once
-before the caller reports the task as not deployed.
+already serves. Events are fire-and-forget (one lost while NATS reconnects is gone for good), so
+the replica also re-syncs with a full RM_STATE snapshot every `resync_interval_s`. Events can lag a
+deploy reply, so a lookup that misses, or finds a deployment that is not ready (a "failed" entry
+may have been re-deployed since), re-queries the RM once before the caller reports the task as
+not deployed.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ class DeploymentCache:
     initial_backoff_s: float = 0.2
     max_backoff_s: float = 5.0
     """Bounds of the pause between catch-up attempts while the resource manager does not answer."""
+    resync_interval_s: float = 30.0
+    """Pause between full re-syncs once caught up (events keep the view current in between)."""
     _deployments: dict[str, DeploymentInfo] = field(default_factory=dict, init=False)
     _touched: set[str] | None = field(default=None, init=False)
     """Keys changed by events while a snapshot is in flight (the events are newer than it)."""
@@ -54,7 +59,7 @@ class DeploymentCache:
     async def start(self) -> None:
         """Follow events first (so none is missed), then catch up with the RM in the background."""
         self._sub = await self.nc.subscribe(RM_EVENTS, cb=self._on_event)
-        self._catch_up = asyncio.create_task(self._catch_up_forever(), name="rm-catch-up")
+        self._catch_up = asyncio.create_task(self._follow_forever(), name="rm-resync")
 
     async def stop(self) -> None:
         """Stop following the RM."""
@@ -73,9 +78,9 @@ class DeploymentCache:
         return sorted(self._deployments)
 
     async def lookup(self, task_keys: Iterable[str]) -> dict[str, DeploymentInfo | None]:
-        """Deployments of `task_keys`; a miss triggers one fresh RM_STATE query before it counts."""
+        """Deployments of `task_keys`; a miss or a deployment not ready triggers one fresh RM_STATE query."""
         keys = list(dict.fromkeys(task_keys))
-        if any(key not in self._deployments for key in keys):
+        if any(self._stale(key) for key in keys):
             await self.refresh()
         return {key: self._deployments.get(key) for key in keys}
 
@@ -86,6 +91,10 @@ class DeploymentCache:
         return await asyncio.shield(self._refreshing)
 
     # ----- internals -------------------------------------------------------------------------------
+
+    def _stale(self, key: str) -> bool:
+        info = self._deployments.get(key)
+        return info is None or info.state != "ready"
 
     async def _query_state(self) -> bool:
         self._touched = set()
@@ -108,11 +117,16 @@ class DeploymentCache:
         self.synced.set()
         return True
 
-    async def _catch_up_forever(self) -> None:
+    async def _follow_forever(self) -> None:
+        """Catch up (with backoff while the RM does not answer), then re-sync every `resync_interval_s`."""
         backoff = self.initial_backoff_s
-        while not await self.refresh():
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, self.max_backoff_s)
+        while True:
+            if await self.refresh():
+                backoff = self.initial_backoff_s
+                await asyncio.sleep(self.resync_interval_s)
+            else:
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.max_backoff_s)
 
     async def _on_event(self, msg: Msg) -> None:
         try:

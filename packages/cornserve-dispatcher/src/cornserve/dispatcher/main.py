@@ -43,6 +43,8 @@ class DispatcherSettings(ServiceSettings):
     """Seconds a task manager has to pick an executor for one invocation."""
     state_timeout: float = Field(default=3.0, gt=0)
     """Seconds the resource manager has to answer one state query."""
+    resync_interval: float = Field(default=30.0, gt=0)
+    """Seconds between full re-syncs of the deployment view with the resource manager."""
     drain_timeout: float = Field(default=30.0, gt=0)
     """On SIGTERM, seconds running graphs and streams get to finish before they are failed."""
 
@@ -65,6 +67,7 @@ def serve(settings: DispatcherSettings, nc: Client) -> AbstractAsyncContextManag
             settings.replica_id,
             route_timeout_s=settings.route_timeout,
             state_timeout_s=settings.state_timeout,
+            resync_interval_s=settings.resync_interval,
             drain_timeout_s=settings.drain_timeout,
         )
     )

@@ -77,6 +77,7 @@ class DispatcherService:
     replica_id: str
     route_timeout_s: float = field(default=10.0, kw_only=True)
     state_timeout_s: float = field(default=3.0, kw_only=True)
+    resync_interval_s: float = field(default=30.0, kw_only=True)
     drain_timeout_s: float = field(default=30.0, kw_only=True)
     _session: aiohttp.ClientSession | None = field(default=None, init=False)
     _tasklibs: TaskLibrarySync | None = field(default=None, init=False)
@@ -106,7 +107,9 @@ class DispatcherService:
         )
         self._tasklibs = TaskLibrarySync(self.nc, _load_library)
         await self._tasklibs.start()
-        self._deployments = DeploymentCache(self.nc, state_timeout_s=self.state_timeout_s)
+        self._deployments = DeploymentCache(
+            self.nc, state_timeout_s=self.state_timeout_s, resync_interval_s=self.resync_interval_s
+        )
         await self._deployments.start()
         self._graphs = GraphRunner(
             self.nc,
