@@ -18,6 +18,7 @@ from pydantic import AfterValidator, Field, SecretStr, ValidationInfo, field_val
 
 from cornserve.bus.control import GATEWAY_SERVICE_NAME, KV_APPS, KV_TASKLIBS, TaskLibraryRecord
 from cornserve.bus.kv import TaskLibrarySync, open_bucket
+from cornserve.bus.micro import BusError
 from cornserve.bus.rm_client import ResourceManagerClient
 from cornserve.gateway import __version__
 from cornserve.gateway.app_loading import AppLoader
@@ -199,7 +200,7 @@ async def serve(settings: GatewaySettings, nc: Client) -> AsyncIterator[None]:
         async def recover() -> None:
             try:
                 await gateway.apps.recover()
-                await sessions.release_orphans()
+                await _release_orphans(sessions)
             except Exception:
                 logger.exception("recovering apps after a restart failed")
 
@@ -210,6 +211,24 @@ async def serve(settings: GatewaySettings, nc: Client) -> AsyncIterator[None]:
             recovery.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await recovery
+
+
+ORPHAN_RELEASE_ATTEMPTS = 8
+"""Tries at releasing dead sessions' tasks while the resource manager is not answering yet (backoff 0.5 s to 8 s)."""
+
+
+async def _release_orphans(sessions: SessionRegistry) -> None:
+    """Release dead sessions' tasks; the RM may start after the gateway, so a bus error is retried (bounded)."""
+    for attempt in range(1, ORPHAN_RELEASE_ATTEMPTS + 1):
+        try:
+            await sessions.release_orphans()
+            return
+        except BusError as exc:
+            if attempt == ORPHAN_RELEASE_ATTEMPTS:
+                raise
+            pause = min(0.5 * 2 ** (attempt - 1), 8.0)
+            logger.warning("the resource manager is not answering yet (%s); retrying in %g s", exc, pause)
+            await asyncio.sleep(pause)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
