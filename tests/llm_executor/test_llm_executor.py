@@ -37,6 +37,7 @@ from cornserve.llm_executor.prompt import PreparedPrompt
 from cornserve.llm_executor.sampling import SamplingParams
 from cornserve.llm_executor.server import ChatServer, Completion, Piece
 from cornserve.models.media import MediaPolicy, load_media
+from cornserve.models.media_errors import shorten_url
 from cornserve.runtime.process import free_port
 from cornserve.runtime.settings import parse_settings
 from cornserve.sidecar import Sidecar
@@ -363,7 +364,7 @@ def test_bad_inputs_are_client_errors_and_the_executor_stays_up(
     for url in ("file:///etc/passwd", (tmp_path / "missing.png").as_uri(), "file:///nonexistent/x.png"):
         status, reply = post_json(mono.url, {"messages": image_messages(url, "x")})
         assert status == 400, reply
-        replies.append(reply["error"]["message"].replace(repr(url), "<url>"))
+        replies.append(reply["error"]["message"].replace(repr(shorten_url(url)), "<url>"))
     assert len(set(replies)) == 1, replies
     assert "not in an allowed media directory or cannot be read" in replies[0]
     with socket.socket() as listener:
