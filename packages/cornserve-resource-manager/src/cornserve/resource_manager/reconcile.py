@@ -58,6 +58,7 @@ class Reconciler:
     _misses: dict[str, int] = field(default_factory=dict, init=False, repr=False)
     _failures: dict[str, int] = field(default_factory=dict, init=False, repr=False)
     _not_before: dict[str, float] = field(default_factory=dict, init=False, repr=False)
+    _paused: bool = field(default=False, init=False, repr=False)
 
     def start(self) -> None:
         """Run passes in the background, the first one at once."""
@@ -81,7 +82,20 @@ class Reconciler:
             await asyncio.sleep(self.interval_s)
 
     async def reconcile_once(self) -> None:
-        """Start a check of every deployment not already being checked, then reap orphans."""
+        """Start a check of every deployment not already being checked, then reap orphans.
+
+        Without NATS nothing can be checked or repaired (every task manager would look silent):
+        the pass is skipped, and status misses counted before are forgotten.
+        """
+        if not self.ctx.task_managers.nc.is_connected:
+            if not self._paused:
+                logger.warning("NATS is unavailable: reconciliation paused until it is back")
+            self._paused = True
+            self._misses.clear()
+            return
+        if self._paused:
+            logger.info("NATS is back: reconciliation resumed")
+            self._paused = False
         for key in list(self.ctx.deployments):
             if key in self._checks or self.ctx.locks.lock(key).locked():
                 continue
@@ -119,6 +133,8 @@ class Reconciler:
         try:
             status = await self.ctx.task_managers.status(key)
         except BusError as exc:
+            if not self.ctx.task_managers.nc.is_connected:
+                return  # our own connection dropped: says nothing about the task manager
             misses = self._misses[key] = self._misses.get(key, 0) + 1
             if misses == 1:
                 logger.warning("task %s: its task manager did not answer a status request: %s", key, exc)
