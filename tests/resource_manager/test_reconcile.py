@@ -79,6 +79,7 @@ async def test_a_killed_task_manager_is_recreated_without_a_deploy(start_rm: Sta
     assert kinds[-1] == ("ready", "ready"), kinds
     log = rm.log_text()
     assert log.count("re-creating its task manager") == 1, log  # one action, logged once with its reason
+    print(next(line for line in log.splitlines() if "task manager re-created" in line))  # measured (-s)
     assert f"exited with code -{int(signal.SIGKILL)}" in log, log
     await sub.unsubscribe()
     assert outcome(await rm.release("app")) == ([key], [key])

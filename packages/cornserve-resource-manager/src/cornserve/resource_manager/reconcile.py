@@ -198,11 +198,19 @@ class Reconciler:
             deadline = started + self.ctx.recovery_timeout_s
             await self.ctx.task_managers.start(dep, deadline)
             dep.status = await self.ctx.task_managers.assign(dep, dep.executors, deadline)
-        except ServiceFault as fault:
+        except Exception as exc:
+            # Typed faults (start or assignment failed, no devices) are expected; anything else (a
+            # spawn that raised OSError) is logged with its traceback. Either way the deployment
+            # must not stay "deploying", which no pass would ever look at again.
+            if isinstance(exc, ServiceFault):
+                why = exc.message
+            else:
+                why = f"{type(exc).__name__}: {exc}"
+                logger.error("task %s: re-creating its task manager raised", key, exc_info=exc)
             await self.ctx.task_managers.kill(dep)
             dep.handle = None
             dep.state = "failed"
-            dep.message = f"re-creating its task manager failed: {fault.message}"
+            dep.message = f"re-creating its task manager failed: {why}"
             await self.ctx.announcer.changed("updated", dep.info())
             self._backoff(key, dep.message)
             return
