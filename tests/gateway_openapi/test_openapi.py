@@ -1,5 +1,8 @@
 """The gateway's OpenAPI document is usable as written: every `$ref` resolves and a client tool loads it.
 
+(And the fuzzer of tests/control/test_fuzz.py, which reads it, reports what it must: checked here
+against a stand-in server, since the real gateway gives it nothing to report.)
+
 An app's request model that nests another model used to leave a `$ref` to a component the document
 did not have (pydantic keeps nested models in the schema's own `$defs`), so a generated client or a
 fuzzer could not resolve the invoke route's body.
@@ -7,11 +10,17 @@ fuzzer could not resolve the invoke route's body.
 
 from __future__ import annotations
 
+import http.server
+import json
+import threading
+import time
 from typing import Any
 
+import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
-from schemathesis import Case
+from schemathesis import Case, GenerationMode
+from tests.control import fuzzing
 
 from cornserve.app import validate_app
 from cornserve.bus.control import AppRecord
@@ -99,3 +108,51 @@ def test_a_fuzzer_draws_nested_bodies_for_an_invoke_route() -> None:
 
     draw()
     assert bodies and all(1 <= body["shape"]["rows"] <= 8 for body in bodies)
+
+
+class _Stub(http.server.BaseHTTPRequestHandler):
+    """A gateway stand-in: serves the real document, answers 500 on POST /tasklibs, never answers POST /apps."""
+
+    def _reply(self, status: int, body: Any) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        self._reply(200, openapi_document([]) if self.path == "/openapi.json" else [])
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.path == "/apps":
+            time.sleep(3)  # past the fuzzer's per-request deadline below
+        self._reply(500 if self.path == "/tasklibs" else 418, {"error": "x", "message": "y"})
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_the_fuzzer_reports_server_errors_hangs_and_undocumented_statuses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(fuzzing, "REQUEST_TIMEOUT_S", 1.0)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Stub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        fuzzer = fuzzing.GatewayFuzzer(url, fuzzing.load_schema(url, "token"), seed=1)
+        ops = {op.label: op for op in fuzzer.operations()}
+        for label in ("POST /tasklibs", "POST /apps", "POST /sessions", "GET /tasks"):
+            fuzzer.fuzz(ops[label], 2, headers={}, modes=(GenerationMode.POSITIVE,))
+    finally:
+        server.shutdown()
+        server.server_close()
+    stats = fuzzer.stats
+    assert stats.server_errors and all(e.startswith("POST /tasklibs -> 500") for e in stats.server_errors)
+    assert stats.no_answer and all(e.startswith("POST /apps:") for e in stats.no_answer)
+    assert any(e.startswith("POST /sessions -> 418") for e in stats.undocumented)  # 200 on GET is listed
+    assert not any(e.startswith("GET /tasks") for e in stats.undocumented)
+    assert stats.statuses[200] >= 1 and "curl" in stats.server_errors[0]
