@@ -117,7 +117,8 @@ def _close_opened_session(target: Target) -> object:
 
 
 def fuzz_gateway(target: Target, examples: int, fuzz_seed: int) -> FuzzStats:
-    """Every operation with the admin token (made-up and real path values), then without a valid token."""
+    """Every operation with the admin token (made-up and real path values; `POST /apps` and the invoke
+    routes also asking for SSE), then without a valid token."""
     url = target.cluster.url
     fuzzer = GatewayFuzzer(url, load_schema(url, target.cluster.admin_token), fuzz_seed)
     operations = fuzzer.operations()
@@ -125,8 +126,11 @@ def fuzz_gateway(target: Target, examples: int, fuzz_seed: int) -> FuzzStats:
     for name in FUZZ_APPS:
         assert f"POST /apps/{name}/invoke" in labels, sorted(labels)
     after = _close_opened_session(target)
+    sse = {**target.admin, "Accept": "text/event-stream"}
     for operation in operations:
         fuzzer.fuzz(operation, examples, headers=target.admin, after=after)  # type: ignore[arg-type]
+        if operation.method.upper() == "POST" and operation.path.startswith("/apps"):
+            fuzzer.fuzz(operation, examples, headers=sse)  # registration progress and streams as SSE
         if operation.label in DESTRUCTIVE:
             continue
         if "{name}" in operation.path:
