@@ -37,7 +37,7 @@ from cornserve.bus.kv import open_bucket
 from cornserve.cli.launcher import LocalCluster
 
 QUICK_EXAMPLES = 6
-"""Per operation and generation mode in the default suite (about 300 requests in all)."""
+"""Per operation and generation mode in the default suite (about 350 requests in all)."""
 FULL_EXAMPLES = int(os.environ.get("CORNSERVE_FUZZ_EXAMPLES", "100"))
 """Per operation and generation mode under `-m fuzz` (a few thousand requests)."""
 
