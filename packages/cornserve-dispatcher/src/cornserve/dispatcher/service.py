@@ -79,6 +79,8 @@ class DispatcherService:
     state_timeout_s: float = field(default=3.0, kw_only=True)
     resync_interval_s: float = field(default=30.0, kw_only=True)
     drain_timeout_s: float = field(default=30.0, kw_only=True)
+    max_graphs: int = field(default=1024, kw_only=True)
+    """Graphs this replica runs at once, relayed streams included; more are refused with 429 at once."""
     _session: aiohttp.ClientSession | None = field(default=None, init=False)
     _tasklibs: TaskLibrarySync | None = field(default=None, init=False)
     _deployments: DeploymentCache | None = field(default=None, init=False)
@@ -180,6 +182,13 @@ class DispatcherService:
             return
         if self._closing.is_set():
             await respond_fault(msg, req.request_id, faults.shutting_down(self.replica_id))
+            return
+        running = len(self._handlers) + len(self._relays)
+        if running >= self.max_graphs:
+            logger.warning("graph %s refused: %d graph(s) running", req.request_id, running)
+            await respond_fault(
+                msg, req.request_id, faults.dispatcher_overloaded(self.replica_id, running, self.max_graphs)
+            )
             return
         keepalive = Keepalive(
             self.nc, req.keepalive_subject, req.request_id, self.replica_id, req.keepalive_interval_s
