@@ -104,7 +104,7 @@ def openapi_document(apps: list[App]) -> dict[str, Any]:
                 "requestBody": {"required": True, **_json(request_schema)},
                 "responses": {
                     "200": {"description": "response", "content": content},
-                    **_errors(404, 422, 502, 504),
+                    **_errors(404, 409, 422, 429, 502, 503, 504),
                 },
             }
         }
