@@ -479,6 +479,7 @@ async def test_graphs_beyond_max_graphs_are_refused_with_429(lib: types.ModuleTy
             err = refused.value
             assert (err.code, err.error, err.retry_after_s) == (429, "overloaded", 1.0)
             assert "--max-graphs 1" in str(err)
+            assert "refused 1 graph(s) with 429 overloaded" in proc.log()
             executor.gate.set()
             async with asyncio.timeout(DEADLINE):
                 assert (await call).outputs[0] == {"text": "HELD", "executor": executor.executor_id}
