@@ -176,7 +176,7 @@ def _static_paths() -> dict[str, Any]:
                         }
                     ),
                 },
-                "responses": {"200": _json(obj), **_errors(*body_errors, 404, 409, 422, 502, 503, 504)},
+                "responses": {"200": _json(obj), **_errors(*body_errors, 404, 409, 422, 429, 502, 503, 504)},
             },
         },
         "/sessions/{id}/heartbeat": {
@@ -242,7 +242,7 @@ def openapi_document(apps: list[App]) -> dict[str, Any]:
                 "requestBody": {"required": True, **_json(request_schema)},
                 "responses": {
                     "200": {"description": "response", "content": content},
-                    **_errors(400, 404, 409, 413, 422, 502, 503, 504),
+                    **_errors(400, 404, 409, 413, 422, 429, 502, 503, 504),
                 },
             }
         }
