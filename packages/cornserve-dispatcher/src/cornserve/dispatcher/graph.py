@@ -145,6 +145,16 @@ class GraphRunner:
         found = await self.deployments.lookup(inv.task.deployment_key for inv in invocations)
         for position, inv in enumerate(invocations):
             info = found[inv.task.deployment_key]
+            if info is None and not self.deployments.synced.is_set():
+                # A replica that has not caught up with the resource manager yet (it just started
+                # while the RM is down) cannot tell "not deployed" from "not known yet": retryable.
+                raise faults.task_unavailable(
+                    inv.task.display_name(),
+                    inv.task.deployment_key,
+                    position,
+                    "this dispatcher replica has not caught up with the resource manager yet "
+                    "(the resource manager is not answering); retry shortly",
+                )
             if info is None:
                 raise faults.task_not_deployed(inv.task.display_name(), inv.task.deployment_key, position)
             if info.state == "failed":
