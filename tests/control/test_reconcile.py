@@ -25,6 +25,10 @@ from tests.support.waiting import wait_for
 from cornserve.cli.launcher import TASK_MANAGER_DIR, Child, LocalCluster
 from cornserve.runtime.detached import DetachedGroups
 
+pytestmark = pytest.mark.faults
+"""Two resource-manager restarts and a task-manager re-creation (minutes on a loaded machine): with
+the fault matrix, out of the default suite; tests/resource_manager covers adoption there."""
+
 APP = "reconcile-sums"
 DEADLINE = 120.0
 RECONCILE_INTERVAL_S = 5.0

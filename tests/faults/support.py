@@ -258,6 +258,7 @@ def recovery(samples: list[Sample], fault_at: float) -> float | None:
 
 
 async def run_fault(state: Matrix, fault: str, seed_base: int) -> tuple[FaultResult, str]:
+    await until_whole(state)
     samples: list[Sample] = []
     fault_at: float | None = None
     seeds = iter(range(seed_base, seed_base + 1_000_000))
@@ -331,14 +332,25 @@ def rss_and_fds(pid: int) -> tuple[int, int] | None:
     return None
 
 
-async def until_serving(state: Matrix, timeout_s: float = 120.0) -> None:
-    """Wait until the gateway answers GET /tasks (after a fault that took it or the RM down)."""
+SETTLE_S = 5.0
+"""After every child runs again and every executor is ready, time for restarted services to catch up."""
+
+
+async def until_whole(state: Matrix, timeout_s: float = 180.0) -> None:
+    """Wait until the cluster is whole again: every service `up` runs is alive (the supervisor
+    restarted what a fault killed), every executor is ready, then `SETTLE_S` more. Each fault is
+    then measured on its own, not on top of the previous one's recovery."""
     deadline = time.monotonic() + timeout_s
     while True:
+        children_up = all(c.proc is not None and pid_alive(c.proc.pid) for c in state.local.children)
+        nats_up = state.local.nats is None or state.local.nats.running
         try:
-            await _tasks(state.local)
-            return
+            tasks = await _tasks(state.local) if children_up and nats_up else []
         except (aiohttp.ClientError, TimeoutError, AssertionError):
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(1.0)
+            tasks = []
+        if tasks and all(ex["state"] == "ready" for t in tasks for ex in t["executors"]):
+            await asyncio.sleep(SETTLE_S)
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the cluster was not whole again within {timeout_s:.0f} s: {tasks}")
+        await asyncio.sleep(0.5)

@@ -35,7 +35,7 @@ from tests.faults.support import (
     rss_and_fds,
     service_processes,
     supervised_cluster,
-    until_serving,
+    until_whole,
 )
 from tests.support.cluster import gateway_session
 
@@ -111,7 +111,7 @@ async def _soak(state: Matrix) -> tuple[dict[int, Track], list[Sample], list[tup
                 await asyncio.sleep(FAULT_EVERY_S)
                 if elapsed() > SOAK_S - FAULT_EVERY_S / 2:
                     return  # the last stretch is for recovering
-                await until_serving(state)
+                await until_whole(state)
                 await collect_pids(state)
                 faults.append((elapsed(), await FAULTS[fault](state)))
 
