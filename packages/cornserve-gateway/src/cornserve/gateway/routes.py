@@ -23,6 +23,7 @@ from cornserve.gateway import __version__
 from cornserve.gateway.app_loading import AppLoader
 from cornserve.gateway.apps import LIST_TIMEOUT_S, App, AppRegistry
 from cornserve.gateway.auth import Credentials, auth_middleware, check_route_scopes
+from cornserve.gateway.disconnect import cancel_on_disconnect
 from cornserve.gateway.discovery import ping_services
 from cornserve.gateway.driver import parse_request, run_streaming, run_unary
 from cornserve.gateway.errors import HTTPError, to_http_error
@@ -245,6 +246,11 @@ class Gateway:
         )
 
     async def invoke_app(self, request: web.Request) -> web.StreamResponse:
+        """POST /apps/{name}/invoke; a client that hangs up cancels the app driver (`disconnect.py`)."""
+        async with cancel_on_disconnect(request):
+            return await self._invoke_app(request)
+
+    async def _invoke_app(self, request: web.Request) -> web.StreamResponse:
         """POST /apps/{name}/invoke: run the app's serve on the request JSON.
 
         The whole invocation (the app driver, its graphs and, when it streams, the whole stream)
