@@ -283,6 +283,8 @@ class RelayedStream:
             raise StopAsyncIteration
         try:
             message = await self._next_message()
+            if message.end:
+                self._inbox.settled = True  # the relay is over: nothing to cancel
             if message.error is not None:
                 raise self._failure(message.error)
             if message.end:
@@ -327,8 +329,6 @@ class RelayedStream:
                 message = StreamMessage.model_validate_json(msg.data)
             except ValidationError as exc:
                 raise self._failure(f"the dispatcher sent a malformed stream message: {exc}") from None
-            if message.end:
-                self._inbox.settled = True  # the relay is over: nothing to cancel
             if message.seq >= self._next_seq:
                 early[message.seq] = message
         self._next_seq += 1

@@ -409,6 +409,11 @@ class Gateway:
         return web.json_response(await self.sessions.close(request.match_info["id"]))
 
     async def invoke_session(self, request: web.Request) -> web.StreamResponse:
+        """POST /sessions/{id}/invoke; a client that hangs up cancels the graph (`disconnect.py`)."""
+        async with cancel_on_disconnect(request):
+            return await self._invoke_session(request)
+
+    async def _invoke_session(self, request: web.Request) -> web.StreamResponse:
         """POST /sessions/{id}/invoke {"invocations": [...]}: execute a recorded graph.
 
         Replies `{"outputs": [...]}`; when the last output streams, replies NDJSON: that object
@@ -449,4 +454,6 @@ class Gateway:
             await stream.send({"end": True})
         except Exception as exc:
             await stream.fail({"error": to_http_error(exc).body()})
+        finally:
+            await last.aclose()  # a stream not read to its end is cancelled in the dispatcher
         return await stream.close()
