@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import types
-from typing import Any
+from typing import Any, cast
 
 import nats
 import pytest
@@ -24,6 +24,7 @@ from cornserve.bus.control import (
     InvokeCancel,
     InvokeRequest,
 )
+from cornserve.dispatcher.cancel import CancelBoard
 from cornserve.gateway.dispatch_client import DispatcherClient
 from cornserve.task import TaskInvocation, use_graph_runner
 
@@ -151,3 +152,22 @@ async def test_a_cancel_that_overtakes_its_graph_stops_it(
 
 
 pytestmark = pytest.mark.timeout(300)
+
+
+async def test_a_graph_set_up_after_its_cancel_arrived_is_cancelled_at_once() -> None:
+    """The cancel came while the replica was still setting the graph up (between its checks)."""
+    board = CancelBoard(cast(Any, None))  # no subscription needed: the board's book-keeping alone
+    cancel_id = "set-up-race-0001"
+    assert board.cancel(InvokeCancel(cancel_id=cancel_id, reason="gone")) == 0  # nothing runs it yet
+    told: list[str] = []
+    task = asyncio.create_task(asyncio.sleep(60))
+    board.track(cancel_id, task, told.append)
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert told == ["the caller gave up"]
+    other = asyncio.create_task(asyncio.sleep(60))
+    board.track("another-graph-0001", other)
+    assert board.cancel(InvokeCancel(cancel_id="another-graph-0001")) == 1
+    with pytest.raises(asyncio.CancelledError):
+        await other
+    assert board.cancelled == 1

@@ -71,6 +71,11 @@ class CancelBoard:
         """Make `task` cancellable under `cancel_id` until it finishes (no id: not cancellable)."""
         if cancel_id is None:
             return
+        if self.was_cancelled(cancel_id):  # the cancel came while the graph was being set up
+            if on_cancel is not None:
+                on_cancel("the caller gave up")
+            task.cancel("cancelled by the caller")
+            return
         tasks = self._running.setdefault(cancel_id, {})
         tasks[task] = on_cancel
 

@@ -209,6 +209,13 @@ class DispatcherService:
         await keepalive.start()  # the acknowledgement: the caller now knows which replica runs it
         handler = asyncio.create_task(self._serve(msg, req, keepalive), name=f"graph-{req.request_id}")
         self._track(self._handlers, handler)
+
+        def stop_keepalive_if_cancelled(task: asyncio.Task[None]) -> None:
+            if task.cancelled():  # perhaps before it ran (then `_serve` never released its keepalive)
+                keepalive.cancel()
+                self._keepalives.discard(keepalive)
+
+        handler.add_done_callback(stop_keepalive_if_cancelled)
         if self._cancels is not None:
             self._cancels.track(req.cancel_id, handler)
 
