@@ -234,3 +234,32 @@ async def test_task_library_sync_skips_unreadable_records_and_failing_libraries(
         assert any("'kv-late'" in w.getMessage() for w in skip_warnings(caplog))
     finally:
         await sync.stop()
+
+
+async def test_a_listing_is_complete_while_other_keys_are_written(bucket: KeyValue) -> None:
+    # The listing reads the stream's subject index, not a watcher whose "initial values done" marker
+    # can come early: every key stored before the listing is in it, even with writes going on.
+    stored = [f"app-{i}" for i in range(200)]
+    await asyncio.gather(*(kv_put(bucket, name, app(name)) for name in stored))
+
+    async def writer() -> None:
+        for i in range(200):
+            await kv_put(bucket, f"late-{i}", app(f"late-{i}"))
+
+    writing = asyncio.create_task(writer())
+    try:
+        for _ in range(5):
+            listing = await kv_listing(bucket, AppRecord)
+            assert set(stored) <= {r.name for r in listing.records}
+    finally:
+        await writing
+
+
+async def test_deleted_and_purged_keys_are_not_listed(bucket: KeyValue) -> None:
+    for name in ("kept", "deleted", "purged"):
+        await kv_put(bucket, name, app(name))
+    await bucket.delete(kv_key("deleted"))
+    await bucket.purge(kv_key("purged"))
+    assert [r.name for r in await kv_all(bucket, AppRecord)] == ["kept"]
+    await bucket.delete(kv_key("kept"))
+    assert await kv_all(bucket, AppRecord) == []

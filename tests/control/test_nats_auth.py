@@ -9,6 +9,7 @@ the permission it checks is missing, not merely when the connection is broken.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import stat
@@ -26,6 +27,7 @@ from tests.support.waiting import wait_for
 
 from cornserve.bus.control import KV_APPS, KV_DEPLOYMENTS, KV_TASKLIBS, tm_subject
 from cornserve.bus.kv import open_bucket
+from cornserve.bus.rm_client import ResourceManagerClient
 from cornserve.cli.launcher import LocalCluster
 from cornserve.cli.natsauth import (
     ADMIN,
@@ -220,6 +222,24 @@ async def test_nobody_reads_another_roles_inbox(connect: ConnectAs) -> None:
     # ... and the dispatcher's refused subscriptions saw none of it.
     await dispatcher.flush()
     assert received == []
+
+
+def test_a_reply_may_come_as_late_as_the_longest_deadline(
+    auth_nats: tuple[NatsServerProcess, NatsAuth],
+) -> None:
+    # nats-server's default allow_responses window is 2 minutes: a deploy that took longer was
+    # answered into a permissions violation, and the gateway waited out its 15-minute deadline.
+    _, auth = auth_nats
+    users = json.loads(auth.server_config.read_text())["authorization"]["users"]
+    fields = {f.name: f.default for f in dataclasses.fields(ResourceManagerClient)}
+    longest = float(fields["deploy_timeout_s"]) + float(fields["margin_s"])  # type: ignore[arg-type]
+    for user in users:
+        if user["user"] == ADMIN:
+            continue
+        window = user["permissions"]["allow_responses"]
+        assert window["max"] == 1, user["user"]
+        value, unit = window["expires"][:-1], window["expires"][-1]
+        assert float(value) * {"s": 1, "m": 60, "h": 3600}[unit] > longest, (user["user"], window)
 
 
 async def test_the_local_cluster_runs_with_auth(cluster: LocalCluster) -> None:

@@ -25,9 +25,9 @@ from cornserve.runtime.nats import NatsAuthError, connect_nats
 EXIT_DEADLINE_S = 5.0
 """The issue's "within a few seconds" (a stop's NATS work is bounded by 2 s)."""
 RM_EXIT_DEADLINE_S = 10.0
-"""The resource manager's stop includes its task managers', which include their executors': three
-process exits one after another, each with the teardown of a process that imported torch (about 2 s
-on a loaded test machine)."""
+"""The resource manager's stop no longer includes its task managers' (`up` stops those afterwards,
+from their process records), but it still cancels a reconciliation pass and closes its task-library
+watcher; kept at the bound it had when it also stopped its task managers."""
 RECOVERY_DEADLINE_S = 120.0
 
 

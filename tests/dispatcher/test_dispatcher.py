@@ -451,3 +451,41 @@ async def test_sigterm_drains_then_fails_what_is_left(lib: types.ModuleType, tmp
             await nc.close()
             if proc.proc.poll() is None:
                 proc.kill()
+
+
+async def test_graphs_beyond_max_graphs_are_refused_with_429(lib: types.ModuleType, tmp_path: Path) -> None:
+    """A replica running `--max-graphs` graphs refuses the next at once (429 `overloaded`), then serves again."""
+    with NatsServerProcess() as server:
+        await upload_library(server.url, LIBRARY)
+        proc = DispatcherReplica(server.url, "bounded", tmp_path, "--max-graphs", "1")
+        await asyncio.to_thread(proc.wait_ready)
+        nc = await nats.connect(server.url)
+        control_plane = StandInControlPlane(nc)
+        try:
+            await control_plane.start_rm()
+            echo = lib.Echo(label="bounded")
+            executor, _ = await control_plane.deploy(echo, ranks=[1])
+            held = wire(echo.trace(lib.EchoIn(text="held", hold=True)).invocations)
+            call = asyncio.create_task(
+                request(nc, DISPATCH_INVOKE, InvokeRequest(invocations=held, timeout_s=60), InvokeReply, 60)
+            )
+            async with asyncio.timeout(DEADLINE):
+                while executor.held < 1:
+                    await asyncio.sleep(0.02)
+            client = DispatcherClient(nc, timeout_s=30)
+            with use_graph_runner(client), pytest.raises(DispatchError) as refused:
+                async with asyncio.timeout(DEADLINE):
+                    await echo(lib.EchoIn(text="second"))
+            err = refused.value
+            assert (err.code, err.error, err.retry_after_s) == (429, "overloaded", 1.0)
+            assert "--max-graphs 1" in str(err)
+            assert "refused 1 graph(s) with 429 overloaded" in proc.log()
+            executor.gate.set()
+            async with asyncio.timeout(DEADLINE):
+                assert (await call).outputs[0] == {"text": "HELD", "executor": executor.executor_id}
+                with use_graph_runner(client):
+                    assert (await echo(lib.EchoIn(text="third"))).text == "THIRD"
+        finally:
+            await control_plane.close()
+            await nc.close()
+            await asyncio.to_thread(stop_dispatchers, [proc])

@@ -1,4 +1,5 @@
-"""DynamicBatcher: requests that arrive while a batch runs are encoded together in the next batch."""
+"""DynamicBatcher: requests that arrive while a batch runs are encoded together in the next batch;
+the items pending at once are bounded (a full batcher refuses with 429)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import threading
 
 import pytest
 import torch
+from aiohttp import web
 
-from cornserve.eric.batcher import DynamicBatcher
+from cornserve.eric.batcher import DynamicBatcher, QueueFull
+from cornserve.eric.server import RequestFailed
 from cornserve.models.encoders import EncodedItem, Preprocessed
 
 
@@ -95,3 +98,26 @@ async def test_items_of_a_cancelled_request_are_dropped_before_encoding() -> Non
         await batcher.stop()
     assert batches == [[1.0], [4.0]]
     assert batcher.stats.dropped == 2 and batcher.stats.items == 2
+
+
+def test_pending_items_are_bounded_and_a_full_batcher_refuses_with_429() -> None:
+    batcher = DynamicBatcher(lambda items: [], max_batch_size=2, max_pending=3)
+    batcher.reserve(2)
+    batcher.reserve(1)
+    with pytest.raises(QueueFull, match=r"3 media item\(s\) are pending, the limit is 3"):
+        batcher.reserve(1)
+    batcher.release(2)
+    with pytest.raises(QueueFull):
+        batcher.reserve(3)  # 1 + 3 > 3
+    batcher.reserve(2)
+    batcher.release(2)
+    batcher.release(1)
+    assert batcher.pending == 0
+    batcher.reserve(5)  # more than the limit, but nothing else pending: admitted, never refused forever
+    assert batcher.pending == 5
+    batcher.release(5)
+
+    # What Eric's /embeddings answers for a QueueFull.
+    response = RequestFailed(429, "overloaded", "full", {"Retry-After": "1"}).response()
+    assert isinstance(response, web.Response)
+    assert (response.status, response.headers["Retry-After"]) == (429, "1")

@@ -71,9 +71,14 @@ class LaunchedExecutor:
 
 
 def launch_executor(
-    task: UnitTask[Any, Any], executor_id: str, ranks: list[int], nats_url: str, log_dir: Path
+    task: UnitTask[Any, Any],
+    executor_id: str,
+    ranks: list[int],
+    nats_url: str,
+    log_dir: Path,
+    env: dict[str, str] | None = None,
 ) -> LaunchedExecutor:
-    """Spawn an executor from `task.descriptor.launch_spec(...)`, as the task manager does."""
+    """Spawn an executor from `task.descriptor.launch_spec(...)`, as the task manager does (plus `env`)."""
     port = free_port()
     placement = ExecutorPlacement(
         executor_id=executor_id,
@@ -83,7 +88,9 @@ def launch_executor(
         nats_url=nats_url,
     )
     spec = task.descriptor.launch_spec(task, placement)
-    service = ServiceProcess.start(f"executor-{executor_id}", spec.command, log_dir, spec.env)
+    service = ServiceProcess.start(
+        f"executor-{executor_id}", spec.command, log_dir, {**spec.env, **(env or {})}
+    )
     return LaunchedExecutor(
         task, executor_id, ranks, spec.port, service, spec.health_path, spec.ready_timeout_s
     )

@@ -255,6 +255,48 @@ async def test_bad_requests(cluster: ExecutorSetup, session: aiohttp.ClientSessi
         assert resp.status == 200
 
 
+async def test_invocations_beyond_max_in_flight_are_refused_with_429(
+    cluster: ExecutorSetup, session: aiohttp.ClientSession
+) -> None:
+    """`--max-in-flight 1`: while one invocation runs, the next is 429 with Retry-After at once."""
+    lib = cluster.lib
+    ranks = cluster.executors["Reduce"].ranks
+    bounded = launch_executor(
+        lib.Reduce(),
+        "reduce-bounded",
+        ranks,
+        cluster.nats_url,
+        cluster.log_dir,
+        {"CORNSERVE_MAX_IN_FLIGHT": "1"},
+    )
+    try:
+        await asyncio.to_thread(bounded.wait_ready)
+        graph = composites(lib)[0]().trace(PipelineInput(seed_a=3, seed_b=4))
+        # Reduce's input is MatMul's forward, which never comes: the handler waits on its sidecar.
+        waiting_body = json.dumps(graph.invocations[3].model_dump(mode="json")).encode()
+        waiting = asyncio.create_task(session.post(bounded.url + "/invoke", data=waiting_body))
+
+        async def one_in_flight() -> bool:
+            async with session.get(bounded.url + "/health") as resp:
+                return bool((await resp.json())["in_flight"] == 1)
+
+        await wait_until(one_in_flight, "the first invocation to be running")
+        async with session.post(bounded.url + "/invoke", data=waiting_body) as resp:
+            assert resp.status == 429, await resp.text()
+            assert resp.headers["Retry-After"] == "1"
+            assert "--max-in-flight" in (await resp.json())["error"]
+        waiting.cancel()  # the client goes away: the handler is cancelled and its slot freed
+
+        async def idle() -> bool:
+            async with session.get(bounded.url + "/health") as resp:
+                return bool((await resp.json())["in_flight"] == 0)
+
+        await wait_until(idle, "the cancelled invocation to leave")
+    finally:
+        code = bounded.stop()
+    assert code == 0, bounded.log()
+
+
 async def test_sigterm_stops_cleanly(cluster: ExecutorSetup, session: aiohttp.ClientSession) -> None:
     lib = cluster.lib
     rank = cluster.executors["Reduce"].ranks

@@ -1,5 +1,6 @@
 """An executor for the payload-limit and deadline tests: POST /big answers `size` bytes of text.
 
+With `busy` it answers `429` with `Retry-After: 7`, as an executor whose bounded queue is full.
 Every request it receives is appended to the file in $BIG_COUNT_FILE (one line per request), so a
 test can tell whether (and how often) a graph reached an executor.
 """
@@ -29,6 +30,8 @@ def main() -> None:
         body = await request.json()
         with open(count_file, "a") as f:
             f.write(f"{len(body['text'])}\n")
+        if body.get("busy"):  # stands for an executor whose bounded queue is full
+            return web.json_response({"error": "queue full"}, status=429, headers={"Retry-After": "7"})
         await asyncio.sleep(float(body["hold_s"]))
         return web.json_response({"text": "x" * int(body["size"])})
 

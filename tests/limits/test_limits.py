@@ -28,6 +28,8 @@ from tests.support.cluster import gateway_session, running_local_cluster
 from cornserve.cli.launcher import LocalCluster
 
 REQUEST_TIMEOUT_S = 4.0
+APP_MAX_CONCURRENCY = 2
+APP_MAX_QUEUE = 2
 APP_LOAD_TIMEOUT_S = 3.0
 MiB = 1024 * 1024
 EXECUTOR = Path(__file__).parent / "big_executor.py"
@@ -42,6 +44,7 @@ class BigInput(TaskInput):
     text: str
     size: int
     hold_s: float = 0.0
+    busy: bool = False
 
 
 class BigOutput(TaskOutput):
@@ -69,7 +72,9 @@ class BigDescriptor(TaskExecutionDescriptor[BigTask]):
 
     def to_request(self, task, invocation):
         i = invocation.task_input
-        return ExecutorRequest(path="/big", body={"text": i.text, "size": i.size, "hold_s": i.hold_s})
+        return ExecutorRequest(
+            path="/big", body={"text": i.text, "size": i.size, "hold_s": i.hold_s, "busy": i.busy}
+        )
 """.replace("@SCRIPT@", repr(str(EXECUTOR)))
 
 APP = """
@@ -124,6 +129,36 @@ async def serve(request: Request) -> AsyncIterator[Response]:
 
 LOOPING_APP = "while True:\n    pass\n"
 
+# Streams `items` lines, `gap_s` apart, after one task call (which the executor refuses with 429 when `busy`).
+OVERLOAD_APP = """
+import asyncio
+from collections.abc import AsyncIterator
+from pydantic import BaseModel
+from cornserve.app import AppConfig
+from cornserve_tasklibs.cs_test_big import BigInput, BigTask
+
+big = BigTask(count_file=@COUNT@)
+
+class Config(AppConfig):
+    tasks = {"big": big}
+    @LIMIT@
+
+class Request(BaseModel):
+    items: int = 4
+    gap_s: float = 0.2
+    busy: bool = False
+
+class Response(BaseModel):
+    index: int
+    text: str
+
+async def serve(request: Request) -> AsyncIterator[Response]:
+    out = await big(BigInput(text="o", size=64, busy=request.busy))
+    for index in range(request.items):
+        yield Response(index=index, text=out.text)
+        await asyncio.sleep(request.gap_s)
+"""
+
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
@@ -132,6 +167,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
         mp.setenv("CORNSERVE_REQUEST_TIMEOUT", str(REQUEST_TIMEOUT_S))
         mp.setenv("CORNSERVE_APP_LOAD_TIMEOUT", str(APP_LOAD_TIMEOUT_S))
         mp.setenv("CORNSERVE_APP_LOAD_MAX_RUNNING", "1")
+        mp.setenv("CORNSERVE_APP_MAX_CONCURRENCY", str(APP_MAX_CONCURRENCY))
+        mp.setenv("CORNSERVE_APP_MAX_QUEUE", str(APP_MAX_QUEUE))
         with running_local_cluster(tmp_path_factory.mktemp("cluster"), cpu_slots=2) as cluster:
             yield cluster
 
@@ -227,6 +264,144 @@ async def test_request_timeout_bounds_the_whole_stream(
     finally:
         async with http.delete("/apps/limits-stall") as resp:
             assert resp.status == 200, await resp.text()
+
+
+OVERLOAD_FACTOR = 10
+"""Concurrent streams sent at once, in multiples of the app's capacity (running + queued slots)."""
+REFUSAL_DEADLINE_S = 0.1
+"""The issue's bound on a 429: from sending the request to receiving its status."""
+RSS_GROWTH_LIMIT = 32 * MiB
+"""What the overload may add to the gateway's resident memory (see the test's docstring)."""
+
+
+def gateway_rss(cluster: LocalCluster) -> int:
+    """The gateway process's resident memory in bytes (VmRSS)."""
+    child = next(c for c in cluster.children if c.name == "gateway")
+    assert child.proc is not None
+    for line in Path(f"/proc/{child.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in the gateway's /proc status")
+
+
+async def _headers_sent(_: aiohttp.ClientSession, ctx: Any, __: Any) -> None:
+    ctx.trace_request_ctx["sent"] = time.monotonic()
+
+
+def timed_session(cluster: LocalCluster) -> aiohttp.ClientSession:
+    """A session on the gateway (admin token) that notes when each request's headers went out."""
+    trace = aiohttp.TraceConfig()
+    trace.on_request_headers_sent.append(_headers_sent)
+    return aiohttp.ClientSession(
+        base_url=cluster.url,
+        headers={"Authorization": f"Bearer {cluster.admin_token}"},
+        timeout=aiohttp.ClientTimeout(total=60),
+        trace_configs=[trace],
+    )
+
+
+async def slow_stream(http: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> dict[str, Any]:
+    """One invoke read by a slow client: its status, headers and lines (read slowly), and timings.
+
+    `status_after` runs from the moment the request's headers were sent (a `timed_session`) to the
+    moment its status arrived; `called_after` from the call, so it also counts this client's own
+    connection set-up and event-loop queueing among many concurrent requests.
+    """
+    marks: dict[str, float] = {}
+    called = time.monotonic()
+    async with http.post(url, json=body, trace_request_ctx=marks) as resp:
+        arrived = time.monotonic()
+        lines: list[Any] = []
+        if resp.status == 200:
+            async for raw in resp.content:
+                if raw.strip():
+                    lines.append(json.loads(raw))
+                await asyncio.sleep(0.05)  # a slow reader
+        else:
+            lines.append(await resp.json())
+        return {
+            "status": resp.status,
+            "status_after": arrived - marks.get("sent", called),
+            "called_after": arrived - called,
+            "retry_after": resp.headers.get("Retry-After"),
+            "lines": lines,
+        }
+
+
+async def test_overload_refuses_the_excess_fast(
+    http: aiohttp.ClientSession, big_app: str, cluster: LocalCluster, count_file: Path
+) -> None:
+    """Admission control (issue 11): 10x the app's capacity of concurrent slow-read streams.
+
+    The gateway runs at most APP_MAX_CONCURRENCY invocations of an app and queues APP_MAX_QUEUE;
+    every further request must get `429 overloaded` with Retry-After within 100 ms of being sent
+    (measured per request, send to status, on a loaded 2-core machine: refusing takes a dict
+    lookup and a counter check, so the margin is the event loops'), every admitted stream must
+    finish whole, and nothing may be a 5xx. The gateway's resident memory may not grow by more
+    than RSS_GROWTH_LIMIT: the excess requests' bodies are never read and no app code runs for
+    them, so what the overload costs is a few connections' buffers, far below the limit; a gateway
+    that ran every request at once (no admission) holds 40 drivers, graphs and streams instead.
+    """
+    source = OVERLOAD_APP.replace("@COUNT@", repr(str(count_file)))
+    async with http.post(
+        "/apps", json={"name": "limits-overload", "source": source.replace("@LIMIT@", "")}
+    ) as resp:
+        assert resp.status == 201, await resp.text()
+    off = source.replace("@LIMIT@", "max_concurrency = 0")
+    async with http.post("/apps", json={"name": "limits-off", "source": off}) as resp:
+        assert resp.status == 201, await resp.text()
+    url = "/apps/limits-overload/invoke"
+    timed = timed_session(cluster)
+    try:
+        warm = await slow_stream(http, url, {"items": 2, "gap_s": 0})
+        assert warm["status"] == 200, warm
+        rss_before = gateway_rss(cluster)
+
+        capacity = APP_MAX_CONCURRENCY + APP_MAX_QUEUE
+        results = await asyncio.gather(
+            *(slow_stream(timed, url, {"items": 4, "gap_s": 0.2}) for _ in range(OVERLOAD_FACTOR * capacity))
+        )
+        rss_after = gateway_rss(cluster)
+        statuses = sorted({r["status"] for r in results})
+        admitted = [r for r in results if r["status"] == 200]
+        refused = [r for r in results if r["status"] == 429]
+        slowest = max((r["status_after"] for r in refused), default=0.0)
+        slowest_call = max((r["called_after"] for r in refused), default=0.0)
+        median = sorted(r["status_after"] for r in refused)[len(refused) // 2] if refused else 0.0
+        print(
+            f"overload: {len(results)} streams, {len(admitted)} admitted, {len(refused)} refused with 429 "
+            f"(429 after sending: median {median * 1000:.1f} ms, slowest {slowest * 1000:.1f} ms; slowest after the call {slowest_call * 1000:.1f} ms), gateway RSS "
+            f"{rss_before / MiB:.1f} -> {rss_after / MiB:.1f} MiB"
+        )
+        assert set(statuses) <= {200, 429}, statuses  # no 5xx, nothing else
+        assert len(admitted) >= capacity  # the first `capacity` arrivals always get a slot
+        assert len(refused) >= len(results) - 2 * capacity, f"{len(admitted)} admitted"
+        for r in admitted:
+            assert [line["index"] for line in r["lines"]] == [0, 1, 2, 3], r  # finished whole, no error line
+        for r in refused:
+            assert r["lines"][0]["error"] == "overloaded", r
+            assert r["retry_after"] == "1", r
+            assert r["status_after"] < REFUSAL_DEADLINE_S, r
+        assert rss_after - rss_before < RSS_GROWTH_LIMIT
+
+        # Every slot was given back: the app serves again at once.
+        again = await slow_stream(http, url, {"items": 1, "gap_s": 0})
+        assert again["status"] == 200, again
+
+        # An executor whose bounded queue is full answers 429: the client gets 429 with its Retry-After.
+        busy = await slow_stream(http, url, {"items": 1, "busy": True})
+        assert (busy["status"], busy["lines"][0]["error"], busy["retry_after"]) == (429, "overloaded", "7"), (
+            busy
+        )
+
+        # An app declaring no capacity at all: 503.
+        off_result = await slow_stream(http, "/apps/limits-off/invoke", {"items": 1})
+        assert (off_result["status"], off_result["lines"][0]["error"]) == (503, "no_capacity"), off_result
+    finally:
+        await timed.close()
+        for name in ("limits-overload", "limits-off"):
+            async with http.delete(f"/apps/{name}") as resp:
+                assert resp.status == 200, await resp.text()
 
 
 async def test_looping_app_source(http: aiohttp.ClientSession, cluster: LocalCluster) -> None:

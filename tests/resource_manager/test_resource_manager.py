@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import nats
 import pytest
 from nats.aio.client import Client
-from nats.aio.msg import Msg
 from nats.micro.request import ERROR_CODE_HEADER
-from tests.support.processes import ServiceProcess, pids_matching, python_module
-from tests.support.tasklibs import ECHO, echo_task, upload_library
-from tests.support.waiting import wait_answering, wait_for, wait_gone
+from tests.resource_manager.support import CPU_SLOTS, StartRM, collect, executor_pids, outcome, tm_pids
+from tests.support.tasklibs import ECHO, echo_task
+from tests.support.waiting import wait_for, wait_gone
 
 from cornserve.bus.control import (
     KV_DEPLOYMENTS,
@@ -27,124 +22,19 @@ from cornserve.bus.control import (
     RM_RELEASE,
     RM_SCALE,
     RM_STATE,
-    ClusterState,
     DeploymentEvent,
     DeploymentInfo,
     DeploymentRecord,
-    DeploymentReleaseReply,
     DeployReply,
     DeployRequest,
     ProgressEvent,
 )
-from cornserve.bus.kv import kv_all, kv_get, open_bucket
+from cornserve.bus.kv import kv_get, open_bucket
 from cornserve.bus.micro import ServiceErrorReply, request
-from cornserve.bus.rm_client import ResourceManagerClient
 from cornserve.bus.schemas import ErrorReply
 from cornserve.bus.tm_client import TaskManagerClient
+from cornserve.runtime.detached import DetachedGroups
 from cornserve.runtime.process import pid_alive
-from cornserve.task import serialize_task
-
-CPU_SLOTS = 3
-
-
-class RM:
-    """One resource-manager process, driven through the bus's typed client."""
-
-    def __init__(self, nc: Client, service: ServiceProcess) -> None:
-        self.nc, self.service = nc, service
-        self.client = ResourceManagerClient(nc, deploy_timeout_s=90, margin_s=30, release_timeout_s=60)
-
-    @property
-    def proc(self) -> subprocess.Popen[bytes]:
-        return self.service.proc
-
-    async def deploy(
-        self, owner: str, *tasks: Any, on_progress: Callable[[ProgressEvent], None] | None = None
-    ) -> DeployReply:
-        return await self.client.deploy(owner, [serialize_task(t) for t in tasks], on_progress)
-
-    async def release(self, owner: str) -> DeploymentReleaseReply:
-        return await self.client.release(owner)
-
-    async def state(self) -> ClusterState:
-        return await self.client.state(20)
-
-    async def scale(self, key: str, n: int) -> DeploymentInfo:
-        return await self.client.scale(key, n)
-
-    def log_text(self) -> str:
-        return self.service.log()
-
-
-StartRM = Callable[[], Awaitable[RM]]
-
-
-async def clear_deployments(nc: Client) -> None:
-    kv = await open_bucket(nc, KV_DEPLOYMENTS)
-    for rec in await kv_all(kv, DeploymentRecord):
-        await kv.purge(rec.task_key)
-
-
-@pytest.fixture
-async def nc(nats_url: str) -> AsyncIterator[Client]:
-    client = await nats.connect(nats_url)
-    await upload_library(nats_url, ECHO)
-    await clear_deployments(client)
-    yield client
-    await clear_deployments(client)
-    await client.close()
-
-
-@pytest.fixture
-async def start_rm(nats_url: str, nc: Client, tmp_path: Path) -> AsyncIterator[StartRM]:
-    started: list[RM] = []
-
-    async def start() -> RM:
-        service = ServiceProcess.start(
-            f"rm-{len(started)}",
-            python_module(
-                "cornserve.resource_manager.main",
-                "--nats-url", nats_url,
-                "--cpu-slots", str(CPU_SLOTS),
-                "--device-kind", "cpu",
-                "--log-dir", str(tmp_path / "logs"),
-            ),
-            tmp_path,
-        )  # fmt: skip
-        rm = RM(nc, service)
-        started.append(rm)
-
-        await wait_answering(
-            lambda: rm.client.state(2), 60, "the resource manager to answer", process=service
-        )
-        return rm
-
-    yield start
-    for rm in started:
-        if rm.proc.poll() is None:
-            assert rm.service.stop(timeout=60) == 0, rm.log_text()
-        assert "Traceback" not in rm.log_text(), rm.log_text()
-    # A clean shutdown leaves no task manager behind.
-    await wait_gone(pids_matching("cornserve.task_manager.main", str(tmp_path / "logs")))
-
-
-def tm_pids(key: str) -> list[int]:
-    return pids_matching("cornserve.task_manager.main", "--task-key", key)
-
-
-async def collect(nc: Client, subject: str) -> tuple[list[Msg], Any]:
-    got: list[Msg] = []
-
-    async def cb(msg: Msg) -> None:
-        got.append(msg)
-
-    sub = await nc.subscribe(subject, cb=cb)
-    await nc.flush()
-    return got, sub
-
-
-def executor_pids(info: DeploymentInfo) -> list[int]:
-    return [e.pid for e in info.executors if e.pid is not None]
 
 
 async def test_shared_task_deploys_once_and_is_torn_down_with_its_last_user(
@@ -203,10 +93,6 @@ async def test_shared_task_deploys_once_and_is_torn_down_with_its_last_user(
         "the removed event",
     )
     await events_sub.unsubscribe()
-
-
-def outcome(reply: DeploymentReleaseReply) -> tuple[list[str], list[str]]:
-    return reply.released, reply.torn_down
 
 
 async def test_deploy_errors_free_everything(start_rm: StartRM) -> None:
@@ -282,7 +168,7 @@ async def test_malformed_requests_get_error_replies(start_rm: StartRM, nc: Clien
 
 
 async def test_restart_adopts_running_task_managers_and_respawns_stopped_ones(
-    start_rm: StartRM, nc: Client
+    start_rm: StartRM, nc: Client, tmp_path: Path
 ) -> None:
     rm = await start_rm()
     task = echo_task("adopt")
@@ -307,8 +193,17 @@ async def test_restart_adopts_running_task_managers_and_respawns_stopped_ones(
     assert sorted(e.executor_id for e in up.executors) == ["e0", "e1"]
     await rm.scale(key, 1)
 
-    # Clean shutdown stops every task manager (adopted ones too); the record stays for a re-spawn.
+    # A graceful stop (SIGTERM) leaves the data plane running too: the next RM adopts it unchanged.
     assert rm.service.stop(timeout=60) == 0
+    assert tm_pids(key) == [tm_pid] and all(pid_alive(p) for p in executor_pids(dep))
+    rm = await start_rm()
+    (adopted,) = (await rm.state()).deployments
+    assert adopted.state == "ready" and [e.pid for e in adopted.executors] == executor_pids(dep)
+    assert "adopted running task manager of" in rm.log_text()
+
+    # The data plane stopped while no RM runs (records stay): the next start re-spawns it.
+    assert rm.service.stop(timeout=60) == 0
+    DetachedGroups(tmp_path / "logs" / "task-managers").stop_all(grace_s=20)
     await wait_gone([tm_pid, *executor_pids(dep)])
     rm = await start_rm()
 
@@ -325,27 +220,3 @@ async def test_restart_adopts_running_task_managers_and_respawns_stopped_ones(
     released = await rm.release("app2")
     assert released.torn_down == [key]
     await wait_gone([new_tm, *executor_pids(again)])
-
-
-@pytest.fixture(autouse=True)
-def _no_stray_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("CORNSERVE_NATS_URL", raising=False)
-
-
-async def test_dead_task_manager_is_reported_and_redeployed(start_rm: StartRM) -> None:
-    rm = await start_rm()
-    task = echo_task("dies")
-    key = task.deployment_key
-    (dep,) = (await rm.deploy("app", task)).deployments
-    (tm_pid,) = tm_pids(key)
-    os.killpg(tm_pid, signal.SIGKILL)  # the task manager and its executors
-    await wait_gone([tm_pid, *executor_pids(dep)])
-    state = await rm.state()
-    (failed,) = state.deployments
-    assert failed.state == "failed" and "task manager not answering" in failed.message
-    # The next deploy of the key starts it over, keeping its users.
-    (again,) = (await rm.deploy("app2", task)).deployments
-    assert again.state == "ready" and sorted(again.users) == ["app", "app2"]
-    assert len(tm_pids(key)) == 1 and tm_pids(key) != [tm_pid]
-    assert outcome(await rm.release("app")) == ([key], [])
-    assert outcome(await rm.release("app2")) == ([key], [key])

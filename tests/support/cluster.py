@@ -30,8 +30,9 @@ import aiohttp
 from tests.support.processes import ServiceProcess
 from tests.support.sidecars import MiB, RankRange, SidecarProcess, start_sidecars
 
-from cornserve.cli.launcher import LocalCluster
-from cornserve.runtime.process import free_port, pid_alive
+from cornserve.cli.launcher import TASK_MANAGER_DIR, LocalCluster
+from cornserve.runtime.detached import DetachedGroups
+from cornserve.runtime.process import free_port, pid_alive, wait_for
 
 LOCAL_READY_DEADLINE_S = 180.0
 
@@ -123,18 +124,23 @@ class ProcessCluster:
             except AssertionError as exc:  # killed past its deadline; stop the rest, then report it
                 failures.append(exc)
         if self.local is not None:
+            data_plane = data_plane_pids(self.local)  # task managers and executors outlive the RM
             self.local.stop()
             if check_leaks:
-                self._assert_local_gone(self.local)
+                self._assert_local_gone(self.local, data_plane)
         if failures:
             raise failures[0]
 
     @staticmethod
-    def _assert_local_gone(local: LocalCluster) -> None:
+    def _assert_local_gone(local: LocalCluster, data_plane: list[int]) -> None:
         for child in local.children:
             assert child.proc is not None and not pid_alive(child.proc.pid), (
                 f"{child.name} outlived the cluster"
             )
+        # Executors get SIGTERM when their task manager dies: give them the moments their exit takes.
+        assert wait_for(lambda: not any(pid_alive(p) for p in data_plane), 30), (
+            f"task managers or executors outlived the cluster: {[p for p in data_plane if pid_alive(p)]}"
+        )
         assert not list(Path("/dev/shm").glob(f"cornserve-sidecar-{local.node}-*"))
 
     def __enter__(self) -> ProcessCluster:
@@ -144,6 +150,27 @@ class ProcessCluster:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close(check_leaks=exc is None)
+
+
+def data_plane_pids(local: LocalCluster) -> list[int]:
+    """The running task managers of a local cluster (from the resource manager's records) and their children."""
+    managers = [r.pid for r in DetachedGroups(local.state_dir / TASK_MANAGER_DIR).records() if r.alive()]
+    return [*managers, *children_of(managers)]
+
+
+def children_of(parents: list[int]) -> list[int]:
+    """Live processes whose parent is one of `parents` (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[-1].split()[1]) in parents and pid_alive(int(entry.name)):
+            found.append(int(entry.name))
+    return found
 
 
 @contextmanager

@@ -112,6 +112,20 @@ def test_non_streaming_and_async_generator_apps() -> None:
             ),
             r"Config.tasks\['x'\] must be a Task instance, got int",
         ),
+        (
+            app(
+                "async def serve(request: Req) -> Resp:\n    ...\n",
+                config="\nclass Config(AppConfig):\n    tasks = {'llm': LLMTask(model_id='m')}\n    max_queue = -1\n",
+            ),
+            r"Config.max_queue must be None or an integer >= 0, got -1",
+        ),
+        (
+            app(
+                "async def serve(request: Req) -> Resp:\n    ...\n",
+                config="\nclass Config(AppConfig):\n    tasks = {'llm': LLMTask(model_id='m')}\n    max_concurrency = '2'\n",
+            ),
+            r"Config.max_concurrency must be None or an integer >= 0, got '2'",
+        ),
         (HEADER + "async def serve(request: Req) -> Resp\n    ...\n", r"line 12: syntax error"),
         (HEADER + "x = 1\nMLLMTask(model_id='')\n", r"line 13: executing the app raised ValidationError"),
         (HEADER + "import no_such_module_here\n", r"line 12: executing the app raised ModuleNotFoundError"),

@@ -18,7 +18,7 @@ from typing import Any, Generic, TypeVar
 
 import nats.errors
 from nats.aio.client import Client
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NoKeysError
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
@@ -198,9 +198,9 @@ async def kv_listing(
     """Every record in a bucket, each decoded on its own, retrying a listing that stalls or fails (bounded).
 
     A value that does not decode is logged (`note_skipped`) and reported in `skipped`, never raised:
-    one bad record must not keep a service from starting. nats-py's key listing waits for an
-    "initial values done" marker without a deadline; on a loaded server that marker can be lost, so
-    each attempt gets its own deadline (and its own watcher).
+    one bad record must not keep a service from starting. Keys come from `kv_keys` (complete, unlike
+    nats-py's watcher-based `keys()`); each attempt gets its own deadline, so a stalled server answer
+    is retried instead of waited on.
     """
     for attempt in range(1, attempts + 1):
         try:
@@ -220,13 +220,35 @@ async def kv_listing(
     raise AssertionError("unreachable")
 
 
+MAX_LISTED_KEYS = 100_000
+"""nats-server returns at most this many subjects in one stream-info answer; more is refused, not cut."""
+
+
+async def kv_keys(kv: KeyValue) -> list[str]:
+    """Every key that holds a message in the bucket, read from the stream's own subject index.
+
+    nats-py's `KeyValue.keys()` lists through a watcher that can signal "initial values done" before
+    the replay finished (nats.py issues 842 and 995), returning a partial or empty listing under load:
+    a restarted service would then recover only some of its state. The stream-info answer with a
+    subject filter is one request the server answers from its index, so it is complete. Deleted keys
+    still have a marker message; `kv.get` raises for them and the caller skips them.
+    """
+    status = await kv.status()
+    prefix = f"$KV.{status.bucket}."
+    # The JetStream context is not public on KeyValue; stream_info itself is public API.
+    js = kv._js
+    info = await js.stream_info(f"KV_{status.bucket}", subjects_filter=f"{prefix}>")
+    subjects = info.state.subjects or {}
+    if len(subjects) >= MAX_LISTED_KEYS:
+        raise StoredRecordError(
+            f"bucket {status.bucket!r} holds {MAX_LISTED_KEYS} or more keys; listing it whole is refused"
+        )
+    return sorted(subject.removeprefix(prefix) for subject in subjects)
+
+
 async def _list_records(kv: KeyValue, model: type[M]) -> KvListing[M]:
     listing: KvListing[M] = KvListing()
-    try:
-        keys = await kv.keys()
-    except NoKeysError:
-        return listing
-    for key in keys:
+    for key in await kv_keys(kv):
         try:
             entry = await kv.get(key)
         except KeyNotFoundError:

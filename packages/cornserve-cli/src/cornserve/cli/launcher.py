@@ -3,7 +3,9 @@
 Order of start: NATS (JetStream) → one sidecar per device → resource manager → dispatchers →
 gateway; stop is the reverse. Every child runs in its own process group with its log under
 `<state dir>/logs`, and `<state dir>/cluster.json` records the PIDs so `cornserve down` (or a later
-`up` after a crash) can find them.
+`up` after a crash) can find them. Task managers (and their executors) outlive a restarted resource
+manager on purpose; it records them in `<state dir>/task-managers`, and stopping the cluster stops
+them from there, after the resource manager and before the sidecars and NATS.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from cornserve.cli.natsauth import (
     create_buckets,
 )
 from cornserve.cli.natsserver import NatsServerError, NatsServerProcess
+from cornserve.runtime.detached import DetachedGroups
 from cornserve.runtime.nats import NatsAuthError, NatsConnectTimeout
 from cornserve.runtime.natscreds import NatsCredentialsError
 from cornserve.runtime.process import ProcessGroup, free_port, log_tail, pid_alive, signal_group, wait_for
@@ -49,6 +52,10 @@ __all__ = ["LaunchError", "LocalCluster", "default_state_dir", "read_state", "sh
 STATE_FILE = "cluster.json"
 SIDECAR_SECRET_FILE = "sidecar-secret"
 """The sidecars' peer secret in the state dir (0600, new at every `up`)."""
+TASK_MANAGER_DIR = "task-managers"
+"""The resource manager's process records of its task managers (`--task-manager-dir`)."""
+DATA_PLANE_GRACE_S = 20.0
+"""SIGTERM to SIGKILL of a task manager at shutdown: it stops its executors first (5 s grace each)."""
 SHM_DIR = Path("/dev/shm")
 NATS_SYNC_INTERVAL = "1s"
 """JetStream fsync interval of `up`'s NATS: the KV state (apps, task libraries, deployments) is small
@@ -214,6 +221,7 @@ class LocalCluster:
     def start(self, ready_timeout_s: float = 180.0) -> None:
         """Start everything and wait until the gateway reports healthy."""
         self._refuse_if_running()
+        stop_data_plane(self.state_dir, say=self.say)  # left by an `up` that was killed: unreachable now
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._start_nats()
         assert self.nats_url is not None
@@ -232,6 +240,7 @@ class LocalCluster:
                 role=SIDECAR,
             )
         rm_args = ["--node", self.node, "--log-dir", str(self.state_dir / "logs")]
+        rm_args += ["--task-manager-dir", str(self.state_dir / TASK_MANAGER_DIR)]
         if not gpus:
             rm_args += ["--cpu-slots", str(self.cpu_slots)]
         self._child("resource-manager", "cornserve.resource_manager.main", *rm_args, role=RESOURCE_MANAGER)
@@ -348,7 +357,13 @@ class LocalCluster:
             self.say(f"error: NATS did not come back: {exc}")
 
     def stop(self) -> None:
-        """Stop every process, remove leftover shared memory and the state file."""
+        """Stop every process (the data plane too), remove leftover shared memory and the state file.
+
+        The resource manager stops first (it would re-create task managers stopped under it), then
+        the task managers it recorded (each stops its executors), then the other services and NATS.
+        """
+        stop_children([c for c in self.children if c.name == "resource-manager"], say=self.say)
+        stop_data_plane(self.state_dir, say=self.say)
         stop_children(self.children, say=self.say)
         if self.nats is not None:
             self.say("  stopping NATS")
@@ -358,6 +373,11 @@ class LocalCluster:
             leftover.unlink(missing_ok=True)
         with contextlib.suppress(FileNotFoundError):
             (self.state_dir / STATE_FILE).unlink()
+
+
+def stop_data_plane(state_dir: Path, say: Any = print) -> None:
+    """Stop the task managers recorded in the state dir (and so their executors)."""
+    DetachedGroups(state_dir / TASK_MANAGER_DIR).stop_all(DATA_PLANE_GRACE_S, say=say)
 
 
 def read_state(state_dir: Path) -> dict[str, Any] | None:
@@ -384,6 +404,7 @@ def shut_down(state_dir: Path, timeout_s: float = 60.0, say: Any = print) -> boo
     for child in leftovers:
         say(f"  killing leftover {child['name']} (pid {child['pid']})")
         signal_group(int(child["pid"]), signal.SIGKILL)
+    stop_data_plane(state_dir, say=say)
     for leftover in SHM_DIR.glob(f"cornserve-sidecar-{state.get('node', 'none')}-*"):
         leftover.unlink(missing_ok=True)
     with contextlib.suppress(FileNotFoundError):

@@ -68,6 +68,16 @@ CLIENT_VERBS = (
 """The sidecar endpoints an executor's client library calls (peer verbs are for sidecars only)."""
 
 
+RESPONSE_WINDOW = "24h"
+"""How long after a request its receiver may still reply (`allow_responses`' ``expires``).
+
+The server's default is 2 minutes, and a reply after it is refused as a permissions violation and
+never arrives: a deploy that takes longer (executors loading a model) left the gateway waiting out
+its whole deploy deadline. A reply is allowed once (``max``), and the window only has to exceed
+every deadline a requester waits (the gateway's deploy deadline is 15 minutes by default).
+"""
+
+
 def inbox_prefix(role: str) -> str:
     """Where replies to `role`'s requests arrive; only `role` may subscribe to it."""
     return f"_INBOX_{role}"
@@ -207,7 +217,7 @@ class NatsAuth:
                 user["permissions"] = {
                     "publish": {"allow": perms.publish},
                     "subscribe": {"allow": [*perms.subscribe, f"{creds.inbox_prefix}.>"]},
-                    "allow_responses": True,
+                    "allow_responses": {"max": 1, "expires": RESPONSE_WINDOW},
                 }
             users.append(user)
         config = {"authorization": {"users": users}}

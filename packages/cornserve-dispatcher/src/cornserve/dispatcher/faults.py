@@ -3,7 +3,8 @@
 The gateway maps the codes to HTTP statuses: 400 bad graph, 404 task not deployed, 502 an
 executor (or its descriptor) failed, 400/413/422 an executor refused the request's input
 (undecodable media, too many tokens), 503 a task manager or the dispatcher itself is unavailable,
-504 the graph's deadline passed.
+504 the graph's deadline passed, 429 `overloaded` a bounded queue (an executor's, or this replica's
+graphs in flight) is full: the caller is told to retry later, nothing is retried here.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ CLIENT_ERROR_STATUSES = frozenset({400, 413, 422})
 TIMEOUT = "timeout"
 SHUTTING_DOWN = "shutting_down"
 OUTPUT_TOO_LARGE = "output_too_large"
+OVERLOADED = "overloaded"
+DEFAULT_RETRY_AFTER_S = 1.0
 
 
 def bad_request(message: str) -> ServiceFault:
@@ -106,4 +109,34 @@ def output_too_large(size: int, limit: int) -> ServiceFault:
         "return large data through a DataForward (the sidecar) or return less",
         size=size,
         limit=limit,
+    )
+
+
+def executor_overloaded(
+    task_name: str, position: int, message: str, retry_after_s: float | None, **details: object
+) -> ServiceFault:
+    """An executor's bounded queue was full (it answered 429): passed on as 429, not retried.
+
+    Not retried on another executor: the task manager routes to the least-loaded one already, so a
+    full one means its replicas are all busy, and retrying would only add load.
+    """
+    return ServiceFault(
+        429,
+        OVERLOADED,
+        f"{task_name} at position {position} is overloaded: {message}",
+        task=task_name,
+        position=position,
+        retry_after_s=retry_after_s if retry_after_s is not None else DEFAULT_RETRY_AFTER_S,
+        **details,
+    )
+
+
+def dispatcher_overloaded(replica_id: str, running: int, limit: int) -> ServiceFault:
+    """The replica already runs `--max-graphs` graphs (streams being relayed included): 429 at once."""
+    return ServiceFault(
+        429,
+        OVERLOADED,
+        f"dispatcher replica {replica_id} is running {running} graphs, its limit (--max-graphs {limit}); "
+        "retry later",
+        retry_after_s=DEFAULT_RETRY_AFTER_S,
     )

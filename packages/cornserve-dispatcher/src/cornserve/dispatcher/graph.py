@@ -145,6 +145,16 @@ class GraphRunner:
         found = await self.deployments.lookup(inv.task.deployment_key for inv in invocations)
         for position, inv in enumerate(invocations):
             info = found[inv.task.deployment_key]
+            if info is None and not self.deployments.synced.is_set():
+                # A replica that has not caught up with the resource manager yet (it just started
+                # while the RM is down) cannot tell "not deployed" from "not known yet": retryable.
+                raise faults.task_unavailable(
+                    inv.task.display_name(),
+                    inv.task.deployment_key,
+                    position,
+                    "this dispatcher replica has not caught up with the resource manager yet "
+                    "(the resource manager is not answering); retry shortly",
+                )
             if info is None:
                 raise faults.task_not_deployed(inv.task.display_name(), inv.task.deployment_key, position)
             if info.state == "failed":
@@ -312,6 +322,14 @@ async def _status_failure(routed: Routed, response: aiohttp.ClientResponse) -> S
     except aiohttp.ClientError:
         raw = b""
     text = _text(raw) or (response.reason or "")
+    if response.status == 429:
+        return faults.executor_overloaded(
+            routed.task_name,
+            routed.position,
+            _error_message(raw) or text,
+            retry_after(response.headers.get("Retry-After")),
+            executor_id=routed.route.executor_id,
+        )
     if response.status in faults.CLIENT_ERROR_STATUSES:
         return faults.executor_rejected_input(
             routed.task_name,
@@ -324,6 +342,15 @@ async def _status_failure(routed: Routed, response: aiohttp.ClientResponse) -> S
         f"{routed.where} answered HTTP {response.status}: {text}",
         status=response.status,
     )
+
+
+def retry_after(header: str | None) -> float | None:
+    """An executor's `Retry-After` in seconds (the delay-seconds form; anything else is ignored)."""
+    try:
+        seconds = float(header) if header is not None else None
+    except ValueError:
+        return None
+    return seconds if seconds is not None and 0 <= seconds <= 3600 else None
 
 
 def _error_message(raw: bytes) -> str | None:

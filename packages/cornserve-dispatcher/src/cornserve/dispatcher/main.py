@@ -47,6 +47,8 @@ class DispatcherSettings(ServiceSettings):
     """Seconds between full re-syncs of the deployment view with the resource manager."""
     drain_timeout: float = Field(default=30.0, gt=0)
     """On SIGTERM, seconds running graphs and streams get to finish before they are failed."""
+    max_graphs: int = Field(default=1024, ge=1)
+    """Graphs this replica runs at once (streams being relayed included); more are answered 429."""
 
     @property
     def nats_client_name(self) -> str:
@@ -69,6 +71,7 @@ def serve(settings: DispatcherSettings, nc: Client) -> AbstractAsyncContextManag
             state_timeout_s=settings.state_timeout,
             resync_interval_s=settings.resync_interval,
             drain_timeout_s=settings.drain_timeout,
+            max_graphs=settings.max_graphs,
         )
     )
 

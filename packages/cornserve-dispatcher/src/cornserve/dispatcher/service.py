@@ -80,6 +80,8 @@ class DispatcherService:
     state_timeout_s: float = field(default=3.0, kw_only=True)
     resync_interval_s: float = field(default=30.0, kw_only=True)
     drain_timeout_s: float = field(default=30.0, kw_only=True)
+    max_graphs: int = field(default=1024, kw_only=True)
+    """Graphs this replica runs at once, relayed streams included; more are refused with 429 at once."""
     _session: aiohttp.ClientSession | None = field(default=None, init=False)
     _tasklibs: TaskLibrarySync | None = field(default=None, init=False)
     _deployments: DeploymentCache | None = field(default=None, init=False)
@@ -95,6 +97,9 @@ class DispatcherService:
     _closing: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     _cancels: CancelBoard | None = field(default=None, init=False)
     """Graphs (and their relays) by cancel id: a caller's InvokeCancel aborts them (`cancel.py`)."""
+    _refused: int = field(default=0, init=False)
+    """Graphs refused for `max_graphs` since the last warning about it (one warning per 10 s, not one each)."""
+    _refused_logged_at: float = field(default=float("-inf"), init=False)
 
     def __post_init__(self) -> None:
         self._idle.set()
@@ -202,6 +207,13 @@ class DispatcherService:
                 "graph %s was cancelled by its caller before it arrived; not running it", req.request_id
             )
             return
+        running = len(self._handlers) + len(self._relays)
+        if running >= self.max_graphs:
+            self._note_refusal(running)
+            await respond_fault(
+                msg, req.request_id, faults.dispatcher_overloaded(self.replica_id, running, self.max_graphs)
+            )
+            return
         keepalive = Keepalive(
             self.nc, req.keepalive_subject, req.request_id, self.replica_id, req.keepalive_interval_s
         )
@@ -250,6 +262,19 @@ class DispatcherService:
         fault = faults.output_too_large(len(data), limit)
         logger.warning("graph %s: %s", request_id, fault.message)
         await respond_fault(msg, request_id, fault)
+
+    def _note_refusal(self, running: int) -> None:
+        """Count a graph refused for `max_graphs`; warn at most every 10 s, with the count."""
+        self._refused += 1
+        now = asyncio.get_running_loop().time()
+        if now - self._refused_logged_at >= 10.0:
+            logger.warning(
+                "refused %d graph(s) with 429 overloaded: %d running, the limit (--max-graphs %d)",
+                self._refused,
+                running,
+                self.max_graphs,
+            )
+            self._refused, self._refused_logged_at = 0, now
 
     def _release(self, keepalive: Keepalive) -> None:
         keepalive.release()

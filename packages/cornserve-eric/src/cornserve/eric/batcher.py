@@ -3,6 +3,10 @@
 Items of one request are queued together, so they form one batch (up to `max_batch_size`); items
 of requests that arrive while a batch is running wait and go together in the next one. The model
 runs on a single worker thread, so the event loop stays free to accept and preprocess requests.
+
+The items admitted (being fetched, queued, encoded or sent) are bounded by `max_pending`: a request
+that would go beyond it is refused at once (`QueueFull`, answered 429 with `Retry-After`) instead of
+waiting behind an ever longer queue.
 """
 
 from __future__ import annotations
@@ -34,6 +38,18 @@ class BatchStats(BaseModel):
     """Queued items whose request was cancelled (its caller hung up) before they were encoded."""
 
 
+class QueueFull(Exception):
+    """Admitting a request would take the pending items beyond `max_pending`."""
+
+    def __init__(self, pending: int, adding: int, limit: int) -> None:
+        super().__init__(
+            f"{pending} media item(s) are pending, the limit is {limit} (--max-pending); "
+            f"{adding} more cannot be admitted now, retry later"
+        )
+        self.pending = pending
+        self.limit = limit
+
+
 @dataclass
 class _Job:
     item: Preprocessed
@@ -43,11 +59,16 @@ class _Job:
 class DynamicBatcher:
     """Collects queued items into batches of at most `max_batch_size` and encodes them in order."""
 
-    def __init__(self, encode: EncodeFn, max_batch_size: int) -> None:
+    def __init__(self, encode: EncodeFn, max_batch_size: int, max_pending: int = 256) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if max_pending < 1:
+            raise ValueError(f"max_pending must be >= 1, got {max_pending}")
         self._encode = encode
         self.max_batch_size = max_batch_size
+        self.max_pending = max_pending
+        self.pending = 0
+        """Items admitted and not finished yet (see `admit`)."""
         self._queue: asyncio.Queue[_Job] = asyncio.Queue()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eric-encode")
         self._task: asyncio.Task[None] | None = None
@@ -70,6 +91,20 @@ class DynamicBatcher:
             if not job.future.done():
                 job.future.set_exception(RuntimeError("Eric is shutting down"))
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def reserve(self, count: int) -> None:
+        """Count `count` items as pending (until `release`), or raise QueueFull at once.
+
+        A request larger than `max_pending` is still admitted when nothing else is pending, so it
+        is never refused forever.
+        """
+        if self.pending and self.pending + count > self.max_pending:
+            raise QueueFull(self.pending, count, self.max_pending)
+        self.pending += count
+
+    def release(self, count: int) -> None:
+        """The `count` items of one `reserve` are done (answered, failed or cancelled)."""
+        self.pending -= count
 
     async def encode(self, items: list[Preprocessed]) -> list[EncodedItem]:
         """Queue `items` together and wait for their embeddings (in order)."""

@@ -23,7 +23,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from pydantic import ValidationError
 
-from cornserve.eric.batcher import DynamicBatcher
+from cornserve.eric.batcher import DynamicBatcher, QueueFull
 from cornserve.eric.schemas import (
     EmbeddingItem,
     EmbeddingsRequest,
@@ -56,15 +56,18 @@ class StartupError(RuntimeError):
 class RequestFailed(Exception):
     """A request-level failure, answered with `status` and the JSON error body."""
 
-    def __init__(self, status: int, kind: str, message: str) -> None:
+    def __init__(self, status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.kind = kind
         self.message = message
+        self.headers = headers or {}
 
     def response(self) -> web.Response:
         """The failure as an aiohttp JSON response."""
-        return web.json_response(error_body(self.kind, self.message), status=self.status)
+        return web.json_response(
+            error_body(self.kind, self.message), status=self.status, headers=self.headers
+        )
 
 
 @web.middleware
@@ -146,7 +149,7 @@ class EricServer:
         from cornserve.sidecar import Sidecar
 
         self.sidecar = await Sidecar(cfg.sidecar_ranks[0], cfg.nats_url, nats_creds=cfg.nats_creds).connect()
-        self.batcher = DynamicBatcher(self.encoder.encode, cfg.max_batch_size)
+        self.batcher = DynamicBatcher(self.encoder.encode, cfg.max_batch_size, cfg.max_pending)
         self.batcher.start()
         self._ready = True
         logger.info(
@@ -206,7 +209,15 @@ class EricServer:
 
     async def _embeddings(self, request: web.Request) -> web.Response:
         body = await self._parse(request)
-        forward_ids = await self._serve(body)
+        assert self.batcher is not None
+        try:
+            self.batcher.reserve(len(body.items))
+        except QueueFull as full:
+            raise RequestFailed(429, "overloaded", str(full), {"Retry-After": "1"}) from None
+        try:
+            forward_ids = await self._serve(body)
+        finally:
+            self.batcher.release(len(body.items))
         return web.json_response(EmbeddingsResponse(forward_ids=forward_ids).model_dump())
 
     # ------------------------------------------------------------------ request handling

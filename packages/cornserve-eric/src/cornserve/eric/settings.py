@@ -28,6 +28,8 @@ class EricSettings(ServiceSettings, MediaPolicy):
     """The one modality this server encodes (image, video)."""
     max_batch_size: int = Field(default=8, ge=1)
     """Most media items encoded in one forward."""
+    max_pending: int = Field(default=256, ge=1)
+    """Media items admitted at once (being fetched, queued, encoded or sent); beyond, 429 at once."""
     tensor_parallel_size: int = Field(default=1, ge=1)
     """Devices the encoder is sharded over."""
     host: str = "127.0.0.1"

@@ -57,8 +57,8 @@ def error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers)
 
 
 class ExecutorServer:
@@ -266,6 +266,9 @@ class ExecutorServer:
         """Run one invocation: a JSON output, or an ndjson stream of items."""
         if self.state != "ready":
             return _error(503, f"executor {self.config.executor_id} is {self.state}")
+        if self.in_flight >= self.config.max_in_flight:  # bounded: refuse at once rather than queue
+            message = f"executor {self.config.executor_id} is running {self.in_flight} invocations (--max-in-flight)"
+            return _error(429, message, {"Retry-After": "1"})
         assert self._ctx is not None and self._handler is not None
         try:
             invocation = self._parse(await request.read())

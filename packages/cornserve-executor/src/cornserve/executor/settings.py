@@ -40,6 +40,8 @@ class PythonExecutorSettings(ServiceSettings):
     """Seconds to become ready."""
     library_wait_s: Annotated[float, Flag(name="--library-wait")] = Field(default=10.0, gt=0)
     """Seconds to wait for the task's library to appear."""
+    max_in_flight: int = Field(default=256, ge=1)
+    """Invocations running at once; more are refused with 429 and Retry-After at once."""
     drain_timeout_s: Annotated[float, Flag(name="--drain-timeout")] = Field(default=30.0, gt=0)
     """Seconds in-flight requests get on SIGTERM."""
 

@@ -73,10 +73,13 @@ class DispatchError(TaskExecutionError):
         error: str,
         task_name: str | None = None,
         position: int | None = None,
+        retry_after_s: float | None = None,
     ) -> None:
         super().__init__(message, task_name=task_name, position=position)
         self.code = code
         self.error = error
+        self.retry_after_s = retry_after_s
+        """For 429 `overloaded`: how long the dispatcher or executor asked callers to wait."""
 
 
 class DispatcherLost(DispatchError):
@@ -521,12 +524,14 @@ class DispatcherClient:
             details = error.details
             task_name = details.get("task")
             position = details.get("position")
+            retry_after = details.get("retry_after_s")
             raise DispatchError(
                 error.message,
                 code=decoded.status,
                 error=error.error,
                 task_name=task_name if isinstance(task_name, str) else None,
                 position=position if isinstance(position, int) else None,
+                retry_after_s=float(retry_after) if isinstance(retry_after, int | float) else None,
             )
         try:
             return InvokeReply.model_validate_json(msg.data)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from aiohttp import web
@@ -67,6 +68,16 @@ def _code_status(code: str, default: int) -> int:
     return status if 400 <= status <= 599 else default
 
 
+def _retry_after(exc: BaseException, status: int) -> dict[str, str] | None:
+    """`Retry-After` for a 429 (an executor's or dispatcher's queue was full): theirs, else 1 s."""
+    if status != 429:
+        return None
+    seconds = getattr(exc, "retry_after_s", None)
+    if not isinstance(seconds, int | float) or not math.isfinite(seconds):
+        seconds = 1
+    return {"Retry-After": str(max(1, math.ceil(seconds)))}
+
+
 def to_http_error(exc: BaseException) -> HTTPError:
     """Map any exception from validation, the bus or task execution to an HTTP error."""
     if isinstance(exc, HTTPError):
@@ -86,10 +97,11 @@ def to_http_error(exc: BaseException) -> HTTPError:
         status = _code_status(str(code), 502) if code is not None else 502
         kind = getattr(exc, "error", None) or {
             404: "task_not_deployed",
+            429: "overloaded",
             503: "unavailable",
             504: "timeout",
         }.get(status, "executor_failed")
-        return HTTPError(status, str(kind), str(exc))
+        return HTTPError(status, str(kind), str(exc), headers=_retry_after(exc, status))
     if isinstance(exc, ServiceErrorReply):
         return HTTPError(_code_status(exc.code, 502), exc.error.error, exc.error.message)
     if isinstance(exc, NoResponders):

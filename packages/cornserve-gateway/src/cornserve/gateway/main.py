@@ -21,6 +21,7 @@ from cornserve.bus.kv import TaskLibrarySync, open_bucket
 from cornserve.bus.micro import BusError
 from cornserve.bus.rm_client import ResourceManagerClient
 from cornserve.gateway import __version__
+from cornserve.gateway.admission import AdmissionLimits
 from cornserve.gateway.app_loading import AppLoader
 from cornserve.gateway.auth import AuthConfigError, Credentials
 from cornserve.gateway.dispatch_client import DispatcherClient
@@ -70,6 +71,12 @@ class GatewaySettings(ServiceSettings):
     """Deadline for executing one task graph."""
     request_timeout: float = Field(default=600.0, gt=0, allow_inf_nan=False)
     """Deadline of one app invocation: its driver, graphs and whole stream; past it, 504 and cancel."""
+    app_max_concurrency: int = Field(default=64, ge=1)
+    """Invocations of one app running at once (a stream until it ends); an AppConfig may set its own."""
+    app_max_queue: int = Field(default=64, ge=0)
+    """Invocations of one app waiting for a running slot; beyond it, 429 with Retry-After at once."""
+    app_retry_after: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    """Seconds a 429 `overloaded` answer's Retry-After header asks the caller to wait (rounded up)."""
     app_load_timeout: float = Field(default=30.0, gt=0, allow_inf_nan=False)
     """Seconds an app's source may take to load (run its module code) before registration fails with 422."""
     app_load_max_running: int = Field(default=2, ge=1)
@@ -176,6 +183,11 @@ async def serve(settings: GatewaySettings, nc: Client) -> AsyncIterator[None]:
             request_timeout_s=settings.request_timeout,
             allowed_flags=settings.allow_executor_flags,
             app_loader=AppLoader(settings.app_load_timeout, settings.app_load_max_running),
+            admission=AdmissionLimits(
+                max_concurrency=settings.app_max_concurrency,
+                max_queue=settings.app_max_queue,
+                retry_after_s=settings.app_retry_after,
+            ),
         )
         service = await add_service(
             nc,

@@ -16,10 +16,12 @@ from nats.aio.client import Client
 from nats.js.kv import KeyValue
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
+from cornserve.app import AppConfig
 from cornserve.bus.control import ProgressEvent, TaskLibraryRecord
 from cornserve.bus.kv import kv_all, kv_put
 from cornserve.bus.rm_client import ResourceManagerClient
 from cornserve.gateway import __version__
+from cornserve.gateway.admission import ARRIVED_KEY, Admission, AdmissionLimits
 from cornserve.gateway.app_loading import AppLoader
 from cornserve.gateway.apps import LIST_TIMEOUT_S, App, AppRegistry
 from cornserve.gateway.auth import Credentials, auth_middleware, check_route_scopes
@@ -126,6 +128,7 @@ class Gateway:
         request_timeout_s: float = 600.0,
         allowed_flags: Collection[str] = (),
         app_loader: AppLoader | None = None,
+        admission: AdmissionLimits | None = None,
     ) -> None:
         """`request_timeout_s` is the deadline of one app invocation (see `invoke_app`)."""
         self.nc = nc
@@ -135,6 +138,7 @@ class Gateway:
         self.dispatcher = dispatcher
         self._tasklibs_kv = tasklibs_kv
         self.request_timeout_s = request_timeout_s
+        self.admission = Admission(admission or AdmissionLimits(), request_timeout_s)
 
     def app(self, credentials: Credentials, max_body: int = MAX_BODY) -> web.Application:
         """The aiohttp application with every route, each behind the scope `auth.ROUTE_SCOPES` gives it.
@@ -155,7 +159,7 @@ class Gateway:
                 web.get("/apps", self.list_apps),
                 web.get("/apps/{name}", self.get_app),
                 web.delete("/apps/{name}", self.unregister_app),
-                web.post("/apps/{name}/invoke", self.invoke_app),
+                web.post("/apps/{name}/invoke", self.invoke_admitted),
                 web.get("/tasks", self.list_tasks),
                 web.post("/tasks/{key}/scale", self.scale_task),
                 web.post("/tasklibs", self.add_tasklib),
@@ -245,6 +249,15 @@ class Gateway:
             "(the gateway's --request-timeout); the app was cancelled",
         )
 
+    async def invoke_admitted(self, request: web.Request) -> web.StreamResponse:
+        """POST /apps/{name}/invoke behind the app's admission gate (429/503 when full, see admission.py)."""
+        return await self.admission.run(request, self._admission_config, self.invoke_app)
+
+    def _admission_config(self, request: web.Request) -> type[AppConfig] | None:
+        """The config of the app an invoke names, for its admission gate (None while not ready; 404 if unknown)."""
+        app = self.apps.get(request.match_info["name"])
+        return app.spec.config if app.spec is not None and app.record.state == "ready" else None
+
     async def invoke_app(self, request: web.Request) -> web.StreamResponse:
         """POST /apps/{name}/invoke; a client that hangs up cancels the app driver (`disconnect.py`)."""
         async with cancel_on_disconnect(request):
@@ -263,7 +276,8 @@ class Gateway:
                 409, "app_not_ready", f"app {app.record.name!r} is {app.record.state}: {app.record.message}"
             )
         spec = app.spec
-        deadline = asyncio.get_running_loop().time() + self.request_timeout_s
+        loop = asyncio.get_running_loop()
+        deadline = request.get(ARRIVED_KEY, loop.time()) + self.request_timeout_s  # queueing counts
         payload = parse_request(spec, await read_json(request))
         name = app.record.name
         if not spec.streaming:

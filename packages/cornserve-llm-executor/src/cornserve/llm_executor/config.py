@@ -32,6 +32,8 @@ class LLMExecutorSettings(ServiceSettings, MediaPolicy):
     """Port of the HTTP endpoints."""
     max_batch_size: int = Field(default=8, ge=1)
     """Most sequences decoded per step."""
+    max_waiting: int = Field(default=256, ge=0)
+    """Sequences queued for a batch slot (beyond the max_batch_size active); more are refused with 429."""
     decode_batching: OnOff = True
     """Decode all active sequences in one forward per step (off: one forward per sequence)."""
     sidecar_ranks: SidecarRanks = Field(default_factory=list)

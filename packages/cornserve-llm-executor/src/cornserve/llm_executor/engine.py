@@ -27,7 +27,7 @@ from transformers import DynamicCache
 
 from cornserve.llm_executor import batch_cache
 from cornserve.llm_executor.batch_cache import BatchedDecodeCache
-from cornserve.llm_executor.errors import ExecutorUnavailable, GenerationFailed
+from cornserve.llm_executor.errors import ExecutorOverloaded, ExecutorUnavailable, GenerationFailed
 from cornserve.llm_executor.model import LoadedModel
 from cornserve.llm_executor.prompt import PreparedPrompt
 from cornserve.llm_executor.sampling import SamplingParams, select_token
@@ -93,9 +93,18 @@ class Sequence:
 class Engine:
     """Runs sequences on one model with iteration-level batching."""
 
-    def __init__(self, loaded: LoadedModel, max_batch_size: int, *, decode_batching: bool = True) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        max_batch_size: int,
+        *,
+        decode_batching: bool = True,
+        max_waiting: int = 256,
+    ) -> None:
         self.loaded = loaded
         self.max_batch_size = max_batch_size
+        self.max_waiting = max_waiting
+        """Sequences that may wait for a batch slot; `submit` refuses more (429) instead of queueing them."""
         self.decode_batching = decode_batching
         self._batch = BatchedDecodeCache()
         """Touched only by `_step` (worker thread) and while no step runs."""
@@ -122,12 +131,23 @@ class Engine:
         self._active.clear()
         self._waiting.clear()
 
+    def check_room(self) -> None:
+        """Raise ExecutorOverloaded if a new sequence would not fit in the waiting queue now."""
+        free_slots = self.max_batch_size - len(self._active)
+        waiting = len(self._waiting)
+        if waiting - max(free_slots, 0) >= self.max_waiting:
+            raise ExecutorOverloaded(
+                f"{waiting} request(s) are waiting for a batch slot, the limit is {self.max_waiting} "
+                "(--max-waiting); retry later"
+            )
+
     def submit(
         self, request_id: str, prompt: PreparedPrompt, params: SamplingParams, max_tokens: int
     ) -> Sequence:
-        """Queue a sequence; read its tokens with `tokens(seq)`."""
+        """Queue a sequence; read its tokens with `tokens(seq)`. Raises ExecutorOverloaded when the queue is full."""
         if self._closing:
             raise ExecutorUnavailable("the LLM executor is shutting down")
+        self.check_room()
         seq = Sequence(request_id=request_id, prompt=prompt, params=params, max_tokens=max_tokens)
         seq.generator = params.make_generator()
         self._waiting.append(seq)

@@ -24,6 +24,10 @@ class ExecutorRequestError(Exception):
         """The OpenAI-style error body."""
         return {"error": {"message": self.message, "type": self.error_type, "code": self.status}}
 
+    def headers(self) -> dict[str, str]:
+        """Extra response headers (`Retry-After` on a 429)."""
+        return {}
+
 
 class InvalidRequest(ExecutorRequestError):
     """The request is malformed or inconsistent with how this executor is configured."""
@@ -65,6 +69,18 @@ class ExecutorUnavailable(ExecutorRequestError):
 
     status = 503
     error_type = "unavailable"
+
+
+class ExecutorOverloaded(ExecutorRequestError):
+    """The engine's waiting queue is full (`--max-waiting`): retry after `Retry-After` seconds."""
+
+    status = 429
+    error_type = "overloaded"
+    retry_after_s = 1
+
+    def headers(self) -> dict[str, str]:
+        """`Retry-After`, so callers back off instead of piling on."""
+        return {"Retry-After": str(self.retry_after_s)}
 
 
 class GenerationFailed(ExecutorRequestError):

@@ -75,7 +75,9 @@ class LLMExecutor:
             self._closers.append(sidecar.close)
             await sidecar.connect()
             receiver = EmbeddingReceiver(sidecar, s.embedding_timeout_s)
-        engine = Engine(loaded, s.max_batch_size, decode_batching=s.decode_batching)
+        engine = Engine(
+            loaded, s.max_batch_size, decode_batching=s.decode_batching, max_waiting=s.max_waiting
+        )
         self._closers.append(engine.close)
         engine.start()
         media = MediaPool(s.media_policy(), name="llm-media")

@@ -88,7 +88,7 @@ class Completion:
 
 def error_response(exc: ExecutorRequestError) -> web.Response:
     """An OpenAI-style JSON error."""
-    return web.json_response(exc.body(), status=exc.status)
+    return web.json_response(exc.body(), status=exc.status, headers=exc.headers())
 
 
 ROUTES: list[tuple[str, str, str]] = [
@@ -203,6 +203,7 @@ class ChatServer:
 
     async def _admit(self, req: ChatCompletionRequest) -> Completion:
         """Validate, receive or load media, tokenize, check lengths, and queue on the engine."""
+        self.engine.check_room()  # refuse at once, before receiving or loading any media
         media = req.media()
         forwards = req.cornserve_embeddings
         if self.config.receive_embeddings:

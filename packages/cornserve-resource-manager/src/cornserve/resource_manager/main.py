@@ -1,8 +1,10 @@
 """`cornserve-resource-manager`: the process that owns devices and task managers.
 
-On SIGTERM/SIGINT it stops serving and stops every task manager it runs (no orphans); deployment
-records stay in KV_DEPLOYMENTS, so the next start re-creates them. After a crash (no clean
-shutdown) the task managers keep running and the next start adopts them.
+On SIGTERM/SIGINT it stops serving and exits, leaving its task managers and their executors
+running: the data plane keeps serving, and the next start adopts it (as after a crash). Stopping
+the data plane is a separate, explicit step: `cornserve up` stops the task managers recorded in
+`--task-manager-dir` when the whole cluster stops. While it runs, a reconciliation loop converges
+the task managers to the deployment records (`reconcile`).
 """
 
 from __future__ import annotations
@@ -47,18 +49,28 @@ class ResourceManagerSettings(ServiceSettings):
     """Task manager and executor logs (default: a new temp dir)."""
     task_manager_nats_creds: Path | None = None
     """NATS credentials file of the task-manager role, handed to task managers (none: they get none)."""
+    task_manager_dir: Path | None = None
+    """Process records of the task managers (one file each), read to stop the data plane (default: <log dir>/task-managers)."""
+    reconcile_interval: float = Field(default=5.0, gt=0, le=3600)
+    """Seconds between reconciliation passes (dead task managers re-created, missing executors restored, orphans reaped)."""
 
 
-def make_spawner(name: str, log_dir: Path, log_level: str, nats_creds: Path | None = None) -> Spawner:
+def make_spawner(
+    name: str,
+    log_dir: Path,
+    log_level: str,
+    nats_creds: Path | None = None,
+    records_dir: Path | None = None,
+) -> Spawner:
     """The spawner named on the command line; `nats_creds` is the task managers' credentials file."""
     if name == "local":
-        return LocalSubprocessSpawner(log_dir, log_level, nats_creds)
+        return LocalSubprocessSpawner(log_dir, log_level, nats_creds, records_dir)
     raise ValueError(f"unknown spawner {name!r}")
 
 
 @asynccontextmanager
 async def serve(settings: ResourceManagerSettings, nc: Client) -> AsyncIterator[None]:
-    """Serve while the context is open; leaving it stops every task manager this process runs."""
+    """Serve while the context is open; leaving it stops serving and leaves the task managers running."""
     log_dir = settings.log_dir or Path(tempfile.mkdtemp(prefix="cornserve-rm-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     devices = discover_devices(settings.device_kind, settings.cpu_slots, settings.node)
@@ -66,7 +78,14 @@ async def serve(settings: ResourceManagerSettings, nc: Client) -> AsyncIterator[
         nc,
         settings.nats_url,
         DeviceInventory(devices),
-        make_spawner(settings.spawner, log_dir, settings.log_level, settings.task_manager_nats_creds),
+        make_spawner(
+            settings.spawner,
+            log_dir,
+            settings.log_level,
+            settings.task_manager_nats_creds,
+            settings.task_manager_dir,
+        ),
+        reconcile_interval_s=settings.reconcile_interval,
     )
     service = ResourceManagerService(
         nc,

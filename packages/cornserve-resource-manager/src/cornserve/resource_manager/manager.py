@@ -18,6 +18,7 @@ from cornserve.resource_manager.context import ResourceManagerContext
 from cornserve.resource_manager.deployment import Deployment
 from cornserve.resource_manager.devices import DeviceInventory
 from cornserve.resource_manager.events import Announcer
+from cornserve.resource_manager.reconcile import Reconciler
 from cornserve.resource_manager.spawner import Spawner
 from cornserve.resource_manager.store import DeploymentStore
 from cornserve.resource_manager.task_managers import TaskManagerControl, TaskManagerTimeouts
@@ -37,6 +38,7 @@ class ResourceManager:
         task_manager_timeouts: TaskManagerTimeouts | None = None,
         lock_timeout_s: float = 900.0,
         recovery_timeout_s: float = 600.0,
+        reconcile_interval_s: float = 5.0,
     ) -> None:
         self.ctx = ResourceManagerContext(
             inventory=inventory,
@@ -49,6 +51,7 @@ class ResourceManager:
             lock_timeout_s=lock_timeout_s,
             recovery_timeout_s=recovery_timeout_s,
         )
+        self.reconciler = Reconciler(self.ctx, interval_s=reconcile_interval_s)
 
     @property
     def deployments(self) -> dict[str, Deployment]:
@@ -56,17 +59,26 @@ class ResourceManager:
         return self.ctx.deployments
 
     async def start(self) -> None:
-        """Open the deployment store, load task libraries, then adopt or re-spawn stored deployments."""
+        """Open the store, load task libraries, adopt or re-spawn stored deployments, start reconciling."""
         await self.ctx.store.open()
         await self.ctx.tasks.start()
         await recovery.recover(self.ctx)
+        self.reconciler.start()
 
     async def close(self) -> None:
-        """Stop every task manager this process runs (records stay, so a restart re-creates them)."""
+        """Stop this process's work; task managers and executors keep running for the next one to adopt.
+
+        Stopping the data plane is explicit: :meth:`stop_task_managers`, or (for `cornserve up`) the
+        spawner's process records, which `up` stops at a full shutdown.
+        """
+        await self.reconciler.stop()
         background = list(self.ctx.background)
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
+        await self.ctx.tasks.stop()
+
+    async def stop_task_managers(self) -> None:
+        """Stop every task manager of every deployment (their records stay, so a restart re-creates them)."""
         deps = list(self.ctx.deployments.values())
         await asyncio.gather(*(self.ctx.task_managers.stop(dep) for dep in deps))
-        await self.ctx.tasks.stop()

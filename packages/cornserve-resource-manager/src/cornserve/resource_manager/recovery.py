@@ -82,12 +82,43 @@ async def _adopt(
     dep.status = status
     dep.state = "ready"
     dep.next_seq = max((executor_id_seq(e) for e in dep.executors), default=-1) + 1
+    _add_missing_executors(dep, rec)
     conflicts = ctx.inventory.claim(key, dep.devices)
     if conflicts:
         logger.error("adopted %s uses devices not in this inventory or taken: %s", key, conflicts)
     ctx.deployments[key] = dep
     await ctx.store.save(dep)
     logger.info("adopted running task manager of %s (pid %s, users %s)", key, dep.handle.pid, dep.users)
+
+
+def _add_missing_executors(dep: Deployment, rec: DeploymentRecord) -> None:
+    """Desire the executors the record has and the adopted task manager does not run.
+
+    A resource manager that died between spawning a task manager and assigning its executors (or
+    in the middle of a scale-up) leaves fewer executors than recorded; the reconciliation loop
+    assigns the full set again. They get the record's devices that no running executor uses.
+    """
+    missing = rec.num_executors - len(dep.executors)
+    if missing <= 0:
+        return
+    per = devices_per_executor(dep.task)
+    used = {(d.node, d.kind, d.index) for d in dep.devices}
+    spare = [d for d in rec.devices if (d.node, d.kind, d.index) not in used]
+    added = []
+    for i in range(missing):
+        devices = spare[i * per : (i + 1) * per]
+        if len(devices) < per:
+            break
+        eid = dep.new_executor_id()
+        dep.executors[eid] = devices
+        added.append(eid)
+    logger.warning(
+        "adopted task manager of %s runs %d of %d recorded executor(s); reconciliation starts %s",
+        dep.task_key,
+        rec.num_executors - missing,
+        rec.num_executors,
+        ", ".join(added) or "none (the record lacks their devices)",
+    )
 
 
 async def _respawn(ctx: ResourceManagerContext, dep: Deployment, lock: asyncio.Lock) -> None:

@@ -1,7 +1,12 @@
 """How task-manager processes come to exist: a `Spawner` interface and the local-subprocess spawner.
 
 Node agents and Kubernetes are later spawners behind the same interface; the resource manager only
-needs to start a task manager, know whether it is still alive, read its log's tail, and kill it.
+needs to start a task manager, know whether it is still alive, read its log's tail, kill it, and
+list the task managers it started (so that reconciliation finds orphans and duplicates).
+
+Task managers outlive the resource manager on purpose (a restarted one adopts them), so the local
+spawner records each one it starts or adopts in a directory of process records
+(`cornserve.runtime.detached`); `cornserve up` stops the recorded ones at a full shutdown.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from pathlib import Path
 from typing import Protocol
 
 from cornserve.bus.control import TaskSpec
+from cornserve.runtime.detached import DetachedGroups
 from cornserve.runtime.process import ProcessGroup
 from cornserve.runtime.settings import NATS_CREDS_ENV
 
@@ -49,13 +55,21 @@ class Spawner(Protocol):
     def adopt(self, task_key: str, pid: int | None) -> TaskManagerHandle:
         """A handle to a task manager started by an earlier resource-manager process."""
 
+    def running(self) -> list[tuple[str, TaskManagerHandle]]:
+        """(task key, handle) of every task manager this spawner knows to be running, wanted or not."""
+
 
 class TaskManagerProcess(ProcessGroup):
     """A task manager in its own process group: spawned here, or adopted from an earlier resource manager."""
 
+    records: DetachedGroups | None = None
+    task_key: str = ""
+
     async def kill(self, grace_s: float) -> None:
-        """SIGTERM its process group, SIGKILL after `grace_s` (also sweeps executors left behind)."""
+        """SIGTERM its process group, SIGKILL after `grace_s`; its record is dropped once it is gone."""
         await self.stop_async(grace_s)
+        if self.records is not None:
+            self.records.forget(self.task_key, self.pid)
 
 
 class PidlessTaskManager:
@@ -78,11 +92,19 @@ class PidlessTaskManager:
 class LocalSubprocessSpawner:
     """`python -m cornserve.task_manager.main` as a child process in its own process group."""
 
-    def __init__(self, log_dir: Path, log_level: str = "INFO", nats_creds: Path | None = None) -> None:
+    def __init__(
+        self,
+        log_dir: Path,
+        log_level: str = "INFO",
+        nats_creds: Path | None = None,
+        records_dir: Path | None = None,
+    ) -> None:
         self.log_dir = log_dir
         self.log_level = log_level
         self.nats_creds = nats_creds
         """The task-manager role's NATS credentials file (never the resource manager's own)."""
+        self.records = DetachedGroups(records_dir if records_dir is not None else log_dir / "task-managers")
+        """One process record per task manager started or adopted (read by `cornserve up` to stop them)."""
 
     def log_path(self, task_key: str) -> Path:
         """Where a task manager's stdout/stderr go (executor logs sit next to it)."""
@@ -107,14 +129,39 @@ class LocalSubprocessSpawner:
             env=task_manager_env(dict(os.environ), self.nats_creds),
             die_with_parent=False,
         )
+        self._recorded(task_key, proc)
         logger.info("spawned task manager for %s (pid %d, log %s)", task_key, proc.pid, log_path)
         return proc
 
     def adopt(self, task_key: str, pid: int | None) -> TaskManagerHandle:
-        """Handle to a surviving task manager."""
+        """Handle to a surviving task manager (recorded, if an earlier version did not record it)."""
         if pid is None:
             return PidlessTaskManager()
-        return TaskManagerProcess.adopt(pid, self.log_path(task_key))
+        proc = TaskManagerProcess.adopt(pid, self.log_path(task_key))
+        if proc.alive():
+            self._recorded(task_key, proc)
+        else:
+            proc.records, proc.task_key = self.records, task_key
+        return proc
+
+    def running(self) -> list[tuple[str, TaskManagerHandle]]:
+        """The recorded task managers still running (stale records, of exited ones, are dropped)."""
+        found: list[tuple[str, TaskManagerHandle]] = []
+        for rec in self.records.records():
+            if not rec.alive():
+                self.records.forget(rec.name, rec.pid)
+                continue
+            proc = TaskManagerProcess.adopt(rec.pid, self.log_path(rec.name))
+            proc.records, proc.task_key = self.records, rec.name
+            found.append((rec.name, proc))
+        return found
+
+    def _recorded(self, task_key: str, proc: TaskManagerProcess) -> None:
+        proc.records, proc.task_key = self.records, task_key
+        try:
+            self.records.record(task_key, proc.pid)
+        except OSError as exc:  # the task manager runs; only a full shutdown would miss it
+            logger.error("cannot record task manager %s (pid %d): %s", task_key, proc.pid, exc)
 
 
 def task_manager_env(base: dict[str, str], nats_creds: Path | None) -> dict[str, str]:

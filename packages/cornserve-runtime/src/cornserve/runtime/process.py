@@ -90,6 +90,23 @@ def _proc_state(pid: int) -> tuple[str, int] | None:
     return fields[0], int(fields[2])
 
 
+def process_start_ticks(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot); None if it is gone or there is no procfs.
+
+    Two processes with the same pid and different start times are different processes: a record
+    of a pid that outlived its process is recognised this way and never signalled.
+    """
+    try:
+        stat = (_PROC / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[-1].split()
+    try:
+        return int(fields[19])  # field 22 of stat(5); `fields` starts at field 3
+    except (IndexError, ValueError):
+        return None
+
+
 def pid_alive(pid: int) -> bool:
     """Whether a process exists and has not exited.
 

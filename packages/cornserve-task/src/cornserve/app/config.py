@@ -15,3 +15,8 @@ class AppConfig:
     """
 
     tasks: ClassVar[dict[str, Task[Any, Any]]] = {}
+    max_concurrency: ClassVar[int | None] = None
+    """Invocations of this app running at once (streams until they end); None: the gateway's
+    `--app-max-concurrency`. 0 turns the app off: every invocation is answered 503 `no_capacity`."""
+    max_queue: ClassVar[int | None] = None
+    """Invocations waiting for a running slot; beyond, 429 `overloaded`. None: `--app-max-queue`."""

@@ -195,6 +195,12 @@ def _check_config(module: types.ModuleType) -> tuple[type[AppConfig], dict[str, 
                 f"{config.__name__}.tasks[{key!r}] must be a Task instance, got {type(task).__name__}",
                 line=line,
             )
+    for limit in ("max_concurrency", "max_queue"):
+        value = getattr(config, limit)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise AppValidationError(
+                f"{config.__name__}.{limit} must be None or an integer >= 0, got {value!r}", line=line
+            )
     return config, dict(tasks)
 
 
