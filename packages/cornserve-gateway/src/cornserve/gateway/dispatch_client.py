@@ -206,6 +206,8 @@ class GraphInbox:
         Raises DispatcherLost when the replica falls silent first.
         """
         loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        cancels = task.cancelling() if task is not None else 0
         while True:
             left = deadline - loop.time()
             if left <= 0:
@@ -218,6 +220,12 @@ class GraphInbox:
             try:
                 msg = await self._sub.next_msg(timeout=min(left, silent))
             except nats.errors.TimeoutError:
+                msg = None
+            if task is not None and task.cancelling() > cancels:
+                # next_msg (asyncio.wait_for on Python 3.11) returns a message that raced with a
+                # cancel instead of raising: the caller's cancel (client gone, deadline) must win.
+                raise asyncio.CancelledError
+            if msg is None:
                 continue
             kind = msg.subject.rsplit(".", 1)[-1]
             if kind == "alive":
