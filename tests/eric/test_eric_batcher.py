@@ -70,6 +70,36 @@ async def test_a_failing_batch_fails_its_requests_and_the_batcher_goes_on() -> N
     assert float(ok.embedding[0, 0]) == 2.0
 
 
+async def test_items_of_a_cancelled_request_are_dropped_before_encoding() -> None:
+    started, release = threading.Event(), threading.Event()
+    batches: list[list[float]] = []
+
+    def encode(items: list[Preprocessed]) -> list[EncodedItem]:
+        batches.append([float(i.pixels[0, 0]) for i in items])
+        started.set()
+        assert release.wait(timeout=60)
+        return [EncodedItem(i.modality, i.pixels, None) for i in items]
+
+    batcher = DynamicBatcher(encode, max_batch_size=4)
+    batcher.start()
+    try:
+        first = asyncio.create_task(batcher.encode([item(1)]))
+        assert await asyncio.to_thread(started.wait, 60)
+        abandoned = asyncio.create_task(batcher.encode([item(2), item(3)]))
+        kept = asyncio.create_task(batcher.encode([item(4)]))
+        await asyncio.sleep(0)  # both requests queue their items behind the running batch
+        abandoned.cancel()  # its handler was cancelled: the caller hung up
+        with pytest.raises(asyncio.CancelledError):
+            await abandoned
+        release.set()
+        async with asyncio.timeout(60):
+            await asyncio.gather(first, kept)
+    finally:
+        await batcher.stop()
+    assert batches == [[1.0], [4.0]]
+    assert batcher.stats.dropped == 2 and batcher.stats.items == 2
+
+
 def test_pending_items_are_bounded_and_a_full_batcher_refuses_with_429() -> None:
     batcher = DynamicBatcher(lambda items: [], max_batch_size=2, max_pending=3)
     batcher.reserve(2)

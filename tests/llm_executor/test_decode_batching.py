@@ -219,3 +219,39 @@ async def test_a_failed_batched_forward_fails_its_rows_and_the_engine_keeps_serv
     finally:
         await engine.close()
     assert got == await alone(loaded, [Case(c.text, c.image_seed, 4, c.params) for c in CASES[:2]])
+
+
+async def test_a_cancelled_sequence_is_dropped_at_the_next_step(
+    loaded_models: dict[str, LoadedModel],
+) -> None:
+    """What a cancelled request (its caller hung up) costs: at most the step already running."""
+    loaded = loaded_models["qwen2-vl"]
+    engine = Engine(loaded, 2)
+    case = Case("Tell me a long story about a cat.")
+    kept, dropped, queued = (
+        engine.submit(name, prompt_of(loaded, case), case.params, 1000)
+        for name in ("kept", "dropped", "queued")
+    )
+    engine.start()
+    try:
+        async with asyncio.timeout(TOKEN_TIMEOUT_S):
+            dropped_tokens = engine.tokens(dropped, TOKEN_TIMEOUT_S)
+            for _ in range(3):
+                await anext(dropped_tokens)
+            assert engine.stats.active == 2 and engine.stats.waiting == 1
+            queued.cancel()  # still waiting for a batch slot: never started
+            dropped.cancel()
+            generated = len(dropped.generated)
+            while engine.stats.active != 1 or engine.stats.sequences_cancelled != 2:
+                await asyncio.sleep(0.01)
+            steps = engine.stats.steps
+            while engine.stats.steps < steps + 3:  # the survivor keeps generating alone
+                await asyncio.sleep(0.01)
+            assert len(dropped.generated) <= generated + 1  # the step already running, at most
+            assert engine.stats.max_batch_size_observed == 2 and engine.stats.sequences_started == 2
+            kept.cancel()
+            while engine.stats.active != 0:
+                await asyncio.sleep(0.01)
+    finally:
+        await engine.close()
+    assert engine.stats.sequences_cancelled == 3 and engine.stats.sequences_finished == 0

@@ -65,6 +65,9 @@ DISPATCH_INVOKE = "cornserve.dispatch.invoke"
 
 DISPATCH_QUEUE_GROUP = "cornserve-dispatchers"
 
+DISPATCH_CANCEL = "cornserve.dispatch.cancel"
+"""Fan-out InvokeCancel (plain subscription: every replica sees it; the one running the graph aborts it)."""
+
 # ----- KV buckets (JetStream) ----------------------------------------------------------------------
 
 KV_APPS = "cornserve-apps"
@@ -272,6 +275,22 @@ class InvokeRequest(RequestBase):
     acknowledgement) and every `keepalive_interval_s` until the reply and any relayed stream are
     done, so the caller learns within seconds that the replica died (see docs/architecture.md)."""
     keepalive_interval_s: float = Field(default=1.0, gt=0, le=60)
+    cancel_id: str | None = Field(default=None, min_length=8, max_length=128)
+    """If set, an InvokeCancel on DISPATCH_CANCEL naming it aborts the graph (and its relayed
+    stream): the caller gave up. Unique per attempt and unguessable (the caller's random token)."""
+
+
+class InvokeCancel(WireModel):
+    """Published on DISPATCH_CANCEL when a caller gives up on a graph (client gone, deadline passed).
+
+    The replica running the graph with this `cancel_id` cancels it: executor requests are dropped
+    (their connections closed), the relayed stream stops, routed invocations are reported done.
+    Nothing is replied; a cancel for a graph no replica runs (already finished) is ignored.
+    """
+
+    cancel_id: str = Field(min_length=8, max_length=128)
+    request_id: str = ""
+    reason: str = Field(default="", max_length=500)
 
 
 class InvokeReply(WireModel):

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cornserve.bus.control import (
+    DISPATCH_CANCEL,
     DISPATCH_INVOKE,
     KV_APPS,
     KV_DEPLOYMENTS,
@@ -124,6 +125,7 @@ def role_permissions() -> dict[str, RolePermissions]:
                 RM_STATE,
                 RM_SCALE,
                 DISPATCH_INVOKE,
+                DISPATCH_CANCEL,
                 "$SRV.PING",
                 "$SRV.PING.>",
                 "$SRV.INFO",
@@ -153,7 +155,7 @@ def role_permissions() -> dict[str, RolePermissions]:
                 f"{inbox_prefix(GATEWAY)}.>",
                 *kv_read(KV_TASKLIBS),
             ],
-            subscribe=[MICRO, DISPATCH_INVOKE, f"{RM_PREFIX}.events.>"],
+            subscribe=[MICRO, DISPATCH_INVOKE, DISPATCH_CANCEL, f"{RM_PREFIX}.events.>"],
         ),
         TASK_MANAGER: RolePermissions(
             publish=[*kv_read(KV_TASKLIBS)],

@@ -51,6 +51,11 @@ class StreamRelay:
     on_finish: Callable[[], None]
     """Called once the terminal message is out (or could not be sent)."""
     _seq: int = field(default=0, init=False)
+    _cancel_reason: str | None = field(default=None, init=False)
+
+    def cancelled_by_caller(self, reason: str) -> None:
+        """The caller gave up (`InvokeCancel`): the coming cancellation is not a shutdown."""
+        self._cancel_reason = reason
 
     @property
     def _label(self) -> str:
@@ -67,7 +72,11 @@ class StreamRelay:
             except StreamFailure as failure:
                 await self._finish(error=f"{self._label} failed while streaming: {failure}")
             except asyncio.CancelledError:
-                await self._finish(error=f"{self._label}: the dispatcher shut down while relaying the stream")
+                if self._cancel_reason is not None:
+                    why = f"cancelled by the caller ({self._cancel_reason})"
+                else:
+                    why = "the dispatcher shut down while relaying the stream"
+                await self._finish(error=f"{self._label}: {why}")
                 raise
             else:
                 clean = True

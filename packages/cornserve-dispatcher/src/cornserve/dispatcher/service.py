@@ -38,6 +38,7 @@ from cornserve.bus.kv import TaskLibrarySync
 from cornserve.bus.micro import ServiceFault, respond_fault
 from cornserve.bus.tm_client import TaskManagerClient
 from cornserve.dispatcher import __version__, faults
+from cornserve.dispatcher.cancel import CancelBoard
 from cornserve.dispatcher.deployments import DeploymentCache
 from cornserve.dispatcher.graph import GraphRunner
 from cornserve.dispatcher.keepalive import Keepalive
@@ -94,12 +95,22 @@ class DispatcherService:
     _idle: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     """Set while no graph is running (the drain waits for it)."""
     _closing: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+    _cancels: CancelBoard | None = field(default=None, init=False)
+    """Graphs (and their relays) by cancel id: a caller's InvokeCancel aborts them (`cancel.py`)."""
     _refused: int = field(default=0, init=False)
     """Graphs refused for `max_graphs` since the last warning about it (one warning per 10 s, not one each)."""
     _refused_logged_at: float = field(default=float("-inf"), init=False)
 
     def __post_init__(self) -> None:
         self._idle.set()
+
+    def load(self) -> dict[str, int]:
+        """What this replica runs now (the `data` of its micro STATS): graphs, relayed streams, cancels."""
+        return {
+            "graphs": len(self._handlers),
+            "relays": len(self._relays),
+            "cancelled": self._cancels.cancelled if self._cancels is not None else 0,
+        }
 
     # ----- lifecycle -------------------------------------------------------------------------------
 
@@ -123,12 +134,15 @@ class DispatcherService:
             self._route_done,
             route_timeout_s=self.route_timeout_s,
         )
+        self._cancels = CancelBoard(self.nc)
+        await self._cancels.start()
         self._service = await add_service(
             self.nc,
             name=DISPATCHER_SERVICE_NAME,
             version=__version__,
             description="Cornserve task dispatcher: executes recorded task graphs on executors",
             metadata={"replica_id": self.replica_id},
+            stats_handler=lambda _endpoint: self.load(),
         )
         await self._service.add_endpoint(
             name="invoke",
@@ -164,6 +178,8 @@ class DispatcherService:
         await asyncio.gather(*self._handlers, *self._relays, return_exceptions=True)
         for keepalive in list(self._keepalives):
             keepalive.cancel()
+        if self._cancels is not None:
+            await self._cancels.stop()
         if self._deployments is not None:
             await self._deployments.stop()
         if self._tasklibs is not None:
@@ -186,6 +202,11 @@ class DispatcherService:
         if self._closing.is_set():
             await respond_fault(msg, req.request_id, faults.shutting_down(self.replica_id))
             return
+        if self._cancels is not None and self._cancels.was_cancelled(req.cancel_id):
+            logger.info(
+                "graph %s was cancelled by its caller before it arrived; not running it", req.request_id
+            )
+            return
         running = len(self._handlers) + len(self._relays)
         if running >= self.max_graphs:
             self._note_refusal(running)
@@ -198,10 +219,17 @@ class DispatcherService:
         )
         self._keepalives.add(keepalive)
         await keepalive.start()  # the acknowledgement: the caller now knows which replica runs it
-        self._track(
-            self._handlers,
-            asyncio.create_task(self._serve(msg, req, keepalive), name=f"graph-{req.request_id}"),
-        )
+        handler = asyncio.create_task(self._serve(msg, req, keepalive), name=f"graph-{req.request_id}")
+        self._track(self._handlers, handler)
+
+        def stop_keepalive_if_cancelled(task: asyncio.Task[None]) -> None:
+            if task.cancelled():  # perhaps before it ran (then `_serve` never released its keepalive)
+                keepalive.cancel()
+                self._keepalives.discard(keepalive)
+
+        handler.add_done_callback(stop_keepalive_if_cancelled)
+        if self._cancels is not None:
+            self._cancels.track(req.cancel_id, handler)
 
     async def _serve(self, msg: Request, req: InvokeRequest, keepalive: Keepalive) -> None:
         set_request_id(req.request_id)  # this task is the graph run: its log lines carry the id
@@ -273,7 +301,10 @@ class DispatcherService:
             if keepalive is not None:
                 keepalive.hold()
             relay = StreamRelay(self.nc, opened, req.stream_subject, req.timeout_s, on_finish=finished)
-            self._track(self._relays, asyncio.create_task(relay.run(), name=f"relay-{req.request_id}"))
+            task = asyncio.create_task(relay.run(), name=f"relay-{req.request_id}")
+            self._track(self._relays, task)
+            if self._cancels is not None:
+                self._cancels.track(req.cancel_id, task, relay.cancelled_by_caller)
         return InvokeReply(request_id=req.request_id, outputs=result.outputs)
 
     async def _parse(self, raw: list[dict[str, Any]]) -> list[TaskInvocation]:

@@ -34,6 +34,8 @@ class BatchStats(BaseModel):
     items: int = 0
     largest_batch: int = 0
     recent_batch_sizes: list[int] = []
+    dropped: int = 0
+    """Queued items whose request was cancelled (its caller hung up) before they were encoded."""
 
 
 class QueueFull(Exception):
@@ -120,7 +122,13 @@ class DynamicBatcher:
             batch = [await self._queue.get()]
             while len(batch) < self.max_batch_size and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            batch = [job for job in batch if not job.future.done()]  # the request was cancelled
+            live = [job for job in batch if not job.future.done()]  # done: the request was cancelled
+            if len(live) < len(batch):
+                self.stats = self.stats.model_copy(
+                    update={"dropped": self.stats.dropped + len(batch) - len(live)}
+                )
+                logger.debug("dropped %d queued item(s) of cancelled requests", len(batch) - len(live))
+            batch = live
             if not batch:
                 continue
             self._record(len(batch))
@@ -143,5 +151,6 @@ class DynamicBatcher:
             items=self.stats.items + size,
             largest_batch=max(self.stats.largest_batch, size),
             recent_batch_sizes=list(self._recent),
+            dropped=self.stats.dropped,
         )
         logger.debug("encoding a batch of %d items", size)

@@ -114,8 +114,13 @@ class EricServer:
 
     async def start_http(self) -> None:
         """Open the port (health answers 503 until `initialize` finishes)."""
+        # handler_cancellation: a caller that hangs up (the dispatcher cancelling a graph) cancels the
+        # handler; its items still queued on the batcher are then dropped before they are encoded.
         self._runner = web.AppRunner(
-            self.make_app(), access_log=None, shutdown_timeout=self.config.drain_timeout_s
+            self.make_app(),
+            access_log=None,
+            shutdown_timeout=self.config.drain_timeout_s,
+            handler_cancellation=True,
         )
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.host, self.config.port)

@@ -11,6 +11,11 @@ nothing can be missed and one deadline loop watches all three. A replica that st
 keepalives (killed, hung, partitioned) is noticed within `keepalive_timeout_s`: if it had not
 delivered any output yet (no reply, or no stream item), the graph is retried once on another
 replica with fresh forward ids; otherwise it fails at once with `DispatcherLost` (503).
+
+An attempt the gateway gives up on before it settled (the app driver was cancelled because the
+client went away or the request deadline passed, the stream was closed before its end, the
+replica was taken for lost) is cancelled in the dispatchers with an `InvokeCancel` naming the
+attempt's `cancel_id` (docs/reliability.md, "Cancellation").
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +34,15 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from pydantic import TypeAdapter, ValidationError
 
-from cornserve.bus.control import DISPATCH_INVOKE, InvokeKeepalive, InvokeReply, InvokeRequest, StreamMessage
+from cornserve.bus.control import (
+    DISPATCH_CANCEL,
+    DISPATCH_INVOKE,
+    InvokeCancel,
+    InvokeKeepalive,
+    InvokeReply,
+    InvokeRequest,
+    StreamMessage,
+)
 from cornserve.bus.error_codec import decode_error
 from cornserve.bus.schemas import new_request_id
 from cornserve.gateway.forward_ids import forward_ids, fresh_ids, replace_ids
@@ -98,6 +112,15 @@ class PayloadTooLarge(DispatchError):
         self.limit = limit
 
 
+def _give_up_reason(exc: BaseException) -> str:
+    """Why the gateway gives up on an attempt, for the InvokeCancel (and the dispatcher's log)."""
+    if isinstance(exc, asyncio.CancelledError):
+        return "the request was cancelled (its client went away or its deadline passed)"
+    if isinstance(exc, DispatcherLost):
+        return "the gateway took the replica for lost"
+    return f"the gateway gave up waiting: {type(exc).__name__}: {exc}"
+
+
 def payload_limit(nc: Client) -> int:
     """The largest message body this connection may publish (the server's `max_payload`, less header room)."""
     return max(nc.max_payload - HEADER_ROOM, 0)
@@ -136,21 +159,46 @@ class Liveness:
 
 
 class GraphInbox:
-    """The private inbox of one attempt: `I.reply`, `I.alive`, `I.stream` on one subscription."""
+    """The private inbox of one attempt: `I.reply`, `I.alive`, `I.stream` on one subscription.
 
-    def __init__(self, nc: Client, sub: Subscription, prefix: str, liveness: Liveness) -> None:
+    It also knows the attempt's `cancel_id`: closing an inbox whose graph is not `settled` (no
+    reply yet, or a stream not ended) tells the dispatchers to cancel it (`InvokeCancel`), so a
+    graph nobody waits for any more stops running (client gone, deadline passed, replica lost).
+    """
+
+    def __init__(
+        self,
+        nc: Client,
+        sub: Subscription,
+        prefix: str,
+        liveness: Liveness,
+        cancel_id: str | None = None,
+        request_id: str = "",
+    ) -> None:
         self._nc = nc
         self._sub = sub
         self.prefix = prefix
         self.liveness = liveness
+        self.cancel_id = cancel_id
+        self.request_id = request_id
+        self.settled = False
+        """Nothing runs for this attempt any more (the reply came; a stream ended): no cancel needed."""
         self.stream_early: dict[int, StreamMessage] = {}
         self._closed = False
 
     @classmethod
-    async def open(cls, nc: Client, liveness: Liveness, prefix: str | None = None) -> GraphInbox:
+    async def open(
+        cls,
+        nc: Client,
+        liveness: Liveness,
+        prefix: str | None = None,
+        *,
+        cancel_id: str | None = None,
+        request_id: str = "",
+    ) -> GraphInbox:
         """Subscribe before anything is sent (on `prefix`, or a new inbox)."""
         prefix = prefix or nc.new_inbox()
-        return cls(nc, await nc.subscribe(f"{prefix}.*"), prefix, liveness)
+        return cls(nc, await nc.subscribe(f"{prefix}.*"), prefix, liveness, cancel_id, request_id)
 
     async def next(self, deadline: float, doing: str, relayed: bool) -> Msg | None:
         """The next reply or stream message (keepalives are absorbed); None past `deadline`.
@@ -158,6 +206,8 @@ class GraphInbox:
         Raises DispatcherLost when the replica falls silent first.
         """
         loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        cancels = task.cancelling() if task is not None else 0
         while True:
             left = deadline - loop.time()
             if left <= 0:
@@ -170,6 +220,12 @@ class GraphInbox:
             try:
                 msg = await self._sub.next_msg(timeout=min(left, silent))
             except nats.errors.TimeoutError:
+                msg = None
+            if task is not None and task.cancelling() > cancels:
+                # next_msg (asyncio.wait_for on Python 3.11) returns a message that raced with a
+                # cancel instead of raising: the caller's cancel (client gone, deadline) must win.
+                raise asyncio.CancelledError
+            if msg is None:
                 continue
             kind = msg.subject.rsplit(".", 1)[-1]
             if kind == "alive":
@@ -183,11 +239,18 @@ class GraphInbox:
             self.liveness.heard()
             return msg
 
-    async def close(self) -> None:
-        """Unsubscribe (idempotent)."""
+    async def close(self, reason: str = "the gateway stopped waiting for the graph") -> None:
+        """Unsubscribe (idempotent); an unsettled graph is cancelled first (see the class)."""
         if self._closed:
             return
         self._closed = True
+        if not self.settled and self.cancel_id is not None:
+            self.settled = True
+            cancel = InvokeCancel(cancel_id=self.cancel_id, request_id=self.request_id, reason=reason[:500])
+            try:
+                await self._nc.publish(DISPATCH_CANCEL, cancel.model_dump_json().encode())
+            except nats.errors.Error as exc:  # the replica's own deadlines still bound the graph
+                logger.warning("could not cancel graph %s: %s", self.request_id or self.cancel_id, exc)
         try:
             await self._sub.unsubscribe()
         except nats.errors.Error as exc:  # the connection may already be closed
@@ -231,6 +294,8 @@ class RelayedStream:
             raise StopAsyncIteration
         try:
             message = await self._next_message()
+            if message.end:
+                self._inbox.settled = True  # the relay is over: nothing to cancel
             if message.error is not None:
                 raise self._failure(message.error)
             if message.end:
@@ -257,7 +322,7 @@ class RelayedStream:
                     raise
                 retry, self._retry = self._retry, None
                 logger.warning("retrying a streaming graph on another dispatcher replica: %s", lost)
-                await self._inbox.close()
+                await self._inbox.close("the gateway took the replica for lost")
                 self._inbox = await retry()
                 continue
             if msg is None:
@@ -286,7 +351,7 @@ class RelayedStream:
         )
 
     async def aclose(self) -> None:
-        """Stop reading: unsubscribe from the inbox (idempotent)."""
+        """Stop reading: cancel the graph unless its stream ended, and unsubscribe (idempotent)."""
         self._closed = True
         await self._inbox.close()
 
@@ -383,17 +448,24 @@ class DispatcherClient:
             stream_subject=f"{prefix}.stream" if graph.streaming else None,
             keepalive_subject=f"{prefix}.alive",
             keepalive_interval_s=self.keepalive_interval_s,
+            cancel_id=secrets.token_hex(16),
         )
         data = payload.model_dump_json().encode()
         limit = payload_limit(self._nc)
         if len(data) > limit:
             raise PayloadTooLarge(len(data), limit)
-        inbox = await GraphInbox.open(self._nc, Liveness(self.keepalive_timeout_s), prefix)
+        inbox = await GraphInbox.open(
+            self._nc,
+            Liveness(self.keepalive_timeout_s),
+            prefix,
+            cancel_id=payload.cancel_id,
+            request_id=payload.request_id,
+        )
         try:
             await self._nc.publish(DISPATCH_INVOKE, data, reply=f"{inbox.prefix}.reply")
-            reply = await self._await_reply(inbox)
-        except BaseException:
-            await inbox.close()
+            reply = await self._await_reply(inbox, graph.streaming)
+        except BaseException as exc:
+            await inbox.close(_give_up_reason(exc))
             raise
         if graph.ids_back:
             reply = InvokeReply(
@@ -410,7 +482,7 @@ class DispatcherClient:
         inbox, _ = await self._send(graph)
         return inbox
 
-    async def _await_reply(self, inbox: GraphInbox) -> InvokeReply:
+    async def _await_reply(self, inbox: GraphInbox, streaming: bool) -> InvokeReply:
         """The replica's reply; stream messages arriving first are kept for the stream."""
         timeout = self.timeout_s + self.margin_s
         deadline = asyncio.get_running_loop().time() + timeout
@@ -435,7 +507,13 @@ class DispatcherClient:
                 inbox.stream_early[early.seq] = early
                 continue
             if msg.subject.endswith(".reply"):
-                return self._parse_reply(msg, inbox.liveness)
+                try:
+                    reply = self._parse_reply(msg, inbox.liveness)
+                except DispatchError:
+                    inbox.settled = True  # an error reply: the graph is over on the replica
+                    raise
+                inbox.settled = not streaming  # a stream still runs until its end message
+                return reply
 
     def _parse_reply(self, msg: Msg, liveness: Liveness) -> InvokeReply:
         headers = msg.headers or {}

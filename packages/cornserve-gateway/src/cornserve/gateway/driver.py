@@ -41,5 +41,13 @@ async def run_streaming(spec: AppSpec, request: BaseModel) -> AsyncGenerator[Bas
         result = await result
     if not hasattr(result, "__aiter__"):
         raise HTTPError(500, "app_error", f"serve is declared to stream but produced {type(result).__name__}")
-    async for item in result:
-        yield _check_item(spec, item)
+    iterator = aiter(result)
+    try:
+        async for item in iterator:
+            yield _check_item(spec, item)
+    finally:
+        # Closed now, not whenever the garbage collector finds it: closing the app's iterator is
+        # what closes the relayed stream under it, which cancels the graph in the dispatcher.
+        aclose = getattr(iterator, "aclose", None)
+        if aclose is not None:
+            await aclose()

@@ -25,6 +25,7 @@ from cornserve.gateway.admission import ARRIVED_KEY, Admission, AdmissionLimits
 from cornserve.gateway.app_loading import AppLoader
 from cornserve.gateway.apps import LIST_TIMEOUT_S, App, AppRegistry
 from cornserve.gateway.auth import Credentials, auth_middleware, check_route_scopes
+from cornserve.gateway.disconnect import cancel_on_disconnect
 from cornserve.gateway.discovery import ping_services
 from cornserve.gateway.driver import parse_request, run_streaming, run_unary
 from cornserve.gateway.errors import HTTPError, to_http_error
@@ -258,6 +259,11 @@ class Gateway:
         return app.spec.config if app.spec is not None and app.record.state == "ready" else None
 
     async def invoke_app(self, request: web.Request) -> web.StreamResponse:
+        """POST /apps/{name}/invoke; a client that hangs up cancels the app driver (`disconnect.py`)."""
+        async with cancel_on_disconnect(request):
+            return await self._invoke_app(request)
+
+    async def _invoke_app(self, request: web.Request) -> web.StreamResponse:
         """POST /apps/{name}/invoke: run the app's serve on the request JSON.
 
         The whole invocation (the app driver, its graphs and, when it streams, the whole stream)
@@ -417,6 +423,11 @@ class Gateway:
         return web.json_response(await self.sessions.close(request.match_info["id"]))
 
     async def invoke_session(self, request: web.Request) -> web.StreamResponse:
+        """POST /sessions/{id}/invoke; a client that hangs up cancels the graph (`disconnect.py`)."""
+        async with cancel_on_disconnect(request):
+            return await self._invoke_session(request)
+
+    async def _invoke_session(self, request: web.Request) -> web.StreamResponse:
         """POST /sessions/{id}/invoke {"invocations": [...]}: execute a recorded graph.
 
         Replies `{"outputs": [...]}`; when the last output streams, replies NDJSON: that object
@@ -457,4 +468,6 @@ class Gateway:
             await stream.send({"end": True})
         except Exception as exc:
             await stream.fail({"error": to_http_error(exc).body()})
+        finally:
+            await last.aclose()  # a stream not read to its end is cancelled in the dispatcher
         return await stream.close()

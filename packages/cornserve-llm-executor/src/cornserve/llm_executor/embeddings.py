@@ -23,6 +23,10 @@ from cornserve.task.forward import DataForward, Tensor
 
 logger = logging.getLogger(__name__)
 
+ALL_CHUNKS = (EMBEDDING_TENSOR_CHUNK, EMBEDDING_META_CHUNK)
+ABANDON_TIMEOUT_S = 2.0
+"""Bound on releasing a cancelled request's delivered chunks (its handler is already cancelled)."""
+
 
 @dataclass
 class ReceivedEmbedding:
@@ -81,6 +85,11 @@ class EmbeddingReceiver:
             raise ExecutorUnavailable(f"this executor's sidecar is not reachable: {exc}") from exc
         except SidecarError as exc:
             raise EmbeddingError(f"embedding forward {fid} could not be received: {exc}") from exc
+        except asyncio.CancelledError:
+            # The request was cancelled (its caller hung up): chunks the encoder already delivered
+            # here are released now rather than at the sidecar's TTL.
+            await self._release_abandoned(fid, [c for c in ALL_CHUNKS if c not in got])
+            raise
         finally:
             await self._release(fid, got)
         try:
@@ -95,6 +104,22 @@ class EmbeddingReceiver:
                 f"{type(data).__name__} {getattr(data, 'shape', '')}"
             )
         return ReceivedEmbedding(forward_id=fid, meta=meta, tensor=data.to(torch.float32))
+
+    async def _release_abandoned(self, fid: str, chunks: list[int]) -> None:
+        """Mark done the chunks of a cancelled request that were not received (bounded, best effort).
+
+        A chunk already delivered to this rank is freed; one not delivered yet is refused by the
+        sidecar (nothing to free now) and left to its TTL.
+        """
+        try:
+            async with asyncio.timeout(ABANDON_TIMEOUT_S):
+                for chunk in chunks:
+                    try:
+                        await self.sidecar.mark_done(fid, chunk)
+                    except SidecarError as exc:
+                        logger.debug("chunk %d of cancelled forward %s not released: %s", chunk, fid, exc)
+        except TimeoutError:
+            logger.info("releasing the chunks of cancelled forward %s took over %g s", fid, ABANDON_TIMEOUT_S)
 
     async def _release(self, fid: str, chunks: list[int]) -> None:
         """Mark the received chunks done; a chunk that never arrived is expired by the sidecar's TTL."""

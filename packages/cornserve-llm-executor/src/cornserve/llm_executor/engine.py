@@ -62,7 +62,10 @@ class EngineStats:
     """The most sequences decoded by a single forward."""
     tokens_generated: int = 0
     active: int = 0
+    """Sequences being generated now (a cancelled one stops counting at the next step)."""
     waiting: int = 0
+    sequences_cancelled: int = 0
+    """Sequences dropped unfinished: their caller hung up (or a stop string ended them)."""
 
 
 @dataclass(eq=False)
@@ -172,10 +175,10 @@ class Engine:
 
     async def _run(self) -> None:
         while not self._closing:
-            self._active = [s for s in self._active if not s.cancelled and not s.finished]
+            self._active = [s for s in self._active if not self._dropped(s)]
             while self._waiting and len(self._active) < self.max_batch_size:
                 seq = self._waiting.popleft()
-                if not seq.cancelled:
+                if not self._dropped(seq):
                     self._active.append(seq)
                     self.stats.sequences_started += 1
             self.stats.waiting = len(self._waiting)
@@ -194,6 +197,17 @@ class Engine:
                     self._fail(seq, result)
                 else:
                     self._deliver(seq, result)
+
+    def _dropped(self, seq: Sequence) -> bool:
+        """Whether `seq` leaves the scheduler now: finished, or cancelled (then counted and freed)."""
+        if seq.finished:
+            return True
+        if not seq.cancelled:
+            return False
+        seq.finished = True
+        seq.cache = None
+        self.stats.sequences_cancelled += 1
+        return True
 
     def _fail(self, seq: Sequence, exc: BaseException) -> None:
         if seq.finished:

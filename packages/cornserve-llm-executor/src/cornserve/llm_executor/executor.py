@@ -53,7 +53,9 @@ class LLMExecutor:
 
     async def start_http(self) -> None:
         """Open the HTTP port (every route answers 503 until the model is loaded)."""
-        self._runner = web.AppRunner(self.app, access_log=None)
+        # handler_cancellation: a caller that hangs up (the dispatcher cancelling a graph) cancels the
+        # handler, which cancels its sequence (dropped at the engine's next step) or embedding receive.
+        self._runner = web.AppRunner(self.app, access_log=None, handler_cancellation=True)
         await self._runner.setup()
         await web.TCPSite(self._runner, self.settings.host, self.settings.port).start()
         logger.info(

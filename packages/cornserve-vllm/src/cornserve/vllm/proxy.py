@@ -212,7 +212,9 @@ async def serving(config: ProxyConfig) -> AsyncIterator[ProxyState]:
     it too, with exit code 1.
     """
     state = ProxyState(config, free_port(), on_failure=stop_callback(EXIT_FAILED))
-    runner = web.AppRunner(build_app(state))
+    # handler_cancellation: a caller that hangs up (the dispatcher cancelling a graph) cancels the
+    # handler, which closes its upstream request, and vLLM aborts a request whose client is gone.
+    runner = web.AppRunner(build_app(state), handler_cancellation=True)
     await runner.setup()
     try:
         await web.TCPSite(runner, config.serve.host, config.serve.port).start()

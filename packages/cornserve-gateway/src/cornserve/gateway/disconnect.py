@@ -1,0 +1,52 @@
+"""Cancelling an app driver whose client hung up.
+
+aiohttp cancels a handler on connection loss only with `handler_cancellation`, which the gateway
+leaves off: cancelling a half-done app registration or release would leave state behind. App
+invocations are different: nothing but the caller waits for them, and a driver nobody reads keeps
+dispatchers, executors and the LLM busy. `cancel_on_disconnect` watches the connection of one
+invocation and cancels the handler's task when it closes; the driver's clean-up (closing its
+streams, abandoning its graphs) then cancels its graphs in the dispatchers (`dispatch_client`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from aiohttp import web
+
+logger = logging.getLogger(__name__)
+
+POLL_S = 0.1
+"""How often the connection is looked at (a closed one is noticed within this)."""
+
+
+def client_gone(request: web.Request) -> bool:
+    """Whether the client's connection is closed (or closing)."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+@asynccontextmanager
+async def cancel_on_disconnect(request: web.Request, poll_s: float = POLL_S) -> AsyncIterator[None]:
+    """Within the block, a closed client connection cancels the current task (as handler cancellation would).
+
+    The task ends with CancelledError, which aiohttp treats as a client that went away.
+    """
+    task = asyncio.current_task()
+    assert task is not None
+
+    async def watch() -> None:
+        while not client_gone(request):
+            await asyncio.sleep(poll_s)
+        logger.info("client of %s %s went away; cancelling the app driver", request.method, request.path)
+        task.cancel("the client went away")
+
+    watcher = asyncio.create_task(watch(), name=f"disconnect-watch-{request.path}")
+    try:
+        yield
+    finally:
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
