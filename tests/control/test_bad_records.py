@@ -90,6 +90,7 @@ def log_since(path: Path, offset: int) -> str:
         return f.read().decode(errors="replace")
 
 
+@pytest.mark.slow
 async def test_unreadable_records_in_every_bucket_stop_no_service(
     cluster: LocalCluster, http: aiohttp.ClientSession
 ) -> None:

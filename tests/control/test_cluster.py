@@ -99,6 +99,7 @@ async def test_lifecycle_through_the_gateway(cluster: LocalCluster, http: aiohtt
         assert not pid_alive(pid)
 
 
+@pytest.mark.slow
 async def test_survives_a_dispatcher_and_an_executor_being_killed(
     cluster: LocalCluster, http: aiohttp.ClientSession
 ) -> None:
@@ -176,6 +177,7 @@ async def wait_dispatchers_registered(http: aiohttp.ClientSession, dispatchers: 
     await wait_for(registered, DEADLINE, f"/health to list {dispatchers} dispatchers", interval=0.2)
 
 
+@pytest.mark.slow
 def test_cli_against_the_cluster(cluster: LocalCluster) -> None:
     # No token in the environment: the CLI finds the admin token `up` wrote to the state dir.
     env = {**os.environ, "CORNSERVE_URL": cluster.url, "CORNSERVE_STATE_DIR": str(cluster.state_dir)}

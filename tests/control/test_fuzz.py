@@ -184,6 +184,7 @@ def _check(stats: FuzzStats) -> None:
 
 
 @pytest.mark.timeout(900)  # registering the apps starts three executors (slow on a loaded machine)
+@pytest.mark.fuzz
 def test_fuzz_gateway_quick(target: Target) -> None:
     log_offset = _gateway_log(target)[1].stat().st_size
     stats = fuzz_gateway(target, QUICK_EXAMPLES, fuzz_seed=11)

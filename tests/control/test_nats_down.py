@@ -50,6 +50,7 @@ async def _until_invoke_works(local: LocalCluster, seed: int) -> None:
             await asyncio.sleep(1.0)
 
 
+@pytest.mark.slow
 async def test_up_restarts_nats_and_services_stop_cleanly_without_it(tmp_path: Path) -> None:
     said: list[str] = []
     with ProcessCluster(tmp_path / "logs") as processes:

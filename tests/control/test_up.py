@@ -173,6 +173,7 @@ def assert_nothing_left(node: str, state_dir: Path) -> None:
     assert not (state_dir / "cluster.json").exists()
 
 
+@pytest.mark.slow
 def test_up_serves_then_ctrl_c_leaves_nothing(tmp_path: Path) -> None:
     state_dir = tmp_path / "state"
     up = UpProcess(state_dir)
@@ -202,6 +203,7 @@ def test_up_serves_then_ctrl_c_leaves_nothing(tmp_path: Path) -> None:
     assert_nothing_left(node, state_dir)
 
 
+@pytest.mark.slow
 def test_up_then_cornserve_down_leaves_nothing(tmp_path: Path) -> None:
     state_dir = tmp_path / "state"
     up = UpProcess(state_dir)

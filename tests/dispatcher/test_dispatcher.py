@@ -399,12 +399,14 @@ async def test_resource_manager_down_at_start(lib: types.ModuleType, tmp_path: P
         control_plane = StandInControlPlane(nc)
         echo = lib.Echo(label="late")
         try:
-            # Serving already: an unknown task is a prompt 404 even though the RM is not there.
+            # Serving already, but not caught up: a task it does not know is a prompt, retryable 503
+            # (it cannot tell "not deployed" from "not known yet"), not a 404.
             client = DispatcherClient(nc, timeout_s=30)
             with use_graph_runner(client), pytest.raises(DispatchError) as failure:
                 async with asyncio.timeout(DEADLINE):
                     await echo(lib.EchoIn(text="x"))
-            assert failure.value.code == 404
+            assert failure.value.code == 503 and failure.value.error == "task_unavailable", failure.value
+            assert "not caught up with the resource manager" in str(failure.value)
 
             await control_plane.deploy(echo, ranks=[1], announce=False)
             await control_plane.start_rm()

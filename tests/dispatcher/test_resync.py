@@ -90,27 +90,3 @@ async def test_a_failed_entry_is_requeried_and_a_redeploy_found(
             await control_plane.close()
             await nc.close()
             await asyncio.to_thread(stop_dispatchers, [proc])
-
-
-async def test_a_replica_that_has_not_caught_up_answers_503_not_404(
-    lib: types.ModuleType, tmp_path: Path
-) -> None:
-    # Restarted while the resource manager is down, a replica knows no deployment yet: a graph it is
-    # sent is retryable (503 task_unavailable), not "not deployed" (404), which would tell the client
-    # to deploy something that is deployed.
-    with NatsServerProcess() as server:
-        await upload_library(server.url, LIBRARY)
-        proc = DispatcherReplica(server.url, "unsynced", tmp_path)
-        nc = await nats.connect(server.url)
-        echo = lib.Echo(label="unsynced")
-        try:
-            await asyncio.to_thread(proc.wait_ready)
-            client = DispatcherClient(nc, timeout_s=30)
-            with use_graph_runner(client), pytest.raises(DispatchError) as failure:
-                async with asyncio.timeout(DEADLINE):
-                    await echo(lib.EchoIn(text="a"))
-            assert failure.value.code == 503 and failure.value.error == "task_unavailable", failure.value
-            assert "not caught up with the resource manager" in str(failure.value)
-        finally:
-            await nc.close()
-            await asyncio.to_thread(stop_dispatchers, [proc])

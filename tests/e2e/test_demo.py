@@ -12,6 +12,7 @@ from cornserve.runtime.process import free_port
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.slow
 def test_demo_once_builds_the_checkpoint_serves_the_app_and_stops_cleanly(tmp_path: Path) -> None:
     state = tmp_path / "state"
     shm_before = set(Path("/dev/shm").glob("cornserve-sidecar-*"))
