@@ -41,6 +41,7 @@ from cornserve.bus.tm_client import TaskManagerClient
 from cornserve.dispatcher import __version__, faults
 from cornserve.dispatcher.cancel import CancelBoard
 from cornserve.dispatcher.deployments import DeploymentCache
+from cornserve.dispatcher.forwards import drop_forwards
 from cornserve.dispatcher.graph import GraphRunner
 from cornserve.dispatcher.keepalive import Keepalive
 from cornserve.dispatcher.relay import StreamRelay
@@ -134,6 +135,7 @@ class DispatcherService:
             self._deployments,
             self._route_done,
             route_timeout_s=self.route_timeout_s,
+            on_abandoned=self._drop_forwards,
         )
         self._cancels = CancelBoard(self.nc)
         await self._cancels.start()
@@ -377,10 +379,18 @@ class DispatcherService:
         self._background.add(task)
         task.add_done_callback(self._background_done)
 
+    def _drop_forwards(self, by_rank: dict[int, list[str]], reason: str) -> None:
+        """A graph was given up: have its sidecars free its forwards now (fire and forget, `forwards.py`)."""
+        if not by_rank:
+            return
+        task = asyncio.ensure_future(drop_forwards(self.nc, by_rank, reason))
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+
     def _background_done(self, task: asyncio.Task[None]) -> None:
         self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            logger.error("publishing RouteDone failed", exc_info=task.exception())
+            logger.error("a background publish (RouteDone, forward drops) failed", exc_info=task.exception())
 
 
 async def _wait_event(event: asyncio.Event, timeout: float) -> bool:
