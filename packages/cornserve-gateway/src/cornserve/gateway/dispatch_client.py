@@ -31,7 +31,7 @@ from typing import Any
 import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
+from nats.aio.subscription import DEFAULT_SUB_PENDING_BYTES_LIMIT, Subscription
 from pydantic import TypeAdapter, ValidationError
 
 from cornserve.bus.control import (
@@ -199,10 +199,18 @@ class GraphInbox:
         *,
         cancel_id: str | None = None,
         request_id: str = "",
+        max_reply_bytes: int = 0,
     ) -> GraphInbox:
-        """Subscribe before anything is sent (on `prefix`, or a new inbox)."""
+        """Subscribe before anything is sent (on `prefix`, or a new inbox).
+
+        The subscription may queue a whole reply in parts (`max_reply_bytes`) besides keepalives
+        and stream items: its pending-bytes bound (nats-py drops messages beyond it) is raised to
+        twice that when nats-py's default (128 MiB) is smaller.
+        """
         prefix = prefix or nc.new_inbox()
-        return cls(nc, await nc.subscribe(f"{prefix}.*"), prefix, liveness, cancel_id, request_id)
+        pending = max(DEFAULT_SUB_PENDING_BYTES_LIMIT, 2 * max_reply_bytes)
+        sub = await nc.subscribe(f"{prefix}.*", pending_bytes_limit=pending)
+        return cls(nc, sub, prefix, liveness, cancel_id, request_id)
 
     async def next(self, deadline: float, doing: str, relayed: bool) -> Msg | None:
         """The next reply or stream message (keepalives are absorbed); None past `deadline`.
@@ -470,6 +478,7 @@ class DispatcherClient:
             prefix,
             cancel_id=payload.cancel_id,
             request_id=payload.request_id,
+            max_reply_bytes=self.max_reply_bytes,
         )
         try:
             await self._nc.publish(DISPATCH_INVOKE, data, reply=f"{inbox.prefix}.reply")
