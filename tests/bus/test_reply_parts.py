@@ -49,7 +49,7 @@ def test_a_reply_over_the_cap_is_refused_at_its_first_part() -> None:
         (lambda parts: [({**parts[0][0], COUNT_HEADER: "0"}, parts[0][1])], "cannot have 0 parts"),
     ],
 )
-def test_a_part_that_does_not_fit_is_refused(mangle, match) -> None:  # type: ignore[no-untyped-def]
+def test_a_part_that_does_not_fit_is_refused(mangle, match) -> None:
     parts = mangle(split_reply(b"abcdefghij" * 3, 10))
     assembler = ReplyAssembler(max_bytes=1000)
     with pytest.raises(ReplyPartError, match=match) as caught:
