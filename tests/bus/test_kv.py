@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 import pytest
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js.kv import KeyValue
 
 from cornserve.bus.control import KV_TASKLIBS, AppRecord, DeploymentRecord, DeviceInfo, TaskLibraryRecord
@@ -26,6 +27,7 @@ from cornserve.bus.kv import (
     kv_all,
     kv_get,
     kv_key,
+    kv_keys,
     kv_listing,
     kv_put,
     open_bucket,
@@ -263,3 +265,23 @@ async def test_deleted_and_purged_keys_are_not_listed(bucket: KeyValue) -> None:
     assert [r.name for r in await kv_all(bucket, AppRecord)] == ["kept"]
     await bucket.delete(kv_key("kept"))
     assert await kv_all(bucket, AppRecord) == []
+
+
+async def test_a_key_listing_is_one_stream_info_request(nc: Client, bucket: KeyValue) -> None:
+    """`kv_keys` asks the server once (the subject index), not once more for the bucket's status."""
+    for name in ("one", "two"):
+        await kv_put(bucket, name, app(name))
+    seen: list[str] = []
+
+    async def note(msg: Msg) -> None:
+        seen.append(msg.subject)
+
+    watcher = await nc.subscribe(f"$JS.API.STREAM.INFO.{bucket._stream}", cb=note)
+    await nc.flush()
+    try:
+        assert await kv_keys(bucket) == ["one", "two"]
+        await nc.flush()
+        await asyncio.sleep(0.1)  # the copy of the request reaches this subscription
+    finally:
+        await watcher.unsubscribe()
+    assert len(seen) == 1, seen

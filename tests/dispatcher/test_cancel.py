@@ -10,12 +10,16 @@ from __future__ import annotations
 import asyncio
 import json
 import types
+from pathlib import Path
 from typing import Any, cast
 
 import nats
 import pytest
+import torch
+from aiohttp import web
 from pydantic import TypeAdapter
 from tests.dispatcher.support import DispatcherReplica, StandInControlPlane
+from tests.support.sidecars import SIDECAR_RANKS, sidecar_stats, start_sidecars
 
 from cornserve.bus.control import (
     DISPATCH_CANCEL,
@@ -24,8 +28,10 @@ from cornserve.bus.control import (
     InvokeCancel,
     InvokeRequest,
 )
+from cornserve.cli.natsserver import NatsServerProcess
 from cornserve.dispatcher.cancel import CancelBoard
 from cornserve.gateway.dispatch_client import DispatcherClient
+from cornserve.sidecar import Sidecar
 from cornserve.task import TaskInvocation, use_graph_runner
 
 DEADLINE = 60.0
@@ -149,6 +155,76 @@ async def test_a_cancel_that_overtakes_its_graph_stops_it(
         async with asyncio.timeout(DEADLINE):
             out = await echo(lib.EchoIn(text="still here"))
     assert out.text == "STILL HERE"
+
+
+async def test_a_cancelled_graph_frees_its_forwards_in_the_sidecars(
+    control_plane: StandInControlPlane,
+    lib: types.ModuleType,
+    dispatchers: list[DispatcherReplica],
+    dispatch_nats: NatsServerProcess,
+    tmp_path: Path,
+) -> None:
+    """Cancel mid-graph after the producer's forward landed: every arena is empty within 2 s, not the TTL.
+
+    Real sidecar servers (TTL 300 s): the producer (rank A, node-a) sends its tensor through its
+    real sidecar client to both consumers, `scale` on node-b (a TCP copy lands in B's arena) and
+    `sum` on node-a (C maps A's bytes, which A holds for it). The consumers never read it; the
+    caller cancels the graph; the dispatcher tells the three sidecars to drop the graph's forwards.
+    """
+    url = dispatch_nats.url
+    ranks = [SIDECAR_RANKS.next() for _ in range(3)]
+    started = await start_sidecars(ranks, url, tmp_path, nodes=["node-a", "node-b", "node-a"])
+    a, b, c = ranks
+    try:
+        pipeline = lib.Pipeline()
+        producer, _ = await control_plane.deploy(pipeline.produce, ranks=[a])
+        scaler, scale_tm = await control_plane.deploy(pipeline.scale, ranks=[b])
+        _, sum_tm = await control_plane.deploy(pipeline.sum, ranks=[c])
+        sent = asyncio.Event()
+        async with Sidecar(a, url) as sidecar:
+
+            async def produce_via_sidecar(name: str, body: dict[str, Any], _: web.Request) -> web.Response:
+                assert name == "produce", name
+                (out,) = body["outputs"]
+                values = torch.tensor(body["input"]["values"], dtype=torch.float32)
+                await sidecar.send(values, out["id"], out["dst_sidecar_ranks"], timeout=30)
+                sent.set()
+                return web.json_response({})
+
+            producer._serve = produce_via_sidecar  # type: ignore[method-assign]
+            client = DispatcherClient(control_plane.nc, timeout_s=60)
+            with use_graph_runner(client):
+                run = asyncio.create_task(pipeline(lib.PipelineIn(values=[1.0] * 4096)))
+                async with asyncio.timeout(DEADLINE):
+                    await sent.wait()
+                    while not scaler.requests:  # the consumers are waiting for the forward
+                        await asyncio.sleep(0.02)
+                landed = await sidecar_stats(url, ranks)
+                assert landed[a].used_bytes > 0 and landed[a].held_entries == 1, landed[a]  # held for C
+                assert landed[b].used_bytes > 0, landed[b]  # B's own TCP copy
+                run.cancel()  # the app driver gives up (client gone, deadline)
+                with pytest.raises(asyncio.CancelledError):
+                    await run
+        loop = asyncio.get_running_loop()
+        cancelled = loop.time()
+        while True:
+            stats = await sidecar_stats(url, ranks)
+            if all(s.used_bytes == 0 and s.held_entries == 0 for s in stats.values()):
+                break
+            assert loop.time() - cancelled < CANCEL_DEADLINE, stats
+            await asyncio.sleep(0.05)
+        print(f"forwards: the arenas were empty {loop.time() - cancelled:.2f} s after the cancel")
+        assert stats[a].dropped_total == 1 and stats[b].dropped_total == 1, (
+            stats
+        )  # freed by the drop, not the TTL
+        assert stats[a].expired_total == stats[b].expired_total == stats[c].expired_total == 0
+        await scale_tm.wait_done(1, timeout=CANCEL_DEADLINE)
+        await sum_tm.wait_done(1, timeout=CANCEL_DEADLINE)
+    finally:
+        for sidecar_process in started:
+            sidecar_process.stop()
+        for sidecar_process in started:
+            assert "Traceback" not in sidecar_process.log(), sidecar_process.log()
 
 
 pytestmark = pytest.mark.timeout(300)

@@ -48,6 +48,9 @@ SOAK_FAULTS = ["executor", "dispatcher", "gateway", "nats", "sidecar", "task-man
 RSS_SLACK = 0.10
 RSS_SLACK_BYTES = 16 * 2**20
 FD_SLACK = 8
+MAX_SKIPPED_SHARE = 0.2
+"""At most this share of sampling rounds may fail to list the processes (the gateway or resource
+manager down for a fault); more means the figures rest on too few samples, and the soak fails."""
 
 
 @dataclass
@@ -59,12 +62,25 @@ class Track:
     samples: list[tuple[float, int, int]] = field(default_factory=list)
 
 
+@dataclass
+class Sampling:
+    """How the sampler fared: rounds tried, and the ones that could not list the processes (and why)."""
+
+    rounds: int = 0
+    skipped: list[tuple[float, str]] = field(default_factory=list)
+
+    def summary(self) -> dict[str, object]:
+        reasons = Counter(reason.split(":", 1)[0] for _, reason in self.skipped)
+        return {"rounds": self.rounds, "skipped": len(self.skipped), "reasons": dict(reasons)}
+
+
 def test_soak_with_periodic_faults(tmp_path: Path) -> None:
     # Synchronous: the cluster's start-up and teardown run event loops of their own.
     with supervised_cluster(tmp_path) as state:
-        tracks, samples, faults = asyncio.run(_soak(state))
+        sampling = Sampling()
+        tracks, samples, faults = asyncio.run(_soak(state, sampling))
         asyncio.run(collect_pids(state))
-    report = _report(tracks, samples, faults)
+    report = _report(tracks, samples, faults, sampling)
     print(report["table"])
     out = os.environ.get("CORNSERVE_SOAK_OUT")
     if out:
@@ -74,9 +90,16 @@ def test_soak_with_periodic_faults(tmp_path: Path) -> None:
     tail = sorted(samples, key=lambda s: s.start)[-STEADY_TAIL:]
     assert all(s.outcome == "ok" for s in tail), Counter(s.detail for s in tail)
     assert not report["growing"], report["table"]
+    assert sampling.rounds > 0
+    assert len(sampling.skipped) <= MAX_SKIPPED_SHARE * sampling.rounds, (
+        sampling.summary(),
+        sampling.skipped,
+    )
 
 
-async def _soak(state: Matrix) -> tuple[dict[int, Track], list[Sample], list[tuple[float, str]]]:
+async def _soak(
+    state: Matrix, sampling: Sampling
+) -> tuple[dict[int, Track], list[Sample], list[tuple[float, str]]]:
     began = time.monotonic()
     samples: list[Sample] = []
     faults: list[tuple[float, str]] = []
@@ -96,9 +119,11 @@ async def _soak(state: Matrix) -> tuple[dict[int, Track], list[Sample], list[tup
 
         async def sampler() -> None:
             while elapsed() < SOAK_S:
+                sampling.rounds += 1
                 try:
                     named = await service_processes(state)
-                except Exception:
+                except Exception as exc:  # listing needs the gateway and RM, which faults take down: counted
+                    sampling.skipped.append((elapsed(), f"{type(exc).__name__}: {exc}"[:300]))
                     named = {}
                 for name, pid in named.items():
                     stats = rss_and_fds(pid)
@@ -127,7 +152,7 @@ async def _soak(state: Matrix) -> tuple[dict[int, Track], list[Sample], list[tup
 
 
 def _report(
-    tracks: dict[int, Track], samples: list[Sample], faults: list[tuple[float, str]]
+    tracks: dict[int, Track], samples: list[Sample], faults: list[tuple[float, str]], sampling: Sampling
 ) -> dict[str, object]:
     rows: list[dict[str, object]] = []
     growing: list[str] = []
@@ -165,7 +190,8 @@ def _report(
         lines.append(f"{r['process']!s:<34}{rss:>28}{fds:>24}")
     table = (
         f"\nsoak: {SOAK_S:.0f} s, {len(samples)} requests {dict(outcomes)}, "
-        f"{len(faults)} faults: {[f for _, f in faults]}\n" + "\n".join(lines)
+        f"{len(faults)} faults: {[f for _, f in faults]}, sampling rounds {sampling.summary()}\n"
+        + "\n".join(lines)
     )
     return {
         "soak_s": SOAK_S,
@@ -174,5 +200,6 @@ def _report(
         "faults": faults,
         "processes": rows,
         "growing": growing,
+        "sampling": sampling.summary(),
         "table": table,
     }

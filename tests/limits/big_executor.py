@@ -1,4 +1,4 @@
-"""An executor for the payload-limit and deadline tests: POST /big answers `size` bytes of text.
+"""An executor for the payload-limit and deadline tests: POST /big answers `size` characters of text.
 
 With `busy` it answers `429` with `Retry-After: 7`, as an executor whose bounded queue is full.
 Every request it receives is appended to the file in $BIG_COUNT_FILE (one line per request), so a
@@ -12,6 +12,11 @@ import asyncio
 import os
 
 from aiohttp import web
+
+
+def pattern(size: int) -> str:
+    """`size` characters that change along the text (numbered lines), so a reordered or lost part shows."""
+    return "".join(f"{i:07d}\n" for i in range(size // 8 + 1))[:size]
 
 
 def main() -> None:
@@ -33,7 +38,7 @@ def main() -> None:
         if body.get("busy"):  # stands for an executor whose bounded queue is full
             return web.json_response({"error": "queue full"}, status=429, headers={"Retry-After": "7"})
         await asyncio.sleep(float(body["hold_s"]))
-        return web.json_response({"text": "x" * int(body["size"])})
+        return web.json_response({"text": pattern(int(body["size"]))})
 
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app.router.add_get("/health", health)

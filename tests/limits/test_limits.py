@@ -2,8 +2,9 @@
 
 * a request body, or a graph, larger than the bus's `max_payload` is refused with 413 before any
   work starts (the executor never sees it);
-* an output larger than the bus carries comes back as a typed 502 `output_too_large`, and the
-  graph ran exactly once (it is not retried on another replica);
+* an output several times larger than the bus carries reaches the caller whole (the dispatcher
+  sends it in parts), and one larger than the gateway's `--max-reply-bytes` comes back as a typed
+  502 `output_too_large`; either way the graph ran exactly once (it is not retried);
 * `--request-timeout` bounds an invocation: 504 within the deadline + 1 s;
 * an app source that loops at import fails with 422 within `--app-load-timeout` + 1 s while the
   gateway keeps answering, and a further load is refused with 503 while that thread still runs.
@@ -23,6 +24,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from tests.limits.big_executor import pattern
 from tests.support.cluster import gateway_session, running_local_cluster
 
 from cornserve.cli.launcher import LocalCluster
@@ -32,6 +34,8 @@ APP_MAX_CONCURRENCY = 2
 APP_MAX_QUEUE = 2
 APP_LOAD_TIMEOUT_S = 3.0
 MiB = 1024 * 1024
+MAX_REPLY_BYTES = 8 * MiB
+"""The gateway's --max-reply-bytes here; the bus carries 1 MiB (nats-server's default max_payload)."""
 EXECUTOR = Path(__file__).parent / "big_executor.py"
 
 TASKLIB = """
@@ -101,6 +105,11 @@ async def serve(request: Request) -> Response:
     return Response(length=len(out.text))
 """
 
+# Returns the task's output text itself (the large-reply case: it must arrive byte for byte).
+ECHO_APP = APP.replace("length: int", "text: str").replace(
+    "Response(length=len(out.text))", "Response(text=out.text)"
+)
+
 # Streams one item (after one quick task call), then stalls past the request deadline in the driver.
 STALLING_STREAM_APP = """
 import asyncio
@@ -169,6 +178,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
         mp.setenv("CORNSERVE_APP_LOAD_MAX_RUNNING", "1")
         mp.setenv("CORNSERVE_APP_MAX_CONCURRENCY", str(APP_MAX_CONCURRENCY))
         mp.setenv("CORNSERVE_APP_MAX_QUEUE", str(APP_MAX_QUEUE))
+        mp.setenv("CORNSERVE_MAX_REPLY_BYTES", str(MAX_REPLY_BYTES))
         with running_local_cluster(tmp_path_factory.mktemp("cluster"), cpu_slots=2) as cluster:
             yield cluster
 
@@ -227,15 +237,38 @@ async def test_payload_limits(http: aiohttp.ClientSession, big_app: str, count_f
     assert "bytes" in body["message"]
     assert executions(count_file) == 1  # neither reached an executor
 
-    # An output larger than the bus carries: a typed error, and the graph ran exactly once.
-    status, body = await invoke(http, big_app, {"text": "c", "size": 2 * MiB})
+    # An output larger than the gateway takes: a typed error at once, and the graph ran exactly once.
+    status, body = await invoke(http, big_app, {"text": "c", "size": 2 * MAX_REPLY_BYTES})
     assert status == 502, body
     assert body["error"] == "output_too_large"
+    assert f"({MAX_REPLY_BYTES} bytes)" in body["message"], body
     assert executions(count_file) == 2
 
     # The cluster still serves normally.
     status, body = await invoke(http, big_app, {"text": "ok", "size": 5})
     assert (status, body) == (200, {"length": 5})
+
+
+async def test_large_output_reaches_the_caller_whole(
+    http: aiohttp.ClientSession, big_app: str, count_file: Path
+) -> None:
+    """An output five times what one bus message carries: the whole answer, byte for byte, once."""
+    source = ECHO_APP.replace("@COUNT@", repr(str(count_file)))
+    async with http.post("/apps", json={"name": "limits-echo", "source": source}) as resp:
+        assert resp.status == 201, await resp.text()
+    try:
+        before = executions(count_file)
+        size = 5 * MiB
+        async with http.post("/apps/limits-echo/invoke", json={"text": "d", "size": size}) as resp:
+            raw = await resp.read()
+            assert resp.status == 200, raw[:500]
+        text = json.loads(raw)["text"]
+        assert len(text) == size
+        assert text == pattern(size)  # every part, in order
+        assert executions(count_file) == before + 1  # ran once: a big reply is not a lost replica
+    finally:
+        async with http.delete("/apps/limits-echo") as resp:
+            assert resp.status == 200, await resp.text()
 
 
 async def test_request_timeout(http: aiohttp.ClientSession, big_app: str) -> None:
@@ -402,6 +435,70 @@ async def test_overload_refuses_the_excess_fast(
         for name in ("limits-overload", "limits-off"):
             async with http.delete(f"/apps/{name}") as resp:
                 assert resp.status == 200, await resp.text()
+
+
+async def admission_of(http: aiohttp.ClientSession, app: str) -> dict[str, int]:
+    """The app's invocations running and queued, as GET /apps/{name} reports them."""
+    async with http.get(f"/apps/{app}") as resp:
+        assert resp.status == 200, await resp.text()
+        counts: dict[str, int] = (await resp.json())["admission"]
+        return counts
+
+
+async def wait_admission(http: aiohttp.ClientSession, app: str, **expected: int) -> None:
+    """Until the app's admission counts include `expected`; fails after HANG_UP_DEADLINE_S."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + HANG_UP_DEADLINE_S
+    while not expected.items() <= (seen := await admission_of(http, app)).items():
+        assert loop.time() < end, f"admission of {app} is {seen}, not {expected} after {HANG_UP_DEADLINE_S} s"
+        await asyncio.sleep(0.05)
+
+
+HANG_UP_DEADLINE_S = 2.0
+"""How soon a queued request whose client hung up must have left the queue."""
+
+
+async def test_a_client_that_hangs_up_while_queued_leaves_the_queue(
+    http: aiohttp.ClientSession, big_app: str, cluster: LocalCluster, count_file: Path
+) -> None:
+    """One slot, one queue place: the queued request's client hangs up; its place is free at once.
+
+    Before, the dead request stayed queued until the running one ended, took the slot, and only
+    then noticed its client was gone: meanwhile every other request was refused with 429.
+    """
+    source = OVERLOAD_APP.replace("@COUNT@", repr(str(count_file)))
+    limits = "max_concurrency = 1\n    max_queue = 1"
+    async with http.post(
+        "/apps", json={"name": "limits-queue", "source": source.replace("@LIMIT@", limits)}
+    ) as resp:
+        assert resp.status == 201, await resp.text()
+    url = "/apps/limits-queue/invoke"
+    quitter_session = gateway_session(cluster, timeout_s=60)
+    try:
+        before = executions(count_file)
+        # The one slot: a stream that holds it ~3.5 s (within the 4 s request deadline).
+        holder = asyncio.create_task(slow_stream(http, url, {"items": 1, "gap_s": 3.5}))
+        await wait_admission(http, "limits-queue", running=1)
+        # The one queue place: a request whose client then hangs up.
+        quitter = asyncio.create_task(quitter_session.post(url, json={"items": 1, "gap_s": 0}))
+        await wait_admission(http, "limits-queue", running=1, waiting=1)
+        full = await slow_stream(http, url, {"items": 1})
+        assert full["status"] == 429, full  # the queue is full indeed
+        quitter.cancel()
+        await asyncio.gather(quitter, return_exceptions=True)
+        await quitter_session.close()  # the client is gone: its connection closes
+        await wait_admission(http, "limits-queue", running=1, waiting=0)
+        assert not holder.done()  # it left the queue while the slot was still taken
+        # Its place, and then the slot, go to the next request.
+        later = await slow_stream(http, url, {"items": 1, "gap_s": 0})
+        assert later["status"] == 200, later
+        assert (await holder)["status"] == 200
+        assert executions(count_file) == before + 2  # the request that hung up never ran
+        assert await admission_of(http, "limits-queue") == {"running": 0, "waiting": 0}
+    finally:
+        await quitter_session.close()
+        async with http.delete("/apps/limits-queue") as resp:
+            assert resp.status == 200, await resp.text()
 
 
 async def test_looping_app_source(http: aiohttp.ClientSession, cluster: LocalCluster) -> None:

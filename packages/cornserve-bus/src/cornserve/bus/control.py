@@ -278,6 +278,12 @@ class InvokeRequest(RequestBase):
     cancel_id: str | None = Field(default=None, min_length=8, max_length=128)
     """If set, an InvokeCancel on DISPATCH_CANCEL naming it aborts the graph (and its relayed
     stream): the caller gave up. Unique per attempt and unguessable (the caller's random token)."""
+    reply_parts_subject: str | None = None
+    """If set (with `max_reply_bytes`), a reply larger than one bus message is published here as
+    ordered parts instead of being refused (`cornserve.bus.reply_parts`); nothing then comes on the
+    reply subject. Older dispatchers ignore it and answer `output_too_large` as before."""
+    max_reply_bytes: int | None = Field(default=None, gt=0)
+    """The largest reply the caller accepts in parts; a larger one is `output_too_large` (nothing sent)."""
 
 
 class InvokeCancel(WireModel):

@@ -232,16 +232,17 @@ async def kv_keys(kv: KeyValue) -> list[str]:
     a restarted service would then recover only some of its state. The stream-info answer with a
     subject filter is one request the server answers from its index, so it is complete. Deleted keys
     still have a marker message; `kv.get` raises for them and the caller skips them.
+
+    One request: the bucket's name, stream and subject prefix are what the handle was opened with
+    (`kv.status()` would cost a second stream-info request just to learn the name).
     """
-    status = await kv.status()
-    prefix = f"$KV.{status.bucket}."
-    # The JetStream context is not public on KeyValue; stream_info itself is public API.
-    js = kv._js
-    info = await js.stream_info(f"KV_{status.bucket}", subjects_filter=f"{prefix}>")
+    # Not public on KeyValue (nats-py keeps them as set by `js.key_value`); stream_info is public API.
+    bucket, stream, prefix, js = kv._name, kv._stream, kv._pre, kv._js
+    info = await js.stream_info(stream, subjects_filter=f"{prefix}>")
     subjects = info.state.subjects or {}
     if len(subjects) >= MAX_LISTED_KEYS:
         raise StoredRecordError(
-            f"bucket {status.bucket!r} holds {MAX_LISTED_KEYS} or more keys; listing it whole is refused"
+            f"bucket {bucket!r} holds {MAX_LISTED_KEYS} or more keys; listing it whole is refused"
         )
     return sorted(subject.removeprefix(prefix) for subject in subjects)
 

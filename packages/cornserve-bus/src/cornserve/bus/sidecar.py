@@ -123,6 +123,8 @@ class StatsReply(ArenaUsage):
     pending_allocs: int
     expired_total: int
     lost_total: int
+    dropped_total: int = 0
+    """Chunks freed because their graph was given up (`DropRequest`), before their TTL."""
     known_peers: dict[str, str]
 
 
@@ -188,6 +190,17 @@ class RecvReply(WireModel):
     instance: str
     location: Location | None = None
     end_of_stream: bool = False
+
+
+class DropRequest(RequestBase):
+    """Dispatcher -> sidecar: the graph these data ids belong to was given up (cancelled or failed).
+
+    The server frees every chunk of them it holds (as source or destination) now rather than at its
+    TTL, and for a while refuses their late sends and deliveries (`data_dropped`).
+    """
+
+    ids: list[DataId] = Field(min_length=1, max_length=4096)
+    reason: str = Field(default="", max_length=500)
 
 
 class DoneRequest(ChunkRequest):

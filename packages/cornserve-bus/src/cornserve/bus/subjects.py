@@ -33,6 +33,8 @@ class SidecarVerb(StrEnum):
     DELIVER = "deliver"
     RELEASE = "release"
     NOTICE = "notice"
+    # Dispatcher-facing (a dispatcher -> every sidecar of an abandoned graph's forwards).
+    DROP = "drop"
 
 
 def sidecar_subject(rank: int, verb: SidecarVerb) -> str:

@@ -151,6 +151,8 @@ def role_permissions() -> dict[str, RolePermissions]:
                 RM_STATE,
                 f"{tm_any}.route",
                 f"{tm_any}.done",
+                # A given-up graph's forwards are dropped in their sidecars (cornserve.dispatcher.forwards).
+                f"{SIDECAR_PREFIX}.*.{SidecarVerb.DROP.value}",
                 # Keepalives, streamed items and replies go to the calling gateway's graph inbox.
                 f"{inbox_prefix(GATEWAY)}.>",
                 *kv_read(KV_TASKLIBS),

@@ -96,16 +96,17 @@ def shutting_down(replica_id: str) -> ServiceFault:
     )
 
 
-def output_too_large(size: int, limit: int) -> ServiceFault:
-    """The graph ran, but its outputs are larger than one bus message may carry (502, never retried).
+def output_too_large(size: int, limit: int, within: str = "the message bus carries") -> ServiceFault:
+    """The graph ran, but its outputs are larger than `within` allows (502, never retried).
 
     Said instead of a reply that could not be published: without it the caller would see a silent
-    replica and run the graph again elsewhere.
+    replica and run the graph again elsewhere. A caller that takes replies in parts (the gateway)
+    only gets it past its own cap (`InvokeRequest.max_reply_bytes`).
     """
     return ServiceFault(
         502,
         OUTPUT_TOO_LARGE,
-        f"the graph's outputs are {size} bytes, more than the message bus carries ({limit} bytes); "
+        f"the graph's outputs are {size} bytes, more than {within} ({limit} bytes); "
         "return large data through a DataForward (the sidecar) or return less",
         size=size,
         limit=limit,

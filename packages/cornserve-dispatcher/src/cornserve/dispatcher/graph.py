@@ -24,6 +24,7 @@ from cornserve.bus.micro import NoResponders, RequestTimeout, ServiceErrorReply,
 from cornserve.bus.tm_client import TaskManagerClient
 from cornserve.dispatcher import faults
 from cornserve.dispatcher.deployments import DeploymentCache
+from cornserve.dispatcher.forwards import forwards_by_rank
 from cornserve.task import ExecutorRequest, Stream, TaskInvocation, wire_forwards
 
 logger = logging.getLogger(__name__)
@@ -33,6 +34,8 @@ ERROR_TEXT_LIMIT = 2000
 
 OnDone = Callable[[str, str], None]
 """`(task_key, executor_id)`: report one routed invocation finished (publishes RouteDone)."""
+OnAbandoned = Callable[[dict[int, list[str]], str], None]
+"""`(forward ids by sidecar rank, reason)`: a wired graph was given up; free its forwards (`forwards.py`)."""
 
 
 @dataclass
@@ -98,6 +101,7 @@ class GraphRunner:
     deployments: DeploymentCache
     on_done: OnDone
     route_timeout_s: float = field(default=10.0, kw_only=True)
+    on_abandoned: OnAbandoned | None = field(default=None, kw_only=True)
 
     async def run(
         self, invocations: Sequence[TaskInvocation], timeout_s: float, stream_subject: str | None
@@ -105,6 +109,8 @@ class GraphRunner:
         """Execute the graph within `timeout_s`; raise a ServiceFault on any failure."""
         check_streams(invocations, stream_subject)
         state = _Run()
+        wired = False
+        given_up = "its graph failed"
         try:
             async with asyncio.timeout(timeout_s):
                 await self._resolve(invocations)
@@ -112,16 +118,21 @@ class GraphRunner:
                 wire_forwards(
                     invocations, [state.routed[i].route.sidecar_ranks for i in range(len(invocations))]
                 )
+                wired = True
                 requests = [self._build(state.routed[i], inv) for i, inv in enumerate(invocations)]
                 outputs = await self._call_all(invocations, requests, state)
+                given_up = ""
         except TimeoutError:
+            given_up = "its graph timed out"
             pending = [
                 f"{inv.task.display_name()} at position {i}"
                 for i, inv in enumerate(invocations)
                 if i not in state.finished
             ]
             raise faults.graph_timeout(timeout_s, pending) from None
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                given_up = "its graph was cancelled"
             if state.stream is not None:
                 state.stream.response.close()
                 state.stream = None
@@ -130,6 +141,9 @@ class GraphRunner:
             for routed in state.routed.values():
                 if state.stream is None or routed is not state.stream.routed:
                     self.release(routed)
+            if wired and given_up and self.on_abandoned is not None:
+                # Forwards already sent for it would wait for the sidecars' TTL: free them now.
+                self.on_abandoned(forwards_by_rank(invocations), given_up)
         return GraphResult(outputs=outputs, stream=state.stream)
 
     def release(self, routed: Routed) -> None:

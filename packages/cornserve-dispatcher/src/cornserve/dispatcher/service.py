@@ -36,10 +36,12 @@ from cornserve.bus.control import (
 from cornserve.bus.error_codec import describe_invalid, request_id_of, respond_error
 from cornserve.bus.kv import TaskLibrarySync
 from cornserve.bus.micro import ServiceFault, respond_fault
+from cornserve.bus.reply_parts import split_reply
 from cornserve.bus.tm_client import TaskManagerClient
 from cornserve.dispatcher import __version__, faults
 from cornserve.dispatcher.cancel import CancelBoard
 from cornserve.dispatcher.deployments import DeploymentCache
+from cornserve.dispatcher.forwards import drop_forwards
 from cornserve.dispatcher.graph import GraphRunner
 from cornserve.dispatcher.keepalive import Keepalive
 from cornserve.dispatcher.relay import StreamRelay
@@ -133,6 +135,7 @@ class DispatcherService:
             self._deployments,
             self._route_done,
             route_timeout_s=self.route_timeout_s,
+            on_abandoned=self._drop_forwards,
         )
         self._cancels = CancelBoard(self.nc)
         await self._cancels.start()
@@ -246,12 +249,18 @@ class DispatcherService:
                 logger.exception("graph %s failed unexpectedly", req.request_id)
                 await respond_error(msg, req.request_id, 500, "internal", f"{type(exc).__name__}: {exc}")
                 return
-            await self._respond(msg, req.request_id, reply.model_dump_json().encode())
+            await self._respond(msg, req, reply.model_dump_json().encode())
         finally:
             self._release(keepalive)
 
-    async def _respond(self, msg: Request, request_id: str, data: bytes) -> None:
-        """Send the reply, or — when it is larger than the bus carries — a typed `output_too_large` error."""
+    async def _respond(self, msg: Request, req: InvokeRequest, data: bytes) -> None:
+        """Send the reply: in one message, in ordered parts when the caller takes them, else `output_too_large`.
+
+        A reply larger than one message goes as parts on the caller's `reply_parts_subject` when it
+        named one and the reply is within its `max_reply_bytes` (`cornserve.bus.reply_parts`): the
+        graph ran once and its answer is not lost. Otherwise the caller gets the typed error, never
+        silence (which it would take for a dead replica and run the graph again).
+        """
         limit = max(self.nc.max_payload - REPLY_HEADER_ROOM, 0)
         if len(data) <= limit:
             try:
@@ -259,9 +268,24 @@ class DispatcherService:
                 return
             except nats.errors.MaxPayloadError:
                 pass
-        fault = faults.output_too_large(len(data), limit)
-        logger.warning("graph %s: %s", request_id, fault.message)
-        await respond_fault(msg, request_id, fault)
+        accepted = req.max_reply_bytes
+        if req.reply_parts_subject is not None and accepted is not None and limit > 0:
+            if len(data) <= accepted:
+                parts = split_reply(data, limit)
+                for headers, chunk in parts:
+                    await self.nc.publish(req.reply_parts_subject, chunk, headers=headers)
+                logger.info(
+                    "graph %s: replied %d bytes in %d parts (more than one message carries)",
+                    req.request_id,
+                    len(data),
+                    len(parts),
+                )
+                return
+            fault = faults.output_too_large(len(data), accepted, "its caller accepts")
+        else:
+            fault = faults.output_too_large(len(data), limit, "the message bus carries")
+        logger.warning("graph %s: %s", req.request_id, fault.message)
+        await respond_fault(msg, req.request_id, fault)
 
     def _note_refusal(self, running: int) -> None:
         """Count a graph refused for `max_graphs`; warn at most every 10 s, with the count."""
@@ -355,10 +379,18 @@ class DispatcherService:
         self._background.add(task)
         task.add_done_callback(self._background_done)
 
+    def _drop_forwards(self, by_rank: dict[int, list[str]], reason: str) -> None:
+        """A graph was given up: have its sidecars free its forwards now (fire and forget, `forwards.py`)."""
+        if not by_rank:
+            return
+        task = asyncio.ensure_future(drop_forwards(self.nc, by_rank, reason))
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+
     def _background_done(self, task: asyncio.Task[None]) -> None:
         self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            logger.error("publishing RouteDone failed", exc_info=task.exception())
+            logger.error("a background publish (RouteDone, forward drops) failed", exc_info=task.exception())
 
 
 async def _wait_event(event: asyncio.Event, timeout: float) -> bool:

@@ -10,7 +10,8 @@ requests already admitted keep their latency. An app that declares `max_concurre
 `AppConfig` has no capacity at all: `503 no_capacity`.
 
 The check happens before the request body is read, so a refused request costs the gateway a few
-hundred bytes and no app code runs. A queued request's wait counts against its request deadline
+hundred bytes and no app code runs. A queued request whose client hangs up leaves the queue at
+once (its connection is watched as a running invocation's is). A queued request's wait counts against its request deadline
 (`--request-timeout`): if no slot frees up in time, it is `504 request_timeout` like any other
 invocation that runs out of time.
 """
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from cornserve.app import AppConfig
+from cornserve.gateway.disconnect import cancel_on_disconnect
 from cornserve.gateway.errors import HTTPError
 
 ARRIVED_KEY = web.RequestKey("cornserve_arrived", float)
@@ -130,6 +132,14 @@ class Admission:
         self._gates[name] = (config, gate)
         return gate
 
+    def counts(self, name: str) -> dict[str, int]:
+        """Running and waiting invocations of app `name` (GET /apps/{name} shows them; 0 before any)."""
+        known = self._gates.get(name)
+        gate = known[1] if known is not None else None
+        return (
+            {"running": gate.running, "waiting": len(gate.waiters)} if gate else {"running": 0, "waiting": 0}
+        )
+
     def stats(self) -> dict[str, dict[str, int]]:
         """Running and waiting invocations per app (for logs and tests)."""
         return {
@@ -146,7 +156,9 @@ class Admission:
 
         `resolve` raises for an unknown app (404) and returns None for one that is not ready (the
         handler answers 409), so neither takes a slot. The slot is held until the handler returns,
-        which for a stream is when the stream has ended.
+        which for a stream is when the stream has ended. A client that hangs up while queued leaves
+        the queue at once (`cancel_on_disconnect`), so a dead request never takes a slot and the
+        next one can queue in its place.
         """
         request[ARRIVED_KEY] = asyncio.get_running_loop().time()
         config = resolve(request)
@@ -156,7 +168,7 @@ class Admission:
         gate = self.gate(name, config)
         limit = asyncio.timeout(self.request_timeout_s)
         try:
-            async with limit:
+            async with cancel_on_disconnect(request), limit:
                 await gate.acquire()
         except TimeoutError:
             if limit.expired():

@@ -6,6 +6,14 @@ invocations are different: nothing but the caller waits for them, and a driver n
 dispatchers, executors and the LLM busy. `cancel_on_disconnect` watches the connection of one
 invocation and cancels the handler's task when it closes; the driver's clean-up (closing its
 streams, abandoning its graphs) then cancels its graphs in the dispatchers (`dispatch_client`).
+
+Why it polls (every `POLL_S`) instead of waiting for a connection-lost signal: aiohttp (3.14)
+exposes none to a handler. Its protocol's `connection_lost` cancels the handler task only under
+`handler_cancellation`, and otherwise only sets an exception on the request's body stream, which
+wakes nothing once the body was read (it even clears the stream's `on_eof` callbacks); hooking
+the protocol's private method would break with any aiohttp release. So a watcher looks at the
+transport: one sleeping task per invocation in flight (admission bounds them per app), waking ten
+times a second for a check that costs a few attribute reads.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from typing import Any
 import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
+from nats.aio.subscription import DEFAULT_SUB_PENDING_BYTES_LIMIT, Subscription
 from pydantic import TypeAdapter, ValidationError
 
 from cornserve.bus.control import (
@@ -44,6 +44,7 @@ from cornserve.bus.control import (
     StreamMessage,
 )
 from cornserve.bus.error_codec import decode_error
+from cornserve.bus.reply_parts import ReplyAssembler, ReplyPartError
 from cornserve.bus.schemas import new_request_id
 from cornserve.gateway.forward_ids import forward_ids, fresh_ids, replace_ids
 from cornserve.runtime.logging import request_id_var
@@ -93,6 +94,9 @@ class DispatcherLost(DispatchError):
         self.replica_id = replica_id
         self.relayed = relayed
 
+
+DEFAULT_MAX_REPLY_BYTES = 64 * 1024 * 1024
+"""The largest graph reply the gateway takes (in parts, when it is larger than one bus message)."""
 
 HEADER_ROOM = 4096
 """Bytes of `max_payload` kept for the message's headers (the server counts them in the limit)."""
@@ -195,10 +199,18 @@ class GraphInbox:
         *,
         cancel_id: str | None = None,
         request_id: str = "",
+        max_reply_bytes: int = 0,
     ) -> GraphInbox:
-        """Subscribe before anything is sent (on `prefix`, or a new inbox)."""
+        """Subscribe before anything is sent (on `prefix`, or a new inbox).
+
+        The subscription may queue a whole reply in parts (`max_reply_bytes`) besides keepalives
+        and stream items: its pending-bytes bound (nats-py drops messages beyond it) is raised to
+        twice that when nats-py's default (128 MiB) is smaller.
+        """
         prefix = prefix or nc.new_inbox()
-        return cls(nc, await nc.subscribe(f"{prefix}.*"), prefix, liveness, cancel_id, request_id)
+        pending = max(DEFAULT_SUB_PENDING_BYTES_LIMIT, 2 * max_reply_bytes)
+        sub = await nc.subscribe(f"{prefix}.*", pending_bytes_limit=pending)
+        return cls(nc, sub, prefix, liveness, cancel_id, request_id)
 
     async def next(self, deadline: float, doing: str, relayed: bool) -> Msg | None:
         """The next reply or stream message (keepalives are absorbed); None past `deadline`.
@@ -392,13 +404,16 @@ class DispatcherClient:
         margin_s: float = 10.0,
         keepalive_interval_s: float = 1.0,
         keepalive_timeout_s: float = 6.0,
+        max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES,
     ) -> None:
         """`timeout_s` is each graph's deadline in the dispatcher; the reply is awaited `margin_s` longer.
 
         A relayed stream fails if no message arrives for `timeout_s + margin_s` (the dispatcher
         applies `timeout_s` as the idle deadline of the executor's stream). The replica is asked
         for a keepalive every `keepalive_interval_s` and counts as lost after `keepalive_timeout_s`
-        without one (also the deadline for its first one, the acknowledgement).
+        without one (also the deadline for its first one, the acknowledgement). A reply larger
+        than one bus message comes in ordered parts, at most `max_reply_bytes` in all (larger: 502
+        `output_too_large`, and the graph is not retried: it ran).
         """
         if keepalive_timeout_s <= keepalive_interval_s:
             raise ValueError("keepalive_timeout_s must be longer than keepalive_interval_s")
@@ -407,6 +422,7 @@ class DispatcherClient:
         self.margin_s = margin_s
         self.keepalive_interval_s = keepalive_interval_s
         self.keepalive_timeout_s = keepalive_timeout_s
+        self.max_reply_bytes = max_reply_bytes
 
     async def run_graph(self, invocations: Sequence[TaskInvocation]) -> list[TaskOutput]:
         """Execute `invocations`; raise DispatchError (a TaskExecutionError) if the graph fails.
@@ -449,6 +465,8 @@ class DispatcherClient:
             keepalive_subject=f"{prefix}.alive",
             keepalive_interval_s=self.keepalive_interval_s,
             cancel_id=secrets.token_hex(16),
+            reply_parts_subject=f"{prefix}.part",
+            max_reply_bytes=self.max_reply_bytes,
         )
         data = payload.model_dump_json().encode()
         limit = payload_limit(self._nc)
@@ -460,6 +478,7 @@ class DispatcherClient:
             prefix,
             cancel_id=payload.cancel_id,
             request_id=payload.request_id,
+            max_reply_bytes=self.max_reply_bytes,
         )
         try:
             await self._nc.publish(DISPATCH_INVOKE, data, reply=f"{inbox.prefix}.reply")
@@ -483,9 +502,14 @@ class DispatcherClient:
         return inbox
 
     async def _await_reply(self, inbox: GraphInbox, streaming: bool) -> InvokeReply:
-        """The replica's reply; stream messages arriving first are kept for the stream."""
+        """The replica's reply (one message, or ordered parts); stream messages arriving first are kept.
+
+        Parts are bounded like the reply itself: by the reply deadline, the replica's keepalives
+        (which it sends until the last part is out) and `max_reply_bytes`.
+        """
         timeout = self.timeout_s + self.margin_s
         deadline = asyncio.get_running_loop().time() + timeout
+        parts = ReplyAssembler(self.max_reply_bytes)
         while True:
             msg = await inbox.next(deadline, "running the graph", relayed=False)
             if msg is None:
@@ -506,6 +530,12 @@ class DispatcherClient:
                     ) from None
                 inbox.stream_early[early.seq] = early
                 continue
+            if msg.subject.endswith(".part"):
+                whole = self._add_part(parts, msg)
+                if whole is None:
+                    continue
+                inbox.settled = not streaming
+                return self._reply_from(whole)
             if msg.subject.endswith(".reply"):
                 try:
                     reply = self._parse_reply(msg, inbox.liveness)
@@ -541,8 +571,23 @@ class DispatcherClient:
                 position=position if isinstance(position, int) else None,
                 retry_after_s=float(retry_after) if isinstance(retry_after, int | float) else None,
             )
+        return self._reply_from(msg.data)
+
+    @staticmethod
+    def _add_part(parts: ReplyAssembler, msg: Msg) -> bytes | None:
+        """One part of a large reply; the whole reply once complete. A bad part ends the graph (502)."""
         try:
-            return InvokeReply.model_validate_json(msg.data)
+            return parts.add(msg.headers, msg.data)
+        except ReplyPartError as exc:
+            # Only a sender that ignored our cap or broke the order gets here: the graph ran (or
+            # still runs; closing the inbox cancels it). Never retried: it is not a lost replica.
+            error = "output_too_large" if exc.too_large else "bad_reply"
+            raise DispatchError(str(exc), code=502, error=error) from None
+
+    @staticmethod
+    def _reply_from(data: bytes) -> InvokeReply:
+        try:
+            return InvokeReply.model_validate_json(data)
         except ValidationError as exc:
             raise DispatchError(
                 f"the dispatcher sent a malformed reply: {exc}", code=502, error="bad_reply"

@@ -24,7 +24,7 @@ from cornserve.gateway import __version__
 from cornserve.gateway.admission import AdmissionLimits
 from cornserve.gateway.app_loading import AppLoader
 from cornserve.gateway.auth import AuthConfigError, Credentials
-from cornserve.gateway.dispatch_client import DispatcherClient
+from cornserve.gateway.dispatch_client import DEFAULT_MAX_REPLY_BYTES, DispatcherClient
 from cornserve.gateway.routes import Gateway
 from cornserve.gateway.sessions import SessionLimits, SessionRegistry
 from cornserve.gateway.tls import TLSConfigError, is_loopback, server_context
@@ -69,6 +69,8 @@ class GatewaySettings(ServiceSettings):
     """Deadline for deploying an app's tasks."""
     graph_timeout: float = Field(default=300.0, gt=0)
     """Deadline for executing one task graph."""
+    max_reply_bytes: int = Field(default=DEFAULT_MAX_REPLY_BYTES, gt=0)
+    """Largest graph reply taken (in parts past the bus's max_payload); larger is 502 output_too_large."""
     request_timeout: float = Field(default=600.0, gt=0, allow_inf_nan=False)
     """Deadline of one app invocation: its driver, graphs and whole stream; past it, 504 and cancel."""
     app_max_concurrency: int = Field(default=64, ge=1)
@@ -161,7 +163,9 @@ async def serve(settings: GatewaySettings, nc: Client) -> AsyncIterator[None]:
         await libraries.start()
         stack.push_async_callback(libraries.stop)
         rm = ResourceManagerClient(nc, deploy_timeout_s=settings.deploy_timeout)
-        dispatcher = DispatcherClient(nc, timeout_s=settings.graph_timeout)
+        dispatcher = DispatcherClient(
+            nc, timeout_s=settings.graph_timeout, max_reply_bytes=settings.max_reply_bytes
+        )
         set_graph_runner(dispatcher)
         sessions = SessionRegistry(
             rm,

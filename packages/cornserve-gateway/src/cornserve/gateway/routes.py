@@ -229,9 +229,10 @@ class Gateway:
         return web.json_response([a.summary() for a in self.apps.all()])
 
     async def get_app(self, request: web.Request) -> web.Response:
-        """GET /apps/{name}: state, tasks and request/response schemas."""
+        """GET /apps/{name}: state, tasks, invocations running and queued, request/response schemas."""
         app = self.apps.get(request.match_info["name"])
         body = app.summary()
+        body["admission"] = self.admission.counts(app.record.name)
         if app.spec is not None:
             body["request_schema"] = app.spec.request_model.model_json_schema()
             body["response_schema"] = app.spec.response_model.model_json_schema()

@@ -76,6 +76,10 @@ class DataExpired(SidecarError, kind="data_expired"):
     """Nobody claimed the data within the TTL; it was freed."""
 
 
+class DataDropped(SidecarError, kind="data_dropped"):
+    """The data's graph was given up (cancelled or failed) and its dispatcher had it freed."""
+
+
 class AlreadyConsumed(SidecarError, kind="already_consumed"):
     """``recv`` after ``mark_done`` of the same chunk."""
 

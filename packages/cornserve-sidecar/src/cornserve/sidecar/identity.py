@@ -53,3 +53,4 @@ class LossCounters:
 
     expired_total: int = 0
     lost_total: int = 0
+    dropped_total: int = 0

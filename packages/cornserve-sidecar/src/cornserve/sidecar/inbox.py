@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from cornserve.bus.micro import ServiceFault
 from cornserve.bus.sidecar import (
@@ -30,7 +31,22 @@ from cornserve.sidecar.identity import LossCounters, ServerIdentity
 from cornserve.sidecar.mailbox import Mailbox, Slot, SlotState
 from cornserve.sidecar.peers import Peers
 
-_ERROR_OF_STATE = {"done": "already_consumed", "lost": "data_lost", "expired": "data_expired"}
+_ERROR_OF_STATE = {
+    "done": "already_consumed",
+    "lost": "data_lost",
+    "expired": "data_expired",
+    "dropped": "data_dropped",
+}
+
+
+class DroppedIdsView(Protocol):
+    """What the inbox asks of the dropped ids (`cornserve.sidecar.dropping.DroppedIds`)."""
+
+    def __contains__(self, id_: object) -> bool:
+        """Whether `id_` was dropped recently."""
+
+    def add(self, id_: str) -> None:
+        """Remember `id_` as dropped."""
 
 
 @dataclass
@@ -42,6 +58,8 @@ class Inbox:
     holdings: Holdings
     peers: Peers
     counters: LossCounters
+    dropped: DroppedIdsView
+    """Ids whose graph was given up (`dropping.py`): what still arrives for them is freed at once."""
     mailbox: Mailbox = field(default_factory=Mailbox)
 
     async def on_deliver(self, req: DeliverRequest) -> SidecarAck:
@@ -96,6 +114,11 @@ class Inbox:
                 location=req.location,
                 owned_offset=owned_offset,
             )
+            if req.id in self.dropped:  # arrived after its graph was given up: free it now
+                self.consume(
+                    req.id, req.chunk_id, box.chunks[req.chunk_id], "dropped", "its graph was given up"
+                )
+                self.counters.dropped_total += 1
         if req.num_chunks is not None:
             box.num_chunks = req.num_chunks
         self.mailbox.retire_if_finished(req.id)
@@ -123,6 +146,15 @@ class Inbox:
     def _try_recv(self, req: RecvRequest) -> RecvReply | None:
         """The answer to ``req`` if there is one now; None means keep waiting."""
         end = RecvReply(request_id=req.request_id, instance=self.me.instance, end_of_stream=True)
+        if req.id in self.dropped:
+            raise ServiceFault(
+                410,
+                "data_dropped",
+                f"id {req.id!r} was dropped on rank {self.me.rank}: its graph was given up",
+                id=req.id,
+                chunk_id=req.chunk_id,
+                rank=self.me.rank,
+            )
         done_len = self.mailbox.finished.get(req.id)
         box = self.mailbox.boxes.get(req.id)
         if box is None and done_len is not None:
@@ -215,6 +247,18 @@ class Inbox:
             else:
                 self.counters.expired_total += 1
             self.mailbox.wake(id_)
+
+    def drop(self, id_: str, reason: str) -> int:
+        """Free every received chunk of `id_` not yet consumed, and wake its receivers; how many."""
+        box = self.mailbox.boxes.get(id_)
+        freed = 0
+        if box is not None:
+            for chunk, slot in box.chunks.items():
+                if slot.state == "ready":
+                    self.consume(id_, chunk, slot, state="dropped", reason=reason)
+                    freed += 1
+        self.mailbox.wake(id_)
+        return freed
 
     def forget_source(self, rank: int, new_instance: str) -> None:
         """A source rank restarted: chunks whose bytes lived in its old arena are gone."""

@@ -15,7 +15,7 @@ from typing import Literal
 
 from cornserve.bus.sidecar import Location
 
-SlotState = Literal["ready", "done", "lost", "expired"]
+SlotState = Literal["ready", "done", "lost", "expired", "dropped"]
 FINISHED_MEMORY = 65536
 """How many fully consumed ids we remember, so late receives get a precise answer instead of a hang."""
 

@@ -60,6 +60,19 @@ class Outbox:
         deadline = time.monotonic() + req.timeout
         key = (req.id, req.chunk_id)
         loc = req.location
+        if req.id in self.inbox.dropped:
+            # Its graph was given up (the producer had not noticed yet): free the bytes, send nothing.
+            if (
+                loc.transport == "shm"
+                and loc.arena == self.memory.arena.name
+                and loc.offset in self.memory.unsent
+            ):
+                self.memory.discard_unsent(loc.offset)
+            raise ServiceFault(
+                410,
+                "data_dropped",
+                f"id {req.id!r} was dropped on rank {self.me.rank}: its graph was given up",
+            )
         if key in self.holdings.held:
             raise ServiceFault(
                 409, "bad_request", f"id {req.id!r} chunk {req.chunk_id} is already in flight from here"

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from cornserve.bus.sidecar import Key, NoticeRequest
 from cornserve.bus.subjects import SidecarVerb
 from cornserve.sidecar.allocation import ArenaMemory
+from cornserve.sidecar.dropping import DroppedIds
 from cornserve.sidecar.holdings import Holdings
 from cornserve.sidecar.identity import LossCounters, ServerIdentity
 from cornserve.sidecar.inbox import Inbox
@@ -40,6 +41,7 @@ class Reaper:
     peers: Peers
     counters: LossCounters
     background: BackgroundTasks
+    dropped: DroppedIds
 
     async def run_forever(self) -> None:
         """Sweep a few times per TTL (at most every 5 s) until cancelled; no failure stops it.
@@ -63,7 +65,14 @@ class Reaper:
         """
         cutoff = time.monotonic() - self.me.ttl_s
         failed = 0
-        for sweep in (self._reap_unsent, self._reap_held, self._reap_streams, self._reap_received):
+        sweeps = (
+            self._reap_unsent,
+            self._reap_held,
+            self._reap_streams,
+            self._reap_received,
+            self._reap_drops,
+        )
+        for sweep in sweeps:
             try:
                 sweep(cutoff)
             except Exception:
@@ -136,6 +145,9 @@ class Reaper:
                     self.me.ttl_s,
                 )
                 del self.outbox.streams[id_]
+
+    def _reap_drops(self, cutoff: float) -> None:
+        self.dropped.forget_before(cutoff)
 
     def _reap_received(self, cutoff: float) -> None:
         mailbox = self.inbox.mailbox

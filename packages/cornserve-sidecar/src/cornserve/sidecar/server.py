@@ -39,6 +39,7 @@ from cornserve.bus.sidecar import (
     CloseStreamRequest,
     DeliverRequest,
     DoneRequest,
+    DropRequest,
     FreeRequest,
     InfoReply,
     InfoRequest,
@@ -65,6 +66,7 @@ from cornserve.runtime.settings import Flag, ProcessInfo, ServiceSettings
 from cornserve.sidecar import __version__
 from cornserve.sidecar.allocation import ArenaMemory
 from cornserve.sidecar.arena import Arena, arena_name
+from cornserve.sidecar.dropping import DroppedIds, Dropper
 from cornserve.sidecar.holdings import Holdings
 from cornserve.sidecar.identity import LossCounters, ServerIdentity
 from cornserve.sidecar.inbox import Inbox
@@ -112,8 +114,10 @@ class SidecarServer:
         self.memory = ArenaMemory(self.me, arena_bytes)
         self.peers = Peers(self.me, self._own_info, self.background, self._on_peer_restart)
         self.holdings = Holdings(self.me, self.memory, self.peers, self.background)
-        self.inbox = Inbox(self.me, self.memory, self.holdings, self.peers, self.counters)
+        self.dropped = DroppedIds()
+        self.inbox = Inbox(self.me, self.memory, self.holdings, self.peers, self.counters, self.dropped)
         self.outbox = Outbox(self.me, self.memory, self.holdings, self.inbox, self.peers)
+        self.dropper = Dropper(self.me, self.memory, self.holdings, self.inbox, self.outbox, self.counters)
         self.landing = TcpLanding(self.me, self.memory, self.inbox)
         self.reaper = Reaper(
             self.me,
@@ -124,6 +128,7 @@ class SidecarServer:
             self.peers,
             self.counters,
             self.background,
+            self.dropped,
         )
         self._runner = HandlerRunner()
         self._nc: Client | None = None
@@ -224,6 +229,7 @@ class SidecarServer:
             (SidecarVerb.DELIVER, DeliverRequest, self.inbox.on_deliver),
             (SidecarVerb.RELEASE, ReleaseChunkRequest, self.holdings.on_release),
             (SidecarVerb.NOTICE, NoticeRequest, self.inbox.on_notice),
+            (SidecarVerb.DROP, DropRequest, self.dropper.on_drop),
         ]
         for verb, model, fn in routes:
             await svc.add_endpoint(
