@@ -74,6 +74,7 @@ class Sampling:
         return {"rounds": self.rounds, "skipped": len(self.skipped), "reasons": dict(reasons)}
 
 
+@pytest.mark.timeout(SOAK_S + 900)  # the whole soak, plus the cluster's start-up and teardown
 def test_soak_with_periodic_faults(tmp_path: Path) -> None:
     # Synchronous: the cluster's start-up and teardown run event loops of their own.
     with supervised_cluster(tmp_path) as state:
