@@ -40,6 +40,7 @@ from cornserve.cli.natsauth import (
 )
 from cornserve.cli.natsserver import NatsServerError, NatsServerProcess
 from cornserve.runtime.detached import DetachedGroups
+from cornserve.runtime.metrics import child_environment
 from cornserve.runtime.nats import NatsAuthError, NatsConnectTimeout
 from cornserve.runtime.natscreds import NatsCredentialsError
 from cornserve.runtime.process import ProcessGroup, free_port, log_tail, pid_alive, signal_group, wait_for
@@ -147,6 +148,8 @@ class LocalCluster:
     """The gateway's admin token (set by `start`; see `cornserve.cli.admintoken`)."""
     nats_auth: NatsAuth | None = None
     """The generated per-role NATS credentials (None with an external NATS)."""
+    metrics: dict[str, str] = field(default_factory=dict)
+    """Prometheus metrics page of every service (name → URL); task managers report theirs in GET /tasks."""
     nats_sync_interval: str = NATS_SYNC_INTERVAL
     """JetStream ``sync_interval`` of the embedded NATS ("default", "always" or a duration like 1s)."""
 
@@ -173,8 +176,13 @@ class LocalCluster:
         """The node id of this cluster (sidecars with the same node share memory)."""
         return f"local-{self.cluster_id}"
 
-    def _child(self, name: str, module: str, *args: str, role: str) -> Child:
+    def _child(self, name: str, module: str, *args: str, role: str, metrics: bool = True) -> Child:
+        """A service to start; `metrics`: give it a metrics port of its own (services without HTTP)."""
         log_path = self.state_dir / "logs" / f"{name}.log"
+        if metrics:
+            port = free_port()
+            args = (*args, "--metrics-port", str(port), "--metrics-host", "127.0.0.1")
+            self.metrics[name] = f"http://127.0.0.1:{port}/metrics"
         child = Child(name, [sys.executable, "-m", module, *args], log_path, env=self._nats_env(role))
         self.children.append(child)
         return child
@@ -229,7 +237,11 @@ class LocalCluster:
         devices = gpus or self.cpu_slots
         kind = "GPU" if gpus else "CPU slot"
         self.say(f"NATS at {self.nats_url}; {devices} {kind}(s)")
-        env = {**os.environ, "CORNSERVE_NATS_URL": self.nats_url, "PYTHONUNBUFFERED": "1"}
+        env = {
+            **child_environment(dict(os.environ)),
+            "CORNSERVE_NATS_URL": self.nats_url,
+            "PYTHONUNBUFFERED": "1",
+        }
         # The sidecars' per-cluster peer secret: they authenticate each other on the TCP data path.
         peer_secret = write_secret_file(self.state_dir / SIDECAR_SECRET_FILE, new_token())
         for rank in range(devices):
@@ -240,7 +252,7 @@ class LocalCluster:
                 role=SIDECAR,
             )
         rm_args = ["--node", self.node, "--log-dir", str(self.state_dir / "logs")]
-        rm_args += ["--task-manager-dir", str(self.state_dir / TASK_MANAGER_DIR)]
+        rm_args += ["--task-manager-dir", str(self.state_dir / TASK_MANAGER_DIR), "--task-manager-metrics"]
         if not gpus:
             rm_args += ["--cpu-slots", str(self.cpu_slots)]
         self._child("resource-manager", "cornserve.resource_manager.main", *rm_args, role=RESOURCE_MANAGER)
@@ -254,8 +266,9 @@ class LocalCluster:
             )
         self._child(
             "gateway", "cornserve.gateway.main", "--host", self.host, "--port", str(self.port),
-            *self._gateway_auth_args(), role=GATEWAY,
+            *self._gateway_auth_args(), role=GATEWAY, metrics=False,
         )  # fmt: skip
+        self.metrics["gateway"] = f"{self.url}/metrics"
         self.env = {**env, "CORNSERVE_NODE": self.node}
         for child in self.children:
             self.say(f"starting {child.name}")
@@ -278,6 +291,7 @@ class LocalCluster:
             "nats_url": self.nats_url,
             "nats_auth_dir": str(self.nats_auth.directory) if self.nats_auth is not None else None,
             "node": self.node,
+            "metrics": self.metrics,
             "children": [{"name": c.name, "pid": c.proc.pid} for c in self.children if c.proc is not None],
         }
         (self.state_dir / STATE_FILE).write_text(json.dumps(state, indent=2))

@@ -28,6 +28,8 @@ Scope = Literal["open", "invoke", "admin"]
 
 ROUTE_SCOPES: dict[tuple[str, str], Scope] = {
     ("GET", "/health"): "open",
+    # Counts and latencies per route and app name; no payloads, tokens or ids (docs/security.md).
+    ("GET", "/metrics"): "open",
     # The document lists every app's request and response schema: what an invoke client needs.
     ("GET", "/openapi.json"): "invoke",
     ("POST", "/apps"): "admin",

@@ -29,10 +29,17 @@ from cornserve.gateway.disconnect import cancel_on_disconnect
 from cornserve.gateway.discovery import ping_services
 from cornserve.gateway.driver import parse_request, run_streaming, run_unary
 from cornserve.gateway.errors import HTTPError, to_http_error
+from cornserve.gateway.metrics import (
+    count_stream_error,
+    metrics_middleware,
+    timed_stream,
+    watch_admission,
+)
 from cornserve.gateway.openapi import openapi_document
 from cornserve.gateway.sessions import SessionCreate, SessionDeploy, SessionRegistry, redact_path
 from cornserve.gateway.streaming import StreamWriter, wants_sse
 from cornserve.runtime.logging import set_request_id
+from cornserve.runtime.metrics import metrics_route
 from cornserve.task import ClassKey, GraphRunner, Stream, TaskInvocation, TaskOutput
 from cornserve.task.library import check_library_name, load_task_library
 
@@ -139,6 +146,7 @@ class Gateway:
         self._tasklibs_kv = tasklibs_kv
         self.request_timeout_s = request_timeout_s
         self.admission = Admission(admission or AdmissionLimits(), request_timeout_s)
+        watch_admission(self.admission.stats)
 
     def app(self, credentials: Credentials, max_body: int = MAX_BODY) -> web.Application:
         """The aiohttp application with every route, each behind the scope `auth.ROUTE_SCOPES` gives it.
@@ -148,12 +156,14 @@ class Gateway:
         source into the KV store. Bigger bodies are thus refused before any work starts.
         """
         app = web.Application(
-            middlewares=[error_middleware, auth_middleware(credentials)], client_max_size=max_body
+            middlewares=[metrics_middleware, error_middleware, auth_middleware(credentials)],
+            client_max_size=max_body,
         )
         app[MAX_BODY_KEY] = max_body
         app.add_routes(
             [
                 web.get("/health", self.health),
+                web.get("/metrics", metrics_route),
                 web.get("/openapi.json", self.openapi),
                 web.post("/apps", self.register_app),
                 web.get("/apps", self.list_apps),
@@ -291,7 +301,7 @@ class Gateway:
                     raise self._timed_out(name) from None
                 raise
             return web.Response(text=result.model_dump_json(), content_type="application/json")
-        items = run_streaming(spec, payload)
+        items = timed_stream(name, request.get(ARRIVED_KEY, loop.time()), run_streaming(spec, payload))
         first_limit = asyncio.timeout_at(deadline)
         try:
             async with first_limit:
@@ -318,6 +328,7 @@ class Gateway:
         except Exception as exc:
             error = self._timed_out(name) if limit.expired() else to_http_error(exc)
             logger.warning("app %r failed while streaming: %s", name, error.message)
+            count_stream_error(name)
             await stream.fail(error.body())
         finally:
             await items.aclose()
@@ -342,6 +353,7 @@ class Gateway:
                     "executors": [e.model_dump(mode="json") for e in d.executors],
                     "devices": [dev.model_dump(mode="json") for dev in d.devices],
                     "message": d.message,
+                    "metrics_url": d.metrics_url,
                 }
             )
         devices = [dev.model_dump(mode="json") for dev in state.devices]
