@@ -38,6 +38,19 @@ def demo_image_url() -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def chunk_text(item: Any) -> str:
+    """The text a streamed `chat.completion.chunk` (the demo app's output) adds, "" for none."""
+    if not isinstance(item, dict):
+        return ""
+    choices = item.get("choices")
+    pieces = [
+        c["delta"].get("content") or ""
+        for c in choices or []
+        if isinstance(c, dict) and isinstance(c.get("delta"), dict)
+    ]
+    return "".join(p for p in pieces if isinstance(p, str))
+
+
 def ensure_model(model: str | None, state_dir: Path) -> str:
     """The model to serve: `--model`, `$CORNSERVE_DEMO_MODEL`, or the tiny demo checkpoint (built if missing)."""
     chosen = model or os.environ.get("CORNSERVE_DEMO_MODEL")
@@ -73,8 +86,15 @@ async def register_and_ask(
                 print(f"  [{time.monotonic() - started:6.1f}s] {event['task_key']}: {event['stage']}{detail}")
         print(f"app 'demo' is ready ({time.monotonic() - started:.1f}s)")
         request: dict[str, Any] = {
-            "prompt": prompt,
-            "image_urls": [image_url],
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": image_url}},
+                        {"type": "text", "text": prompt},
+                    ],
+                }
+            ],
             "max_completion_tokens": max_tokens,
         }
         print(f"\nrequest: {prompt!r} + one 96x96 image")
@@ -83,10 +103,13 @@ async def register_and_ask(
         first: float | None = None
         chunks = 0
         async for item in client.invoke_app("demo", request):
+            text = chunk_text(item)
+            if not text:
+                continue  # the role, finish and usage chunks carry no text
             if first is None:
                 first = time.monotonic()
             chunks += 1
-            print(item.get("text", ""), end="", flush=True)
+            print(text, end="", flush=True)
         total = time.monotonic() - sent
         ttft = (first - sent) * 1000 if first is not None else float("nan")
         print(f"\n\n{chunks} chunks; time to first token {ttft:.0f} ms; total {total:.2f} s")
@@ -129,7 +152,10 @@ def run_demo(
         )
         asyncio.run(register_and_ask(cluster, DEMO_APP.read_text(), prompt, demo_image_url(), max_tokens))
         if not once:
-            print(f"\nserving app 'demo' at {cluster.url}/apps/demo/invoke — Ctrl-C stops")
+            print(
+                f"\nserving app 'demo' at {cluster.url}/apps/demo/invoke and, for OpenAI clients, "
+                f"{cluster.url}/v1/chat/completions (model 'demo') — Ctrl-C stops"
+            )
             print(
                 f"  try: CORNSERVE_URL={cluster.url} CORNSERVE_STATE_DIR={state_dir} "
                 "cornserve invoke demo @examples/mllm_request.json"
