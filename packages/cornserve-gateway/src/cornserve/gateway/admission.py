@@ -18,9 +18,10 @@ invocation that runs out of time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -152,7 +153,16 @@ class Admission:
         config = resolve(request)
         if config is None:
             return await handler(request)
-        name = request.match_info["name"]
+        async with self.slot(request.match_info["name"], config):
+            return await handler(request)
+
+    @contextlib.asynccontextmanager
+    async def slot(self, name: str, config: type[AppConfig]) -> AsyncIterator[None]:
+        """Hold one running slot of app `name`'s gate (429/503 at once when full; 504 past the deadline).
+
+        For a route that learns the app from the body (`/v1/chat/completions`, `model`): it calls
+        this once it knows the app, after setting the request's `ARRIVED_KEY`.
+        """
         gate = self.gate(name, config)
         limit = asyncio.timeout(self.request_timeout_s)
         try:
@@ -168,6 +178,6 @@ class Admission:
                 ) from None
             raise
         try:
-            return await handler(request)
+            yield
         finally:
             gate.release()
