@@ -186,7 +186,7 @@ async def test_the_client_finds_the_token_and_explains_refusals(
 ) -> None:
     async with CornserveClient(cluster.url, state_dir=cluster.state_dir, ca_file=certificate.cert) as client:
         assert client.token is not None and client.token.source == str(cluster.state_dir / "admin-token")
-        assert [a["name"] for a in await client.list_apps()] == [echo_app]
+        assert [a.name for a in await client.list_apps()] == [echo_app]
     monkeypatch.setenv("CORNSERVE_API_KEY", api_keys[1])
     async with CornserveClient(cluster.url, state_dir=cluster.state_dir, ca_file=certificate.cert) as client:
         assert [item async for item in client.invoke_app(echo_app, {"text": "key"})] == [{"text": "key"}]

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cornserve.bus.control import ProgressEvent
 from cornserve.cli.launcher import LaunchError, LocalCluster
 from cornserve.client import CornserveClient, CornserveError
 
@@ -76,14 +77,14 @@ async def register_and_ask(
     async with CornserveClient(cluster.url, token=cluster.admin_token, ca_file=cluster.tls_cert) as client:
         started = time.monotonic()
         print("registering examples/mllm_app.py as app 'demo' ...")
-        if any(app["name"] == "demo" for app in await client.list_apps()):
+        if any(app.name == "demo" for app in await client.list_apps()):
             # The state dir keeps apps across runs; the model may have changed since, so start afresh.
             print("  app 'demo' is still registered from an earlier run; replacing it")
             await client.unregister_app("demo")
         async for event in client.register_app("demo", app_source):
-            if "stage" in event:
-                detail = f" — {event['message']}" if event.get("message") else ""
-                print(f"  [{time.monotonic() - started:6.1f}s] {event['task_key']}: {event['stage']}{detail}")
+            if isinstance(event, ProgressEvent):
+                detail = f" — {event.message}" if event.message else ""
+                print(f"  [{time.monotonic() - started:6.1f}s] {event.task_key}: {event.stage}{detail}")
         print(f"app 'demo' is ready ({time.monotonic() - started:.1f}s)")
         request: dict[str, Any] = {
             "messages": [
