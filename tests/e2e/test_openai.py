@@ -12,6 +12,10 @@ answer's token counts, and each error arrives as the client's exception type wit
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -266,6 +270,31 @@ def test_an_app_at_capacity_answers_429_with_retry_after(client: openai.OpenAI) 
         assert int(full.value.response.headers["Retry-After"]) >= 1
     finally:
         holding.close()  # hanging up cancels the generation and frees the slot
+
+
+def test_the_cli_invokes_the_example_request_and_prints_json_chunks_or_their_text(
+    cluster: LocalCluster,
+) -> None:
+    request = Path(__file__).resolve().parents[2] / "examples" / "mllm_request.json"
+    native_text, native_usage = asyncio.run(_native(cluster, "demo", json.loads(request.read_text())))
+    assert native_usage is not None
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "cornserve.cli.main", "invoke", *args, "demo", f"@{request}"],
+            env={**os.environ, "CORNSERVE_URL": cluster.url, "CORNSERVE_STATE_DIR": str(cluster.state_dir)},
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+
+    plain = cli()
+    assert plain.returncode == 0, plain.stderr
+    chunks = [json.loads(line) for line in plain.stdout.splitlines()]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    text = cli("--text")
+    assert text.returncode == 0, text.stderr
+    assert text.stdout == native_text + "\n"
+    prompt, completion = native_usage["prompt_tokens"], native_usage["completion_tokens"]
+    assert f"usage: prompt {prompt} + completion {completion} tokens" in text.stderr
 
 
 pytestmark = pytest.mark.timeout(900)

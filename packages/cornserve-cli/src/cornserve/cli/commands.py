@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from cornserve.bus.control import ProgressEvent
+from cornserve.cli.chat import chunk_text, chunk_usage
 from cornserve.cli.tables import table
 from cornserve.client import CornserveClient
 
@@ -78,11 +79,24 @@ async def apps(client: CornserveClient) -> int:
     return 0
 
 
-async def invoke(client: CornserveClient, app: str, request: str) -> int:
-    """Invoke an app; streamed items are printed as they arrive, one JSON object per line."""
+async def invoke(client: CornserveClient, app: str, request: str, text: bool = False) -> int:
+    """Invoke an app; streamed items are printed as they arrive, one JSON object per line.
+
+    With `text`, an app that streams chat-completion chunks has only their text printed, as it
+    arrives, and the token usage after it.
+    """
     payload = load_json_arg(request)
+    usage = None
     async for item in client.invoke_app(app, payload):
-        print(json.dumps(item), flush=True)
+        if text:
+            print(chunk_text(item), end="", flush=True)
+            usage = chunk_usage(item) or usage
+        else:
+            print(json.dumps(item), flush=True)
+    if text:
+        print()
+        if usage:
+            print(f"usage: {usage}", file=sys.stderr)
     return 0
 
 

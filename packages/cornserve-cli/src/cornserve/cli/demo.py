@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cornserve.bus.control import ProgressEvent
+from cornserve.cli.chat import chunk_text
 from cornserve.cli.launcher import LaunchError, LocalCluster
 from cornserve.client import CornserveClient, CornserveError
 
@@ -37,19 +38,6 @@ def demo_image_url() -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def chunk_text(item: Any) -> str:
-    """The text a streamed `chat.completion.chunk` (the demo app's output) adds, "" for none."""
-    if not isinstance(item, dict):
-        return ""
-    choices = item.get("choices")
-    pieces = [
-        c["delta"].get("content") or ""
-        for c in choices or []
-        if isinstance(c, dict) and isinstance(c.get("delta"), dict)
-    ]
-    return "".join(p for p in pieces if isinstance(p, str))
 
 
 def ensure_model(model: str | None, state_dir: Path) -> str:
@@ -159,7 +147,7 @@ def run_demo(
             )
             print(
                 f"  try: CORNSERVE_URL={cluster.url} CORNSERVE_STATE_DIR={state_dir} "
-                "cornserve invoke demo @examples/mllm_request.json"
+                "cornserve invoke --text demo @examples/mllm_request.json"
             )
             return cluster.supervise(lambda: stopping)
         return 0
