@@ -198,3 +198,4 @@ def test_every_body_is_a_generated_model_schema() -> None:
                 assert "$ref" in body["content"]["application/json"]["schema"], path
     chat = schemas["ChatCompletionRequest"]["properties"]
     assert "messages" in chat and "cornserve_embeddings" not in chat  # set by tasks, refused from callers
+    assert set(schemas["ChatCompletionRequest"]["required"]) == {"messages", "model"}

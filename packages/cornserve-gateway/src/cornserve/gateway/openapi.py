@@ -16,6 +16,7 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 from cornserve.bus.gateway_api import ErrorBody, OpenAIErrorBody
 from cornserve.gateway import __version__
 from cornserve.gateway.auth import ROUTE_SCOPES
+from cornserve.gateway.openai_compat import INTERNAL_FIELDS
 from cornserve.gateway.route_table import ROUTES, Route
 
 if TYPE_CHECKING:
@@ -25,9 +26,6 @@ BEARER = "bearer"
 """The one security scheme: `Authorization: Bearer <token>` (the admin token or an API key)."""
 
 REF = "#/components/schemas/{model}"
-
-INTERNAL_FIELDS = {"cornserve_embeddings"}
-"""Request fields the OpenAI route refuses from callers (set by tasks inside a graph only)."""
 
 
 def _models() -> list[tuple[type[BaseModel], JsonSchemaMode]]:
@@ -107,9 +105,11 @@ def _app_schema(
     return schema
 
 
-def _without_internal_fields(schema: dict[str, Any]) -> dict[str, Any]:
+def _as_openai_request(schema: dict[str, Any]) -> dict[str, Any]:
+    """The chat request as `/v1/chat/completions` takes it: `model` required, no internal fields."""
     properties = {k: v for k, v in schema.get("properties", {}).items() if k not in INTERNAL_FIELDS}
-    return {**schema, "properties": properties}
+    required = [*schema.get("required", []), "model"]
+    return {**schema, "properties": properties, "required": list(dict.fromkeys(required))}
 
 
 ANY_OBJECT: dict[str, Any] = {"type": "object", "description": "the app's request model (see its own entry)"}
@@ -128,7 +128,7 @@ def openapi_document(apps: list[App]) -> dict[str, Any]:
             request_schema = refs[(route.request, "validation")]
             if route.openai:
                 name = request_schema["$ref"].rsplit("/", 1)[1]
-                components[name] = _without_internal_fields(components[name])
+                components[name] = _as_openai_request(components[name])
         elif route.path.endswith("/invoke"):
             request_schema = ANY_OBJECT
         if route.response is not None:
