@@ -22,7 +22,7 @@ from typing import Any
 
 import openai
 import pytest
-from tests.e2e.test_mllm_apps import data_url, messages, picture, reference_text
+from tests.e2e.media import MAX_TOKENS, data_url, messages, picture, reference_text
 from tests.support.cluster import running_local_cluster
 from tests.support.plugin import TinyCheckpoint
 
@@ -31,7 +31,6 @@ from cornserve.cli.launcher import LocalCluster
 from cornserve.client import CornserveClient
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "mllm_app.py"
-MAX_TOKENS = 12
 PROMPT = "What is in this picture?"
 
 UNARY_SERVE = """
