@@ -28,7 +28,7 @@ from tests.support.plugin import TinyCheckpoint
 
 from cornserve.bus.control import ProgressEvent
 from cornserve.cli.launcher import LocalCluster
-from cornserve.client import CornserveClient
+from cornserve.client import CornserveClient, CornserveError
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "mllm_app.py"
 PROMPT = "What is in this picture?"
@@ -129,6 +129,15 @@ async def _native(local: LocalCluster, app: str, body: dict[str, Any]) -> tuple[
             text.extend(c["delta"].get("content") or "" for c in chunk["choices"])
             usage = chunk.get("usage") or usage
     return "".join(text), usage
+
+
+async def _native_error(local: LocalCluster, body: dict[str, Any]) -> CornserveError:
+    """The error the app's own invoke route answers `body` with."""
+    async with CornserveClient(local.url, token=local.admin_token) as client:
+        with pytest.raises(CornserveError) as refused:
+            async for _ in client.invoke_app("demo", body):
+                pass
+    return refused.value
 
 
 def _counts(usage: Any) -> tuple[int, int, int]:
@@ -249,6 +258,9 @@ def test_errors_arrive_as_the_clients_exception_types_in_openais_shape(
     assert (
         "file: URLs are off on this executor" in media.value.message and media.value.code == "invalid_input"
     )
+    with pytest.raises(openai.BadRequestError) as internal:  # forward ids are for tasks, not callers
+        client.chat.completions.create(model="demo", messages=msgs, extra_body={"cornserve_embeddings": []})
+    assert internal.value.param == "cornserve_embeddings"
     with pytest.raises(openai.AuthenticationError) as refused:
         stranger.chat.completions.create(model="demo", messages=msgs)
     assert refused.value.status_code == 401 and refused.value.type == "authentication_error"
@@ -285,6 +297,12 @@ def test_the_cli_invokes_the_example_request_and_prints_json_chunks_or_their_tex
             capture_output=True, text=True, timeout=120, check=False,
         )  # fmt: skip
 
+    internal = asyncio.run(
+        _native_error(cluster, {**json.loads(request.read_text()), "cornserve_embeddings": []})
+    )
+    assert (
+        internal.status == 400 and "cornserve_embeddings" in internal.message
+    )  # the native route refuses it too
     plain = cli()
     assert plain.returncode == 0, plain.stderr
     chunks = [json.loads(line) for line in plain.stdout.splitlines()]

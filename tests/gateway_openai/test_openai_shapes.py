@@ -79,10 +79,6 @@ async def test_the_v1_routes_answer_openai_shaped_errors_before_touching_any_app
             ("POST", "/v1/chat/completions", TOKEN, [1], 400, "invalid_request", None),
             ("POST", "/v1/chat/completions", TOKEN, {"messages": []}, 400, "invalid_request", "model"),
             ("POST", "/v1/chat/completions", TOKEN, {"model": "nope", "messages": []}, 404, "model_not_found", "model"),
-            (
-                "POST", "/v1/chat/completions", TOKEN,
-                {"model": "m", "messages": [], "cornserve_embeddings": []}, 400, "invalid_request", "cornserve_embeddings",
-            ),
         ]  # fmt: skip
         for method, path, token, body, status, code, param in cases:
             got, reply = await _call(client, method, path, token, body)

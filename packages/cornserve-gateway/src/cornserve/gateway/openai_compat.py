@@ -36,10 +36,6 @@ from cornserve.task.builtins import ChatCompletion, ChatCompletionChunk
 
 logger = logging.getLogger(__name__)
 
-INTERNAL_FIELDS = ("cornserve_embeddings",)
-"""Request fields only tasks inside a graph set (forward ids of another task's outputs): a caller's
-are refused, so no request can name data that belongs to another."""
-
 
 def _include_usage(body: dict[str, Any]) -> bool:
     options = body.get("stream_options")
@@ -77,14 +73,6 @@ class OpenAIFront:
                 "(GET /v1/models lists them)",
                 {"param": "model"},
             )
-        for field in INTERNAL_FIELDS:
-            if field in body:
-                raise HTTPError(
-                    400,
-                    "invalid_request",
-                    f'"{field}" is set by Cornserve\'s tasks, not by callers',
-                    {"param": field},
-                )
         app = self.apps.by_openai_model(model)
         spec = app.spec
         if spec is None or app.record.state != "ready":

@@ -16,7 +16,7 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 from cornserve.bus.gateway_api import ErrorBody, OpenAIErrorBody
 from cornserve.gateway import __version__
 from cornserve.gateway.auth import ROUTE_SCOPES
-from cornserve.gateway.openai_compat import INTERNAL_FIELDS
+from cornserve.gateway.driver import INTERNAL_FIELDS
 from cornserve.gateway.route_table import ROUTES, Route
 
 if TYPE_CHECKING:
