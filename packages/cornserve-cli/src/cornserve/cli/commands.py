@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cornserve.bus.control import ProgressEvent
+from cornserve.cli.chat import chunk_text, chunk_usage
 from cornserve.cli.tables import table
 from cornserve.client import CornserveClient
 
@@ -44,10 +46,10 @@ async def status(client: CornserveClient) -> int:
     except Exception as exc:
         print(f"cluster at {client.url}: not healthy ({exc})")
         return 1
-    print(f"cluster at {client.url}: {health['status']}")
-    print("services: " + ", ".join(f"{name} x{count}" for name, count in sorted(health["services"].items())))
+    print(f"cluster at {client.url}: {health.status}")
+    print("services: " + ", ".join(f"{name} x{count}" for name, count in sorted(health.services.items())))
     apps = await client.list_apps()
-    tasks = (await client.list_tasks())["tasks"]
+    tasks = (await client.list_tasks()).tasks
     print(f"apps: {len(apps)}   deployed unit tasks: {len(tasks)}")
     return 0
 
@@ -59,39 +61,49 @@ async def register(client: CornserveClient, path: str, name: str | None) -> int:
     start = time.monotonic()
     print(f"registering app {app_name!r} from {path} ...")
     async for event in client.register_app(app_name, source):
-        if "stage" in event:
-            detail = f" — {event['message']}" if event.get("message") else ""
-            print(f"  [{time.monotonic() - start:6.1f}s] {event['task_key']}: {event['stage']}{detail}")
+        if isinstance(event, ProgressEvent):
+            detail = f" — {event.message}" if event.message else ""
+            print(f"  [{time.monotonic() - start:6.1f}s] {event.task_key}: {event.stage}{detail}")
         else:
-            tasks = ", ".join(t["key"] for t in event.get("tasks", []))
-            print(
-                f"app {event['name']!r} is {event['state']} ({time.monotonic() - start:.1f}s); tasks: {tasks}"
-            )
+            tasks = ", ".join(t.key for t in event.tasks)
+            print(f"app {event.name!r} is {event.state} ({time.monotonic() - start:.1f}s); tasks: {tasks}")
+            if event.openai_models:
+                print(f"  OpenAI-compatible: POST /v1/chat/completions with model {event.openai_models[0]!r}")
     return 0
 
 
 async def apps(client: CornserveClient) -> int:
     """List registered apps."""
-    rows = [
-        (a["name"], a["state"], "yes" if a.get("streaming") else "no", len(a["tasks"]))
-        for a in await client.list_apps()
-    ]
+    rows = [(a.name, a.state, "yes" if a.streaming else "no", len(a.tasks)) for a in await client.list_apps()]
     print(table(["NAME", "STATE", "STREAMS", "TASKS"], rows) if rows else "no apps registered")
     return 0
 
 
-async def invoke(client: CornserveClient, app: str, request: str) -> int:
-    """Invoke an app; streamed items are printed as they arrive, one JSON object per line."""
+async def invoke(client: CornserveClient, app: str, request: str, text: bool = False) -> int:
+    """Invoke an app; streamed items are printed as they arrive, one JSON object per line.
+
+    With `text`, an app that streams chat-completion chunks has only their text printed, as it
+    arrives, and the token usage after it.
+    """
     payload = load_json_arg(request)
+    usage = None
     async for item in client.invoke_app(app, payload):
-        print(json.dumps(item), flush=True)
+        if text:
+            print(chunk_text(item), end="", flush=True)
+            usage = chunk_usage(item) or usage
+        else:
+            print(json.dumps(item), flush=True)
+    if text:
+        print()
+        if usage:
+            print(f"usage: {usage}", file=sys.stderr)
     return 0
 
 
 async def unregister(client: CornserveClient, app: str) -> int:
     """Unregister an app."""
     reply = await client.unregister_app(app)
-    torn = ", ".join(reply["torn_down"]) or "none (still used elsewhere)"
+    torn = ", ".join(reply.torn_down) or "none (still used elsewhere)"
     print(f"unregistered {app!r}; tasks torn down: {torn}")
     return 0
 
@@ -100,20 +112,20 @@ async def tasks(client: CornserveClient) -> int:
     """List deployed unit tasks."""
     state = await client.list_tasks()
     rows = []
-    for t in state["tasks"]:
-        ready = sum(1 for e in t["executors"] if e["state"] == "ready")
-        devices = ",".join(f"{d['kind']}:{d['index']}" for d in t["devices"])
-        rows.append((t["key"], t["state"], f"{ready}/{len(t['executors'])}", devices, ",".join(t["users"])))
+    for t in state.tasks:
+        ready = sum(1 for e in t.executors if e.state == "ready")
+        devices = ",".join(f"{d.kind}:{d.index}" for d in t.devices)
+        rows.append((t.key, t.state, f"{ready}/{len(t.executors)}", devices, ",".join(t.users)))
     print(table(["KEY", "STATE", "EXECUTORS", "DEVICES", "USERS"], rows) if rows else "no tasks deployed")
-    free = sum(1 for d in state["devices"] if d.get("task_key") is None)
-    print(f"devices: {len(state['devices'])} ({free} free)")
+    free = sum(1 for d in state.devices if d.task_key is None)
+    print(f"devices: {len(state.devices)} ({free} free)")
     return 0
 
 
 async def scale(client: CornserveClient, key: str, count: int) -> int:
     """Scale a task to `count` executors."""
     info = await client.scale_task(key, count)
-    print(f"{key}: {len(info['executors'])} executor(s), state {info['state']}")
+    print(f"{key}: {len(info.executors)} executor(s), state {info.state}")
     return 0
 
 
@@ -123,8 +135,8 @@ async def tasklib_add(client: CornserveClient, path: str, name: str | None) -> i
     lib_name = name or Path(path).stem.replace("_", "-").lower()
     record = await client.add_tasklib(lib_name, source)
     print(
-        f"task library {record['name']!r} ({record['sha256'][:12]}): unit tasks {', '.join(record['unit_tasks']) or '-'}; "
-        f"descriptors {', '.join(record['descriptors']) or '-'}"
+        f"task library {record.name!r} ({record.sha256[:12]}): unit tasks {', '.join(record.unit_tasks) or '-'}; "
+        f"descriptors {', '.join(record.descriptors) or '-'}"
     )
     return 0
 
@@ -132,7 +144,7 @@ async def tasklib_add(client: CornserveClient, path: str, name: str | None) -> i
 async def tasklib_list(client: CornserveClient) -> int:
     """List task libraries."""
     rows = [
-        (r["name"], r["sha256"][:12], ",".join(r["unit_tasks"]), ",".join(r["descriptors"]))
+        (r.name, r.sha256[:12], ",".join(r.unit_tasks), ",".join(r.descriptors))
         for r in await client.list_tasklibs()
     ]
     print(table(["NAME", "SHA256", "UNIT TASKS", "DESCRIPTORS"], rows) if rows else "no task libraries")

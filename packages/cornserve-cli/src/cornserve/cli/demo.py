@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cornserve.bus.control import ProgressEvent
+from cornserve.cli.chat import chunk_text
 from cornserve.cli.launcher import LaunchError, LocalCluster
 from cornserve.client import CornserveClient, CornserveError
 
@@ -63,18 +65,25 @@ async def register_and_ask(
     async with CornserveClient(cluster.url, token=cluster.admin_token, ca_file=cluster.tls_cert) as client:
         started = time.monotonic()
         print("registering examples/mllm_app.py as app 'demo' ...")
-        if any(app["name"] == "demo" for app in await client.list_apps()):
+        if any(app.name == "demo" for app in await client.list_apps()):
             # The state dir keeps apps across runs; the model may have changed since, so start afresh.
             print("  app 'demo' is still registered from an earlier run; replacing it")
             await client.unregister_app("demo")
         async for event in client.register_app("demo", app_source):
-            if "stage" in event:
-                detail = f" — {event['message']}" if event.get("message") else ""
-                print(f"  [{time.monotonic() - started:6.1f}s] {event['task_key']}: {event['stage']}{detail}")
+            if isinstance(event, ProgressEvent):
+                detail = f" — {event.message}" if event.message else ""
+                print(f"  [{time.monotonic() - started:6.1f}s] {event.task_key}: {event.stage}{detail}")
         print(f"app 'demo' is ready ({time.monotonic() - started:.1f}s)")
         request: dict[str, Any] = {
-            "prompt": prompt,
-            "image_urls": [image_url],
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": image_url}},
+                        {"type": "text", "text": prompt},
+                    ],
+                }
+            ],
             "max_completion_tokens": max_tokens,
         }
         print(f"\nrequest: {prompt!r} + one 96x96 image")
@@ -83,10 +92,13 @@ async def register_and_ask(
         first: float | None = None
         chunks = 0
         async for item in client.invoke_app("demo", request):
+            text = chunk_text(item)
+            if not text:
+                continue  # the role, finish and usage chunks carry no text
             if first is None:
                 first = time.monotonic()
             chunks += 1
-            print(item.get("text", ""), end="", flush=True)
+            print(text, end="", flush=True)
         total = time.monotonic() - sent
         ttft = (first - sent) * 1000 if first is not None else float("nan")
         print(f"\n\n{chunks} chunks; time to first token {ttft:.0f} ms; total {total:.2f} s")
@@ -129,10 +141,13 @@ def run_demo(
         )
         asyncio.run(register_and_ask(cluster, DEMO_APP.read_text(), prompt, demo_image_url(), max_tokens))
         if not once:
-            print(f"\nserving app 'demo' at {cluster.url}/apps/demo/invoke — Ctrl-C stops")
+            print(
+                f"\nserving app 'demo' at {cluster.url}/apps/demo/invoke and, for OpenAI clients, "
+                f"{cluster.url}/v1/chat/completions (model 'demo') — Ctrl-C stops"
+            )
             print(
                 f"  try: CORNSERVE_URL={cluster.url} CORNSERVE_STATE_DIR={state_dir} "
-                "cornserve invoke demo @examples/mllm_request.json"
+                "cornserve invoke --text demo @examples/mllm_request.json"
             )
             return cluster.supervise(lambda: stopping)
         return 0

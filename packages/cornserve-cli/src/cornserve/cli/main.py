@@ -241,7 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     inv = http_command("invoke", "invoke an app; streamed output is printed as it arrives")
     inv.add_argument("app")
     inv.add_argument("request", help="the request: JSON, @file, or - for stdin")
-    inv.set_defaults(func=_http(commands.invoke, "app", "request"))
+    inv.add_argument(
+        "--text",
+        action="store_true",
+        help="print only the text of streamed chat-completion chunks (OpenAI-speaking apps), then the usage",
+    )
+    inv.set_defaults(func=_http(commands.invoke, "app", "request", "text"))
     unreg = http_command("unregister", "unregister an app")
     unreg.add_argument("app")
     unreg.set_defaults(func=_http(commands.unregister, "app"))

@@ -10,10 +10,28 @@ from pydantic import BaseModel
 
 from cornserve.app import AppSpec
 from cornserve.gateway.errors import HTTPError
+from cornserve.task.builtins import ChatCompletionRequest
+
+INTERNAL_FIELDS = ("cornserve_embeddings",)
+"""Fields of a `ChatCompletionRequest` only tasks inside a graph set (forward ids of another task's
+outputs): refused from callers, so no request can name data that belongs to another."""
 
 
 def parse_request(spec: AppSpec, payload: Any) -> BaseModel:
-    """Validate the request JSON against the app's request model (ValidationError → 422)."""
+    """Validate the request JSON against the app's request model (ValidationError → 422).
+
+    An app that takes a chat request (and may hand it on to an LLM task as it is) gets no internal
+    field from its caller: 400.
+    """
+    if isinstance(payload, dict) and issubclass(spec.request_model, ChatCompletionRequest):
+        for name in INTERNAL_FIELDS:
+            if name in payload:
+                raise HTTPError(
+                    400,
+                    "invalid_request",
+                    f'"{name}" is set by Cornserve\'s tasks, not by callers',
+                    {"param": name},
+                )
     return spec.request_model.model_validate(payload)
 
 

@@ -60,8 +60,9 @@ APP_ITEM_GAP = Histogram(
     buckets=STEP_BUCKETS_S,
 )
 
-INVOKE_ROUTES = {"/apps/{name}/invoke"}
-"""Routes whose requests are app invocations (their `name` match is the app)."""
+APP_NAME_KEY = "cornserve_app"
+"""Where a request that reached an app's admission gate keeps the app's name (`Admission.slot` sets
+it, for the app's own invoke route and /v1/chat/completions alike): such requests count per app."""
 
 T = TypeVar("T")
 
@@ -101,8 +102,9 @@ async def metrics_middleware(request: web.Request, handler: Any) -> web.StreamRe
         route = route_of(request)
         HTTP_REQUESTS.labels(route=route, method=request.method, status=str(status)).inc()
         HTTP_SECONDS.labels(route=route, method=request.method).observe(elapsed)
-        if route in INVOKE_ROUTES and status != 404:
-            observe_app(request.match_info["name"], status, elapsed)
+        app = request.get(APP_NAME_KEY)
+        if isinstance(app, str):
+            observe_app(app, status, elapsed)
 
 
 async def timed_stream(app: str, arrived: float, items: AsyncGenerator[T, None]) -> AsyncGenerator[T, None]:
