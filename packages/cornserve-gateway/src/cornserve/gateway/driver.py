@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
-from collections.abc import AsyncGenerator
-from typing import Any
+from collections.abc import AsyncGenerator, Callable
+from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
@@ -69,3 +70,30 @@ async def run_streaming(spec: AppSpec, request: BaseModel) -> AsyncGenerator[Bas
         aclose = getattr(iterator, "aclose", None)
         if aclose is not None:
             await aclose()
+
+
+T = TypeVar("T")
+
+
+async def first_item(
+    items: AsyncGenerator[T, None], deadline: float, timed_out: Callable[[], HTTPError]
+) -> T | None:
+    """The first item of a stream within `deadline` (the loop's clock); None when it is empty.
+
+    Before the first item a failure is still a plain HTTP error (no stream has started): on any
+    failure `items` is closed, and past the deadline `timed_out()` is raised instead of TimeoutError.
+    """
+    limit = asyncio.timeout_at(deadline)
+    try:
+        async with limit:
+            return await anext(items)
+    except StopAsyncIteration:
+        return None
+    except TimeoutError:
+        await items.aclose()
+        if limit.expired():
+            raise timed_out() from None
+        raise
+    except BaseException:
+        await items.aclose()
+        raise

@@ -30,7 +30,7 @@ from cornserve.gateway.admission import ARRIVED_KEY, Admission
 from cornserve.gateway.apps import App, AppRegistry
 from cornserve.gateway.bodies import read_json, reply, require_object
 from cornserve.gateway.disconnect import cancel_on_disconnect
-from cornserve.gateway.driver import parse_request, run_streaming, run_unary
+from cornserve.gateway.driver import first_item, parse_request, run_streaming, run_unary
 from cornserve.gateway.errors import HTTPError, to_http_error
 from cornserve.gateway.metrics import timed_stream
 from cornserve.task.builtins import ChatCompletion, ChatCompletionChunk
@@ -158,20 +158,8 @@ class OpenAIFront:
                 chunk = chunk.model_copy(update={"usage": None})
             return chunk.model_copy(update={"model": model})
 
-        first_limit = asyncio.timeout_at(deadline)
-        try:
-            async with first_limit:  # errors before the first chunk are plain HTTP errors
-                first: ChatCompletionChunk | None = await anext(chunks)
-        except StopAsyncIteration:
-            first = None
-        except TimeoutError:
-            await chunks.aclose()
-            if first_limit.expired():
-                raise self._timed_out(app) from None
-            raise
-        except BaseException:
-            await chunks.aclose()
-            raise
+        # Errors before the first chunk are plain HTTP errors.
+        first: ChatCompletionChunk | None = await first_item(chunks, deadline, lambda: self._timed_out(app))
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )

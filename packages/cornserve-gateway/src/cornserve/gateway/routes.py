@@ -42,7 +42,7 @@ from cornserve.gateway.auth import Credentials, auth_middleware, check_route_sco
 from cornserve.gateway.bodies import MAX_BODY, MAX_BODY_KEY, read_body, read_json, reply
 from cornserve.gateway.disconnect import cancel_on_disconnect
 from cornserve.gateway.discovery import ping_services
-from cornserve.gateway.driver import parse_request, run_streaming, run_unary
+from cornserve.gateway.driver import first_item, parse_request, run_streaming, run_unary
 from cornserve.gateway.errors import HTTPError, is_openai_path, to_http_error
 from cornserve.gateway.metrics import (
     count_stream_error,
@@ -279,20 +279,7 @@ class Gateway:
                 raise
             return web.Response(text=result.model_dump_json(), content_type="application/json")
         items = timed_stream(name, request.get(ARRIVED_KEY, loop.time()), run_streaming(spec, payload))
-        first_limit = asyncio.timeout_at(deadline)
-        try:
-            async with first_limit:
-                first: BaseModel | None = await anext(items)
-        except StopAsyncIteration:
-            first = None
-        except TimeoutError:
-            await items.aclose()
-            if first_limit.expired():
-                raise self._timed_out(name) from None
-            raise
-        except BaseException:
-            await items.aclose()
-            raise
+        first: BaseModel | None = await first_item(items, deadline, lambda: self._timed_out(name))
         stream = StreamWriter(request)
         await stream.start()
         limit = asyncio.timeout_at(deadline)
