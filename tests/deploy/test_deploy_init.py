@@ -11,7 +11,7 @@ import pytest
 
 from cornserve.cli.deploy import NATS_CONFIG, init_state
 from cornserve.cli.main import main
-from cornserve.cli.natsauth import ADMIN, AUTH_DIR, GATEWAY, ROLES, NatsAuth, create_buckets
+from cornserve.cli.natsauth import ADMIN, AUTH_DIR, BUCKETS, GATEWAY, ROLES, NatsAuth
 from cornserve.cli.natsserver import NatsServerProcess
 from cornserve.runtime.nats import NatsAuthError, connect_nats
 
@@ -51,5 +51,12 @@ async def test_nats_starts_with_the_config_and_admits_only_the_roles(tmp_path: P
         await nc.close()
         with pytest.raises(NatsAuthError):
             await connect_nats(server.url, name="anonymous", first_connect_deadline_s=5)
-        # The admin role creates the KV buckets the services may only read (as `deploy node` does).
-        await asyncio.to_thread(create_buckets, server.url, auth.creds(ADMIN))
+        # The admin role creates the KV buckets the services may only read.
+        argv = ["deploy", "kv", "--state-dir", str(state), "--nats-url", server.url]
+        assert await asyncio.to_thread(main, argv) == 0
+        nc = await connect_nats(server.url, name="test-admin", creds=auth.creds(ADMIN))
+        try:
+            names = {info.config.name for info in await nc.jetstream().streams_info()}
+        finally:
+            await nc.close()
+        assert names == {f"KV_{bucket}" for bucket in BUCKETS}

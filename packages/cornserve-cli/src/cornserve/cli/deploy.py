@@ -5,10 +5,13 @@
   them), the gateway's admin token, and the NATS config with the JetStream sync interval. Existing
   secrets are kept, so running it again (every `docker-compose up`) changes nothing; delete the
   files to rotate them. Run as root it hands the files to the containers' user (`--owner`).
+- `kv` creates the cluster's KV buckets as the admin role (services may only read the buckets
+  they do not own, so someone must create them before they start: `cornserve up` does it itself).
 - `node` runs one node: its sidecars and the resource manager with the local spawner, so task
   managers and executors are processes of the same container (they share its /dev/shm). It is
   `cornserve up` without NATS, gateway and dispatchers (those are containers of their own),
-  supervised the same way.
+  supervised the same way. It needs only the role files of the sidecar, resource manager, task
+  manager and executor roles: a node container gets neither the admin role nor the admin token.
 - `demo` builds the tiny demo checkpoint into the models volume if missing and registers the
   bundled example app as 'demo', so a fresh deployment answers `cornserve invoke demo ...`.
 """
@@ -29,14 +32,29 @@ from typing import Any
 from cornserve.cli.admintoken import ADMIN_TOKEN_ENV, ensure_admin_token
 from cornserve.cli.bundled import DEMO_APP_FILE, MissingExampleError, example_text
 from cornserve.cli.launcher import LaunchError, LocalCluster
-from cornserve.cli.natsauth import AUTH_DIR, SERVER_CONFIG, NatsAuth
+from cornserve.cli.natsauth import (
+    ADMIN,
+    AUTH_DIR,
+    BUCKETS,
+    EXECUTOR,
+    RESOURCE_MANAGER,
+    SERVER_CONFIG,
+    SIDECAR,
+    TASK_MANAGER,
+    NatsAuth,
+    create_buckets,
+)
 from cornserve.client import CornserveClient, CornserveError
+from cornserve.runtime.nats import NatsAuthError, NatsConnectTimeout
+from cornserve.runtime.natscreds import NatsCredentialsError
 from cornserve.runtime.secrets import SecretFileError, read_secret_file
 from cornserve.runtime.statedir import admin_token_path
 
 NATS_CONFIG = "nats.conf"
 """Under ``<state dir>/nats-auth``: the server config of the deployment's NATS (auth + JetStream)."""
 DEMO_APP_NAME = "demo"
+NODE_ROLES = (SIDECAR, RESOURCE_MANAGER, TASK_MANAGER, EXECUTOR)
+"""The NATS roles of a node's processes: the only credential files a node container gets."""
 
 
 def init_state(
@@ -70,20 +88,32 @@ def init_state(
         say(f"state dir {state_dir} belongs to {uid}:{gid}")
 
 
+def create_kv(state_dir: Path, nats_url: str, timeout_s: float, say: Any = print) -> int:
+    """`cornserve deploy kv`: create the KV buckets as the admin role; existing ones are kept."""
+    try:
+        create_buckets(nats_url, NatsAuth(state_dir / AUTH_DIR).creds(ADMIN), timeout_s=timeout_s)
+    except (NatsAuthError, NatsCredentialsError, NatsConnectTimeout, TimeoutError) as exc:
+        say(f"error: cannot create the KV buckets on NATS at {nats_url}: {type(exc).__name__}: {exc}")
+        return 1
+    say(f"KV buckets on {nats_url}: {', '.join(BUCKETS)}")
+    return 0
+
+
 def run_node(
     state_dir: Path, nats_url: str, node: str, cpu_slots: int, ready_timeout_s: float, say: Any = print
 ) -> int:
     """Run the sidecars and the resource manager of one node until SIGTERM/SIGINT; 1 if one keeps dying."""
     auth = NatsAuth(state_dir / AUTH_DIR)
-    if not auth.server_config.exists():
-        say(f"error: no NATS credentials in {auth.directory}; run `cornserve deploy init` first")
+    missing = [str(auth.creds(role)) for role in NODE_ROLES if not auth.creds(role).exists()]
+    if missing:
+        say(f"error: NATS credentials missing: {', '.join(missing)}; run `cornserve deploy init` first")
         return 2
     # The node's own records (task-manager process records, logs) live only as long as this
     # container: nothing recorded by an earlier run of it names a process that still exists.
     work_dir = Path(tempfile.mkdtemp(prefix="cornserve-node-"))
     cluster = LocalCluster(
         state_dir=work_dir, cpu_slots=cpu_slots, dispatchers=0, nats_url=nats_url, nats_auth=auth,
-        serve_gateway=False, node_name=node, say=say,
+        serve_gateway=False, node_name=node, create_kv_buckets=False, say=say,
     )  # fmt: skip
     stopping = False
 

@@ -156,6 +156,9 @@ class LocalCluster:
     gateway and dispatchers run in containers of their own."""
     node_name: str | None = None
     """The node id of the sidecars and the resource manager (default: ``local-<cluster id>``)."""
+    create_kv_buckets: bool = True
+    """Create the KV buckets (with the admin role) before starting the services; False where someone
+    else did (a container deployment's node never holds the admin role's credentials)."""
 
     @property
     def url(self) -> str:
@@ -224,7 +227,8 @@ class LocalCluster:
             )
             self.nats.start()
             self.nats_url = self.nats.url
-        if self.nats_admin_creds is not None:  # services may not create buckets they only read
+        if self.create_kv_buckets and self.nats_admin_creds is not None:
+            # Services may not create buckets they only read.
             try:
                 create_buckets(self.nats_url, self.nats_admin_creds)
             except (NatsAuthError, NatsCredentialsError, NatsConnectTimeout, TimeoutError) as exc:

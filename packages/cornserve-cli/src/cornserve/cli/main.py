@@ -102,6 +102,12 @@ def _cmd_deploy_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_deploy_kv(args: argparse.Namespace) -> int:
+    from cornserve.cli.deploy import create_kv
+
+    return create_kv(Path(args.state_dir), args.nats_url, args.timeout)
+
+
 def _cmd_deploy_node(args: argparse.Namespace) -> int:
     from cornserve.cli.deploy import run_node
 
@@ -320,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_cmd_demo)
 
     deploy = commands_.add_parser(
-        "deploy", help="steps of a container deployment (deploy/compose.yaml): init, node, demo"
+        "deploy", help="steps of a container deployment (deploy/compose.yaml): init, kv, node, demo"
     )
     dp = deploy.add_subparsers(dest="deploy_command", required=True, metavar="SUBCOMMAND")
     d_init = dp.add_parser(
@@ -336,6 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--chown", action="append", default=[], help="a directory (volume) to hand to --owner too"
     )
     d_init.set_defaults(func=_cmd_deploy_init)
+    d_kv = dp.add_parser("kv", help="create the cluster's KV buckets (as the admin role)")
+    d_kv.add_argument("--state-dir", default=str(default_state_dir()), help="where `deploy init` wrote")
+    d_kv.add_argument("--nats-url", required=True)
+    d_kv.add_argument("--timeout", type=float, default=30.0, help="deadline, seconds")
+    d_kv.set_defaults(func=_cmd_deploy_kv)
     d_node = dp.add_parser("node", help="run one node: its sidecars and the resource manager (local spawner)")
     d_node.add_argument("--state-dir", default=str(default_state_dir()), help="where `deploy init` wrote")
     d_node.add_argument("--nats-url", required=True)
