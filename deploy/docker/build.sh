@@ -20,7 +20,9 @@ cd "$ROOT"
 
 BASE_TAG="cornserve-base:bookworm"
 VERSION="$(python3 -c 'import tomllib; print(tomllib.load(open("packages/cornserve-cli/pyproject.toml", "rb"))["project"]["version"])')"
-UV_VERSION="$(python3 -m uv --version | awk '{print $2}')"
+# The builder installs the uv that runs here: `$UV` (set by `uv run`), else uv on PATH, else pip's.
+if [ -n "${UV:-}" ]; then uv_cmd=("$UV"); elif command -v uv >/dev/null; then uv_cmd=(uv); else uv_cmd=(python3 -m uv); fi
+UV_VERSION="$("${uv_cmd[@]}" --version | awk '{print $2}')"
 TARGETS=("$@")
 [ ${#TARGETS[@]} -gt 0 ] || TARGETS=(control sidecar node)
 export DOCKER_BUILDKIT=0
