@@ -14,7 +14,6 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import docker
 import pytest
@@ -56,9 +55,9 @@ def deployment(images: dict[str, str], tmp_path_factory: pytest.TempPathFactory)
         "CORNSERVE_GATEWAY_PORT": str(gateway_port),
         "CORNSERVE_NATS_PORT": str(free_port()),
         "CORNSERVE_NATS_MONITOR_PORT": str(free_port()),
+        "CORNSERVE_NODE_NAME": project,  # its sidecars' shared memory is named after it
     }
-    shm = frozenset(Path("/dev/shm").iterdir())
-    found = Deployment(project, state_dir, f"http://127.0.0.1:{gateway_port}", env, shm)
+    found = Deployment(project, state_dir, f"http://127.0.0.1:{gateway_port}", env)
     try:
         up = found.compose("up", "-d", timeout=UP_DEADLINE_S)
         assert up.returncode == 0, f"docker-compose up failed:\n{up.stdout}\n{up.stderr}\n{logs(found)}"

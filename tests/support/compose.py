@@ -25,8 +25,6 @@ class Deployment:
     state_dir: Path
     url: str
     env: dict[str, str]
-    shm_before: frozenset[Path]
-    """The host's /dev/shm entries before `up`."""
 
     @property
     def admin_token(self) -> str:
