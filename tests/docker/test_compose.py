@@ -30,10 +30,18 @@ RESTART_DEADLINE_S = 120.0
 COMPILERS = ("gcc", "cc", "c++", "g++", "clang", "make", "ld")
 
 
+def text_of(item: dict[str, Any]) -> str:
+    """The text in one item the demo app yields: `{"text": ...}`, or an OpenAI chat completion chunk."""
+    if "text" in item:
+        return str(item["text"])
+    parts = [c.get("delta", c.get("message", {})).get("content") or "" for c in item.get("choices", [])]
+    return "".join(parts)
+
+
 async def answer(url: str, token: str) -> str:
     """The demo app's streamed answer to the example request, joined."""
     async with CornserveClient(url, token=token, timeout_s=600) as client:
-        return "".join([item["text"] async for item in client.invoke_app("demo", REQUEST)])
+        return "".join([text_of(item) async for item in client.invoke_app("demo", REQUEST)])
 
 
 async def executors(url: str, token: str) -> dict[str, dict[int, str]]:
