@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from cornserve.bus.control import ProgressEvent
+from cornserve.cli.bundled import DEMO_APP_FILE, MissingExampleError, example_text
 from cornserve.cli.chat import chunk_text
 from cornserve.cli.launcher import LaunchError, LocalCluster
 from cornserve.client import CornserveClient, CornserveError
 
-DEMO_APP = Path(__file__).resolve().parents[5] / "examples" / "mllm_app.py"
 DEMO_ARCH = "qwen2-vl"
 DEMO_PROMPT = "What is in this picture?"
 
@@ -117,8 +117,10 @@ def run_demo(
     tls: tuple[Path, Path] | None = None,
 ) -> int:
     """Start the cluster, build the model if needed, register the app, ask once, keep serving."""
-    if not DEMO_APP.exists():
-        print(f"error: the demo app is missing at {DEMO_APP}", file=sys.stderr)
+    try:
+        app_source = example_text(DEMO_APP_FILE)  # package data: no source checkout needed
+    except MissingExampleError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     model_id = ensure_model(model, state_dir)
     os.environ["CORNSERVE_DEMO_MODEL"] = model_id  # the app reads it where it runs: in the gateway
@@ -139,7 +141,7 @@ def run_demo(
         print(
             f"Cornserve is up in {time.monotonic() - started:.1f}s: {cluster.url}  (logs: {state_dir / 'logs'})"
         )
-        asyncio.run(register_and_ask(cluster, DEMO_APP.read_text(), prompt, demo_image_url(), max_tokens))
+        asyncio.run(register_and_ask(cluster, app_source, prompt, demo_image_url(), max_tokens))
         if not once:
             print(
                 f"\nserving app 'demo' at {cluster.url}/apps/demo/invoke and, for OpenAI clients, "

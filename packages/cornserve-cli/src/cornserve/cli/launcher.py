@@ -58,6 +58,8 @@ TASK_MANAGER_DIR = "task-managers"
 DATA_PLANE_GRACE_S = 20.0
 """SIGTERM to SIGKILL of a task manager at shutdown: it stops its executors first (5 s grace each)."""
 SHM_DIR = Path("/dev/shm")
+NO_GATEWAY_SETTLE_S = 3.0
+"""Without a gateway to report health, how long the services must stay up to count as started."""
 NATS_SYNC_INTERVAL = "1s"
 """JetStream fsync interval of `up`'s NATS: the KV state (apps, task libraries, deployments) is small
 and rarely written, so syncing each second costs nothing and loses at most a second of it when the
@@ -152,6 +154,14 @@ class LocalCluster:
     """Prometheus metrics page of every service (name → URL); task managers report theirs in GET /tasks."""
     nats_sync_interval: str = NATS_SYNC_INTERVAL
     """JetStream ``sync_interval`` of the embedded NATS ("default", "always" or a duration like 1s)."""
+    serve_gateway: bool = True
+    """Start the gateway; False for a node of a container deployment (`cornserve deploy node`), whose
+    gateway and dispatchers run in containers of their own."""
+    node_name: str | None = None
+    """The node id of the sidecars and the resource manager (default: ``local-<cluster id>``)."""
+    create_kv_buckets: bool = True
+    """Create the KV buckets (with the admin role) before starting the services; False where someone
+    else did (a container deployment's node never holds the admin role's credentials)."""
 
     @property
     def url(self) -> str:
@@ -174,7 +184,7 @@ class LocalCluster:
     @property
     def node(self) -> str:
         """The node id of this cluster (sidecars with the same node share memory)."""
-        return f"local-{self.cluster_id}"
+        return self.node_name or f"local-{self.cluster_id}"
 
     def _child(self, name: str, module: str, *args: str, role: str, metrics: bool = True) -> Child:
         """A service to start; `metrics`: give it a metrics port of its own (services without HTTP)."""
@@ -207,6 +217,11 @@ class LocalCluster:
         return env
 
     def _start_nats(self) -> None:
+        """Start the embedded NATS or use `nats_url`; then create the KV buckets.
+
+        An external NATS is used with one `nats_creds` file for every service, or with the per-role
+        files of a `nats_auth` generated elsewhere (a container deployment, `cornserve deploy`).
+        """
         if self.nats_url is None:
             self.say("starting NATS (JetStream, one user per role) ...")
             self.nats_auth = NatsAuth.generate(self.state_dir / AUTH_DIR)
@@ -220,7 +235,8 @@ class LocalCluster:
             )
             self.nats.start()
             self.nats_url = self.nats.url
-        if self.nats_admin_creds is not None:  # services may not create buckets they only read
+        if self.create_kv_buckets and self.nats_admin_creds is not None:
+            # Services may not create buckets they only read.
             try:
                 create_buckets(self.nats_url, self.nats_admin_creds)
             except (NatsAuthError, NatsCredentialsError, NatsConnectTimeout, TimeoutError) as exc:
@@ -264,11 +280,12 @@ class LocalCluster:
                 f"dispatcher-{index}",
                 role=DISPATCHER,
             )
-        self._child(
-            "gateway", "cornserve.gateway.main", "--host", self.host, "--port", str(self.port),
-            *self._gateway_auth_args(), role=GATEWAY, metrics=False,
-        )  # fmt: skip
-        self.metrics["gateway"] = f"{self.url}/metrics"
+        if self.serve_gateway:
+            self._child(
+                "gateway", "cornserve.gateway.main", "--host", self.host, "--port", str(self.port),
+                *self._gateway_auth_args(), role=GATEWAY, metrics=False,
+            )  # fmt: skip
+            self.metrics["gateway"] = f"{self.url}/metrics"
         self.env = {**env, "CORNSERVE_NODE": self.node}
         for child in self.children:
             self.say(f"starting {child.name}")
@@ -296,15 +313,24 @@ class LocalCluster:
         }
         (self.state_dir / STATE_FILE).write_text(json.dumps(state, indent=2))
 
+    def _check_children(self) -> None:
+        for child in self.children:
+            if not child.alive():
+                raise LaunchError(
+                    f"{child.name} exited during start-up; its log ({child.log_path}):\n{child.log_tail()}"
+                )
+
     def _wait_ready(self, timeout_s: float) -> None:
+        if not self.serve_gateway:  # no /health to ask: the services must survive their start
+            settle = time.monotonic() + min(timeout_s, NO_GATEWAY_SETTLE_S)
+            while time.monotonic() < settle:
+                self._check_children()
+                time.sleep(0.2)
+            return
         deadline = time.monotonic() + timeout_s
         last = ""
         while time.monotonic() < deadline:
-            for child in self.children:
-                if not child.alive():
-                    raise LaunchError(
-                        f"{child.name} exited during start-up; its log ({child.log_path}):\n{child.log_tail()}"
-                    )
+            self._check_children()
             try:
                 with urllib.request.urlopen(
                     self.url + "/health", timeout=5, context=self._probe_tls()

@@ -17,6 +17,7 @@ from cornserve.cli.extras import MissingExtraError, require_models_extra
 from cornserve.cli.launcher import NATS_SYNC_INTERVAL, LaunchError, LocalCluster, default_state_dir, shut_down
 from cornserve.cli.natsserver import check_sync_interval
 from cornserve.client import CornserveClient, CornserveError, default_url
+from cornserve.runtime.secrets import SecretFileError
 from cornserve.task.errors import TaskError
 
 
@@ -78,6 +79,49 @@ def _cmd_models_tiny(args: argparse.Namespace) -> int:
         return 2
     print(f"built a tiny {args.arch} checkpoint (random weights) in {path}")
     return 0
+
+
+def _owner(value: str) -> tuple[int, int]:
+    try:
+        uid, gid = (int(part) for part in value.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected UID:GID (two numbers), got {value!r}") from None
+    return uid, gid
+
+
+def _cmd_deploy_init(args: argparse.Namespace) -> int:
+    from cornserve.cli.deploy import init_state
+
+    try:
+        init_state(
+            Path(args.state_dir), args.nats_sync_interval, args.owner, tuple(Path(p) for p in args.chown)
+        )
+    except (OSError, SecretFileError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_deploy_kv(args: argparse.Namespace) -> int:
+    from cornserve.cli.deploy import create_kv
+
+    return create_kv(Path(args.state_dir), args.nats_url, args.timeout)
+
+
+def _cmd_deploy_node(args: argparse.Namespace) -> int:
+    from cornserve.cli.deploy import run_node
+
+    return run_node(Path(args.state_dir), args.nats_url, args.node, args.cpu_slots, args.ready_timeout)
+
+
+def _cmd_deploy_demo(args: argparse.Namespace) -> int:
+    if args.model is not None:  # building the checkpoint needs the model stack
+        require_models_extra("deploy demo --model", ("cornserve.models",))
+    from cornserve.cli.deploy import run_demo_setup
+
+    return run_demo_setup(
+        args.url, Path(args.state_dir), Path(args.model) if args.model else None, args.timeout
+    )
 
 
 def _tls_pair(args: argparse.Namespace) -> tuple[Path, Path] | None:
@@ -285,6 +329,44 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--ready-timeout", type=float, default=180.0)
     tls_flags(demo)
     demo.set_defaults(func=_cmd_demo)
+
+    deploy = commands_.add_parser(
+        "deploy", help="steps of a container deployment (deploy/compose.yaml): init, kv, node, demo"
+    )
+    dp = deploy.add_subparsers(dest="deploy_command", required=True, metavar="SUBCOMMAND")
+    d_init = dp.add_parser(
+        "init", help="make the secrets (NATS roles, admin token) in a state dir; keeps existing"
+    )
+    d_init.add_argument("--state-dir", default=str(default_state_dir()))
+    d_init.add_argument(
+        "--nats-sync-interval", type=_sync_interval, default=NATS_SYNC_INTERVAL,
+        help="JetStream fsync interval written into the NATS config (default: %(default)s)",
+    )  # fmt: skip
+    d_init.add_argument("--owner", type=_owner, default=None, help="UID:GID to hand the files to (as root)")
+    d_init.add_argument(
+        "--chown", action="append", default=[], help="a directory (volume) to hand to --owner too"
+    )
+    d_init.set_defaults(func=_cmd_deploy_init)
+    d_kv = dp.add_parser("kv", help="create the cluster's KV buckets (as the admin role)")
+    d_kv.add_argument("--state-dir", default=str(default_state_dir()), help="where `deploy init` wrote")
+    d_kv.add_argument("--nats-url", required=True)
+    d_kv.add_argument("--timeout", type=float, default=30.0, help="deadline, seconds")
+    d_kv.set_defaults(func=_cmd_deploy_kv)
+    d_node = dp.add_parser("node", help="run one node: its sidecars and the resource manager (local spawner)")
+    d_node.add_argument("--state-dir", default=str(default_state_dir()), help="where `deploy init` wrote")
+    d_node.add_argument("--nats-url", required=True)
+    d_node.add_argument("--node", default="node-0", help="node id of its sidecars")
+    d_node.add_argument("--cpu-slots", type=int, default=4, help="CPU device slots when there is no GPU")
+    d_node.add_argument("--ready-timeout", type=float, default=60.0)
+    d_node.set_defaults(func=_cmd_deploy_node)
+    d_demo = dp.add_parser(
+        "demo", help="build the tiny demo checkpoint if missing and register the example app as 'demo'"
+    )
+    d_demo.add_argument("--url", default=default_url(), help="gateway URL (default: %(default)s)")
+    d_demo.add_argument("--state-dir", default=str(default_state_dir()), help="where the admin token is")
+    d_demo.add_argument("--model", default=None, help="checkpoint dir to build the tiny model in if missing")
+    d_demo.add_argument("--timeout", type=float, default=600.0, help="deadline of each step, seconds")
+    d_demo.set_defaults(func=_cmd_deploy_demo)
 
     models = commands_.add_parser(
         "models", help="model checkpoints for tests and the demo (needs cornserve-cli[models])"
