@@ -134,6 +134,7 @@ async def test_the_callers_request_id_travels_with_its_graphs(
         seen.append(InvokeRequest.model_validate_json(msg.data).request_id)
 
     sub = await nc.subscribe(DISPATCH_INVOKE, cb=copy)
+    await nc.flush()  # the server knows the subscription before the first graph is published
     try:
         request_id = f"trace-{os.getpid()}-rows"
         bogus = "x" * 200  # not a plain token of at most 128 characters: not trusted
