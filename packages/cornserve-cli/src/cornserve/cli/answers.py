@@ -1,0 +1,72 @@
+"""Printing an app's answer: one JSON object per line through a pipe, streamed text on a terminal.
+
+Through a pipe every response object (or streamed item) is one JSON line, as the gateway sent it,
+so scripts parse it with `json.loads` per line. On a terminal, items that carry text — the
+example app's ``{"text": ...}`` and OpenAI chat completion chunks (``choices[0].delta.content``) —
+are written as they arrive, so the answer appears token by token, followed by its timing; other
+objects are pretty-printed JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from cornserve.cli import console
+
+
+def text_of(item: Any) -> str | None:
+    """The text an item carries, or None when it is not a text chunk."""
+    if not isinstance(item, dict):
+        return None
+    text = item.get("text")
+    if isinstance(text, str):
+        return text
+    choices = item.get("choices")
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        part = choices[0].get("delta") or choices[0].get("message")
+        if isinstance(part, dict):
+            content = part.get("content")
+            if isinstance(content, str):
+                return content
+            if content is None and item.get("object") == "chat.completion.chunk":
+                return ""  # a role-only or final chunk: still part of the text stream
+    return None
+
+
+async def show_answer(items: AsyncIterator[Any]) -> int:
+    """Print every item; returns how many arrived."""
+    if not console.fancy():
+        count = 0
+        async for item in items:
+            print(json.dumps(item), flush=True)
+            count += 1
+        return count
+    out = console.stdout()
+    sent = time.monotonic()
+    first: float | None = None
+    count = 0
+    in_text = False
+    async for item in items:
+        first = time.monotonic() if first is None else first
+        count += 1
+        text = text_of(item)
+        if text is not None:
+            out.file.write(text)
+            out.file.flush()
+            in_text = True
+            continue
+        if in_text:
+            out.file.write("\n")
+            in_text = False
+        out.print_json(json.dumps(item))
+    if in_text:
+        out.file.write("\n")
+    if count > 1 and first is not None:
+        out.print(
+            f"[dim]{count} chunks; first after {(first - sent) * 1000:.0f} ms; "
+            f"total {time.monotonic() - sent:.2f} s[/]"
+        )
+    return count

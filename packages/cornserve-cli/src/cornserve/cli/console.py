@@ -1,0 +1,49 @@
+"""Where the CLI writes, and whether it may draw: colour, tables and live bars only on a terminal.
+
+Scripts and tests read the CLI's stdout through a pipe; there it keeps the plain line format it
+always had (no colour codes, no cursor movement), so `grep`/`awk` and the tests that parse it keep
+working. On a terminal the same commands draw rich tables and live progress bars. ``NO_COLOR``
+keeps the drawing but drops colour; ``TERM=dumb`` (or ``CORNSERVE_PLAIN=1``) forces plain lines.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from rich.console import Console
+
+PLAIN_ENV = "CORNSERVE_PLAIN"
+
+
+def stdout() -> Console:
+    """A console on the current standard output (made per use: tests and callers may swap sys.stdout)."""
+    return Console(file=sys.stdout, highlight=False, soft_wrap=True)
+
+
+def stderr() -> Console:
+    """The console on standard error (errors and warnings)."""
+    return Console(file=sys.stderr, highlight=False, soft_wrap=True)
+
+
+def fancy() -> bool:
+    """Whether standard output is a terminal that may get tables, colour and live bars."""
+    if os.environ.get(PLAIN_ENV, "").strip() not in ("", "0"):
+        return False
+    console = stdout()
+    return console.is_terminal and not console.is_dumb_terminal
+
+
+def error(message: str) -> None:
+    """One ``error: ...`` line on standard error (red on a terminal)."""
+    if stderr().is_terminal and not stderr().is_dumb_terminal:
+        stderr().print(f"[bold red]error[/]: {escape(message)}")
+    else:
+        print(f"error: {message}", file=sys.stderr)
+
+
+def escape(text: str) -> str:
+    """`text` with rich markup characters escaped, for printing untrusted strings."""
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
