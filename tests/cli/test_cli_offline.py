@@ -5,10 +5,15 @@ Each CLI call is a real subprocess (`python -m cornserve.cli.main`), as a script
 
 from __future__ import annotations
 
+import contextlib
 import os
+import queue
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -62,7 +67,12 @@ def test_bash_completion_script_and_completions() -> None:
     )  # fmt: skip
     assert script.returncode == 0, script.stderr
     assert "_CORNSERVE_COMPLETE=complete_bash" in script.stdout and "complete " in script.stdout
-    env = {**os.environ, "_CORNSERVE_COMPLETE": "complete_bash", "COMP_WORDS": "cornserve lo", "COMP_CWORD": "1"}
+    env = {
+        **os.environ,
+        "_CORNSERVE_COMPLETE": "complete_bash",
+        "COMP_WORDS": "cornserve lo",
+        "COMP_CWORD": "1",
+    }
     completed = cli(env=env)
     assert completed.returncode == 0 and completed.stdout.split() == ["logs"], completed.stdout
     env.update(COMP_WORDS="cornserve tasklib ", COMP_CWORD="2")
@@ -146,8 +156,79 @@ def test_log_targets_resolve_to_services_tasks_and_apps(tmp_path: Path) -> None:
     assert resolve(tmp_path, "gateway", app_keys) == [str(tmp_path / "gateway.log")]
     assert resolve(tmp_path, "echo-1a2b", app_keys) == task_patterns(tmp_path, "echo-1a2b")
     assert asked == []
-    assert resolve(tmp_path, "my-app", app_keys) == task_patterns(tmp_path, "echo-1a2b") and asked == ["my-app"]
+    assert resolve(tmp_path, "my-app", app_keys) == task_patterns(tmp_path, "echo-1a2b") and asked == [
+        "my-app"
+    ]
     with pytest.raises(LookupError, match="not a task key"):
         resolve(tmp_path, "../etc", app_keys)
     with pytest.raises(LookupError, match="no log directory"):
         resolve(tmp_path / "absent", "gateway", app_keys)
+
+
+class Follower:
+    """`cornserve logs TARGET -f` as a subprocess whose lines a thread collects."""
+
+    def __init__(self, state_dir: Path, target: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cornserve.cli.main", "logs", target, "-f", "--state-dir", str(state_dir)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+
+    def wait_line(self, expected: str) -> None:
+        deadline = time.monotonic() + DEADLINE_S
+        while expected not in self.seen:
+            remaining = deadline - time.monotonic()
+            assert remaining > 0 and self.proc.poll() is None, (self.seen, self.proc.poll())
+            with contextlib.suppress(queue.Empty):
+                self.seen.append(self.lines.get(timeout=min(remaining, 1.0)))
+
+    def interrupt(self) -> int:
+        self.proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        try:
+            return self.proc.wait(timeout=DEADLINE_S)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            assert self.proc.stderr is not None and self.proc.stdout is not None
+            errors = self.proc.stderr.read()
+            self.proc.stderr.close()
+            self.proc.stdout.close()
+            assert "Traceback" not in errors, errors
+
+
+def test_logs_follow_prints_new_lines_and_new_executors_until_ctrl_c(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "gateway.log").write_text("started\n")
+    service = Follower(tmp_path, "gateway")
+    try:
+        service.wait_line("started")
+        with (logs / "gateway.log").open("a") as f:
+            f.write("a request\n")
+        service.wait_line("a request")  # unprefixed: one file
+    finally:
+        assert service.interrupt() == 0
+    (logs / "tm-echo-1a2b.log").write_text("assigning\n")
+    task = Follower(tmp_path, "echo-1a2b")
+    try:
+        task.wait_line("tm-echo-1a2b | assigning")
+        (logs / "echo-1a2b.exec-9.log").write_text("model loaded\n")  # an executor started later
+        task.wait_line("echo-1a2b.exec-9 | model loaded")
+    finally:
+        assert task.interrupt() == 0
+
+
+def test_logs_of_nothing_known_exit_1(tmp_path: Path) -> None:
+    out = cli("logs", "gateway", "--state-dir", str(tmp_path))
+    assert out.returncode == 1 and "no log directory" in out.stderr, out.stderr
