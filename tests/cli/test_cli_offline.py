@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from tests.support.terminal import run_in_terminal
 
+from cornserve.cli.answers import text_of
 from cornserve.cli.logs import LogFile, last_lines, resolve, task_patterns
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "mllm_app.py"
@@ -232,3 +233,17 @@ def test_logs_follow_prints_new_lines_and_new_executors_until_ctrl_c(tmp_path: P
 def test_logs_of_nothing_known_exit_1(tmp_path: Path) -> None:
     out = cli("logs", "gateway", "--state-dir", str(tmp_path))
     assert out.returncode == 1 and "no log directory" in out.stderr, out.stderr
+
+
+def test_text_chunks_are_recognised_in_both_answer_shapes() -> None:
+    assert text_of({"text": "hi"}) == "hi"
+    chunk = {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": "yo"}}]}
+    assert text_of(chunk) == "yo"
+    role_only = {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"role": "assistant"}}]}
+    assert text_of(role_only) == ""
+    completion = {
+        "object": "chat.completion",
+        "choices": [{"message": {"role": "assistant", "content": "all"}}],
+    }
+    assert text_of(completion) == "all"
+    assert text_of({"sum": 3.0}) is None and text_of([1, 2]) is None and text_of({"text": 5}) is None

@@ -82,6 +82,8 @@ def test_register_on_a_terminal_then_logs_of_the_task_and_the_app(cluster: Local
         assert code == 0 and "term-sums" in table and "NAME" in table and "---" not in table, table
         out = cli(cluster, "invoke", "term-sums", '{"seed": 1}')
         assert out.returncode == 0 and "sum" in json.loads(out.stdout), out.stderr
+        code, pretty = terminal(cluster, "invoke", "term-sums", '{"seed": 1}')
+        assert code == 0 and ESC in pretty and '"sum"' in pretty, pretty  # coloured JSON on a terminal
         keys = [t["key"] for t in json.loads(_app_json(cluster, "term-sums"))["tasks"]]
         assert len(keys) == 2
         task_logs = cli(cluster, "logs", keys[0], "--tail", "0")

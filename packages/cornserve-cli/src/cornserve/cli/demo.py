@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cornserve.cli.launcher import LaunchError, LocalCluster
+from cornserve.cli.progress import show_deploy
 from cornserve.client import CornserveClient, CornserveError
 
 DEMO_APP = Path(__file__).resolve().parents[5] / "examples" / "mllm_app.py"
@@ -67,11 +68,7 @@ async def register_and_ask(
             # The state dir keeps apps across runs; the model may have changed since, so start afresh.
             print("  app 'demo' is still registered from an earlier run; replacing it")
             await client.unregister_app("demo")
-        async for event in client.register_app("demo", app_source):
-            if "stage" in event:
-                detail = f" — {event['message']}" if event.get("message") else ""
-                print(f"  [{time.monotonic() - started:6.1f}s] {event['task_key']}: {event['stage']}{detail}")
-        print(f"app 'demo' is ready ({time.monotonic() - started:.1f}s)")
+        await show_deploy(client.register_app("demo", app_source), started)  # bars on a terminal
         request: dict[str, Any] = {
             "prompt": prompt,
             "image_urls": [image_url],

@@ -12,6 +12,7 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -115,6 +116,19 @@ def _sync_interval(value: str | None) -> str | None:
         raise typer.BadParameter(str(exc)) from None
 
 
+def _say() -> Callable[[str], None]:
+    """How the cluster reports its steps: plain lines through a pipe, dim ones on a terminal."""
+    if not console.fancy():
+        return print
+    out = console.stdout()
+    return lambda message: out.print(f"[dim]{console.escape(str(message))}[/]")
+
+
+def _spinner(message: str) -> AbstractContextManager[object]:
+    """A spinner on a terminal while something starts; nothing through a pipe."""
+    return console.stdout().status(message) if console.fancy() else nullcontext()
+
+
 # ----- the local cluster --------------------------------------------------------------------------
 
 
@@ -168,7 +182,7 @@ def up(
         state_dir=directory, host=host, port=port, cpu_slots=cpu_slots, dispatchers=dispatchers,
         nats_url=nats_url, tls_cert=tls[0] if tls else None, tls_key=tls[1] if tls else None,
         nats_creds=Path(nats_creds) if nats_creds else None,
-        nats_sync_interval=nats_sync_interval or NATS_SYNC_INTERVAL,
+        nats_sync_interval=nats_sync_interval or NATS_SYNC_INTERVAL, say=_say(),
     )  # fmt: skip
     stopping = False
 
@@ -180,14 +194,19 @@ def up(
     signal.signal(signal.SIGINT, request_stop)
     started = time.monotonic()
     try:
-        cluster.start(ready_timeout_s=ready_timeout)
+        with _spinner("starting Cornserve ..."):
+            cluster.start(ready_timeout_s=ready_timeout)
     except (LaunchError, KeyboardInterrupt) as exc:
         console.error(str(exc))
         cluster.stop()
         _exit(1)
-    print(
+    up_line = (
         f"Cornserve is up in {time.monotonic() - started:.1f}s: {cluster.url}  (logs: {directory / 'logs'})"
     )
+    if console.fancy():
+        console.stdout().print(f"[bold green]✔[/] [bold]{console.escape(up_line)}[/]")
+    else:
+        print(up_line)
     print(
         f"  export CORNSERVE_URL={cluster.url}   # then: cornserve register APP.py; Ctrl-C or `cornserve down` stops"
     )
