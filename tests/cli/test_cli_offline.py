@@ -5,7 +5,9 @@ Each CLI call is a real subprocess (`python -m cornserve.cli.main`), as a script
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import os
 import queue
 import shutil
@@ -14,12 +16,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from tests.support.terminal import run_in_terminal
 
-from cornserve.cli.answers import text_of
+from cornserve.cli.answers import show_answer, text_of
 from cornserve.cli.logs import LogFile, last_lines, resolve, task_patterns
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "mllm_app.py"
@@ -247,3 +251,28 @@ def test_text_chunks_are_recognised_in_both_answer_shapes() -> None:
     }
     assert text_of(completion) == "all"
     assert text_of({"sum": 3.0}) is None and text_of([1, 2]) is None and text_of({"text": 5}) is None
+
+
+def test_streamed_text_on_a_terminal_is_written_as_it_comes_without_control_codes(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("FORCE_COLOR", "1")  # rich treats standard output as a terminal
+    monkeypatch.delenv("CORNSERVE_PLAIN", raising=False)
+    monkeypatch.delenv("TERM", raising=False)
+
+    async def chunks() -> AsyncIterator[dict[str, Any]]:
+        for piece in ("hel", "lo\x1b[2J", " world"):
+            yield {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": piece}}]}
+
+    assert asyncio.run(show_answer(chunks())) == 3
+    out = capsys.readouterr().out
+    assert out.startswith("hello[2J world\n") and "\x1b[2J" not in out, repr(out)
+    assert "3 chunks; first after" in out
+    monkeypatch.setenv("CORNSERVE_PLAIN", "1")
+    assert asyncio.run(show_answer(chunks())) == 3
+    lines = capsys.readouterr().out.splitlines()
+    assert [json.loads(line)["choices"][0]["delta"]["content"] for line in lines] == [
+        "hel",
+        "lo\x1b[2J",
+        " world",
+    ]

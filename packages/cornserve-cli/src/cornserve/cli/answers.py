@@ -10,11 +10,18 @@ objects are pretty-printed JSON.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from rich.console import Console
+
 from cornserve.cli import console
+
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\x9b]")
+"""Control characters other than newline and tab: never written raw (a model's answer could hold
+escape sequences that move the cursor or retitle the terminal)."""
 
 
 def text_of(item: Any) -> str | None:
@@ -46,27 +53,38 @@ async def show_answer(items: AsyncIterator[Any]) -> int:
         return count
     out = console.stdout()
     sent = time.monotonic()
-    first: float | None = None
-    count = 0
-    in_text = False
-    async for item in items:
-        first = time.monotonic() if first is None else first
-        count += 1
-        text = text_of(item)
-        if text is not None:
-            out.file.write(text)
-            out.file.flush()
-            in_text = True
-            continue
-        if in_text:
-            out.file.write("\n")
-            in_text = False
-        out.print_json(json.dumps(item))
-    if in_text:
-        out.file.write("\n")
+    try:
+        count, first = await _stream_to(out, items)
+    finally:
+        out.file.flush()
     if count > 1 and first is not None:
         out.print(
             f"[dim]{count} chunks; first after {(first - sent) * 1000:.0f} ms; "
             f"total {time.monotonic() - sent:.2f} s[/]"
         )
     return count
+
+
+async def _stream_to(out: Console, items: AsyncIterator[Any]) -> tuple[int, float | None]:
+    """Write items as they come; an unfinished text line is ended even when the stream fails."""
+    first: float | None = None
+    count = 0
+    in_text = False
+    try:
+        async for item in items:
+            first = time.monotonic() if first is None else first
+            count += 1
+            text = text_of(item)
+            if text is not None:
+                out.file.write(CONTROL.sub("", text))
+                out.file.flush()
+                in_text = True
+                continue
+            if in_text:
+                out.file.write("\n")
+                in_text = False
+            out.print_json(json.dumps(item))
+    finally:
+        if in_text:
+            out.file.write("\n")
+    return count, first

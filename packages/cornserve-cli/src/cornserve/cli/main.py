@@ -239,7 +239,8 @@ def logs(
     target: Annotated[
         str,
         typer.Argument(
-            help="A task key (`cornserve tasks`), an app name, or a service (gateway, resource-manager, dispatcher-0, sidecar-0, nats)."
+            metavar="TARGET",
+            help="A task key (`cornserve tasks`), an app name, or a service (gateway, resource-manager, dispatcher-0, sidecar-0, nats).",
         ),
     ],
     follow: Annotated[
@@ -285,7 +286,7 @@ def logs(
 
 @app.command(rich_help_panel=APPS)
 def register(
-    file: Annotated[str, typer.Argument(help="The app's Python file.")],
+    file: Annotated[str, typer.Argument(metavar="FILE", help="The app's Python file.")],
     name: Annotated[str | None, typer.Option(help="App name (default: the file name).")] = None,
     url: UrlOpt = None,
     state_dir: StateDirOpt = None,
@@ -303,7 +304,9 @@ def apps(url: UrlOpt = None, state_dir: StateDirOpt = None) -> None:
 @app.command(rich_help_panel=APPS)
 def invoke(
     app_name: Annotated[str, typer.Argument(metavar="APP", help="The app's name.")],
-    request: Annotated[str, typer.Argument(help="The request: JSON, @file, or - for stdin.")],
+    request: Annotated[
+        str, typer.Argument(metavar="REQUEST", help="The request: JSON, @file, or - for stdin.")
+    ],
     url: UrlOpt = None,
     state_dir: StateDirOpt = None,
 ) -> None:
@@ -324,7 +327,9 @@ def unregister(
 @app.command(rich_help_panel=APPS)
 def graph(
     app_file: Annotated[str, typer.Argument(metavar="APP", help="The app's Python file.")],
-    request: Annotated[str, typer.Argument(help="The request: JSON, @file, or - for stdin.")],
+    request: Annotated[
+        str, typer.Argument(metavar="REQUEST", help="The request: JSON, @file, or - for stdin.")
+    ],
     svg: Annotated[
         str | None, typer.Option("--svg", metavar="FILE", help="Also render SVG with Graphviz `dot`.")
     ] = None,
@@ -393,8 +398,8 @@ def tasks(url: UrlOpt = None, state_dir: StateDirOpt = None) -> None:
 
 @app.command(rich_help_panel=TASKS)
 def scale(
-    task: Annotated[str, typer.Argument(help="Task key (see `cornserve tasks`).")],
-    count: Annotated[int, typer.Argument(help="Executors to run.")],
+    task: Annotated[str, typer.Argument(metavar="TASK", help="Task key (see `cornserve tasks`).")],
+    count: Annotated[int, typer.Argument(metavar="COUNT", help="Executors to run.")],
     url: UrlOpt = None,
     state_dir: StateDirOpt = None,
 ) -> None:
@@ -404,7 +409,7 @@ def scale(
 
 @tasklib_app.command("add")
 def tasklib_add(
-    file: Annotated[str, typer.Argument(help="The task library's Python file.")],
+    file: Annotated[str, typer.Argument(metavar="FILE", help="The task library's Python file.")],
     name: Annotated[str | None, typer.Option(help="Library name (default: the file name).")] = None,
     url: UrlOpt = None,
     state_dir: StateDirOpt = None,
@@ -460,7 +465,9 @@ def demo(
 
 @models_app.command("tiny")
 def models_tiny(
-    arch: Annotated[str, typer.Argument(help="Architecture family: qwen2-vl, qwen2.5-vl or llava.")],
+    arch: Annotated[
+        str, typer.Argument(metavar="ARCH", help="Architecture family: qwen2-vl, qwen2.5-vl or llava.")
+    ],
     dir_: Annotated[str, typer.Argument(metavar="DIR", help="Output directory (Hugging Face layout).")],
     seed: Annotated[int, typer.Option(help="Random seed of the weights.")] = 0,
 ) -> None:
