@@ -35,7 +35,12 @@ def app_graphs(path: Path, request: Any) -> list[TaskGraph]:
     try:
         source = path.read_text()
     except OSError as exc:
-        raise GraphError(f"cannot read {path}: {exc.strerror}", 2) from None
+        hint = (
+            ""
+            if path.suffix == ".py"
+            else " (APP is the app's Python file, as given to `cornserve register`)"
+        )
+        raise GraphError(f"cannot read {path}: {exc.strerror}{hint}", 2) from None
     try:
         spec = validate_app(source, name=path.stem)
     except AppValidationError as exc:
