@@ -14,7 +14,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from cornserve.app import AppValidationError, trace_app, validate_app
+from cornserve.app import AppSpec, AppValidationError, trace_app, validate_app
 from cornserve.task.errors import TaskError
 from cornserve.task.graph import TaskGraph
 
@@ -30,8 +30,8 @@ class GraphError(RuntimeError):
         self.exit_code = exit_code
 
 
-def app_graphs(path: Path, request: Any) -> list[TaskGraph]:
-    """Trace the app in `path` on `request` (GraphError: unreadable 2, invalid or failing 1)."""
+def traced(path: Path, request: Any) -> tuple[AppSpec, list[TaskGraph]]:
+    """Validate the app in `path` and trace it on `request` (GraphError: unreadable 2, invalid or failing 1)."""
     try:
         source = path.read_text()
     except OSError as exc:
@@ -46,7 +46,7 @@ def app_graphs(path: Path, request: Any) -> list[TaskGraph]:
     except AppValidationError as exc:
         raise GraphError(f"{path}: {exc}") from None
     try:
-        return asyncio.run(trace_app(spec, request))
+        return spec, asyncio.run(trace_app(spec, request))
     except (TaskError, ValueError) as exc:
         raise GraphError(f"tracing {path} failed: {type(exc).__name__}: {exc}") from None
 

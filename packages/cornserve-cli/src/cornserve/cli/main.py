@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager, nullcontext
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -335,10 +336,10 @@ def graph(
     ] = None,
 ) -> None:
     """Print the task graph an app makes for a request as Mermaid (no cluster needed)."""
-    from cornserve.cli.graph import GraphError, app_graphs, mermaid, write_svgs
+    from cornserve.cli.graph import GraphError, mermaid, traced, write_svgs
 
     try:
-        graphs = app_graphs(Path(app_file), commands.load_json_arg(request))
+        _, graphs = traced(Path(app_file), commands.load_json_arg(request))
         sys.stdout.write(mermaid(graphs))
         sys.stdout.flush()
         if svg is not None:
@@ -349,28 +350,32 @@ def graph(
         _exit(exc.exit_code)
 
 
+class TraceFormat(StrEnum):
+    """What `cornserve trace` prints besides its listing."""
+
+    TEXT = "text"
+    MERMAID = "mermaid"
+    DOT = "dot"
+    ALL = "all"
+
+
 @app.command(rich_help_panel=APPS)
 def trace(
     app_file: Annotated[str, typer.Argument(metavar="APP", help="The app's Python file.")],
     request: Annotated[str, typer.Option("--request", help="The request as JSON, @file, or - for stdin.")],
     format_: Annotated[
-        str,
-        typer.Option("--format", help="What to print besides the listing: text, mermaid, dot or all."),
-    ] = "mermaid",
+        TraceFormat, typer.Option("--format", help="What to print besides the listing.")
+    ] = TraceFormat.MERMAID,
 ) -> None:
     """Print the unit tasks and task graphs an app makes for a request, executing nothing."""
-    from cornserve.app import validate_app
-    from cornserve.cli.graph import GraphError, app_graphs
+    from cornserve.cli.graph import GraphError, traced
 
-    if format_ not in ("text", "mermaid", "dot", "all"):
-        raise typer.BadParameter("choose text, mermaid, dot or all", param_hint="--format")
     path = Path(app_file)
     try:
-        graphs = app_graphs(path, commands.load_json_arg(request))
+        spec, graphs = traced(path, commands.load_json_arg(request))
     except GraphError as exc:
         console.error(str(exc))
         _exit(exc.exit_code)
-    spec = validate_app(path.read_text(), name=path.stem)
     mode = "streams" if spec.streaming else "returns"
     print(f"app {path.name}: serve({spec.request_model.__name__}) {mode} {spec.response_model.__name__}")
     print(f"unit tasks to deploy ({len(spec.unit_tasks)}):")
@@ -381,9 +386,9 @@ def trace(
             f"\ngraph {index + 1} of {len(graphs)}: {len(one.invocations)} invocations, {len(one.edges)} forward edges"
         )
         print(one.describe(), end="")
-        if format_ in ("mermaid", "all"):
+        if format_ in (TraceFormat.MERMAID, TraceFormat.ALL):
             print("\n" + one.to_mermaid(), end="")
-        if format_ in ("dot", "all"):
+        if format_ in (TraceFormat.DOT, TraceFormat.ALL):
             print("\n" + one.to_dot(), end="")
 
 
