@@ -53,7 +53,10 @@ def test_help_lists_every_command_grouped_and_plain_when_piped() -> None:
     for panel in ("Local cluster", "Apps", "Tasks", "Tools"):
         assert panel in out.stdout
     assert "--install-completion" in out.stdout and "--show-completion" in out.stdout
-    assert cli("up", "--help").returncode == 0 and "--cpu-slots" in cli("up", "--help").stdout
+    up = cli("up", "--help")
+    assert up.returncode == 0 and all(f in up.stdout for f in ("--state-dir", "--port", "--cpu-slots")), (
+        up.stdout
+    )
 
 
 def test_usage_errors_exit_2() -> None:
