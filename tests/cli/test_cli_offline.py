@@ -163,6 +163,7 @@ def test_log_targets_resolve_to_services_tasks_and_apps(tmp_path: Path) -> None:
 
     assert resolve(tmp_path, "gateway", app_keys) == [str(tmp_path / "gateway.log")]
     assert resolve(tmp_path, "echo-1a2b", app_keys) == task_patterns(tmp_path, "echo-1a2b")
+    assert resolve(tmp_path, "echo-1a2b.exec-0", app_keys) == [str(tmp_path / "echo-1a2b.exec-0.log")]
     assert asked == []
     assert resolve(tmp_path, "my-app", app_keys) == task_patterns(tmp_path, "echo-1a2b") and asked == [
         "my-app"

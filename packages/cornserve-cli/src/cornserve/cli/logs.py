@@ -4,7 +4,8 @@ Every process `cornserve up` starts logs to ``<state dir>/logs``: services as ``
 (``gateway``, ``resource-manager``, ``dispatcher-0``, ``sidecar-0``, ``nats``), and the resource
 manager's spawner names the data plane after the task's deployment key: its task manager logs to
 ``tm-<key>.log`` and each executor to ``<key>.<executor id>.log``. A target is a service name, a
-task key (`cornserve tasks`), or an app name (the gateway says which task keys the app uses).
+task key (`cornserve tasks`), or an app name (the gateway says which task keys the app uses); a
+single file's name without `.log` (``tm-<key>``, ``<key>.<executor id>``) shows just that file.
 
 ``-f`` follows the files until Ctrl-C, also picking up executors started later (a scale-up): it is
 the one loop of the CLI without a deadline, because it ends when the user says so.
@@ -55,7 +56,7 @@ def resolve(log_dir: Path, target: str, app_task_keys: Callable[[str], list[str]
     if "/" in target or target in ("", ".", ".."):
         raise NoLogsError(f"{target!r} is not a task key, app or service name")
     service = log_dir / f"{target}.log"
-    if service.is_file() and not target.startswith("tm-"):
+    if service.is_file():  # a service, or one file named exactly (`tm-<key>`, `<key>.<executor id>`)
         return [glob.escape(str(service))]
     patterns = task_patterns(log_dir, target)
     if matching(patterns):
