@@ -28,6 +28,7 @@ from cornserve.cli.logs import LogFile, last_lines, resolve, task_patterns
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "mllm_app.py"
 REQUEST = Path(__file__).resolve().parents[2] / "examples" / "mllm_request.json"
+TEXT_ONLY = '{"messages": [{"role": "user", "content": "hi"}]}'
 DEADLINE_S = 120
 ESC = "\x1b["
 
@@ -95,15 +96,15 @@ def test_graph_prints_mermaid_of_the_example_app() -> None:
     assert any("EncoderTask[image]" in line for line in lines)
     assert any(line.strip().startswith("t0 -->|Tensor") and line.strip().endswith("t1") for line in lines)
     assert "t1 -.->|stream| out" in out.stdout
-    text_only = cli("graph", str(EXAMPLE), '{"prompt": "hi"}')
+    text_only = cli("graph", str(EXAMPLE), TEXT_ONLY)
     assert text_only.returncode == 0 and "EncoderTask" not in text_only.stdout, text_only.stderr
 
 
 def test_graph_errors() -> None:
     missing = cli("graph", "/nonexistent/app.py", "{}")
     assert missing.returncode == 2 and "cannot read" in missing.stderr
-    invalid = cli("graph", str(EXAMPLE), '{"prompt": ""}')
-    assert invalid.returncode == 1 and "String should have at least 1 character" in invalid.stderr
+    invalid = cli("graph", str(EXAMPLE), '{"messages": []}')
+    assert invalid.returncode == 1 and "List should have at least 1 item" in invalid.stderr
     bad_json = cli("graph", str(EXAMPLE), "{nope")
     assert bad_json.returncode == 1 and "not valid JSON" in bad_json.stderr
 
@@ -129,7 +130,7 @@ def test_graph_svg_with_graphviz(tmp_path: Path) -> None:
 
 def test_graph_on_a_terminal_is_the_same_mermaid() -> None:
     code, text = run_in_terminal(
-        [sys.executable, "-m", "cornserve.cli.main", "graph", str(EXAMPLE), '{"prompt": "hi"}'],
+        [sys.executable, "-m", "cornserve.cli.main", "graph", str(EXAMPLE), TEXT_ONLY],
         dict(os.environ),
         DEADLINE_S,
     )

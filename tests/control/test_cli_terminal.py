@@ -103,6 +103,6 @@ def _app_json(cluster: LocalCluster, name: str) -> str:
 
     async def get() -> str:
         async with CornserveClient(cluster.url, token=cluster.admin_token) as client:
-            return json.dumps(await client.get_app(name))
+            return (await client.get_app(name)).model_dump_json()
 
     return asyncio.run(get())

@@ -24,9 +24,11 @@ from tests.control import fuzzing
 
 from cornserve.app import validate_app
 from cornserve.bus.control import AppRecord
+from cornserve.bus.gateway_api import AppSummary
 from cornserve.gateway.apps import App
-from cornserve.gateway.auth import ROUTE_SCOPES
+from cornserve.gateway.auth import ROUTE_SCOPES, Credentials
 from cornserve.gateway.openapi import openapi_document
+from cornserve.gateway.routes import Gateway
 
 NESTED_APP = """
 from pydantic import BaseModel, Field
@@ -156,3 +158,47 @@ def test_the_fuzzer_reports_server_errors_hangs_and_undocumented_statuses(
     assert any(e.startswith("POST /sessions -> 418") for e in stats.undocumented)  # 200 on GET is listed
     assert not any(e.startswith("GET /tasks") for e in stats.undocumented)
     assert stats.statuses[200] >= 1 and "curl" in stats.server_errors[0]
+
+
+def test_the_document_lists_exactly_the_routes_the_gateway_serves_each_with_a_scope() -> None:
+    app = Gateway.__new__(Gateway).app(Credentials.from_tokens("t" * 32))
+    served = {
+        (route.method, route.resource.canonical)
+        for route in app.router.routes()
+        if route.resource is not None and route.method != "HEAD"
+    }
+    doc = openapi_document([])
+    documented = {(m.upper(), p) for p, item in doc["paths"].items() for m in item if m != "parameters"}
+    assert documented == served == set(ROUTE_SCOPES)
+    assert ("POST", "/v1/chat/completions") in served and ("GET", "/v1/models") in served
+
+
+def test_every_body_is_a_generated_model_schema() -> None:
+    """No hand-written body schema: each fixed route's bodies are `$ref`s to the models' generated schemas."""
+    doc = openapi_document([])
+    schemas = doc["components"]["schemas"]
+    generated = AppSummary.model_json_schema(
+        mode="serialization", ref_template="#/components/schemas/{model}"
+    )
+    assert schemas["AppTask"] == generated.pop("$defs")["AppTask"] and schemas["AppSummary"] == generated
+    generic = {"/openapi.json", "/apps/{name}/invoke"}
+    for path, item in doc["paths"].items():
+        for method, operation in item.items():
+            if method == "parameters":
+                continue
+            for code, response in operation["responses"].items():
+                if code.startswith("2") and path == "/metrics":  # the Prometheus text format, no JSON
+                    assert set(response["content"]) == {"text/plain"}
+                    continue
+                schema = response["content"]["application/json"]["schema"]
+                if code.startswith("2") and path in generic:
+                    continue
+                ref = schema.get("$ref") or schema["items"]["$ref"]
+                error_model = "OpenAIErrorBody" if path.startswith("/v1/") else "ErrorBody"
+                assert code.startswith("2") or ref.endswith("/" + error_model), (path, code)
+            body = operation.get("requestBody")
+            if body is not None and path not in generic:
+                assert "$ref" in body["content"]["application/json"]["schema"], path
+    chat = schemas["ChatCompletionRequest"]["properties"]
+    assert "messages" in chat and "cornserve_embeddings" not in chat  # set by tasks, refused from callers
+    assert set(schemas["ChatCompletionRequest"]["required"]) == {"messages", "model"}

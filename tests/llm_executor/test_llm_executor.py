@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 import torch
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from prometheus_client.parser import text_string_to_metric_families
 from tests.llm_executor.support import (
     LLMExecutorSetup,
     get_json,
@@ -280,6 +282,30 @@ async def test_sampling_is_reproducible_with_a_seed_and_varies_without(cluster: 
         unseeded = {(await stream_via_descriptor(session, mono.url, task, body))[0] for _ in range(3)}
     assert a == b
     assert len(unseeded) > 1
+
+
+def metrics_page(url: str) -> dict[str, float]:
+    """The executor's /metrics, parsed by prometheus-client: sample name -> value (no labels here)."""
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as resp:
+        text = resp.read().decode()
+    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def test_metrics_agree_with_stats_and_count_every_token(cluster: LLMExecutorSetup) -> None:
+    mono = cluster.monolithic["llava"]
+    before, stats_before = metrics_page(mono.url), get_json(mono.url, "/stats")
+    status, full = post_json(mono.url, {"messages": [{"role": "user", "content": "Count"}], "max_tokens": 6})
+    assert status == 200, full
+    after, stats = metrics_page(mono.url), get_json(mono.url, "/stats")
+    tokens = full["usage"]["completion_tokens"]
+    assert after["cornserve_llm_generated_tokens_total"] == stats["tokens_generated"]
+    assert after["cornserve_llm_sequences_finished_total"] == stats["sequences_finished"]
+    assert stats["tokens_generated"] - stats_before["tokens_generated"] == tokens
+    ttft = "cornserve_llm_time_to_first_token_seconds_count"
+    tpot = "cornserve_llm_time_per_output_token_seconds_count"
+    assert after[ttft] - before[ttft] == 1
+    assert after[tpot] - before[tpot] == tokens - 1
+    assert after["cornserve_llm_sequences_running"] == 0
 
 
 # ---------------------------------------------------------------------- non-streaming, stop, length

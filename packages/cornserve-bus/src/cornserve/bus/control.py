@@ -124,6 +124,8 @@ class DeploymentInfo(WireModel):
     executors: list[ExecutorInfo] = Field(default_factory=list)
     devices: list[DeviceInfo] = Field(default_factory=list)
     message: str = ""
+    metrics_url: str | None = None
+    """The task manager's Prometheus metrics page, as it last reported it (None: none)."""
 
 
 # ----- resource manager ----------------------------------------------------------------------------
@@ -226,6 +228,8 @@ class TaskManagerStatus(WireModel):
     executors: list[ExecutorInfo]
     pid: int | None = None
     """The task manager's process id (lets a restarted RM stop a TM it adopted)."""
+    metrics_url: str | None = None
+    """The task manager's Prometheus metrics page (None: it runs without a metrics port)."""
 
 
 class RouteRequest(RequestBase):

@@ -10,7 +10,6 @@ objects are pretty-printed JSON.
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,10 +17,7 @@ from typing import Any
 from rich.console import Console
 
 from cornserve.cli import console
-
-CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\x9b]")
-"""Control characters other than newline and tab: never written raw (a model's answer could hold
-escape sequences that move the cursor or retitle the terminal)."""
+from cornserve.cli.chat import chunk_usage
 
 
 def text_of(item: Any) -> str | None:
@@ -54,29 +50,31 @@ async def show_answer(items: AsyncIterator[Any]) -> int:
     out = console.stdout()
     sent = time.monotonic()
     try:
-        count, first = await _stream_to(out, items)
+        count, first, usage = await _stream_to(out, items)
     finally:
         out.file.flush()
     if count > 1 and first is not None:
         out.print(
             f"[dim]{count} chunks; first after {(first - sent) * 1000:.0f} ms; "
-            f"total {time.monotonic() - sent:.2f} s[/]"
+            f"total {time.monotonic() - sent:.2f} s{'; ' + usage if usage else ''}[/]"
         )
     return count
 
 
-async def _stream_to(out: Console, items: AsyncIterator[Any]) -> tuple[int, float | None]:
+async def _stream_to(out: Console, items: AsyncIterator[Any]) -> tuple[int, float | None, str | None]:
     """Write items as they come; an unfinished text line is ended even when the stream fails."""
     first: float | None = None
     count = 0
     in_text = False
+    usage = None
     try:
         async for item in items:
             first = time.monotonic() if first is None else first
             count += 1
+            usage = chunk_usage(item) or usage
             text = text_of(item)
             if text is not None:
-                out.file.write(CONTROL.sub("", text))
+                out.file.write(console.printable(text))
                 out.file.flush()
                 in_text = True
                 continue
@@ -87,4 +85,4 @@ async def _stream_to(out: Console, items: AsyncIterator[Any]) -> tuple[int, floa
     finally:
         if in_text:
             out.file.write("\n")
-    return count, first
+    return count, first, usage

@@ -10,6 +10,7 @@ from typing import Any
 
 from cornserve.cli import console
 from cornserve.cli.answers import show_answer
+from cornserve.cli.chat import chunk_text, chunk_usage
 from cornserve.cli.progress import show_deploy
 from cornserve.cli.tables import print_table
 from cornserve.client import CornserveClient
@@ -48,16 +49,16 @@ async def status(client: CornserveClient) -> int:
         print(f"cluster at {client.url}: not healthy ({exc})")
         return 1
     apps = await client.list_apps()
-    tasks = (await client.list_tasks())["tasks"]
-    services = sorted(health["services"].items())
+    tasks = (await client.list_tasks()).tasks
+    services = sorted(health.services.items())
     if not console.fancy():
-        print(f"cluster at {client.url}: {health['status']}")
+        print(f"cluster at {client.url}: {health.status}")
         print("services: " + ", ".join(f"{name} x{count}" for name, count in services))
         print(f"apps: {len(apps)}   deployed unit tasks: {len(tasks)}")
         return 0
     out = console.stdout()
-    colour = "green" if health["status"] == "ok" else "red"
-    out.print(f"cluster at [bold]{console.escape(client.url)}[/]: [{colour}]{health['status']}[/]")
+    colour = "green" if health.status == "ok" else "red"
+    out.print(f"cluster at [bold]{console.escape(client.url)}[/]: [{colour}]{health.status}[/]")
     print_table(["SERVICE", "REPLICAS"], [(name, count) for name, count in services], "no services")
     out.print(f"apps: [bold]{len(apps)}[/]   deployed unit tasks: [bold]{len(tasks)}[/]")
     return 0
@@ -80,25 +81,36 @@ async def register(client: CornserveClient, path: str, name: str | None) -> int:
 
 async def apps(client: CornserveClient) -> int:
     """List registered apps."""
-    rows = [
-        (a["name"], a["state"], "yes" if a.get("streaming") else "no", len(a["tasks"]))
-        for a in await client.list_apps()
-    ]
+    rows = [(a.name, a.state, "yes" if a.streaming else "no", len(a.tasks)) for a in await client.list_apps()]
     print_table(["NAME", "STATE", "STREAMS", "TASKS"], rows, "no apps registered", state_column=1)
     return 0
 
 
-async def invoke(client: CornserveClient, app: str, request: str) -> int:
-    """Invoke an app; streamed items are printed as they arrive (`cornserve.cli.answers`)."""
+async def invoke(client: CornserveClient, app: str, request: str, text: bool = False) -> int:
+    """Invoke an app; streamed items are printed as they arrive (`cornserve.cli.answers`).
+
+    With `text`, an app that streams chat-completion chunks has only their text printed, as it
+    arrives, and the token usage after it.
+    """
     payload = load_json_arg(request)
-    await show_answer(client.invoke_app(app, payload))
+    if not text:
+        await show_answer(client.invoke_app(app, payload))
+        return 0
+    usage = None
+    clean = console.printable if console.fancy() else str  # a pipe gets the text as sent
+    async for item in client.invoke_app(app, payload):
+        print(clean(chunk_text(item)), end="", flush=True)
+        usage = chunk_usage(item) or usage
+    print()
+    if usage:
+        print(f"usage: {usage}", file=sys.stderr)
     return 0
 
 
 async def unregister(client: CornserveClient, app: str) -> int:
     """Unregister an app."""
     reply = await client.unregister_app(app)
-    torn = ", ".join(reply["torn_down"]) or "none (still used elsewhere)"
+    torn = ", ".join(reply.torn_down) or "none (still used elsewhere)"
     print(f"unregistered {app!r}; tasks torn down: {torn}")
     return 0
 
@@ -107,20 +119,20 @@ async def tasks(client: CornserveClient) -> int:
     """List deployed unit tasks."""
     state = await client.list_tasks()
     rows = []
-    for t in state["tasks"]:
-        ready = sum(1 for e in t["executors"] if e["state"] == "ready")
-        devices = ",".join(f"{d['kind']}:{d['index']}" for d in t["devices"])
-        rows.append((t["key"], t["state"], f"{ready}/{len(t['executors'])}", devices, ",".join(t["users"])))
+    for t in state.tasks:
+        ready = sum(1 for e in t.executors if e.state == "ready")
+        devices = ",".join(f"{d.kind}:{d.index}" for d in t.devices)
+        rows.append((t.key, t.state, f"{ready}/{len(t.executors)}", devices, ",".join(t.users)))
     print_table(["KEY", "STATE", "EXECUTORS", "DEVICES", "USERS"], rows, "no tasks deployed", state_column=1)
-    free = sum(1 for d in state["devices"] if d.get("task_key") is None)
-    print(f"devices: {len(state['devices'])} ({free} free)")
+    free = sum(1 for d in state.devices if d.task_key is None)
+    print(f"devices: {len(state.devices)} ({free} free)")
     return 0
 
 
 async def scale(client: CornserveClient, key: str, count: int) -> int:
     """Scale a task to `count` executors."""
     info = await client.scale_task(key, count)
-    print(f"{key}: {len(info['executors'])} executor(s), state {info['state']}")
+    print(f"{key}: {len(info.executors)} executor(s), state {info.state}")
     return 0
 
 
@@ -130,8 +142,8 @@ async def tasklib_add(client: CornserveClient, path: str, name: str | None) -> i
     lib_name = name or Path(path).stem.replace("_", "-").lower()
     record = await client.add_tasklib(lib_name, source)
     print(
-        f"task library {record['name']!r} ({record['sha256'][:12]}): unit tasks {', '.join(record['unit_tasks']) or '-'}; "
-        f"descriptors {', '.join(record['descriptors']) or '-'}"
+        f"task library {record.name!r} ({record.sha256[:12]}): unit tasks {', '.join(record.unit_tasks) or '-'}; "
+        f"descriptors {', '.join(record.descriptors) or '-'}"
     )
     return 0
 
@@ -139,7 +151,7 @@ async def tasklib_add(client: CornserveClient, path: str, name: str | None) -> i
 async def tasklib_list(client: CornserveClient) -> int:
     """List task libraries."""
     rows = [
-        (r["name"], r["sha256"][:12], ",".join(r["unit_tasks"]), ",".join(r["descriptors"]))
+        (r.name, r.sha256[:12], ",".join(r.unit_tasks), ",".join(r.descriptors))
         for r in await client.list_tasklibs()
     ]
     print_table(["NAME", "SHA256", "UNIT TASKS", "DESCRIPTORS"], rows, "no task libraries")

@@ -9,11 +9,15 @@ keeps the drawing but drops colour; ``TERM=dumb`` (or ``CORNSERVE_PLAIN=1``) for
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 from rich.console import Console
 
 PLAIN_ENV = "CORNSERVE_PLAIN"
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\x9b]")
+"""Control characters other than newline and tab: never written raw to a terminal (a model's answer
+could hold escape sequences that move the cursor or retitle the terminal)."""
 
 
 def stdout() -> Console:
@@ -47,3 +51,8 @@ def escape(text: str) -> str:
     from rich.markup import escape as rich_escape
 
     return rich_escape(text)
+
+
+def printable(text: str) -> str:
+    """`text` without control characters (for writing text from the network to a terminal)."""
+    return CONTROL.sub("", text)

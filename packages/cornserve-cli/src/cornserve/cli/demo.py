@@ -18,11 +18,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cornserve.cli.bundled import DEMO_APP_FILE, MissingExampleError, example_text
+from cornserve.cli.chat import chunk_text
 from cornserve.cli.launcher import LaunchError, LocalCluster
 from cornserve.cli.progress import show_deploy
 from cornserve.client import CornserveClient, CornserveError
 
-DEMO_APP = Path(__file__).resolve().parents[5] / "examples" / "mllm_app.py"
 DEMO_ARCH = "qwen2-vl"
 DEMO_PROMPT = "What is in this picture?"
 
@@ -64,14 +65,21 @@ async def register_and_ask(
     async with CornserveClient(cluster.url, token=cluster.admin_token, ca_file=cluster.tls_cert) as client:
         started = time.monotonic()
         print("registering examples/mllm_app.py as app 'demo' ...")
-        if any(app["name"] == "demo" for app in await client.list_apps()):
+        if any(app.name == "demo" for app in await client.list_apps()):
             # The state dir keeps apps across runs; the model may have changed since, so start afresh.
             print("  app 'demo' is still registered from an earlier run; replacing it")
             await client.unregister_app("demo")
         await show_deploy(client.register_app("demo", app_source), started)  # bars on a terminal
         request: dict[str, Any] = {
-            "prompt": prompt,
-            "image_urls": [image_url],
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": image_url}},
+                        {"type": "text", "text": prompt},
+                    ],
+                }
+            ],
             "max_completion_tokens": max_tokens,
         }
         print(f"\nrequest: {prompt!r} + one 96x96 image")
@@ -80,10 +88,13 @@ async def register_and_ask(
         first: float | None = None
         chunks = 0
         async for item in client.invoke_app("demo", request):
+            text = chunk_text(item)
+            if not text:
+                continue  # the role, finish and usage chunks carry no text
             if first is None:
                 first = time.monotonic()
             chunks += 1
-            print(item.get("text", ""), end="", flush=True)
+            print(text, end="", flush=True)
         total = time.monotonic() - sent
         ttft = (first - sent) * 1000 if first is not None else float("nan")
         print(f"\n\n{chunks} chunks; time to first token {ttft:.0f} ms; total {total:.2f} s")
@@ -102,8 +113,10 @@ def run_demo(
     tls: tuple[Path, Path] | None = None,
 ) -> int:
     """Start the cluster, build the model if needed, register the app, ask once, keep serving."""
-    if not DEMO_APP.exists():
-        print(f"error: the demo app is missing at {DEMO_APP}", file=sys.stderr)
+    try:
+        app_source = example_text(DEMO_APP_FILE)  # package data: no source checkout needed
+    except MissingExampleError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     model_id = ensure_model(model, state_dir)
     os.environ["CORNSERVE_DEMO_MODEL"] = model_id  # the app reads it where it runs: in the gateway
@@ -124,12 +137,15 @@ def run_demo(
         print(
             f"Cornserve is up in {time.monotonic() - started:.1f}s: {cluster.url}  (logs: {state_dir / 'logs'})"
         )
-        asyncio.run(register_and_ask(cluster, DEMO_APP.read_text(), prompt, demo_image_url(), max_tokens))
+        asyncio.run(register_and_ask(cluster, app_source, prompt, demo_image_url(), max_tokens))
         if not once:
-            print(f"\nserving app 'demo' at {cluster.url}/apps/demo/invoke — Ctrl-C stops")
+            print(
+                f"\nserving app 'demo' at {cluster.url}/apps/demo/invoke and, for OpenAI clients, "
+                f"{cluster.url}/v1/chat/completions (model 'demo') — Ctrl-C stops"
+            )
             print(
                 f"  try: CORNSERVE_URL={cluster.url} CORNSERVE_STATE_DIR={state_dir} "
-                "cornserve invoke demo @examples/mllm_request.json"
+                "cornserve invoke --text demo @examples/mllm_request.json"
             )
             return cluster.supervise(lambda: stopping)
         return 0

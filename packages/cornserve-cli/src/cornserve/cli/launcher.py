@@ -40,6 +40,7 @@ from cornserve.cli.natsauth import (
 )
 from cornserve.cli.natsserver import NatsServerError, NatsServerProcess
 from cornserve.runtime.detached import DetachedGroups
+from cornserve.runtime.metrics import child_environment
 from cornserve.runtime.nats import NatsAuthError, NatsConnectTimeout
 from cornserve.runtime.natscreds import NatsCredentialsError
 from cornserve.runtime.process import ProcessGroup, free_port, log_tail, pid_alive, signal_group, wait_for
@@ -57,6 +58,8 @@ TASK_MANAGER_DIR = "task-managers"
 DATA_PLANE_GRACE_S = 20.0
 """SIGTERM to SIGKILL of a task manager at shutdown: it stops its executors first (5 s grace each)."""
 SHM_DIR = Path("/dev/shm")
+NO_GATEWAY_SETTLE_S = 3.0
+"""Without a gateway to report health, how long the services must stay up to count as started."""
 NATS_SYNC_INTERVAL = "1s"
 """JetStream fsync interval of `up`'s NATS: the KV state (apps, task libraries, deployments) is small
 and rarely written, so syncing each second costs nothing and loses at most a second of it when the
@@ -147,8 +150,18 @@ class LocalCluster:
     """The gateway's admin token (set by `start`; see `cornserve.cli.admintoken`)."""
     nats_auth: NatsAuth | None = None
     """The generated per-role NATS credentials (None with an external NATS)."""
+    metrics: dict[str, str] = field(default_factory=dict)
+    """Prometheus metrics page of every service (name → URL); task managers report theirs in GET /tasks."""
     nats_sync_interval: str = NATS_SYNC_INTERVAL
     """JetStream ``sync_interval`` of the embedded NATS ("default", "always" or a duration like 1s)."""
+    serve_gateway: bool = True
+    """Start the gateway; False for a node of a container deployment (`cornserve deploy node`), whose
+    gateway and dispatchers run in containers of their own."""
+    node_name: str | None = None
+    """The node id of the sidecars and the resource manager (default: ``local-<cluster id>``)."""
+    create_kv_buckets: bool = True
+    """Create the KV buckets (with the admin role) before starting the services; False where someone
+    else did (a container deployment's node never holds the admin role's credentials)."""
 
     @property
     def url(self) -> str:
@@ -171,10 +184,15 @@ class LocalCluster:
     @property
     def node(self) -> str:
         """The node id of this cluster (sidecars with the same node share memory)."""
-        return f"local-{self.cluster_id}"
+        return self.node_name or f"local-{self.cluster_id}"
 
-    def _child(self, name: str, module: str, *args: str, role: str) -> Child:
+    def _child(self, name: str, module: str, *args: str, role: str, metrics: bool = True) -> Child:
+        """A service to start; `metrics`: give it a metrics port of its own (services without HTTP)."""
         log_path = self.state_dir / "logs" / f"{name}.log"
+        if metrics:
+            port = free_port()
+            args = (*args, "--metrics-port", str(port), "--metrics-host", "127.0.0.1")
+            self.metrics[name] = f"http://127.0.0.1:{port}/metrics"
         child = Child(name, [sys.executable, "-m", module, *args], log_path, env=self._nats_env(role))
         self.children.append(child)
         return child
@@ -199,6 +217,11 @@ class LocalCluster:
         return env
 
     def _start_nats(self) -> None:
+        """Start the embedded NATS or use `nats_url`; then create the KV buckets.
+
+        An external NATS is used with one `nats_creds` file for every service, or with the per-role
+        files of a `nats_auth` generated elsewhere (a container deployment, `cornserve deploy`).
+        """
         if self.nats_url is None:
             self.say("starting NATS (JetStream, one user per role) ...")
             self.nats_auth = NatsAuth.generate(self.state_dir / AUTH_DIR)
@@ -212,7 +235,8 @@ class LocalCluster:
             )
             self.nats.start()
             self.nats_url = self.nats.url
-        if self.nats_admin_creds is not None:  # services may not create buckets they only read
+        if self.create_kv_buckets and self.nats_admin_creds is not None:
+            # Services may not create buckets they only read.
             try:
                 create_buckets(self.nats_url, self.nats_admin_creds)
             except (NatsAuthError, NatsCredentialsError, NatsConnectTimeout, TimeoutError) as exc:
@@ -229,7 +253,11 @@ class LocalCluster:
         devices = gpus or self.cpu_slots
         kind = "GPU" if gpus else "CPU slot"
         self.say(f"NATS at {self.nats_url}; {devices} {kind}(s)")
-        env = {**os.environ, "CORNSERVE_NATS_URL": self.nats_url, "PYTHONUNBUFFERED": "1"}
+        env = {
+            **child_environment(dict(os.environ)),
+            "CORNSERVE_NATS_URL": self.nats_url,
+            "PYTHONUNBUFFERED": "1",
+        }
         # The sidecars' per-cluster peer secret: they authenticate each other on the TCP data path.
         peer_secret = write_secret_file(self.state_dir / SIDECAR_SECRET_FILE, new_token())
         for rank in range(devices):
@@ -240,7 +268,7 @@ class LocalCluster:
                 role=SIDECAR,
             )
         rm_args = ["--node", self.node, "--log-dir", str(self.state_dir / "logs")]
-        rm_args += ["--task-manager-dir", str(self.state_dir / TASK_MANAGER_DIR)]
+        rm_args += ["--task-manager-dir", str(self.state_dir / TASK_MANAGER_DIR), "--task-manager-metrics"]
         if not gpus:
             rm_args += ["--cpu-slots", str(self.cpu_slots)]
         self._child("resource-manager", "cornserve.resource_manager.main", *rm_args, role=RESOURCE_MANAGER)
@@ -252,10 +280,12 @@ class LocalCluster:
                 f"dispatcher-{index}",
                 role=DISPATCHER,
             )
-        self._child(
-            "gateway", "cornserve.gateway.main", "--host", self.host, "--port", str(self.port),
-            *self._gateway_auth_args(), role=GATEWAY,
-        )  # fmt: skip
+        if self.serve_gateway:
+            self._child(
+                "gateway", "cornserve.gateway.main", "--host", self.host, "--port", str(self.port),
+                *self._gateway_auth_args(), role=GATEWAY, metrics=False,
+            )  # fmt: skip
+            self.metrics["gateway"] = f"{self.url}/metrics"
         self.env = {**env, "CORNSERVE_NODE": self.node}
         for child in self.children:
             self.say(f"starting {child.name}")
@@ -278,19 +308,29 @@ class LocalCluster:
             "nats_url": self.nats_url,
             "nats_auth_dir": str(self.nats_auth.directory) if self.nats_auth is not None else None,
             "node": self.node,
+            "metrics": self.metrics,
             "children": [{"name": c.name, "pid": c.proc.pid} for c in self.children if c.proc is not None],
         }
         (self.state_dir / STATE_FILE).write_text(json.dumps(state, indent=2))
 
+    def _check_children(self) -> None:
+        for child in self.children:
+            if not child.alive():
+                raise LaunchError(
+                    f"{child.name} exited during start-up; its log ({child.log_path}):\n{child.log_tail()}"
+                )
+
     def _wait_ready(self, timeout_s: float) -> None:
+        if not self.serve_gateway:  # no /health to ask: the services must survive their start
+            settle = time.monotonic() + min(timeout_s, NO_GATEWAY_SETTLE_S)
+            while time.monotonic() < settle:
+                self._check_children()
+                time.sleep(0.2)
+            return
         deadline = time.monotonic() + timeout_s
         last = ""
         while time.monotonic() < deadline:
-            for child in self.children:
-                if not child.alive():
-                    raise LaunchError(
-                        f"{child.name} exited during start-up; its log ({child.log_path}):\n{child.log_tail()}"
-                    )
+            self._check_children()
             try:
                 with urllib.request.urlopen(
                     self.url + "/health", timeout=5, context=self._probe_tls()

@@ -46,6 +46,10 @@ models_app = typer.Typer(
 )
 app.add_typer(tasklib_app, name="tasklib", rich_help_panel=TASKS)
 app.add_typer(models_app, name="models", rich_help_panel=TOOLS)
+deploy_app = typer.Typer(
+    help="Steps of a container deployment (deploy/compose.yaml): init, kv, node, demo.", no_args_is_help=True
+)
+app.add_typer(deploy_app, name="deploy", rich_help_panel=TOOLS)
 
 
 def _exit(code: int) -> NoReturn:
@@ -262,7 +266,7 @@ def logs(
     def app_task_keys(name: str) -> list[str]:
         async def go() -> list[str]:
             async with CornserveClient(url or default_url(), state_dir=directory) as client:
-                return [str(t["key"]) for t in (await client.get_app(name))["tasks"]]
+                return [t.key for t in (await client.get_app(name)).tasks]
 
         return asyncio.run(go())
 
@@ -308,11 +312,18 @@ def invoke(
     request: Annotated[
         str, typer.Argument(metavar="REQUEST", help="The request: JSON, @file, or - for stdin.")
     ],
+    text: Annotated[
+        bool,
+        typer.Option(
+            "--text",
+            help="Print only the text of streamed chat-completion chunks (OpenAI-speaking apps), then the usage.",
+        ),
+    ] = False,
     url: UrlOpt = None,
     state_dir: StateDirOpt = None,
 ) -> None:
     """Invoke an app; a streamed answer is printed as it arrives."""
-    _http(url, state_dir, lambda client: commands.invoke(client, app_name, request))
+    _http(url, state_dir, lambda client: commands.invoke(client, app_name, request, text))
 
 
 @app.command(rich_help_panel=APPS)
@@ -487,6 +498,94 @@ def models_tiny(
         console.error(str(exc))
         _exit(2)
     print(f"built a tiny {arch} checkpoint (random weights) in {path}")
+
+
+def _owner(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        uid, gid = (int(part) for part in value.split(":"))
+    except ValueError:
+        raise typer.BadParameter(f"expected UID:GID (two numbers), got {value!r}") from None
+    return uid, gid
+
+
+@deploy_app.command("init")
+def deploy_init(
+    state_dir: StateDirOpt = None,
+    nats_sync_interval: Annotated[
+        str,
+        typer.Option(
+            "--nats-sync-interval",
+            callback=_sync_interval,
+            help="JetStream fsync interval written into the NATS config.",
+        ),
+    ] = NATS_SYNC_INTERVAL,
+    owner: Annotated[
+        str | None, typer.Option("--owner", metavar="UID:GID", help="Hand the files to UID:GID (as root).")
+    ] = None,
+    chown: Annotated[
+        list[str] | None,
+        typer.Option("--chown", help="A directory (volume) to hand to --owner too (repeatable)."),
+    ] = None,
+) -> None:
+    """Make the secrets (NATS roles, admin token) in a state dir; keeps existing ones."""
+    from cornserve.cli.deploy import init_state
+    from cornserve.runtime.secrets import SecretFileError
+
+    ids = _owner(owner)
+    try:
+        init_state(_state_dir(state_dir), nats_sync_interval, ids, tuple(Path(p) for p in chown or []))
+    except (OSError, SecretFileError) as exc:
+        console.error(str(exc))
+        _exit(1)
+
+
+@deploy_app.command("kv")
+def deploy_kv(
+    nats_url: Annotated[str, typer.Option("--nats-url", help="The cluster's NATS.")],
+    state_dir: StateDirOpt = None,
+    timeout: Annotated[float, typer.Option("--timeout", help="Deadline, seconds.")] = 30.0,
+) -> None:
+    """Create the cluster's KV buckets (as the admin role)."""
+    from cornserve.cli.deploy import create_kv
+
+    _exit(create_kv(_state_dir(state_dir), nats_url, timeout))
+
+
+@deploy_app.command("node")
+def deploy_node(
+    nats_url: Annotated[str, typer.Option("--nats-url", help="The cluster's NATS.")],
+    state_dir: StateDirOpt = None,
+    node: Annotated[str, typer.Option("--node", help="Node id of its sidecars.")] = "node-0",
+    cpu_slots: Annotated[int, typer.Option("--cpu-slots", help="CPU device slots when there is no GPU.")] = 4,
+    ready_timeout: Annotated[
+        float, typer.Option("--ready-timeout", help="Seconds to wait for the node.")
+    ] = 60.0,
+) -> None:
+    """Run one node: its sidecars and the resource manager (local spawner)."""
+    from cornserve.cli.deploy import run_node
+
+    _exit(run_node(_state_dir(state_dir), nats_url, node, cpu_slots, ready_timeout))
+
+
+@deploy_app.command("demo")
+def deploy_demo(
+    url: UrlOpt = None,
+    state_dir: StateDirOpt = None,
+    model: Annotated[
+        str | None, typer.Option("--model", help="Checkpoint dir to build the tiny model in if missing.")
+    ] = None,
+    timeout: Annotated[float, typer.Option("--timeout", help="Deadline of each step, seconds.")] = 600.0,
+) -> None:
+    """Build the tiny demo checkpoint if missing and register the example app as 'demo'."""
+    if model is not None:  # building the checkpoint needs the model stack
+        _require_models("deploy demo --model", ("cornserve.models",))
+    from cornserve.cli.deploy import run_demo_setup
+
+    _exit(
+        run_demo_setup(url or default_url(), _state_dir(state_dir), Path(model) if model else None, timeout)
+    )
 
 
 def _require_models(command: str, modules: tuple[str, ...]) -> None:

@@ -11,10 +11,11 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 
+from cornserve.bus.control import ProgressEvent
+from cornserve.bus.gateway_api import AppSummary
 from cornserve.cli import console
 
 STAGES = ("queued", "allocating", "starting_task_manager", "starting_executors", "ready")
@@ -30,33 +31,36 @@ def stage_step(stage: str) -> int:
     return STAGES.index(stage) if stage in STAGES else 0
 
 
-def progress_line(event: dict[str, Any], elapsed_s: float) -> str:
+def progress_line(event: ProgressEvent, elapsed_s: float) -> str:
     """The plain line of one progress event."""
-    detail = f" — {event['message']}" if event.get("message") else ""
-    return f"  [{elapsed_s:6.1f}s] {event['task_key']}: {event['stage']}{detail}"
+    detail = f" — {event.message}" if event.message else ""
+    return f"  [{elapsed_s:6.1f}s] {event.task_key}: {event.stage}{detail}"
 
 
-def app_line(app: dict[str, Any], elapsed_s: float) -> str:
-    """The plain line of the registered app."""
-    tasks = ", ".join(t["key"] for t in app.get("tasks", []))
-    return f"app {app['name']!r} is {app['state']} ({elapsed_s:.1f}s); tasks: {tasks}"
+def app_lines(app: AppSummary, elapsed_s: float) -> list[str]:
+    """The plain lines of the registered app (and its OpenAI model name, when it speaks OpenAI)."""
+    tasks = ", ".join(t.key for t in app.tasks)
+    lines = [f"app {app.name!r} is {app.state} ({elapsed_s:.1f}s); tasks: {tasks}"]
+    if app.openai_models:
+        lines.append(f"  OpenAI-compatible: POST /v1/chat/completions with model {app.openai_models[0]!r}")
+    return lines
 
 
-async def show_deploy(events: AsyncIterator[dict[str, Any]], started: float) -> dict[str, Any] | None:
+async def show_deploy(events: AsyncIterator[ProgressEvent | AppSummary], started: float) -> AppSummary | None:
     """Render the events of a registration until its end; returns the app (None if none came)."""
     if not console.fancy():
         app = None
         async for event in events:
-            if "stage" in event:
+            if isinstance(event, ProgressEvent):
                 print(progress_line(event, time.monotonic() - started), flush=True)
             else:
                 app = event
-                print(app_line(event, time.monotonic() - started), flush=True)
+                print("\n".join(app_lines(event, time.monotonic() - started)), flush=True)
         return app
     return await _live(events, started)
 
 
-async def _live(events: AsyncIterator[dict[str, Any]], started: float) -> dict[str, Any] | None:
+async def _live(events: AsyncIterator[ProgressEvent | AppSummary], started: float) -> AppSummary | None:
     out = console.stdout()
     columns = (
         SpinnerColumn(finished_text="[green]✔[/]"),
@@ -69,28 +73,32 @@ async def _live(events: AsyncIterator[dict[str, Any]], started: float) -> dict[s
     app = None
     with Progress(*columns, console=out, transient=False) as progress:
         async for event in events:
-            if "stage" not in event:
+            if not isinstance(event, ProgressEvent):
                 app = event
                 continue
-            key = str(event["task_key"])
-            stage = str(event["stage"])
+            key, stage = event.task_key, str(event.stage)
             if key not in bars:
-                bars[key] = progress.add_task("", total=len(STAGES) - 1, key=key, stage=stage)
+                bars[key] = progress.add_task("", total=len(STAGES) - 1, key=console.escape(key), stage=stage)
             label = stage.replace("_", " ")
             if stage == "failed":
-                label = f"[red]failed[/] {console.escape(str(event.get('message', '')))}"
-            elif event.get("message"):
-                label += f" [dim]{console.escape(str(event['message']))}[/]"
+                label = f"[red]failed[/] {console.escape(event.message)}"
+            elif event.message:
+                label += f" [dim]{console.escape(event.message)}[/]"
             progress.update(bars[key], completed=stage_step(stage), stage=label)
             if stage in DONE_STAGES or stage == "failed":
                 progress.stop_task(bars[key])
     if app is not None:
         elapsed = time.monotonic() - started
-        tasks = ", ".join(t["key"] for t in app.get("tasks", []))
+        tasks = ", ".join(t.key for t in app.tasks)
         out.print(
-            f"[green]✔[/] app [bold]{console.escape(app['name'])}[/] is {app['state']} "
+            f"[green]✔[/] app [bold]{console.escape(app.name)}[/] is {app.state} "
             f"in {elapsed:.1f}s [dim]tasks: {console.escape(tasks)}[/]"
         )
+        if app.openai_models:
+            out.print(
+                "  OpenAI-compatible: POST /v1/chat/completions with model "
+                f"[bold]{console.escape(app.openai_models[0])}[/]"
+            )
     return app
 
 

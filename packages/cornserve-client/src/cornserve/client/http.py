@@ -1,4 +1,4 @@
-"""HTTP calls to the gateway."""
+"""HTTP calls to the gateway; replies are the models of `cornserve.bus.gateway_api` (the gateway's contract)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,20 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from pydantic import TypeAdapter
 
+from cornserve.bus.control import DeploymentInfo, ProgressEvent
+from cornserve.bus.gateway_api import (
+    AppDetail,
+    AppRegistration,
+    AppRemoval,
+    AppSummary,
+    Health,
+    ScaleBody,
+    TaskLibrary,
+    TaskLibraryUpload,
+    TaskListing,
+)
 from cornserve.client.auth import Token, client_ssl_context, how_to_authenticate, resolve_token
 from cornserve.client.errors import CornserveAuthError, CornserveError
 
@@ -189,60 +202,62 @@ class CornserveClient:
 
     # ----- the API ---------------------------------------------------------------------------------
 
-    async def health(self) -> dict[str, Any]:
+    async def health(self) -> Health:
         """GET /health (raises CornserveError 503 when degraded)."""
-        result: dict[str, Any] = await self.call("GET", "/health", timeout_s=30)
-        return result
+        return Health.model_validate(await self.call("GET", "/health", timeout_s=30))
 
-    async def register_app(self, name: str, source: str) -> AsyncIterator[dict[str, Any]]:
+    async def register_app(self, name: str, source: str) -> AsyncIterator[ProgressEvent | AppSummary]:
         """Register an app, yielding deployment progress events and finally the app."""
         async for event in self.stream(
             "POST",
             "/apps",
-            {"name": name, "source": source},
+            AppRegistration(name=name, source=source).model_dump(),
             accept="text/event-stream",
             idle_timeout_s=self.timeout_s,
         ):
-            yield event
+            if isinstance(event, dict) and "stage" in event:
+                yield ProgressEvent.model_validate(event)
+            else:
+                yield AppSummary.model_validate(event)
 
-    async def list_apps(self) -> list[dict[str, Any]]:
+    async def list_apps(self) -> list[AppSummary]:
         """GET /apps."""
-        result: list[dict[str, Any]] = await self.call("GET", "/apps")
-        return result
+        return _APPS.validate_python(await self.call("GET", "/apps"))
 
-    async def get_app(self, name: str) -> dict[str, Any]:
+    async def get_app(self, name: str) -> AppDetail:
         """GET /apps/{name}."""
-        result: dict[str, Any] = await self.call("GET", f"/apps/{name}")
-        return result
+        return AppDetail.model_validate(await self.call("GET", f"/apps/{name}"))
 
-    async def unregister_app(self, name: str) -> dict[str, Any]:
+    async def unregister_app(self, name: str) -> AppRemoval:
         """DELETE /apps/{name}."""
-        result: dict[str, Any] = await self.call("DELETE", f"/apps/{name}")
-        return result
+        return AppRemoval.model_validate(await self.call("DELETE", f"/apps/{name}"))
 
     async def invoke_app(self, name: str, request: Any) -> AsyncIterator[dict[str, Any]]:
-        """POST /apps/{name}/invoke: yields the response (once) or each streamed item."""
+        """POST /apps/{name}/invoke: yields the response (once) or each streamed item.
+
+        The items are the app's own response model as JSON (the client does not know its class).
+        """
         async for item in self.stream("POST", f"/apps/{name}/invoke", request):
             yield item
 
-    async def list_tasks(self) -> dict[str, Any]:
+    async def list_tasks(self) -> TaskListing:
         """GET /tasks."""
-        result: dict[str, Any] = await self.call("GET", "/tasks")
-        return result
+        return TaskListing.model_validate(await self.call("GET", "/tasks"))
 
-    async def scale_task(self, key: str, num_executors: int) -> dict[str, Any]:
+    async def scale_task(self, key: str, num_executors: int) -> DeploymentInfo:
         """POST /tasks/{key}/scale."""
-        result: dict[str, Any] = await self.call(
-            "POST", f"/tasks/{key}/scale", {"num_executors": num_executors}
-        )
-        return result
+        body = ScaleBody(num_executors=num_executors).model_dump()
+        return DeploymentInfo.model_validate(await self.call("POST", f"/tasks/{key}/scale", body))
 
-    async def add_tasklib(self, name: str, source: str) -> dict[str, Any]:
+    async def add_tasklib(self, name: str, source: str) -> TaskLibrary:
         """POST /tasklibs."""
-        result: dict[str, Any] = await self.call("POST", "/tasklibs", {"name": name, "source": source})
-        return result
+        body = TaskLibraryUpload(name=name, source=source).model_dump()
+        return TaskLibrary.model_validate(await self.call("POST", "/tasklibs", body))
 
-    async def list_tasklibs(self) -> list[dict[str, Any]]:
+    async def list_tasklibs(self) -> list[TaskLibrary]:
         """GET /tasklibs."""
-        result: list[dict[str, Any]] = await self.call("GET", "/tasklibs")
-        return result
+        return _LIBRARIES.validate_python(await self.call("GET", "/tasklibs"))
+
+
+_APPS = TypeAdapter(list[AppSummary])
+_LIBRARIES = TypeAdapter(list[TaskLibrary])

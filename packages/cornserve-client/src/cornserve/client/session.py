@@ -11,6 +11,15 @@ from typing import Any
 
 from pydantic import TypeAdapter
 
+from cornserve.bus.gateway_api import (
+    SessionCreate,
+    SessionDeploy,
+    SessionDeployed,
+    SessionInfo,
+    SessionInvoke,
+    SessionOutputs,
+    SessionStreamLine,
+)
 from cornserve.client.errors import CornserveError
 from cornserve.client.http import CornserveClient
 from cornserve.task import (
@@ -51,13 +60,15 @@ class ClusterSession:
     async def deploy(self, *tasks: Task[Any, Any]) -> list[str]:
         """Deploy every unit task reachable from `tasks`; returns their deployment keys."""
         units = discover_unit_tasks(tasks)
-        body = {"tasks": [serialize_task(t) for t in units]}
+        body = SessionDeploy(tasks=[serialize_task(t) for t in units]).model_dump()
         reply = await self.client.call("POST", f"/sessions/{self.session_id}/tasks", body)
-        return list(reply["deployed"])
+        return SessionDeployed.model_validate(reply).deployed
 
     async def run_graph(self, invocations: Sequence[TaskInvocation]) -> list[TaskOutput]:
         """Send a recorded graph to the gateway; rebuild the outputs (and the stream, if any)."""
-        body = {"invocations": _INVOCATIONS.dump_python(list(invocations), mode="json")}
+        body = SessionInvoke(
+            invocations=_INVOCATIONS.dump_python(list(invocations), mode="json")
+        ).model_dump()
         lines = self.client.stream("POST", f"/sessions/{self.session_id}/invoke", body)
         try:
             first = await anext(lines)
@@ -65,7 +76,7 @@ class ClusterSession:
             raise TaskExecutionError(self._redact(exc.message)) from exc
         except StopAsyncIteration:
             raise TaskExecutionError("the gateway returned an empty response") from None
-        raw_outputs = first["outputs"]
+        raw_outputs = SessionOutputs.model_validate(first).outputs
         outputs: list[TaskOutput] = []
         for inv, raw in zip(invocations, raw_outputs, strict=True):
             if raw is None:
@@ -80,16 +91,13 @@ class ClusterSession:
         self, lines: AsyncIterator[dict[str, Any]], adapter: TypeAdapter[Any]
     ) -> AsyncIterator[Any]:
         try:
-            async for line in lines:
-                if line.get("end"):
+            async for raw in lines:
+                line = SessionStreamLine.model_validate(raw)
+                if line.end:
                     return
-                if "error" in line:
-                    error = line["error"]
-                    raise TaskExecutionError(
-                        error.get("message", str(error)) if isinstance(error, dict) else str(error)
-                    )
-                item = line["item"]
-                yield adapter.validate_python(item)
+                if line.error is not None:
+                    raise TaskExecutionError(line.error.message)
+                yield adapter.validate_python(line.item)
         except CornserveError as exc:
             raise TaskExecutionError(self._redact(exc.message)) from exc
         finally:
@@ -140,11 +148,13 @@ async def connect(
     """
     client = CornserveClient(url, token=token, state_dir=state_dir, ca_file=ca_file)
     try:
-        reply = await client.call("POST", "/sessions", {"ttl_s": ttl_s})
+        info = SessionInfo.model_validate(
+            await client.call("POST", "/sessions", SessionCreate(ttl_s=ttl_s).model_dump(exclude_none=True))
+        )
     except BaseException:
         await client.close()
         raise
-    session = ClusterSession(client, reply["session_id"], ttl_s, owner=str(reply.get("owner", "")))
+    session = ClusterSession(client, info.session_id, ttl_s, owner=info.owner)
     session._heartbeat = asyncio.create_task(session._beat())
     set_graph_runner(session)
     return session

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,7 @@ from cornserve.bus.tm_client import TaskManagerClient
 from cornserve.dispatcher import faults
 from cornserve.dispatcher.deployments import DeploymentCache
 from cornserve.dispatcher.forwards import forwards_by_rank
+from cornserve.dispatcher.metrics import observe_call
 from cornserve.task import ExecutorRequest, Stream, TaskInvocation, wire_forwards
 
 logger = logging.getLogger(__name__)
@@ -67,6 +69,8 @@ class OpenStream:
     invocation: TaskInvocation
     routed: Routed
     response: aiohttp.ClientResponse
+    started: float = 0.0
+    """When the call was sent (`time.monotonic`): the relay's time to first item counts from it."""
 
 
 @dataclass
@@ -241,6 +245,8 @@ class GraphRunner:
     ) -> dict[str, Any] | None:
         """Send one executor request; a streamed response is left open in `state.stream`."""
         url = executor_url(routed.route, req.path)
+        started = time.monotonic()
+        ok = False
         try:
             try:
                 response = await self.session.request(req.method, url, json=req.body)
@@ -250,8 +256,9 @@ class GraphRunner:
                 if response.status >= 400:
                     async with response:
                         raise await _status_failure(routed, response)
-                state.stream = OpenStream(invocation=inv, routed=routed, response=response)
+                state.stream = OpenStream(invocation=inv, routed=routed, response=response, started=started)
                 state.finished.add(routed.position)
+                ok = True
                 return None
             async with response:
                 if response.status >= 400:
@@ -264,8 +271,10 @@ class GraphRunner:
                     ) from None
             output = self._parse_output(inv, routed, raw)
             state.finished.add(routed.position)
+            ok = True
             return output
         finally:
+            observe_call(routed.task_name, started, ok)
             if not req.stream:
                 self.release(routed)
 

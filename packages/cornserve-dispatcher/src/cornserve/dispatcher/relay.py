@@ -22,6 +22,7 @@ from pydantic import BaseModel
 
 from cornserve.bus.control import StreamMessage
 from cornserve.dispatcher.graph import OpenStream
+from cornserve.dispatcher.metrics import ItemClock
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +93,7 @@ class StreamRelay:
         inv = self.stream.invocation
         descriptor = inv.task.descriptor
         where = self.stream.routed.where
+        clock = ItemClock(self.stream.routed.task_name, self.stream.started)
         while True:
             try:
                 async with asyncio.timeout(self.idle_timeout_s):
@@ -116,6 +118,7 @@ class StreamRelay:
                     f"{type(exc).__name__}: {exc}"
                 ) from None
             if item is not None:
+                clock.item()
                 await self._publish(StreamMessage(seq=self._seq, item=item_json(item)))
 
     async def _publish(self, message: StreamMessage) -> None:

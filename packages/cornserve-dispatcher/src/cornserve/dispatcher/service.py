@@ -44,6 +44,7 @@ from cornserve.dispatcher.deployments import DeploymentCache
 from cornserve.dispatcher.forwards import drop_forwards
 from cornserve.dispatcher.graph import GraphRunner
 from cornserve.dispatcher.keepalive import Keepalive
+from cornserve.dispatcher.metrics import watch_load
 from cornserve.dispatcher.relay import StreamRelay
 from cornserve.runtime.logging import set_request_id
 from cornserve.runtime.natsstop import nats_step
@@ -105,6 +106,7 @@ class DispatcherService:
 
     def __post_init__(self) -> None:
         self._idle.set()
+        watch_load(self.load)
 
     def load(self) -> dict[str, int]:
         """What this replica runs now (the `data` of its micro STATS): graphs, relayed streams, cancels."""

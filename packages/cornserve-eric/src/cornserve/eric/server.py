@@ -35,6 +35,7 @@ from cornserve.models.encoders import EncodedItem, EncoderModel, Preprocessed, l
 from cornserve.models.loading import resolve_model_dir
 from cornserve.models.media import MediaError
 from cornserve.models.media_pool import MediaPool
+from cornserve.runtime.metrics import metrics_route
 from cornserve.sidecar.errors import SidecarError
 from cornserve.task.builtins.embedding import (
     EMBEDDING_META_CHUNK,
@@ -110,6 +111,7 @@ class EricServer:
         app.router.add_post("/embeddings", self._embeddings)
         app.router.add_get("/health", self._health)
         app.router.add_get("/info", self._info)
+        app.router.add_get("/metrics", metrics_route)
         return app
 
     async def start_http(self) -> None:

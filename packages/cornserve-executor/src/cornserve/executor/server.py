@@ -31,6 +31,7 @@ from cornserve.executor.descriptor import (
     stream_item_type,
 )
 from cornserve.executor.settings import PythonExecutorSettings
+from cornserve.runtime.metrics import metrics_route
 from cornserve.runtime.nats import connect_nats
 from cornserve.runtime.natsstop import current_budget
 from cornserve.task.base import UnitTask
@@ -82,6 +83,7 @@ class ExecutorServer:
         self.app = web.Application()
         self.app.router.add_get(HEALTH_PATH, self.on_health)
         self.app.router.add_get("/info", self.on_info)
+        self.app.router.add_get("/metrics", metrics_route)
         self.app.router.add_post(INVOKE_PATH, self.on_invoke)
 
     # ----- lifecycle -------------------------------------------------------------------------------

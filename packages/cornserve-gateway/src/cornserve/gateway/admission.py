@@ -19,9 +19,10 @@ invocation that runs out of time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -29,6 +30,7 @@ from aiohttp import web
 from cornserve.app import AppConfig
 from cornserve.gateway.disconnect import cancel_on_disconnect
 from cornserve.gateway.errors import HTTPError
+from cornserve.gateway.metrics import APP_NAME_KEY
 
 ARRIVED_KEY = web.RequestKey("cornserve_arrived", float)
 """When the request arrived (event-loop time): its deadline counts from here, queueing included."""
@@ -164,7 +166,19 @@ class Admission:
         config = resolve(request)
         if config is None:
             return await handler(request)
-        name = request.match_info["name"]
+        async with self.slot(request, request.match_info["name"], config):
+            return await handler(request)
+
+    @contextlib.asynccontextmanager
+    async def slot(self, request: web.Request, name: str, config: type[AppConfig]) -> AsyncIterator[None]:
+        """Hold one running slot of app `name`'s gate (429/503 at once when full; 504 past the deadline).
+
+        While queued, `request`'s client hanging up leaves the queue at once (`cancel_on_disconnect`).
+
+        For a route that learns the app from the body (`/v1/chat/completions`, `model`): it calls
+        this once it knows the app, after setting the request's `ARRIVED_KEY`.
+        """
+        request[APP_NAME_KEY] = name  # from here on the request counts in the app's metrics
         gate = self.gate(name, config)
         limit = asyncio.timeout(self.request_timeout_s)
         try:
@@ -180,6 +194,6 @@ class Admission:
                 ) from None
             raise
         try:
-            return await handler(request)
+            yield
         finally:
             gate.release()

@@ -13,6 +13,7 @@ from nats.js.kv import KeyValue
 
 from cornserve.app import AppSpec, validate_app
 from cornserve.bus.control import AppRecord, DeployReply, ProgressEvent, TaskSpec
+from cornserve.bus.gateway_api import AppDetail, AppRemoval, AppSummary, AppTask
 from cornserve.bus.kv import kv_all, kv_delete, kv_put
 from cornserve.bus.rm_client import ResourceManagerClient
 from cornserve.gateway.app_loading import AppLoader
@@ -59,20 +60,29 @@ class App:
     record: AppRecord
     spec: AppSpec | None
 
-    def summary(self) -> dict[str, Any]:
-        """The JSON shape returned by the API."""
-        tasks = []
+    def summary(self) -> AppSummary:
+        """What GET /apps and POST /apps answer for the app."""
+        spec = self.spec
+        tasks = [
+            AppTask(key=task.deployment_key, task=type(task).__name__, name=task.display_name())
+            for task in (spec.unit_tasks if spec is not None else [])
+        ]
+        return AppSummary(
+            name=self.record.name,
+            state=self.record.state,
+            tasks=tasks,
+            streaming=spec.streaming if spec is not None else None,
+            openai_models=list(spec.openai_models) if spec is not None else [],
+            message=self.record.message or None,
+        )
+
+    def detail(self) -> AppDetail:
+        """What GET /apps/{name} answers: the summary and the request/response schemas."""
+        detail = AppDetail(**self.summary().model_dump())
         if self.spec is not None:
-            for task in self.spec.unit_tasks:
-                tasks.append(
-                    {"key": task.deployment_key, "task": type(task).__name__, "name": task.display_name()}
-                )
-        body: dict[str, Any] = {"name": self.record.name, "state": self.record.state, "tasks": tasks}
-        if self.spec is not None:
-            body["streaming"] = self.spec.streaming
-        if self.record.message:
-            body["message"] = self.record.message
-        return body
+            detail.request_schema = self.spec.request_model.model_json_schema()
+            detail.response_schema = self.spec.response_model.model_json_schema()
+        return detail
 
 
 class AppRegistry:
@@ -99,6 +109,19 @@ class AppRegistry:
             raise HTTPError(404, "app_not_found", f"no app named {name!r} is registered")
         return app
 
+    def by_openai_model(self, model: str) -> App:
+        """The app `/v1/chat/completions` serves under `model` (its name or an alias), or 404."""
+        for app in self._apps.values():
+            if app.spec is not None and model in app.spec.openai_models:
+                return app
+        raise HTTPError(
+            404,
+            "model_not_found",
+            f"the model {model!r} does not exist: no app that speaks OpenAI chat completions is "
+            "registered under that name or alias (GET /v1/models lists them)",
+            {"param": "model"},
+        )
+
     def all(self) -> list[App]:
         """Every registered app, by name."""
         return [self._apps[n] for n in sorted(self._apps)]
@@ -122,11 +145,26 @@ class AppRegistry:
                 raise HTTPError(
                     409, "app_exists", f"an app named {name!r} is already registered; unregister it first"
                 )
+            self._check_openai_models(name, spec)
             record = AppRecord(name=name, source=source, state="deploying", created_at=time.time())
             app = App(record=record, spec=spec)
             self._apps[name] = app
         await kv_put(self._kv, name, record)
         return app, spec.unit_tasks
+
+    def _check_openai_models(self, name: str, spec: AppSpec) -> None:
+        """409 when another app already answers to one of the app's OpenAI model names."""
+        for other in self._apps.values():
+            taken = set(spec.openai_models) & (
+                {other.record.name} | set(other.spec.openai_models if other.spec is not None else ())
+            )
+            if taken:
+                raise HTTPError(
+                    409,
+                    "model_exists",
+                    f"app {name!r} would answer to the OpenAI model name(s) {sorted(taken)}, which app "
+                    f"{other.record.name!r} already has; choose other openai_aliases",
+                )
 
     async def _finish(self, app: App, reply: DeployReply) -> None:
         record = app.record.model_copy(
@@ -170,14 +208,14 @@ class AppRegistry:
             raise
         yield app
 
-    async def unregister(self, name: str) -> dict[str, Any]:
+    async def unregister(self, name: str) -> AppRemoval:
         """Release the app's tasks (tearing down those nobody else uses) and forget it."""
         app = self.get(name)
         app.record = app.record.model_copy(update={"state": "removing"})
         reply = await self._rm.release(app_owner(name))
         self._apps.pop(name, None)
         await kv_delete(self._kv, name)
-        return {"name": name, "released": reply.released, "torn_down": reply.torn_down}
+        return AppRemoval(name=name, released=reply.released, torn_down=reply.torn_down)
 
     async def _recorded(self) -> list[AppRecord]:
         """Every app record in the bucket (patient: a restart may meet a loaded NATS server)."""

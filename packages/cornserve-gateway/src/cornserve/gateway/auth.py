@@ -28,6 +28,8 @@ Scope = Literal["open", "invoke", "admin"]
 
 ROUTE_SCOPES: dict[tuple[str, str], Scope] = {
     ("GET", "/health"): "open",
+    # Counts and latencies per route and app name; no payloads, tokens or ids (docs/security.md).
+    ("GET", "/metrics"): "open",
     # The document lists every app's request and response schema: what an invoke client needs.
     ("GET", "/openapi.json"): "invoke",
     ("POST", "/apps"): "admin",
@@ -45,6 +47,9 @@ ROUTE_SCOPES: dict[tuple[str, str], Scope] = {
     ("POST", "/sessions/{id}/invoke"): "admin",
     ("POST", "/sessions/{id}/heartbeat"): "admin",
     ("DELETE", "/sessions/{id}"): "admin",
+    # The OpenAI-compatible front door: invoking apps, and the list of the apps it serves.
+    ("POST", "/v1/chat/completions"): "invoke",
+    ("GET", "/v1/models"): "invoke",
 }
 """(method, route path) → scope of every route of the gateway (HEAD is checked as GET)."""
 
@@ -143,15 +148,15 @@ def bearer_token(request: web.Request) -> str | None:
     return token
 
 
-def _unauthorized(message: str, error: str | None) -> web.Response:
+def _unauthorized(request: web.Request, message: str, error: str | None) -> web.Response:
     challenge = f'Bearer realm="{REALM}"' + (f', error="{error}"' if error else "")
-    response = HTTPError(401, "unauthorized", message).response()
+    response = HTTPError(401, "unauthorized", message).response_for(request)
     response.headers["WWW-Authenticate"] = challenge
     return response
 
 
-def _forbidden(message: str) -> web.Response:
-    response = HTTPError(403, "forbidden", message).response()
+def _forbidden(request: web.Request, message: str) -> web.Response:
+    response = HTTPError(403, "forbidden", message).response_for(request)
     response.headers["WWW-Authenticate"] = f'Bearer realm="{REALM}", error="insufficient_scope"'
     return response
 
@@ -172,6 +177,7 @@ def auth_middleware(credentials: Credentials) -> Middleware:
         if token is None:
             logger.info("%s from %s: no bearer token (401)", where, request.remote)
             return _unauthorized(
+                request,
                 f"{where} needs an 'Authorization: Bearer <token>' header "
                 f"({'the admin token' if scope == 'admin' else 'an API key or the admin token'})",
                 None,
@@ -179,10 +185,10 @@ def auth_middleware(credentials: Credentials) -> Middleware:
         scopes = credentials.scopes_of(token)
         if not scopes:
             logger.info("%s from %s: unknown token (401)", where, request.remote)
-            return _unauthorized("the bearer token is not valid for this gateway", "invalid_token")
+            return _unauthorized(request, "the bearer token is not valid for this gateway", "invalid_token")
         if scope not in scopes:
             logger.info("%s from %s: an API key on an admin route (403)", where, request.remote)
-            return _forbidden(f"{where} needs the admin token; an API key may only invoke apps")
+            return _forbidden(request, f"{where} needs the admin token; an API key may only invoke apps")
         return await handler(request)
 
     return authenticate

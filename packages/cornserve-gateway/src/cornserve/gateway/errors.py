@@ -10,6 +10,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from cornserve.app import AppValidationError
+from cornserve.bus.gateway_api import ErrorBody, OpenAIErrorBody, OpenAIErrorDetail
 from cornserve.bus.micro import BusError, NoResponders, RequestTimeout, ServiceErrorReply
 from cornserve.task.errors import (
     ExecutorFlagError,
@@ -43,15 +44,64 @@ class HTTPError(Exception):
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
-        """`{"error": kind, "message": text, "detail": ...}`."""
-        body: dict[str, Any] = {"error": self.error, "message": self.message}
-        if self.detail is not None:
-            body["detail"] = self.detail
-        return body
+        """`{"error": kind, "message": text, "detail": ...}` (`ErrorBody`; no `detail` when there is none)."""
+        model = ErrorBody(error=self.error, message=self.message, detail=self.detail)
+        return model.model_dump(mode="json", exclude_none=True)
 
     def response(self) -> web.Response:
         """The error as an aiohttp response."""
         return web.json_response(self.body(), status=self.status, headers=self.headers)
+
+    def openai_status(self) -> int:
+        """The status on an OpenAI route: 400 where Cornserve answers 422 (OpenAI never answers 422)."""
+        return 400 if self.status == 422 else self.status
+
+    def openai_body(self) -> dict[str, Any]:
+        """`{"error": {"message", "type", "param", "code"}}`, the shape OpenAI's clients parse."""
+        detail = OpenAIErrorDetail(
+            message=self.message,
+            type=_OPENAI_TYPES.get(
+                self.status, "server_error" if self.status >= 500 else "invalid_request_error"
+            ),
+            param=_param_of(self.detail),
+            code=self.error,
+        )
+        return OpenAIErrorBody(error=detail).model_dump(mode="json")
+
+    def response_for(self, request: web.Request) -> web.Response:
+        """The error in the shape the route speaks: OpenAI's under `/v1/`, Cornserve's elsewhere."""
+        if not is_openai_path(request.path):
+            return self.response()
+        return web.json_response(self.openai_body(), status=self.openai_status(), headers=self.headers)
+
+
+OPENAI_PREFIX = "/v1/"
+"""The OpenAI-compatible routes (`cornserve.gateway.openai_compat`); their errors are OpenAI-shaped."""
+
+
+def is_openai_path(path: str) -> bool:
+    """Whether `path` is under the OpenAI-compatible prefix (a 404 there is OpenAI-shaped too)."""
+    return path.startswith(OPENAI_PREFIX)
+
+
+_OPENAI_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    429: "rate_limit_error",
+}
+"""OpenAI's error `type` by status (other 4xx: `invalid_request_error`, 5xx: `server_error`)."""
+
+
+def _param_of(detail: Any) -> str | None:
+    """The request field a validation error is about (pydantic's first `loc`), as OpenAI's `param`."""
+    if isinstance(detail, dict) and isinstance(detail.get("param"), str):
+        return str(detail["param"])
+    if isinstance(detail, list) and detail and isinstance(detail[0], dict):
+        loc = detail[0].get("loc")
+        if isinstance(loc, list | tuple) and loc:
+            return ".".join(str(part) for part in loc)
+    return None
 
 
 def validation_detail(exc: ValidationError) -> list[dict[str, Any]]:

@@ -18,6 +18,20 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from cornserve.app import AppConfig
 from cornserve.bus.control import ProgressEvent, TaskLibraryRecord
+from cornserve.bus.gateway_api import (
+    AppRegistration,
+    Health,
+    ScaleBody,
+    SessionCreate,
+    SessionDeploy,
+    SessionDeployed,
+    SessionInvoke,
+    SessionOutputs,
+    TaskLibrary,
+    TaskLibraryUpload,
+    TaskListing,
+    TaskSummary,
+)
 from cornserve.bus.kv import kv_all, kv_put
 from cornserve.bus.rm_client import ResourceManagerClient
 from cornserve.gateway import __version__
@@ -25,62 +39,30 @@ from cornserve.gateway.admission import ARRIVED_KEY, Admission, AdmissionLimits
 from cornserve.gateway.app_loading import AppLoader
 from cornserve.gateway.apps import LIST_TIMEOUT_S, App, AppRegistry
 from cornserve.gateway.auth import Credentials, auth_middleware, check_route_scopes
+from cornserve.gateway.bodies import MAX_BODY, MAX_BODY_KEY, read_body, read_json, reply
 from cornserve.gateway.disconnect import cancel_on_disconnect
 from cornserve.gateway.discovery import ping_services
-from cornserve.gateway.driver import parse_request, run_streaming, run_unary
-from cornserve.gateway.errors import HTTPError, to_http_error
+from cornserve.gateway.driver import first_item, parse_request, run_streaming, run_unary
+from cornserve.gateway.errors import HTTPError, is_openai_path, to_http_error
+from cornserve.gateway.metrics import (
+    count_stream_error,
+    metrics_middleware,
+    timed_stream,
+    watch_admission,
+)
+from cornserve.gateway.openai_compat import OpenAIFront
 from cornserve.gateway.openapi import openapi_document
-from cornserve.gateway.sessions import SessionCreate, SessionDeploy, SessionRegistry, redact_path
+from cornserve.gateway.route_table import ROUTES
+from cornserve.gateway.sessions import SessionRegistry, redact_path
 from cornserve.gateway.streaming import StreamWriter, wants_sse
 from cornserve.runtime.logging import set_request_id
+from cornserve.runtime.metrics import metrics_route
 from cornserve.task import ClassKey, GraphRunner, Stream, TaskInvocation, TaskOutput
 from cornserve.task.library import check_library_name, load_task_library
 
 logger = logging.getLogger(__name__)
 
 INVOCATIONS = TypeAdapter(list[TaskInvocation])
-MAX_BODY = 64 * 1024 * 1024
-"""The default body cap; the running gateway uses the NATS `max_payload` instead (see `Gateway.app`)."""
-MAX_BODY_KEY = web.AppKey("max_body", int)
-"""Where the application keeps its body cap (for the 413 message)."""
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON (RFC 8259 has no NaN or Infinity)")
-
-
-def strict_json_loads(text: str) -> Any:
-    """`json.loads` without Python's extensions: the literals NaN, Infinity and -Infinity are refused."""
-    return json.loads(text, parse_constant=_no_constant)
-
-
-async def read_json(request: web.Request) -> Any:
-    """The request body as (standard) JSON, or 400."""
-    try:
-        return await request.json(loads=strict_json_loads)
-    except web.HTTPRequestEntityTooLarge as exc:
-        raise HTTPError(
-            413,
-            "payload_too_large",
-            f"the request body is larger than {request.app[MAX_BODY_KEY]} bytes, the most the gateway "
-            "accepts (the message bus's payload limit, which every request and graph must fit in); "
-            "pass large media as file: or http(s): URLs instead of data: URLs, or send smaller inputs",
-        ) from exc
-    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
-        raise HTTPError(400, "invalid_json", f"the request body is not valid JSON: {exc}") from exc
-
-
-def _require_object(body: Any, *fields: str) -> dict[str, Any]:
-    if not isinstance(body, dict):
-        raise HTTPError(
-            400, "invalid_request", f"the request body must be a JSON object with {', '.join(fields)}"
-        )
-    missing = [f for f in fields if f not in body]
-    if missing:
-        raise HTTPError(400, "invalid_request", f"missing field(s): {', '.join(missing)}")
-    return body
-
-
 REQUEST_ID_HEADER = "X-Request-Id"
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -104,14 +86,23 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
     try:
         response: web.StreamResponse = await handler(request)
         return response
-    except web.HTTPException:
+    except web.HTTPException as exc:
+        if exc.status >= 400 and is_openai_path(request.path):  # no such route (or method) under /v1/
+            kind = "not_found" if exc.status == 404 else "method_not_allowed"
+            return HTTPError(exc.status, kind, f"{request.method} {request.path}: {exc.reason}").response_for(
+                request
+            )
         raise
     except Exception as exc:
         error = to_http_error(exc)
         if error.status >= 500:
             path = redact_path(request.path)
             logger.warning("%s %s -> %d: %s", request.method, path, error.status, error.message)
-        return error.response()
+        return error.response_for(request)
+
+
+def _library(record: TaskLibraryRecord) -> TaskLibrary:
+    return TaskLibrary.model_validate(record.model_dump(exclude={"source", "schema_version"}))
 
 
 class Gateway:
@@ -139,6 +130,8 @@ class Gateway:
         self._tasklibs_kv = tasklibs_kv
         self.request_timeout_s = request_timeout_s
         self.admission = Admission(admission or AdmissionLimits(), request_timeout_s)
+        watch_admission(self.admission.stats)
+        self.openai = OpenAIFront(self.apps, self.admission, request_timeout_s)
 
     def app(self, credentials: Credentials, max_body: int = MAX_BODY) -> web.Application:
         """The aiohttp application with every route, each behind the scope `auth.ROUTE_SCOPES` gives it.
@@ -148,27 +141,17 @@ class Gateway:
         source into the KV store. Bigger bodies are thus refused before any work starts.
         """
         app = web.Application(
-            middlewares=[error_middleware, auth_middleware(credentials)], client_max_size=max_body
+            middlewares=[metrics_middleware, error_middleware, auth_middleware(credentials)],
+            client_max_size=max_body,
         )
         app[MAX_BODY_KEY] = max_body
         app.add_routes(
             [
-                web.get("/health", self.health),
-                web.get("/openapi.json", self.openapi),
-                web.post("/apps", self.register_app),
-                web.get("/apps", self.list_apps),
-                web.get("/apps/{name}", self.get_app),
-                web.delete("/apps/{name}", self.unregister_app),
-                web.post("/apps/{name}/invoke", self.invoke_admitted),
-                web.get("/tasks", self.list_tasks),
-                web.post("/tasks/{key}/scale", self.scale_task),
-                web.post("/tasklibs", self.add_tasklib),
-                web.get("/tasklibs", self.list_tasklibs),
-                web.post("/sessions", self.create_session),
-                web.post("/sessions/{id}/tasks", self.deploy_session_tasks),
-                web.post("/sessions/{id}/invoke", self.invoke_session),
-                web.post("/sessions/{id}/heartbeat", self.heartbeat_session),
-                web.delete("/sessions/{id}", self.close_session),
+                # web.get also answers HEAD, as every GET route always has
+                web.get(r.path, getattr(self, r.handler))
+                if r.method == "GET"
+                else web.route(r.method, r.path, getattr(self, r.handler))
+                for r in ROUTES
             ]
         )
         check_route_scopes(app)
@@ -185,29 +168,38 @@ class Gateway:
             and counts.get("cornserve-resource-manager", 0) > 0
             and counts.get("cornserve-dispatcher", 0) > 0
         )
-        body = {
-            "status": "ok" if ok else "degraded",
-            "version": __version__,
-            "nats": self.nc.is_connected,
-            "services": counts,
-        }
-        return web.json_response(body, status=200 if ok else 503)
+        body = Health(
+            status="ok" if ok else "degraded", version=__version__, nats=self.nc.is_connected, services=counts
+        )
+        return reply(body, status=200 if ok else 503)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        """The Prometheus text exposition of this gateway (`cornserve.gateway.metrics`); no token needed."""
+        return await metrics_route(request)
 
     async def openapi(self, request: web.Request) -> web.Response:
         """The OpenAPI 3.1 document, including every registered app's request and response schema."""
         return web.json_response(openapi_document([a for a in self.apps.all() if a.spec is not None]))
 
+    # ----- the OpenAI-compatible routes (openai_compat.py) ------------------------------------------
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        """POST /v1/chat/completions."""
+        return await self.openai.chat_completions(request)
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        """GET /v1/models."""
+        return await self.openai.list_models(request)
+
     # ----- apps ------------------------------------------------------------------------------------
 
     async def register_app(self, request: web.Request) -> web.StreamResponse:
         """POST /apps {"name", "source"} → 201 once deployed (or an SSE progress stream)."""
-        body = _require_object(await read_json(request), "name", "source")
-        name, source = body["name"], body["source"]
-        if not isinstance(source, str):
-            raise HTTPError(400, "invalid_request", '"source" must be the app\'s Python source as a string')
+        body = await read_body(request, AppRegistration)
+        name, source = body.name, body.source
         if not wants_sse(request):
             app = await self.apps.register(name, source)
-            return web.json_response(app.summary(), status=201)
+            return reply(app.summary(), status=201)
         events = self.apps.register_with_progress(name, source)
         first = await anext(events)  # validation and name errors surface here, as plain HTTP errors
         stream = StreamWriter(request, status=201)
@@ -216,7 +208,7 @@ class Gateway:
             item: ProgressEvent | App = first
             while True:
                 if isinstance(item, App):
-                    await stream.send(item.summary(), event="done")
+                    await stream.send(item.summary().model_dump_json(), event="done")
                     break
                 await stream.send(item.model_dump(mode="json"), event="progress")
                 item = await anext(events)
@@ -226,21 +218,16 @@ class Gateway:
 
     async def list_apps(self, request: web.Request) -> web.Response:
         """GET /apps."""
-        return web.json_response([a.summary() for a in self.apps.all()])
+        return reply([a.summary() for a in self.apps.all()])
 
     async def get_app(self, request: web.Request) -> web.Response:
         """GET /apps/{name}: state, tasks, invocations running and queued, request/response schemas."""
         app = self.apps.get(request.match_info["name"])
-        body = app.summary()
-        body["admission"] = self.admission.counts(app.record.name)
-        if app.spec is not None:
-            body["request_schema"] = app.spec.request_model.model_json_schema()
-            body["response_schema"] = app.spec.response_model.model_json_schema()
-        return web.json_response(body)
+        return reply(app.detail().model_copy(update={"admission": self.admission.counts(app.record.name)}))
 
     async def unregister_app(self, request: web.Request) -> web.Response:
         """DELETE /apps/{name}: tasks no other app or session uses are torn down."""
-        return web.json_response(await self.apps.unregister(request.match_info["name"]))
+        return reply(await self.apps.unregister(request.match_info["name"]))
 
     def _timed_out(self, name: str) -> HTTPError:
         return HTTPError(
@@ -291,21 +278,8 @@ class Gateway:
                     raise self._timed_out(name) from None
                 raise
             return web.Response(text=result.model_dump_json(), content_type="application/json")
-        items = run_streaming(spec, payload)
-        first_limit = asyncio.timeout_at(deadline)
-        try:
-            async with first_limit:
-                first: BaseModel | None = await anext(items)
-        except StopAsyncIteration:
-            first = None
-        except TimeoutError:
-            await items.aclose()
-            if first_limit.expired():
-                raise self._timed_out(name) from None
-            raise
-        except BaseException:
-            await items.aclose()
-            raise
+        items = timed_stream(name, request.get(ARRIVED_KEY, loop.time()), run_streaming(spec, payload))
+        first: BaseModel | None = await first_item(items, deadline, lambda: self._timed_out(name))
         stream = StreamWriter(request)
         await stream.start()
         limit = asyncio.timeout_at(deadline)
@@ -318,6 +292,7 @@ class Gateway:
         except Exception as exc:
             error = self._timed_out(name) if limit.expired() else to_http_error(exc)
             logger.warning("app %r failed while streaming: %s", name, error.message)
+            count_stream_error(name)
             await stream.fail(error.body())
         finally:
             await items.aclose()
@@ -331,39 +306,34 @@ class Gateway:
         tasks = []
         for d in state.deployments:
             cls_key = ClassKey.parse(str(d.task.get("name")))
+            config = d.task.get("config")
             tasks.append(
-                {
-                    "key": d.task_key,
-                    "task": cls_key.qualname,
-                    "library": cls_key.library,
-                    "config": d.task.get("config"),
-                    "state": d.state,
-                    "users": d.users,
-                    "executors": [e.model_dump(mode="json") for e in d.executors],
-                    "devices": [dev.model_dump(mode="json") for dev in d.devices],
-                    "message": d.message,
-                }
+                TaskSummary(
+                    key=d.task_key,
+                    task=cls_key.qualname,
+                    library=cls_key.library,
+                    config=config if isinstance(config, dict) else None,
+                    state=d.state,
+                    users=d.users,
+                    executors=d.executors,
+                    devices=d.devices,
+                    message=d.message,
+                    metrics_url=d.metrics_url,
+                )
             )
-        devices = [dev.model_dump(mode="json") for dev in state.devices]
-        return web.json_response({"tasks": tasks, "devices": devices})
+        return reply(TaskListing(tasks=tasks, devices=state.devices))
 
     async def scale_task(self, request: web.Request) -> web.Response:
         """POST /tasks/{key}/scale {"num_executors": N}."""
-        body = _require_object(await read_json(request), "num_executors")
-        count = body["num_executors"]
-        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-            raise HTTPError(422, "validation_error", '"num_executors" must be an integer >= 1')
-        info = await self.rm.scale(request.match_info["key"], count)
-        return web.json_response(info.model_dump(mode="json"))
+        body = await read_body(request, ScaleBody)
+        return reply(await self.rm.scale(request.match_info["key"], body.num_executors))
 
     # ----- task libraries --------------------------------------------------------------------------
 
     async def add_tasklib(self, request: web.Request) -> web.Response:
         """POST /tasklibs {"name", "source"}: load it here (to validate), store it for every service."""
-        body = _require_object(await read_json(request), "name", "source")
-        name, source = body["name"], body["source"]
-        if not isinstance(name, str) or not isinstance(source, str):
-            raise HTTPError(400, "invalid_request", '"name" and "source" must be strings')
+        body = await read_body(request, TaskLibraryUpload)
+        name, source = body.name, body.source
         try:
             check_library_name(name)
             loaded = load_task_library(name, source)
@@ -371,20 +341,13 @@ class Gateway:
             raise HTTPError(400, "invalid_task_library", str(exc)) from exc
         record = TaskLibraryRecord.from_loaded(source, loaded)
         await kv_put(self._tasklibs_kv, name, record)
-        return web.json_response(
-            record.model_dump(mode="json", exclude={"source", "schema_version"}), status=201
-        )
+        return reply(_library(record), status=201)
 
     async def list_tasklibs(self, request: web.Request) -> web.Response:
         """GET /tasklibs."""
         async with asyncio.timeout(LIST_TIMEOUT_S):  # a stalled KV listing answers 504, never hangs
             records = await kv_all(self._tasklibs_kv, TaskLibraryRecord)
-        return web.json_response(
-            [
-                r.model_dump(mode="json", exclude={"source", "schema_version"})
-                for r in sorted(records, key=lambda r: r.name)
-            ]
-        )
+        return reply([_library(r) for r in sorted(records, key=lambda r: r.name)])
 
     # ----- sessions (notebooks / SDK) --------------------------------------------------------------
 
@@ -394,10 +357,7 @@ class Gateway:
         The reply carries the session id, the capability for every other /sessions route; it is
         returned here only.
         """
-        body = await read_json(request) if request.can_read_body else {}
-        if not isinstance(body, dict):
-            raise HTTPError(400, "invalid_request", "the request body must be a JSON object")
-        spec = SessionCreate.model_validate(body)  # a ValidationError answers 422
+        spec = await read_body(request, SessionCreate) if request.can_read_body else SessionCreate()
         session = self.sessions.create(spec.ttl_s)
         if spec.tasks:
             try:
@@ -405,23 +365,25 @@ class Gateway:
             except BaseException:
                 await self.sessions.close(session.id)
                 raise
-        return web.json_response(session.summary(), status=201)
+        return reply(session.summary(), status=201)
 
     async def deploy_session_tasks(self, request: web.Request) -> web.Response:
         """POST /sessions/{id}/tasks {"tasks": [...]}: deploy more unit tasks for the session."""
         session = self.sessions.get(request.match_info["id"])
-        body = _require_object(await read_json(request), "tasks")
-        spec = SessionDeploy.model_validate(body)
+        spec = await read_body(request, SessionDeploy)
         tasks = await self.sessions.deploy(session, spec.tasks)
-        return web.json_response({**session.summary(), "deployed": [t.deployment_key for t in tasks]})
+        deployed = SessionDeployed(
+            **session.summary().model_dump(), deployed=[t.deployment_key for t in tasks]
+        )
+        return reply(deployed)
 
     async def heartbeat_session(self, request: web.Request) -> web.Response:
         """POST /sessions/{id}/heartbeat: keep the session (and its tasks) alive."""
-        return web.json_response(self.sessions.get(request.match_info["id"]).summary())
+        return reply(self.sessions.get(request.match_info["id"]).summary())
 
     async def close_session(self, request: web.Request) -> web.Response:
         """DELETE /sessions/{id}: release the session's tasks."""
-        return web.json_response(await self.sessions.close(request.match_info["id"]))
+        return reply(await self.sessions.close(request.match_info["id"]))
 
     async def invoke_session(self, request: web.Request) -> web.StreamResponse:
         """POST /sessions/{id}/invoke; a client that hangs up cancels the graph (`disconnect.py`)."""
@@ -435,9 +397,9 @@ class Gateway:
         first (with null for the stream), then `{"item": ...}` lines, then `{"end": true}`.
         """
         session = self.sessions.get(request.match_info["id"])
-        body = _require_object(await read_json(request), "invocations")
+        body = await read_body(request, SessionInvoke)
         try:
-            invocations = INVOCATIONS.validate_python(body["invocations"])
+            invocations = INVOCATIONS.validate_python(body.invocations)
         except ValidationError as exc:
             raise HTTPError(
                 422, "validation_error", "invalid invocations", json.loads(exc.json(include_url=False))
@@ -456,10 +418,10 @@ class Gateway:
         dumped = [None if isinstance(o, Stream) else o.model_dump(mode="json") for o in outputs]
         last = outputs[-1]
         if not isinstance(last, Stream):
-            return web.json_response({"outputs": dumped})
+            return reply(SessionOutputs(outputs=dumped))
         stream = StreamWriter(request)
         await stream.start()
-        await stream.send({"outputs": dumped})
+        await stream.send(SessionOutputs(outputs=dumped).model_dump_json())
         try:
             async for item in last:
                 await stream.send(

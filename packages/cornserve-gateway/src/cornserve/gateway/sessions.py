@@ -26,8 +26,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
+from cornserve.bus.gateway_api import SessionClosed, SessionInfo
 from cornserve.bus.rm_client import ResourceManagerClient
 from cornserve.gateway.errors import HTTPError
 from cornserve.task import UnitTask, deserialize_task, serialize_task
@@ -71,25 +70,6 @@ class SessionLimits:
     max_open: int = 64
 
 
-class SessionCreate(BaseModel):
-    """The body of POST /sessions."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    ttl_s: float | None = Field(default=None, gt=0, allow_inf_nan=False, strict=True)
-    """Seconds without heartbeats before the session closes (default: the gateway's --session-ttl)."""
-    tasks: list[Any] | None = None
-    """Unit tasks (serialized) to deploy right away."""
-
-
-class SessionDeploy(BaseModel):
-    """The body of POST /sessions/{id}/tasks."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    tasks: list[Any]
-
-
 @dataclass
 class Session:
     """One connected client."""
@@ -111,14 +91,11 @@ class Session:
         """The resource manager's owner id (listed by GET /tasks): the fingerprint, never the id."""
         return SESSION_PREFIX + self.fingerprint
 
-    def summary(self) -> dict[str, Any]:
-        """The JSON shape returned to the session's own client."""
-        return {
-            "session_id": self.id,
-            "owner": self.owner,
-            "ttl_s": self.ttl_s,
-            "tasks": sorted(self.task_keys),
-        }
+    def summary(self) -> SessionInfo:
+        """What the session's own client is answered."""
+        return SessionInfo(
+            session_id=self.id, owner=self.owner, ttl_s=self.ttl_s, tasks=sorted(self.task_keys)
+        )
 
 
 class SessionRegistry:
@@ -192,14 +169,14 @@ class SessionRegistry:
             session.last_seen = time.monotonic()
         return tasks
 
-    async def close(self, session_id: str) -> dict[str, Any]:
+    async def close(self, session_id: str) -> SessionClosed:
         """Release a session's tasks and forget it."""
         session = self._sessions.pop(session_id, None)
         if session is None:
             raise HTTPError(404, "session_not_found", "no such session (closed, or expired)")
         reply = await self._rm.release(session.owner)
         logger.info("session ~%s closed", session.fingerprint)
-        return {"session_id": session_id, "released": reply.released, "torn_down": reply.torn_down}
+        return SessionClosed(session_id=session_id, released=reply.released, torn_down=reply.torn_down)
 
     async def release_orphans(self) -> None:
         """After a gateway restart, release the tasks of sessions that died with the old gateway."""

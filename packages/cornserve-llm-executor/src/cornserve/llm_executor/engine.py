@@ -17,6 +17,7 @@ import asyncio
 import functools
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from transformers import DynamicCache
 from cornserve.llm_executor import batch_cache
 from cornserve.llm_executor.batch_cache import BatchedDecodeCache
 from cornserve.llm_executor.errors import ExecutorOverloaded, ExecutorUnavailable, GenerationFailed
+from cornserve.llm_executor.metrics import TPOT, TTFT
 from cornserve.llm_executor.model import LoadedModel
 from cornserve.llm_executor.prompt import PreparedPrompt
 from cornserve.llm_executor.sampling import SamplingParams, select_token
@@ -84,6 +86,8 @@ class Sequence:
     generator: torch.Generator | None = None
     cancelled: bool = False
     finished: bool = False
+    last_event_at: float = field(default_factory=time.monotonic)
+    """When it arrived, then when its latest token was made (for TTFT and time per output token)."""
 
     def cancel(self) -> None:
         """Stop generating (client went away or a stop string was hit); the engine drops it next step."""
@@ -218,6 +222,9 @@ class Engine:
         seq.events.put_nowait(exc)
 
     def _deliver(self, seq: Sequence, token: int) -> None:
+        now = time.monotonic()
+        (TPOT if seq.generated else TTFT).observe(now - seq.last_event_at)
+        seq.last_event_at = now
         seq.generated.append(token)
         self.stats.tokens_generated += 1
         finish: str | None = None

@@ -10,15 +10,18 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import asdict
 
 from aiohttp import web
 
 from cornserve.llm_executor.config import LLMExecutorSettings
 from cornserve.llm_executor.embeddings import EmbeddingReceiver
 from cornserve.llm_executor.engine import Engine
+from cornserve.llm_executor.metrics import watch_engine
 from cornserve.llm_executor.model import load_model
 from cornserve.llm_executor.server import ROUTES, ChatServer
 from cornserve.models.media_pool import MediaPool
+from cornserve.runtime.metrics import metrics_route
 from cornserve.sidecar import Sidecar
 
 logger = logging.getLogger(__name__)
@@ -39,6 +42,7 @@ class LLMExecutor:
         self.app = web.Application(client_max_size=MAX_BODY)
         for method, path, handler in ROUTES:
             self.app.router.add_route(method, path, self._when_ready(handler))
+        self.app.router.add_get("/metrics", metrics_route)  # answers while loading too
 
     def _when_ready(self, handler: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         """A route that answers 503 while loading, then calls `ChatServer.<handler>`."""
@@ -80,6 +84,7 @@ class LLMExecutor:
         )
         self._closers.append(engine.close)
         engine.start()
+        watch_engine(lambda: asdict(engine.stats))
         media = MediaPool(s.media_policy(), name="llm-media")
 
         async def close_media() -> None:

@@ -73,6 +73,7 @@ class Deployment:
             executors=[] if status is None else list(status.executors),
             devices=self.devices,
             message=self.message if message is None else message,
+            metrics_url=None if status is None else status.metrics_url,
         )
 
 

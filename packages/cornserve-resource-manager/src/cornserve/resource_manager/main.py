@@ -51,6 +51,8 @@ class ResourceManagerSettings(ServiceSettings):
     """NATS credentials file of the task-manager role, handed to task managers (none: they get none)."""
     task_manager_dir: Path | None = None
     """Process records of the task managers (one file each), read to stop the data plane (default: <log dir>/task-managers)."""
+    task_manager_metrics: bool = False
+    """Start each task manager with a metrics port of its own (its URL shows in GET /tasks as metrics_url)."""
     reconcile_interval: float = Field(default=5.0, gt=0, le=3600)
     """Seconds between reconciliation passes (dead task managers re-created, missing executors restored, orphans reaped)."""
 
@@ -61,10 +63,11 @@ def make_spawner(
     log_level: str,
     nats_creds: Path | None = None,
     records_dir: Path | None = None,
+    metrics: bool = False,
 ) -> Spawner:
     """The spawner named on the command line; `nats_creds` is the task managers' credentials file."""
     if name == "local":
-        return LocalSubprocessSpawner(log_dir, log_level, nats_creds, records_dir)
+        return LocalSubprocessSpawner(log_dir, log_level, nats_creds, records_dir, metrics=metrics)
     raise ValueError(f"unknown spawner {name!r}")
 
 
@@ -84,6 +87,7 @@ async def serve(settings: ResourceManagerSettings, nc: Client) -> AsyncIterator[
             settings.log_level,
             settings.task_manager_nats_creds,
             settings.task_manager_dir,
+            metrics=settings.task_manager_metrics,
         ),
         reconcile_interval_s=settings.reconcile_interval,
     )

@@ -20,6 +20,7 @@ from typing import Protocol
 
 from cornserve.bus.control import TaskSpec
 from cornserve.runtime.detached import DetachedGroups
+from cornserve.runtime.metrics import child_environment
 from cornserve.runtime.process import ProcessGroup
 from cornserve.runtime.settings import NATS_CREDS_ENV
 
@@ -98,8 +99,11 @@ class LocalSubprocessSpawner:
         log_level: str = "INFO",
         nats_creds: Path | None = None,
         records_dir: Path | None = None,
+        metrics: bool = False,
     ) -> None:
         self.log_dir = log_dir
+        self.metrics = metrics
+        """Give each task manager a metrics port (any free one; it reports the URL in its status)."""
         self.log_level = log_level
         self.nats_creds = nats_creds
         """The task-manager role's NATS credentials file (never the resource manager's own)."""
@@ -122,6 +126,8 @@ class LocalSubprocessSpawner:
             "--log-dir", str(self.log_dir),
             "--log-level", self.log_level,
         ]  # fmt: skip
+        if self.metrics:
+            command += ["--metrics-port", "0"]
         # Not tied to this process's life: a restarted resource manager adopts the task managers.
         proc = TaskManagerProcess.spawn(
             command,
@@ -172,7 +178,8 @@ def task_manager_env(base: dict[str, str], nats_creds: Path | None) -> dict[str,
     none, and the task-manager-credentials setting itself is not passed on.
     ``CORNSERVE_EXECUTOR_NATS_CREDS`` does pass on: the task manager hands it to its executors.
     """
-    env = {k: v for k, v in base.items() if k not in (NATS_CREDS_ENV, TASK_MANAGER_NATS_CREDS_ENV)}
+    env = child_environment(base)  # never this process's metrics port
+    env = {k: v for k, v in env.items() if k not in (NATS_CREDS_ENV, TASK_MANAGER_NATS_CREDS_ENV)}
     if nats_creds is not None:
         env[NATS_CREDS_ENV] = str(nats_creds)
     return env

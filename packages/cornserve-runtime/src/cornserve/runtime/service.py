@@ -16,14 +16,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from contextvars import ContextVar
 from typing import Protocol, TypeVar
 
 from nats.aio.client import Client
 
 from cornserve.runtime.logging import configure_logging
+from cornserve.runtime.metrics import MetricsPort
 from cornserve.runtime.nats import NatsAuthError, NatsConnectTimeout, connect_nats
 from cornserve.runtime.natscreds import NatsCredentialsError
 from cornserve.runtime.natsstop import current_budget, stopping
@@ -179,7 +180,9 @@ async def serve_until_signal(
 ) -> int:
     """Start, wait for SIGTERM/SIGINT, stop within the deadline; returns the exit code."""
     name = settings.service_name
-    with _StopSignals() as stop:
+    with _StopSignals() as stop, _metrics_port(settings, name) as metrics:
+        if metrics is None:
+            return EXIT_FAILED
         service = serve(settings)
         entered = await _start(service.__aenter__(), stop, name, expected_errors)
         if isinstance(entered, int):
@@ -197,7 +200,9 @@ async def run_executor_until_signal(
 ) -> int:
     """Open the port, initialise, wait for SIGTERM/SIGINT, stop (bounded); returns the exit code."""
     name = settings.service_name
-    with _StopSignals() as stop:
+    with _StopSignals() as stop, _metrics_port(settings, name) as metrics:
+        if metrics is None:
+            return EXIT_FAILED
         code = EXIT_OK
         try:
             await server.start_http()
@@ -218,6 +223,21 @@ async def run_executor_until_signal(
 
 
 T = TypeVar("T")
+
+
+@contextmanager
+def _metrics_port(settings: ServiceSettings, name: str) -> Iterator[MetricsPort | None]:
+    """The process's metrics port for the block; None (logged) when it cannot be opened."""
+    try:
+        port = MetricsPort(settings.metrics_host, settings.metrics_port).__enter__()
+    except OSError as exc:
+        logger.error("%s cannot open its metrics port %s: %s", name, settings.metrics_port, exc)
+        yield None
+        return
+    try:
+        yield port
+    finally:
+        port.__exit__(None, None, None)
 
 
 async def _start(

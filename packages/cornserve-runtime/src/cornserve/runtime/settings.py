@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal, NoReturn, TypeVar
 
-from pydantic import AfterValidator, BeforeValidator, SecretStr, ValidationError
+from pydantic import AfterValidator, BeforeValidator, Field, SecretStr, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -159,6 +159,11 @@ class ServiceSettings(BaseSettings):
     """DEBUG, INFO, WARNING, ERROR or CRITICAL (any case)."""
     log_format: LogFormat = "text"
     """text: one human-readable line per record; json: one JSON object per line."""
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    """Serve Prometheus metrics at http://METRICS_HOST:PORT/metrics (0: any free port; none: no port).
+    For processes without HTTP; those with HTTP also answer /metrics on their own port."""
+    metrics_host: str = "127.0.0.1"
+    """Address of the metrics port (loopback unless a scraper on another host needs it)."""
 
     @property
     def nats_client_name(self) -> str:

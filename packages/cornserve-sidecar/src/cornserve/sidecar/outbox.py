@@ -29,6 +29,7 @@ from cornserve.sidecar.allocator import aligned
 from cornserve.sidecar.holdings import Held, Holdings
 from cornserve.sidecar.identity import ServerIdentity
 from cornserve.sidecar.inbox import Inbox
+from cornserve.sidecar.metrics import observe_delivery
 from cornserve.sidecar.peerauth import PeerKey
 from cornserve.sidecar.peers import Peers
 from cornserve.sidecar.tcp import ProtocolError, TransferRefused, push
@@ -112,6 +113,22 @@ class Outbox:
         return self.me.ack(req.request_id)
 
     async def _deliver_to(self, peer: InfoReply, req: SendRequest, held: Held, deadline: float) -> None:
+        """Deliver the chunk to one destination, counted in the metrics by path."""
+        loc = req.location
+        path: str
+        if peer.node == self.me.node:
+            path = loc.transport
+        else:
+            path = "nccl" if loc.transport == "cuda_ipc" else "tcp"
+        started = time.monotonic()
+        ok = False
+        try:
+            await self._deliver_one(peer, req, held, deadline)
+            ok = True
+        finally:
+            observe_delivery(self.me.rank, path, loc.size, time.monotonic() - started, ok)
+
+    async def _deliver_one(self, peer: InfoReply, req: SendRequest, held: Held, deadline: float) -> None:
         loc = req.location
         me = self.me
         if peer.node != me.node and loc.transport != "cuda_ipc":

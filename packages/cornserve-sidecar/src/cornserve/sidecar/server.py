@@ -71,6 +71,7 @@ from cornserve.sidecar.holdings import Holdings
 from cornserve.sidecar.identity import LossCounters, ServerIdentity
 from cornserve.sidecar.inbox import Inbox
 from cornserve.sidecar.landing import TcpLanding
+from cornserve.sidecar.metrics import watch_arena
 from cornserve.sidecar.outbox import Outbox
 from cornserve.sidecar.peerauth import load_peer_key
 from cornserve.sidecar.peers import Peers
@@ -161,6 +162,7 @@ class SidecarServer:
             logger.warning("removed arenas of crashed instances: %s", removed)
         arena = Arena(arena_name(self.me.node, self.rank, self.instance), self.memory.size)
         self.memory.open(arena)
+        watch_arena(self.stats)
         if self.me.prefault:
             arena.prefault()
         if key is None:
@@ -284,11 +286,15 @@ class SidecarServer:
 
     async def on_stats(self, req: StatsRequest) -> StatsReply:
         """Arena usage and counters (the leak test's ground truth)."""
+        return self.stats(req.request_id)
+
+    def stats(self, request_id: str = "") -> StatsReply:
+        """Arena usage and counters, now (also what the metrics port reports)."""
         usage = ArenaUsage.model_validate(self.memory.alloc, from_attributes=True)
         return StatsReply(
             **usage.model_dump(),
             **asdict(self.counters),
-            request_id=req.request_id,
+            request_id=request_id,
             rank=self.rank,
             instance=self.instance,
             held_entries=len(self.holdings.held),

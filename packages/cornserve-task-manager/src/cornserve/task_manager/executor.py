@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 
 from cornserve.bus.control import DeviceInfo, ExecutorInfo, ExecutorState
+from cornserve.runtime.metrics import child_environment
 from cornserve.runtime.process import ProcessGroup, free_port, log_tail
 from cornserve.runtime.settings import NATS_CREDS_ENV, NATS_URL_ENV
 from cornserve.task import Device, ExecutorLaunchSpec, ExecutorPlacement, UnitTask
@@ -182,7 +183,7 @@ def executor_env(base: dict[str, str], nats_url: str, nats_creds: Path | None) -
     executor (which runs task-library code): it is replaced by the executor role's file, or removed
     when there is none, and the executor-credentials setting itself is not passed on.
     """
-    env = {**base, NATS_URL_ENV: nats_url}
+    env = {**child_environment(base), NATS_URL_ENV: nats_url}  # never this manager's metrics port
     env.pop(NATS_CREDS_ENV, None)
     env.pop(EXECUTOR_NATS_CREDS_ENV, None)
     if nats_creds is not None:

@@ -21,6 +21,7 @@ from pydantic import AfterValidator, Field
 
 from cornserve.bus.control import TaskLibraryRecord
 from cornserve.bus.kv import TaskLibrarySync
+from cornserve.runtime.metrics import current_metrics_url
 from cornserve.runtime.service import run_service, stop_callback
 from cornserve.runtime.settings import CommaSeparated, ProcessInfo, ServiceSettings
 from cornserve.task import TaskError, UnitTask, deserialize_task
@@ -28,6 +29,7 @@ from cornserve.task.errors import TaskRegistryError
 from cornserve.task.executor_flags import check_allowed_names, check_executor_flags
 from cornserve.task.library import load_task_library
 from cornserve.task_manager.manager import TaskManager
+from cornserve.task_manager.metrics import watch_manager
 from cornserve.task_manager.service import TaskManagerService
 
 logger = logging.getLogger("cornserve.task_manager")
@@ -121,8 +123,10 @@ async def serve(settings: TaskManagerSettings, nc: Client) -> AsyncIterator[None
             health_interval_s=settings.health_interval,
             stop_grace_s=settings.stop_grace,
             executor_nats_creds=settings.executor_nats_creds,
+            metrics_url=current_metrics_url(),
         )
         await manager.start()
+        watch_manager(manager)
         service = TaskManagerService(nc, manager, on_shutdown=stop_callback())
         try:
             await service.start()

@@ -43,6 +43,8 @@ class TaskManager:
     _: KW_ONLY
     executor_nats_creds: Path | None = None
     """NATS credentials file handed to executors (their role's, not this manager's)."""
+    metrics_url: str | None = None
+    """This process's metrics page, reported in every status (None: no metrics port)."""
     # Health: probing, restarting, and forgetting in-flight work whose done messages were lost.
     _health: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
     health_interval_s: float = 1.0
@@ -103,7 +105,12 @@ class TaskManager:
         infos = [ex.info() for ex in self.executors.values()]
         ready = bool(infos) and all(i.state == "ready" for i in infos)
         return TaskManagerStatus(
-            request_id=request_id, task_key=self.task_key, ready=ready, executors=infos, pid=os.getpid()
+            request_id=request_id,
+            task_key=self.task_key,
+            ready=ready,
+            executors=infos,
+            pid=os.getpid(),
+            metrics_url=self.metrics_url,
         )
 
     async def assign(self, req: AssignRequest) -> TaskManagerStatus:

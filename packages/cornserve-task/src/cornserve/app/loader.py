@@ -12,6 +12,7 @@ import ast
 import collections.abc
 import hashlib
 import inspect
+import re
 import sys
 import traceback
 import types
@@ -45,6 +46,9 @@ class AppSpec:
     config: type[AppConfig]
     tasks: dict[str, Task[Any, Any]]
     unit_tasks: list[UnitTask[Any, Any]] = field(default_factory=list)
+    openai_models: tuple[str, ...] = ()
+    """The `model` names `/v1/chat/completions` serves the app under: its name, then its aliases
+    (empty unless its config sets `openai_chat`)."""
 
     def describe(self) -> dict[str, Any]:
         """A JSON-able summary (request/response schemas, streaming, tasks)."""
@@ -54,6 +58,7 @@ class AppSpec:
             "streaming": self.streaming,
             "tasks": {name: type(task).__name__ for name, task in self.tasks.items()},
             "unit_tasks": [t.deployment_key for t in self.unit_tasks],
+            "openai_models": list(self.openai_models),
         }
 
 
@@ -204,12 +209,61 @@ def _check_config(module: types.ModuleType) -> tuple[type[AppConfig], dict[str, 
     return config, dict(tasks)
 
 
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
+"""What an OpenAI `model` alias may look like (it is matched against what callers send)."""
+
+
+def _check_openai(
+    module: types.ModuleType,
+    config: type[AppConfig],
+    name: str,
+    request_model: type[BaseModel],
+    response_model: type[BaseModel],
+    streaming: bool,
+) -> tuple[str, ...]:
+    """The app's OpenAI `model` names, checking that an `openai_chat` app speaks chat completions."""
+    line = _line_of(module, config)
+    if not isinstance(config.openai_chat, bool):
+        raise AppValidationError(f"{config.__name__}.openai_chat must be True or False", line=line)
+    aliases = config.openai_aliases
+    if not isinstance(aliases, tuple | list) or not all(
+        isinstance(a, str) and _MODEL_NAME.fullmatch(a) for a in aliases
+    ):
+        raise AppValidationError(
+            f"{config.__name__}.openai_aliases must be a tuple of model names (letters, digits and ._:/-, "
+            f"at most 128 characters), got {aliases!r}",
+            line=line,
+        )
+    if not config.openai_chat:
+        if aliases:
+            raise AppValidationError(f"{config.__name__}.openai_aliases needs openai_chat = True", line=line)
+        return ()
+    from cornserve.task.builtins.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
+
+    where = _line_of(module, module.__dict__["serve"])
+    if not issubclass(request_model, ChatCompletionRequest):
+        raise AppValidationError(
+            f"{config.__name__}.openai_chat is set, so `serve` must take a ChatCompletionRequest, "
+            f"not {request_model.__name__}",
+            line=where,
+        )
+    expected = ChatCompletionChunk if streaming else ChatCompletion
+    if not issubclass(response_model, expected):
+        shape = "stream ChatCompletionChunk" if streaming else "return a ChatCompletion"
+        raise AppValidationError(
+            f"{config.__name__}.openai_chat is set, so `serve` must {shape}, not {response_model.__name__}",
+            line=where,
+        )
+    return tuple(dict.fromkeys((name, *aliases)))
+
+
 def validate_app(source: str, name: str = "app") -> AppSpec:
     """Load app source and check the app contract; raises AppValidationError naming the problem."""
     module = load_app(source, name)
     try:
         serve, request_model, response_model, streaming = _check_serve(module)
         config, tasks = _check_config(module)
+        openai_models = _check_openai(module, config, name, request_model, response_model, streaming)
         try:
             unit_tasks = discover_unit_tasks(tasks.values())
         except TaskError as exc:
@@ -228,4 +282,5 @@ def validate_app(source: str, name: str = "app") -> AppSpec:
         config=config,
         tasks=tasks,
         unit_tasks=unit_tasks,
+        openai_models=openai_models,
     )

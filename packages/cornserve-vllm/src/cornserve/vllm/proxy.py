@@ -22,6 +22,7 @@ import torch
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from cornserve.runtime.metrics import metrics_route
 from cornserve.runtime.process import ProcessGroup, free_port
 from cornserve.runtime.service import EXIT_FAILED, stop_callback
 from cornserve.sidecar import Sidecar
@@ -196,10 +197,11 @@ async def _chat(request: web.Request) -> web.StreamResponse:
 
 
 def build_app(state: ProxyState) -> web.Application:
-    """Routes: `/health`, `/v1/chat/completions`."""
+    """Routes: `/health`, `/metrics` (the proxy's; vLLM's engine serves its own), `/v1/chat/completions`."""
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app[_STATE_KEY] = state
     app.router.add_get("/health", _health)
+    app.router.add_get("/metrics", metrics_route)
     app.router.add_post("/v1/chat/completions", _chat)
     return app
 

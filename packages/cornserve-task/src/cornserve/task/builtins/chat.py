@@ -192,3 +192,86 @@ class ChatCompletionChunk(TaskOutput):
     model: str
     choices: list[ChunkChoice] = Field(default_factory=list)
     usage: Usage | None = None
+
+
+class CompletionMessage(BaseModel):
+    """The message of a non-streamed completion's choice."""
+
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+
+
+class CompletionChoice(BaseModel):
+    """One choice of a non-streamed completion."""
+
+    model_config = ConfigDict(extra="allow")
+
+    index: int = 0
+    message: CompletionMessage = Field(default_factory=CompletionMessage)
+    finish_reason: str | None = None
+
+
+class ChatCompletion(TaskOutput):
+    """A whole chat completion (OpenAI `chat.completion`): what a non-streamed request answers."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice] = Field(default_factory=list)
+    usage: Usage | None = None
+
+    @classmethod
+    def from_chunks(cls, chunks: list[ChatCompletionChunk]) -> ChatCompletion:
+        """The completion a stream of chunks adds up to (ValueError on an empty stream).
+
+        Each choice's text is joined, with its last finish reason; the usage is the last one a chunk carried.
+        """
+        if not chunks:
+            raise ValueError("a completion needs at least one chunk")
+        texts: dict[int, list[str]] = {}
+        finish: dict[int, str | None] = {}
+        usage: Usage | None = None
+        for chunk in chunks:
+            for choice in chunk.choices:
+                texts.setdefault(choice.index, [])
+                if choice.delta.content:
+                    texts[choice.index].append(choice.delta.content)
+                if choice.finish_reason is not None:
+                    finish[choice.index] = choice.finish_reason
+            usage = chunk.usage or usage
+        first = chunks[0]
+        return cls(
+            id=first.id,
+            created=first.created,
+            model=first.model,
+            choices=[
+                CompletionChoice(
+                    index=index,
+                    message=CompletionMessage(content="".join(parts)),
+                    finish_reason=finish.get(index),
+                )
+                for index, parts in sorted(texts.items())
+            ],
+            usage=usage,
+        )
+
+    def to_chunks(self) -> list[ChatCompletionChunk]:
+        """The completion as a stream: per choice its role, its text and its finish, then the usage."""
+        chunks = []
+        for choice in self.choices:
+            delta = ChoiceDelta(role="assistant", content=choice.message.content or "")
+            chunks.append(self._chunk([ChunkChoice(index=choice.index, delta=delta)]))
+            chunks.append(self._chunk([ChunkChoice(index=choice.index, finish_reason=choice.finish_reason)]))
+        if self.usage is not None:
+            chunks.append(self._chunk([], self.usage))
+        return chunks
+
+    def _chunk(self, choices: list[ChunkChoice], usage: Usage | None = None) -> ChatCompletionChunk:
+        return ChatCompletionChunk(
+            id=self.id, created=self.created, model=self.model, choices=choices, usage=usage
+        )

@@ -1,0 +1,86 @@
+"""The sidecar server's Prometheus metrics: its arena, and the chunks it delivers, per path.
+
+Served on the server's ``--metrics-port``. `path` says how a chunk reached one destination: `shm`
+(same node, the bytes stay in this arena), `cuda_ipc` (same node, a GPU handle), `tcp` (across nodes,
+the bytes streamed into the peer's arena) or `nccl` (across nodes, announced for a GPU pull).
+Arena figures are read from the server at scrape time, under no lock: they are one scrape's snapshot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from cornserve.bus.sidecar import StatsReply
+from cornserve.runtime.metrics import STEP_BUCKETS_S
+
+DELIVERIES = Counter(
+    "cornserve_sidecar_deliveries",
+    "Chunks this rank delivered (or failed to deliver) to one destination rank, by path and outcome.",
+    ["rank", "path", "outcome"],
+)
+DELIVERED_BYTES = Counter(
+    "cornserve_sidecar_delivered_bytes",
+    "Bytes of chunks delivered to destination ranks, by path.",
+    ["rank", "path"],
+)
+DELIVERY_SECONDS = Histogram(
+    "cornserve_sidecar_delivery_seconds",
+    "Time to deliver one chunk to one destination (TCP: the whole byte stream).",
+    ["rank", "path"],
+    buckets=(*STEP_BUCKETS_S, 5.0, 10.0, 30.0),
+)
+
+
+def observe_delivery(rank: int, path: str, nbytes: int, seconds: float, ok: bool) -> None:
+    """Count one delivery of `nbytes` to one destination."""
+    labels = {"rank": str(rank), "path": path}
+    DELIVERIES.labels(**labels, outcome="ok" if ok else "error").inc()
+    if ok:
+        DELIVERED_BYTES.labels(**labels).inc(nbytes)
+        DELIVERY_SECONDS.labels(**labels).observe(seconds)
+
+
+class ArenaCollector(Collector):
+    """The arena's usage and the server's bookkeeping, from its STATS reply, read now."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], StatsReply] | None = None
+
+    def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+        """The families, read now (none before the server started)."""
+        if self.source is None:
+            return []
+        stats = self.source()
+        rank = [str(stats.rank)]
+        families: list[GaugeMetricFamily | CounterMetricFamily] = []
+        for name, doc, value in (
+            ("cornserve_sidecar_arena_bytes", "Size of this rank's shared-memory arena.", stats.arena_bytes),
+            ("cornserve_sidecar_arena_used_bytes", "Arena bytes allocated now.", stats.used_bytes),
+            ("cornserve_sidecar_arena_allocations", "Allocations in the arena now.", stats.allocations),
+            ("cornserve_sidecar_held_chunks", "Chunks held for destinations that have not released them.", stats.held_entries),
+            ("cornserve_sidecar_mailbox_chunks", "Chunks delivered here and not yet received.", stats.mailbox_entries),
+        ):  # fmt: skip
+            gauge = GaugeMetricFamily(name, doc, labels=["rank"])
+            gauge.add_metric(rank, value)
+            families.append(gauge)
+        for name, doc, value in (
+            ("cornserve_sidecar_expired_chunks", "Chunks reclaimed after their TTL.", stats.expired_total),
+            ("cornserve_sidecar_lost_chunks", "Chunks lost to a peer's restart.", stats.lost_total),
+        ):
+            counter = CounterMetricFamily(name, doc, labels=["rank"])
+            counter.add_metric(rank, value)
+            families.append(counter)
+        return families
+
+
+ARENA = ArenaCollector()
+REGISTRY.register(ARENA)
+
+
+def watch_arena(stats: Callable[[], StatsReply]) -> None:
+    """Report what `stats` (the server's STATS reply) says."""
+    ARENA.source = stats
