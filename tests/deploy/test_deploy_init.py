@@ -36,7 +36,9 @@ def test_init_makes_owner_only_secrets_once_and_keeps_them(tmp_path: Path) -> No
 
 
 def test_init_refuses_a_malformed_owner(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    assert main(["deploy", "init", "--state-dir", str(tmp_path), "--owner", "cornserve"]) == 2  # a usage error
+    assert (
+        main(["deploy", "init", "--state-dir", str(tmp_path), "--owner", "cornserve"]) == 2
+    )  # a usage error
     assert "expected UID:GID" in capsys.readouterr().err
 
 
