@@ -47,8 +47,8 @@ async def answer(url: str, token: str) -> str:
 async def executors(url: str, token: str) -> dict[str, dict[int, str]]:
     """Each deployed task's executors: PID (in the node container) to state."""
     async with CornserveClient(url, token=token, timeout_s=60) as client:
-        tasks = (await client.list_tasks())["tasks"]
-    return {t["key"]: {int(e["pid"]): e["state"] for e in t["executors"] if e.get("pid")} for t in tasks}
+        tasks = (await client.list_tasks()).tasks
+    return {t.key: {e.pid: e.state for e in t.executors if e.pid} for t in tasks}
 
 
 def container_of(client: docker.DockerClient, deployment: Deployment, service: str) -> Container:
