@@ -255,6 +255,8 @@ def test_text_chunks_are_recognised_in_both_answer_shapes() -> None:
         "choices": [{"message": {"role": "assistant", "content": "all"}}],
     }
     assert text_of(completion) == "all"
+    usage_only = {"object": "chat.completion.chunk", "choices": [], "usage": {"prompt_tokens": 3}}
+    assert text_of(usage_only) == ""
     assert text_of({"sum": 3.0}) is None and text_of([1, 2]) is None and text_of({"text": 5}) is None
 
 

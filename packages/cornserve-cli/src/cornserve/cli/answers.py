@@ -17,25 +17,27 @@ from typing import Any
 from rich.console import Console
 
 from cornserve.cli import console
-from cornserve.cli.chat import chunk_usage
+from cornserve.cli.chat import chunk_text, chunk_usage
 
 
 def text_of(item: Any) -> str | None:
-    """The text an item carries, or None when it is not a text chunk."""
+    """The text an item carries, or None when it is not a text chunk.
+
+    Every OpenAI chat completion chunk belongs to the text stream, also the role-only first one
+    and the usage-only last one (their text is ""; the usage is shown after the answer).
+    """
     if not isinstance(item, dict):
         return None
+    if item.get("object") == "chat.completion.chunk":
+        return chunk_text(item)
     text = item.get("text")
     if isinstance(text, str):
         return text
     choices = item.get("choices")
     if isinstance(choices, list) and choices and isinstance(choices[0], dict):
-        part = choices[0].get("delta") or choices[0].get("message")
-        if isinstance(part, dict):
-            content = part.get("content")
-            if isinstance(content, str):
-                return content
-            if content is None and item.get("object") == "chat.completion.chunk":
-                return ""  # a role-only or final chunk: still part of the text stream
+        message = choices[0].get("message")  # a whole chat completion
+        if isinstance(message, dict) and isinstance(message.get("content"), str):
+            return str(message["content"])
     return None
 
 

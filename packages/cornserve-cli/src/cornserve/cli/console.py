@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from typing import TextIO
 
 from rich.console import Console
 
@@ -20,14 +21,29 @@ CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\x9b]")
 could hold escape sequences that move the cursor or retitle the terminal)."""
 
 
+_consoles: dict[str, Console] = {}
+
+
+def _on(name: str, file: TextIO) -> Console:
+    """The one console writing to `file` (a new one when the stream was swapped, as tests do).
+
+    Lines printed while a live bar or spinner runs must go through the console that draws it, or
+    they garble its frame.
+    """
+    current = _consoles.get(name)
+    if current is None or current.file is not file:
+        current = _consoles[name] = Console(file=file, highlight=False, soft_wrap=True)
+    return current
+
+
 def stdout() -> Console:
-    """A console on the current standard output (made per use: tests and callers may swap sys.stdout)."""
-    return Console(file=sys.stdout, highlight=False, soft_wrap=True)
+    """The console on the current standard output."""
+    return _on("stdout", sys.stdout)
 
 
 def stderr() -> Console:
-    """The console on standard error (errors and warnings)."""
-    return Console(file=sys.stderr, highlight=False, soft_wrap=True)
+    """The console on the current standard error (errors and warnings)."""
+    return _on("stderr", sys.stderr)
 
 
 def fancy() -> bool:
