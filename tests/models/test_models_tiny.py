@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tests.support.terminal import run_in_terminal
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from cornserve.cli.main import main as cli_main
@@ -112,3 +115,15 @@ def test_auto_classes_generate_offline(
     assert 1 <= len(new) <= 8
     assert torch.equal(out, again)
     assert isinstance(processor.decode(new), str)
+
+
+def test_cli_draws_a_progress_bar_on_a_terminal(tmp_path: Path) -> None:
+    code, text = run_in_terminal(
+        [sys.executable, "-m", "cornserve.cli.main", "models", "tiny", "llava", str(tmp_path / "l")],
+        dict(os.environ),
+        timeout_s=300,
+    )
+    assert code == 0, text
+    assert "building tiny" in text and "✔" in text and "\x1b[" in text, text
+    assert "built a tiny llava checkpoint (random weights)" in text
+    assert (tmp_path / "l" / INDEX_FILE).is_file()

@@ -8,9 +8,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cornserve.bus.control import ProgressEvent
+from cornserve.cli import console
+from cornserve.cli.answers import show_answer
 from cornserve.cli.chat import chunk_text, chunk_usage
-from cornserve.cli.tables import table
+from cornserve.cli.progress import show_deploy
+from cornserve.cli.tables import print_table
 from cornserve.client import CornserveClient
 
 
@@ -46,11 +48,19 @@ async def status(client: CornserveClient) -> int:
     except Exception as exc:
         print(f"cluster at {client.url}: not healthy ({exc})")
         return 1
-    print(f"cluster at {client.url}: {health.status}")
-    print("services: " + ", ".join(f"{name} x{count}" for name, count in sorted(health.services.items())))
     apps = await client.list_apps()
     tasks = (await client.list_tasks()).tasks
-    print(f"apps: {len(apps)}   deployed unit tasks: {len(tasks)}")
+    services = sorted(health.services.items())
+    if not console.fancy():
+        print(f"cluster at {client.url}: {health.status}")
+        print("services: " + ", ".join(f"{name} x{count}" for name, count in services))
+        print(f"apps: {len(apps)}   deployed unit tasks: {len(tasks)}")
+        return 0
+    out = console.stdout()
+    colour = "green" if health.status == "ok" else "red"
+    out.print(f"cluster at [bold]{console.escape(client.url)}[/]: [{colour}]{health.status}[/]")
+    print_table(["SERVICE", "REPLICAS"], [(name, count) for name, count in services], "no services")
+    out.print(f"apps: [bold]{len(apps)}[/]   deployed unit tasks: [bold]{len(tasks)}[/]")
     return 0
 
 
@@ -59,44 +69,41 @@ async def register(client: CornserveClient, path: str, name: str | None) -> int:
     source = read_source(path)
     app_name = name or Path(path).stem.replace("_", "-")
     start = time.monotonic()
-    print(f"registering app {app_name!r} from {path} ...")
-    async for event in client.register_app(app_name, source):
-        if isinstance(event, ProgressEvent):
-            detail = f" — {event.message}" if event.message else ""
-            print(f"  [{time.monotonic() - start:6.1f}s] {event.task_key}: {event.stage}{detail}")
-        else:
-            tasks = ", ".join(t.key for t in event.tasks)
-            print(f"app {event.name!r} is {event.state} ({time.monotonic() - start:.1f}s); tasks: {tasks}")
-            if event.openai_models:
-                print(f"  OpenAI-compatible: POST /v1/chat/completions with model {event.openai_models[0]!r}")
+    if console.fancy():
+        console.stdout().print(
+            f"registering app [bold]{console.escape(app_name)}[/] from {console.escape(path)}"
+        )
+    else:
+        print(f"registering app {app_name!r} from {path} ...", flush=True)
+    await show_deploy(client.register_app(app_name, source), start)
     return 0
 
 
 async def apps(client: CornserveClient) -> int:
     """List registered apps."""
     rows = [(a.name, a.state, "yes" if a.streaming else "no", len(a.tasks)) for a in await client.list_apps()]
-    print(table(["NAME", "STATE", "STREAMS", "TASKS"], rows) if rows else "no apps registered")
+    print_table(["NAME", "STATE", "STREAMS", "TASKS"], rows, "no apps registered", state_column=1)
     return 0
 
 
 async def invoke(client: CornserveClient, app: str, request: str, text: bool = False) -> int:
-    """Invoke an app; streamed items are printed as they arrive, one JSON object per line.
+    """Invoke an app; streamed items are printed as they arrive (`cornserve.cli.answers`).
 
     With `text`, an app that streams chat-completion chunks has only their text printed, as it
     arrives, and the token usage after it.
     """
     payload = load_json_arg(request)
+    if not text:
+        await show_answer(client.invoke_app(app, payload))
+        return 0
     usage = None
+    clean = console.printable if console.fancy() else str  # a pipe gets the text as sent
     async for item in client.invoke_app(app, payload):
-        if text:
-            print(chunk_text(item), end="", flush=True)
-            usage = chunk_usage(item) or usage
-        else:
-            print(json.dumps(item), flush=True)
-    if text:
-        print()
-        if usage:
-            print(f"usage: {usage}", file=sys.stderr)
+        print(clean(chunk_text(item)), end="", flush=True)
+        usage = chunk_usage(item) or usage
+    print()
+    if usage:
+        print(f"usage: {usage}", file=sys.stderr)
     return 0
 
 
@@ -116,7 +123,7 @@ async def tasks(client: CornserveClient) -> int:
         ready = sum(1 for e in t.executors if e.state == "ready")
         devices = ",".join(f"{d.kind}:{d.index}" for d in t.devices)
         rows.append((t.key, t.state, f"{ready}/{len(t.executors)}", devices, ",".join(t.users)))
-    print(table(["KEY", "STATE", "EXECUTORS", "DEVICES", "USERS"], rows) if rows else "no tasks deployed")
+    print_table(["KEY", "STATE", "EXECUTORS", "DEVICES", "USERS"], rows, "no tasks deployed", state_column=1)
     free = sum(1 for d in state.devices if d.task_key is None)
     print(f"devices: {len(state.devices)} ({free} free)")
     return 0
@@ -147,5 +154,5 @@ async def tasklib_list(client: CornserveClient) -> int:
         (r.name, r.sha256[:12], ",".join(r.unit_tasks), ",".join(r.descriptors))
         for r in await client.list_tasklibs()
     ]
-    print(table(["NAME", "SHA256", "UNIT TASKS", "DESCRIPTORS"], rows) if rows else "no task libraries")
+    print_table(["NAME", "SHA256", "UNIT TASKS", "DESCRIPTORS"], rows, "no task libraries")
     return 0

@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cornserve.bus.control import ProgressEvent
 from cornserve.cli.bundled import DEMO_APP_FILE, MissingExampleError, example_text
 from cornserve.cli.chat import chunk_text
 from cornserve.cli.launcher import LaunchError, LocalCluster
+from cornserve.cli.progress import show_deploy
 from cornserve.client import CornserveClient, CornserveError
 
 DEMO_ARCH = "qwen2-vl"
@@ -69,11 +69,7 @@ async def register_and_ask(
             # The state dir keeps apps across runs; the model may have changed since, so start afresh.
             print("  app 'demo' is still registered from an earlier run; replacing it")
             await client.unregister_app("demo")
-        async for event in client.register_app("demo", app_source):
-            if isinstance(event, ProgressEvent):
-                detail = f" — {event.message}" if event.message else ""
-                print(f"  [{time.monotonic() - started:6.1f}s] {event.task_key}: {event.stage}{detail}")
-        print(f"app 'demo' is ready ({time.monotonic() - started:.1f}s)")
+        await show_deploy(client.register_app("demo", app_source), started)  # bars on a terminal
         request: dict[str, Any] = {
             "messages": [
                 {

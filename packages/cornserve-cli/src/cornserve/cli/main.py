@@ -1,169 +1,194 @@
-"""The `cornserve` command line."""
+"""The `cornserve` command line (typer; rich output on a terminal, plain lines through a pipe).
+
+Commands are grouped in the help as users of uv, ray or vllm expect: the local cluster, apps,
+tasks, and tools. Every command exits 0 on success, 1 when the cluster or the app says no, and 2
+on a usage error (a wrong flag, an unreadable file, a missing extra).
+"""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager, nullcontext
+from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, NoReturn
 
-from cornserve.app import AppValidationError, trace_app, validate_app
-from cornserve.cli import commands
+import typer
+
+from cornserve.cli import commands, console
 from cornserve.cli.extras import MissingExtraError, require_models_extra
 from cornserve.cli.launcher import NATS_SYNC_INTERVAL, LaunchError, LocalCluster, default_state_dir, shut_down
 from cornserve.cli.natsserver import check_sync_interval
 from cornserve.client import CornserveClient, CornserveError, default_url
-from cornserve.runtime.secrets import SecretFileError
-from cornserve.task.errors import TaskError
+
+CLUSTER = "Local cluster"
+APPS = "Apps"
+TASKS = "Tasks"
+TOOLS = "Tools"
+
+app = typer.Typer(
+    name="cornserve",
+    help="Cornserve: serve multimodal AI apps.\n\n"
+    "Start a local cluster with [bold]cornserve up[/] (or try everything at once with "
+    "[bold]cornserve demo[/]), then register apps and invoke them.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    pretty_exceptions_enable=False,
+)
+tasklib_app = typer.Typer(help="Task libraries: custom unit tasks and descriptors.", no_args_is_help=True)
+models_app = typer.Typer(
+    help="Model checkpoints for tests and the demo (needs cornserve-cli\\[models]).", no_args_is_help=True
+)
+app.add_typer(tasklib_app, name="tasklib", rich_help_panel=TASKS)
+app.add_typer(models_app, name="models", rich_help_panel=TOOLS)
+deploy_app = typer.Typer(
+    help="Steps of a container deployment (deploy/compose.yaml): init, kv, node, demo.", no_args_is_help=True
+)
+app.add_typer(deploy_app, name="deploy", rich_help_panel=TOOLS)
 
 
-def _cmd_trace(args: argparse.Namespace) -> int:
-    path = Path(args.app)
-    try:
-        source = path.read_text()
-    except OSError as exc:
-        print(f"error: cannot read {path}: {exc.strerror}", file=sys.stderr)
-        return 2
-    try:
-        spec = validate_app(source, name=path.stem)
-    except AppValidationError as exc:
-        print(f"error: {path}: {exc}", file=sys.stderr)
-        return 1
-    request = commands.load_json_arg(args.request)
-    try:
-        graphs = asyncio.run(trace_app(spec, request))
-    except (TaskError, ValueError) as exc:
-        print(f"error: tracing {path} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    mode = "streams" if spec.streaming else "returns"
-    print(f"app {path.name}: serve({spec.request_model.__name__}) {mode} {spec.response_model.__name__}")
-    print(f"unit tasks to deploy ({len(spec.unit_tasks)}):")
-    for task in spec.unit_tasks:
-        print(f"  - {task.deployment_key}  {task.display_name()} via {type(task.descriptor).__name__}")
-    for index, graph in enumerate(graphs):
-        print(
-            f"\ngraph {index + 1} of {len(graphs)}: {len(graph.invocations)} invocations, {len(graph.edges)} forward edges"
-        )
-        print(graph.describe(), end="")
-        if args.format in ("mermaid", "all"):
-            print("\n" + graph.to_mermaid(), end="")
-        if args.format in ("dot", "all"):
-            print("\n" + graph.to_dot(), end="")
-    return 0
+def _exit(code: int) -> NoReturn:
+    raise typer.Exit(code)
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    # The demo builds a tiny checkpoint and serves it on Eric and the CPU LLM executor.
-    require_models_extra("demo", ("cornserve.models", "cornserve.eric", "cornserve.llm_executor"))
-    from cornserve.cli.demo import run_demo
-
-    return run_demo(
-        state_dir=Path(args.state_dir), host=args.host, port=args.port, cpu_slots=args.cpu_slots,
-        model=args.model, once=args.once, prompt=args.prompt, max_tokens=args.max_tokens,
-        ready_timeout_s=args.ready_timeout, tls=_tls_pair(args),
-    )  # fmt: skip
+def _state_dir(value: str | None) -> Path:
+    return Path(value) if value else default_state_dir()
 
 
-def _cmd_models_tiny(args: argparse.Namespace) -> int:
-    require_models_extra("models tiny", ("cornserve.models",))
-    from cornserve.models.tiny import UnknownArchitectureError, build_tiny  # heavy: imported on use
+# ----- options shared by several commands ---------------------------------------------------------
 
-    try:
-        path = build_tiny(args.arch, Path(args.dir), seed=args.seed)
-    except UnknownArchitectureError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"built a tiny {args.arch} checkpoint (random weights) in {path}")
-    return 0
+UrlOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--url", help="Gateway URL (default: $CORNSERVE_URL or http://127.0.0.1:8000).", show_default=False
+    ),
+]
+StateDirOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--state-dir",
+        help="State dir of `cornserve up`: its admin token (used when neither $CORNSERVE_ADMIN_TOKEN nor "
+        "$CORNSERVE_API_KEY is set), logs and cluster.json (default: $CORNSERVE_STATE_DIR or ~/.local/state/cornserve).",
+        show_default=False,
+    ),
+]
+TlsCertOpt = Annotated[
+    str | None, typer.Option("--tls-cert", help="PEM certificate: serve the gateway over HTTPS.")
+]
+TlsKeyOpt = Annotated[str | None, typer.Option("--tls-key", help="PEM private key of --tls-cert.")]
+ReadyOpt = Annotated[
+    float, typer.Option("--ready-timeout", help="Seconds to wait for the cluster to be healthy.")
+]
 
 
-def _owner(value: str) -> tuple[int, int]:
-    try:
-        uid, gid = (int(part) for part in value.split(":"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected UID:GID (two numbers), got {value!r}") from None
-    return uid, gid
+def _http(
+    url: str | None, state_dir: str | None, call: Callable[[CornserveClient], Awaitable[int]]
+) -> NoReturn:
+    """Run one gateway call; a CornserveError is one `error:` line (and its detail), exit 1."""
 
-
-def _cmd_deploy_init(args: argparse.Namespace) -> int:
-    from cornserve.cli.deploy import init_state
+    async def go() -> int:
+        async with CornserveClient(url or default_url(), state_dir=_state_dir(state_dir)) as client:
+            return await call(client)
 
     try:
-        init_state(
-            Path(args.state_dir), args.nats_sync_interval, args.owner, tuple(Path(p) for p in args.chown)
-        )
-    except (OSError, SecretFileError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+        _exit(asyncio.run(go()))
+    except CornserveError as exc:
+        console.error(f"{exc.message} ({exc.status} {exc.error})")
+        if exc.detail:
+            print(f"detail: {exc.detail}", file=sys.stderr)
+        _exit(1)
 
 
-def _cmd_deploy_kv(args: argparse.Namespace) -> int:
-    from cornserve.cli.deploy import create_kv
-
-    return create_kv(Path(args.state_dir), args.nats_url, args.timeout)
-
-
-def _cmd_deploy_node(args: argparse.Namespace) -> int:
-    from cornserve.cli.deploy import run_node
-
-    return run_node(Path(args.state_dir), args.nats_url, args.node, args.cpu_slots, args.ready_timeout)
+def _tls_pair(cert: str | None, key: str | None) -> tuple[Path, Path] | None:
+    """`--tls-cert`/`--tls-key` of `up` and `demo`: both or neither (exit 2 otherwise)."""
+    if (cert is None) != (key is None):
+        console.error("--tls-cert and --tls-key go together: give both (HTTPS) or neither (HTTP)")
+        _exit(2)
+    return None if cert is None or key is None else (Path(cert), Path(key))
 
 
-def _cmd_deploy_demo(args: argparse.Namespace) -> int:
-    if args.model is not None:  # building the checkpoint needs the model stack
-        require_models_extra("deploy demo --model", ("cornserve.models",))
-    from cornserve.cli.deploy import run_demo_setup
-
-    return run_demo_setup(
-        args.url, Path(args.state_dir), Path(args.model) if args.model else None, args.timeout
-    )
-
-
-def _tls_pair(args: argparse.Namespace) -> tuple[Path, Path] | None:
-    """`--tls-cert`/`--tls-key` of `up` and `demo`: both or neither (argparse exits 2 otherwise)."""
-    if (args.tls_cert is None) != (args.tls_key is None):
-        print(
-            "error: --tls-cert and --tls-key go together: give both (HTTPS) or neither (HTTP)",
-            file=sys.stderr,
-        )
-        raise SystemExit(2)
-    return None if args.tls_cert is None else (Path(args.tls_cert), Path(args.tls_key))
-
-
-def _sync_interval(value: str) -> str:
+def _sync_interval(value: str | None) -> str | None:
+    if value is None:
+        return None
     try:
         return check_sync_interval(value)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+        raise typer.BadParameter(str(exc)) from None
 
 
-def _cmd_up(args: argparse.Namespace) -> int:
-    tls = _tls_pair(args)
-    if args.nats_creds and not args.nats_url:
-        print("error: --nats-creds is for an external NATS (--nats-url); `up` makes its own", file=sys.stderr)
-        return 2
-    if args.nats_sync_interval and args.nats_url:
-        print(
-            "error: --nats-sync-interval is for the NATS `up` starts; configure yours itself", file=sys.stderr
-        )
-        return 2
+def _say() -> Callable[[str], None]:
+    """How the cluster reports its steps: plain lines through a pipe, dim ones on a terminal."""
+    if not console.fancy():
+        return print
+    out = console.stdout()
+    return lambda message: out.print(f"[dim]{console.escape(str(message))}[/]")
+
+
+def _spinner(message: str) -> AbstractContextManager[object]:
+    """A spinner on a terminal while something starts; nothing through a pipe."""
+    return console.stdout().status(message) if console.fancy() else nullcontext()
+
+
+# ----- the local cluster --------------------------------------------------------------------------
+
+
+@app.command(rich_help_panel=CLUSTER)
+def up(
+    host: Annotated[str, typer.Option(help="Gateway address.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Gateway port.")] = 8000,
+    cpu_slots: Annotated[int, typer.Option("--cpu-slots", help="CPU device slots when there is no GPU.")] = 4,
+    dispatchers: Annotated[int, typer.Option(help="Dispatcher replicas.")] = 2,
+    nats_url: Annotated[
+        str | None, typer.Option("--nats-url", help="Use this NATS server instead of starting one.")
+    ] = None,
+    nats_creds: Annotated[
+        str | None,
+        typer.Option(
+            "--nats-creds",
+            help="Credentials file for --nats-url (a NATS .creds file or an nkey seed), used by every service.",
+        ),
+    ] = None,
+    nats_sync_interval: Annotated[
+        str | None,
+        typer.Option(
+            "--nats-sync-interval",
+            callback=_sync_interval,
+            help="How often the embedded NATS fsyncs JetStream (KV state): a duration like 1s, 'always' "
+            f"(every write), or 'default' (NATS's 2 min); default: {NATS_SYNC_INTERVAL}.",
+        ),
+    ] = None,
+    state_dir: Annotated[
+        str | None,
+        typer.Option(
+            "--state-dir",
+            help="State and logs (default: $CORNSERVE_STATE_DIR or ~/.local/state/cornserve).",
+            show_default=False,
+        ),
+    ] = None,
+    ready_timeout: ReadyOpt = 180.0,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
+) -> None:
+    """Start a local cluster (NATS, sidecars, resource manager, dispatchers, gateway) and serve until Ctrl-C."""
+    tls = _tls_pair(tls_cert, tls_key)
+    if nats_creds and not nats_url:
+        console.error("--nats-creds is for an external NATS (--nats-url); `up` makes its own")
+        _exit(2)
+    if nats_sync_interval and nats_url:
+        console.error("--nats-sync-interval is for the NATS `up` starts; configure yours itself")
+        _exit(2)
+    directory = _state_dir(state_dir)
     cluster = LocalCluster(
-        state_dir=Path(args.state_dir),
-        host=args.host,
-        port=args.port,
-        cpu_slots=args.cpu_slots,
-        dispatchers=args.dispatchers,
-        nats_url=args.nats_url,
-        tls_cert=tls[0] if tls else None,
-        tls_key=tls[1] if tls else None,
-        nats_creds=Path(args.nats_creds) if args.nats_creds else None,
-        nats_sync_interval=args.nats_sync_interval or NATS_SYNC_INTERVAL,
-    )
+        state_dir=directory, host=host, port=port, cpu_slots=cpu_slots, dispatchers=dispatchers,
+        nats_url=nats_url, tls_cert=tls[0] if tls else None, tls_key=tls[1] if tls else None,
+        nats_creds=Path(nats_creds) if nats_creds else None,
+        nats_sync_interval=nats_sync_interval or NATS_SYNC_INTERVAL, say=_say(),
+    )  # fmt: skip
     stopping = False
 
     def request_stop(signum: int, frame: Any) -> None:
@@ -174,228 +199,414 @@ def _cmd_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, request_stop)
     started = time.monotonic()
     try:
-        cluster.start(ready_timeout_s=args.ready_timeout)
+        with _spinner("starting Cornserve ..."):
+            cluster.start(ready_timeout_s=ready_timeout)
     except (LaunchError, KeyboardInterrupt) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        console.error(str(exc))
         cluster.stop()
-        return 1
-    print(
-        f"Cornserve is up in {time.monotonic() - started:.1f}s: {cluster.url}  (logs: {Path(args.state_dir) / 'logs'})"
+        _exit(1)
+    up_line = (
+        f"Cornserve is up in {time.monotonic() - started:.1f}s: {cluster.url}  (logs: {directory / 'logs'})"
     )
+    if console.fancy():
+        console.stdout().print(f"[bold green]✔[/] [bold]{console.escape(up_line)}[/]")
+    else:
+        print(up_line)
     print(
         f"  export CORNSERVE_URL={cluster.url}   # then: cornserve register APP.py; Ctrl-C or `cornserve down` stops"
     )
-    if Path(args.state_dir) != default_state_dir():
-        print(f"  export CORNSERVE_STATE_DIR={args.state_dir}   # where the CLI finds the admin token")
+    if directory != default_state_dir():
+        print(f"  export CORNSERVE_STATE_DIR={directory}   # where the CLI finds the admin token")
     if tls:
         print(f"  export CORNSERVE_CA_FILE={tls[0]}   # if the certificate is not one the system trusts")
+    sys.stdout.flush()
     code = cluster.supervise(lambda: stopping)
     print("stopping Cornserve ...")
     cluster.stop()
     print("stopped")
-    return code
+    _exit(code)
 
 
-def _cmd_down(args: argparse.Namespace) -> int:
-    return 0 if shut_down(Path(args.state_dir)) else 1
+@app.command(rich_help_panel=CLUSTER)
+def down(state_dir: StateDirOpt = None) -> None:
+    """Stop the local cluster started by `cornserve up`."""
+    _exit(0 if shut_down(_state_dir(state_dir)) else 1)
 
 
-def _http(fn: Callable[..., Awaitable[int]], *fields: str) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        async def go() -> int:
-            async with CornserveClient(args.url, state_dir=args.state_dir) as client:
-                return await fn(client, *(getattr(args, f) for f in fields))
-
-        try:
-            return asyncio.run(go())
-        except CornserveError as exc:
-            print(f"error: {exc.message} ({exc.status} {exc.error})", file=sys.stderr)
-            if exc.detail:
-                print(f"detail: {exc.detail}", file=sys.stderr)
-            return 1
-
-    return run
+@app.command(rich_help_panel=CLUSTER)
+def status(url: UrlOpt = None, state_dir: StateDirOpt = None) -> None:
+    """Cluster health, services, apps and tasks."""
+    _http(url, state_dir, commands.status)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of `cornserve`."""
-    parser = argparse.ArgumentParser(prog="cornserve", description="Cornserve: serve multimodal AI apps.")
-    commands_ = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+@app.command(rich_help_panel=CLUSTER)
+def logs(
+    target: Annotated[
+        str,
+        typer.Argument(
+            metavar="TARGET",
+            help="A task key (`cornserve tasks`), an app name, or a service (gateway, resource-manager, dispatcher-0, sidecar-0, nats).",
+        ),
+    ],
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing new lines until Ctrl-C.")
+    ] = False,
+    tail: Annotated[
+        int,
+        typer.Option("--tail", "-n", help="Lines from the end of each log to start with (0: all).", min=0),
+    ] = 100,
+    url: UrlOpt = None,
+    state_dir: StateDirOpt = None,
+) -> None:
+    """Show the logs of a task (its task manager and executors), an app's tasks, or a service."""
+    from cornserve.cli.logs import NoLogsError, resolve, show_logs
 
-    def gateway_flags(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        sub.add_argument(
-            "--url",
-            default=default_url(),
-            help="gateway URL (default: $CORNSERVE_URL or http://127.0.0.1:8000)",
+    directory = _state_dir(state_dir)
+
+    def app_task_keys(name: str) -> list[str]:
+        async def go() -> list[str]:
+            async with CornserveClient(url or default_url(), state_dir=directory) as client:
+                return [t.key for t in (await client.get_app(name)).tasks]
+
+        return asyncio.run(go())
+
+    try:
+        patterns = resolve(directory / "logs", target, app_task_keys)
+    except NoLogsError as exc:
+        console.error(str(exc))
+        _exit(1)
+    except CornserveError as exc:
+        if exc.status == 404:
+            console.error(
+                f"no task, app or service named {target!r} (no such log in {directory / 'logs'}, no such app)"
+            )
+        else:
+            console.error(f"{exc.message} ({exc.status} {exc.error})")
+        _exit(1)
+    _exit(show_logs(patterns, tail, follow))
+
+
+# ----- apps ---------------------------------------------------------------------------------------
+
+
+@app.command(rich_help_panel=APPS)
+def register(
+    file: Annotated[str, typer.Argument(metavar="FILE", help="The app's Python file.")],
+    name: Annotated[str | None, typer.Option(help="App name (default: the file name).")] = None,
+    url: UrlOpt = None,
+    state_dir: StateDirOpt = None,
+) -> None:
+    """Register an app; shows each task's deployment as it progresses."""
+    _http(url, state_dir, lambda client: commands.register(client, file, name))
+
+
+@app.command(rich_help_panel=APPS)
+def apps(url: UrlOpt = None, state_dir: StateDirOpt = None) -> None:
+    """List registered apps."""
+    _http(url, state_dir, commands.apps)
+
+
+@app.command(rich_help_panel=APPS)
+def invoke(
+    app_name: Annotated[str, typer.Argument(metavar="APP", help="The app's name.")],
+    request: Annotated[
+        str, typer.Argument(metavar="REQUEST", help="The request: JSON, @file, or - for stdin.")
+    ],
+    text: Annotated[
+        bool,
+        typer.Option(
+            "--text",
+            help="Print only the text of streamed chat-completion chunks (OpenAI-speaking apps), then the usage.",
+        ),
+    ] = False,
+    url: UrlOpt = None,
+    state_dir: StateDirOpt = None,
+) -> None:
+    """Invoke an app; a streamed answer is printed as it arrives."""
+    _http(url, state_dir, lambda client: commands.invoke(client, app_name, request, text))
+
+
+@app.command(rich_help_panel=APPS)
+def unregister(
+    app_name: Annotated[str, typer.Argument(metavar="APP", help="The app's name.")],
+    url: UrlOpt = None,
+    state_dir: StateDirOpt = None,
+) -> None:
+    """Unregister an app (tasks no other app uses are torn down)."""
+    _http(url, state_dir, lambda client: commands.unregister(client, app_name))
+
+
+@app.command(rich_help_panel=APPS)
+def graph(
+    app_file: Annotated[str, typer.Argument(metavar="APP", help="The app's Python file.")],
+    request: Annotated[
+        str, typer.Argument(metavar="REQUEST", help="The request: JSON, @file, or - for stdin.")
+    ],
+    svg: Annotated[
+        str | None, typer.Option("--svg", metavar="FILE", help="Also render SVG with Graphviz `dot`.")
+    ] = None,
+) -> None:
+    """Print the task graph an app makes for a request as Mermaid (no cluster needed)."""
+    from cornserve.cli.graph import GraphError, mermaid, traced, write_svgs
+
+    try:
+        _, graphs = traced(Path(app_file), commands.load_json_arg(request))
+        sys.stdout.write(mermaid(graphs))
+        sys.stdout.flush()
+        if svg is not None:
+            for path in write_svgs(graphs, Path(svg)):
+                print(f"wrote {path}", file=sys.stderr)
+    except GraphError as exc:
+        console.error(str(exc))
+        _exit(exc.exit_code)
+
+
+class TraceFormat(StrEnum):
+    """What `cornserve trace` prints besides its listing."""
+
+    TEXT = "text"
+    MERMAID = "mermaid"
+    DOT = "dot"
+    ALL = "all"
+
+
+@app.command(rich_help_panel=APPS)
+def trace(
+    app_file: Annotated[str, typer.Argument(metavar="APP", help="The app's Python file.")],
+    request: Annotated[str, typer.Option("--request", help="The request as JSON, @file, or - for stdin.")],
+    format_: Annotated[
+        TraceFormat, typer.Option("--format", help="What to print besides the listing.")
+    ] = TraceFormat.MERMAID,
+) -> None:
+    """Print the unit tasks and task graphs an app makes for a request, executing nothing."""
+    from cornserve.cli.graph import GraphError, traced
+
+    path = Path(app_file)
+    try:
+        spec, graphs = traced(path, commands.load_json_arg(request))
+    except GraphError as exc:
+        console.error(str(exc))
+        _exit(exc.exit_code)
+    mode = "streams" if spec.streaming else "returns"
+    print(f"app {path.name}: serve({spec.request_model.__name__}) {mode} {spec.response_model.__name__}")
+    print(f"unit tasks to deploy ({len(spec.unit_tasks)}):")
+    for task in spec.unit_tasks:
+        print(f"  - {task.deployment_key}  {task.display_name()} via {type(task.descriptor).__name__}")
+    for index, one in enumerate(graphs):
+        print(
+            f"\ngraph {index + 1} of {len(graphs)}: {len(one.invocations)} invocations, {len(one.edges)} forward edges"
         )
-        sub.add_argument(
+        print(one.describe(), end="")
+        if format_ in (TraceFormat.MERMAID, TraceFormat.ALL):
+            print("\n" + one.to_mermaid(), end="")
+        if format_ in (TraceFormat.DOT, TraceFormat.ALL):
+            print("\n" + one.to_dot(), end="")
+
+
+# ----- tasks --------------------------------------------------------------------------------------
+
+
+@app.command(rich_help_panel=TASKS)
+def tasks(url: UrlOpt = None, state_dir: StateDirOpt = None) -> None:
+    """List deployed unit tasks and their executors."""
+    _http(url, state_dir, commands.tasks)
+
+
+@app.command(rich_help_panel=TASKS)
+def scale(
+    task: Annotated[str, typer.Argument(metavar="TASK", help="Task key (see `cornserve tasks`).")],
+    count: Annotated[int, typer.Argument(metavar="COUNT", help="Executors to run.")],
+    url: UrlOpt = None,
+    state_dir: StateDirOpt = None,
+) -> None:
+    """Set the number of executors of a task."""
+    _http(url, state_dir, lambda client: commands.scale(client, task, count))
+
+
+@tasklib_app.command("add")
+def tasklib_add(
+    file: Annotated[str, typer.Argument(metavar="FILE", help="The task library's Python file.")],
+    name: Annotated[str | None, typer.Option(help="Library name (default: the file name).")] = None,
+    url: UrlOpt = None,
+    state_dir: StateDirOpt = None,
+) -> None:
+    """Upload a task library file."""
+    _http(url, state_dir, lambda client: commands.tasklib_add(client, file, name))
+
+
+@tasklib_app.command("list")
+def tasklib_list(url: UrlOpt = None, state_dir: StateDirOpt = None) -> None:
+    """List task libraries."""
+    _http(url, state_dir, commands.tasklib_list)
+
+
+# ----- tools --------------------------------------------------------------------------------------
+
+
+@app.command(rich_help_panel=TOOLS)
+def demo(
+    once: Annotated[bool, typer.Option("--once", help="Exit after the first answer.")] = False,
+    model: Annotated[
+        str | None,
+        typer.Option(help="Checkpoint dir or Hub id (default: $CORNSERVE_DEMO_MODEL or a tiny random one)."),
+    ] = None,
+    prompt: Annotated[str, typer.Option(help="The question about the picture.")] = "What is in this picture?",
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Tokens to generate.")] = 32,
+    host: Annotated[str, typer.Option(help="Gateway address.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Gateway port.")] = 8000,
+    cpu_slots: Annotated[int, typer.Option("--cpu-slots", help="CPU device slots when there is no GPU.")] = 4,
+    state_dir: Annotated[
+        str | None,
+        typer.Option(
             "--state-dir",
-            default=str(default_state_dir()),
-            help="where `cornserve up` keeps the admin token, used when neither $CORNSERVE_ADMIN_TOKEN "
-            "nor $CORNSERVE_API_KEY is set (default: %(default)s)",
-        )
-        return sub
+            help="State and logs (default: $CORNSERVE_STATE_DIR or ~/.local/state/cornserve).",
+            show_default=False,
+        ),
+    ] = None,
+    ready_timeout: ReadyOpt = 180.0,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
+) -> None:
+    r"""Start a local cluster, register the example MLLM app, ask it about an image, keep serving (needs cornserve-cli\[models])."""
+    tls = _tls_pair(tls_cert, tls_key)
+    _require_models("demo", ("cornserve.models", "cornserve.eric", "cornserve.llm_executor"))
+    from cornserve.cli.demo import run_demo
 
-    def http_command(name: str, help_: str) -> argparse.ArgumentParser:
-        return gateway_flags(commands_.add_parser(name, help=help_))
-
-    def tls_flags(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--tls-cert", default=None, help="PEM certificate: serve the gateway over HTTPS")
-        sub.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
-
-    up = commands_.add_parser(
-        "up", help="start a local cluster (NATS, sidecars, resource manager, dispatchers, gateway)"
-    )
-    up.add_argument("--host", default="127.0.0.1", help="gateway address")
-    up.add_argument("--port", type=int, default=8000, help="gateway port")
-    up.add_argument("--cpu-slots", type=int, default=4, help="CPU device slots when there is no GPU")
-    up.add_argument("--dispatchers", type=int, default=2, help="dispatcher replicas")
-    up.add_argument("--nats-url", default=None, help="use this NATS server instead of starting one")
-    up.add_argument(
-        "--nats-creds",
-        default=None,
-        help="credentials file for --nats-url (a NATS .creds file or an nkey seed), used by every service",
-    )
-    up.add_argument(
-        "--nats-sync-interval",
-        type=_sync_interval,
-        default=None,
-        help="how often the embedded NATS fsyncs JetStream (KV state): a duration like 1s, 'always' "
-        f"(every write), or 'default' (NATS's 2 min); default: {NATS_SYNC_INTERVAL}",
-    )
-    up.add_argument(
-        "--state-dir", default=str(default_state_dir()), help="state and logs (default: %(default)s)"
-    )
-    up.add_argument(
-        "--ready-timeout", type=float, default=180.0, help="seconds to wait for the cluster to be healthy"
-    )
-    tls_flags(up)
-    up.set_defaults(func=_cmd_up)
-
-    down = commands_.add_parser("down", help="stop the local cluster started by `cornserve up`")
-    down.add_argument("--state-dir", default=str(default_state_dir()))
-    down.set_defaults(func=_cmd_down)
-
-    http_command("status", "cluster health, apps and tasks").set_defaults(func=_http(commands.status))
-    reg = http_command("register", "register an app (deploys its tasks)")
-    reg.add_argument("file", help="the app's Python file")
-    reg.add_argument("--name", default=None, help="app name (default: the file name)")
-    reg.set_defaults(func=_http(commands.register, "file", "name"))
-    http_command("apps", "list registered apps").set_defaults(func=_http(commands.apps))
-    inv = http_command("invoke", "invoke an app; streamed output is printed as it arrives")
-    inv.add_argument("app")
-    inv.add_argument("request", help="the request: JSON, @file, or - for stdin")
-    inv.add_argument(
-        "--text",
-        action="store_true",
-        help="print only the text of streamed chat-completion chunks (OpenAI-speaking apps), then the usage",
-    )
-    inv.set_defaults(func=_http(commands.invoke, "app", "request", "text"))
-    unreg = http_command("unregister", "unregister an app")
-    unreg.add_argument("app")
-    unreg.set_defaults(func=_http(commands.unregister, "app"))
-    http_command("tasks", "list deployed unit tasks").set_defaults(func=_http(commands.tasks))
-    sc = http_command("scale", "set the number of executors of a task")
-    sc.add_argument("task", help="task key (see `cornserve tasks`)")
-    sc.add_argument("count", type=int)
-    sc.set_defaults(func=_http(commands.scale, "task", "count"))
-
-    tasklib = commands_.add_parser("tasklib", help="task libraries: custom unit tasks and descriptors")
-    tl = tasklib.add_subparsers(dest="tasklib_command", required=True, metavar="SUBCOMMAND")
-    add = gateway_flags(tl.add_parser("add", help="upload a task library file"))
-    add.add_argument("file")
-    add.add_argument("--name", default=None, help="library name (default: the file name)")
-    add.set_defaults(func=_http(commands.tasklib_add, "file", "name"))
-    ls = gateway_flags(tl.add_parser("list", help="list task libraries"))
-    ls.set_defaults(func=_http(commands.tasklib_list))
-
-    demo = commands_.add_parser(
-        "demo",
-        help="start a local cluster, register the example MLLM app, ask it about an image, keep serving "
-        "(needs cornserve-cli[models])",
-    )
-    demo.add_argument("--once", action="store_true", help="exit after the first answer")
-    demo.add_argument(
-        "--model",
-        default=None,
-        help="checkpoint dir or Hub id (default: $CORNSERVE_DEMO_MODEL or a tiny random one)",
-    )
-    demo.add_argument("--prompt", default="What is in this picture?")
-    demo.add_argument("--max-tokens", type=int, default=32)
-    demo.add_argument("--host", default="127.0.0.1")
-    demo.add_argument("--port", type=int, default=8000)
-    demo.add_argument("--cpu-slots", type=int, default=4)
-    demo.add_argument("--state-dir", default=str(default_state_dir()))
-    demo.add_argument("--ready-timeout", type=float, default=180.0)
-    tls_flags(demo)
-    demo.set_defaults(func=_cmd_demo)
-
-    deploy = commands_.add_parser(
-        "deploy", help="steps of a container deployment (deploy/compose.yaml): init, kv, node, demo"
-    )
-    dp = deploy.add_subparsers(dest="deploy_command", required=True, metavar="SUBCOMMAND")
-    d_init = dp.add_parser(
-        "init", help="make the secrets (NATS roles, admin token) in a state dir; keeps existing"
-    )
-    d_init.add_argument("--state-dir", default=str(default_state_dir()))
-    d_init.add_argument(
-        "--nats-sync-interval", type=_sync_interval, default=NATS_SYNC_INTERVAL,
-        help="JetStream fsync interval written into the NATS config (default: %(default)s)",
+    code = run_demo(
+        state_dir=_state_dir(state_dir), host=host, port=port, cpu_slots=cpu_slots, model=model,
+        once=once, prompt=prompt, max_tokens=max_tokens, ready_timeout_s=ready_timeout, tls=tls,
     )  # fmt: skip
-    d_init.add_argument("--owner", type=_owner, default=None, help="UID:GID to hand the files to (as root)")
-    d_init.add_argument(
-        "--chown", action="append", default=[], help="a directory (volume) to hand to --owner too"
-    )
-    d_init.set_defaults(func=_cmd_deploy_init)
-    d_kv = dp.add_parser("kv", help="create the cluster's KV buckets (as the admin role)")
-    d_kv.add_argument("--state-dir", default=str(default_state_dir()), help="where `deploy init` wrote")
-    d_kv.add_argument("--nats-url", required=True)
-    d_kv.add_argument("--timeout", type=float, default=30.0, help="deadline, seconds")
-    d_kv.set_defaults(func=_cmd_deploy_kv)
-    d_node = dp.add_parser("node", help="run one node: its sidecars and the resource manager (local spawner)")
-    d_node.add_argument("--state-dir", default=str(default_state_dir()), help="where `deploy init` wrote")
-    d_node.add_argument("--nats-url", required=True)
-    d_node.add_argument("--node", default="node-0", help="node id of its sidecars")
-    d_node.add_argument("--cpu-slots", type=int, default=4, help="CPU device slots when there is no GPU")
-    d_node.add_argument("--ready-timeout", type=float, default=60.0)
-    d_node.set_defaults(func=_cmd_deploy_node)
-    d_demo = dp.add_parser(
-        "demo", help="build the tiny demo checkpoint if missing and register the example app as 'demo'"
-    )
-    d_demo.add_argument("--url", default=default_url(), help="gateway URL (default: %(default)s)")
-    d_demo.add_argument("--state-dir", default=str(default_state_dir()), help="where the admin token is")
-    d_demo.add_argument("--model", default=None, help="checkpoint dir to build the tiny model in if missing")
-    d_demo.add_argument("--timeout", type=float, default=600.0, help="deadline of each step, seconds")
-    d_demo.set_defaults(func=_cmd_deploy_demo)
+    _exit(code)
 
-    models = commands_.add_parser(
-        "models", help="model checkpoints for tests and the demo (needs cornserve-cli[models])"
-    )
-    md = models.add_subparsers(dest="models_command", required=True, metavar="SUBCOMMAND")
-    tiny = md.add_parser("tiny", help="build a small checkpoint with seeded random weights (no downloads)")
-    tiny.add_argument("arch", help="architecture family (see the list in `cornserve models tiny --help`)")
-    tiny.add_argument("dir", help="output directory (Hugging Face layout)")
-    tiny.add_argument("--seed", type=int, default=0, help="random seed of the weights")
-    tiny.set_defaults(func=_cmd_models_tiny)
 
-    trace = commands_.add_parser(
-        "trace", help="print the task graphs an app makes for a request, executing nothing"
+@models_app.command("tiny")
+def models_tiny(
+    arch: Annotated[
+        str, typer.Argument(metavar="ARCH", help="Architecture family: qwen2-vl, qwen2.5-vl or llava.")
+    ],
+    dir_: Annotated[str, typer.Argument(metavar="DIR", help="Output directory (Hugging Face layout).")],
+    seed: Annotated[int, typer.Option(help="Random seed of the weights.")] = 0,
+) -> None:
+    """Build a small checkpoint with seeded random weights (no downloads)."""
+    _require_models("models tiny", ("cornserve.models",))
+    from cornserve.cli.progress import show_build
+    from cornserve.models.tiny import UnknownArchitectureError  # heavy: imported on use
+
+    try:
+        path = show_build(arch, Path(dir_), seed)
+    except UnknownArchitectureError as exc:
+        console.error(str(exc))
+        _exit(2)
+    print(f"built a tiny {arch} checkpoint (random weights) in {path}")
+
+
+def _owner(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        uid, gid = (int(part) for part in value.split(":"))
+    except ValueError:
+        raise typer.BadParameter(f"expected UID:GID (two numbers), got {value!r}") from None
+    return uid, gid
+
+
+@deploy_app.command("init")
+def deploy_init(
+    state_dir: StateDirOpt = None,
+    nats_sync_interval: Annotated[
+        str,
+        typer.Option(
+            "--nats-sync-interval",
+            callback=_sync_interval,
+            help="JetStream fsync interval written into the NATS config.",
+        ),
+    ] = NATS_SYNC_INTERVAL,
+    owner: Annotated[
+        str | None, typer.Option("--owner", metavar="UID:GID", help="Hand the files to UID:GID (as root).")
+    ] = None,
+    chown: Annotated[
+        list[str] | None,
+        typer.Option("--chown", help="A directory (volume) to hand to --owner too (repeatable)."),
+    ] = None,
+) -> None:
+    """Make the secrets (NATS roles, admin token) in a state dir; keeps existing ones."""
+    from cornserve.cli.deploy import init_state
+    from cornserve.runtime.secrets import SecretFileError
+
+    ids = _owner(owner)
+    try:
+        init_state(_state_dir(state_dir), nats_sync_interval, ids, tuple(Path(p) for p in chown or []))
+    except (OSError, SecretFileError) as exc:
+        console.error(str(exc))
+        _exit(1)
+
+
+@deploy_app.command("kv")
+def deploy_kv(
+    nats_url: Annotated[str, typer.Option("--nats-url", help="The cluster's NATS.")],
+    state_dir: StateDirOpt = None,
+    timeout: Annotated[float, typer.Option("--timeout", help="Deadline, seconds.")] = 30.0,
+) -> None:
+    """Create the cluster's KV buckets (as the admin role)."""
+    from cornserve.cli.deploy import create_kv
+
+    _exit(create_kv(_state_dir(state_dir), nats_url, timeout))
+
+
+@deploy_app.command("node")
+def deploy_node(
+    nats_url: Annotated[str, typer.Option("--nats-url", help="The cluster's NATS.")],
+    state_dir: StateDirOpt = None,
+    node: Annotated[str, typer.Option("--node", help="Node id of its sidecars.")] = "node-0",
+    cpu_slots: Annotated[int, typer.Option("--cpu-slots", help="CPU device slots when there is no GPU.")] = 4,
+    ready_timeout: Annotated[
+        float, typer.Option("--ready-timeout", help="Seconds to wait for the node.")
+    ] = 60.0,
+) -> None:
+    """Run one node: its sidecars and the resource manager (local spawner)."""
+    from cornserve.cli.deploy import run_node
+
+    _exit(run_node(_state_dir(state_dir), nats_url, node, cpu_slots, ready_timeout))
+
+
+@deploy_app.command("demo")
+def deploy_demo(
+    url: UrlOpt = None,
+    state_dir: StateDirOpt = None,
+    model: Annotated[
+        str | None, typer.Option("--model", help="Checkpoint dir to build the tiny model in if missing.")
+    ] = None,
+    timeout: Annotated[float, typer.Option("--timeout", help="Deadline of each step, seconds.")] = 600.0,
+) -> None:
+    """Build the tiny demo checkpoint if missing and register the example app as 'demo'."""
+    if model is not None:  # building the checkpoint needs the model stack
+        _require_models("deploy demo --model", ("cornserve.models",))
+    from cornserve.cli.deploy import run_demo_setup
+
+    _exit(
+        run_demo_setup(url or default_url(), _state_dir(state_dir), Path(model) if model else None, timeout)
     )
-    trace.add_argument("app", help="the app's Python file")
-    trace.add_argument("--request", required=True, help="the request as JSON, @file, or - for stdin")
-    trace.add_argument("--format", choices=["text", "mermaid", "dot", "all"], default="mermaid")
-    trace.set_defaults(func=_cmd_trace)
-    return parser
+
+
+def _require_models(command: str, modules: tuple[str, ...]) -> None:
+    try:
+        require_models_extra(command, modules)
+    except MissingExtraError as exc:
+        console.error(str(exc))
+        _exit(2)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `cornserve` console script."""
-    args = build_parser().parse_args(argv)
+    """Entry point of the `cornserve` console script; returns the exit code."""
+    command = typer.main.get_command(app)
     try:
-        return int(args.func(args))
-    except MissingExtraError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        command.main(args=argv, prog_name="cornserve", standalone_mode=True)
+    except SystemExit as exc:
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        print(exc.code, file=sys.stderr)  # `SystemExit("error: ...")` from a helper
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -317,20 +317,32 @@ def _write_sharded(model: PreTrainedModel, out_dir: Path) -> None:
     (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def build_tiny(arch: str, out_dir: Path, *, seed: int = 0) -> Path:
+BUILD_STEPS = ("model", "config", "weights", "processor")
+"""The steps `build_tiny` reports to its `on_step` callback, in order (a progress bar's units)."""
+
+
+def build_tiny(
+    arch: str, out_dir: Path, *, seed: int = 0, on_step: Callable[[str], None] | None = None
+) -> Path:
     """Write a tiny `arch` checkpoint with weights drawn from `seed` into `out_dir`; return the dir.
 
+    `on_step` is called with each of BUILD_STEPS as it starts (the CLI's progress bar).
     Raises UnknownArchitectureError for names outside TINY_ARCHITECTURES.
     """
     builder = _BUILDERS.get(arch)
     if builder is None:
         raise UnknownArchitectureError(arch)
+    step = on_step or (lambda _name: None)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    step("model")
     built = builder(seed)
+    step("config")
     built.model.config.save_pretrained(out_dir)
     built.generation_config.save_pretrained(out_dir)
+    step("weights")
     _write_sharded(built.model, out_dir)
+    step("processor")
     built.processor.save_pretrained(out_dir)
     logger.info("built tiny %s checkpoint (seed %d) in %s", arch, seed, out_dir)
     return out_dir
