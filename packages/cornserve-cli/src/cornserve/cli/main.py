@@ -15,6 +15,7 @@ from cornserve.app import AppValidationError, trace_app, validate_app
 from cornserve.cli import commands
 from cornserve.cli.extras import MissingExtraError, require_models_extra
 from cornserve.cli.launcher import NATS_SYNC_INTERVAL, LaunchError, LocalCluster, default_state_dir, shut_down
+from cornserve.cli.natscluster import check_cluster_size
 from cornserve.cli.natsserver import check_sync_interval
 from cornserve.client import CornserveClient, CornserveError, default_url
 from cornserve.runtime.secrets import SecretFileError
@@ -142,10 +143,20 @@ def _sync_interval(value: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _nats_cluster(value: str) -> int:
+    try:
+        return check_cluster_size(int(value))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _cmd_up(args: argparse.Namespace) -> int:
     tls = _tls_pair(args)
     if args.nats_creds and not args.nats_url:
         print("error: --nats-creds is for an external NATS (--nats-url); `up` makes its own", file=sys.stderr)
+        return 2
+    if args.nats_cluster and args.nats_url:
+        print("error: --nats-cluster is for the NATS `up` starts; list yours in --nats-url", file=sys.stderr)
         return 2
     if args.nats_sync_interval and args.nats_url:
         print(
@@ -163,6 +174,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         tls_key=tls[1] if tls else None,
         nats_creds=Path(args.nats_creds) if args.nats_creds else None,
         nats_sync_interval=args.nats_sync_interval or NATS_SYNC_INTERVAL,
+        nats_cluster=args.nats_cluster or 1,
     )
     stopping = False
 
@@ -262,6 +274,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="how often the embedded NATS fsyncs JetStream (KV state): a duration like 1s, 'always' "
         f"(every write), or 'default' (NATS's 2 min); default: {NATS_SYNC_INTERVAL}",
+    )
+    up.add_argument(
+        "--nats-cluster",
+        type=_nats_cluster,
+        default=None,
+        help="run the embedded NATS as this many routed servers (3: KV buckets with 3 replicas, "
+        "survives losing one server); default: 1",
     )
     up.add_argument(
         "--state-dir", default=str(default_state_dir()), help="state and logs (default: %(default)s)"
