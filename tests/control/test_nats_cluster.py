@@ -17,8 +17,8 @@ import nats.errors
 import pytest
 from nats.aio.client import Client
 
-from cornserve.bus.control import KV_APPS, KV_DEPLOYMENTS, KV_TASKLIBS
-from cornserve.bus.kv import open_bucket
+from cornserve.bus.control import KV_APPS, KV_DEPLOYMENTS, KV_TASKLIBS, AppRecord
+from cornserve.bus.kv import KV_WRITE_RETRY_S, kv_get, kv_put, open_bucket
 from cornserve.cli.natsauth import ADMIN, GATEWAY, NatsAuth, create_buckets
 from cornserve.cli.natscluster import NatsCluster, check_cluster_size
 from cornserve.runtime.nats import connect_nats, nats_servers
@@ -26,6 +26,10 @@ from cornserve.runtime.process import free_port
 from cornserve.runtime.settings import ServiceSettings, parse_settings
 
 DEADLINE_S = 20.0
+
+
+def app(name: str) -> AppRecord:
+    return AppRecord(name=name, source="x = 1", state="ready", created_at=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -89,27 +93,22 @@ async def test_buckets_have_three_replicas_and_survive_one_server(
     servers, auth = cluster
     assert servers.replicas == 3
     nc = await connect_nats(servers.url, name="replicas-test", creds=auth.creds(ADMIN))
-    victim = servers.servers[1]
+    streams = await _streams(nc)
+    for bucket in (KV_APPS, KV_TASKLIBS, KV_DEPLOYMENTS):
+        replicas, peers = streams[f"KV_{bucket}"]
+        assert replicas == 3 and len(peers) == 2, streams  # a leader and two followers
+    info = await nc.jetstream(timeout=5.0).stream_info(f"KV_{KV_APPS}")
+    assert info.cluster is not None and info.cluster.leader is not None
+    victim = servers.server(info.cluster.leader)  # the bucket must elect a new leader: writes wait
     try:
-        streams = await _streams(nc)
-        for bucket in (KV_APPS, KV_TASKLIBS, KV_DEPLOYMENTS):
-            replicas, peers = streams[f"KV_{bucket}"]
-            assert replicas == 3 and len(peers) == 2, streams  # a leader and two followers
         kv = await open_bucket(nc, KV_APPS)
-        await kv.put("before", b"1")
+        await kv_put(kv, "before", app("before"))
 
         victim.kill()  # kill -9: two of three keep the quorum
-        deadline = time.monotonic() + DEADLINE_S
-        while True:  # a write may wait out a stream leader's re-election; each try has a deadline
-            try:
-                await asyncio.wait_for(kv.put("during", b"2"), 5.0)
-                break
-            except (TimeoutError, nats.errors.Error):
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.2)
-        assert (await kv.get("before")).value == b"1"
-        assert (await kv.get("during")).value == b"2"
+        # kv_put rides out the stream leader's re-election (it retries transient failures, bounded).
+        await asyncio.wait_for(kv_put(kv, "during", app("during")), KV_WRITE_RETRY_S + 10)
+        assert await kv_get(kv, "before", AppRecord) == app("before")
+        assert await kv_get(kv, "during", AppRecord) == app("during")
     finally:
         victim.start()  # back on its ports and store; it rejoins through its routes
         await nc.close()
@@ -121,7 +120,7 @@ async def test_buckets_have_three_replicas_and_survive_one_server(
                 kv = await open_bucket(nc, KV_APPS)
                 info = await nc.jetstream(timeout=2.0).stream_info(f"KV_{KV_APPS}")
                 current = info.cluster is not None and all(p.current for p in info.cluster.replicas or [])
-                if current and (await kv.get("during")).value == b"2":
+                if current and await kv_get(kv, "during", AppRecord) == app("during"):
                     break
             except (TimeoutError, nats.errors.Error):
                 if time.monotonic() > deadline:
