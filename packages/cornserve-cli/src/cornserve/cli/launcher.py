@@ -321,7 +321,7 @@ class LocalCluster:
         state = {
             "pid": os.getpid(),
             "url": self.url,
-            "nats_url": self.nats_urls[0],  # one URL: what a plain nats.connect(url) accepts
+            "nats_url": self.nats_urls[0],  # one URL, as before: what any NATS client takes
             "nats_urls": self.nats_urls,
             "nats_auth_dir": str(self.nats_auth.directory) if self.nats_auth is not None else None,
             "node": self.node,
