@@ -33,7 +33,7 @@ URL_LINE = re.compile(r"Cornserve is up in [\d.]+s: (http://\S+)")
 class UpProcess:
     """`cornserve up` in its own process group, its output read line by line by a thread."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, *extra: str) -> None:
         self.state_dir = state_dir
         self.port = free_port()
         self.proc = subprocess.Popen(
@@ -50,6 +50,7 @@ class UpProcess:
                 "2",
                 "--dispatchers",
                 "2",
+                *extra,
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -240,3 +241,60 @@ def test_up_then_cornserve_down_leaves_nothing(tmp_path: Path) -> None:
     finally:
         up.kill()
     assert_nothing_left(node, state_dir)
+
+
+@pytest.mark.slow
+def test_up_with_a_nats_cluster_then_down_leaves_nothing(tmp_path: Path) -> None:
+    """`up --nats-cluster 3`: three nats-servers serve the cluster; `down` stops every one of them."""
+    state_dir = tmp_path / "state"
+    up = UpProcess(state_dir, "--nats-cluster", "3")
+    try:
+        url = up.wait_url()
+        node = up.node()
+        state = json.loads((state_dir / "cluster.json").read_text())
+        assert len(state["nats_urls"]) == 3 and state["nats_url"] == state["nats_urls"][0], state
+        out = cli(url, state_dir, "tasklib", "add", str(TASKLIB), "--name", "tensor-math")
+        assert out.returncode == 0, out.stderr
+        app_file = tmp_path / "sums.py"
+        app_file.write_text(SUM_APP)
+        out = cli(url, state_dir, "register", str(app_file), "--name", "sums")
+        assert out.returncode == 0 and "ready" in out.stdout, out.stdout + out.stderr
+        out = cli(url, state_dir, "invoke", "sums", '{"seed": 4}')
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert json.loads(out.stdout)["sum"] == pytest.approx(
+            float(make_matrix_tensor(4, 3, 3).sum()), abs=1e-3
+        )
+        servers = [p for p in cluster_processes(node, state_dir) if "nats-server" in p]
+        assert len(servers) == 3, servers
+        down = subprocess.run(
+            [sys.executable, "-m", "cornserve.cli.main", "down", "--state-dir", str(state_dir)],
+            capture_output=True,
+            text=True,
+            timeout=DEADLINE,
+            check=False,
+        )
+        assert down.returncode == 0, down.stdout + down.stderr
+        assert up.wait_exit() == 0, "".join(up.output)
+    finally:
+        up.kill()
+    assert_nothing_left(node, state_dir)  # nats-servers too: their store dirs are under the state dir
+
+
+def test_up_refuses_an_even_nats_cluster(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cornserve.cli.main",
+            "up",
+            "--state-dir",
+            str(tmp_path),
+            "--nats-cluster",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 2 and "--nats-cluster must be 1 or an odd number" in out.stderr, out.stderr

@@ -90,10 +90,11 @@ class ProcessCluster:
         cpu_slots: int = 4,
         dispatchers: int = 2,
         tls: tuple[Path, Path] | None = None,
+        nats_cluster: int = 1,
     ) -> LocalCluster:
         """The whole stack as `cornserve up --cpu-slots N` runs it, on a free gateway port; returns when ready.
 
-        `tls` is (certificate, key) for an HTTPS gateway. The admin token is generated into the state
+        `tls` is (certificate, key) for an HTTPS gateway; `nats_cluster` is `up --nats-cluster N`. The admin token is generated into the state
         dir, as `up` does; `gateway_session` sends it.
         """
         assert self.local is None, "one local cluster per ProcessCluster"
@@ -105,6 +106,7 @@ class ProcessCluster:
             say=lambda *_: None,
             tls_cert=tls[0] if tls else None,
             tls_key=tls[1] if tls else None,
+            nats_cluster=nats_cluster,
         )
         self.local.start(ready_timeout_s=LOCAL_READY_DEADLINE_S)
         return self.local
@@ -125,7 +127,11 @@ class ProcessCluster:
                 failures.append(exc)
         if self.local is not None:
             data_plane = data_plane_pids(self.local)  # task managers and executors outlive the RM
+            nats = self.local.nats_servers.servers if self.local.nats_servers is not None else []
+            nats_pids = [pid for pid in (server.pid for server in nats) if pid is not None]
             self.local.stop()
+            if check_leaks:
+                assert not any(pid_alive(pid) for pid in nats_pids), "a nats-server outlived the cluster"
             if check_leaks:
                 self._assert_local_gone(self.local, data_plane)
         if failures:

@@ -18,7 +18,12 @@ from typing import Any, Generic, TypeVar
 
 import nats.errors
 from nats.aio.client import Client
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError
+from nats.js.errors import (
+    BucketNotFoundError,
+    KeyNotFoundError,
+    NoStreamResponseError,
+    ServiceUnavailableError,
+)
 from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
@@ -140,13 +145,17 @@ def decode_entry(entry: KeyValue.Entry, model: type[M]) -> M | SkippedRecord:
         return skipped
 
 
-async def open_bucket(nc: Client, bucket: str) -> KeyValue:
-    """Open a KV bucket, creating it on first use (file storage, one value per key)."""
+async def open_bucket(nc: Client, bucket: str, replicas: int = 1) -> KeyValue:
+    """Open a KV bucket, creating it on first use (file storage, one value per key).
+
+    `replicas` applies to a bucket this call creates: 3 on a 3-server NATS cluster, so the bucket
+    survives losing one server (an existing bucket keeps the replicas it was created with).
+    """
     js = nc.jetstream()
     try:
         return await js.key_value(bucket)
     except BucketNotFoundError:
-        return await js.create_key_value(bucket=bucket, history=1)
+        return await js.create_key_value(bucket=bucket, history=1, replicas=replicas)
 
 
 def kv_key(name: str) -> str:
@@ -169,19 +178,56 @@ async def kv_get(kv: KeyValue, key: str, model: type[M]) -> M | None:
     return decode_record(entry.value, model, key=entry.key)
 
 
+KV_WRITE_RETRY_S = 20.0
+"""How long a put or delete is retried while NATS is briefly unable to take it (see `_write`): a
+replicated bucket whose stream leader's server died takes a new leader in about 5-7 s."""
+KV_WRITE_RETRY_PAUSE_S = 0.25
+
+_TRANSIENT = (NoStreamResponseError, ServiceUnavailableError, nats.errors.TimeoutError)
+"""What a write meets while this connection moves to another server or a replicated bucket elects a
+new stream leader (a NATS server of a cluster died): no answer, or JetStream's 503."""
+
+
+async def _write(what: str, op: Callable[[], Awaitable[object]]) -> None:
+    """Run the write `op`, retrying a transient failure until `KV_WRITE_RETRY_S` has passed.
+
+    Why retrying is safe: a put stores the same whole value again and a delete of a deleted key is a
+    no-op, so a write that did land before its answer was lost is not harmed by a second one. The
+    last failure is raised once the deadline has passed.
+    """
+    deadline = asyncio.get_running_loop().time() + KV_WRITE_RETRY_S
+    while True:
+        try:
+            await op()
+            return
+        except _TRANSIENT as exc:
+            if asyncio.get_running_loop().time() >= deadline:
+                raise
+            logger.info("KV %s: %s; retrying", what, type(exc).__name__)
+        await asyncio.sleep(KV_WRITE_RETRY_PAUSE_S)
+
+
 async def kv_put(kv: KeyValue, key: str, record: StoredRecord) -> None:
-    """Store one record under `key` (its `stored_under()` name), stamped with the current schema version."""
+    """Store one record under `key` (its `stored_under()` name), stamped with the current schema version.
+
+    A transient NATS failure (a server of a cluster died) is retried for `KV_WRITE_RETRY_S`.
+    """
     if key != record.stored_under():
         raise ValueError(
             f"a {type(record).__name__} naming {record.stored_under()!r} cannot be stored under {key!r}"
         )
-    await kv.put(kv_key(key), encode_record(record))
+    value = encode_record(record)
+    await _write(f"put {key!r}", lambda: kv.put(kv_key(key), value))
 
 
 async def kv_delete(kv: KeyValue, key: str) -> None:
-    """Delete one record (absent is fine)."""
-    with contextlib.suppress(KeyNotFoundError):
-        await kv.delete(kv_key(key))
+    """Delete one record (absent is fine); transient NATS failures are retried as for `kv_put`."""
+
+    async def delete() -> None:
+        with contextlib.suppress(KeyNotFoundError):
+            await kv.delete(kv_key(key))
+
+    await _write(f"delete {key!r}", delete)
 
 
 async def kv_all(

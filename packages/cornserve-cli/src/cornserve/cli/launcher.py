@@ -38,10 +38,11 @@ from cornserve.cli.natsauth import (
     NatsAuth,
     create_buckets,
 )
+from cornserve.cli.natscluster import NatsCluster
 from cornserve.cli.natsserver import NatsServerError, NatsServerProcess
 from cornserve.runtime.detached import DetachedGroups
 from cornserve.runtime.metrics import child_environment
-from cornserve.runtime.nats import NatsAuthError, NatsConnectTimeout
+from cornserve.runtime.nats import NatsAuthError, NatsConnectTimeout, nats_servers
 from cornserve.runtime.natscreds import NatsCredentialsError
 from cornserve.runtime.process import ProcessGroup, free_port, log_tail, pid_alive, signal_group, wait_for
 from cornserve.runtime.secrets import SecretFileError, new_token, write_secret_file
@@ -162,6 +163,10 @@ class LocalCluster:
     create_kv_buckets: bool = True
     """Create the KV buckets (with the admin role) before starting the services; False where someone
     else did (a container deployment's node never holds the admin role's credentials)."""
+    nats_cluster: int = 1
+    """Servers of the embedded NATS: 1, or 3 (5, 7) routed servers whose KV buckets have 3 replicas."""
+    nats_servers: NatsCluster | None = None
+    """The embedded NATS (None with an external one); `nats` is its first server."""
 
     @property
     def url(self) -> str:
@@ -216,29 +221,40 @@ class LocalCluster:
             env["CORNSERVE_EXECUTOR_NATS_CREDS"] = str(self._creds(EXECUTOR))
         return env
 
+    @property
+    def nats_urls(self) -> list[str]:
+        """Every NATS server's URL (one for a lone server); `nats_url` is them comma-separated."""
+        return nats_servers(self.nats_url) if self.nats_url is not None else []
+
     def _start_nats(self) -> None:
         """Start the embedded NATS or use `nats_url`; then create the KV buckets.
 
         An external NATS is used with one `nats_creds` file for every service, or with the per-role
         files of a `nats_auth` generated elsewhere (a container deployment, `cornserve deploy`).
         """
+        replicas = 1
         if self.nats_url is None:
-            self.say("starting NATS (JetStream, one user per role) ...")
+            servers = "" if self.nats_cluster == 1 else f" as a cluster of {self.nats_cluster} servers"
+            self.say(f"starting NATS (JetStream, one user per role){servers} ...")
             self.nats_auth = NatsAuth.generate(self.state_dir / AUTH_DIR)
             (self.state_dir / "logs").mkdir(parents=True, exist_ok=True)
-            self.nats = NatsServerProcess(
-                port=free_port(),
-                store_dir=self.state_dir / "nats",
-                log_file=self.state_dir / "logs" / "nats.log",
+            self.nats_servers = NatsCluster(
+                self.nats_cluster,
+                self.state_dir,
                 config_file=self.nats_auth.server_config,
                 sync_interval=self.nats_sync_interval,
             )
-            self.nats.start()
-            self.nats_url = self.nats.url
+            self.nats = self.nats_servers.servers[0]
+            try:
+                self.nats_servers.start()
+            except NatsServerError as exc:
+                raise LaunchError(str(exc)) from exc
+            self.nats_url = self.nats_servers.url
+            replicas = self.nats_servers.replicas
         if self.create_kv_buckets and self.nats_admin_creds is not None:
             # Services may not create buckets they only read.
             try:
-                create_buckets(self.nats_url, self.nats_admin_creds)
+                create_buckets(self.nats_url, self.nats_admin_creds, replicas=replicas)
             except (NatsAuthError, NatsCredentialsError, NatsConnectTimeout, TimeoutError) as exc:
                 raise LaunchError(f"cannot create the KV buckets on NATS at {self.nats_url}: {exc}") from exc
 
@@ -305,7 +321,8 @@ class LocalCluster:
         state = {
             "pid": os.getpid(),
             "url": self.url,
-            "nats_url": self.nats_url,
+            "nats_url": self.nats_urls[0],  # one URL, as before: what any NATS client takes
+            "nats_urls": self.nats_urls,
             "nats_auth_dir": str(self.nats_auth.directory) if self.nats_auth is not None else None,
             "node": self.node,
             "metrics": self.metrics,
@@ -381,20 +398,28 @@ class LocalCluster:
         Returns 0 when asked to stop, 1 when a child kept dying (its log tail is printed first).
         A service that crashes once (or is killed) comes back without taking the cluster down.
         """
-        watched: list[Supervised] = [*([self.nats] if self.nats is not None else []), *self.children]
+        nats = self.nats_servers.servers if self.nats_servers is not None else []
+        watched: list[Supervised] = [*nats, *self.children]
         return supervise(watched, self._restart_supervised, should_stop, max_restarts, poll_s, self.say)
 
     def _restart_supervised(self, name: str) -> None:
-        """`restart` for a service; the embedded NATS (supervised as "nats") comes back as it was."""
-        if self.nats is None or name != self.nats.name:
+        """`restart` for a service; an embedded NATS server ("nats", "nats-<i>") comes back as it was."""
+        nats = self.nats_servers
+        if nats is None or name not in {s.name for s in nats.servers}:
             self.restart(name)
             return
-        self.say(f"restarting NATS on {self.nats.url} (same store and credentials); services reconnect")
-        self.nats.kill()  # sweeps what is left of its process group
+        server = nats.server(name)
+        label, rejoins = (
+            ("NATS", "") if nats.size == 1 else (f"NATS server {name}", "; it rejoins the cluster")
+        )
+        self.say(
+            f"restarting {label} on {server.url} (same store and credentials){rejoins}; services reconnect"
+        )
+        server.kill()  # sweeps what is left of its process group
         try:
-            self.nats.start()
+            server.start()
         except NatsServerError as exc:  # counted as another death by the supervisor
-            self.say(f"error: NATS did not come back: {exc}")
+            self.say(f"error: {name} did not come back: {exc}")
 
     def stop(self) -> None:
         """Stop every process (the data plane too), remove leftover shared memory and the state file.
@@ -405,9 +430,9 @@ class LocalCluster:
         stop_children([c for c in self.children if c.name == "resource-manager"], say=self.say)
         stop_data_plane(self.state_dir, say=self.say)
         stop_children(self.children, say=self.say)
-        if self.nats is not None:
+        if self.nats_servers is not None:
             self.say("  stopping NATS")
-            self.nats.stop()
+            self.nats_servers.stop()
         for leftover in SHM_DIR.glob(f"cornserve-sidecar-{self.node}-*"):
             self.say(f"  removing leftover shared memory {leftover.name}")
             leftover.unlink(missing_ok=True)

@@ -22,6 +22,7 @@ import typer
 from cornserve.cli import commands, console
 from cornserve.cli.extras import MissingExtraError, require_models_extra
 from cornserve.cli.launcher import NATS_SYNC_INTERVAL, LaunchError, LocalCluster, default_state_dir, shut_down
+from cornserve.cli.natscluster import check_cluster_size
 from cornserve.cli.natsserver import check_sync_interval
 from cornserve.client import CornserveClient, CornserveError, default_url
 
@@ -121,6 +122,15 @@ def _sync_interval(value: str | None) -> str | None:
         raise typer.BadParameter(str(exc)) from None
 
 
+def _nats_cluster(value: int | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return check_cluster_size(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
 def _say() -> Callable[[str], None]:
     """How the cluster reports its steps: plain lines through a pipe, dim ones on a terminal."""
     if not console.fancy():
@@ -162,6 +172,16 @@ def up(
             f"(every write), or 'default' (NATS's 2 min); default: {NATS_SYNC_INTERVAL}.",
         ),
     ] = None,
+    nats_cluster: Annotated[
+        int | None,
+        typer.Option(
+            "--nats-cluster",
+            callback=_nats_cluster,
+            help="Run the embedded NATS as this many routed servers (3: KV buckets with 3 replicas, "
+            "survives losing one server); default: 1.",
+            show_default=False,
+        ),
+    ] = None,
     state_dir: Annotated[
         str | None,
         typer.Option(
@@ -179,6 +199,9 @@ def up(
     if nats_creds and not nats_url:
         console.error("--nats-creds is for an external NATS (--nats-url); `up` makes its own")
         _exit(2)
+    if nats_cluster and nats_url:
+        console.error("--nats-cluster is for the NATS `up` starts; list yours in --nats-url")
+        _exit(2)
     if nats_sync_interval and nats_url:
         console.error("--nats-sync-interval is for the NATS `up` starts; configure yours itself")
         _exit(2)
@@ -188,6 +211,7 @@ def up(
         nats_url=nats_url, tls_cert=tls[0] if tls else None, tls_key=tls[1] if tls else None,
         nats_creds=Path(nats_creds) if nats_creds else None,
         nats_sync_interval=nats_sync_interval or NATS_SYNC_INTERVAL, say=_say(),
+        nats_cluster=nats_cluster or 1,
     )  # fmt: skip
     stopping = False
 

@@ -18,8 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import nats.errors
+from nats.aio.client import Client
 
 from cornserve.bus.control import (
     DISPATCH_CANCEL,
@@ -230,22 +234,65 @@ class NatsAuth:
 BUCKETS = (KV_APPS, KV_TASKLIBS, KV_DEPLOYMENTS)
 
 
-def create_buckets(nats_url: str, creds: Path, timeout_s: float = 30.0) -> None:
+class JetStreamUnavailable(TimeoutError):
+    """JetStream did not answer (no meta leader elected, too few servers) before the deadline."""
+
+
+JETSTREAM_POLL_S = 0.25
+"""Pause between tries while a clustered JetStream elects its meta leader."""
+
+
+def create_buckets(nats_url: str, creds: Path, timeout_s: float = 30.0, replicas: int = 1) -> None:
     """Create the cluster's KV buckets before any service starts; existing ones are left as they are.
 
-    Services may only read the buckets they do not own, and may not create them.
+    Services may only read the buckets they do not own, and may not create them. `nats_url` may list
+    a cluster's servers (comma-separated); `replicas` is each new bucket's replica count (3 on a
+    3-server cluster). A clustered JetStream answers only once its servers have elected a meta
+    leader and know their peers, so this first waits for JetStream and retries a creation that is
+    refused, all within `timeout_s`; then it raises `JetStreamUnavailable` with the last answer.
     """
 
     async def create() -> None:
         nc = await connect_nats(nats_url, name="cornserve-up", creds=creds)
         try:
+            await _wait_jetstream(nc, nats_url, timeout_s)
+            deadline = time.monotonic() + timeout_s
             for bucket in BUCKETS:
-                await open_bucket(nc, bucket)
+                while True:
+                    try:
+                        await open_bucket(nc, bucket, replicas=replicas)
+                        break
+                    except nats.errors.Error as exc:  # e.g. not all peers known yet
+                        if time.monotonic() >= deadline:
+                            raise JetStreamUnavailable(
+                                f"cannot create KV bucket {bucket} with {replicas} replica(s) on NATS at "
+                                f"{nats_url} within {timeout_s:g} s: {type(exc).__name__}: {exc}"
+                            ) from exc
+                        await asyncio.sleep(JETSTREAM_POLL_S)
         finally:
             await nc.close()
 
     async def bounded() -> None:
-        async with asyncio.timeout(timeout_s):
+        async with asyncio.timeout(timeout_s * 2 + 10):  # the two waits above each have their own deadline
             await create()
 
     asyncio.run(bounded())
+
+
+async def _wait_jetstream(nc: Client, nats_url: str, timeout_s: float) -> None:
+    """Return once JetStream answers an account-info request (clustered: a meta leader exists)."""
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    js = nc.jetstream(timeout=1.0)
+    while time.monotonic() < deadline:
+        try:
+            await js.account_info()
+            return
+        except nats.errors.Error as exc:
+            last = f"{type(exc).__name__}: {exc}"
+        await asyncio.sleep(JETSTREAM_POLL_S)
+    raise JetStreamUnavailable(
+        f"JetStream on NATS at {nats_url} did not answer "
+        f"within {timeout_s:g} s (a cluster without a meta leader: are the other servers up and routed? "
+        f"see their logs); last answer: {last}"
+    )

@@ -3,7 +3,8 @@
 Used by `cornserve up` and by tests: JetStream on, a store directory, a free port on loopback, and
 a readiness wait so callers never race the server's startup. `cornserve up` also sets how often
 JetStream fsyncs its store (`sync_interval`, see docs/operations.md) and restarts a server that died
-(same port, store and config; see docs/reliability.md). Only the CLI (and tests) need the
+(same port, store and config; see docs/reliability.md). One server may be a member of a routed cluster
+(`ClusterRole`; `cornserve.cli.natscluster` starts several). Only the CLI (and tests) need the
 binary, so this lives here and not in the services' packages.
 """
 
@@ -16,6 +17,7 @@ import socket
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -26,6 +28,30 @@ logger = logging.getLogger(__name__)
 
 class NatsServerError(RuntimeError):
     """The nats-server binary is missing or did not come up."""
+
+
+@dataclass(frozen=True)
+class ClusterRole:
+    """One server's part in a routed NATS cluster with clustered JetStream.
+
+    `server_name` must be unique and stable across restarts (JetStream's peer identity, kept in the
+    store), `cluster_port` is where the other servers' routes connect, `routes` are the other
+    servers' route URLs (listing its own is harmless, nats-server skips it).
+    """
+
+    server_name: str
+    cluster_name: str
+    cluster_port: int
+    routes: tuple[str, ...]
+
+    def flags(self, host: str) -> list[str]:
+        """nats-server flags that make it this member of the cluster."""
+        return [
+            "--server_name", self.server_name,
+            "--cluster_name", self.cluster_name,
+            "--cluster", f"nats://{host}:{self.cluster_port}",
+            "--routes", ",".join(self.routes),
+        ]  # fmt: skip
 
 
 SYNC_DEFAULT = "default"
@@ -72,8 +98,13 @@ class NatsServerProcess:
         log_file: str | Path | None = None,
         config_file: Path | None = None,
         sync_interval: str = SYNC_DEFAULT,
+        name: str = "nats",
+        cluster: ClusterRole | None = None,
     ) -> None:
         self.host = host
+        self._name = name
+        self.cluster = cluster
+        """Its place in a routed NATS cluster (`cornserve.cli.natscluster`); None: a lone server."""
         self.config_file = config_file
         """A config file (`cornserve.cli.natsauth` writes one with the ``authorization`` block);
         None: no authentication, as for the tests' shared server."""
@@ -102,6 +133,8 @@ class NatsServerProcess:
         binary = find_nats_server_binary()
         self.store_dir.mkdir(parents=True, exist_ok=True)
         cmd = [binary, "-a", self.host, "-p", str(self.port), "-js", "-sd", str(self.store_dir)]
+        if self.cluster is not None:
+            cmd += self.cluster.flags(self.host)
         config = self._effective_config()
         if config is not None:
             cmd += ["-c", str(config)]  # the flags above still win over the file
@@ -155,8 +188,13 @@ class NatsServerProcess:
 
     @property
     def name(self) -> str:
-        """Its name among the supervised children of `cornserve up`."""
-        return "nats"
+        """Its name among the supervised children of `cornserve up` ("nats", or "nats-<i>" in a cluster)."""
+        return self._name
+
+    @property
+    def pid(self) -> int | None:
+        """Its process id while started."""
+        return None if self._group is None else self._group.pid
 
     def exit_code(self) -> int | None:
         """None while it runs (or before it was started); its exit code once it died."""

@@ -8,6 +8,11 @@ change once, so an operator sees an outage start and end in every service's log.
 Credentials (`creds`, a file path) are how a process proves which role it plays on an authenticated
 NATS (see `cornserve.runtime.natscreds`); a server that refuses them fails the first connect at once
 with a `NatsAuthError` naming the URL and the file, instead of a retry loop ending in a timeout.
+
+A NATS cluster is given as its whole server list, comma-separated in one string (``--nats-url``,
+``CORNSERVE_NATS_URL``: "nats://a:4222,nats://b:4222") so every process hands it down unchanged, and
+`nats_servers` turns it into the list nats-py wants: the client then connects to any live server and
+moves to another one when its server dies.
 """
 
 from __future__ import annotations
@@ -46,6 +51,18 @@ _POLICY: dict[str, Any] = {
 }
 
 
+def nats_servers(servers: str | list[str]) -> list[str]:
+    """The server URLs of `servers`: a comma-separated string (blanks dropped) or a list.
+
+    Raises ValueError when none is left, so a mistyped setting fails at start-up with the text given.
+    """
+    parts = servers.split(",") if isinstance(servers, str) else servers
+    found = [part.strip() for part in parts if part.strip()]
+    if not found:
+        raise ValueError(f"no NATS server URL in {servers!r}")
+    return found
+
+
 class NatsConnectTimeout(TimeoutError):
     """NATS did not accept the first connection in time (is it running, is the URL right?)."""
 
@@ -65,9 +82,11 @@ async def connect_nats(
     """Connect as client `name` (shown by ``nats server report connections``) with the shared policy.
 
     `creds` is a credentials file (`cornserve.runtime.natscreds` reads it; a bad one raises
-    `NatsCredentialsError` before any connect). Raises `NatsAuthError` when the server refuses them
+    `NatsCredentialsError` before any connect); `servers` is one URL or several (see `nats_servers`).
+    Raises `NatsAuthError` when the server refuses them
     and `NatsConnectTimeout` when it cannot be reached within `first_connect_deadline_s`.
     """
+    server_list = nats_servers(servers)
     options = connect_options(Path(creds)) if creds is not None else {}
     log = _ConnectionLog(name)
     refused: asyncio.Future[Client] = asyncio.get_running_loop().create_future()
@@ -79,7 +98,7 @@ async def connect_nats(
     log.on_auth_error = on_auth_error
     connecting: asyncio.Future[Client] = asyncio.ensure_future(
         nats.connect(
-            servers, name=name, connect_timeout=connect_timeout_s, **_POLICY, **options, **log.callbacks()
+            server_list, name=name, connect_timeout=connect_timeout_s, **_POLICY, **options, **log.callbacks()
         )
     )
     try:
@@ -92,10 +111,10 @@ async def connect_nats(
             which = f"credentials file {creds}" if creds is not None else "no credentials"
             fix = "" if creds is not None else " (set --nats-creds or CORNSERVE_NATS_CREDS)"
             raise NatsAuthError(
-                f"{name}: NATS at {servers} refused the connection with {which}: {refused.exception()}{fix}"
+                f"{name}: NATS at {','.join(server_list)} refused the connection with {which}: {refused.exception()}{fix}"
             )
         raise NatsConnectTimeout(
-            f"{name}: cannot reach NATS at {servers} within {first_connect_deadline_s:g} s "
+            f"{name}: cannot reach NATS at {','.join(server_list)} within {first_connect_deadline_s:g} s "
             "(is nats-server running? set --nats-url or CORNSERVE_NATS_URL)"
         )
     finally:

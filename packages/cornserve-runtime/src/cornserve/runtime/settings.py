@@ -125,6 +125,25 @@ OnOff = Annotated[bool, BeforeValidator(_on_off), Flag(choices=("on", "off"))]
 """A boolean spelled ``on``/``off`` on the command line (``true``/``false`` work too)."""
 
 
+def _check_nats_url(value: str) -> str:
+    """`value` with blanks around its comma-separated URLs removed; every part must be a NATS URL."""
+    urls = [part.strip() for part in value.split(",") if part.strip()]
+    if not urls:
+        raise ValueError("no NATS server URL given")
+    for url in urls:  # "host:port" alone is allowed: nats-py reads it as nats://host:port
+        scheme, sep, rest = url.partition("://")
+        if (sep and scheme not in NATS_SCHEMES) or not (rest if sep else url):
+            raise ValueError(f"{url!r} is not a NATS URL like nats://127.0.0.1:4222")
+    return ",".join(urls)
+
+
+NATS_SCHEMES = ("nats", "tls", "ws", "wss")
+NatsUrl = Annotated[str, AfterValidator(_check_nats_url)]
+"""One NATS URL, or a cluster's URLs comma-separated (``nats://a:4222,nats://b:4222``); kept as one
+string so parents hand it to children as it is, and split where a client connects
+(`cornserve.runtime.nats.nats_servers`)."""
+
+
 @dataclass(frozen=True)
 class ProcessInfo:
     """Which process a settings model configures: its name in logs, its command, what it is."""
@@ -151,8 +170,9 @@ class ServiceSettings(BaseSettings):
         """The process's name in log lines."""
         return self.process.name
 
-    nats_url: str = DEFAULT_NATS_URL
-    """NATS server URL; ``CORNSERVE_NATS_URL`` is how `cornserve up` and task managers hand it down."""
+    nats_url: NatsUrl = DEFAULT_NATS_URL
+    """NATS server URL, or a NATS cluster's URLs comma-separated; ``CORNSERVE_NATS_URL`` is how
+    `cornserve up` and task managers hand it down (unchanged, the whole list)."""
     nats_creds: Path | None = None
     """NATS credentials file of this process's role (none: connect unauthenticated)."""
     log_level: Annotated[LogLevel, BeforeValidator(_upper)] = "INFO"
