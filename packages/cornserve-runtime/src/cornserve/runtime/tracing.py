@@ -215,3 +215,23 @@ def carrying_context(coro: Coroutine[Any, Any, T]) -> Coroutine[Any, Any, T]:
             otel_context.detach(token)
 
     return attached()
+
+
+def start_span(name: str, attributes: Attributes | None = None) -> Span:
+    """A child of the current span that is not made current; the caller ends it (``span.end()``).
+
+    For work spread over an async generator's yields, where a current span would be detached in
+    whatever context the generator happens to be closed in.
+    """
+    return tracer().start_span(name, attributes=attributes)
+
+
+def end_span(current: Span, error: BaseException | None = None, attributes: Attributes | None = None) -> None:
+    """End a span from `start_span`, with last `attributes` and `error` recorded when it failed."""
+    if current.is_recording():
+        if attributes:
+            current.set_attributes(attributes)
+        if error is not None:
+            current.record_exception(error)
+            current.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+    current.end()
