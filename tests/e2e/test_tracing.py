@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from tests.e2e.media import MAX_TOKENS, data_url, messages, picture
 from tests.support.cluster import gateway_session, running_local_cluster
 from tests.support.plugin import TinyCheckpoint
 
+from cornserve.cli.launcher import LocalCluster
 from cornserve.runtime.tracing import TRACES_DIR_ENV
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -68,44 +70,54 @@ async def wait_for_trace(directory: Path, names: set[str]) -> list[dict[str, Any
         await asyncio.sleep(0.2)
 
 
-async def test_one_invocation_is_one_connected_trace_across_processes(
-    tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: TinyCheckpoint
-) -> None:
-    qwen = tiny_checkpoint("qwen2-vl", seed=0)
+@pytest.fixture(scope="module")
+def traced_cluster(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[LocalCluster, Path]]:
+    """A local cluster whose every process writes its spans to the returned directory."""
     traces = tmp_path_factory.mktemp("traces")
     with pytest.MonkeyPatch.context() as env:
         env.setenv(TRACES_DIR_ENV, str(traces))
         with running_local_cluster(tmp_path_factory.mktemp("traced-cluster"), cpu_slots=2) as local:
-            async with gateway_session(local, timeout_s=600) as gateway:
-                source = MLLM_APP.format(model=str(qwen), fission=True)
-                async with gateway.post("/apps", json={"name": "traced", "source": source}) as response:
-                    assert response.status == 201, await response.text()
-                body = {
-                    "messages": messages(data_url(picture(1)), "What is this?"),
-                    "max_completion_tokens": MAX_TOKENS,
-                }
-                headers = {"X-Request-Id": REQUEST_ID}
-                async with gateway.post("/apps/traced/invoke", json=body, headers=headers) as response:
-                    assert response.status == 200, await response.text()
-                    lines = [line async for line in response.content if line.strip()]
-                assert lines and all("error" not in json.loads(line) for line in lines)
-                expected = {
-                    "POST /apps/{name}/invoke",  # gateway: the HTTP server span, the root
-                    "graph.submit",  # gateway: the app driver's graph submission
-                    "graph.execute",  # dispatcher
-                    "task.route",  # dispatcher → task manager
-                    "tm.route",  # task manager
-                    "task.call",  # dispatcher → executor
-                    "POST /embeddings",  # Eric
-                    "POST /v1/chat/completions",  # LLM executor
-                    "llm.sequence",  # LLM executor: the sequence, with its token count
-                    "sidecar.send",  # Eric's sidecar client
-                    "sidecar.recv",  # the LLM executor's sidecar client
-                    "sidecar.deliver",  # the sidecar server's delivery to the destination rank
-                }
-                spans = await wait_for_trace(traces, expected)
-                async with gateway.delete("/apps/traced") as response:
-                    assert response.status == 200, await response.text()
+            yield local, traces
+
+
+async def test_one_invocation_is_one_connected_trace_across_processes(
+    traced_cluster: tuple[LocalCluster, Path], tiny_checkpoint: TinyCheckpoint
+) -> None:
+    local, traces = traced_cluster
+    qwen = tiny_checkpoint("qwen2-vl", seed=0)
+    async with gateway_session(local, timeout_s=600) as gateway:
+        source = MLLM_APP.format(model=str(qwen), fission=True)
+        async with gateway.post("/apps", json={"name": "traced", "source": source}) as response:
+            assert response.status == 201, await response.text()
+        body = {
+            "messages": messages(data_url(picture(1)), "What is this?"),
+            "max_completion_tokens": MAX_TOKENS,
+        }
+        headers = {"X-Request-Id": REQUEST_ID}
+        async with gateway.post("/apps/traced/invoke", json=body, headers=headers) as response:
+            assert response.status == 200, await response.text()
+            lines = [line async for line in response.content if line.strip()]
+        assert lines and all("error" not in json.loads(line) for line in lines)
+        expected = {
+            "POST /apps/{name}/invoke",  # gateway: the HTTP server span, the root
+            "graph.submit",  # gateway: the app driver's graph submission
+            "graph.execute",  # dispatcher
+            "task.route",  # dispatcher → task manager
+            "tm.route",  # task manager
+            "task.call",  # dispatcher → executor
+            "POST /embeddings",  # Eric
+            "POST /v1/chat/completions",  # LLM executor
+            "llm.sequence",  # LLM executor: the sequence, with its token count
+            "sidecar.send",  # Eric's sidecar client, and its server's handler
+            "sidecar.recv",  # the LLM executor's sidecar client, and its server's handler
+            "sidecar.transfer",  # the source sidecar server's delivery to the destination rank
+            "sidecar.deliver",  # the destination sidecar server taking the delivery
+        }
+        spans = await wait_for_trace(traces, expected)
+        async with gateway.delete("/apps/traced") as response:
+            assert response.status == 200, await response.text()
 
     by_id = {s["span_id"]: s for s in spans}
     assert len(by_id) == len(spans), "span ids are unique"
@@ -124,5 +136,5 @@ async def test_one_invocation_is_one_connected_trace_across_processes(
     routes = [s for s in spans if s["name"] == "task.route"]
     assert {s["attributes"]["cornserve.task_class"] for s in routes} >= {"EncoderTask"}
     assert all(s["attributes"].get("cornserve.executor_id") for s in routes)
-    delivered = [s for s in spans if s["name"] == "sidecar.deliver"]
-    assert all(s["attributes"]["cornserve.bytes"] > 0 for s in delivered)
+    transfers = [s for s in spans if s["name"] == "sidecar.transfer"]
+    assert transfers and all(s["attributes"]["cornserve.bytes"] > 0 for s in transfers)

@@ -130,7 +130,7 @@ class Outbox:
             "cornserve.bytes": loc.size,
         }
         try:
-            with span("sidecar.deliver", attributes=attributes):
+            with span("sidecar.transfer", attributes=attributes):
                 await self._deliver_one(peer, req, held, deadline)
             ok = True
         finally:
