@@ -186,11 +186,6 @@ def extract_context(headers: Mapping[str, str] | None) -> otel_context.Context |
     return ctx
 
 
-def has_traceparent(headers: Mapping[str, str] | None) -> bool:
-    """Whether `headers` carry a trace context (a request that is part of a traced invocation)."""
-    return extract_context(headers) is not None
-
-
 def current_ids() -> tuple[str, str] | None:
     """The current span's (trace id, span id) in hex, or None outside any span."""
     ctx = trace.get_current_span().get_span_context()
