@@ -131,6 +131,7 @@ async def test_one_invocation_is_one_connected_trace_across_processes(
     # Processes, not just names: two task managers, two sidecar servers (Eric's rank and the LLM's).
     processes = {(s["service"], s["pid"]) for s in spans}
     assert len(processes) >= 7, sorted(processes)
+    print(f"one trace: {len(spans)} spans from {len(processes)} processes: {sorted(processes)}")
     sequence = next(s for s in spans if s["name"] == "llm.sequence")
     assert sequence["attributes"]["gen_ai.usage.output_tokens"] >= 1
     routes = [s for s in spans if s["name"] == "task.route"]
