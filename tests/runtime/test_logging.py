@@ -1,4 +1,4 @@
-"""Log lines: text or JSON by setting, each carrying the service and the current request id."""
+"""Log lines: text or JSON by setting, each carrying the service, the current request id and trace ids."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from cornserve.runtime.logging import configure_logging, request_context, set_request_id
+from cornserve.runtime.tracing import server_span
 
 
 @pytest.fixture
@@ -73,3 +74,26 @@ def test_text_lines_and_exceptions(restore_root: None, capsys: pytest.CaptureFix
         logging.getLogger("x").exception("failed")
     (line,) = capsys.readouterr().err.splitlines()
     assert "ValueError: bad" in json.loads(line)["exc"]
+
+
+def test_lines_inside_a_span_carry_its_trace_and_span_ids(
+    restore_root: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A caller's context: even without an installed provider it is the current span inside the block.
+    caller = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+    configure_logging("INFO", "json", service="svc-c")
+    log = logging.getLogger("y")
+    with request_context("req-t"), server_span("handle", caller):
+        log.info("inside")
+    log.info("outside")
+    inside, outside = (json.loads(line) for line in capsys.readouterr().err.splitlines())
+    assert inside["trace_id"] == "0af7651916cd43dd8448eb211c80319c" and inside["request_id"] == "req-t"
+    assert inside["span_id"] == "b7ad6b7169203331"
+    assert "trace_id" not in outside and "span_id" not in outside
+    configure_logging("INFO", "text", service="svc-c")
+    with request_context("req-t"), server_span("handle", caller):
+        log.info("inside")
+    log.info("outside")
+    inside_text, outside_text = capsys.readouterr().err.splitlines()
+    assert inside_text.endswith("svc-c y [req-t t=0af76519]: inside")
+    assert outside_text.endswith("svc-c y [-]: outside")

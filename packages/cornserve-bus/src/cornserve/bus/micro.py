@@ -3,6 +3,10 @@
 Requests and replies are pydantic models serialized as JSON. Errors come back as typed error replies
 (encoded and decoded by :mod:`cornserve.bus.error_codec`), and the calling side turns "nobody is
 listening" and "nobody answered in time" into distinct exceptions.
+
+Trace context rides along: `request` sends the current span's ``traceparent`` as a NATS header, and a
+handler whose request carries one runs inside a server span that is its child
+(`cornserve.runtime.tracing`). Requests without it (health polls, status) start no span.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from pydantic import BaseModel, ValidationError
 from cornserve.bus.error_codec import decode_error, describe_invalid, request_id_of, respond_error
 from cornserve.bus.schemas import ErrorReply
 from cornserve.runtime.logging import set_request_id
+from cornserve.runtime.tracing import SpanKind, extract_context, inject_headers, mark_error, span
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +91,9 @@ async def request(
     Raises :class:`NoResponders`, :class:`RequestTimeout` or :class:`ServiceErrorReply`.
     """
     try:
-        msg = await nc.request(subject, payload.model_dump_json().encode(), timeout=timeout)
+        msg = await nc.request(
+            subject, payload.model_dump_json().encode(), timeout=timeout, headers=inject_headers() or None
+        )
     except nats.errors.NoRespondersError as exc:
         raise NoResponders(subject) from exc
     except nats.errors.TimeoutError as exc:
@@ -117,8 +124,13 @@ class HandlerRunner:
         self,
         request_type: type[ReqT],
         fn: Callable[[ReqT], Awaitable[BaseModel]],
+        span_name: str | None = None,
     ) -> Callable[[Request], Awaitable[None]]:
-        """Build a micro handler that parses ``request_type``, runs ``fn`` in a task and replies."""
+        """Build a micro handler that parses ``request_type``, runs ``fn`` in a task and replies.
+
+        `span_name` names the server span of a traced request (default: the request type's name).
+        """
+        name = span_name or request_type.__name__
 
         async def handler(req: Request) -> None:
             try:
@@ -127,21 +139,36 @@ class HandlerRunner:
                 message = "invalid request: " + describe_invalid(exc)
                 await respond_error(req, request_id_of(req.data), 400, "bad_request", message)
                 return
-            task = asyncio.create_task(self._run(req, parsed, fn))
+            task = asyncio.create_task(self._run(req, parsed, fn, name))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
         return handler
 
-    async def _run(self, req: Request, parsed: ReqT, fn: Callable[[ReqT], Awaitable[BaseModel]]) -> None:
+    async def _run(
+        self, req: Request, parsed: ReqT, fn: Callable[[ReqT], Awaitable[BaseModel]], span_name: str
+    ) -> None:
         request_id = str(getattr(parsed, "request_id", ""))
         set_request_id(request_id)  # this task serves one request: its log lines carry the id
+        parent = extract_context(req.headers)
+        if parent is None:
+            await self._answer(req, parsed, fn, request_id)
+            return
+        attributes = {"messaging.system": "nats", "messaging.destination.name": req.subject}
+        with span(span_name, kind=SpanKind.SERVER, parent=parent, attributes=attributes):
+            await self._answer(req, parsed, fn, request_id)
+
+    async def _answer(
+        self, req: Request, parsed: ReqT, fn: Callable[[ReqT], Awaitable[BaseModel]], request_id: str
+    ) -> None:
         try:
             reply = await fn(parsed)
         except ServiceFault as fault:
+            mark_error(f"{fault.error}: {fault.message}")
             await respond_fault(req, request_id, fault)
             return
         except Exception as exc:
+            mark_error(f"{type(exc).__name__}: {exc}")
             logger.exception("handler for %s failed", req.subject)
             await respond_error(req, request_id, 500, "internal", f"{type(exc).__name__}: {exc}")
             return

@@ -27,6 +27,7 @@ from cornserve.dispatcher import faults
 from cornserve.dispatcher.deployments import DeploymentCache
 from cornserve.dispatcher.forwards import forwards_by_rank
 from cornserve.dispatcher.metrics import observe_call
+from cornserve.runtime.tracing import Attributes, client_span, inject_headers, set_attributes
 from cornserve.task import ExecutorRequest, Stream, TaskInvocation, wire_forwards
 
 logger = logging.getLogger(__name__)
@@ -184,6 +185,11 @@ class GraphRunner:
         await _first_fault(self._route(position, inv, state) for position, inv in enumerate(invocations))
 
     async def _route(self, position: int, inv: TaskInvocation, state: _Run) -> None:
+        with client_span("task.route", _task_attributes(inv, position)):
+            await self._route_untraced(position, inv, state)
+            set_attributes({"cornserve.executor_id": state.routed[position].route.executor_id})
+
+    async def _route_untraced(self, position: int, inv: TaskInvocation, state: _Run) -> None:
         name, key = inv.task.display_name(), inv.task.deployment_key
         tm = TaskManagerClient(self.nc, key)
         subject = tm.subject("route")
@@ -243,13 +249,29 @@ class GraphRunner:
     async def _call(
         self, inv: TaskInvocation, routed: Routed, req: ExecutorRequest, state: _Run
     ) -> dict[str, Any] | None:
-        """Send one executor request; a streamed response is left open in `state.stream`."""
+        """Send one executor request; a streamed response is left open in `state.stream`.
+
+        Its client span ends when the answer is in, or for a stream when the response opened (the
+        relay's items follow outside it).
+        """
+        attributes = {
+            **_task_attributes(inv, routed.position),
+            "cornserve.executor_id": routed.route.executor_id,
+        }
+        with client_span("task.call", attributes):
+            return await self._call_untraced(inv, routed, req, state)
+
+    async def _call_untraced(
+        self, inv: TaskInvocation, routed: Routed, req: ExecutorRequest, state: _Run
+    ) -> dict[str, Any] | None:
         url = executor_url(routed.route, req.path)
         started = time.monotonic()
         ok = False
         try:
             try:
-                response = await self.session.request(req.method, url, json=req.body)
+                response = await self.session.request(
+                    req.method, url, json=req.body, headers=inject_headers()
+                )
             except aiohttp.ClientError as exc:
                 raise routed.failed(f"could not reach {routed.where}: {type(exc).__name__}: {exc}") from None
             if req.stream:
@@ -293,6 +315,15 @@ class GraphRunner:
                 f"{type(exc).__name__}: {exc}"
             ) from None
         return dumped
+
+
+def _task_attributes(inv: TaskInvocation, position: int) -> Attributes:
+    """What a task invocation's spans say about it (the class and deployment, never the input)."""
+    return {
+        "cornserve.task_class": type(inv.task).__name__,
+        "cornserve.deployment_key": inv.task.deployment_key,
+        "cornserve.position": position,
+    }
 
 
 def check_streams(invocations: Sequence[TaskInvocation], stream_subject: str | None) -> None:

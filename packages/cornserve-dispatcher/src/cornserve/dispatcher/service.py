@@ -48,6 +48,7 @@ from cornserve.dispatcher.metrics import watch_load
 from cornserve.dispatcher.relay import StreamRelay
 from cornserve.runtime.logging import set_request_id
 from cornserve.runtime.natsstop import nats_step
+from cornserve.runtime.tracing import Attributes, mark_error, server_span
 from cornserve.task import TaskError, TaskInvocation, TaskRegistryError
 from cornserve.task.library import load_task_library
 
@@ -238,6 +239,16 @@ class DispatcherService:
 
     async def _serve(self, msg: Request, req: InvokeRequest, keepalive: Keepalive) -> None:
         set_request_id(req.request_id)  # this task is the graph run: its log lines carry the id
+        attributes: Attributes = {
+            "cornserve.request_id": req.request_id,
+            "cornserve.replica_id": self.replica_id,
+            "cornserve.invocations": len(req.invocations),
+        }
+        # A child of the gateway's graph submission when the graph message carried its traceparent.
+        with server_span("graph.execute", msg.headers, attributes):
+            await self._serve_graph(msg, req, keepalive)
+
+    async def _serve_graph(self, msg: Request, req: InvokeRequest, keepalive: Keepalive) -> None:
         try:
             try:
                 reply = await self.invoke(req, keepalive)
@@ -245,9 +256,11 @@ class DispatcherService:
                 logger.info(
                     "graph %s failed (%d %s): %s", req.request_id, fault.code, fault.error, fault.message
                 )
+                mark_error(f"{fault.error}: {fault.message}")
                 await respond_fault(msg, req.request_id, fault)
                 return
             except Exception as exc:
+                mark_error(f"{type(exc).__name__}: {exc}")
                 logger.exception("graph %s failed unexpectedly", req.request_id)
                 await respond_error(msg, req.request_id, 500, "internal", f"{type(exc).__name__}: {exc}")
                 return

@@ -35,6 +35,7 @@ from cornserve.models.encoders import EncodedItem, EncoderModel, Preprocessed, l
 from cornserve.models.loading import resolve_model_dir
 from cornserve.models.media import MediaError
 from cornserve.models.media_pool import MediaPool
+from cornserve.runtime.httptrace import server_span_middleware
 from cornserve.runtime.metrics import metrics_route
 from cornserve.sidecar.errors import SidecarError
 from cornserve.task.builtins.embedding import (
@@ -107,7 +108,9 @@ class EricServer:
 
     def make_app(self) -> web.Application:
         """The aiohttp application with Eric's routes."""
-        app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[_answer_request_failures])
+        app = web.Application(
+            client_max_size=64 * 1024 * 1024, middlewares=[server_span_middleware(), _answer_request_failures]
+        )
         app.router.add_post("/embeddings", self._embeddings)
         app.router.add_get("/health", self._health)
         app.router.add_get("/info", self._info)

@@ -31,9 +31,11 @@ from cornserve.executor.descriptor import (
     stream_item_type,
 )
 from cornserve.executor.settings import PythonExecutorSettings
+from cornserve.runtime.httptrace import server_span_middleware
 from cornserve.runtime.metrics import metrics_route
 from cornserve.runtime.nats import connect_nats
 from cornserve.runtime.natsstop import current_budget
+from cornserve.runtime.tracing import set_attributes
 from cornserve.task.base import UnitTask
 from cornserve.task.errors import TaskDefinitionError, TaskError, TaskRegistryError
 from cornserve.task.invocation import TaskInvocation
@@ -80,7 +82,7 @@ class ExecutorServer:
         self._descriptor: PythonExecutorDescriptor[Any] | None = None
         self._runner: web.AppRunner | None = None
         self._phase = "starting"
-        self.app = web.Application()
+        self.app = web.Application(middlewares=[server_span_middleware()])
         self.app.router.add_get(HEALTH_PATH, self.on_health)
         self.app.router.add_get("/info", self.on_info)
         self.app.router.add_get("/metrics", metrics_route)
@@ -316,6 +318,9 @@ class ExecutorServer:
         task = self._ctx.task
         timeout = self._descriptor.invoke_timeout_s
         item_type = stream_item_type(task.output_cls())
+        set_attributes(
+            {"cornserve.task_class": type(task).__name__, "cornserve.deployment_key": task.deployment_key}
+        )
         try:
             async with asyncio.timeout(timeout):
                 result: Any = self._handler(self._ctx, invocation)

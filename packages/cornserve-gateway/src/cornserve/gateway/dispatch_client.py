@@ -48,6 +48,7 @@ from cornserve.bus.reply_parts import ReplyAssembler, ReplyPartError
 from cornserve.bus.schemas import new_request_id
 from cornserve.gateway.forward_ids import forward_ids, fresh_ids, replace_ids
 from cornserve.runtime.logging import request_id_var
+from cornserve.runtime.tracing import Attributes, client_span, inject_headers
 from cornserve.task import Stream, TaskExecutionError, TaskInvocation, TaskOutput
 
 logger = logging.getLogger(__name__)
@@ -433,6 +434,14 @@ class DispatcherClient:
         """
         if not invocations:
             return []
+        attributes: Attributes = {
+            "cornserve.invocations": len(invocations),
+            "cornserve.task_classes": sorted({type(inv.task).__name__ for inv in invocations}),
+        }
+        with client_span("graph.submit", attributes):
+            return await self._run_graph(invocations)
+
+    async def _run_graph(self, invocations: Sequence[TaskInvocation]) -> list[TaskOutput]:
         graph = _Graph(invocations, _INVOCATIONS.dump_python(list(invocations), mode="json"))
         try:
             inbox, reply = await self._send(graph)
@@ -481,7 +490,10 @@ class DispatcherClient:
             max_reply_bytes=self.max_reply_bytes,
         )
         try:
-            await self._nc.publish(DISPATCH_INVOKE, data, reply=f"{inbox.prefix}.reply")
+            # The graph carries the trace context: the dispatcher's spans join the app request's trace.
+            await self._nc.publish(
+                DISPATCH_INVOKE, data, reply=f"{inbox.prefix}.reply", headers=inject_headers() or None
+            )
             reply = await self._await_reply(inbox, graph.streaming)
         except BaseException as exc:
             await inbox.close(_give_up_reason(exc))

@@ -55,6 +55,7 @@ from cornserve.gateway.openapi import openapi_document
 from cornserve.gateway.route_table import ROUTES
 from cornserve.gateway.sessions import SessionRegistry, redact_path
 from cornserve.gateway.streaming import StreamWriter, wants_sse
+from cornserve.gateway.tracing import tracing_middleware
 from cornserve.runtime.logging import set_request_id
 from cornserve.runtime.metrics import metrics_route
 from cornserve.task import ClassKey, GraphRunner, Stream, TaskInvocation, TaskOutput
@@ -141,7 +142,12 @@ class Gateway:
         source into the KV store. Bigger bodies are thus refused before any work starts.
         """
         app = web.Application(
-            middlewares=[metrics_middleware, error_middleware, auth_middleware(credentials)],
+            middlewares=[
+                tracing_middleware,
+                metrics_middleware,
+                error_middleware,
+                auth_middleware(credentials),
+            ],
             client_max_size=max_body,
         )
         app[MAX_BODY_KEY] = max_body

@@ -21,6 +21,7 @@ from cornserve.llm_executor.metrics import watch_engine
 from cornserve.llm_executor.model import load_model
 from cornserve.llm_executor.server import ROUTES, ChatServer
 from cornserve.models.media_pool import MediaPool
+from cornserve.runtime.httptrace import server_span_middleware
 from cornserve.runtime.metrics import metrics_route
 from cornserve.sidecar import Sidecar
 
@@ -39,7 +40,7 @@ class LLMExecutor:
         self._runner: web.AppRunner | None = None
         self._closers: list[Callable[[], Awaitable[None]]] = []
         """What `initialize` opened (sidecar client, engine), closed in reverse by `stop`."""
-        self.app = web.Application(client_max_size=MAX_BODY)
+        self.app = web.Application(client_max_size=MAX_BODY, middlewares=[server_span_middleware()])
         for method, path, handler in ROUTES:
             self.app.router.add_route(method, path, self._when_ready(handler))
         self.app.router.add_get("/metrics", metrics_route)  # answers while loading too

@@ -41,6 +41,7 @@ from cornserve.llm_executor.prompt import (
 from cornserve.llm_executor.sampling import SamplingParams
 from cornserve.models.media import MediaBusyError, MediaError, MediaTooLargeError
 from cornserve.models.media_pool import MediaPool
+from cornserve.runtime.tracing import end_span, start_span
 from cornserve.task.builtins.chat import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -286,6 +287,12 @@ class ChatServer:
         """Text pieces of a completion, stop strings applied; the last piece has the finish reason."""
         assembler = TextAssembler(self.loaded.tokenizer, completion.stop)
         seq = completion.seq
+        # One span per sequence, from admission to its last token (or its failure / cancellation).
+        seq_span = start_span(
+            "llm.sequence",
+            {"cornserve.model": completion.model, "gen_ai.usage.input_tokens": completion.prompt.num_tokens},
+        )
+        error: BaseException | None = None
         try:
             async for event in self.engine.tokens(seq, TOKEN_TIMEOUT_S):
                 assert event.token_id is not None
@@ -300,8 +307,12 @@ class ChatServer:
                 yield Piece(text, finish)
                 if finish is not None:
                     return
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
             seq.cancel()
+            end_span(seq_span, error, {"gen_ai.usage.output_tokens": len(seq.generated)})
 
     async def _complete(
         self, completion: Completion, first: Piece, pieces: AsyncIterator[Piece]

@@ -29,6 +29,7 @@ from cornserve.runtime.nats import NatsAuthError, NatsConnectTimeout, connect_na
 from cornserve.runtime.natscreds import NatsCredentialsError
 from cornserve.runtime.natsstop import current_budget, stopping
 from cornserve.runtime.settings import ServiceSettings, parse_settings
+from cornserve.runtime.tracing import Tracing, configure_tracing
 
 logger = logging.getLogger(__name__)
 
@@ -118,14 +119,15 @@ def run_service(
     expected_errors: tuple[type[BaseException], ...] = (),
 ) -> int:
     """Run the service `serve` builds from `settings_type`'s settings and a NATS connection; the exit code."""
-    settings = _settings_and_logging(settings_type, argv)
-    return asyncio.run(
-        serve_until_signal(
-            settings,
-            _with_nats(serve),
-            (*expected_errors, NatsConnectTimeout, NatsAuthError, NatsCredentialsError),
+    settings, tracing = _settings_and_logging(settings_type, argv)
+    with _traced(tracing):
+        return asyncio.run(
+            serve_until_signal(
+                settings,
+                _with_nats(serve),
+                (*expected_errors, NatsConnectTimeout, NatsAuthError, NatsCredentialsError),
+            )
         )
-    )
 
 
 def run_process(
@@ -136,8 +138,9 @@ def run_process(
     expected_errors: tuple[type[BaseException], ...] = (),
 ) -> int:
     """`run_service` for a process that manages its own NATS connection (the sidecar server)."""
-    settings = _settings_and_logging(settings_type, argv)
-    return asyncio.run(serve_until_signal(settings, serve, expected_errors))
+    settings, tracing = _settings_and_logging(settings_type, argv)
+    with _traced(tracing):
+        return asyncio.run(serve_until_signal(settings, serve, expected_errors))
 
 
 def run_executor(
@@ -148,14 +151,24 @@ def run_executor(
     expected_errors: tuple[type[BaseException], ...] = (),
 ) -> int:
     """Run the executor `make_server` builds (port first, then initialisation); returns the exit code."""
-    settings = _settings_and_logging(settings_type, argv)
-    return asyncio.run(run_executor_until_signal(settings, make_server(settings), expected_errors))
+    settings, tracing = _settings_and_logging(settings_type, argv)
+    with _traced(tracing):
+        return asyncio.run(run_executor_until_signal(settings, make_server(settings), expected_errors))
 
 
-def _settings_and_logging(settings_type: type[S], argv: Sequence[str] | None) -> S:
+def _settings_and_logging(settings_type: type[S], argv: Sequence[str] | None) -> tuple[S, Tracing]:
     settings = parse_settings(settings_type, argv)
     configure_logging(settings.log_level, settings.log_format, service=settings.service_name)
-    return settings
+    return settings, configure_tracing(settings.service_name)
+
+
+@contextmanager
+def _traced(tracing: Tracing) -> Iterator[None]:
+    """Flush and stop the process's span export when it ends (nothing when tracing is off)."""
+    try:
+        yield
+    finally:
+        tracing.shutdown()
 
 
 def _with_nats(serve: Serve[S]) -> Callable[[S], AbstractAsyncContextManager[object]]:

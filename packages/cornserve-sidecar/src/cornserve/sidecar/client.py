@@ -53,6 +53,7 @@ from cornserve.bus.subjects import (
 from cornserve.runtime.nats import connect_nats
 from cornserve.runtime.natsstop import current_budget
 from cornserve.runtime.settings import nats_creds_from_env, nats_url_from_env
+from cornserve.runtime.tracing import client_span, set_attributes
 from cornserve.sidecar import gpu
 from cornserve.sidecar.arena import map_arena
 from cornserve.sidecar.codec import decode, encode, torch_dtype, torch_dtype_name
@@ -284,6 +285,19 @@ class Sidecar:
         ``num_chunks=None`` starts a stream of unknown length; end it with :meth:`close_stream`.
         Returns once every destination sidecar has the chunk; waits for arena space up to ``timeout``.
         """
+        attributes = {"cornserve.sidecar.chunk_id": chunk_id}
+        with client_span("sidecar.send", attributes):
+            await self._send(data, id, dst_ranks, chunk_id, num_chunks, timeout)
+
+    async def _send(
+        self,
+        data: Any,
+        id: str,
+        dst_ranks: list[list[int]],
+        chunk_id: int,
+        num_chunks: int | None,
+        timeout: float | None,
+    ) -> None:
         id_, timeout = id, timeout or self.timeout
         await self._connect()
         assert self._info is not None
@@ -318,6 +332,7 @@ class Sidecar:
             assert isinstance(data, torch.Tensor)
             meta = encode(data).meta  # metadata only: the tensor is contiguous so no copy is made
             self._regions.pop(data.data_ptr(), None)
+        set_attributes({"cornserve.bytes": meta.nbytes})
         location = Location(
             transport="shm",
             arena=self._info.arena,
@@ -523,7 +538,10 @@ class Sidecar:
         """
         id_, timeout = id, timeout or self.timeout
         msg = RecvRequest(id=id_, chunk_id=chunk_id, timeout=timeout)
-        reply = await self._call(SidecarVerb.RECV, msg, RecvReply, timeout + REPLY_MARGIN_S)
+        with client_span("sidecar.recv", {"cornserve.sidecar.chunk_id": chunk_id}):
+            reply = await self._call(SidecarVerb.RECV, msg, RecvReply, timeout + REPLY_MARGIN_S)
+            if reply.location is not None:
+                set_attributes({"cornserve.bytes": reply.location.size})
         if reply.end_of_stream:
             return None
         loc = reply.location

@@ -24,6 +24,7 @@ from cornserve.bus.sidecar import (
     TcpHeader,
 )
 from cornserve.bus.subjects import SidecarVerb
+from cornserve.runtime.tracing import Attributes, span
 from cornserve.sidecar.allocation import ArenaMemory
 from cornserve.sidecar.allocator import aligned
 from cornserve.sidecar.holdings import Held, Holdings
@@ -122,8 +123,15 @@ class Outbox:
             path = "nccl" if loc.transport == "cuda_ipc" else "tcp"
         started = time.monotonic()
         ok = False
+        attributes: Attributes = {
+            "cornserve.sidecar.rank": self.me.rank,
+            "cornserve.sidecar.dst_rank": peer.rank,
+            "cornserve.sidecar.path": path,
+            "cornserve.bytes": loc.size,
+        }
         try:
-            await self._deliver_one(peer, req, held, deadline)
+            with span("sidecar.transfer", attributes=attributes):
+                await self._deliver_one(peer, req, held, deadline)
             ok = True
         finally:
             observe_delivery(self.me.rank, path, loc.size, time.monotonic() - started, ok)

@@ -237,7 +237,7 @@ class SidecarServer:
             await svc.add_endpoint(
                 name=verb.value,
                 subject=sidecar_subject(self.rank, verb),
-                handler=self._runner.wrap(model, fn),
+                handler=self._runner.wrap(model, fn, f"sidecar.{verb.value}"),
                 metadata={"rank": str(self.rank)},
             )
         return svc

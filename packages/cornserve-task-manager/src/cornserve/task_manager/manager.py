@@ -26,6 +26,7 @@ from cornserve.bus.control import (
     TaskManagerStatusRequest,
 )
 from cornserve.bus.micro import ServiceFault
+from cornserve.runtime.tracing import set_attributes
 from cornserve.task import UnitTask
 from cornserve.task_manager.executor import ExecutorStartError, ManagedExecutor
 
@@ -217,6 +218,13 @@ class TaskManager:
         best = min(ready, key=lambda ex: (ex.in_flight, ex.routed))
         best.routed += 1
         best.add_in_flight(1)
+        set_attributes(
+            {
+                "cornserve.deployment_key": self.task_key,
+                "cornserve.executor_id": best.executor_id,
+                "cornserve.executors_ready": len(ready),
+            }
+        )
         return RouteReply(
             request_id=req.request_id,
             executor_id=best.executor_id,

@@ -55,9 +55,9 @@ class TaskManagerService:
             metadata={"task_key": key},
         )
         handlers: dict[TaskManagerVerb, Callable[[Request], Awaitable[None]]] = {
-            "route": self._runner.wrap(RouteRequest, self.manager.route),
-            "status": self._runner.wrap(TaskManagerStatusRequest, self.manager.status),
-            "assign": self._runner.wrap(AssignRequest, self.manager.assign),
+            "route": self._runner.wrap(RouteRequest, self.manager.route, "tm.route"),
+            "status": self._runner.wrap(TaskManagerStatusRequest, self.manager.status, "tm.status"),
+            "assign": self._runner.wrap(AssignRequest, self.manager.assign, "tm.assign"),
             "shutdown": self._shutdown,
         }
         for verb, handler in handlers.items():

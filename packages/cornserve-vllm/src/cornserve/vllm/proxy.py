@@ -22,9 +22,11 @@ import torch
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from cornserve.runtime.httptrace import server_span_middleware
 from cornserve.runtime.metrics import metrics_route
 from cornserve.runtime.process import ProcessGroup, free_port
 from cornserve.runtime.service import EXIT_FAILED, stop_callback
+from cornserve.runtime.tracing import inject_headers
 from cornserve.sidecar import Sidecar
 from cornserve.sidecar.errors import SidecarError
 from cornserve.task.builtins.embedding import EMBEDDING_META_CHUNK, EMBEDDING_TENSOR_CHUNK, EmbeddingMeta
@@ -186,7 +188,9 @@ async def _chat(request: web.Request) -> web.StreamResponse:
     except SidecarError as exc:
         return _error(504, "embedding_unavailable", f"an embedding did not arrive: {exc}")
     assert state.session is not None
-    async with state.session.post(state.internal_url + "/v1/chat/completions", json=rewritten) as upstream:
+    # vLLM continues the trace when it was started with its own --otlp-traces-endpoint.
+    url = state.internal_url + "/v1/chat/completions"
+    async with state.session.post(url, json=rewritten, headers=inject_headers()) as upstream:
         response = web.StreamResponse(status=upstream.status)
         response.content_type = upstream.content_type
         await response.prepare(request)
@@ -198,7 +202,7 @@ async def _chat(request: web.Request) -> web.StreamResponse:
 
 def build_app(state: ProxyState) -> web.Application:
     """Routes: `/health`, `/metrics` (the proxy's; vLLM's engine serves its own), `/v1/chat/completions`."""
-    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[server_span_middleware()])
     app[_STATE_KEY] = state
     app.router.add_get("/health", _health)
     app.router.add_get("/metrics", metrics_route)
