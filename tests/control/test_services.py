@@ -11,6 +11,8 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -312,3 +314,33 @@ async def test_malformed_messages_get_error_replies_and_nobody_dies(
         assert response.status == 200
         lines = [json.loads(line) async for line in response.content if line.strip()]
     assert [item["sum"] for item in lines] == pytest.approx(row_sums(1, 2), rel=1e-4, abs=1e-4)
+
+
+async def test_the_graph_of_a_registered_app_over_http_and_from_the_cli(
+    rows_app: Any, http: aiohttp.ClientSession, cluster: LocalCluster
+) -> None:
+    """POST /apps/{name}/graph traces the registered app (nothing runs); `cornserve graph NAME` prints it."""
+    status, body = await call(http, "POST", f"/apps/{APP}/graph", {"seed": 1, "n": 3})
+    assert status == 200, body
+    assert body["name"] == APP and len(body["graphs"]) == 1 and len(body["dots"]) == 1
+    mermaid = body["graphs"][0]
+    assert mermaid.startswith("flowchart") and "MakeMatrix" in mermaid and "RowSums" in mermaid, mermaid
+    status, body = await call(http, "POST", f"/apps/{APP}/graph", {"seed": "not a number"})
+    assert status == 422, body
+    status, body = await call(http, "POST", "/apps/no-such-app/graph", {"seed": 1})
+    assert status == 404, body
+
+    env = {**os.environ, "CORNSERVE_URL": cluster.url, "CORNSERVE_STATE_DIR": str(cluster.state_dir)}
+    out = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "cornserve.cli.main", "graph", APP, '{"seed": 1, "n": 3}'],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    printed = out.stdout.strip().splitlines()  # the same graph (labels carry each trace's own ids)
+    assert printed[0] == "flowchart LR" and len(printed) == len(mermaid.strip().splitlines()), out.stdout
+    assert "MakeMatrix" in out.stdout and "RowSums" in out.stdout

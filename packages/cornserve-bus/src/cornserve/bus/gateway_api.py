@@ -114,6 +114,14 @@ class AppDetail(AppSummary):
     )
 
 
+class AppGraph(ResponseBody):
+    """POST /apps/{name}/graph: the task graphs the app's `serve` sends for one request (nothing runs)."""
+
+    name: str
+    graphs: list[str] = Field(description="each graph as Mermaid text, in the order `serve` sends them")
+    dots: list[str] = Field(default_factory=list, description="the same graphs in Graphviz DOT")
+
+
 class Released(ResponseBody):
     """What unregistering an app or closing a session released."""
 

@@ -53,10 +53,14 @@ def traced(path: Path, request: Any) -> tuple[AppSpec, list[TaskGraph]]:
 
 def mermaid(graphs: list[TaskGraph]) -> str:
     """The Mermaid text of every graph (a `%%` comment line separates several)."""
-    if len(graphs) == 1:
-        return graphs[0].to_mermaid().rstrip("\n") + "\n"
-    parts = [f"%% graph {i + 1} of {len(graphs)}\n{g.to_mermaid().rstrip()}\n" for i, g in enumerate(graphs)]
-    return "\n".join(parts)
+    return join_mermaid([g.to_mermaid() for g in graphs])
+
+
+def join_mermaid(texts: list[str]) -> str:
+    """Several graphs' Mermaid texts as one output (a `%%` comment line before each of several)."""
+    if len(texts) == 1:
+        return texts[0].rstrip("\n") + "\n"
+    return "\n".join(f"%% graph {i + 1} of {len(texts)}\n{t.rstrip()}\n" for i, t in enumerate(texts))
 
 
 def svg_paths(target: Path, count: int) -> list[Path]:
@@ -69,6 +73,11 @@ def svg_paths(target: Path, count: int) -> list[Path]:
 
 def write_svgs(graphs: list[TaskGraph], target: Path) -> list[Path]:
     """Render each graph with Graphviz `dot` (GraphError when it is missing or fails)."""
+    return render_svgs([g.to_dot() for g in graphs], target)
+
+
+def render_svgs(dots: list[str], target: Path) -> list[Path]:
+    """Render each DOT text with Graphviz `dot` (GraphError when it is missing or fails)."""
     dot = shutil.which("dot")
     if dot is None:
         raise GraphError(
@@ -76,11 +85,11 @@ def write_svgs(graphs: list[TaskGraph], target: Path) -> list[Path]:
             "graphviz`); the Mermaid text above needs nothing"
         )
     written = []
-    for graph, path in zip(graphs, svg_paths(target, len(graphs)), strict=True):
+    for dot_text, path in zip(dots, svg_paths(target, len(dots)), strict=True):
         try:
             done = subprocess.run(
                 [dot, "-Tsvg", "-o", str(path)],
-                input=graph.to_dot(),
+                input=dot_text,
                 capture_output=True,
                 text=True,
                 timeout=DOT_TIMEOUT_S,

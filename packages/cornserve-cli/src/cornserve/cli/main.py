@@ -362,27 +362,58 @@ def unregister(
 
 @app.command(rich_help_panel=APPS)
 def graph(
-    app_file: Annotated[str, typer.Argument(metavar="APP", help="The app's Python file.")],
+    app_file: Annotated[
+        str,
+        typer.Argument(
+            metavar="APP",
+            help="A registered app's name (the gateway traces it), or an app's Python file (traced here, "
+            "no cluster needed).",
+        ),
+    ],
     request: Annotated[
         str, typer.Argument(metavar="REQUEST", help="The request: JSON, @file, or - for stdin.")
     ],
     svg: Annotated[
         str | None, typer.Option("--svg", metavar="FILE", help="Also render SVG with Graphviz `dot`.")
     ] = None,
+    url: UrlOpt = None,
+    state_dir: StateDirOpt = None,
 ) -> None:
-    """Print the task graph an app makes for a request as Mermaid (no cluster needed)."""
-    from cornserve.cli.graph import GraphError, mermaid, traced, write_svgs
+    """Print the task graph an app makes for a request as Mermaid (nothing executes)."""
+    from cornserve.cli.graph import GraphError, join_mermaid, traced
 
+    body = commands.load_json_arg(request)
+    path = Path(app_file)
+    if not (path.suffix == ".py" or path.exists()):  # a registered app: the gateway traces it
+
+        async def remote(client: CornserveClient) -> int:
+            found = await client.app_graph(app_file, body)
+            _print_graphs(join_mermaid(found.graphs), found.dots, svg)
+            return 0
+
+        _http(url, state_dir, remote)
     try:
-        _, graphs = traced(Path(app_file), commands.load_json_arg(request))
-        sys.stdout.write(mermaid(graphs))
-        sys.stdout.flush()
-        if svg is not None:
-            for path in write_svgs(graphs, Path(svg)):
-                print(f"wrote {path}", file=sys.stderr)
+        _, graphs = traced(path, body)
+        _print_graphs(join_mermaid([g.to_mermaid() for g in graphs]), [g.to_dot() for g in graphs], svg)
     except GraphError as exc:
         console.error(str(exc))
         _exit(exc.exit_code)
+
+
+def _print_graphs(text: str, dots: list[str], svg: str | None) -> None:
+    """Mermaid to stdout; with `svg`, the DOT texts rendered beside it (GraphError without `dot`)."""
+    from cornserve.cli.graph import GraphError, render_svgs
+
+    sys.stdout.write(text)
+    sys.stdout.flush()
+    if svg is not None:
+        try:
+            written = render_svgs(dots, Path(svg))
+        except GraphError as exc:
+            console.error(str(exc))
+            _exit(exc.exit_code)
+        for written_path in written:
+            print(f"wrote {written_path}", file=sys.stderr)
 
 
 class TraceFormat(StrEnum):

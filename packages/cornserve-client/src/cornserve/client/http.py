@@ -15,6 +15,7 @@ from pydantic import TypeAdapter
 from cornserve.bus.control import DeploymentInfo, ProgressEvent
 from cornserve.bus.gateway_api import (
     AppDetail,
+    AppGraph,
     AppRegistration,
     AppRemoval,
     AppSummary,
@@ -227,6 +228,10 @@ class CornserveClient:
     async def get_app(self, name: str) -> AppDetail:
         """GET /apps/{name}."""
         return AppDetail.model_validate(await self.call("GET", f"/apps/{name}"))
+
+    async def app_graph(self, name: str, request: Any) -> AppGraph:
+        """POST /apps/{name}/graph: the task graphs the registered app sends for `request`, as Mermaid."""
+        return AppGraph.model_validate(await self.call("POST", f"/apps/{name}/graph", request))
 
     async def unregister_app(self, name: str) -> AppRemoval:
         """DELETE /apps/{name}."""

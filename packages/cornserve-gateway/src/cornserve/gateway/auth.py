@@ -36,6 +36,8 @@ ROUTE_SCOPES: dict[tuple[str, str], Scope] = {
     ("GET", "/apps"): "admin",
     ("GET", "/apps/{name}"): "admin",
     ("DELETE", "/apps/{name}"): "admin",
+    # Tracing runs the app's serve (recording only): it shows how the cluster's tasks are composed.
+    ("POST", "/apps/{name}/graph"): "admin",
     ("POST", "/apps/{name}/invoke"): "invoke",
     ("GET", "/tasks"): "admin",
     ("POST", "/tasks/{key}/scale"): "admin",

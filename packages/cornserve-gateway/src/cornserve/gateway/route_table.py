@@ -16,6 +16,7 @@ from pydantic import BaseModel
 
 from cornserve.bus.gateway_api import (
     AppDetail,
+    AppGraph,
     AppRegistration,
     AppRemoval,
     AppSummary,
@@ -87,6 +88,10 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/apps", "list_apps", "List apps", AppSummary, many=True),
     Route("GET", "/apps/{name}", "get_app", "One app, with its request and response schemas", AppDetail,
           errors=(404,), params=(APP_NAME,)),
+    Route("POST", "/apps/{name}/graph", "app_graph",
+          "The task graphs a registered app sends for one request, as Mermaid (traced: nothing executes; "
+          "the body is the app's own request)", AppGraph, errors=(400, 404, 409, 413, 422, 504),
+          params=(APP_NAME,)),
     Route("DELETE", "/apps/{name}", "unregister_app", "Unregister an app", AppRemoval, errors=(404,),
           params=(APP_NAME,)),
     Route("POST", "/apps/{name}/invoke", "invoke_admitted",

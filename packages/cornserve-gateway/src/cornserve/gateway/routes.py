@@ -16,9 +16,10 @@ from nats.aio.client import Client
 from nats.js.kv import KeyValue
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from cornserve.app import AppConfig
+from cornserve.app import AppConfig, trace_app
 from cornserve.bus.control import ProgressEvent, TaskLibraryRecord
 from cornserve.bus.gateway_api import (
+    AppGraph,
     AppRegistration,
     Health,
     ScaleBody,
@@ -59,9 +60,13 @@ from cornserve.gateway.tracing import tracing_middleware
 from cornserve.runtime.logging import set_request_id
 from cornserve.runtime.metrics import metrics_route
 from cornserve.task import ClassKey, GraphRunner, Stream, TaskInvocation, TaskOutput
+from cornserve.task.errors import TaskError
 from cornserve.task.library import check_library_name, load_task_library
 
 logger = logging.getLogger(__name__)
+
+GRAPH_TRACE_TIMEOUT_S = 30.0
+"""Deadline of tracing one app request (`serve` only records, so it should take milliseconds)."""
 
 INVOCATIONS = TypeAdapter(list[TaskInvocation])
 REQUEST_ID_HEADER = "X-Request-Id"
@@ -230,6 +235,33 @@ class Gateway:
         """GET /apps/{name}: state, tasks, invocations running and queued, request/response schemas."""
         app = self.apps.get(request.match_info["name"])
         return reply(app.detail().model_copy(update={"admission": self.admission.counts(app.record.name)}))
+
+    async def app_graph(self, request: web.Request) -> web.Response:
+        """POST /apps/{name}/graph: trace the app's `serve` on the request body (nothing executes)."""
+        app = self.apps.get(request.match_info["name"])
+        if app.spec is None:
+            raise HTTPError(
+                409, "app_not_ready", f"app {app.record.name!r} is {app.record.state}: {app.record.message}"
+            )
+        payload = parse_request(app.spec, await read_json(request))  # a ValidationError answers 422
+        try:
+            async with asyncio.timeout(GRAPH_TRACE_TIMEOUT_S):
+                graphs = await trace_app(app.spec, payload)
+        except TimeoutError:
+            raise HTTPError(
+                504,
+                "trace_timeout",
+                f"tracing app {app.record.name!r} took longer than {GRAPH_TRACE_TIMEOUT_S:g} s",
+            ) from None
+        except (TaskError, ValueError) as exc:  # e.g. serve read an output that only exists when run
+            raise HTTPError(422, "trace_failed", f"tracing app {app.record.name!r} failed: {exc}") from None
+        return reply(
+            AppGraph(
+                name=app.record.name,
+                graphs=[g.to_mermaid() for g in graphs],
+                dots=[g.to_dot() for g in graphs],
+            )
+        )
 
     async def unregister_app(self, request: web.Request) -> web.Response:
         """DELETE /apps/{name}: tasks no other app or session uses are torn down."""
