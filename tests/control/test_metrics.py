@@ -16,9 +16,11 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from tests.control.apps import PIPELINE_APP, ROWS_APP
-from tests.control.support import call, ensure_tasklib
+from tests.control.support import admin_nats, call, ensure_tasklib
 from tests.support.cluster import gateway_session
 
+from cornserve.bus.control import DISPATCHER_SERVICE_NAME, RM_SERVICE_NAME, TM_SERVICE_NAME
+from cornserve.bus.subjects import SIDECAR_SERVICE_NAME
 from cornserve.cli.launcher import STATE_FILE, LocalCluster
 
 PIPE, ROWS = "metrics-pipe", "metrics-rows"
@@ -172,3 +174,41 @@ async def test_metrics_needs_no_token(cluster: LocalCluster) -> None:
             assert "cornserve_gateway_http_requests_total" in await resp.text()
         async with anon.get("/apps") as resp:
             assert resp.status == 401
+
+
+async def micro_stats(cluster: LocalCluster, service: str) -> list[dict[str, Any]]:
+    """Every instance's reply to nats.micro's STATS discovery request for `service` (1 s to answer)."""
+    nc = await admin_nats(cluster)
+    try:
+        inbox = nc.new_inbox()
+        replies: list[dict[str, Any]] = []
+
+        async def collect(msg: Any) -> None:
+            replies.append(json.loads(msg.data))
+
+        sub = await nc.subscribe(inbox, cb=collect)
+        await nc.publish(f"$SRV.STATS.{service}", b"", reply=inbox)
+        await asyncio.sleep(1.0)
+        await sub.unsubscribe()
+    finally:
+        await nc.close()
+    return replies
+
+
+async def test_micro_stats_carry_real_numbers(
+    cluster: LocalCluster, apps: None, http: aiohttp.ClientSession
+) -> None:
+    status, body = await call(http, "POST", f"/apps/{PIPE}/invoke", {"seed": 9, "n": 4})
+    assert status == 200, body
+    sidecars = await micro_stats(cluster, SIDECAR_SERVICE_NAME)
+    assert len(sidecars) == cluster.cpu_slots
+    assert all(ep["data"]["arena_bytes"] > 0 for s in sidecars for ep in s["endpoints"])
+    (rm,) = await micro_stats(cluster, RM_SERVICE_NAME)
+    data = rm["endpoints"][0]["data"]
+    assert data["deployments"] >= 4 and data["devices"] == cluster.cpu_slots, data
+    managers = await micro_stats(cluster, TM_SERVICE_NAME)
+    assert managers and all(ep["data"]["ready"] >= 1 for m in managers for ep in m["endpoints"])
+    routed = sum(ep["num_requests"] for m in managers for ep in m["endpoints"] if ep["name"] == "route")
+    assert routed >= 4  # at least the pipeline's four calls went through `route`
+    dispatchers = await micro_stats(cluster, DISPATCHER_SERVICE_NAME)
+    assert len(dispatchers) == 2 and all("graphs" in ep["data"] for d in dispatchers for ep in d["endpoints"])

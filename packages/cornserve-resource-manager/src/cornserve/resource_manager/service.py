@@ -45,6 +45,7 @@ class ResourceManagerService:
             version=__version__,
             description="Cornserve resource manager: devices, deduplicated deployments, task managers",
             metadata=self.metadata,
+            stats_handler=lambda _endpoint: self._load(),
         )
         ctx, wrap = self.manager.ctx, self._runner.wrap
         endpoints: dict[str, tuple[str, Callable[[Request], Awaitable[None]]]] = {
@@ -56,6 +57,17 @@ class ResourceManagerService:
         for name, (subject, handler) in endpoints.items():
             await svc.add_endpoint(name=name, subject=subject, handler=handler)
         self._service = svc
+
+    def _load(self) -> dict[str, int]:
+        """Deployments by state and free devices (the `data` of the micro STATS)."""
+        ctx = self.manager.ctx
+        states = [d.state for d in ctx.deployments.values()]
+        return {
+            "deployments": len(states),
+            "ready": states.count("ready"),
+            "devices": len(ctx.inventory.snapshot()),
+            "free_devices": ctx.inventory.free_count(),
+        }
 
     async def stop(self) -> None:
         """Stop serving and cancel handlers still running."""

@@ -218,6 +218,9 @@ class SidecarServer:
             version=__version__,
             description="Cornserve tensor forwarding sidecar",
             metadata={"rank": str(self.rank), "node": self.me.node, "instance": self.instance},
+            stats_handler=lambda _endpoint: self.stats().model_dump(
+                include={"arena_bytes", "used_bytes", "allocations", "held_entries", "mailbox_entries"}
+            ),
         )
         routes: list[tuple[SidecarVerb, type[BaseModel], Callable[..., Awaitable[BaseModel]]]] = [
             (SidecarVerb.INFO, InfoRequest, self.on_info),

@@ -96,6 +96,17 @@ class TaskManager:
         if self._session is not None:
             await self._session.close()
 
+    def load(self) -> dict[str, int]:
+        """Executors by readiness, their in-flight calls and restarts (the `data` of the micro STATS)."""
+        executors = list(self.executors.values())
+        return {
+            "executors": len(executors),
+            "ready": sum(ex.state == "ready" for ex in executors),
+            "in_flight": sum(ex.in_flight for ex in executors),
+            "routed": sum(ex.routed for ex in executors),
+            "restarts": sum(ex.restarts for ex in executors),
+        }
+
     # ------------------------------------------------------------------ requests
 
     async def status(self, req: TaskManagerStatusRequest) -> TaskManagerStatus:

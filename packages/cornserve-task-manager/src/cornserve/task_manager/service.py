@@ -53,6 +53,7 @@ class TaskManagerService:
             version=__version__,
             description="Cornserve task manager: executors of one deployed unit task",
             metadata={"task_key": key},
+            stats_handler=lambda _endpoint: self.manager.load(),
         )
         handlers: dict[TaskManagerVerb, Callable[[Request], Awaitable[None]]] = {
             "route": self._runner.wrap(RouteRequest, self.manager.route, "tm.route"),
