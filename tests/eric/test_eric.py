@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 from safetensors import safe_open
 from tests.eric.support import Eric, EricSetup, http_json
 from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -126,6 +128,13 @@ def test_qwen_images_match_full_model_and_batch(eric_cluster: EricSetup) -> None
     # 3 items with max batch size 2: a batch of two formed, then one of one.
     assert info["batching"]["largest_batch"] == 2
     assert info["batching"]["items"] >= 3 and info["batching"]["batches"] >= 2
+    with urllib.request.urlopen(f"{eric.url}/metrics", timeout=30) as resp:  # the same, for Prometheus
+        page = {
+            s.name: s.value for f in text_string_to_metric_families(resp.read().decode()) for s in f.samples
+        }
+    assert page["cornserve_eric_items_total"] == info["batching"]["items"]
+    assert page["cornserve_eric_batches_total"] == info["batching"]["batches"]
+    assert page["cornserve_eric_pending_items"] == 0
 
 
 async def test_qwen_video_matches_full_model(eric_cluster: EricSetup) -> None:

@@ -24,6 +24,7 @@ from aiohttp.typedefs import Handler
 from pydantic import ValidationError
 
 from cornserve.eric.batcher import DynamicBatcher, QueueFull
+from cornserve.eric.metrics import watch_batcher
 from cornserve.eric.schemas import (
     EmbeddingItem,
     EmbeddingsRequest,
@@ -155,6 +156,7 @@ class EricServer:
 
         self.sidecar = await Sidecar(cfg.sidecar_ranks[0], cfg.nats_url, nats_creds=cfg.nats_creds).connect()
         self.batcher = DynamicBatcher(self.encoder.encode, cfg.max_batch_size, cfg.max_pending)
+        watch_batcher(self.batcher)
         self.batcher.start()
         self._ready = True
         logger.info(

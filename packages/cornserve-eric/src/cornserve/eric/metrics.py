@@ -1,0 +1,56 @@
+"""Eric's Prometheus metrics (`GET /metrics`): its pending media items and how batching went.
+
+Read from the batcher at scrape time (the same figures `/info` shows under `batching`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client import REGISTRY
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from cornserve.eric.batcher import DynamicBatcher
+
+
+class BatcherCollector(Collector):
+    """The watched batcher, read now."""
+
+    def __init__(self) -> None:
+        self.batcher: DynamicBatcher | None = None
+
+    def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+        """The families, read now (none before the encoder is loaded)."""
+        batcher = self.batcher
+        if batcher is None:
+            return []
+        pending = GaugeMetricFamily(
+            "cornserve_eric_pending_items",
+            "Media items admitted and not yet answered (fetch, queue, encode, send).",
+        )
+        pending.add_metric([], batcher.pending)
+        stats = batcher.stats
+        families: list[GaugeMetricFamily | CounterMetricFamily] = [pending]
+        for name, doc, value in (
+            ("cornserve_eric_batches", "Encoder forwards (batches) run.", stats.batches),
+            ("cornserve_eric_items", "Media items encoded.", stats.items),
+            (
+                "cornserve_eric_dropped_items",
+                "Queued items dropped because their caller hung up.",
+                stats.dropped,
+            ),
+        ):
+            counter = CounterMetricFamily(name, doc)
+            counter.add_metric([], value)
+            families.append(counter)
+        return families
+
+
+BATCHER = BatcherCollector()
+REGISTRY.register(BATCHER)
+
+
+def watch_batcher(batcher: DynamicBatcher) -> None:
+    """Report `batcher`."""
+    BATCHER.batcher = batcher
