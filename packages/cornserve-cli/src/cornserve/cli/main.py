@@ -69,6 +69,15 @@ UrlOpt = Annotated[
         "--url", help="Gateway URL (default: $CORNSERVE_URL or http://127.0.0.1:8000).", show_default=False
     ),
 ]
+ClusterStateDirOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--state-dir",
+        help="State and logs (default: $CORNSERVE_STATE_DIR or ~/.local/state/cornserve).",
+        show_default=False,
+    ),
+]
+"""`--state-dir` of the commands that start a cluster (`up`, `demo`)."""
 StateDirOpt = Annotated[
     str | None,
     typer.Option(
@@ -182,14 +191,7 @@ def up(
             show_default=False,
         ),
     ] = None,
-    state_dir: Annotated[
-        str | None,
-        typer.Option(
-            "--state-dir",
-            help="State and logs (default: $CORNSERVE_STATE_DIR or ~/.local/state/cornserve).",
-            show_default=False,
-        ),
-    ] = None,
+    state_dir: ClusterStateDirOpt = None,
     ready_timeout: ReadyOpt = 180.0,
     tls_cert: TlsCertOpt = None,
     tls_key: TlsKeyOpt = None,
@@ -510,14 +512,7 @@ def demo(
     host: Annotated[str, typer.Option(help="Gateway address.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Gateway port.")] = 8000,
     cpu_slots: Annotated[int, typer.Option("--cpu-slots", help="CPU device slots when there is no GPU.")] = 4,
-    state_dir: Annotated[
-        str | None,
-        typer.Option(
-            "--state-dir",
-            help="State and logs (default: $CORNSERVE_STATE_DIR or ~/.local/state/cornserve).",
-            show_default=False,
-        ),
-    ] = None,
+    state_dir: ClusterStateDirOpt = None,
     ready_timeout: ReadyOpt = 180.0,
     tls_cert: TlsCertOpt = None,
     tls_key: TlsKeyOpt = None,
