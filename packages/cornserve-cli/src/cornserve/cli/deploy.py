@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -116,25 +115,11 @@ def run_node(
         state_dir=work_dir, cpu_slots=cpu_slots, dispatchers=0, nats_url=nats_url, nats_auth=auth,
         serve_gateway=False, node_name=node, create_kv_buckets=False, say=say,
     )  # fmt: skip
-    stopping = False
-
-    def request_stop(signum: int, frame: Any) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    try:
-        cluster.start(ready_timeout_s=ready_timeout_s)
-        say(f"node {node} is up: {cpu_slots} CPU slot(s), logs in {work_dir / 'logs'}")
-        code = cluster.supervise(lambda: stopping)
-    except LaunchError as exc:
-        say(f"error: {exc}")
-        code = 1
-    say(f"stopping node {node} ...")
-    cluster.stop()
-    say("stopped")
-    return code
+    return cluster.serve_until_signal(
+        ready_timeout_s,
+        lambda: say(f"node {node} is up: {cpu_slots} CPU slot(s), logs in {work_dir / 'logs'}"),
+        name=f"node {node}",
+    )
 
 
 def wait_healthy(url: str, timeout_s: float) -> None:
