@@ -13,6 +13,9 @@ Why these choices (docs/operations.md, "Kubernetes", says the same for operators
   belongs to one pod, and the sidecars (a DaemonSet, other pods) and the executors must open the
   same shared-memory segments by name. The node's own ``/dev/shm`` (a tmpfs) is the one directory
   both see; the sidecar DaemonSet mounts the same path (deploy/k8s/sidecars.yaml).
+- **The node's network** (`host_network`, the default): executors listen on 127.0.0.1 and the
+  dispatchers call them there (`cornserve.task_manager.executor`), as under Docker Compose's host
+  networking; the dispatchers run with host networking on the same nodes.
 - **restartPolicy Never**: the resource manager's reconciliation re-creates a dead task manager
   (with a fresh pod), so the kubelet restarting it in place would only hide the exit.
 - **Found again by labels**: every pod carries the cluster's and the role's labels (the selector
@@ -98,6 +101,9 @@ class KubernetesSettings(BaseModel):
     """``resources.requests.memory`` of every task-manager pod (e.g. "8Gi"); None: none."""
     termination_grace_s: int = Field(default=30, ge=0, le=3600)
     """The pod's terminationGracePeriodSeconds: the task manager stops its executors in it."""
+    host_network: bool = True
+    """Run in the node's network namespace, as the dispatchers do (deploy/k8s/dispatcher.yaml):
+    executors listen on the loopback address and the dispatchers call them at 127.0.0.1."""
     gpu_toleration: bool = True
     """GPU pods tolerate the ``nvidia.com/gpu`` NoSchedule taint GPU node pools commonly carry."""
 
@@ -261,6 +267,9 @@ def task_manager_pod(
     }
     if init_containers:
         spec["initContainers"] = init_containers
+    if settings.host_network:
+        spec["hostNetwork"] = True
+        spec["dnsPolicy"] = "ClusterFirstWithHostNet"  # the NATS Service's name still resolves
     if settings.node_selector:
         spec["nodeSelector"] = dict(settings.node_selector)
     if placement.node is not None:
