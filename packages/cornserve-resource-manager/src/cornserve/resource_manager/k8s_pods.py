@@ -115,7 +115,21 @@ class PodPlacement(BaseModel):
 
     node: str | None = None
     """Cornserve node id (the value of `KubernetesSettings.node_label`); None: anywhere."""
-    gpus: int = Field(default=0, ge=0)
+    cuda_indices: tuple[int, ...] = ()
+    """The node-wide indices of its GPUs (the resource manager's numbering), one ``nvidia.com/gpu`` each."""
+
+    @property
+    def gpus(self) -> int:
+        """How many GPUs the pod requests."""
+        return len(self.cuda_indices)
+
+    def cuda_index_map(self) -> str:
+        """``CORNSERVE_CUDA_INDEX_MAP`` of the pod: node-wide index to the pod's own (0..K-1), "2:0,3:1".
+
+        The device plugin hands the pod K GPUs that it sees as 0..K-1; the task manager renumbers
+        its executors' devices with this map (`cornserve.task_manager.devices`).
+        """
+        return ",".join(f"{node_index}:{pod_index}" for pod_index, node_index in enumerate(self.cuda_indices))
 
 
 class PlacementError(ValueError):
@@ -130,7 +144,8 @@ def placement_of(devices: Sequence[DeviceInfo]) -> PodPlacement:
             f"a task manager's executors are its child processes, so its devices must be on one node; "
             f"they are on {', '.join(nodes)}"
         )
-    return PodPlacement(node=nodes[0] if nodes else None, gpus=sum(1 for d in devices if d.kind == "cuda"))
+    cuda = sorted({d.index for d in devices if d.kind == "cuda"})
+    return PodPlacement(node=nodes[0] if nodes else None, cuda_indices=tuple(cuda))
 
 
 def task_key_hash(task_key: str) -> str:
@@ -175,6 +190,8 @@ def task_manager_pod(
         {"name": "CORNSERVE_K8S_NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
         {"name": "CORNSERVE_POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
     ]
+    if placement.gpus:
+        container_env.append({"name": "CORNSERVE_CUDA_INDEX_MAP", "value": placement.cuda_index_map()})
     volumes: list[dict[str, Any]] = [
         {"name": "shm", "hostPath": {"path": settings.shm_host_path, "type": "Directory"}},
         {"name": "logs", "emptyDir": {}},

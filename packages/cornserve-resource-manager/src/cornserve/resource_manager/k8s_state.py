@@ -77,6 +77,14 @@ def pod_state(pod: dict[str, Any]) -> PodState | None:
             details.append(_reason("exited", terminated, code))
         elif isinstance(waiting, dict) and waiting.get("reason") not in (None, "ContainerCreating"):
             details.append(_reason("waiting", waiting, None))
+    for cs in map(_dict, _list(status.get("initContainerStatuses"))):
+        state = _dict(cs.get("state"))
+        terminated, waiting = _dict(state.get("terminated")), _dict(state.get("waiting"))
+        what = f"init container {_text(cs.get('name')) or '?'}"
+        if terminated and terminated.get("exitCode") != 0:
+            details.append(_reason(f"{what} exited", terminated, terminated.get("exitCode")))
+        elif waiting and waiting.get("reason") not in (None, "PodInitializing"):
+            details.append(_reason(f"{what} waiting", waiting, None))
     for cond in map(_dict, _list(status.get("conditions"))):
         if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
             details.append(_reason("not scheduled", cond, None))
