@@ -51,6 +51,9 @@ KILL_SLACK_S = 30.0
 FORCE_DELETE_WAIT_S = 10.0
 """How long a force-deleted pod may take to disappear before `kill` gives up with an error."""
 LOG_TAIL_LINES = 40
+API_ERRORS = (httpx2.HTTPError, ValueError)
+"""What a failed API call raises: transport and HTTP errors (lightkube's ApiError is one), and
+answers that do not decode as the API's objects (lightkube's decoder raises ValueError subclasses)."""
 
 
 class KubernetesApiError(ServiceFault):
@@ -76,11 +79,14 @@ def _api_error(action: str, exc: Exception) -> KubernetesApiError:
         return KubernetesApiError(
             action, f"HTTP {st.code} {st.reason or ''}: {st.message or ''}".strip(), st.code
         )
+    if isinstance(exc, httpx2.HTTPStatusError):  # an answer that is not the API's JSON Status
+        code = exc.response.status_code
+        return KubernetesApiError(action, f"HTTP {code}: {exc.response.text[:500]}", code)
     return KubernetesApiError(action, f"{type(exc).__name__}: {exc}")
 
 
 def _is_not_found(exc: Exception) -> bool:
-    return isinstance(exc, ApiError) and exc.status.code == 404
+    return isinstance(exc, httpx2.HTTPStatusError) and exc.response.status_code == 404
 
 
 def load_config(kubeconfig: str | None = None) -> KubeConfig:
@@ -218,7 +224,7 @@ class KubernetesSpawner:
         action = f"creating the task-manager pod of {task_key} in namespace {self.settings.namespace}"
         try:
             created = await self.client.create(cast(Pod, Pod.from_dict(manifest)))
-        except httpx2.HTTPError as exc:
+        except API_ERRORS as exc:
             raise _api_error(action, exc) from exc
         name = created.metadata.name if created.metadata is not None else None
         if not name:
@@ -269,7 +275,7 @@ class KubernetesSpawner:
                 p.to_dict()
                 async for p in self.client.list(Pod, namespace=self.settings.namespace, labels=labels)
             ]
-        except httpx2.HTTPError as exc:
+        except API_ERRORS as exc:
             raise _api_error(action, exc) from exc
         states = [s for s in map(pod_state, pods) if s is not None]
         self.snapshot.replace(states)
@@ -285,7 +291,7 @@ class KubernetesSpawner:
                     name, namespace=self.settings.namespace, tail_lines=LOG_TAIL_LINES
                 )
             ]
-        except httpx2.HTTPError as exc:  # a pod that never started has no log: say so, it is no fault
+        except API_ERRORS as exc:  # a pod that never started has no log: say so, it is no fault
             return f"(no log: {_api_error('reading its log', exc).message})"
         return "".join(lines)
 
@@ -310,7 +316,7 @@ class KubernetesSpawner:
     async def _delete(self, name: str, grace: int) -> None:
         try:
             await self.client.delete(Pod, name, namespace=self.settings.namespace, grace_period=grace)
-        except httpx2.HTTPError as exc:
+        except API_ERRORS as exc:
             if not _is_not_found(exc):
                 raise _api_error(f"deleting pod {name}", exc) from exc
 
@@ -319,7 +325,7 @@ class KubernetesSpawner:
         while True:
             try:
                 await self.client.get(Pod, name, namespace=self.settings.namespace)
-            except httpx2.HTTPError as exc:
+            except API_ERRORS as exc:
                 if _is_not_found(exc):
                     return True
                 raise _api_error(f"reading pod {name}", exc) from exc
@@ -345,6 +351,8 @@ class KubernetesSpawner:
             except KubernetesApiError as exc:
                 # The snapshot keeps its last list: handles answer "running" rather than "gone".
                 logger.error("%s; listing again in %g s", exc.message, self.poll_s)
+            except Exception:  # a dead loop would freeze every handle's answer: log it and go on
+                logger.exception("listing task-manager pods failed; listing again in %g s", self.poll_s)
             await asyncio.sleep(self.poll_s)
 
     async def close(self) -> None:

@@ -1,0 +1,356 @@
+"""The `kubernetes` spawner against a fake Kubernetes API at the HTTP boundary.
+
+The fake is a small aiohttp server speaking the few endpoints the spawner calls (create, list by
+label selector, get, delete and read the log of pods), so the real client (lightkube) builds and
+parses every request and answer. Its "kubelet" is the test: it sets a pod's phase and container
+state. No live cluster: this checks the spawner's logic and its use of the API, not a kubelet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp import web
+from lightkube import AsyncClient, KubeConfig
+
+from cornserve.bus.control import DeviceInfo
+from cornserve.bus.micro import ServiceFault
+from cornserve.resource_manager.k8s_pods import (
+    LABEL_CLUSTER,
+    KubernetesSettings,
+    PodPlacement,
+    task_manager_pod,
+)
+from cornserve.resource_manager.k8s_spawner import KubernetesApiError, KubernetesSpawner
+from cornserve.resource_manager.spawner import Spawner
+
+from .support import check_names, validate
+
+NS = "cornserve"
+TASK = {"name": "lib:EncoderTask", "config": {"model_id": "/models/tiny"}}
+NATS = "nats://nats-0.nats:4222"
+TOKEN = "service-account-token"
+
+
+class FakeApi:
+    """Pods of one namespace in memory, served as the Kubernetes API serves them."""
+
+    def __init__(self) -> None:
+        self.pods: dict[str, dict[str, Any]] = {}
+        self.posted: list[dict[str, Any]] = []
+        self.logs: dict[str, str] = {}
+        self.refuse_create: int | None = None
+        self.garbage = False
+        """Answer lists with objects that are not pods."""
+        self.linger = False
+        """Pods deleted with a grace period stay (terminating) until the test lets them go."""
+        self._ids = itertools.count()
+        self._clock = itertools.count()
+
+    @web.middleware
+    async def authenticated(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.headers.get("Authorization") != f"Bearer {TOKEN}":
+            return self.status(401, "Unauthorized", "Unauthorized")
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self.authenticated])
+        base = "/api/v1/namespaces/{ns}/pods"
+        app.router.add_post(base, self.create)
+        app.router.add_get(base, self.list)
+        app.router.add_get(base + "/{name}", self.get)
+        app.router.add_delete(base + "/{name}", self.delete)
+        app.router.add_get(base + "/{name}/log", self.log)
+        return app
+
+    @staticmethod
+    def status(code: int, reason: str, message: str) -> web.Response:
+        body = {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "status": "Failure",
+            "code": code,
+            "reason": reason,
+            "message": message,
+        }
+        # Exactly this Content-Type, as the API server sends it (lightkube reads a Status only then).
+        return web.Response(
+            body=json.dumps(body).encode(), status=code, headers={"Content-Type": "application/json"}
+        )
+
+    async def create(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.posted.append(body)
+        if self.refuse_create is not None:
+            return self.status(
+                self.refuse_create,
+                "Forbidden",
+                'pods is forbidden: User "system:serviceaccount:cornserve:x" cannot create resource "pods"',
+            )
+        name = body["metadata"]["generateName"] + f"{next(self._ids):05d}"
+        pod = {
+            **body,
+            "metadata": {
+                **body["metadata"],
+                "name": name,
+                "creationTimestamp": f"2026-12-01T10:00:{next(self._clock):02d}Z",
+            },
+        }
+        pod["status"] = {"phase": "Pending"}
+        self.pods[name] = pod
+        return web.json_response(pod, status=201)
+
+    async def list(self, request: web.Request) -> web.Response:
+        wanted = dict(
+            part.split("=", 1) for part in request.query.get("labelSelector", "").split(",") if part
+        )
+        items: list[Any] = [
+            p for p in self.pods.values() if wanted.items() <= p["metadata"].get("labels", {}).items()
+        ]
+        if self.garbage:
+            items = [{"metadata": 5, "spec": "no"}]
+        return web.json_response(
+            {"kind": "PodList", "apiVersion": "v1", "metadata": {"resourceVersion": "1"}, "items": items}
+        )
+
+    async def get(self, request: web.Request) -> web.Response:
+        pod = self.pods.get(request.match_info["name"])
+        if pod is None:
+            return self.status(404, "NotFound", f'pods "{request.match_info["name"]}" not found')
+        return web.json_response(pod)
+
+    async def delete(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        pod = self.pods.get(name)
+        if pod is None:
+            return self.status(404, "NotFound", f'pods "{name}" not found')
+        grace = int(request.query.get("gracePeriodSeconds", "30"))
+        if self.linger and grace > 0:
+            pod["metadata"]["deletionTimestamp"] = "2026-12-01T11:00:00Z"
+        else:
+            del self.pods[name]
+        return web.json_response(pod)
+
+    async def log(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name not in self.logs:
+            return self.status(
+                400, "BadRequest", f'container "task-manager" in pod "{name}" is waiting to start'
+            )
+        lines = self.logs[name].splitlines(keepends=True)[-int(request.query.get("tailLines", "1000")) :]
+        return web.Response(text="".join(lines))
+
+    @staticmethod
+    def container_status(state: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "name": "task-manager",
+            "image": "cornserve-node:latest",
+            "imageID": "",
+            "ready": False,
+            "restartCount": 0,
+            "state": state,
+        }
+
+    def run(self, name: str) -> None:
+        self.pods[name]["status"] = {
+            "phase": "Running",
+            "containerStatuses": [self.container_status({"running": {}})],
+        }
+
+    def exit(self, name: str, code: int, log: str) -> None:
+        self.logs[name] = log
+        terminated = {"exitCode": code, "reason": "Error"}
+        self.pods[name]["status"] = {
+            "phase": "Failed",
+            "containerStatuses": [self.container_status({"terminated": terminated})],
+        }
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[tuple[FakeApi, str]]:
+    fake = FakeApi()
+    runner = web.AppRunner(fake.app())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        yield fake, f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+def _spawner(url: str, cluster: str = "cornserve") -> KubernetesSpawner:
+    settings = KubernetesSettings(namespace=NS, cluster=cluster)
+    config = KubeConfig.from_dict(
+        {
+            "clusters": [{"name": "fake", "cluster": {"server": url}}],
+            "users": [{"name": "rm", "user": {"token": TOKEN}}],
+            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "rm", "namespace": NS}}],
+            "current-context": "fake",
+        }
+    )
+    client = AsyncClient(config=config, namespace=NS, trust_env=False)
+    return KubernetesSpawner(settings, client=client, poll_s=3600)
+
+
+DEVICES = {
+    "llm": [DeviceInfo(kind="cuda", index=i, sidecar_rank=i, node="gpu-7") for i in (2, 3)],
+    "enc": [DeviceInfo(kind="cpu", index=0, sidecar_rank=0, node="worker-0")],
+}
+
+
+async def test_spawn_posts_the_pure_pod_spec_and_it_validates(api: tuple[FakeApi, str]) -> None:
+    fake, url = api
+    spawner = _spawner(url)
+    spawner.devices_of = lambda key: DEVICES[key]
+    try:
+        for key in ("llm", "enc"):
+            handle = await spawner.spawn(key, TASK, NATS)
+            assert handle.pid is None and handle.exit_code() is None
+        llm, enc = fake.posted
+        expected = task_manager_pod(
+            "llm", TASK, NATS, spawner.settings, PodPlacement(node="gpu-7", cuda_indices=(2, 3))
+        )
+        assert llm == expected
+        assert llm["spec"]["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": "2"}
+        assert "limits" not in enc["spec"]["containers"][0].get("resources", {})
+        for body in fake.posted:
+            validate(body)
+            check_names(body)
+    finally:
+        await spawner.close()
+
+
+async def test_the_handle_follows_the_pod_to_its_exit_and_log(api: tuple[FakeApi, str]) -> None:
+    fake, url = api
+    spawner = _spawner(url)
+    try:
+        handle = await spawner.spawn("enc", TASK, NATS)
+        [name] = fake.pods
+        fake.run(name)
+        await spawner.refresh()
+        assert handle.exit_code() is None
+        assert [k for k, _ in spawner.running()] == ["enc"]
+        fake.exit(name, 3, "".join(f"line {i}\n" for i in range(100)) + "TaskLoadError: no such task\n")
+        await spawner.refresh()
+        assert handle.exit_code() == 3
+        tail = handle.log_tail()
+        assert "Failed" in tail and "code 3" in tail and tail.endswith("TaskLoadError: no such task\n")
+        assert "line 10\n" not in tail  # only the last lines
+        assert spawner.running() == []
+        del fake.pods[name]  # deleted by someone else
+        await spawner.refresh()
+        assert handle.exit_code() == -1
+    finally:
+        await spawner.close()
+
+
+async def test_a_restarted_resource_manager_adopts_and_kills_by_label(api: tuple[FakeApi, str]) -> None:
+    fake, url = api
+    first = _spawner(url)
+    other = _spawner(url, cluster="another")
+    try:
+        await first.spawn("enc", TASK, NATS)
+        await other.spawn("enc", TASK, NATS)  # another cluster's pod in the same namespace
+        for name in fake.pods:
+            fake.run(name)
+    finally:
+        await first.close()
+        await other.close()
+    mine = next(n for n, p in fake.pods.items() if p["metadata"]["labels"][LABEL_CLUSTER] == "cornserve")
+    second: Spawner = _spawner(url)
+    assert isinstance(second, KubernetesSpawner)
+    try:
+        handle = second.adopt("enc", None)
+        assert handle.exit_code() is None  # nothing listed yet: not known to be gone
+        await second.refresh()
+        assert [(k, h.exit_code()) for k, h in second.running()] == [("enc", None)]
+        fake.linger = True
+        kill = asyncio.create_task(handle.kill(0.5))
+        await asyncio.sleep(0.3)
+        assert not kill.done() and fake.pods[mine]["metadata"].get("deletionTimestamp")
+        fake.linger = False
+        del fake.pods[mine]  # the kubelet is done with it
+        await asyncio.wait_for(kill, 10)
+        assert mine not in fake.pods and handle.exit_code() == -1
+        assert len(fake.pods) == 1  # the other cluster's pod is untouched
+    finally:
+        await second.close()
+
+
+async def test_spawning_a_key_again_replaces_its_earlier_pod(api: tuple[FakeApi, str]) -> None:
+    fake, url = api
+    spawner = _spawner(url)
+    try:
+        await spawner.spawn("enc", TASK, NATS)
+        [old] = fake.pods
+        await spawner.spawn("enc", TASK, NATS)
+        [new] = fake.pods
+        assert new != old
+    finally:
+        await spawner.close()
+
+
+async def test_api_refusals_are_clear_502_faults(api: tuple[FakeApi, str]) -> None:
+    fake, url = api
+    spawner = _spawner(url)
+    fake.refuse_create = 403
+    try:
+        with pytest.raises(KubernetesApiError) as caught:
+            await spawner.spawn("enc", TASK, NATS)
+        assert caught.value.code == 502 and caught.value.status == 403
+        assert "creating the task-manager pod of enc in namespace cornserve" in caught.value.message
+        assert (
+            "cannot create resource" in caught.value.message
+            and "deploy/k8s/resource-manager.yaml" in caught.value.message
+        )
+    finally:
+        await spawner.close()
+
+
+async def test_an_unreachable_api_is_a_fault_not_a_hang() -> None:
+    runner = web.AppRunner(web.Application())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    await runner.cleanup()  # nothing listens there now
+    spawner = _spawner(f"http://127.0.0.1:{port}")
+    try:
+        with pytest.raises(KubernetesApiError, match="listing task-manager pods"):
+            await asyncio.wait_for(spawner.spawn("enc", TASK, NATS), 30)
+    finally:
+        await spawner.close()
+
+
+async def test_devices_on_two_nodes_cannot_be_one_pod(api: tuple[FakeApi, str]) -> None:
+    fake, url = api
+    spawner = _spawner(url)
+    spawner.devices_of = lambda key: [*DEVICES["llm"], *DEVICES["enc"]]
+    try:
+        with pytest.raises(ServiceFault) as caught:
+            await spawner.spawn("mixed", TASK, NATS)
+        assert caught.value.code == 409 and "gpu-7, worker-0" in caught.value.message
+        assert fake.posted == []
+    finally:
+        await spawner.close()
+
+
+async def test_an_answer_that_is_not_the_apis_is_a_fault(api: tuple[FakeApi, str]) -> None:
+    fake, url = api
+    spawner = _spawner(url)
+    fake.garbage = True
+    try:
+        with pytest.raises(
+            KubernetesApiError, match="listing task-manager pods in namespace cornserve failed"
+        ):
+            await spawner.refresh()
+    finally:
+        await spawner.close()
