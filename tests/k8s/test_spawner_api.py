@@ -244,7 +244,7 @@ async def test_the_handle_follows_the_pod_to_its_exit_and_log(api: tuple[FakeApi
         tail = handle.log_tail()
         assert "Failed" in tail and "code 3" in tail and tail.endswith("TaskLoadError: no such task\n")
         assert "line 10\n" not in tail  # only the last lines
-        assert spawner.running() == []
+        assert [(k, h.exit_code()) for k, h in spawner.running()] == [("enc", 3)]  # for the reaper
         del fake.pods[name]  # deleted by someone else
         await spawner.refresh()
         assert handle.exit_code() == -1

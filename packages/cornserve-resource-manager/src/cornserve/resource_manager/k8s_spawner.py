@@ -237,7 +237,10 @@ class KubernetesSpawner:
             placement.gpus,
         )
         handle = KubernetesPodHandle(self, task_key, name)
-        await self.refresh()
+        try:
+            await self.refresh()
+        except KubernetesApiError as exc:  # the pod exists: its handle is right; the next list sees it
+            logger.warning("task %s: pod %s created, but %s", task_key, name, exc.message)
         return handle
 
     def adopt(self, task_key: str, pid: int | None) -> TaskManagerHandle:
@@ -246,12 +249,16 @@ class KubernetesSpawner:
         return KubernetesPodHandle(self, task_key, None)
 
     def running(self) -> list[tuple[str, TaskManagerHandle]]:
-        """Every pod of this cluster in the snapshot that has not ended (wanted or not)."""
+        """Every pod of this cluster in the snapshot (wanted or not) that is not being deleted.
+
+        Ended pods too: a pod object outlives its task manager (restartPolicy Never), and listing
+        it lets the orphan reaper delete the ended pods of keys no deployment wants.
+        """
         self._ensure_poller()
         return [
             (s.task_key, KubernetesPodHandle(self, s.task_key, s.name))
             for s in self.snapshot.pods.values()
-            if s.exit_code is None and not s.deleting
+            if not s.deleting
         ]
 
     # ----- placement -----------------------------------------------------------------------------

@@ -105,7 +105,10 @@ def load_k8s_settings(path: Path | None) -> KubernetesSettings:
     except OSError as exc:
         raise ValueError(f"--k8s-settings {path}: cannot read it: {exc.strerror}") from exc
     except ValidationError as exc:
-        raise ValueError(f"--k8s-settings {path}: {exc}") from exc
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or '<file>'}: {e['msg']}" for e in exc.errors(include_url=False)
+        )
+        raise ValueError(f"--k8s-settings {path}: {problems}") from exc
 
 
 @asynccontextmanager
