@@ -1,18 +1,14 @@
 """The `kubernetes` spawner against a fake Kubernetes API at the HTTP boundary.
 
-The fake is a small aiohttp server speaking the few endpoints the spawner calls (create, list by
-label selector, get, delete and read the log of pods), so the real client (lightkube) builds and
-parses every request and answer. Its "kubelet" is the test: it sets a pod's phase and container
-state. No live cluster: this checks the spawner's logic and its use of the API, not a kubelet.
+The fake (`fake_api`) speaks the few endpoints the spawner calls, so the real client (lightkube)
+builds and parses every request and answer. Its "kubelet" is the test: it sets a pod's phase and
+container state. No live cluster: this checks the spawner's logic and its use of the API, not a kubelet.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
-import json
 from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
 from aiohttp import web
@@ -29,173 +25,23 @@ from cornserve.resource_manager.k8s_pods import (
 from cornserve.resource_manager.k8s_spawner import KubernetesApiError, KubernetesSpawner
 from cornserve.resource_manager.spawner import Spawner
 
+from .fake_api import NS, FakeApi, kubeconfig, serve
 from .support import check_names, validate
 
-NS = "cornserve"
 TASK = {"name": "lib:EncoderTask", "config": {"model_id": "/models/tiny"}}
 NATS = "nats://nats-0.nats:4222"
-TOKEN = "service-account-token"
-
-
-class FakeApi:
-    """Pods of one namespace in memory, served as the Kubernetes API serves them."""
-
-    def __init__(self) -> None:
-        self.pods: dict[str, dict[str, Any]] = {}
-        self.posted: list[dict[str, Any]] = []
-        self.logs: dict[str, str] = {}
-        self.refuse_create: int | None = None
-        self.garbage = False
-        """Answer lists with objects that are not pods."""
-        self.linger = False
-        """Pods deleted with a grace period stay (terminating) until the test lets them go."""
-        self._ids = itertools.count()
-        self._clock = itertools.count()
-
-    @web.middleware
-    async def authenticated(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        if request.headers.get("Authorization") != f"Bearer {TOKEN}":
-            return self.status(401, "Unauthorized", "Unauthorized")
-        response: web.StreamResponse = await handler(request)
-        return response
-
-    def app(self) -> web.Application:
-        app = web.Application(middlewares=[self.authenticated])
-        base = "/api/v1/namespaces/{ns}/pods"
-        app.router.add_post(base, self.create)
-        app.router.add_get(base, self.list)
-        app.router.add_get(base + "/{name}", self.get)
-        app.router.add_delete(base + "/{name}", self.delete)
-        app.router.add_get(base + "/{name}/log", self.log)
-        return app
-
-    @staticmethod
-    def status(code: int, reason: str, message: str) -> web.Response:
-        body = {
-            "kind": "Status",
-            "apiVersion": "v1",
-            "status": "Failure",
-            "code": code,
-            "reason": reason,
-            "message": message,
-        }
-        # Exactly this Content-Type, as the API server sends it (lightkube reads a Status only then).
-        return web.Response(
-            body=json.dumps(body).encode(), status=code, headers={"Content-Type": "application/json"}
-        )
-
-    async def create(self, request: web.Request) -> web.Response:
-        body = await request.json()
-        self.posted.append(body)
-        if self.refuse_create is not None:
-            return self.status(
-                self.refuse_create,
-                "Forbidden",
-                'pods is forbidden: User "system:serviceaccount:cornserve:x" cannot create resource "pods"',
-            )
-        name = body["metadata"]["generateName"] + f"{next(self._ids):05d}"
-        pod = {
-            **body,
-            "metadata": {
-                **body["metadata"],
-                "name": name,
-                "creationTimestamp": f"2026-12-01T10:00:{next(self._clock):02d}Z",
-            },
-        }
-        pod["status"] = {"phase": "Pending"}
-        self.pods[name] = pod
-        return web.json_response(pod, status=201)
-
-    async def list(self, request: web.Request) -> web.Response:
-        wanted = dict(
-            part.split("=", 1) for part in request.query.get("labelSelector", "").split(",") if part
-        )
-        items: list[Any] = [
-            p for p in self.pods.values() if wanted.items() <= p["metadata"].get("labels", {}).items()
-        ]
-        if self.garbage:
-            items = [{"metadata": 5, "spec": "no"}]
-        return web.json_response(
-            {"kind": "PodList", "apiVersion": "v1", "metadata": {"resourceVersion": "1"}, "items": items}
-        )
-
-    async def get(self, request: web.Request) -> web.Response:
-        pod = self.pods.get(request.match_info["name"])
-        if pod is None:
-            return self.status(404, "NotFound", f'pods "{request.match_info["name"]}" not found')
-        return web.json_response(pod)
-
-    async def delete(self, request: web.Request) -> web.Response:
-        name = request.match_info["name"]
-        pod = self.pods.get(name)
-        if pod is None:
-            return self.status(404, "NotFound", f'pods "{name}" not found')
-        grace = int(request.query.get("gracePeriodSeconds", "30"))
-        if self.linger and grace > 0:
-            pod["metadata"]["deletionTimestamp"] = "2026-12-01T11:00:00Z"
-        else:
-            del self.pods[name]
-        return web.json_response(pod)
-
-    async def log(self, request: web.Request) -> web.Response:
-        name = request.match_info["name"]
-        if name not in self.logs:
-            return self.status(
-                400, "BadRequest", f'container "task-manager" in pod "{name}" is waiting to start'
-            )
-        lines = self.logs[name].splitlines(keepends=True)[-int(request.query.get("tailLines", "1000")) :]
-        return web.Response(text="".join(lines))
-
-    @staticmethod
-    def container_status(state: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "name": "task-manager",
-            "image": "cornserve-node:latest",
-            "imageID": "",
-            "ready": False,
-            "restartCount": 0,
-            "state": state,
-        }
-
-    def run(self, name: str) -> None:
-        self.pods[name]["status"] = {
-            "phase": "Running",
-            "containerStatuses": [self.container_status({"running": {}})],
-        }
-
-    def exit(self, name: str, code: int, log: str) -> None:
-        self.logs[name] = log
-        terminated = {"exitCode": code, "reason": "Error"}
-        self.pods[name]["status"] = {
-            "phase": "Failed",
-            "containerStatuses": [self.container_status({"terminated": terminated})],
-        }
 
 
 @pytest.fixture
 async def api() -> AsyncIterator[tuple[FakeApi, str]]:
     fake = FakeApi()
-    runner = web.AppRunner(fake.app())
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
-        yield fake, f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
+    async with serve(fake) as url:
+        yield fake, url
 
 
 def _spawner(url: str, cluster: str = "cornserve") -> KubernetesSpawner:
     settings = KubernetesSettings(namespace=NS, cluster=cluster)
-    config = KubeConfig.from_dict(
-        {
-            "clusters": [{"name": "fake", "cluster": {"server": url}}],
-            "users": [{"name": "rm", "user": {"token": TOKEN}}],
-            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "rm", "namespace": NS}}],
-            "current-context": "fake",
-        }
-    )
+    config = KubeConfig.from_dict(kubeconfig(url))
     client = AsyncClient(config=config, namespace=NS, trust_env=False)
     return KubernetesSpawner(settings, client=client, poll_s=3600)
 

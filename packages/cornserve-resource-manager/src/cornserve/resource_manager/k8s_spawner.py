@@ -201,6 +201,8 @@ class KubernetesSpawner:
             timeout=httpx2.Timeout(API_TIMEOUT_S),
             field_manager="cornserve-resource-manager",
         )
+        # The HTTP client logs every request at INFO: a line per pod list every `poll_s` seconds.
+        logging.getLogger("httpx2").setLevel(logging.WARNING)
         self.snapshot = PodSnapshot()
         self.devices_of: Callable[[str], Sequence[DeviceInfo]] | None = None
         """The devices a task key's executors use (set by the resource manager): its pod's placement."""
