@@ -6,9 +6,14 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import signal
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.support.processes import pids_matching
+from tests.support.waiting import wait_for, wait_gone
 
 from cornserve.dispatcher.main import DispatcherSettings
 from cornserve.gateway.main import GatewaySettings
@@ -194,3 +199,90 @@ def test_the_sidecar_command_uses_real_flags() -> None:
     }
     names = {e["name"][10:].lower() for e in container["env"] if e["name"].startswith("CORNSERVE_")}
     assert names - {"sidecars_per_node"} <= set(SidecarSettings.model_fields)
+
+
+SHELL_SCRIPTS = [
+    (f"{_id(d)}:{c['name']}", c["command"])
+    for d in DOCS
+    for c in pod_containers(d)
+    if c.get("command", [""])[0] in ("sh", "bash")
+]
+
+
+@pytest.mark.parametrize(("where", "command"), SHELL_SCRIPTS, ids=[w for w, _ in SHELL_SCRIPTS])
+def test_shell_scripts_parse(where: str, command: list[str]) -> None:
+    shell, flag, script = command
+    assert flag == "-c"
+    result = subprocess.run(
+        [shell, "-n", "-c", script], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert result.returncode == 0, f"{where}: {result.stderr}"
+
+
+def test_the_sidecar_script_starts_one_sidecar_per_device_with_ranks_from_the_configmap(
+    tmp_path: Path,
+) -> None:
+    """Run the DaemonSet's script with `cornserve-sidecar` replaced by a recorder: the ranks it starts."""
+    container = pod_spec(_find("DaemonSet", "cornserve-sidecar"))["containers"][0]
+    ranks = tmp_path / "ranks"
+    ranks.mkdir()
+    (ranks / "worker-1").write_text("4")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "cornserve-sidecar"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/started\nexit 3\n')
+    fake.chmod(0o755)
+    script = container["command"][-1].replace("/etc/cornserve/ranks", str(ranks))
+    env = {
+        "PATH": f"{bin_dir}:/usr/bin:/bin",
+        "NODE_NAME": "worker-1",
+        "HOST_IP": "10.0.0.7",
+        "CORNSERVE_SIDECARS_PER_NODE": "2",
+    }
+    result = subprocess.run(
+        ["bash", "-c", script], env=env, capture_output=True, text=True, timeout=30, check=False
+    )
+    assert result.returncode == 1 and "a sidecar exited" in result.stderr  # one exited: the pod restarts
+    started = sorted((tmp_path / "started").read_text().splitlines())
+    assert [line.split()[:4] for line in started] == [
+        ["--rank", "4", "--node", "worker-1"],
+        ["--rank", "5", "--node", "worker-1"],
+    ]
+    assert all("--tcp-host 10.0.0.7" in line for line in started)
+    env["NODE_NAME"] = "unknown-node"
+    result = subprocess.run(
+        ["bash", "-c", script], env=env, capture_output=True, text=True, timeout=30, check=False
+    )
+    assert result.returncode == 1 and "no first sidecar rank for node unknown-node" in result.stderr
+
+
+async def test_the_sidecar_script_stops_its_sidecars_on_sigterm(tmp_path: Path) -> None:
+    container = pod_spec(_find("DaemonSet", "cornserve-sidecar"))["containers"][0]
+    (tmp_path / "ranks").mkdir()
+    (tmp_path / "ranks" / "worker-0").write_text("0")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "cornserve-sidecar"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/started\nexec sleep 60\n')
+    fake.chmod(0o755)
+    script = container["command"][-1].replace("/etc/cornserve/ranks", str(tmp_path / "ranks"))
+    env = {
+        "PATH": f"{bin_dir}:/usr/bin:/bin",
+        "NODE_NAME": "worker-0",
+        "HOST_IP": "10.0.0.7",
+        "CORNSERVE_SIDECARS_PER_NODE": "3",
+    }
+    proc = subprocess.Popen(["bash", "-c", script], env=env, stderr=subprocess.DEVNULL)
+    try:
+        started = tmp_path / "started"
+        await wait_for(
+            lambda: started.exists() and len(started.read_text().splitlines()) == 3, 20, "3 sidecars"
+        )
+        sleepers = pids_matching("sleep 60")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0  # a stop, not a failure
+        await wait_gone([p for p in sleepers if p != proc.pid])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
