@@ -230,7 +230,11 @@ def test_the_sidecar_script_starts_one_sidecar_per_device_with_ranks_from_the_co
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     fake = bin_dir / "cornserve-sidecar"
-    fake.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/started\nexit 3\n')
+    # Records its arguments, then exits 3 once both have started (or after 10 s).
+    fake.write_text(
+        f'#!/bin/sh\necho "$@" >> {tmp_path}/started\n'
+        f'for i in $(seq 200); do [ "$(wc -l < {tmp_path}/started)" -ge 2 ] && break; sleep 0.05; done\nexit 3\n'
+    )
     fake.chmod(0o755)
     script = container["command"][-1].replace("/etc/cornserve/ranks", str(ranks))
     env = {

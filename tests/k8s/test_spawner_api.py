@@ -22,7 +22,8 @@ from cornserve.resource_manager.k8s_pods import (
     PodPlacement,
     task_manager_pod,
 )
-from cornserve.resource_manager.k8s_spawner import KubernetesApiError, KubernetesSpawner
+from cornserve.resource_manager.k8s_spawner import KubernetesApiError, KubernetesPodHandle, KubernetesSpawner
+from cornserve.resource_manager.k8s_state import PodState
 from cornserve.resource_manager.spawner import Spawner
 
 from .fake_api import NS, FakeApi, kubeconfig, serve
@@ -198,5 +199,38 @@ async def test_an_answer_that_is_not_the_apis_is_a_fault(api: tuple[FakeApi, str
             KubernetesApiError, match="listing task-manager pods in namespace cornserve failed"
         ):
             await spawner.refresh()
+    finally:
+        await spawner.close()
+
+
+def _state(name: str, key: str = "enc") -> PodState:
+    return PodState(
+        name=name,
+        task_key=key,
+        phase="Running",
+        created="2026-12-01T10:00:00Z",
+        node_name="n",
+        exit_code=None,
+        detail="",
+        deleting=False,
+    )
+
+
+async def test_a_list_that_started_before_the_pod_existed_cannot_say_it_is_gone() -> None:
+    spawner = _spawner("http://127.0.0.1:9")  # never called: the lists are played by hand
+    snap = spawner.snapshot
+    try:
+        early = snap.ticket()  # e.g. the refresh loop's list, sent before the pod was created
+        handle = KubernetesPodHandle(spawner, "enc", "pod-1")
+        late = snap.ticket()  # spawn's own list, after the create
+        assert snap.replace(late, [_state("pod-1")])
+        assert not snap.replace(early, [])  # answered last, started first: dropped
+        assert handle.exit_code() is None
+        early2 = snap.ticket()
+        handle2 = KubernetesPodHandle(spawner, "enc", "pod-2")
+        assert snap.replace(early2, [_state("pod-1")])  # started before pod-2: says nothing of it
+        assert handle2.exit_code() is None
+        assert snap.replace(snap.ticket(), [_state("pod-1")])  # started after: pod-2 is gone
+        assert handle2.exit_code() == -1 and handle.exit_code() is None
     finally:
         await spawner.close()

@@ -105,16 +105,27 @@ class PodSnapshot:
 
     def __init__(self) -> None:
         self.pods: dict[str, PodState] = {}
+        self.started = 0
+        """Lists started so far; each list's ticket is this count when it started."""
         self.generation = 0
-        """Completed lists; a pod absent from a list newer than its handle is gone."""
+        """The ticket of the list the snapshot holds. Lists may overlap (the refresh loop, a spawn),
+        so only a list that *started* after a handle was made can say its pod is gone."""
         self.logs: dict[str, str] = {}
         """Log tails of ended pods (fetched once each)."""
 
-    def replace(self, states: Sequence[PodState]) -> None:
-        """A new complete list."""
+    def ticket(self) -> int:
+        """The ticket of a list about to start."""
+        self.started += 1
+        return self.started
+
+    def replace(self, ticket: int, states: Sequence[PodState]) -> bool:
+        """A complete list, taken unless a list that started later was taken already."""
+        if ticket <= self.generation:
+            return False
         self.pods = {s.name: s for s in states}
-        self.generation += 1
+        self.generation = ticket
         self.logs = {k: v for k, v in self.logs.items() if k in self.pods}
+        return True
 
     def newest_of(self, task_key: str) -> PodState | None:
         """The newest pod of a task key that is not being deleted (the one to adopt)."""
@@ -133,8 +144,8 @@ class KubernetesPodHandle:
         self.task_key = task_key
         self.pod_name = pod_name
         """None for an adopted key whose pod the snapshot has not shown yet (bound on first sight)."""
-        self.born = spawner.snapshot.generation
-        """The snapshot generation when the handle was made: only a later list can say it is gone."""
+        self.born = spawner.snapshot.started
+        """Lists started before the handle was made: only a later one can say its pod is gone."""
 
     def _state(self) -> PodState | None:
         snap = self.spawner.snapshot
@@ -279,6 +290,7 @@ class KubernetesSpawner:
         """List this cluster's task-manager pods into the snapshot (and fetch log tails of ended ones)."""
         action = f"listing task-manager pods in namespace {self.settings.namespace}"
         labels: dict[str, Any] = {**selector_labels(self.settings)}
+        ticket = self.snapshot.ticket()
         try:
             pods = [
                 p.to_dict()
@@ -287,7 +299,8 @@ class KubernetesSpawner:
         except API_ERRORS as exc:
             raise _api_error(action, exc) from exc
         states = [s for s in map(pod_state, pods) if s is not None]
-        self.snapshot.replace(states)
+        if not self.snapshot.replace(ticket, states):
+            return  # a list that started later is in the snapshot already
         for s in states:
             if s.exit_code is not None and s.name not in self.snapshot.logs:
                 self.snapshot.logs[s.name] = await self._log_tail(s.name)
