@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.support.processes import pids_matching
 from tests.support.waiting import wait_for, wait_gone
 
 from cornserve.dispatcher.main import DispatcherSettings
@@ -267,7 +266,7 @@ async def test_the_sidecar_script_stops_its_sidecars_on_sigterm(tmp_path: Path) 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     fake = bin_dir / "cornserve-sidecar"
-    fake.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/started\nexec sleep 60\n')
+    fake.write_text(f'#!/bin/sh\necho $$ >> {tmp_path}/pids\necho "$@" >> {tmp_path}/started\nexec sleep 60\n')
     fake.chmod(0o755)
     script = container["command"][-1].replace("/etc/cornserve/ranks", str(tmp_path / "ranks"))
     env = {
@@ -282,10 +281,10 @@ async def test_the_sidecar_script_stops_its_sidecars_on_sigterm(tmp_path: Path) 
         await wait_for(
             lambda: started.exists() and len(started.read_text().splitlines()) == 3, 20, "3 sidecars"
         )
-        sleepers = pids_matching("sleep 60")
+        sleepers = [int(p) for p in (tmp_path / "pids").read_text().split()]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0  # a stop, not a failure
-        await wait_gone([p for p in sleepers if p != proc.pid])
+        await wait_gone(sleepers)
     finally:
         if proc.poll() is None:
             proc.kill()
