@@ -266,7 +266,9 @@ async def test_the_sidecar_script_stops_its_sidecars_on_sigterm(tmp_path: Path) 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     fake = bin_dir / "cornserve-sidecar"
-    fake.write_text(f'#!/bin/sh\necho $$ >> {tmp_path}/pids\necho "$@" >> {tmp_path}/started\nexec sleep 60\n')
+    fake.write_text(
+        f'#!/bin/sh\necho $$ >> {tmp_path}/pids\necho "$@" >> {tmp_path}/started\nexec sleep 60\n'
+    )
     fake.chmod(0o755)
     script = container["command"][-1].replace("/etc/cornserve/ranks", str(tmp_path / "ranks"))
     env = {
