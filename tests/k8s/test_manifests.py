@@ -291,3 +291,15 @@ async def test_the_sidecar_script_stops_its_sidecars_on_sigterm(tmp_path: Path) 
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_the_resource_managers_inventory_matches_the_sidecars() -> None:
+    """Devices are served by sidecars of the same rank: the RM's node and slot count agree with the DaemonSet."""
+    rm = pod_spec(_find("Deployment", "cornserve-resource-manager"))["containers"][0]
+    flags = dict(a.removeprefix("--").split("=", 1) for a in rm["command"][1:] if "=" in a)
+    node = next(e["value"] for e in rm["env"] if e["name"] == "CORNSERVE_NODE")
+    sidecars = pod_spec(_find("DaemonSet", "cornserve-sidecar"))["containers"][0]
+    per_node = next(e["value"] for e in sidecars["env"] if e["name"] == "CORNSERVE_SIDECARS_PER_NODE")
+    assert flags["cpu-slots"] == per_node
+    # The RM numbers its devices' sidecar ranks from 0 (cornserve.resource_manager.devices).
+    assert _find("ConfigMap", "cornserve-sidecar-ranks")["data"][node] == "0"

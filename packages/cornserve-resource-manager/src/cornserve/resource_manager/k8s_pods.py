@@ -9,6 +9,8 @@ Why these choices (docs/operations.md, "Kubernetes", says the same for operators
 - **One pod per task manager; its executors are its child processes.** The task manager forks its
   executors (`cornserve.task_manager.executor`), so the task manager's pod is where they run: it
   requests the deployment's GPUs (``nvidia.com/gpu``) and is pinned to the node its devices are on.
+  The device plugin picks which GPUs and the pod numbers them 0..K-1, so the pod carries
+  ``CORNSERVE_CUDA_INDEX_MAP`` for the task manager to renumber its executors' devices.
 - **`/dev/shm` is a hostPath volume**, not an ``emptyDir`` with ``medium: Memory``: an emptyDir
   belongs to one pod, and the sidecars (a DaemonSet, other pods) and the executors must open the
   same shared-memory segments by name. The node's own ``/dev/shm`` (a tmpfs) is the one directory
