@@ -250,10 +250,7 @@ class KubernetesSpawner:
             placement.gpus,
         )
         handle = KubernetesPodHandle(self, task_key, name)
-        try:
-            await self.refresh()
-        except KubernetesApiError as exc:  # the pod exists: its handle is right; the next list sees it
-            logger.warning("task %s: pod %s created, but %s", task_key, name, exc.message)
+        await self._refresh_after(f"creating pod {name} of task {task_key}")
         return handle
 
     def adopt(self, task_key: str, pid: int | None) -> TaskManagerHandle:
@@ -305,6 +302,16 @@ class KubernetesSpawner:
             if s.exit_code is not None and s.name not in self.snapshot.logs:
                 self.snapshot.logs[s.name] = await self._log_tail(s.name)
 
+    async def _refresh_after(self, what: str) -> None:
+        """Refresh after a change that succeeded; a failed list is logged, not raised.
+
+        The change stands (raising would report it as failed), and the refresh loop lists again.
+        """
+        try:
+            await self.refresh()
+        except KubernetesApiError as exc:
+            logger.warning("%s succeeded, but %s", what, exc.message)
+
     async def _log_tail(self, name: str) -> str:
         try:
             lines = [
@@ -322,7 +329,7 @@ class KubernetesSpawner:
         grace = max(0, math.ceil(grace_s))
         await self._delete(name, grace)
         if await self._gone(name, grace + KILL_SLACK_S):
-            await self.refresh()
+            await self._refresh_after(f"deleting pod {name}")
             return
         logger.warning(
             "pod %s still exists %g s after its deletion; force-deleting it", name, grace + KILL_SLACK_S
@@ -333,7 +340,7 @@ class KubernetesSpawner:
                 f"deleting pod {name}",
                 f"it still exists {grace + KILL_SLACK_S + FORCE_DELETE_WAIT_S:g} s later",
             )
-        await self.refresh()
+        await self._refresh_after(f"deleting pod {name}")
 
     async def _delete(self, name: str, grace: int) -> None:
         try:
