@@ -88,14 +88,19 @@ def init_state(
         say(f"state dir {state_dir} belongs to {uid}:{gid}")
 
 
-def create_kv(state_dir: Path, nats_url: str, timeout_s: float, say: Any = print) -> int:
-    """`cornserve deploy kv`: create the KV buckets as the admin role; existing ones are kept."""
+def create_kv(state_dir: Path, nats_url: str, timeout_s: float, say: Any = print, replicas: int = 1) -> int:
+    """`cornserve deploy kv`: create the KV buckets as the admin role; existing ones are kept.
+
+    `replicas` is each bucket's replica count: 3 on a 3-server NATS cluster (deploy/k8s).
+    """
     try:
-        create_buckets(nats_url, NatsAuth(state_dir / AUTH_DIR).creds(ADMIN), timeout_s=timeout_s)
+        create_buckets(
+            nats_url, NatsAuth(state_dir / AUTH_DIR).creds(ADMIN), timeout_s=timeout_s, replicas=replicas
+        )
     except (NatsAuthError, NatsCredentialsError, NatsConnectTimeout, TimeoutError) as exc:
         say(f"error: cannot create the KV buckets on NATS at {nats_url}: {type(exc).__name__}: {exc}")
         return 1
-    say(f"KV buckets on {nats_url}: {', '.join(BUCKETS)}")
+    say(f"KV buckets on {nats_url} ({replicas} replica(s) each): {', '.join(BUCKETS)}")
     return 0
 
 

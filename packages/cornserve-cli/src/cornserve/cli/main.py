@@ -580,11 +580,14 @@ def deploy_kv(
     nats_url: Annotated[str, typer.Option("--nats-url", help="The cluster's NATS.")],
     state_dir: StateDirOpt = None,
     timeout: Annotated[float, typer.Option("--timeout", help="Deadline, seconds.")] = 30.0,
+    replicas: Annotated[
+        int, typer.Option("--replicas", min=1, max=5, help="Replicas of each bucket (3 on a 3-server NATS).")
+    ] = 1,
 ) -> None:
     """Create the cluster's KV buckets (as the admin role)."""
     from cornserve.cli.deploy import create_kv
 
-    _exit(create_kv(_state_dir(state_dir), nats_url, timeout))
+    _exit(create_kv(_state_dir(state_dir), nats_url, timeout, replicas=replicas))
 
 
 @deploy_app.command("node")
