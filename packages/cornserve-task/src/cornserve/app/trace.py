@@ -30,11 +30,11 @@ async def trace_app(spec: AppSpec, request: dict[str, Any] | Any) -> list[TaskGr
             if hasattr(awaited, "__anext__"):
                 async for _ in awaited:
                     pass
-    # Only a graph's last invocation may stream, and that stream is what the graph returns.
+    # At most one invocation of a graph streams, and that stream is what the graph returns.
     return [
         TaskGraph(
             invocations=graph,
-            output=graph[-1].task_output if isinstance(graph[-1].task_output, Stream) else None,
+            output=next((inv.task_output for inv in graph if isinstance(inv.task_output, Stream)), None),
         )
         for graph in tracer.graphs
     ]

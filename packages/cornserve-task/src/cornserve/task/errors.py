@@ -42,8 +42,9 @@ class StaticGraphError(TaskError):
     """A rule of the static-graph model was broken.
 
     The execution DAG must be fully determined by the request: replay must make exactly the
-    recorded invocations, intermediate data cannot be inspected while recording, only the last
-    invocation may stream, and every forwarded value must be consumed or returned.
+    recorded invocations, intermediate data cannot be inspected while recording, a `Stream` output
+    must be the graph's result, every stream forward (`DataForward[Stream[T]]`) has exactly one
+    consumer, and every other forwarded value must be consumed or returned.
     """
 
 
