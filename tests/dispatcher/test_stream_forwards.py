@@ -1,0 +1,66 @@
+"""Stream forwards in the dispatcher: a producer of a `DataForward[Stream[T]]` still producing while
+the caller already reads the result stream, and its failure ending that stream with its error.
+
+Real nats-server and dispatcher processes; stand-in task managers and executors (support.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import types
+
+import pytest
+from tests.dispatcher.support import StandInControlPlane
+
+from cornserve.gateway.dispatch_client import DispatcherClient
+from cornserve.task import TaskExecutionError, use_graph_runner
+
+DEADLINE = 60.0
+
+
+async def test_the_caller_reads_the_first_item_while_the_producer_still_produces(
+    control_plane: StandInControlPlane, lib: types.ModuleType
+) -> None:
+    graph = lib.ThinkThenSpeak()
+    think_exec, think_tm = await control_plane.deploy(graph.think, ranks=[1])
+    _, speak_tm = await control_plane.deploy(graph.speak, ranks=[2])
+    client = DispatcherClient(control_plane.nc, timeout_s=30)
+    with use_graph_runner(client):
+        async with asyncio.timeout(DEADLINE):
+            # Think holds after its first item until the gate opens: a dispatcher that waited for
+            # its answer before replying would never return this stream (the deadline fails the test).
+            stream = await graph(lib.ThinkIn(count=4, hold_after_first=True))
+            items = aiter(stream)
+            first = await anext(items)
+            assert think_exec.held == 1 and not think_exec.gate.is_set()
+            think_exec.gate.set()
+            rest = [item async for item in items]
+    assert [t.text for t in [first, *rest]] == [f"said {float(i)}" for i in range(4)]
+    ((_, thought),) = think_exec.requests
+    assert thought["outputs"][0]["dst_sidecar_ranks"] == [[2]]
+    assert await think_tm.wait_done(1) == [think_exec.executor_id]
+    assert len(await speak_tm.wait_done(1)) == 1
+
+
+async def test_a_producer_failing_mid_stream_ends_the_result_stream_with_its_error(
+    control_plane: StandInControlPlane, lib: types.ModuleType
+) -> None:
+    graph = lib.ThinkThenSpeak()
+    think_exec, think_tm = await control_plane.deploy(graph.think, ranks=[1])
+    speak_exec, speak_tm = await control_plane.deploy(graph.speak, ranks=[2])
+    client = DispatcherClient(control_plane.nc, timeout_s=30)
+    items = []
+    with use_graph_runner(client):
+        async with asyncio.timeout(DEADLINE):
+            # Think fails only once the caller reads the stream (after the reply): the failure must
+            # reach the stream, not only a reply.
+            stream = await graph(lib.ThinkIn(count=4, hold_after_first=True, fail_at=2))
+            with pytest.raises(TaskExecutionError, match=r"Think at position 0 .*think exploded at step 2"):
+                async for item in stream:
+                    items.append(item)
+                    think_exec.gate.set()
+            # The consumer, waiting for an item that never comes, is stopped (its request dropped).
+            await asyncio.wait_for(speak_exec.cancelled.wait(), DEADLINE)
+    assert [t.index for t in items] == [0, 1][: len(items)]
+    assert await think_tm.wait_done(1) == [think_exec.executor_id]
+    assert len(await speak_tm.wait_done(1)) == 1
