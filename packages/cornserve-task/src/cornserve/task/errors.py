@@ -56,6 +56,14 @@ class UnmaterializedDataError(StaticGraphError):
     """
 
 
+class TracedOutputError(UnmaterializedDataError):
+    """An app's `serve` used a value output of a graph that was only traced (`TracingRunner`).
+
+    Not a mistake of the app: tracing executes nothing, so whatever `serve` does with real outputs
+    (e.g. a second graph built from the first one's text) cannot be traced past this point.
+    """
+
+
 class NoGraphRunnerError(TaskError, RuntimeError):
     """`await task(...)` was called but no graph runner is configured to execute the graph."""
 

@@ -69,6 +69,8 @@ class TaskGraph:
 
     invocations: list[TaskInvocation]
     output: Any = None
+    note: str = ""
+    """Said with the picture (e.g. that tracing stopped after this graph: `cornserve.app.trace_app`)."""
     edges: list[tuple[int, int, str]] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -139,6 +141,7 @@ class TaskGraph:
         lines = ["flowchart LR"]
         lines += [f'    {n}(["{label}"])' if n == "out" else f'    {n}["{label}"]' for n, label in nodes]
         lines += [f"    {a} {'-.->' if dashed else '-->'}|{label}| {b}" for a, b, label, dashed in arrows]
+        lines += [f"    %% {line}" for line in self.note.splitlines()]
         return "\n".join(lines) + "\n"
 
     def to_dot(self) -> str:
@@ -155,6 +158,7 @@ class TaskGraph:
             else f'    {a} -> {b} [label="{label}"];'
             for a, b, label, dashed in arrows
         ]
+        lines += [f"    // {line}" for line in self.note.splitlines()]
         lines.append("}")
         return "\n".join(lines) + "\n"
 
@@ -169,6 +173,8 @@ class TaskGraph:
                 f"[{position}] {_label(inv)}  key={inv.task.deployment_key}\n"
                 f"      consumes: {', '.join(consumes) or '-'}   produces: {', '.join(produces) or '-'} ({kind})"
             )
+        if self.note:
+            lines.append(f"note: {self.note}")
         return "\n".join(lines) + "\n"
 
 
