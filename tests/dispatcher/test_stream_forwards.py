@@ -12,8 +12,10 @@ import types
 import pytest
 from tests.dispatcher.support import StandInControlPlane
 
+from cornserve.bus.micro import ServiceFault
+from cornserve.dispatcher.graph import check_streams
 from cornserve.gateway.dispatch_client import DispatcherClient
-from cornserve.task import TaskExecutionError, use_graph_runner
+from cornserve.task import DataForward, Stream, TaskExecutionError, TaskInvocation, Tensor, use_graph_runner
 
 DEADLINE = 60.0
 
@@ -64,3 +66,30 @@ async def test_a_producer_failing_mid_stream_ends_the_result_stream_with_its_err
     assert [t.index for t in items] == [0, 1][: len(items)]
     assert await think_tm.wait_done(1) == [think_exec.executor_id]
     assert len(await speak_tm.wait_done(1)) == 1
+
+
+def test_the_dispatcher_refuses_graphs_whose_streams_break_the_rule(lib: types.ModuleType) -> None:
+    """What the static-graph check refuses while recording, a hand-made graph is refused for too."""
+    hidden = DataForward[Stream[Tensor]]()
+    think = TaskInvocation(
+        task=lib.Think(), task_input=lib.ThinkIn(), task_output=lib.HiddenOut(hidden=hidden)
+    )
+
+    def speak() -> TaskInvocation:
+        return TaskInvocation(
+            task=lib.Speak(),
+            task_input=lib.SpeakIn(hidden=hidden),
+            task_output=Stream[lib.Token].placeholder("Speak"),
+        )
+
+    check_streams([think, speak()], "subject")  # one consumer, one stream: fine
+    with pytest.raises(ServiceFault, match="Speak at position 1, Speak at position 2 stream"):
+        check_streams([think, speak(), speak()], "subject")
+    with pytest.raises(
+        ServiceFault, match="Speak at position 1 streams; the request must name a stream_subject"
+    ):
+        check_streams([think, speak()], None)
+    with pytest.raises(
+        ServiceFault, match=f"stream forward {hidden.id} of Think at position 0 has 0 consumers"
+    ):
+        check_streams([think], None)
