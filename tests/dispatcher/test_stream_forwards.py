@@ -68,6 +68,26 @@ async def test_a_producer_failing_mid_stream_ends_the_result_stream_with_its_err
     assert len(await speak_tm.wait_done(1)) == 1
 
 
+async def test_a_caller_that_stops_reading_stops_the_producer_too(
+    control_plane: StandInControlPlane, lib: types.ModuleType
+) -> None:
+    graph = lib.ThinkThenSpeak()
+    think_exec, think_tm = await control_plane.deploy(graph.think, ranks=[1])
+    speak_exec, speak_tm = await control_plane.deploy(graph.speak, ranks=[2])
+    client = DispatcherClient(control_plane.nc, timeout_s=30)
+    with use_graph_runner(client):
+        async with asyncio.timeout(DEADLINE):
+            stream = await graph(lib.ThinkIn(count=4, hold_after_first=True))
+            items = aiter(stream)
+            assert (await anext(items)).index == 0
+            await items.aclose()  # type: ignore[attr-defined]
+            # The caller's cancel stops the relay, and with it the producer still in the graph's tail.
+            await asyncio.wait_for(think_exec.cancelled.wait(), DEADLINE)
+            await asyncio.wait_for(speak_exec.cancelled.wait(), DEADLINE)
+    assert await think_tm.wait_done(1) == [think_exec.executor_id]
+    assert len(await speak_tm.wait_done(1)) == 1
+
+
 def test_the_dispatcher_refuses_graphs_whose_streams_break_the_rule(lib: types.ModuleType) -> None:
     """What the static-graph check refuses while recording, a hand-made graph is refused for too."""
     hidden = DataForward[Stream[Tensor]]()

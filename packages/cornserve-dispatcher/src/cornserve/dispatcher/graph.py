@@ -92,7 +92,9 @@ class Tail:
     names: list[str]
     deadline: float
     """`time.monotonic()` by which the tail must be done (the graph's deadline)."""
-    abandon: Callable[[str], None]
+    on_abandon: Callable[[str], None]
+    """Frees the graph's forwards in the sidecars (`forwards.py`)."""
+    abandoned: bool = False
 
     async def wait(self) -> None:
         """Until every tail call answered; raises the first failure as a ServiceFault (TimeoutError past the deadline)."""
@@ -104,6 +106,13 @@ class Tail:
         """Stop the calls still running (their connections are closed, their routes reported done)."""
         for task in self.tasks:
             task.cancel()
+
+    def abandon(self, reason: str) -> None:
+        """Give the tail up: stop its calls and free the graph's forwards now (once)."""
+        self.cancel()
+        if not self.abandoned:
+            self.abandoned = True
+            self.on_abandon(reason)
 
 
 @dataclass
@@ -203,7 +212,7 @@ class GraphRunner:
                 tasks=[state.tail[i] for i in positions],
                 names=[f"{invocations[i].task.display_name()} at position {i}" for i in positions],
                 deadline=deadline,
-                abandon=abandon,
+                on_abandon=abandon,
             )
         return GraphResult(outputs=outputs, stream=state.stream, tail=tail)
 

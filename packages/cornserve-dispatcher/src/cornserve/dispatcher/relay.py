@@ -58,6 +58,7 @@ class StreamRelay:
     """Called once the terminal message is out (or could not be sent)."""
     tail: Tail | None = None
     """Producers of stream forwards still running (`graph.Tail`): the stream ends with their error."""
+    tail_done: bool = field(default=False, init=False)
     _seq: int = field(default=0, init=False)
     _cancel_reason: str | None = field(default=None, init=False)
 
@@ -96,8 +97,9 @@ class StreamRelay:
                 response.release()
             else:
                 response.close()  # drop the connection so the executor stops generating
-                if self.tail is not None:
-                    self.tail.cancel()
+                if self.tail is not None and not self.tail_done:
+                    # Its producers still run: stop them, and free the stream forwards they sent.
+                    self.tail.abandon(f"the stream of {self._label} ended early")
             self.on_finish()
 
     async def _relay_with_tail(self, response: aiohttp.ClientResponse) -> None:
@@ -124,6 +126,7 @@ class StreamRelay:
         """Until the tail answered; its failure (or deadline) frees the graph's forwards and is raised."""
         try:
             await tail.wait()
+            self.tail_done = True
         except ServiceFault as fault:
             reason = f"{fault.message}"
         except TimeoutError:
@@ -131,7 +134,6 @@ class StreamRelay:
         else:
             return
         tail.abandon(reason)
-        tail.cancel()
         raise _TailFailure(reason)
 
     async def _relay_lines(self, response: aiohttp.ClientResponse) -> None:
