@@ -13,7 +13,7 @@ import pytest
 from tests.dispatcher.support import StandInControlPlane
 
 from cornserve.bus.micro import ServiceFault
-from cornserve.dispatcher.graph import check_streams
+from cornserve.dispatcher.graph import check_streams, tail_of
 from cornserve.gateway.dispatch_client import DispatcherClient
 from cornserve.task import DataForward, Stream, TaskExecutionError, TaskInvocation, Tensor, use_graph_runner
 
@@ -113,3 +113,12 @@ def test_the_dispatcher_refuses_graphs_whose_streams_break_the_rule(lib: types.M
         ServiceFault, match=f"stream forward {hidden.id} of Think at position 0 has 0 consumers"
     ):
         check_streams([think], None)
+
+
+def test_only_forward_only_producers_of_stream_forwards_form_the_tail(lib: types.ModuleType) -> None:
+    from cornserve.task.context import record_graph
+
+    think_speak, _ = record_graph(lib.ThinkThenSpeak(), lib.ThinkIn())
+    assert tail_of(think_speak.invocations) == {0}  # Think: only its stream forward
+    chat, _ = record_graph(lib.Chat(), lib.ChatIn(values=[1.0]))
+    assert tail_of(chat.invocations) == set()  # Produce's forward is a plain tensor: waited for
