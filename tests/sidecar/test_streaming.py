@@ -114,3 +114,18 @@ async def test_a_consumer_that_stops_reading_fails_the_producer_at_its_deadline(
             await writer.send(item(2))
         assert writer.sent == 2
         await writer.abandon()
+
+
+async def test_a_dropped_stream_wakes_its_waiting_producer(sidecars, nats_url, arenas_empty) -> None:
+    """The graph was given up while the producer waited for its window: it fails now, not at its deadline."""
+    a, b = await sidecars(2)
+    async with Sidecar(a.rank, nats_url) as src:
+        writer = StreamWriter(src, "s6", [[b.rank]], window=1, timeout=60)
+        await writer.send(item(0))
+        blocked = asyncio.create_task(writer.send(item(1)))
+        await wait_for(lambda: writer.waiting_for == 0, 20, "the writer to wait for chunk 0")
+        await drop(nats_url, [a.rank, b.rank], ["s6"])
+        with pytest.raises(DataDropped):
+            await asyncio.wait_for(blocked, 10)
+        await writer.abandon()
+    await arenas_empty([a.rank, b.rank])
