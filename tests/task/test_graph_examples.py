@@ -1,8 +1,10 @@
 """The Arena and Chain examples (issue 16) validate and trace to the graphs docs/tasks.md shows.
 
-Tracing executes nothing: where `serve` reads a value output (the text of a completion) tracing
-stops, says so in the last graph's note, and keeps every graph recorded until then. A rule broken
-while recording is still an error.
+Tracing executes nothing: an `LLMCompletionTask` answers a trace with a completion that says it
+was traced (`traced_output`), so the Chain's second graph, built from the first one's text, is
+traced too. Where `serve` reads a value output with no stand-in, tracing stops, says so in the last
+graph's note, and keeps every graph recorded until then. A rule broken while recording is still an
+error.
 """
 
 from __future__ import annotations
@@ -32,19 +34,82 @@ async def test_arena_is_one_encoder_broadcast_to_every_llm() -> None:
     ]
     (first, second) = graph.edges
     assert (first[0], first[1], second[0], second[1]) == (0, 1, 0, 2) and first[2] == second[2]
-    assert "tracing stopped after this graph" in graph.note and "'choices'" in graph.note
-    assert "%% tracing stopped" in graph.to_mermaid()
+    assert graph.note == ""
 
 
-async def test_chain_traces_its_first_graph_and_says_where_it_stopped() -> None:
+async def test_chain_traces_both_graphs() -> None:
     spec = validate_app((EXAMPLES / "chain_app.py").read_text(), name="chain")
     assert spec.streaming
-    (graph,) = await trace_app(spec, {"image_url": IMAGE})
-    assert [inv.task.display_name() for inv in graph.invocations] == [
+    describe, rewrite = await trace_app(spec, {"image_url": IMAGE})
+    assert [inv.task.display_name() for inv in describe.invocations] == [
         "EncoderTask[image]",
         "LLMCompletionTask[embeddings]",
     ]
-    assert "LLMCompletionTask[embeddings], which only exists when the graph really runs" in graph.note
+    (inv,) = rewrite.invocations
+    assert inv.task.display_name() == "LLMTask" and rewrite.stream_position() == 0
+    # The second graph's prompt carries the first one's traced answer.
+    assert "traced, not generated" in inv.task_input.messages[0].content
+    assert describe.note == rewrite.note == ""
+
+
+READS_A_VALUE = """
+from typing import Any
+from pydantic import BaseModel
+from cornserve.app import AppConfig
+from cornserve.task import ExecutorRequest, TaskExecutionDescriptor, TaskInput, TaskOutput, UnitTask
+
+
+class Question(TaskInput):
+    text: str
+
+
+class Score(TaskOutput):
+    value: float
+
+
+class Grade(UnitTask[Question, Score]):
+    default_descriptor = "GradeDescriptor"
+
+
+class GradeDescriptor(TaskExecutionDescriptor[Grade]):
+    def to_request(self, task: Any, invocation: Any) -> ExecutorRequest:
+        return ExecutorRequest(path="/grade", body={})
+
+    def from_response(self, task: Any, invocation: Any, body: Any) -> Score:
+        return Score.model_validate(body)
+
+
+grade = Grade()
+
+
+class Config(AppConfig):
+    tasks = {"grade": grade}
+
+
+class Req(BaseModel):
+    text: str
+
+
+class Resp(BaseModel):
+    value: float
+
+
+async def serve(request: Req) -> Resp:
+    first = await grade(Question(text=request.text))
+    again = await grade(Question(text=f"{first.value:.1f}"))
+    return Resp(value=again.value)
+"""
+
+
+async def test_tracing_stops_with_a_note_where_serve_reads_a_value_without_a_stand_in() -> None:
+    spec = validate_app(READS_A_VALUE, name="reads")
+    (graph,) = await trace_app(spec, {"text": "hi"})
+    assert [inv.task.display_name() for inv in graph.invocations] == ["Grade"]
+    assert graph.note.startswith(
+        "tracing stopped after this graph: serve() used output field 'value' of Grade"
+    )
+    assert "%% tracing stopped" in graph.to_mermaid() and "// tracing stopped" in graph.to_dot()
+    assert "note: tracing stopped" in graph.describe()
 
 
 BROKEN = """

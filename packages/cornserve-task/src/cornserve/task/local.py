@@ -151,8 +151,9 @@ class TracedOutput(Unmaterialized):
 class TracingRunner:
     """Executes nothing: keeps each graph it is given and returns the recorded placeholders.
 
-    Streams come back empty, and value fields are `TracedOutput`s. Used to show the graphs an
-    app's `serve` makes for a request.
+    Streams come back empty; value outputs are the task's `traced_output` stand-in if it has one,
+    else their value fields are `TracedOutput`s. Used to show the graphs an app's `serve` makes
+    for a request.
     """
 
     def __init__(self) -> None:
@@ -166,6 +167,10 @@ class TracingRunner:
             out = inv.task_output
             if isinstance(out, Stream):
                 outputs.append(Stream.from_iterator(_empty()))
+                continue
+            stand_in = inv.task.traced_output(inv.task_input)
+            if stand_in is not None:
+                outputs.append(stand_in)
                 continue
             fields: dict[str, Any] = {
                 name: TracedOutput(inv.task.display_name(), name)

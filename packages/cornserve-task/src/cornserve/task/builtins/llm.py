@@ -13,7 +13,13 @@ from typing import Any
 from pydantic import Field, PrivateAttr
 
 from cornserve.task.base import UnitTask
-from cornserve.task.builtins.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest
+from cornserve.task.builtins.chat import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    CompletionChoice,
+    CompletionMessage,
+)
 from cornserve.task.builtins.modality import Modality
 from cornserve.task.descriptor import (
     ExecutorLaunchSpec,
@@ -98,6 +104,16 @@ class LLMCompletionTask(LLMTask):
     def make_output_placeholder(self, task_input: ChatCompletionRequest) -> ChatCompletion:  # type: ignore[override]
         """Every field of the completion exists only after the graph ran."""
         return super(LLMTask, self).make_output_placeholder(task_input)  # type: ignore[return-value]
+
+    def traced_output(self, task_input: ChatCompletionRequest) -> ChatCompletion:  # type: ignore[override]
+        """A completion that says it was traced, so tracing an app goes on past reading its text."""
+        text = f"<the answer of {self.display_name()} ({self.model_id}): traced, not generated>"
+        return ChatCompletion(
+            id="traced",
+            created=0,
+            model=self.model_id,
+            choices=[CompletionChoice(message=CompletionMessage(content=text), finish_reason="stop")],
+        )
 
     def display_name(self) -> str:
         """E.g. `LLMCompletionTask[embeddings]`."""
