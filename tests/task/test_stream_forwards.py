@@ -205,3 +205,26 @@ def test_a_stream_that_is_not_the_result_is_refused() -> None:
         match=r"TakesStream at position 1 takes the Stream produced by Generate at position 0 in its input",
     ):
         PassesStream().trace(PromptInput(prompt="hi"))
+
+
+class TwoTokenStreams(TaskOutput):
+    first: Stream[Token]
+    second: Stream[Token]
+
+
+class ReturnsTwoStreams(Task[PromptInput, TwoTokenStreams]):
+    def post_init(self) -> None:
+        self.generate = Generate()
+
+    def invoke(self, task_input: PromptInput) -> TwoTokenStreams:
+        first = self.generate.invoke(GenerateInput(prompt="a"))
+        return TwoTokenStreams(first=first, second=self.generate.invoke(GenerateInput(prompt="b")))
+
+
+def test_a_graph_relays_one_stream() -> None:
+    with pytest.raises(
+        StaticGraphError,
+        match=r"2 invocations stream their output \(Generate at position 0, Generate at position 1\), "
+        r"but one graph relays one stream to the caller",
+    ):
+        ReturnsTwoStreams().trace(PromptInput(prompt="hi"))
