@@ -88,6 +88,25 @@ async def test_a_caller_that_stops_reading_stops_the_producer_too(
     assert len(await speak_tm.wait_done(1)) == 1
 
 
+async def test_a_producer_that_hangs_ends_the_stream_at_the_graphs_deadline(
+    control_plane: StandInControlPlane, lib: types.ModuleType
+) -> None:
+    graph = lib.ThinkThenSpeak()
+    think_exec, think_tm = await control_plane.deploy(graph.think, ranks=[1])
+    await control_plane.deploy(graph.speak, ranks=[2])
+    client = DispatcherClient(control_plane.nc, timeout_s=3)
+    with use_graph_runner(client):
+        async with asyncio.timeout(DEADLINE):
+            stream = await graph(lib.ThinkIn(count=4, hold_after_first=True))  # never released
+            items = aiter(stream)
+            assert (await anext(items)).index == 0
+            # Whichever deadline fires first (the tail's, or the idle stream's), the caller hears of it.
+            with pytest.raises(TaskExecutionError, match=r"deadline|sent nothing for"):
+                await anext(items)
+            await asyncio.wait_for(think_exec.cancelled.wait(), DEADLINE)
+    assert await think_tm.wait_done(1) == [think_exec.executor_id]
+
+
 def test_the_dispatcher_refuses_graphs_whose_streams_break_the_rule(lib: types.ModuleType) -> None:
     """What the static-graph check refuses while recording, a hand-made graph is refused for too."""
     hidden = DataForward[Stream[Tensor]]()

@@ -99,8 +99,13 @@ class Tail:
     async def wait(self) -> None:
         """Until every tail call answered; raises the first failure as a ServiceFault (TimeoutError past the deadline)."""
         async with asyncio.timeout(max(0.0, self.deadline - time.monotonic())):
-            for task in self.tasks:
-                await asyncio.shield(task)
+            for task, name in zip(self.tasks, self.names, strict=True):
+                try:
+                    await asyncio.shield(task)
+                except asyncio.CancelledError:
+                    if not task.cancelled():
+                        raise  # the waiter itself is cancelled
+                    raise ServiceFault(503, "cancelled", f"{name} was stopped before it answered") from None
 
     def cancel(self) -> None:
         """Stop the calls still running (their connections are closed, their routes reported done)."""

@@ -113,8 +113,9 @@ class StreamRelay:
         try:
             done, _ = await asyncio.wait({lines, watch}, return_when=asyncio.FIRST_EXCEPTION)
             for task in (watch, lines):  # the tail's failure explains the consumer's
-                if task in done and task.exception() is not None:
-                    raise task.exception()  # type: ignore[misc]
+                failure = task.exception() if task in done and not task.cancelled() else None
+                if failure is not None:
+                    raise failure
             await lines
             await watch  # the consumer ended first: its producer must still answer, by the deadline
         finally:
@@ -128,9 +129,12 @@ class StreamRelay:
             await tail.wait()
             self.tail_done = True
         except ServiceFault as fault:
-            reason = f"{fault.message}"
+            reason = fault.message
         except TimeoutError:
             reason = f"{', '.join(tail.names)} did not finish within the graph's deadline"
+        except Exception as exc:  # a dispatcher bug: still end the stream with a message
+            logger.error("the tail of %s failed unexpectedly", self._label, exc_info=exc)
+            reason = f"{', '.join(tail.names)} failed: {type(exc).__name__}: {exc}"
         else:
             return
         tail.abandon(reason)
