@@ -86,6 +86,8 @@ def test_a_stream_forward_with_one_consumer_is_a_dashed_edge() -> None:
     assert f"t0 -.->|Stream[Tensor] {fid[:8]}| t1" in mermaid
     assert "t1 -.->|stream| out" in mermaid
     assert "style=dashed" in graph.to_dot()
+    assert f"produces: {fid[:8]} (stream)" in graph.describe()
+    assert f"consumes: {fid[:8]} (stream)" in graph.describe()
 
 
 class Pool(UnitTask[FromHiddenInput, TensorOutput]):

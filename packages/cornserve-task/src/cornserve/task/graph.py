@@ -166,8 +166,8 @@ class TaskGraph:
         """A plain-text listing: each invocation with the forwards it consumes and produces."""
         lines = []
         for position, inv in enumerate(self.invocations):
-            consumes = [f.id[:8] for f in iter_forwards(inv.task_input)]
-            produces = [f.id[:8] for f in iter_forwards(inv.task_output)]
+            consumes = [_short(f) for f in iter_forwards(inv.task_input)]
+            produces = [_short(f) for f in iter_forwards(inv.task_output)]
             kind = "output streams" if isinstance(inv.task_output, Stream) else "output is a value"
             lines.append(
                 f"[{position}] {_label(inv)}  key={inv.task.deployment_key}\n"
@@ -176,6 +176,11 @@ class TaskGraph:
         if self.note:
             lines.append(f"note: {self.note}")
         return "\n".join(lines) + "\n"
+
+
+def _short(fwd: DataForward[Any]) -> str:
+    """A forward in listings: its id's start, marked when it is a stream forward."""
+    return f"{fwd.id[:8]} (stream)" if is_stream_forward(fwd) else fwd.id[:8]
 
 
 def all_forwards(invocations: Sequence[TaskInvocation]) -> dict[str, DataForward[Any]]:
