@@ -251,7 +251,7 @@ class Gateway:
                 "trace_timeout",
                 f"tracing app {app.record.name!r} took longer than {GRAPH_TRACE_TIMEOUT_S:g} s",
             ) from None
-        except (TaskError, ValueError) as exc:  # e.g. serve read an output that only exists when run
+        except (TaskError, ValueError) as exc:  # e.g. a graph breaks a static-graph rule
             raise HTTPError(422, "trace_failed", f"tracing app {app.record.name!r} failed: {exc}") from None
         return reply(
             AppGraph(

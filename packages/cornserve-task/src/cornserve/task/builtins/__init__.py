@@ -25,7 +25,13 @@ from cornserve.task.builtins.embedding import (
     EmbeddingMeta,
 )
 from cornserve.task.builtins.encoder import EncoderInput, EncoderOutput, EncoderTask, EricDescriptor
-from cornserve.task.builtins.llm import CPULLMDescriptor, LLMTask, OpenAIChatDescriptor, VLLMDescriptor
+from cornserve.task.builtins.llm import (
+    CPULLMDescriptor,
+    LLMCompletionTask,
+    LLMTask,
+    OpenAIChatDescriptor,
+    VLLMDescriptor,
+)
 from cornserve.task.builtins.mllm import MLLMTask
 from cornserve.task.builtins.modality import Modality
 from cornserve.task.registry import DESCRIPTORS, UNIT_TASKS, ClassKey
@@ -38,7 +44,7 @@ def register_builtins() -> list[ClassKey]:
     registering them is an explicit step (`cornserve.task` calls it on import) rather than a side
     effect a registry lookup triggers.
     """
-    tasks = [UNIT_TASKS.register(cls) for cls in (EncoderTask, LLMTask)]
+    tasks = [UNIT_TASKS.register(cls) for cls in (EncoderTask, LLMTask, LLMCompletionTask)]
     descriptors = [DESCRIPTORS.register(cls) for cls in (EricDescriptor, VLLMDescriptor, CPULLMDescriptor)]
     return tasks + descriptors
 
@@ -64,6 +70,7 @@ __all__ = [
     "EricDescriptor",
     "ImageURLPart",
     "InputAudioPart",
+    "LLMCompletionTask",
     "LLMTask",
     "MLLMTask",
     "MediaItem",
