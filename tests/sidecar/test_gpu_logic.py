@@ -85,7 +85,9 @@ def test_cupy_older_than_14_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @no_gpu
-async def test_receiving_a_cuda_chunk_without_cupy_raises_gpu_unavailable(sidecars: Any, env_nats: str) -> None:
+async def test_receiving_a_cuda_chunk_without_cupy_raises_gpu_unavailable(
+    sidecars: Any, env_nats: str
+) -> None:
     """A real server hands a consumer a CUDA IPC location; without CuPy/CUDA the consumer gets the typed error."""
     (a,) = await sidecars(1)
     async with Sidecar(a.rank) as sc:
@@ -104,7 +106,13 @@ async def test_receiving_a_cuda_chunk_without_cupy_raises_gpu_unavailable(sideca
             node=sc._info.node,
         )
         msg = SendRequest(
-            id="g", chunk_id=0, num_chunks=1, dst_ranks=[[a.rank]], instance=sc._info.instance, location=loc, timeout=5
+            id="g",
+            chunk_id=0,
+            num_chunks=1,
+            dst_ranks=[[a.rank]],
+            instance=sc._info.instance,
+            location=loc,
+            timeout=5,
         )
         await request(nc, sidecar_subject(a.rank, SidecarVerb.SEND), msg, SidecarAck, 10)
         with pytest.raises(GpuUnavailable):
@@ -134,7 +142,7 @@ def test_allocator_settings_that_forbid_ipc_handles(settings: str, backend: str,
 
 def test_expandable_segments_detected_from_torch_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch._C, "_accelerator_getAllocatorSettings", lambda: "expandable_segments:True")
-    with pytest.raises(GpuUnavailable, match="expandable segments.*PYTORCH_ALLOC_CONF"):
+    with pytest.raises(GpuUnavailable, match=r"expandable segments.*PYTORCH_ALLOC_CONF"):
         gpu.check_ipc_allocator()
     monkeypatch.delattr(torch._C, "_accelerator_getAllocatorSettings")  # an older torch: read the env
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
@@ -343,7 +351,9 @@ def test_links_per_peer_and_direction_are_aborted_when_replaced_or_discarded() -
     assert last.aborted
 
 
-async def test_a_communicator_that_completes_after_its_timeout_is_aborted(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_communicator_that_completes_after_its_timeout_is_aborted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """ncclCommInitRank cannot be interrupted: a late success must not leave a usable communicator."""
     proceed = threading.Event()
     made: list[FakeComm] = []
