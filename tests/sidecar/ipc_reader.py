@@ -15,7 +15,7 @@ from cornserve.sidecar.gpu_ipc import IpcMappings
 def main() -> None:
     loc = Location.model_validate_json(sys.argv[1])
     mappings = IpcMappings()
-    view = mappings.view(("reader", 0), loc)
+    view = mappings.view(("reader", 0), loc, 0)
     torch.cuda.synchronize()
     print(hashlib.sha256(view.cpu().numpy().tobytes()).hexdigest(), flush=True)
     del view

@@ -80,7 +80,7 @@ def test_ipc_export_at_a_nonzero_offset_is_read_bit_identical_by_another_process
         assert out.returncode == 0, out.stderr
         assert out.stdout.strip() == hashlib.sha256(view.cpu().numpy().tobytes()).hexdigest()
         # In the exporting process the registry answers: CUDA would refuse to open our own handle.
-        assert gpu_ipc.IpcMappings().view(("local", 0), loc) is view
+        assert gpu_ipc.IpcMappings().view(("local", 0), loc, 0) is view
     finally:
         gpu_ipc.LOCAL_EXPORTS.remove(exp.handle, exp.offset)
 

@@ -257,7 +257,7 @@ def test_a_consumer_in_the_exporting_process_gets_the_staged_buffer() -> None:
     exp = gpu_ipc.IpcExport(loc.cuda_handle, loc.offset, 0)
     gpu_ipc.LOCAL_EXPORTS.add(exp, staged)
     try:
-        assert gpu_ipc.IpcMappings().view(("g", 0), loc) is staged
+        assert gpu_ipc.IpcMappings().view(("g", 0), loc, 0) is staged
     finally:
         gpu_ipc.LOCAL_EXPORTS.remove(exp.handle, exp.offset)
 

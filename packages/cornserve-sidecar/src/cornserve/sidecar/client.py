@@ -403,27 +403,28 @@ class Sidecar:
         assert self._info is not None
         if (id_, chunk_id) in self._gpu_hold:
             raise BadRequest(f"id {id_!r} chunk {chunk_id} is already held for consumers by this client")
+        src = ready.tensor
+        meta = DataMeta(  # first: an unsupported dtype fails before any GPU work
+            kind="cuda",
+            dtype=torch_dtype_name(src.dtype),
+            shape=list(src.shape),
+            nbytes=src.numel() * src.element_size(),
+        )
         gpu.check_ipc_allocator()  # before any copy: a clear error when the allocator cannot export
         # A private copy taken once the caller's stream reached `send` (see gpu_ipc: why a copy).
         staged = await gpu_ipc.stage(ready, time.monotonic() + timeout)
         exported = gpu_ipc.export(staged)
-        meta = DataMeta(
-            kind="cuda",
-            dtype=torch_dtype_name(staged.dtype),
-            shape=list(staged.shape),
-            nbytes=staged.numel() * staged.element_size(),
-        )
-        location = Location(
-            transport="cuda_ipc",
-            offset=exported.offset,
-            size=meta.nbytes,
-            meta=meta,
-            cuda_handle=exported.handle,
-            device=exported.device,
-            node=self._info.node,
-        )
         self._gpu_hold[(id_, chunk_id)] = (staged, exported)  # until every consumer marked done
         try:
+            location = Location(
+                transport="cuda_ipc",
+                offset=exported.offset,
+                size=meta.nbytes,
+                meta=meta,
+                cuda_handle=exported.handle,
+                device=exported.device,
+                node=self._info.node,
+            )
             await self._ensure_pull_subscription()
             msg = SendRequest(
                 id=id_,
@@ -540,10 +541,10 @@ class Sidecar:
                     await self._request_pull(src, id_, chunk_id, gpu_nccl.uid_to_wire(uid), deadline)
                     link = await gpu_nccl.open_link(uid, 2, gpu_nccl.RECEIVER_INDEX, device, deadline)
                     self._links.put(src, "recv", link)
-                with torch.cuda.device(device), torch.cuda.stream(link.stream):
-                    out = torch.empty(
-                        loc.meta.shape, dtype=torch_dtype(loc.meta.dtype), device=f"cuda:{device}"
-                    )
+                # Allocated on the device's current stream, like any tensor handed to the caller; the
+                # link's stream first waits for that stream (a recycled block may still be read there).
+                out = torch.empty(loc.meta.shape, dtype=torch_dtype(loc.meta.dtype), device=f"cuda:{device}")
+                link.stream.wait_stream(torch.cuda.current_stream(device))
                 await gpu_nccl.run(link, gpu_nccl.recv_op(out, gpu_nccl.SENDER_INDEX), deadline, what)
             except SidecarTimeout:
                 raise RecvTimeout(f"{what} took longer than {timeout:.3f}s", id=id_) from None
@@ -601,8 +602,9 @@ class Sidecar:
 
         Tensors come back as zero-copy read-only views valid until :meth:`mark_done` (pass
         ``copy=True`` for a private, writable copy). Returns None past the end of a stream.
-        Idempotent until :meth:`mark_done`. A CUDA tensor from another node lands on ``device``
-        (default: the caller's current CUDA device); one from this node stays on the producer's.
+        Idempotent until :meth:`mark_done`. A CUDA tensor lands on, or is mapped into, ``device``
+        (default: the caller's current CUDA device); GPU work reading a view must have finished
+        (synchronize) before :meth:`mark_done`, after which the memory may be reused.
         """
         # On the caller's thread (also for recv_sync): the loop thread's current device is its own.
         captured = gpu.caller_device() if device is None else None
@@ -639,7 +641,7 @@ class Sidecar:
             return got.clone() if copy else got
         if loc.transport == "cuda_ipc":
             gpu.require_gpu()
-            view = self._ipc.view((id_, chunk_id), loc)
+            view = self._ipc.view((id_, chunk_id), loc, gpu.receive_device(device, captured))
             return view.clone() if copy else view
         mm = self._ro_maps.get(loc.arena)
         if mm is None:

@@ -22,7 +22,7 @@ from typing import Protocol
 
 import torch
 
-from cornserve.sidecar.errors import GpuUnavailable, SidecarTimeout
+from cornserve.sidecar.errors import GpuUnavailable, SidecarTimeout, UnsupportedData
 
 MIN_CUPY_MAJOR = 14
 """CuPy 14 changed NCCL unique ids from tuples of ints to ``bytes``; only that form is supported."""
@@ -159,6 +159,8 @@ class ProducerReady:
 def capture(tensor: torch.Tensor) -> ProducerReady:
     """Record the caller's current stream of the tensor's device (call on the caller's thread)."""
     require_gpu()
+    if tensor.numel() == 0:
+        raise UnsupportedData("a CUDA tensor with no elements has no memory to export; send tensor.cpu()")
     device = device_index(tensor.device)
     event = new_event()
     event.record(torch.cuda.current_stream(device))

@@ -185,11 +185,13 @@ class IpcMappings:
         self._open: dict[str, tuple[int, int]] = {}  # handle -> (base pointer, users)
         self._chunks: dict[tuple[str, int], tuple[str, torch.Tensor]] = {}
 
-    def view(self, key: tuple[str, int], loc: Location) -> torch.Tensor:
-        """The chunk's tensor on the producer's device.
+    def view(self, key: tuple[str, int], loc: Location, device: int) -> torch.Tensor:
+        """The chunk's tensor.
 
-        The staged buffer itself when this process exported it, else a view of the opened handle at
-        the location's offset.
+        The staged buffer itself when this process exported it; else a view, at the location's
+        offset, of the handle opened in ``device``'s context (the consumer's: ``loc.device`` is the
+        producer's index, which names another GPU, or none, under another CUDA_VISIBLE_DEVICES;
+        ``cudaIpcMemLazyEnablePeerAccess`` lets a peer GPU's memory be read).
         """
         raw = check_location(loc)
         local = LOCAL_EXPORTS.get(loc.cuda_handle, loc.offset)
@@ -203,13 +205,13 @@ class IpcMappings:
         import cupy
         from cupy.cuda import runtime
 
-        with cupy.cuda.Device(loc.device):
+        with cupy.cuda.Device(device):
             base, users = self._open.get(loc.cuda_handle, (0, 0))
             if users == 0:
                 base = int(runtime.ipcOpenMemHandle(raw))
             self._open[loc.cuda_handle] = (base, users + 1)
             try:
-                t = _shaped(self._wrap(cupy, base, loc), loc)
+                t = _shaped(self._wrap(cupy, base, loc, device), loc)
             except BaseException:
                 self._unref(loc.cuda_handle)
                 raise
@@ -217,11 +219,11 @@ class IpcMappings:
         return t
 
     @staticmethod
-    def _wrap(cupy: Any, base: int, loc: Location) -> torch.Tensor:
+    def _wrap(cupy: Any, base: int, loc: Location, device: int) -> torch.Tensor:
         nbytes = loc.meta.nbytes
         if nbytes == 0:
-            return torch.empty(0, dtype=torch.uint8, device=f"cuda:{loc.device}")
-        mem = cupy.cuda.UnownedMemory(base, loc.offset + nbytes, owner=None, device_id=loc.device)
+            return torch.empty(0, dtype=torch.uint8, device=f"cuda:{device}")
+        mem = cupy.cuda.UnownedMemory(base, loc.offset + nbytes, owner=None, device_id=device)
         raw = cupy.ndarray((nbytes,), dtype=cupy.uint8, memptr=cupy.cuda.MemoryPointer(mem, loc.offset))
         return torch.utils.dlpack.from_dlpack(raw)
 
