@@ -12,9 +12,11 @@ Stages (each one a row or more of the table):
     id through its wire form, and the clean error for two ranks on one GPU across "nodes";
   - bandwidth: a CUDA tensor sent through two sidecars on one node to another process (stage copy,
     IPC export, control messages, open, device copy) against a plain device memcpy of the same size;
-  - models: Eric and the CPU LLM executor tests with the GPU visible (Eric runs on cuda:0): Eric's
-    embeddings against the full model's, and the LLM executor's greedy tokens with fission on and
-    off against transformers.
+  - models (bench/gpu_models.py): a tiny Qwen2-VL's greedy tokens on cuda:0 equal the CPU's, with
+    fission off (full model) and on (Eric's encoder on cuda:0 in another process, its embedding
+    sent through the sidecar as a CUDA tensor, the language model on cuda:0);
+  - model tests with the GPU visible (Eric picks cuda:0): Eric's embeddings against the full
+    model's, the CPU LLM executor's greedy tokens with fission on and off against transformers.
 """
 
 from __future__ import annotations
@@ -203,6 +205,26 @@ async def ipc_bandwidth(sizes: list[tuple[int, int]], out: Path) -> list[Row]:
     return rows
 
 
+# ---------------------------------------------------------------------- models
+
+
+def models_rows(out: Path, timeout: float) -> list[Row]:
+    """bench/gpu_models.py: greedy tokens on cuda:0 against the CPU, fission off and on."""
+    log = out.with_suffix(".log")
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(ROOT / "bench/gpu_models.py"), "check", str(out)]
+    try:
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return [Row("models on cuda:0", "FAIL", f"ran past {timeout:.0f}s")]
+    log.write_text(done.stdout + done.stderr)
+    rows = [Row(*line.split("\t")[1:4]) for line in done.stdout.splitlines() if line.startswith("ROW\t")]
+    if done.returncode != 0 or not rows:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        rows.append(Row("models on cuda:0", "FAIL", f"exit {done.returncode}: {tail[:160]} (log: {log})"))
+    return rows
+
+
 # ---------------------------------------------------------------------- the run
 
 
@@ -234,13 +256,14 @@ def run(budget: float, out: Path) -> int:
         "-k",
         "matches_full_model or greedy_matches_transformers",
     ]
-    rows += pytest_rows("models (GPU visible)", model_tests, out, left(0.9))
+    rows += models_rows(out / "models", left(0.35))
+    rows += pytest_rows("model tests (GPU visible)", model_tests, out, left(0.9))
     rows.append(
         Row(
-            "LLM executor on cuda:0, embeddings device to device",
+            "LLM executor server on cuda:0",
             "MISSING",
-            "the CPU LLM executor has no device option and Eric hands embeddings over as CPU float32; "
-            "see docs/performance.md",
+            "the CPU LLM executor has no device option, and Eric's server hands embeddings over as CPU "
+            "float32: the models rows above use Eric's encoder and transformers' LM directly",
         )
     )
     print_table(rows)
