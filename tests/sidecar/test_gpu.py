@@ -127,7 +127,7 @@ async def test_two_ranks_on_one_gpu_is_a_clean_error_across_nodes(sidecars, env_
     try:
         async with Sidecar(b.rank) as dst:
             with pytest.raises(GpuTransferFailed, match="Duplicate GPU"):
-                await dst.recv("gx", timeout=120, device=0)
+                await dst.recv("gx", timeout=60, device=0)
             await dst.mark_done("gx")
             await dst.send("done", "gx-ack", [[a.rank]])
         assert proc.wait(timeout=120) == 0

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import types
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -351,10 +352,9 @@ def test_links_per_peer_and_direction_are_aborted_when_replaced_or_discarded() -
     assert last.aborted
 
 
-async def test_a_communicator_that_completes_after_its_timeout_is_aborted(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """ncclCommInitRank cannot be interrupted: a late success must not leave a usable communicator."""
+@pytest.fixture
+def slow_nccl(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[threading.Event, list[FakeComm]]]:
+    """A stand-in CuPy whose NcclCommunicator blocks until released (ncclCommInitRank waiting for its peer)."""
     proceed = threading.Event()
     made: list[FakeComm] = []
 
@@ -381,10 +381,37 @@ async def test_a_communicator_that_completes_after_its_timeout_is_aborted(
     monkeypatch.setitem(sys.modules, "cupy.cuda", cuda)
     monkeypatch.setitem(sys.modules, "cupy.cuda.nccl", nccl)
     monkeypatch.setattr(gpu, "require_gpu", lambda: None)
-    with pytest.raises(SidecarTimeout):
-        await gpu_nccl.open_link(UID, 2, 1, 0, time.monotonic() + 0.1)
+    yield proceed, made
     proceed.set()
+
+
+async def _aborted(made: list[FakeComm]) -> bool:
     deadline = time.monotonic() + 10
     while not (made and made[0].aborts) and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
-    assert made[0].aborts == 1
+    return bool(made) and made[0].aborts == 1
+
+
+async def test_a_communicator_that_completes_after_its_timeout_is_aborted(
+    slow_nccl: tuple[threading.Event, list[FakeComm]],
+) -> None:
+    """ncclCommInitRank cannot be interrupted: a late success must not leave a usable communicator."""
+    proceed, made = slow_nccl
+    with pytest.raises(SidecarTimeout):
+        await gpu_nccl.open_link(UID, 2, 1, 0, time.monotonic() + 0.1)
+    proceed.set()
+    assert await _aborted(made)
+
+
+async def test_cancelling_a_communicator_set_up_propagates_and_aborts_it_later(
+    slow_nccl: tuple[threading.Event, list[FakeComm]],
+) -> None:
+    proceed, made = slow_nccl
+    task = asyncio.create_task(gpu_nccl.open_link(UID, 2, 1, 0, time.monotonic() + 30))
+    while not made:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):  # a cancellation is not turned into a timeout
+        await task
+    proceed.set()
+    assert await _aborted(made)

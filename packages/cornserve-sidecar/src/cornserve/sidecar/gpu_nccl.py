@@ -117,6 +117,7 @@ async def open_link(uid: bytes, nranks: int, index: int, device: int, deadline: 
     check_unique_id(uid)
     abandoned = threading.Event()
     guard = threading.Lock()
+    made: list[Any] = []
 
     def init() -> Any:
         import cupy
@@ -128,13 +129,22 @@ async def open_link(uid: bytes, nranks: int, index: int, device: int, deadline: 
             if abandoned.is_set():
                 comm.abort()
                 return None
+            made.append(comm)
         return comm
+
+    def abandon() -> None:
+        with guard:
+            abandoned.set()
+            for comm in made:  # finished just as the wait gave up: nobody will use it
+                comm.abort()
 
     try:
         comm = await asyncio.wait_for(asyncio.to_thread(init), max(0.0, deadline - time.monotonic()))
-    except (TimeoutError, asyncio.CancelledError):
-        with guard:
-            abandoned.set()
+    except asyncio.CancelledError:
+        abandon()
+        raise
+    except TimeoutError:
+        abandon()
         raise SidecarTimeout(
             f"NCCL communicator on cuda:{device} was not complete before the deadline"
         ) from None
