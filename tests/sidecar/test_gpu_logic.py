@@ -263,6 +263,42 @@ def test_a_consumer_in_the_exporting_process_gets_the_staged_buffer() -> None:
         gpu_ipc.LOCAL_EXPORTS.remove(exp.handle, exp.offset)
 
 
+def test_open_handles_are_shared_in_the_process_and_closed_with_the_last_user() -> None:
+    """Two clients (or two chunks of one allocation) in one process share one mapping of a handle."""
+    opened: list[tuple[bytes, int]] = []
+    closed: list[int] = []
+
+    def open_handle(raw: bytes, device: int) -> int:
+        opened.append((raw, device))
+        return 0x7000_0000 + 0x1000 * len(opened)
+
+    handles = gpu_ipc.OpenHandles(open_handle, closed.append)
+    raw = bytes.fromhex("2d" * 64)
+    first = handles.acquire("2d" * 64, raw, 1)
+    second = handles.acquire("2d" * 64, raw, 1)
+    assert first == second and opened == [(raw, 1)] and handles.users("2d" * 64) == 2
+    handles.release("2d" * 64)
+    assert closed == []
+    handles.release("2d" * 64)
+    assert closed == [first] and handles.users("2d" * 64) == 0
+    assert handles.acquire("2d" * 64, raw, 0) != first  # mapped afresh after the last close
+
+
+def test_a_failed_wrap_releases_the_mapping(monkeypatch: pytest.MonkeyPatch) -> None:
+    closed: list[int] = []
+    handles = gpu_ipc.OpenHandles(lambda raw, device: 0x9000, closed.append)
+    mappings = gpu_ipc.IpcMappings(handles)
+
+    def broken(*args: Any) -> torch.Tensor:
+        raise RuntimeError("CuPy could not wrap the memory")
+
+    monkeypatch.setattr(gpu_ipc.IpcMappings, "_wrap", staticmethod(broken))
+    with pytest.raises(RuntimeError):
+        mappings.view(("g", 0), _loc(), 0)
+    assert closed == [0x9000] and handles.users(_loc().cuda_handle) == 0
+    mappings.close(("g", 0))  # nothing was recorded: no second release
+
+
 # ---------------------------------------------------------------------- NCCL abort-on-timeout
 
 

@@ -23,8 +23,8 @@ import ctypes
 import functools
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.utils.dlpack
@@ -174,15 +174,71 @@ def _shaped(raw: torch.Tensor, loc: Location) -> torch.Tensor:
     return raw.view(torch_dtype(loc.meta.dtype)).view(loc.meta.shape)
 
 
-class IpcMappings:
+def _cupy_open(raw: bytes, device: int) -> int:
+    import cupy
+    from cupy.cuda import runtime
+
+    with cupy.cuda.Device(device):
+        return int(runtime.ipcOpenMemHandle(raw))
+
+
+def _cupy_close(base: int) -> None:
+    from cupy.cuda import runtime
+
+    runtime.ipcCloseMemHandle(base)
+
+
+class OpenHandles:
     """Producer allocations opened in this process, reference-counted per IPC handle.
 
-    CUDA lets a process open a given handle only once, yet several chunks can live in one producer
-    allocation (PyTorch's caching allocator); so opens are shared and closed with the last chunk.
+    Process-wide, like :data:`LOCAL_EXPORTS`: CUDA maps a handle once per process, yet several
+    chunks (PyTorch's caching allocator puts many buffers in one allocation) and several clients in
+    one process can need it; the mapping is closed with its last user.
     """
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        open_handle: Callable[[bytes, int], int] = _cupy_open,
+        close_handle: Callable[[int], None] = _cupy_close,
+    ) -> None:
+        self._lock = threading.Lock()
         self._open: dict[str, tuple[int, int]] = {}  # handle -> (base pointer, users)
+        self._open_handle = open_handle
+        self._close_handle = close_handle
+
+    def acquire(self, handle: str, raw: bytes, device: int) -> int:
+        """The mapped base of ``handle`` (opening it in ``device``'s context on first use)."""
+        with self._lock:
+            base, users = self._open.get(handle, (0, 0))
+            if users == 0:
+                base = self._open_handle(raw, device)
+            self._open[handle] = (base, users + 1)
+            return base
+
+    def release(self, handle: str) -> None:
+        """One user fewer; unmap after the last."""
+        with self._lock:
+            base, users = self._open[handle]
+            if users <= 1:
+                del self._open[handle]
+                self._close_handle(base)
+            else:
+                self._open[handle] = (base, users - 1)
+
+    def users(self, handle: str) -> int:
+        """How many chunks use the mapping of ``handle`` (0: not mapped)."""
+        with self._lock:
+            return self._open.get(handle, (0, 0))[1]
+
+
+OPEN_HANDLES = OpenHandles()
+
+
+class IpcMappings:
+    """A client's views of chunks that live in other processes' GPU memory (see :class:`OpenHandles`)."""
+
+    def __init__(self, handles: OpenHandles | None = None) -> None:
+        self._handles = handles or OPEN_HANDLES
         self._chunks: dict[tuple[str, int], tuple[str, torch.Tensor]] = {}
 
     def view(self, key: tuple[str, int], loc: Location, device: int) -> torch.Tensor:
@@ -202,43 +258,29 @@ class IpcMappings:
             return found[1]
         if found is not None:
             self.close(key)
-        import cupy
-        from cupy.cuda import runtime
-
-        with cupy.cuda.Device(device):
-            base, users = self._open.get(loc.cuda_handle, (0, 0))
-            if users == 0:
-                base = int(runtime.ipcOpenMemHandle(raw))
-            self._open[loc.cuda_handle] = (base, users + 1)
-            try:
-                t = _shaped(self._wrap(cupy, base, loc, device), loc)
-            except BaseException:
-                self._unref(loc.cuda_handle)
-                raise
+        base = self._handles.acquire(loc.cuda_handle, raw, device)
+        try:
+            t = _shaped(self._wrap(base, loc, device), loc)
+        except BaseException:
+            self._handles.release(loc.cuda_handle)
+            raise
         self._chunks[key] = (loc.cuda_handle, t)
         return t
 
     @staticmethod
-    def _wrap(cupy: Any, base: int, loc: Location, device: int) -> torch.Tensor:
+    def _wrap(base: int, loc: Location, device: int) -> torch.Tensor:
         nbytes = loc.meta.nbytes
         if nbytes == 0:
             return torch.empty(0, dtype=torch.uint8, device=f"cuda:{device}")
-        mem = cupy.cuda.UnownedMemory(base, loc.offset + nbytes, owner=None, device_id=device)
-        raw = cupy.ndarray((nbytes,), dtype=cupy.uint8, memptr=cupy.cuda.MemoryPointer(mem, loc.offset))
-        return torch.utils.dlpack.from_dlpack(raw)
+        import cupy
+
+        with cupy.cuda.Device(device):
+            mem = cupy.cuda.UnownedMemory(base, loc.offset + nbytes, owner=None, device_id=device)
+            raw = cupy.ndarray((nbytes,), dtype=cupy.uint8, memptr=cupy.cuda.MemoryPointer(mem, loc.offset))
+            return torch.utils.dlpack.from_dlpack(raw)
 
     def close(self, key: tuple[str, int]) -> None:
-        """Drop a finished chunk's view; unmap the allocation after its last chunk."""
+        """Drop a finished chunk's view; the mapping closes with its last user in the process."""
         found = self._chunks.pop(key, None)
         if found is not None:
-            self._unref(found[0])
-
-    def _unref(self, handle: str) -> None:
-        base, users = self._open[handle]
-        if users <= 1:
-            del self._open[handle]
-            from cupy.cuda import runtime
-
-            runtime.ipcCloseMemHandle(base)
-        else:
-            self._open[handle] = (base, users - 1)
+            self._handles.release(found[0])
