@@ -15,8 +15,9 @@ Stages (each one a row or more of the table):
   - models (bench/gpu_models.py): a tiny Qwen2-VL's greedy tokens on cuda:0 equal the CPU's, with
     fission off (full model) and on (Eric's encoder on cuda:0 in another process, its embedding
     sent through the sidecar as a CUDA tensor, the language model on cuda:0);
-  - model tests with the GPU visible (Eric picks cuda:0): Eric's embeddings against the full
-    model's, the CPU LLM executor's greedy tokens with fission on and off against transformers.
+  - Eric's tests with the GPU visible (Eric picks cuda:0): its embeddings against the full model's;
+  - the LLM executor with --device cuda:0: greedy tokens with fission on (embeddings sent through
+    the sidecar as CUDA tensors: device to device) and off, against transformers on the CPU.
 """
 
 from __future__ import annotations
@@ -84,8 +85,10 @@ def machine_row() -> Row:
     return Row("machine", "INFO", detail)
 
 
-def pytest_rows(label: str, args: list[str], out: Path, timeout: float) -> list[Row]:
-    """Run pytest and turn its junit report into one row per test."""
+def pytest_rows(
+    label: str, args: list[str], out: Path, timeout: float, env: dict[str, str] | None = None
+) -> list[Row]:
+    """Run pytest (with ``env`` added to the environment) and turn its junit report into one row per test."""
     xml = out / f"{label}.xml"
     log = out / f"{label}.log"
     # `-W default`: the GPU machine's torch/transformers are other versions than the lock's; their
@@ -94,7 +97,15 @@ def pytest_rows(label: str, args: list[str], out: Path, timeout: float) -> list[
     cmd.append(f"--junitxml={xml}")
     try:
         with log.open("w") as f:
-            subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=timeout, check=False)
+            subprocess.run(
+                cmd,
+                cwd=ROOT,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                timeout=timeout,
+                check=False,
+                env={**os.environ, **(env or {})},
+            )
     except subprocess.TimeoutExpired:
         return [Row(label, "FAIL", f"pytest ran past {timeout:.0f}s (log: {log})")]
     if not xml.exists():
@@ -253,21 +264,21 @@ def run(budget: float, out: Path) -> int:
         rows += asyncio.run(ipc_bandwidth([(64 * MiB, 6), (1024 * MiB, 4)], out))
     except Exception as exc:
         rows.append(Row("CUDA IPC bandwidth", "FAIL", f"{type(exc).__name__}: {exc}"[:200]))
-    model_tests = [
-        "tests/eric/test_eric.py",
-        "tests/llm_executor/test_llm_executor.py",
-        "-k",
-        "matches_full_model or greedy_matches_transformers",
-    ]
-    rows += models_rows(out / "models", left(0.35))
-    rows += pytest_rows("model tests (GPU visible)", model_tests, out, left(0.9))
-    rows.append(
-        Row(
-            "LLM executor server on cuda:0",
-            "MISSING",
-            "the CPU LLM executor has no device option, and Eric's server hands embeddings over as CPU "
-            "float32: the models rows above use Eric's encoder and transformers' LM directly",
-        )
+    rows += models_rows(out / "models", left(0.3))
+    rows += pytest_rows(
+        "Eric on cuda:0 (auto) vs the full model",
+        ["tests/eric/test_eric.py", "-k", "matches_full_model"],
+        out,
+        left(0.4),
+    )
+    # The LLM executors under test run with --device cuda:0 and the test sends the fission
+    # embeddings as CUDA tensors (tests/llm_executor/support.py TEST_DEVICE); the reference is the CPU.
+    rows += pytest_rows(
+        "LLM executor on cuda:0, fission on/off vs CPU transformers",
+        ["tests/llm_executor/test_llm_executor.py", "-k", "greedy_matches_transformers"],
+        out,
+        left(0.95),
+        env={"CORNSERVE_TEST_LLM_DEVICE": "cuda:0"},
     )
     print_table(rows)
     failed = [r for r in rows if r.result == "FAIL"]

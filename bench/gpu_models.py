@@ -11,8 +11,8 @@ On a tiny seeded Qwen2-VL (cornserve.models.tiny, as the tests use), greedy toke
     the code Eric runs) computed on cuda:0 in another process and sent through two sidecars of one
     node as a CUDA tensor (CUDA IPC: device to device), patched in where the full model would run
     its own vision tower (fission on).
-This is Eric's encoder and transformers' language model, not the Eric server or the LLM executor
-server: the CPU LLM executor has no device option yet (see docs/performance.md).
+This is Eric's encoder and transformers' language model in plain processes; the LLM executor server
+on cuda:0 is checked by gpu_check.py through tests/llm_executor (CORNSERVE_TEST_LLM_DEVICE).
 TF32 is turned off so cuda:0 computes in float32 like the CPU.
 """
 
