@@ -261,7 +261,8 @@ def run(budget: float, out: Path) -> int:
 
     rows += pytest_rows("sidecar GPU tests", ["tests/sidecar/test_gpu.py", "-m", "gpu"], out, left(0.4))
     try:
-        rows += asyncio.run(ipc_bandwidth([(64 * MiB, 6), (1024 * MiB, 4)], out))
+        sizes = [(64 * MiB, 6), (1024 * MiB, 4)]
+        rows += asyncio.run(asyncio.wait_for(ipc_bandwidth(sizes, out), left(0.25)))
     except Exception as exc:
         rows.append(Row("CUDA IPC bandwidth", "FAIL", f"{type(exc).__name__}: {exc}"[:200]))
     rows += models_rows(out / "models", left(0.3))
