@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.llm_executor.support import ARCHS, LLMExecutor, LLMExecutorSetup
+from tests.llm_executor.support import ARCHS, TEST_DEVICE, LLMExecutor, LLMExecutorSetup
 from tests.support.cluster import ProcessCluster
 from tests.support.plugin import TinyCheckpoint
 from tests.support.processes import python_module
@@ -38,6 +38,7 @@ def start_executor(
         "--max-batch-size", "4",
         "--sidecar-ranks", str(sidecar_rank if sidecar_rank is not None else 0),
         *(["--receive-embeddings"] if sidecar_rank is not None else []),
+        "--device", TEST_DEVICE,
         *extra,
     )  # fmt: skip
     env = {"CORNSERVE_NATS_URL": cluster.nats_url, "CORNSERVE_EXECUTOR_ID": name}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -17,6 +18,9 @@ from PIL import Image
 from tests.support.processes import ServiceProcess
 
 ARCHS = ("qwen2-vl", "llava")
+TEST_DEVICE = os.environ.get("CORNSERVE_TEST_LLM_DEVICE", "cpu")
+"""Where the executors under test run (`--device`); bench/gpu_check.py sets cuda:0. The reference
+stays on the CPU, so a GPU run shows the same tokens as the CPU."""
 
 
 @dataclass

@@ -21,6 +21,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 from tests.llm_executor.support import (
+    TEST_DEVICE,
     LLMExecutorSetup,
     get_json,
     image_messages,
@@ -220,7 +221,8 @@ async def test_greedy_matches_transformers_generate_in_both_modes(
             stream_via_descriptor(session, fis.url, fission_task, fission_body)
         )
         for forward, (emb, meta) in reversed(list(zip(forwards, embeddings, strict=True))):
-            await send_embedding(producer, forward.id, dst, emb, meta)
+            # On a GPU run (CORNSERVE_TEST_LLM_DEVICE), the embeddings cross the sidecar as CUDA tensors.
+            await send_embedding(producer, forward.id, dst, emb.to(TEST_DEVICE), meta)
         fission_text, fission_chunks = await fission_call
 
     for got_text, chunks in ((mono_text, mono_chunks), (fission_text, fission_chunks)):
@@ -521,6 +523,17 @@ async def test_the_port_opens_first_and_health_is_503_while_the_model_loads() ->
                     assert (await resp.json())["status"] == "loading"
     finally:
         await executor.stop()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_device_cuda_without_cuda_exits_1_saying_so(tiny_models: dict[str, Path]) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "cornserve.llm_executor", "--model-id", str(tiny_models["qwen2-vl"]),
+         "--port", str(free_port()), "--device", "cuda:0"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    assert "--device cuda:0: no CUDA device is visible" in proc.stderr
 
 
 def test_a_model_that_cannot_load_exits_1(tmp_path: Path) -> None:

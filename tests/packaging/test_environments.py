@@ -16,7 +16,7 @@ import pytest
 from tests.packaging.uvrun import exported, run_uv
 
 # Distributions that mean "the tensor stack came along".
-HEAVY = {"torch", "numpy", "transformers", "torchvision", "triton", "vllm", "cupy-cuda12x"}
+HEAVY = {"torch", "numpy", "transformers", "torchvision", "triton", "vllm", "cupy-cuda12x", "cupy-cuda13x"}
 HEAVY_PREFIXES = ("nvidia-", "cuda-")
 
 TORCH_FREE = [

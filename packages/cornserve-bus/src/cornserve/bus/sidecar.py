@@ -50,7 +50,8 @@ class Location(WireModel):
     offset: int = Field(default=0, ge=0)
     size: int = Field(default=0, ge=0)
     meta: DataMeta
-    cuda_handle: str = ""
+    cuda_handle: str = Field(default="", pattern=r"^([0-9a-f]{128})?$")
+    """Hex of a 64-byte ``cudaIpcMemHandle_t`` (of the allocation; ``offset`` is inside it)."""
     device: int = 0
     node: str = ""
 
@@ -264,6 +265,9 @@ class NcclPullRequest(ChunkRequest):
     """Consumer client -> producer client (other node): NCCL-send me this GPU chunk now."""
 
     dst_rank: Rank
+    nccl_uid: str = Field(default="", pattern=r"^([0-9a-f]{256})?$")
+    """Hex of a fresh 128-byte NCCL unique id when the consumer starts a new communicator for this
+    direction (the producer then aborts its old one and joins); empty to reuse the current one."""
 
 
 class UpEvent(WireModel):

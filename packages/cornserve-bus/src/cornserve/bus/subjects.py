@@ -49,11 +49,6 @@ def sidecar_released_subject(rank: int) -> str:
     return f"{SIDECAR_PREFIX}.{rank}.events.released"
 
 
-def sidecar_nccl_subject(rank: int, peer: int) -> str:
-    """Where ``rank`` waits for the NCCL unique id of its pairwise communicator with ``peer``."""
-    return f"{SIDECAR_PREFIX}.{rank}.nccl.uid.{peer}"
-
-
 def sidecar_nccl_pull_subject(rank: int) -> str:
     """Where the producer client of ``rank`` takes requests to NCCL-send a GPU chunk it holds."""
     return f"{SIDECAR_PREFIX}.{rank}.nccl.pull"

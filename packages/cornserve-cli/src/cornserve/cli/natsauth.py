@@ -174,15 +174,13 @@ def role_permissions() -> dict[str, RolePermissions]:
         EXECUTOR: RolePermissions(
             publish=[
                 *(f"{SIDECAR_PREFIX}.*.{verb.value}" for verb in CLIENT_VERBS),
-                # GPU forwards across nodes: pull requests to the producer's client, NCCL id exchange.
+                # GPU forwards across nodes: pull requests (carrying the NCCL unique id) to the producer's client.
                 f"{SIDECAR_PREFIX}.*.nccl.pull",
-                f"{SIDECAR_PREFIX}.*.nccl.uid.*",
                 *kv_read(KV_TASKLIBS),
             ],
             subscribe=[
                 f"{SIDECAR_PREFIX}.*.events.released",
                 f"{SIDECAR_PREFIX}.*.nccl.pull",
-                f"{SIDECAR_PREFIX}.*.nccl.uid.*",
             ],
         ),
     }

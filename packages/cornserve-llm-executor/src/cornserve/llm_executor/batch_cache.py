@@ -103,9 +103,9 @@ class BatchedDecodeCache:
         self.rows = [self.rows[i] for i in keep]
         self.lengths = [self.lengths[i] for i in keep]
         trim = old_width - self.width
-        index = torch.tensor(keep, dtype=torch.long)
         for layer in _layers(self.cache):
             assert layer.keys is not None and layer.values is not None
+            index = torch.tensor(keep, dtype=torch.long, device=layer.keys.device)
             layer.keys = layer.keys.index_select(0, index)[:, :, trim:, :]
             layer.values = layer.values.index_select(0, index)[:, :, trim:, :]
 

@@ -46,6 +46,8 @@ class LLMExecutorSettings(ServiceSettings, MediaPolicy):
     """Completion cap when a request sets none."""
     embedding_timeout_s: float = Field(default=60.0, gt=0)
     """Deadline per embedding forward."""
+    device: str = Field(default="cpu", pattern=r"^(cpu|cuda(:[0-9]+)?)$")
+    """Where the model runs: cpu, cuda or cuda:N (of the devices CUDA_VISIBLE_DEVICES leaves visible)."""
     executor_id: Annotated[str, Flag(env_only=True)] = "llm-executor"
     """This executor's id (the task manager sets it)."""
 

@@ -319,23 +319,32 @@ class Engine:
         else:
             position_ids = text[0]
         result = self.loaded.model(
-            input_ids=input_ids,
-            attention_mask=self._batch.attention_mask(),
-            position_ids=position_ids,
-            cache=self._batch.cache,
-            use_cache=True,
-            logits_to_keep=1,
+            **self._on_device(
+                input_ids=input_ids,
+                attention_mask=self._batch.attention_mask(),
+                position_ids=position_ids,
+                cache=self._batch.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
         )
-        logits: torch.Tensor = result.logits[:, -1]
+        logits: torch.Tensor = result.logits[:, -1].cpu()  # sampling runs on the CPU (its generators)
         return logits
+
+    def _on_device(self, **kwargs: Any) -> dict[str, Any]:
+        """The forward's arguments with every tensor on the model's device (a no-op on the CPU)."""
+        device = self.loaded.device
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
 
     def _prefill(self, seq: Sequence) -> torch.Tensor:
         loaded, prompt = self.loaded, seq.prompt
         seq.cache = DynamicCache(config=loaded.model.config.get_text_config())
         kwargs: dict[str, Any] = dict(prompt.model_inputs)
         if prompt.media_embeds is not None and prompt.media_positions is not None:
-            embeds = loaded.input_embeddings(prompt.input_ids).clone()
-            embeds[0, prompt.media_positions] = prompt.media_embeds.to(embeds.dtype)
+            device = loaded.device
+            embeds = loaded.input_embeddings(prompt.input_ids.to(device)).clone()
+            # Received embeddings may be on a GPU (CUDA through the sidecar) or the CPU: here, the model's.
+            embeds[0, prompt.media_positions.to(device)] = prompt.media_embeds.to(device, embeds.dtype)
             kwargs["inputs_embeds"] = embeds
         else:
             kwargs["input_ids"] = prompt.input_ids
@@ -346,12 +355,12 @@ class Engine:
             use_cache=True,
             logits_to_keep=1,
         )
-        result = loaded.model(**kwargs)
+        result = loaded.model(**self._on_device(**kwargs))
         seq.prefilled = True
         # Media tensors are not needed after prefill.
         prompt.model_inputs = {}
         prompt.media_embeds = None
-        logits: torch.Tensor = result.logits[0, -1]
+        logits: torch.Tensor = result.logits[0, -1].cpu()
         return logits
 
     def _decode(self, seq: Sequence) -> torch.Tensor:
@@ -364,12 +373,14 @@ class Engine:
         else:
             position_ids = torch.tensor([[past]], dtype=torch.long)
         result = self.loaded.model(
-            input_ids=input_ids,
-            attention_mask=torch.ones((1, past + 1), dtype=torch.long),
-            position_ids=position_ids,
-            cache=seq.cache,
-            use_cache=True,
-            logits_to_keep=1,
+            **self._on_device(
+                input_ids=input_ids,
+                attention_mask=torch.ones((1, past + 1), dtype=torch.long),
+                position_ids=position_ids,
+                cache=seq.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
         )
-        logits: torch.Tensor = result.logits[0, -1]
+        logits: torch.Tensor = result.logits[0, -1].cpu()
         return logits

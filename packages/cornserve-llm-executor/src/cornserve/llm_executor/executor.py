@@ -73,7 +73,7 @@ class LLMExecutor:
     async def initialize(self) -> None:
         """Load the model, connect the sidecar (fission), start the engine; then serve."""
         s = self.settings
-        loaded = await asyncio.to_thread(load_model, s.model_id, s.max_model_len)
+        loaded = await asyncio.to_thread(load_model, s.model_id, s.max_model_len, s.device)
         receiver: EmbeddingReceiver | None = None
         if s.receive_embeddings:
             sidecar = Sidecar(s.sidecar_ranks[0], s.nats_url, nats_creds=s.nats_creds)

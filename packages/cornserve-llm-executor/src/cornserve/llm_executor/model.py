@@ -70,6 +70,12 @@ class LoadedModel:
         """Media modalities this family's processor and LLM understand."""
         return MODALITIES_BY_TYPE.get(self.model_type, frozenset())
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights are (inputs are moved there before each forward)."""
+        device: torch.device = next(self.model.parameters()).device
+        return device
+
     def input_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The LLM's token embeddings for `input_ids` (`[1, L]` → `[1, L, H]`)."""
         embeds: torch.Tensor = self.model.get_input_embeddings()(input_ids)
@@ -87,8 +93,11 @@ def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
     return frozenset(int(e) for e in eos)
 
 
-def load_model(model_id: str, max_model_len: int | None = None) -> LoadedModel:
-    """Load the checkpoint (local directory or Hub id) on CPU in its saved dtype."""
+def load_model(model_id: str, max_model_len: int | None = None, device: str = "cpu") -> LoadedModel:
+    """Load the checkpoint (local directory or Hub id) in its saved dtype onto ``device``."""
+    target = torch.device(device)
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {device}: no CUDA device is visible to this process")
     path = str(resolve_model_dir(model_id))
     config = AutoConfig.from_pretrained(path)
     model_type = str(config.model_type)
@@ -103,6 +112,8 @@ def load_model(model_id: str, max_model_len: int | None = None) -> LoadedModel:
         model = AutoModelForCausalLM.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
     model.eval()
+    if target.type != "cpu":
+        model.to(target)
     text_config = config.get_text_config()
     limit = int(getattr(text_config, "max_position_embeddings", 0) or 0) or 1 << 30
     if max_model_len is not None:
@@ -124,10 +135,11 @@ def load_model(model_id: str, max_model_len: int | None = None) -> LoadedModel:
         vision = getattr(config, "vision_config", None)
         loaded.spatial_merge_size = int(getattr(vision, "spatial_merge_size", 1) or 1)
     logger.info(
-        "loaded %s (%s, dtype %s, context %d, modalities %s)",
+        "loaded %s (%s, dtype %s, on %s, context %d, modalities %s)",
         model_id,
         model_type,
         next(model.parameters()).dtype,
+        loaded.device,
         limit,
         sorted(m.value for m in loaded.modalities),
     )

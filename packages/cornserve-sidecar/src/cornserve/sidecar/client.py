@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import mmap
+import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -54,12 +56,13 @@ from cornserve.runtime.nats import connect_nats
 from cornserve.runtime.natsstop import current_budget
 from cornserve.runtime.settings import nats_creds_from_env, nats_url_from_env
 from cornserve.runtime.tracing import client_span, set_attributes
-from cornserve.sidecar import gpu
+from cornserve.sidecar import gpu, gpu_ipc, gpu_nccl
 from cornserve.sidecar.arena import map_arena
 from cornserve.sidecar.codec import decode, encode, torch_dtype, torch_dtype_name
 from cornserve.sidecar.errors import (
     BadRequest,
     DataLost,
+    GpuTransferFailed,
     RecvTimeout,
     SidecarError,
     SidecarTimeout,
@@ -122,10 +125,11 @@ class Sidecar:
         self._own_view: memoryview | None = None
         self._ro_maps: dict[str, mmap.mmap] = {}
         self._regions: dict[int, _Region] = {}
-        self._gpu_hold: dict[tuple[str, int], Any] = {}
-        self._ipc = gpu.IpcMappings()
-        self._nccl: gpu.NcclPairs | None = None
-        self._nccl_locks: dict[int, asyncio.Lock] = {}
+        self._gpu_hold: dict[tuple[str, int], tuple[torch.Tensor, gpu_ipc.IpcExport]] = {}
+        """Staged copies of sent CUDA tensors, kept until the server reports every destination done."""
+        self._ipc = gpu_ipc.IpcMappings()
+        self._links = gpu_nccl.NcclLinks()
+        self._link_locks: dict[tuple[int, gpu_nccl.Direction], asyncio.Lock] = {}
         self._nccl_recvd: dict[tuple[str, int], torch.Tensor] = {}
         self._pull_sub: Any = None
         self._watched: dict[str, _ReleaseWatch] = {}
@@ -193,6 +197,9 @@ class Sidecar:
             self._own_view = None
             self._own_map = None
             self._ro_maps.clear()
+            self._links.close()
+            for key in list(self._gpu_hold):
+                self._drop_gpu_hold(key)
             self._closed = True
         self._loop.request_stop()
 
@@ -279,8 +286,7 @@ class Sidecar:
             self.timeout,
         )
 
-    @on_owner_loop
-    async def send(
+    def send(
         self,
         data: Any,
         id: str,
@@ -290,21 +296,40 @@ class Sidecar:
         *,
         timeout: float | None = None,
         notify_released: bool = False,
-    ) -> None:
+    ) -> Coroutine[Any, Any, None]:
         """Send ``data`` as chunk ``chunk_id`` of ``id`` to every rank of every group in ``dst_ranks``.
 
         ``num_chunks=None`` starts a stream of unknown length; end it with :meth:`close_stream`.
         Returns once every destination sidecar has the chunk; waits for arena space up to ``timeout``.
         ``notify_released`` has the server announce when every destination is done with the chunk
         (see :meth:`wait_released`).
+        A CUDA tensor is sent as its value at the call: work queued on the caller's current stream
+        before ``send`` is waited for, and later writes to the tensor do not reach consumers.
         """
+        # Runs on the caller's thread (also for send_sync): its current stream is the producer's.
+        ready = gpu.capture(data) if isinstance(data, torch.Tensor) and data.device.type == "cuda" else None
+        return self._send_owned(data, ready, id, dst_ranks, chunk_id, num_chunks, timeout, notify_released)
+
+    @on_owner_loop
+    async def _send_owned(
+        self,
+        data: Any,
+        ready: gpu.ProducerReady | None,
+        id: str,
+        dst_ranks: list[list[int]],
+        chunk_id: int,
+        num_chunks: int | None,
+        timeout: float | None,
+        notify_released: bool,
+    ) -> None:
         attributes = {"cornserve.sidecar.chunk_id": chunk_id}
         with client_span("sidecar.send", attributes):
-            await self._send(data, id, dst_ranks, chunk_id, num_chunks, timeout, notify_released)
+            await self._send(data, ready, id, dst_ranks, chunk_id, num_chunks, timeout, notify_released)
 
     async def _send(
         self,
         data: Any,
+        ready: gpu.ProducerReady | None,
         id: str,
         dst_ranks: list[list[int]],
         chunk_id: int,
@@ -316,8 +341,8 @@ class Sidecar:
         await self._connect()
         assert self._info is not None
         _check_destinations(id_, dst_ranks, chunk_id, num_chunks)
-        if isinstance(data, torch.Tensor) and data.device.type == "cuda":
-            await self._send_cuda(data, id_, dst_ranks, chunk_id, num_chunks, timeout, notify_released)
+        if ready is not None:
+            await self._send_cuda(ready, id_, dst_ranks, chunk_id, num_chunks, timeout, notify_released)
             return
         region = self._zero_copy_region(data)
         encoded = None
@@ -384,7 +409,7 @@ class Sidecar:
 
     async def _send_cuda(
         self,
-        data: torch.Tensor,
+        ready: gpu.ProducerReady,
         id_: str,
         dst_ranks: list[list[int]],
         chunk_id: int,
@@ -393,54 +418,56 @@ class Sidecar:
         notify_released: bool = False,
     ) -> None:
         assert self._info is not None
-        gpu.require_gpu()
-        t = data.detach().contiguous()
-        # Consumers read through IPC/NCCL on their own streams: the producer's kernels must be done.
-        torch.cuda.current_stream(t.device).synchronize()
-        handle, offset, device = gpu.export_ipc_handle(t)
-        meta = DataMeta(
+        if (id_, chunk_id) in self._gpu_hold:
+            raise BadRequest(f"id {id_!r} chunk {chunk_id} is already held for consumers by this client")
+        src = ready.tensor
+        meta = DataMeta(  # first: an unsupported dtype fails before any GPU work
             kind="cuda",
-            dtype=torch_dtype_name(t.dtype),
-            shape=list(t.shape),
-            nbytes=t.numel() * t.element_size(),
+            dtype=torch_dtype_name(src.dtype),
+            shape=list(src.shape),
+            nbytes=src.numel() * src.element_size(),
         )
-        location = Location(
-            transport="cuda_ipc",
-            offset=offset,
-            size=meta.nbytes,
-            meta=meta,
-            cuda_handle=handle,
-            device=device,
-            node=self._info.node,
-        )
-        await self._ensure_pull_subscription()
-        self._gpu_hold[(id_, chunk_id)] = t  # the producer's memory must outlive every consumer's view
-        msg = SendRequest(
-            id=id_,
-            chunk_id=chunk_id,
-            num_chunks=num_chunks,
-            dst_ranks=dst_ranks,
-            instance=self._info.instance,
-            location=location,
-            timeout=timeout,
-            notify_released=notify_released,
-        )
+        gpu.check_ipc_allocator()  # before any copy: a clear error when the allocator cannot export
+        # A private copy taken once the caller's stream reached `send` (see gpu_ipc: why a copy).
+        staged = await gpu_ipc.stage(ready, time.monotonic() + timeout)
+        exported = gpu_ipc.export(staged)
+        self._gpu_hold[(id_, chunk_id)] = (staged, exported)  # until every consumer marked done
         try:
+            location = Location(
+                transport="cuda_ipc",
+                offset=exported.offset,
+                size=meta.nbytes,
+                meta=meta,
+                cuda_handle=exported.handle,
+                device=exported.device,
+                node=self._info.node,
+            )
+            await self._ensure_pull_subscription()
+            msg = SendRequest(
+                id=id_,
+                chunk_id=chunk_id,
+                num_chunks=num_chunks,
+                dst_ranks=dst_ranks,
+                instance=self._info.instance,
+                location=location,
+                timeout=timeout,
+                notify_released=notify_released,
+            )
             await self._call(SidecarVerb.SEND, msg, SidecarAck, timeout + REPLY_MARGIN_S)
         except BaseException:
-            self._gpu_hold.pop((id_, chunk_id), None)
+            self._drop_gpu_hold((id_, chunk_id))
             raise
+
+    def _drop_gpu_hold(self, key: tuple[str, int]) -> None:
+        found = self._gpu_hold.pop(key, None)
+        if found is not None:
+            gpu_ipc.LOCAL_EXPORTS.remove(found[1].handle, found[1].offset)
 
     # ------------------------------------------------------------------ NCCL (GPU across nodes)
 
-    def _pairs(self) -> gpu.NcclPairs:
-        if self._nccl is None:
-            self._nccl = gpu.NcclPairs(self.rank)
-        return self._nccl
-
-    def _nccl_lock(self, peer: int) -> asyncio.Lock:
-        # One transfer at a time per peer keeps both sides' send/recv order identical.
-        return self._nccl_locks.setdefault(peer, asyncio.Lock())
+    def _link_lock(self, peer: int, direction: gpu_nccl.Direction) -> asyncio.Lock:
+        # One transfer at a time per link: the n-th send pairs with the n-th receive on the other side.
+        return self._link_locks.setdefault((peer, direction), asyncio.Lock())
 
     async def _ensure_pull_subscription(self) -> None:
         if self._pull_sub is None:
@@ -452,11 +479,12 @@ class Sidecar:
         assert self._nc is not None
         try:
             req = NcclPullRequest.model_validate_json(msg.data)
-        except ValueError as exc:
+            uid = gpu_nccl.uid_from_wire(req.nccl_uid) if req.nccl_uid else None
+        except (ValueError, BadRequest) as exc:
             await self._reply_error(msg, "", 400, "bad_request", str(exc))
             return
-        tensor = self._gpu_hold.get((req.id, req.chunk_id))
-        if tensor is None:
+        held = self._gpu_hold.get((req.id, req.chunk_id))
+        if held is None:
             await self._reply_error(
                 msg,
                 req.request_id,
@@ -465,67 +493,103 @@ class Sidecar:
                 f"rank {self.rank} no longer holds {req.id!r} chunk {req.chunk_id}",
             )
             return
+        if uid is not None:
+            # The consumer dropped its link (new, timed out, failed): ours is stale, end what runs on it.
+            self._links.discard(req.dst_rank, "send")
+        elif self._links.get(req.dst_rank, "send") is None:
+            await self._reply_error(
+                msg,
+                req.request_id,
+                409,
+                GpuTransferFailed.kind,
+                f"rank {self.rank} has no NCCL communicator for rank {req.dst_rank}; send a new unique id",
+            )
+            return
         assert self._info is not None
         await msg.respond(
             SidecarAck(request_id=req.request_id, instance=self._info.instance).model_dump_json().encode()
         )
-        self._gpu_tasks.spawn(self._nccl_send(req.dst_rank, tensor))
+        self._gpu_tasks.spawn(self._nccl_send(req.dst_rank, held[0], uid))
 
     async def _reply_error(self, msg: Any, request_id: str, code: int, kind: str, message: str) -> None:
         assert self._nc is not None
         await publish_error(self._nc, msg.reply, request_id, code, kind, message)
 
-    async def _nccl_send(self, peer: int, tensor: torch.Tensor) -> None:
-        assert self._nc is not None
-        pairs = self._pairs()
-        async with self._nccl_lock(peer):
-            comm = await pairs.comm(peer, gpu.NatsUidExchange(self._nc, self.rank))
-            _, peer_index = pairs.indices(peer)
-            device = tensor.device.index or 0
-            # Bounded: a consumer that died mid-transfer must not hold this peer's lock forever.
-            await asyncio.wait_for(
-                asyncio.to_thread(gpu.nccl_send_blocking, comm, tensor, peer_index, device), self.timeout
+    async def _nccl_send(self, peer: int, tensor: torch.Tensor, uid: bytes | None) -> None:
+        # Bounded: a consumer that died mid-transfer must not hold this link's lock forever.
+        deadline = time.monotonic() + self.timeout
+        async with self._link_lock(peer, "send"):
+            if uid is not None:
+                link = await gpu_nccl.open_link(
+                    uid, 2, gpu_nccl.SENDER_INDEX, gpu.device_index(tensor.device), deadline
+                )
+                self._links.put(peer, "send", link)
+            else:
+                found = self._links.get(peer, "send")
+                if found is None:  # aborted since the pull was acknowledged: the consumer times out
+                    raise GpuTransferFailed(f"NCCL communicator with rank {peer} was aborted before the send")
+                link = found
+            if gpu.device_index(tensor.device) != link.device:
+                with torch.cuda.device(link.device), torch.cuda.stream(link.stream):
+                    tensor = tensor.to(f"cuda:{link.device}")
+            await gpu_nccl.run(
+                link, gpu_nccl.send_op(tensor, gpu_nccl.RECEIVER_INDEX), deadline, f"NCCL send to rank {peer}"
             )
 
-    async def _nccl_pull(self, loc: Location, id_: str, chunk_id: int, timeout: float) -> torch.Tensor:
-        assert self._nc is not None
+    async def _nccl_pull(
+        self, loc: Location, id_: str, chunk_id: int, timeout: float, device: int
+    ) -> torch.Tensor:
+        deadline = time.monotonic() + timeout
         src = loc.rank
-        pairs = self._pairs()
-        async with self._nccl_lock(src):
+        what = f"NCCL receive of {id_!r} chunk {chunk_id} from rank {src}"
+        async with self._link_lock(src, "recv"):
+            link = self._links.get(src, "recv")
+            if link is not None and link.device != device:
+                self._links.discard(src, "recv")
+                link = None
             try:
-                await request(
-                    self._nc,
-                    sidecar_nccl_pull_subject(src),
-                    NcclPullRequest(id=id_, chunk_id=chunk_id, dst_rank=self.rank),
-                    SidecarAck,
-                    timeout,
-                )
-            except (NoResponders, RequestTimeout) as exc:
-                raise DataLost(
-                    f"producer of rank {src} for {id_!r} chunk {chunk_id} is gone: {exc}", id=id_
-                ) from None
-            except ServiceErrorReply as exc:
-                raise error_from_kind(exc.error.error, exc.error.message, exc.error.details) from None
-            comm = await pairs.comm(src, gpu.NatsUidExchange(self._nc, self.rank))
-            _, peer_index = pairs.indices(src)
-            device = torch.cuda.current_device()
-            out = torch.empty(loc.meta.shape, dtype=torch_dtype(loc.meta.dtype), device=f"cuda:{device}")
-            try:
-                await asyncio.wait_for(
-                    asyncio.to_thread(gpu.nccl_recv_blocking, comm, out, peer_index, device), timeout
-                )
-            except TimeoutError:
-                raise RecvTimeout(
-                    f"NCCL receive of {id_!r} chunk {chunk_id} from rank {src} "
-                    f"took longer than {timeout:.3f}s",
-                    id=id_,
-                ) from None
+                if link is not None:
+                    try:
+                        await self._request_pull(src, id_, chunk_id, "", deadline)
+                    except GpuTransferFailed:  # the producer lost its side of the link: start afresh
+                        self._links.discard(src, "recv")
+                        link = None
+                if link is None:
+                    uid = gpu_nccl.new_unique_id()
+                    await self._request_pull(src, id_, chunk_id, gpu_nccl.uid_to_wire(uid), deadline)
+                    link = await gpu_nccl.open_link(uid, 2, gpu_nccl.RECEIVER_INDEX, device, deadline)
+                    self._links.put(src, "recv", link)
+                # Allocated on the device's current stream, like any tensor handed to the caller; the
+                # link's stream first waits for that stream (a recycled block may still be read there).
+                out = torch.empty(loc.meta.shape, dtype=torch_dtype(loc.meta.dtype), device=f"cuda:{device}")
+                link.stream.wait_stream(torch.cuda.current_stream(device))
+                await gpu_nccl.run(link, gpu_nccl.recv_op(out, gpu_nccl.SENDER_INDEX), deadline, what)
+            except SidecarTimeout:
+                raise RecvTimeout(f"{what} took longer than {timeout:.3f}s", id=id_) from None
         return out
+
+    async def _request_pull(self, src: int, id_: str, chunk_id: int, uid: str, deadline: float) -> None:
+        assert self._nc is not None
+        req = NcclPullRequest(id=id_, chunk_id=chunk_id, dst_rank=self.rank, nccl_uid=uid)
+        try:
+            await request(
+                self._nc,
+                sidecar_nccl_pull_subject(src),
+                req,
+                SidecarAck,
+                max(0.001, deadline - time.monotonic()),
+            )
+        except (NoResponders, RequestTimeout) as exc:
+            raise DataLost(
+                f"producer of rank {src} for {id_!r} chunk {chunk_id} is gone: {exc}", id=id_
+            ) from None
+        except ServiceErrorReply as exc:
+            raise error_from_kind(exc.error.error, exc.error.message, exc.error.details) from None
 
     async def _on_released(self, msg: Any) -> None:
         event = ReleasedEvent.model_validate_json(msg.data)
         for key in event.keys:
-            self._gpu_hold.pop((key.id, key.chunk_id), None)
+            self._drop_gpu_hold((key.id, key.chunk_id))
             watch = self._watched.get(key.id)
             if watch is not None:
                 watch.released.add(key.chunk_id)
@@ -582,16 +646,37 @@ class Sidecar:
 
     # ------------------------------------------------------------------ receive side
 
-    @on_owner_loop
-    async def recv(
-        self, id: str, chunk_id: int = 0, timeout: float | None = None, *, copy: bool = False
-    ) -> Any:
+    def recv(
+        self,
+        id: str,
+        chunk_id: int = 0,
+        timeout: float | None = None,
+        *,
+        copy: bool = False,
+        device: torch.device | int | str | None = None,
+    ) -> Coroutine[Any, Any, Any]:
         """Wait for chunk ``chunk_id`` of ``id`` (it may not have been sent yet).
 
         Tensors come back as zero-copy read-only views valid until :meth:`mark_done` (pass
         ``copy=True`` for a private, writable copy). Returns None past the end of a stream.
-        Idempotent until :meth:`mark_done`.
+        Idempotent until :meth:`mark_done`. A CUDA tensor lands on, or is mapped into, ``device``
+        (default: the caller's current CUDA device); GPU work reading a view must have finished
+        (synchronize) before :meth:`mark_done`, after which the memory may be reused.
         """
+        # On the caller's thread (also for recv_sync): the loop thread's current device is its own.
+        captured = gpu.caller_device() if device is None else None
+        return self._recv_owned(id, chunk_id, timeout, copy, device, captured)
+
+    @on_owner_loop
+    async def _recv_owned(
+        self,
+        id: str,
+        chunk_id: int,
+        timeout: float | None,
+        copy: bool,
+        device: torch.device | int | str | None,
+        captured: int | None,
+    ) -> Any:
         id_, timeout = id, timeout or self.timeout
         msg = RecvRequest(id=id_, chunk_id=chunk_id, timeout=timeout)
         with client_span("sidecar.recv", {"cornserve.sidecar.chunk_id": chunk_id}):
@@ -606,11 +691,14 @@ class Sidecar:
             gpu.require_gpu()
             got = self._nccl_recvd.get((id_, chunk_id))
             if got is None:
-                got = self._nccl_recvd[(id_, chunk_id)] = await self._nccl_pull(loc, id_, chunk_id, timeout)
+                target = gpu.receive_device(device, captured)
+                got = self._nccl_recvd[(id_, chunk_id)] = await self._nccl_pull(
+                    loc, id_, chunk_id, timeout, target
+                )
             return got.clone() if copy else got
         if loc.transport == "cuda_ipc":
             gpu.require_gpu()
-            view = self._ipc.view((id_, chunk_id), loc)
+            view = self._ipc.view((id_, chunk_id), loc, gpu.receive_device(device, captured))
             return view.clone() if copy else view
         mm = self._ro_maps.get(loc.arena)
         if mm is None:

@@ -37,6 +37,21 @@ class UnsupportedData(SidecarError, TypeError, kind="unsupported_data"):
     """The value cannot be sent (type not supported)."""
 
 
+class GpuUnavailable(UnsupportedData, kind="gpu_unavailable"):
+    """A CUDA tensor cannot take the GPU path here.
+
+    No CuPy (or one older than 14), no CUDA device, or a PyTorch allocator whose memory cannot be
+    exported as a CUDA IPC handle; the message says which.
+    """
+
+
+class GpuTransferFailed(SidecarError, kind="gpu_transfer"):
+    """An NCCL operation failed, or the producer has no communicator for this consumer.
+
+    The communicator was aborted and discarded, so the next transfer builds a fresh one.
+    """
+
+
 class SidecarUnavailable(SidecarError, kind="unavailable"):
     """The client's own sidecar server is not running (no responders on its subjects)."""
 

@@ -1,236 +1,214 @@
-"""GPU data paths via CuPy: CUDA IPC on one node, NCCL across nodes.
+"""What every GPU path shares: is CuPy/CUDA usable, which device and stream, waiting on events.
 
-Written against CuPy's real APIs and guarded by :func:`gpu_available`; nothing here is imported
-eagerly, so CPU-only machines never need CuPy or a driver.
+Nothing here imports CuPy eagerly, so CPU-only machines never need CuPy or a driver; a CUDA tensor
+on such a machine raises :class:`~cornserve.sidecar.errors.GpuUnavailable` saying what is missing.
+The transports live in :mod:`cornserve.sidecar.gpu_ipc` (CUDA IPC, same node) and
+:mod:`cornserve.sidecar.gpu_nccl` (NCCL, across nodes).
 
-Same node: the producer exports a CUDA IPC memory handle for its tensor's allocation; the
-consumer opens it and wraps the device memory as a tensor (device to device, no host bounce).
-The producer's client keeps the tensor alive until its sidecar reports every destination done.
-
-Across nodes: :class:`NcclPairs` lazily creates a two-rank NCCL communicator per peer; the lower
-rank makes the unique id and hands it to the other over NATS. Executors call ``send``/``recv`` on
-the communicator with the same stream ordering on both sides.
+Streams: the producer's kernels run on *its* current stream, on *its* thread. The client's
+coroutines run on the client's loop thread (a private thread for the ``*_sync`` API), whose
+current stream is a different one; so :func:`capture` records an event on the caller's stream on
+the caller's thread, and the transport makes its own stream wait on that event.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-from typing import Any
+import os
+import time
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
-import torch.utils.dlpack
 
-from cornserve.bus.sidecar import Location
-from cornserve.sidecar.codec import torch_dtype
-from cornserve.sidecar.errors import UnsupportedData
+from cornserve.sidecar.errors import GpuUnavailable, SidecarTimeout, UnsupportedData
+
+MIN_CUPY_MAJOR = 14
+"""CuPy 14 changed NCCL unique ids from tuples of ints to ``bytes``; only that form is supported."""
+
+
+def cupy_problem() -> str | None:
+    """Why CuPy cannot be used here (None when it can); does not touch the driver."""
+    try:
+        import cupy
+    except ImportError as exc:
+        return f"CuPy is not installed ({exc}); install cornserve-sidecar[gpu]"
+    major = _major(getattr(cupy, "__version__", "0"))
+    if major < MIN_CUPY_MAJOR:
+        return f"CuPy {cupy.__version__} is too old: the GPU paths need CuPy >= {MIN_CUPY_MAJOR}"
+    return None
+
+
+def _major(version: str) -> int:
+    head = version.split(".", 1)[0]
+    return int(head) if head.isdigit() else 0
 
 
 @functools.cache
+def gpu_problem() -> str | None:
+    """Why the GPU paths cannot run in this process (None when CuPy and a CUDA device are there)."""
+    problem = cupy_problem()
+    if problem is not None:
+        return problem
+    from cupy.cuda import runtime
+
+    try:
+        count = int(runtime.getDeviceCount())
+    except Exception as exc:  # CUDARuntimeError without a driver; its type lives in CuPy
+        return f"no usable CUDA driver: {exc}"
+    return None if count > 0 else "no CUDA device is visible"
+
+
 def gpu_available() -> bool:
-    """CuPy importable and at least one CUDA device visible."""
-    try:
-        import cupy  # noqa: F401
-        from cupy.cuda import runtime
-    except ImportError:
-        return False
-    try:
-        return bool(runtime.getDeviceCount() > 0)
-    except Exception:  # CUDARuntimeError without a driver
-        return False
+    """CuPy >= 14 importable and at least one CUDA device visible."""
+    return gpu_problem() is None
 
 
 def require_gpu() -> None:
-    """Raise a clear error when a GPU path is used without CuPy/CUDA."""
-    if not gpu_available():
-        raise UnsupportedData("GPU tensors need CuPy (pip install cornserve-sidecar[gpu]) and a CUDA device")
+    """Raise :class:`GpuUnavailable` naming what is missing when a GPU path is used without it."""
+    problem = gpu_problem()
+    if problem is not None:
+        raise GpuUnavailable(f"CUDA tensors cannot be sent or received here: {problem}")
 
 
-def _allocation_base(ptr: int) -> int:
-    """Start of the cudaMalloc allocation containing ``ptr`` (``cuMemGetAddressRange``).
+# ---------------------------------------------------------------------- PyTorch allocator settings
 
-    PyTorch's caching allocator carves tensors out of larger allocations, and an IPC handle always
-    names a whole allocation, so the consumer needs the tensor's offset inside it.
+
+def allocator_ipc_problem(settings: str, backend: str) -> str | None:
+    """Why memory from PyTorch's allocator cannot be exported with ``cudaIpcGetMemHandle``.
+
+    ``settings`` is the allocator configuration string (``PYTORCH_ALLOC_CONF`` syntax,
+    ``key:value`` pairs separated by commas), ``backend`` the name
+    ``torch.cuda.get_allocator_backend()`` reports. Expandable segments map memory with the
+    ``cuMem*`` virtual memory API and cudaMallocAsync allocates from a stream-ordered pool:
+    ``cudaIpcGetMemHandle`` refuses both kinds of memory.
     """
-    import ctypes
-
-    libcuda = ctypes.CDLL("libcuda.so.1")
-    base = ctypes.c_uint64()
-    size = ctypes.c_size_t()
-    rc = libcuda.cuMemGetAddressRange_v2(ctypes.byref(base), ctypes.byref(size), ctypes.c_uint64(ptr))
-    if rc != 0:
-        raise UnsupportedData(f"cuMemGetAddressRange failed with CUresult {rc} for pointer {ptr:#x}")
-    return int(base.value)
-
-
-def export_ipc_handle(tensor: torch.Tensor) -> tuple[str, int, int]:
-    """(IPC handle hex, offset of the tensor inside that allocation, device index)."""
-    from cupy.cuda import runtime
-
-    device = tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()
-    with torch.cuda.device(device):
-        ptr = tensor.data_ptr()
-        base = _allocation_base(ptr)
-        handle = runtime.ipcGetMemHandle(base)
-    return bytes(handle).hex(), ptr - base, device
+    options: dict[str, str] = {}
+    for part in settings.split(","):
+        key, sep, value = part.partition(":")
+        if sep:
+            options[key.strip().lower()] = value.strip()
+    if options.get("expandable_segments", "").lower() == "true":
+        return "PyTorch's allocator uses expandable segments (expandable_segments:True)"
+    if backend == "cudaMallocAsync" or options.get("backend") == "cudaMallocAsync":
+        return "PyTorch's allocator backend is cudaMallocAsync"
+    return None
 
 
-class IpcMappings:
-    """Producer allocations opened in this process, reference-counted per IPC handle.
+def allocator_settings() -> str:
+    """The allocator configuration in effect: the runtime's when PyTorch exposes it, else the env."""
+    getter = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
+    if getter is not None:
+        return str(getter())
+    parts = [os.environ.get(name, "") for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")]
+    return ",".join(p for p in parts if p)
 
-    CUDA lets a process open a given handle only once, yet several chunks can live in one producer
-    allocation (PyTorch's caching allocator); so opens are shared and closed with the last chunk.
+
+def check_ipc_allocator() -> None:
+    """Raise :class:`GpuUnavailable` when PyTorch's CUDA memory cannot carry an IPC handle."""
+    problem = allocator_ipc_problem(allocator_settings(), torch.cuda.get_allocator_backend())
+    if problem is not None:
+        raise GpuUnavailable(
+            f"{problem}: cudaIpcGetMemHandle cannot export its memory, so CUDA tensors cannot go "
+            "through the sidecar; start the executor without it (unset expandable_segments / "
+            "backend:cudaMallocAsync in PYTORCH_ALLOC_CONF or PYTORCH_CUDA_ALLOC_CONF)"
+        )
+
+
+# ---------------------------------------------------------------------- devices and streams
+
+
+def device_index(device: torch.device | int | str, current: int | None = None) -> int:
+    """The CUDA device index ``device`` names (``cuda`` alone means ``current``, else 0)."""
+    d = torch.device(f"cuda:{device}") if isinstance(device, int) else torch.device(device)
+    if d.type != "cuda":
+        raise GpuUnavailable(f"{d} is not a CUDA device")
+    if d.index is not None:
+        return d.index
+    return current if current is not None else 0
+
+
+def caller_device() -> int | None:
+    """The calling thread's current CUDA device, when that thread has used CUDA (else None).
+
+    Called on the caller's thread before the client hops to its loop thread, whose current
+    device is its own (0 unless someone set it there).
     """
-
-    def __init__(self) -> None:
-        self._open: dict[str, tuple[int, int]] = {}  # handle -> (base pointer, users)
-        self._chunks: dict[tuple[str, int], tuple[str, torch.Tensor]] = {}
-
-    def view(self, key: tuple[str, int], loc: Location) -> torch.Tensor:
-        """Return the chunk's tensor on the producer's device, opening the handle if needed."""
-        import cupy
-        from cupy.cuda import runtime
-
-        found = self._chunks.get(key)
-        if found is not None and found[0] == loc.cuda_handle:
-            return found[1]
-        if found is not None:
-            self.close(key)
-        meta = loc.meta
-        with cupy.cuda.Device(loc.device):
-            base, users = self._open.get(loc.cuda_handle, (0, 0))
-            if users == 0:
-                base = runtime.ipcOpenMemHandle(bytes.fromhex(loc.cuda_handle))
-            self._open[loc.cuda_handle] = (base, users + 1)
-            mem = cupy.cuda.UnownedMemory(base, loc.offset + meta.nbytes, owner=None, device_id=loc.device)
-            raw = cupy.ndarray(
-                (meta.nbytes,), dtype=cupy.uint8, memptr=cupy.cuda.MemoryPointer(mem, loc.offset)
-            )
-            t = torch.utils.dlpack.from_dlpack(raw).view(torch_dtype(meta.dtype)).view(meta.shape)
-        self._chunks[key] = (loc.cuda_handle, t)
-        return t
-
-    def close(self, key: tuple[str, int]) -> None:
-        """Drop a finished chunk's view; unmap the allocation after its last chunk."""
-        found = self._chunks.pop(key, None)
-        if found is None:
-            return  # not a GPU chunk (and CuPy may not even be installed)
-        from cupy.cuda import runtime
-
-        handle = found[0]
-        base, users = self._open[handle]
-        if users <= 1:
-            del self._open[handle]
-            runtime.ipcCloseMemHandle(base)
-        else:
-            self._open[handle] = (base, users - 1)
+    if not torch.cuda.is_initialized():  # type: ignore[no-untyped-call]  # cheap: every recv asks
+        return None
+    return int(torch.cuda.current_device())
 
 
-class NatsUidExchange:
-    """Hands NCCL unique ids between two ranks over NATS (request/reply, retried until the peer listens)."""
-
-    def __init__(self, nc: Any, rank: int) -> None:
-        self.nc = nc
-        self.rank = rank
-
-    async def __call__(self, peer: int, uid: bytes | None, timeout: float = 60.0) -> Any:
-        """Send ``uid`` to ``peer`` (lower rank) or wait for it from ``peer`` (higher rank)."""
-        import nats.errors
-
-        from cornserve.bus.subjects import sidecar_nccl_subject
-
-        if uid is not None:
-            deadline = asyncio.get_running_loop().time() + timeout
-            while True:
-                try:
-                    await self.nc.request(sidecar_nccl_subject(peer, self.rank), uid, timeout=5)
-                    return None
-                except nats.errors.NoRespondersError:
-                    if asyncio.get_running_loop().time() > deadline:
-                        raise
-                    await asyncio.sleep(0.1)
-        sub = await self.nc.subscribe(sidecar_nccl_subject(self.rank, peer), max_msgs=1)
-        msg = await sub.next_msg(timeout=timeout)
-        await msg.respond(b"ok")
-        return _uid_from_bytes(msg.data)
+def receive_device(explicit: torch.device | int | str | None, captured: int | None) -> int:
+    """Where a GPU chunk received over NCCL lands: the ``device`` argument, else the caller's device."""
+    if explicit is not None:
+        return device_index(explicit, captured)
+    return captured if captured is not None else 0
 
 
-def _uid_from_bytes(data: bytes) -> Any:
-    """Rebuild the id object cupy.cuda.nccl expects (a tuple of 128 signed chars)."""
-    return tuple(b - 256 if b > 127 else b for b in data)
+@dataclass(frozen=True)
+class ProducerReady:
+    """A CUDA tensor to send and an event marking where its producer's stream was at ``send``."""
+
+    tensor: torch.Tensor
+    device: int
+    event: torch.cuda.Event
 
 
-class NcclPairs:
-    """Lazily created pairwise NCCL communicators between this rank and its peers.
+def capture(tensor: torch.Tensor) -> ProducerReady:
+    """Record the caller's current stream of the tensor's device (call on the caller's thread)."""
+    require_gpu()
+    if tensor.numel() == 0:
+        raise UnsupportedData("a CUDA tensor with no elements has no memory to export; send tensor.cpu()")
+    device = device_index(tensor.device)
+    event = new_event()
+    event.record(torch.cuda.current_stream(device))
+    return ProducerReady(tensor.detach(), device, event)
 
-    ``exchange(peer, uid_or_none)`` is an async callable supplied by the owner that sends the
-    unique id over NATS (lower rank) or waits for it (higher rank); this keeps the bus out of here.
+
+_streams: dict[int, torch.cuda.Stream] = {}
+
+
+def side_stream(device: int) -> torch.cuda.Stream:
+    """The process's transfer stream on ``device`` (never the legacy default stream)."""
+    stream = _streams.get(device)
+    if stream is None:
+        stream = _streams[device] = new_stream(device)
+    return stream
+
+
+def new_stream(device: int) -> torch.cuda.Stream:
+    """A new CUDA stream on ``device`` (typed wrapper: torch's constructor is untyped)."""
+    return torch.cuda.Stream(device=device)  # type: ignore[no-untyped-call]
+
+
+def new_event() -> torch.cuda.Event:
+    """A new CUDA event (typed wrapper: torch's constructor is untyped)."""
+    return torch.cuda.Event()  # type: ignore[no-untyped-call]
+
+
+POLL_MIN_S = 0.00005
+POLL_MAX_S = 0.002
+
+
+class Pollable(Protocol):
+    """Something whose completion can be asked without blocking (a ``torch.cuda.Event``)."""
+
+    def query(self) -> bool:
+        """True once the work recorded before it finished."""
+        ...
+
+
+async def wait_event(event: Pollable, deadline: float, what: str) -> None:
+    """Wait until ``event`` completed, polling so the loop stays free; :class:`SidecarTimeout` at ``deadline``.
+
+    ``deadline`` is a ``time.monotonic()`` value. Polling (not ``event.synchronize()`` in a thread)
+    keeps the wait cancellable and bounded.
     """
-
-    def __init__(self, rank: int) -> None:
-        self.rank = rank
-        self._comms: dict[int, Any] = {}
-
-    async def comm(self, peer: int, exchange: Any, timeout: float = 120.0) -> Any:
-        """Return the communicator shared with ``peer``, created on first use."""
-        require_gpu()
-        from cupy.cuda import nccl
-
-        found = self._comms.get(peer)
-        if found is not None:
-            return found
-        if self.rank < peer:
-            uid = nccl.get_unique_id()
-            await exchange(peer, bytes(b & 0xFF for b in uid))
-            my_index = 0
-        else:
-            uid = await exchange(peer, None)
-            my_index = 1
-        device = torch.cuda.current_device()
-
-        def init() -> Any:
-            import cupy
-
-            # Blocks until the peer joins, so it runs off the event loop, on the caller's device.
-            with cupy.cuda.Device(device):
-                return nccl.NcclCommunicator(2, uid, my_index)
-
-        comm = await asyncio.wait_for(asyncio.to_thread(init), timeout)
-        self._comms[peer] = comm
-        return comm
-
-    def indices(self, peer: int) -> tuple[int, int]:
-        """(my index, peer index) inside the two-rank communicator with ``peer``."""
-        return (0, 1) if self.rank < peer else (1, 0)
-
-    @staticmethod
-    def send(comm: Any, tensor: torch.Tensor, peer_index: int) -> None:
-        """Send a contiguous CUDA tensor's bytes to the other rank of ``comm`` on the current stream."""
-        from cupy.cuda import nccl
-
-        stream = torch.cuda.current_stream().cuda_stream
-        nbytes = tensor.numel() * tensor.element_size()
-        comm.send(tensor.data_ptr(), nbytes, nccl.NCCL_UINT8, peer_index, stream)
-
-    @staticmethod
-    def recv(comm: Any, out: torch.Tensor, peer_index: int) -> None:
-        """Receive into a preallocated contiguous CUDA tensor from the other rank of ``comm``."""
-        from cupy.cuda import nccl
-
-        stream = torch.cuda.current_stream().cuda_stream
-        nbytes = out.numel() * out.element_size()
-        comm.recv(out.data_ptr(), nbytes, nccl.NCCL_UINT8, peer_index, stream)
-
-
-def nccl_send_blocking(comm: Any, tensor: torch.Tensor, peer_index: int, device: int) -> None:
-    """Send and wait for completion (run in a worker thread)."""
-    with torch.cuda.device(device):
-        NcclPairs.send(comm, tensor, peer_index)
-        torch.cuda.current_stream().synchronize()
-
-
-def nccl_recv_blocking(comm: Any, out: torch.Tensor, peer_index: int, device: int) -> None:
-    """Receive and wait for completion (run in a worker thread)."""
-    with torch.cuda.device(device):
-        NcclPairs.recv(comm, out, peer_index)
-        torch.cuda.current_stream().synchronize()
+    pause = POLL_MIN_S
+    while not event.query():
+        if time.monotonic() >= deadline:
+            raise SidecarTimeout(f"{what}: the GPU work did not finish before the deadline")
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, POLL_MAX_S)
