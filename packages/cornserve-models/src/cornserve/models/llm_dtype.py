@@ -4,7 +4,7 @@ An encoder-fission embedding ends up in the LLM's input embeddings, so the LLM c
 own dtype anyway: sending it in that dtype from the start halves the bytes of a bfloat16 model
 against float32 and gives the LLM exactly what it would have computed. The LLM executors load a
 checkpoint in its saved dtype (transformers' and vLLM's `auto`), which the checkpoint's config
-declares (`dtype`, formerly `torch_dtype`, on the text config or the top level); a config that
+declares (`dtype`, formerly `torch_dtype`, at the top level or on the text config); a config that
 declares none falls back to the dtype the saved encoder tensors have, then to float32.
 """
 
@@ -40,14 +40,17 @@ def _declared(config: Any) -> torch.dtype | None:
 
 
 def checkpoint_llm_dtype(config: Any, saved: Iterable[torch.Tensor] = ()) -> torch.dtype:
-    """The language model's dtype: the text config's, the config's, the saved tensors', else float32.
+    """The language model's dtype: the config's, the text config's, the saved tensors', else float32.
+
+    The order is vLLM's for `--dtype auto` (a composite config's top-level dtype first), and the
+    top-level dtype is what `save_pretrained` writes for the model as a whole.
 
     Saved tensors count only when they all share one of `WIRE_DTYPES` (a mixed or quantized
     checkpoint says nothing reliable about the LLM).
     """
     get_text_config = getattr(config, "get_text_config", None)
     text_config = get_text_config() if callable(get_text_config) else None
-    for candidate in (text_config, config):
+    for candidate in (config, text_config):
         if candidate is not None and (declared := _declared(candidate)) is not None:
             return declared
     dtypes = {t.dtype for t in saved if t.is_floating_point()}
