@@ -40,4 +40,6 @@ async def test_a_silent_health_endpoint_fails_each_probe_and_then_the_start(
         server.close()
         for writer in held:
             writer.close()
+            await writer.wait_closed()
+        await server.wait_closed()
     assert "executor vllm-1: not healthy at" in caplog.text
