@@ -92,9 +92,12 @@ async def detect_version(executable: str, timeout_s: float) -> Version:
     try:
         out, _ = await asyncio.wait_for(proc.communicate(), timeout_s)
     except TimeoutError:
-        proc.kill()
-        await proc.wait()
         raise VersionError(f"{executable!r} --version did not answer within {timeout_s:g}s") from None
+    finally:
+        # Overran, or the proxy is stopping (cancelled): the child goes with the question.
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
     text = out.decode(errors="replace")
     version = parse_version(text) if proc.returncode == 0 else None
     if version is None:
