@@ -122,11 +122,13 @@ def test_qwen_images_match_full_model_and_batch(eric_cluster: EricSetup) -> None
         assert emb.dtype == torch.float32 and emb.shape == ref.shape == (meta["num_tokens"], 64)
         torch.testing.assert_close(emb, ref, rtol=RTOL, atol=ATOL)
         assert meta["modality"] == "image" and meta["model_id"] == str(eric.model_dir)
+        assert meta["dtype"] == "float32"  # the tiny checkpoint's LLM dtype, which the tensor travels in
     assert [m["grid_thw"] for _, m in got] == [[1, 8, 8], [1, 6, 10], [1, 12, 4]]
 
     _, info = http_json("GET", f"{eric.url}/info")
     # 3 items with max batch size 2: a batch of two formed, then one of one.
     assert info["batching"]["largest_batch"] == 2
+    assert info["dtype"] == info["embedding_dtype"] == "float32"
     assert info["batching"]["items"] >= 3 and info["batching"]["batches"] >= 2
     with urllib.request.urlopen(f"{eric.url}/metrics", timeout=30) as resp:  # the same, for Prometheus
         page = {
@@ -168,6 +170,7 @@ async def test_llava_image_matches_full_model(eric_cluster: EricSetup) -> None:
             "grid_thw": None,
             "model_id": str(eric.model_dir),
             "second_per_grid_t": None,
+            "dtype": "float32",
         }
 
 

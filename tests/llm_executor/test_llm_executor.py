@@ -451,6 +451,17 @@ async def test_fission_errors_name_the_forward_and_the_executor_stays_up(
     }
     status, reply = await asyncio.to_thread(post_json, fis.url, body)
     assert_error(status, reply, 400, "invalid_embedding", bad.id, "[4, 3]")
+
+    # A tensor whose dtype is not the one its metadata names (chunks that disagree) is refused.
+    liar = DataForward[Tensor](dst_sidecar_ranks=[[fis.sidecar_rank]])
+    async with Sidecar(cluster.producer_rank, nats_url) as producer:
+        meta = EmbeddingMeta(
+            modality="image", num_tokens=4, grid_thw=[1, 4, 4], model_id="x", dtype="bfloat16"
+        )
+        await send_embedding(producer, liar.id, [[fis.sidecar_rank]], torch.zeros(4, 64), meta)
+    body["cornserve_embeddings"] = [liar.model_dump(mode="json")]
+    status, reply = await asyncio.to_thread(post_json, fis.url, body)
+    assert_error(status, reply, 400, "invalid_embedding", liar.id, "metadata says bfloat16")
     assert get_json(fis.url, "/health")["status"] == "ok"
 
 

@@ -182,6 +182,16 @@ def test_vllm_descriptor_launch_and_translation() -> None:
         "--port 8123" in joined and "--tensor-parallel-size 2" in joined and "--max-model-len 2048" in joined
     )
     assert spec.command[-2:] == ["--", "--enforce-eager"]
+    # The start deadline is the descriptor's (a first large tensor-parallel start takes long), for
+    # the task manager's wait and the proxy's own.
+    assert spec.ready_timeout_s == 1800 and "--ready-timeout 1800.0" in joined
+    slow = descriptor.model_copy(update={"ready_timeout_s": 3600.0})
+    assert (
+        slow.launch_spec(
+            task, placement([Device(kind="cuda", index=2), Device(kind="cuda", index=3)])
+        ).ready_timeout_s
+        == 3600
+    )
     # Without fission vLLM takes the media itself and is launched directly.
     plain = LLMTask(model_id="Qwen/Qwen2-VL-7B-Instruct", modalities=["image"], descriptor=descriptor)
     direct = descriptor.launch_spec(

@@ -8,8 +8,6 @@ crosses the sidecar is real.
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
 import json
 import subprocess
 import sys
@@ -30,82 +28,53 @@ from cornserve.task.builtins.embedding import (
     EMBEDDING_TENSOR_CHUNK,
     EmbeddingMeta,
 )
-from cornserve.vllm import (
-    EmbeddingTranslationError,
-    ReceivedEmbedding,
-    VLLMServeArgs,
-    rewrite_request,
-    vllm_serve_command,
-)
+from cornserve.vllm.command import VLLMServeArgs, vllm_serve_command
+from cornserve.vllm.proxy import ProxyConfig, ProxyState
 
 HERE = Path(__file__).parent
 
 
-def _load_b64(b64: str) -> torch.Tensor:
-    return torch.load(io.BytesIO(base64.b64decode(b64)), weights_only=True)
+def fake_vllm(tmp_path: Path) -> Path:
+    """The stand-in as an executable named like vLLM's (it plays FAKE_VLLM_VERSION, default 0.33.0)."""
+    fake = tmp_path / "vllm"
+    fake.write_text(f'#!/bin/sh\nexec {sys.executable} {HERE / "fake_vllm.py"} "$@"\n')
+    fake.chmod(0o755)
+    return fake
 
 
-def test_vllm_serve_command() -> None:
-    args = VLLMServeArgs(
-        model="Qwen/Qwen2-VL-2B-Instruct", port=9000, tensor_parallel_size=2, max_model_len=4096,
-        enable_mm_embeds=True, extra_args=["--enforce-eager"],
-    )  # fmt: skip
-    command = vllm_serve_command(args)
-    assert command[:3] == ["vllm", "serve", "Qwen/Qwen2-VL-2B-Instruct"]
-    joined = " ".join(command)
-    assert (
-        "--port 9000" in joined and "--tensor-parallel-size 2" in joined and "--max-model-len 4096" in joined
+async def send_embedding(
+    sender: Sidecar, forward_id: str, rank: int, tensor: torch.Tensor, grid: list[int]
+) -> None:
+    """One embedding forward the way Eric sends it: the tensor, then its metadata naming its dtype."""
+    await sender.send(
+        tensor, forward_id, [[rank]], chunk_id=EMBEDDING_TENSOR_CHUNK, num_chunks=EMBEDDING_NUM_CHUNKS
     )
-    assert "--enable-mm-embeds" in command and command[-1] == "--enforce-eager"
-    assert "--enable-mm-embeds" not in vllm_serve_command(args.model_copy(update={"enable_mm_embeds": False}))
+    meta = EmbeddingMeta(
+        modality="image",
+        num_tokens=tensor.shape[0],
+        grid_thw=grid,
+        model_id="tiny-qwen",
+        dtype=str(tensor.dtype).removeprefix("torch."),  # type: ignore[arg-type]
+    )
+    await sender.send(
+        meta.model_dump(mode="json"),
+        forward_id,
+        [[rank]],
+        chunk_id=EMBEDDING_META_CHUNK,
+        num_chunks=EMBEDDING_NUM_CHUNKS,
+    )
 
 
-def _request() -> dict[str, object]:
+def chat_body(ids: list[str], rank: int) -> dict[str, object]:
+    content: list[dict[str, object]] = [
+        {"type": "image_url", "image_url": {"url": f"file:///{i}.png"}} for i in ids
+    ]
     return {
-        "model": "m",
-        "messages": [
-            {"role": "system", "content": "be brief"},
-            {
-                "role": "user",
-                "content": [
-                    {"type": "image_url", "image_url": {"url": "file:///a.png"}},
-                    {"type": "text", "text": "compare"},
-                    {"type": "image_url", "image_url": {"url": "file:///b.png"}},
-                ],
-            },
-        ],
-        "cornserve_embeddings": [{"id": "x"}, {"id": "y"}],
+        "model": "tiny-qwen",
+        "stream": True,
+        "messages": [{"role": "user", "content": [*content, {"type": "text", "text": "what is it"}]}],
+        "cornserve_embeddings": [{"id": i, "dst_sidecar_ranks": [[rank]]} for i in ids],
     }
-
-
-def test_rewrite_request_replaces_media_in_order() -> None:
-    a = ReceivedEmbedding(
-        tensor=torch.ones(4, 8), meta=EmbeddingMeta(modality="image", num_tokens=4, grid_thw=[1, 4, 4])
-    )
-    b = ReceivedEmbedding(tensor=torch.full((2, 8), 2.0), meta=EmbeddingMeta(modality="image", num_tokens=2))
-    out = rewrite_request(_request(), [a, b])
-    assert "cornserve_embeddings" not in out
-    parts = out["messages"][1]["content"]
-    assert [p["type"] for p in parts] == ["image_embeds", "text", "image_embeds"]
-    first = parts[0]["image_embeds"]
-    assert torch.equal(_load_b64(first["image_embeds"]), a.tensor)
-    assert _load_b64(first["image_grid_thw"]).tolist() == [1, 4, 4]
-    assert torch.equal(_load_b64(parts[2]["image_embeds"]), b.tensor)
-    assert out["messages"][0] == {"role": "system", "content": "be brief"}
-
-
-def test_rewrite_request_errors() -> None:
-    one = ReceivedEmbedding(tensor=torch.ones(4, 8), meta=EmbeddingMeta(modality="image", num_tokens=4))
-    with pytest.raises(EmbeddingTranslationError, match="no embedding is left"):
-        rewrite_request(_request(), [one])
-    with pytest.raises(EmbeddingTranslationError, match="left over"):
-        rewrite_request(_request(), [one, one, one])
-    video = ReceivedEmbedding(tensor=torch.ones(4, 8), meta=EmbeddingMeta(modality="video", num_tokens=4))
-    with pytest.raises(EmbeddingTranslationError, match="is image media but its embedding is video"):
-        rewrite_request(_request(), [video, one])
-    bad = ReceivedEmbedding(tensor=torch.ones(3, 8), meta=EmbeddingMeta(modality="image", num_tokens=4))
-    with pytest.raises(EmbeddingTranslationError, match="does not match its 4 tokens"):
-        rewrite_request(_request(), [bad, one])
 
 
 async def test_proxy_feeds_sidecar_embeddings_to_vllm(
@@ -114,16 +83,14 @@ async def test_proxy_feeds_sidecar_embeddings_to_vllm(
     tmp_path: Path,
 ) -> None:
     src, dst = await sidecars(2)
-    fake = tmp_path / "vllm"
-    fake.write_text(f'#!/bin/sh\nexec {sys.executable} {HERE / "fake_vllm.py"} "$@"\n')
-    fake.chmod(0o755)
+    fake = fake_vllm(tmp_path)
     port = free_port()
     proxy = ServiceProcess.start(
         "proxy",
         python_module(
             "cornserve.vllm", "--model-id", "tiny-qwen", "--port", str(port),
             "--sidecar-ranks", str(dst.rank), "--vllm-executable", str(fake), "--embedding-timeout", "5",
-            "--", "--enforce-eager",
+            "--", "--enforce-eager", "--dtype", "float16",
         ),
         tmp_path,
         {"CORNSERVE_NATS_URL": nats_url},
@@ -131,54 +98,62 @@ async def test_proxy_feeds_sidecar_embeddings_to_vllm(
     url = f"http://127.0.0.1:{port}"
     try:
         await asyncio.to_thread(wait_healthy, url, process=proxy, timeout=90)
-        embedding = torch.arange(24, dtype=torch.float32).reshape(3, 8)
+        # Two items of one batch buffer in bfloat16 (the checkpoint's dtype), as Eric sends them.
+        batch = torch.arange(40 * 8, dtype=torch.float32).reshape(40, 8).to(torch.bfloat16)
         async with Sidecar(src.rank, nats_url) as sender:
-            await sender.send(
-                embedding,
-                "fwd-1",
-                [[dst.rank]],
-                chunk_id=EMBEDDING_TENSOR_CHUNK,
-                num_chunks=EMBEDDING_NUM_CHUNKS,
-            )
-            meta = EmbeddingMeta(modality="image", num_tokens=3, grid_thw=[1, 2, 6], model_id="tiny-qwen")
-            await sender.send(
-                meta.model_dump(mode="json"),
-                "fwd-1",
-                [[dst.rank]],
-                chunk_id=EMBEDDING_META_CHUNK,
-                num_chunks=EMBEDDING_NUM_CHUNKS,
-            )
-        body = {
-            "model": "tiny-qwen",
-            "stream": True,
-            "messages": [
-                {
-                    "role": "user",
-                    "content": [
-                        {"type": "image_url", "image_url": {"url": "file:///x.png"}},
-                        {"type": "text", "text": "what is it"},
-                    ],
-                }
-            ],
-            "cornserve_embeddings": [{"id": "fwd-1", "dst_sidecar_ranks": [[dst.rank]]}],
-        }
+            await send_embedding(sender, "fwd-1", dst.rank, batch[:3], [1, 2, 6])
+            await send_embedding(sender, "fwd-2", dst.rank, batch[3:5], [1, 2, 4])
+        body = chat_body(["fwd-1", "fwd-2"], dst.rank)
         async with aiohttp.ClientSession() as session:
+            async with session.get(url + "/health") as response:
+                assert (await response.json())["vllm_version"] == "0.33.0"
             async with session.post(url + "/v1/chat/completions", json=body) as response:
-                assert response.status == 200
+                assert response.status == 200, await response.text()
                 lines = [line.decode().strip() async for line in response.content if line.strip()]
             assert lines[-1] == "data: [DONE]"
             chunk = json.loads(lines[0][len("data:") :])
             report = json.loads(chunk["choices"][0]["delta"]["content"])
+            # Cast to vLLM's --dtype (float16), each item alone in its storage, one part per item.
             assert report["embeds"] == [
-                {"shape": [3, 8], "sum": float(embedding.sum()), "grid_thw": [1, 2, 6]}
-            ]
-            assert "--enable-mm-embeds" in report["flags"] and "--enforce-eager" in report["flags"]
+                {"modality": "image", "shape": [3, 8], "sum": float(batch[:3].half().float().sum()), "dtype": "float16",
+                 "storage_bytes": 3 * 8 * 2, "nbytes": 3 * 8 * 2, "grid_thw": [1, 2, 6]},
+                {"modality": "image", "shape": [2, 8], "sum": float(batch[3:5].half().float().sum()), "dtype": "float16",
+                 "storage_bytes": 2 * 8 * 2, "nbytes": 2 * 8 * 2, "grid_thw": [1, 2, 4]},
+            ]  # fmt: skip
+            flags = report["flags"]
+            assert "--enable-mm-embeds" in flags and "--enforce-eager" in flags
+            # 0.33 takes embeddings with zero media limits: the vision tower is not loaded.
+            assert json.loads(flags[flags.index("--limit-mm-per-prompt") + 1]) == {"image": 0, "video": 0}
 
             # An embedding that never arrives: a prompt 504 naming the problem; the proxy stays up.
-            body["cornserve_embeddings"] = [{"id": "never-sent"}]
+            body["cornserve_embeddings"] = [{"id": "never-sent"}, {"id": "never-sent-2"}]
             async with session.post(url + "/v1/chat/completions", json=body) as response:
                 assert response.status == 504
                 assert "did not arrive" in (await response.json())["error"]["message"]
+            # Plain and grid-carrying embeddings in one request: refused here with the reason,
+            # before vLLM would raise NotImplementedError.
+            async with Sidecar(src.rank, nats_url) as sender:
+                await send_embedding(sender, "fwd-3", dst.rank, batch[5:7], [1, 2, 4])
+                await sender.send(
+                    batch[7:9],
+                    "fwd-4",
+                    [[dst.rank]],
+                    chunk_id=EMBEDDING_TENSOR_CHUNK,
+                    num_chunks=EMBEDDING_NUM_CHUNKS,
+                )
+                plain = EmbeddingMeta(modality="image", num_tokens=2, model_id="tiny-llava", dtype="bfloat16")
+                await sender.send(
+                    plain.model_dump(mode="json"),
+                    "fwd-4",
+                    [[dst.rank]],
+                    chunk_id=EMBEDDING_META_CHUNK,
+                    num_chunks=EMBEDDING_NUM_CHUNKS,
+                )
+            async with session.post(
+                url + "/v1/chat/completions", json=chat_body(["fwd-3", "fwd-4"], dst.rank)
+            ) as response:
+                assert response.status == 400
+                assert "mixes plain and grid-carrying" in (await response.json())["error"]["message"]
             async with session.post(url + "/v1/chat/completions", data=b"{not json") as response:
                 assert response.status == 400
             async with session.get(url + "/health") as response:
@@ -188,6 +163,70 @@ async def test_proxy_feeds_sidecar_embeddings_to_vllm(
     assert code == 0, proxy.log()
     stray = subprocess.run(["pgrep", "-f", str(HERE / "fake_vllm.py")], capture_output=True, text=True)
     assert stray.stdout.strip() == "", "the proxy left vLLM running"
+
+
+@pytest.mark.parametrize(("version", "skips"), [("0.15.1", False), ("0.16.0", True), ("garbage", False)])
+async def test_vision_tower_skipped_where_the_installed_vllm_allows(
+    version: str, skips: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vLLM before 0.16 refuses embeddings with zero media limits: it keeps its tower there."""
+    if version == "garbage":
+        script = tmp_path / "vllm"
+        script.write_text("#!/bin/sh\necho not a version\n")
+        script.chmod(0o755)
+        executable = script
+    else:
+        monkeypatch.setenv("FAKE_VLLM_VERSION", version)
+        executable = fake_vllm(tmp_path)
+    config = ProxyConfig(
+        serve=VLLMServeArgs(model="m", port=9000), sidecar_rank=0, vllm_executable=str(executable)
+    )
+    state = ProxyState(config, free_port(), on_failure=lambda: None)
+    await state._detect()
+    command = vllm_serve_command(state.internal_args)
+    assert ("--limit-mm-per-prompt" in command) is skips
+    assert "--enable-mm-embeds" in command
+
+
+async def test_proxy_probe_timeout_and_start_deadline(
+    sidecars: StartSidecars, nats_url: str, tmp_path: Path
+) -> None:
+    """A vLLM that accepts /health and never answers: each probe gives up, the start deadline ends it (exit 1)."""
+    (dst,) = await sidecars(1)
+    # Listens at once (no torch to import, unlike fake_vllm.py), accepts, never answers.
+    hang = tmp_path / "vllm"
+    hang.write_text(HANG_VLLM.format(python=sys.executable))
+    hang.chmod(0o755)
+    proxy = ServiceProcess.start(
+        "proxy-hang",
+        python_module(
+            "cornserve.vllm", "--model-id", "tiny-qwen", "--port", str(free_port()),
+            "--sidecar-ranks", str(dst.rank), "--vllm-executable", str(hang),
+            "--ready-timeout", "6", "--probe-timeout", "0.5", "--progress-interval", "2",
+        ),
+        tmp_path,
+        {"CORNSERVE_NATS_URL": nats_url},
+    )  # fmt: skip
+    code = await asyncio.to_thread(proxy.wait_exit, 90)
+    log = proxy.log()
+    assert code == 1, log
+    assert "vLLM did not become healthy within 6s (last probe: /health did not answer within 0.5s)" in log
+    assert "waiting for vLLM:" in log
+    stray = subprocess.run(["pgrep", "-f", str(hang)], capture_output=True, text=True)
+    assert stray.stdout.strip() == "", "the proxy left vLLM running"
+
+
+HANG_VLLM = """#!{python}
+import socket, sys, time
+if sys.argv[1:] == ["--version"]:
+    print("0.33.0")
+    raise SystemExit(0)
+port = int(sys.argv[sys.argv.index("--port") + 1])
+server = socket.create_server(("127.0.0.1", port))
+held = []
+while True:
+    held.append(server.accept()[0])
+"""
 
 
 async def test_proxy_exits_1_when_vllm_dies(sidecars: StartSidecars, nats_url: str, tmp_path: Path) -> None:

@@ -33,6 +33,7 @@ from cornserve.eric.schemas import (
 )
 from cornserve.eric.settings import EricSettings
 from cornserve.models.encoders import EncodedItem, EncoderModel, Preprocessed, load_encoder
+from cornserve.models.llm_dtype import dtype_name
 from cornserve.models.loading import resolve_model_dir
 from cornserve.models.media import MediaError
 from cornserve.models.media_pool import MediaPool
@@ -205,6 +206,7 @@ class EricServer:
             "tensor_parallel_size": cfg.tensor_parallel_size,
             "device": str(enc.device) if enc else None,
             "dtype": str(enc.dtype).removeprefix("torch.") if enc else None,
+            "embedding_dtype": dtype_name(enc.llm_dtype) if enc else None,
             "sidecar_ranks": cfg.sidecar_ranks,
             "parameter_count": enc.num_parameters if enc else None,
             "loaded_tensors": len(enc.loaded_tensor_names) if enc else None,
@@ -305,18 +307,24 @@ class EricServer:
         return [item.forward_id for item in body.items]
 
     async def _send(self, item: EmbeddingItem, encoded: EncodedItem) -> None:
-        """The embedding hand-off (docs/executors.md): the float32 tensor, then its `EmbeddingMeta`."""
-        assert self.sidecar is not None
+        """The embedding hand-off (docs/executors.md): the tensor in the LLM's dtype, then its `EmbeddingMeta`.
+
+        The LLM casts the embedding to its own dtype anyway, so it travels in that dtype (the
+        checkpoint's, `EncoderModel.llm_dtype`): half the bytes of float32 for a bfloat16 model.
+        """
+        assert self.sidecar is not None and self.encoder is not None
+        tensor = encoded.embedding.to(self.encoder.llm_dtype)
         meta = EmbeddingMeta(
             modality=encoded.modality,
-            num_tokens=int(encoded.embedding.shape[0]),
+            num_tokens=int(tensor.shape[0]),
             grid_thw=list(encoded.grid_thw) if encoded.grid_thw is not None else None,
             model_id=self.config.model_id,
             second_per_grid_t=encoded.second_per_grid_t,
+            dtype=dtype_name(tensor.dtype),
         )
         timeout = self.config.send_timeout_s
         for chunk_id, data in (
-            (EMBEDDING_TENSOR_CHUNK, encoded.embedding),
+            (EMBEDDING_TENSOR_CHUNK, tensor),
             (EMBEDDING_META_CHUNK, meta.model_dump(mode="json")),
         ):
             await self.sidecar.send(

@@ -1,7 +1,7 @@
 """Receiving encoder embeddings through the sidecar (see docs/executors.md, "Embedding hand-off").
 
 Each forward has two chunks (`cornserve.task.builtins.embedding`): the `[num_tokens, hidden]`
-float32 tensor and its `EmbeddingMeta` as a dict. Both are copied out of the arena and marked done right away, so the sidecar can
+tensor in the LLM's dtype and its `EmbeddingMeta` as a dict (naming that dtype). Both are copied out of the arena and marked done right away, so the sidecar can
 reuse the memory while the request is still generating.
 """
 
@@ -103,7 +103,13 @@ class EmbeddingReceiver:
                 f"embedding forward {fid} chunk {EMBEDDING_TENSOR_CHUNK} must be a 2-D tensor [num_tokens, hidden], got "
                 f"{type(data).__name__} {getattr(data, 'shape', '')}"
             )
-        return ReceivedEmbedding(forward_id=fid, meta=meta, tensor=data.to(torch.float32))
+        if str(data.dtype).removeprefix("torch.") != meta.dtype:
+            raise EmbeddingError(
+                f"embedding forward {fid} chunk {EMBEDDING_TENSOR_CHUNK} is {data.dtype} but its metadata says "
+                f"{meta.dtype}"
+            )
+        # Kept in the dtype it travelled in (the LLM's); the engine casts it where it splices it in.
+        return ReceivedEmbedding(forward_id=fid, meta=meta, tensor=data)
 
     async def _release_abandoned(self, fid: str, chunks: list[int]) -> None:
         """Mark done the chunks of a cancelled request that were not received (bounded, best effort).

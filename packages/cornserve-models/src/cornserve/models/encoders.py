@@ -28,6 +28,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoProcessor
 
 from cornserve.models.families import FAMILY_MODALITIES, encoder_module_key
+from cornserve.models.llm_dtype import checkpoint_llm_dtype
 from cornserve.models.media import VideoArray
 from cornserve.models.weights import PartialWeights, load_partial
 
@@ -84,6 +85,8 @@ class EncoderModel(ABC):
         self._tokenizer_lock = threading.Lock()
         self.loaded_tensor_names: tuple[str, ...] = tuple(weights.read_names)
         self.opened_files: tuple[str, ...] = tuple(weights.opened_files)
+        self.llm_dtype: torch.dtype = checkpoint_llm_dtype(config, weights.tensors.values())
+        """The checkpoint's language-model dtype: embeddings are sent in it (see `llm_dtype`)."""
 
     @property
     def device(self) -> torch.device:

@@ -97,10 +97,11 @@ def allocator_ipc_problem(settings: str, backend: str) -> str | None:
 
 
 def allocator_settings() -> str:
-    """The allocator configuration in effect: the runtime's when PyTorch exposes it, else the env."""
-    getter = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
-    if getter is not None:
-        return str(getter())
+    """The allocator configuration from the environment, where PyTorch reads it at start.
+
+    PyTorch has no public getter for the settings in effect; only its private
+    ``_set_allocator_settings`` changes them later, which nothing in Cornserve calls.
+    """
     parts = [os.environ.get(name, "") for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")]
     return ",".join(p for p in parts if p)
 

@@ -26,7 +26,10 @@ logger = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
 PROBE_TIMEOUT_S = 2.0
-"""One health probe; a probe slower than this counts as a failure."""
+"""One health probe; a probe slower than this counts as a failure (a loading server, vLLM's among
+them, can accept a connection and not answer)."""
+PROGRESS_INTERVAL_S = 30.0
+"""While an executor starts (vLLM: up to its descriptor's `ready_timeout_s`), the wait is logged this often."""
 
 
 class ExecutorStartError(RuntimeError):
@@ -134,7 +137,9 @@ class ManagedExecutor:
 
     async def wait_ready(self, session: aiohttp.ClientSession, timeout_s: float) -> None:
         """Poll the health path until 200; fail early (with the log's tail) if the process exits."""
-        deadline = time.monotonic() + timeout_s
+        started = time.monotonic()
+        deadline = started + timeout_s
+        next_report = started + PROGRESS_INTERVAL_S
         while True:
             code = self.exited()
             if code is not None:
@@ -144,6 +149,17 @@ class ManagedExecutor:
                 )
             if await self.probe(session):
                 return
+            now = time.monotonic()
+            if now >= next_report:
+                logger.info(
+                    "executor %s: not healthy at %s%s yet, %.0fs of %.0fs",
+                    self.executor_id,
+                    self.url,
+                    self.health_path,
+                    now - started,
+                    timeout_s,
+                )
+                next_report += PROGRESS_INTERVAL_S
             if time.monotonic() >= deadline:
                 raise ExecutorStartError(
                     f"executor {self.executor_id} not healthy at {self.url}{self.health_path} within "

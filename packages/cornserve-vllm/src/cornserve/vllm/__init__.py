@@ -2,7 +2,7 @@
 
 vLLM cannot pull tensors from a Cornserve sidecar, so an encoder-fission LLMTask on vLLM runs this
 small proxy in front of `vllm serve`: it receives each media item's embedding by DataForward id,
-rewrites the media part of the chat request into vLLM's `image_embeds` content part, and relays
+rewrites the media parts of the chat request into vLLM's `image_embeds` / `audio_embeds` content parts, and relays
 the streamed answer.
 """
 

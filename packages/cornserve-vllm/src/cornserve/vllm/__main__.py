@@ -44,8 +44,12 @@ class VLLMProxySettings(ServiceSettings):
     """vLLM's --max-model-len (default: the model's)."""
     vllm_executable: str = "vllm"
     """The `vllm` command."""
-    ready_timeout_s: Annotated[float, Flag(name="--ready-timeout")] = Field(default=900.0, gt=0)
-    """Seconds vLLM has to become healthy."""
+    ready_timeout_s: Annotated[float, Flag(name="--ready-timeout")] = Field(default=1800.0, gt=0)
+    """Seconds vLLM has to become healthy (a first large tensor-parallel start compiles for minutes)."""
+    probe_timeout_s: Annotated[float, Flag(name="--probe-timeout")] = Field(default=5.0, gt=0)
+    """Seconds one probe of vLLM's /health may take while it starts."""
+    progress_interval_s: Annotated[float, Flag(name="--progress-interval")] = Field(default=30.0, gt=0)
+    """Seconds between log lines while vLLM starts."""
     embedding_timeout_s: Annotated[float, Flag(name="--embedding-timeout")] = Field(default=60.0, gt=0)
     """Seconds one embedding forward may take to arrive."""
 
@@ -75,6 +79,8 @@ def proxy_config(settings: VLLMProxySettings, vllm_args: list[str]) -> ProxyConf
         nats_url=settings.nats_url,
         vllm_executable=settings.vllm_executable,
         ready_timeout_s=settings.ready_timeout_s,
+        probe_timeout_s=settings.probe_timeout_s,
+        progress_interval_s=settings.progress_interval_s,
         embedding_timeout_s=settings.embedding_timeout_s,
     )
 

@@ -1,16 +1,18 @@
 """The proxy in front of `vllm serve` for encoder-fission LLMTasks.
 
-Start-up: the proxy's port opens first with `/health` answering 503, `vllm serve` starts on an
-internal port, and `/health` turns 200 once vLLM's own `/health` does (within `ready_timeout_s`).
-If vLLM exits (or never becomes healthy), the proxy stops with exit code 1 so that the task manager
-restarts the executor. The process runs through `cornserve.runtime` (`run_process`): SIGTERM/SIGINT
+Start-up: the proxy's port opens first with `/health` answering 503; it asks `vllm --version`
+what the installed vLLM takes (`version.py`: from 0.16 the vision tower is left unloaded with zero
+media limits), starts `vllm serve` on an internal port, and `/health` turns 200 once vLLM's own
+`/health` does (within `ready_timeout_s`; each probe has its own `probe_timeout_s`, because a
+loading server can accept a connection and not answer, and the wait is logged every
+`progress_interval_s`). If vLLM exits (or never becomes healthy), the proxy stops with exit code 1
+so that the task manager restarts the executor. The process runs through `cornserve.runtime` (`run_process`): SIGTERM/SIGINT
 stop vLLM's process group and close the clients within the stop deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -30,8 +32,21 @@ from cornserve.runtime.tracing import inject_headers
 from cornserve.sidecar import Sidecar
 from cornserve.sidecar.errors import SidecarError
 from cornserve.task.builtins.embedding import EMBEDDING_META_CHUNK, EMBEDDING_TENSOR_CHUNK, EmbeddingMeta
-from cornserve.vllm.command import VLLMServeArgs, vllm_serve_command
-from cornserve.vllm.translate import EmbeddingTranslationError, ReceivedEmbedding, rewrite_request
+from cornserve.vllm.command import VLLMServeArgs, llm_dtype_name, vllm_serve_command
+from cornserve.vllm.translate import (
+    TORCH_DTYPES,
+    EmbeddingTranslationError,
+    ReceivedEmbedding,
+    rewrite_request,
+)
+from cornserve.vllm.version import (
+    TESTED_MAX,
+    TESTED_MIN,
+    VersionError,
+    VLLMFeatures,
+    detect_version,
+    version_text,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +63,14 @@ class ProxyConfig(BaseModel):
     sidecar_rank: int = Field(ge=0)
     nats_url: str | None = None
     vllm_executable: str = "vllm"
-    ready_timeout_s: float = Field(default=900.0, gt=0)
+    ready_timeout_s: float = Field(default=1800.0, gt=0)
+    """vLLM's whole start: a first start of a large tensor-parallel model compiles and captures graphs."""
+    probe_timeout_s: float = Field(default=5.0, gt=0)
+    """One probe of vLLM's `/health` while it starts; a probe that overruns counts as not ready."""
+    progress_interval_s: float = Field(default=30.0, gt=0)
+    """How often the wait for vLLM is logged."""
+    version_timeout_s: float = Field(default=120.0, gt=0)
+    """`vllm --version` (it imports vLLM's CLI)."""
     embedding_timeout_s: float = Field(default=60.0, gt=0)
     request_timeout_s: float = Field(default=600.0, gt=0)
 
@@ -69,6 +91,11 @@ class ProxyState:
             update={"host": "127.0.0.1", "port": internal_port, "enable_mm_embeds": True}
         )
         self.child: ProcessGroup | None = None
+        self.features: VLLMFeatures | None = None
+        """What the installed vLLM takes; None until asked (or when it did not say)."""
+        dtype = llm_dtype_name(config.serve.extra_args)
+        self.llm_dtype = TORCH_DTYPES[dtype] if dtype is not None else None
+        """vLLM's `--dtype` when fixed: embeddings are cast to it (None: they keep the checkpoint's)."""
         self.ready = asyncio.Event()
         self.failed: str | None = None
         self.sidecar: Sidecar | None = None
@@ -77,8 +104,32 @@ class ProxyState:
         """Set once vLLM failed or the proxy is stopping: the watchers end."""
         self.watchers: list[asyncio.Task[None]] = []
 
+    async def _detect(self) -> None:
+        """Ask the executable for its version; unknown or outside the tested range is logged, not fatal."""
+        try:
+            version = await detect_version(self.config.vllm_executable, self.config.version_timeout_s)
+        except VersionError as exc:
+            logger.warning("%s; starting vLLM with its vision tower loaded", exc)
+            return
+        self.features = VLLMFeatures(version)
+        if not self.features.in_tested_range:
+            logger.warning(
+                "vLLM %s is outside the range Cornserve was checked against (%s to %s)",
+                version_text(version),
+                version_text(TESTED_MIN),
+                version_text(TESTED_MAX),
+            )
+        if self.features.embeds_without_tower:
+            self.internal_args = self.internal_args.model_copy(update={"skip_vision_tower": True})
+        else:
+            logger.info(
+                "vLLM %s refuses embeddings without its vision tower (0.16 and later do not): loading it",
+                version_text(version),
+            )
+
     async def start(self) -> None:
         """Start vLLM in its own process group (dying with this proxy) and watch it become healthy."""
+        await self._detect()
         command = vllm_serve_command(self.internal_args, self.config.vllm_executable)
         logger.info("starting %s", " ".join(command))
         self.child = ProcessGroup.spawn(command, log_path=None, die_with_parent=True)
@@ -91,21 +142,45 @@ class ProxyState:
             asyncio.create_task(self._watch_child(), name="vllm-watch"),
         ]
 
-    async def _wait_ready(self) -> None:
+    async def _probe(self) -> str | None:
+        """One probe of vLLM's `/health`, bounded by `probe_timeout_s`: None when healthy, else why not."""
         assert self.session is not None
+        try:
+            async with self.session.get(
+                self.internal_url + "/health",
+                timeout=aiohttp.ClientTimeout(total=self.config.probe_timeout_s),
+            ) as response:
+                return None if response.status == 200 else f"/health answered {response.status}"
+        except TimeoutError:
+            return f"/health did not answer within {self.config.probe_timeout_s:g}s"
+        except aiohttp.ClientError as exc:
+            return f"/health unreachable ({type(exc).__name__})"
+
+    async def _wait_ready(self) -> None:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.ready_timeout_s
+        started = loop.time()
+        deadline = started + self.config.ready_timeout_s
+        next_report = started + self.config.progress_interval_s
+        last = "not probed yet"
         while loop.time() < deadline and not self.finished.is_set():
-            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                async with self.session.get(
-                    self.internal_url + "/health", timeout=aiohttp.ClientTimeout(total=5)
-                ) as response:
-                    if response.status == 200:
-                        logger.info("vLLM is healthy at %s", self.internal_url)
-                        self.ready.set()
-                        return
-            await asyncio.sleep(1.0)
-        self._fail(f"vLLM did not become healthy within {self.config.ready_timeout_s:.0f}s")
+            outcome = await self._probe()
+            if outcome is None:
+                logger.info("vLLM is healthy at %s after %.0fs", self.internal_url, loop.time() - started)
+                self.ready.set()
+                return
+            last = outcome
+            if loop.time() >= next_report:
+                logger.info(
+                    "waiting for vLLM: %.0fs of %.0fs, last probe: %s",
+                    loop.time() - started,
+                    self.config.ready_timeout_s,
+                    last,
+                )
+                next_report += self.config.progress_interval_s
+            await asyncio.sleep(min(1.0, max(0.0, deadline - loop.time())))
+        self._fail(
+            f"vLLM did not become healthy within {self.config.ready_timeout_s:.0f}s (last probe: {last})"
+        )
 
     async def _watch_child(self) -> None:
         assert self.child is not None
@@ -166,7 +241,8 @@ async def _health(request: web.Request) -> web.Response:
         return _error(503, "unhealthy", state.failed)
     if not state.ready.is_set():
         return _error(503, "starting", "vLLM is starting")
-    return web.json_response({"status": "ok", "model": state.config.serve.model})
+    version = version_text(state.features.version) if state.features else None
+    return web.json_response({"status": "ok", "model": state.config.serve.model, "vllm_version": version})
 
 
 async def _chat(request: web.Request) -> web.StreamResponse:
@@ -182,7 +258,7 @@ async def _chat(request: web.Request) -> web.StreamResponse:
     forwards = body.get("cornserve_embeddings") or []
     try:
         embeddings = [await state.receive(f) for f in forwards]
-        rewritten = rewrite_request(body, embeddings)
+        rewritten = rewrite_request(body, embeddings, state.llm_dtype)
     except EmbeddingTranslationError as exc:
         return _error(400, "invalid_request_error", str(exc))
     except SidecarError as exc:

@@ -196,6 +196,10 @@ class VLLMDescriptor(OpenAIChatDescriptor):
     gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
     max_model_len: int | None = Field(default=None, ge=1)
     extra_args: list[str] = Field(default_factory=list)
+    ready_timeout_s: float = Field(default=1800.0, gt=0)
+    """How long vLLM may take to become healthy: a first start of a large tensor-parallel model
+    downloads, compiles and captures CUDA graphs for many minutes. The gateway's deploy deadline
+    (`--deploy-timeout`) bounds a deployment too; raise both for such a model."""
 
     def num_devices(self, task: LLMTask) -> int:
         """One GPU per tensor-parallel rank."""
@@ -210,7 +214,7 @@ class VLLMDescriptor(OpenAIChatDescriptor):
 
         vLLM cannot pull embeddings from a sidecar, so an LLMTask with `receive_embeddings=True`
         runs `python -m cornserve.vllm`, which receives them and hands them to `vllm serve
-        --enable-mm-embeds` as `image_embeds` content parts (docs/executors.md).
+        --enable-mm-embeds` as `image_embeds` / `audio_embeds` content parts (docs/executors.md).
         """
         if any(d.kind != "cuda" for d in placement.devices):
             raise TaskExecutionError("VLLMDescriptor needs GPU devices; use CPULLMDescriptor on CPU slots")
@@ -224,7 +228,13 @@ class VLLMDescriptor(OpenAIChatDescriptor):
         if task.receive_embeddings:
             sidecar_ranks = ",".join(map(str, placement.sidecar_ranks))
             command = [sys.executable, "-m", "cornserve.vllm", "--model-id", task.model_id]
-            command += ["--sidecar-ranks", sidecar_ranks, *flags]
+            command += [
+                "--sidecar-ranks",
+                sidecar_ranks,
+                "--ready-timeout",
+                str(self.ready_timeout_s),
+                *flags,
+            ]
             if self.extra_args:
                 command += ["--", *self.extra_args]
         else:
@@ -237,7 +247,11 @@ class VLLMDescriptor(OpenAIChatDescriptor):
         if placement.nats_url:
             env["CORNSERVE_NATS_URL"] = placement.nats_url
         return ExecutorLaunchSpec(
-            command=command, env=env, port=placement.port, health_path="/health", ready_timeout_s=900
+            command=command,
+            env=env,
+            port=placement.port,
+            health_path="/health",
+            ready_timeout_s=self.ready_timeout_s,
         )
 
 
