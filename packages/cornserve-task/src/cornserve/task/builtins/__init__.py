@@ -28,6 +28,17 @@ from cornserve.task.builtins.encoder import EncoderInput, EncoderOutput, Encoder
 from cornserve.task.builtins.llm import CPULLMDescriptor, LLMTask, OpenAIChatDescriptor, VLLMDescriptor
 from cornserve.task.builtins.mllm import MLLMTask
 from cornserve.task.builtins.modality import Modality
+from cornserve.task.builtins.thinker_talker import (
+    CPUTalkerDescriptor,
+    CPUThinkerDescriptor,
+    EmbedsGenerationRequest,
+    HiddenStatesTarget,
+    TalkerChunk,
+    TalkerInput,
+    TalkerTask,
+    ThinkerOutput,
+    ThinkerTask,
+)
 from cornserve.task.registry import DESCRIPTORS, UNIT_TASKS, ClassKey
 
 
@@ -40,6 +51,8 @@ def register_builtins() -> list[ClassKey]:
     """
     tasks = [UNIT_TASKS.register(cls) for cls in (EncoderTask, LLMTask)]
     descriptors = [DESCRIPTORS.register(cls) for cls in (EricDescriptor, VLLMDescriptor, CPULLMDescriptor)]
+    tasks += [UNIT_TASKS.register(cls) for cls in (ThinkerTask, TalkerTask)]
+    descriptors += [DESCRIPTORS.register(cls) for cls in (CPUThinkerDescriptor, CPUTalkerDescriptor)]
     return tasks + descriptors
 
 
@@ -49,6 +62,8 @@ __all__ = [
     "EMBEDDING_TENSOR_CHUNK",
     "AudioURLPart",
     "CPULLMDescriptor",
+    "CPUTalkerDescriptor",
+    "CPUThinkerDescriptor",
     "ChatCompletion",
     "ChatCompletionChunk",
     "ChatCompletionRequest",
@@ -58,10 +73,12 @@ __all__ = [
     "CompletionChoice",
     "CompletionMessage",
     "EmbeddingMeta",
+    "EmbedsGenerationRequest",
     "EncoderInput",
     "EncoderOutput",
     "EncoderTask",
     "EricDescriptor",
+    "HiddenStatesTarget",
     "ImageURLPart",
     "InputAudioPart",
     "LLMTask",
@@ -70,7 +87,12 @@ __all__ = [
     "MediaURL",
     "Modality",
     "OpenAIChatDescriptor",
+    "TalkerChunk",
+    "TalkerInput",
+    "TalkerTask",
     "TextPart",
+    "ThinkerOutput",
+    "ThinkerTask",
     "Usage",
     "VLLMDescriptor",
     "VideoURLPart",
