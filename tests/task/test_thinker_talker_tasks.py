@@ -16,6 +16,7 @@ from cornserve.task import (
     TaskInvocation,
     Tensor,
     deserialize_task,
+    discover_unit_tasks,
     serialize_task,
     wire_forwards,
 )
@@ -29,6 +30,7 @@ from cornserve.task.builtins import (
     TalkerInput,
     TalkerTask,
     ThinkerOutput,
+    ThinkerTalkerTask,
     ThinkerTask,
     VLLMDescriptor,
 )
@@ -74,6 +76,19 @@ def test_the_hidden_states_are_one_stream_forward_from_thinker_to_talker() -> No
     assert isinstance(talker.task_input, TalkerInput) and talker.task_input.hidden_states is forward
     assert graph.edges == [(0, 1, forward.id)]
     assert isinstance(talker.task_output, Stream)
+
+
+def test_the_built_in_composite_records_the_same_graph() -> None:
+    pair = ThinkerTalkerTask(thinker_model_id="/m/thinker", talker_model_id="/m/talker", talker_max_tokens=5)
+    graph = pair.trace(_request())
+    assert [type(inv.task) for inv in graph.invocations] == [ThinkerTask, TalkerTask]
+    assert graph.invocations[1].task_input.max_tokens == 5  # type: ignore[union-attr]
+    assert graph.invocations[0].task_input.model == "/m/thinker"  # type: ignore[union-attr]
+    assert len(graph.edges) == 1
+    assert {t.deployment_key for t in discover_unit_tasks([pair])} == {
+        ThinkerTask(model_id="/m/thinker").deployment_key,
+        TalkerTask(model_id="/m/talker").deployment_key,
+    }
 
 
 def test_tasks_round_trip_and_keep_their_descriptors() -> None:
@@ -139,8 +154,7 @@ def test_responses_and_stream_lines_are_parsed() -> None:
         "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
     }
     out = thinker.task.descriptor.from_response(thinker.task, thinker, completion)
-    assert out.completion.choices[0].message.content == "hi"
-    assert out.hidden_states is thinker.task_output.hidden_states  # type: ignore[union-attr]
+    assert out == thinker.task_output and list(type(out).model_fields) == ["hidden_states"]  # forwards only
     with pytest.raises(TaskExecutionError, match="sidecar gone"):
         thinker.task.descriptor.from_response(thinker.task, thinker, {"error": {"message": "sidecar gone"}})
     parse = talker.task.descriptor.from_stream_line

@@ -37,6 +37,7 @@ from cornserve.task.builtins.thinker_talker import (
     TalkerInput,
     TalkerTask,
     ThinkerOutput,
+    ThinkerTalkerTask,
     ThinkerTask,
 )
 from cornserve.task.registry import DESCRIPTORS, UNIT_TASKS, ClassKey
@@ -92,6 +93,7 @@ __all__ = [
     "TalkerTask",
     "TextPart",
     "ThinkerOutput",
+    "ThinkerTalkerTask",
     "ThinkerTask",
     "Usage",
     "VLLMDescriptor",

@@ -1,12 +1,15 @@
 """ThinkerTask and TalkerTask: an LLM whose per-token hidden states stream to a model that generates from them.
 
-The *thinker* answers a chat request like `LLMTask` (one whole `ChatCompletion`) and, while it
-generates, forwards the last-layer hidden state of every generated token, in order, through the
-sidecar: one `DataForward[Stream[Tensor]]` whose chunk `i` is a float32 tensor of
+The *thinker* runs a chat request like `LLMTask` and, while it generates, forwards the last-layer
+hidden state of every generated token, in order, through the sidecar: one `DataForward[Stream[Tensor]]` whose chunk `i` is a float32 tensor of
 `[rows, hidden]` (`tokens_per_chunk` rows, fewer in the last chunk), closed with the sidecar's
 `close_stream` after the last token. The *talker* takes that forward as its input and generates
 one token per hidden state, starting on the first one (the rule is in
 `cornserve.models.thinker_talker`); its tokens stream to the caller as `TalkerChunk`s.
+
+The thinker's output is the forward alone (its text is not returned): an output of forwards only
+lets a graph runner that supports it run the thinker as the graph's tail, so the caller reads the
+talker's first token before the thinker has finished.
 
 Both run on the CPU LLM executor (`CPUThinkerDescriptor`, `CPUTalkerDescriptor`); vLLM can take
 neither role (its server returns no per-token hidden states and takes input embeddings only as a
@@ -21,7 +24,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from cornserve.task.base import UnitTask
+from cornserve.task.base import Task, UnitTask
 from cornserve.task.builtins.chat import ChatCompletion, ChatCompletionRequest
 from cornserve.task.builtins.modality import Modality
 from cornserve.task.descriptor import (
@@ -67,9 +70,8 @@ class EmbedsGenerationRequest(BaseModel):
 
 
 class ThinkerOutput(TaskOutput):
-    """The thinker's whole completion, and its hidden states forwarded to one consumer (the talker)."""
+    """The thinker's hidden states, forwarded to one consumer (the talker), one chunk per `tokens_per_chunk` tokens."""
 
-    completion: ChatCompletion
     hidden_states: DataForward[Stream[Tensor]]
 
 
@@ -142,6 +144,33 @@ class TalkerTask(UnitTask[TalkerInput, Stream[TalkerChunk]]):
         return Stream[TalkerChunk].placeholder("TalkerTask")
 
 
+class ThinkerTalkerTask(Task[ChatCompletionRequest, Stream[TalkerChunk]]):
+    """A thinker LLM whose hidden states stream to a talker: the talker's tokens are the result.
+
+    One recorded graph of two unit tasks joined by one stream forward: `ThinkerTask` → (hidden
+    states, chunk by chunk through the sidecar) → `TalkerTask`. The talker's hidden size must equal
+    the thinker's (its executor refuses rows of another width).
+    """
+
+    thinker_model_id: ModelId
+    talker_model_id: ModelId
+    tokens_per_chunk: int = Field(default=1, ge=1, le=1024)
+    talker_max_tokens: int | None = Field(default=None, ge=1)
+    """Most talker tokens (default: the talker executor's `--default-max-tokens`)."""
+
+    def post_init(self) -> None:
+        """The two unit tasks (each deployed once, shared by equal configurations)."""
+        self.thinker = ThinkerTask(model_id=self.thinker_model_id, tokens_per_chunk=self.tokens_per_chunk)
+        self.talker = TalkerTask(model_id=self.talker_model_id)
+
+    def invoke(self, task_input: ChatCompletionRequest) -> Stream[TalkerChunk]:
+        """Think, and talk from the thinker's hidden states as they come."""
+        thought = self.thinker.invoke(task_input.model_copy(update={"model": self.thinker_model_id}))
+        return self.talker.invoke(
+            TalkerInput(hidden_states=thought.hidden_states, max_tokens=self.talker_max_tokens)
+        )
+
+
 def _llm_executor_command(
     model_id: str, placement: ExecutorPlacement, max_batch_size: int, flags: list[str]
 ) -> ExecutorLaunchSpec:
@@ -195,15 +224,14 @@ class CPUThinkerDescriptor(TaskExecutionDescriptor[ThinkerTask]):
         return ExecutorRequest(path="/v1/chat/completions", body=body)
 
     def from_response(self, task: ThinkerTask, invocation: TaskInvocation, body: Any) -> ThinkerOutput:
-        """The completion; the hidden states already went to the talker through the sidecar."""
+        """The (wired) forward: the executor answers once every hidden state reached the talker's sidecar."""
         output = invocation.task_output
         assert isinstance(output, ThinkerOutput)
         message = _error_message(body)
         if message is not None:
             raise TaskExecutionError(f"the thinker's LLM executor failed: {message}")
-        return ThinkerOutput(
-            completion=ChatCompletion.model_validate(body), hidden_states=output.hidden_states
-        )
+        ChatCompletion.model_validate(body)  # the executor's answer is a chat completion, or it failed
+        return output
 
 
 class CPUTalkerDescriptor(TaskExecutionDescriptor[TalkerTask]):
