@@ -29,7 +29,13 @@ from cornserve.llm_executor.errors import (
     ExecutorUnavailable,
 )
 from cornserve.sidecar import Sidecar
-from cornserve.sidecar.errors import RecvTimeout, SidecarError, SidecarTimeout, SidecarUnavailable
+from cornserve.sidecar.errors import (
+    AlreadyConsumed,
+    RecvTimeout,
+    SidecarError,
+    SidecarTimeout,
+    SidecarUnavailable,
+)
 from cornserve.task.forward import DataForward
 
 logger = logging.getLogger(__name__)
@@ -85,12 +91,16 @@ class InputEmbedsFeed:
                 while len(self.rows) - self._consumed >= PREFETCH_ROWS:
                     self._progress = asyncio.Event()
                     await self._progress.wait()
-                data = await self.reader.receive(self.forward_id, self._next_chunk)
+                chunk = self._next_chunk
+                data = await self.reader.recv(self.forward_id, chunk)
                 if data is None:
                     self.closed = True
                     return
-                self._next_chunk += 1
-                self.rows.extend(self._check(data, self._next_chunk - 1))
+                # The chunk is ours from here: a drain after a cancellation starts past it, and its
+                # release completes even if this task is cancelled meanwhile.
+                self._next_chunk = chunk + 1
+                await asyncio.shield(self.reader.done(self.forward_id, chunk))
+                self.rows.extend(self._check(data, chunk))
                 self._on_input()
         except ExecutorRequestError as exc:
             self.error = exc
@@ -127,8 +137,8 @@ class InputEmbedsReader:
         """Start reading `forward`'s chunks for one request."""
         return InputEmbedsFeed(self, forward, hidden_size, on_input)
 
-    async def receive(self, forward_id: str, chunk: int) -> object:
-        """Chunk `chunk` copied out of the arena and marked done (None past the end of the stream)."""
+    async def recv(self, forward_id: str, chunk: int) -> object:
+        """Chunk `chunk` copied out of the arena, not released yet (None past the end of the stream)."""
         try:
             async with asyncio.timeout(self.timeout_s + 5.0):
                 data = await self.sidecar.recv(forward_id, chunk, timeout=self.timeout_s, copy=True)
@@ -144,11 +154,10 @@ class InputEmbedsReader:
             raise EmbeddingError(
                 f"chunk {chunk} of forward {forward_id} could not be received: {exc}"
             ) from exc
-        if data is not None:
-            await self._done(forward_id, chunk)
         return data
 
-    async def _done(self, forward_id: str, chunk: int) -> None:
+    async def done(self, forward_id: str, chunk: int) -> None:
+        """Release a received chunk (its bytes were copied out); a failure is logged and left to the TTL."""
         try:
             await self.sidecar.mark_done(forward_id, chunk)
         except SidecarError as exc:
@@ -162,10 +171,19 @@ class InputEmbedsReader:
 
     async def _drain(self, forward_id: str, chunk: int) -> None:
         try:
-            while await self.receive(forward_id, chunk) is not None:
+            while True:
+                try:
+                    async with asyncio.timeout(self.timeout_s + 5.0):
+                        data = await self.sidecar.recv(forward_id, chunk, timeout=self.timeout_s)
+                except AlreadyConsumed:  # the feed released it just before it stopped
+                    chunk += 1
+                    continue
+                if data is None:
+                    return
+                await self.done(forward_id, chunk)
                 chunk += 1
-        except ExecutorRequestError as exc:
-            logger.info("stopped draining forward %s at chunk %d: %s", forward_id, chunk, exc.message)
+        except (SidecarError, TimeoutError) as exc:
+            logger.info("stopped draining forward %s at chunk %d: %r", forward_id, chunk, exc)
 
     async def close(self) -> None:
         """Stop the drains (shutdown)."""
