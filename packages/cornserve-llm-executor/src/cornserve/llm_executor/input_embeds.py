@@ -77,6 +77,11 @@ class InputEmbedsFeed:
         self._consumed = used
         self._progress.set()
 
+    def abandon(self) -> None:
+        """The request never started (refused right after `open`): stop reading, drain from where it was."""
+        self._task.cancel()
+        self.reader.drain(self.forward_id, self._next_chunk)
+
     async def stop(self) -> None:
         """The sequence is over: stop reading, and drain what the producer still sends in the background."""
         if not self._task.done():

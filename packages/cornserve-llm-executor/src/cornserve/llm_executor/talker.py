@@ -82,7 +82,7 @@ class TalkerRoute:
         try:
             seq = self.engine.submit(f"talk-{uuid.uuid4().hex}", prompt, params, max_tokens, feed=feed)
         except BaseException:
-            feed.reader.drain(feed.forward_id, 0)
+            feed.abandon()
             raise
         return seq, feed
 
