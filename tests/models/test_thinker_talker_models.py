@@ -10,6 +10,7 @@ import torch
 from tests.support.plugin import TinyCheckpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+from cornserve.cli.main import main as cli_main
 from cornserve.models.thinker_talker import (
     chat_prompt_ids,
     talker_reference,
@@ -102,3 +103,11 @@ def test_talker_reference_equals_an_incremental_cached_run(pair: tuple[Path, Pat
     stop_at = ref.token_ids[4]
     eos = talker_reference(talker, hidden, max_tokens=100, eos_token_ids={stop_at})
     assert eos.finish_reason == "stop" and eos.token_ids == ref.token_ids[: ref.token_ids.index(stop_at) + 1]
+
+
+def test_cli_builds_the_pair(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for arch in TINY_TEXT_ARCHITECTURES:
+        assert cli_main(["models", "tiny", arch, str(tmp_path / arch)]) == 0
+        assert (tmp_path / arch / SINGLE_FILE).is_file()
+    assert cli_main(["models", "tiny", "qwen2-speaker", str(tmp_path / "n")]) == 2
+    assert "qwen2-talker" in capsys.readouterr().err
