@@ -126,8 +126,12 @@ def _forward(pair: Pair) -> DataForward[Stream[Tensor]]:
     )
 
 
-def _thinker_body(forward: DataForward[Stream[Tensor]], tokens_per_chunk: int = 1) -> dict[str, Any]:
+def _thinker_body(
+    forward: DataForward[Stream[Tensor]], tokens_per_chunk: int = 1, stream: bool = False
+) -> dict[str, Any]:
     return {
+        "stream": stream,
+        "stream_options": {"include_usage": True},
         "messages": [{"role": "user", "content": PROMPT}],
         "max_completion_tokens": THINKER_TOKENS,
         "temperature": 0,
@@ -141,8 +145,22 @@ def _talker_body(forward: DataForward[Stream[Tensor]], max_tokens: int) -> dict[
     return EmbedsGenerationRequest(input_embeds=forward, max_tokens=max_tokens).model_dump(mode="json")
 
 
+async def _streamed_completion(resp: aiohttp.ClientResponse) -> dict[str, Any]:
+    """A streamed chat answer folded into the fields the tests read: the text and the usage."""
+    text, usage = [], None
+    async for raw in resp.content:
+        line = raw.decode().strip()
+        if not line.startswith("data:") or line == "data: [DONE]":
+            continue
+        payload = json.loads(line[len("data:") :])
+        assert "error" not in payload, payload
+        text += [c["delta"].get("content") or "" for c in payload["choices"]]
+        usage = payload.get("usage") or usage
+    return {"choices": [{"message": {"content": "".join(text)}}], "usage": usage}
+
+
 async def _run_pair(
-    pair: Pair, tokens_per_chunk: int, max_talker_tokens: int
+    pair: Pair, tokens_per_chunk: int, max_talker_tokens: int, thinker_streams: bool = False
 ) -> tuple[dict[str, Any], list[TalkerChunk], list[str]]:
     """Both requests at once; `events` records, in the order seen, the talker's first chunk and the thinker's answer."""
     forward = _forward(pair)
@@ -151,10 +169,11 @@ async def _run_pair(
 
         async def think() -> dict[str, Any]:
             async with session.post(
-                pair.thinker_url + "/v1/chat/completions", json=_thinker_body(forward, tokens_per_chunk)
+                pair.thinker_url + "/v1/chat/completions",
+                json=_thinker_body(forward, tokens_per_chunk, thinker_streams),
             ) as resp:
-                body: dict[str, Any] = await resp.json()
-                assert resp.status == 200, body
+                assert resp.status == 200, await resp.text()
+                body = await _streamed_completion(resp) if thinker_streams else await resp.json()
                 events.append("thinker answered")
                 return body
 
@@ -189,16 +208,17 @@ async def _arenas_empty(pair: Pair) -> None:
             await asyncio.sleep(0.1)
 
 
-@pytest.mark.parametrize("tokens_per_chunk", [1, 3])
+@pytest.mark.parametrize(("tokens_per_chunk", "thinker_streams"), [(1, False), (3, True)])
 async def test_talker_equals_the_reference_and_starts_before_the_thinker_finishes(
-    pair: Pair, tokens_per_chunk: int
+    pair: Pair, tokens_per_chunk: int, thinker_streams: bool
 ) -> None:
+    """One token per chunk with a whole thinker answer; 3 per chunk alongside a streamed answer."""
     ref = _reference(pair, max_talker_tokens=200)
     # Backpressure makes the order certain only if the stream is longer than the arena holds
     # (plus the talker's read-ahead of 2 rows and its first row).
     assert len(ref.thinker_tokens) >= ARENA_CHUNKS * tokens_per_chunk + 4, ref.thinker_tokens
 
-    thinker, chunks, events = await _run_pair(pair, tokens_per_chunk, max_talker_tokens=200)
+    thinker, chunks, events = await _run_pair(pair, tokens_per_chunk, 200, thinker_streams)
 
     assert thinker["choices"][0]["message"]["content"] == ref.thinker_text
     assert thinker["usage"]["completion_tokens"] == len(ref.thinker_tokens)
