@@ -5,10 +5,11 @@ the tiny `qwen2-thinker` / `qwen2-talker` checkpoints; its streamed talker token
 in-process transformers reference token for token (`cornserve.models.thinker_talker`: thinker
 `generate` with hidden states, then the talker on them). Its own cluster, so it is marked `slow`.
 
-The strict order "the talker's first token before the thinker finished" is shown on the executors
-with a bounded stream (tests/llm_executor/test_thinker_talker.py); here every item carries how many
-hidden states the talker had read when it made its token, and the first was made before the
-talker had seen the stream's end.
+The order "the talker's first token was made before the thinker finished" is read from events, not
+timings: every sidecar arena of this cluster holds `ARENA_CHUNKS` hidden states
+(`CORNSERVE_ARENA_BYTES`), so the thinker's answer (which waits until every state was sent) cannot
+come before the talker has read all but `ARENA_CHUNKS` of them; the talker's first item says it was
+made after reading only `inputs_received` states, fewer than that, so it came first.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ PROMPT = "Describe a cat on a red chair."
 THINKER_TOKENS = 40
 TALKER_MAX_TOKENS = 256
 """What the example gives `ThinkerTalkerTask(talker_max_tokens=...)`."""
+HIDDEN = 64
+ARENA_CHUNKS = 4
+"""Each sidecar's arena holds this many one-token chunks of 64 float32 (the thinker sends one per token)."""
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +50,7 @@ def cluster(models: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory)
     with pytest.MonkeyPatch.context() as env:
         env.setenv("CORNSERVE_THINKER_MODEL", str(models[0]))
         env.setenv("CORNSERVE_TALKER_MODEL", str(models[1]))
+        env.setenv("CORNSERVE_ARENA_BYTES", str(ARENA_CHUNKS * HIDDEN * 4))
         with running_local_cluster(tmp_path_factory.mktemp("thinker-talker"), cpu_slots=2) as local:
             yield local
 
@@ -87,4 +92,7 @@ async def test_the_example_app_talks_exactly_like_the_in_process_reference(
     assert items[-1]["finish_reason"] == finish
     assert [i["index"] for i in items] == list(range(len(items)))
     first = items[0]
-    assert not first["inputs_complete"] and first["inputs_received"] < len(thinker_tokens)
+    assert not first["inputs_complete"]
+    # The thinker finished only after the talker had read at least N - ARENA_CHUNKS states; the
+    # talker's first token was made after reading fewer.
+    assert first["inputs_received"] < len(thinker_tokens) - ARENA_CHUNKS, (first, len(thinker_tokens))
