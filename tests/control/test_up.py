@@ -174,6 +174,31 @@ def assert_nothing_left(node: str, state_dir: Path) -> None:
     assert not (state_dir / "cluster.json").exists()
 
 
+def serve_the_sums_app(url: str, state_dir: Path, tmp_path: Path) -> None:
+    """Through the CLI: add the task library, register the sums app, invoke it and check its answer."""
+    out = cli(url, state_dir, "tasklib", "add", str(TASKLIB), "--name", "tensor-math")
+    assert out.returncode == 0, out.stderr
+    app_file = tmp_path / "sums.py"
+    app_file.write_text(SUM_APP)
+    out = cli(url, state_dir, "register", str(app_file), "--name", "sums")
+    assert out.returncode == 0 and "ready" in out.stdout, out.stdout + out.stderr
+    out = cli(url, state_dir, "invoke", "sums", '{"seed": 4}')
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert json.loads(out.stdout)["sum"] == pytest.approx(float(make_matrix_tensor(4, 3, 3).sum()), abs=1e-3)
+
+
+def cornserve_down(state_dir: Path) -> None:
+    """`cornserve down --state-dir` succeeds."""
+    down = subprocess.run(
+        [sys.executable, "-m", "cornserve.cli.main", "down", "--state-dir", str(state_dir)],
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+        check=False,
+    )
+    assert down.returncode == 0, down.stdout + down.stderr
+
+
 @pytest.mark.slow
 def test_up_serves_then_ctrl_c_leaves_nothing(tmp_path: Path) -> None:
     state_dir = tmp_path / "state"
@@ -184,17 +209,7 @@ def test_up_serves_then_ctrl_c_leaves_nothing(tmp_path: Path) -> None:
         token_file = state_dir / "admin-token"
         assert f"admin token: {token_file} (new)" in "".join(up.output)
         assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
-        out = cli(url, state_dir, "tasklib", "add", str(TASKLIB), "--name", "tensor-math")
-        assert out.returncode == 0, out.stderr
-        app_file = tmp_path / "sums.py"
-        app_file.write_text(SUM_APP)
-        out = cli(url, state_dir, "register", str(app_file), "--name", "sums")
-        assert out.returncode == 0 and "ready" in out.stdout, out.stdout + out.stderr
-        out = cli(url, state_dir, "invoke", "sums", '{"seed": 4}')
-        assert out.returncode == 0, out.stderr
-        assert json.loads(out.stdout)["sum"] == pytest.approx(
-            float(make_matrix_tensor(4, 3, 3).sum()), abs=1e-3
-        )
+        serve_the_sums_app(url, state_dir, tmp_path)
         running = cluster_processes(node, state_dir)  # the scan sees the whole tree, grandchildren too
         assert any("task_manager" in p for p in running) and any("nats-server" in p for p in running), running
         up.proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
@@ -229,14 +244,7 @@ def test_up_then_cornserve_down_leaves_nothing(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, out.stdout + out.stderr
             time.sleep(0.5)
         assert pid != children["dispatcher-0"] and up.proc.poll() is None
-        down = subprocess.run(
-            [sys.executable, "-m", "cornserve.cli.main", "down", "--state-dir", str(state_dir)],
-            capture_output=True,
-            text=True,
-            timeout=DEADLINE,
-            check=False,
-        )
-        assert down.returncode == 0, down.stdout + down.stderr
+        cornserve_down(state_dir)
         assert up.wait_exit() == 0, "".join(up.output)
     finally:
         up.kill()
@@ -253,27 +261,10 @@ def test_up_with_a_nats_cluster_then_down_leaves_nothing(tmp_path: Path) -> None
         node = up.node()
         state = json.loads((state_dir / "cluster.json").read_text())
         assert len(state["nats_urls"]) == 3 and state["nats_url"] == state["nats_urls"][0], state
-        out = cli(url, state_dir, "tasklib", "add", str(TASKLIB), "--name", "tensor-math")
-        assert out.returncode == 0, out.stderr
-        app_file = tmp_path / "sums.py"
-        app_file.write_text(SUM_APP)
-        out = cli(url, state_dir, "register", str(app_file), "--name", "sums")
-        assert out.returncode == 0 and "ready" in out.stdout, out.stdout + out.stderr
-        out = cli(url, state_dir, "invoke", "sums", '{"seed": 4}')
-        assert out.returncode == 0, out.stdout + out.stderr
-        assert json.loads(out.stdout)["sum"] == pytest.approx(
-            float(make_matrix_tensor(4, 3, 3).sum()), abs=1e-3
-        )
+        serve_the_sums_app(url, state_dir, tmp_path)
         servers = [p for p in cluster_processes(node, state_dir) if "nats-server" in p]
         assert len(servers) == 3, servers
-        down = subprocess.run(
-            [sys.executable, "-m", "cornserve.cli.main", "down", "--state-dir", str(state_dir)],
-            capture_output=True,
-            text=True,
-            timeout=DEADLINE,
-            check=False,
-        )
-        assert down.returncode == 0, down.stdout + down.stderr
+        cornserve_down(state_dir)
         assert up.wait_exit() == 0, "".join(up.output)
     finally:
         up.kill()

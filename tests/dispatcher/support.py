@@ -173,6 +173,27 @@ class FakeExecutor:
                 await response.write(line.encode() + b"\n")
             await response.write_eof()
             return response
+        if name == "think":  # a stream forward: item i under "<id>/<i>", then None under "<id>/<count>"
+            fid = outs[0]["id"]
+            for i in range(inp["count"]):
+                if i == inp["fail_at"]:
+                    return web.Response(status=500, text=f"think exploded at step {i}")
+                if i == 1 and inp["hold_after_first"]:
+                    self.held += 1
+                    await asyncio.wait_for(self.gate.wait(), 60)
+                self.store.put(f"{fid}/{i}", float(i))
+            self.store.put(f"{fid}/{inp['count']}", None)
+            return web.json_response({})
+        if name == "speak":
+            fid = inp["hidden"]["id"]
+            response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+            await response.prepare(request)
+            i = 0
+            while (value := await self.store.get(f"{fid}/{i}", timeout=60)) is not None:
+                await response.write(f'{{"index": {i}, "text": "said {value}"}}'.encode() + b"\n")
+                i += 1
+            await response.write_eof()
+            return response
         return web.Response(status=404, text=f"no such task {name}")
 
 

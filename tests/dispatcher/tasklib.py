@@ -95,6 +95,35 @@ class Generate(UnitTask[GenIn, Stream[Token]]):
         return Stream[Token].placeholder(self.display_name())
 
 
+class ThinkIn(TaskInput):
+    count: int = 3
+    hold_after_first: bool = False
+    fail_at: int | None = None
+
+
+class HiddenOut(TaskOutput):
+    hidden: DataForward[Stream[Tensor]]
+
+
+class SpeakIn(TaskInput):
+    hidden: DataForward[Stream[Tensor]]
+
+
+class Think(UnitTask[ThinkIn, HiddenOut]):
+    """Produces a stream forward (one item per step), consumed by Speak."""
+
+    default_descriptor = "ThinkDescriptor"
+
+
+class Speak(UnitTask[SpeakIn, Stream[Token]]):
+    """Streams one token per item of the stream forward it consumes."""
+
+    default_descriptor = "SpeakDescriptor"
+
+    def make_output_placeholder(self, task_input: SpeakIn) -> Stream[Token]:
+        return Stream[Token].placeholder(self.display_name())
+
+
 TaskT = TypeVar("TaskT", bound=UnitTask[Any, Any])
 
 
@@ -141,6 +170,14 @@ class SumDescriptor(JSONDescriptor[Sum]):
 
 
 class GenerateDescriptor(JSONDescriptor[Generate]):
+    pass
+
+
+class ThinkDescriptor(JSONDescriptor[Think]):
+    pass
+
+
+class SpeakDescriptor(JSONDescriptor[Speak]):
     pass
 
 
@@ -194,3 +231,15 @@ class Chat(Task[ChatIn, Stream[Token]]):
             )
         )
         return stream.transform(lambda tok: tok.model_copy(update={"text": tok.text.upper()}))
+
+
+class ThinkThenSpeak(Task[ThinkIn, Stream[Token]]):
+    """think ⇢ speak: a stream forward between them; speak's stream is the result."""
+
+    def post_init(self) -> None:
+        self.think = Think()
+        self.speak = Speak()
+
+    def invoke(self, task_input: ThinkIn) -> Stream[Token]:
+        hidden = self.think.invoke(task_input).hidden
+        return self.speak.invoke(SpeakIn(hidden=hidden))

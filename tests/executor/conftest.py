@@ -27,7 +27,9 @@ def cluster(
     """Sidecars and executors that live for the whole test module (starting torch processes is slow)."""
     asyncio.run(upload_library(nats_url, TENSOR_MATH))
     lib = tensor_math
-    tasks: list[Any] = [lib.MakeMatrix(), lib.MatMul(), lib.Reduce(), lib.RowSums()]
+    tasks: list[Any] = [
+        lib.MakeMatrix(), lib.MatMul(), lib.Reduce(), lib.RowSums(), lib.StreamRows(), lib.SumRows()
+    ]  # fmt: skip
     executors: dict[str, LaunchedExecutor] = {}
     with ProcessCluster(tmp_path_factory.mktemp("executors"), nats_url, EXECUTOR_RANKS) as cluster:
         sidecars = cluster.start_sidecars(len(tasks), arena_bytes=32 * MiB)

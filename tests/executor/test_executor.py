@@ -188,6 +188,36 @@ async def test_streamed_rows(cluster: ExecutorSetup, session: aiohttp.ClientSess
     assert [item.sum for item in items] == pytest.approx(want.tolist(), rel=1e-5, abs=1e-5)
 
 
+async def test_rows_streamed_between_executors_through_the_sidecar(
+    cluster: ExecutorSetup, session: aiohttp.ClientSession
+) -> None:
+    """MakeMatrix → StreamRows ⇢ SumRows: a stream forward, one row per chunk, window of 2."""
+    lib = cluster.lib
+
+    class StreamedSums(Task[PipelineInput, Stream[lib.RowSum]]):  # type: ignore[name-defined]
+        def post_init(self) -> None:
+            self.make = lib.MakeMatrix()
+            self.stream = lib.StreamRows()
+            self.sums = lib.SumRows()
+
+        def invoke(self, x: PipelineInput) -> Any:
+            made = self.make.invoke(lib.MakeMatrixInput(seed=x.seed_a, rows=x.n, cols=x.k))
+            rows = self.stream.invoke(lib.StreamRowsInput(x=made.matrix, window=2)).rows
+            return self.sums.invoke(lib.SumRowsInput(rows=rows))
+
+    x = PipelineInput(seed_a=11, seed_b=0, n=12, k=5)
+    task = StreamedSums()
+    graph = task.trace(x)
+    assert "t1 -.->|Stream[Tensor]" in graph.to_mermaid()
+    with use_graph_runner(HttpRunner(cluster.by_key(), session)):
+        stream = await task(x)
+    items = [item async for item in stream]
+    want = lib.make_matrix_tensor(x.seed_a, x.n, x.k).sum(dim=1)
+    assert [item.index for item in items] == list(range(12))
+    assert [item.sum for item in items] == pytest.approx(want.tolist(), rel=1e-5, abs=1e-5)
+    await wait_until(lambda: arenas_empty(cluster), "every streamed row released")
+
+
 async def test_stream_fails_mid_way(cluster: ExecutorSetup, session: aiohttp.ClientSession) -> None:
     rows = composites(cluster.lib)[1]()
     with use_graph_runner(HttpRunner(cluster.by_key(), session)):

@@ -19,6 +19,7 @@ import io
 import json
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -209,6 +210,18 @@ async def big_app(http: aiohttp.ClientSession, count_file: Path) -> AsyncIterato
         assert resp.status == 200, await resp.text()
 
 
+@asynccontextmanager
+async def registered_app(http: aiohttp.ClientSession, name: str, source: str) -> AsyncIterator[str]:
+    """The app `name` registered from `source` for the block (its invoke path), unregistered after it."""
+    async with http.post("/apps", json={"name": name, "source": source}) as resp:
+        assert resp.status == 201, await resp.text()
+    try:
+        yield f"/apps/{name}/invoke"
+    finally:
+        async with http.delete(f"/apps/{name}") as resp:
+            assert resp.status == 200, await resp.text()
+
+
 def executions(count_file: Path) -> int:
     return len(count_file.read_text().splitlines())
 
@@ -254,21 +267,16 @@ async def test_large_output_reaches_the_caller_whole(
 ) -> None:
     """An output five times what one bus message carries: the whole answer, byte for byte, once."""
     source = ECHO_APP.replace("@COUNT@", repr(str(count_file)))
-    async with http.post("/apps", json={"name": "limits-echo", "source": source}) as resp:
-        assert resp.status == 201, await resp.text()
-    try:
+    async with registered_app(http, "limits-echo", source) as url:
         before = executions(count_file)
         size = 5 * MiB
-        async with http.post("/apps/limits-echo/invoke", json={"text": "d", "size": size}) as resp:
+        async with http.post(url, json={"text": "d", "size": size}) as resp:
             raw = await resp.read()
             assert resp.status == 200, raw[:500]
         text = json.loads(raw)["text"]
         assert len(text) == size
         assert text == pattern(size)  # every part, in order
         assert executions(count_file) == before + 1  # ran once: a big reply is not a lost replica
-    finally:
-        async with http.delete("/apps/limits-echo") as resp:
-            assert resp.status == 200, await resp.text()
 
 
 async def test_request_timeout(http: aiohttp.ClientSession, big_app: str) -> None:
@@ -283,20 +291,15 @@ async def test_request_timeout_bounds_the_whole_stream(
     http: aiohttp.ClientSession, big_app: str, count_file: Path
 ) -> None:
     source = STALLING_STREAM_APP.replace("@COUNT@", repr(str(count_file)))
-    async with http.post("/apps", json={"name": "limits-stall", "source": source}) as resp:
-        assert resp.status == 201, await resp.text()
-    try:
+    async with registered_app(http, "limits-stall", source) as url:
         started = time.monotonic()
-        async with http.post("/apps/limits-stall/invoke", json={"stall_s": REQUEST_TIMEOUT_S + 4}) as resp:
+        async with http.post(url, json={"stall_s": REQUEST_TIMEOUT_S + 4}) as resp:
             assert resp.status == 200
             lines = [json.loads(line) for line in (await resp.text()).splitlines() if line.strip()]
         assert time.monotonic() - started < REQUEST_TIMEOUT_S + 1
         assert lines[0] == {"index": 0}
         assert lines[-1]["error"] == "request_timeout", lines
         assert len(lines) == 2
-    finally:
-        async with http.delete("/apps/limits-stall") as resp:
-            assert resp.status == 200, await resp.text()
 
 
 OVERLOAD_FACTOR = 10

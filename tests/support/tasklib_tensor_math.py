@@ -9,6 +9,8 @@ between executors through the sidecar as `DataForward[Tensor]`.
     MatMul(a, b, scale)           -> matrix forward     (scale * a @ b)
     Reduce(x)                     -> sum, mean, max, shape
     RowSums(x)                    -> Stream of RowSum   (one item per row)
+    StreamRows(x)                 -> rows stream forward (DataForward[Stream[Tensor]]: one row per chunk)
+    SumRows(rows)                 -> Stream of RowSum   (one item per row read from a stream forward)
 
 Every input has a failure switch (`fail`, or `fail_after` for the stream) that makes the handler
 raise ValueError with a clear message, for failure tests.
@@ -21,6 +23,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from cornserve.executor import ExecutorContext, PythonExecutorDescriptor
+from cornserve.sidecar.streaming import StreamWriter, read_stream
 from cornserve.task import DataForward, Stream, TaskInput, TaskInvocation, TaskOutput, Tensor, UnitTask
 
 # ----- pure math (also used by tests to compute the expected results directly) --------------------
@@ -109,6 +112,34 @@ class RowSums(UnitTask[RowSumsInput, Stream[RowSum]]):
         return Stream[RowSum].placeholder(self.display_name())
 
 
+class StreamRowsInput(TaskInput):
+    x: DataForward[Tensor]
+    window: int = Field(default=2, ge=1)
+
+
+class RowsOutput(TaskOutput):
+    rows: DataForward[Stream[Tensor]]
+
+
+class StreamRows(UnitTask[StreamRowsInput, RowsOutput]):
+    """Stream the rows of a forwarded matrix to one consumer, one sidecar chunk per row."""
+
+    default_descriptor = "StreamRowsExecutor"
+
+
+class SumRowsInput(TaskInput):
+    rows: DataForward[Stream[Tensor]]
+
+
+class SumRows(UnitTask[SumRowsInput, Stream[RowSum]]):
+    """Read a stream forward of rows and stream each row's sum as it arrives."""
+
+    default_descriptor = "SumRowsExecutor"
+
+    def make_output_placeholder(self, task_input: SumRowsInput) -> Stream[RowSum]:
+        return Stream[RowSum].placeholder(self.display_name())
+
+
 class MakeMatrixExecutor(PythonExecutorDescriptor[MakeMatrix]):
     handler: str = "make_matrix"
 
@@ -123,6 +154,14 @@ class ReduceExecutor(PythonExecutorDescriptor[Reduce]):
 
 class RowSumsExecutor(PythonExecutorDescriptor[RowSums]):
     handler: str = "row_sums"
+
+
+class StreamRowsExecutor(PythonExecutorDescriptor[StreamRows]):
+    handler: str = "stream_rows"
+
+
+class SumRowsExecutor(PythonExecutorDescriptor[SumRows]):
+    handler: str = "sum_rows"
 
 
 # ----- handlers (run inside `python -m cornserve.executor`) ----------------------------------------
@@ -182,3 +221,27 @@ async def row_sums(ctx: ExecutorContext, invocation: TaskInvocation) -> AsyncIte
             raise ValueError(f"RowSums was asked to fail after {inp.fail_after} rows")
         yield RowSum(index=index, sum=value)
         await asyncio.sleep(0)
+
+
+async def stream_rows(ctx: ExecutorContext, invocation: TaskInvocation) -> RowsOutput:
+    inp = invocation.task_input
+    out = invocation.task_output
+    assert isinstance(inp, StreamRowsInput) and isinstance(out, RowsOutput)
+    (x,) = await _recv_all(ctx, inp.x)
+    if not out.rows.dst_sidecar_ranks:
+        raise ValueError(f"forward {out.rows.id} has no destination ranks; was the graph wired?")
+    async with StreamWriter(
+        ctx.sidecar, out.rows.id, out.rows.dst_sidecar_ranks, window=inp.window
+    ) as writer:
+        for row in x:
+            await writer.send(row.contiguous())
+    return out
+
+
+async def sum_rows(ctx: ExecutorContext, invocation: TaskInvocation) -> AsyncIterator[RowSum]:
+    inp = invocation.task_input
+    assert isinstance(inp, SumRowsInput)
+    index = 0
+    async for row in read_stream(ctx.sidecar, inp.rows.id, timeout=60):
+        yield RowSum(index=index, sum=float(row.sum()))
+        index += 1

@@ -338,3 +338,46 @@ async def test_deep_composite_executes_in_process() -> None:
     assert answer.thumbnail.src_sidecar_ranks is not None and answer.thumbnail.dst_sidecar_ranks == []
     chunks = [c async for c in answer.answer]
     assert chunks[0].choices[0].delta.content == "[13.0, 13.0, 24.0]"
+
+
+def test_llm_completion_task_shares_the_llm_deployment_and_asks_for_one_completion() -> None:
+    from pydantic import TypeAdapter
+
+    from cornserve.task import TaskInvocation
+    from cornserve.task.builtins import ChatCompletion, LLMCompletionTask, LLMTask
+
+    completion = LLMCompletionTask(model_id="m", receive_embeddings=False)
+    assert completion.deployment_key == LLMTask(model_id="m").deployment_key
+    assert completion.deployment_key != LLMCompletionTask(model_id="other").deployment_key
+
+    class TwoAnswers(TaskOutput):
+        first: ChatCompletion
+        second: ChatCompletion
+
+    class Both(Task[ChatCompletionRequest, TwoAnswers]):
+        def post_init(self) -> None:
+            self.a = LLMCompletionTask(model_id="a")
+            self.b = LLMCompletionTask(model_id="b")
+
+        def invoke(self, task_input: ChatCompletionRequest) -> TwoAnswers:
+            return TwoAnswers(first=self.a.invoke(task_input), second=self.b.invoke(task_input))
+
+    request = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], stream_options={"x": 1})
+    graph = Both().trace(request)
+    adapter = TypeAdapter(list[TaskInvocation])
+    wire = adapter.validate_json(adapter.dump_json(graph.invocations))
+    first = wire[0]
+    assert isinstance(first.task, LLMCompletionTask)
+    http = first.task.descriptor.to_request(first.task, first)
+    assert http.stream is False and http.body is not None
+    assert http.body["stream"] is False and "stream_options" not in http.body
+    body = {
+        "id": "c1",
+        "created": 1,
+        "model": "a",
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "hello"}, "finish_reason": "stop"}
+        ],
+    }
+    answer = first.task.descriptor.from_response(first.task, first, body)
+    assert isinstance(answer, ChatCompletion) and answer.choices[0].message.content == "hello"

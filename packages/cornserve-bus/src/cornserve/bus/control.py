@@ -267,8 +267,9 @@ class AckReply(WireModel):
 class InvokeRequest(RequestBase):
     """Execute one recorded graph.
 
-    If the last invocation streams, the dispatcher publishes StreamMessages on `stream_subject`
-    (the caller subscribes before sending) and its output in the reply is None.
+    If an invocation streams (at most one: the graph's result, at any position), the dispatcher
+    publishes StreamMessages on `stream_subject` (the caller subscribes before sending) and its
+    output in the reply is None.
     """
 
     invocations: list[dict[str, Any]] = Field(min_length=1)

@@ -160,6 +160,10 @@ class SendRequest(ChunkRequest):
     instance: str
     location: Location
     timeout: float = Field(gt=0)
+    notify_released: bool = False
+    """Publish a `ReleasedEvent` for this chunk once every destination is done with it (or it was
+    freed anyway: TTL, drop), as for GPU chunks: how a stream's producer keeps a window of
+    outstanding chunks (`cornserve.sidecar.streaming`)."""
 
     @field_validator("dst_ranks")
     @classmethod
@@ -271,7 +275,11 @@ class UpEvent(WireModel):
 
 
 class ReleasedEvent(WireModel):
-    """Tells a producer's clients that entries they keep alive (GPU tensors) may be dropped."""
+    """Tells a producer's clients that chunks are released.
+
+    GPU tensors they keep alive may be dropped, and chunks sent with `notify_released` no longer
+    count against a stream's window.
+    """
 
     instance: str
     keys: list[Key]

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -89,14 +88,19 @@ def init_state(
         say(f"state dir {state_dir} belongs to {uid}:{gid}")
 
 
-def create_kv(state_dir: Path, nats_url: str, timeout_s: float, say: Any = print) -> int:
-    """`cornserve deploy kv`: create the KV buckets as the admin role; existing ones are kept."""
+def create_kv(state_dir: Path, nats_url: str, timeout_s: float, say: Any = print, replicas: int = 1) -> int:
+    """`cornserve deploy kv`: create the KV buckets as the admin role; existing ones are kept.
+
+    `replicas` is each bucket's replica count: 3 on a 3-server NATS cluster (deploy/k8s).
+    """
     try:
-        create_buckets(nats_url, NatsAuth(state_dir / AUTH_DIR).creds(ADMIN), timeout_s=timeout_s)
+        create_buckets(
+            nats_url, NatsAuth(state_dir / AUTH_DIR).creds(ADMIN), timeout_s=timeout_s, replicas=replicas
+        )
     except (NatsAuthError, NatsCredentialsError, NatsConnectTimeout, TimeoutError) as exc:
         say(f"error: cannot create the KV buckets on NATS at {nats_url}: {type(exc).__name__}: {exc}")
         return 1
-    say(f"KV buckets on {nats_url}: {', '.join(BUCKETS)}")
+    say(f"KV buckets on {nats_url} ({replicas} replica(s) each): {', '.join(BUCKETS)}")
     return 0
 
 
@@ -116,25 +120,11 @@ def run_node(
         state_dir=work_dir, cpu_slots=cpu_slots, dispatchers=0, nats_url=nats_url, nats_auth=auth,
         serve_gateway=False, node_name=node, create_kv_buckets=False, say=say,
     )  # fmt: skip
-    stopping = False
-
-    def request_stop(signum: int, frame: Any) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
-    try:
-        cluster.start(ready_timeout_s=ready_timeout_s)
-        say(f"node {node} is up: {cpu_slots} CPU slot(s), logs in {work_dir / 'logs'}")
-        code = cluster.supervise(lambda: stopping)
-    except LaunchError as exc:
-        say(f"error: {exc}")
-        code = 1
-    say(f"stopping node {node} ...")
-    cluster.stop()
-    say("stopped")
-    return code
+    return cluster.serve_until_signal(
+        ready_timeout_s,
+        lambda: say(f"node {node} is up: {cpu_slots} CPU slot(s), logs in {work_dir / 'logs'}"),
+        name=f"node {node}",
+    )
 
 
 def wait_healthy(url: str, timeout_s: float) -> None:

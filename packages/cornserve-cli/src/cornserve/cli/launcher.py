@@ -125,6 +125,28 @@ def stop_children(children: list[Child], grace_s: float = 15.0, say: Any = print
         child.proc.kill_group()  # also reaps grandchildren left in the group
 
 
+class StopRequest:
+    """SIGTERM and SIGINT turned into a flag that a supervisor loop polls."""
+
+    def __init__(self) -> None:
+        self._requested = False
+
+    @classmethod
+    def install(cls) -> StopRequest:
+        """Route SIGTERM and SIGINT of this (main) thread to a new flag."""
+        stop = cls()
+        signal.signal(signal.SIGTERM, stop._set)
+        signal.signal(signal.SIGINT, stop._set)
+        return stop
+
+    def _set(self, signum: int, frame: Any) -> None:
+        self._requested = True
+
+    def requested(self) -> bool:
+        """Whether a stop signal has arrived."""
+        return self._requested
+
+
 @dataclass
 class LocalCluster:
     """The processes of one local cluster."""
@@ -401,6 +423,36 @@ class LocalCluster:
         nats = self.nats_servers.servers if self.nats_servers is not None else []
         watched: list[Supervised] = [*nats, *self.children]
         return supervise(watched, self._restart_supervised, should_stop, max_restarts, poll_s, self.say)
+
+    def serve_until_signal(
+        self,
+        ready_timeout_s: float,
+        announce: Callable[[], None],
+        name: str = "Cornserve",
+        starting: contextlib.AbstractContextManager[object] | None = None,
+        on_error: Callable[[str], None] | None = None,
+    ) -> int:
+        """Start, `announce()`, supervise until SIGTERM or SIGINT, then stop: the life of `up` and of a node.
+
+        The signals only set a flag, so the supervisor loop ends and the cluster stops in order
+        (resource manager, data plane, services, NATS) instead of dying half-way in a handler.
+        Returns 0 after a requested stop, 1 when the start failed or a child kept dying.
+        """
+        stop = StopRequest.install()
+        report = on_error or (lambda message: self.say(f"error: {message}"))
+        try:
+            with starting or contextlib.nullcontext():
+                self.start(ready_timeout_s=ready_timeout_s)
+        except (LaunchError, KeyboardInterrupt) as exc:
+            report(str(exc))
+            code = 1
+        else:
+            announce()
+            code = self.supervise(stop.requested)
+        self.say(f"stopping {name} ...")
+        self.stop()
+        self.say("stopped")
+        return code
 
     def _restart_supervised(self, name: str) -> None:
         """`restart` for a service; an embedded NATS server ("nats", "nats-<i>") comes back as it was."""

@@ -8,20 +8,19 @@ on a usage error (a wrong flag, an unreadable file, a missing extra).
 from __future__ import annotations
 
 import asyncio
-import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager, nullcontext
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, NoReturn
 
 import typer
 
 from cornserve.cli import commands, console
 from cornserve.cli.extras import MissingExtraError, require_models_extra
-from cornserve.cli.launcher import NATS_SYNC_INTERVAL, LaunchError, LocalCluster, default_state_dir, shut_down
+from cornserve.cli.launcher import NATS_SYNC_INTERVAL, LocalCluster, default_state_dir, shut_down
 from cornserve.cli.natscluster import check_cluster_size
 from cornserve.cli.natsserver import check_sync_interval
 from cornserve.client import CornserveClient, CornserveError, default_url
@@ -215,41 +214,26 @@ def up(
         nats_sync_interval=nats_sync_interval or NATS_SYNC_INTERVAL, say=_say(),
         nats_cluster=nats_cluster or 1,
     )  # fmt: skip
-    stopping = False
-
-    def request_stop(signum: int, frame: Any) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
     started = time.monotonic()
-    try:
-        with _spinner("starting Cornserve ..."):
-            cluster.start(ready_timeout_s=ready_timeout)
-    except (LaunchError, KeyboardInterrupt) as exc:
-        console.error(str(exc))
-        cluster.stop()
-        _exit(1)
-    up_line = (
-        f"Cornserve is up in {time.monotonic() - started:.1f}s: {cluster.url}  (logs: {directory / 'logs'})"
+
+    def announce() -> None:
+        up_line = f"Cornserve is up in {time.monotonic() - started:.1f}s: {cluster.url}  (logs: {directory / 'logs'})"
+        if console.fancy():
+            console.stdout().print(f"[bold green]✔[/] [bold]{console.escape(up_line)}[/]")
+        else:
+            print(up_line)
+        print(
+            f"  export CORNSERVE_URL={cluster.url}   # then: cornserve register APP.py; Ctrl-C or `cornserve down` stops"
+        )
+        if directory != default_state_dir():
+            print(f"  export CORNSERVE_STATE_DIR={directory}   # where the CLI finds the admin token")
+        if tls:
+            print(f"  export CORNSERVE_CA_FILE={tls[0]}   # if the certificate is not one the system trusts")
+        sys.stdout.flush()
+
+    code = cluster.serve_until_signal(
+        ready_timeout, announce, starting=_spinner("starting Cornserve ..."), on_error=console.error
     )
-    if console.fancy():
-        console.stdout().print(f"[bold green]✔[/] [bold]{console.escape(up_line)}[/]")
-    else:
-        print(up_line)
-    print(
-        f"  export CORNSERVE_URL={cluster.url}   # then: cornserve register APP.py; Ctrl-C or `cornserve down` stops"
-    )
-    if directory != default_state_dir():
-        print(f"  export CORNSERVE_STATE_DIR={directory}   # where the CLI finds the admin token")
-    if tls:
-        print(f"  export CORNSERVE_CA_FILE={tls[0]}   # if the certificate is not one the system trusts")
-    sys.stdout.flush()
-    code = cluster.supervise(lambda: stopping)
-    print("stopping Cornserve ...")
-    cluster.stop()
-    print("stopped")
     _exit(code)
 
 
@@ -600,11 +584,14 @@ def deploy_kv(
     nats_url: Annotated[str, typer.Option("--nats-url", help="The cluster's NATS.")],
     state_dir: StateDirOpt = None,
     timeout: Annotated[float, typer.Option("--timeout", help="Deadline, seconds.")] = 30.0,
+    replicas: Annotated[
+        int, typer.Option("--replicas", min=1, max=5, help="Replicas of each bucket (3 on a 3-server NATS).")
+    ] = 1,
 ) -> None:
     """Create the cluster's KV buckets (as the admin role)."""
     from cornserve.cli.deploy import create_kv
 
-    _exit(create_kv(_state_dir(state_dir), nats_url, timeout))
+    _exit(create_kv(_state_dir(state_dir), nats_url, timeout, replicas=replicas))
 
 
 @deploy_app.command("node")

@@ -28,7 +28,10 @@ from cornserve.dispatcher.deployments import DeploymentCache
 from cornserve.dispatcher.forwards import forwards_by_rank
 from cornserve.dispatcher.metrics import observe_call
 from cornserve.runtime.tracing import Attributes, client_span, inject_headers, set_attributes
-from cornserve.task import ExecutorRequest, Stream, TaskInvocation, wire_forwards
+from cornserve.task import ExecutorRequest, Stream, TaskInvocation, Unmaterialized, wire_forwards
+from cornserve.task.forward import DataForward, iter_forwards
+from cornserve.task.nested import nested_values
+from cornserve.task.stream import is_stream_forward
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +68,7 @@ class Routed:
 
 @dataclass
 class OpenStream:
-    """The last invocation's streaming HTTP response, open and OK, for the relay to read."""
+    """The streaming invocation's HTTP response, open and OK, for the relay to read."""
 
     invocation: TaskInvocation
     routed: Routed
@@ -74,12 +77,56 @@ class OpenStream:
     """When the call was sent (`time.monotonic`): the relay's time to first item counts from it."""
 
 
+@dataclass(eq=False)
+class Tail:
+    """Producers of stream forwards still running when the graph replied (their output is known).
+
+    In a graph whose result streams, an invocation whose output holds nothing but forwards, one of
+    them a stream forward, needs no answer before the reply: the caller gets the result stream's
+    first item while that producer still produces. The relay watches the tail until it is done; a
+    failure or the graph's deadline ends the stream with the error, and `abandon` frees the
+    graph's forwards so the consumer's receive fails at once instead of waiting.
+    """
+
+    tasks: list[asyncio.Task[Any]]
+    names: list[str]
+    deadline: float
+    """`time.monotonic()` by which the tail must be done (the graph's deadline)."""
+    on_abandon: Callable[[str], None]
+    """Frees the graph's forwards in the sidecars (`forwards.py`)."""
+    abandoned: bool = False
+
+    async def wait(self) -> None:
+        """Until every tail call answered; raises the first failure as a ServiceFault (TimeoutError past the deadline)."""
+        async with asyncio.timeout(max(0.0, self.deadline - time.monotonic())):
+            for task, name in zip(self.tasks, self.names, strict=True):
+                try:
+                    await asyncio.shield(task)
+                except asyncio.CancelledError:
+                    if not task.cancelled():
+                        raise  # the waiter itself is cancelled
+                    raise ServiceFault(503, "cancelled", f"{name} was stopped before it answered") from None
+
+    def cancel(self) -> None:
+        """Stop the calls still running (their connections are closed, their routes reported done)."""
+        for task in self.tasks:
+            task.cancel()
+
+    def abandon(self, reason: str) -> None:
+        """Give the tail up: stop its calls and free the graph's forwards now (once)."""
+        self.cancel()
+        if not self.abandoned:
+            self.abandoned = True
+            self.on_abandon(reason)
+
+
 @dataclass
 class GraphResult:
-    """Outputs as JSON, one per invocation (None for the stream), and the open stream if any."""
+    """Outputs as JSON, one per invocation (None for the stream), the open stream and the tail if any."""
 
     outputs: list[dict[str, Any] | None]
     stream: OpenStream | None = None
+    tail: Tail | None = None
 
 
 @dataclass
@@ -90,6 +137,8 @@ class _Run:
     finished: set[int] = field(default_factory=set)
     """Positions whose executor answered (for a stream: started streaming)."""
     stream: OpenStream | None = None
+    tail: dict[int, asyncio.Task[Any]] = field(default_factory=dict)
+    """Calls the reply does not wait for (`Tail`), by position."""
 
 
 def executor_url(route: RouteReply, path: str) -> str:
@@ -116,6 +165,8 @@ class GraphRunner:
         state = _Run()
         wired = False
         given_up = "its graph failed"
+        deadline = time.monotonic() + timeout_s
+        tail_positions = tail_of(invocations) if stream_subject else set()
         try:
             async with asyncio.timeout(timeout_s):
                 await self._resolve(invocations)
@@ -125,7 +176,7 @@ class GraphRunner:
                 )
                 wired = True
                 requests = [self._build(state.routed[i], inv) for i, inv in enumerate(invocations)]
-                outputs = await self._call_all(invocations, requests, state)
+                outputs = await self._call_all(invocations, requests, state, tail_positions)
                 given_up = ""
         except TimeoutError:
             given_up = "its graph timed out"
@@ -141,15 +192,34 @@ class GraphRunner:
             if state.stream is not None:
                 state.stream.response.close()
                 state.stream = None
+            for task in state.tail.values():
+                task.cancel()
+            state.tail.clear()
             raise
         finally:
-            for routed in state.routed.values():
-                if state.stream is None or routed is not state.stream.routed:
-                    self.release(routed)
+            for position, routed in state.routed.items():
+                streaming = state.stream is not None and routed is state.stream.routed
+                if not streaming and position not in state.tail:
+                    self.release(routed)  # a tail call reports itself done when it answers
             if wired and given_up and self.on_abandoned is not None:
                 # Forwards already sent for it would wait for the sidecars' TTL: free them now.
                 self.on_abandoned(forwards_by_rank(invocations), given_up)
-        return GraphResult(outputs=outputs, stream=state.stream)
+        tail = None
+        if state.tail:
+            on_abandoned = self.on_abandoned
+
+            def abandon(reason: str) -> None:
+                if on_abandoned is not None:
+                    on_abandoned(forwards_by_rank(invocations), reason)
+
+            positions = sorted(state.tail)
+            tail = Tail(
+                tasks=[state.tail[i] for i in positions],
+                names=[f"{invocations[i].task.display_name()} at position {i}" for i in positions],
+                deadline=deadline,
+                on_abandon=abandon,
+            )
+        return GraphResult(outputs=outputs, stream=state.stream, tail=tail)
 
     def release(self, routed: Routed) -> None:
         """Report a routed invocation finished, once."""
@@ -234,16 +304,40 @@ class GraphRunner:
         return req
 
     async def _call_all(
-        self, invocations: Sequence[TaskInvocation], requests: list[ExecutorRequest], state: _Run
+        self,
+        invocations: Sequence[TaskInvocation],
+        requests: list[ExecutorRequest],
+        state: _Run,
+        tail_positions: set[int],
     ) -> list[dict[str, Any] | None]:
+        """Call every executor at once; return when all but the tail answered (any failure first fails all)."""
         outputs: list[dict[str, Any] | None] = [None] * len(invocations)
 
         async def call(position: int) -> None:
-            outputs[position] = await self._call(
+            output = await self._call(
                 invocations[position], state.routed[position], requests[position], state
             )
+            if position not in tail_positions:
+                outputs[position] = output
 
-        await _first_fault(call(i) for i in range(len(invocations)))
+        for position in tail_positions:
+            # Known before the call: the recorded forwards, wired (`tail_of` checked there is nothing else).
+            outputs[position] = invocations[position].task_output.model_dump(mode="json")
+        tasks = {i: asyncio.create_task(call(i)) for i in range(len(invocations))}
+        front = {tasks[i] for i in tasks if i not in tail_positions}
+        try:
+            pending = set(tasks.values())
+            while front & pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                failed = [e for t in done if not t.cancelled() and (e := t.exception()) is not None]
+                if failed:
+                    raise _fault_of(failed)
+        except BaseException:
+            for task in tasks.values():
+                task.cancel()
+            await asyncio.gather(*tasks.values(), return_exceptions=True)
+            raise
+        state.tail = {i: tasks[i] for i in tail_positions}
         return outputs
 
     async def _call(
@@ -327,19 +421,68 @@ def _task_attributes(inv: TaskInvocation, position: int) -> Attributes:
 
 
 def check_streams(invocations: Sequence[TaskInvocation], stream_subject: str | None) -> None:
-    """Only the last invocation may stream, and a streaming graph needs a subject to relay it on."""
-    last = len(invocations) - 1
-    for position, inv in enumerate(invocations):
-        if isinstance(inv.task_output, Stream) and position != last:
-            raise faults.bad_request(
-                f"{inv.task.display_name()} at position {position} streams, but only the graph's last "
-                "invocation may stream"
-            )
-    if isinstance(invocations[last].task_output, Stream) and not stream_subject:
+    """Check the graph's streams before anything runs.
+
+    At most one invocation streams (the graph's result), a streaming graph names a subject to relay
+    it on, and every stream forward has exactly one consumer.
+    """
+    streaming = [i for i, inv in enumerate(invocations) if isinstance(inv.task_output, Stream)]
+    if len(streaming) > 1:
+        names = ", ".join(f"{invocations[i].task.display_name()} at position {i}" for i in streaming)
+        raise faults.bad_request(f"{names} stream, but a graph relays at most one stream")
+    if streaming and not stream_subject:
+        position = streaming[0]
         raise faults.bad_request(
-            f"the graph's last invocation ({invocations[last].task.display_name()}) streams; "
+            f"{invocations[position].task.display_name()} at position {position} streams; "
             "the request must name a stream_subject to relay it on"
         )
+    consumers: dict[str, list[int]] = {}
+    for position, inv in enumerate(invocations):
+        for fwd in iter_forwards(inv.task_input):
+            if is_stream_forward(fwd) and position not in consumers.setdefault(fwd.id, []):
+                consumers[fwd.id].append(position)
+    for position, inv in enumerate(invocations):
+        for fwd in iter_forwards(inv.task_output):
+            count = len(consumers.get(fwd.id, [])) if is_stream_forward(fwd) else 1
+            if count != 1:
+                raise faults.bad_request(
+                    f"stream forward {fwd.id} of {inv.task.display_name()} at position {position} has "
+                    f"{count} consumers; a stream forward has exactly one"
+                )
+
+
+def tail_of(invocations: Sequence[TaskInvocation]) -> set[int]:
+    """Positions a streaming graph's reply need not wait for (`Tail`).
+
+    An invocation qualifies when its output is not the stream and holds nothing but forwards, one of
+    them a stream forward: its output is known before it answers. Anything else (an encoder whose
+    bad input must fail the reply with its 4xx, a value output) is waited for as before.
+    """
+    found: set[int] = set()
+    for position, inv in enumerate(invocations):
+        out = inv.task_output
+        if isinstance(out, Stream):
+            continue
+        forwards = list(iter_forwards(out))
+        if not any(is_stream_forward(f) for f in forwards):
+            continue
+        leaves = nested_values(out, opaque=(DataForward,))
+        if any(isinstance(leaf, Unmaterialized) for leaf in leaves):
+            continue
+        found.add(position)
+    return found
+
+
+def _fault_of(errors: Sequence[BaseException]) -> ServiceFault:
+    """The graph's error among concurrent failures: the first typed fault, else an internal error."""
+    flat: list[BaseException] = []
+    for error in errors:
+        flat.extend(_flatten(error) if isinstance(error, BaseExceptionGroup) else [error])
+    fault = next((e for e in flat if isinstance(e, ServiceFault)), None)
+    if fault is not None:
+        return fault
+    logger.error("graph step failed unexpectedly", exc_info=flat[0])
+    return ServiceFault(500, "internal", f"the dispatcher failed: {type(flat[0]).__name__}: {flat[0]}")
 
 
 async def _first_fault(coros: Any) -> None:
@@ -349,14 +492,7 @@ async def _first_fault(coros: Any) -> None:
             for coro in coros:
                 group.create_task(coro)
     except BaseExceptionGroup as failed:
-        errors = _flatten(failed)
-        fault = next((e for e in errors if isinstance(e, ServiceFault)), None)
-        if fault is not None:
-            raise fault from None
-        logger.error("graph step failed unexpectedly", exc_info=errors[0])
-        raise ServiceFault(
-            500, "internal", f"the dispatcher failed: {type(errors[0]).__name__}: {errors[0]}"
-        ) from None
+        raise _fault_of(failed.exceptions) from None
 
 
 def _flatten(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:

@@ -21,7 +21,8 @@ from nats.aio.client import Client
 from pydantic import BaseModel
 
 from cornserve.bus.control import StreamMessage
-from cornserve.dispatcher.graph import OpenStream
+from cornserve.bus.micro import ServiceFault
+from cornserve.dispatcher.graph import OpenStream, Tail
 from cornserve.dispatcher.metrics import ItemClock
 
 logger = logging.getLogger(__name__)
@@ -29,6 +30,10 @@ logger = logging.getLogger(__name__)
 
 class StreamFailure(Exception):
     """The stream cannot go on; the message is sent to the caller."""
+
+
+class _TailFailure(Exception):
+    """A producer the stream depends on failed (its message is complete: sent as it is)."""
 
 
 def item_json(item: Any) -> dict[str, Any]:
@@ -51,6 +56,9 @@ class StreamRelay:
     idle_timeout_s: float
     on_finish: Callable[[], None]
     """Called once the terminal message is out (or could not be sent)."""
+    tail: Tail | None = None
+    """Producers of stream forwards still running (`graph.Tail`): the stream ends with their error."""
+    tail_done: bool = field(default=False, init=False)
     _seq: int = field(default=0, init=False)
     _cancel_reason: str | None = field(default=None, init=False)
 
@@ -69,7 +77,9 @@ class StreamRelay:
         clean = False
         try:
             try:
-                await self._relay_lines(response)
+                await self._relay_with_tail(response)
+            except _TailFailure as failure:
+                await self._finish(error=str(failure))
             except StreamFailure as failure:
                 await self._finish(error=f"{self._label} failed while streaming: {failure}")
             except asyncio.CancelledError:
@@ -87,7 +97,48 @@ class StreamRelay:
                 response.release()
             else:
                 response.close()  # drop the connection so the executor stops generating
+                if self.tail is not None and not self.tail_done:
+                    # Its producers still run: stop them, and free the stream forwards they sent.
+                    self.tail.abandon(f"the stream of {self._label} ended early")
             self.on_finish()
+
+    async def _relay_with_tail(self, response: aiohttp.ClientResponse) -> None:
+        """Relay the lines while the tail runs; the first failure of either ends the stream."""
+        tail = self.tail
+        if tail is None:
+            await self._relay_lines(response)
+            return
+        lines = asyncio.ensure_future(self._relay_lines(response))
+        watch = asyncio.ensure_future(self._watch_tail(tail))
+        try:
+            done, _ = await asyncio.wait({lines, watch}, return_when=asyncio.FIRST_EXCEPTION)
+            for task in (watch, lines):  # the tail's failure explains the consumer's
+                failure = task.exception() if task in done and not task.cancelled() else None
+                if failure is not None:
+                    raise failure
+            await lines
+            await watch  # the consumer ended first: its producer must still answer, by the deadline
+        finally:
+            for task in (lines, watch):
+                task.cancel()
+            await asyncio.gather(lines, watch, return_exceptions=True)
+
+    async def _watch_tail(self, tail: Tail) -> None:
+        """Until the tail answered; its failure (or deadline) frees the graph's forwards and is raised."""
+        try:
+            await tail.wait()
+            self.tail_done = True
+        except ServiceFault as fault:
+            reason = fault.message
+        except TimeoutError:
+            reason = f"{', '.join(tail.names)} did not finish within the graph's deadline"
+        except Exception as exc:  # a dispatcher bug: still end the stream with a message
+            logger.error("the tail of %s failed unexpectedly", self._label, exc_info=exc)
+            reason = f"{', '.join(tail.names)} failed: {type(exc).__name__}: {exc}"
+        else:
+            return
+        tail.abandon(reason)
+        raise _TailFailure(reason)
 
     async def _relay_lines(self, response: aiohttp.ClientResponse) -> None:
         inv = self.stream.invocation

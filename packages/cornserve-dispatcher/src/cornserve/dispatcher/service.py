@@ -323,11 +323,21 @@ class DispatcherService:
     async def invoke(self, req: InvokeRequest, keepalive: Keepalive | None = None) -> InvokeReply:
         """Execute one graph; the reply comes once every non-stream output (and the stream's start) is in.
 
+        Producers of stream forwards whose output is known (`graph.Tail`) may still run then: the
+        relay watches them, so the caller gets the stream's first item before they finish.
+
         A relayed stream holds `keepalive` until it ends, so the caller keeps hearing from this replica.
         """
         assert self._graphs is not None
         invocations = await self._parse(req.invocations)
         result = await self._unless_closing(self._graphs.run(invocations, req.timeout_s, req.stream_subject))
+        if result.tail is not None and result.stream is None:
+            # Nothing to relay (a stream subject without a streaming invocation): answer when all did.
+            try:
+                await result.tail.wait()
+            except TimeoutError:
+                result.tail.cancel()
+                raise faults.graph_timeout(req.timeout_s, result.tail.names) from None
         if result.stream is not None:
             assert req.stream_subject is not None
             graphs, opened = self._graphs, result.stream
@@ -339,7 +349,9 @@ class DispatcherService:
 
             if keepalive is not None:
                 keepalive.hold()
-            relay = StreamRelay(self.nc, opened, req.stream_subject, req.timeout_s, on_finish=finished)
+            relay = StreamRelay(
+                self.nc, opened, req.stream_subject, req.timeout_s, on_finish=finished, tail=result.tail
+            )
             task = asyncio.create_task(relay.run(), name=f"relay-{req.request_id}")
             self._track(self._relays, task)
             if self._cancels is not None:

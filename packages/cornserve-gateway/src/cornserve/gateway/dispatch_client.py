@@ -379,9 +379,16 @@ class _Graph:
     retried: bool = False
 
     @property
+    def stream_position(self) -> int | None:
+        """The invocation whose output streams (the graph's result; at most one), or None."""
+        return next(
+            (i for i, inv in enumerate(self.invocations) if isinstance(inv.task_output, Stream)), None
+        )
+
+    @property
     def streaming(self) -> bool:
-        """Whether the last invocation streams."""
-        return isinstance(self.invocations[-1].task_output, Stream)
+        """Whether an invocation streams."""
+        return self.stream_position is not None
 
     def use_retry(self) -> bool:
         """Use up the one retry: refresh every forward id; False if it was already used."""
@@ -614,11 +621,11 @@ class DispatcherClient:
                 error="bad_reply",
             )
         outputs: list[TaskOutput] = []
-        last = len(invocations) - 1
+        streamed = graph.stream_position
         for position, (inv, data) in enumerate(zip(invocations, reply.outputs, strict=True)):
             name = inv.task.display_name()
             output_cls = inv.task.output_cls()
-            if position == last and graph.streaming:
+            if position == streamed:
                 retry: StreamRetry | None = (
                     functools.partial(self._resend_for_stream, graph) if graph.use_retry() else None
                 )

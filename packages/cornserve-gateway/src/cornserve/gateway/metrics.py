@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncGenerator, Callable, Iterable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from aiohttp import web
 from prometheus_client import REGISTRY, Counter, Histogram
@@ -67,13 +67,6 @@ it, for the app's own invoke route and /v1/chat/completions alike): such request
 T = TypeVar("T")
 
 
-def route_of(request: web.Request) -> str:
-    """The route template a request matched ("unmatched" for 404/405: raw paths are unbounded)."""
-    info = request.match_info
-    resource = info.route.resource if info.http_exception is None else None
-    return resource.canonical if resource is not None else "unmatched"
-
-
 def count_stream_error(app: str) -> None:
     """Count a stream of `app` that ended with an error event (its status was already 200)."""
     APP_STREAM_ERRORS.labels(app=app).inc()
@@ -85,26 +78,13 @@ def observe_app(app: str, status: int, seconds: float) -> None:
     APP_SECONDS.labels(app=app).observe(seconds)
 
 
-@web.middleware
-async def metrics_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Count and time every request (outermost: it sees the status the client got, errors included)."""
-    started = time.monotonic()
-    status = 500
-    try:
-        response: web.StreamResponse = await handler(request)
-        status = response.status
-        return response
-    except web.HTTPException as exc:
-        status = exc.status
-        raise
-    finally:
-        elapsed = time.monotonic() - started
-        route = route_of(request)
-        HTTP_REQUESTS.labels(route=route, method=request.method, status=str(status)).inc()
-        HTTP_SECONDS.labels(route=route, method=request.method).observe(elapsed)
-        app = request.get(APP_NAME_KEY)
-        if isinstance(app, str):
-            observe_app(app, status, elapsed)
+def observe_request(request: web.Request, route: str, status: int, seconds: float) -> None:
+    """Count and time one finished request, and the app invocation it was (the observing middleware's hook)."""
+    HTTP_REQUESTS.labels(route=route, method=request.method, status=str(status)).inc()
+    HTTP_SECONDS.labels(route=route, method=request.method).observe(seconds)
+    app = request.get(APP_NAME_KEY)
+    if isinstance(app, str):
+        observe_app(app, status, seconds)
 
 
 async def timed_stream(app: str, arrived: float, items: AsyncGenerator[T, None]) -> AsyncGenerator[T, None]:

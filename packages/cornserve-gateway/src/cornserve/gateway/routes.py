@@ -47,7 +47,6 @@ from cornserve.gateway.driver import first_item, parse_request, run_streaming, r
 from cornserve.gateway.errors import HTTPError, is_openai_path, to_http_error
 from cornserve.gateway.metrics import (
     count_stream_error,
-    metrics_middleware,
     timed_stream,
     watch_admission,
 )
@@ -56,7 +55,7 @@ from cornserve.gateway.openapi import openapi_document
 from cornserve.gateway.route_table import ROUTES
 from cornserve.gateway.sessions import SessionRegistry, redact_path
 from cornserve.gateway.streaming import StreamWriter, wants_sse
-from cornserve.gateway.tracing import tracing_middleware
+from cornserve.gateway.tracing import observing_middleware
 from cornserve.runtime.logging import set_request_id
 from cornserve.runtime.metrics import metrics_route
 from cornserve.task import ClassKey, GraphRunner, Stream, TaskInvocation, TaskOutput
@@ -148,8 +147,7 @@ class Gateway:
         """
         app = web.Application(
             middlewares=[
-                tracing_middleware,
-                metrics_middleware,
+                observing_middleware(),
                 error_middleware,
                 auth_middleware(credentials),
             ],
@@ -253,7 +251,7 @@ class Gateway:
                 "trace_timeout",
                 f"tracing app {app.record.name!r} took longer than {GRAPH_TRACE_TIMEOUT_S:g} s",
             ) from None
-        except (TaskError, ValueError) as exc:  # e.g. serve read an output that only exists when run
+        except (TaskError, ValueError) as exc:  # e.g. a graph breaks a static-graph rule
             raise HTTPError(422, "trace_failed", f"tracing app {app.record.name!r} failed: {exc}") from None
         return reply(
             AppGraph(

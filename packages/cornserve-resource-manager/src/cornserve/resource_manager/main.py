@@ -10,6 +10,7 @@ the task managers to the deployment records (`reconcile`).
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Sequence
@@ -18,9 +19,11 @@ from pathlib import Path
 from typing import ClassVar, Literal
 
 from nats.aio.client import Client
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from cornserve.resource_manager.devices import DeviceInventory, discover_devices
+from cornserve.resource_manager.k8s_pods import KubernetesSettings
+from cornserve.resource_manager.k8s_spawner import KubernetesSpawner, pod_env
 from cornserve.resource_manager.manager import ResourceManager
 from cornserve.resource_manager.service import ResourceManagerService
 from cornserve.resource_manager.spawner import LocalSubprocessSpawner, Spawner
@@ -43,8 +46,13 @@ class ResourceManagerSettings(ServiceSettings):
     """auto: GPUs when present, else CPU slots; cpu: CPU slots even with GPUs."""
     node: str = Field(default="local", min_length=1)
     """Node id of this machine's devices and sidecars."""
-    spawner: Literal["local"] = "local"
-    """How task managers are started."""
+    spawner: Literal["local", "kubernetes"] = "local"
+    """How task managers are started: local processes, or pods through the Kubernetes API."""
+    k8s_settings: Path | None = None
+    """JSON file of the `kubernetes` spawner's settings (namespace, images, node label, secrets, ...;
+    `cornserve.resource_manager.k8s_pods.KubernetesSettings`); none: their defaults."""
+    k8s_kubeconfig: Path | None = None
+    """kubeconfig of the `kubernetes` spawner (default: in-cluster service account, else KUBECONFIG)."""
     log_dir: Path | None = None
     """Task manager and executor logs (default: a new temp dir)."""
     task_manager_nats_creds: Path | None = None
@@ -64,11 +72,43 @@ def make_spawner(
     nats_creds: Path | None = None,
     records_dir: Path | None = None,
     metrics: bool = False,
+    k8s_settings: Path | None = None,
+    k8s_kubeconfig: Path | None = None,
 ) -> Spawner:
-    """The spawner named on the command line; `nats_creds` is the task managers' credentials file."""
+    """The spawner named on the command line; `nats_creds` is the task managers' credentials file.
+
+    The `kubernetes` spawner's pods get their credentials from Secrets its settings name (the
+    local `nats_creds` file is not theirs to read).
+    """
     if name == "local":
         return LocalSubprocessSpawner(log_dir, log_level, nats_creds, records_dir, metrics=metrics)
+    if name == "kubernetes":
+        return KubernetesSpawner(
+            load_k8s_settings(k8s_settings),
+            log_level=log_level,
+            kubeconfig=str(k8s_kubeconfig) if k8s_kubeconfig else None,
+            env=pod_env(os.environ, TASK_MANAGER_PASSED_ENV),
+        )
     raise ValueError(f"unknown spawner {name!r}")
+
+
+TASK_MANAGER_PASSED_ENV = ("CORNSERVE_ALLOW_EXECUTOR_FLAGS", "CORNSERVE_LOG_FORMAT")
+"""Settings a task-manager pod gets from the resource manager's environment (local ones inherit it all)."""
+
+
+def load_k8s_settings(path: Path | None) -> KubernetesSettings:
+    """The `kubernetes` spawner's settings from a JSON file (defaults without one); a clear error if invalid."""
+    if path is None:
+        return KubernetesSettings()
+    try:
+        return KubernetesSettings.model_validate_json(path.read_bytes())
+    except OSError as exc:
+        raise ValueError(f"--k8s-settings {path}: cannot read it: {exc.strerror}") from exc
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or '<file>'}: {e['msg']}" for e in exc.errors(include_url=False)
+        )
+        raise ValueError(f"--k8s-settings {path}: {problems}") from exc
 
 
 @asynccontextmanager
@@ -88,9 +128,17 @@ async def serve(settings: ResourceManagerSettings, nc: Client) -> AsyncIterator[
             settings.task_manager_nats_creds,
             settings.task_manager_dir,
             metrics=settings.task_manager_metrics,
+            k8s_settings=settings.k8s_settings,
+            k8s_kubeconfig=settings.k8s_kubeconfig,
         ),
         reconcile_interval_s=settings.reconcile_interval,
     )
+    spawner = manager.ctx.task_managers.spawner
+    if isinstance(spawner, KubernetesSpawner):
+        # A pod's node and GPU count follow from the devices its executors were given.
+        spawner.devices_of = lambda key: (
+            manager.deployments[key].devices if key in manager.deployments else ()
+        )
     service = ResourceManagerService(
         nc,
         manager,
@@ -110,6 +158,8 @@ async def serve(settings: ResourceManagerSettings, nc: Client) -> AsyncIterator[
     finally:
         await service.stop()
         await manager.close()
+        if isinstance(spawner, KubernetesSpawner):
+            await spawner.close()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -247,6 +247,10 @@ class Reconciler:
         """
         if dep.status is None:
             return
+        if not getattr(self.ctx.task_managers.spawner, "local_processes", True):
+            # Pids of another pod (or host): not this process's to wait for or signal. Such a
+            # spawner's kill returns once the task manager's pod, executors included, is gone.
+            return
         pids = [e.pid for e in dep.status.executors if e.pid is not None]
         grace = self.ctx.task_managers.timeouts.kill_grace_s
         if await wait_for_async(lambda: not any(pid_alive(p) for p in pids), grace, poll_s=0.1):

@@ -1,8 +1,9 @@
 """How task-manager processes come to exist: a `Spawner` interface and the local-subprocess spawner.
 
-Node agents and Kubernetes are later spawners behind the same interface; the resource manager only
-needs to start a task manager, know whether it is still alive, read its log's tail, kill it, and
-list the task managers it started (so that reconciliation finds orphans and duplicates).
+The `kubernetes` spawner (`k8s_spawner.py`: task managers as pods) is another one behind the same
+interface; the resource manager only needs to start a task manager, know whether it is still alive,
+read its log's tail, kill it, and list the task managers it started (so that reconciliation finds
+orphans and duplicates).
 
 Task managers outlive the resource manager on purpose (a restarted one adopts them), so the local
 spawner records each one it starts or adopts in a directory of process records

@@ -5,8 +5,8 @@ process's default registry (one service per process, so no two define the same n
 serve HTTP answer ``GET /metrics`` on their own port (`exposition` renders the page); processes that
 only speak NATS (resource manager, task managers, dispatchers, sidecars) serve the same page on a
 separate loopback port when their ``--metrics-port`` is set (`MetricsPort`, prometheus-client's own
-threaded server: scrapes never touch the service's event loop). With no port set nothing is opened
-and the only cost is the counters themselves.
+threaded server; a collector that reads state the event loop mutates reads it through
+`read_on_loop`). With no port set nothing is opened and the only cost is the counters themselves.
 
 Why prometheus-client rather than OpenTelemetry metrics: the issue asks for the Prometheus format,
 prometheus-client is the format's reference implementation, and its text parser checks our output.
@@ -14,11 +14,14 @@ prometheus-client is the format's reference implementation, and its text parser 
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import logging
 import threading
+from collections.abc import Callable
 from contextvars import ContextVar, Token
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest, start_http_server
@@ -41,6 +44,11 @@ STEP_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.
 """Histogram buckets (seconds) for the time between two streamed items (a decode step and its relay)."""
 
 
+SCRAPE_READ_TIMEOUT_S = 5.0
+"""How long a scrape waits for the event loop to read a service's state (a blocked loop fails the scrape)."""
+
+T = TypeVar("T")
+
 _metrics_url: ContextVar[str | None] = ContextVar("cornserve_metrics_url", default=None)
 
 
@@ -62,6 +70,43 @@ async def metrics_route(request: web.Request) -> web.Response:
     response = web.Response(body=body)
     response.headers["Content-Type"] = content_type
     return response
+
+
+def read_on_loop(source: Callable[[], T], timeout_s: float = SCRAPE_READ_TIMEOUT_S) -> Callable[[], T]:
+    """`source` made safe for a collector: it always runs on the event loop running now.
+
+    `MetricsPort` scrapes on prometheus-client's own thread, while the service's state (dicts the
+    loop mutates) lives on the loop: reading it from the scrape thread could see a dict change size
+    mid-iteration and fail the scrape. The returned reader runs `source` directly when called on the
+    loop (an aiohttp ``/metrics`` route) and otherwise hands it to the loop and waits `timeout_s`.
+    """
+    loop = asyncio.get_running_loop()
+
+    def read() -> T:
+        try:
+            current = asyncio.get_running_loop()
+        except RuntimeError:
+            current = None
+        if current is loop:
+            return source()
+        result: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def run() -> None:
+            if not result.set_running_or_notify_cancel():
+                return
+            try:
+                result.set_result(source())
+            except Exception as exc:  # handed to the scrape thread, which raises it
+                result.set_exception(exc)
+
+        loop.call_soon_threadsafe(run)
+        try:
+            return result.result(timeout=timeout_s)
+        except concurrent.futures.TimeoutError:
+            result.cancel()
+            raise TimeoutError(f"the event loop did not answer a metrics read within {timeout_s} s") from None
+
+    return read
 
 
 def child_environment(env: dict[str, str]) -> dict[str, str]:

@@ -78,6 +78,14 @@ REPLY_MARGIN_S = 5.0
 """Extra time a NATS request waits beyond the server-side deadline, so the server's typed error wins."""
 
 
+@dataclass
+class _ReleaseWatch:
+    """Released chunks of one watched id, and an event set whenever one more is released."""
+
+    released: set[int]
+    changed: asyncio.Event
+
+
 @dataclass(frozen=True)
 class _Region:
     instance: str
@@ -120,6 +128,8 @@ class Sidecar:
         self._nccl_locks: dict[int, asyncio.Lock] = {}
         self._nccl_recvd: dict[tuple[str, int], torch.Tensor] = {}
         self._pull_sub: Any = None
+        self._watched: dict[str, _ReleaseWatch] = {}
+        """Ids whose chunk releases a stream writer waits for (`watch_releases`)."""
         self._gpu_tasks = BackgroundTasks(logger, "NCCL send")
         self._closed = False
 
@@ -279,15 +289,18 @@ class Sidecar:
         num_chunks: int | None = 1,
         *,
         timeout: float | None = None,
+        notify_released: bool = False,
     ) -> None:
         """Send ``data`` as chunk ``chunk_id`` of ``id`` to every rank of every group in ``dst_ranks``.
 
         ``num_chunks=None`` starts a stream of unknown length; end it with :meth:`close_stream`.
         Returns once every destination sidecar has the chunk; waits for arena space up to ``timeout``.
+        ``notify_released`` has the server announce when every destination is done with the chunk
+        (see :meth:`wait_released`).
         """
         attributes = {"cornserve.sidecar.chunk_id": chunk_id}
         with client_span("sidecar.send", attributes):
-            await self._send(data, id, dst_ranks, chunk_id, num_chunks, timeout)
+            await self._send(data, id, dst_ranks, chunk_id, num_chunks, timeout, notify_released)
 
     async def _send(
         self,
@@ -297,13 +310,14 @@ class Sidecar:
         chunk_id: int,
         num_chunks: int | None,
         timeout: float | None,
+        notify_released: bool = False,
     ) -> None:
         id_, timeout = id, timeout or self.timeout
         await self._connect()
         assert self._info is not None
         _check_destinations(id_, dst_ranks, chunk_id, num_chunks)
         if isinstance(data, torch.Tensor) and data.device.type == "cuda":
-            await self._send_cuda(data, id_, dst_ranks, chunk_id, num_chunks, timeout)
+            await self._send_cuda(data, id_, dst_ranks, chunk_id, num_chunks, timeout, notify_released)
             return
         region = self._zero_copy_region(data)
         encoded = None
@@ -349,6 +363,7 @@ class Sidecar:
             instance=region.instance,
             location=location,
             timeout=timeout,
+            notify_released=notify_released,
         )
         await self._call(SidecarVerb.SEND, msg, SidecarAck, timeout + REPLY_MARGIN_S)
 
@@ -375,6 +390,7 @@ class Sidecar:
         chunk_id: int,
         num_chunks: int | None,
         timeout: float,
+        notify_released: bool = False,
     ) -> None:
         assert self._info is not None
         gpu.require_gpu()
@@ -407,6 +423,7 @@ class Sidecar:
             instance=self._info.instance,
             location=location,
             timeout=timeout,
+            notify_released=notify_released,
         )
         try:
             await self._call(SidecarVerb.SEND, msg, SidecarAck, timeout + REPLY_MARGIN_S)
@@ -509,6 +526,45 @@ class Sidecar:
         event = ReleasedEvent.model_validate_json(msg.data)
         for key in event.keys:
             self._gpu_hold.pop((key.id, key.chunk_id), None)
+            watch = self._watched.get(key.id)
+            if watch is not None:
+                watch.released.add(key.chunk_id)
+                watch.changed.set()
+
+    # ------------------------------------------------------------------ release notifications
+
+    @on_owner_loop
+    async def watch_releases(self, id: str) -> None:
+        """Start recording releases of ``id``'s chunks sent with ``notify_released`` (before sending them)."""
+        await self._connect()
+        self._watched.setdefault(id, _ReleaseWatch(released=set(), changed=asyncio.Event()))
+
+    @on_owner_loop
+    async def wait_released(self, id: str, chunk_id: int, timeout: float | None = None) -> None:
+        """Wait until every destination is done with chunk ``chunk_id`` of a watched ``id``.
+
+        Raises :class:`SidecarTimeout` at the deadline (a consumer that stopped reading).
+        """
+        watch = self._watched.get(id)
+        if watch is None:
+            raise BadRequest(f"id {id!r} is not watched: call watch_releases before sending its chunks")
+        t = timeout or self.timeout
+        try:
+            async with asyncio.timeout(t):
+                while chunk_id not in watch.released:
+                    watch.changed.clear()
+                    await watch.changed.wait()
+        except TimeoutError:
+            raise SidecarTimeout(
+                f"the consumers of {id!r} did not release chunk {chunk_id} within {t:.3f}s "
+                f"(sidecar rank {self.rank})"
+            ) from None
+        watch.released.discard(chunk_id)
+
+    @on_owner_loop
+    async def unwatch_releases(self, id: str) -> None:
+        """Stop recording releases of ``id`` (a finished or abandoned stream)."""
+        self._watched.pop(id, None)
 
     @on_owner_loop
     async def close_stream(
@@ -593,6 +649,9 @@ class Sidecar:
     free_tensor_sync = blocking(free_tensor)
     send_sync = blocking(send)
     close_stream_sync = blocking(close_stream)
+    watch_releases_sync = blocking(watch_releases)
+    wait_released_sync = blocking(wait_released)
+    unwatch_releases_sync = blocking(unwatch_releases)
     recv_sync = blocking(recv)
     mark_done_sync = blocking(mark_done)
     stats_sync = blocking(stats)

@@ -89,7 +89,7 @@ class Dropper:
             held = self.holdings.held.pop(key)
             if held.offset is not None:
                 self.memory.free(held.offset)
-            if held.gpu:
+            if held.announces:
                 self.holdings.announce_released([key])
             freed += 1
         self.outbox.streams.pop(id_, None)

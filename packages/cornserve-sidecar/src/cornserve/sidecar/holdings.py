@@ -37,6 +37,13 @@ class Held:
     released: set[int] = field(default_factory=set)
     """Ranks that already released (a fast consumer's release can overtake our TCP bookkeeping)."""
     created: float = field(default_factory=time.monotonic)
+    notify: bool = False
+    """The producer asked to hear when the chunk is released (`SendRequest.notify_released`)."""
+
+    @property
+    def announces(self) -> bool:
+        """Whether its release is published (`ReleasedEvent`): GPU chunks and notify requests."""
+        return self.gpu or self.notify
 
 
 @dataclass
@@ -59,8 +66,9 @@ class Holdings:
             held.offset = None
         if not held.pending_local and not held.pending_remote:
             del self.held[key]
-            if held.gpu:
-                # The producer's client keeps the GPU tensor alive until it hears this.
+            if held.announces:
+                # The producer's client keeps the GPU tensor alive (or its stream window open) until
+                # it hears this.
                 self.announce_released([key])
 
     def announce_released(self, keys: list[ChunkKey]) -> None:

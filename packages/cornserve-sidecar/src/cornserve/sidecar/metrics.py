@@ -3,7 +3,8 @@
 Served on the server's ``--metrics-port``. `path` says how a chunk reached one destination: `shm`
 (same node, the bytes stay in this arena), `cuda_ipc` (same node, a GPU handle), `tcp` (across nodes,
 the bytes streamed into the peer's arena) or `nccl` (across nodes, announced for a GPU pull).
-Arena figures are read from the server at scrape time, under no lock: they are one scrape's snapshot.
+Arena figures are read from the server at scrape time, on its event loop (`read_on_loop`: the scrape
+thread never iterates the server's dicts): they are one scrape's snapshot.
 """
 
 from __future__ import annotations

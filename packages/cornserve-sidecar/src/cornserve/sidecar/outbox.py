@@ -100,7 +100,12 @@ class Outbox:
             raise
         if offset is not None:
             self.memory.take_unsent(offset)
-        held = Held(offset=offset, gpu=loc.transport == "cuda_ipc", dsts={p.rank for p in peers})
+        held = Held(
+            offset=offset,
+            gpu=loc.transport == "cuda_ipc",
+            dsts={p.rank for p in peers},
+            notify=req.notify_released,
+        )
         self.holdings.held[key] = held
         if req.num_chunks is None:
             self.streams[req.id] = (req.dst_ranks, time.monotonic())  # refreshed by every chunk

@@ -111,6 +111,8 @@ class Reaper:
             if held.offset is None and not held.pending_local and not held.gpu:
                 # Only a record that TCP destinations have not finished yet: no memory is involved.
                 del held_by_key[key]
+                if held.notify:
+                    self.holdings.announce_released([key])
                 continue
             self._unclaimed(
                 "sent", key[0], key[1], f" by ranks {sorted(held.pending_local | held.pending_remote)}"
@@ -120,7 +122,7 @@ class Reaper:
             del held_by_key[key]  # first: an entry whose free fails is not retried at every sweep
             if held.offset is not None:
                 self.memory.free(held.offset)
-            if held.gpu:
+            if held.announces:
                 self.holdings.announce_released([key])
             self.counters.expired_total += 1
         for rank, keys in notices.items():

@@ -57,6 +57,7 @@ from cornserve.bus.subjects import (
     SidecarVerb,
     sidecar_subject,
 )
+from cornserve.runtime.metrics import read_on_loop
 from cornserve.runtime.nats import NatsAuthError, connect_nats
 from cornserve.runtime.natscreds import NatsCredentialsError
 from cornserve.runtime.natsstop import current_budget, nats_step
@@ -162,7 +163,7 @@ class SidecarServer:
             logger.warning("removed arenas of crashed instances: %s", removed)
         arena = Arena(arena_name(self.me.node, self.rank, self.instance), self.memory.size)
         self.memory.open(arena)
-        watch_arena(self.stats)
+        watch_arena(read_on_loop(self.stats))
         if self.me.prefault:
             arena.prefault()
         if key is None:

@@ -16,7 +16,8 @@ from cornserve.bus.control import DeviceInfo, ExecutorInfo, ExecutorState
 from cornserve.runtime.metrics import child_environment
 from cornserve.runtime.process import ProcessGroup, free_port, log_tail
 from cornserve.runtime.settings import NATS_CREDS_ENV, NATS_URL_ENV
-from cornserve.task import Device, ExecutorLaunchSpec, ExecutorPlacement, UnitTask
+from cornserve.task import ExecutorLaunchSpec, ExecutorPlacement, UnitTask
+from cornserve.task_manager.devices import DeviceMapError, executor_devices
 
 EXECUTOR_NATS_CREDS_ENV = "CORNSERVE_EXECUTOR_NATS_CREDS"
 """The task manager's setting naming the executors' credentials file (`TaskManagerSettings`)."""
@@ -86,11 +87,15 @@ class ManagedExecutor:
     def launch(self, task: UnitTask[Any, Any], nats_url: str) -> float:
         """Start the process on a fresh port; returns the descriptor's readiness timeout."""
         port = free_port(HOST)
+        try:
+            devices = executor_devices(self.devices)
+        except DeviceMapError as exc:
+            raise ExecutorStartError(f"executor {self.executor_id}: {exc}") from exc
         placement = ExecutorPlacement(
             executor_id=self.executor_id,
             host=HOST,
             port=port,
-            devices=[Device(kind=d.kind, index=d.index) for d in self.devices],
+            devices=devices,
             sidecar_ranks=self.sidecar_ranks,
             nats_url=nats_url,
         )

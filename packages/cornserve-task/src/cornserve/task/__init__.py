@@ -29,6 +29,7 @@ from cornserve.task.errors import (
     TaskExecutionError,
     TaskRegistryError,
     TaskSerializationError,
+    TracedOutputError,
     UnmaterializedDataError,
 )
 from cornserve.task.forward import DataForward, Tensor, Unmaterialized
@@ -77,6 +78,7 @@ __all__ = [
     "TaskRegistryError",
     "TaskSerializationError",
     "Tensor",
+    "TracedOutputError",
     "TracingRunner",
     "UnitTask",
     "Unmaterialized",

@@ -282,6 +282,16 @@ class UnitTask(Task[InputT, OutputT]):
     def validate_input(self, task_input: InputT) -> None:
         """Check an input against this task's configuration; raise InvalidTaskInputError if wrong."""
 
+    def traced_output(self, task_input: InputT) -> OutputT | None:
+        """A stand-in output for traces (`cornserve graph`), or None (the default).
+
+        Tracing executes nothing, so an app's `serve` that reads a value output (e.g. a completion's
+        text, to build its next graph) stops there. A task whose output has a harmless, obviously
+        fake form (`LLMCompletionTask`: a completion saying it was traced) may return it, so the
+        trace goes on to the graphs that follow.
+        """
+        return None
+
 
 def discover_unit_tasks(tasks: Iterable[Task[Any, Any]]) -> list[UnitTask[Any, Any]]:
     """Flatten a tree of tasks into its distinct unit tasks (by deployment key), in discovery order."""

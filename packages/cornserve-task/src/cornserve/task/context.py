@@ -27,7 +27,7 @@ from cornserve.task.generics import generic_origin
 from cornserve.task.invocation import TaskInvocation
 from cornserve.task.io_models import TaskInput, TaskOutput
 from cornserve.task.nested import nested_values
-from cornserve.task.stream import Stream
+from cornserve.task.stream import Stream, is_stream_forward
 
 if TYPE_CHECKING:
     from cornserve.task.base import Task, UnitTask
@@ -79,11 +79,18 @@ class TaskContext:
 
     def _record(self, task: UnitTask[Any, Any], task_input: TaskInput) -> TaskOutput:
         position = len(self.invocations)
-        for leaf in nested_values(task_input, opaque=(DataForward,)):
+        for leaf in nested_values(task_input, opaque=(DataForward, Stream)):
             if isinstance(leaf, Unmaterialized):
                 raise UnmaterializedDataError(
                     f"{leaf!r} was passed into the input of {task.display_name()} at position {position}; "
                     "only DataForwards may carry one task's output into another task's input"
+                )
+            if isinstance(leaf, Stream):
+                raise StaticGraphError(
+                    f"{task.display_name()} at position {position} takes the Stream produced by "
+                    f"{leaf.handle.producer} in its input; a Stream output is relayed to the caller only. "
+                    "To stream data from one task into another, give the producer a DataForward[Stream[T]] "
+                    "output and pass that forward to the consumer"
                 )
         task.validate_input(task_input)
         output: TaskOutput = task.make_output_placeholder(task_input)
@@ -94,6 +101,7 @@ class TaskContext:
             )
         if isinstance(output, Stream) and output.is_placeholder:
             output.handle.producer = f"{task.display_name()} at position {position}"
+            output.handle.position = position
         self.invocations.append(TaskInvocation(task=task, task_input=task_input, task_output=output))
         return output
 
@@ -134,15 +142,21 @@ class TaskContext:
                 f"{self.root.display_name()}.invoke() returned {type(result).__name__}, "
                 f"not its declared output {self.root.output_cls().__name__}"
             )
-        last = len(self.invocations) - 1
+        result_streams = {
+            leaf.handle.position
+            for leaf in nested_values(result, opaque=(DataForward, Stream))
+            if isinstance(leaf, Stream)
+        }
+        streaming = [i for i, inv in enumerate(self.invocations) if isinstance(inv.task_output, Stream)]
         producers: dict[str, int] = {}
-        consumed: set[str] = set()
+        consumers: dict[str, list[int]] = {}
         for position, inv in enumerate(self.invocations):
             name = inv.task.display_name()
-            if isinstance(inv.task_output, Stream) and position != last:
+            if isinstance(inv.task_output, Stream) and position not in result_streams:
                 raise StaticGraphError(
-                    f"{name} at position {position} produces a Stream, but only the graph's last invocation "
-                    f"may stream ({last - position} invocation(s) follow it)"
+                    f"{name} at position {position} produces a Stream that is not the graph's result; "
+                    "a Stream output is relayed to the caller, so it must be what the graph returns. To "
+                    "stream data into another task, give the producer a DataForward[Stream[T]] output"
                 )
             for fwd in iter_forwards(inv.task_input):
                 if fwd.id not in producers:
@@ -151,17 +165,43 @@ class TaskContext:
                         "this graph produced. Forwarded data only travels within one `await task(...)` call: "
                         "compose the producer and the consumer in one composite task"
                     )
-                consumed.add(fwd.id)
+                seen = consumers.setdefault(fwd.id, [])
+                if position not in seen:
+                    seen.append(position)
             for fwd in iter_forwards(inv.task_output):
                 producers[fwd.id] = position
+        if len(streaming) > 1:
+            names = ", ".join(f"{self.invocations[i].task.display_name()} at position {i}" for i in streaming)
+            raise StaticGraphError(
+                f"{len(streaming)} invocations stream their output ({names}), but one graph relays one "
+                "stream to the caller; make the others answer with a value (e.g. LLMCompletionTask) or "
+                "call them in separate `await`s"
+            )
         returned = {fwd.id for fwd in iter_forwards(result)}
         for fid, position in producers.items():
-            if fid not in consumed and fid not in returned:
-                inv = self.invocations[position]
-                data_type = next(f.data_type for f in iter_forwards(inv.task_output) if f.id == fid)
+            inv = self.invocations[position]
+            fwd = next(f for f in iter_forwards(inv.task_output) if f.id == fid)
+            where = f"DataForward {fid} ({fwd.data_type}) produced by {inv.task.display_name()} at position {position}"
+            readers = consumers.get(fid, [])
+            if is_stream_forward(fwd):
+                if not readers:
+                    what = "returned but consumed by no task" if fid in returned else "consumed by no task"
+                    raise StaticGraphError(
+                        f"{where} is a stream {what}; a stream forward travels chunk by chunk to exactly "
+                        "one consuming task of the same graph"
+                    )
+                if len(readers) > 1:
+                    names = ", ".join(
+                        f"{self.invocations[r].task.display_name()} at position {r}" for r in readers
+                    )
+                    raise StaticGraphError(
+                        f"{where} is a stream consumed by {len(readers)} tasks ({names}); a stream forward "
+                        "has exactly one consumer (produce one stream forward per consumer)"
+                    )
+                continue
+            if not readers and fid not in returned:
                 raise StaticGraphError(
-                    f"DataForward {fid} ({data_type}) produced by {inv.task.display_name()} at position "
-                    f"{position} is neither consumed by another task nor returned; every forwarded value "
+                    f"{where} is neither consumed by another task nor returned; every forwarded value "
                     "needs a destination"
                 )
 

@@ -42,8 +42,9 @@ class StaticGraphError(TaskError):
     """A rule of the static-graph model was broken.
 
     The execution DAG must be fully determined by the request: replay must make exactly the
-    recorded invocations, intermediate data cannot be inspected while recording, only the last
-    invocation may stream, and every forwarded value must be consumed or returned.
+    recorded invocations, intermediate data cannot be inspected while recording, a `Stream` output
+    must be the graph's result, every stream forward (`DataForward[Stream[T]]`) has exactly one
+    consumer, and every other forwarded value must be consumed or returned.
     """
 
 
@@ -52,6 +53,14 @@ class UnmaterializedDataError(StaticGraphError):
 
     While a graph is being recorded, task outputs are placeholders; and `DataForward` contents never
     reach the app driver at all (they travel executor to executor through the sidecar).
+    """
+
+
+class TracedOutputError(UnmaterializedDataError):
+    """An app's `serve` used a value output of a graph that was only traced (`TracingRunner`).
+
+    Not a mistake of the app: tracing executes nothing, so whatever `serve` does with real outputs
+    (e.g. a second graph built from the first one's text) cannot be traced past this point.
     """
 
 

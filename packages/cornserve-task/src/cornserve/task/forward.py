@@ -92,7 +92,11 @@ class Unmaterialized:
         self._field = field
 
     def _refuse(self, *args: Any, **kwargs: Any) -> NoReturn:
-        raise UnmaterializedDataError(
+        raise self._error()
+
+    def _error(self) -> UnmaterializedDataError:
+        """What using it raises (a traced output says something else: `cornserve.task.local`)."""
+        return UnmaterializedDataError(
             f"Output field {self._field!r} of {self._task_name} was used while recording the task graph, "
             "before it exists. The graph must be determined by the request alone: do not branch on or "
             "compute with task outputs inside invoke(); only pass DataForwards on to other tasks."

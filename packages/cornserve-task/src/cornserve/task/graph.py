@@ -8,7 +8,8 @@ from typing import Any
 
 from cornserve.task.forward import DataForward, iter_forwards
 from cornserve.task.invocation import TaskInvocation
-from cornserve.task.stream import Stream
+from cornserve.task.nested import nested_values
+from cornserve.task.stream import Stream, is_stream_forward
 
 
 def forward_edges(invocations: Sequence[TaskInvocation]) -> list[tuple[int, int, str]]:
@@ -60,10 +61,16 @@ def _label(inv: TaskInvocation) -> str:
 
 @dataclass
 class TaskGraph:
-    """A recorded graph: invocations in call order, and the forward edges between them."""
+    """A recorded graph: invocations in call order, and the forward edges between them.
+
+    In the pictures a dashed arrow is a stream: a stream forward (`DataForward[Stream[T]]`) between
+    two tasks, or the streamed result going to the caller (`output`).
+    """
 
     invocations: list[TaskInvocation]
     output: Any = None
+    note: str = ""
+    """Said with the picture (e.g. that tracing stopped after this graph: `cornserve.app.trace_app`)."""
     edges: list[tuple[int, int, str]] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -78,7 +85,7 @@ class TaskGraph:
             for fwd in iter_forwards(inv.task_output)
             if fwd.id in returned_ids
         ]
-        return found, isinstance(self.output, Stream)
+        return found, self.stream_position() is not None
 
     def _data_type(self, fid: str) -> str:
         for inv in self.invocations:
@@ -87,13 +94,34 @@ class TaskGraph:
                     return fwd.data_type
         return "?"
 
+    def _streams(self, fid: str) -> bool:
+        return any(
+            fwd.id == fid and is_stream_forward(fwd)
+            for inv in self.invocations
+            for fwd in iter_forwards(inv.task_output)
+        )
+
+    def stream_position(self) -> int | None:
+        """The invocation whose streamed output is the graph's result (None if it does not stream)."""
+        streams = [
+            leaf
+            for leaf in nested_values(self.output, opaque=(DataForward, Stream))
+            if isinstance(leaf, Stream)
+        ]
+        if not streams:
+            return None
+        if streams[0].handle.position is not None:
+            return streams[0].handle.position
+        found = [i for i, inv in enumerate(self.invocations) if isinstance(inv.task_output, Stream)]
+        return found[-1] if found else None
+
     def _picture(self) -> tuple[list[tuple[str, str]], list[tuple[str, str, str, bool]]]:
         """The drawing both renderers share: nodes (id, label) and arrows (src, dst, label, dashed)."""
         nodes = [
             (f"t{position}", f"{position}: {_label(inv)}") for position, inv in enumerate(self.invocations)
         ]
         arrows = [
-            (f"t{producer}", f"t{consumer}", f"{self._data_type(fid)} {fid[:8]}", False)
+            (f"t{producer}", f"t{consumer}", f"{self._data_type(fid)} {fid[:8]}", self._streams(fid))
             for producer, consumer, fid in self.edges
         ]
         returned, streams = self._returned()
@@ -102,8 +130,9 @@ class TaskGraph:
         arrows += [
             (f"t{producer}", "out", f"{self._data_type(fid)} {fid[:8]}", False) for producer, fid in returned
         ]
-        if streams and self.invocations:
-            arrows.append((f"t{len(self.invocations) - 1}", "out", "stream", True))
+        position = self.stream_position()
+        if streams and position is not None:
+            arrows.append((f"t{position}", "out", "stream", True))
         return nodes, arrows
 
     def to_mermaid(self) -> str:
@@ -112,6 +141,7 @@ class TaskGraph:
         lines = ["flowchart LR"]
         lines += [f'    {n}(["{label}"])' if n == "out" else f'    {n}["{label}"]' for n, label in nodes]
         lines += [f"    {a} {'-.->' if dashed else '-->'}|{label}| {b}" for a, b, label, dashed in arrows]
+        lines += [f"    %% {line}" for line in self.note.splitlines()]
         return "\n".join(lines) + "\n"
 
     def to_dot(self) -> str:
@@ -128,6 +158,7 @@ class TaskGraph:
             else f'    {a} -> {b} [label="{label}"];'
             for a, b, label, dashed in arrows
         ]
+        lines += [f"    // {line}" for line in self.note.splitlines()]
         lines.append("}")
         return "\n".join(lines) + "\n"
 
@@ -135,14 +166,21 @@ class TaskGraph:
         """A plain-text listing: each invocation with the forwards it consumes and produces."""
         lines = []
         for position, inv in enumerate(self.invocations):
-            consumes = [f.id[:8] for f in iter_forwards(inv.task_input)]
-            produces = [f.id[:8] for f in iter_forwards(inv.task_output)]
+            consumes = [_short(f) for f in iter_forwards(inv.task_input)]
+            produces = [_short(f) for f in iter_forwards(inv.task_output)]
             kind = "output streams" if isinstance(inv.task_output, Stream) else "output is a value"
             lines.append(
                 f"[{position}] {_label(inv)}  key={inv.task.deployment_key}\n"
                 f"      consumes: {', '.join(consumes) or '-'}   produces: {', '.join(produces) or '-'} ({kind})"
             )
+        if self.note:
+            lines.append(f"note: {self.note}")
         return "\n".join(lines) + "\n"
+
+
+def _short(fwd: DataForward[Any]) -> str:
+    """A forward in listings: its id's start, marked when it is a stream forward."""
+    return f"{fwd.id[:8]} (stream)" if is_stream_forward(fwd) else fwd.id[:8]
 
 
 def all_forwards(invocations: Sequence[TaskInvocation]) -> dict[str, DataForward[Any]]:

@@ -16,7 +16,8 @@ from pydantic import TypeAdapter
 
 from cornserve.task.base import UnitTask
 from cornserve.task.descriptor import ExecutorRequest
-from cornserve.task.errors import TaskExecutionError
+from cornserve.task.errors import TaskExecutionError, TracedOutputError, UnmaterializedDataError
+from cornserve.task.forward import Unmaterialized
 from cornserve.task.graph import wire_forwards
 from cornserve.task.invocation import TaskInvocation
 from cornserve.task.io_models import TaskOutput
@@ -135,10 +136,24 @@ async def _parse_stream(
         ) from exc
 
 
+class TracedOutput(Unmaterialized):
+    """A value output of a traced graph: using it raises `TracedOutputError` (tracing ends there)."""
+
+    __slots__ = ()
+
+    def _error(self) -> UnmaterializedDataError:
+        return TracedOutputError(
+            f"serve() used output field {self._field!r} of {self._task_name}, which only exists when the "
+            "graph really runs; tracing executes nothing, so it stops here"
+        )
+
+
 class TracingRunner:
     """Executes nothing: keeps each graph it is given and returns the recorded placeholders.
 
-    Streams come back empty. Used to show the graphs an app's `serve` makes for a request.
+    Streams come back empty; value outputs are the task's `traced_output` stand-in if it has one,
+    else their value fields are `TracedOutput`s. Used to show the graphs an app's `serve` makes
+    for a request.
     """
 
     def __init__(self) -> None:
@@ -149,10 +164,21 @@ class TracingRunner:
         self.graphs.append(list(invocations))
         outputs: list[TaskOutput] = []
         for inv in invocations:
-            if isinstance(inv.task_output, Stream):
+            out = inv.task_output
+            if isinstance(out, Stream):
                 outputs.append(Stream.from_iterator(_empty()))
-            else:
-                outputs.append(inv.task_output)
+                continue
+            stand_in = inv.task.traced_output(inv.task_input)
+            if stand_in is not None:
+                outputs.append(stand_in)
+                continue
+            fields: dict[str, Any] = {
+                name: TracedOutput(inv.task.display_name(), name)
+                if isinstance(value, Unmaterialized)
+                else value
+                for name, value in ((n, out.__dict__.get(n)) for n in type(out).model_fields)
+            }
+            outputs.append(type(out).model_construct(**fields))
         return outputs
 
 

@@ -24,7 +24,9 @@ class GraphRunner(Protocol):
     """Executes a recorded graph and returns one real output per invocation, in order.
 
     A failure of any invocation must fail the whole call promptly (raise), and the call must not
-    wait without a deadline. Only the last invocation's output may be a `Stream`.
+    wait without a deadline. At most one invocation's output is a `Stream` (the graph's result,
+    at any position); stream forwards (`DataForward[Stream[T]]`) travel between executors and
+    never reach the runner's caller.
     """
 
     async def run_graph(self, invocations: Sequence[TaskInvocation]) -> list[TaskOutput]:

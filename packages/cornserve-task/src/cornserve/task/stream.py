@@ -8,6 +8,7 @@ from typing import Any, Generic, TypeVar
 from pydantic import ConfigDict, Field
 
 from cornserve.task.errors import StaticGraphError, UnmaterializedDataError
+from cornserve.task.forward import DataForward
 from cornserve.task.generics import generic_args, is_unbound
 from cornserve.task.io_models import TaskOutput
 
@@ -22,17 +23,21 @@ class StreamHandle:
     source and the consumed flag in one shared object makes those copies the same stream.
     """
 
-    __slots__ = ("consumed", "producer", "source", "transforms")
+    __slots__ = ("consumed", "position", "producer", "source", "transforms")
 
     def __init__(
         self,
         source: AsyncIterator[Any] | None = None,
         transforms: tuple[Callable[[Any], Any], ...] = (),
         producer: str = "a task",
+        position: int | None = None,
     ) -> None:
         self.source = source
         self.transforms = transforms
         self.producer = producer
+        self.position = position
+        """The recorded invocation that produces it (kept by `transform`), so the static-graph check
+        can tell the graph's result stream from a stream nobody reads."""
         self.consumed = False
 
 
@@ -83,7 +88,10 @@ class Stream(TaskOutput, Generic[ItemT]):
                 raise StaticGraphError(f"the stream produced by {handle.producer} was already consumed")
             handle.consumed = True  # the source now belongs to the new stream
         new = StreamHandle(
-            source=handle.source, transforms=(*handle.transforms, fn), producer=handle.producer
+            source=handle.source,
+            transforms=(*handle.transforms, fn),
+            producer=handle.producer,
+            position=handle.position,
         )
         return Stream[NewItemT](handle=new)
 
@@ -119,3 +127,13 @@ class Stream(TaskOutput, Generic[ItemT]):
         aclose = getattr(source, "aclose", None)
         if aclose is not None:
             await aclose()
+
+
+def is_stream_forward(forward: DataForward[Any]) -> bool:
+    """Whether a forward carries a stream (`DataForward[Stream[T]]`) rather than one value.
+
+    A stream forward travels chunk by chunk through the sidecar: chunk i is item i, and the
+    producer ends it with `close_stream` (docs/tasks.md, "Streams between tasks"). The static-graph
+    check gives every stream forward exactly one consumer.
+    """
+    return forward.data_type == "Stream" or forward.data_type.startswith("Stream[")

@@ -25,7 +25,13 @@ from cornserve.task.builtins.embedding import (
     EmbeddingMeta,
 )
 from cornserve.task.builtins.encoder import EncoderInput, EncoderOutput, EncoderTask, EricDescriptor
-from cornserve.task.builtins.llm import CPULLMDescriptor, LLMTask, OpenAIChatDescriptor, VLLMDescriptor
+from cornserve.task.builtins.llm import (
+    CPULLMDescriptor,
+    LLMCompletionTask,
+    LLMTask,
+    OpenAIChatDescriptor,
+    VLLMDescriptor,
+)
 from cornserve.task.builtins.mllm import MLLMTask
 from cornserve.task.builtins.modality import Modality
 from cornserve.task.builtins.thinker_talker import (
@@ -50,7 +56,7 @@ def register_builtins() -> list[ClassKey]:
     registering them is an explicit step (`cornserve.task` calls it on import) rather than a side
     effect a registry lookup triggers.
     """
-    tasks = [UNIT_TASKS.register(cls) for cls in (EncoderTask, LLMTask)]
+    tasks = [UNIT_TASKS.register(cls) for cls in (EncoderTask, LLMTask, LLMCompletionTask)]
     descriptors = [DESCRIPTORS.register(cls) for cls in (EricDescriptor, VLLMDescriptor, CPULLMDescriptor)]
     tasks += [UNIT_TASKS.register(cls) for cls in (ThinkerTask, TalkerTask)]
     descriptors += [DESCRIPTORS.register(cls) for cls in (CPUThinkerDescriptor, CPUTalkerDescriptor)]
@@ -82,6 +88,7 @@ __all__ = [
     "HiddenStatesTarget",
     "ImageURLPart",
     "InputAudioPart",
+    "LLMCompletionTask",
     "LLMTask",
     "MLLMTask",
     "MediaItem",

@@ -1,4 +1,7 @@
-"""LLMTask: an LLM (optionally multimodal) that streams a chat completion."""
+"""LLMTask: an LLM (optionally multimodal) that streams a chat completion.
+
+`LLMCompletionTask` is the same LLM answering with one whole completion.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +10,16 @@ import sys
 from abc import abstractmethod
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 
 from cornserve.task.base import UnitTask
-from cornserve.task.builtins.chat import ChatCompletionChunk, ChatCompletionRequest
+from cornserve.task.builtins.chat import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    CompletionChoice,
+    CompletionMessage,
+)
 from cornserve.task.builtins.modality import Modality
 from cornserve.task.descriptor import (
     ExecutorLaunchSpec,
@@ -21,6 +30,7 @@ from cornserve.task.descriptor import (
 from cornserve.task.errors import InvalidTaskInputError, TaskExecutionError
 from cornserve.task.executor_flags import ModelId
 from cornserve.task.invocation import TaskInvocation
+from cornserve.task.io_models import TaskOutput
 from cornserve.task.stream import Stream
 
 
@@ -63,20 +73,74 @@ class LLMTask(UnitTask[ChatCompletionRequest, Stream[ChatCompletionChunk]]):
         return "LLMTask[embeddings]" if self.receive_embeddings else "LLMTask"
 
 
+class LLMCompletionTask(LLMTask):
+    """The same LLM as an `LLMTask` of equal configuration, answering with one `ChatCompletion`.
+
+    Its output is a value, not a stream, so it can sit anywhere in a graph (e.g. one of several
+    LLMs answering side by side, or a middle step whose text the app reads before its next call).
+    It shares the deployment of the streaming `LLMTask` with the same configuration (equal
+    `deployment_key`): the executor answers `stream: false` requests too.
+    """
+
+    _streaming: LLMTask | None = PrivateAttr(default=None)
+
+    @classmethod
+    def output_cls(cls) -> type[TaskOutput]:
+        """A whole completion, not a stream of chunks."""
+        return ChatCompletion
+
+    def streaming(self) -> LLMTask:
+        """The streaming `LLMTask` of the same configuration (whose deployment this task uses)."""
+        if self._streaming is None:
+            fields = {name: getattr(self, name) for name in LLMTask.model_fields}
+            self._streaming = LLMTask(**fields)
+        return self._streaming
+
+    @property
+    def deployment_key(self) -> str:
+        """The streaming twin's key: one deployment serves both."""
+        return self.streaming().deployment_key
+
+    def make_output_placeholder(self, task_input: ChatCompletionRequest) -> ChatCompletion:  # type: ignore[override]
+        """Every field of the completion exists only after the graph ran."""
+        return super(LLMTask, self).make_output_placeholder(task_input)  # type: ignore[return-value]
+
+    def traced_output(self, task_input: ChatCompletionRequest) -> ChatCompletion:  # type: ignore[override]
+        """A completion that says it was traced, so tracing an app goes on past reading its text."""
+        text = f"<the answer of {self.display_name()} ({self.model_id}): traced, not generated>"
+        return ChatCompletion(
+            id="traced",
+            created=0,
+            model=self.model_id,
+            choices=[CompletionChoice(message=CompletionMessage(content=text), finish_reason="stop")],
+        )
+
+    def display_name(self) -> str:
+        """E.g. `LLMCompletionTask[embeddings]`."""
+        return "LLMCompletionTask[embeddings]" if self.receive_embeddings else "LLMCompletionTask"
+
+
 class OpenAIChatDescriptor(TaskExecutionDescriptor[LLMTask]):
     """Shared request/stream translation for executors that speak OpenAI's chat-completions API."""
 
     def to_request(self, task: LLMTask, invocation: TaskInvocation) -> ExecutorRequest:
-        """POST /v1/chat/completions, streaming, with usage, and the embedding forwards if any."""
+        """POST /v1/chat/completions with the embedding forwards if any.
+
+        Streaming with usage for an `LLMTask`, one completion for an `LLMCompletionTask`.
+        """
         request = invocation.task_input
         assert isinstance(request, ChatCompletionRequest)
+        streams = not isinstance(task, LLMCompletionTask)
         body = request.openai_body()
         body["model"] = task.model_id
-        body["stream"] = True
-        body["stream_options"] = {"include_usage": True}
+        body["stream"] = streams
+        if streams:
+            body["stream_options"] = {"include_usage": True}
+        else:
+            body.pop("stream_options", None)
         if request.cornserve_embeddings:
             body["cornserve_embeddings"] = [f.model_dump(mode="json") for f in request.cornserve_embeddings]
-        return ExecutorRequest(path="/v1/chat/completions", body=body, stream=True)
+        return ExecutorRequest(path="/v1/chat/completions", body=body, stream=streams)
 
     def from_stream_line(
         self, task: LLMTask, invocation: TaskInvocation, line: str
@@ -95,11 +159,15 @@ class OpenAIChatDescriptor(TaskExecutionDescriptor[LLMTask]):
             raise TaskExecutionError(f"the LLM executor failed: {message}")
         return ChatCompletionChunk.model_validate(payload)
 
-    def from_response(
-        self, task: LLMTask, invocation: TaskInvocation, body: Any
-    ) -> Stream[ChatCompletionChunk]:
-        """LLM responses always stream."""
-        raise TaskExecutionError("LLMTask responses are streamed; a non-streamed response was received")
+    def from_response(self, task: LLMTask, invocation: TaskInvocation, body: Any) -> ChatCompletion:
+        """An `LLMCompletionTask`'s one completion (an `LLMTask`'s response always streams)."""
+        if not isinstance(task, LLMCompletionTask):
+            raise TaskExecutionError("LLMTask responses are streamed; a non-streamed response was received")
+        if isinstance(body, dict) and "error" in body:
+            error = body["error"]
+            message = error.get("message", error) if isinstance(error, dict) else error
+            raise TaskExecutionError(f"the LLM executor failed: {message}")
+        return ChatCompletion.model_validate(body)
 
     @abstractmethod
     def launch_spec(self, task: LLMTask, placement: ExecutorPlacement) -> ExecutorLaunchSpec:
