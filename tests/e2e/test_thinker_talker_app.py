@@ -6,10 +6,10 @@ in-process transformers reference token for token (`cornserve.models.thinker_tal
 `generate` with hidden states, then the talker on them). Its own cluster, so it is marked `slow`.
 
 The order "the talker's first token was made before the thinker finished" is read from events, not
-timings: every sidecar arena of this cluster holds `ARENA_CHUNKS` hidden states
-(`CORNSERVE_ARENA_BYTES`), so the thinker's answer (which waits until every state was sent) cannot
-come before the talker has read all but `ARENA_CHUNKS` of them; the talker's first item says it was
-made after reading only `inputs_received` states, fewer than that, so it came first.
+timings: the thinker sends through a `StreamWriter` with a window of `WINDOW` chunks (one hidden
+state each), so its answer (which waits until every state was sent) cannot come before the talker
+has read all but `WINDOW` of them; the talker's first item says it was made after reading only
+`inputs_received` states, fewer than that, so it came first.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cornserve.cli.launcher import LocalCluster
 from cornserve.models.thinker_talker import chat_prompt_ids, talker_reference, thinker_reference
+from cornserve.task.builtins import ThinkerTask
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -34,9 +35,8 @@ PROMPT = "Describe a cat on a red chair."
 THINKER_TOKENS = 40
 TALKER_MAX_TOKENS = 256
 """What the example gives `ThinkerTalkerTask(talker_max_tokens=...)`."""
-HIDDEN = 64
-ARENA_CHUNKS = 4
-"""Each sidecar's arena holds this many one-token chunks of 64 float32 (the thinker sends one per token)."""
+WINDOW = ThinkerTask.model_fields["stream_window"].default
+"""The example's thinker keeps at most this many chunks (one hidden state each) unread by the talker."""
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,6 @@ def cluster(models: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory)
     with pytest.MonkeyPatch.context() as env:
         env.setenv("CORNSERVE_THINKER_MODEL", str(models[0]))
         env.setenv("CORNSERVE_TALKER_MODEL", str(models[1]))
-        env.setenv("CORNSERVE_ARENA_BYTES", str(ARENA_CHUNKS * HIDDEN * 4))
         with running_local_cluster(tmp_path_factory.mktemp("thinker-talker"), cpu_slots=2) as local:
             yield local
 
@@ -93,6 +92,6 @@ async def test_the_example_app_talks_exactly_like_the_in_process_reference(
     assert [i["index"] for i in items] == list(range(len(items)))
     first = items[0]
     assert not first["inputs_complete"]
-    # The thinker finished only after the talker had read at least N - ARENA_CHUNKS states; the
+    # The thinker could answer only after the talker had read at least N - WINDOW states; the
     # talker's first token was made after reading fewer.
-    assert first["inputs_received"] < len(thinker_tokens) - ARENA_CHUNKS, (first, len(thinker_tokens))
+    assert first["inputs_received"] < len(thinker_tokens) - WINDOW, (first, len(thinker_tokens))

@@ -3,14 +3,15 @@
 The engine hands every token's hidden state (a `[hidden]` float32 row) to the sequence's
 `HiddenStateSender` on the event loop, in token order, without waiting. One background task per
 request groups rows into chunks of `tokens_per_chunk` and sends chunk `i` of the stream forward
-(`num_chunks=None`), so the consumer (a talker) starts on the first token's state while the thinker
-is still generating. `finish` sends the last, shorter chunk and closes the stream with the number
-of chunks; the request's answer waits for it, so a thinker response that ended means every hidden
-state reached the consumer's sidecar.
+(`num_chunks=None`) through a `cornserve.sidecar.streaming.StreamWriter`, so the consumer (a
+talker) starts on the first token's state while the thinker is still generating. `finish` sends
+the last, shorter chunk and closes the stream; the request's answer waits for it, so a thinker
+response that ended means every hidden state reached the consumer's sidecar.
 
-Backpressure: `send` waits for room in this executor's sidecar arena, which holds every chunk until
-the consumer marks it done; so a slow consumer bounds the arena memory the stream takes, while the
-rows not yet sent wait here (at most one per generated token, bounded by `max_tokens`).
+Backpressure: the writer keeps at most `window` chunks outstanding (sent and not yet marked done by
+the consumer), and every chunk also needs room in this executor's sidecar arena until it is
+released; so a slow consumer bounds the stream's arena memory, while the rows not yet sent wait
+here (at most one per generated token, bounded by `max_tokens`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from cornserve.llm_executor.errors import (
 )
 from cornserve.sidecar import Sidecar
 from cornserve.sidecar.errors import SidecarError, SidecarTimeout, SidecarUnavailable
+from cornserve.sidecar.streaming import StreamWriter
 from cornserve.task.builtins.thinker_talker import HiddenStatesTarget
 
 logger = logging.getLogger(__name__)
@@ -48,8 +50,10 @@ class HiddenStateSender:
         self.dst_ranks = forward.dst_sidecar_ranks
         self.tokens_per_chunk = target.tokens_per_chunk
         self.timeout_s = timeout_s
+        self.writer = StreamWriter(
+            sidecar, forward.id, forward.dst_sidecar_ranks, window=target.window, timeout=timeout_s
+        )
         self.rows_pushed = 0
-        self.chunks_sent = 0
         self._pending: list[torch.Tensor] = []
         self._queue: asyncio.Queue[torch.Tensor | None] = asyncio.Queue()
         self._closed = False
@@ -84,32 +88,36 @@ class HiddenStateSender:
     def abort(self) -> None:
         """Stop sending (the request failed or was cancelled); the stream is left unclosed.
 
-        The consumer then fails on its own deadline rather than taking a cut-off stream for a
-        whole one; chunks already sent are freed by the consumer's sidecar TTL or the
-        dispatcher's drop of the given-up graph.
+        The consumer then fails on its own deadline (or at once, when the dispatcher drops the
+        given-up graph's forwards) rather than taking a cut-off stream for a whole one.
         """
         self._closed = True
         self._task.cancel()
 
+    @property
+    def chunks_sent(self) -> int:
+        """Chunks sent so far."""
+        return self.writer.sent
+
+    @property
+    def waits(self) -> int:
+        """Sends that had to wait for the consumer (the window was full)."""
+        return self.writer.waits
+
     async def _run(self) -> None:
         try:
-            while (chunk := await self._queue.get()) is not None:
-                await self.sidecar.send(
-                    chunk.contiguous(),
-                    self.forward_id,
-                    self.dst_ranks,
-                    chunk_id=self.chunks_sent,
-                    num_chunks=None,
-                    timeout=self.timeout_s,
-                )
-                self.chunks_sent += 1
-            await self.sidecar.close_stream(
-                self.forward_id, self.chunks_sent, self.dst_ranks, timeout=self.timeout_s
-            )
+            try:
+                while (chunk := await self._queue.get()) is not None:
+                    await self.writer.send(chunk.contiguous())
+            except BaseException:
+                await asyncio.shield(self.writer.abandon())
+                raise
+            await self.writer.close()
         except (SidecarTimeout, TimeoutError):
             raise EmbeddingTimeout(
                 f"hidden-state chunk {self.chunks_sent} of forward {self.forward_id} could not be sent within "
-                f"{self.timeout_s:.1f}s (is the consumer reading the stream? its sidecar arena may be full)"
+                f"{self.timeout_s:.1f}s (is the consumer reading the stream? the window of "
+                f"{self.writer.window} chunks or the sidecar arena is full)"
             ) from None
         except SidecarUnavailable as exc:
             raise ExecutorUnavailable(f"this executor's sidecar is not reachable: {exc}") from exc

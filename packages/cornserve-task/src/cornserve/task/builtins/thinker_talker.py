@@ -53,6 +53,8 @@ class HiddenStatesTarget(BaseModel):
 
     forward: DataForward[Stream[Tensor]]
     tokens_per_chunk: int = Field(default=1, ge=1, le=1024)
+    window: int = Field(default=16, ge=1, le=4096)
+    """Chunks the thinker may have outstanding (not yet read by the talker) before it waits (`StreamWriter`)."""
 
 
 class EmbedsGenerationRequest(BaseModel):
@@ -113,6 +115,8 @@ class ThinkerTask(UnitTask[ChatCompletionRequest, ThinkerOutput]):
     modalities: list[Modality] = Field(default_factory=list)
     tokens_per_chunk: int = Field(default=1, ge=1, le=1024)
     """Hidden states per sidecar chunk (1: each token's state travels as soon as it exists)."""
+    stream_window: int = Field(default=16, ge=1, le=4096)
+    """Chunks the thinker may send ahead of what the talker has read (backpressure)."""
 
     def validate_input(self, task_input: ChatCompletionRequest) -> None:
         """Media must arrive the way this task is configured to take them (as for `LLMTask`)."""
@@ -219,7 +223,9 @@ class CPUThinkerDescriptor(TaskExecutionDescriptor[ThinkerTask]):
         body.pop("stream_options", None)
         if request.cornserve_embeddings:
             body["cornserve_embeddings"] = [f.model_dump(mode="json") for f in request.cornserve_embeddings]
-        target = HiddenStatesTarget(forward=output.hidden_states, tokens_per_chunk=task.tokens_per_chunk)
+        target = HiddenStatesTarget(
+            forward=output.hidden_states, tokens_per_chunk=task.tokens_per_chunk, window=task.stream_window
+        )
         body[HIDDEN_STATES_FIELD] = target.model_dump(mode="json")
         return ExecutorRequest(path="/v1/chat/completions", body=body)
 
