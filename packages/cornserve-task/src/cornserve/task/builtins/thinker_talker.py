@@ -100,7 +100,7 @@ class TalkerChunk(TaskOutput):
     finish_reason: str | None = None
     """On the last chunk: "stop" (end-of-sequence token or the hidden states ran out) or "length"."""
     inputs_received: int = Field(ge=0)
-    """Hidden states the talker had read from the stream by the time it made this token (at most its index + 3)."""
+    """Hidden states the talker had read from the stream by the time it made this token."""
     inputs_complete: bool = False
     """Whether the talker had seen the end of the stream by the time it made this token."""
 
