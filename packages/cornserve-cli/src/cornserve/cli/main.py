@@ -516,7 +516,11 @@ def demo(
 @models_app.command("tiny")
 def models_tiny(
     arch: Annotated[
-        str, typer.Argument(metavar="ARCH", help="Architecture family: qwen2-vl, qwen2.5-vl or llava.")
+        str,
+        typer.Argument(
+            metavar="ARCH",
+            help="Architecture: qwen2-vl, qwen2.5-vl, llava, or the text-only qwen2-thinker and qwen2-talker.",
+        ),
     ],
     dir_: Annotated[str, typer.Argument(metavar="DIR", help="Output directory (Hugging Face layout).")],
     seed: Annotated[int, typer.Option(help="Random seed of the weights.")] = 0,

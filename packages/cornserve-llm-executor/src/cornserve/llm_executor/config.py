@@ -40,6 +40,10 @@ class LLMExecutorSettings(ServiceSettings, MediaPolicy):
     """Comma-separated sidecar ranks."""
     receive_embeddings: bool = False
     """Encoder fission: media arrive as embedding forwards through the sidecar."""
+    forward_hidden_states: bool = False
+    """Thinker role: a chat request may ask for its tokens' last-layer hidden states to be sent through the sidecar."""
+    receive_input_embeds: bool = False
+    """Talker role: serve `POST /v1/generate_from_embeds` (generation from embeddings streamed through the sidecar)."""
     max_model_len: int | None = Field(default=None, ge=1)
     """Context limit (default: the model's)."""
     default_max_tokens: int = Field(default=256, ge=1)
@@ -57,4 +61,13 @@ class LLMExecutorSettings(ServiceSettings, MediaPolicy):
             raise ValueError(
                 "--receive-embeddings needs --sidecar-ranks (the sidecar to receive embeddings on)"
             )
+        if self.forward_hidden_states and not self.sidecar_ranks:
+            raise ValueError("--forward-hidden-states needs --sidecar-ranks (the sidecar to send them from)")
+        if self.receive_input_embeds and not self.sidecar_ranks:
+            raise ValueError("--receive-input-embeds needs --sidecar-ranks (the sidecar to receive them on)")
         return self
+
+    @property
+    def uses_sidecar(self) -> bool:
+        """Whether any role needs this executor's sidecar client."""
+        return self.receive_embeddings or self.forward_hidden_states or self.receive_input_embeds

@@ -9,6 +9,12 @@ throughput rises with concurrency. Each row keeps its own positions (M-RoPE incl
 attention mask hides its padding, so a sequence's tokens are what it would get alone (greedy
 output equals transformers' `generate`). `decode_batching=False` decodes each sequence in its
 own forward (the escape hatch `--decode-batching off`).
+
+Two roles beyond chat (docs/executors.md, "Thinker and talker"): a sequence with a `hidden_sink`
+(thinker) gets each token's last-layer hidden state handed to it with the token; a sequence with a
+`feed` (talker) generates one token per input row of its feed (`cornserve.models.thinker_talker`
+has the rule), is stepped only when its next row has arrived, and decodes in a forward of its own
+(its inputs are embeddings, not the batch's token ids).
 """
 
 from __future__ import annotations
@@ -29,17 +35,33 @@ from transformers import DynamicCache
 from cornserve.llm_executor import batch_cache
 from cornserve.llm_executor.batch_cache import BatchedDecodeCache
 from cornserve.llm_executor.errors import ExecutorOverloaded, ExecutorUnavailable, GenerationFailed
+from cornserve.llm_executor.input_embeds import InputEmbedsFeed
 from cornserve.llm_executor.metrics import TPOT, TTFT
 from cornserve.llm_executor.model import LoadedModel
 from cornserve.llm_executor.prompt import PreparedPrompt
 from cornserve.llm_executor.sampling import SamplingParams, select_token
+from cornserve.models.thinker_talker import talker_step_input
 
 logger = logging.getLogger(__name__)
 
 
-def _row_of(logits: torch.Tensor, row: int, _seq: Sequence) -> torch.Tensor:
-    """Row `row` of a batched forward's `[B, vocab]` logits (for `Engine._guarded`)."""
-    return logits[row]
+Forwarded = tuple[torch.Tensor, torch.Tensor | None]
+"""One sequence's step output: its `[vocab]` logits and, for a thinker, its `[hidden]` last-layer state."""
+StepResult = tuple[int, torch.Tensor | None]
+"""The token picked and the hidden state that produced it (None unless the sequence wants it)."""
+
+
+def _row_of(logits: torch.Tensor, hidden: torch.Tensor | None, row: int, seq: Sequence) -> Forwarded:
+    """Row `row` of a batched forward's `[B, vocab]` logits (and `[B, hidden]` states) (for `Engine._guarded`)."""
+    return logits[row], (hidden[row] if hidden is not None and seq.hidden_sink is not None else None)
+
+
+def _last_hidden(result: Any, want: bool) -> torch.Tensor | None:
+    """`[B, hidden]` last-layer states at each row's last position, copied out (None if not asked for)."""
+    if not want:
+        return None
+    states: torch.Tensor = result.hidden_states[-1][:, -1]
+    return states.detach().to(torch.float32).clone()
 
 
 @dataclass
@@ -48,6 +70,10 @@ class TokenEvent:
 
     token_id: int | None
     finish_reason: str | None = None
+    inputs_received: int = 0
+    """Talker: input rows read when this token was made."""
+    inputs_complete: bool = False
+    """Talker: whether the input stream had ended when this token was made."""
 
 
 @dataclass
@@ -88,6 +114,15 @@ class Sequence:
     finished: bool = False
     last_event_at: float = field(default_factory=time.monotonic)
     """When it arrived, then when its latest token was made (for TTFT and time per output token)."""
+    hidden_sink: Callable[[torch.Tensor], None] | None = None
+    """Thinker: called on the event loop with each token's `[hidden]` state, before the token's event."""
+    feed: InputEmbedsFeed | None = None
+    """Talker: the streamed input rows this sequence generates from (one token per row)."""
+
+    @property
+    def ready(self) -> bool:
+        """Whether a step can run now: always for chat; for a talker, once its next input row is here."""
+        return self.feed is None or self.feed.received > len(self.generated)
 
     def cancel(self) -> None:
         """Stop generating (client went away or a stop string was hit); the engine drops it next step."""
@@ -146,18 +181,36 @@ class Engine:
             )
 
     def submit(
-        self, request_id: str, prompt: PreparedPrompt, params: SamplingParams, max_tokens: int
+        self,
+        request_id: str,
+        prompt: PreparedPrompt,
+        params: SamplingParams,
+        max_tokens: int,
+        *,
+        hidden_sink: Callable[[torch.Tensor], None] | None = None,
+        feed: InputEmbedsFeed | None = None,
     ) -> Sequence:
         """Queue a sequence; read its tokens with `tokens(seq)`. Raises ExecutorOverloaded when the queue is full."""
         if self._closing:
             raise ExecutorUnavailable("the LLM executor is shutting down")
         self.check_room()
-        seq = Sequence(request_id=request_id, prompt=prompt, params=params, max_tokens=max_tokens)
+        seq = Sequence(
+            request_id=request_id,
+            prompt=prompt,
+            params=params,
+            max_tokens=max_tokens,
+            hidden_sink=hidden_sink,
+            feed=feed,
+        )
         seq.generator = params.make_generator()
         self._waiting.append(seq)
         self.stats.waiting = len(self._waiting)
         self._wake.set()
         return seq
+
+    def wake(self) -> None:
+        """Something a waiting sequence needs arrived (a talker's input row): run a step."""
+        self._wake.set()
 
     async def tokens(self, seq: Sequence, timeout_s: float) -> AsyncIterator[TokenEvent]:
         """The sequence's token events; each must arrive within `timeout_s` (a stuck engine is an error)."""
@@ -185,14 +238,17 @@ class Engine:
                 if not self._dropped(seq):
                     self._active.append(seq)
                     self.stats.sequences_started += 1
+            self._settle_feeds()
+            self._active = [s for s in self._active if not s.finished]
             self.stats.waiting = len(self._waiting)
             self.stats.active = len(self._active)
             if not self._active:
                 self._batch.clear()  # no step is running: free finished rows' memory
+            batch = [s for s in self._active if s.ready]
+            if not batch:  # nothing active, or only talkers waiting for their next input row
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            batch = list(self._active)
             self.stats.steps += 1
             self.stats.max_batch_size_observed = max(self.stats.max_batch_size_observed, len(batch))
             results = await asyncio.to_thread(self._step, batch)
@@ -201,6 +257,22 @@ class Engine:
                     self._fail(seq, result)
                 else:
                     self._deliver(seq, result)
+
+    def _settle_feeds(self) -> None:
+        """Talkers whose input failed fail; those whose input ended (and is used up) finish with "stop"."""
+        for seq in self._active:
+            feed = seq.feed
+            if feed is None or seq.finished or seq.ready:
+                continue
+            if feed.error is not None:
+                self._fail(seq, feed.error)
+            elif feed.closed:
+                seq.finished = True
+                seq.cache = None
+                self.stats.sequences_finished += 1
+                seq.events.put_nowait(
+                    TokenEvent(None, "stop", inputs_received=feed.received, inputs_complete=True)
+                )
 
     def _dropped(self, seq: Sequence) -> bool:
         """Whether `seq` leaves the scheduler now: finished, or cancelled (then counted and freed)."""
@@ -221,7 +293,10 @@ class Engine:
         self.stats.sequences_finished += 1
         seq.events.put_nowait(exc)
 
-    def _deliver(self, seq: Sequence, token: int) -> None:
+    def _deliver(self, seq: Sequence, result: StepResult) -> None:
+        token, hidden = result
+        if hidden is not None and seq.hidden_sink is not None:
+            seq.hidden_sink(hidden)
         now = time.monotonic()
         (TPOT if seq.generated else TTFT).observe(now - seq.last_event_at)
         seq.last_event_at = now
@@ -236,16 +311,22 @@ class Engine:
             seq.finished = True
             seq.cache = None
             self.stats.sequences_finished += 1
-        seq.events.put_nowait(TokenEvent(token_id=token, finish_reason=finish))
+        event = TokenEvent(token_id=token, finish_reason=finish)
+        if seq.feed is not None:
+            event.inputs_received, event.inputs_complete = seq.feed.received, seq.feed.closed
+            seq.feed.consume(len(seq.generated))
+        seq.events.put_nowait(event)
 
     # ------------------------------------------------------------------ model steps (worker thread)
 
-    def _step(self, batch: list[Sequence]) -> list[int | BaseException]:
-        results: dict[Sequence, int | BaseException] = {}
+    def _step(self, batch: list[Sequence]) -> list[StepResult | BaseException]:
+        results: dict[Sequence, StepResult | BaseException] = {}
         with self._model_lock, torch.inference_mode():
-            decoding = [seq for seq in batch if seq.prefilled]
+            decoding = [seq for seq in batch if seq.prefilled and seq.feed is None]
             for seq in batch:
-                if not seq.prefilled:
+                if seq.feed is not None:
+                    results[seq] = self._guarded(seq, self._talk)
+                elif not seq.prefilled:
                     results[seq] = self._guarded(seq, self._prefill)
             if self.decode_batching:
                 results |= self._decode_batched(decoding)
@@ -255,10 +336,11 @@ class Engine:
                     results[seq] = self._guarded(seq, self._decode)
         return [results[seq] for seq in batch]
 
-    def _guarded(self, seq: Sequence, run: Callable[[Sequence], torch.Tensor]) -> int | BaseException:
+    def _guarded(self, seq: Sequence, run: Callable[[Sequence], Forwarded]) -> StepResult | BaseException:
         """Get one sequence's logits and pick its token; a failure fails only this sequence."""
         try:
-            return select_token(run(seq), seq.params, seq.generator)
+            logits, hidden = run(seq)
+            return select_token(logits, seq.params, seq.generator), hidden
         except Exception as exc:
             logger.exception("generation failed for request %s", seq.request_id)
             return GenerationFailed(f"generation failed for request {seq.request_id}: {exc!r}")
@@ -268,9 +350,9 @@ class Engine:
             self.stats.decode_forwards += forwards
             self.stats.max_decode_batch_observed = max(self.stats.max_decode_batch_observed, rows_per_forward)
 
-    def _decode_batched(self, decoding: list[Sequence]) -> dict[Sequence, int | BaseException]:
+    def _decode_batched(self, decoding: list[Sequence]) -> dict[Sequence, StepResult | BaseException]:
         """One forward decodes a token for every sequence in `decoding` (their caches joined as rows)."""
-        results: dict[Sequence, int | BaseException] = {}
+        results: dict[Sequence, StepResult | BaseException] = {}
         batched: list[Sequence] = []
         for seq in decoding:
             if seq in self._batch or (seq.cache is not None and batch_cache.supports(seq.cache)):
@@ -289,7 +371,7 @@ class Engine:
                     self._batch.add(seq, seq.cache)
                     seq.cache = None
             rows = [cast(Sequence, key) for key in self._batch.rows]
-            logits = self._forward_rows(rows)
+            logits, hidden = self._forward_rows(rows)
             self._batch.advanced()
         except Exception as exc:
             logger.exception("batched decode of %d sequences failed", len(batched))
@@ -299,10 +381,10 @@ class Engine:
             return results | dict.fromkeys(batched, failure)
         self._count_decode(len(rows))
         for row, seq in enumerate(rows):
-            results[seq] = self._guarded(seq, functools.partial(_row_of, logits, row))
+            results[seq] = self._guarded(seq, functools.partial(_row_of, logits, hidden, row))
         return results
 
-    def _forward_rows(self, rows: list[Sequence]) -> torch.Tensor:
+    def _forward_rows(self, rows: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The batched decode forward: `[B, 1]` last tokens at each row's own position → `[B, vocab]`."""
         past = [seq.prompt.num_tokens + len(seq.generated) - 1 for seq in rows]
         if past != self._batch.lengths:
@@ -318,6 +400,7 @@ class Engine:
             position_ids = torch.cat([text, rope, rope, rope], dim=0)
         else:
             position_ids = text[0]
+        want_hidden = any(seq.hidden_sink is not None for seq in rows)
         result = self.loaded.model(
             **self._on_device(
                 input_ids=input_ids,
@@ -326,17 +409,18 @@ class Engine:
                 cache=self._batch.cache,
                 use_cache=True,
                 logits_to_keep=1,
+                output_hidden_states=want_hidden,
             )
         )
         logits: torch.Tensor = result.logits[:, -1].cpu()  # sampling runs on the CPU (its generators)
-        return logits
+        return logits, _last_hidden(result, want_hidden)
 
     def _on_device(self, **kwargs: Any) -> dict[str, Any]:
         """The forward's arguments with every tensor on the model's device (a no-op on the CPU)."""
         device = self.loaded.device
         return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
 
-    def _prefill(self, seq: Sequence) -> torch.Tensor:
+    def _prefill(self, seq: Sequence) -> Forwarded:
         loaded, prompt = self.loaded, seq.prompt
         seq.cache = DynamicCache(config=loaded.model.config.get_text_config())
         kwargs: dict[str, Any] = dict(prompt.model_inputs)
@@ -354,6 +438,7 @@ class Engine:
             cache=seq.cache,
             use_cache=True,
             logits_to_keep=1,
+            output_hidden_states=seq.hidden_sink is not None,
         )
         result = loaded.model(**self._on_device(**kwargs))
         seq.prefilled = True
@@ -361,9 +446,10 @@ class Engine:
         prompt.model_inputs = {}
         prompt.media_embeds = None
         logits: torch.Tensor = result.logits[0, -1].cpu()
-        return logits
+        hidden = _last_hidden(result, seq.hidden_sink is not None)
+        return logits, (hidden[0] if hidden is not None else None)
 
-    def _decode(self, seq: Sequence) -> torch.Tensor:
+    def _decode(self, seq: Sequence) -> Forwarded:
         prompt = seq.prompt
         past = prompt.num_tokens + len(seq.generated) - 1
         input_ids = torch.tensor([[seq.generated[-1]]], dtype=torch.long)
@@ -380,7 +466,36 @@ class Engine:
                 cache=seq.cache,
                 use_cache=True,
                 logits_to_keep=1,
+                output_hidden_states=seq.hidden_sink is not None,
             )
         )
         logits: torch.Tensor = result.logits[0, -1].cpu()
-        return logits
+        hidden = _last_hidden(result, seq.hidden_sink is not None)
+        return logits, (hidden[0] if hidden is not None else None)
+
+    def _talk(self, seq: Sequence) -> Forwarded:
+        """One talker step: input row `t` plus the embedding of token `t-1`, at position `t`."""
+        feed = seq.feed
+        assert feed is not None
+        step = len(seq.generated)
+        model = self.loaded.model
+        if step == 0:
+            seq.cache = DynamicCache(config=model.config.get_text_config())
+        previous = None
+        if seq.generated:
+            token = torch.tensor([[seq.generated[-1]]], device=self.loaded.device)
+            previous = self.loaded.input_embeddings(token)[0, 0]
+        row = talker_step_input(feed.rows[step].to(self.loaded.device, self.loaded.dtype), previous)
+        result = model(
+            **self._on_device(
+                inputs_embeds=row.view(1, 1, -1),
+                attention_mask=torch.ones((1, step + 1), dtype=torch.long),
+                position_ids=torch.tensor([[step]], dtype=torch.long),
+                cache=seq.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        )
+        seq.prefilled = True
+        logits: torch.Tensor = result.logits[0, -1].cpu()
+        return logits, None

@@ -75,10 +75,13 @@ class LLMExecutor:
         s = self.settings
         loaded = await asyncio.to_thread(load_model, s.model_id, s.max_model_len, s.device)
         receiver: EmbeddingReceiver | None = None
-        if s.receive_embeddings:
+        sidecar: Sidecar | None = None
+        if s.uses_sidecar:
             sidecar = Sidecar(s.sidecar_ranks[0], s.nats_url, nats_creds=s.nats_creds)
             self._closers.append(sidecar.close)
             await sidecar.connect()
+        if s.receive_embeddings:
+            assert sidecar is not None
             receiver = EmbeddingReceiver(sidecar, s.embedding_timeout_s)
         engine = Engine(
             loaded, s.max_batch_size, decode_batching=s.decode_batching, max_waiting=s.max_waiting
@@ -92,14 +95,19 @@ class LLMExecutor:
             media.close()
 
         self._closers.append(close_media)
-        self.chat = ChatServer(s, loaded, engine, receiver, media)
+        chat = ChatServer(s, loaded, engine, receiver, media, sidecar=sidecar)
+        self._closers.append(chat.close)
+        self.chat = chat
         logger.info(
-            "LLM executor %s serving %s (batch %d, decode batching %s, fission %s, sidecar ranks %s)",
+            "LLM executor %s serving %s (batch %d, decode batching %s, fission %s, hidden states out %s, "
+            "input embeds in %s, sidecar ranks %s)",
             s.executor_id,
             s.model_id,
             s.max_batch_size,
             s.decode_batching,
             s.receive_embeddings,
+            s.forward_hidden_states,
+            s.receive_input_embeds,
             s.sidecar_ranks,
         )
 

@@ -61,6 +61,12 @@ class LoadedModel:
         return int(self.model.config.get_text_config().hidden_size)
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the model's weights (inputs given as embeddings are cast to it)."""
+        dtype: torch.dtype = next(self.model.parameters()).dtype
+        return dtype
+
+    @property
     def mrope(self) -> bool:
         """Whether positions are Qwen2-VL-style M-RoPE (3 rows plus the text row)."""
         return self.model_type in MROPE_MODEL_TYPES

@@ -31,6 +31,8 @@ from cornserve.llm_executor.errors import (
     MediaInputError,
     MediaTooLarge,
 )
+from cornserve.llm_executor.hidden_states import HiddenStateSender
+from cornserve.llm_executor.input_embeds import InputEmbedsReader
 from cornserve.llm_executor.model import LoadedModel
 from cornserve.llm_executor.prompt import (
     PreparedPrompt,
@@ -39,9 +41,11 @@ from cornserve.llm_executor.prompt import (
     prepare_with_media,
 )
 from cornserve.llm_executor.sampling import SamplingParams
+from cornserve.llm_executor.talker import TalkerRoute
 from cornserve.models.media import MediaBusyError, MediaError, MediaTooLargeError
 from cornserve.models.media_pool import MediaPool
 from cornserve.runtime.tracing import end_span, start_span
+from cornserve.sidecar import Sidecar
 from cornserve.task.builtins.chat import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -50,6 +54,11 @@ from cornserve.task.builtins.chat import (
     Usage,
 )
 from cornserve.task.builtins.modality import Modality
+from cornserve.task.builtins.thinker_talker import (
+    GENERATE_FROM_EMBEDS_PATH,
+    HIDDEN_STATES_FIELD,
+    HiddenStatesTarget,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +84,8 @@ class Completion:
     prompt: PreparedPrompt
     seq: Sequence
     stop: list[str]
+    sender: HiddenStateSender | None = None
+    """Thinker: where this request's hidden states go (its answer waits until they are all sent)."""
 
     @property
     def usage(self) -> Usage:
@@ -97,6 +108,7 @@ ROUTES: list[tuple[str, str, str]] = [
     ("GET", "/v1/models", "models"),
     ("GET", "/stats", "stats"),
     ("POST", "/v1/chat/completions", "chat_completions"),
+    ("POST", GENERATE_FROM_EMBEDS_PATH, "generate_from_embeds"),
 ]
 """Method, path and `ChatServer` handler name of every route."""
 
@@ -111,6 +123,8 @@ class ChatServer:
         engine: Engine,
         receiver: EmbeddingReceiver | None,
         media: MediaPool | None = None,
+        *,
+        sidecar: Sidecar | None = None,
     ) -> None:
         self.config = config
         self.media = media if media is not None else MediaPool(config.media_policy(), name="llm-media")
@@ -118,7 +132,18 @@ class ChatServer:
         self.loaded = loaded
         self.engine = engine
         self.receiver = receiver
+        self.sidecar = sidecar
+        """Set when a role needs it: encoder fission, the thinker (hidden states out), the talker (embeds in)."""
         self.requests_failed = 0
+        reader = None
+        if config.receive_input_embeds and sidecar is not None:
+            reader = InputEmbedsReader(sidecar, config.embedding_timeout_s)
+        self.talker = TalkerRoute(loaded, engine, reader, config.default_max_tokens, TOKEN_TIMEOUT_S)
+
+    async def close(self) -> None:
+        """Stop background reads of talker streams nobody uses any more."""
+        if self.talker.reader is not None:
+            await self.talker.reader.close()
 
     # ------------------------------------------------------------------ small endpoints
 
@@ -149,9 +174,22 @@ class ChatServer:
         body |= {
             "max_batch_size": self.engine.max_batch_size,
             "receive_embeddings": self.config.receive_embeddings,
+            "forward_hidden_states": self.config.forward_hidden_states,
+            "receive_input_embeds": self.config.receive_input_embeds,
             "requests_failed": self.requests_failed,
         }
         return web.json_response(body)
+
+    # ------------------------------------------------------------------ talker
+
+    async def generate_from_embeds(self, request: web.Request) -> web.StreamResponse:
+        """`POST /v1/generate_from_embeds` (the talker role, `talker.py`)."""
+        try:
+            return await self.talker.handle(request, await self._json_object(request))
+        except ExecutorRequestError as exc:
+            self.requests_failed += 1
+            logger.info("talker request refused (%d): %s", exc.status, exc.message)
+            return error_response(exc)
 
     # ------------------------------------------------------------------ chat completions
 
@@ -186,13 +224,17 @@ class ChatServer:
             completion.seq.cancel()
             await pieces.aclose()
 
-    async def _parse(self, request: web.Request) -> ChatCompletionRequest:
+    async def _json_object(self, request: web.Request) -> dict[str, Any]:
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise InvalidRequest(f"request body is not valid JSON: {exc}") from exc
         if not isinstance(body, dict):
             raise InvalidRequest("request body must be a JSON object")
+        return body
+
+    async def _parse(self, request: web.Request) -> ChatCompletionRequest:
+        body = await self._json_object(request)
         try:
             req = ChatCompletionRequest.model_validate(body)
         except ValidationError as exc:
@@ -205,6 +247,7 @@ class ChatServer:
     async def _admit(self, req: ChatCompletionRequest) -> Completion:
         """Validate, receive or load media, tokenize, check lengths, and queue on the engine."""
         self.engine.check_room()  # refuse at once, before receiving or loading any media
+        target = self._hidden_states_target(req)
         media = req.media()
         forwards = req.cornserve_embeddings
         if self.config.receive_embeddings:
@@ -234,7 +277,18 @@ class ChatServer:
         max_tokens = self._max_tokens(req, prompt.num_tokens)
         params = self._sampling(req)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-        seq = self.engine.submit(completion_id, prompt, params, max_tokens)
+        sender = None
+        if target is not None:
+            assert self.sidecar is not None
+            sender = HiddenStateSender(self.sidecar, target, self.config.embedding_timeout_s)
+        try:
+            seq = self.engine.submit(
+                completion_id, prompt, params, max_tokens, hidden_sink=sender.push if sender else None
+            )
+        except BaseException:
+            if sender is not None:
+                sender.abort()
+            raise
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         return Completion(
             id=completion_id,
@@ -243,7 +297,23 @@ class ChatServer:
             prompt=prompt,
             seq=seq,
             stop=stop,
+            sender=sender,
         )
+
+    def _hidden_states_target(self, req: ChatCompletionRequest) -> HiddenStatesTarget | None:
+        """The request's `cornserve_hidden_states`, if any, checked against this executor's role."""
+        raw = (req.model_extra or {}).get(HIDDEN_STATES_FIELD)
+        if raw is None:
+            return None
+        if not self.config.forward_hidden_states or self.sidecar is None:
+            raise InvalidRequest(
+                f"this executor was started without --forward-hidden-states; it cannot send "
+                f"{HIDDEN_STATES_FIELD} (run the task as a ThinkerTask)"
+            )
+        try:
+            return HiddenStatesTarget.model_validate(raw)
+        except ValidationError as exc:
+            raise InvalidRequest(f"invalid {HIDDEN_STATES_FIELD}: {exc}") from exc
 
     async def _load(self, url: str, modality: Modality) -> Any:
         try:
@@ -304,6 +374,8 @@ class ChatServer:
                     finish = "stop"
                 elif finish is not None:
                     text += assembler.flush()
+                if finish is not None and completion.sender is not None:
+                    await completion.sender.finish()  # the answer ends once every hidden state is sent
                 yield Piece(text, finish)
                 if finish is not None:
                     return
@@ -312,6 +384,8 @@ class ChatServer:
             raise
         finally:
             seq.cancel()
+            if completion.sender is not None:
+                completion.sender.abort()  # a no-op once finished
             end_span(seq_span, error, {"gen_ai.usage.output_tokens": len(seq.generated)})
 
     async def _complete(

@@ -6,6 +6,8 @@ checkpoint holds — `config.json`, sharded safetensors with `model.safetensors.
 is exercised for real), `generation_config.json`, a locally trained tokenizer with the family's
 special tokens and chat template, and the processor configs — loadable offline by
 `AutoProcessor.from_pretrained(dir)` and `AutoModelForImageTextToText.from_pretrained(dir)`.
+The text-only thinker and talker (`TINY_TEXT_ARCHITECTURES`) are one `model.safetensors` with the
+tokenizer, loadable by `AutoTokenizer` and `AutoModelForCausalLM`.
 
 Same architecture and seed give byte-identical weight files.
 """
@@ -34,6 +36,8 @@ from transformers import (
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2_5_VLProcessor,
+    Qwen2Config,
+    Qwen2ForCausalLM,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
     Qwen2VLImageProcessor,
@@ -50,6 +54,8 @@ LEARNED_VOCAB = 320
 """Byte-level BPE tokens learned from the corpus (256 byte tokens + merges)."""
 
 INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+"""The one weight file of the text-only checkpoints (no encoder to shard off)."""
 ENCODER_SHARD = "model-00001-of-00002.safetensors"
 LANGUAGE_SHARD = "model-00002-of-00002.safetensors"
 
@@ -124,7 +130,7 @@ class UnknownArchitectureError(ValueError):
 
     def __init__(self, arch: str) -> None:
         super().__init__(
-            f"unknown tiny architecture {arch!r}; known architectures: {', '.join(TINY_ARCHITECTURES)}"
+            f"unknown tiny architecture {arch!r}; known architectures: {', '.join(ALL_TINY_ARCHITECTURES)}"
         )
         self.arch = arch
 
@@ -285,14 +291,49 @@ def _build_llava(seed: int) -> _Built:
     return _Built(model, processor, generation)
 
 
+def _build_qwen2_text(seed: int, *, talker: bool) -> _Built:
+    """A text-only Qwen2 causal LM: the thinker, or the talker that generates from its hidden states.
+
+    Both have hidden size 64, so the talker takes the thinker's last-layer hidden states as input
+    embeddings as they are (no projection); the talker records that width as
+    `thinker_hidden_size` in its config. The talker is a different network (3 layers, wider MLP,
+    its own seed stream), so its tokens are not the thinker's.
+    """
+    tok = _qwen_tokenizer()
+    tok.chat_template = QWEN_CHAT_TEMPLATE
+    eot, im_end = _text_ids(tok, "<|endoftext|>", "<|im_end|>")
+    fields = _tiny_language_model(tok, bos=eot, eos=im_end, pad=eot)
+    if talker:
+        fields |= {
+            "num_hidden_layers": 3,
+            "intermediate_size": 192,
+            "thinker_hidden_size": fields["hidden_size"],
+        }
+    config = _untyped(Qwen2Config)(**fields, tie_word_embeddings=False)
+    torch.manual_seed(seed * 2 + (1 if talker else 0))
+    model = Qwen2ForCausalLM(config)
+    generation = _untyped(GenerationConfig)(
+        bos_token_id=eot, eos_token_id=[im_end, eot], pad_token_id=eot, do_sample=False
+    )
+    return _Built(model, tok, generation)
+
+
 _BUILDERS: dict[str, Callable[[int], _Built]] = {
     "qwen2-vl": lambda seed: _build_qwen2_vl(seed, v2_5=False),
     "qwen2.5-vl": lambda seed: _build_qwen2_vl(seed, v2_5=True),
     "llava": _build_llava,
 }
+_TEXT_BUILDERS: dict[str, Callable[[int], _Built]] = {
+    "qwen2-thinker": lambda seed: _build_qwen2_text(seed, talker=False),
+    "qwen2-talker": lambda seed: _build_qwen2_text(seed, talker=True),
+}
 
 TINY_ARCHITECTURES: tuple[str, ...] = tuple(_BUILDERS)
-"""Architecture names `build_tiny` accepts."""
+"""The multimodal architecture names `build_tiny` accepts (encoder tower + LLM, sharded)."""
+TINY_TEXT_ARCHITECTURES: tuple[str, ...] = tuple(_TEXT_BUILDERS)
+"""The text-only ones: a thinker LLM and a talker that generates from its hidden states."""
+ALL_TINY_ARCHITECTURES: tuple[str, ...] = TINY_ARCHITECTURES + TINY_TEXT_ARCHITECTURES
+"""Every name `build_tiny` accepts."""
 
 
 def _write_sharded(model: PreTrainedModel, out_dir: Path) -> None:
@@ -317,6 +358,15 @@ def _write_sharded(model: PreTrainedModel, out_dir: Path) -> None:
     (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
+def _write_single(model: PreTrainedModel, out_dir: Path) -> None:
+    """A text-only model: every tensor in one `model.safetensors`."""
+    tensors = {
+        name: tensor.detach().to(torch.float32).contiguous().clone()
+        for name, tensor in model.state_dict().items()
+    }
+    save_file(tensors, str(out_dir / SINGLE_FILE), metadata={"format": "pt"})
+
+
 BUILD_STEPS = ("model", "config", "weights", "processor")
 """The steps `build_tiny` reports to its `on_step` callback, in order (a progress bar's units)."""
 
@@ -327,9 +377,10 @@ def build_tiny(
     """Write a tiny `arch` checkpoint with weights drawn from `seed` into `out_dir`; return the dir.
 
     `on_step` is called with each of BUILD_STEPS as it starts (the CLI's progress bar).
-    Raises UnknownArchitectureError for names outside TINY_ARCHITECTURES.
+    Raises UnknownArchitectureError for names outside ALL_TINY_ARCHITECTURES.
     """
-    builder = _BUILDERS.get(arch)
+    text_only = arch in _TEXT_BUILDERS
+    builder = _TEXT_BUILDERS.get(arch) or _BUILDERS.get(arch)
     if builder is None:
         raise UnknownArchitectureError(arch)
     step = on_step or (lambda _name: None)
@@ -341,7 +392,10 @@ def build_tiny(
     built.model.config.save_pretrained(out_dir)
     built.generation_config.save_pretrained(out_dir)
     step("weights")
-    _write_sharded(built.model, out_dir)
+    if text_only:
+        _write_single(built.model, out_dir)
+    else:
+        _write_sharded(built.model, out_dir)
     step("processor")
     built.processor.save_pretrained(out_dir)
     logger.info("built tiny %s checkpoint (seed %d) in %s", arch, seed, out_dir)

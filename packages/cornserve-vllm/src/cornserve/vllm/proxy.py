@@ -32,7 +32,9 @@ from cornserve.runtime.tracing import inject_headers
 from cornserve.sidecar import Sidecar
 from cornserve.sidecar.errors import SidecarError
 from cornserve.task.builtins.embedding import EMBEDDING_META_CHUNK, EMBEDDING_TENSOR_CHUNK, EmbeddingMeta
+from cornserve.task.builtins.thinker_talker import GENERATE_FROM_EMBEDS_PATH
 from cornserve.vllm.command import VLLMServeArgs, llm_dtype_name, vllm_serve_command
+from cornserve.vllm.roles import EMBEDS_STREAM_REFUSAL, role_refusal
 from cornserve.vllm.translate import (
     TORCH_DTYPES,
     EmbeddingTranslationError,
@@ -255,6 +257,9 @@ async def _chat(request: web.Request) -> web.StreamResponse:
         return _error(400, "invalid_request_error", f"the body is not JSON: {exc}")
     if not isinstance(body, dict):
         return _error(400, "invalid_request_error", "the body must be a JSON object")
+    refusal = role_refusal(body)
+    if refusal is not None:
+        return _error(400, "invalid_request_error", refusal)
     forwards = body.get("cornserve_embeddings") or []
     try:
         embeddings = [await state.receive(f) for f in forwards]
@@ -276,6 +281,10 @@ async def _chat(request: web.Request) -> web.StreamResponse:
         return response
 
 
+async def _generate_from_embeds(request: web.Request) -> web.Response:
+    return _error(400, "invalid_request_error", EMBEDS_STREAM_REFUSAL)
+
+
 def build_app(state: ProxyState) -> web.Application:
     """Routes: `/health`, `/metrics` (the proxy's; vLLM's engine serves its own), `/v1/chat/completions`."""
     app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[server_span_middleware()])
@@ -283,6 +292,7 @@ def build_app(state: ProxyState) -> web.Application:
     app.router.add_get("/health", _health)
     app.router.add_get("/metrics", metrics_route)
     app.router.add_post("/v1/chat/completions", _chat)
+    app.router.add_post(GENERATE_FROM_EMBEDS_PATH, _generate_from_embeds)
     return app
 
 

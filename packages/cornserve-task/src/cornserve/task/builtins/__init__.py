@@ -34,6 +34,18 @@ from cornserve.task.builtins.llm import (
 )
 from cornserve.task.builtins.mllm import MLLMTask
 from cornserve.task.builtins.modality import Modality
+from cornserve.task.builtins.thinker_talker import (
+    CPUTalkerDescriptor,
+    CPUThinkerDescriptor,
+    EmbedsGenerationRequest,
+    HiddenStatesTarget,
+    TalkerChunk,
+    TalkerInput,
+    TalkerTask,
+    ThinkerOutput,
+    ThinkerTalkerTask,
+    ThinkerTask,
+)
 from cornserve.task.registry import DESCRIPTORS, UNIT_TASKS, ClassKey
 
 
@@ -46,6 +58,8 @@ def register_builtins() -> list[ClassKey]:
     """
     tasks = [UNIT_TASKS.register(cls) for cls in (EncoderTask, LLMTask, LLMCompletionTask)]
     descriptors = [DESCRIPTORS.register(cls) for cls in (EricDescriptor, VLLMDescriptor, CPULLMDescriptor)]
+    tasks += [UNIT_TASKS.register(cls) for cls in (ThinkerTask, TalkerTask)]
+    descriptors += [DESCRIPTORS.register(cls) for cls in (CPUThinkerDescriptor, CPUTalkerDescriptor)]
     return tasks + descriptors
 
 
@@ -55,6 +69,8 @@ __all__ = [
     "EMBEDDING_TENSOR_CHUNK",
     "AudioURLPart",
     "CPULLMDescriptor",
+    "CPUTalkerDescriptor",
+    "CPUThinkerDescriptor",
     "ChatCompletion",
     "ChatCompletionChunk",
     "ChatCompletionRequest",
@@ -64,10 +80,12 @@ __all__ = [
     "CompletionChoice",
     "CompletionMessage",
     "EmbeddingMeta",
+    "EmbedsGenerationRequest",
     "EncoderInput",
     "EncoderOutput",
     "EncoderTask",
     "EricDescriptor",
+    "HiddenStatesTarget",
     "ImageURLPart",
     "InputAudioPart",
     "LLMCompletionTask",
@@ -77,7 +95,13 @@ __all__ = [
     "MediaURL",
     "Modality",
     "OpenAIChatDescriptor",
+    "TalkerChunk",
+    "TalkerInput",
+    "TalkerTask",
     "TextPart",
+    "ThinkerOutput",
+    "ThinkerTalkerTask",
+    "ThinkerTask",
     "Usage",
     "VLLMDescriptor",
     "VideoURLPart",
