@@ -23,7 +23,7 @@ from pydantic import Field
 from cornserve.resource_manager.devices import DeviceInventory, discover_devices
 from cornserve.resource_manager.manager import ResourceManager
 from cornserve.resource_manager.service import ResourceManagerService
-from cornserve.resource_manager.spawner import LocalSubprocessSpawner, Spawner
+from cornserve.resource_manager.spawner import LocalSubprocessSpawner, NodeAgents, Spawner, spawner_devices
 from cornserve.runtime.service import run_service
 from cornserve.runtime.settings import ProcessInfo, ServiceSettings
 
@@ -43,8 +43,10 @@ class ResourceManagerSettings(ServiceSettings):
     """auto: GPUs when present, else CPU slots; cpu: CPU slots even with GPUs."""
     node: str = Field(default="local", min_length=1)
     """Node id of this machine's devices and sidecars."""
-    spawner: Literal["local"] = "local"
-    """How task managers are started."""
+    spawner: Literal["local", "docker"] = "local"
+    """How task managers are started: local processes, or containers on Docker engines (--docker-config)."""
+    docker_config: Path | None = None
+    """JSON file of the docker spawner: its nodes (name, engine, address, devices), image and mounts."""
     log_dir: Path | None = None
     """Task manager and executor logs (default: a new temp dir)."""
     task_manager_nats_creds: Path | None = None
@@ -64,10 +66,21 @@ def make_spawner(
     nats_creds: Path | None = None,
     records_dir: Path | None = None,
     metrics: bool = False,
+    *,
+    docker_config: Path | None = None,
+    nats_url: str = "",
 ) -> Spawner:
     """The spawner named on the command line; `nats_creds` is the task managers' credentials file."""
     if name == "local":
         return LocalSubprocessSpawner(log_dir, log_level, nats_creds, records_dir, metrics=metrics)
+    if name == "docker":
+        if docker_config is None:
+            raise ValueError("--spawner docker needs --docker-config FILE (its nodes and image)")
+        from cornserve.resource_manager.docker_spawner import DockerSpawner, DockerSpawnerConfig
+
+        return DockerSpawner(
+            DockerSpawnerConfig.load(docker_config), log_dir, log_level, nats_creds, nats_url
+        )
     raise ValueError(f"unknown spawner {name!r}")
 
 
@@ -76,34 +89,46 @@ async def serve(settings: ResourceManagerSettings, nc: Client) -> AsyncIterator[
     """Serve while the context is open; leaving it stops serving and leaves the task managers running."""
     log_dir = settings.log_dir or Path(tempfile.mkdtemp(prefix="cornserve-rm-"))
     log_dir.mkdir(parents=True, exist_ok=True)
-    devices = discover_devices(settings.device_kind, settings.cpu_slots, settings.node)
+    spawner = make_spawner(
+        settings.spawner,
+        log_dir,
+        settings.log_level,
+        settings.task_manager_nats_creds,
+        settings.task_manager_dir,
+        metrics=settings.task_manager_metrics,
+        docker_config=settings.docker_config,
+        nats_url=settings.nats_url,
+    )
+    devices = spawner_devices(
+        spawner, lambda: discover_devices(settings.device_kind, settings.cpu_slots, settings.node)
+    )
+    if isinstance(spawner, NodeAgents):
+        await spawner.start()
     manager = ResourceManager(
         nc,
         settings.nats_url,
         DeviceInventory(devices),
-        make_spawner(
-            settings.spawner,
-            log_dir,
-            settings.log_level,
-            settings.task_manager_nats_creds,
-            settings.task_manager_dir,
-            metrics=settings.task_manager_metrics,
-        ),
+        spawner,
         reconcile_interval_s=settings.reconcile_interval,
     )
     service = ResourceManagerService(
         nc,
         manager,
-        metadata={"node": settings.node, "devices": str(len(devices)), "device_kind": devices[0].kind},
+        metadata={
+            "node": settings.node,
+            "nodes": ",".join(dict.fromkeys(d.node for d in devices)),
+            "devices": str(len(devices)),
+            "device_kind": devices[0].kind,
+        },
     )
     try:
         await manager.start()
         await service.start()
         logger.info(
-            "resource manager serving: %d %s device(s) on node %s, logs in %s",
+            "resource manager serving: %d %s device(s) on node(s) %s, logs in %s",
             len(devices),
             devices[0].kind,
-            settings.node,
+            ", ".join(dict.fromkeys(d.node for d in devices)),
             log_dir,
         )
         yield

@@ -19,7 +19,7 @@ from cornserve.resource_manager.deployment import Deployment
 from cornserve.resource_manager.devices import DeviceInventory
 from cornserve.resource_manager.events import Announcer
 from cornserve.resource_manager.reconcile import Reconciler
-from cornserve.resource_manager.spawner import Spawner
+from cornserve.resource_manager.spawner import Spawner, unavailable_nodes
 from cornserve.resource_manager.store import DeploymentStore
 from cornserve.resource_manager.task_managers import TaskManagerControl, TaskManagerTimeouts
 from cornserve.resource_manager.tasks import TaskLoader
@@ -62,6 +62,8 @@ class ResourceManager:
         """Open the store, load task libraries, adopt or re-spawn stored deployments, start reconciling."""
         await self.ctx.store.open()
         await self.ctx.tasks.start()
+        down = await asyncio.wait_for(unavailable_nodes(self.ctx.task_managers.spawner), 60.0)
+        self.ctx.inventory.set_down(down)
         await recovery.recover(self.ctx)
         self.reconciler.start()
 

@@ -41,6 +41,8 @@ class ManagedExecutor:
     log_path: Path
     nats_creds: Path | None = None
     """The executor role's NATS credentials file (never the task manager's own)."""
+    host: str = HOST
+    """Address the executor listens on and is reached at (its node's routable address across nodes)."""
     state: ExecutorState = "starting"
     port: int = 0
     health_path: str = "/health"
@@ -59,7 +61,7 @@ class ManagedExecutor:
     @property
     def url(self) -> str:
         """Base URL of the executor's HTTP server."""
-        return f"http://{HOST}:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     @property
     def sidecar_ranks(self) -> list[int]:
@@ -85,10 +87,10 @@ class ManagedExecutor:
 
     def launch(self, task: UnitTask[Any, Any], nats_url: str) -> float:
         """Start the process on a fresh port; returns the descriptor's readiness timeout."""
-        port = free_port(HOST)
+        port = free_port(self.host)
         placement = ExecutorPlacement(
             executor_id=self.executor_id,
-            host=HOST,
+            host=self.host,
             port=port,
             devices=[Device(kind=d.kind, index=d.index) for d in self.devices],
             sidecar_ranks=self.sidecar_ranks,

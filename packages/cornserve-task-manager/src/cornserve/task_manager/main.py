@@ -56,6 +56,8 @@ class TaskManagerSettings(ServiceSettings):
     """Seconds between executor health checks."""
     stop_grace: float = Field(default=5.0, gt=0)
     """Seconds between SIGTERM and SIGKILL when stopping an executor."""
+    executor_host: str = Field(default="127.0.0.1", min_length=1)
+    """Address executors listen on and are routed to: loopback on one machine, the node's routable address across machines."""
     executor_nats_creds: Path | None = None
     """NATS credentials file of the executor role, handed to executors (none: they get no credentials)."""
     allow_executor_flags: Annotated[CommaSeparated, AfterValidator(check_allowed_names)] = Field(
@@ -123,6 +125,7 @@ async def serve(settings: TaskManagerSettings, nc: Client) -> AsyncIterator[None
             health_interval_s=settings.health_interval,
             stop_grace_s=settings.stop_grace,
             executor_nats_creds=settings.executor_nats_creds,
+            executor_host=settings.executor_host,
             metrics_url=current_metrics_url(),
         )
         await manager.start()
