@@ -1,4 +1,4 @@
-"""Nodes and placement: the inventory of nodes × devices and the placement rules, without processes.
+"""Nodes and placement: the inventory of nodes and their devices and the placement rules, without processes.
 
 The rules (cornserve.resource_manager.placement): one executor's devices on one node; a task's
 NodePlacement is a hard limit; replicas spread; then the constraint's order; then the node of a
