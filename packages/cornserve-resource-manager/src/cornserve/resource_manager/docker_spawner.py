@@ -71,6 +71,8 @@ class DockerNode(BaseModel):
     """The node's Docker engine, as DOCKER_HOST would name it."""
     address: str = "127.0.0.1"
     """Routable address of this node for other nodes (sidecar TCP, executor HTTP)."""
+    bind_host: str | None = None
+    """Address the sidecars' TCP listeners bind (default: `address`; `0.0.0.0` for every interface)."""
     devices: NodeDevices = NodeDevices()
     shm_bytes: int = Field(default=1 << 30, gt=0)
     """Size of the node's /dev/shm (must hold its sidecars' arenas plus what executors allocate)."""
@@ -232,21 +234,23 @@ class DockerSpawner:
     def _ipc_name(self, node: str) -> str:
         return f"{self.config.cluster}-{node}-ipc"
 
-    def _running(self, node: str, name: str) -> Any | None:
+    def _running(self, node: str, name: str, *, remove_stopped: bool = False) -> Any | None:
+        """The running container `name` on `node`, or None (a stopped one is removed if asked)."""
         try:
             c = self.client(node).containers.get(name)
         except docker.errors.NotFound:
             return None
         if c.status == "running":
             return c
-        c.remove(force=True)  # an exited one of an earlier run: replaced
+        if remove_stopped:
+            c.remove(force=True)  # an exited one of an earlier run: replaced
         return None
 
     def _start_node(self, node: DockerNode) -> None:
         """The node's IPC holder and sidecars, started unless already running."""
         ipc = self._ipc_name(node.name)
         client = self.client(node.name)
-        if self._running(node.name, ipc) is None:
+        if self._running(node.name, ipc, remove_stopped=True) is None:
             client.containers.run(
                 self.config.image,
                 ["sleep", "infinity"],
@@ -260,12 +264,12 @@ class DockerSpawner:
             )
         for index, rank in enumerate(self._ranks[node.name]):
             name = f"{self.config.cluster}-{node.name}-sidecar-{rank}"
-            if self._running(node.name, name) is not None:
+            if self._running(node.name, name, remove_stopped=True) is not None:
                 continue
             command = [
                 "cornserve-sidecar", "--rank", str(rank), "--node", node.name,
                 "--nats-url", self.nats_url, "--arena-bytes", str(self.config.arena_bytes),
-                "--tcp-host", "0.0.0.0", "--advertise-host", node.address,
+                "--tcp-host", node.bind_host or node.address, "--advertise-host", node.address,
                 "--log-level", self.log_level,
             ]  # fmt: skip
             env = {**self.config.env}
