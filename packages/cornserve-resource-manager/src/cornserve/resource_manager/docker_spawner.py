@@ -261,6 +261,7 @@ class DockerSpawner:
                 network_mode="host",
                 labels=self._labels(node.name, "ipc"),
                 user=self._user(),
+                healthcheck={"test": ["NONE"]},  # it only holds the namespace
             )
         for index, rank in enumerate(self._ranks[node.name]):
             name = f"{self.config.cluster}-{node.name}-sidecar-{rank}"
@@ -272,7 +273,10 @@ class DockerSpawner:
                 "--tcp-host", node.bind_host or node.address, "--advertise-host", node.address,
                 "--log-level", self.log_level,
             ]  # fmt: skip
-            env = {**self.config.env}
+            env = {
+                **self.config.env,
+                "CORNSERVE_NATS_URL": self.nats_url,
+            }  # the image's health check reads it
             if self.config.sidecar_nats_creds is not None:
                 env["CORNSERVE_NATS_CREDS"] = str(self.config.sidecar_nats_creds)
             if self.config.sidecar_peer_secret_file is not None:
