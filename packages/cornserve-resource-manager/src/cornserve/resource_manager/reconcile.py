@@ -202,6 +202,10 @@ class Reconciler:
         if old is not None:
             await self.ctx.task_managers.kill(dep)  # a live but silent one would share the key's subjects
         await self._executors_gone(dep)
+        # A task manager that died with its node (its containers stopped together) is noticed
+        # before the pass's node check would see the node down: look again, so that it is placed
+        # on a node that is up rather than re-created where it cannot run.
+        await self._refresh_nodes()
         try:
             self._hold_devices(dep)
             deadline = started + self.ctx.recovery_timeout_s
