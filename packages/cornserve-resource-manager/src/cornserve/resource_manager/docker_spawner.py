@@ -14,8 +14,8 @@ nodes, as the tests do). Every container uses the host's network. Per node the s
   (`one_node_per_deployment`).
 
 Containers on different nodes never share ``/dev/shm``: forwards between them take the sidecars'
-TCP path. A node is *down* when its engine does not answer or its IPC holder is not running; the
-resource manager then re-places its deployments (`reconcile`). The holders and sidecars are started
+TCP path. A node is *down* when its engine does not answer, or its IPC holder or one of its
+sidecars is not running; the resource manager then re-places its deployments (`reconcile`). The holders and sidecars are started
 when the spawner starts (kept if already running) and never restarted by it: a stopped node stays
 down until an operator (or a new resource manager) starts it again.
 
@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import re
+from collections import Counter
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
@@ -307,13 +308,17 @@ class DockerSpawner:
                 logger.error("node %s (engine %s) could not be started: %s", node.name, node.engine, exc)
 
     async def unavailable_nodes(self) -> set[str]:
-        """Nodes whose engine does not answer or whose IPC holder is not running."""
+        """Nodes whose engine does not answer, or whose IPC holder or one of whose sidecars is not running."""
 
         def check(node: str) -> bool:
             try:
-                return self._running(node, self._ipc_name(node)) is None
+                running = self.client(node).containers.list(
+                    filters={"label": [f"{LABEL_CLUSTER}={self.config.cluster}", f"{LABEL_NODE}={node}"]}
+                )
             except docker.errors.DockerException:
                 return True
+            roles = Counter(c.labels.get(LABEL_ROLE, "") for c in running)
+            return roles["ipc"] < 1 or roles["sidecar"] < len(self._ranks[node])
 
         results = await asyncio.gather(*(asyncio.to_thread(check, n) for n in self.nodes))
         return {n for n, down in zip(self.nodes, results, strict=True) if down}

@@ -190,8 +190,13 @@ class Reconciler:
         await self.ctx.persist_and_announce(dep, "updated")
         logger.info("task %s: executors restored (%s)", key, ", ".join(dep.executors))
 
-    async def _recreate(self, dep: Deployment, reason: str) -> None:
-        """Replace the task manager: kill what is left of it, spawn a new one, assign the same executors."""
+    async def _recreate(self, dep: Deployment, reason: str, *, node_retry: bool = True) -> None:
+        """Replace the task manager: kill what is left of it, spawn a new one, assign the same executors.
+
+        If the attempt fails and a node of the deployment turned out to be down meanwhile (a node's
+        containers stopping one by one), it is re-placed and tried again at once (`node_retry`),
+        not after the failure backoff.
+        """
         key = dep.task_key
         started = time.monotonic()
         logger.warning("task %s: %s; re-creating its task manager", key, reason)
@@ -222,6 +227,13 @@ class Reconciler:
                 logger.error("task %s: re-creating its task manager raised", key, exc_info=exc)
             await self.ctx.task_managers.kill(dep)
             dep.handle = None
+            await self._refresh_nodes()
+            lost = sorted({d.node for d in dep.devices} & self.ctx.inventory.down)
+            if node_retry and lost:
+                await self._recreate(
+                    dep, f"node {', '.join(lost)} went down while it started ({why})", node_retry=False
+                )
+                return
             dep.state = "failed"
             dep.message = f"re-creating its task manager failed: {why}"
             await self.ctx.announcer.changed("updated", dep.info())
