@@ -180,6 +180,9 @@ def test_encoder_on_a_llm_on_b_answers_like_one_node_then_survives_losing_b(
     stats = asyncio.run(sidecar_stats(local, [0, 1, 2, 3]))  # ranks 0-1: node A, 2-3: node B
     tcp_from_a = sum(stats[r].sent_by_path.get("tcp", 0) for r in (0, 1))
     shm_from_a = sum(stats[r].sent_by_path.get("shm", 0) for r in (0, 1))
+    sys.stderr.write(
+        f"two nodes: chunks delivered by path, per rank: { {r: s.sent_by_path for r, s in stats.items()} }\n"
+    )
     assert tcp_from_a >= 1 and shm_from_a == 0, {r: s.sent_by_path for r, s in stats.items()}
 
     with running_local_cluster(tmp_path / "one-node", cpu_slots=4) as one:
