@@ -9,7 +9,9 @@ gateway, a dispatcher and the resource manager (`--spawner docker`) run on this 
 1. An MLLM app whose encoder is pinned to node A and whose LLM prefers node B (`nodes: [B, A]`)
    streams exactly the text the same app streams on a one-node `cornserve up` cluster, and the
    embeddings went A → B over TCP (sidecar stats: `sent_by_path`).
-2. Node B's containers are stopped: the resource manager sees node B down, re-places the LLM on
+2. The LLM scaled to two executors spreads them: one on B, one on A (executors are containers on
+   their devices' nodes), and both answer the same text.
+3. Node B's containers are stopped: the resource manager sees node B down, re-places the LLM on
    node A (the constraint's second choice), and the app answers again, with the same text, within
    FAILOVER_DEADLINE_S. Every request made meanwhile ends within REQUEST_DEADLINE_S (ok or a clean
    error): none hangs.
@@ -103,6 +105,13 @@ async def task_nodes(url: str, token: str) -> dict[str, set[str]]:
     return out
 
 
+async def scale_llm(url: str, token: str, n: int) -> None:
+    async with CornserveClient(url, token=token, timeout_s=REGISTER_DEADLINE_S) as client:
+        tasks = (await client.list_tasks()).tasks
+        llm = next(t for t in tasks if t.task == "LLMTask")
+        await client.scale_task(llm.key, n)
+
+
 async def sidecar_stats(local: LocalCluster, ranks: list[int]) -> dict[int, StatsReply]:
     assert local.nats_url is not None
     nc = await connect_nats(local.nats_url, name="test-nodes", creds=local.nats_admin_creds)
@@ -120,7 +129,7 @@ async def sidecar_stats(local: LocalCluster, ranks: list[int]) -> dict[int, Stat
 def two_nodes(
     images: dict[str, str], tiny_checkpoint: TinyCheckpoint, tmp_path: Path
 ) -> Iterator[tuple[LocalCluster, str]]:
-    """`cornserve up --docker-config` with nodes A and B (2 CPU slots each) on the local engine."""
+    """`cornserve up --docker-config` with node A (3 CPU slots, ranks 0-2) and B (2, ranks 3-4) on the local engine."""
     cluster = f"cs-test-{uuid.uuid4().hex[:8]}"
     model = tiny_checkpoint("qwen2-vl", seed=0)
     config = {
@@ -177,9 +186,9 @@ def test_encoder_on_a_llm_on_b_answers_like_one_node_then_survives_losing_b(
     assert asyncio.run(task_nodes(local.url, token)) == {"encoder": {NODE_A}, "llm": {NODE_B}}
     two_node_text = asyncio.run(answer(local.url, token, "placed"))
     assert two_node_text, "the app streamed no text"
-    stats = asyncio.run(sidecar_stats(local, [0, 1, 2, 3]))  # ranks 0-1: node A, 2-3: node B
-    tcp_from_a = sum(stats[r].sent_by_path.get("tcp", 0) for r in (0, 1))
-    shm_from_a = sum(stats[r].sent_by_path.get("shm", 0) for r in (0, 1))
+    stats = asyncio.run(sidecar_stats(local, [0, 1, 2, 3, 4]))  # ranks 0-2: node A, 3-4: node B
+    tcp_from_a = sum(stats[r].sent_by_path.get("tcp", 0) for r in (0, 1, 2))
+    shm_from_a = sum(stats[r].sent_by_path.get("shm", 0) for r in (0, 1, 2))
     sys.stderr.write(
         f"two nodes: chunks delivered by path, per rank: { {r: s.sent_by_path for r, s in stats.items()} }\n"
     )
@@ -190,12 +199,18 @@ def test_encoder_on_a_llm_on_b_answers_like_one_node_then_survives_losing_b(
         one_node_text = asyncio.run(answer(one.url, one.admin_token, "plain"))
     assert two_node_text == one_node_text
 
-    # ---- 2. node B goes away: the LLM is re-placed on node A and the app answers again ----------
+    # ---- 2. two LLM executors spread over both nodes and answer alike --------------------------
+    asyncio.run(scale_llm(local.url, token, 2))
+    assert asyncio.run(task_nodes(local.url, token)) == {"encoder": {NODE_A}, "llm": {NODE_A, NODE_B}}
+    for _ in range(3):  # routed to the least loaded executor: both get requests
+        assert asyncio.run(answer(local.url, token, "placed")) == one_node_text
+
+    # ---- 3. node B goes away: the LLM is re-placed on node A and the app answers again ----------
     client = docker.from_env(timeout=120)
     on_b = client.containers.list(
         filters={"label": [f"org.cornserve.cluster={cluster}", f"org.cornserve.node={NODE_B}"]}
     )
-    assert {c.labels["org.cornserve.role"] for c in on_b} == {"ipc", "sidecar", "task-manager"}
+    assert {c.labels["org.cornserve.role"] for c in on_b} == {"ipc", "sidecar", "task-manager", "executor"}
     stopped_at = time.monotonic()
     for c in on_b:
         c.stop(timeout=5)
@@ -222,5 +237,5 @@ def test_encoder_on_a_llm_on_b_answers_like_one_node_then_survives_losing_b(
     assert answered == one_node_text
     assert all(took < REQUEST_DEADLINE_S for took, _ in outcomes)
     assert asyncio.run(task_nodes(local.url, token)) == {"encoder": {NODE_A}, "llm": {NODE_A}}
-    stats = asyncio.run(sidecar_stats(local, [0, 1]))
+    stats = asyncio.run(sidecar_stats(local, [0, 1, 2]))
     assert sum(s.sent_by_path.get("shm", 0) for s in stats.values()) >= 1  # now on one node: shared memory

@@ -37,7 +37,7 @@ def test_the_inventory_is_every_nodes_devices_with_cluster_wide_ranks(tmp_path: 
         ("cpu-box", "cpu", 0, 2), ("cpu-box", "cpu", 1, 3), ("cpu-box", "cpu", 2, 4),
     ]  # fmt: skip
     assert devices[0].memory_bytes == 80 << 30 and devices[2].memory_bytes is None
-    assert not pids_are_local(spawner) and one_node_per_deployment(spawner)
+    assert not pids_are_local(spawner) and not one_node_per_deployment(spawner)  # executors: own containers
 
 
 def test_a_bad_config_is_refused_with_the_field_named(tmp_path: Path) -> None:

@@ -8,10 +8,14 @@ nodes, as the tests do). Every container uses the host's network. Per node the s
   node's ``shm_bytes``): its ``/dev/shm`` is the node's shared memory;
 - one **sidecar** container per device (``<cluster>-<node>-sidecar-<rank>``), in the holder's IPC
   namespace, advertising the node's ``address`` for cross-node (TCP) transfers;
-- one **task-manager** container per deployment on the node (``<cluster>-tm-<node>-<key>``), in the
-  same IPC namespace; its executors are processes of that container, so they share the node's
-  ``/dev/shm`` with the sidecars and a deployment's executors are all on its task manager's node
-  (`one_node_per_deployment`).
+- one **task-manager** container per deployment (``<cluster>-tm-<node>-<key>``), on the node of its
+  first executor;
+- one **executor** container per executor (``<cluster>-ex-<key>-<id>``), started by the task
+  manager (`cornserve.task_manager.containers`, from the file this spawner writes,
+  ``<log dir>/executor-containers-<cluster>.json``) on the node of the executor's devices, in that
+  node's IPC namespace, so it shares the node's ``/dev/shm`` with the node's sidecars. One
+  deployment's executors may be on several nodes (replicas spread). The task manager reaches the
+  engines through their sockets, bound into its container (a Docker socket is root on its host).
 
 Containers on different nodes never share ``/dev/shm``: forwards between them take the sidecars'
 TCP path. A node is *down* when its engine does not answer, or its IPC holder or one of its
@@ -122,11 +126,14 @@ class DockerTaskManager:
 
     pid = None
 
-    def __init__(self, spawner: DockerSpawner, node: str, container_id: str, name: str) -> None:
+    def __init__(
+        self, spawner: DockerSpawner, node: str, container_id: str, name: str, task_key: str
+    ) -> None:
         self.spawner = spawner
         self.node = node
         self.container_id = container_id
         self.name = name
+        self.task_key = task_key
 
     def _container(self) -> Any:
         return self.spawner.client(self.node).containers.get(self.container_id)
@@ -164,9 +171,11 @@ class DockerTaskManager:
                 c.stop(timeout=max(1, int(grace_s)))
                 c.remove(force=True)
             except docker.errors.NotFound:
-                return
+                pass
             except docker.errors.DockerException as exc:
                 logger.warning("cannot remove task manager container %s on %s: %s", self.name, self.node, exc)
+            # A task manager killed before stopping its executors leaves their containers behind.
+            self.spawner.remove_executors(self.task_key)
 
         await asyncio.wait_for(asyncio.to_thread(stop), grace_s + 2 * self.spawner.config.engine_timeout_s)
 
@@ -297,8 +306,38 @@ class DockerSpawner:
             )
             logger.info("node %s: sidecar rank %d (device %d) started in %s", node.name, rank, index, name)
 
+    @property
+    def executor_containers_file(self) -> Path:
+        """Where the task managers find how to run executors as containers (in the bound log dir)."""
+        return self.log_dir / f"executor-containers-{self.config.cluster}.json"
+
+    def _write_executor_containers(self) -> None:
+        nodes = {
+            n.name: {"engine": n.engine, "address": n.address, "ipc_container": self._ipc_name(n.name)}
+            for n in self.config.nodes
+        }
+        spec = {
+            "cluster": self.config.cluster,
+            "image": self.config.image,
+            "user": self._user(),
+            "mounts": [str(p) for p in {*self.config.mounts, self.log_dir}],
+            "env": self.config.env,
+            "nodes": nodes,
+            "engine_timeout_s": self.config.engine_timeout_s,
+        }
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.executor_containers_file.write_text(json.dumps(spec, indent=2))
+
+    def _engine_sockets(self) -> dict[str, dict[str, str]]:
+        """The unix sockets of the engines, bound into task-manager containers at the same path."""
+        paths = {
+            n.engine.removeprefix("unix://") for n in self.config.nodes if n.engine.startswith("unix://")
+        }
+        return {p: {"bind": p, "mode": "rw"} for p in paths}
+
     async def start(self) -> None:
         """Start every node's agents; a node whose engine does not answer is logged and left down."""
+        self._write_executor_containers()
         for node in self.config.nodes:
             try:
                 await asyncio.wait_for(
@@ -328,8 +367,8 @@ class DockerSpawner:
         return False
 
     def one_node_per_deployment(self) -> bool:
-        """Executors are processes of their task manager's container."""
-        return True
+        """Executors are containers on their own nodes: replicas may spread."""
+        return False
 
     # ----- task managers --------------------------------------------------------------------------
 
@@ -351,6 +390,7 @@ class DockerSpawner:
             "--log-dir", str(self.log_dir),
             "--log-level", self.log_level,
             "--executor-host", spec.address,
+            "--executor-containers", str(self.executor_containers_file),
         ]  # fmt: skip
         env = {k: v for k, v in task_manager_env(dict(os.environ), self.nats_creds).items() if _passed(k)}
         env.update(self.config.env)
@@ -368,20 +408,22 @@ class DockerSpawner:
                 network_mode="host",
                 labels=self._labels(node, "task-manager", **{LABEL_TASK_KEY: task_key}),
                 environment=env,
-                volumes=self._volumes(),
+                volumes={**self._volumes(), **self._engine_sockets()},
                 user=self._user(),
             )
 
         container = await asyncio.wait_for(asyncio.to_thread(run), 4 * self.config.engine_timeout_s)
         logger.info("spawned task manager for %s on node %s (container %s)", task_key, node, name)
-        return DockerTaskManager(self, node, str(container.id), name)
+        return DockerTaskManager(self, node, str(container.id), name, task_key)
 
     def adopt(self, task_key: str, pid: int | None) -> TaskManagerHandle:
         """The running container of `task_key` (on any node), or a handle that reports it gone."""
         for key, handle in self.running():
             if key == task_key:
                 return handle
-        return DockerTaskManager(self, self.config.nodes[0].name, f"missing-{_safe(task_key)}", task_key)
+        return DockerTaskManager(
+            self, self.config.nodes[0].name, f"missing-{_safe(task_key)}", task_key, task_key
+        )
 
     def running(self) -> list[tuple[str, TaskManagerHandle]]:
         """Every running task-manager container of this cluster, on every engine that answers."""
@@ -403,8 +445,22 @@ class DockerSpawner:
             for c in containers:
                 key = c.labels.get(LABEL_TASK_KEY, "")
                 on = c.labels.get(LABEL_NODE, node)
-                found.append((key, DockerTaskManager(self, on, str(c.id), c.name)))
+                found.append((key, DockerTaskManager(self, on, str(c.id), c.name, key)))
         return found
+
+    def remove_executors(self, task_key: str) -> None:
+        """Remove the executor containers of `task_key` on every engine that answers (blocking)."""
+        for engine, node in {n.engine: n.name for n in self.config.nodes}.items():
+            labels = [
+                f"{LABEL_CLUSTER}={self.config.cluster}",
+                f"{LABEL_ROLE}=executor",
+                f"{LABEL_TASK_KEY}={task_key}",
+            ]
+            try:
+                for c in self.client(node).containers.list(all=True, filters={"label": labels}):
+                    c.remove(force=True)
+            except docker.errors.DockerException as exc:
+                logger.warning("cannot remove executor containers of %s on %s: %s", task_key, engine, exc)
 
     async def remove_all(self, nodes: Sequence[str] | None = None) -> None:
         """Remove every container of this cluster on `nodes` (default: all), e.g. when a cluster stops."""
