@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from cornserve.resource_manager.docker_spawner import DockerSpawner, DockerSpawnerConfig
+from cornserve.resource_manager.docker_config import DockerSpawnerConfig
+from cornserve.resource_manager.docker_spawner import DockerSpawner
 from cornserve.resource_manager.main import make_spawner
 from cornserve.resource_manager.spawner import (
     NodeSpawner,

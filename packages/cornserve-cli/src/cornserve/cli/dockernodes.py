@@ -14,7 +14,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from cornserve.resource_manager.docker_spawner import DockerSpawner, DockerSpawnerConfig
+from cornserve.resource_manager.docker_config import DockerSpawnerConfig
+from cornserve.resource_manager.docker_spawner import DockerSpawner
 
 DERIVED_FILE = "docker-spawner.json"
 REMOVE_DEADLINE_S = 120.0

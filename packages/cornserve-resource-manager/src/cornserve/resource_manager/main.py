@@ -76,7 +76,8 @@ def make_spawner(
     if name == "docker":
         if docker_config is None:
             raise ValueError("--spawner docker needs --docker-config FILE (its nodes and image)")
-        from cornserve.resource_manager.docker_spawner import DockerSpawner, DockerSpawnerConfig
+        from cornserve.resource_manager.docker_config import DockerSpawnerConfig
+        from cornserve.resource_manager.docker_spawner import DockerSpawner
 
         return DockerSpawner(
             DockerSpawnerConfig.load(docker_config), log_dir, log_level, nats_creds, nats_url
