@@ -139,10 +139,10 @@ def two_nodes(
             {
                 "name": name,
                 "address": "127.0.0.1",
-                "devices": {"kind": "cpu", "count": 2},
+                "devices": {"kind": "cpu", "count": count},
                 "shm_bytes": 1 << 30,
             }
-            for name in (NODE_A, NODE_B)
+            for name, count in ((NODE_A, 3), (NODE_B, 2))
         ],
         "mounts": [str(model.parent)],
         "arena_bytes": 128 << 20,
