@@ -19,11 +19,14 @@ nodes, as the tests do). Every container uses the host's network. Per node the s
 
 Containers on different nodes never share ``/dev/shm``: forwards between them take the sidecars'
 TCP path. A node is *down* when its engine does not answer, or its IPC holder or one of its
-sidecars is not running; the resource manager then re-places its deployments (`reconcile`). The holders and sidecars are started
-when the spawner starts (kept if already running) and never restarted by it: a stopped node stays
-down until an operator (or a new resource manager) starts it again.
+sidecars is not running; the resource manager then re-places its deployments (`reconcile`). The
+holders and sidecars are started when the spawner starts (kept if already running) and never
+restarted by it: a stopped node stays down until an operator (or a new resource manager) starts it
+again.
 
-Every Docker call runs in a worker thread with the client's timeout (`engine_timeout_s`).
+Every Docker call has the client's timeout (`engine_timeout_s`). Starting, stopping and the node
+check run in worker threads; the `Spawner` protocol's synchronous methods (a handle's `exit_code`
+and `log_tail`, `running`, `adopt`) call the engine directly, one short inspection or listing each.
 """
 
 from __future__ import annotations
