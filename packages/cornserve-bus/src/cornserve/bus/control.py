@@ -90,6 +90,8 @@ class DeviceInfo(WireModel):
     index: int = Field(ge=0)
     sidecar_rank: int = Field(ge=0)
     node: str = "local"
+    memory_bytes: int | None = Field(default=None, ge=0)
+    """The device's memory where the spawner backend knows it (a GPU's; None for CPU slots)."""
     task_key: str | None = None
     """The deployment using the device, if any."""
 

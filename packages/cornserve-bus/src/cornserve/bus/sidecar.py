@@ -127,6 +127,9 @@ class StatsReply(ArenaUsage):
     dropped_total: int = 0
     """Chunks freed because their graph was given up (`DropRequest`), before their TTL."""
     known_peers: dict[str, str]
+    sent_by_path: dict[str, int] = Field(default_factory=dict)
+    """Chunks delivered to destinations since start, by path: `shm` / `cuda_ipc` (same node), `tcp` /
+    `nccl` (another node)."""
 
 
 class AllocRequest(RequestBase):

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from cornserve.cli.admintoken import ensure_admin_token
+from cornserve.cli.dockernodes import DockerConfigError, docker_spawner_config, remove_node_containers
 from cornserve.cli.natsauth import (
     ADMIN,
     AUTH_DIR,
@@ -189,6 +190,10 @@ class LocalCluster:
     """Servers of the embedded NATS: 1, or 3 (5, 7) routed servers whose KV buckets have 3 replicas."""
     nats_servers: NatsCluster | None = None
     """The embedded NATS (None with an external one); `nats` is its first server."""
+    docker_config: Path | None = None
+    """`up --spawner docker --docker-config FILE`: the nodes are Docker engines; their sidecars, task
+    managers and executors are containers the resource manager starts (`cornserve.cli.dockernodes`),
+    and this machine runs NATS and the control plane."""
 
     @property
     def url(self) -> str:
@@ -298,6 +303,16 @@ class LocalCluster:
         }
         # The sidecars' per-cluster peer secret: they authenticate each other on the TCP data path.
         peer_secret = write_secret_file(self.state_dir / SIDECAR_SECRET_FILE, new_token())
+        rm_args: list[str] = []
+        if self.docker_config is not None:
+            try:
+                derived = docker_spawner_config(
+                    self.docker_config, self.state_dir, self._creds(SIDECAR), peer_secret
+                )
+            except DockerConfigError as exc:
+                raise LaunchError(str(exc)) from None
+            rm_args += ["--spawner", "docker", "--docker-config", str(derived)]
+            devices = 0  # the nodes' sidecars are containers the resource manager starts
         for rank in range(devices):
             self._child(
                 f"sidecar-{rank}",
@@ -305,7 +320,7 @@ class LocalCluster:
                 *("--rank", str(rank), "--node", self.node, "--peer-secret-file", str(peer_secret)),
                 role=SIDECAR,
             )
-        rm_args = ["--node", self.node, "--log-dir", str(self.state_dir / "logs")]
+        rm_args += ["--node", self.node, "--log-dir", str(self.state_dir / "logs")]
         rm_args += ["--task-manager-dir", str(self.state_dir / TASK_MANAGER_DIR), "--task-manager-metrics"]
         if not gpus:
             rm_args += ["--cpu-slots", str(self.cpu_slots)]
@@ -481,6 +496,8 @@ class LocalCluster:
         """
         stop_children([c for c in self.children if c.name == "resource-manager"], say=self.say)
         stop_data_plane(self.state_dir, say=self.say)
+        if self.docker_config is not None:
+            remove_node_containers(self.state_dir, say=self.say)
         stop_children(self.children, say=self.say)
         if self.nats_servers is not None:
             self.say("  stopping NATS")

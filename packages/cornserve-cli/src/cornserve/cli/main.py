@@ -190,6 +190,16 @@ def up(
             show_default=False,
         ),
     ] = None,
+    docker_config: Annotated[
+        Path | None,
+        typer.Option(
+            "--docker-config",
+            help="Run the nodes on Docker engines (the docker spawner): a JSON file of nodes (name, engine, "
+            "address, devices) and the image; sidecars, task managers and executors become containers. "
+            "See docs/operations.md.",
+            show_default=False,
+        ),
+    ] = None,
     state_dir: ClusterStateDirOpt = None,
     ready_timeout: ReadyOpt = 180.0,
     tls_cert: TlsCertOpt = None,
@@ -212,7 +222,7 @@ def up(
         nats_url=nats_url, tls_cert=tls[0] if tls else None, tls_key=tls[1] if tls else None,
         nats_creds=Path(nats_creds) if nats_creds else None,
         nats_sync_interval=nats_sync_interval or NATS_SYNC_INTERVAL, say=_say(),
-        nats_cluster=nats_cluster or 1,
+        nats_cluster=nats_cluster or 1, docker_config=docker_config,
     )  # fmt: skip
     started = time.monotonic()
 

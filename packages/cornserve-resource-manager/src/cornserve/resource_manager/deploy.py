@@ -96,7 +96,7 @@ async def _deploy_new(
     per = devices_per_executor(task)
     await ctx.announcer.progress(req.request_id, key, "allocating", f"{per} device(s)")
     try:
-        devices = ctx.inventory.allocate(key, per)
+        [devices] = ctx.place_executors(key, task, 1, users)
     except ServiceFault as fault:
         await ctx.announcer.progress(req.request_id, key, "failed", fault.message)
         raise
@@ -124,7 +124,13 @@ async def _deploy_new(
         if isinstance(exc, ServiceFault | asyncio.CancelledError):
             raise
         raise ServiceFault(502, "deploy_failed", f"task {key}: {message}") from exc
-    logger.info("deployed %s for %s on %s", key, req.owner, [d.sidecar_rank for d in dep.devices])
+    logger.info(
+        "deployed %s for %s on node %s, ranks %s",
+        key,
+        req.owner,
+        devices[0].node,
+        [d.sidecar_rank for d in dep.devices],
+    )
     await ctx.announcer.changed("ready", dep.info())
     await ctx.announcer.progress(req.request_id, key, "ready")
     return dep.info()

@@ -1,14 +1,22 @@
-"""The device inventory: GPUs when present, otherwise CPU slots; device i is served by sidecar rank i."""
+"""The device inventory: every node's devices (kind, index, memory), and which deployment uses which.
+
+With the local spawner it is this machine: GPUs when present, otherwise CPU slots, device i served
+by sidecar rank i. Other spawner backends report their nodes' devices (`NodeSource`). A node can be
+down (its engine unreachable, its sidecars stopped): its devices are then neither allocated nor
+claimed, and deployments on it are re-placed by reconciliation.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from collections.abc import Iterable
 from typing import Literal
 
 from cornserve.bus.control import DeviceInfo
 from cornserve.bus.micro import ServiceFault
+from cornserve.resource_manager.placement import PlacementRequest, place
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +57,34 @@ class DeviceInventory:
     def __init__(self, devices: Iterable[DeviceInfo]) -> None:
         self._devices = [d.model_copy(update={"task_key": None}) for d in devices]
         self._owner: dict[tuple[str, str, int], str] = {}
+        self._down: frozenset[str] = frozenset()
+        ranks = [d.sidecar_rank for d in self._devices]
+        if len(set(ranks)) != len(ranks):
+            raise ValueError(f"two devices of the inventory share a sidecar rank: {sorted(ranks)}")
+        idents = [_ident(d) for d in self._devices]
+        if len(set(idents)) != len(idents):
+            raise ValueError("two devices of the inventory have the same node, kind and index")
+
+    @property
+    def nodes(self) -> list[str]:
+        """Every node of the inventory, in the order its devices were listed."""
+        return list(dict.fromkeys(d.node for d in self._devices))
+
+    @property
+    def down(self) -> frozenset[str]:
+        """Nodes known but unavailable now."""
+        return self._down
+
+    def set_down(self, nodes: Iterable[str]) -> tuple[set[str], set[str]]:
+        """Mark exactly `nodes` as down (the others up); returns (newly down, newly up)."""
+        down = frozenset(n for n in nodes if n in self.nodes)
+        went_down, came_up = set(down - self._down), set(self._down - down)
+        self._down = down
+        return went_down, came_up
+
+    def node_of(self, task_key: str) -> list[str]:
+        """The nodes holding devices of `task_key` (empty when it holds none)."""
+        return list(dict.fromkeys(ident[0] for ident, holder in self._owner.items() if holder == task_key))
 
     def snapshot(self) -> list[DeviceInfo]:
         """Every device, with `task_key` set for used ones."""
@@ -58,9 +94,29 @@ class DeviceInventory:
         """How many devices are unused."""
         return sum(1 for d in self._devices if _ident(d) not in self._owner)
 
+    def free_by_node(self) -> dict[str, list[DeviceInfo]]:
+        """The free devices of every node that is up, lowest index first."""
+        free: dict[str, list[DeviceInfo]] = {}
+        for d in sorted(self._devices, key=lambda d: (d.node, d.index)):
+            if d.node not in self._down and _ident(d) not in self._owner:
+                free.setdefault(d.node, []).append(d)
+        return free
+
+    def place(self, req: PlacementRequest) -> list[list[DeviceInfo]]:
+        """Devices for `req.count` new executors by the placement rules (`placement`), now marked used."""
+        sizes = Counter(d.node for d in self._devices)
+        chosen = place(self.free_by_node(), {n: sizes[n] for n in self.nodes}, self._down, req)
+        for devices in chosen:
+            for d in devices:
+                self._owner[_ident(d)] = req.task_key
+        return [[d.model_copy(update={"task_key": req.task_key}) for d in devs] for devs in chosen]
+
     def allocate(self, task_key: str, count: int) -> list[DeviceInfo]:
-        """`count` free devices for `task_key`, lowest index first; a typed 503 if there are not enough."""
-        free = [d for d in self._devices if _ident(d) not in self._owner]
+        """`count` free devices for `task_key` on nodes that are up, lowest index first (any nodes).
+
+        Kept for callers that need plain devices; deployments are placed with `place`.
+        """
+        free = [d for d in self._devices if _ident(d) not in self._owner and d.node not in self._down]
         if count > len(free):
             raise ServiceFault(
                 503,
@@ -76,13 +132,13 @@ class DeviceInventory:
         return [d.model_copy(update={"task_key": task_key}) for d in chosen]
 
     def claim(self, task_key: str, devices: Iterable[DeviceInfo]) -> list[DeviceInfo]:
-        """Mark recovered devices as used by `task_key`; returns those that are unknown or taken."""
+        """Mark recovered devices as used by `task_key`; returns those that are unknown, taken or down."""
         known = {_ident(d) for d in self._devices}
         conflicts = []
         for d in devices:
             ident = _ident(d)
             holder = self._owner.get(ident)
-            if ident not in known or (holder is not None and holder != task_key):
+            if ident not in known or d.node in self._down or (holder is not None and holder != task_key):
                 conflicts.append(d)
                 continue
             self._owner[ident] = task_key

@@ -26,7 +26,7 @@ from cornserve.resource_manager.k8s_pods import KubernetesSettings
 from cornserve.resource_manager.k8s_spawner import KubernetesSpawner, pod_env
 from cornserve.resource_manager.manager import ResourceManager
 from cornserve.resource_manager.service import ResourceManagerService
-from cornserve.resource_manager.spawner import LocalSubprocessSpawner, Spawner
+from cornserve.resource_manager.spawner import LocalSubprocessSpawner, NodeAgents, Spawner, spawner_devices
 from cornserve.runtime.service import run_service
 from cornserve.runtime.settings import ProcessInfo, ServiceSettings
 
@@ -46,8 +46,11 @@ class ResourceManagerSettings(ServiceSettings):
     """auto: GPUs when present, else CPU slots; cpu: CPU slots even with GPUs."""
     node: str = Field(default="local", min_length=1)
     """Node id of this machine's devices and sidecars."""
-    spawner: Literal["local", "kubernetes"] = "local"
-    """How task managers are started: local processes, or pods through the Kubernetes API."""
+    spawner: Literal["local", "docker", "kubernetes"] = "local"
+    """How task managers are started: local processes, containers on Docker engines (--docker-config),
+    or pods through the Kubernetes API (--k8s-settings)."""
+    docker_config: Path | None = None
+    """JSON file of the docker spawner: its nodes (name, engine, address, devices), image and mounts."""
     k8s_settings: Path | None = None
     """JSON file of the `kubernetes` spawner's settings (namespace, images, node label, secrets, ...;
     `cornserve.resource_manager.k8s_pods.KubernetesSettings`); none: their defaults."""
@@ -72,8 +75,11 @@ def make_spawner(
     nats_creds: Path | None = None,
     records_dir: Path | None = None,
     metrics: bool = False,
+    *,
     k8s_settings: Path | None = None,
     k8s_kubeconfig: Path | None = None,
+    docker_config: Path | None = None,
+    nats_url: str = "",
 ) -> Spawner:
     """The spawner named on the command line; `nats_creds` is the task managers' credentials file.
 
@@ -88,6 +94,15 @@ def make_spawner(
             log_level=log_level,
             kubeconfig=str(k8s_kubeconfig) if k8s_kubeconfig else None,
             env=pod_env(os.environ, TASK_MANAGER_PASSED_ENV),
+        )
+    if name == "docker":
+        if docker_config is None:
+            raise ValueError("--spawner docker needs --docker-config FILE (its nodes and image)")
+        from cornserve.resource_manager.docker_config import DockerSpawnerConfig
+        from cornserve.resource_manager.docker_spawner import DockerSpawner
+
+        return DockerSpawner(
+            DockerSpawnerConfig.load(docker_config), log_dir, log_level, nats_creds, nats_url
         )
     raise ValueError(f"unknown spawner {name!r}")
 
@@ -116,24 +131,30 @@ async def serve(settings: ResourceManagerSettings, nc: Client) -> AsyncIterator[
     """Serve while the context is open; leaving it stops serving and leaves the task managers running."""
     log_dir = settings.log_dir or Path(tempfile.mkdtemp(prefix="cornserve-rm-"))
     log_dir.mkdir(parents=True, exist_ok=True)
-    devices = discover_devices(settings.device_kind, settings.cpu_slots, settings.node)
+    spawner = make_spawner(
+        settings.spawner,
+        log_dir,
+        settings.log_level,
+        settings.task_manager_nats_creds,
+        settings.task_manager_dir,
+        metrics=settings.task_manager_metrics,
+        docker_config=settings.docker_config,
+        nats_url=settings.nats_url,
+        k8s_settings=settings.k8s_settings,
+        k8s_kubeconfig=settings.k8s_kubeconfig,
+    )
+    devices = spawner_devices(
+        spawner, lambda: discover_devices(settings.device_kind, settings.cpu_slots, settings.node)
+    )
+    if isinstance(spawner, NodeAgents):
+        await spawner.start()
     manager = ResourceManager(
         nc,
         settings.nats_url,
         DeviceInventory(devices),
-        make_spawner(
-            settings.spawner,
-            log_dir,
-            settings.log_level,
-            settings.task_manager_nats_creds,
-            settings.task_manager_dir,
-            metrics=settings.task_manager_metrics,
-            k8s_settings=settings.k8s_settings,
-            k8s_kubeconfig=settings.k8s_kubeconfig,
-        ),
+        spawner,
         reconcile_interval_s=settings.reconcile_interval,
     )
-    spawner = manager.ctx.task_managers.spawner
     if isinstance(spawner, KubernetesSpawner):
         # A pod's node and GPU count follow from the devices its executors were given.
         spawner.devices_of = lambda key: (
@@ -142,16 +163,21 @@ async def serve(settings: ResourceManagerSettings, nc: Client) -> AsyncIterator[
     service = ResourceManagerService(
         nc,
         manager,
-        metadata={"node": settings.node, "devices": str(len(devices)), "device_kind": devices[0].kind},
+        metadata={
+            "node": settings.node,
+            "nodes": ",".join(dict.fromkeys(d.node for d in devices)),
+            "devices": str(len(devices)),
+            "device_kind": devices[0].kind,
+        },
     )
     try:
         await manager.start()
         await service.start()
         logger.info(
-            "resource manager serving: %d %s device(s) on node %s, logs in %s",
+            "resource manager serving: %d %s device(s) on node(s) %s, logs in %s",
             len(devices),
             devices[0].kind,
-            settings.node,
+            ", ".join(dict.fromkeys(d.node for d in devices)),
             log_dir,
         )
         yield

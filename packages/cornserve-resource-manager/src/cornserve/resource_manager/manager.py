@@ -10,6 +10,7 @@ records (`store`), the per-key locks (`locks`) and the requests to task managers
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from nats.aio.client import Client
 
@@ -19,10 +20,16 @@ from cornserve.resource_manager.deployment import Deployment
 from cornserve.resource_manager.devices import DeviceInventory
 from cornserve.resource_manager.events import Announcer
 from cornserve.resource_manager.reconcile import Reconciler
-from cornserve.resource_manager.spawner import Spawner
+from cornserve.resource_manager.spawner import Spawner, unavailable_nodes
 from cornserve.resource_manager.store import DeploymentStore
 from cornserve.resource_manager.task_managers import TaskManagerControl, TaskManagerTimeouts
 from cornserve.resource_manager.tasks import TaskLoader
+
+logger = logging.getLogger(__name__)
+
+
+NODES_DEADLINE_S = 60.0
+"""How long the start waits for the spawner backend to say which nodes are down."""
 
 
 class ResourceManager:
@@ -62,6 +69,12 @@ class ResourceManager:
         """Open the store, load task libraries, adopt or re-spawn stored deployments, start reconciling."""
         await self.ctx.store.open()
         await self.ctx.tasks.start()
+        try:  # before recovery, so that deployments on a down node are re-placed, not re-spawned there
+            down = await asyncio.wait_for(unavailable_nodes(self.ctx.task_managers.spawner), NODES_DEADLINE_S)
+        except TimeoutError:
+            logger.warning("the spawner backend did not say within %g s which nodes are up", NODES_DEADLINE_S)
+        else:
+            self.ctx.inventory.set_down(down)
         await recovery.recover(self.ctx)
         self.reconciler.start()
 

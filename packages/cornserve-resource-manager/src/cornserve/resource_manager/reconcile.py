@@ -15,6 +15,10 @@ interleaves with a deploy, release or scale of that key (a key whose lock is hel
   it and assigning its executors, or between two steps of a scale) is sent the assignment again.
 - **failed** (a re-creation, or the re-spawn after a restart, that failed): tried again with
   exponential backoff (the interval doubled per failure, at most `max_backoff_s`).
+- **nodes**: each pass asks the spawner backend which nodes are down (`unavailable_nodes`); a
+  ready deployment with devices on a down node is re-created like a dead one, and re-placed by the
+  placement rules on a node that is up and allowed (a deployment pinned to the down node fails and
+  is retried with backoff until the node is back).
 - **orphans**: a running task manager (from the spawner's process records) of a key no deployment
   wants, or a second one of a wanted key, is killed.
 
@@ -36,7 +40,7 @@ from cornserve.bus.control import TaskManagerStatus
 from cornserve.bus.micro import BusError, ServiceFault
 from cornserve.resource_manager.context import ResourceManagerContext
 from cornserve.resource_manager.deployment import Deployment
-from cornserve.resource_manager.tasks import devices_per_executor
+from cornserve.resource_manager.spawner import pids_are_local, unavailable_nodes
 from cornserve.runtime.process import pid_alive, signal_group, wait_for_async
 
 logger = logging.getLogger(__name__)
@@ -96,6 +100,7 @@ class Reconciler:
         if self._paused:
             logger.info("NATS is back: reconciliation resumed")
             self._paused = False
+        await self._refresh_nodes()
         for key in list(self.ctx.deployments):
             if key in self._checks or self.ctx.locks.lock(key).locked():
                 continue
@@ -123,6 +128,10 @@ class Reconciler:
             return
         if dep.state != "ready":
             return  # an operation is deploying or tearing it down
+        lost = sorted({d.node for d in dep.devices} & self.ctx.inventory.down)
+        if lost:
+            await self._repair(dep, f"node {', '.join(lost)} is down", recreate=True)
+            return
         handle = dep.handle
         code = handle.exit_code() if handle is not None else None
         if handle is not None and code is not None:
@@ -181,8 +190,13 @@ class Reconciler:
         await self.ctx.persist_and_announce(dep, "updated")
         logger.info("task %s: executors restored (%s)", key, ", ".join(dep.executors))
 
-    async def _recreate(self, dep: Deployment, reason: str) -> None:
-        """Replace the task manager: kill what is left of it, spawn a new one, assign the same executors."""
+    async def _recreate(self, dep: Deployment, reason: str, *, node_retry: bool = True) -> None:
+        """Replace the task manager: kill what is left of it, spawn a new one, assign the same executors.
+
+        If the attempt fails and a node of the deployment turned out to be down meanwhile (a node's
+        containers stopping one by one), it is re-placed and tried again at once (`node_retry`),
+        not after the failure backoff.
+        """
         key = dep.task_key
         started = time.monotonic()
         logger.warning("task %s: %s; re-creating its task manager", key, reason)
@@ -193,6 +207,10 @@ class Reconciler:
         if old is not None:
             await self.ctx.task_managers.kill(dep)  # a live but silent one would share the key's subjects
         await self._executors_gone(dep)
+        # A task manager that died with its node (its containers stopped together) is noticed
+        # before the pass's node check would see the node down: look again, so that it is placed
+        # on a node that is up rather than re-created where it cannot run.
+        await self._refresh_nodes()
         try:
             self._hold_devices(dep)
             deadline = started + self.ctx.recovery_timeout_s
@@ -209,6 +227,13 @@ class Reconciler:
                 logger.error("task %s: re-creating its task manager raised", key, exc_info=exc)
             await self.ctx.task_managers.kill(dep)
             dep.handle = None
+            await self._refresh_nodes()
+            lost = sorted({d.node for d in dep.devices} & self.ctx.inventory.down)
+            if node_retry and lost:
+                await self._recreate(
+                    dep, f"node {', '.join(lost)} went down while it started ({why})", node_retry=False
+                )
+                return
             dep.state = "failed"
             dep.message = f"re-creating its task manager failed: {why}"
             await self.ctx.announcer.changed("updated", dep.info())
@@ -230,14 +255,19 @@ class Reconciler:
     def _hold_devices(self, dep: Deployment) -> None:
         """Make sure the inventory holds the deployment's devices (a failed re-spawn may have freed them)."""
         key = dep.task_key
-        per = devices_per_executor(dep.task)
         count = max(1, len(dep.executors))
         if dep.executors and not self.ctx.inventory.claim(key, dep.devices):
             return
         self.ctx.inventory.release(key)
-        devices = self.ctx.inventory.allocate(key, per * count)  # a typed 503 if they are gone
+        # Re-placed by the placement rules (a typed 503 if no allowed node has devices), e.g. on
+        # another node when the one it ran on is down.
+        placed = self.ctx.place_executors(key, dep.task, count, dep.users)
         ids = list(dep.executors) or [dep.new_executor_id()]
-        dep.executors = {eid: devices[i * per : (i + 1) * per] for i, eid in enumerate(ids)}
+        old_nodes = sorted({d.node for d in dep.devices})
+        dep.executors = dict(zip(ids, placed, strict=True))
+        new_nodes = sorted({d.node for d in dep.devices})
+        if old_nodes != new_nodes:
+            logger.warning("task %s: re-placed from node(s) %s to %s", key, old_nodes, new_nodes)
 
     async def _executors_gone(self, dep: Deployment) -> None:
         """Wait (bounded) for the dead task manager's executors to exit, then kill what is left.
@@ -245,12 +275,8 @@ class Reconciler:
         They get SIGTERM when their task manager dies and may still be draining; new executors on
         the same devices must not start next to them (a GPU's memory would not fit both).
         """
-        if dep.status is None:
-            return
-        if not getattr(self.ctx.task_managers.spawner, "local_processes", True):
-            # Pids of another pod (or host): not this process's to wait for or signal. Such a
-            # spawner's kill returns once the task manager's pod, executors included, is gone.
-            return
+        if dep.status is None or not pids_are_local(self.ctx.task_managers.spawner):
+            return  # a backend's pids are not this machine's: killing its task manager stopped them
         pids = [e.pid for e in dep.status.executors if e.pid is not None]
         grace = self.ctx.task_managers.timeouts.kill_grace_s
         if await wait_for_async(lambda: not any(pid_alive(p) for p in pids), grace, poll_s=0.1):
@@ -264,6 +290,23 @@ class Reconciler:
                     grace,
                 )
                 signal_group(pid, signal.SIGKILL)
+
+    async def _refresh_nodes(self) -> None:
+        """Ask the spawner backend which nodes are down; their deployments are then re-placed.
+
+        Bounded by the interval: a backend that does not answer in time leaves the states as they were.
+        """
+        spawner = self.ctx.task_managers.spawner
+        try:
+            down = await asyncio.wait_for(unavailable_nodes(spawner), max(1.0, self.interval_s))
+        except TimeoutError:
+            logger.warning("the spawner backend did not say which nodes are up within %g s", self.interval_s)
+            return
+        went_down, came_up = self.ctx.inventory.set_down(down)
+        for node in sorted(went_down):
+            logger.warning("node %s is down: its deployments are re-placed on other allowed nodes", node)
+        for node in sorted(came_up):
+            logger.info("node %s is up again: its devices can be allocated", node)
 
     def _backoff(self, key: str, why: str) -> None:
         failures = self._failures[key] = self._failures.get(key, 0) + 1

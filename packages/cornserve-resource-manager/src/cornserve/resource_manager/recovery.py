@@ -61,9 +61,11 @@ async def _recover(ctx: ResourceManagerContext, rec: DeploymentRecord) -> None:
     devices = list(rec.devices)
     if ctx.inventory.claim(key, devices) or len(devices) != per * rec.num_executors:
         ctx.inventory.release(key)
-        devices = ctx.inventory.allocate(key, per * rec.num_executors)
-    for i in range(rec.num_executors):
-        dep.executors[dep.new_executor_id()] = devices[i * per : (i + 1) * per]
+        placed = ctx.place_executors(key, dep.task, rec.num_executors, dep.users)
+    else:
+        placed = [devices[i * per : (i + 1) * per] for i in range(rec.num_executors)]
+    for executor_devices in placed:
+        dep.executors[dep.new_executor_id()] = executor_devices
     ctx.deployments[key] = dep
     lock = ctx.locks.lock(key)
     await lock.acquire()  # held by the re-spawn, so requests for this key wait for it

@@ -39,9 +39,8 @@ async def scale(ctx: ResourceManagerContext, req: ScaleRequest) -> DeploymentInf
             await ctx.announcer.progress(
                 req.request_id, dep.task_key, "allocating", f"{count * per} device(s)"
             )
-            devices = ctx.inventory.allocate(dep.task_key, count * per)
-            for i in range(count):
-                added[dep.new_executor_id()] = devices[i * per : (i + 1) * per]
+            for devices in ctx.place_executors(dep.task_key, dep.task, count, dep.users, current):
+                added[dep.new_executor_id()] = devices
             desired = {**current, **added}
         else:
             desired = dict(list(current.items())[: req.num_executors])

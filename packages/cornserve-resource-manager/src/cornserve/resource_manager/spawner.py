@@ -16,10 +16,11 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
-from cornserve.bus.control import TaskSpec
+from cornserve.bus.control import DeviceInfo, TaskSpec
 from cornserve.runtime.detached import DetachedGroups
 from cornserve.runtime.metrics import child_environment
 from cornserve.runtime.process import ProcessGroup
@@ -59,6 +60,79 @@ class Spawner(Protocol):
 
     def running(self) -> list[tuple[str, TaskManagerHandle]]:
         """(task key, handle) of every task manager this spawner knows to be running, wanted or not."""
+
+
+@runtime_checkable
+class NodeSpawner(Protocol):
+    """Optional, for backends that span nodes (docker, kubernetes): what they add to `Spawner`.
+
+    A spawner without these methods is one node (the local spawner): the resource manager then
+    discovers this machine's devices, never sees a node down, and spawns with `Spawner.spawn`.
+    Use the functions below (`spawner_devices`, `unavailable_nodes`, `spawn_on_node`), which fall
+    back to those defaults, rather than calling the methods directly.
+    """
+
+    def node_devices(self) -> list[DeviceInfo]:
+        """Every node's devices (kind, index, memory, sidecar rank, node); ranks unique cluster-wide."""
+
+    async def unavailable_nodes(self) -> set[str]:
+        """Nodes whose devices cannot be used now (engine unreachable, node agent stopped)."""
+
+    async def spawn_on(self, node: str, task_key: str, task: TaskSpec, nats_url: str) -> TaskManagerHandle:
+        """Start a task manager on `node` (its executors run on that node)."""
+
+    def pids_are_local(self) -> bool:
+        """Whether the pids handles and task managers report are this machine's (signals may be sent)."""
+
+    def one_node_per_deployment(self) -> bool:
+        """Whether every executor of a deployment must be on its task manager's node."""
+
+
+@runtime_checkable
+class NodeAgents(Protocol):
+    """Optional: a backend that starts per-node agents (sidecars, shared memory) before serving."""
+
+    async def start(self) -> None:
+        """Start what each node needs; a node that cannot be started is left down (and logged)."""
+
+
+def spawner_devices(spawner: object, discover: Callable[[], list[DeviceInfo]]) -> list[DeviceInfo]:
+    """The inventory: every node's devices from the backend, or `discover()` (this machine) for a one-node spawner."""
+    if isinstance(spawner, NodeSpawner):
+        return spawner.node_devices()
+    return discover()
+
+
+async def unavailable_nodes(spawner: object) -> set[str]:
+    """Nodes that are down now (never any for a one-node spawner)."""
+    if isinstance(spawner, NodeSpawner):
+        return await spawner.unavailable_nodes()
+    return set()
+
+
+async def spawn_on_node(
+    spawner: Spawner, node: str, task_key: str, task: TaskSpec, nats_url: str
+) -> TaskManagerHandle:
+    """Start a task manager where its executors' devices are (`spawn` for a one-node spawner)."""
+    if isinstance(spawner, NodeSpawner):
+        return await spawner.spawn_on(node, task_key, task, nats_url)
+    return await spawner.spawn(task_key, task, nats_url)
+
+
+def one_node_per_deployment(spawner: object) -> bool:
+    """Whether a deployment's executors must share one node (a one-node spawner: trivially, yes)."""
+    return spawner.one_node_per_deployment() if isinstance(spawner, NodeSpawner) else True
+
+
+def pids_are_local(spawner: object) -> bool:
+    """Whether reported pids are this machine's (true for a local spawner).
+
+    A backend that is not node-aware says otherwise with a `local_processes = False` attribute (the
+    `kubernetes` spawner: pids are inside its pods).
+    """
+    if isinstance(spawner, NodeSpawner):
+        return spawner.pids_are_local()
+    return bool(getattr(spawner, "local_processes", True))
 
 
 class TaskManagerProcess(ProcessGroup):

@@ -18,7 +18,7 @@ from cornserve.bus.control import DeviceInfo, TaskManagerStatus
 from cornserve.bus.micro import BusError, NoResponders, RequestTimeout, ServiceErrorReply, ServiceFault
 from cornserve.bus.tm_client import TaskManagerClient
 from cornserve.resource_manager.deployment import Deployment
-from cornserve.resource_manager.spawner import Spawner
+from cornserve.resource_manager.spawner import Spawner, spawn_on_node
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,10 @@ class TaskManagerControl:
 
     async def start(self, dep: Deployment, deadline: float) -> TaskManagerStatus:
         """Spawn the task manager and wait until it answers (or exits, or the deadline passes)."""
-        dep.handle = await self.spawner.spawn(dep.task_key, dep.spec, self.nats_url)
+        # The node of its first executor (a backend whose executors run beside their task manager
+        # has all of a deployment's executors there: `one_node_per_deployment`).
+        node = dep.devices[0].node if dep.devices else "local"
+        dep.handle = await spawn_on_node(self.spawner, node, dep.task_key, dep.spec, self.nats_url)
         handle = dep.handle
         tm = self.client(dep.task_key)
         start_deadline = min(deadline, time.monotonic() + self.timeouts.start_s)

@@ -26,10 +26,18 @@ class ServerIdentity:
     node: str
     ttl_s: float
     tcp_host: str
+    """The address the TCP listener binds."""
     tcp_port: int = 0
     """0 until the TCP listener is bound; then the bound port."""
+    advertise_host: str | None = None
+    """The address peers on other nodes connect to (default: `tcp_host`)."""
     prefault: bool = False
     instance: str = field(default_factory=new_instance_id)
+
+    @property
+    def reachable_host(self) -> str:
+        """What this server tells its peers to connect to."""
+        return self.advertise_host or self.tcp_host
 
     def ack(self, request_id: str) -> SidecarAck:
         """The success reply of this instance."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -56,6 +57,8 @@ class Outbox:
     """Destinations of open streams (for ``close_stream``) and when their last chunk was sent."""
     peer_key: PeerKey | None = None
     """The cluster's peer secret (set at start when configured); without it no cross-node pushes."""
+    sent_by_path: Counter[str] = field(default_factory=Counter)
+    """Chunks delivered per path (`shm`, `cuda_ipc`, `tcp`, `nccl`), reported in stats."""
 
     async def on_send(self, req: SendRequest) -> SidecarAck:
         """Take ownership of the written bytes and announce them to every destination rank."""
@@ -138,6 +141,7 @@ class Outbox:
             with span("sidecar.transfer", attributes=attributes):
                 await self._deliver_one(peer, req, held, deadline)
             ok = True
+            self.sent_by_path[path] += 1
         finally:
             observe_delivery(self.me.rank, path, loc.size, time.monotonic() - started, ok)
 

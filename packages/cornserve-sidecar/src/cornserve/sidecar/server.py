@@ -25,7 +25,7 @@ from typing import Annotated, ClassVar
 from nats.aio.client import Client
 from nats.micro import add_service
 from nats.micro.service import Service
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from cornserve.bus.micro import (
     HandlerRunner,
@@ -102,9 +102,16 @@ class SidecarServer:
         nats_creds: Path | None = None,
         peer_secret_file: Path | None = None,
         tcp_max_timeout_s: float = DEFAULT_TCP_MAX_TIMEOUT_S,
+        advertise_host: str | None = None,
     ) -> None:
         self.me = ServerIdentity(
-            rank=rank, node=node, ttl_s=ttl_s, tcp_host=tcp_host, tcp_port=tcp_port, prefault=prefault
+            rank=rank,
+            node=node,
+            ttl_s=ttl_s,
+            tcp_host=tcp_host,
+            tcp_port=tcp_port,
+            prefault=prefault,
+            advertise_host=advertise_host,
         )
         self.rank = rank
         self.nats_url = nats_url
@@ -192,7 +199,7 @@ class SidecarServer:
         await self._nc.publish(SIDECAR_UP_EVENT, up.model_dump_json().encode())
         await self._nc.flush()
         logger.info(
-            "sidecar rank=%d node=%s instance=%s arena=%s (%d bytes) tcp=%s:%d ready",
+            "sidecar rank=%d node=%s instance=%s arena=%s (%d bytes) tcp=%s:%d (advertised as %s) ready",
             self.rank,
             self.me.node,
             self.instance,
@@ -200,6 +207,7 @@ class SidecarServer:
             self.memory.size,
             self.me.tcp_host,
             self.me.tcp_port,
+            self.me.reachable_host,
         )
 
     async def _refuse_double_serve(self, nc: Client) -> None:
@@ -278,7 +286,7 @@ class SidecarServer:
             version=__version__,
             arena=self.memory.arena.name,
             arena_bytes=self.memory.alloc.capacity,
-            tcp_host=self.me.tcp_host,
+            tcp_host=self.me.reachable_host,
             tcp_port=self.me.tcp_port,
             ttl_s=self.me.ttl_s,
             prefaulted=self.me.prefault,
@@ -305,6 +313,7 @@ class SidecarServer:
             mailbox_entries=self.inbox.mailbox.slot_count(),
             pending_allocs=len(self.memory.unsent),
             known_peers={str(r): i for r, i in self.peers.instances.items()},
+            sent_by_path=dict(self.outbox.sent_by_path),
         )
 
     def _on_peer_restart(self, rank: int, new_instance: str) -> None:
@@ -343,7 +352,9 @@ class SidecarSettings(ServiceSettings):
     ttl_seconds: float = Field(default=300.0, gt=0)
     """Free data nobody claims after this long."""
     tcp_host: str = "127.0.0.1"
-    """Address to bind and advertise for cross-node transfers."""
+    """Address to bind for cross-node transfers (and to advertise, unless --advertise-host is given)."""
+    advertise_host: str | None = Field(default=None, min_length=1)
+    """Address peers on other nodes connect to (this node's routable address; needed with --tcp-host 0.0.0.0)."""
     tcp_port: int = Field(default=0, ge=0, lt=65536)
     """TCP port for cross-node transfers (0 = any)."""
     prefault: bool = False
@@ -355,9 +366,19 @@ class SidecarSettings(ServiceSettings):
     )
     """Longest a peer's transfer may hold memory here waiting for its bytes (caps its own timeout)."""
 
+    @model_validator(mode="after")
+    def _routable(self) -> SidecarSettings:
+        if self.advertise_host is None and self.tcp_host in ("0.0.0.0", "::", ""):
+            raise ValueError(
+                f"--tcp-host {self.tcp_host!r} binds every address but is no address peers can connect "
+                "to: give --advertise-host (this node's routable address)"
+            )
+        return self
+
 
 SERVER_FIELDS = {
-    "rank", "node", "nats_url", "nats_creds", "arena_bytes", "tcp_host", "tcp_port", "prefault", "tcp_max_timeout_s"
+    "rank", "node", "nats_url", "nats_creds", "arena_bytes", "tcp_host", "tcp_port", "prefault",
+    "tcp_max_timeout_s", "advertise_host",
 }  # fmt: skip
 """Settings that `SidecarServer` takes under the same name."""
 

@@ -11,12 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import docker.errors
 
 from cornserve.bus.control import DeviceInfo, ExecutorInfo, ExecutorState
 from cornserve.runtime.metrics import child_environment
 from cornserve.runtime.process import ProcessGroup, free_port, log_tail
 from cornserve.runtime.settings import NATS_CREDS_ENV, NATS_URL_ENV
 from cornserve.task import ExecutorLaunchSpec, ExecutorPlacement, UnitTask
+from cornserve.task_manager.containers import ContainerProcess, ExecutorContainers
 from cornserve.task_manager.devices import DeviceMapError, executor_devices
 
 EXECUTOR_NATS_CREDS_ENV = "CORNSERVE_EXECUTOR_NATS_CREDS"
@@ -45,10 +47,15 @@ class ManagedExecutor:
     log_path: Path
     nats_creds: Path | None = None
     """The executor role's NATS credentials file (never the task manager's own)."""
+    host: str = HOST
+    """Address the executor listens on and is reached at (its node's routable address across nodes)."""
+    containers: ExecutorContainers | None = None
+    """Run the executor as a container on its devices' node (the docker spawner); None: a local process."""
+    task_key: str = ""
     state: ExecutorState = "starting"
     port: int = 0
     health_path: str = "/health"
-    proc: ProcessGroup | None = None
+    proc: ProcessGroup | ContainerProcess | None = None
     in_flight: int = 0
     routed: int = 0
     restarts: int = 0
@@ -63,7 +70,7 @@ class ManagedExecutor:
     @property
     def url(self) -> str:
         """Base URL of the executor's HTTP server."""
-        return f"http://{HOST}:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     @property
     def sidecar_ranks(self) -> list[int]:
@@ -89,14 +96,20 @@ class ManagedExecutor:
 
     def launch(self, task: UnitTask[Any, Any], nats_url: str) -> float:
         """Start the process on a fresh port; returns the descriptor's readiness timeout."""
-        port = free_port(HOST)
+        node = self.devices[0].node if self.devices else ""
+        if self.containers is not None:
+            self.host = self.containers.node(node).address
+        try:
+            port = free_port(self.host)
+        except OSError:  # another node's address: a port free here is very likely free there
+            port = free_port()
         try:
             devices = executor_devices(self.devices)
         except DeviceMapError as exc:
             raise ExecutorStartError(f"executor {self.executor_id}: {exc}") from exc
         placement = ExecutorPlacement(
             executor_id=self.executor_id,
-            host=HOST,
+            host=self.host,
             port=port,
             devices=devices,
             sidecar_ranks=self.sidecar_ranks,
@@ -114,6 +127,16 @@ class ManagedExecutor:
         self.health_path = spec.health_path if spec.health_path.startswith("/") else "/" + spec.health_path
         self.failed_probes = 0
         logger.info("executor %s: starting %s (port %d)", self.executor_id, spec.command, spec.port)
+        if self.containers is not None:
+            try:
+                self.proc = ContainerProcess.spawn(
+                    self.containers, node, self.task_key, self.executor_id, spec.command, env, self.log_path
+                )
+            except (docker.errors.DockerException, KeyError) as exc:
+                raise ExecutorStartError(
+                    f"executor {self.executor_id}: cannot start its container on node {node}: {exc}"
+                ) from exc
+            return spec.ready_timeout_s
         try:
             # Dies with this task manager (Linux), so a SIGKILLed manager leaves no executor holding devices.
             self.proc = ProcessGroup.spawn(
@@ -182,7 +205,7 @@ class ManagedExecutor:
         self.ever_ready = True
         self.start_failures = 0
         self.add_in_flight(-self.in_flight)
-        logger.info("executor %s ready at %s (pid %d)", self.executor_id, self.url, self.pid or -1)
+        logger.info("executor %s ready at %s (pid %s)", self.executor_id, self.url, self.pid)
 
     @property
     def pid(self) -> int | None:
@@ -194,7 +217,7 @@ class ManagedExecutor:
         if self.proc is None:
             return
         code = await self.proc.stop_async(grace_s)
-        logger.info("executor %s (pid %d) stopped with code %s", self.executor_id, self.proc.pid, code)
+        logger.info("executor %s (pid %s) stopped with code %s", self.executor_id, self.proc.pid, code)
 
 
 def executor_env(base: dict[str, str], nats_url: str, nats_creds: Path | None) -> dict[str, str]:

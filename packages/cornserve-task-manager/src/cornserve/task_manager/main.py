@@ -28,6 +28,7 @@ from cornserve.task import TaskError, UnitTask, deserialize_task
 from cornserve.task.errors import TaskRegistryError
 from cornserve.task.executor_flags import check_allowed_names, check_executor_flags
 from cornserve.task.library import load_task_library
+from cornserve.task_manager.containers import ExecutorContainers
 from cornserve.task_manager.manager import TaskManager
 from cornserve.task_manager.metrics import watch_manager
 from cornserve.task_manager.service import TaskManagerService
@@ -56,6 +57,10 @@ class TaskManagerSettings(ServiceSettings):
     """Seconds between executor health checks."""
     stop_grace: float = Field(default=5.0, gt=0)
     """Seconds between SIGTERM and SIGKILL when stopping an executor."""
+    executor_host: str = Field(default="127.0.0.1", min_length=1)
+    """Address executors listen on and are routed to: loopback on one machine, the node's routable address across machines."""
+    executor_containers: Path | None = None
+    """JSON file (written by the docker spawner): run executors as containers on their devices' nodes."""
     executor_nats_creds: Path | None = None
     """NATS credentials file of the executor role, handed to executors (none: they get no credentials)."""
     allow_executor_flags: Annotated[CommaSeparated, AfterValidator(check_allowed_names)] = Field(
@@ -123,6 +128,12 @@ async def serve(settings: TaskManagerSettings, nc: Client) -> AsyncIterator[None
             health_interval_s=settings.health_interval,
             stop_grace_s=settings.stop_grace,
             executor_nats_creds=settings.executor_nats_creds,
+            executor_host=settings.executor_host,
+            executor_containers=(
+                None
+                if settings.executor_containers is None
+                else ExecutorContainers.load(settings.executor_containers)
+            ),
             metrics_url=current_metrics_url(),
         )
         await manager.start()

@@ -28,6 +28,7 @@ from cornserve.bus.control import (
 from cornserve.bus.micro import ServiceFault
 from cornserve.runtime.tracing import set_attributes
 from cornserve.task import UnitTask
+from cornserve.task_manager.containers import ExecutorContainers
 from cornserve.task_manager.executor import ExecutorStartError, ManagedExecutor
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,10 @@ class TaskManager:
     """NATS credentials file handed to executors (their role's, not this manager's)."""
     metrics_url: str | None = None
     """This process's metrics page, reported in every status (None: no metrics port)."""
+    executor_host: str = "127.0.0.1"
+    """Address executors listen on and are routed to (a node's routable address across nodes)."""
+    executor_containers: ExecutorContainers | None = None
+    """Run executors as containers on their devices' nodes (the docker spawner's file); None: local processes."""
     # Health: probing, restarting, and forgetting in-flight work whose done messages were lost.
     _health: asyncio.Task[None] | None = field(default=None, init=False, repr=False)
     health_interval_s: float = 1.0
@@ -169,6 +174,9 @@ class TaskManager:
                 devices=list(a.devices),
                 log_path=self.log_dir / f"{self.task_key}.{a.executor_id}.log",
                 nats_creds=self.executor_nats_creds,
+                host=self.executor_host,
+                containers=self.executor_containers,
+                task_key=self.task_key,
             )
             self.executors[a.executor_id] = ex
             new.append(ex)

@@ -37,6 +37,7 @@ from cornserve.task.graph import TaskGraph, forward_edges, wire_forwards
 from cornserve.task.invocation import TaskInvocation
 from cornserve.task.io_models import TaskInput, TaskOutput
 from cornserve.task.local import InProcessRunner, LocalForwardStore, TracingRunner
+from cornserve.task.placement import NodePlacement
 from cornserve.task.registry import (
     ClassKey,
     deserialize_task,
@@ -62,6 +63,7 @@ __all__ = [
     "InvalidTaskInputError",
     "LocalForwardStore",
     "NoGraphRunnerError",
+    "NodePlacement",
     "StaticGraphError",
     "Stream",
     "Task",

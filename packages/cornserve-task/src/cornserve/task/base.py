@@ -32,6 +32,7 @@ from cornserve.task.forward import DataForward, Unmaterialized
 from cornserve.task.generics import generic_args, is_concrete, is_unbound
 from cornserve.task.io_models import TaskInput, TaskOutput, as_model
 from cornserve.task.nested import nested_values
+from cornserve.task.placement import NodePlacement
 from cornserve.task.registry import DESCRIPTORS, UNIT_TASKS, ClassKey, task_deployment_key
 
 if TYPE_CHECKING:
@@ -188,11 +189,18 @@ class UnitTask(Task[InputT, OutputT]):
         description="How this task is executed; defaults to an instance of the class's default descriptor.",
     )
 
+    placement: NodePlacement | None = Field(
+        default=None,
+        exclude_if=lambda value: value is None,
+        description="Nodes this task's executors may run on (default: any); part of the key only when set.",
+    )
+
     _deployment_key: str | None = PrivateAttr(default=None)
 
     @classmethod
     def _positional_fields(cls) -> list[str]:
-        return [name for name in cls.model_fields if name != "descriptor"] + ["descriptor"]
+        own = [name for name in cls.model_fields if name not in ("descriptor", "placement")]
+        return [*own, "descriptor", "placement"]
 
     @model_validator(mode="before")
     @classmethod

@@ -12,6 +12,7 @@ from cornserve.task.builtins.modality import Modality
 from cornserve.task.descriptor import TaskExecutionDescriptor
 from cornserve.task.executor_flags import ModelId
 from cornserve.task.forward import DataForward, Tensor
+from cornserve.task.placement import NodePlacement
 from cornserve.task.stream import Stream
 
 
@@ -29,6 +30,10 @@ class MLLMTask(Task[ChatCompletionRequest, Stream[ChatCompletionChunk]]):
     max_batch_size: int = Field(default=8, ge=1)
     encoder_descriptor: SerializeAsAny[TaskExecutionDescriptor] | None = None  # type: ignore[type-arg]
     llm_descriptor: SerializeAsAny[TaskExecutionDescriptor] | None = None  # type: ignore[type-arg]
+    encoder_placement: NodePlacement | None = Field(default=None, exclude_if=lambda value: value is None)
+    """Nodes the encoders may run on (default: any), e.g. the node with the GPU that fits them."""
+    llm_placement: NodePlacement | None = Field(default=None, exclude_if=lambda value: value is None)
+    """Nodes the LLM may run on (default: any)."""
 
     @field_validator("modalities")
     @classmethod
@@ -41,17 +46,18 @@ class MLLMTask(Task[ChatCompletionRequest, Stream[ChatCompletionChunk]]):
             self.encoders = {
                 m: EncoderTask(
                     modality=m, model_id=self.model_id, max_batch_size=self.max_batch_size,
-                    descriptor=self.encoder_descriptor,
+                    descriptor=self.encoder_descriptor, placement=self.encoder_placement,
                 )
                 for m in self.modalities
             }  # fmt: skip
             self.llm = LLMTask(
-                model_id=self.model_id, receive_embeddings=True, descriptor=self.llm_descriptor
-            )
+                model_id=self.model_id, receive_embeddings=True, descriptor=self.llm_descriptor,
+                placement=self.llm_placement,
+            )  # fmt: skip
         else:
             self.llm = LLMTask(
                 model_id=self.model_id, receive_embeddings=False, modalities=self.modalities,
-                descriptor=self.llm_descriptor,
+                descriptor=self.llm_descriptor, placement=self.llm_placement,
             )  # fmt: skip
 
     def invoke(self, task_input: ChatCompletionRequest) -> Stream[ChatCompletionChunk]:
