@@ -322,75 +322,61 @@ class Sidecar:
         timeout: float | None,
         notify_released: bool,
     ) -> None:
-        attributes = {"cornserve.sidecar.chunk_id": chunk_id}
-        with client_span("sidecar.send", attributes):
-            await self._send(data, ready, id, dst_ranks, chunk_id, num_chunks, timeout, notify_released)
-
-    async def _send(
-        self,
-        data: Any,
-        ready: gpu.ProducerReady | None,
-        id: str,
-        dst_ranks: list[list[int]],
-        chunk_id: int,
-        num_chunks: int | None,
-        timeout: float | None,
-        notify_released: bool = False,
-    ) -> None:
-        id_, timeout = id, timeout or self.timeout
-        await self._connect()
-        assert self._info is not None
-        _check_destinations(id_, dst_ranks, chunk_id, num_chunks)
-        if ready is not None:
-            await self._send_cuda(ready, id_, dst_ranks, chunk_id, num_chunks, timeout, notify_released)
-            return
-        region = self._zero_copy_region(data)
-        encoded = None
-        if region is None:
-            encoded = encode(data)
-            meta = encoded.meta
-            reply = await self._call(
-                SidecarVerb.ALLOC,
-                AllocRequest(size=meta.nbytes, timeout=timeout),
-                AllocReply,
-                timeout + REPLY_MARGIN_S,
-            )
-            region = _Region(reply.instance, reply.offset, meta.nbytes)
-            assert self._own_view is not None
-            try:
-                encoded.write_into(self._own_view, reply.offset)
-            except BaseException:
-                await self._call(
-                    SidecarVerb.FREE,
-                    FreeRequest(instance=region.instance, offset=region.offset),
-                    SidecarAck,
-                    self.timeout,
+        with client_span("sidecar.send", {"cornserve.sidecar.chunk_id": chunk_id}):
+            id_, timeout = id, timeout or self.timeout
+            await self._connect()
+            assert self._info is not None
+            _check_destinations(id_, dst_ranks, chunk_id, num_chunks)
+            if ready is not None:
+                await self._send_cuda(ready, id_, dst_ranks, chunk_id, num_chunks, timeout, notify_released)
+                return
+            region = self._zero_copy_region(data)
+            encoded = None
+            if region is None:
+                encoded = encode(data)
+                meta = encoded.meta
+                reply = await self._call(
+                    SidecarVerb.ALLOC,
+                    AllocRequest(size=meta.nbytes, timeout=timeout),
+                    AllocReply,
+                    timeout + REPLY_MARGIN_S,
                 )
-                raise
-        else:
-            assert isinstance(data, torch.Tensor)
-            meta = encode(data).meta  # metadata only: the tensor is contiguous so no copy is made
-            self._regions.pop(data.data_ptr(), None)
-        set_attributes({"cornserve.bytes": meta.nbytes})
-        location = Location(
-            transport="shm",
-            arena=self._info.arena,
-            offset=region.offset,
-            size=meta.nbytes,
-            meta=meta,
-            node=self._info.node,
-        )
-        msg = SendRequest(
-            id=id_,
-            chunk_id=chunk_id,
-            num_chunks=num_chunks,
-            dst_ranks=dst_ranks,
-            instance=region.instance,
-            location=location,
-            timeout=timeout,
-            notify_released=notify_released,
-        )
-        await self._call(SidecarVerb.SEND, msg, SidecarAck, timeout + REPLY_MARGIN_S)
+                region = _Region(reply.instance, reply.offset, meta.nbytes)
+                assert self._own_view is not None
+                try:
+                    encoded.write_into(self._own_view, reply.offset)
+                except BaseException:
+                    await self._call(
+                        SidecarVerb.FREE,
+                        FreeRequest(instance=region.instance, offset=region.offset),
+                        SidecarAck,
+                        self.timeout,
+                    )
+                    raise
+            else:
+                assert isinstance(data, torch.Tensor)
+                meta = encode(data).meta  # metadata only: the tensor is contiguous so no copy is made
+                self._regions.pop(data.data_ptr(), None)
+            set_attributes({"cornserve.bytes": meta.nbytes})
+            location = Location(
+                transport="shm",
+                arena=self._info.arena,
+                offset=region.offset,
+                size=meta.nbytes,
+                meta=meta,
+                node=self._info.node,
+            )
+            msg = SendRequest(
+                id=id_,
+                chunk_id=chunk_id,
+                num_chunks=num_chunks,
+                dst_ranks=dst_ranks,
+                instance=region.instance,
+                location=location,
+                timeout=timeout,
+                notify_released=notify_released,
+            )
+            await self._call(SidecarVerb.SEND, msg, SidecarAck, timeout + REPLY_MARGIN_S)
 
     def _zero_copy_region(self, data: Any) -> _Region | None:
         """Return the arena region a tensor from :meth:`alloc_tensor` occupies, if it can be sent as is."""

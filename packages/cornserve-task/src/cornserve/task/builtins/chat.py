@@ -149,6 +149,27 @@ class ChatCompletionRequest(TaskInput):
                 )
         return media
 
+    def check_media_inputs(self, task: str, receive_embeddings: bool, declared: Collection[Modality]) -> None:
+        """Media arrive the way `task` (e.g. `LLMTask(qwen)`) is configured to take them.
+
+        With `receive_embeddings`, one embedding forward per media item (an encoder ran first);
+        without, none, and every item of a modality `task` declares.
+        """
+        media = self.media()
+        forwards = self.cornserve_embeddings
+        if receive_embeddings:
+            if len(forwards) != len(media):
+                raise InvalidTaskInputError(
+                    f"{task} receives embeddings: the request has {len(media)} media item(s) "
+                    f"but {len(forwards)} embedding forward(s)"
+                )
+            return
+        if forwards:
+            raise InvalidTaskInputError(
+                f"{task} was given embedding forwards but has receive_embeddings=False"
+            )
+        self.check_modalities(declared, task)
+
     def openai_body(self) -> dict[str, Any]:
         """The request as OpenAI JSON, without Cornserve's own fields."""
         return self.model_dump(mode="json", exclude={"cornserve_embeddings"}, exclude_unset=True)

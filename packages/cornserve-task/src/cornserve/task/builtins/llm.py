@@ -27,7 +27,7 @@ from cornserve.task.descriptor import (
     ExecutorRequest,
     TaskExecutionDescriptor,
 )
-from cornserve.task.errors import InvalidTaskInputError, TaskExecutionError
+from cornserve.task.errors import TaskExecutionError
 from cornserve.task.executor_flags import ModelId
 from cornserve.task.invocation import TaskInvocation
 from cornserve.task.io_models import TaskOutput
@@ -49,20 +49,7 @@ class LLMTask(UnitTask[ChatCompletionRequest, Stream[ChatCompletionChunk]]):
 
     def validate_input(self, task_input: ChatCompletionRequest) -> None:
         """Media must arrive the way this task is configured to take them."""
-        media = task_input.media()
-        forwards = task_input.cornserve_embeddings
-        if self.receive_embeddings:
-            if len(forwards) != len(media):
-                raise InvalidTaskInputError(
-                    f"LLMTask({self.model_id}) receives embeddings: the request has {len(media)} media item(s) "
-                    f"but {len(forwards)} embedding forward(s)"
-                )
-            return
-        if forwards:
-            raise InvalidTaskInputError(
-                f"LLMTask({self.model_id}) was given embedding forwards but has receive_embeddings=False"
-            )
-        task_input.check_modalities(self.modalities, f"LLMTask({self.model_id})")
+        task_input.check_media_inputs(f"LLMTask({self.model_id})", self.receive_embeddings, self.modalities)
 
     def make_output_placeholder(self, task_input: ChatCompletionRequest) -> Stream[ChatCompletionChunk]:
         """The completion streams."""

@@ -33,7 +33,7 @@ from cornserve.task.descriptor import (
     ExecutorRequest,
     TaskExecutionDescriptor,
 )
-from cornserve.task.errors import InvalidTaskInputError, TaskExecutionError
+from cornserve.task.errors import TaskExecutionError
 from cornserve.task.executor_flags import ModelId
 from cornserve.task.forward import DataForward, Tensor
 from cornserve.task.invocation import TaskInvocation
@@ -120,20 +120,9 @@ class ThinkerTask(UnitTask[ChatCompletionRequest, ThinkerOutput]):
 
     def validate_input(self, task_input: ChatCompletionRequest) -> None:
         """Media must arrive the way this task is configured to take them (as for `LLMTask`)."""
-        media = task_input.media()
-        forwards = task_input.cornserve_embeddings
-        if self.receive_embeddings:
-            if len(forwards) != len(media):
-                raise InvalidTaskInputError(
-                    f"ThinkerTask({self.model_id}) receives embeddings: the request has {len(media)} media "
-                    f"item(s) but {len(forwards)} embedding forward(s)"
-                )
-            return
-        if forwards:
-            raise InvalidTaskInputError(
-                f"ThinkerTask({self.model_id}) was given embedding forwards but has receive_embeddings=False"
-            )
-        task_input.check_modalities(self.modalities, f"ThinkerTask({self.model_id})")
+        task_input.check_media_inputs(
+            f"ThinkerTask({self.model_id})", self.receive_embeddings, self.modalities
+        )
 
 
 class TalkerTask(UnitTask[TalkerInput, Stream[TalkerChunk]]):
