@@ -175,6 +175,10 @@ def test_log_targets_resolve_to_services_tasks_and_apps(tmp_path: Path) -> None:
         resolve(tmp_path / "absent", "gateway", app_keys)
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Follower:
     """`cornserve logs TARGET -f` as a subprocess whose lines a thread collects."""
 
@@ -185,6 +189,9 @@ class Follower:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            # A terminal's Ctrl-C reaches a command whose SIGINT is at its default; pytest run in the
+            # background of a script (SIGINT ignored, inherited) must not make the test fail.
+            preexec_fn=_default_sigint,
         )
         self.lines: queue.Queue[str] = queue.Queue()
         self.seen: list[str] = []
