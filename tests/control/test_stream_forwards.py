@@ -75,6 +75,7 @@ async def arenas_used(cluster: LocalCluster) -> int:
         await nc.close()
 
 
+@pytest.mark.slow  # three Python executors started on the shared cluster: behind `slow`
 async def test_rows_stream_between_executors_through_the_cluster(
     cluster: LocalCluster, http: aiohttp.ClientSession
 ) -> None:

@@ -234,4 +234,5 @@ async def test_llava_fission_and_monolithic_match_transformers(
     assert await task_keys(gateway) == {}
 
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+"""A cluster of its own with two MLLM families: minutes, so behind `slow` (`.ci/run` runs it)."""

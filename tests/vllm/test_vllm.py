@@ -188,6 +188,7 @@ async def test_vision_tower_skipped_where_the_installed_vllm_allows(
     assert "--enable-mm-embeds" in command
 
 
+@pytest.mark.slow  # waits out real probe and start deadlines
 async def test_proxy_probe_timeout_and_start_deadline(
     sidecars: StartSidecars, nats_url: str, tmp_path: Path
 ) -> None:
