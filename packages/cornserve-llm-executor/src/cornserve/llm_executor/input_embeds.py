@@ -87,7 +87,17 @@ class InputEmbedsFeed:
         if not self._task.done():
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        if not self.closed and self.error is None:
+        logger.info(
+            "input embeds %s stopped: closed=%s error=%r next chunk %d",
+            self.forward_id,
+            self.closed,
+            self.error,
+            self._next_chunk,
+        )
+        if not self.closed:
+            # After an error too: a read that failed as it was cancelled (or a bad row) does not stop
+            # the producer, and its arena frees only what this rank releases. Against a dead producer
+            # the drain just times out.
             self.reader.drain(self.forward_id, self._next_chunk)
 
     async def _run(self) -> None:
@@ -184,6 +194,7 @@ class InputEmbedsReader:
                     chunk += 1
                     continue
                 if data is None:
+                    logger.info("drained forward %s up to its end, chunk %d", forward_id, chunk)
                     return
                 await self.done(forward_id, chunk)
                 chunk += 1
