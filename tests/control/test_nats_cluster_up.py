@@ -156,6 +156,10 @@ async def _kill_under_load(local: LocalCluster, victim: NatsServerProcess, said:
         f"app registered {register_s:.2f} s after the kill; restarted after {restart_s:.2f} s, "
         f"its bucket replicas current after {rejoin_s:.2f} s"
     )
+    async with gateway_session(local, timeout_s=REQUEST_DEADLINE_S) as http:
+        # New requests succeed once the load is over, even when every worker spent the phase in a
+        # request that lost a message with the killed server (each waits out its 60 s deadline).
+        assert await _invoke(http, 424_242) == 200
     return load
 
 
@@ -208,6 +212,5 @@ async def test_up_with_three_nats_servers_serves_through_losing_one(tmp_path: Pa
             assert all(status != -1 for _, _, status in load.results), load.summary()  # none hung
             # A request whose messages crossed the killed server may end in a clean error; later ones succeed.
             assert all(at <= LOST_WINDOW_S and status >= 500 for at, _, status in load.failed), load.summary()
-            assert max(load.results)[2] == 200, load.summary()  # the last request sent
         async with gateway_session(local, timeout_s=REQUEST_DEADLINE_S) as http:
             assert await _invoke(http, 7) == 200
