@@ -131,7 +131,9 @@ class FakeExecutor:
         self.requests.append((name, body))
         try:
             return await self._serve(name, body, request)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, ConnectionResetError):
+            # Dropped by its caller: aiohttp cancels the handler, or, when the drop lands while the
+            # handler writes, the write raises ConnectionResetError instead.
             self.cancelled.set()
             raise
 
