@@ -15,9 +15,10 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from cornserve.llm_executor.errors import EmbeddingError, EmbeddingTimeout, ExecutorUnavailable
+from cornserve.llm_executor.errors import EmbeddingError
+from cornserve.llm_executor.sidecar_errors import sidecar_errors
 from cornserve.sidecar import Sidecar
-from cornserve.sidecar.errors import RecvTimeout, SidecarError, SidecarTimeout, SidecarUnavailable
+from cornserve.sidecar.errors import SidecarError
 from cornserve.task.builtins.embedding import EMBEDDING_META_CHUNK, EMBEDDING_TENSOR_CHUNK, EmbeddingMeta
 from cornserve.task.forward import DataForward, Tensor
 
@@ -68,30 +69,28 @@ class EmbeddingReceiver:
         got: list[int] = []
         data: Any = None
         raw_meta: Any = None
-        try:
-            async with asyncio.timeout(self.timeout_s + 5.0):
-                data = await self.sidecar.recv(fid, EMBEDDING_TENSOR_CHUNK, timeout=self.timeout_s, copy=True)
-                got.append(EMBEDDING_TENSOR_CHUNK)
-                raw_meta = await self.sidecar.recv(
-                    fid, EMBEDDING_META_CHUNK, timeout=self.timeout_s, copy=True
-                )
-                got.append(EMBEDDING_META_CHUNK)
-        except (RecvTimeout, SidecarTimeout, TimeoutError):
-            raise EmbeddingTimeout(
-                f"embedding forward {fid} did not arrive through sidecar rank {self.sidecar.rank} within "
-                f"{self.timeout_s:.1f}s (did the encoder task run and send it to this rank?)"
-            ) from None
-        except SidecarUnavailable as exc:
-            raise ExecutorUnavailable(f"this executor's sidecar is not reachable: {exc}") from exc
-        except SidecarError as exc:
-            raise EmbeddingError(f"embedding forward {fid} could not be received: {exc}") from exc
-        except asyncio.CancelledError:
-            # The request was cancelled (its caller hung up): chunks the encoder already delivered
-            # here are released now rather than at the sidecar's TTL.
-            await self._release_abandoned(fid, [c for c in ALL_CHUNKS if c not in got])
-            raise
-        finally:
-            await self._release(fid, got)
+        timed_out = (
+            f"embedding forward {fid} did not arrive through sidecar rank {self.sidecar.rank} within "
+            f"{self.timeout_s:.1f}s (did the encoder task run and send it to this rank?)"
+        )
+        with sidecar_errors(timed_out, f"embedding forward {fid} could not be received"):
+            try:
+                async with asyncio.timeout(self.timeout_s + 5.0):
+                    data = await self.sidecar.recv(
+                        fid, EMBEDDING_TENSOR_CHUNK, timeout=self.timeout_s, copy=True
+                    )
+                    got.append(EMBEDDING_TENSOR_CHUNK)
+                    raw_meta = await self.sidecar.recv(
+                        fid, EMBEDDING_META_CHUNK, timeout=self.timeout_s, copy=True
+                    )
+                    got.append(EMBEDDING_META_CHUNK)
+            except asyncio.CancelledError:
+                # The request was cancelled (its caller hung up): chunks the encoder already delivered
+                # here are released now rather than at the sidecar's TTL.
+                await self._release_abandoned(fid, [c for c in ALL_CHUNKS if c not in got])
+                raise
+            finally:
+                await self._release(fid, got)
         try:
             meta = EmbeddingMeta.model_validate(raw_meta)
         except ValidationError as exc:

@@ -21,14 +21,9 @@ import logging
 
 import torch
 
-from cornserve.llm_executor.errors import (
-    EmbeddingTimeout,
-    ExecutorUnavailable,
-    GenerationFailed,
-    InvalidRequest,
-)
+from cornserve.llm_executor.errors import GenerationFailed, InvalidRequest
+from cornserve.llm_executor.sidecar_errors import sidecar_errors
 from cornserve.sidecar import Sidecar
-from cornserve.sidecar.errors import SidecarError, SidecarTimeout, SidecarUnavailable
 from cornserve.sidecar.streaming import StreamWriter
 from cornserve.task.builtins.thinker_talker import HiddenStatesTarget
 
@@ -105,7 +100,7 @@ class HiddenStateSender:
         return self.writer.waits
 
     async def _run(self) -> None:
-        try:
+        with sidecar_errors(self._timed_out, self._failed, GenerationFailed):
             try:
                 while (chunk := await self._queue.get()) is not None:
                     await self.writer.send(chunk.contiguous())
@@ -113,15 +108,13 @@ class HiddenStateSender:
                 await asyncio.shield(self.writer.abandon())
                 raise
             await self.writer.close()
-        except (SidecarTimeout, TimeoutError):
-            raise EmbeddingTimeout(
-                f"hidden-state chunk {self.chunks_sent} of forward {self.forward_id} could not be sent within "
-                f"{self.timeout_s:.1f}s (is the consumer reading the stream? the window of "
-                f"{self.writer.window} chunks or the sidecar arena is full)"
-            ) from None
-        except SidecarUnavailable as exc:
-            raise ExecutorUnavailable(f"this executor's sidecar is not reachable: {exc}") from exc
-        except SidecarError as exc:
-            raise GenerationFailed(
-                f"hidden-state chunk {self.chunks_sent} of forward {self.forward_id} could not be sent: {exc}"
-            ) from exc
+
+    def _timed_out(self) -> str:
+        return (
+            f"hidden-state chunk {self.chunks_sent} of forward {self.forward_id} could not be sent within "
+            f"{self.timeout_s:.1f}s (is the consumer reading the stream? the window of "
+            f"{self.writer.window} chunks or the sidecar arena is full)"
+        )
+
+    def _failed(self) -> str:
+        return f"hidden-state chunk {self.chunks_sent} of forward {self.forward_id} could not be sent"

@@ -22,20 +22,10 @@ from typing import Any
 
 import torch
 
-from cornserve.llm_executor.errors import (
-    EmbeddingError,
-    EmbeddingTimeout,
-    ExecutorRequestError,
-    ExecutorUnavailable,
-)
+from cornserve.llm_executor.errors import EmbeddingError, ExecutorRequestError
+from cornserve.llm_executor.sidecar_errors import sidecar_errors
 from cornserve.sidecar import Sidecar
-from cornserve.sidecar.errors import (
-    AlreadyConsumed,
-    RecvTimeout,
-    SidecarError,
-    SidecarTimeout,
-    SidecarUnavailable,
-)
+from cornserve.sidecar.errors import AlreadyConsumed, SidecarError
 from cornserve.task.forward import DataForward
 
 logger = logging.getLogger(__name__)
@@ -154,21 +144,14 @@ class InputEmbedsReader:
 
     async def recv(self, forward_id: str, chunk: int) -> object:
         """Chunk `chunk` copied out of the arena, not released yet (None past the end of the stream)."""
-        try:
+        timed_out = (
+            f"chunk {chunk} of input embeddings forward {forward_id} did not arrive through sidecar rank "
+            f"{self.sidecar.rank} within {self.timeout_s:.1f}s (is its producer running and sending to "
+            "this rank?)"
+        )
+        with sidecar_errors(timed_out, f"chunk {chunk} of forward {forward_id} could not be received"):
             async with asyncio.timeout(self.timeout_s + 5.0):
                 data = await self.sidecar.recv(forward_id, chunk, timeout=self.timeout_s, copy=True)
-        except (RecvTimeout, SidecarTimeout, TimeoutError):
-            raise EmbeddingTimeout(
-                f"chunk {chunk} of input embeddings forward {forward_id} did not arrive through sidecar rank "
-                f"{self.sidecar.rank} within {self.timeout_s:.1f}s (is its producer running and sending to "
-                "this rank?)"
-            ) from None
-        except SidecarUnavailable as exc:
-            raise ExecutorUnavailable(f"this executor's sidecar is not reachable: {exc}") from exc
-        except SidecarError as exc:
-            raise EmbeddingError(
-                f"chunk {chunk} of forward {forward_id} could not be received: {exc}"
-            ) from exc
         return data
 
     async def done(self, forward_id: str, chunk: int) -> None:
