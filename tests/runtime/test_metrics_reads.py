@@ -60,3 +60,35 @@ async def test_an_error_of_the_source_reaches_the_scrape_thread() -> None:
 
     with pytest.raises(KeyError):
         await asyncio.to_thread(read_on_loop(broken))
+
+
+class _LoopOnlyDict(dict[str, object]):
+    """A dict that records which thread iterates it (loop state must be read on the loop)."""
+
+    readers: set[int]
+
+    def values(self):  # type: ignore[override]
+        self.readers.add(threading.get_ident())
+        return super().values()
+
+
+async def test_the_task_managers_collector_reads_its_executors_on_the_loop() -> None:
+    from types import SimpleNamespace
+
+    from cornserve.task_manager import metrics
+
+    executors = _LoopOnlyDict(
+        a=SimpleNamespace(executor_id="a", state="ready", in_flight=2, routed=5, restarts=1)
+    )
+    executors.readers = set()
+    manager = SimpleNamespace(task_key="k", task=SimpleNamespace(), executors=executors)
+    metrics.watch_manager(manager)  # type: ignore[arg-type]
+    try:
+        families = await asyncio.to_thread(lambda: list(metrics.EXECUTORS.collect()))
+    finally:
+        metrics.EXECUTORS.source = None
+    assert executors.readers == {threading.get_ident()}  # the loop's thread, not the scrape thread
+    samples = {(s.name, tuple(s.labels.values())): s.value for f in families for s in f.samples}
+    assert samples[("cornserve_task_executors", ("k", "SimpleNamespace", "ready"))] == 1
+    assert samples[("cornserve_task_executor_in_flight", ("k", "SimpleNamespace", "a"))] == 2
+    assert samples[("cornserve_task_executor_restarts_total", ("k", "SimpleNamespace", "a"))] == 1

@@ -17,7 +17,7 @@ from prometheus_client import REGISTRY, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from cornserve.runtime.metrics import LATENCY_BUCKETS_S, STEP_BUCKETS_S
+from cornserve.runtime.metrics import LATENCY_BUCKETS_S, STEP_BUCKETS_S, read_on_loop
 
 TASK_CALLS = Counter(
     "cornserve_task_calls",
@@ -100,4 +100,4 @@ REGISTRY.register(LOAD)
 
 def watch_load(load: Callable[[], dict[str, int]]) -> None:
     """Report what `load` (the service's micro STATS data) says as the in-flight gauges."""
-    LOAD.source = load
+    LOAD.source = read_on_loop(load)

@@ -19,7 +19,7 @@ from prometheus_client import REGISTRY, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from cornserve.runtime.metrics import LATENCY_BUCKETS_S, STEP_BUCKETS_S
+from cornserve.runtime.metrics import LATENCY_BUCKETS_S, STEP_BUCKETS_S, read_on_loop
 
 HTTP_REQUESTS = Counter(
     "cornserve_gateway_http_requests",
@@ -134,4 +134,4 @@ REGISTRY.register(ADMISSION)
 
 def watch_admission(stats: Callable[[], dict[str, dict[str, int]]]) -> None:
     """Report the gates `stats` describes (the gateway's `Admission.stats`) as the per-app gauges."""
-    ADMISSION.source = stats
+    ADMISSION.source = read_on_loop(stats)

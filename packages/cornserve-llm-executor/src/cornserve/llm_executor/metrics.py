@@ -13,7 +13,7 @@ from prometheus_client import REGISTRY, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from cornserve.runtime.metrics import LATENCY_BUCKETS_S, STEP_BUCKETS_S
+from cornserve.runtime.metrics import LATENCY_BUCKETS_S, STEP_BUCKETS_S, read_on_loop
 
 TTFT = Histogram(
     "cornserve_llm_time_to_first_token_seconds",
@@ -65,4 +65,4 @@ REGISTRY.register(ENGINE)
 
 def watch_engine(stats: Callable[[], dict[str, int]]) -> None:
     """Report what `stats` says (the engine's `EngineStats` as a dict)."""
-    ENGINE.source = stats
+    ENGINE.source = read_on_loop(stats)
