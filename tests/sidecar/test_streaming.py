@@ -16,7 +16,7 @@ from tests.support.waiting import wait_for
 
 from cornserve.sidecar import Sidecar
 from cornserve.sidecar.errors import DataDropped, RecvTimeout, SidecarTimeout
-from cornserve.sidecar.streaming import StreamWriter, read_stream
+from cornserve.sidecar.streaming import StreamWriter, drain_stream, read_stream
 
 ITEM = 1024  # floats per item: 4 KiB
 
@@ -129,3 +129,53 @@ async def test_a_dropped_stream_wakes_its_waiting_producer(sidecars, nats_url, a
             await asyncio.wait_for(blocked, 10)
         await writer.abandon()
     await arenas_empty([a.rank, b.rank])
+
+
+async def test_a_consumer_that_stops_early_drains_the_rest_so_the_producer_finishes(
+    sidecars, nats_url, stats_of, arenas_empty
+) -> None:
+    """`drain_on_close`: closing the reader before the end releases what the producer still sends."""
+    a, b = await sidecars(2)
+    window = 2
+    async with Sidecar(a.rank, nats_url) as src, Sidecar(b.rank, nats_url) as dst:
+        writer = StreamWriter(src, "s7", [[b.rank]], window=window, timeout=30)
+
+        async def produce() -> None:
+            async with writer:
+                for i in range(10):
+                    await writer.send(item(i))
+
+        producer = asyncio.create_task(produce())
+        reader = read_stream(dst, "s7", timeout=30, release_at_once=True, drain_on_close=True)
+        first = await anext(reader)
+        second = await anext(reader)
+        assert (float(first[0]), float(second[0])) == (0.0, 1.0)
+        # Items 0 and 1 were released before they were handed out: the writer is not held back by them.
+        await wait_for(lambda: writer.sent >= 3, 20, "the writer to send past its window")
+        await reader.aclose()  # stops after 2 of 10 items: the close reads and releases the other 8
+        await asyncio.wait_for(producer, 30)
+        assert writer.sent == 10
+    await arenas_empty([a.rank, b.rank])
+
+
+async def test_drain_stream_skips_what_was_released_and_ends_at_the_end(
+    sidecars, nats_url, arenas_empty
+) -> None:
+    a, b = await sidecars(2)
+    async with Sidecar(a.rank, nats_url) as src, Sidecar(b.rank, nats_url) as dst:
+        async with StreamWriter(src, "s8", [[b.rank]], window=8, timeout=30) as writer:
+            for i in range(5):
+                await writer.send(item(i))
+        for chunk in (0, 1):  # the consumer had read and released chunks 0 and 1 ...
+            assert float((await dst.recv("s8", chunk, timeout=10))[0]) == float(chunk)
+            await dst.mark_done("s8", chunk)
+        # ... and drains from the chunk it was receiving when it stopped (1, released already).
+        assert await drain_stream(dst, "s8", 1, timeout=10) == 3
+    await arenas_empty([a.rank, b.rank])
+
+
+async def test_release_at_once_needs_copies(sidecars, nats_url) -> None:
+    (a,) = await sidecars(1)
+    async with Sidecar(a.rank, nats_url) as sc:
+        with pytest.raises(ValueError, match="copy=True"):
+            await anext(read_stream(sc, "s9", copy=False, release_at_once=True))

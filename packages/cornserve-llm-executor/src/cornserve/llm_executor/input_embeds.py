@@ -2,30 +2,37 @@
 
 A `DataForward[Stream[Tensor]]` arrives chunk by chunk (chunk `i` a `[rows, hidden]` tensor, or one
 `[hidden]` row; the producer closes the stream after the last). An `InputEmbedsFeed` reads the
-chunks in order on its own task, copies each out of the arena and marks it done at once, and reads
-ahead by at most `PREFETCH_ROWS` unused rows: the generation consumes one row per token, so a
-talker that falls behind stops reading, its producer's sends wait for arena room, and the stream's
-memory stays bounded (backpressure). The engine steps a talker sequence only when its next row is
-here, so the first token is made from the first row, before the producer has finished.
+chunks in order on its own task through `cornserve.sidecar.streaming.read_stream` (each copied out
+of the arena and marked done at once), and reads ahead by at most `PREFETCH_ROWS` unused rows: the
+generation consumes one row per token, so a talker that falls behind stops reading, its producer's
+sends wait for arena room, and the stream's memory stays bounded (backpressure). The engine steps a
+talker sequence only when its next row is here, so the first token is made from the first row,
+before the producer has finished.
 
 A sequence that stops early (end-of-sequence token, `max_tokens`, its caller hung up) leaves the
-rest of the stream unread; the reader drains it in the background (each chunk marked done as it
-arrives, each wait bounded) so the producer's sends are not left waiting for room.
+rest of the stream unread. `stop` only tells the feed's task, which then closes its `read_stream`
+iterator with `drain_on_close`: the same task reads and releases the rest up to the end (each wait
+bounded), so the producer's sends are not left waiting for room. One task owns the stream from its
+first chunk to its end, and it is never cancelled to stop it: a cancellation that lands as a
+receive completes is swallowed by `asyncio.wait_for` on Python 3.11 (inside nats-py's request),
+which used to leave the feed reading on after `stop` and waiting forever, with no drain
+(docs/reliability.md, "Early-stop drain").
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import torch
 
-from cornserve.llm_executor.errors import EmbeddingError, ExecutorRequestError
+from cornserve.llm_executor.errors import EmbeddingError, ExecutorRequestError, GenerationFailed
 from cornserve.llm_executor.sidecar_errors import sidecar_errors
 from cornserve.sidecar import Sidecar
-from cornserve.sidecar.errors import AlreadyConsumed, SidecarError
+from cornserve.sidecar.errors import SidecarError
+from cornserve.sidecar.streaming import drain_stream, read_stream
 from cornserve.task.forward import DataForward
 
 logger = logging.getLogger(__name__)
@@ -53,9 +60,21 @@ class InputEmbedsFeed:
         self.error: ExecutorRequestError | None = None
         self._on_input = on_input
         self._consumed = 0
+        self._chunks = 0
+        self._stopping = False
+        self._at_item = False
+        """`_stream` is suspended after an item: closing it drains the rest (`drain_on_close`)."""
         self._progress = asyncio.Event()
-        self._next_chunk = 0
+        self._stream: AsyncGenerator[Any, None] = read_stream(
+            reader.sidecar,
+            forward.id,
+            timeout=reader.timeout_s,
+            copy=True,
+            release_at_once=True,
+            drain_on_close=True,
+        )
         self._task = asyncio.create_task(self._run(), name=f"input-embeds-{forward.id}")
+        reader.track(self._task)
 
     @property
     def received(self) -> int:
@@ -68,49 +87,89 @@ class InputEmbedsFeed:
         self._progress.set()
 
     def abandon(self) -> None:
-        """The request never started (refused right after `open`): stop reading, drain from where it was."""
-        self._task.cancel()
-        self.reader.drain(self.forward_id, self._next_chunk)
+        """The request never started (refused right after `open`): the same as `stop`."""
+        self.stop()
 
-    async def stop(self) -> None:
-        """The sequence is over: stop reading, and drain what the producer still sends in the background."""
-        if not self._task.done():
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        logger.info(
-            "input embeds %s stopped: closed=%s error=%r next chunk %d",
-            self.forward_id,
-            self.closed,
-            self.error,
-            self._next_chunk,
-        )
-        if not self.closed:
-            # After an error too: a read that failed as it was cancelled (or a bad row) does not stop
-            # the producer, and its arena frees only what this rank releases. Against a dead producer
-            # the drain just times out.
-            self.reader.drain(self.forward_id, self._next_chunk)
+    def stop(self) -> None:
+        """The sequence is over: the feed's task reads no more rows and drains the rest in the background."""
+        self._stopping = True
+        self._progress.set()
 
     async def _run(self) -> None:
         try:
-            while True:
-                while len(self.rows) - self._consumed >= PREFETCH_ROWS:
+            await self._read()
+        except Exception as exc:  # a bug: fail the sequence with it rather than leave it waiting for rows
+            logger.exception("reading input embeds %s failed", self.forward_id)
+            self.error = GenerationFailed(
+                f"reading input embeddings forward {self.forward_id} failed: {exc!r}"
+            )
+        finally:
+            self._on_input()
+        # Not after a cancellation (`InputEmbedsReader.close`, shutdown): that skips this line.
+        await self._drain()
+
+    async def _read(self) -> None:
+        """Read rows while the sequence wants them; returns once stopped, failed or at the end."""
+        try:
+            while not self._stopping:
+                if len(self.rows) - self._consumed >= PREFETCH_ROWS:
                     self._progress = asyncio.Event()
                     await self._progress.wait()
-                chunk = self._next_chunk
-                data = await self.reader.recv(self.forward_id, chunk)
+                    continue
+                chunk = self._chunks
+                self._at_item = False
+                with sidecar_errors(self._timed_out, self._failed):
+                    data = await anext(self._stream, None)
                 if data is None:
                     self.closed = True
                     return
-                # The chunk is ours from here: a drain after a cancellation starts past it, and its
-                # release completes even if this task is cancelled meanwhile.
-                self._next_chunk = chunk + 1
-                await asyncio.shield(self.reader.done(self.forward_id, chunk))
+                self._at_item = True
+                self._chunks = chunk + 1
+                if self._stopping:
+                    return  # released already; the sequence that wanted it is over
                 self.rows.extend(self._check(data, chunk))
                 self._on_input()
         except ExecutorRequestError as exc:
             self.error = exc
-        finally:
-            self._on_input()
+
+    def _timed_out(self) -> str:
+        return (
+            f"chunk {self._chunks} of input embeddings forward {self.forward_id} did not arrive through "
+            f"sidecar rank {self.reader.sidecar.rank} within {self.reader.timeout_s:.1f}s (is its "
+            "producer running and sending to this rank?)"
+        )
+
+    def _failed(self) -> str:
+        return f"chunk {self._chunks} of forward {self.forward_id} could not be received"
+
+    async def _drain(self) -> None:
+        """Release the rest of the stream up to its end (unless it ended): nobody will use it.
+
+        After an error too: a bad row does not stop the producer, whose arena frees only what this
+        rank releases; after a failed receive (or before the first) the rest is drained from the
+        chunk not received. Against a producer that died the drain ends at its deadline.
+        """
+        logger.debug(
+            "input embeds %s stopped: closed=%s error=%r after %d chunks",
+            self.forward_id,
+            self.closed,
+            self.error,
+            self._chunks,
+        )
+        if self.closed:
+            return
+        try:
+            await self._stream.aclose()  # suspended after an item: `drain_on_close` reads the rest
+            if not self._at_item:
+                await drain_stream(
+                    self.reader.sidecar, self.forward_id, self._chunks, timeout=self.reader.timeout_s
+                )
+        except SidecarError as exc:
+            # The producer failed or hung after this sequence stopped: nobody waits for these rows,
+            # and the sidecar's TTL (or the graph's drop) frees what is left.
+            logger.info("stopped draining input embeds %s: %r", self.forward_id, exc)
+            return
+        logger.debug("drained input embeds %s up to its end", self.forward_id)
 
     def _check(self, data: object, chunk: int) -> list[torch.Tensor]:
         where = f"input embeddings forward {self.forward_id} chunk {chunk}"
@@ -129,12 +188,12 @@ class InputEmbedsFeed:
 
 
 class InputEmbedsReader:
-    """Reads input-embedding streams on this executor's sidecar rank; owns the background drains."""
+    """Reads input-embedding streams on this executor's sidecar rank; owns the feeds' tasks."""
 
     def __init__(self, sidecar: Sidecar, timeout_s: float) -> None:
         self.sidecar = sidecar
         self.timeout_s = timeout_s
-        self._drains: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def open(
         self, forward: DataForward[Any], hidden_size: int, on_input: Callable[[], None]
@@ -142,50 +201,13 @@ class InputEmbedsReader:
         """Start reading `forward`'s chunks for one request."""
         return InputEmbedsFeed(self, forward, hidden_size, on_input)
 
-    async def recv(self, forward_id: str, chunk: int) -> object:
-        """Chunk `chunk` copied out of the arena, not released yet (None past the end of the stream)."""
-        timed_out = (
-            f"chunk {chunk} of input embeddings forward {forward_id} did not arrive through sidecar rank "
-            f"{self.sidecar.rank} within {self.timeout_s:.1f}s (is its producer running and sending to "
-            "this rank?)"
-        )
-        with sidecar_errors(timed_out, f"chunk {chunk} of forward {forward_id} could not be received"):
-            async with asyncio.timeout(self.timeout_s + 5.0):
-                data = await self.sidecar.recv(forward_id, chunk, timeout=self.timeout_s, copy=True)
-        return data
-
-    async def done(self, forward_id: str, chunk: int) -> None:
-        """Release a received chunk (its bytes were copied out); a failure is logged and left to the TTL."""
-        try:
-            await self.sidecar.mark_done(forward_id, chunk)
-        except SidecarError as exc:
-            logger.warning("could not mark chunk %d of forward %s done: %s", chunk, forward_id, exc)
-
-    def drain(self, forward_id: str, first_chunk: int) -> None:
-        """Read and release the rest of a stream nobody will use, in the background."""
-        task = asyncio.create_task(self._drain(forward_id, first_chunk), name=f"drain-{forward_id}")
-        self._drains.add(task)
-        task.add_done_callback(self._drains.discard)
-
-    async def _drain(self, forward_id: str, chunk: int) -> None:
-        try:
-            while True:
-                try:
-                    async with asyncio.timeout(self.timeout_s + 5.0):
-                        data = await self.sidecar.recv(forward_id, chunk, timeout=self.timeout_s)
-                except AlreadyConsumed:  # the feed released it just before it stopped
-                    chunk += 1
-                    continue
-                if data is None:
-                    logger.info("drained forward %s up to its end, chunk %d", forward_id, chunk)
-                    return
-                await self.done(forward_id, chunk)
-                chunk += 1
-        except (SidecarError, TimeoutError) as exc:
-            logger.info("stopped draining forward %s at chunk %d: %r", forward_id, chunk, exc)
+    def track(self, task: asyncio.Task[None]) -> None:
+        """Keep a feed's task (reading, then draining) until it ends."""
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
-        """Stop the drains (shutdown)."""
-        for task in list(self._drains):
+        """Stop the feeds and their drains (shutdown)."""
+        for task in list(self._tasks):
             task.cancel()
-        await asyncio.gather(*self._drains, return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)

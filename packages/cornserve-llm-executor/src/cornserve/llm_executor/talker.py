@@ -114,7 +114,7 @@ class TalkerRoute:
             first = await anext(chunks)
         except BaseException:
             seq.cancel()
-            await feed.stop()
+            feed.stop()
             await chunks.aclose()
             raise
         response = web.StreamResponse(
@@ -135,7 +135,7 @@ class TalkerRoute:
             return response
         finally:
             seq.cancel()
-            await feed.stop()
+            feed.stop()
             await chunks.aclose()
         await response.write_eof()
         return response

@@ -14,15 +14,21 @@ Failures: a producer that fails leaves the stream unclosed; whoever runs the gra
 has the sidecars drop its ids (`DropRequest`), so a consumer's pending receive fails at once with
 :class:`~cornserve.sidecar.errors.DataDropped`; a producer that hangs or dies unnoticed makes the
 consumer's receive fail at its deadline (:class:`~cornserve.sidecar.errors.RecvTimeout`).
+
+A consumer that stops early (it needs no more items, the producer goes on): the producer's chunks
+stay in its arena until every destination marked them done, so a consumer that just stopped
+reading would leave the producer's sends waiting for room (and failing at their deadline).
+:func:`drain_stream` reads and releases the rest up to the end; ``read_stream(...,
+drain_on_close=True)`` does it when the iterator is closed before the end (``aclose()``).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from cornserve.sidecar.errors import BadRequest
+from cornserve.sidecar.errors import AlreadyConsumed, BadRequest
 
 if TYPE_CHECKING:
     from cornserve.sidecar.client import Sidecar
@@ -130,21 +136,70 @@ class StreamWriter:
 
 
 async def read_stream(
-    sidecar: Sidecar, id: str, *, timeout: float | None = None, copy: bool = True
-) -> AsyncIterator[Any]:
+    sidecar: Sidecar,
+    id: str,
+    *,
+    timeout: float | None = None,
+    copy: bool = True,
+    release_at_once: bool = False,
+    drain_on_close: bool = False,
+) -> AsyncGenerator[Any, None]:
     """The items of stream ``id`` in order, each marked done once the next one is asked for.
 
     ``timeout`` bounds the wait for each item (the producer's pace), not the whole stream. With
     ``copy=False`` a tensor item is a read-only view of the arena, valid until the next item is
     asked for; the default copies it, so items may be kept.
+
+    ``release_at_once`` marks each (copied) item done before it is yielded, so the producer's arena
+    holds nothing for a consumer that keeps items while it waits (a reader that reads ahead).
+    ``drain_on_close``: closing the iterator before the end (``aclose()``, or ``async with
+    contextlib.aclosing(...)``) reads and releases the rest of the stream (:func:`drain_stream`)
+    before the close returns; run the close where that wait is welcome (the consumer's own task),
+    a drain error (the producer failed meanwhile) is raised by ``aclose()``.
     """
+    if release_at_once and not copy:
+        raise ValueError("release_at_once needs copy=True: a view is invalid once its chunk is released")
     chunk = 0
     while True:
         item = await sidecar.recv(id, chunk, timeout=timeout, copy=copy)
         if item is None:
             return
+        if release_at_once:
+            await sidecar.mark_done(id, chunk)
+        closed_early = False
         try:
             yield item
+        except GeneratorExit:
+            closed_early = True
+            raise
         finally:
-            await sidecar.mark_done(id, chunk)
+            if not release_at_once:
+                await sidecar.mark_done(id, chunk)
+            if closed_early and drain_on_close:
+                await drain_stream(sidecar, id, chunk + 1, timeout=timeout)
+        chunk += 1
+
+
+async def drain_stream(
+    sidecar: Sidecar, id: str, first_chunk: int = 0, *, timeout: float | None = None
+) -> int:
+    """Read and mark done every chunk of stream ``id`` from ``first_chunk`` up to its end; how many.
+
+    For a consumer that stopped early (see the module's docstring). A chunk the consumer already
+    marked done is skipped. Each wait has the deadline ``timeout``: a producer that stopped without
+    closing the stream makes it raise :class:`~cornserve.sidecar.errors.RecvTimeout`, a dropped
+    stream :class:`~cornserve.sidecar.errors.DataDropped` (what is left is the TTL's).
+    """
+    chunk, released = first_chunk, 0
+    while True:
+        try:
+            item = await sidecar.recv(id, chunk, timeout=timeout)  # a view, never read
+        except AlreadyConsumed:
+            chunk += 1
+            continue
+        if item is None:
+            return released
+        del item
+        await sidecar.mark_done(id, chunk)
+        released += 1
         chunk += 1
