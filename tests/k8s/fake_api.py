@@ -1,8 +1,8 @@
 """A fake Kubernetes API for the `kubernetes` spawner's tests, at the HTTP boundary.
 
-A small aiohttp server speaking the few pod endpoints the spawner calls (create, list by label
-selector, get, delete, log), so the real client (lightkube) builds and parses every request and
-answer. Without a kubelet the test itself sets a pod's phase and container state (`run`, `exit`).
+A small aiohttp server speaking the few endpoints the spawner calls (pods: create, list by label
+selector, get, delete, log; nodes: list by label selector; the sidecar ranks ConfigMap: get), so
+the real client (lightkube) builds and parses every request and answer. Without a kubelet the test itself sets a pod's phase and container state (`run`, `exit`).
 With `FakeKubelet` a created pod's container runs as a local process: its command and arguments,
 its environment (``fieldRef`` values filled in), its volumes' mount paths replaced by directories
 of the test; a deleted pod's process gets SIGTERM, SIGKILL after the grace period. That is enough
@@ -30,6 +30,33 @@ from cornserve.runtime.process import ProcessGroup
 NS = "cornserve"
 TOKEN = "service-account-token"
 NODE = "fake-node"
+RANKS_CONFIGMAP = "cornserve-sidecar-ranks"
+
+
+def fake_node(
+    name: str = NODE,
+    *,
+    cpu: str = "8",
+    gpus: str | None = None,
+    ready: bool = True,
+    labels: dict[str, str] | None = None,
+    unschedulable: bool = False,
+) -> dict[str, Any]:
+    """A Node object as the API returns it (the fields the inventory reads, and a few more)."""
+    allocatable = {"cpu": cpu, "memory": "32Gi", "pods": "110"}
+    if gpus is not None:
+        allocatable["nvidia.com/gpu"] = gpus
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, **(labels or {})}},
+        "spec": {"unschedulable": True} if unschedulable else {},
+        "status": {
+            "allocatable": allocatable,
+            "capacity": allocatable,
+            "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+        },
+    }
 
 
 def kubeconfig(url: str, namespace: str = NS) -> dict[str, Any]:
@@ -99,6 +126,9 @@ class FakeApi:
         self.posted: list[dict[str, Any]] = []
         self.deleted: list[str] = []
         self.logs: dict[str, str] = {}
+        self.nodes: list[dict[str, Any]] = [fake_node()]
+        self.configmaps: dict[str, dict[str, str]] = {RANKS_CONFIGMAP: {NODE: "0"}}
+        """ConfigMaps of the namespace by name: their `data`."""
         self.refuse_create: int | None = None
         self.garbage = False
         """Answer lists with objects that are not pods."""
@@ -122,6 +152,8 @@ class FakeApi:
         app.router.add_get(base + "/{name}", self.get)
         app.router.add_delete(base + "/{name}", self.delete)
         app.router.add_get(base + "/{name}/log", self.log)
+        app.router.add_get("/api/v1/nodes", self.list_nodes)
+        app.router.add_get("/api/v1/namespaces/{ns}/configmaps/{name}", self.get_configmap)
         return app
 
     @staticmethod
@@ -175,6 +207,23 @@ class FakeApi:
         return web.json_response(
             {"kind": "PodList", "apiVersion": "v1", "metadata": {"resourceVersion": "1"}, "items": items}
         )
+
+    async def list_nodes(self, request: web.Request) -> web.Response:
+        wanted = dict(
+            part.split("=", 1) for part in request.query.get("labelSelector", "").split(",") if part
+        )
+        items = [n for n in self.nodes if wanted.items() <= n["metadata"].get("labels", {}).items()]
+        return web.json_response(
+            {"kind": "NodeList", "apiVersion": "v1", "metadata": {"resourceVersion": "1"}, "items": items}
+        )
+
+    async def get_configmap(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        data = self.configmaps.get(name)
+        if data is None:
+            return self.status(404, "NotFound", f'configmaps "{name}" not found')
+        meta = {"name": name, "namespace": request.match_info["ns"]}
+        return web.json_response({"kind": "ConfigMap", "apiVersion": "v1", "metadata": meta, "data": data})
 
     async def get(self, request: web.Request) -> web.Response:
         pod = self.pods.get(request.match_info["name"])

@@ -22,6 +22,7 @@ from cornserve.runtime.settings import ServiceSettings, build_parser
 from cornserve.sidecar.server import SidecarSettings
 
 from .support import (
+    CLUSTER_SCOPED,
     K8S_DIR,
     check_names,
     pod_containers,
@@ -55,6 +56,8 @@ def test_the_kustomization_has_every_part() -> None:
         "ServiceAccount/cornserve-resource-manager",
         "Role/cornserve-resource-manager",
         "RoleBinding/cornserve-resource-manager",
+        "ClusterRole/cornserve-resource-manager-nodes",
+        "ClusterRoleBinding/cornserve-resource-manager-nodes",
         "Deployment/cornserve-dispatcher",
         "DaemonSet/cornserve-sidecar",
     ):
@@ -66,7 +69,7 @@ def test_the_kustomization_has_every_part() -> None:
 def test_every_object_validates_against_the_api_schema(doc: dict[str, Any]) -> None:
     validate(doc)
     check_names(doc)
-    if doc["kind"] not in ("Namespace",):
+    if doc["kind"] not in CLUSTER_SCOPED:
         assert doc["metadata"]["namespace"] == "cornserve"
 
 
@@ -132,16 +135,29 @@ def test_the_resource_manager_may_do_what_its_spawner_does_and_no_more() -> None
     assert rm["spec"]["replicas"] == 1 and rm["spec"]["strategy"]["type"] == "Recreate"
     assert rm["spec"]["template"]["spec"]["serviceAccountName"] == "cornserve-resource-manager"
     role = _find("Role", "cornserve-resource-manager")
-    grants = {(r, v) for rule in role["rules"] for r in rule["resources"] for v in rule["verbs"]}
-    # The calls of cornserve.resource_manager.k8s_spawner: create/list/get/delete pods, read logs.
-    needed = {("pods", "create"), ("pods", "list"), ("pods", "get"), ("pods", "delete"), ("pods/log", "get")}
-    assert needed <= grants
-    assert grants == needed, "the Role grants more than the spawner uses"
-    binding = _find("RoleBinding", "cornserve-resource-manager")
-    assert binding["roleRef"]["name"] == "cornserve-resource-manager"
-    assert binding["subjects"] == [
-        {"kind": "ServiceAccount", "name": "cornserve-resource-manager", "namespace": "cornserve"}
-    ]
+    grants = {
+        (r, v, tuple(rule.get("resourceNames", ())))
+        for rule in role["rules"]
+        for r in rule["resources"]
+        for v in rule["verbs"]
+    }
+    # The calls of cornserve.resource_manager.k8s_spawner: create/list/get/delete pods, read logs,
+    # read the sidecar ranks ConfigMap (that one only).
+    settings = KubernetesSettings.model_validate_json(
+        _find("ConfigMap", "cornserve-spawner")["data"]["settings.json"]
+    )
+    needed = {(r, v, ()) for r, v in (("pods", "create"), ("pods", "list"), ("pods", "get"), ("pods", "delete"), ("pods/log", "get"))}  # fmt: skip
+    needed.add(("configmaps", "get", (settings.sidecar_ranks_configmap,)))
+    assert grants == needed, "the Role grants more (or less) than the spawner uses"
+    # Nodes are cluster-scoped: listing them, and nothing more, is a ClusterRole's.
+    nodes = _find("ClusterRole", "cornserve-resource-manager-nodes")
+    assert nodes["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["list"]}]
+    for kind, name in (("RoleBinding", "cornserve-resource-manager"), ("ClusterRoleBinding", "cornserve-resource-manager-nodes")):  # fmt: skip
+        binding = _find(kind, name)
+        assert binding["roleRef"]["name"] == name
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": "cornserve-resource-manager", "namespace": "cornserve"}
+        ]
     # No other workload gets an API token.
     for doc in DOCS:
         spec = pod_spec(doc)
@@ -294,12 +310,17 @@ async def test_the_sidecar_script_stops_its_sidecars_on_sigterm(tmp_path: Path) 
 
 
 def test_the_resource_managers_inventory_matches_the_sidecars() -> None:
-    """Devices are served by sidecars of the same rank: the RM's node and slot count agree with the DaemonSet."""
+    """Devices are served by sidecars of the same rank: the spawner's nodes, ranks and slots are the DaemonSet's."""
     rm = pod_spec(_find("Deployment", "cornserve-resource-manager"))["containers"][0]
     flags = dict(a.removeprefix("--").split("=", 1) for a in rm["command"][1:] if "=" in a)
-    node = next(e["value"] for e in rm["env"] if e["name"] == "CORNSERVE_NODE")
-    sidecars = pod_spec(_find("DaemonSet", "cornserve-sidecar"))["containers"][0]
+    daemonset = pod_spec(_find("DaemonSet", "cornserve-sidecar"))
+    sidecars = daemonset["containers"][0]
     per_node = next(e["value"] for e in sidecars["env"] if e["name"] == "CORNSERVE_SIDECARS_PER_NODE")
     assert flags["cpu-slots"] == per_node
-    # The RM numbers its devices' sidecar ranks from 0 (cornserve.resource_manager.devices).
-    assert _find("ConfigMap", "cornserve-sidecar-ranks")["data"][node] == "0"
+    settings = KubernetesSettings.model_validate_json(
+        _find("ConfigMap", "cornserve-spawner")["data"]["settings.json"]
+    )
+    # The inventory lists the nodes the DaemonSet runs on, and reads the ranks from its ConfigMap.
+    assert settings.node_selector == daemonset["nodeSelector"]
+    ranks = {v["configMap"]["name"] for v in daemonset["volumes"] if "configMap" in v}
+    assert settings.sidecar_ranks_configmap in ranks

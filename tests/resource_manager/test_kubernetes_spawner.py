@@ -1,5 +1,9 @@
 """A real resource manager with `--spawner kubernetes`, against the fake Kubernetes API and its fake kubelet.
 
+The node inventory (`k8s_nodes`, the spawner's `NodeSpawner` methods) comes from the fake API's
+Node objects and the sidecar ranks ConfigMap: tested on the spawner itself below, and through
+the resource manager, whose devices are the fake node's.
+
 The resource manager (a real process) talks to the fake API through lightkube; the fake kubelet
 runs each pod's container (a real task manager, with the pod's arguments and environment) as a
 local process, which starts a real echo executor. So the spawner's wiring inside the resource
@@ -16,15 +20,27 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from lightkube import AsyncClient, KubeConfig
 from nats.aio.client import Client
-from tests.k8s.fake_api import FakeApi, FakeKubelet, kubeconfig, serve
+from tests.k8s.fake_api import NODE, NS, RANKS_CONFIGMAP, FakeApi, FakeKubelet, fake_node, kubeconfig, serve
 from tests.resource_manager.support import StartRM, outcome
 from tests.support.tasklibs import echo_task
 from tests.support.waiting import wait_for, wait_gone
 
 from cornserve.bus.control import DeploymentInfo
 from cornserve.bus.tm_client import TaskManagerClient
-from cornserve.resource_manager.k8s_pods import ANNOTATION_TASK_KEY
+from cornserve.resource_manager.k8s_pods import ANNOTATION_TASK_KEY, KubernetesSettings
+from cornserve.resource_manager.k8s_spawner import (
+    KubernetesApiError,
+    KubernetesConfigError,
+    KubernetesSpawner,
+)
+from cornserve.resource_manager.spawner import (
+    NodeSpawner,
+    one_node_per_deployment,
+    pids_are_local,
+    spawner_devices,
+)
 
 
 @pytest.fixture
@@ -64,6 +80,9 @@ async def test_task_managers_are_pods_created_recreated_adopted_and_deleted(
 
     (dep,) = (await rm.deploy("app", task)).deployments
     assert dep.state == "ready"
+    # The inventory is the fake node's: its CPU slots, ranks from the ranks ConfigMap.
+    assert {(d.node, d.kind) for d in dep.devices} == {(NODE, "cpu")}
+    assert all(0 <= d.sidecar_rank < 3 for d in dep.devices)
     [pod] = _pods_of(api, key)
     body = api.posted[0]
     assert body["spec"]["affinity"]["nodeAffinity"]  # pinned to the devices' node
@@ -102,3 +121,77 @@ async def test_task_managers_are_pods_created_recreated_adopted_and_deleted(
     assert outcome(await rm.release("app")) == ([key], [key])
     await wait_for(lambda: not _pods_of(api, key), 30, "the pod to be deleted")
     await wait_gone([api.kubelet.procs[pod2].pid, *executors] if api.kubelet else [])
+
+
+def _spawner(url: str, **settings: object) -> KubernetesSpawner:
+    config = KubeConfig.from_dict(kubeconfig(url))
+    client = AsyncClient(config=config, namespace=NS, trust_env=False)
+    return KubernetesSpawner(
+        KubernetesSettings(namespace=NS, **settings),  # type: ignore[arg-type]
+        client=client,
+        poll_s=3600,
+        device_kind="auto",
+        cpu_slots=4,
+    )
+
+
+async def test_the_node_inventory_is_the_nodes_that_run_sidecars() -> None:
+    api = FakeApi()
+    api.nodes = [
+        fake_node("gpu-1", gpus="2", labels={"nvidia.com/gpu.memory": "81559", "pool": "serve"}),
+        fake_node("cpu-1", cpu="2500m", labels={"pool": "serve"}),  # 2 whole CPUs: 2 of the 4 slots
+        fake_node("cpu-2", labels={"pool": "serve"}),  # no sidecar ranks: runs no sidecars
+        fake_node("other", labels={"pool": "batch"}),  # not selected
+    ]
+    api.configmaps = {RANKS_CONFIGMAP: {"gpu-1": "10", "cpu-1": "20", "other": "30"}}
+    async with serve(api) as url:
+        spawner = _spawner(url, node_selector={"pool": "serve"})
+        try:
+            assert isinstance(spawner, NodeSpawner)
+            assert not pids_are_local(spawner) and one_node_per_deployment(spawner)
+            await spawner.start()
+            devices = spawner_devices(spawner, lambda: [])
+            assert [(d.node, d.kind, d.index, d.sidecar_rank, d.memory_bytes) for d in devices] == [
+                ("cpu-1", "cpu", 0, 20, None),
+                ("cpu-1", "cpu", 1, 21, None),
+                ("gpu-1", "cuda", 0, 10, 81559 * 2**20),
+                ("gpu-1", "cuda", 1, 11, 81559 * 2**20),
+            ]
+            assert await spawner.unavailable_nodes() == set()
+            # A node that is not Ready, or cordoned, is down; a node that is gone, too.
+            api.nodes[0] = fake_node("gpu-1", gpus="2", ready=False, labels={"pool": "serve"})
+            assert await spawner.unavailable_nodes() == {"gpu-1"}
+            api.nodes[0] = fake_node("gpu-1", gpus="2", unschedulable=True, labels={"pool": "serve"})
+            api.nodes[1] = fake_node("cpu-1", labels={"pool": "serve"})
+            assert await spawner.unavailable_nodes() == {"gpu-1"}
+            api.nodes = [n for n in api.nodes if n["metadata"]["name"] != "cpu-1"]
+            assert await spawner.unavailable_nodes() == {"gpu-1", "cpu-1"}
+            # A node whose objects say nonsense is left out, not a crash.
+            api.nodes.append(
+                {
+                    "metadata": {"name": "bad", "labels": {"pool": "serve"}},
+                    "status": {"allocatable": {"cpu": "lots"}},
+                }
+            )
+            assert await spawner.unavailable_nodes() == {"gpu-1", "cpu-1"}
+        finally:
+            await spawner.close()
+
+
+async def test_an_inventory_without_devices_or_with_overlapping_ranks_is_refused_with_the_reason() -> None:
+    api = FakeApi()
+    api.nodes = [fake_node("a"), fake_node("b")]
+    async with serve(api) as url:
+        api.configmaps = {RANKS_CONFIGMAP: {"c": "0"}}
+        spawner = _spawner(url)
+        try:
+            with pytest.raises(KubernetesConfigError, match="no Kubernetes node offers devices"):
+                await spawner.start()
+            api.configmaps = {RANKS_CONFIGMAP: {"a": "0", "b": "2"}}  # a has 4 slots: ranks 0..3
+            with pytest.raises(KubernetesConfigError, match="overlap"):
+                await spawner.start()
+            api.configmaps = {}
+            with pytest.raises(KubernetesApiError, match="cornserve-sidecar-ranks"):
+                await spawner.start()
+        finally:
+            await spawner.close()

@@ -106,6 +106,9 @@ class KubernetesSettings(BaseModel):
     host_network: bool = True
     """Run in the node's network namespace, as the dispatchers do (deploy/k8s/dispatcher.yaml):
     executors listen on the loopback address and the dispatchers call them at 127.0.0.1."""
+    sidecar_ranks_configmap: str = Field(default="cornserve-sidecar-ranks", min_length=1)
+    """ConfigMap (in `namespace`) of each node's first sidecar rank, the sidecar DaemonSet's own:
+    the node inventory takes its nodes and ranks from it (`k8s_nodes`)."""
     gpu_toleration: bool = True
     """GPU pods tolerate the ``nvidia.com/gpu`` NoSchedule taint GPU node pools commonly carry."""
 

@@ -25,10 +25,18 @@ from typing import Any, cast
 import httpx2
 from lightkube import ApiError, AsyncClient, KubeConfig
 from lightkube.core.exceptions import ConfigError
-from lightkube.resources.core_v1 import Pod
+from lightkube.resources.core_v1 import ConfigMap, Node, Pod
 
 from cornserve.bus.control import DeviceInfo, TaskSpec
 from cornserve.bus.micro import ServiceFault
+from cornserve.resource_manager.k8s_nodes import (
+    DeviceKind,
+    NodeError,
+    NodeView,
+    first_ranks,
+    inventory,
+    node_view,
+)
 from cornserve.resource_manager.k8s_pods import (
     LABEL_TASK_KEY_HASH,
     KubernetesSettings,
@@ -186,10 +194,12 @@ class KubernetesPodHandle:
 
 
 class KubernetesSpawner:
-    """Task managers as pods in one namespace, found again by their labels after a restart."""
+    """Task managers as pods in one namespace, found again by their labels after a restart.
 
-    local_processes = False
-    """Executor pids its task managers report are in their pods, not signalable from here."""
+    A `NodeSpawner`: its inventory is the cluster's Nodes that run the sidecar DaemonSet
+    (`k8s_nodes`), learned at `start` (the resource manager calls it before reading the inventory)
+    and asked again on every `unavailable_nodes` (not Ready, or cordoned).
+    """
 
     def __init__(
         self,
@@ -200,8 +210,15 @@ class KubernetesSpawner:
         kubeconfig: str | None = None,
         env: Mapping[str, str] | None = None,
         poll_s: float = 2.0,
+        device_kind: DeviceKind = "auto",
+        cpu_slots: int = 4,
     ) -> None:
         self.settings = settings
+        self.device_kind: DeviceKind = device_kind
+        self.cpu_slots = cpu_slots
+        """CPU slots of a CPU node (at most its whole allocatable CPUs): the DaemonSet's sidecars per node."""
+        self._devices: list[DeviceInfo] | None = None
+        self._down: set[str] = set()
         self.log_level = log_level
         self.env = dict(env or {})
         """Extra ``CORNSERVE_*`` settings every task-manager pod gets."""
@@ -270,6 +287,95 @@ class KubernetesSpawner:
             for s in self.snapshot.pods.values()
             if not s.deleting
         ]
+
+    # ----- NodeSpawner ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Learn the nodes and their devices (the DaemonSet, not this, runs each node's sidecars)."""
+        views = await self._node_views()
+        ranks = await self._first_ranks()
+        try:
+            devices = inventory(views, ranks, self.device_kind, self.cpu_slots)
+        except NodeError as exc:
+            raise KubernetesConfigError(f"the Kubernetes node inventory is inconsistent: {exc}") from exc
+        if not devices:
+            raise KubernetesConfigError(
+                f"no Kubernetes node offers devices: none of the {len(views)} node(s) matching "
+                f"{self.settings.node_selector or 'any labels'} has a first sidecar rank in ConfigMap "
+                f"{self.settings.namespace}/{self.settings.sidecar_ranks_configmap} and "
+                f"{'allocatable nvidia.com/gpu' if self.device_kind == 'cuda' else 'a GPU or a whole CPU'}"
+            )
+        self._devices = devices
+        self._down = {v.node_id for v in views if not v.up}
+        logger.info(
+            "Kubernetes inventory: %d device(s) on node(s) %s",
+            len(devices),
+            ", ".join(dict.fromkeys(d.node for d in devices)),
+        )
+
+    def node_devices(self) -> list[DeviceInfo]:
+        """Every node's devices, as learned at `start`."""
+        if self._devices is None:
+            raise RuntimeError("KubernetesSpawner.start() must run before its inventory is read")
+        return list(self._devices)
+
+    async def unavailable_nodes(self) -> set[str]:
+        """Inventory nodes that are not Ready, cordoned or gone; a failed list keeps the last answer."""
+        known = {d.node for d in self._devices or ()}
+        try:
+            views = await self._node_views()
+        except KubernetesApiError as exc:
+            logger.warning("%s; node states kept as they were", exc.message)
+            return set(self._down)
+        up = {v.node_id for v in views if v.up}
+        self._down = known - up
+        return set(self._down)
+
+    async def spawn_on(self, node: str, task_key: str, task: TaskSpec, nats_url: str) -> TaskManagerHandle:
+        """The task manager's pod, pinned to `node` (the node of its executors' devices)."""
+        placement = self.placement(task_key)
+        if placement.node is not None and placement.node != node:
+            raise ServiceFault(
+                409,
+                "placement_unsupported",
+                f"task {task_key}: its devices are on node {placement.node}, not {node}",
+            )
+        return await self.spawn(task_key, task, nats_url)
+
+    def pids_are_local(self) -> bool:
+        """Executor pids its task managers report are inside their pods, not signalable from here."""
+        return False
+
+    def one_node_per_deployment(self) -> bool:
+        """A task manager forks its executors, so its pod and all their devices are on one node."""
+        return True
+
+    async def _node_views(self) -> list[NodeView]:
+        action = "listing nodes"
+        labels: dict[str, Any] = dict(self.settings.node_selector)
+        try:
+            nodes = [n.to_dict() async for n in self.client.list(Node, labels=labels)]
+        except API_ERRORS as exc:
+            raise _api_error(action, exc) from exc
+        views: list[NodeView] = []
+        for node in nodes:
+            try:
+                views.append(node_view(node, self.settings))
+            except NodeError as exc:
+                logger.warning("node left out of the inventory: %s", exc)
+        return views
+
+    async def _first_ranks(self) -> dict[str, int]:
+        name = self.settings.sidecar_ranks_configmap
+        action = f"reading ConfigMap {self.settings.namespace}/{name} (each node's first sidecar rank)"
+        try:
+            configmap = await self.client.get(ConfigMap, name, namespace=self.settings.namespace)
+        except API_ERRORS as exc:
+            raise _api_error(action, exc) from exc
+        try:
+            return first_ranks(configmap.data)
+        except NodeError as exc:
+            raise KubernetesConfigError(f"{action}: {exc}") from exc
 
     # ----- placement -----------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ from typing import ClassVar, Literal
 from nats.aio.client import Client
 from pydantic import Field, ValidationError
 
-from cornserve.resource_manager.devices import DeviceInventory, discover_devices
+from cornserve.resource_manager.devices import DeviceInventory, DeviceKind, discover_devices
 from cornserve.resource_manager.k8s_pods import KubernetesSettings
 from cornserve.resource_manager.k8s_spawner import KubernetesSpawner, pod_env
 from cornserve.resource_manager.manager import ResourceManager
@@ -80,6 +80,8 @@ def make_spawner(
     k8s_kubeconfig: Path | None = None,
     docker_config: Path | None = None,
     nats_url: str = "",
+    device_kind: DeviceKind = "auto",
+    cpu_slots: int = 4,
 ) -> Spawner:
     """The spawner named on the command line; `nats_creds` is the task managers' credentials file.
 
@@ -94,6 +96,8 @@ def make_spawner(
             log_level=log_level,
             kubeconfig=str(k8s_kubeconfig) if k8s_kubeconfig else None,
             env=pod_env(os.environ, TASK_MANAGER_PASSED_ENV),
+            device_kind=device_kind,
+            cpu_slots=cpu_slots,
         )
     if name == "docker":
         if docker_config is None:
@@ -142,12 +146,14 @@ async def serve(settings: ResourceManagerSettings, nc: Client) -> AsyncIterator[
         nats_url=settings.nats_url,
         k8s_settings=settings.k8s_settings,
         k8s_kubeconfig=settings.k8s_kubeconfig,
+        device_kind=settings.device_kind,
+        cpu_slots=settings.cpu_slots,
     )
+    if isinstance(spawner, NodeAgents):  # before the inventory: the kubernetes spawner learns its nodes here
+        await spawner.start()
     devices = spawner_devices(
         spawner, lambda: discover_devices(settings.device_kind, settings.cpu_slots, settings.node)
     )
-    if isinstance(spawner, NodeAgents):
-        await spawner.start()
     manager = ResourceManager(
         nc,
         settings.nats_url,

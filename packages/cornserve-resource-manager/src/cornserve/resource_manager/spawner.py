@@ -1,7 +1,7 @@
 """How task-manager processes come to exist: a `Spawner` interface and the local-subprocess spawner.
 
 The `kubernetes` spawner (`k8s_spawner.py`: task managers as pods) is another one behind the same
-interface; the resource manager only needs to start a task manager, know whether it is still alive,
+interface (with the `NodeSpawner` methods); the resource manager only needs to start a task manager, know whether it is still alive,
 read its log's tail, kill it, and list the task managers it started (so that reconciliation finds
 orphans and duplicates).
 
@@ -90,10 +90,14 @@ class NodeSpawner(Protocol):
 
 @runtime_checkable
 class NodeAgents(Protocol):
-    """Optional: a backend that starts per-node agents (sidecars, shared memory) before serving."""
+    """Optional: a backend with work to do before its inventory is read and it serves.
+
+    The docker spawner starts per-node agents (sidecars, shared memory); the kubernetes spawner
+    learns its nodes (their sidecars are a DaemonSet's).
+    """
 
     async def start(self) -> None:
-        """Start what each node needs; a node that cannot be started is left down (and logged)."""
+        """Start what each node needs (a node that cannot be started is left down, and logged)."""
 
 
 def spawner_devices(spawner: object, discover: Callable[[], list[DeviceInfo]]) -> list[DeviceInfo]:
@@ -125,14 +129,8 @@ def one_node_per_deployment(spawner: object) -> bool:
 
 
 def pids_are_local(spawner: object) -> bool:
-    """Whether reported pids are this machine's (true for a local spawner).
-
-    A backend that is not node-aware says otherwise with a `local_processes = False` attribute (the
-    `kubernetes` spawner: pids are inside its pods).
-    """
-    if isinstance(spawner, NodeSpawner):
-        return spawner.pids_are_local()
-    return bool(getattr(spawner, "local_processes", True))
+    """Whether reported pids are this machine's (true for a one-node spawner, the local one)."""
+    return spawner.pids_are_local() if isinstance(spawner, NodeSpawner) else True
 
 
 class TaskManagerProcess(ProcessGroup):
