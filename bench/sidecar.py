@@ -311,9 +311,11 @@ async def wait_sidecars() -> None:
                 await asyncio.sleep(0.2)
 
 
-async def main_bench(skip_ray: bool, quick: bool) -> None:
+async def main_bench(skip_ray: bool, quick: bool, only_mib: list[int] | None, small_n: int | None) -> None:
     sizes = [(size, max(3, reps // 3)) for size, reps in SIZES] if quick else SIZES
-    small_n = 100 if quick else SMALL_N
+    if only_mib is not None:
+        sizes = [(size, reps) for size, reps in sizes if size // MiB in only_mib]
+    small_n = small_n or (100 if quick else SMALL_N)
     rows: list[Row] = []
     ray_note = ""
     with NatsServerProcess() as nats_srv:
@@ -394,8 +396,11 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="a third of the repetitions, 100 small objects, no Ray"
     )
+    parser.add_argument("--sizes", help="comma-separated MiB sizes to run (of 1,16,256; none: 0)")
+    parser.add_argument("--small-n", type=int, help="1 KiB objects timed (default 400, --quick 100)")
     args = parser.parse_args()
-    asyncio.run(main_bench(args.skip_ray or args.quick, args.quick))
+    only = None if args.sizes is None else [int(x) for x in args.sizes.split(",") if x]
+    asyncio.run(main_bench(args.skip_ray or args.quick, args.quick, only, args.small_n))
 
 
 if __name__ == "__main__":
