@@ -26,6 +26,7 @@ from cornserve.bus.sidecar_local import (
     LocalHello,
 )
 from cornserve.sidecar import Sidecar
+from cornserve.sidecar.errors import MemoryPressure
 from cornserve.sidecar.localclient import LocalChannel, LocalErrorReply
 from cornserve.sidecar.peerauth import PeerKey
 
@@ -191,3 +192,25 @@ async def test_client_falls_back_to_nats_when_the_socket_is_gone(sidecars, nats_
         assert await dst.recv("after") == 2
         await dst.mark_done("before")
         await dst.mark_done("after")
+
+
+async def test_a_put_waits_for_room_then_fails_or_proceeds_and_leaks_nothing(
+    sidecars, nats_url, arenas_empty
+):
+    (a,) = await sidecars(1, arena_bytes=4 * 1024 * 1024)
+    (b,) = await sidecars(1)
+    async with Sidecar(a.rank, nats_url) as src, Sidecar(b.rank, nats_url) as dst:
+        filler = torch.zeros(3 * 1024 * 1024 // 4 + 1024)  # 3 MiB + 4 KiB: reserved, then written
+        small = torch.ones(1024 * 1024 // 4)  # 1 MiB: one put
+        await src.send(filler, "fill", [[b.rank]])
+        with pytest.raises(MemoryPressure, match="no room"):
+            await src.send(small, "p-fail", [[b.rank]], timeout=0.5)
+        blocked = asyncio.create_task(src.send(small, "p-wait", [[b.rank]], timeout=20))
+        await asyncio.sleep(0.3)
+        assert not blocked.done()
+        await dst.recv("fill", timeout=5)
+        await dst.mark_done("fill")
+        await blocked  # room freed: the waiting put proceeds
+        assert torch.equal(await dst.recv("p-wait", timeout=5), small)
+        await dst.mark_done("p-wait")
+    await arenas_empty([a.rank, b.rank])
