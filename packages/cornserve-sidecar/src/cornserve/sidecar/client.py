@@ -85,6 +85,8 @@ REPLY_MARGIN_S = 5.0
 INLINE_SEND_BYTES = 1 << 20
 """Copy sends up to this size go as one ``put`` over the control socket, their bytes riding along
 (the server writes them into its arena); bigger ones reserve space first and are written here."""
+LOCAL_RETRY_S = 1.0
+"""After the control socket failed, calls use NATS for this long before trying the socket again."""
 
 
 @dataclass
@@ -128,6 +130,8 @@ class Sidecar:
         self._nc: Client | None = None
         self._local: LocalChannel | None = None
         """Our server's same-node control socket (`localclient`); None: NATS only."""
+        self._local_retry_at = 0.0
+        """When a failed control socket may be tried again."""
         self._info: InfoReply | None = None
         self._own_map: mmap.mmap | None = None
         self._own_view: memoryview | None = None
@@ -258,7 +262,9 @@ class Sidecar:
         """Ask over the control socket; None when it is unavailable (the caller uses NATS)."""
         local = self._local
         if local is None:
-            return None
+            local = self._reopen_local()
+            if local is None:
+                return None
         try:
             return await local.call(verb, msg, reply, timeout, payload if payload is not None else b"")
         except LocalUnavailable as exc:
@@ -267,6 +273,7 @@ class Sidecar:
             if self._local is local:
                 local.close()
                 self._local = None
+                self._local_retry_at = time.monotonic() + LOCAL_RETRY_S
             return None
         except TimeoutError:
             raise SidecarTimeout(
@@ -274,6 +281,22 @@ class Sidecar:
             ) from None
         except LocalErrorReply as exc:
             raise error_from_kind(exc.error.error, exc.error.message, exc.error.details) from None
+
+    def _reopen_local(self) -> LocalChannel | None:
+        """After a socket failure, try the known socket again (at most every ``LOCAL_RETRY_S``).
+
+        A restarted server's new socket is learnt from its next reply naming the new instance; this
+        covers a failure that was not a restart (a connection the server closed), so one failure does
+        not pin the client to NATS for good.
+        """
+        if self._info is None or time.monotonic() < self._local_retry_at:
+            return None
+        self._local_retry_at = time.monotonic() + LOCAL_RETRY_S
+        path = checked_socket_path(self._info.local_socket)
+        if path is None:
+            return None
+        self._local = LocalChannel(path)
+        return self._local
 
     async def _check_instance(self, verb: SidecarVerb, result: R) -> R:
         """Notice a restarted server from any reply naming its instance (remaps its arena)."""
