@@ -10,7 +10,8 @@ the value (for the sidecar: a zero-copy read-only tensor view; for pickle: the u
 for Ray: the zero-copy array from the object store). Trials are paced by an acknowledgement
 that is not timed.
 
-    uv run --group bench python bench/sidecar.py
+    uv run --group bench python bench/sidecar.py            # full run
+    uv run --group bench python bench/sidecar.py --quick    # fewer repetitions, no Ray
 """
 
 from __future__ import annotations
@@ -153,9 +154,44 @@ def bench_memcpy(size: int, reps: int) -> Row:
     return Row("memcpy (in-process, floor)", size, times[WARMUP:])
 
 
-def bench_pickle(size: int, reps: int) -> Row:
+def raw_socket_server_role(port: int) -> None:
+    """Receive length-prefixed bytes into one preallocated buffer; answer with the time they were in."""
+    srv = socket.create_server(("127.0.0.1", port))
+    conn, _ = srv.accept()
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    buf = bytearray()
+    while True:
+        head = conn.recv(8, socket.MSG_WAITALL)
+        if len(head) < 8:
+            return
+        (n,) = struct.unpack("!Q", head)
+        if len(buf) < n:
+            buf = bytearray(n)
+        view, got = memoryview(buf), 0
+        while got < n:
+            got += conn.recv_into(view[got:n], n - got)
+        conn.sendall(struct.pack("!d", time.perf_counter()))
+
+
+def bench_raw_socket(size: int, reps: int) -> Row:
+    """The floor of any transfer across nodes: bytes over a loopback TCP socket, no encoding."""
     port = free_port()
-    child = spawn("pickle-server", str(port))
+    child = spawn("raw-server", str(port))
+    conn = _connect_local(port)
+    payload = memoryview(np.random.rand(size // 4).astype(np.float32)).cast("B")
+    times = []
+    for _ in range(reps + WARMUP):
+        t0 = time.perf_counter()
+        conn.sendall(struct.pack("!Q", size))
+        conn.sendall(payload)
+        (end,) = struct.unpack("!d", conn.recv(8, socket.MSG_WAITALL))
+        times.append(end - t0)
+    conn.close()
+    child.wait(timeout=60)
+    return Row("raw bytes over local TCP", size, times[WARMUP:])
+
+
+def _connect_local(port: int) -> socket.socket:
     deadline = time.monotonic() + 60
     while True:
         try:
@@ -166,6 +202,13 @@ def bench_pickle(size: int, reps: int) -> Row:
                 raise
             time.sleep(0.05)
     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return conn
+
+
+def bench_pickle(size: int, reps: int) -> Row:
+    port = free_port()
+    child = spawn("pickle-server", str(port))
+    conn = _connect_local(port)
     arr = np.random.rand(size // 4).astype(np.float32)
     times = []
     for _ in range(reps + WARMUP):
@@ -214,7 +257,7 @@ class RayBench:
         self.ray.shutdown()
 
 
-async def bench_small(sc: Sidecar, dst_rank: int, label: str) -> tuple[str, float, float]:
+async def bench_small(sc: Sidecar, dst_rank: int, label: str, n: int) -> tuple[str, float, float]:
     payload = os.urandom(1024)
 
     async def send(k: int, id_: str) -> float:
@@ -223,13 +266,16 @@ async def bench_small(sc: Sidecar, dst_rank: int, label: str) -> tuple[str, floa
         return started
 
     prefix = f"small-{label}-{time.monotonic_ns()}"
-    lat = sorted(await round_trips(sc, dst_rank, prefix, SMALL_N + 20, send))[20:]
+    lat = (await round_trips(sc, dst_rank, prefix, n + 20, send))[20:]
     lat = sorted(lat)
     return label, lat[len(lat) // 2], lat[min(len(lat) - 1, int(len(lat) * 0.99))]
 
 
 def start_sidecars(url: str, log_dir: Path) -> list[subprocess.Popen[bytes]]:
     procs = []
+    secret = log_dir / "sidecar-secret"  # cross-node transfers need the cluster's peer secret
+    secret.write_text(os.urandom(24).hex())
+    secret.chmod(0o600)
     binary = str(Path(sys.executable).parent / "cornserve-sidecar")
     for rank, node in ((0, "node-a"), (1, "node-a"), (2, "node-b")):
         log = open(log_dir / f"sidecar-{rank}.log", "wb")  # noqa: SIM115
@@ -243,6 +289,8 @@ def start_sidecars(url: str, log_dir: Path) -> list[subprocess.Popen[bytes]]:
             url,
             "--arena-bytes",
             str(1200 * MiB),
+            "--peer-secret-file",
+            str(secret),
             "--prefault",  # commit the arena up front: no first-touch page faults inside timed sends
         ]
         procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
@@ -263,7 +311,11 @@ async def wait_sidecars() -> None:
                 await asyncio.sleep(0.2)
 
 
-async def main_bench(skip_ray: bool) -> None:
+async def main_bench(skip_ray: bool, quick: bool, only_mib: list[int] | None, small_n: int | None) -> None:
+    sizes = [(size, max(3, reps // 3)) for size, reps in SIZES] if quick else SIZES
+    if only_mib is not None:
+        sizes = [(size, reps) for size, reps in sizes if size // MiB in only_mib]
+    small_n = small_n or (100 if quick else SMALL_N)
     rows: list[Row] = []
     ray_note = ""
     with NatsServerProcess() as nats_srv:
@@ -273,7 +325,7 @@ async def main_bench(skip_ray: bool) -> None:
         try:
             await wait_sidecars()
             async with Sidecar(0) as sc:
-                for size, reps in SIZES:
+                for size, reps in sizes:
                     print(f"size {size // MiB} MiB ...", file=sys.stderr, flush=True)
                     rows.append(bench_memcpy(size, reps))
                     rows.append(await bench_sidecar(sc, 1, "sidecar same node (shm)", size, reps))
@@ -283,10 +335,11 @@ async def main_bench(skip_ray: bool) -> None:
                         )
                     )
                     rows.append(await bench_sidecar(sc, 2, "sidecar across nodes (TCP)", size, reps))
+                    rows.append(bench_raw_socket(size, reps))
                     rows.append(bench_pickle(size, reps))
                 small = [
-                    await bench_small(sc, 1, "same node (shm)"),
-                    await bench_small(sc, 2, "across nodes (TCP)"),
+                    await bench_small(sc, 1, "same node (shm)", small_n),
+                    await bench_small(sc, 2, "across nodes (TCP)", small_n),
                 ]
             # Ray last: its daemons keep polling and would steal the 2 cores from the other rows.
             if skip_ray:
@@ -297,7 +350,7 @@ async def main_bench(skip_ray: bool) -> None:
                 except Exception as exc:  # reported in the table, never hidden
                     ray_note = f"Ray could not be started: {type(exc).__name__}: {exc}"
                 else:
-                    for size, reps in SIZES:
+                    for size, reps in sizes:
                         print(f"ray {size // MiB} MiB ...", file=sys.stderr, flush=True)
                         rows.append(ray_bench.run(size, reps))
                     ray_bench.close()
@@ -312,7 +365,7 @@ async def main_bench(skip_ray: bool) -> None:
     )
     print("| size | method | median ms | GB/s | x memcpy | reps |")
     print("|---:|---|---:|---:|---:|---:|")
-    for size, _ in SIZES:
+    for size, _ in sizes:
         floor = next(r for r in rows if r.size == size and r.method.startswith("memcpy")).median
         for r in (r for r in rows if r.size == size):
             ms, gbs, n = r.cells()
@@ -322,13 +375,16 @@ async def main_bench(skip_ray: bool) -> None:
     print("\n| 1 KiB object | p50 ms | p99 ms | n |")
     print("|---|---:|---:|---:|")
     for label, p50, p99 in small:
-        print(f"| sidecar {label} | {p50 * 1e3:.3f} | {p99 * 1e3:.3f} | {SMALL_N} |")
+        print(f"| sidecar {label} | {p50 * 1e3:.3f} | {p99 * 1e3:.3f} | {small_n} |")
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "consumer":
         rank, ack, prefix, n = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
         asyncio.run(consumer_role(rank, ack, prefix, n))
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "raw-server":
+        raw_socket_server_role(int(sys.argv[2]))
         return
     if len(sys.argv) > 1 and sys.argv[1] == "pickle-server":
         pickle_server_role(int(sys.argv[2]))
@@ -337,8 +393,14 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--skip-ray", action="store_true")
+    parser.add_argument(
+        "--quick", action="store_true", help="a third of the repetitions, 100 small objects, no Ray"
+    )
+    parser.add_argument("--sizes", help="comma-separated MiB sizes to run (of 1,16,256; none: 0)")
+    parser.add_argument("--small-n", type=int, help="1 KiB objects timed (default 400, --quick 100)")
     args = parser.parse_args()
-    asyncio.run(main_bench(args.skip_ray))
+    only = None if args.sizes is None else [int(x) for x in args.sizes.split(",") if x]
+    asyncio.run(main_bench(args.skip_ray or args.quick, args.quick, only, args.small_n))
 
 
 if __name__ == "__main__":

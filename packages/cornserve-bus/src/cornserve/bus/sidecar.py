@@ -96,6 +96,8 @@ class InfoReply(WireModel):
     tcp_port: int
     ttl_s: float
     prefaulted: bool = False
+    local_socket: str = ""
+    """Path of the server's same-node control socket (`cornserve.bus.sidecar_local`); empty: NATS only."""
 
 
 class StatsRequest(RequestBase):
@@ -130,6 +132,8 @@ class StatsReply(ArenaUsage):
     sent_by_path: dict[str, int] = Field(default_factory=dict)
     """Chunks delivered to destinations since start, by path: `shm` / `cuda_ipc` (same node), `tcp` /
     `nccl` (another node)."""
+    socket_requests: int = 0
+    """Requests answered on the same-node control socket (`cornserve.bus.sidecar_local`) since start."""
 
 
 class AllocRequest(RequestBase):

@@ -46,6 +46,7 @@ from cornserve.bus.sidecar import (
     StatsReply,
     StatsRequest,
 )
+from cornserve.bus.sidecar_local import PUT
 from cornserve.bus.subjects import (
     SidecarVerb,
     sidecar_nccl_pull_subject,
@@ -69,6 +70,8 @@ from cornserve.sidecar.errors import (
     SidecarUnavailable,
     error_from_kind,
 )
+from cornserve.sidecar.localclient import LocalChannel, LocalErrorReply, LocalUnavailable
+from cornserve.sidecar.localsocket import checked_socket_path
 from cornserve.sidecar.loop import LoopRunner, blocking, on_owner_loop
 from cornserve.sidecar.tasks import BackgroundTasks
 
@@ -79,6 +82,11 @@ R = TypeVar("R", bound=BaseModel)
 DEFAULT_TIMEOUT_S = 60.0
 REPLY_MARGIN_S = 5.0
 """Extra time a NATS request waits beyond the server-side deadline, so the server's typed error wins."""
+INLINE_SEND_BYTES = 1 << 20
+"""Copy sends up to this size go as one ``put`` over the control socket, their bytes riding along
+(the server writes them into its arena); bigger ones reserve space first and are written here."""
+LOCAL_RETRY_S = 1.0
+"""After the control socket failed, calls use NATS for this long before trying the socket again."""
 
 
 @dataclass
@@ -120,6 +128,10 @@ class Sidecar:
         self.timeout = timeout
         self._loop = LoopRunner(f"cornserve-sidecar-client-{rank}")
         self._nc: Client | None = None
+        self._local: LocalChannel | None = None
+        """Our server's same-node control socket (`localclient`); None: NATS only."""
+        self._local_retry_at = 0.0
+        """When a failed control socket may be tried again."""
         self._info: InfoReply | None = None
         self._own_map: mmap.mmap | None = None
         self._own_view: memoryview | None = None
@@ -182,6 +194,10 @@ class Sidecar:
                 info.instance,
             )
         self._info = info
+        if self._local is not None:
+            self._local.close()
+        path = checked_socket_path(info.local_socket)
+        self._local = LocalChannel(path) if path is not None else None
         self._own_map = map_arena(info.arena, writable=True, populate=info.prefaulted)
         self._own_view = memoryview(self._own_map)
         return info
@@ -193,6 +209,9 @@ class Sidecar:
             if self._nc is not None:  # bounded, also when NATS is gone (cornserve.runtime.natsstop)
                 await current_budget("sidecar client").close(self._nc)
                 self._nc = None
+            if self._local is not None:
+                self._local.close()
+                self._local = None
             # Views handed out keep their mappings alive; dropping our references lets GC unmap later.
             self._own_view = None
             self._own_map = None
@@ -219,6 +238,9 @@ class Sidecar:
         if self._nc is None:
             await self._connect()
         assert self._nc is not None
+        local = await self._call_local(verb.value, msg, reply, timeout)
+        if local is not None:
+            return await self._check_instance(verb, local)
         subject = sidecar_subject(self.rank, verb)
         try:
             result = await request(self._nc, subject, msg, reply, timeout)
@@ -232,6 +254,52 @@ class Sidecar:
             ) from None
         except ServiceErrorReply as exc:
             raise error_from_kind(exc.error.error, exc.error.message, exc.error.details) from None
+        return await self._check_instance(verb, result)
+
+    async def _call_local(
+        self, verb: str, msg: BaseModel, reply: type[R], timeout: float, payload: memoryview | None = None
+    ) -> R | None:
+        """Ask over the control socket; None when it is unavailable (the caller uses NATS)."""
+        local = self._local
+        if local is None:
+            local = self._reopen_local()
+            if local is None:
+                return None
+        try:
+            return await local.call(verb, msg, reply, timeout, payload if payload is not None else b"")
+        except LocalUnavailable as exc:
+            # The server stopped or restarted: NATS reaches whichever instance serves the rank now.
+            logger.info("control socket of sidecar rank %d failed (%s); using NATS", self.rank, exc)
+            if self._local is local:
+                local.close()
+                self._local = None
+                self._local_retry_at = time.monotonic() + LOCAL_RETRY_S
+            return None
+        except TimeoutError:
+            raise SidecarTimeout(
+                f"sidecar rank {self.rank} did not answer {verb} within {timeout:.3f}s"
+            ) from None
+        except LocalErrorReply as exc:
+            raise error_from_kind(exc.error.error, exc.error.message, exc.error.details) from None
+
+    def _reopen_local(self) -> LocalChannel | None:
+        """After a socket failure, try the known socket again (at most every ``LOCAL_RETRY_S``).
+
+        A restarted server's new socket is learnt from its next reply naming the new instance; this
+        covers a failure that was not a restart (a connection the server closed), so one failure does
+        not pin the client to NATS for good.
+        """
+        if self._info is None or time.monotonic() < self._local_retry_at:
+            return None
+        self._local_retry_at = time.monotonic() + LOCAL_RETRY_S
+        path = checked_socket_path(self._info.local_socket)
+        if path is None:
+            return None
+        self._local = LocalChannel(path)
+        return self._local
+
+    async def _check_instance(self, verb: SidecarVerb, result: R) -> R:
+        """Notice a restarted server from any reply naming its instance (remaps its arena)."""
         instance = getattr(result, "instance", None)
         if (
             instance is not None
@@ -335,6 +403,26 @@ class Sidecar:
             if region is None:
                 encoded = encode(data)
                 meta = encoded.meta
+                if meta.nbytes <= INLINE_SEND_BYTES and self._local is not None:
+                    msg = SendRequest(
+                        id=id_,
+                        chunk_id=chunk_id,
+                        num_chunks=num_chunks,
+                        dst_ranks=dst_ranks,
+                        instance=self._info.instance,
+                        location=Location(
+                            arena=self._info.arena, size=meta.nbytes, meta=meta, node=self._info.node
+                        ),
+                        timeout=timeout,
+                        notify_released=notify_released,
+                    )
+                    set_attributes({"cornserve.bytes": meta.nbytes})
+                    put = await self._call_local(
+                        PUT, msg, SidecarAck, timeout + REPLY_MARGIN_S, encoded.raw()
+                    )
+                    if put is not None:
+                        await self._check_instance(SidecarVerb.SEND, put)
+                        return
                 reply = await self._call(
                     SidecarVerb.ALLOC,
                     AllocRequest(size=meta.nbytes, timeout=timeout),

@@ -63,6 +63,17 @@ class Encoded:
         """Bytes the value occupies in the arena."""
         return self.meta.nbytes
 
+    def raw(self) -> memoryview:
+        """The value's bytes as one flat byte view (no copy: the source is contiguous)."""
+        src = self.source
+        if isinstance(src, torch.Tensor):
+            if self.meta.nbytes == 0:
+                return memoryview(b"")
+            return src.reshape(-1).view(torch.uint8).numpy().data.cast("B")
+        if isinstance(src, np.ndarray):
+            return src.reshape(-1).view(np.uint8).data.cast("B")
+        return memoryview(src).cast("B")
+
     def write_into(self, buf: memoryview, offset: int) -> None:
         """Copy the value's bytes into ``buf[offset:offset+nbytes]`` (a single memcpy)."""
         n = self.meta.nbytes

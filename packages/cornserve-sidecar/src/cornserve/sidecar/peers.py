@@ -19,9 +19,13 @@ from pydantic import BaseModel, ValidationError
 
 from cornserve.bus.micro import NoResponders, RequestTimeout, ServiceErrorReply, ServiceFault, request
 from cornserve.bus.sidecar import InfoReply, InfoRequest, SidecarAck, UpEvent
+from cornserve.bus.sidecar_local import LocalHello
 from cornserve.bus.subjects import SidecarVerb, sidecar_subject
 from cornserve.sidecar.after_start import AfterStart
 from cornserve.sidecar.identity import ServerIdentity
+from cornserve.sidecar.localclient import LocalChannel, LocalErrorReply, LocalUnavailable
+from cornserve.sidecar.localsocket import checked_socket_path
+from cornserve.sidecar.peerauth import PeerKey
 from cornserve.sidecar.tasks import BackgroundTasks
 
 logger = logging.getLogger("cornserve.sidecar.server")
@@ -48,7 +52,11 @@ class Peers:
     )
     instances: dict[int, str] = field(init=False, default_factory=dict)
     """The last instance seen per peer rank (reported in stats as ``known_peers``)."""
+    peer_key: PeerKey | None = None
+    """The cluster's peer secret: with it, same-node peers are asked over their control socket."""
     _info: dict[int, InfoReply] = field(init=False, default_factory=dict)
+    _local: dict[int, LocalChannel] = field(init=False, default_factory=dict)
+    """Control-socket channels to same-node peers (`localclient`), opened on first use."""
 
     @property
     def nc(self) -> Client:
@@ -70,12 +78,36 @@ class Peers:
     async def request(
         self, rank: int, verb: SidecarVerb, msg: BaseModel, reply: type[R], deadline: float
     ) -> R:
-        """Ask peer ``rank`` by ``deadline``; failures become typed faults for our own caller."""
+        """Ask peer ``rank`` by ``deadline``; failures become typed faults for our own caller.
+
+        A same-node peer is asked over its control socket when both hold the peer secret (no broker
+        hop); if the socket fails, over NATS, which reaches whatever instance serves the rank now.
+        """
         timeout = max(0.001, min(PEER_TIMEOUT_S, deadline - time.monotonic()))
+        channel = self._channel(rank)
+        if channel is not None:
+            try:
+                return await channel.call(verb.value, msg, reply, timeout)
+            except LocalUnavailable as exc:
+                logger.info("control socket of rank %d failed (%s); using NATS", rank, exc)
+                self._drop_channel(rank)
+            except TimeoutError:
+                raise ServiceFault(
+                    504,
+                    "unreachable",
+                    f"destination sidecar rank {rank} did not answer within {timeout:.3f}s",
+                    rank=rank,
+                ) from None
+            except LocalErrorReply as exc:
+                raise ServiceFault(
+                    exc.code, exc.error.error, exc.error.message, **exc.error.details
+                ) from None
+            timeout = max(0.001, min(PEER_TIMEOUT_S, deadline - time.monotonic()))
         try:
             return await request(self.nc, sidecar_subject(rank, verb), msg, reply, timeout)
         except (NoResponders, RequestTimeout) as exc:
             self._info.pop(rank, None)  # it may come back elsewhere: ask again next time
+            self._drop_channel(rank)
             if isinstance(exc, NoResponders):
                 code, why = 502, "is unreachable (no responders)"
             else:
@@ -101,9 +133,39 @@ class Peers:
 
     async def _tell(self, rank: int, verb: SidecarVerb, msg: BaseModel, what: str) -> None:
         try:
-            await request(self.nc, sidecar_subject(rank, verb), msg, SidecarAck, PEER_TIMEOUT_S)
-        except (NoResponders, RequestTimeout, ServiceErrorReply) as exc:
+            await self.request(rank, verb, msg, SidecarAck, time.monotonic() + PEER_TIMEOUT_S)
+        except ServiceFault as exc:
             logger.warning("%s to rank %d failed: %s", what, rank, exc)
+
+    def _channel(self, rank: int) -> LocalChannel | None:
+        """The control-socket channel to a same-node peer, when both sides can use one."""
+        found = self._local.get(rank)
+        if found is not None:
+            return found
+        info = self._info.get(rank)
+        key = self.peer_key
+        if info is None or key is None or info.node != self.me.node:
+            return None
+        path = checked_socket_path(info.local_socket)
+        if path is None:
+            return None
+        me = self.me.rank
+
+        def hello(challenge: str) -> LocalHello:
+            return LocalHello(source_rank=me, dst_rank=rank, mac=key.sender_mac(challenge, me, rank, "local"))
+
+        channel = self._local[rank] = LocalChannel(path, hello)
+        return channel
+
+    def _drop_channel(self, rank: int) -> None:
+        channel = self._local.pop(rank, None)
+        if channel is not None:
+            channel.close()
+
+    def close(self) -> None:
+        """Close the control-socket channels to peers (at stop)."""
+        for rank in list(self._local):
+            self._drop_channel(rank)
 
     async def on_up(self, msg: Msg) -> None:
         """Handle a server announcing its start; a new instance of a known rank is a restart."""
@@ -121,6 +183,7 @@ class Peers:
             return
         self.instances[event.rank] = event.instance
         self._info.pop(event.rank, None)
+        self._drop_channel(event.rank)
         if old is not None:
             logger.warning("peer rank %d restarted (%s -> %s)", event.rank, old, event.instance)
         # Even without having seen the old instance's announcement, slots naming another instance of

@@ -72,9 +72,11 @@ from cornserve.sidecar.holdings import Holdings
 from cornserve.sidecar.identity import LossCounters, ServerIdentity
 from cornserve.sidecar.inbox import Inbox
 from cornserve.sidecar.landing import TcpLanding
+from cornserve.sidecar.localserver import LocalEndpoint, Route
+from cornserve.sidecar.localsocket import create_socket_dir, remove_socket_dir, remove_stale_sockets
 from cornserve.sidecar.metrics import watch_arena
 from cornserve.sidecar.outbox import Outbox
-from cornserve.sidecar.peerauth import load_peer_key
+from cornserve.sidecar.peerauth import PeerKey, load_peer_key
 from cornserve.sidecar.peers import Peers
 from cornserve.sidecar.reaper import Reaper
 from cornserve.sidecar.tasks import BackgroundTasks
@@ -140,6 +142,7 @@ class SidecarServer:
             self.dropped,
         )
         self._runner = HandlerRunner()
+        self._local: LocalEndpoint | None = None
         self._nc: Client | None = None
         self._service: Service | None = None
         self._tcp: TcpReceiver | None = None
@@ -165,7 +168,7 @@ class SidecarServer:
             raise RuntimeError(f"cannot reach NATS at {self.nats_url} within {CONNECT_TIMEOUT_S}s") from None
         await self._refuse_double_serve(self._nc)
         self.peers.connection.set(self._nc)
-        removed = Arena.remove_stale(self.me.node, self.rank)
+        removed = Arena.remove_stale(self.me.node, self.rank) + remove_stale_sockets(self.me.node, self.rank)
         if removed:
             logger.warning("removed arenas of crashed instances: %s", removed)
         arena = Arena(arena_name(self.me.node, self.rank, self.instance), self.memory.size)
@@ -182,6 +185,7 @@ class SidecarServer:
             )
         else:
             self.outbox.peer_key = key
+            self.peers.peer_key = key
             self._tcp = TcpReceiver(
                 self.me.tcp_host,
                 self.me.tcp_port,
@@ -192,6 +196,7 @@ class SidecarServer:
                 self.landing.abandon,
             )
             self.me.tcp_port = self._tcp.start()
+        await self._start_local(key)
         await self._nc.subscribe(SIDECAR_UP_EVENT, cb=self.peers.on_up)
         self._service = await self._register(self._nc)
         self.background.spawn(self.reaper.run_forever())
@@ -220,18 +225,9 @@ class SidecarServer:
             return  # nobody serves this rank: good
         raise RuntimeError(f"rank {self.rank} is already served by instance {other.instance} on {other.node}")
 
-    async def _register(self, nc: Client) -> Service:
-        svc = await add_service(
-            nc,
-            name=SIDECAR_SERVICE_NAME,
-            version=__version__,
-            description="Cornserve tensor forwarding sidecar",
-            metadata={"rank": str(self.rank), "node": self.me.node, "instance": self.instance},
-            stats_handler=lambda _endpoint: self.stats().model_dump(
-                include={"arena_bytes", "used_bytes", "allocations", "held_entries", "mailbox_entries"}
-            ),
-        )
-        routes: list[tuple[SidecarVerb, type[BaseModel], Callable[..., Awaitable[BaseModel]]]] = [
+    def _routes(self) -> list[tuple[SidecarVerb, type[BaseModel], Callable[..., Awaitable[BaseModel]]]]:
+        """Every endpoint: the same handlers answer on NATS and on the control socket."""
+        return [
             (SidecarVerb.INFO, InfoRequest, self.on_info),
             (SidecarVerb.STATS, StatsRequest, self.on_stats),
             (SidecarVerb.ALLOC, AllocRequest, self.memory.on_alloc),
@@ -245,7 +241,39 @@ class SidecarServer:
             (SidecarVerb.NOTICE, NoticeRequest, self.inbox.on_notice),
             (SidecarVerb.DROP, DropRequest, self.dropper.on_drop),
         ]
-        for verb, model, fn in routes:
+
+    async def _start_local(self, key: PeerKey | None) -> None:
+        """Listen on the same-node control socket: client verbs for all, peer verbs after a hello.
+
+        ``drop`` stays on NATS only (dispatchers call it, from anywhere).
+        """
+        peer_verbs = {SidecarVerb.DELIVER, SidecarVerb.RELEASE, SidecarVerb.NOTICE}
+        routes = {
+            verb.value: Route(model, fn, peer_only=verb in peer_verbs)
+            for verb, model, fn in self._routes()
+            if verb != SidecarVerb.DROP
+        }
+        endpoint = LocalEndpoint(self.me, self.memory, routes, self.outbox.on_send, key)
+        path = create_socket_dir(self.me.node, self.rank, self.instance)
+        try:
+            await endpoint.start(path)
+        except BaseException:
+            remove_socket_dir(path)
+            raise
+        self._local = endpoint
+
+    async def _register(self, nc: Client) -> Service:
+        svc = await add_service(
+            nc,
+            name=SIDECAR_SERVICE_NAME,
+            version=__version__,
+            description="Cornserve tensor forwarding sidecar",
+            metadata={"rank": str(self.rank), "node": self.me.node, "instance": self.instance},
+            stats_handler=lambda _endpoint: self.stats().model_dump(
+                include={"arena_bytes", "used_bytes", "allocations", "held_entries", "mailbox_entries"}
+            ),
+        )
+        for verb, model, fn in self._routes():
             await svc.add_endpoint(
                 name=verb.value,
                 subject=sidecar_subject(self.rank, verb),
@@ -263,10 +291,15 @@ class SidecarServer:
         """
         try:
             await self._runner.close()
+            if self._local is not None:
+                await self._local.close()
+            self.peers.close()
             await self.background.close()
             if self._tcp is not None:
                 await self._tcp.close()
         finally:
+            if self._local is not None and self._local.path is not None:
+                remove_socket_dir(self._local.path)
             if self.memory.is_open:
                 self.memory.arena.close()
             try:
@@ -290,6 +323,7 @@ class SidecarServer:
             tcp_port=self.me.tcp_port,
             ttl_s=self.me.ttl_s,
             prefaulted=self.me.prefault,
+            local_socket=str(self._local.path) if self._local is not None and self._local.path else "",
         )
 
     async def on_info(self, req: InfoRequest) -> InfoReply:
@@ -314,6 +348,7 @@ class SidecarServer:
             pending_allocs=len(self.memory.unsent),
             known_peers={str(r): i for r, i in self.peers.instances.items()},
             sent_by_path=dict(self.outbox.sent_by_path),
+            socket_requests=self._local.requests if self._local is not None else 0,
         )
 
     def _on_peer_restart(self, rank: int, new_instance: str) -> None:

@@ -1,0 +1,147 @@
+"""Requests to a same-node sidecar server over its control socket (`localserver`).
+
+Used by the client library for its own server and by a server for same-node peers. A connection
+carries one request at a time; idle ones are pooled, and a request that finds none opens another,
+so a long-waiting ``recv`` never delays a ``send``. Any failure of the socket itself (the server is
+gone, restarted, or closed the connection) is :class:`LocalUnavailable`, after which callers use
+NATS, which reaches whatever instance now serves the rank; a reply's error is
+:class:`LocalErrorReply`. Every request has a deadline; a connection whose request timed out is
+closed (its late reply must not answer the next request).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from cornserve.bus.schemas import ErrorReply
+from cornserve.bus.sidecar import SidecarAck
+from cornserve.bus.sidecar_local import (
+    CHALLENGE_BYTES,
+    HELLO,
+    MAX_JSON_BYTES,
+    OK,
+    REPLY_HEAD,
+    REQUEST_HEAD,
+    LocalHello,
+)
+
+logger = logging.getLogger(__name__)
+
+R = TypeVar("R", bound=BaseModel)
+
+MAX_IDLE = 16
+"""Idle connections kept per channel."""
+
+HelloFactory = Callable[[str], LocalHello]
+"""Builds a peer's hello for a connection's challenge."""
+
+
+class LocalUnavailable(Exception):
+    """The socket failed (connect refused, closed mid-request, garbled reply): fall back to NATS."""
+
+
+class LocalErrorReply(Exception):
+    """The server answered with a typed error."""
+
+    def __init__(self, code: int, error: ErrorReply) -> None:
+        super().__init__(f"{error.error} ({code}): {error.message}")
+        self.code = code
+        self.error = error
+
+
+class _Conn:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class LocalChannel:
+    """A pool of connections to one server's control socket."""
+
+    def __init__(self, path: Path, hello: HelloFactory | None = None) -> None:
+        self.path = path
+        self._hello = hello
+        self._idle: list[_Conn] = []
+        self._closed = False
+
+    async def call(
+        self, verb: str, msg: BaseModel, reply: type[R], timeout: float, payload: bytes | memoryview = b""
+    ) -> R:
+        """One request; raises :class:`TimeoutError` at ``timeout`` (the caller names what timed out)."""
+        if self._closed:
+            raise LocalUnavailable(f"channel to {self.path} is closed")
+        conn: _Conn | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                conn = self._idle.pop() if self._idle else await self._open()
+                code, body = await _exchange(conn, verb, msg.model_dump_json().encode(), payload)
+        except TimeoutError:
+            if conn is not None:
+                conn.close()
+            raise
+        except (OSError, asyncio.IncompleteReadError, LocalUnavailable) as exc:
+            if conn is not None:
+                conn.close()
+            raise LocalUnavailable(f"control socket {self.path}: {exc!r}") from None
+        except BaseException:
+            if conn is not None:
+                conn.close()
+            raise
+        self._release(conn)
+        try:
+            if code != OK:
+                raise LocalErrorReply(code, ErrorReply.model_validate_json(body))
+            return reply.model_validate_json(body)
+        except ValidationError as exc:
+            raise LocalUnavailable(f"control socket {self.path}: malformed reply: {exc}") from None
+
+    async def _open(self) -> _Conn:
+        reader, writer = await asyncio.open_unix_connection(str(self.path))
+        conn = _Conn(reader, writer)
+        try:
+            challenge = (await reader.readexactly(CHALLENGE_BYTES)).decode("ascii")
+            if self._hello is not None:
+                hello = self._hello(challenge)
+                code, body = await _exchange(conn, HELLO, hello.model_dump_json().encode(), b"")
+                if code != OK:
+                    raise LocalUnavailable(f"peer hello refused: {body[:200]!r}")
+                SidecarAck.model_validate_json(body)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _release(self, conn: _Conn) -> None:
+        if self._closed or len(self._idle) >= MAX_IDLE:
+            conn.close()
+        else:
+            self._idle.append(conn)
+
+    def close(self) -> None:
+        """Close every idle connection; calls in flight close theirs when they end."""
+        self._closed = True
+        for conn in self._idle:
+            conn.close()
+        self._idle.clear()
+
+
+async def _exchange(conn: _Conn, verb: str, body: bytes, payload: bytes | memoryview) -> tuple[int, bytes]:
+    v = verb.encode("ascii")
+    conn.writer.write(REQUEST_HEAD.pack(len(v), len(body), len(payload)) + v + body)
+    if len(payload):
+        conn.writer.write(payload)
+    await conn.writer.drain()
+    head = await conn.reader.readexactly(REPLY_HEAD.size)
+    code, n = REPLY_HEAD.unpack(head)
+    if n > MAX_JSON_BYTES:
+        raise LocalUnavailable(f"reply of {n} bytes is over the cap")
+    return code, await conn.reader.readexactly(n)
