@@ -134,6 +134,11 @@ class Result:
     rate: str
     samples: list[Sample] = field(default_factory=list)
     wall: float = 0.0
+    cpu: dict[str, float] = field(default_factory=dict)
+    """CPU seconds (user + system) each group of processes spent during the cell (`CpuMeter`)."""
+
+    def tokens(self) -> int:
+        return sum(s.tokens if s.tokens is not None else s.chunks for s in self.ok())
 
     def ok(self) -> list[Sample]:
         return [s for s in self.samples if s.error is None and s.done is not None]
@@ -176,6 +181,53 @@ HEADER = [
     "E2E p99 ms",
     "errors",
 ]
+
+
+class CpuMeter:
+    """CPU time (user + system) of the cluster's processes, by group, from psutil.
+
+    Groups: `relays` (gateway, dispatchers, nats-server: every process a streamed token crosses
+    between the executor and the client) and `executors` (the executors of the deployed tasks,
+    found through GET /tasks). Read before and after a cell; the difference divided by the cell's
+    output tokens is the CPU each token costs.
+    """
+
+    def __init__(self, groups: dict[str, list[int]]) -> None:
+        import psutil
+
+        self._procs = {
+            name: [psutil.Process(pid) for pid in pids if psutil.pid_exists(pid)]
+            for name, pids in groups.items()
+        }
+
+    def read(self) -> dict[str, float]:
+        import psutil
+
+        totals: dict[str, float] = {}
+        for name, procs in self._procs.items():
+            total = 0.0
+            for proc in procs:
+                try:
+                    times = proc.cpu_times()
+                except psutil.NoSuchProcess:
+                    continue
+                total += times.user + times.system
+            totals[name] = total
+        return totals
+
+
+async def cluster_cpu_meter(cluster: LocalCluster, client: CornserveClient) -> CpuMeter:
+    """A CpuMeter over the cluster's relays (gateway, dispatchers, NATS) and its executors."""
+    relays = [
+        c.proc.pid
+        for c in cluster.children
+        if c.proc is not None and c.name.startswith(("gateway", "dispatcher"))
+    ]
+    if cluster.nats is not None and cluster.nats.pid is not None:
+        relays.append(cluster.nats.pid)
+    listing = await client.list_tasks()
+    executors = [e.pid for t in listing.tasks for e in t.executors if e.pid is not None]
+    return CpuMeter({"relays": relays, "executors": executors})
 
 
 def print_table(rows: list[list[str]]) -> None:
@@ -294,25 +346,35 @@ async def main_async(args: argparse.Namespace) -> None:
     ]
     cluster = LocalCluster(state_dir=workdir / "cluster", port=free_port(), cpu_slots=3, dispatchers=2)
     rows: list[list[str]] = []
+    results: list[Result] = []
+    systems = [s for s in ("fission", "monolithic") if s in args.systems.split(",")]
     try:
-        cluster.start(ready_timeout_s=300)
+        # `start` runs its own event loops (NATS buckets): off this one.
+        await asyncio.to_thread(cluster.start, ready_timeout_s=300)
         async with CornserveClient(cluster.url, token=cluster.admin_token) as client:
             for name, fission in (("fission", True), ("monolithic", False)):
+                if name not in systems:
+                    continue
                 t0 = time.monotonic()
                 async for _ in client.register_app(name, APP_TEMPLATE.format(model=model, fission=fission)):
                     pass
                 print(f"registered app {name!r} (encoder_fission={fission}) in {time.monotonic() - t0:.1f}s")
-            for name in ("fission", "monolithic"):  # warm-up: first requests pay lazy initialisation
+            for name in systems:  # warm-up: first requests pay lazy initialisation
                 await poisson_run(cluster.url, cluster.admin_token, name, 100.0, bodies[:2], seed=0)
+            meter = await cluster_cpu_meter(cluster, client)
         for rate in rates:
-            for name in ("fission", "monolithic"):
+            for name in systems:
                 print(f"running {name} at {rate:g} req/s ({args.requests} requests) ...")
+                before = meter.read()
                 result = await poisson_run(
                     cluster.url, cluster.admin_token, name, rate, bodies, seed=int(rate * 1000)
                 )
+                after = meter.read()
+                result.cpu = {k: after[k] - before[k] for k in after}
                 rows.append(result.row())
+                results.append(result)
     finally:
-        cluster.stop()
+        await asyncio.to_thread(cluster.stop)
     print("running the same model in-process (transformers generate, sequential) ...")
     in_process(model, requests[:2])  # warm-up
     local = in_process(model, requests)
@@ -325,13 +387,26 @@ async def main_async(args: argparse.Namespace) -> None:
     low = min(rates)
     cells = {(r[0], r[1]): r for r in rows}
     base = local.row()
-    for name in ("fission", "monolithic"):
+    for name in systems:
         row = cells.get((name, f"{low:g}"))
         if row and row[6] != "-" and base[6] != "-":
+            added = float(row[5]) - float(base[5]) if row[5] != "-" and base[5] != "-" else float("nan")
             print(
                 f"orchestration overhead ({name} at {low:g} req/s vs in-process): "
-                f"E2E p50 +{int(row[6]) - int(base[6])} ms, TTFT p50 +{int(row[4]) - int(base[4])} ms"
+                f"E2E p50 +{int(row[6]) - int(base[6])} ms, TTFT p50 +{int(row[4]) - int(base[4])} ms, "
+                f"added per output token (TPOT) +{added:.1f} ms"
             )
+    print("\nCPU per output token (user + system, summed over the processes of each group):")
+    print("| system | rate req/s | tokens | relays ms/token | executors ms/token |")
+    print("|---|---|---:|---:|---:|")
+    for result in results:
+        tokens = result.tokens()
+        if tokens and result.cpu:
+            print(
+                f"| {result.system} | {result.rate} | {tokens} | {result.cpu['relays'] / tokens * 1e3:.2f} | "
+                f"{result.cpu['executors'] / tokens * 1e3:.2f} |"
+            )
+    print("(relays: gateway + dispatchers + nats-server; executors: Eric and the LLM executor)")
 
 
 def main() -> None:
@@ -346,6 +421,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--quick", action="store_true", help="smoke run: 6 requests at 2 and 8 req/s")
+    parser.add_argument(
+        "--systems", default="fission,monolithic", help="apps to run: fission, monolithic or both"
+    )
     args = parser.parse_args()
     if args.quick:
         args.requests, args.rates, args.max_tokens = 6, "2,8", 8
