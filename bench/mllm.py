@@ -290,11 +290,18 @@ async def poisson_run(
     return result
 
 
-def in_process(model_dir: str, requests: list[tuple[str, Any, int]]) -> Result:
-    """The same model and inputs in this process with transformers, one request at a time."""
+def in_process(model_dir: str, requests: list[tuple[str, Any, int]], threads: int) -> Result:
+    """The same model and inputs in this process with transformers, one request at a time.
+
+    On `threads` torch threads: 1 matches the LLM executor on one CPU slot (its OMP_NUM_THREADS),
+    and keeps the floor from collapsing when other processes share the cores (torch's thread
+    pool spins and stalls on an oversubscribed machine).
+    """
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from transformers.generation.streamers import BaseStreamer
+
+    torch.set_num_threads(threads)
 
     processor = AutoProcessor.from_pretrained(model_dir)
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -376,8 +383,8 @@ async def main_async(args: argparse.Namespace) -> None:
     finally:
         await asyncio.to_thread(cluster.stop)
     print("running the same model in-process (transformers generate, sequential) ...")
-    in_process(model, requests[:2])  # warm-up
-    local = in_process(model, requests)
+    in_process(model, requests[:2], args.inprocess_threads)  # warm-up
+    local = in_process(model, requests, args.inprocess_threads)
     rows.append(local.row())
     print(
         f"\nmodel: {model}; {args.requests} requests per cell; max_completion_tokens={args.max_tokens}; "
