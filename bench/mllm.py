@@ -380,6 +380,7 @@ async def main_async(args: argparse.Namespace) -> None:
                 result.cpu = {k: after[k] - before[k] for k in after}
                 rows.append(result.row())
                 results.append(result)
+                print("  " + " | ".join(result.row()), flush=True)
     finally:
         await asyncio.to_thread(cluster.stop)
     print("running the same model in-process (transformers generate, sequential) ...")
@@ -428,6 +429,12 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--quick", action="store_true", help="smoke run: 6 requests at 2 and 8 req/s")
+    parser.add_argument(
+        "--inprocess-threads",
+        type=int,
+        default=1,
+        help="torch threads of the in-process run (1: as an executor)",
+    )
     parser.add_argument(
         "--systems", default="fission,monolithic", help="apps to run: fission, monolithic or both"
     )
