@@ -136,6 +136,8 @@ class Result:
     wall: float = 0.0
     cpu: dict[str, float] = field(default_factory=dict)
     """CPU seconds (user + system) each group of processes spent during the cell (`CpuMeter`)."""
+    idle_cpu: dict[str, float] = field(default_factory=dict)
+    """What the same groups spend idle over as long as the cell took (measured before the cells)."""
 
     def tokens(self) -> int:
         return sum(s.tokens if s.tokens is not None else s.chunks for s in self.ok())
@@ -163,7 +165,7 @@ class Result:
             f"{len(ok) / self.wall:.2f}" if self.wall else "-",
             f"{tokens / self.wall:.1f}" if self.wall else "-",
             pct(ttft, 0.5),
-            f"{statistics.mean(tpot) * 1e3:.1f}" if tpot else "-",
+            f"{statistics.mean(tpot) * 1e3:.2f}" if tpot else "-",
             pct(e2e, 0.5),
             pct(e2e, 0.99),
             str(errors),
@@ -263,6 +265,87 @@ async def one_request(session: aiohttp.ClientSession, url: str, body: dict[str, 
         sample.done = time.monotonic()
     except (aiohttp.ClientError, TimeoutError) as exc:
         sample.error = f"{type(exc).__name__}: {exc}"
+
+
+async def one_direct_request(
+    session: aiohttp.ClientSession, url: str, body: dict[str, Any], sample: Sample
+) -> None:
+    """Stream one chat completion straight from the LLM executor (SSE); record first-chunk and end times."""
+    try:
+        async with session.post(url, json=body) as response:
+            if response.status != 200:
+                sample.error = f"{response.status}: {(await response.text())[:200]}"
+                return
+            async for raw in response.content:
+                line = raw.decode().strip()
+                if not line.startswith("data:") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[len("data:") :])
+                if "error" in chunk:
+                    sample.error = str(chunk["error"])[:200]
+                    return
+                if chunk.get("usage"):
+                    sample.tokens = int(chunk["usage"]["completion_tokens"])
+                for choice in chunk.get("choices", []):
+                    if choice.get("delta", {}).get("content"):
+                        if sample.first is None:
+                            sample.first = time.monotonic()
+                        sample.chunks += 1
+        sample.done = time.monotonic()
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        sample.error = f"{type(exc).__name__}: {exc}"
+
+
+def direct_bodies(model: str, bodies: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The app bodies as the OpenAI chat requests the monolithic app's LLM task sends its executor."""
+    return [
+        {
+            "model": model,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": b["image_url"]}},
+                        {"type": "text", "text": b["prompt"]},
+                    ],
+                }
+            ],
+            "max_completion_tokens": b["max_completion_tokens"],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        for b in bodies
+    ]
+
+
+async def direct_run(executor_url: str, rate: float, bodies: list[dict[str, Any]], seed: int) -> Result:
+    """The monolithic app's LLM executor called straight (no gateway, dispatcher or NATS), same arrivals."""
+    rng = random.Random(seed)
+    result = Result("monolithic executor direct", f"{rate:g}")
+    url = f"{executor_url}/v1/chat/completions"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+        start = time.monotonic()
+        tasks = []
+        for body in bodies:
+            sample = Sample(sent=time.monotonic())
+            result.samples.append(sample)
+            tasks.append(asyncio.create_task(one_direct_request(session, url, body, sample)))
+            await asyncio.sleep(rng.expovariate(rate))
+        await asyncio.gather(*tasks)
+        result.wall = time.monotonic() - start
+    for s in result.samples:
+        if s.error:
+            print(f"  error (direct @ {rate:g}/s): {s.error}")
+    return result
+
+
+async def monolithic_executor_url(client: CornserveClient) -> str | None:
+    """The URL of the LLM executor serving the monolithic app (the LLM task it alone uses)."""
+    listing = await client.list_tasks()
+    for task in listing.tasks:
+        if task.users == ["app:monolithic"] and "LLM" in task.task and task.executors:
+            return task.executors[0].url
+    return None
 
 
 async def poisson_run(
@@ -369,6 +452,11 @@ async def main_async(args: argparse.Namespace) -> None:
             for name in systems:  # warm-up: first requests pay lazy initialisation
                 await poisson_run(cluster.url, cluster.admin_token, name, 100.0, bodies[:2], seed=0)
             meter = await cluster_cpu_meter(cluster, client)
+        # What the processes burn with no request (keepalives, health checks, metrics): subtracted
+        # from each cell, so the per-token figure is the work the tokens cause.
+        idle_before = meter.read()
+        await asyncio.sleep(args.idle_s)
+        idle_rate = {k: (v - idle_before[k]) / args.idle_s for k, v in meter.read().items()}
         for rate in rates:
             for name in systems:
                 print(f"running {name} at {rate:g} req/s ({args.requests} requests) ...")
@@ -378,8 +466,20 @@ async def main_async(args: argparse.Namespace) -> None:
                 )
                 after = meter.read()
                 result.cpu = {k: after[k] - before[k] for k in after}
+                result.idle_cpu = {k: idle_rate[k] * result.wall for k in after}
                 rows.append(result.row())
                 results.append(result)
+                print("  " + " | ".join(result.row()), flush=True)
+            if "monolithic" in systems and args.direct:
+                async with CornserveClient(cluster.url, token=cluster.admin_token) as client:
+                    executor = await monolithic_executor_url(client)
+                if executor is None:
+                    print("  no executor of the monolithic app's LLM task found: no direct row")
+                    continue
+                direct = direct_bodies(model, bodies)
+                await direct_run(executor, 100.0, direct[:2], seed=0)  # warm-up
+                result = await direct_run(executor, rate, direct, seed=int(rate * 1000))
+                rows.append(result.row())
                 print("  " + " | ".join(result.row()), flush=True)
     finally:
         await asyncio.to_thread(cluster.stop)
@@ -402,19 +502,34 @@ async def main_async(args: argparse.Namespace) -> None:
             print(
                 f"orchestration overhead ({name} at {low:g} req/s vs in-process): "
                 f"E2E p50 +{int(row[6]) - int(base[6])} ms, TTFT p50 +{int(row[4]) - int(base[4])} ms, "
-                f"added per output token (TPOT) +{added:.1f} ms"
+                f"added per output token (TPOT) +{added:.2f} ms"
+            )
+    for rate in rates:
+        served, direct_row = (
+            cells.get(("monolithic", f"{rate:g}")),
+            cells.get(("monolithic executor direct", f"{rate:g}")),
+        )
+        if served and direct_row and "-" not in (served[5], direct_row[5], served[6], direct_row[6]):
+            print(
+                f"relays (gateway, dispatcher, NATS) at {rate:g} req/s, monolithic vs its executor called straight: "
+                f"TPOT +{float(served[5]) - float(direct_row[5]):.2f} ms, E2E p50 +{int(served[6]) - int(direct_row[6])} ms"
             )
     print("\nCPU per output token (user + system, summed over the processes of each group):")
-    print("| system | rate req/s | tokens | relays ms/token | executors ms/token |")
-    print("|---|---|---:|---:|---:|")
+    print("| system | rate req/s | tokens | relays ms/token | relays less idle | executors ms/token |")
+    print("|---|---|---:|---:|---:|---:|")
     for result in results:
         tokens = result.tokens()
         if tokens and result.cpu:
+            relays, idle = result.cpu["relays"], result.idle_cpu.get("relays", 0.0)
             print(
-                f"| {result.system} | {result.rate} | {tokens} | {result.cpu['relays'] / tokens * 1e3:.2f} | "
-                f"{result.cpu['executors'] / tokens * 1e3:.2f} |"
+                f"| {result.system} | {result.rate} | {tokens} | {relays / tokens * 1e3:.2f} | "
+                f"{(relays - idle) / tokens * 1e3:.2f} | {result.cpu['executors'] / tokens * 1e3:.2f} |"
             )
-    print("(relays: gateway + dispatchers + nats-server; executors: Eric and the LLM executor)")
+    print(
+        "(relays: gateway + dispatchers + nats-server; executors: Eric and the LLM executor; "
+        "less idle: minus what the relays burn with no request over the cell's wall time; "
+        "the figures include each request's own costs, divided by its tokens)"
+    )
 
 
 def main() -> None:
@@ -429,6 +544,13 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--quick", action="store_true", help="smoke run: 6 requests at 2 and 8 req/s")
+    parser.add_argument(
+        "--no-direct",
+        dest="direct",
+        action="store_false",
+        help="skip the monolithic app's LLM executor called straight (no relays) at each rate",
+    )
+    parser.add_argument("--idle-s", type=float, default=5.0, help="idle CPU measured over this long")
     parser.add_argument(
         "--inprocess-threads",
         type=int,
