@@ -284,8 +284,8 @@ async def one_direct_request(
                 if "error" in chunk:
                     sample.error = str(chunk["error"])[:200]
                     return
-                if chunk.get("usage"):
-                    sample.tokens = int(chunk["usage"]["completion_tokens"])
+                # Tokens are counted as text chunks, as for the app (whose items carry no usage):
+                # a random checkpoint's tokens often decode to no text yet (partial UTF-8).
                 for choice in chunk.get("choices", []):
                     if choice.get("delta", {}).get("content"):
                         if sample.first is None:
