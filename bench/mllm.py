@@ -218,6 +218,20 @@ class CpuMeter:
         return totals
 
 
+async def relay_counts(session: aiohttp.ClientSession, urls: list[str]) -> tuple[float, float]:
+    """(stream items, bus messages) the dispatchers relayed so far, summed from their metrics pages."""
+    items = messages = 0.0
+    for url in urls:
+        async with session.get(url) as response:
+            text = await response.text()
+        for line in text.splitlines():
+            if line.startswith("cornserve_task_stream_items_total{"):
+                items += float(line.rsplit(" ", 1)[1])
+            elif line.startswith("cornserve_task_stream_messages_total{"):
+                messages += float(line.rsplit(" ", 1)[1])
+    return items, messages
+
+
 async def cluster_cpu_meter(cluster: LocalCluster, client: CornserveClient) -> CpuMeter:
     """A CpuMeter over the cluster's relays (gateway, dispatchers, NATS) and its executors."""
     relays = [
@@ -457,14 +471,22 @@ async def main_async(args: argparse.Namespace) -> None:
         idle_before = meter.read()
         await asyncio.sleep(args.idle_s)
         idle_rate = {k: (v - idle_before[k]) / args.idle_s for k, v in meter.read().items()}
+        dispatcher_metrics = [url for name, url in cluster.metrics.items() if name.startswith("dispatcher")]
         for rate in rates:
             for name in systems:
                 print(f"running {name} at {rate:g} req/s ({args.requests} requests) ...")
                 before = meter.read()
+                async with aiohttp.ClientSession() as scraper:
+                    counts_before = await relay_counts(scraper, dispatcher_metrics)
                 result = await poisson_run(
                     cluster.url, cluster.admin_token, name, rate, bodies, seed=int(rate * 1000)
                 )
                 after = meter.read()
+                async with aiohttp.ClientSession() as scraper:
+                    counts_after = await relay_counts(scraper, dispatcher_metrics)
+                relayed, messages = (a - b for a, b in zip(counts_after, counts_before, strict=True))
+                if messages:
+                    print(f"  dispatchers relayed {relayed:.0f} items in {messages:.0f} bus messages")
                 result.cpu = {k: after[k] - before[k] for k in after}
                 result.idle_cpu = {k: idle_rate[k] * result.wall for k in after}
                 rows.append(result.row())

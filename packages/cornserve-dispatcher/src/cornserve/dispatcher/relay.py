@@ -163,7 +163,7 @@ class StreamRelay:
             items = [item for item in map(self._item, complete) if item is not None]
             for _ in items:
                 clock.item()
-            await self._publish(items, limit)
+            await self._publish(items, limit, clock)
             if not chunk:
                 return
 
@@ -183,18 +183,20 @@ class StreamRelay:
                 f"{self.stream.routed.where}: {type(exc).__name__}: {exc}"
             ) from None
 
-    async def _publish(self, items: list[bytes], limit: int) -> None:
+    async def _publish(self, items: list[bytes], limit: int, clock: ItemClock) -> None:
         """Publish `items` in as few messages as the payload limit allows (one per item when one is that big)."""
         batch: list[bytes] = []
         size = 0
         for item in items:
             if batch and size + len(item) + 1 > limit:
                 await self._publish_batch(batch)
+                clock.message()
                 batch, size = [], 0
             batch.append(item)
             size += len(item) + 1
         if batch:
             await self._publish_batch(batch)
+            clock.message()
 
     async def _publish_batch(self, items: list[bytes]) -> None:
         try:
