@@ -3,9 +3,10 @@
 Each line of the response goes through the task's descriptor (`stream_item_json`: the item's JSON,
 framed, not re-validated; the caller validates it once); the items of one read are published as
 one StreamMessage (one item when the relay keeps up, the items that piled up when it fell behind)
-with a sequence number on the subject the caller subscribed to before sending the graph. The stream always ends with exactly one terminal message — `end`, or `error`
-plus `end` — including when the executor stalls past the idle deadline, breaks off, or this
-replica shuts down, so the caller never waits on a stream nobody is feeding.
+with a sequence number on the subject the caller subscribed to before sending the graph. The
+stream always ends with exactly one terminal message — `end`, or `error` plus `end` — including
+when the executor stalls past the idle deadline, breaks off, or this replica shuts down, so the
+caller never waits on a stream nobody is feeding.
 """
 
 from __future__ import annotations
@@ -160,10 +161,16 @@ class StreamRelay:
                     complete = [] if last is None else [last]
             except LineTooLong as exc:
                 raise StreamFailure(f"{where} sent an oversized line: {exc}") from None
-            items = [item for item in map(self._item, complete) if item is not None]
-            for _ in items:
-                clock.item()
-            await self._publish(items, limit, clock)
+            items: list[bytes] = []
+            try:
+                for raw in complete:
+                    item = self._item(raw)
+                    if item is not None:
+                        items.append(item)
+                        clock.item()
+            finally:
+                # The items before a line that fails the stream still reach the caller, in order.
+                await self._publish(items, limit, clock)
             if not chunk:
                 return
 
