@@ -134,6 +134,13 @@ class Result:
     rate: str
     samples: list[Sample] = field(default_factory=list)
     wall: float = 0.0
+    cpu: dict[str, float] = field(default_factory=dict)
+    """CPU seconds (user + system) each group of processes spent during the cell (`CpuMeter`)."""
+    idle_cpu: dict[str, float] = field(default_factory=dict)
+    """What the same groups spend idle over as long as the cell took (measured before the cells)."""
+
+    def tokens(self) -> int:
+        return sum(s.tokens if s.tokens is not None else s.chunks for s in self.ok())
 
     def ok(self) -> list[Sample]:
         return [s for s in self.samples if s.error is None and s.done is not None]
@@ -158,7 +165,7 @@ class Result:
             f"{len(ok) / self.wall:.2f}" if self.wall else "-",
             f"{tokens / self.wall:.1f}" if self.wall else "-",
             pct(ttft, 0.5),
-            f"{statistics.mean(tpot) * 1e3:.1f}" if tpot else "-",
+            f"{statistics.mean(tpot) * 1e3:.2f}" if tpot else "-",
             pct(e2e, 0.5),
             pct(e2e, 0.99),
             str(errors),
@@ -176,6 +183,67 @@ HEADER = [
     "E2E p99 ms",
     "errors",
 ]
+
+
+class CpuMeter:
+    """CPU time (user + system) of the cluster's processes, by group, from psutil.
+
+    Groups: `relays` (gateway, dispatchers, nats-server: every process a streamed token crosses
+    between the executor and the client) and `executors` (the executors of the deployed tasks,
+    found through GET /tasks). Read before and after a cell; the difference divided by the cell's
+    output tokens is the CPU each token costs.
+    """
+
+    def __init__(self, groups: dict[str, list[int]]) -> None:
+        import psutil
+
+        self._procs = {
+            name: [psutil.Process(pid) for pid in pids if psutil.pid_exists(pid)]
+            for name, pids in groups.items()
+        }
+
+    def read(self) -> dict[str, float]:
+        import psutil
+
+        totals: dict[str, float] = {}
+        for name, procs in self._procs.items():
+            total = 0.0
+            for proc in procs:
+                try:
+                    times = proc.cpu_times()
+                except psutil.NoSuchProcess:
+                    continue
+                total += times.user + times.system
+            totals[name] = total
+        return totals
+
+
+async def relay_counts(session: aiohttp.ClientSession, urls: list[str]) -> tuple[float, float]:
+    """(stream items, bus messages) the dispatchers relayed so far, summed from their metrics pages."""
+    items = messages = 0.0
+    for url in urls:
+        async with session.get(url) as response:
+            text = await response.text()
+        for line in text.splitlines():
+            if line.startswith("cornserve_task_stream_items_total{"):
+                items += float(line.rsplit(" ", 1)[1])
+            elif line.startswith("cornserve_task_stream_messages_total{"):
+                messages += float(line.rsplit(" ", 1)[1])
+    return items, messages
+
+
+async def cluster_cpu_meter(cluster: LocalCluster, client: CornserveClient) -> CpuMeter:
+    """A CpuMeter over the cluster's relays (gateway, dispatchers, NATS) and its executors."""
+    relays = [
+        c.proc.pid
+        for c in cluster.children
+        if c.proc is not None and c.name.startswith(("gateway", "dispatcher"))
+    ]
+    if cluster.nats is not None and cluster.nats.pid is not None:
+        relays.append(cluster.nats.pid)
+    listing = await client.list_tasks()
+    executors = [e.pid for t in listing.tasks for e in t.executors if e.pid is not None]
+    return CpuMeter({"relays": relays, "executors": executors})
 
 
 def print_table(rows: list[list[str]]) -> None:
@@ -213,6 +281,87 @@ async def one_request(session: aiohttp.ClientSession, url: str, body: dict[str, 
         sample.error = f"{type(exc).__name__}: {exc}"
 
 
+async def one_direct_request(
+    session: aiohttp.ClientSession, url: str, body: dict[str, Any], sample: Sample
+) -> None:
+    """Stream one chat completion straight from the LLM executor (SSE); record first-chunk and end times."""
+    try:
+        async with session.post(url, json=body) as response:
+            if response.status != 200:
+                sample.error = f"{response.status}: {(await response.text())[:200]}"
+                return
+            async for raw in response.content:
+                line = raw.decode().strip()
+                if not line.startswith("data:") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[len("data:") :])
+                if "error" in chunk:
+                    sample.error = str(chunk["error"])[:200]
+                    return
+                # Tokens are counted as text chunks, as for the app (whose items carry no usage):
+                # a random checkpoint's tokens often decode to no text yet (partial UTF-8).
+                for choice in chunk.get("choices", []):
+                    if choice.get("delta", {}).get("content"):
+                        if sample.first is None:
+                            sample.first = time.monotonic()
+                        sample.chunks += 1
+        sample.done = time.monotonic()
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        sample.error = f"{type(exc).__name__}: {exc}"
+
+
+def direct_bodies(model: str, bodies: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The app bodies as the OpenAI chat requests the monolithic app's LLM task sends its executor."""
+    return [
+        {
+            "model": model,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": b["image_url"]}},
+                        {"type": "text", "text": b["prompt"]},
+                    ],
+                }
+            ],
+            "max_completion_tokens": b["max_completion_tokens"],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        for b in bodies
+    ]
+
+
+async def direct_run(executor_url: str, rate: float, bodies: list[dict[str, Any]], seed: int) -> Result:
+    """The monolithic app's LLM executor called straight (no gateway, dispatcher or NATS), same arrivals."""
+    rng = random.Random(seed)
+    result = Result("monolithic executor direct", f"{rate:g}")
+    url = f"{executor_url}/v1/chat/completions"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
+        start = time.monotonic()
+        tasks = []
+        for body in bodies:
+            sample = Sample(sent=time.monotonic())
+            result.samples.append(sample)
+            tasks.append(asyncio.create_task(one_direct_request(session, url, body, sample)))
+            await asyncio.sleep(rng.expovariate(rate))
+        await asyncio.gather(*tasks)
+        result.wall = time.monotonic() - start
+    for s in result.samples:
+        if s.error:
+            print(f"  error (direct @ {rate:g}/s): {s.error}")
+    return result
+
+
+async def monolithic_executor_url(client: CornserveClient) -> str | None:
+    """The URL of the LLM executor serving the monolithic app (the LLM task it alone uses)."""
+    listing = await client.list_tasks()
+    for task in listing.tasks:
+        if task.users == ["app:monolithic"] and "LLM" in task.task and task.executors:
+            return task.executors[0].url
+    return None
+
+
 async def poisson_run(
     gateway: str, token: str, app: str, rate: float, bodies: list[dict[str, Any]], seed: int
 ) -> Result:
@@ -238,11 +387,18 @@ async def poisson_run(
     return result
 
 
-def in_process(model_dir: str, requests: list[tuple[str, Any, int]]) -> Result:
-    """The same model and inputs in this process with transformers, one request at a time."""
+def in_process(model_dir: str, requests: list[tuple[str, Any, int]], threads: int) -> Result:
+    """The same model and inputs in this process with transformers, one request at a time.
+
+    On `threads` torch threads: 1 matches the LLM executor on one CPU slot (its OMP_NUM_THREADS),
+    and keeps the floor from collapsing when other processes share the cores (torch's thread
+    pool spins and stalls on an oversubscribed machine).
+    """
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from transformers.generation.streamers import BaseStreamer
+
+    torch.set_num_threads(threads)
 
     processor = AutoProcessor.from_pretrained(model_dir)
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -294,28 +450,64 @@ async def main_async(args: argparse.Namespace) -> None:
     ]
     cluster = LocalCluster(state_dir=workdir / "cluster", port=free_port(), cpu_slots=3, dispatchers=2)
     rows: list[list[str]] = []
+    results: list[Result] = []
+    systems = [s for s in ("fission", "monolithic") if s in args.systems.split(",")]
     try:
-        cluster.start(ready_timeout_s=300)
+        # `start` runs its own event loops (NATS buckets): off this one.
+        await asyncio.to_thread(cluster.start, ready_timeout_s=300)
         async with CornserveClient(cluster.url, token=cluster.admin_token) as client:
             for name, fission in (("fission", True), ("monolithic", False)):
+                if name not in systems:
+                    continue
                 t0 = time.monotonic()
                 async for _ in client.register_app(name, APP_TEMPLATE.format(model=model, fission=fission)):
                     pass
                 print(f"registered app {name!r} (encoder_fission={fission}) in {time.monotonic() - t0:.1f}s")
-            for name in ("fission", "monolithic"):  # warm-up: first requests pay lazy initialisation
+            for name in systems:  # warm-up: first requests pay lazy initialisation
                 await poisson_run(cluster.url, cluster.admin_token, name, 100.0, bodies[:2], seed=0)
+            meter = await cluster_cpu_meter(cluster, client)
+        # What the processes burn with no request (keepalives, health checks, metrics): subtracted
+        # from each cell, so the per-token figure is the work the tokens cause.
+        idle_before = meter.read()
+        await asyncio.sleep(args.idle_s)
+        idle_rate = {k: (v - idle_before[k]) / args.idle_s for k, v in meter.read().items()}
+        dispatcher_metrics = [url for name, url in cluster.metrics.items() if name.startswith("dispatcher")]
         for rate in rates:
-            for name in ("fission", "monolithic"):
+            for name in systems:
                 print(f"running {name} at {rate:g} req/s ({args.requests} requests) ...")
+                before = meter.read()
+                async with aiohttp.ClientSession() as scraper:
+                    counts_before = await relay_counts(scraper, dispatcher_metrics)
                 result = await poisson_run(
                     cluster.url, cluster.admin_token, name, rate, bodies, seed=int(rate * 1000)
                 )
+                after = meter.read()
+                async with aiohttp.ClientSession() as scraper:
+                    counts_after = await relay_counts(scraper, dispatcher_metrics)
+                relayed, messages = (a - b for a, b in zip(counts_after, counts_before, strict=True))
+                if messages:
+                    print(f"  dispatchers relayed {relayed:.0f} items in {messages:.0f} bus messages")
+                result.cpu = {k: after[k] - before[k] for k in after}
+                result.idle_cpu = {k: idle_rate[k] * result.wall for k in after}
                 rows.append(result.row())
+                results.append(result)
+                print("  " + " | ".join(result.row()), flush=True)
+            if "monolithic" in systems and args.direct:
+                async with CornserveClient(cluster.url, token=cluster.admin_token) as client:
+                    executor = await monolithic_executor_url(client)
+                if executor is None:
+                    print("  no executor of the monolithic app's LLM task found: no direct row")
+                    continue
+                direct = direct_bodies(model, bodies)
+                await direct_run(executor, 100.0, direct[:2], seed=0)  # warm-up
+                result = await direct_run(executor, rate, direct, seed=int(rate * 1000))
+                rows.append(result.row())
+                print("  " + " | ".join(result.row()), flush=True)
     finally:
-        cluster.stop()
+        await asyncio.to_thread(cluster.stop)
     print("running the same model in-process (transformers generate, sequential) ...")
-    in_process(model, requests[:2])  # warm-up
-    local = in_process(model, requests)
+    in_process(model, requests[:2], args.inprocess_threads)  # warm-up
+    local = in_process(model, requests, args.inprocess_threads)
     rows.append(local.row())
     print(
         f"\nmodel: {model}; {args.requests} requests per cell; max_completion_tokens={args.max_tokens}; "
@@ -325,13 +517,41 @@ async def main_async(args: argparse.Namespace) -> None:
     low = min(rates)
     cells = {(r[0], r[1]): r for r in rows}
     base = local.row()
-    for name in ("fission", "monolithic"):
+    for name in systems:
         row = cells.get((name, f"{low:g}"))
         if row and row[6] != "-" and base[6] != "-":
+            added = float(row[5]) - float(base[5]) if row[5] != "-" and base[5] != "-" else float("nan")
             print(
                 f"orchestration overhead ({name} at {low:g} req/s vs in-process): "
-                f"E2E p50 +{int(row[6]) - int(base[6])} ms, TTFT p50 +{int(row[4]) - int(base[4])} ms"
+                f"E2E p50 +{int(row[6]) - int(base[6])} ms, TTFT p50 +{int(row[4]) - int(base[4])} ms, "
+                f"added per output token (TPOT) +{added:.2f} ms"
             )
+    for rate in rates:
+        served, direct_row = (
+            cells.get(("monolithic", f"{rate:g}")),
+            cells.get(("monolithic executor direct", f"{rate:g}")),
+        )
+        if served and direct_row and "-" not in (served[5], direct_row[5], served[6], direct_row[6]):
+            print(
+                f"relays (gateway, dispatcher, NATS) at {rate:g} req/s, monolithic vs its executor called straight: "
+                f"TPOT +{float(served[5]) - float(direct_row[5]):.2f} ms, E2E p50 +{int(served[6]) - int(direct_row[6])} ms"
+            )
+    print("\nCPU per output token (user + system, summed over the processes of each group):")
+    print("| system | rate req/s | tokens | relays ms/token | relays less idle | executors ms/token |")
+    print("|---|---|---:|---:|---:|---:|")
+    for result in results:
+        tokens = result.tokens()
+        if tokens and result.cpu:
+            relays, idle = result.cpu["relays"], result.idle_cpu.get("relays", 0.0)
+            print(
+                f"| {result.system} | {result.rate} | {tokens} | {relays / tokens * 1e3:.2f} | "
+                f"{(relays - idle) / tokens * 1e3:.2f} | {result.cpu['executors'] / tokens * 1e3:.2f} |"
+            )
+    print(
+        "(relays: gateway + dispatchers + nats-server; executors: Eric and the LLM executor; "
+        "less idle: minus what the relays burn with no request over the cell's wall time; "
+        "the figures include each request's own costs, divided by its tokens)"
+    )
 
 
 def main() -> None:
@@ -346,6 +566,22 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--quick", action="store_true", help="smoke run: 6 requests at 2 and 8 req/s")
+    parser.add_argument(
+        "--no-direct",
+        dest="direct",
+        action="store_false",
+        help="skip the monolithic app's LLM executor called straight (no relays) at each rate",
+    )
+    parser.add_argument("--idle-s", type=float, default=5.0, help="idle CPU measured over this long")
+    parser.add_argument(
+        "--inprocess-threads",
+        type=int,
+        default=1,
+        help="torch threads of the in-process run (1: as an executor)",
+    )
+    parser.add_argument(
+        "--systems", default="fission,monolithic", help="apps to run: fission, monolithic or both"
+    )
     args = parser.parse_args()
     if args.quick:
         args.requests, args.rates, args.max_tokens = 6, "2,8", 8

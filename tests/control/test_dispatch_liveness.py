@@ -26,7 +26,7 @@ from cornserve.bus.control import (
     InvokeRequest,
     StreamMessage,
 )
-from cornserve.gateway.dispatch_client import DispatcherClient, DispatcherLost
+from cornserve.gateway.dispatch_client import DispatcherClient, DispatcherLost, DispatchError
 from cornserve.task import Stream, Task, TaskInput, TaskInvocation
 
 BOUND = 30.0
@@ -145,6 +145,31 @@ async def reply_then_silent_once(replica: ScriptedReplica, msg: Msg, req: Invoke
     await replica.nc.publish(req.stream_subject, StreamMessage(seq=2, end=True).model_dump_json().encode())
 
 
+async def stream_batches_out_of_order(replica: ScriptedReplica, msg: Msg, req: InvokeRequest) -> None:
+    """A relay that fell behind: its second message (two items) arrives before its first (one item)."""
+    assert req.stream_subject is not None
+    await replica.keepalive(req, 0)
+    await replica.reply(msg, req, [req.invocations[0]["task_output"], None])
+    rows = [{"index": i, "sum": float(i)} for i in range(3)]
+    messages = [
+        StreamMessage(seq=1, items=rows[1:]),
+        StreamMessage(seq=0, item=rows[0]),
+        StreamMessage(seq=3, end=True),
+        StreamMessage(seq=2, items=[{"index": 3, "sum": 3.0}]),
+    ]
+    for message in messages:
+        await replica.nc.publish(req.stream_subject, message.model_dump_json().encode())
+
+
+async def stream_batch_with_a_bad_item(replica: ScriptedReplica, msg: Msg, req: InvokeRequest) -> None:
+    """The second item of a batch is not a RowSum."""
+    assert req.stream_subject is not None
+    await replica.keepalive(req, 0)
+    await replica.reply(msg, req, [req.invocations[0]["task_output"], None])
+    message = StreamMessage(seq=0, items=[{"index": 0, "sum": 0.0}, {"index": "not a number"}])
+    await replica.nc.publish(req.stream_subject, message.model_dump_json().encode())
+
+
 @pytest.fixture
 async def nc(nats_url: str) -> Any:
     conn = await nats.connect(nats_url)
@@ -244,3 +269,33 @@ async def test_stream_lost_before_its_first_item_is_retried(nc: Client) -> None:
     first, second = replica.requests
     assert forward_id(first) == graph[0].task_output.matrix.id != forward_id(second)
     assert outputs[0].matrix.id == graph[0].task_output.matrix.id
+
+
+async def test_stream_messages_of_several_items_are_delivered_in_order(nc: Client) -> None:
+    replica = ScriptedReplica(nc, "behind", stream_batches_out_of_order)
+    await replica.start()
+    try:
+        async with asyncio.timeout(BOUND):
+            stream = (await client(nc).run_graph(invocations(MatrixRows())))[-1]
+            assert isinstance(stream, Stream)
+            items = [item async for item in stream]
+    finally:
+        await replica.die()
+    assert [(i.index, i.sum) for i in items] == [(0, 0.0), (1, 1.0), (2, 2.0), (3, 3.0)]
+
+
+async def test_a_bad_item_in_a_batch_fails_the_stream_after_the_good_ones(nc: Client) -> None:
+    replica = ScriptedReplica(nc, "bad-item", stream_batch_with_a_bad_item)
+    await replica.start()
+    items: list[Any] = []
+    try:
+        async with asyncio.timeout(BOUND):
+            stream = (await client(nc).run_graph(invocations(MatrixRows())))[-1]
+            assert isinstance(stream, Stream)
+            with pytest.raises(DispatchError, match=r"stream item 0\.1 is not a valid item") as failure:
+                async for item in stream:
+                    items.append(item)
+    finally:
+        await replica.die()
+    assert [i.index for i in items] == [0]
+    assert failure.value.code == 502 and failure.value.error == "executor_failed"

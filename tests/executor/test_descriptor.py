@@ -129,6 +129,14 @@ def test_stream_lines(tensor_math: ModuleType) -> None:
         d.from_stream_line(task, inv, '{"index": "x"}')
     with pytest.raises(TaskExecutionError, match="not JSON"):
         d.from_stream_line(task, inv, "{oops")
+    # The relay's path (the default goes through from_stream_line): the item's JSON, or the same errors.
+    assert json.loads(d.stream_item_json(task, inv, '{"index": 3, "sum": 2.5}\n') or b"") == {
+        "index": 3,
+        "sum": 2.5,
+    }
+    assert d.stream_item_json(task, inv, "  \n") is None
+    with pytest.raises(TaskExecutionError, match="invalid item"):
+        d.stream_item_json(task, inv, '{"index": "x"}')
     with pytest.raises(TaskExecutionError, match="streams its output"):
         d.from_response(task, inv, {})
     assert isinstance(inv.task_output, Stream)

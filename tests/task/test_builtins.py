@@ -230,6 +230,18 @@ def test_vllm_descriptor_launch_and_translation() -> None:
     with pytest.raises(TaskExecutionError, match="out of memory"):
         descriptor.from_stream_line(llm_inv.task, llm_inv, 'data: {"error": {"message": "out of memory"}}')
 
+    # The relay's path: the chunk's JSON as it came (validated once, by the caller), same skips and errors.
+    line = "data: " + json.dumps(chunk)
+    assert descriptor.stream_item_json(llm_inv.task, llm_inv, line) == json.dumps(chunk).encode()
+    for skipped in ("data: [DONE]", "", ": keep-alive", "event: x"):
+        assert descriptor.stream_item_json(llm_inv.task, llm_inv, skipped) is None
+    with pytest.raises(TaskExecutionError, match="out of memory"):
+        descriptor.stream_item_json(llm_inv.task, llm_inv, 'data: {"error": {"message": "out of memory"}}')
+    with pytest.raises(TaskExecutionError, match="not a JSON object"):
+        descriptor.stream_item_json(llm_inv.task, llm_inv, "data: [1, 2]")
+    with pytest.raises(json.JSONDecodeError):
+        descriptor.stream_item_json(llm_inv.task, llm_inv, 'data: {"a": 1}], "end": true, "x": [{')
+
 
 def test_eric_and_cpu_llm_launch_specs() -> None:
     mllm = MLLMTask(model_id="/models/tiny", modalities=[Modality.IMAGE])

@@ -322,12 +322,32 @@ class InvokeKeepalive(WireModel):
 
 
 class StreamMessage(WireModel):
-    """One message of a relayed stream: an item, the end, or an error (which also ends it)."""
+    """One message of a relayed stream: an item, several items, the end, or an error (which also ends it).
+
+    `seq` numbers the messages (0, 1, ...; the caller restores their order). A relay that fell
+    behind its producer sends the items that piled up as one message (`items`, in order) instead
+    of one message each; a relay that keeps up sends one `item` per message.
+    """
 
     seq: int = Field(ge=0)
     item: dict[str, Any] | None = None
+    items: list[dict[str, Any]] | None = None
     end: bool = False
     error: str | None = None
+
+
+def stream_items_message(seq: int, items: Sequence[bytes]) -> bytes:
+    """The wire form of a `StreamMessage` carrying `items`, each already one JSON object's text.
+
+    Relays build it by joining bytes instead of building the model and dumping it again: each item
+    is framed, not re-validated (the caller validates it once, against the stream's item type). An
+    item must be exactly one JSON object (its sender checked it), so it cannot break the framing.
+    """
+    if not items:
+        raise ValueError("a stream message carries at least one item")
+    if len(items) == 1:
+        return b'{"seq":%d,"item":%s}' % (seq, items[0])
+    return b'{"seq":%d,"items":[%s]}' % (seq, b",".join(items))
 
 
 # ----- durable records -----------------------------------------------------------------------------

@@ -43,6 +43,12 @@ TASK_ITEM_GAP = Histogram(
     buckets=STEP_BUCKETS_S,
 )
 STREAM_ITEMS = Counter("cornserve_task_stream_items", "Stream items relayed, per unit task.", ["task"])
+STREAM_MESSAGES = Counter(
+    "cornserve_task_stream_messages",
+    "Bus messages the relayed items left in, per unit task (fewer than the items: the relay fell "
+    "behind and sent the items that piled up together).",
+    ["task"],
+)
 
 
 def observe_call(task: str, started: float, ok: bool) -> None:
@@ -68,6 +74,10 @@ class ItemClock:
             TASK_ITEM_GAP.labels(task=self.task).observe(now - self.previous)
         self.previous = now
         STREAM_ITEMS.labels(task=self.task).inc()
+
+    def message(self) -> None:
+        """One bus message of items went out."""
+        STREAM_MESSAGES.labels(task=self.task).inc()
 
 
 class LoadCollector(Collector):

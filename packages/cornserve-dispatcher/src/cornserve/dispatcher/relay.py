@@ -1,10 +1,12 @@
 """Relaying a graph's final stream from its executor's HTTP response to the caller over NATS.
 
-Each line of the response goes through the task's descriptor (`from_stream_line`); every item is
-published as a StreamMessage with a sequence number on the subject the caller subscribed to before
-sending the graph. The stream always ends with exactly one terminal message — `end`, or `error`
-plus `end` — including when the executor stalls past the idle deadline, breaks off, or this
-replica shuts down, so the caller never waits on a stream nobody is feeding.
+Each line of the response goes through the task's descriptor (`stream_item_json`: the item's JSON,
+framed, not re-validated; the caller validates it once); the items of one read are published as
+one StreamMessage (one item when the relay keeps up, the items that piled up when it fell behind)
+with a sequence number on the subject the caller subscribed to before sending the graph. The
+stream always ends with exactly one terminal message — `end`, or `error` plus `end` — including
+when the executor stalls past the idle deadline, breaks off, or this replica shuts down, so the
+caller never waits on a stream nobody is feeding.
 """
 
 from __future__ import annotations
@@ -13,19 +15,21 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import aiohttp
 import nats.errors
 from nats.aio.client import Client
-from pydantic import BaseModel
 
-from cornserve.bus.control import StreamMessage
+from cornserve.bus.control import StreamMessage, stream_items_message
 from cornserve.bus.micro import ServiceFault
 from cornserve.dispatcher.graph import OpenStream, Tail
+from cornserve.dispatcher.lines import LineSplitter, LineTooLong
 from cornserve.dispatcher.metrics import ItemClock
 
 logger = logging.getLogger(__name__)
+
+MESSAGE_ROOM = 4096
+"""Bytes of the payload limit kept for a stream message's framing and headers."""
 
 
 class StreamFailure(Exception):
@@ -34,16 +38,6 @@ class StreamFailure(Exception):
 
 class _TailFailure(Exception):
     """A producer the stream depends on failed (its message is complete: sent as it is)."""
-
-
-def item_json(item: Any) -> dict[str, Any]:
-    """A stream item as a JSON object (items are pydantic models, or already JSON objects)."""
-    if isinstance(item, BaseModel):
-        dumped: dict[str, Any] = item.model_dump(mode="json")
-        return dumped
-    if isinstance(item, dict):
-        return item
-    raise StreamFailure(f"stream items must be pydantic models or JSON objects, got {type(item).__name__}")
 
 
 @dataclass(eq=False)
@@ -141,43 +135,82 @@ class StreamRelay:
         raise _TailFailure(reason)
 
     async def _relay_lines(self, response: aiohttp.ClientResponse) -> None:
-        inv = self.stream.invocation
-        descriptor = inv.task.descriptor
+        """Read what the executor sent so far, turn its lines into items, publish them as one message.
+
+        One read per wakeup: a relay that keeps up publishes each item as it comes; one that fell
+        behind (the lines piled up in the response's buffer) publishes them together, so a busy
+        relay does less work per item instead of falling further behind.
+        """
         where = self.stream.routed.where
+        limit = max(self.nc.max_payload - MESSAGE_ROOM, MESSAGE_ROOM)
+        lines = LineSplitter(limit)
         clock = ItemClock(self.stream.routed.task_name, self.stream.started)
         while True:
             try:
                 async with asyncio.timeout(self.idle_timeout_s):
-                    raw = await response.content.readline()
+                    chunk = await response.content.readany()
             except TimeoutError:
                 raise StreamFailure(f"{where} sent nothing for {self.idle_timeout_s:g} s") from None
             except aiohttp.ClientError as exc:
                 raise StreamFailure(f"{where} broke off the stream: {type(exc).__name__}: {exc}") from None
-            except ValueError as exc:  # aiohttp: a line longer than the read buffer
+            try:
+                if chunk:
+                    complete = lines.feed(chunk)
+                else:
+                    last = lines.finish()
+                    complete = [] if last is None else [last]
+            except LineTooLong as exc:
                 raise StreamFailure(f"{where} sent an oversized line: {exc}") from None
-            if not raw:
+            items: list[bytes] = []
+            try:
+                for raw in complete:
+                    item = self._item(raw)
+                    if item is not None:
+                        items.append(item)
+                        clock.item()
+            finally:
+                # The items before a line that fails the stream still reach the caller, in order.
+                await self._publish(items, limit, clock)
+            if not chunk:
                 return
-            try:
-                line = raw.decode().rstrip("\r\n")
-            except UnicodeDecodeError as exc:
-                raise StreamFailure(f"{where} sent a line that is not UTF-8: {exc}") from None
-            try:
-                item = descriptor.from_stream_line(inv.task, inv, line)
-            except Exception as exc:
-                raise StreamFailure(
-                    f"its descriptor {type(descriptor).__name__} could not read a stream line of {where}: "
-                    f"{type(exc).__name__}: {exc}"
-                ) from None
-            if item is not None:
-                clock.item()
-                await self._publish(StreamMessage(seq=self._seq, item=item_json(item)))
 
-    async def _publish(self, message: StreamMessage) -> None:
+    def _item(self, raw: bytes) -> bytes | None:
+        """One line → its item's JSON object (None: a line without an item); a bad line fails the stream."""
+        inv = self.stream.invocation
+        descriptor = inv.task.descriptor
         try:
-            await self.nc.publish(self.subject, message.model_dump_json().encode())
+            line = raw.decode().rstrip("\r")
+        except UnicodeDecodeError as exc:
+            raise StreamFailure(f"{self.stream.routed.where} sent a line that is not UTF-8: {exc}") from None
+        try:
+            return descriptor.stream_item_json(inv.task, inv, line)
+        except Exception as exc:
+            raise StreamFailure(
+                f"its descriptor {type(descriptor).__name__} could not read a stream line of "
+                f"{self.stream.routed.where}: {type(exc).__name__}: {exc}"
+            ) from None
+
+    async def _publish(self, items: list[bytes], limit: int, clock: ItemClock) -> None:
+        """Publish `items` in as few messages as the payload limit allows (one per item when one is that big)."""
+        batch: list[bytes] = []
+        size = 0
+        for item in items:
+            if batch and size + len(item) + 1 > limit:
+                await self._publish_batch(batch)
+                clock.message()
+                batch, size = [], 0
+            batch.append(item)
+            size += len(item) + 1
+        if batch:
+            await self._publish_batch(batch)
+            clock.message()
+
+    async def _publish_batch(self, items: list[bytes]) -> None:
+        try:
+            await self.nc.publish(self.subject, stream_items_message(self._seq, items))
         except nats.errors.MaxPayloadError:
             raise StreamFailure(
-                f"stream item {message.seq} is larger than the NATS payload limit; send large data "
+                f"stream message {self._seq} is larger than the NATS payload limit; send large data "
                 "through a DataForward instead"
             ) from None
         self._seq += 1

@@ -24,6 +24,7 @@ import asyncio
 import functools
 import logging
 import secrets
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -298,6 +299,9 @@ class RelayedStream:
         self._position = position
         self._next_seq = 0
         self._closed = False
+        self._ended = False
+        self._ready: deque[tuple[int, int | None, dict[str, Any]]] = deque()
+        """Items received and not yet taken: (message seq, index in the message or None, item)."""
 
     def __aiter__(self) -> RelayedStream:
         return self
@@ -306,20 +310,38 @@ class RelayedStream:
         if self._closed:
             raise StopAsyncIteration
         try:
+            if not self._ready:
+                if self._ended:
+                    raise StopAsyncIteration
+                await self._take_message()
+            seq, index, item = self._ready.popleft()
+            try:
+                # Validated here, once: the relays only framed it.
+                return self._adapter.validate_python(item)
+            except ValidationError as exc:
+                where = f"{seq}" if index is None else f"{seq}.{index}"
+                raise self._failure(f"stream item {where} is not a valid item: {exc}") from None
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def _take_message(self) -> None:
+        """The next message's items into `_ready` (a message of several items: all of them, in order)."""
+        while not self._ready:
             message = await self._next_message()
             if message.end:
                 self._inbox.settled = True  # the relay is over: nothing to cancel
             if message.error is not None:
                 raise self._failure(message.error)
+            if message.item is not None:
+                self._ready.append((message.seq, None, message.item))
+            for index, item in enumerate(message.items or ()):
+                self._ready.append((message.seq, index, item))
             if message.end:
-                raise StopAsyncIteration
-            try:
-                return self._adapter.validate_python(message.item)
-            except ValidationError as exc:
-                raise self._failure(f"stream item {message.seq} is not a valid item: {exc}") from None
-        except BaseException:
-            await self.aclose()
-            raise
+                self._ended = True
+                if not self._ready:
+                    raise StopAsyncIteration
+                return
 
     async def _next_message(self) -> StreamMessage:
         loop = asyncio.get_running_loop()

@@ -8,6 +8,7 @@ the executor and its (possibly streamed) response becomes the task's output.
 from __future__ import annotations
 
 import inspect
+import json
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -128,3 +129,22 @@ class TaskExecutionDescriptor(BaseModel, Generic[TaskT]):
     def from_stream_line(self, task: TaskT, invocation: TaskInvocation, line: str) -> Any | None:
         """Turn one line of a streamed response into one stream item, or None to skip the line."""
         raise NotImplementedError(f"{type(self).__name__} does not describe streamed responses")
+
+    def stream_item_json(self, task: TaskT, invocation: TaskInvocation, line: str) -> bytes | None:
+        """One line of a streamed response as its item's JSON object (UTF-8), or None to skip the line.
+
+        What the dispatcher's relay calls for every line. The relay only frames items: the caller
+        validates each one once, against the stream's item type, so a descriptor whose lines carry
+        the item's JSON as it is may return that text after checking it is one JSON object
+        (`OpenAIChatDescriptor` does), which saves building and dumping a model per item. The
+        default goes through `from_stream_line`. Raise (any exception) for a line that means the
+        stream failed.
+        """
+        item = self.from_stream_line(task, invocation, line)
+        if item is None:
+            return None
+        if isinstance(item, BaseModel):
+            return item.model_dump_json().encode()
+        if isinstance(item, dict):
+            return json.dumps(item, separators=(",", ":")).encode()
+        raise TypeError(f"stream items must be pydantic models or JSON objects, got {type(item).__name__}")

@@ -107,6 +107,27 @@ class LLMCompletionTask(LLMTask):
         return "LLMCompletionTask[embeddings]" if self.receive_embeddings else "LLMCompletionTask"
 
 
+def _sse_data(line: str) -> str | None:
+    """The data of one server-sent-events line; None for blanks, comments, other fields and `[DONE]`."""
+    line = line.strip()
+    if not line.startswith("data:"):
+        return None
+    data = line[len("data:") :].strip()
+    return None if data == "[DONE]" else data
+
+
+def _chunk_payload(data: str) -> dict[str, Any]:
+    """One streamed chunk's JSON object; an error line (or anything but an object) raises."""
+    payload = json.loads(data)
+    if not isinstance(payload, dict):
+        raise TaskExecutionError(f"the LLM executor streamed {type(payload).__name__}, not a JSON object")
+    if "error" in payload:
+        error = payload["error"]
+        message = error.get("message", error) if isinstance(error, dict) else error
+        raise TaskExecutionError(f"the LLM executor failed: {message}")
+    return payload
+
+
 class OpenAIChatDescriptor(TaskExecutionDescriptor[LLMTask]):
     """Shared request/stream translation for executors that speak OpenAI's chat-completions API."""
 
@@ -133,18 +154,20 @@ class OpenAIChatDescriptor(TaskExecutionDescriptor[LLMTask]):
         self, task: LLMTask, invocation: TaskInvocation, line: str
     ) -> ChatCompletionChunk | None:
         """Parse one server-sent-events line: `data: {...}` → a chunk; `[DONE]` and blanks are skipped."""
-        line = line.strip()
-        if not line or line.startswith(":") or not line.startswith("data:"):
+        data = _sse_data(line)
+        return None if data is None else ChatCompletionChunk.model_validate(_chunk_payload(data))
+
+    def stream_item_json(self, task: LLMTask, invocation: TaskInvocation, line: str) -> bytes | None:
+        """The chunk's JSON as the executor sent it, once it parsed as one JSON object.
+
+        The relay's per-token path: no `ChatCompletionChunk` is built here, the caller validates
+        each chunk once (against the stream's item type).
+        """
+        data = _sse_data(line)
+        if data is None:
             return None
-        data = line[len("data:") :].strip()
-        if data == "[DONE]":
-            return None
-        payload = json.loads(data)
-        if isinstance(payload, dict) and "error" in payload:
-            error = payload["error"]
-            message = error.get("message", error) if isinstance(error, dict) else error
-            raise TaskExecutionError(f"the LLM executor failed: {message}")
-        return ChatCompletionChunk.model_validate(payload)
+        _chunk_payload(data)
+        return data.encode()
 
     def from_response(self, task: LLMTask, invocation: TaskInvocation, body: Any) -> ChatCompletion:
         """An `LLMCompletionTask`'s one completion (an `LLMTask`'s response always streams)."""

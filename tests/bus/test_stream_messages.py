@@ -1,0 +1,26 @@
+"""The wire form relays build by joining bytes is a valid StreamMessage, and keeps the items' order."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cornserve.bus.control import StreamMessage, stream_items_message
+
+
+def test_one_item_is_sent_as_item() -> None:
+    message = StreamMessage.model_validate_json(stream_items_message(3, [b'{"a":1}']))
+    assert message == StreamMessage(seq=3, item={"a": 1})
+
+
+def test_several_items_keep_their_order() -> None:
+    raw = [json.dumps({"index": i, "text": "é\n"}).encode() for i in range(5)]
+    message = StreamMessage.model_validate_json(stream_items_message(7, raw))
+    assert message.seq == 7 and message.item is None and not message.end
+    assert message.items == [{"index": i, "text": "é\n"} for i in range(5)]
+
+
+def test_no_items_is_refused() -> None:
+    with pytest.raises(ValueError, match="at least one item"):
+        stream_items_message(0, [])
