@@ -290,8 +290,9 @@ async def test_table_is_published_and_usage_holds_a_drain(start_tm: StartTM, nc:
     status = await tm.status()
     urls = {e.executor_id: e.url for e in status.executors}
 
-    async def table_of(ids: list[str]) -> ExecutorTable | None:
-        found = [t for t in tables if [e.executor_id for e in t.executors] == ids]
+    async def table_of(ids: list[str], after: int = -1) -> ExecutorTable | None:
+        """The latest table listing exactly `ids`, of a version above `after`."""
+        found = [t for t in tables if [e.executor_id for e in t.executors] == ids and t.version > after]
         return found[-1] if found else None
 
     both = await wait_for(lambda: table_of(["e0", "e1"]), 20, "a table with both executors")
@@ -313,7 +314,7 @@ async def test_table_is_published_and_usage_holds_a_drain(start_tm: StartTM, nc:
     await wait_for(lambda: _in_flight(tm, "e1", 1), 10, "the reported invocation to count")
 
     shrink = asyncio.create_task(tm.assign(assignment(("e0", 0))))
-    only_e0 = await wait_for(lambda: table_of(["e0"]), 20, "a table without the draining e1")
+    only_e0 = await wait_for(lambda: table_of(["e0"], both.version), 20, "a table without the draining e1")
     assert only_e0.version > both.version and only_e0.instance == both.instance
     # The replica acknowledged the new table but e1's invocation is still running: still draining.
     await report(only_e0.version, {"e1": 1})
