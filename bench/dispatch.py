@@ -181,8 +181,8 @@ async def register_app(client: CornserveClient, name: str, source: str) -> dict[
     """Register an app and wait for its tasks to be deployed; the final event is the app."""
     last: dict[str, Any] = {}
     async for event in client.register_app(name, source):
-        logger.info("  %s: %s", name, {k: v for k, v in event.items() if k != "tasks"})
-        last = event
+        last = event.model_dump(mode="json")
+        logger.info("  %s: %s", name, {k: v for k, v in last.items() if k != "tasks"})
     if last.get("state") != "ready":
         raise RuntimeError(f"app {name} did not become ready; last event: {last}")
     return last
@@ -190,11 +190,11 @@ async def register_app(client: CornserveClient, name: str, source: str) -> dict[
 
 async def floor_target(client: CornserveClient) -> Target:
     """A direct `POST /invoke` to the one-stage app's executor, with the invocation JSON it expects."""
-    tasks = (await client.list_tasks())["tasks"]
-    deployment = next((t for t in tasks if t["task"] == "BenchProduceSum"), None)
-    if deployment is None or not deployment["executors"]:
+    tasks = (await client.list_tasks()).tasks
+    deployment = next((t for t in tasks if t.task == "BenchProduceSum"), None)
+    if deployment is None or not deployment.executors:
         raise RuntimeError(f"no BenchProduceSum executor among the deployed tasks: {tasks}")
-    base = deployment["executors"][0]["url"].rstrip("/")
+    base = deployment.executors[0].url.rstrip("/")
     async with (
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http,
         http.get(base + "/info") as response,
@@ -218,7 +218,7 @@ async def bench_cornserve(url: str, token: str, args: argparse.Namespace) -> lis
     async with CornserveClient(url, timeout_s=600, token=token) as client:
         source = (BENCH_DIR / "dispatch_tasklib.py").read_text()
         lib = await client.add_tasklib(TASKLIB_NAME, source)
-        logger.info("task library %s uploaded: %s", TASKLIB_NAME, lib.get("unit_tasks"))
+        logger.info("task library %s uploaded: %s", TASKLIB_NAME, lib.unit_tasks)
         await register_app(client, TWO_STAGE_APP, PIPELINE_APP)
         await register_app(client, ONE_STAGE_APP, SINGLE_APP)
         floor = await floor_target(client)

@@ -15,6 +15,7 @@ import aiohttp
 import nats
 import pytest
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.micro.request import ERROR_CODE_HEADER
 from tests.support.processes import ServiceProcess, python_module
 from tests.support.tasklibs import ECHO, echo_task, upload_library
@@ -25,6 +26,8 @@ from cornserve.bus.control import (
     AssignRequest,
     DeviceInfo,
     ExecutorAssignment,
+    ExecutorTable,
+    ExecutorUsage,
     RouteReply,
     ShutdownRequest,
     TaskManagerStatus,
@@ -272,3 +275,55 @@ async def test_sigterm_stops_executors(start_tm: StartTM) -> None:
     pids = list((await executor_pids(tm)).values())
     assert tm.service.stop() == 0
     await wait_gone(pids)
+
+
+async def test_table_is_published_and_usage_holds_a_drain(start_tm: StartTM, nc: Client) -> None:
+    """Dispatchers route from the published table; what they report outstanding holds a drain."""
+    tm = await start_tm("table")
+    tables: list[ExecutorTable] = []
+
+    async def on_table(msg: Msg) -> None:
+        tables.append(ExecutorTable.model_validate_json(msg.data))
+
+    sub = await nc.subscribe(tm_subject(tm.key, "table"), cb=on_table)
+    await tm.assign(assignment(("e0", 0), ("e1", 1)))
+    status = await tm.status()
+    urls = {e.executor_id: e.url for e in status.executors}
+
+    async def table_of(ids: list[str], after: int = -1) -> ExecutorTable | None:
+        """The latest table listing exactly `ids`, of a version above `after`."""
+        found = [t for t in tables if [e.executor_id for e in t.executors] == ids and t.version > after]
+        return found[-1] if found else None
+
+    both = await wait_for(lambda: table_of(["e0", "e1"]), 20, "a table with both executors")
+    assert {e.executor_id: (e.url, e.sidecar_ranks) for e in both.executors} == {
+        "e0": (urls["e0"], [0]),
+        "e1": (urls["e1"], [1]),
+    }
+    pids = await executor_pids(tm)
+
+    async def report(version: int, outstanding: dict[str, int]) -> None:
+        usage = ExecutorUsage(
+            replica_id="d1", instance=both.instance, version=version, outstanding=outstanding, interval_s=60
+        )
+        await nc.publish(tm_subject(tm.key, "usage"), usage.model_dump_json().encode())
+        await nc.flush()
+
+    # A replica routed one invocation to e1 from the table: it counts in e1's in-flight number.
+    await report(both.version, {"e1": 1})
+    await wait_for(lambda: _in_flight(tm, "e1", 1), 10, "the reported invocation to count")
+
+    shrink = asyncio.create_task(tm.assign(assignment(("e0", 0))))
+    only_e0 = await wait_for(lambda: table_of(["e0"], both.version), 20, "a table without the draining e1")
+    assert only_e0.version > both.version and only_e0.instance == both.instance
+    # The replica acknowledged the new table but e1's invocation is still running: still draining.
+    await report(only_e0.version, {"e1": 1})
+    await wait_for(lambda: _in_flight(tm, "e1", 1), 10, "the acknowledgement to be in")
+    assert pid_alive(pids["e1"]) and not shrink.done()
+    # It finished: the drain ends and e1 stops.
+    await report(only_e0.version, {})
+    status = await asyncio.wait_for(shrink, 30)
+    assert [e.executor_id for e in status.executors] == ["e0"]
+    await wait_gone([pids["e1"]])
+    assert pid_alive(pids["e0"])
+    await sub.unsubscribe()

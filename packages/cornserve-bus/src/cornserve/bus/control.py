@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 from pydantic import Field
 
@@ -51,7 +51,7 @@ def rm_progress_subject(request_id: str) -> str:
 
 TM_PREFIX = "cornserve.tm"
 
-TaskManagerVerb = Literal["route", "done", "status", "assign", "shutdown"]
+TaskManagerVerb = Literal["route", "done", "status", "assign", "shutdown", "table", "usage"]
 """The endpoints of a task manager (`done` is a plain subscription, the others nats.micro endpoints)."""
 
 
@@ -251,6 +251,50 @@ class RouteDone(WireModel):
     """Published (fire and forget) by a dispatcher when a routed invocation finished."""
 
     executor_id: str
+
+
+class TableEntry(WireModel):
+    """One routable (ready) executor in a task manager's table."""
+
+    executor_id: str = Field(min_length=1, max_length=128)
+    url: str = Field(min_length=1, max_length=2048)
+    sidecar_ranks: list[int] = Field(max_length=4096)
+
+
+class ExecutorTable(WireModel):
+    """A task manager's routable executors, published (fan-out) on tm_subject(key, "table").
+
+    Published on every change of the set and every `interval_s` otherwise, so a dispatcher routes
+    invocations locally (least outstanding) instead of asking `route` for each one. A dispatcher
+    takes a table older than `STALE_INTERVALS` times `interval_s` for gone and asks `route` again.
+    `instance` names the task-manager process (a re-created one publishes a new instance), and
+    `version` grows with every change within an instance; dispatchers acknowledge the version they
+    route with in their `ExecutorUsage`, which is how a draining executor knows no one still picks it.
+    """
+
+    STALE_INTERVALS: ClassVar[float] = 3.0
+
+    task_key: str = Field(min_length=1, max_length=256)
+    instance: str = Field(min_length=1, max_length=128)
+    version: int = Field(ge=0)
+    executors: list[TableEntry] = Field(max_length=4096)
+    interval_s: float = Field(gt=0, le=3600)
+
+
+class ExecutorUsage(WireModel):
+    """A dispatcher replica's use of one task manager's table, on tm_subject(key, "usage").
+
+    Sent when the replica applies a new table version (its acknowledgement), when its outstanding
+    invocations change (coalesced) and every `interval_s` while it holds the table. The task manager
+    counts `outstanding` in its executors' in-flight numbers and forgets a replica silent for
+    `ExecutorTable.STALE_INTERVALS` times `interval_s` (it died: its calls died with it).
+    """
+
+    replica_id: str = Field(min_length=1, max_length=128)
+    instance: str = Field(max_length=128)
+    version: int = Field(ge=0)
+    outstanding: dict[str, int] = Field(max_length=4096)
+    interval_s: float = Field(gt=0, le=3600)
 
 
 class ShutdownRequest(RequestBase):

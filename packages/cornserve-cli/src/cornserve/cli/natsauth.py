@@ -155,16 +155,18 @@ def role_permissions() -> dict[str, RolePermissions]:
                 RM_STATE,
                 f"{tm_any}.route",
                 f"{tm_any}.done",
+                f"{tm_any}.usage",
                 # A given-up graph's forwards are dropped in their sidecars (cornserve.dispatcher.forwards).
                 f"{SIDECAR_PREFIX}.*.{SidecarVerb.DROP.value}",
                 # Keepalives, streamed items and replies go to the calling gateway's graph inbox.
                 f"{inbox_prefix(GATEWAY)}.>",
                 *kv_read(KV_TASKLIBS),
             ],
-            subscribe=[MICRO, DISPATCH_INVOKE, DISPATCH_CANCEL, f"{RM_PREFIX}.events.>"],
+            subscribe=[MICRO, DISPATCH_INVOKE, DISPATCH_CANCEL, f"{RM_PREFIX}.events.>", f"{tm_any}.table"],
         ),
         TASK_MANAGER: RolePermissions(
-            publish=[*kv_read(KV_TASKLIBS)],
+            # Its executor table, for dispatchers to route from (cornserve.task_manager.table).
+            publish=[f"{tm_any}.table", *kv_read(KV_TASKLIBS)],
             subscribe=[MICRO, f"{tm_any}.*"],
         ),
         SIDECAR: RolePermissions(

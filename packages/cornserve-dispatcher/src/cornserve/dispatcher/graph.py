@@ -1,10 +1,12 @@
 """Executing one recorded graph: resolve, route, wire, call every executor, gather.
 
-Every invocation's executor is picked by its task manager (`route`), every DataForward is wired
+Every invocation's executor is picked from its task manager's published table (`tables.py`), or
+by the task manager itself (`route`) when the replica holds no fresh table; every DataForward is wired
 to the picked executors' sidecar ranks, and all executor requests run at once: a consumer
 executor waits for its forwarded data through its sidecar, so the dispatcher never orders them.
 The first failure cancels everything else and becomes the graph's typed error; the deadline
-covers the whole graph. Each routed invocation is reported done to its task manager exactly once.
+covers the whole graph. Each routed invocation is reported done exactly once (to the table's
+outstanding count, or to its task manager with `RouteDone`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from cornserve.dispatcher import faults
 from cornserve.dispatcher.deployments import DeploymentCache
 from cornserve.dispatcher.forwards import forwards_by_rank
 from cornserve.dispatcher.metrics import observe_call
+from cornserve.dispatcher.tables import ExecutorTables
 from cornserve.runtime.tracing import Attributes, client_span, inject_headers, set_attributes
 from cornserve.task import ExecutorRequest, Stream, TaskInvocation, Unmaterialized, wire_forwards
 from cornserve.task.forward import DataForward, iter_forwards
@@ -53,6 +56,8 @@ class Routed:
     task_name: str
     route: RouteReply
     released: bool = False
+    local: bool = False
+    """Picked from the task manager's table (`tables.py`), not by a `route` request."""
 
     @property
     def where(self) -> str:
@@ -156,6 +161,8 @@ class GraphRunner:
     on_done: OnDone
     route_timeout_s: float = field(default=10.0, kw_only=True)
     on_abandoned: OnAbandoned | None = field(default=None, kw_only=True)
+    tables: ExecutorTables | None = field(default=None, kw_only=True)
+    """Task managers' executor tables; None: every invocation is routed by a `route` request."""
 
     async def run(
         self, invocations: Sequence[TaskInvocation], timeout_s: float, stream_subject: str | None
@@ -225,7 +232,10 @@ class GraphRunner:
         """Report a routed invocation finished, once."""
         if not routed.released:
             routed.released = True
-            self.on_done(routed.task_key, routed.route.executor_id)
+            if routed.local and self.tables is not None:
+                self.tables.done(routed.task_key, routed.route.executor_id)
+            else:
+                self.on_done(routed.task_key, routed.route.executor_id)
 
     # ----- steps -----------------------------------------------------------------------------------
 
@@ -261,6 +271,12 @@ class GraphRunner:
 
     async def _route_untraced(self, position: int, inv: TaskInvocation, state: _Run) -> None:
         name, key = inv.task.display_name(), inv.task.deployment_key
+        picked = self.tables.pick(key) if self.tables is not None else None
+        if picked is not None:
+            state.routed[position] = Routed(
+                position=position, task_key=key, task_name=name, route=picked, local=True
+            )
+            return
         tm = TaskManagerClient(self.nc, key)
         subject = tm.subject("route")
         try:
@@ -366,6 +382,21 @@ class GraphRunner:
                 response = await self.session.request(
                     req.method, url, json=req.body, headers=inject_headers()
                 )
+            except aiohttp.ClientConnectorError as exc:
+                if not routed.local or self.tables is None:
+                    raise routed.failed(
+                        f"could not reach {routed.where}: {type(exc).__name__}: {exc}"
+                    ) from None
+                # The table named an executor that is gone (its process, or its task manager, died
+                # since): nothing reached it, and its task manager says what is up from now on.
+                self.tables.drop(routed.task_key, routed.route.executor_id)
+                raise faults.task_unavailable(
+                    routed.task_name,
+                    routed.task_key,
+                    routed.position,
+                    f"{routed.where} from its task manager's table refused the connection "
+                    f"({type(exc).__name__}); retry",
+                ) from None
             except aiohttp.ClientError as exc:
                 raise routed.failed(f"could not reach {routed.where}: {type(exc).__name__}: {exc}") from None
             if req.stream:

@@ -49,6 +49,8 @@ class DispatcherSettings(ServiceSettings):
     """On SIGTERM, seconds running graphs and streams get to finish before they are failed."""
     max_graphs: int = Field(default=1024, ge=1)
     """Graphs this replica runs at once (streams being relayed included); more are answered 429."""
+    executor_tables: bool = True
+    """Route from the executor tables task managers publish; off: one `route` request per invocation."""
 
     @property
     def nats_client_name(self) -> str:
@@ -72,6 +74,7 @@ def serve(settings: DispatcherSettings, nc: Client) -> AbstractAsyncContextManag
             resync_interval_s=settings.resync_interval,
             drain_timeout_s=settings.drain_timeout,
             max_graphs=settings.max_graphs,
+            executor_tables=settings.executor_tables,
         )
     )
 

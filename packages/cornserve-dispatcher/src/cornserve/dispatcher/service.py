@@ -46,6 +46,7 @@ from cornserve.dispatcher.graph import GraphRunner
 from cornserve.dispatcher.keepalive import Keepalive
 from cornserve.dispatcher.metrics import watch_load
 from cornserve.dispatcher.relay import StreamRelay
+from cornserve.dispatcher.tables import ExecutorTables
 from cornserve.runtime.logging import set_request_id
 from cornserve.runtime.natsstop import nats_step
 from cornserve.runtime.tracing import Attributes, mark_error, server_span
@@ -90,6 +91,9 @@ class DispatcherService:
     _tasklibs: TaskLibrarySync | None = field(default=None, init=False)
     _deployments: DeploymentCache | None = field(default=None, init=False)
     _graphs: GraphRunner | None = field(default=None, init=False)
+    _tables: ExecutorTables | None = field(default=None, init=False)
+    executor_tables: bool = field(default=True, kw_only=True)
+    """Route from task managers' published tables (`tables.py`); False: a `route` request per invocation."""
     _service: Service | None = field(default=None, init=False)
     _handlers: set[asyncio.Task[None]] = field(default_factory=set, init=False)
     """One task per graph being executed (parse, run, reply); micro runs callbacks one at a time."""
@@ -132,6 +136,9 @@ class DispatcherService:
             self.nc, state_timeout_s=self.state_timeout_s, resync_interval_s=self.resync_interval_s
         )
         await self._deployments.start()
+        if self.executor_tables:
+            self._tables = ExecutorTables(self.nc, self.replica_id)
+            await self._tables.start()
         self._graphs = GraphRunner(
             self.nc,
             self._session,
@@ -139,6 +146,7 @@ class DispatcherService:
             self._route_done,
             route_timeout_s=self.route_timeout_s,
             on_abandoned=self._drop_forwards,
+            tables=self._tables,
         )
         self._cancels = CancelBoard(self.nc)
         await self._cancels.start()
@@ -186,6 +194,8 @@ class DispatcherService:
             keepalive.cancel()
         if self._cancels is not None:
             await self._cancels.stop()
+        if self._tables is not None:
+            await self._tables.stop()
         if self._deployments is not None:
             await self._deployments.stop()
         if self._tasklibs is not None:

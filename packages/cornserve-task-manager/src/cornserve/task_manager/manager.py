@@ -3,7 +3,9 @@
 It is transport-free (the NATS wiring is in `service`), so every decision here is a plain method:
 `assign` converges the running executors to the set the resource manager wants, `route` picks the
 least-loaded healthy executor, `done` releases a routed slot, and a background loop restarts
-executors whose process died or whose health checks keep failing.
+executors whose process died or whose health checks keep failing. Dispatchers mostly route from the
+published table of ready executors (`table_entries`, `table.py`) and report what they have
+outstanding (`usage`), which counts in every executor's in-flight number and holds a drain.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,7 @@ from cornserve.bus.control import (
     AssignRequest,
     RouteReply,
     RouteRequest,
+    TableEntry,
     TaskManagerStatus,
     TaskManagerStatusRequest,
 )
@@ -30,6 +34,7 @@ from cornserve.runtime.tracing import set_attributes
 from cornserve.task import UnitTask
 from cornserve.task_manager.containers import ExecutorContainers
 from cornserve.task_manager.executor import ExecutorStartError, ManagedExecutor
+from cornserve.task_manager.usage import RemoteUsage
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +73,12 @@ class TaskManager:
     drain_timeout_s: float = 60.0
     """How long a removed executor may finish its in-flight work before it is stopped anyway."""
     executors: dict[str, ManagedExecutor] = field(default_factory=dict, init=False)
+    usage: RemoteUsage = field(default_factory=RemoteUsage, init=False)
+    """Invocations dispatchers routed from the published table and have not finished."""
+    publish_table: Callable[[], tuple[str, int]] | None = field(default=None, init=False, repr=False)
+    """Publish the ready set now; returns the table's (instance, version). Set by the NATS wiring."""
+    drain_settle_s: float = 0.2
+    """A drain waits at least this long, so a report a replica sent before the new table arrived is in."""
     _assign_lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False, repr=False)
     _session: aiohttp.ClientSession | None = field(default=None, init=False, repr=False)
     _closed: bool = field(default=False, init=False, repr=False)
@@ -107,7 +118,7 @@ class TaskManager:
         return {
             "executors": len(executors),
             "ready": sum(ex.state == "ready" for ex in executors),
-            "in_flight": sum(ex.in_flight for ex in executors),
+            "in_flight": sum(self.in_flight(ex) for ex in executors),
             "routed": sum(ex.routed for ex in executors),
             "restarts": sum(ex.restarts for ex in executors),
         }
@@ -118,8 +129,26 @@ class TaskManager:
         """Every executor and whether all of them are ready."""
         return self._status(req.request_id)
 
+    def in_flight(self, ex: ManagedExecutor) -> int:
+        """Invocations on `ex`: routed here (`route`) and routed by dispatchers from the table."""
+        return ex.in_flight + self.usage.outstanding(ex.executor_id)
+
+    def table_entries(self) -> list[TableEntry]:
+        """The routable executors: ready ones, by id, less local processes that exited.
+
+        Checked every 50 ms (`table.py`): a local process's exit is a cheap poll, a container's an
+        engine call, so containers are left to the health loop (each second).
+        """
+        return [
+            TableEntry(executor_id=ex.executor_id, url=ex.url, sidecar_ranks=ex.sidecar_ranks)
+            for ex in sorted(self.executors.values(), key=lambda e: e.executor_id)
+            if ex.state == "ready" and (ex.containers is not None or ex.exited() is None)
+        ]
+
     def _status(self, request_id: str) -> TaskManagerStatus:
-        infos = [ex.info() for ex in self.executors.values()]
+        infos = [
+            ex.info().model_copy(update={"in_flight": self.in_flight(ex)}) for ex in self.executors.values()
+        ]
         ready = bool(infos) and all(i.state == "ready" for i in infos)
         return TaskManagerStatus(
             request_id=request_id,
@@ -201,19 +230,30 @@ class TaskManager:
         """No new routes; wait for in-flight work to finish (bounded), then stop the process."""
         await self._cancel_restart(ex.executor_id)
         ex.state = "draining"
-        logger.info("executor %s draining (%d in flight)", ex.executor_id, ex.in_flight)
-        if ex.in_flight > 0:
-            try:
-                await asyncio.wait_for(ex.idle.wait(), self.drain_timeout_s)
-            except TimeoutError:
-                logger.warning(
-                    "executor %s still had %d in flight after %.1fs of draining; stopping it anyway",
-                    ex.executor_id,
-                    ex.in_flight,
-                    self.drain_timeout_s,
-                )
+        logger.info("executor %s draining (%d in flight)", ex.executor_id, self.in_flight(ex))
+        try:
+            async with asyncio.timeout(self.drain_timeout_s):
+                await self._drained(ex)
+        except TimeoutError:
+            logger.warning(
+                "executor %s still had %d in flight after %.1fs of draining; stopping it anyway",
+                ex.executor_id,
+                self.in_flight(ex),
+                self.drain_timeout_s,
+            )
         await ex.stop(self.stop_grace_s)
         ex.state = "stopped"
+
+    async def _drained(self, ex: ManagedExecutor) -> None:
+        """Until nothing routed to `ex` is outstanding and no dispatcher can still pick it from a table."""
+        if self.publish_table is None:
+            if ex.in_flight > 0:
+                await ex.idle.wait()
+            return
+        instance, version = self.publish_table()  # the table without it, at once
+        await asyncio.sleep(self.drain_settle_s)
+        while ex.in_flight > 0 or not self.usage.released(ex.executor_id, instance, version):
+            await asyncio.sleep(0.02)
 
     async def route(self, req: RouteRequest) -> RouteReply:
         """The healthy executor with the fewest invocations in flight (ties: fewest routed so far)."""
@@ -234,7 +274,7 @@ class TaskManager:
                 f"task {self.task_key} has no healthy executor ({self._states() or 'no executors assigned'})",
                 states={eid: ex.state for eid, ex in self.executors.items()},
             )
-        best = min(ready, key=lambda ex: (ex.in_flight, ex.routed))
+        best = min(ready, key=lambda ex: (self.in_flight(ex), ex.routed))
         best.routed += 1
         best.add_in_flight(1)
         set_attributes(

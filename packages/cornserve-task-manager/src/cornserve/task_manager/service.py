@@ -1,4 +1,9 @@
-"""NATS wiring of a task manager: a `nats.micro` service plus the fire-and-forget `done` subject."""
+"""NATS wiring of a task manager: micro endpoints, the `done` and `usage` subjects, the table.
+
+The fire-and-forget `done` (a `route` request's invocation finished) and `usage` (what a
+dispatcher routed from the table is outstanding) subjects, and the executor table it publishes
+(`table.py`).
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from cornserve.bus.control import (
     TM_SERVICE_NAME,
     AckReply,
     AssignRequest,
+    ExecutorUsage,
     RouteDone,
     RouteRequest,
     ShutdownRequest,
@@ -29,6 +35,7 @@ from cornserve.bus.micro import HandlerRunner
 from cornserve.runtime.natsstop import nats_step
 from cornserve.task_manager import __version__
 from cornserve.task_manager.manager import TaskManager
+from cornserve.task_manager.table import TablePublisher
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +50,8 @@ class TaskManagerService:
         self._runner = HandlerRunner()
         self._service: Service | None = None
         self._done_sub: Subscription | None = None
+        self._usage_sub: Subscription | None = None
+        self.table = TablePublisher(nc, manager.task_key, manager.table_entries)
 
     async def start(self) -> None:
         """Register the micro service and subscribe to `done`."""
@@ -67,13 +76,20 @@ class TaskManagerService:
             )
         self._service = svc
         self._done_sub = await self.nc.subscribe(tm_subject(key, "done"), cb=self._done)
+        self._usage_sub = await self.nc.subscribe(tm_subject(key, "usage"), cb=self._usage)
+        table = self.table
+        self.manager.publish_table = lambda: (table.instance, table.changed())
+        table.start()
 
     async def stop(self) -> None:
         """Stop serving and cancel handlers still running."""
         if self._service is not None:
             await nats_step("stopping the micro service", self._service.stop)
+        await self.table.stop()
         if self._done_sub is not None:
             await nats_step("unsubscribing from route-done", self._done_sub.unsubscribe)
+        if self._usage_sub is not None:
+            await nats_step("unsubscribing from usage reports", self._usage_sub.unsubscribe)
         await self._runner.close()
 
     async def _done(self, msg: Msg) -> None:
@@ -89,6 +105,17 @@ class TaskManagerService:
         self.manager.done(done.executor_id)
         if msg.reply:
             await self.nc.publish(msg.reply, AckReply(request_id="").model_dump_json().encode())
+
+    async def _usage(self, msg: Msg) -> None:
+        """A dispatcher replica's outstanding invocations from the table (untrusted: bad ones are dropped)."""
+        try:
+            usage = ExecutorUsage.model_validate_json(msg.data)
+        except ValidationError as exc:
+            logger.warning(
+                "malformed ExecutorUsage on %s: %s", msg.subject, exc.errors(include_url=False)[:3]
+            )
+            return
+        self.manager.usage.record(usage)
 
     async def _shutdown(self, req: Request) -> None:
         """Stop every executor, reply, then let the process exit (handled inline so the reply is sent first)."""

@@ -248,9 +248,14 @@ class UnitTask(Task[InputT, OutputT]):
     @property
     def deployment_key(self) -> str:
         """Equal for two instances that must share one deployment (class, descriptor and config)."""
-        if self._deployment_key is None:
-            self._deployment_key = task_deployment_key(self)
-        return self._deployment_key
+        # Read from the private dict directly: `self._deployment_key` goes through `Task.__getattr__`
+        # and pydantic's, which cost ~10% of a dispatcher's CPU (it is read on every hop of a graph).
+        private = self.__pydantic_private__
+        key = private.get("_deployment_key") if private is not None else None
+        if key is None:
+            key = task_deployment_key(self)
+            self._deployment_key = key
+        return key
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
