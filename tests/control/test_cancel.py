@@ -99,6 +99,7 @@ async def dispatcher_relays(nc: nats.NATS, replicas: int) -> list[dict[str, Any]
     return list(seen.values())
 
 
+@pytest.mark.slow
 async def test_abandoned_requests_release_the_llm_the_task_manager_and_the_relay(
     cluster: LocalCluster, tiny_checkpoint: TinyCheckpoint
 ) -> None:

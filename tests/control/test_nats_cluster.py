@@ -87,6 +87,7 @@ async def _streams(nc: Client) -> dict[str, tuple[int, list[str]]]:
     }
 
 
+@pytest.mark.slow
 async def test_buckets_have_three_replicas_and_survive_one_server(
     cluster: tuple[NatsCluster, NatsAuth],
 ) -> None:

@@ -346,6 +346,7 @@ async def test_replicas_registered_with_micro(
 # ----- replicas coming and going (own nats-server, own replicas) -----------------------------------
 
 
+@pytest.mark.slow
 async def test_replica_killed_mid_load(lib: types.ModuleType, tmp_path: Path) -> None:
     with NatsServerProcess() as server:
         await upload_library(server.url, LIBRARY)

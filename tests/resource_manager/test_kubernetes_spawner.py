@@ -70,6 +70,7 @@ async def _echo(nc: Client, key: str) -> str:
         return text
 
 
+@pytest.mark.slow
 async def test_task_managers_are_pods_created_recreated_adopted_and_deleted(
     cluster: tuple[FakeApi, list[str]], start_rm: StartRM, nc: Client
 ) -> None:

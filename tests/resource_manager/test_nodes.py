@@ -80,6 +80,7 @@ def nodes_of(devices: list[DeviceInfo]) -> set[str]:
     return {d.node for d in devices}
 
 
+@pytest.mark.slow
 async def test_constraints_place_and_a_down_node_s_deployment_moves_to_the_next_allowed_node(
     rm: tuple[ResourceManagerClient, TwoNodes],
 ) -> None:

@@ -13,6 +13,7 @@ import signal
 from typing import Any
 
 import aiohttp
+import pytest
 from nats.aio.client import Client
 from tests.resource_manager.conftest import RECONCILE_INTERVAL_S
 from tests.resource_manager.support import (
@@ -29,6 +30,9 @@ from tests.support.waiting import wait_for, wait_gone
 from cornserve.bus.control import KV_DEPLOYMENTS, RM_EVENTS, DeploymentEvent, DeploymentInfo, DeploymentRecord
 from cornserve.bus.kv import kv_get, open_bucket
 from cornserve.bus.tm_client import TaskManagerClient
+
+# Each test kills and waits out a reconciliation pass or two (10-20 s): run with -m slow (.ci/run).
+pytestmark = pytest.mark.slow
 
 DETECT_MARGIN_S = 10.0
 """Beyond one interval, for the pass to run and its event to arrive on a loaded 2-core machine."""

@@ -167,6 +167,7 @@ async def test_malformed_requests_get_error_replies(start_rm: StartRM, nc: Clien
     assert rm.proc.poll() is None
 
 
+@pytest.mark.slow
 async def test_restart_adopts_running_task_managers_and_respawns_stopped_ones(
     start_rm: StartRM, nc: Client, tmp_path: Path
 ) -> None:

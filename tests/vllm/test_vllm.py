@@ -77,6 +77,7 @@ def chat_body(ids: list[str], rank: int) -> dict[str, object]:
     }
 
 
+@pytest.mark.slow
 async def test_proxy_feeds_sidecar_embeddings_to_vllm(
     sidecars: StartSidecars,
     nats_url: str,
