@@ -67,7 +67,13 @@ async def test_invocations_route_from_a_published_table_and_fall_back_when_it_fa
         assert {o.executor for o in outs} == {executor.executor_id}
         # No route request and no RouteDone: the replicas picked from the table and report usage instead.
         assert tm.routes == 0 and tm.done == []
+        # The replicas' cumulative counts (the task manager's routed counters) add up to the six calls,
+        # none of them outstanding any more.
+        async with asyncio.timeout(DEADLINE):
+            while sum(u.routed.get(executor.executor_id, 0) for u in reports.latest.values()) < 6:
+                await asyncio.sleep(0.02)
         await reports.wait(1, outstanding={})
+        assert sum(u.routed.get(executor.executor_id, 0) for u in reports.latest.values()) == 6
 
         # A table naming an executor that is gone: the invocation fails retryably (503), the replica
         # drops the table and asks the task manager, which answers with its live executor.

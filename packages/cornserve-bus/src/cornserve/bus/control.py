@@ -294,6 +294,9 @@ class ExecutorUsage(WireModel):
     instance: str = Field(max_length=128)
     version: int = Field(ge=0)
     outstanding: dict[str, int] = Field(max_length=4096)
+    routed: dict[str, int] = Field(default_factory=dict, max_length=4096)
+    """Invocations this replica has routed to each executor from this key's tables since it started
+    (cumulative, so a lost report loses nothing): the task manager's routed counters."""
     interval_s: float = Field(gt=0, le=3600)
 
 

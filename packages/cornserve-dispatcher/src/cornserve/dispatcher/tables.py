@@ -174,6 +174,7 @@ class ExecutorTables:
             instance=held.table.instance,
             version=held.table.version,
             outstanding=dict(held.outstanding),
+            routed=dict(held.routed),
             interval_s=self.report_interval_s,
         )
         task = asyncio.ensure_future(

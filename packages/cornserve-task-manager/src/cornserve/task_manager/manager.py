@@ -133,6 +133,13 @@ class TaskManager:
         """Invocations on `ex`: routed here (`route`) and routed by dispatchers from the table."""
         return ex.in_flight + self.usage.outstanding(ex.executor_id)
 
+    def count_table_routes(self, routed: dict[str, int]) -> None:
+        """Add invocations dispatchers routed from the table (reported in their usage) to the counters."""
+        for executor_id, count in routed.items():
+            ex = self.executors.get(executor_id)
+            if ex is not None:
+                ex.routed += count
+
     def table_entries(self) -> list[TableEntry]:
         """The routable executors: ready ones, by id, less local processes that exited.
 

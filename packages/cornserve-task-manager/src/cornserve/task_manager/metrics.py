@@ -53,7 +53,7 @@ def figures_of(manager: TaskManager) -> ManagerFigures:
         task_key=manager.task_key,
         task=type(manager.task).__name__,
         executors=[
-            ExecutorFigures(ex.executor_id, ex.state, ex.in_flight, ex.routed, ex.restarts)
+            ExecutorFigures(ex.executor_id, ex.state, manager.in_flight(ex), ex.routed, ex.restarts)
             for ex in manager.executors.values()
         ],
     )

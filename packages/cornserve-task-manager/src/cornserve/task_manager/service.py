@@ -115,7 +115,7 @@ class TaskManagerService:
                 "malformed ExecutorUsage on %s: %s", msg.subject, exc.errors(include_url=False)[:3]
             )
             return
-        self.manager.usage.record(usage)
+        self.manager.count_table_routes(self.manager.usage.record(usage))
 
     async def _shutdown(self, req: Request) -> None:
         """Stop every executor, reply, then let the process exit (handled inline so the reply is sent first)."""

@@ -25,10 +25,27 @@ class RemoteUsage:
     """The latest report of every live dispatcher replica."""
 
     _reports: dict[str, _Report] = field(default_factory=dict)
+    _routed: dict[str, dict[str, int]] = field(default_factory=dict)
+    """The last cumulative `routed` counts seen from each replica (kept after it goes silent, so a
+    replica that comes back under the same id is not counted twice)."""
 
-    def record(self, usage: ExecutorUsage, now: float | None = None) -> None:
-        """Keep `usage` as its replica's latest report."""
+    def record(self, usage: ExecutorUsage, now: float | None = None) -> dict[str, int]:
+        """Keep `usage` as its replica's latest report; return what it routed since its last one.
+
+        The counts are cumulative per replica; one lower than before means the replica restarted
+        under the same id, so its whole count is new.
+        """
         self._reports[usage.replica_id] = _Report(usage, time.monotonic() if now is None else now)
+        seen = self._routed.setdefault(usage.replica_id, {})
+        new: dict[str, int] = {}
+        for executor_id, count in usage.routed.items():
+            count = max(0, count)
+            before = seen.get(executor_id, 0)
+            delta = count - before if count >= before else count
+            if delta:
+                new[executor_id] = delta
+            seen[executor_id] = count
+        return new
 
     def _live(self, now: float | None = None) -> list[ExecutorUsage]:
         now = time.monotonic() if now is None else now
