@@ -206,7 +206,8 @@ class LocalEndpoint:
         except BaseException:
             self._memory.free(offset)
             raise
-        self._memory.unsent[offset] = time.monotonic()
+        created = time.monotonic()
+        self._memory.unsent[offset] = created
         located = req.model_copy(
             update={
                 "instance": self._me.instance,
@@ -216,7 +217,11 @@ class LocalEndpoint:
         try:
             return await _answer(self._send(located), req.request_id, PUT)
         finally:
-            if offset in self._memory.unsent:  # the send failed before taking the bytes
+            # Free the reservation only if it is still this put's: the send failed before taking the
+            # bytes. Once taken, the block can be released by its consumers and reserved again by
+            # another put or alloc before we get here; that one's entry (a different `created` object)
+            # must not be freed under it (that was a use-after-free: another request's tensor read).
+            if self._memory.unsent.get(offset) is created:
                 self._memory.discard_unsent(offset)
 
 
