@@ -81,7 +81,10 @@ async def test_the_task_managers_collector_reads_its_executors_on_the_loop() -> 
         a=SimpleNamespace(executor_id="a", state="ready", in_flight=2, routed=5, restarts=1)
     )
     executors.readers = set()
-    manager = SimpleNamespace(task_key="k", task=SimpleNamespace(), executors=executors)
+    # in_flight: the manager's own count plus what dispatchers routed from its table (here: 3).
+    manager = SimpleNamespace(
+        task_key="k", task=SimpleNamespace(), executors=executors, in_flight=lambda ex: ex.in_flight + 1
+    )
     metrics.watch_manager(manager)  # type: ignore[arg-type]
     try:
         families = await asyncio.to_thread(lambda: list(metrics.EXECUTORS.collect()))
@@ -90,5 +93,5 @@ async def test_the_task_managers_collector_reads_its_executors_on_the_loop() -> 
     assert executors.readers == {threading.get_ident()}  # the loop's thread, not the scrape thread
     samples = {(s.name, tuple(s.labels.values())): s.value for f in families for s in f.samples}
     assert samples[("cornserve_task_executors", ("k", "SimpleNamespace", "ready"))] == 1
-    assert samples[("cornserve_task_executor_in_flight", ("k", "SimpleNamespace", "a"))] == 2
+    assert samples[("cornserve_task_executor_in_flight", ("k", "SimpleNamespace", "a"))] == 3
     assert samples[("cornserve_task_executor_restarts_total", ("k", "SimpleNamespace", "a"))] == 1
