@@ -50,7 +50,7 @@ class Raw:
 
     async def ask(self, verb: str, body: bytes, payload: bytes = b"") -> tuple[int, bytes]:
         v = verb.encode()
-        self.writer.write(REQUEST_HEAD.pack(len(v), len(body), len(payload)) + v + body + payload)
+        self.writer.write(REQUEST_HEAD.pack(len(v), len(body), len(payload), 0) + v + body + payload)
         head = await asyncio.wait_for(self.reader.readexactly(REPLY_HEAD.size), 10)
         code, n = REPLY_HEAD.unpack(head)
         return code, await asyncio.wait_for(self.reader.readexactly(n), 10)
@@ -127,7 +127,7 @@ async def test_malformed_frames_close_the_connection_and_bad_puts_leak_nothing(s
     info = await _info(a.rank, nats_url)
     raw = await Raw.connect(info.local_socket)
     try:
-        raw.writer.write(REQUEST_HEAD.pack(4, MAX_JSON_BYTES + 1, 0) + b"info")
+        raw.writer.write(REQUEST_HEAD.pack(4, MAX_JSON_BYTES + 1, 0, 0) + b"info")
         assert await asyncio.wait_for(raw.reader.read(), 10) == b""  # closed unread
     finally:
         raw.close()

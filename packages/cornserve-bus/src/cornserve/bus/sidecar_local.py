@@ -7,9 +7,11 @@ each server also listens on a UNIX socket next to its arena and answers the same
 Framing, both directions big-endian:
 
 - On accept the server writes a challenge: ``CHALLENGE_BYTES`` ASCII hex characters.
-- Request: ``REQUEST_HEAD`` (verb length, JSON length, payload length), the verb (ASCII), the JSON
-  body (the verb's pydantic request model, as on NATS), then ``payload length`` raw bytes (only the
-  local-only verb ``put``: a send whose bytes ride along, written into the arena by the server).
+- Request: ``REQUEST_HEAD`` (verb length, JSON length, payload length, trace-context length), the
+  verb (ASCII), the caller's W3C ``traceparent`` (ASCII, empty when it has no span: the NATS
+  header's twin, so one invocation stays one trace), the JSON body (the verb's pydantic request
+  model, as on NATS), then ``payload length`` raw bytes (only the local-only verb ``put``: a send
+  whose bytes ride along, written into the arena by the server).
 - Reply: ``REPLY_HEAD`` (status, JSON length) then the JSON body: status 0 is the verb's reply model,
   anything else an HTTP-like error code with an :class:`~cornserve.bus.schemas.ErrorReply` body.
 
@@ -28,13 +30,15 @@ from pydantic import Field
 
 from cornserve.bus.schemas import WireModel
 
-REQUEST_HEAD = struct.Struct("!BII")
-"""Verb length, JSON length, payload length."""
+REQUEST_HEAD = struct.Struct("!BIIB")
+"""Verb length, JSON length, payload length, trace-context length."""
 REPLY_HEAD = struct.Struct("!HI")
 """Status (0 = success), JSON length."""
 CHALLENGE_BYTES = 64
 """Hex characters of the per-connection challenge the server sends on accept."""
 MAX_VERB_BYTES = 32
+MAX_TRACE_BYTES = 128
+"""A ``traceparent`` is 55 characters; anything longer than this closes the connection."""
 MAX_JSON_BYTES = 1 << 20
 """A longer request or reply body closes the connection unread."""
 MAX_INLINE_BYTES = 1 << 20

@@ -267,7 +267,15 @@ class GraphRunner:
     async def _route(self, position: int, inv: TaskInvocation, state: _Run) -> None:
         with client_span("task.route", _task_attributes(inv, position)):
             await self._route_untraced(position, inv, state)
-            set_attributes({"cornserve.executor_id": state.routed[position].route.executor_id})
+            routed = state.routed[position]
+            set_attributes(
+                {
+                    "cornserve.executor_id": routed.route.executor_id,
+                    # `table`: picked from the task manager's executor table (no tm.route span);
+                    # `task_manager`: asked it with a `route` request.
+                    "cornserve.route_source": "table" if routed.local else "task_manager",
+                }
+            )
 
     async def _route_untraced(self, position: int, inv: TaskInvocation, state: _Run) -> None:
         name, key = inv.task.display_name(), inv.task.deployment_key

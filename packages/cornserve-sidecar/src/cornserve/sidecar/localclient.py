@@ -25,11 +25,13 @@ from cornserve.bus.sidecar_local import (
     CHALLENGE_BYTES,
     HELLO,
     MAX_JSON_BYTES,
+    MAX_TRACE_BYTES,
     OK,
     REPLY_HEAD,
     REQUEST_HEAD,
     LocalHello,
 )
+from cornserve.runtime.tracing import TRACEPARENT, inject_headers
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +138,8 @@ class LocalChannel:
 
 async def _exchange(conn: _Conn, verb: str, body: bytes, payload: bytes | memoryview) -> tuple[int, bytes]:
     v = verb.encode("ascii")
-    conn.writer.write(REQUEST_HEAD.pack(len(v), len(body), len(payload)) + v + body)
+    trace = inject_headers().get(TRACEPARENT, "").encode("ascii")[:MAX_TRACE_BYTES]
+    conn.writer.write(REQUEST_HEAD.pack(len(v), len(body), len(payload), len(trace)) + v + trace + body)
     if len(payload):
         conn.writer.write(payload)
     await conn.writer.drain()

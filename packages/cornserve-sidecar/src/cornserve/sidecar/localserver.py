@@ -34,6 +34,7 @@ from cornserve.bus.sidecar_local import (
     HELLO,
     MAX_INLINE_BYTES,
     MAX_JSON_BYTES,
+    MAX_TRACE_BYTES,
     MAX_VERB_BYTES,
     OK,
     PUT,
@@ -41,6 +42,7 @@ from cornserve.bus.sidecar_local import (
     REQUEST_HEAD,
     LocalHello,
 )
+from cornserve.runtime.tracing import TRACEPARENT, SpanKind, extract_context, span
 from cornserve.sidecar.allocation import ArenaMemory
 from cornserve.sidecar.identity import ServerIdentity
 from cornserve.sidecar.peerauth import PeerKey, new_nonce
@@ -134,26 +136,43 @@ class LocalEndpoint:
         peer: int | None = None  # the authenticated peer rank of this connection
         while True:
             head = await reader.readexactly(REQUEST_HEAD.size)
-            verb_len, json_len, payload_len = REQUEST_HEAD.unpack(head)
-            if verb_len > MAX_VERB_BYTES or json_len > MAX_JSON_BYTES or payload_len > MAX_INLINE_BYTES:
-                raise FrameError(f"frame over the caps ({verb_len}, {json_len}, {payload_len})")
+            verb_len, json_len, payload_len, trace_len = REQUEST_HEAD.unpack(head)
+            if (
+                verb_len > MAX_VERB_BYTES
+                or json_len > MAX_JSON_BYTES
+                or payload_len > MAX_INLINE_BYTES
+                or trace_len > MAX_TRACE_BYTES
+            ):
+                raise FrameError(f"frame over the caps ({verb_len}, {json_len}, {payload_len}, {trace_len})")
             try:
                 verb = (await reader.readexactly(verb_len)).decode("ascii")
+                trace = (await reader.readexactly(trace_len)).decode("ascii")
             except UnicodeDecodeError:
-                raise FrameError("verb is not ASCII") from None
+                raise FrameError("verb or trace context is not ASCII") from None
             body = await reader.readexactly(json_len)
-            if verb == PUT:
-                code, reply = await self._put(body, reader, payload_len)
+            if payload_len and verb != PUT:
+                raise FrameError(f"verb {verb!r} carries no payload")
+            if verb == HELLO:
+                code, reply, peer = self._hello(body, challenge)
             else:
-                if payload_len:
-                    raise FrameError(f"verb {verb!r} carries no payload")
-                if verb == HELLO:
-                    code, reply, peer = self._hello(body, challenge)
+                # The caller's span continues here, as a NATS request's traceparent header does.
+                parent = extract_context({TRACEPARENT: trace}) if trace else None
+                if parent is None:
+                    code, reply = await self._dispatch(verb, body, reader, payload_len, peer)
                 else:
-                    code, reply = await self._call(verb, body, peer)
+                    attributes = {"messaging.system": "unix", "messaging.destination.name": verb}
+                    with span(f"sidecar.{verb}", kind=SpanKind.SERVER, parent=parent, attributes=attributes):
+                        code, reply = await self._dispatch(verb, body, reader, payload_len, peer)
             self.requests += 1
             writer.write(REPLY_HEAD.pack(code, len(reply)) + reply)
             await writer.drain()
+
+    async def _dispatch(
+        self, verb: str, body: bytes, reader: asyncio.StreamReader, payload_len: int, peer: int | None
+    ) -> tuple[int, bytes]:
+        if verb == PUT:
+            return await self._put(body, reader, payload_len)
+        return await self._call(verb, body, peer)
 
     def _hello(self, body: bytes, challenge: str) -> tuple[int, bytes, int | None]:
         try:
