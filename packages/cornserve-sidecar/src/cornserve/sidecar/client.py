@@ -82,7 +82,7 @@ R = TypeVar("R", bound=BaseModel)
 DEFAULT_TIMEOUT_S = 60.0
 REPLY_MARGIN_S = 5.0
 """Extra time a NATS request waits beyond the server-side deadline, so the server's typed error wins."""
-INLINE_SEND_BYTES = 1 << 20
+INLINE_SEND_BYTES = 64 << 10
 """Copy sends up to this size go as one ``put`` over the control socket, their bytes riding along
 (the server writes them into its arena); bigger ones reserve space first and are written here."""
 LOCAL_RETRY_S = 1.0

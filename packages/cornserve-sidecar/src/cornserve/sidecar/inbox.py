@@ -7,6 +7,7 @@ never be readable (source restarted, TTL expired) keep a state so a receive gets
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -70,7 +71,10 @@ class Inbox:
         one whose ``meta.nbytes`` overruns its size is refused with ``bad_request``.
         """
         self.check_peer_deliver(req)
-        self.accept(req, owned_offset=None)
+        if self.accept(req, owned_offset=None):
+            # A receiver is waiting: let it answer its consumer before we ack the source (the consumer's
+            # reply is on the transfer's latency path; the ack is not).
+            await asyncio.sleep(0)
         return self.me.ack(req.request_id)
 
     def check_peer_deliver(self, req: DeliverRequest) -> None:
@@ -96,8 +100,11 @@ class Inbox:
         if loc.arena != expected or loc.node != self.me.node:
             raise bad(f"names arena {loc.arena!r} on node {loc.node!r}, not its source's {expected!r}")
 
-    def accept(self, req: DeliverRequest, owned_offset: int | None) -> None:
-        """Record an announced chunk; ``owned_offset`` is our arena block holding it (TCP arrivals only)."""
+    def accept(self, req: DeliverRequest, owned_offset: int | None) -> bool:
+        """Record an announced chunk; ``owned_offset`` is our arena block holding it (TCP arrivals only).
+
+        Returns whether a receiver waiting for the id was woken.
+        """
         box = self.mailbox.box(req.id)
         if req.location is not None:
             old = box.chunks.get(req.chunk_id)
@@ -122,7 +129,7 @@ class Inbox:
         if req.num_chunks is not None:
             box.num_chunks = req.num_chunks
         self.mailbox.retire_if_finished(req.id)
-        self.mailbox.wake(req.id)
+        return self.mailbox.wake(req.id)
 
     async def on_recv(self, req: RecvRequest) -> RecvReply:
         """Long-poll for a chunk: answers as soon as it is here, or with a typed error at the deadline."""

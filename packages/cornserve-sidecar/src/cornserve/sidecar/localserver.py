@@ -144,12 +144,13 @@ class LocalEndpoint:
                 or trace_len > MAX_TRACE_BYTES
             ):
                 raise FrameError(f"frame over the caps ({verb_len}, {json_len}, {payload_len}, {trace_len})")
+            rest = await reader.readexactly(verb_len + trace_len + json_len)  # one read: fewer loop turns
             try:
-                verb = (await reader.readexactly(verb_len)).decode("ascii")
-                trace = (await reader.readexactly(trace_len)).decode("ascii")
+                verb = rest[:verb_len].decode("ascii")
+                trace = rest[verb_len : verb_len + trace_len].decode("ascii")
             except UnicodeDecodeError:
                 raise FrameError("verb or trace context is not ASCII") from None
-            body = await reader.readexactly(json_len)
+            body = rest[verb_len + trace_len :]
             if payload_len and verb != PUT:
                 raise FrameError(f"verb {verb!r} carries no payload")
             if verb == HELLO:

@@ -77,11 +77,14 @@ class Mailbox:
             while len(self.finished) > FINISHED_MEMORY:
                 self.finished.popitem(last=False)
 
-    def wake(self, id_: str) -> None:
-        """Wake every receiver waiting on ``id_`` so it re-checks the box."""
+    def wake(self, id_: str) -> bool:
+        """Wake every receiver waiting on ``id_`` so it re-checks the box; whether any was waiting."""
+        woken = False
         for fut in self._waiters.pop(id_, set()):
             if not fut.done():
                 fut.set_result(None)
+                woken = True
+        return woken
 
     async def wait_change(self, id_: str, timeout: float) -> bool:
         """Wait until ``id_`` changes or ``timeout`` passes; returns False on timeout."""
@@ -89,7 +92,10 @@ class Mailbox:
         waiters = self._waiters.setdefault(id_, set())
         waiters.add(fut)
         try:
-            await asyncio.wait_for(fut, timeout)
+            # asyncio.timeout, not wait_for: the waiter resumes in the loop turn after the wake (wait_for
+            # adds two more turns on Python 3.11, on the latency path of every receive).
+            async with asyncio.timeout(timeout):
+                await fut
             return True
         except TimeoutError:
             return False

@@ -63,6 +63,10 @@ class Peers:
         """The NATS connection (after start)."""
         return self.connection.get()
 
+    def cached(self, rank: int) -> InfoReply | None:
+        """Info of a destination rank if known without asking (our own is always known)."""
+        return self.own_info() if rank == self.me.rank else self._info.get(rank)
+
     async def info(self, rank: int, deadline: float) -> InfoReply:
         """Info of a destination rank (cached); raises 'unreachable' naming the rank."""
         if rank == self.me.rank:
