@@ -12,10 +12,11 @@ Return types: a torch tensor comes back as a torch tensor, a numpy array as a nu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import mmap
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -70,7 +71,7 @@ from cornserve.sidecar.errors import (
     SidecarUnavailable,
     error_from_kind,
 )
-from cornserve.sidecar.localclient import LocalChannel, LocalErrorReply, LocalUnavailable
+from cornserve.sidecar.localclient import LocalChannel, LocalUnavailable
 from cornserve.sidecar.localsocket import checked_socket_path
 from cornserve.sidecar.loop import LoopRunner, blocking, on_owner_loop
 from cornserve.sidecar.tasks import BackgroundTasks
@@ -238,28 +239,39 @@ class Sidecar:
         if self._nc is None:
             await self._connect()
         assert self._nc is not None
-        local = await self._call_local(verb.value, msg, reply, timeout)
-        if local is not None:
-            return await self._check_instance(verb, local)
-        subject = sidecar_subject(self.rank, verb)
+        with self._typed_errors(verb.value, timeout):
+            result = await self._call_local(verb.value, msg, reply, timeout)
+            if result is None:
+                result = await request(self._nc, sidecar_subject(self.rank, verb), msg, reply, timeout)
+        return await self._check_instance(verb, result)
+
+    @contextlib.contextmanager
+    def _typed_errors(self, verb: str, timeout: float) -> Iterator[None]:
+        """Turn a failed request to our server into a typed error, whichever transport carried it.
+
+        The control socket reports failures as the bus's own types (`localclient`), so NATS and the
+        socket share this one mapping.
+        """
         try:
-            result = await request(self._nc, subject, msg, reply, timeout)
-        except NoResponders:
+            yield
+        except NoResponders as exc:
             raise SidecarUnavailable(
-                f"sidecar rank {self.rank} is not running (no responders on {subject})", rank=self.rank
+                f"sidecar rank {self.rank} is not running (no responders on {exc.subject})", rank=self.rank
             ) from None
         except RequestTimeout:
             raise SidecarTimeout(
-                f"sidecar rank {self.rank} did not answer {verb.value} within {timeout:.3f}s"
+                f"sidecar rank {self.rank} did not answer {verb} within {timeout:.3f}s"
             ) from None
         except ServiceErrorReply as exc:
             raise error_from_kind(exc.error.error, exc.error.message, exc.error.details) from None
-        return await self._check_instance(verb, result)
 
     async def _call_local(
         self, verb: str, msg: BaseModel, reply: type[R], timeout: float, payload: memoryview | None = None
     ) -> R | None:
-        """Ask over the control socket; None when it is unavailable (the caller uses NATS)."""
+        """Ask over the control socket; None when it is unavailable (the caller uses NATS).
+
+        A reply's error or a missed deadline raises the bus's types (see :meth:`_typed_errors`).
+        """
         local = self._local
         if local is None:
             local = self._reopen_local()
@@ -275,12 +287,6 @@ class Sidecar:
                 self._local = None
                 self._local_retry_at = time.monotonic() + LOCAL_RETRY_S
             return None
-        except TimeoutError:
-            raise SidecarTimeout(
-                f"sidecar rank {self.rank} did not answer {verb} within {timeout:.3f}s"
-            ) from None
-        except LocalErrorReply as exc:
-            raise error_from_kind(exc.error.error, exc.error.message, exc.error.details) from None
 
     def _reopen_local(self) -> LocalChannel | None:
         """After a socket failure, try the known socket again (at most every ``LOCAL_RETRY_S``).
@@ -417,9 +423,10 @@ class Sidecar:
                         notify_released=notify_released,
                     )
                     set_attributes({"cornserve.bytes": meta.nbytes})
-                    put = await self._call_local(
-                        PUT, msg, SidecarAck, timeout + REPLY_MARGIN_S, encoded.raw()
-                    )
+                    with self._typed_errors(PUT, timeout + REPLY_MARGIN_S):
+                        put = await self._call_local(
+                            PUT, msg, SidecarAck, timeout + REPLY_MARGIN_S, encoded.raw()
+                        )
                     if put is not None:
                         await self._check_instance(SidecarVerb.SEND, put)
                         return

@@ -5,7 +5,8 @@ carries one request at a time; idle ones are pooled, and a request that finds no
 so a long-waiting ``recv`` never delays a ``send``. Any failure of the socket itself (the server is
 gone, restarted, or closed the connection) is :class:`LocalUnavailable`, after which callers use
 NATS, which reaches whatever instance now serves the rank; a reply's error is
-:class:`LocalErrorReply`. Every request has a deadline; a connection whose request timed out is
+:class:`LocalErrorReply` (a :class:`ServiceErrorReply`, as over NATS), and a missed deadline the
+bus's :class:`RequestTimeout`. Every request has a deadline; a connection whose request timed out is
 closed (its late reply must not answer the next request).
 """
 
@@ -19,6 +20,7 @@ from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from cornserve.bus.micro import RequestTimeout, ServiceErrorReply
 from cornserve.bus.schemas import ErrorReply
 from cornserve.bus.sidecar import SidecarAck
 from cornserve.bus.sidecar_local import (
@@ -48,13 +50,14 @@ class LocalUnavailable(Exception):
     """The socket failed (connect refused, closed mid-request, garbled reply): fall back to NATS."""
 
 
-class LocalErrorReply(Exception):
-    """The server answered with a typed error."""
+class LocalErrorReply(ServiceErrorReply):
+    """The server answered with a typed error: a :class:`ServiceErrorReply`, as over NATS.
 
-    def __init__(self, code: int, error: ErrorReply) -> None:
-        super().__init__(f"{error.error} ({code}): {error.message}")
-        self.code = code
-        self.error = error
+    So callers map a server's error once, whichever transport carried it (`client`, `peers`).
+    """
+
+    def __init__(self, path: Path, code: int, error: ErrorReply) -> None:
+        super().__init__(str(path), str(code), error)
 
 
 class _Conn:
@@ -78,7 +81,7 @@ class LocalChannel:
     async def call(
         self, verb: str, msg: BaseModel, reply: type[R], timeout: float, payload: bytes | memoryview = b""
     ) -> R:
-        """One request; raises :class:`TimeoutError` at ``timeout`` (the caller names what timed out)."""
+        """One request; raises the bus's :class:`RequestTimeout` at ``timeout``, as a NATS request would."""
         if self._closed:
             raise LocalUnavailable(f"channel to {self.path} is closed")
         conn: _Conn | None = None
@@ -89,7 +92,7 @@ class LocalChannel:
         except TimeoutError:
             if conn is not None:
                 conn.close()
-            raise
+            raise RequestTimeout(f"{self.path} ({verb})", timeout) from None
         except (OSError, asyncio.IncompleteReadError, LocalUnavailable) as exc:
             if conn is not None:
                 conn.close()
@@ -101,7 +104,7 @@ class LocalChannel:
         self._release(conn)
         try:
             if code != OK:
-                raise LocalErrorReply(code, ErrorReply.model_validate_json(body))
+                raise LocalErrorReply(self.path, code, ErrorReply.model_validate_json(body))
             return reply.model_validate_json(body)
         except ValidationError as exc:
             raise LocalUnavailable(f"control socket {self.path}: malformed reply: {exc}") from None

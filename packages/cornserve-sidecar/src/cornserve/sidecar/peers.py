@@ -23,7 +23,7 @@ from cornserve.bus.sidecar_local import LocalHello
 from cornserve.bus.subjects import SidecarVerb, sidecar_subject
 from cornserve.sidecar.after_start import AfterStart
 from cornserve.sidecar.identity import ServerIdentity
-from cornserve.sidecar.localclient import LocalChannel, LocalErrorReply, LocalUnavailable
+from cornserve.sidecar.localclient import LocalChannel, LocalUnavailable
 from cornserve.sidecar.localsocket import checked_socket_path
 from cornserve.sidecar.peerauth import PeerKey
 from cornserve.sidecar.tasks import BackgroundTasks
@@ -88,28 +88,18 @@ class Peers:
         hop); if the socket fails, over NATS, which reaches whatever instance serves the rank now.
         """
         timeout = max(0.001, min(PEER_TIMEOUT_S, deadline - time.monotonic()))
-        channel = self._channel(rank)
-        if channel is not None:
-            try:
-                return await channel.call(verb.value, msg, reply, timeout)
-            except LocalUnavailable as exc:
-                logger.info("control socket of rank %d failed (%s); using NATS", rank, exc)
-                self._drop_channel(rank)
-            except TimeoutError:
-                raise ServiceFault(
-                    504,
-                    "unreachable",
-                    f"destination sidecar rank {rank} did not answer within {timeout:.3f}s",
-                    rank=rank,
-                ) from None
-            except LocalErrorReply as exc:
-                raise ServiceFault(
-                    exc.code, exc.error.error, exc.error.message, **exc.error.details
-                ) from None
-            timeout = max(0.001, min(PEER_TIMEOUT_S, deadline - time.monotonic()))
         try:
+            channel = self._channel(rank)
+            if channel is not None:
+                try:
+                    return await channel.call(verb.value, msg, reply, timeout)
+                except LocalUnavailable as exc:
+                    logger.info("control socket of rank %d failed (%s); using NATS", rank, exc)
+                    self._drop_channel(rank)
+                timeout = max(0.001, min(PEER_TIMEOUT_S, deadline - time.monotonic()))
             return await request(self.nc, sidecar_subject(rank, verb), msg, reply, timeout)
         except (NoResponders, RequestTimeout) as exc:
+            # One mapping for both transports (the socket reports the bus's own types, `localclient`).
             self._info.pop(rank, None)  # it may come back elsewhere: ask again next time
             self._drop_channel(rank)
             if isinstance(exc, NoResponders):
