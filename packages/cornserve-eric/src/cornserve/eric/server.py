@@ -323,15 +323,20 @@ class EricServer:
             dtype=dtype_name(tensor.dtype),
         )
         timeout = self.config.send_timeout_s
-        for chunk_id, data in (
-            (EMBEDDING_TENSOR_CHUNK, tensor),
-            (EMBEDDING_META_CHUNK, meta.model_dump(mode="json")),
-        ):
-            await self.sidecar.send(
-                data,
-                item.forward_id,
-                item.dst_sidecar_ranks,
-                chunk_id=chunk_id,
-                num_chunks=EMBEDDING_NUM_CHUNKS,
-                timeout=timeout,
+        # Both chunks at once: the LLM waits for both, so one round trip to the sidecar instead of two.
+        await asyncio.gather(
+            *(
+                self.sidecar.send(
+                    data,
+                    item.forward_id,
+                    item.dst_sidecar_ranks,
+                    chunk_id=chunk_id,
+                    num_chunks=EMBEDDING_NUM_CHUNKS,
+                    timeout=timeout,
+                )
+                for chunk_id, data in (
+                    (EMBEDDING_TENSOR_CHUNK, tensor),
+                    (EMBEDDING_META_CHUNK, meta.model_dump(mode="json")),
+                )
             )
+        )
