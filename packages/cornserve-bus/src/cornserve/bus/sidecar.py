@@ -105,7 +105,11 @@ class StatsRequest(RequestBase):
 
 
 class ArenaUsage(WireModel):
-    """How full a server's arena is; ``used_bytes == 0`` means nothing is leaked."""
+    """How full a server's arena is; ``used_bytes == 0`` means nothing is leaked.
+
+    ``used_bytes + spare_bytes + free_bytes == arena_bytes``: clients' spare reservations (see
+    `AllocRequest.spare`) are counted apart, since a live client keeps them on purpose.
+    """
 
     arena_bytes: int
     used_bytes: int
@@ -113,6 +117,9 @@ class ArenaUsage(WireModel):
     largest_free_block: int
     free_blocks: int
     allocations: int
+    """Blocks allocated now, spare reservations not included."""
+    spare_bytes: int = 0
+    """Bytes clients reserved ahead for their next send (`AllocRequest.spare`), not yet used."""
 
 
 class StatsReply(ArenaUsage):
@@ -124,6 +131,9 @@ class StatsReply(ArenaUsage):
     held_entries: int
     mailbox_entries: int
     pending_allocs: int
+    """Allocations handed to clients and not yet sent or freed, spare reservations not included."""
+    spare_allocs: int = 0
+    """Spare reservations clients hold now (`AllocRequest.spare`); freed when their client closes."""
     expired_total: int
     lost_total: int
     dropped_total: int = 0
@@ -141,6 +151,10 @@ class AllocRequest(RequestBase):
 
     size: int = Field(ge=0)
     timeout: float = Field(gt=0)
+    spare: bool = False
+    """Reserved ahead, for the client's next copy send of this size (so that send needs no ``alloc``
+    round trip); the server reports it apart (``spare_bytes``) and reclaims it after the TTL like any
+    unsent allocation."""
 
 
 class AllocReply(WireModel):

@@ -28,6 +28,8 @@ class ArenaMemory:
         self._arena = AfterStart[Arena]("arena")
         self.unsent: dict[int, float] = {}
         """Offsets handed to clients by ``alloc`` and not yet sent or freed, with when."""
+        self.spares: dict[int, int] = {}
+        """The unsent offsets that clients reserved ahead (``AllocRequest.spare``), with their block sizes."""
         self._freed = asyncio.Event()
 
     def open(self, arena: Arena) -> None:
@@ -90,16 +92,25 @@ class ArenaMemory:
     def take_unsent(self, offset: int) -> None:
         """A reservation is being sent: it is no longer the client's to free."""
         del self.unsent[offset]
+        self.spares.pop(offset, None)
 
     def discard_unsent(self, offset: int) -> None:
         """Forget a reservation and free its bytes."""
         del self.unsent[offset]
+        self.spares.pop(offset, None)
         self.free(offset)
+
+    @property
+    def spare_bytes(self) -> int:
+        """Bytes of the spare reservations held now (a handful per client)."""
+        return sum(self.spares.values())
 
     async def on_alloc(self, req: AllocRequest) -> AllocReply:
         """Reserve space a producer will write into (copy-in or ``Sidecar.alloc_tensor``)."""
         offset = await self.allocate(req.size, req.timeout)
         self.unsent[offset] = time.monotonic()
+        if req.spare:
+            self.spares[offset] = self.alloc.size_of(offset)
         return AllocReply(
             request_id=req.request_id,
             instance=self._me.instance,

@@ -58,7 +58,7 @@ from cornserve.runtime.nats import connect_nats
 from cornserve.runtime.natsstop import current_budget
 from cornserve.runtime.settings import nats_creds_from_env, nats_url_from_env
 from cornserve.runtime.tracing import client_span, set_attributes
-from cornserve.sidecar import gpu, gpu_ipc, gpu_nccl
+from cornserve.sidecar import gpu, gpu_ipc, gpu_nccl, spares
 from cornserve.sidecar.arena import map_arena
 from cornserve.sidecar.codec import decode, encode, torch_dtype, torch_dtype_name
 from cornserve.sidecar.errors import (
@@ -74,6 +74,7 @@ from cornserve.sidecar.errors import (
 from cornserve.sidecar.localclient import LocalChannel, LocalUnavailable
 from cornserve.sidecar.localsocket import checked_socket_path
 from cornserve.sidecar.loop import LoopRunner, blocking, on_owner_loop
+from cornserve.sidecar.spares import Spare, Spares
 from cornserve.sidecar.tasks import BackgroundTasks
 
 logger = logging.getLogger(__name__)
@@ -86,6 +87,8 @@ REPLY_MARGIN_S = 5.0
 INLINE_SEND_BYTES = 64 << 10
 """Copy sends up to this size go as one ``put`` over the control socket, their bytes riding along
 (the server writes them into its arena); bigger ones reserve space first and are written here."""
+SPARE_FREE_TIMEOUT_S = 2.0
+"""Bound on giving back one spare reservation (and on waiting for reservations under way, at close)."""
 LOCAL_RETRY_S = 1.0
 """After the control socket failed, calls use NATS for this long before trying the socket again."""
 
@@ -119,6 +122,7 @@ class Sidecar:
         *,
         timeout: float = DEFAULT_TIMEOUT_S,
         nats_creds: Path | None = None,
+        keep_spares: bool = True,
     ) -> None:
         if rank < 0:
             raise ValueError(f"rank must be >= 0, got {rank}")
@@ -148,6 +152,10 @@ class Sidecar:
         self._watched: dict[str, _ReleaseWatch] = {}
         """Ids whose chunk releases a stream writer waits for (`watch_releases`)."""
         self._gpu_tasks = BackgroundTasks(logger, "NCCL send")
+        self._keep_spares = keep_spares
+        """Reserve the next block after a copy send of a size (`spares`); False: every send allocates."""
+        self._spares = Spares()
+        self._spare_tasks = BackgroundTasks(logger, "spare reservation")
         self._closed = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -207,6 +215,7 @@ class Sidecar:
     async def close(self) -> None:
         """Close the NATS connection and stop the client's loop thread (idempotent)."""
         if not self._closed:
+            await self._release_spares()
             if self._nc is not None:  # bounded, also when NATS is gone (cornserve.runtime.natsstop)
                 await current_budget("sidecar client").close(self._nc)
                 self._nc = None
@@ -430,16 +439,22 @@ class Sidecar:
                     if put is not None:
                         await self._check_instance(SidecarVerb.SEND, put)
                         return
-                reply = await self._call(
-                    SidecarVerb.ALLOC,
-                    AllocRequest(size=meta.nbytes, timeout=timeout),
-                    AllocReply,
-                    timeout + REPLY_MARGIN_S,
-                )
-                region = _Region(reply.instance, reply.offset, meta.nbytes)
+                spare, stale = self._spares.take(meta.nbytes, self._info.instance, self._info.ttl_s)
+                for old in stale:
+                    self._spare_tasks.spawn(self._free_spare(old))
+                if spare is not None:  # reserved after an earlier send of this size: no round trip
+                    region = _Region(spare.instance, spare.offset, meta.nbytes)
+                else:
+                    reply = await self._call(
+                        SidecarVerb.ALLOC,
+                        AllocRequest(size=meta.nbytes, timeout=timeout),
+                        AllocReply,
+                        timeout + REPLY_MARGIN_S,
+                    )
+                    region = _Region(reply.instance, reply.offset, meta.nbytes)
                 assert self._own_view is not None
                 try:
-                    encoded.write_into(self._own_view, reply.offset)
+                    encoded.write_into(self._own_view, region.offset)
                 except BaseException:
                     await self._call(
                         SidecarVerb.FREE,
@@ -472,6 +487,56 @@ class Sidecar:
                 notify_released=notify_released,
             )
             await self._call(SidecarVerb.SEND, msg, SidecarAck, timeout + REPLY_MARGIN_S)
+            if encoded is not None:
+                self._keep_spare(meta.nbytes)
+
+    # ------------------------------------------------------------------ spare reservations (`spares`)
+
+    def _keep_spare(self, size: int) -> None:
+        """After a copy send of ``size``: reserve the next block of that size in the background."""
+        if not self._keep_spares or self._closed or self._info is None:
+            return
+        if not self._spares.wants(size, self._info.arena_bytes):
+            return
+        self._spares.reserving(size)
+        self._spare_tasks.spawn(self._reserve_spare(size))
+
+    async def _reserve_spare(self, size: int) -> None:
+        spare: Spare | None = None
+        try:
+            reply = await self._call(
+                SidecarVerb.ALLOC,
+                AllocRequest(size=size, timeout=spares.RESERVE_TIMEOUT_S, spare=True),
+                AllocReply,
+                spares.RESERVE_TIMEOUT_S + REPLY_MARGIN_S,
+            )
+            spare = Spare(reply.instance, reply.offset, size)
+        except SidecarError as exc:  # no room now, or the server is gone: the next send allocates
+            logger.debug("no spare of %d bytes reserved on sidecar rank %d: %s", size, self.rank, exc)
+        finally:
+            kept = self._spares.reserved(spare, size)
+        if spare is not None and not kept:
+            await self._free_spare(spare)
+
+    async def _free_spare(self, spare: Spare) -> None:
+        """Give a spare back (one of a previous server instance went with it)."""
+        if self._info is None or spare.instance != self._info.instance:
+            return
+        try:
+            await self._call(
+                SidecarVerb.FREE,
+                FreeRequest(instance=spare.instance, offset=spare.offset),
+                SidecarAck,
+                min(self.timeout, SPARE_FREE_TIMEOUT_S),
+            )
+        except SidecarError as exc:  # the TTL reclaims it
+            logger.info("spare at offset %d of sidecar rank %d not freed: %s", spare.offset, self.rank, exc)
+
+    async def _release_spares(self) -> None:
+        """At close: let reservations under way end, then free every spare (bounded)."""
+        await self._spare_tasks.settle(SPARE_FREE_TIMEOUT_S)
+        for spare in self._spares.drain():
+            await self._free_spare(spare)
 
     def _zero_copy_region(self, data: Any) -> _Region | None:
         """Return the arena region a tensor from :meth:`alloc_tensor` occupies, if it can be sent as is."""

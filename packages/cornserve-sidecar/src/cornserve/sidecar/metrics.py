@@ -60,7 +60,8 @@ class ArenaCollector(Collector):
         families: list[GaugeMetricFamily | CounterMetricFamily] = []
         for name, doc, value in (
             ("cornserve_sidecar_arena_bytes", "Size of this rank's shared-memory arena.", stats.arena_bytes),
-            ("cornserve_sidecar_arena_used_bytes", "Arena bytes allocated now.", stats.used_bytes),
+            ("cornserve_sidecar_arena_used_bytes", "Arena bytes allocated now (spare reservations apart).", stats.used_bytes),
+            ("cornserve_sidecar_arena_spare_bytes", "Arena bytes clients reserved ahead for their next send.", stats.spare_bytes),
             ("cornserve_sidecar_arena_allocations", "Allocations in the arena now.", stats.allocations),
             ("cornserve_sidecar_held_chunks", "Chunks held for destinations that have not released them.", stats.held_entries),
             ("cornserve_sidecar_mailbox_chunks", "Chunks delivered here and not yet received.", stats.mailbox_entries),

@@ -337,15 +337,22 @@ class SidecarServer:
     def stats(self, request_id: str = "") -> StatsReply:
         """Arena usage and counters, now (also what the metrics port reports)."""
         usage = ArenaUsage.model_validate(self.memory.alloc, from_attributes=True)
+        spare_bytes, spare_allocs = self.memory.spare_bytes, len(self.memory.spares)
+        counted = {  # clients' spare reservations are reported apart (`cornserve.sidecar.spares`)
+            "used_bytes": usage.used_bytes - spare_bytes,
+            "allocations": usage.allocations - spare_allocs,
+            "spare_bytes": spare_bytes,
+        }
         return StatsReply(
-            **usage.model_dump(),
+            **(usage.model_dump() | counted),
+            spare_allocs=spare_allocs,
             **asdict(self.counters),
             request_id=request_id,
             rank=self.rank,
             instance=self.instance,
             held_entries=len(self.holdings.held),
             mailbox_entries=self.inbox.mailbox.slot_count(),
-            pending_allocs=len(self.memory.unsent),
+            pending_allocs=len(self.memory.unsent) - spare_allocs,
             known_peers={str(r): i for r, i in self.peers.instances.items()},
             sent_by_path=dict(self.outbox.sent_by_path),
             socket_requests=self._local.requests if self._local is not None else 0,

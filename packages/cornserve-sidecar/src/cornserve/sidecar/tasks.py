@@ -32,6 +32,12 @@ class BackgroundTasks:
         if not task.cancelled() and task.exception() is not None:
             self._logger.error("%s failed", self._what, exc_info=task.exception())
 
+    async def settle(self, timeout: float) -> None:
+        """Let the running tasks finish for up to ``timeout`` seconds, then cancel what is left."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout)
+        await self.close()
+
     async def close(self) -> None:
         """Cancel every task still running and wait until they all ended."""
         for task in list(self._tasks):
