@@ -16,10 +16,21 @@ import pytest
 import torch
 
 from cornserve.bus.schemas import ErrorReply
-from cornserve.bus.sidecar import DataMeta, DeliverRequest, InfoReply, Location, SendRequest, SidecarAck
+from cornserve.bus.sidecar import (
+    DataMeta,
+    DeliverRequest,
+    InfoReply,
+    Location,
+    SendRequest,
+    SidecarAck,
+    StatsReply,
+    StatsRequest,
+)
 from cornserve.bus.sidecar_local import (
     CHALLENGE_BYTES,
     MAX_JSON_BYTES,
+    OK,
+    ONE_WAY,
     PUT,
     REPLY_HEAD,
     REQUEST_HEAD,
@@ -74,7 +85,8 @@ async def test_socket_is_owner_only_and_removed_at_stop(sidecars, nats_url):
 async def test_same_node_sends_go_over_the_socket_not_nats(sidecars, nats_url, stats_of, arenas_empty):
     a, b = await sidecars(2)
     before = await stats_of([a.rank, b.rank])
-    async with Sidecar(a.rank, nats_url) as src, Sidecar(b.rank, nats_url) as dst:
+    # No spare reservations: the count of the source's requests below is exact.
+    async with Sidecar(a.rank, nats_url, keep_spares=False) as src, Sidecar(b.rank, nats_url) as dst:
         small = np.arange(256, dtype=np.float32)  # inline: one `put` carries the bytes
         big = torch.arange(2 * 1024 * 1024 // 4, dtype=torch.float32)  # reserve, write, send
         await src.send(small, "small", [[b.rank]])
@@ -83,12 +95,31 @@ async def test_same_node_sends_go_over_the_socket_not_nats(sidecars, nats_url, s
         assert torch.equal(await dst.recv("big"), big)
         await dst.mark_done("small")
         await dst.mark_done("big")
+    await arenas_empty([a.rank, b.rank])
     after = await stats_of([a.rank, b.rank])
-    # put + alloc + send on the source; deliver x2 from the source, recv x2 + done x2 on the destination
-    assert after[a.rank].socket_requests - before[a.rank].socket_requests >= 3
+    # put + alloc + send on the source, and the destination's two releases (one-way, although this
+    # destination never sent to the source); deliver x2 from the source, recv x2 + done x2 on the
+    # destination
+    assert after[a.rank].socket_requests - before[a.rank].socket_requests >= 5
     assert after[b.rank].socket_requests - before[b.rank].socket_requests >= 6
     assert after[a.rank].sent_by_path.get("shm") == 2
-    await arenas_empty([a.rank, b.rank])
+
+
+async def test_a_one_way_request_gets_no_answer_and_the_connection_goes_on(sidecars, nats_url, stats_of):
+    (a,) = await sidecars(1)
+    info = await _info(a.rank, nats_url)
+    raw = await Raw.connect(info.local_socket)
+    try:
+        v = b"stats"
+        for body in (b"{not json", StatsRequest(request_id="one-way").model_dump_json().encode()):
+            raw.writer.write(REQUEST_HEAD.pack(len(v) | ONE_WAY, len(body), 0, 0) + v + body)
+        code, body = await raw.ask("stats", StatsRequest(request_id="answered").model_dump_json().encode())
+        # The first reply on the connection answers the third request: the one-way ones got none
+        # (the malformed one is only logged).
+        assert code == OK and StatsReply.model_validate_json(body).request_id == "answered"
+    finally:
+        raw.close()
+    assert (await stats_of([a.rank]))[a.rank].socket_requests >= 3
 
 
 async def test_peer_verbs_need_the_peer_secret(sidecars, nats_url, stats_of):

@@ -14,6 +14,9 @@ Framing, both directions big-endian:
   whose bytes ride along, written into the arena by the server).
 - Reply: ``REPLY_HEAD`` (status, JSON length) then the JSON body: status 0 is the verb's reply model,
   anything else an HTTP-like error code with an :class:`~cornserve.bus.schemas.ErrorReply` body.
+- A request whose verb-length byte has the :data:`ONE_WAY` bit set gets no reply at all (the sender
+  does not wait; the server logs a failure instead). Servers send a peer's ``release`` this way:
+  its answer never changed anything, and it cost a write and a wake-up per transfer.
 
 A connection carries one request at a time (clients keep a pool). Peer servers open a connection
 with a ``hello`` proving the cluster's peer secret (:class:`LocalHello`) before peer verbs
@@ -32,6 +35,8 @@ from cornserve.bus.schemas import WireModel
 
 REQUEST_HEAD = struct.Struct("!BIIB")
 """Verb length, JSON length, payload length, trace-context length."""
+ONE_WAY = 0x80
+"""Set in a request's verb-length byte: no reply (verbs are at most ``MAX_VERB_BYTES`` < 0x80 long)."""
 REPLY_HEAD = struct.Struct("!HI")
 """Status (0 = success), JSON length."""
 CHALLENGE_BYTES = 64

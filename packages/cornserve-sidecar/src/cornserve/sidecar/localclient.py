@@ -29,6 +29,7 @@ from cornserve.bus.sidecar_local import (
     MAX_JSON_BYTES,
     MAX_TRACE_BYTES,
     OK,
+    ONE_WAY,
     REPLY_HEAD,
     REQUEST_HEAD,
     LocalHello,
@@ -109,6 +110,34 @@ class LocalChannel:
         except ValidationError as exc:
             raise LocalUnavailable(f"control socket {self.path}: malformed reply: {exc}") from None
 
+    async def tell(self, verb: str, msg: BaseModel, timeout: float) -> None:
+        """One request without a reply (`ONE_WAY`): returns once it is written; no answer is read.
+
+        Raises :class:`LocalUnavailable` if the socket failed and the bus's :class:`RequestTimeout`
+        at ``timeout`` (a connection is opened if none is idle).
+        """
+        if self._closed:
+            raise LocalUnavailable(f"channel to {self.path} is closed")
+        conn: _Conn | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                conn = self._idle.pop() if self._idle else await self._open()
+                _write(conn, verb, msg.model_dump_json().encode(), b"", one_way=True)
+                await conn.writer.drain()
+        except TimeoutError:
+            if conn is not None:
+                conn.close()
+            raise RequestTimeout(f"{self.path} ({verb})", timeout) from None
+        except (OSError, asyncio.IncompleteReadError, LocalUnavailable) as exc:
+            if conn is not None:
+                conn.close()
+            raise LocalUnavailable(f"control socket {self.path}: {exc!r}") from None
+        except BaseException:
+            if conn is not None:
+                conn.close()
+            raise
+        self._release(conn)
+
     async def _open(self) -> _Conn:
         reader, writer = await asyncio.open_unix_connection(str(self.path))
         conn = _Conn(reader, writer)
@@ -139,12 +168,17 @@ class LocalChannel:
         self._idle.clear()
 
 
-async def _exchange(conn: _Conn, verb: str, body: bytes, payload: bytes | memoryview) -> tuple[int, bytes]:
+def _write(conn: _Conn, verb: str, body: bytes, payload: bytes | memoryview, one_way: bool = False) -> None:
     v = verb.encode("ascii")
     trace = inject_headers().get(TRACEPARENT, "").encode("ascii")[:MAX_TRACE_BYTES]
-    conn.writer.write(REQUEST_HEAD.pack(len(v), len(body), len(payload), len(trace)) + v + trace + body)
+    verb_len = len(v) | (ONE_WAY if one_way else 0)
+    conn.writer.write(REQUEST_HEAD.pack(verb_len, len(body), len(payload), len(trace)) + v + trace + body)
     if len(payload):
         conn.writer.write(payload)
+
+
+async def _exchange(conn: _Conn, verb: str, body: bytes, payload: bytes | memoryview) -> tuple[int, bytes]:
+    _write(conn, verb, body, payload)
     await conn.writer.drain()
     head = await conn.reader.readexactly(REPLY_HEAD.size)
     code, n = REPLY_HEAD.unpack(head)

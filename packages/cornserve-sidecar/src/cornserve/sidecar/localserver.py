@@ -37,6 +37,7 @@ from cornserve.bus.sidecar_local import (
     MAX_TRACE_BYTES,
     MAX_VERB_BYTES,
     OK,
+    ONE_WAY,
     PUT,
     REPLY_HEAD,
     REQUEST_HEAD,
@@ -137,6 +138,8 @@ class LocalEndpoint:
         while True:
             head = await reader.readexactly(REQUEST_HEAD.size)
             verb_len, json_len, payload_len, trace_len = REQUEST_HEAD.unpack(head)
+            one_way = bool(verb_len & ONE_WAY)
+            verb_len &= ~ONE_WAY
             if (
                 verb_len > MAX_VERB_BYTES
                 or json_len > MAX_JSON_BYTES
@@ -165,6 +168,10 @@ class LocalEndpoint:
                     with span(f"sidecar.{verb}", kind=SpanKind.SERVER, parent=parent, attributes=attributes):
                         code, reply = await self._dispatch(verb, body, reader, payload_len, peer)
             self.requests += 1
+            if one_way:  # nobody waits for this answer: a failure is only ours to report
+                if code != OK:
+                    logger.warning("local socket: one-way %s failed (%d): %s", verb, code, reply[:300])
+                continue
             writer.write(REPLY_HEAD.pack(code, len(reply)) + reply)
             await writer.drain()
 

@@ -126,9 +126,23 @@ class Peers:
         self.background.spawn(self._tell(rank, verb, msg, what))
 
     async def _tell(self, rank: int, verb: SidecarVerb, msg: BaseModel, what: str) -> None:
+        """Over a same-node peer's control socket without waiting for an answer (`ONE_WAY`), else NATS.
+
+        The peer's info is fetched (once, then cached) even when only told things: a destination
+        that never sent to its source would otherwise tell it every release over NATS.
+        """
         try:
+            await self.info(rank, time.monotonic() + PEER_TIMEOUT_S)
+            channel = self._channel(rank)
+            if channel is not None:
+                try:
+                    await channel.tell(verb.value, msg, PEER_TIMEOUT_S)
+                    return
+                except LocalUnavailable as exc:
+                    logger.info("control socket of rank %d failed (%s); using NATS", rank, exc)
+                    self._drop_channel(rank)
             await self.request(rank, verb, msg, SidecarAck, time.monotonic() + PEER_TIMEOUT_S)
-        except ServiceFault as exc:
+        except (ServiceFault, RequestTimeout) as exc:
             logger.warning("%s to rank %d failed: %s", what, rank, exc)
 
     def _channel(self, rank: int) -> LocalChannel | None:
