@@ -91,7 +91,7 @@ async def consume(ctx: ExecutorContext, invocation: TaskInvocation) -> SumOutput
     inp = invocation.task_input
     assert isinstance(inp, ConsumeInput)
     x = await ctx.sidecar.recv(inp.x.id, copy=True)
-    await ctx.sidecar.mark_done(inp.x.id)
+    await ctx.sidecar.mark_done(inp.x.id, wait=False)  # a private copy: release without waiting
     return SumOutput(sum=float(x.sum()))
 
 

@@ -37,7 +37,7 @@ from cornserve.bus.sidecar_local import (
     LocalHello,
 )
 from cornserve.sidecar import Sidecar
-from cornserve.sidecar.errors import MemoryPressure
+from cornserve.sidecar.errors import MemoryPressure, SidecarError
 from cornserve.sidecar.localclient import LocalChannel, LocalErrorReply
 from cornserve.sidecar.peerauth import PeerKey
 
@@ -245,3 +245,20 @@ async def test_a_put_waits_for_room_then_fails_or_proceeds_and_leaks_nothing(
         assert torch.equal(await dst.recv("p-wait", timeout=5), small)
         await dst.mark_done("p-wait")
     await arenas_empty([a.rank, b.rank])
+
+
+async def test_mark_done_without_waiting_frees_and_never_raises(sidecars, nats_url, stats_of, arenas_empty):
+    a, b = await sidecars(2)
+    async with Sidecar(a.rank, nats_url) as src, Sidecar(b.rank, nats_url) as dst:
+        for k in range(3):
+            await src.send(torch.full((1024,), float(k)), f"nw-{k}", [[b.rank]])
+            got = await dst.recv(f"nw-{k}", copy=True)
+            await dst.mark_done(f"nw-{k}", wait=False)  # written, not answered
+            assert torch.equal(got, torch.full((1024,), float(k)))
+        # An unknown id: the server logs it; the caller, who did not wait, gets nothing raised.
+        await dst.mark_done("never-sent", wait=False)
+        with pytest.raises(SidecarError):
+            await dst.mark_done("never-sent")  # the waited form still says so
+    await arenas_empty([a.rank, b.rank])
+    stats = (await stats_of([b.rank]))[b.rank]
+    assert stats.mailbox_entries == 0

@@ -289,13 +289,16 @@ class Sidecar:
         try:
             return await local.call(verb, msg, reply, timeout, payload if payload is not None else b"")
         except LocalUnavailable as exc:
-            # The server stopped or restarted: NATS reaches whichever instance serves the rank now.
-            logger.info("control socket of sidecar rank %d failed (%s); using NATS", self.rank, exc)
-            if self._local is local:
-                local.close()
-                self._local = None
-                self._local_retry_at = time.monotonic() + LOCAL_RETRY_S
+            self._local_failed(local, exc)
             return None
+
+    def _local_failed(self, local: LocalChannel, exc: LocalUnavailable) -> None:
+        """The control socket failed: use NATS, which reaches whichever instance serves the rank now."""
+        logger.info("control socket of sidecar rank %d failed (%s); using NATS", self.rank, exc)
+        if self._local is local:
+            local.close()
+            self._local = None
+            self._local_retry_at = time.monotonic() + LOCAL_RETRY_S
 
     def _reopen_local(self) -> LocalChannel | None:
         """After a socket failure, try the known socket again (at most every ``LOCAL_RETRY_S``).
@@ -857,11 +860,26 @@ class Sidecar:
         return decode(loc.meta, mm, loc.offset, copy)
 
     @on_owner_loop
-    async def mark_done(self, id: str, chunk_id: int = 0) -> None:
-        """Release the chunk: views from :meth:`recv` must not be used afterwards."""
+    async def mark_done(self, id: str, chunk_id: int = 0, *, wait: bool = True) -> None:
+        """Release the chunk: views from :meth:`recv` must not be used afterwards.
+
+        ``wait=False`` (after a ``copy=True`` receive, say) returns once the request is written to
+        the server's control socket, without waiting for its answer: one round trip less on the
+        caller's path, and a failure (an unknown id) is logged by the server instead of raised.
+        Without a control socket it waits as usual.
+        """
         self._nccl_recvd.pop((id, chunk_id), None)
         self._ipc.close((id, chunk_id))
-        await self._call(SidecarVerb.DONE, DoneRequest(id=id, chunk_id=chunk_id), SidecarAck, self.timeout)
+        msg = DoneRequest(id=id, chunk_id=chunk_id)
+        local = self._local
+        if not wait and local is not None:
+            with self._typed_errors(SidecarVerb.DONE.value, self.timeout):
+                try:
+                    await local.tell(SidecarVerb.DONE.value, msg, self.timeout)
+                    return
+                except LocalUnavailable as exc:
+                    self._local_failed(local, exc)
+        await self._call(SidecarVerb.DONE, msg, SidecarAck, self.timeout)
 
     # ------------------------------------------------------------------ introspection
 
