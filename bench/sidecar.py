@@ -2,7 +2,9 @@
 
 Compares, in the same run, against (a) one in-process memcpy of the same bytes (the floor),
 (b) pickle over a local TCP socket to another process, (c) Ray's object store put/get between
-two processes. Also p50/p99 latency of a 1 KiB object.
+two processes. Also p50/p99 latency of a 1 KiB object, next to its floor: three bare process hops
+over UNIX sockets with asyncio streams and no work (the path a same-node send takes: client ->
+source server -> destination server -> waiting receiver).
 
 Timing: a shared monotonic clock (time.perf_counter is CLOCK_MONOTONIC on Linux, identical in
 every process) from just before the producer's send to the moment the consumer process holds
@@ -205,6 +207,90 @@ def _connect_local(port: int) -> socket.socket:
     return conn
 
 
+# ---------------------------------------------------------------- floor of a brokered small send
+
+HOP_MSG = 1024
+
+
+def hop_relay_role(listen: str, forward: str) -> None:
+    """One hop of the floor: forward every 1 KiB message from ``listen`` to ``forward``, doing nothing else."""
+
+    async def run() -> None:
+        _, out = await asyncio.open_unix_connection(forward)
+
+        async def serve(reader: asyncio.StreamReader, _: asyncio.StreamWriter) -> None:
+            while True:
+                out.write(await reader.readexactly(HOP_MSG))
+
+        async with await asyncio.start_unix_server(serve, listen):
+            await asyncio.sleep(3600)
+
+    asyncio.run(run())
+
+
+def hop_sink_role(listen: str, ack: str) -> None:
+    """The last process of the floor: note when each message is in hand, answer the producer directly."""
+
+    async def run() -> None:
+        _, back = await asyncio.open_unix_connection(ack)
+
+        async def serve(reader: asyncio.StreamReader, _: asyncio.StreamWriter) -> None:
+            while True:
+                await reader.readexactly(HOP_MSG)
+                back.write(struct.pack("!d", time.perf_counter()))
+
+        async with await asyncio.start_unix_server(serve, listen):
+            await asyncio.sleep(3600)
+
+    asyncio.run(run())
+
+
+def bench_hops(n: int, work_dir: Path) -> tuple[str, float, float]:
+    """The floor under a same-node 1 KiB send: three process hops over UNIX sockets with asyncio streams.
+
+    Producer -> relay -> relay -> sink, as a send crosses client -> source server -> destination
+    server -> waiting receiver, with no work at all in between; the sink's answer is not timed.
+    """
+    paths = [str(work_dir / f"hop-{i}.sock") for i in range(3)]
+    ack_path = str(work_dir / "hop-ack.sock")
+    ack_srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    ack_srv.bind(ack_path)
+    ack_srv.listen(1)
+    children = [spawn("hop-sink", paths[2], ack_path)]
+    ack, _ = ack_srv.accept()
+    for i in (1, 0):
+        while not os.path.exists(paths[i + 1]):
+            time.sleep(0.01)
+        time.sleep(0.05)  # the next hop's server is listening once its socket file exists and binds
+        children.append(spawn("hop-relay", paths[i], paths[i + 1]))
+    while not os.path.exists(paths[0]):
+        time.sleep(0.01)
+    time.sleep(0.05)
+    first = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    first.connect(paths[0])
+    payload = os.urandom(HOP_MSG)
+    lat = []
+    try:
+        for _ in range(n + 20):
+            t0 = time.perf_counter()
+            first.sendall(payload)
+            (end,) = struct.unpack("!d", ack.recv(8, socket.MSG_WAITALL))
+            lat.append(end - t0)
+    finally:
+        first.close()
+        ack.close()
+        ack_srv.close()
+        for c in children:
+            c.kill()
+            c.wait(timeout=30)
+    lat = sorted(lat[20:])
+    return (
+        "floor: 3 bare asyncio UNIX-socket hops",
+        lat[len(lat) // 2],
+        lat[min(len(lat) - 1, int(len(lat) * 0.99))],
+    )
+
+
 def bench_pickle(size: int, reps: int) -> Row:
     port = free_port()
     child = spawn("pickle-server", str(port))
@@ -340,6 +426,7 @@ async def main_bench(skip_ray: bool, quick: bool, only_mib: list[int] | None, sm
                 small = [
                     await bench_small(sc, 1, "same node (shm)", small_n),
                     await bench_small(sc, 2, "across nodes (TCP)", small_n),
+                    bench_hops(small_n, log_dir),
                 ]
             # Ray last: its daemons keep polling and would steal the 2 cores from the other rows.
             if skip_ray:
@@ -375,7 +462,8 @@ async def main_bench(skip_ray: bool, quick: bool, only_mib: list[int] | None, sm
     print("\n| 1 KiB object | p50 ms | p99 ms | n |")
     print("|---|---:|---:|---:|")
     for label, p50, p99 in small:
-        print(f"| sidecar {label} | {p50 * 1e3:.3f} | {p99 * 1e3:.3f} | {small_n} |")
+        name = label if label.startswith("floor") else f"sidecar {label}"
+        print(f"| {name} | {p50 * 1e3:.3f} | {p99 * 1e3:.3f} | {small_n} |")
 
 
 def main() -> None:
@@ -385,6 +473,12 @@ def main() -> None:
         return
     if len(sys.argv) > 1 and sys.argv[1] == "raw-server":
         raw_socket_server_role(int(sys.argv[2]))
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "hop-relay":
+        hop_relay_role(sys.argv[2], sys.argv[3])
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "hop-sink":
+        hop_sink_role(sys.argv[2], sys.argv[3])
         return
     if len(sys.argv) > 1 and sys.argv[1] == "pickle-server":
         pickle_server_role(int(sys.argv[2]))
