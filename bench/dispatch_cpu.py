@@ -62,14 +62,14 @@ def descendants(root: int) -> dict[int, str]:
         except OSError:
             continue
         parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
-        names[int(entry)] = short_name([a.decode(errors="replace") for a in argv if a])
+        names[int(entry)] = " ".join(a.decode(errors="replace") for a in argv if a)
     found: dict[int, str] = {}
     frontier = [root]
     while frontier:
         parent = frontier.pop()
         for pid, ppid in parents.items():
             if ppid == parent and pid not in found:
-                found[pid] = names[pid]
+                found[pid] = short_name(names[pid].split(" "))
                 frontier.append(pid)
     return found
 
@@ -82,7 +82,7 @@ def short_name(argv: list[str]) -> str:
     for flag in ("--replica-id", "--rank", "--task-key"):
         if flag in argv and argv.index(flag) + 1 < len(argv):
             value = argv[argv.index(flag) + 1]
-            module = next((a for a in argv if a.startswith("cornserve.")), "?")
+            module = next((a for a in argv if a.startswith("cornserve.")), "cornserve.?")
             return f"{module.split('.')[1]}[{value[:40]}]"
     module = next((a for a in argv if a.startswith("cornserve.")), None)
     if module is not None:
