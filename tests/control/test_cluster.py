@@ -113,10 +113,13 @@ async def test_survives_a_dispatcher_and_an_executor_being_killed(
     taken_by_victim = asyncio.Event()
 
     async def on_keepalive(msg: Any) -> None:
+        if not msg.subject.endswith(".alive"):
+            return
         if InvokeKeepalive.model_validate_json(msg.data).replica_id == "dispatcher-0":
             taken_by_victim.set()
 
-    await nc.subscribe("_INBOX_gateway.*.alive", cb=on_keepalive)  # the gateway's inbox prefix
+    # The gateway's graph inboxes: `_INBOX_gateway.<its inbox>.<attempt>.*` (cornserve.gateway.inbox_mux).
+    await nc.subscribe("_INBOX_gateway.>", cb=on_keepalive)
     try:
         seeds = list(range(30))
         load = [

@@ -238,6 +238,40 @@ def test_a_new_library_version_replaces_its_classes() -> None:
     )
 
 
+def test_invocations_share_one_rebuilt_task_per_wire_form() -> None:
+    """The per-invocation parse rebuilds each distinct task once, and never hands out a replaced class."""
+    from cornserve.task.library import load_task_library
+    from cornserve.task.registry import deserialize_shared_task
+
+    source = (
+        "from cornserve.task import TaskExecutionDescriptor, TaskInput, TaskOutput, UnitTask\n"
+        "class In(TaskInput):\n    n: int = VERSION\n"
+        "class Out(TaskOutput):\n    n: int\n"
+        "class Shared(UnitTask[In, Out]):\n    label: str = ''\n    default_descriptor = 'SharedDescriptor'\n"
+        "class SharedDescriptor(TaskExecutionDescriptor[Shared]):\n    pass\n"
+    )
+    first_cls = load_task_library("shared-lib", source.replace("VERSION", "1")).module.Shared
+    wire = json.loads(json.dumps(serialize_task(first_cls(label="a"))))
+    one, two = deserialize_shared_task(wire), deserialize_shared_task(json.loads(json.dumps(wire)))
+    assert one is two and type(one) is first_cls and one.label == "a"
+    other = deserialize_shared_task({**wire, "config": {**wire["config"], "label": "b"}})
+    assert other is not one and other.label == "b"
+    invocations = INVOCATIONS.validate_python(
+        [{"task": wire, "task_input": {"n": i}, "task_output": {"n": i}} for i in range(2)]
+    )
+    assert invocations[0].task is invocations[1].task is one
+    assert [inv.task_input.n for inv in invocations] == [0, 1]  # inputs stay per invocation
+
+    second_cls = load_task_library("shared-lib", source.replace("VERSION", "2")).module.Shared
+    again = deserialize_shared_task(wire)
+    assert type(again) is second_cls and again is not one  # the new version, not the cached old one
+
+    bad = {**wire, "config": {**wire["config"], "label": 3}}
+    for _ in range(2):  # a failure is not cached: it fails every time
+        with pytest.raises(TaskSerializationError, match="invalid configuration"):
+            deserialize_shared_task(bad)
+
+
 def test_descriptor_must_match_task() -> None:
     with pytest.raises(TaskDefinitionError, match="EricDescriptor executes EncoderTask, not LLMTask"):
         LLMTask(model_id="m", descriptor=EricDescriptor())  # type: ignore[arg-type]

@@ -103,6 +103,8 @@ class DispatcherService:
     _idle: asyncio.Event = field(default_factory=asyncio.Event, init=False)
     """Set while no graph is running (the drain waits for it)."""
     _closing: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+    _runs: set[asyncio.Future[Any]] = field(default_factory=set, init=False)
+    """Graph runs in progress (`_unless_closing`): a forced close cancels them."""
     _cancels: CancelBoard | None = field(default=None, init=False)
     """Graphs (and their relays) by cancel id: a caller's InvokeCancel aborts them (`cancel.py`)."""
     _refused: int = field(default=0, init=False)
@@ -184,6 +186,8 @@ class DispatcherService:
                 self.drain_timeout_s,
             )
         self._closing.set()  # running graphs now reply with a typed error
+        for run in list(self._runs):
+            run.cancel()
         for task in list(self._relays):
             task.cancel()  # relays end their streams with an error message
         if not await _wait_event(self._idle, 10.0):
@@ -381,19 +385,36 @@ class DispatcherService:
             raise faults.bad_request(f"invalid invocations: {exc}") from None
 
     async def _unless_closing(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run `coro`, failing it with a typed error if the replica is forced to close first."""
-        run = asyncio.ensure_future(coro)
-        closing = asyncio.ensure_future(self._closing.wait())
-        try:
-            await asyncio.wait({run, closing}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            closing.cancel()
-            if not run.done():
-                run.cancel()
-                await asyncio.gather(run, return_exceptions=True)
-        if run.cancelled():
+        """Run `coro`, failing it with a typed error if the replica is forced to close first.
+
+        The run is a task of its own that `stop` cancels once it forces the close (rather than a
+        second task per graph waiting on the closing event beside it). Cancelling the caller
+        cancels the run too, and the caller resumes only once the run has finished.
+        """
+        if self._closing.is_set():
+            coro.close()
             raise faults.shutting_down(self.replica_id)
-        return run.result()
+        run = asyncio.ensure_future(coro)
+        self._runs.add(run)
+        caller = asyncio.current_task()
+        cancels = caller.cancelling() if caller is not None else 0
+        try:
+            result = await run
+            if caller is not None and caller.cancelling() > cancels:
+                raise asyncio.CancelledError  # the run finished despite our caller's cancel: the cancel wins
+            return result
+        except asyncio.CancelledError:
+            if (
+                run.cancelled()
+                and self._closing.is_set()
+                and (caller is None or caller.cancelling() <= cancels)
+            ):
+                raise faults.shutting_down(
+                    self.replica_id
+                ) from None  # the close cancelled it, not our caller
+            raise
+        finally:
+            self._runs.discard(run)
 
     # ----- book-keeping ----------------------------------------------------------------------------
 

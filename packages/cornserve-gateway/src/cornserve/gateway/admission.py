@@ -85,13 +85,19 @@ class AppGate:
             headers={"Retry-After": str(max(1, math.ceil(self.retry_after_s)))},
         )
 
+    def try_acquire(self) -> bool:
+        """Take a running slot if one is free now (no waiting): what `acquire` does first."""
+        if self.running < self.max_concurrency and not self.waiters:
+            self.running += 1
+            return True
+        return False
+
     async def acquire(self) -> None:
         """Take one running slot: at once, after queueing for one, or raise 429/503 at once.
 
         Every successful `acquire` must be paired with one `release`.
         """
-        if self.running < self.max_concurrency and not self.waiters:
-            self.running += 1
+        if self.try_acquire():
             return
         if self.max_concurrency == 0 or len(self.waiters) >= self.max_queue:
             raise self._refuse()
@@ -180,19 +186,20 @@ class Admission:
         """
         request[APP_NAME_KEY] = name  # from here on the request counts in the app's metrics
         gate = self.gate(name, config)
-        limit = asyncio.timeout(self.request_timeout_s)
-        try:
-            async with cancel_on_disconnect(request), limit:
-                await gate.acquire()
-        except TimeoutError:
-            if limit.expired():
-                raise HTTPError(
-                    504,
-                    "request_timeout",
-                    f"app {name!r} had no free slot within the request deadline of "
-                    f"{self.request_timeout_s:g} s (the gateway's --request-timeout)",
-                ) from None
-            raise
+        if not gate.try_acquire():  # a free slot is taken at once, without a watcher task or a deadline
+            limit = asyncio.timeout(self.request_timeout_s)
+            try:
+                async with cancel_on_disconnect(request), limit:
+                    await gate.acquire()
+            except TimeoutError:
+                if limit.expired():
+                    raise HTTPError(
+                        504,
+                        "request_timeout",
+                        f"app {name!r} had no free slot within the request deadline of "
+                        f"{self.request_timeout_s:g} s (the gateway's --request-timeout)",
+                    ) from None
+                raise
         try:
             yield
         finally:

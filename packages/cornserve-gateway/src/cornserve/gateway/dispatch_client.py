@@ -5,8 +5,8 @@
 group. Errors come back as `DispatchError` (a `TaskExecutionError`) with the dispatcher's code
 (404 not deployed, 502 executor failed, 503 unavailable, 504 timeout, ...) for HTTP mapping.
 
-Each attempt uses one private inbox `I` subscribed (as `I.*`) before the graph is sent: the reply
-comes on `I.reply`, the replica's keepalives on `I.alive` and a relayed stream on `I.stream`, so
+Each attempt uses one private inbox `I` (a box of the gateway's one inbox subscription,
+`inbox_mux.py`) opened before the graph is sent: the reply comes on `I.reply`, the replica's keepalives on `I.alive` and a relayed stream on `I.stream`, so
 nothing can be missed and one deadline loop watches all three. A replica that stops sending
 keepalives (killed, hung, partitioned) is noticed within `keepalive_timeout_s`: if it had not
 delivered any output yet (no reply, or no stream item), the graph is retried once on another
@@ -48,6 +48,7 @@ from cornserve.bus.error_codec import decode_error
 from cornserve.bus.reply_parts import ReplyAssembler, ReplyPartError
 from cornserve.bus.schemas import new_request_id
 from cornserve.gateway.forward_ids import forward_ids, fresh_ids, replace_ids
+from cornserve.gateway.inbox_mux import InboxMux, MuxBox
 from cornserve.runtime.logging import request_id_var
 from cornserve.runtime.tracing import Attributes, client_span, inject_headers
 from cornserve.task import Stream, TaskExecutionError, TaskInvocation, TaskOutput
@@ -175,7 +176,7 @@ class GraphInbox:
     def __init__(
         self,
         nc: Client,
-        sub: Subscription,
+        sub: Subscription | MuxBox,
         prefix: str,
         liveness: Liveness,
         cancel_id: str | None = None,
@@ -202,15 +203,19 @@ class GraphInbox:
         cancel_id: str | None = None,
         request_id: str = "",
         max_reply_bytes: int = 0,
+        mux: InboxMux | None = None,
     ) -> GraphInbox:
-        """Subscribe before anything is sent (on `prefix`, or a new inbox).
+        """Open it before anything is sent: a box of `mux`, else a subscription on `prefix` (or a new inbox).
 
-        The subscription may queue a whole reply in parts (`max_reply_bytes`) besides keepalives
-        and stream items: its pending-bytes bound (nats-py drops messages beyond it) is raised to
-        twice that when nats-py's default (128 MiB) is smaller.
+        The inbox may queue a whole reply in parts (`max_reply_bytes`) besides keepalives and
+        stream items: its pending-bytes bound (messages beyond it are dropped) is raised to twice
+        that when nats-py's default (128 MiB) is smaller.
         """
-        prefix = prefix or nc.new_inbox()
         pending = max(DEFAULT_SUB_PENDING_BYTES_LIMIT, 2 * max_reply_bytes)
+        if mux is not None:
+            box = await mux.open(pending)
+            return cls(nc, box, box.prefix, liveness, cancel_id, request_id)
+        prefix = prefix or nc.new_inbox()
         sub = await nc.subscribe(f"{prefix}.*", pending_bytes_limit=pending)
         return cls(nc, sub, prefix, liveness, cancel_id, request_id)
 
@@ -448,6 +453,7 @@ class DispatcherClient:
         if keepalive_timeout_s <= keepalive_interval_s:
             raise ValueError("keepalive_timeout_s must be longer than keepalive_interval_s")
         self._nc = nc
+        self._mux = InboxMux(nc)
         self.timeout_s = timeout_s
         self.margin_s = margin_s
         self.keepalive_interval_s = keepalive_interval_s
@@ -493,7 +499,9 @@ class DispatcherClient:
 
         A graph larger than the bus carries is refused (PayloadTooLarge, 413) before anything is sent.
         """
-        prefix = self._nc.new_inbox()
+        liveness = Liveness(self.keepalive_timeout_s)
+        inbox = await GraphInbox.open(self._nc, liveness, max_reply_bytes=self.max_reply_bytes, mux=self._mux)
+        prefix = inbox.prefix
         payload = InvokeRequest(
             # The app request's id (set by the HTTP layer) names its graphs in the dispatchers' logs too.
             request_id=request_id_var.get() or new_request_id(),
@@ -506,18 +514,13 @@ class DispatcherClient:
             reply_parts_subject=f"{prefix}.part",
             max_reply_bytes=self.max_reply_bytes,
         )
+        inbox.cancel_id, inbox.request_id = payload.cancel_id, payload.request_id
         data = payload.model_dump_json().encode()
         limit = payload_limit(self._nc)
         if len(data) > limit:
+            inbox.settled = True  # nothing was sent: nothing to cancel
+            await inbox.close()
             raise PayloadTooLarge(len(data), limit)
-        inbox = await GraphInbox.open(
-            self._nc,
-            Liveness(self.keepalive_timeout_s),
-            prefix,
-            cancel_id=payload.cancel_id,
-            request_id=payload.request_id,
-            max_reply_bytes=self.max_reply_bytes,
-        )
         try:
             # The graph carries the trace context: the dispatcher's spans join the app request's trace.
             await self._nc.publish(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import weakref
 from abc import abstractmethod
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, cast
@@ -37,6 +38,9 @@ from cornserve.task.registry import DESCRIPTORS, UNIT_TASKS, ClassKey, task_depl
 
 if TYPE_CHECKING:
     from cornserve.task.graph import TaskGraph
+
+_IO_TYPES: weakref.WeakKeyDictionary[type, tuple[Any, Any]] = weakref.WeakKeyDictionary()
+"""Each task class's (input, output) types: read on every hop of every invocation, computed once."""
 
 __all__ = ["InputT", "OutputT", "Task", "TaskInput", "TaskOutput", "UnitTask", "discover_unit_tasks"]
 
@@ -127,11 +131,15 @@ class Task(BaseModel, Generic[InputT, OutputT]):
 
     @classmethod
     def _io_types(cls) -> tuple[Any, Any]:
+        known = _IO_TYPES.get(cls)
+        if known is not None:
+            return known
         args = generic_args(cls, Task)
         if args is None or len(args) != 2 or any(is_unbound(a) for a in args):
             raise TaskDefinitionError(
                 f"{cls.__name__} must declare its input and output types: class {cls.__name__}(Task[MyInput, MyOutput])"
             )
+        _IO_TYPES[cls] = (args[0], args[1])
         return args[0], args[1]
 
     # ----- composition -----------------------------------------------------------------------------

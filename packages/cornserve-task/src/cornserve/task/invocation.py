@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, SkipValidation, ValidationError, mod
 from cornserve.task.errors import TaskSerializationError
 from cornserve.task.forward import DataForward, Unmaterialized
 from cornserve.task.io_models import TaskInput, TaskOutput
-from cornserve.task.registry import deserialize_task, serialize_task
+from cornserve.task.registry import deserialize_shared_task, serialize_task
 
 if TYPE_CHECKING:
     from cornserve.task.base import UnitTask
@@ -98,7 +98,7 @@ class TaskInvocation(BaseModel):
     def _from_wire(cls, data: Any) -> Any:
         if not isinstance(data, dict) or not isinstance(data.get("task"), dict):
             return data
-        task = deserialize_task(data["task"])
+        task = deserialize_shared_task(data["task"])  # one instance per wire form (tasks are frozen)
         name = type(task).__name__
         try:
             task_input = task.input_cls().model_validate(data.get("task_input"))
