@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from pydantic import ValidationError
 
 from cornserve.bus.control import DISPATCH_CANCEL, InvokeCancel
+from cornserve.bus.events import parse_event
 from cornserve.runtime.natsstop import nats_step
 
 logger = logging.getLogger(__name__)
@@ -106,10 +106,8 @@ class CancelBoard:
         return len(tasks)
 
     async def _on_message(self, msg: Msg) -> None:
-        try:
-            request = InvokeCancel.model_validate_json(msg.data)
-        except ValidationError:
-            logger.warning("ignoring a malformed cancel on %s", msg.subject)
+        request = parse_event(InvokeCancel, msg, logger)
+        if request is None:
             return
         self.cancel(request)
 

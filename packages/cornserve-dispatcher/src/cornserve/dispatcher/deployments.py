@@ -20,9 +20,9 @@ from dataclasses import KW_ONLY, dataclass, field
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from pydantic import ValidationError
 
 from cornserve.bus.control import RM_EVENTS, DeploymentEvent, DeploymentInfo
+from cornserve.bus.events import parse_event
 from cornserve.bus.micro import BusError
 from cornserve.bus.rm_client import ResourceManagerClient
 from cornserve.runtime.natsstop import nats_step
@@ -129,10 +129,8 @@ class DeploymentCache:
                 backoff = min(backoff * 2, self.max_backoff_s)
 
     async def _on_event(self, msg: Msg) -> None:
-        try:
-            event = DeploymentEvent.model_validate_json(msg.data)
-        except ValidationError as exc:
-            logger.warning("ignoring a malformed deployment event on %s: %s", msg.subject, exc)
+        event = parse_event(DeploymentEvent, msg, logger)
+        if event is None:
             return
         key = event.deployment.task_key
         if self._touched is not None:

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from pydantic import ValidationError
 
 from cornserve.bus.control import TM_PREFIX, ExecutorTable, ExecutorUsage, RouteReply, tm_subject
+from cornserve.bus.events import parse_event
 
 logger = logging.getLogger(__name__)
 
@@ -132,12 +132,8 @@ class ExecutorTables:
     # ----- tables in, usage out --------------------------------------------------------------------
 
     async def _on_table(self, msg: Msg) -> None:
-        try:
-            table = ExecutorTable.model_validate_json(msg.data)
-        except ValidationError as exc:
-            logger.warning(
-                "malformed ExecutorTable on %s: %s", msg.subject, exc.errors(include_url=False)[:3]
-            )
+        table = parse_event(ExecutorTable, msg, logger)
+        if table is None:
             return
         if msg.subject != tm_subject(table.task_key, "table"):
             logger.warning("ExecutorTable of %s arrived on %s; ignored", table.task_key, msg.subject)

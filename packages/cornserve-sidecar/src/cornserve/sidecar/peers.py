@@ -15,8 +15,9 @@ from typing import TypeVar
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
+from cornserve.bus.events import parse_event
 from cornserve.bus.micro import NoResponders, RequestTimeout, ServiceErrorReply, ServiceFault, request
 from cornserve.bus.sidecar import InfoReply, InfoRequest, SidecarAck, UpEvent
 from cornserve.bus.sidecar_local import LocalHello
@@ -177,10 +178,8 @@ class Peers:
 
     async def on_up(self, msg: Msg) -> None:
         """Handle a server announcing its start; a new instance of a known rank is a restart."""
-        try:
-            event = UpEvent.model_validate_json(msg.data)
-        except ValidationError as exc:
-            logger.warning("malformed up event: %s", exc)
+        event = parse_event(UpEvent, msg, logger)
+        if event is None:
             return
         if event.rank == self.me.rank:
             if event.instance != self.me.instance:

@@ -31,6 +31,7 @@ from cornserve.bus.control import (
     tm_subject,
 )
 from cornserve.bus.error_codec import describe_invalid, publish_error, request_id_of, respond_error
+from cornserve.bus.events import parse_event
 from cornserve.bus.micro import HandlerRunner
 from cornserve.runtime.natsstop import nats_step
 from cornserve.task_manager import __version__
@@ -108,12 +109,8 @@ class TaskManagerService:
 
     async def _usage(self, msg: Msg) -> None:
         """A dispatcher replica's outstanding invocations from the table (untrusted: bad ones are dropped)."""
-        try:
-            usage = ExecutorUsage.model_validate_json(msg.data)
-        except ValidationError as exc:
-            logger.warning(
-                "malformed ExecutorUsage on %s: %s", msg.subject, exc.errors(include_url=False)[:3]
-            )
+        usage = parse_event(ExecutorUsage, msg, logger)
+        if usage is None:
             return
         self.manager.count_table_routes(self.manager.usage.record(usage))
 
