@@ -105,6 +105,8 @@ class Sample:
 
     sent: float
     first: float | None = None
+    last: float | None = None
+    """When the last text chunk arrived (the stream may close later: `tail`)."""
     done: float | None = None
     chunks: int = 0
     tokens: int | None = None
@@ -117,6 +119,11 @@ class Sample:
     @property
     def e2e(self) -> float | None:
         return None if self.done is None else self.done - self.sent
+
+    @property
+    def tail(self) -> float | None:
+        """From the last text chunk to the end of the stream (what a relay adds after the last token)."""
+        return None if self.last is None or self.done is None else self.done - self.last
 
     @property
     def tpot(self) -> float | None:
@@ -158,6 +165,7 @@ class Result:
         ttft = [s.ttft for s in ok if s.ttft is not None]
         tpot = [s.tpot for s in ok if s.tpot is not None]
         e2e = [s.e2e for s in ok if s.e2e is not None]
+        tail = [s.tail for s in ok if s.tail is not None]
         tokens = sum(s.tokens if s.tokens is not None else s.chunks for s in ok)
         return [
             self.system,
@@ -168,6 +176,8 @@ class Result:
             f"{statistics.mean(tpot) * 1e3:.2f}" if tpot else "-",
             pct(e2e, 0.5),
             pct(e2e, 0.99),
+            f"{statistics.median(tail) * 1e3:.1f}" if tail else "-",
+            f"{statistics.median(tpot) * 1e3:.2f}" if tpot else "-",
             str(errors),
         ]
 
@@ -181,6 +191,8 @@ HEADER = [
     "TPOT ms",
     "E2E p50 ms",
     "E2E p99 ms",
+    "tail p50 ms",
+    "TPOT p50 ms",
     "errors",
 ]
 
@@ -275,6 +287,7 @@ async def one_request(session: aiohttp.ClientSession, url: str, body: dict[str, 
                     continue
                 if sample.first is None:
                     sample.first = time.monotonic()
+                sample.last = time.monotonic()
                 sample.chunks += 1
         sample.done = time.monotonic()
     except (aiohttp.ClientError, TimeoutError) as exc:
@@ -304,6 +317,7 @@ async def one_direct_request(
                     if choice.get("delta", {}).get("content"):
                         if sample.first is None:
                             sample.first = time.monotonic()
+                        sample.last = time.monotonic()
                         sample.chunks += 1
         sample.done = time.monotonic()
     except (aiohttp.ClientError, TimeoutError) as exc:
@@ -413,6 +427,7 @@ def in_process(model_dir: str, requests: list[tuple[str, Any, int]], threads: in
                 return
             if self.sample.first is None:
                 self.sample.first = time.monotonic()
+            self.sample.last = time.monotonic()
             self.sample.chunks += 1
 
         def end(self) -> None:
