@@ -32,6 +32,7 @@ import aiohttp
 
 from cornserve.cli.launcher import LocalCluster
 from cornserve.client import CornserveClient
+from cornserve.llm_executor.detok import TextAssembler
 from cornserve.runtime.process import free_port
 
 APP_TEMPLATE = """
@@ -105,6 +106,8 @@ class Sample:
 
     sent: float
     first: float | None = None
+    last: float | None = None
+    """When the last text chunk arrived (the stream may close later: `tail`)."""
     done: float | None = None
     chunks: int = 0
     tokens: int | None = None
@@ -117,6 +120,11 @@ class Sample:
     @property
     def e2e(self) -> float | None:
         return None if self.done is None else self.done - self.sent
+
+    @property
+    def tail(self) -> float | None:
+        """From the last text chunk to the end of the stream (what a relay adds after the last token)."""
+        return None if self.last is None or self.done is None else self.done - self.last
 
     @property
     def tpot(self) -> float | None:
@@ -158,6 +166,7 @@ class Result:
         ttft = [s.ttft for s in ok if s.ttft is not None]
         tpot = [s.tpot for s in ok if s.tpot is not None]
         e2e = [s.e2e for s in ok if s.e2e is not None]
+        tail = [s.tail for s in ok if s.tail is not None]
         tokens = sum(s.tokens if s.tokens is not None else s.chunks for s in ok)
         return [
             self.system,
@@ -168,6 +177,8 @@ class Result:
             f"{statistics.mean(tpot) * 1e3:.2f}" if tpot else "-",
             pct(e2e, 0.5),
             pct(e2e, 0.99),
+            f"{statistics.median(tail) * 1e3:.1f}" if tail else "-",
+            f"{statistics.median(tpot) * 1e3:.2f}" if tpot else "-",
             str(errors),
         ]
 
@@ -181,6 +192,8 @@ HEADER = [
     "TPOT ms",
     "E2E p50 ms",
     "E2E p99 ms",
+    "tail p50 ms",
+    "TPOT p50 ms",
     "errors",
 ]
 
@@ -275,6 +288,7 @@ async def one_request(session: aiohttp.ClientSession, url: str, body: dict[str, 
                     continue
                 if sample.first is None:
                     sample.first = time.monotonic()
+                sample.last = time.monotonic()
                 sample.chunks += 1
         sample.done = time.monotonic()
     except (aiohttp.ClientError, TimeoutError) as exc:
@@ -304,6 +318,7 @@ async def one_direct_request(
                     if choice.get("delta", {}).get("content"):
                         if sample.first is None:
                             sample.first = time.monotonic()
+                        sample.last = time.monotonic()
                         sample.chunks += 1
         sample.done = time.monotonic()
     except (aiohttp.ClientError, TimeoutError) as exc:
@@ -387,49 +402,153 @@ async def poisson_run(
     return result
 
 
-def in_process(model_dir: str, requests: list[tuple[str, Any, int]], threads: int) -> Result:
+class InProcess:
     """The same model and inputs in this process with transformers, one request at a time.
 
     On `threads` torch threads: 1 matches the LLM executor on one CPU slot (its OMP_NUM_THREADS),
     and keeps the floor from collapsing when other processes share the cores (torch's thread
     pool spins and stalls on an oversubscribed machine).
     """
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-    from transformers.generation.streamers import BaseStreamer
 
-    torch.set_num_threads(threads)
+    def __init__(self, model_dir: str, threads: int) -> None:
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(model_dir)
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
+        torch.set_num_threads(threads)
+        self.processor = AutoProcessor.from_pretrained(model_dir)
+        self.model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
+        eos = self.model.generation_config.eos_token_id
+        self.eos_ids: list[int] = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
-    class Clock(BaseStreamer):
-        def __init__(self, sample: Sample) -> None:
-            self.sample, self.prompt_seen = sample, False
+    def one(self, prompt: str, image: Any, max_tokens: int) -> Sample:
+        """Generate one answer (greedy), timing its tokens as the served rows are timed."""
+        import torch
+        from transformers.generation.streamers import BaseStreamer
 
-        def put(self, value: Any) -> None:
-            if not self.prompt_seen:
-                self.prompt_seen = True
-                return
-            if self.sample.first is None:
-                self.sample.first = time.monotonic()
-            self.sample.chunks += 1
+        tokenizer = self.processor.tokenizer
+        eos = set(self.eos_ids)
 
-        def end(self) -> None:
-            self.sample.done = time.monotonic()
+        class Clock(BaseStreamer):
+            """Times text chunks as the served rows see them: the LLM executor's detokenizer decides
+            which tokens make text (a random checkpoint's tokens are often partial UTF-8 or EOS)."""
 
+            def __init__(self, sample: Sample) -> None:
+                self.sample, self.prompt_seen = sample, False
+                self.assembler = TextAssembler(tokenizer, [])
+
+            def put(self, value: Any) -> None:
+                if not self.prompt_seen:
+                    self.prompt_seen = True
+                    return
+                for token in value.reshape(-1).tolist():
+                    if token in eos or not self.assembler.add(token):
+                        continue
+                    if self.sample.first is None:
+                        self.sample.first = time.monotonic()
+                    self.sample.last = time.monotonic()
+                    self.sample.chunks += 1
+
+            def end(self) -> None:
+                if self.assembler.flush():
+                    self.sample.chunks += 1
+                self.sample.done = time.monotonic()
+
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        sample = Sample(sent=time.monotonic())
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        inputs = self.processor(text=[text], images=[image], return_tensors="pt")
+        with torch.inference_mode():
+            self.model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False, streamer=Clock(sample))
+        return sample
+
+
+def in_process(model_dir: str, requests: list[tuple[str, Any, int]], threads: int) -> Result:
+    """The in-process floor: `requests` back to back (`InProcess`)."""
+    local = InProcess(model_dir, threads)
+    local.one(*requests[0])  # warm-up
     result = Result("in-process transformers", "back-to-back")
     start = time.monotonic()
     for prompt, image, max_tokens in requests:
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        sample = Sample(sent=time.monotonic())
-        text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        inputs = processor(text=[text], images=[image], return_tensors="pt")
-        with torch.inference_mode():
-            model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False, streamer=Clock(sample))
-        result.samples.append(sample)
+        result.samples.append(local.one(prompt, image, max_tokens))
     result.wall = time.monotonic() - start
     return result
+
+
+async def paired_run(
+    cluster: LocalCluster,
+    systems: list[str],
+    executor_url: str | None,
+    local: InProcess,
+    bodies: list[dict[str, Any]],
+    direct: list[dict[str, Any]],
+    requests: list[tuple[str, Any, int]],
+    rate: float,
+) -> dict[str, Result]:
+    """Each input through every system and in-process, one right after the other (rotating order).
+
+    The rows' samples are taken seconds apart at most, so a shared machine's load moves them
+    together; the per-request differences (`paired_overheads`) are the overhead at that moment.
+    Requests are spaced by exponential gaps of mean 1/rate (no two overlap).
+    """
+    rng = random.Random(7)
+    names = [*systems, *(["monolithic executor direct"] if executor_url else []), "in-process transformers"]
+    results = {name: Result(name, f"paired {rate:g}") for name in names}
+    headers = {"Authorization": f"Bearer {cluster.admin_token}"}
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with (
+        aiohttp.ClientSession(timeout=timeout, headers=headers) as session,
+        aiohttp.ClientSession(timeout=timeout) as plain,
+    ):
+        start = time.monotonic()
+        for i, body in enumerate(bodies):
+            # The order rotates: whichever runs first finds its process's caches cold (the others
+            # ran in between), and the direct call right after the monolithic app's finds them warm.
+            for name in names[i % len(names) :] + names[: i % len(names)]:
+                sample = Sample(sent=time.monotonic())
+                if name == "in-process transformers":
+                    sample = local.one(*requests[i])
+                elif name == "monolithic executor direct":
+                    assert executor_url is not None
+                    await one_direct_request(plain, f"{executor_url}/v1/chat/completions", direct[i], sample)
+                else:
+                    await one_request(session, f"{cluster.url}/apps/{name}/invoke", body, sample)
+                results[name].samples.append(sample)
+            await asyncio.sleep(rng.expovariate(rate))
+        wall = time.monotonic() - start
+    for result in results.values():
+        result.wall = wall
+        for s in result.samples:
+            if s.error:
+                print(f"  error ({result.system}, paired): {s.error}")
+    return results
+
+
+def paired_overheads(results: dict[str, Result]) -> None:
+    """Median over requests of (system - in-process) for TTFT, E2E and TPOT, and system - direct."""
+    base = results["in-process transformers"].samples
+
+    def median_diff(rows: list[Sample], against: list[Sample], metric: str) -> str:
+        diffs = [
+            getattr(a, metric) - getattr(b, metric)
+            for a, b in zip(rows, against, strict=True)
+            if a.error is None and getattr(a, metric) is not None and getattr(b, metric) is not None
+        ]
+        return f"{statistics.median(diffs) * 1e3:+.2f} ms" if diffs else "-"
+
+    for name, result in results.items():
+        if name == "in-process transformers":
+            continue
+        print(
+            f"paired, {name} - in-process (median over requests): TTFT {median_diff(result.samples, base, 'ttft')}, "
+            f"E2E {median_diff(result.samples, base, 'e2e')}, per output token {median_diff(result.samples, base, 'tpot')}"
+        )
+    direct = results.get("monolithic executor direct")
+    if direct is not None and "monolithic" in results:
+        mono = results["monolithic"].samples
+        print(
+            f"paired, monolithic - its executor called straight (the relays): TTFT {median_diff(mono, direct.samples, 'ttft')}, "
+            f"E2E {median_diff(mono, direct.samples, 'e2e')}, per output token {median_diff(mono, direct.samples, 'tpot')}"
+        )
 
 
 async def main_async(args: argparse.Namespace) -> None:
@@ -451,6 +570,7 @@ async def main_async(args: argparse.Namespace) -> None:
     cluster = LocalCluster(state_dir=workdir / "cluster", port=free_port(), cpu_slots=3, dispatchers=2)
     rows: list[list[str]] = []
     results: list[Result] = []
+    paired: dict[str, Result] = {}
     systems = [s for s in ("fission", "monolithic") if s in args.systems.split(",")]
     try:
         # `start` runs its own event loops (NATS buckets): off this one.
@@ -503,10 +623,30 @@ async def main_async(args: argparse.Namespace) -> None:
                 result = await direct_run(executor, rate, direct, seed=int(rate * 1000))
                 rows.append(result.row())
                 print("  " + " | ".join(result.row()), flush=True)
+        if args.paired:
+            executor = None
+            if "monolithic" in systems and args.direct:
+                async with CornserveClient(cluster.url, token=cluster.admin_token) as client:
+                    executor = await monolithic_executor_url(client)
+            local_model = InProcess(model, args.inprocess_threads)
+            local_model.one(*requests[0])  # warm-up
+            count = min(args.paired, len(bodies))
+            print(
+                f"running the paired sequence ({count} inputs, each through every system, then in-process) ..."
+            )
+            paired = await paired_run(
+                cluster,
+                systems,
+                executor,
+                local_model,
+                bodies[:count],
+                direct_bodies(model, bodies)[:count],
+                requests[:count],
+                min(rates),
+            )
     finally:
         await asyncio.to_thread(cluster.stop)
     print("running the same model in-process (transformers generate, sequential) ...")
-    in_process(model, requests[:2], args.inprocess_threads)  # warm-up
     local = in_process(model, requests, args.inprocess_threads)
     rows.append(local.row())
     print(
@@ -536,6 +676,12 @@ async def main_async(args: argparse.Namespace) -> None:
                 f"relays (gateway, dispatcher, NATS) at {rate:g} req/s, monolithic vs its executor called straight: "
                 f"TPOT +{float(served[5]) - float(direct_row[5]):.2f} ms, E2E p50 +{int(served[6]) - int(direct_row[6])} ms"
             )
+    if paired:
+        print(
+            "\npaired: each input through every system and in-process back to back, rotating order (the same moment's load):"
+        )
+        print_table([r.row() for r in paired.values()])
+        paired_overheads(paired)
     print("\nCPU per output token (user + system, summed over the processes of each group):")
     print("| system | rate req/s | tokens | relays ms/token | relays less idle | executors ms/token |")
     print("|---|---|---:|---:|---:|---:|")
@@ -581,6 +727,14 @@ def main() -> None:
     )
     parser.add_argument(
         "--systems", default="fission,monolithic", help="apps to run: fission, monolithic or both"
+    )
+    parser.add_argument(
+        "--paired",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also send N inputs through every system and in-process one after the other (rotating order), at the lowest "
+        "rate, and report the per-request differences (robust on a shared machine)",
     )
     args = parser.parse_args()
     if args.quick:

@@ -1,8 +1,12 @@
 """Receiving encoder embeddings through the sidecar (see docs/executors.md, "Embedding hand-off").
 
 Each forward has two chunks (`cornserve.task.builtins.embedding`): the `[num_tokens, hidden]`
-tensor in the LLM's dtype and its `EmbeddingMeta` as a dict (naming that dtype). Both are copied out of the arena and marked done right away, so the sidecar can
-reuse the memory while the request is still generating.
+tensor in the LLM's dtype and its `EmbeddingMeta` as a dict (naming that dtype). Both are copied out
+of the arena and marked done right away, so the sidecar can reuse the memory while the request is
+still generating. Once both chunks are copied, marking them done (one sidecar round trip each) runs
+in the background: the request's prefill does not wait for it (it was ~2 ms of every fission
+request's time to first token, docs/performance.md). A receive that fails or is cancelled still
+releases what it got before it returns.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ logger = logging.getLogger(__name__)
 ALL_CHUNKS = (EMBEDDING_TENSOR_CHUNK, EMBEDDING_META_CHUNK)
 ABANDON_TIMEOUT_S = 2.0
 """Bound on releasing a cancelled request's delivered chunks (its handler is already cancelled)."""
+CLOSE_TIMEOUT_S = 5.0
+"""Bound on the background releases still running when the executor stops."""
 
 
 @dataclass
@@ -44,6 +50,33 @@ class EmbeddingReceiver:
     def __init__(self, sidecar: Sidecar, timeout_s: float) -> None:
         self.sidecar = sidecar
         self.timeout_s = timeout_s
+        self._releasing: set[asyncio.Task[None]] = set()
+        """Background releases of received chunks (kept referenced until they finish)."""
+
+    async def close(self) -> None:
+        """Wait (bounded) for the background releases, so the chunks are freed before the sidecar client closes."""
+        if not self._releasing:
+            return
+        _, pending = await asyncio.wait(set(self._releasing), timeout=CLOSE_TIMEOUT_S)
+        if pending:
+            logger.warning(
+                "%d chunk release(s) still running after %g s at shutdown; the sidecar's TTL frees them",
+                len(pending),
+                CLOSE_TIMEOUT_S,
+            )
+            for task in pending:
+                task.cancel()
+
+    def _release_later(self, fid: str, chunks: list[int]) -> None:
+        """Mark `chunks` of `fid` done in the background (a failure is logged, never dropped silently)."""
+        task = asyncio.create_task(self._release(fid, chunks), name=f"release-{fid}")
+        self._releasing.add(task)
+        task.add_done_callback(self._released)
+
+    def _released(self, task: asyncio.Task[None]) -> None:
+        self._releasing.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            logger.error("releasing received embedding chunks failed", exc_info=exc)
 
     async def receive_all(self, forwards: list[DataForward[Tensor]]) -> list[ReceivedEmbedding]:
         """Receive every forward (concurrently), in order; the first failure is raised after all settle."""
@@ -73,6 +106,7 @@ class EmbeddingReceiver:
             f"embedding forward {fid} did not arrive through sidecar rank {self.sidecar.rank} within "
             f"{self.timeout_s:.1f}s (did the encoder task run and send it to this rank?)"
         )
+        received_all = False
         with sidecar_errors(timed_out, f"embedding forward {fid} could not be received"):
             try:
                 async with asyncio.timeout(self.timeout_s + 5.0):
@@ -84,13 +118,17 @@ class EmbeddingReceiver:
                         fid, EMBEDDING_META_CHUNK, timeout=self.timeout_s, copy=True
                     )
                     got.append(EMBEDDING_META_CHUNK)
+                    received_all = True
             except asyncio.CancelledError:
                 # The request was cancelled (its caller hung up): chunks the encoder already delivered
                 # here are released now rather than at the sidecar's TTL.
                 await self._release_abandoned(fid, [c for c in ALL_CHUNKS if c not in got])
                 raise
             finally:
-                await self._release(fid, got)
+                if received_all:  # both copied: the prefill need not wait for the release
+                    self._release_later(fid, got)
+                else:
+                    await self._release(fid, got)
         try:
             meta = EmbeddingMeta.model_validate(raw_meta)
         except ValidationError as exc:

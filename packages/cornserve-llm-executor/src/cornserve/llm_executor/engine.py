@@ -216,7 +216,14 @@ class Engine:
         """The sequence's token events; each must arrive within `timeout_s` (a stuck engine is an error)."""
         while True:
             try:
-                event = await asyncio.wait_for(seq.events.get(), timeout_s)
+                # An event already queued is taken at once; otherwise wait under a deadline scope
+                # (not `wait_for`, which wraps every wait in a new task: per token on the loop
+                # thread, whose time the model's thread competes with for the GIL).
+                if seq.events.empty():
+                    async with asyncio.timeout(timeout_s):
+                        event = await seq.events.get()
+                else:
+                    event = seq.events.get_nowait()
             except TimeoutError:
                 seq.cancel()
                 raise GenerationFailed(

@@ -83,6 +83,7 @@ class LLMExecutor:
         if s.receive_embeddings:
             assert sidecar is not None
             receiver = EmbeddingReceiver(sidecar, s.embedding_timeout_s)
+            self._closers.append(receiver.close)  # before the sidecar client closes: its releases finish
         engine = Engine(
             loaded, s.max_batch_size, decode_batching=s.decode_batching, max_waiting=s.max_waiting
         )

@@ -41,18 +41,13 @@ from cornserve.llm_executor.prompt import (
     prepare_with_media,
 )
 from cornserve.llm_executor.sampling import SamplingParams
+from cornserve.llm_executor.sse import ChunkLines, sse_line
 from cornserve.llm_executor.talker import TalkerRoute
 from cornserve.models.media import MediaBusyError, MediaError, MediaTooLargeError
 from cornserve.models.media_pool import MediaPool
 from cornserve.runtime.tracing import end_span, start_span
 from cornserve.sidecar import Sidecar
-from cornserve.task.builtins.chat import (
-    ChatCompletionChunk,
-    ChatCompletionRequest,
-    ChoiceDelta,
-    ChunkChoice,
-    Usage,
-)
+from cornserve.task.builtins.chat import ChatCompletionRequest, Usage
 from cornserve.task.builtins.modality import Modality
 from cornserve.task.builtins.thinker_talker import (
     GENERATE_FROM_EMBEDS_PATH,
@@ -417,11 +412,6 @@ class ChatServer:
             }
         )
 
-    def _chunk(self, completion: Completion, **fields: Any) -> ChatCompletionChunk:
-        return ChatCompletionChunk(
-            id=completion.id, created=completion.created, model=completion.model, **fields
-        )
-
     async def _stream(
         self,
         request: web.Request,
@@ -438,42 +428,32 @@ class ChatServer:
             }
         )
         await response.prepare(request)
-
-        async def send(payload: str) -> None:
-            await response.write(f"data: {payload}\n\n".encode())
-
+        lines = ChunkLines(completion.id, completion.created, completion.model)
+        # The lines of one piece leave in one write: the role chunk with the first token, the last
+        # token with the finish, usage and [DONE] lines (one socket write and one wakeup of the
+        # reader each, instead of one per line).
+        out: list[bytes] = [lines.role()]
         try:
-            await send(
-                self._chunk(
-                    completion, choices=[ChunkChoice(delta=ChoiceDelta(role="assistant", content=""))]
-                ).model_dump_json(exclude_none=True)
-            )
             piece: Piece | None = first
             while piece is not None:
                 if piece.text:
-                    chunk = self._chunk(
-                        completion, choices=[ChunkChoice(delta=ChoiceDelta(content=piece.text))]
-                    )
-                    await send(chunk.model_dump_json(exclude_none=True))
+                    out.append(lines.content(piece.text))
                 if piece.finish_reason is not None:
-                    chunk = self._chunk(
-                        completion,
-                        choices=[ChunkChoice(delta=ChoiceDelta(), finish_reason=piece.finish_reason)],
-                    )
-                    await send(chunk.model_dump_json(exclude_none=True))
+                    out.append(lines.finish(piece.finish_reason))
                     break
+                if out:
+                    await response.write(b"".join(out))
+                    out.clear()
                 piece = await anext(pieces, None)
             if include_usage:
-                await send(
-                    self._chunk(completion, choices=[], usage=completion.usage).model_dump_json(
-                        exclude_none=True
-                    )
-                )
-            await send("[DONE]")
+                out.append(lines.usage(completion.usage))
+            out.append(sse_line("[DONE]"))
+            await response.write(b"".join(out))
         except ExecutorRequestError as exc:
             self.requests_failed += 1
             logger.warning("request %s failed while streaming: %s", completion.id, exc.message)
-            await send(json.dumps(exc.body()))
+            out.append(sse_line(json.dumps(exc.body())))
+            await response.write(b"".join(out))
         except ConnectionResetError:
             logger.info("client of request %s went away", completion.id)
             completion.seq.cancel()
