@@ -165,10 +165,7 @@ class EmbeddingReceiver:
             logger.info("releasing the chunks of cancelled forward %s took over %g s", fid, ABANDON_TIMEOUT_S)
 
     async def _release(self, fid: str, chunks: list[int]) -> None:
-        """Mark the received chunks done, all at once (this is on the first token's path).
-
-        A chunk that never arrived is expired by the sidecar's TTL.
-        """
+        """Mark the received chunks done, all at once; a chunk that never arrived is expired by the sidecar's TTL."""
         await asyncio.gather(*(self._release_one(fid, chunk) for chunk in chunks))
 
     async def _release_one(self, fid: str, chunk: int) -> None:
