@@ -9,7 +9,6 @@ bytes to the next writer (it happened in the cluster tests: another request's te
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
 
 from cornserve.bus.sidecar import DataMeta, Location, SendRequest, SidecarAck
@@ -31,10 +30,9 @@ async def test_a_put_does_not_free_a_reservation_that_reused_its_offset() -> Non
         offset = req.location.offset
         memory.take_unsent(offset)  # the send owns the bytes now
         memory.free(offset)  # its consumers released them at once
-        again = await memory.allocate(req.location.size, 1.0)  # another request reserves the block
-        memory.unsent[again] = time.monotonic()
-        reused.append(again)
-        assert again == offset
+        again = await memory.reserve(req.location.size, 1.0)  # another request reserves the block
+        reused.append(again.offset)
+        assert again.offset == offset
         return me.ack(req.request_id)
 
     endpoint = LocalEndpoint(me, memory, {}, send, None)

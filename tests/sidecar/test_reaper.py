@@ -8,6 +8,7 @@ import logging
 import pytest
 from tests.support.waiting import wait_for
 
+from cornserve.sidecar.allocation import Reservation
 from cornserve.sidecar.holdings import Held
 from cornserve.sidecar.server import SidecarServer
 
@@ -25,9 +26,10 @@ async def test_reaper_survives_a_failing_sweep_and_still_frees_the_rest(
         tcp_host="127.0.0.1",
     )
     memory = server.memory
-    memory.unsent[1 << 30] = 0.0  # an entry whose free raises (no such block): the injected fault
+    # An entry whose free raises (no such block): the injected fault.
+    memory.unsent[1 << 30] = Reservation(1 << 30, 4096, created=0.0)
     good_unsent = memory.alloc.alloc(1000)
-    memory.unsent[good_unsent] = 0.0
+    memory.unsent[good_unsent] = Reservation(good_unsent, memory.alloc.size_of(good_unsent), created=0.0)
     server.holdings.held[("bad", 0)] = Held(offset=12345)  # free raises here too
     good_held = memory.alloc.alloc(1000)
     server.holdings.held[("good", 0)] = Held(offset=good_held)
@@ -60,6 +62,6 @@ def test_one_sweep_reports_its_failures_without_raising() -> None:
         ttl_s=0.05,
         tcp_host="127.0.0.1",
     )
-    server.memory.unsent[1 << 30] = 0.0
+    server.memory.unsent[1 << 30] = Reservation(1 << 30, 4096, created=0.0)
     assert server.reap() == 1
     assert server.reap() == 0  # the broken entry was dropped, not retried forever

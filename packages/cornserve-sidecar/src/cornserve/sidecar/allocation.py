@@ -2,6 +2,13 @@
 
 Waiting for memory never blocks other requests: an allocation that does not fit waits on an event
 that every free replaces, up to its own deadline.
+
+A reservation not sent yet is a :class:`Reservation` object, and giving one back goes by that
+object, not by its offset: once a reservation is sent, its block can be released by its consumers
+and the same offset reserved again by another request before the first holder looks again, and a
+holder that freed "whatever is reserved at this offset" would free the new owner's block (a
+use-after-free: another request's tensor read). Only the client protocol speaks in offsets (its
+``send`` and ``free`` name one); the server's own holders (a ``put``, the reaper) keep the object.
 """
 
 from __future__ import annotations
@@ -9,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from dataclasses import dataclass, field
 
 from cornserve.bus.micro import ServiceFault
 from cornserve.bus.sidecar import AllocReply, AllocRequest, FreeRequest, SidecarAck
@@ -16,6 +24,18 @@ from cornserve.sidecar.after_start import AfterStart
 from cornserve.sidecar.allocator import Allocator, OutOfMemory, aligned
 from cornserve.sidecar.arena import Arena
 from cornserve.sidecar.identity import ServerIdentity
+
+
+@dataclass(eq=False)
+class Reservation:
+    """Arena bytes handed out and not yet sent or freed (compared by identity, see the module)."""
+
+    offset: int
+    size: int
+    """The block's size (what the allocator counts)."""
+    spare: bool = False
+    """Reserved ahead by a client for its next send (``AllocRequest.spare``): reported apart."""
+    created: float = field(default_factory=time.monotonic)
 
 
 class ArenaMemory:
@@ -26,10 +46,8 @@ class ArenaMemory:
         self.size = aligned(arena_bytes)
         self.alloc = Allocator(self.size)
         self._arena = AfterStart[Arena]("arena")
-        self.unsent: dict[int, float] = {}
-        """Offsets handed to clients by ``alloc`` and not yet sent or freed, with when."""
-        self.spares: dict[int, int] = {}
-        """The unsent offsets that clients reserved ahead (``AllocRequest.spare``), with their block sizes."""
+        self.unsent: dict[int, Reservation] = {}
+        """Reservations handed out and not yet sent or freed, by offset."""
         self._freed = asyncio.Event()
 
     def open(self, arena: Arena) -> None:
@@ -89,33 +107,49 @@ class ArenaMemory:
             rank=self._me.rank,
         )
 
-    def take_unsent(self, offset: int) -> None:
-        """A reservation is being sent: it is no longer the client's to free."""
-        del self.unsent[offset]
-        self.spares.pop(offset, None)
+    async def reserve(self, size: int, timeout: float, spare: bool = False) -> Reservation:
+        """Allocate (waiting up to ``timeout``) and record the block as not sent yet."""
+        offset = await self.allocate(size, timeout)
+        reservation = self.unsent[offset] = Reservation(offset, self.alloc.size_of(offset), spare)
+        return reservation
+
+    def take_unsent(self, offset: int) -> Reservation:
+        """The reservation at ``offset`` is being sent: it is no longer its holder's to give back."""
+        return self.unsent.pop(offset)
+
+    def give_back(self, reservation: Reservation) -> bool:
+        """Free ``reservation`` if it is still unsent; whether it was (a sent one is not ours to free).
+
+        The entry is forgotten before the bytes are freed, so a free that fails is not retried forever.
+        """
+        if self.unsent.get(reservation.offset) is not reservation:
+            return False
+        del self.unsent[reservation.offset]
+        self.free(reservation.offset)
+        return True
 
     def discard_unsent(self, offset: int) -> None:
-        """Forget a reservation and free its bytes."""
-        del self.unsent[offset]
-        self.spares.pop(offset, None)
-        self.free(offset)
+        """Free the unsent reservation at ``offset`` (a client's ``free``, a refused ``send``)."""
+        self.give_back(self.unsent[offset])
 
     @property
     def spare_bytes(self) -> int:
         """Bytes of the spare reservations held now (a handful per client)."""
-        return sum(self.spares.values())
+        return sum(r.size for r in self.unsent.values() if r.spare)
+
+    @property
+    def spare_count(self) -> int:
+        """Spare reservations held now."""
+        return sum(1 for r in self.unsent.values() if r.spare)
 
     async def on_alloc(self, req: AllocRequest) -> AllocReply:
         """Reserve space a producer will write into (copy-in or ``Sidecar.alloc_tensor``)."""
-        offset = await self.allocate(req.size, req.timeout)
-        self.unsent[offset] = time.monotonic()
-        if req.spare:
-            self.spares[offset] = self.alloc.size_of(offset)
+        reservation = await self.reserve(req.size, req.timeout, req.spare)
         return AllocReply(
             request_id=req.request_id,
             instance=self._me.instance,
             arena=self.arena.name,
-            offset=offset,
+            offset=reservation.offset,
             size=req.size,
         )
 

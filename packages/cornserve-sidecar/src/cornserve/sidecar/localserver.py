@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,19 +221,18 @@ class LocalEndpoint:
             await reader.readexactly(size)
             return _error(req.request_id, 400, "bad_request", "put: location size, meta and payload differ")
         try:
-            offset = await self._memory.allocate(size, req.timeout)
+            reservation = await self._memory.reserve(size, req.timeout)
         except ServiceFault as fault:
             await reader.readexactly(size)
             return _error(req.request_id, fault.code, fault.error, fault.message, fault.details)
+        offset = reservation.offset
         try:
             if size:
                 view = self._memory.arena.view
                 view[offset : offset + size] = await reader.readexactly(size)
         except BaseException:
-            self._memory.free(offset)
+            self._memory.give_back(reservation)
             raise
-        created = time.monotonic()
-        self._memory.unsent[offset] = created
         located = req.model_copy(
             update={
                 "instance": self._me.instance,
@@ -244,12 +242,9 @@ class LocalEndpoint:
         try:
             return await _answer(self._send(located), req.request_id, PUT)
         finally:
-            # Free the reservation only if it is still this put's: the send failed before taking the
-            # bytes. Once taken, the block can be released by its consumers and reserved again by
-            # another put or alloc before we get here; that one's entry (a different `created` object)
-            # must not be freed under it (that was a use-after-free: another request's tensor read).
-            if self._memory.unsent.get(offset) is created:
-                self._memory.discard_unsent(offset)
+            # Gives back only this put's own reservation, if the send failed before taking it: once
+            # taken, the block may already be released and its offset reserved by another request.
+            self._memory.give_back(reservation)
 
 
 async def _answer(work: Awaitable[BaseModel], request_id: str, verb: str) -> tuple[int, bytes]:

@@ -92,13 +92,13 @@ class Reaper:
         )
 
     def _reap_unsent(self, cutoff: float) -> None:
-        for offset, created in list(self.memory.unsent.items()):
-            if created < cutoff:
-                self.memory.discard_unsent(offset)  # forgets the entry before freeing its bytes
+        for reservation in list(self.memory.unsent.values()):
+            if reservation.created < cutoff:
+                self.memory.give_back(reservation)  # forgets the entry before freeing its bytes
                 logger.warning(
                     "rank %d: unsent allocation at %d expired after %.1fs",
                     self.me.rank,
-                    offset,
+                    reservation.offset,
                     self.me.ttl_s,
                 )
 

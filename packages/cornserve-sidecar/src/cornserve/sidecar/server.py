@@ -337,7 +337,7 @@ class SidecarServer:
     def stats(self, request_id: str = "") -> StatsReply:
         """Arena usage and counters, now (also what the metrics port reports)."""
         usage = ArenaUsage.model_validate(self.memory.alloc, from_attributes=True)
-        spare_bytes, spare_allocs = self.memory.spare_bytes, len(self.memory.spares)
+        spare_bytes, spare_allocs = self.memory.spare_bytes, self.memory.spare_count
         counted = {  # clients' spare reservations are reported apart (`cornserve.sidecar.spares`)
             "used_bytes": usage.used_bytes - spare_bytes,
             "allocations": usage.allocations - spare_allocs,
