@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -39,6 +39,7 @@ from cornserve.runtime.tracing import TRACEPARENT, inject_headers
 logger = logging.getLogger(__name__)
 
 R = TypeVar("R", bound=BaseModel)
+T = TypeVar("T")
 
 SMALL_PAYLOAD_BYTES = 256 << 10
 """A payload up to this size is copied behind its frame and written with it in one call."""
@@ -85,38 +86,35 @@ class LocalChannel:
         self, verb: str, msg: BaseModel, reply: type[R], timeout: float, payload: bytes | memoryview = b""
     ) -> R:
         """One request; raises the bus's :class:`RequestTimeout` at ``timeout``, as a NATS request would."""
-        if self._closed:
-            raise LocalUnavailable(f"channel to {self.path} is closed")
-        conn: _Conn | None = None
-        try:
-            async with asyncio.timeout(timeout):
-                conn = self._idle.pop() if self._idle else await self._open()
-                code, body = await _exchange(conn, verb, msg.model_dump_json().encode(), payload)
-        except TimeoutError:
-            if conn is not None:
-                conn.close()
-            raise RequestTimeout(f"{self.path} ({verb})", timeout) from None
-        except (OSError, asyncio.IncompleteReadError, LocalUnavailable) as exc:
-            if conn is not None:
-                conn.close()
-            raise LocalUnavailable(f"control socket {self.path}: {exc!r}") from None
-        except BaseException:
-            if conn is not None:
-                conn.close()
-            raise
-        self._release(conn)
+        body = msg.model_dump_json().encode()
+        code, answer = await self._on_connection(
+            verb, timeout, lambda conn: _exchange(conn, verb, body, payload)
+        )
         try:
             if code != OK:
-                raise LocalErrorReply(self.path, code, ErrorReply.model_validate_json(body))
-            return reply.model_validate_json(body)
+                raise LocalErrorReply(self.path, code, ErrorReply.model_validate_json(answer))
+            return reply.model_validate_json(answer)
         except ValidationError as exc:
             raise LocalUnavailable(f"control socket {self.path}: malformed reply: {exc}") from None
 
     async def tell(self, verb: str, msg: BaseModel, timeout: float) -> None:
         """One request without a reply (`ONE_WAY`): returns once it is written; no answer is read.
 
-        Raises :class:`LocalUnavailable` if the socket failed and the bus's :class:`RequestTimeout`
-        at ``timeout`` (a connection is opened if none is idle).
+        Fails as :meth:`call` does (a connection is opened if none is idle).
+        """
+        body = msg.model_dump_json().encode()
+
+        async def one_way(conn: _Conn) -> None:
+            _write(conn, verb, body, b"", one_way=True)
+            await conn.writer.drain()
+
+        await self._on_connection(verb, timeout, one_way)
+
+    async def _on_connection(self, verb: str, timeout: float, work: Callable[[_Conn], Awaitable[T]]) -> T:
+        """Run ``work`` on an idle (or new) connection within ``timeout``, then pool it again.
+
+        A connection whose work failed or timed out is closed (a late reply must not answer the next
+        request); a failure of the socket itself is :class:`LocalUnavailable`.
         """
         if self._closed:
             raise LocalUnavailable(f"channel to {self.path} is closed")
@@ -124,8 +122,7 @@ class LocalChannel:
         try:
             async with asyncio.timeout(timeout):
                 conn = self._idle.pop() if self._idle else await self._open()
-                _write(conn, verb, msg.model_dump_json().encode(), b"", one_way=True)
-                await conn.writer.drain()
+                result = await work(conn)
         except TimeoutError:
             if conn is not None:
                 conn.close()
@@ -139,6 +136,7 @@ class LocalChannel:
                 conn.close()
             raise
         self._release(conn)
+        return result
 
     async def _open(self) -> _Conn:
         reader, writer = await asyncio.open_unix_connection(str(self.path))
