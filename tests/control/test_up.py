@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import os
 import queue
+import random
 import re
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -30,12 +32,32 @@ DEADLINE = 180.0
 URL_LINE = re.compile(r"Cornserve is up in [\d.]+s: (http://\S+)")
 
 
+def port_outside_ephemeral_range() -> int:
+    """A free port below the kernel's ephemeral range, for `up --port`.
+
+    `free_port` returns an ephemeral port that is free only until something else binds port 0, and
+    `up` starts many children that do (nats-servers, sidecars' TCP listeners) before its gateway
+    binds `--port`: once, one of them had taken the gateway's port first ("address already in use").
+    A port the kernel never hands out for port 0 cannot be taken that way.
+    """
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    candidates = list(range(max(1024, low - 8192), low))
+    for port in random.sample(candidates, min(64, len(candidates))):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    return free_port()
+
+
 class UpProcess:
     """`cornserve up` in its own process group, its output read line by line by a thread."""
 
     def __init__(self, state_dir: Path, *extra: str) -> None:
         self.state_dir = state_dir
-        self.port = free_port()
+        self.port = port_outside_ephemeral_range()
         self.proc = subprocess.Popen(
             [
                 sys.executable,
