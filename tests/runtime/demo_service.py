@@ -50,6 +50,7 @@ class DemoSettings(ServiceSettings):
 @asynccontextmanager
 async def serve(settings: DemoSettings, nc: Client) -> AsyncIterator[None]:
     logger.info("starting")
+    logger.info("loop module %s", type(asyncio.get_running_loop()).__module__.split(".")[0])
     await asyncio.sleep(settings.wait_s)
     if settings.fail == "expected":
         raise DemoStartupError("configured to fail")

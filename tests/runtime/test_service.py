@@ -117,3 +117,22 @@ def test_a_service_that_stops_itself_with_a_code_drains_then_exits_with_it(nats_
     code, err = finish(start("service", "--nats-url", nats_url, "--stop-after-s", "0.5", "--stop-code", "3"))
     assert code == 3, err
     assert "drained" in err
+
+
+@pytest.mark.parametrize(("choice", "loop"), [(None, "uvloop"), ("auto", "uvloop"), ("asyncio", "asyncio")])
+def test_services_run_on_uvloop_unless_told_otherwise(nats_url: str, choice: str | None, loop: str) -> None:
+    env = {} if choice is None else {"CORNSERVE_EVENT_LOOP": choice}
+    proc = start("service", "--nats-url", nats_url, env=env)
+    lines = wait_for_line(proc, "demo serving")
+    said = [x["message"] for x in lines if "event loop" in str(x["message"])]
+    assert said == [f"running on the {loop} event loop"], said
+    assert any(x["message"] == f"loop module {loop}" for x in lines), lines
+    proc.send_signal(signal.SIGTERM)
+    assert finish(proc)[0] == 0
+
+
+def test_an_unknown_event_loop_is_a_bad_setting() -> None:
+    proc = start("service", env={"CORNSERVE_EVENT_LOOP": "tokio"})
+    code, err = finish(proc)
+    assert code == 2
+    assert "event_loop" in err or "EVENT_LOOP" in err, err

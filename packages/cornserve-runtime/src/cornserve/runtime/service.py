@@ -23,6 +23,7 @@ from typing import Protocol, TypeVar
 
 from nats.aio.client import Client
 
+from cornserve.runtime.eventloop import run_on_loop
 from cornserve.runtime.logging import configure_logging
 from cornserve.runtime.metrics import MetricsPort
 from cornserve.runtime.nats import NatsAuthError, NatsConnectTimeout, connect_nats
@@ -121,12 +122,13 @@ def run_service(
     """Run the service `serve` builds from `settings_type`'s settings and a NATS connection; the exit code."""
     settings, tracing = _settings_and_logging(settings_type, argv)
     with _traced(tracing):
-        return asyncio.run(
+        return run_on_loop(
+            settings.event_loop,
             serve_until_signal(
                 settings,
                 _with_nats(serve),
                 (*expected_errors, NatsConnectTimeout, NatsAuthError, NatsCredentialsError),
-            )
+            ),
         )
 
 
@@ -140,7 +142,7 @@ def run_process(
     """`run_service` for a process that manages its own NATS connection (the sidecar server)."""
     settings, tracing = _settings_and_logging(settings_type, argv)
     with _traced(tracing):
-        return asyncio.run(serve_until_signal(settings, serve, expected_errors))
+        return run_on_loop(settings.event_loop, serve_until_signal(settings, serve, expected_errors))
 
 
 def run_executor(
@@ -153,7 +155,9 @@ def run_executor(
     """Run the executor `make_server` builds (port first, then initialisation); returns the exit code."""
     settings, tracing = _settings_and_logging(settings_type, argv)
     with _traced(tracing):
-        return asyncio.run(run_executor_until_signal(settings, make_server(settings), expected_errors))
+        return run_on_loop(
+            settings.event_loop, run_executor_until_signal(settings, make_server(settings), expected_errors)
+        )
 
 
 def _settings_and_logging(settings_type: type[S], argv: Sequence[str] | None) -> tuple[S, Tracing]:

@@ -26,6 +26,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # Re-exported next to nats_url_from_env: a library reads its NATS URL and credentials from one place.
+from cornserve.runtime.eventloop import EventLoopChoice, uvloop_installed
 from cornserve.runtime.natscreds import NATS_CREDS_ENV as NATS_CREDS_ENV
 from cornserve.runtime.natscreds import nats_creds_from_env as nats_creds_from_env
 
@@ -43,6 +44,13 @@ def nats_url_from_env() -> str:
     that has no settings model of its own.
     """
     return os.environ.get(NATS_URL_ENV) or DEFAULT_NATS_URL
+
+
+def _loop_available(choice: EventLoopChoice) -> EventLoopChoice:
+    """An explicit ``uvloop`` must be importable: a bad setting, reported at start-up (exit 2)."""
+    if choice == "uvloop" and not uvloop_installed():
+        raise ValueError("uvloop is not installed here; use auto or asyncio")
+    return choice
 
 
 EXIT_BAD_SETTINGS = 2
@@ -184,6 +192,8 @@ class ServiceSettings(BaseSettings):
     For processes without HTTP; those with HTTP also answer /metrics on their own port."""
     metrics_host: str = "127.0.0.1"
     """Address of the metrics port (loopback unless a scraper on another host needs it)."""
+    event_loop: Annotated[EventLoopChoice, AfterValidator(_loop_available), Flag(env_only=True)] = "auto"
+    """``CORNSERVE_EVENT_LOOP``: auto (uvloop when installed), uvloop (or fail), asyncio (the standard loop)."""
 
     @property
     def nats_client_name(self) -> str:
