@@ -13,6 +13,8 @@ import os
 import re
 from pathlib import Path
 
+from cornserve.sidecar.ownership import lock_owned, owned_by_a_live_process
+
 logger = logging.getLogger(__name__)
 
 SHM_DIR = Path("/dev/shm")
@@ -47,11 +49,15 @@ class Arena:
         self.path = arena_path(name)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
+            lock_owned(fd)  # held until close: another server's clean-up leaves a live arena alone
             os.fchmod(fd, 0o600)  # umask-proof
             os.ftruncate(fd, size)
             self.mmap = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        finally:
+        except BaseException:
             os.close(fd)
+            self.path.unlink(missing_ok=True)
+            raise
+        self._owner_fd = fd
         advise_huge_pages(self.mmap)
         self.view = memoryview(self.mmap)
 
@@ -65,6 +71,9 @@ class Arena:
         """Unlink the file; mappings held by clients stay valid until they drop them."""
         self.view.release()
         self.path.unlink(missing_ok=True)
+        if self._owner_fd >= 0:
+            os.close(self._owner_fd)
+            self._owner_fd = -1
         try:
             self.mmap.close()
         except BufferError:
@@ -75,10 +84,15 @@ class Arena:
 
     @staticmethod
     def remove_stale(node: str, rank: int) -> list[str]:
-        """Delete arenas left behind by crashed instances of the same (node, rank)."""
+        """Delete arenas left behind by crashed instances of the same (node, rank).
+
+        An arena a live server still owns (another cluster's on this machine) is left alone.
+        """
         prefix = stale_prefix(node, rank)
         removed = []
         for p in SHM_DIR.glob(prefix + "*"):
+            if owned_by_a_live_process(p):
+                continue
             p.unlink(missing_ok=True)
             removed.append(p.name)
         return removed

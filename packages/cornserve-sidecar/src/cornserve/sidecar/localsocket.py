@@ -17,6 +17,7 @@ from pathlib import Path
 
 from cornserve.bus.sidecar_local import SOCKET_NAME
 from cornserve.sidecar.arena import SHM_DIR
+from cornserve.sidecar.ownership import owned_by_a_live_process
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +56,18 @@ def remove_socket_dir(path: Path) -> None:
 
 
 def remove_stale_sockets(node: str, rank: int) -> list[str]:
-    """Delete socket directories left behind by crashed instances of the same (node, rank)."""
+    """Delete socket directories left behind by crashed instances of the same (node, rank).
+
+    A directory a live server still owns (another cluster's on this machine) is left alone.
+    """
     removed = []
     for p in SHM_DIR.glob(f"{PREFIX}{_node_part(node)}-r{rank}-*"):
-        if p.is_dir() and not p.is_symlink() and p.stat().st_uid == os.getuid():
+        if (
+            p.is_dir()
+            and not p.is_symlink()
+            and p.stat().st_uid == os.getuid()
+            and not owned_by_a_live_process(p)
+        ):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p.name)
     return removed

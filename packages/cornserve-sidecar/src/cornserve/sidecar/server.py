@@ -76,6 +76,7 @@ from cornserve.sidecar.localserver import LocalEndpoint, Route
 from cornserve.sidecar.localsocket import create_socket_dir, remove_socket_dir, remove_stale_sockets
 from cornserve.sidecar.metrics import watch_arena
 from cornserve.sidecar.outbox import Outbox
+from cornserve.sidecar.ownership import OwnedDir
 from cornserve.sidecar.peerauth import PeerKey, load_peer_key
 from cornserve.sidecar.peers import Peers
 from cornserve.sidecar.reaper import Reaper
@@ -143,6 +144,7 @@ class SidecarServer:
         )
         self._runner = HandlerRunner()
         self._local: LocalEndpoint | None = None
+        self._socket_dir: OwnedDir | None = None
         self._nc: Client | None = None
         self._service: Service | None = None
         self._tcp: TcpReceiver | None = None
@@ -255,10 +257,12 @@ class SidecarServer:
         }
         endpoint = LocalEndpoint(self.me, self.memory, routes, self.outbox.on_send, key)
         path = create_socket_dir(self.me.node, self.rank, self.instance)
+        self._socket_dir = OwnedDir(path.parent)
         try:
             await endpoint.start(path)
         except BaseException:
             remove_socket_dir(path)
+            self._socket_dir.release()
             raise
         self._local = endpoint
 
@@ -300,6 +304,8 @@ class SidecarServer:
         finally:
             if self._local is not None and self._local.path is not None:
                 remove_socket_dir(self._local.path)
+            if self._socket_dir is not None:
+                self._socket_dir.release()
             if self.memory.is_open:
                 self.memory.arena.close()
             try:
