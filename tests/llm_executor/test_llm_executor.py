@@ -547,6 +547,7 @@ def test_device_cuda_without_cuda_exits_1_saying_so(tiny_models: dict[str, Path]
     assert "--device cuda:0: no CUDA device is visible" in proc.stderr
 
 
+@pytest.mark.slow  # ~11 s plus teardown: loading fails only after the import of torch and transformers
 def test_a_model_that_cannot_load_exits_1(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "cornserve.llm_executor", "--model-id", str(tmp_path / "missing"),

@@ -117,6 +117,7 @@ def test_auto_classes_generate_offline(
     assert isinstance(processor.decode(new), str)
 
 
+@pytest.mark.slow  # ~12 s (a pseudo-terminal and a whole build)
 def test_cli_draws_a_progress_bar_on_a_terminal(tmp_path: Path) -> None:
     code, text = run_in_terminal(
         [sys.executable, "-m", "cornserve.cli.main", "models", "tiny", "llava", str(tmp_path / "l")],

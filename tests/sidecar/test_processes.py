@@ -17,6 +17,7 @@ def run_producer(rank, dst, id_, mode):
     return subprocess.Popen([sys.executable, str(PRODUCER), str(rank), str(dst), id_, mode])
 
 
+@pytest.mark.slow  # ~10 s each; the in-process transfer tests cover the same paths
 @pytest.mark.parametrize("nodes", [["n1", "n1"], ["n1", "n2"]], ids=["shm", "tcp"])
 async def test_producer_process_to_consumer_process(sidecars, env_nats, stats_of, nodes):
     a, b = await sidecars(2, nodes=nodes)
