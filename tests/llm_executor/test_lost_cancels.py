@@ -3,8 +3,8 @@
 A sidecar call is a NATS request, which nats-py awaits with `asyncio.wait_for`; on Python 3.11 a
 cancel that lands in the loop turn in which the reply arrives is swallowed (`wait_for` returns the
 reply). The race is one loop turn wide, so it is set up with stand-in sidecars whose calls are
-exactly such `wait_for`s (as `test_input_embeds_feed.py` does for the talker's feed): the reply is
-set and the cancel asked in the same turn.
+exactly such `wait_for`s (`waitfor.py`, as for the talker's feed): the reply is set and the cancel
+asked in the same turn.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from tests.llm_executor.waitfor import WaitForSidecar, loop_turns
 from tests.support.waiting import wait_for
 
 from cornserve.llm_executor.embeddings import EmbeddingReceiver
@@ -23,29 +24,22 @@ from cornserve.task.builtins.embedding import EMBEDDING_META_CHUNK, EMBEDDING_TE
 from cornserve.task.builtins.thinker_talker import HiddenStatesTarget
 
 
-class Replies:
-    """One future per call key, answered by the test; a call waits on it with `asyncio.wait_for`."""
+class SendingSidecar:
+    """What `StreamWriter` calls; each call waits with `asyncio.wait_for` for the test's reply to it."""
+
+    rank = 0
 
     def __init__(self) -> None:
         self.futures: dict[Any, asyncio.Future[Any]] = {}
+        self.sent: list[int] = []
+        self.closed_streams: list[str] = []
+        self.watching = False
 
     def of(self, key: Any) -> asyncio.Future[Any]:
         return self.futures.setdefault(key, asyncio.get_running_loop().create_future())
 
     async def wait(self, key: Any, timeout: float | None) -> Any:
         return await asyncio.wait_for(self.of(key), timeout)
-
-
-class SendingSidecar(Replies):
-    """What `StreamWriter` calls; each chunk's send waits for the test's reply."""
-
-    rank = 0
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.sent: list[int] = []
-        self.closed_streams: list[str] = []
-        self.watching = False
 
     async def watch_releases(self, id: str) -> None:
         self.watching = True
@@ -66,18 +60,13 @@ class SendingSidecar(Replies):
         self.closed_streams.append(id)
 
 
-async def _turns(n: int = 20) -> None:
-    for _ in range(n):
-        await asyncio.sleep(0)
-
-
 async def test_an_abort_in_the_turn_a_send_completes_still_stops_the_sender() -> None:
     sidecar = SendingSidecar()
     forward = DataForward[Stream[Tensor]](dst_sidecar_ranks=[[1]])
     target = HiddenStatesTarget(forward=forward, tokens_per_chunk=1, window=4)
     sender = HiddenStateSender(sidecar, target, timeout_s=60)  # type: ignore[arg-type]
     sender.push(torch.zeros(4))
-    await _turns()
+    await loop_turns()
     assert sidecar.watching and ("sent", 0) in sidecar.futures  # chunk 0's send waits for its reply
     sidecar.of(("sent", 0)).set_result(None)  # the reply arrives ...
     sender.abort()  # ... in the same loop turn as the abort
@@ -86,30 +75,14 @@ async def test_an_abort_in_the_turn_a_send_completes_still_stops_the_sender() ->
     assert not sidecar.watching and sidecar.closed_streams == []  # abandoned, never closed
 
 
-class ReceivingSidecar(Replies):
-    """What `EmbeddingReceiver` calls; each chunk's receive waits for the test's reply."""
-
-    rank = 0
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.done: list[int] = []
-
-    async def recv(self, id: str, chunk: int = 0, timeout: float | None = None, copy: bool = False) -> Any:
-        return await self.wait(chunk, timeout)
-
-    async def mark_done(self, id: str, chunk: int = 0) -> None:
-        self.done.append(chunk)
-
-
 async def test_a_cancel_in_the_turn_the_tensor_arrives_ends_the_receive() -> None:
-    sidecar = ReceivingSidecar()
+    sidecar = WaitForSidecar()
     receiver = EmbeddingReceiver(sidecar, timeout_s=60)  # type: ignore[arg-type]
     forward = DataForward[Tensor](dst_sidecar_ranks=[[0]])
     receiving = asyncio.create_task(receiver.receive_all([forward]))
-    await _turns()
-    assert EMBEDDING_TENSOR_CHUNK in sidecar.futures
-    sidecar.of(EMBEDDING_TENSOR_CHUNK).set_result(torch.zeros(2, 4))  # the tensor arrives ...
+    await loop_turns()
+    assert EMBEDDING_TENSOR_CHUNK in sidecar.replies
+    sidecar.send(EMBEDDING_TENSOR_CHUNK, torch.zeros(2, 4))  # the tensor arrives ...
     receiving.cancel()  # ... in the same loop turn as the cancel; the meta chunk never comes
     await wait_for(lambda: receiving.done(), 10, "the cancelled receive to end (not wait for the meta chunk)")
     with pytest.raises(asyncio.CancelledError):
