@@ -25,12 +25,13 @@ stop the children's port-0 binds, and would take ports other software expects to
 
 from __future__ import annotations
 
+import errno
 import socket
 from types import TracebackType
 
 
 class PortInUse(RuntimeError):
-    """The port cannot be reserved: something listens on it already (or the address is not ours)."""
+    """The port cannot be reserved: something listens on it already (or it may not be bound at all)."""
 
 
 class PortReservation:
@@ -44,20 +45,24 @@ class PortReservation:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         except OSError as exc:
             raise PortInUse(f"cannot resolve {host!r} to reserve port {port}: {exc}") from None
-        try:
-            for family, kind, proto, _, address in dict.fromkeys(infos):
-                sock = socket.socket(family, kind, proto)
-                self._sockets.append(sock)
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 if family == socket.AF_INET6:  # as asyncio's server does: v6 only, v4 has its own
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 sock.bind(address)
-        except OSError as exc:
-            self.close()
-            raise PortInUse(
-                f"port {port} on {host} is in use ({exc.strerror or exc}); stop what listens there or "
-                "pass another --port"
-            ) from None
+            except OSError as exc:
+                sock.close()
+                if exc.errno == errno.EADDRNOTAVAIL:
+                    continue  # the family is not enabled here: asyncio's server skips it too
+                self.close()
+                if exc.errno == errno.EADDRINUSE:
+                    raise PortInUse(
+                        f"port {port} on {host} is in use; stop what listens there or pass another --port"
+                    ) from None
+                raise PortInUse(f"port {port} on {host} cannot be bound: {exc.strerror or exc}") from None
+            self._sockets.append(sock)
 
     def close(self) -> None:
         """Let the port go (the cluster stopped)."""
