@@ -24,6 +24,7 @@ import random
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,14 @@ class Sample:
     tokens: int | None = None
     error: str | None = None
 
+    def text_chunk(self) -> None:
+        """A text chunk arrived now."""
+        now = time.monotonic()
+        if self.first is None:
+            self.first = now
+        self.last = now
+        self.chunks += 1
+
     @property
     def ttft(self) -> float | None:
         return None if self.first is None else self.first - self.sent
@@ -152,6 +161,11 @@ class Result:
 
     def ok(self) -> list[Sample]:
         return [s for s in self.samples if s.error is None and s.done is not None]
+
+    def print_errors(self, where: str) -> None:
+        for s in self.samples:
+            if s.error:
+                print(f"  error ({where}): {s.error}")
 
     def row(self) -> list[str]:
         ok = self.ok()
@@ -286,10 +300,7 @@ async def one_request(session: aiohttp.ClientSession, url: str, body: dict[str, 
                 if item.get("completion_tokens") is not None:
                     sample.tokens = int(item["completion_tokens"])
                     continue
-                if sample.first is None:
-                    sample.first = time.monotonic()
-                sample.last = time.monotonic()
-                sample.chunks += 1
+                sample.text_chunk()
         sample.done = time.monotonic()
     except (aiohttp.ClientError, TimeoutError) as exc:
         sample.error = f"{type(exc).__name__}: {exc}"
@@ -316,10 +327,7 @@ async def one_direct_request(
                 # a random checkpoint's tokens often decode to no text yet (partial UTF-8).
                 for choice in chunk.get("choices", []):
                     if choice.get("delta", {}).get("content"):
-                        if sample.first is None:
-                            sample.first = time.monotonic()
-                        sample.last = time.monotonic()
-                        sample.chunks += 1
+                        sample.text_chunk()
         sample.done = time.monotonic()
     except (aiohttp.ClientError, TimeoutError) as exc:
         sample.error = f"{type(exc).__name__}: {exc}"
@@ -349,22 +357,13 @@ def direct_bodies(model: str, bodies: list[dict[str, Any]]) -> list[dict[str, An
 
 async def direct_run(executor_url: str, rate: float, bodies: list[dict[str, Any]], seed: int) -> Result:
     """The monolithic app's LLM executor called straight (no gateway, dispatcher or NATS), same arrivals."""
-    rng = random.Random(seed)
     result = Result("monolithic executor direct", f"{rate:g}")
     url = f"{executor_url}/v1/chat/completions"
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
-        start = time.monotonic()
-        tasks = []
-        for body in bodies:
-            sample = Sample(sent=time.monotonic())
-            result.samples.append(sample)
-            tasks.append(asyncio.create_task(one_direct_request(session, url, body, sample)))
-            await asyncio.sleep(rng.expovariate(rate))
-        await asyncio.gather(*tasks)
-        result.wall = time.monotonic() - start
-    for s in result.samples:
-        if s.error:
-            print(f"  error (direct @ {rate:g}/s): {s.error}")
+        await poisson_arrivals(
+            result, rate, seed, bodies, lambda body, s: one_direct_request(session, url, body, s)
+        )
+    result.print_errors(f"direct @ {rate:g}/s")
     return result
 
 
@@ -380,26 +379,35 @@ async def monolithic_executor_url(client: CornserveClient) -> str | None:
 async def poisson_run(
     gateway: str, token: str, app: str, rate: float, bodies: list[dict[str, Any]], seed: int
 ) -> Result:
-    """Send `bodies` with exponential inter-arrival gaps of mean 1/rate (`token`: the gateway's bearer token)."""
-    rng = random.Random(seed)
+    """Send `bodies` to an app with Poisson arrivals (`token`: the gateway's bearer token)."""
     result = Result(app, f"{rate:g}")
     url = f"{gateway}/apps/{app}/invoke"
     async with aiohttp.ClientSession(
         timeout=aiohttp.ClientTimeout(total=600), headers={"Authorization": f"Bearer {token}"}
     ) as session:
-        start = time.monotonic()
-        tasks = []
-        for body in bodies:
-            sample = Sample(sent=time.monotonic())
-            result.samples.append(sample)
-            tasks.append(asyncio.create_task(one_request(session, url, body, sample)))
-            await asyncio.sleep(rng.expovariate(rate))
-        await asyncio.gather(*tasks)
-        result.wall = time.monotonic() - start
-    for s in result.samples:
-        if s.error:
-            print(f"  error ({app} @ {rate:g}/s): {s.error}")
+        await poisson_arrivals(result, rate, seed, bodies, lambda body, s: one_request(session, url, body, s))
+    result.print_errors(f"{app} @ {rate:g}/s")
     return result
+
+
+async def poisson_arrivals(
+    result: Result,
+    rate: float,
+    seed: int,
+    bodies: list[dict[str, Any]],
+    send: Callable[[dict[str, Any], Sample], Coroutine[Any, Any, None]],
+) -> None:
+    """`send` each body with exponential inter-arrival gaps of mean 1/rate; the samples and wall time go to `result`."""
+    rng = random.Random(seed)
+    start = time.monotonic()
+    tasks: list[asyncio.Task[None]] = []
+    for body in bodies:
+        sample = Sample(sent=time.monotonic())
+        result.samples.append(sample)
+        tasks.append(asyncio.create_task(send(body, sample)))
+        await asyncio.sleep(rng.expovariate(rate))
+    await asyncio.gather(*tasks)
+    result.wall = time.monotonic() - start
 
 
 class InProcess:
@@ -517,9 +525,7 @@ async def paired_run(
         wall = time.monotonic() - start
     for result in results.values():
         result.wall = wall
-        for s in result.samples:
-            if s.error:
-                print(f"  error ({result.system}, paired): {s.error}")
+        result.print_errors(f"{result.system}, paired")
     return results
 
 

@@ -23,10 +23,17 @@ class Reports:
 
     def __init__(self) -> None:
         self.latest: dict[str, ExecutorUsage] = {}
+        self.routed: dict[str, dict[str, int]] = {}
+        """Each replica's cumulative routed counts, as the task manager keeps them (a report may name
+        only the counts that changed)."""
 
     async def on_usage(self, msg: Msg) -> None:
         usage = ExecutorUsage.model_validate_json(msg.data)
         self.latest[usage.replica_id] = usage
+        self.routed.setdefault(usage.replica_id, {}).update(usage.routed)
+
+    def routed_to(self, executor_id: str) -> int:
+        return sum(counts.get(executor_id, 0) for counts in self.routed.values())
 
     async def wait(self, version: int, outstanding: dict[str, int] | None = None) -> None:
         """Until both replicas report `version` (the acknowledgement), with `outstanding` if given."""
@@ -70,10 +77,10 @@ async def test_invocations_route_from_a_published_table_and_fall_back_when_it_fa
         # The replicas' cumulative counts (the task manager's routed counters) add up to the six calls,
         # none of them outstanding any more.
         async with asyncio.timeout(DEADLINE):
-            while sum(u.routed.get(executor.executor_id, 0) for u in reports.latest.values()) < 6:
+            while reports.routed_to(executor.executor_id) < 6:
                 await asyncio.sleep(0.02)
         await reports.wait(1, outstanding={})
-        assert sum(u.routed.get(executor.executor_id, 0) for u in reports.latest.values()) == 6
+        assert reports.routed_to(executor.executor_id) == 6
 
         # A table naming an executor that is gone: the invocation fails retryably (503), the replica
         # drops the table and asks the task manager, which answers with its live executor.

@@ -11,49 +11,12 @@ turn wide, so it is set up here with a stand-in sidecar whose receive is exactly
 
 from __future__ import annotations
 
-import asyncio
-from typing import Any
-
 import torch
+from tests.llm_executor.waitfor import HIDDEN, WaitForSidecar, loop_turns
 from tests.support.waiting import wait_for
 
 from cornserve.llm_executor.input_embeds import InputEmbedsReader
-from cornserve.sidecar.errors import AlreadyConsumed
 from cornserve.task import DataForward, Stream, Tensor
-
-HIDDEN = 4
-
-
-class WaitForSidecar:
-    """Chunks the test hands out one by one; a receive waits with `asyncio.wait_for`, as nats-py's request does."""
-
-    rank = 0
-
-    def __init__(self) -> None:
-        self.replies: dict[int, asyncio.Future[Any]] = {}
-        self.done: list[int] = []
-
-    def reply(self, chunk: int) -> asyncio.Future[Any]:
-        return self.replies.setdefault(chunk, asyncio.get_running_loop().create_future())
-
-    def send(self, chunk: int, value: Any = None) -> None:
-        self.reply(chunk).set_result(torch.full((HIDDEN,), float(chunk)) if value is None else value)
-
-    def close(self, chunks: int) -> None:
-        self.reply(chunks).set_result(None)
-
-    async def recv(self, id: str, chunk: int = 0, timeout: float | None = None, copy: bool = False) -> Any:
-        if chunk in self.done:
-            raise AlreadyConsumed(f"chunk {chunk} was already marked done")
-        return await asyncio.wait_for(self.reply(chunk), timeout)
-
-    async def mark_done(self, id: str, chunk: int = 0) -> None:
-        self.done.append(chunk)
-
-
-async def _turns(n: int = 20) -> None:
-    for _ in range(n):
-        await asyncio.sleep(0)
 
 
 async def test_a_stop_in_the_turn_a_chunk_arrives_still_drains_the_stream() -> None:
@@ -62,10 +25,10 @@ async def test_a_stop_in_the_turn_a_chunk_arrives_still_drains_the_stream() -> N
     feed = reader.open(DataForward[Stream[Tensor]](), HIDDEN, lambda: None)
     sidecar.send(0)
     sidecar.send(1)
-    await _turns()
+    await loop_turns()
     assert feed.received == 2 and sidecar.done == [0, 1]  # copied and released at once
     feed.consume(1)  # one row used: the feed reads chunk 2 (the read-ahead is 2 rows)
-    await _turns()
+    await loop_turns()
     sidecar.send(2)  # chunk 2's reply arrives ...
     feed.stop()  # ... in the same loop turn as the stop
     # The producer goes on and closes the stream: every chunk is released, the feed's task ends.

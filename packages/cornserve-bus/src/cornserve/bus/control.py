@@ -296,7 +296,9 @@ class ExecutorUsage(WireModel):
     outstanding: dict[str, int] = Field(max_length=4096)
     routed: dict[str, int] = Field(default_factory=dict, max_length=4096)
     """Invocations this replica has routed to each executor from this key's tables since it started
-    (cumulative, so a lost report loses nothing): the task manager's routed counters."""
+    (cumulative, so a lost report loses nothing): the task manager's routed counters. The
+    acknowledgement and the periodic report name every executor; a change report only those whose
+    count changed since the replica's last report (an executor not named: no news)."""
     interval_s: float = Field(gt=0, le=3600)
 
 

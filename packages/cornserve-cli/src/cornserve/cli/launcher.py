@@ -41,6 +41,7 @@ from cornserve.cli.natsauth import (
 )
 from cornserve.cli.natscluster import NatsCluster
 from cornserve.cli.natsserver import NatsServerError, NatsServerProcess
+from cornserve.cli.portreserve import PortInUse, PortReservation
 from cornserve.runtime.detached import DetachedGroups
 from cornserve.runtime.metrics import child_environment
 from cornserve.runtime.nats import NatsAuthError, NatsConnectTimeout, nats_servers
@@ -194,6 +195,9 @@ class LocalCluster:
     """`up --spawner docker --docker-config FILE`: the nodes are Docker engines; their sidecars, task
     managers and executors are containers the resource manager starts (`cornserve.cli.dockernodes`),
     and this machine runs NATS and the control plane."""
+    port_reservation: PortReservation | None = field(default=None, repr=False)
+    """The gateway's port, held from the start until `stop` so no child is handed it
+    (`cornserve.cli.portreserve`)."""
 
     @property
     def url(self) -> str:
@@ -288,6 +292,11 @@ class LocalCluster:
     def start(self, ready_timeout_s: float = 180.0) -> None:
         """Start everything and wait until the gateway reports healthy."""
         self._refuse_if_running()
+        if self.serve_gateway and self.port_reservation is None:
+            try:
+                self.port_reservation = PortReservation(self.host, self.port)
+            except PortInUse as exc:
+                raise LaunchError(str(exc)) from None
         stop_data_plane(self.state_dir, say=self.say)  # left by an `up` that was killed: unreachable now
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._start_nats()
@@ -507,6 +516,9 @@ class LocalCluster:
             leftover.unlink(missing_ok=True)
         with contextlib.suppress(FileNotFoundError):
             (self.state_dir / STATE_FILE).unlink()
+        if self.port_reservation is not None:
+            self.port_reservation.close()
+            self.port_reservation = None
 
 
 def stop_data_plane(state_dir: Path, say: Any = print) -> None:

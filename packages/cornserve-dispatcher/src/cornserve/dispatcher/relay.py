@@ -169,8 +169,10 @@ class StreamRelay:
                         items.append(item)
                         clock.item()
             finally:
-                # The items before a line that fails the stream still reach the caller, in order.
-                await self._publish(items, limit, clock)
+                # The items before a line that fails the stream still reach the caller, in order. A
+                # read that completed no item line (part of a line, a keepalive) publishes nothing.
+                if items:
+                    await self._publish(items, limit, clock)
             if not chunk:
                 return
 

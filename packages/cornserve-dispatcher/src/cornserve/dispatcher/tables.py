@@ -46,6 +46,8 @@ class _Table:
     received: float
     outstanding: dict[str, int] = field(default_factory=dict)
     routed: dict[str, int] = field(default_factory=dict)
+    routed_changed: set[str] = field(default_factory=set)
+    """Executors whose `routed` count changed since the last report (a change report carries only these)."""
     dropped: bool = False
     """An executor of this version refused a connection: ask `route` until a new version comes."""
 
@@ -101,6 +103,7 @@ class ExecutorTables:
         )
         held.outstanding[entry.executor_id] = held.outstanding.get(entry.executor_id, 0) + 1
         held.routed[entry.executor_id] = held.routed.get(entry.executor_id, 0) + 1
+        held.routed_changed.add(entry.executor_id)
         self._changed(task_key)
         return RouteReply(
             request_id="", executor_id=entry.executor_id, url=entry.url, sidecar_ranks=entry.sidecar_ranks
@@ -148,7 +151,7 @@ class ExecutorTables:
         kept = held.outstanding if held is not None else {}
         routed = held.routed if held is not None else {}
         self._tables[table.task_key] = _Table(table, now, kept, routed)
-        self._send(table.task_key)  # the acknowledgement of this version, at once
+        self._send(table.task_key, every_count=True)  # the acknowledgement of this version, at once
 
     def _changed(self, task_key: str) -> None:
         self._dirty.add(task_key)
@@ -161,16 +164,30 @@ class ExecutorTables:
         for key in dirty:
             self._send(key)
 
-    def _send(self, task_key: str) -> None:
+    def _send(self, task_key: str, every_count: bool = False) -> None:
+        """Report usage; the `routed` counts of every executor (`every_count`) or of those that changed.
+
+        The counts are cumulative, so the task manager adds what is new whichever report it gets. A
+        change report (coalesced, the hot path) carries only the counts that changed since the last
+        report; the acknowledgement and the periodic report carry them all, which repairs a lost
+        report (core NATS delivers at most once, and nothing acknowledges a usage report) and
+        teaches a restarted task manager every count within one interval. Deltas would not: a lost
+        one would be lost for good.
+        """
         held = self._tables.get(task_key)
         if held is None:
             return
+        if every_count:
+            routed = dict(held.routed)
+        else:
+            routed = {e: held.routed[e] for e in held.routed_changed if e in held.routed}
+        held.routed_changed.clear()
         usage = ExecutorUsage(
             replica_id=self.replica_id,
             instance=held.table.instance,
             version=held.table.version,
             outstanding=dict(held.outstanding),
-            routed=dict(held.routed),
+            routed=routed,
             interval_s=self.report_interval_s,
         )
         task = asyncio.ensure_future(
@@ -195,4 +212,4 @@ class ExecutorTables:
                 ):
                     del self._tables[key]  # its task manager is long gone
                     continue
-                self._send(key)
+                self._send(key, every_count=True)

@@ -292,9 +292,7 @@ class EricServer:
                 500, "encode_failed", f"the encoder failed: {type(exc).__name__}: {exc}"
             ) from exc
         try:
-            await asyncio.gather(
-                *(self._send(item, enc) for item, enc in zip(body.items, encoded, strict=True))
-            )
+            await self._send_all(body.items, encoded)
         except SidecarError as exc:
             raise RequestFailed(
                 502, "sidecar_error", f"sending embeddings through the sidecar failed: {exc}"
@@ -306,13 +304,39 @@ class EricServer:
             ) from exc
         return [item.forward_id for item in body.items]
 
-    async def _send(self, item: EmbeddingItem, encoded: EncodedItem) -> None:
+    async def _send_all(self, items: list[EmbeddingItem], encoded: list[EncodedItem]) -> None:
+        """Send every item's two chunks at once: the LLM waits for both, so one round trip, not two.
+
+        The sends run in one task group: the first failure cancels the others (no chunk keeps
+        writing into the sidecar for a forward the failed request will never complete) and is
+        raised alone, the `SidecarError` itself rather than an `ExceptionGroup`, so `_serve` maps it.
+        """
+        assert self.sidecar is not None
+        timeout = self.config.send_timeout_s
+        try:
+            async with asyncio.TaskGroup() as group:
+                for item, enc in zip(items, encoded, strict=True):
+                    for chunk_id, data in self._chunks(enc):
+                        group.create_task(
+                            self.sidecar.send(
+                                data,
+                                item.forward_id,
+                                item.dst_sidecar_ranks,
+                                chunk_id=chunk_id,
+                                num_chunks=EMBEDDING_NUM_CHUNKS,
+                                timeout=timeout,
+                            )
+                        )
+        except BaseExceptionGroup as failed:
+            raise _first_error(failed) from None
+
+    def _chunks(self, encoded: EncodedItem) -> list[tuple[int, Any]]:
         """The embedding hand-off (docs/executors.md): the tensor in the LLM's dtype, then its `EmbeddingMeta`.
 
         The LLM casts the embedding to its own dtype anyway, so it travels in that dtype (the
         checkpoint's, `EncoderModel.llm_dtype`): half the bytes of float32 for a bfloat16 model.
         """
-        assert self.sidecar is not None and self.encoder is not None
+        assert self.encoder is not None
         tensor = encoded.embedding.to(self.encoder.llm_dtype)
         meta = EmbeddingMeta(
             modality=encoded.modality,
@@ -322,21 +346,10 @@ class EricServer:
             second_per_grid_t=encoded.second_per_grid_t,
             dtype=dtype_name(tensor.dtype),
         )
-        timeout = self.config.send_timeout_s
-        # Both chunks at once: the LLM waits for both, so one round trip to the sidecar instead of two.
-        await asyncio.gather(
-            *(
-                self.sidecar.send(
-                    data,
-                    item.forward_id,
-                    item.dst_sidecar_ranks,
-                    chunk_id=chunk_id,
-                    num_chunks=EMBEDDING_NUM_CHUNKS,
-                    timeout=timeout,
-                )
-                for chunk_id, data in (
-                    (EMBEDDING_TENSOR_CHUNK, tensor),
-                    (EMBEDDING_META_CHUNK, meta.model_dump(mode="json")),
-                )
-            )
-        )
+        return [(EMBEDDING_TENSOR_CHUNK, tensor), (EMBEDDING_META_CHUNK, meta.model_dump(mode="json"))]
+
+
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error that failed a task group: its first, unwrapped from nested groups."""
+    first = group.exceptions[0]
+    return _first_error(first) if isinstance(first, BaseExceptionGroup) else first

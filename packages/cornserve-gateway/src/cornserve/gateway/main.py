@@ -205,7 +205,12 @@ async def serve(settings: GatewaySettings, nc: Client) -> AsyncIterator[None]:
         runner = web.AppRunner(gateway.app(credentials, max_body=nc.max_payload), access_log=None)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
-        await web.TCPSite(runner, settings.host, settings.port, ssl_context=ssl_context).start()
+        # SO_REUSEADDR (asyncio's default on Unix, asked for here): `cornserve up` holds this port
+        # with a bound, non-listening socket of its own so that none of its children is handed it
+        # (cornserve.cli.portreserve); binding next to that socket needs the option.
+        await web.TCPSite(
+            runner, settings.host, settings.port, ssl_context=ssl_context, reuse_address=True
+        ).start()
         logger.info(
             "gateway listening on %s (%d API key(s); without one, invoking needs the admin token)",
             url,

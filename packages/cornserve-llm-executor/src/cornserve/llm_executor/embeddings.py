@@ -7,6 +7,12 @@ still generating. Once both chunks are copied, marking them done (one sidecar ro
 in the background: the request's prefill does not wait for it (it was ~2 ms of every fission
 request's time to first token, docs/performance.md). A receive that fails or is cancelled still
 releases what it got before it returns.
+
+A receive is a NATS request, which nats-py awaits with `asyncio.wait_for`: on Python 3.11 a cancel
+that lands in the loop turn in which the reply arrives is swallowed (the reply is returned). The
+task's cancel count still says it was asked, so after each chunk a request whose cancel was lost
+raises it itself instead of waiting on for the next chunk (as the dispatcher and gateway do with
+their NATS waits).
 """
 
 from __future__ import annotations
@@ -107,6 +113,7 @@ class EmbeddingReceiver:
             f"{self.timeout_s:.1f}s (did the encoder task run and send it to this rank?)"
         )
         received_all = False
+        cancels = _cancels()
         with sidecar_errors(timed_out, f"embedding forward {fid} could not be received"):
             try:
                 async with asyncio.timeout(self.timeout_s + 5.0):
@@ -114,10 +121,12 @@ class EmbeddingReceiver:
                         fid, EMBEDDING_TENSOR_CHUNK, timeout=self.timeout_s, copy=True
                     )
                     got.append(EMBEDDING_TENSOR_CHUNK)
+                    _raise_lost_cancel(cancels)
                     raw_meta = await self.sidecar.recv(
                         fid, EMBEDDING_META_CHUNK, timeout=self.timeout_s, copy=True
                     )
                     got.append(EMBEDDING_META_CHUNK)
+                    _raise_lost_cancel(cancels)
                     received_all = True
             except asyncio.CancelledError:
                 # The request was cancelled (its caller hung up): chunks the encoder already delivered
@@ -173,3 +182,15 @@ class EmbeddingReceiver:
             await self.sidecar.mark_done(fid, chunk)
         except SidecarError as exc:
             logger.warning("could not mark chunk %d of forward %s done: %s", chunk, fid, exc)
+
+
+def _cancels() -> int:
+    """How many cancels of the current task are pending (`Task.cancelling`)."""
+    task = asyncio.current_task()
+    return task.cancelling() if task is not None else 0
+
+
+def _raise_lost_cancel(since: int) -> None:
+    """Raise the cancel asked of this task after `since` that an awaited `wait_for` swallowed."""
+    if _cancels() > since:
+        raise asyncio.CancelledError

@@ -52,6 +52,7 @@ class HiddenStateSender:
         self._pending: list[torch.Tensor] = []
         self._queue: asyncio.Queue[torch.Tensor | None] = asyncio.Queue()
         self._closed = False
+        self._aborted = False
         self._task = asyncio.create_task(self._run(), name=f"hidden-states-{forward.id}")
         # `finish` raises the task's error; after `abort` nobody awaits it, so it is retrieved here.
         self._task.add_done_callback(lambda task: task.cancelled() or task.exception())
@@ -85,8 +86,16 @@ class HiddenStateSender:
 
         The consumer then fails on its own deadline (or at once, when the dispatcher drops the
         given-up graph's forwards) rather than taking a cut-off stream for a whole one.
+
+        The cancel interrupts a send that waits (for the window, or for arena room); the flag and the
+        wake-up stop the task even when the cancel is lost: a send is a NATS request, awaited with
+        `asyncio.wait_for`, which on Python 3.11 returns the reply instead of raising when the reply
+        lands in the cancel's loop turn, and the task would then wait on its queue forever, never
+        abandoning the stream (the talker feed's defect, docs/reliability.md "Early-stop drain").
         """
         self._closed = True
+        self._aborted = True
+        self._queue.put_nowait(None)
         self._task.cancel()
 
     @property
@@ -102,11 +111,14 @@ class HiddenStateSender:
     async def _run(self) -> None:
         with sidecar_errors(self._timed_out, self._failed, GenerationFailed):
             try:
-                while (chunk := await self._queue.get()) is not None:
+                while (chunk := await self._queue.get()) is not None and not self._aborted:
                     await self.writer.send(chunk.contiguous())
             except BaseException:
                 await asyncio.shield(self.writer.abandon())
                 raise
+            if self._aborted:  # the cancel was lost in a send: stop all the same, unclosed
+                await self.writer.abandon()
+                raise asyncio.CancelledError
             await self.writer.close()
 
     def _timed_out(self) -> str:
