@@ -88,8 +88,11 @@ class ArenaMemory:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise self._no_room(size, timeout)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancel that lands
+            # in the same loop turn as the free.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(freed.wait(), remaining)
+                async with asyncio.timeout(remaining):
+                    await freed.wait()
 
     def _try_alloc(self, size: int) -> int | None:
         try:

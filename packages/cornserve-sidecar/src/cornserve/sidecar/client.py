@@ -16,11 +16,11 @@ import contextlib
 import logging
 import mmap
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 from nats.aio.client import Client
@@ -80,6 +80,14 @@ from cornserve.sidecar.tasks import BackgroundTasks
 logger = logging.getLogger(__name__)
 
 R = TypeVar("R", bound=BaseModel)
+T = TypeVar("T")
+
+
+class _Unavailable:
+    """The control socket could not carry a request (the caller uses NATS instead)."""
+
+
+_UNAVAILABLE = _Unavailable()
 
 DEFAULT_TIMEOUT_S = 60.0
 REPLY_MARGIN_S = 5.0
@@ -281,16 +289,25 @@ class Sidecar:
 
         A reply's error or a missed deadline raises the bus's types (see :meth:`_typed_errors`).
         """
+        answer = await self._on_local(lambda local: local.call(verb, msg, reply, timeout, payload or b""))
+        return None if answer is _UNAVAILABLE else cast(R, answer)
+
+    async def _tell_local(self, verb: str, msg: BaseModel, timeout: float) -> bool:
+        """Write a one-way request on the control socket; False when it is unavailable (use NATS)."""
+        return await self._on_local(lambda local: local.tell(verb, msg, timeout)) is not _UNAVAILABLE
+
+    async def _on_local(self, exchange: Callable[[LocalChannel], Awaitable[T]]) -> T | _Unavailable:
+        """``exchange`` on the control socket (reopened if it failed before), or `_UNAVAILABLE`."""
         local = self._local
         if local is None:
             local = self._reopen_local()
             if local is None:
-                return None
+                return _UNAVAILABLE
         try:
-            return await local.call(verb, msg, reply, timeout, payload if payload is not None else b"")
+            return await exchange(local)
         except LocalUnavailable as exc:
             self._local_failed(local, exc)
-            return None
+            return _UNAVAILABLE
 
     def _local_failed(self, local: LocalChannel, exc: LocalUnavailable) -> None:
         """The control socket failed: use NATS, which reaches whichever instance serves the rank now."""
@@ -871,14 +888,10 @@ class Sidecar:
         self._nccl_recvd.pop((id, chunk_id), None)
         self._ipc.close((id, chunk_id))
         msg = DoneRequest(id=id, chunk_id=chunk_id)
-        local = self._local
-        if not wait and local is not None:
+        if not wait and self._local is not None:
             with self._typed_errors(SidecarVerb.DONE.value, self.timeout):
-                try:
-                    await local.tell(SidecarVerb.DONE.value, msg, self.timeout)
+                if await self._tell_local(SidecarVerb.DONE.value, msg, self.timeout):
                     return
-                except LocalUnavailable as exc:
-                    self._local_failed(local, exc)
         await self._call(SidecarVerb.DONE, msg, SidecarAck, self.timeout)
 
     # ------------------------------------------------------------------ introspection

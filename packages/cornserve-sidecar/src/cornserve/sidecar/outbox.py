@@ -110,17 +110,9 @@ class Outbox:
         self.holdings.held[key] = held
         if req.num_chunks is None:
             self.streams[req.id] = (req.dst_ranks, time.monotonic())  # refreshed by every chunk
-        results: list[BaseException | None]
-        if len(peers) == 1:  # the common case, without gather's task per destination (latency path)
-            try:
-                await self._deliver_to(peers[0], req, held, deadline)
-                results = [None]
-            except Exception as exc:
-                results = [exc]
-        else:
-            results = await asyncio.gather(
-                *(self._deliver_to(p, req, held, deadline) for p in peers), return_exceptions=True
-            )
+        results = await asyncio.gather(
+            *(self._deliver_to(p, req, held, deadline) for p in peers), return_exceptions=True
+        )
         self.holdings.maybe_release(key)
         for r in results:
             if isinstance(r, BaseException):
@@ -128,10 +120,7 @@ class Outbox:
         return self.me.ack(req.request_id)
 
     async def _resolve(self, ranks: list[int], deadline: float) -> list[InfoReply]:
-        """Info of every destination rank: from the cache without a task each, else asked concurrently."""
-        known = [self.peers.cached(r) for r in ranks]
-        if all(k is not None for k in known):
-            return [k for k in known if k is not None]
+        """Info of every destination rank (cached, else asked concurrently)."""
         return list(await asyncio.gather(*(self.peers.info(r, deadline) for r in ranks)))
 
     async def _deliver_to(self, peer: InfoReply, req: SendRequest, held: Held, deadline: float) -> None:

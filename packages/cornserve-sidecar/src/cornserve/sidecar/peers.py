@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -32,6 +32,7 @@ from cornserve.sidecar.tasks import BackgroundTasks
 logger = logging.getLogger("cornserve.sidecar.server")
 
 R = TypeVar("R", bound=BaseModel)
+T = TypeVar("T")
 
 PEER_TIMEOUT_S = 5.0
 """Upper bound on one control round trip to a peer; keeps 'unreachable' fast."""
@@ -64,10 +65,6 @@ class Peers:
         """The NATS connection (after start)."""
         return self.connection.get()
 
-    def cached(self, rank: int) -> InfoReply | None:
-        """Info of a destination rank if known without asking (our own is always known)."""
-        return self.own_info() if rank == self.me.rank else self._info.get(rank)
-
     async def info(self, rank: int, deadline: float) -> InfoReply:
         """Info of a destination rank (cached); raises 'unreachable' naming the rank."""
         if rank == self.me.rank:
@@ -88,19 +85,64 @@ class Peers:
         A same-node peer is asked over its control socket when both hold the peer secret (no broker
         hop); if the socket fails, over NATS, which reaches whatever instance serves the rank now.
         """
+        return await self._carried(
+            rank,
+            deadline,
+            lambda channel, timeout: channel.call(verb.value, msg, reply, timeout),
+            lambda timeout: request(self.nc, sidecar_subject(rank, verb), msg, reply, timeout),
+        )
+
+    def tell(self, rank: int, verb: SidecarVerb, msg: BaseModel, what: str) -> None:
+        """Send ``msg`` to peer ``rank`` in the background; a failure is only logged.
+
+        For messages whose loss is harmless: a gone or restarted peer lost the memory they are
+        about anyway, and the TTL reclaims whatever a lost message leaves behind.
+        """
+        self.background.spawn(self._tell(rank, verb, msg, what))
+
+    async def _tell(self, rank: int, verb: SidecarVerb, msg: BaseModel, what: str) -> None:
+        """Over a same-node peer's control socket without waiting for an answer (`ONE_WAY`), else NATS.
+
+        The peer's info is fetched (once, then cached) even when only told things: a destination
+        that never sent to its source would otherwise tell it every release over NATS.
+        """
+
+        async def over_nats(timeout: float) -> None:
+            await request(self.nc, sidecar_subject(rank, verb), msg, SidecarAck, timeout)
+
+        deadline = time.monotonic() + PEER_TIMEOUT_S
+        try:
+            await self.info(rank, deadline)
+            await self._carried(
+                rank, deadline, lambda channel, timeout: channel.tell(verb.value, msg, timeout), over_nats
+            )
+        except ServiceFault as exc:
+            logger.warning("%s to rank %d failed: %s", what, rank, exc)
+
+    async def _carried(
+        self,
+        rank: int,
+        deadline: float,
+        over_socket: Callable[[LocalChannel, float], Awaitable[T]],
+        over_nats: Callable[[float], Awaitable[T]],
+    ) -> T:
+        """``over_socket`` on the peer's control socket if there is one, else (or when it fails) ``over_nats``.
+
+        One mapping of both transports' failures to typed faults (the socket reports the bus's own
+        types, `localclient`).
+        """
         timeout = max(0.001, min(PEER_TIMEOUT_S, deadline - time.monotonic()))
         try:
             channel = self._channel(rank)
             if channel is not None:
                 try:
-                    return await channel.call(verb.value, msg, reply, timeout)
+                    return await over_socket(channel, timeout)
                 except LocalUnavailable as exc:
                     logger.info("control socket of rank %d failed (%s); using NATS", rank, exc)
                     self._drop_channel(rank)
                 timeout = max(0.001, min(PEER_TIMEOUT_S, deadline - time.monotonic()))
-            return await request(self.nc, sidecar_subject(rank, verb), msg, reply, timeout)
+            return await over_nats(timeout)
         except (NoResponders, RequestTimeout) as exc:
-            # One mapping for both transports (the socket reports the bus's own types, `localclient`).
             self._info.pop(rank, None)  # it may come back elsewhere: ask again next time
             self._drop_channel(rank)
             if isinstance(exc, NoResponders):
@@ -117,34 +159,6 @@ class Peers:
                 exc.error.message,
                 **exc.error.details,
             ) from None
-
-    def tell(self, rank: int, verb: SidecarVerb, msg: BaseModel, what: str) -> None:
-        """Send ``msg`` to peer ``rank`` in the background; a failure is only logged.
-
-        For messages whose loss is harmless: a gone or restarted peer lost the memory they are
-        about anyway, and the TTL reclaims whatever a lost message leaves behind.
-        """
-        self.background.spawn(self._tell(rank, verb, msg, what))
-
-    async def _tell(self, rank: int, verb: SidecarVerb, msg: BaseModel, what: str) -> None:
-        """Over a same-node peer's control socket without waiting for an answer (`ONE_WAY`), else NATS.
-
-        The peer's info is fetched (once, then cached) even when only told things: a destination
-        that never sent to its source would otherwise tell it every release over NATS.
-        """
-        try:
-            await self.info(rank, time.monotonic() + PEER_TIMEOUT_S)
-            channel = self._channel(rank)
-            if channel is not None:
-                try:
-                    await channel.tell(verb.value, msg, PEER_TIMEOUT_S)
-                    return
-                except LocalUnavailable as exc:
-                    logger.info("control socket of rank %d failed (%s); using NATS", rank, exc)
-                    self._drop_channel(rank)
-            await self.request(rank, verb, msg, SidecarAck, time.monotonic() + PEER_TIMEOUT_S)
-        except (ServiceFault, RequestTimeout) as exc:
-            logger.warning("%s to rank %d failed: %s", what, rank, exc)
 
     def _channel(self, rank: int) -> LocalChannel | None:
         """The control-socket channel to a same-node peer, when both sides can use one."""
