@@ -29,14 +29,16 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
 
 from cornserve.cli.natsserver import NatsServerProcess
+from cornserve.runtime.eventloop import EventLoopChoice, loop_name, run_on_loop
 from cornserve.runtime.process import free_port
 from cornserve.sidecar import Sidecar
 
@@ -59,6 +61,16 @@ class Row:
     def cells(self) -> tuple[str, str, str]:
         med = self.median
         return f"{med * 1e3:.3f}", f"{self.size / med / 1e9:.2f}", str(len(self.times))
+
+
+def run_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run on the event loop executors run on (uvloop unless CORNSERVE_EVENT_LOOP says otherwise):
+    the sidecar clients here stand for executors, and the asyncio floor below must use the same loop.
+    """
+    choice = os.environ.get("CORNSERVE_EVENT_LOOP", "auto")
+    if choice not in ("auto", "uvloop", "asyncio"):
+        raise SystemExit(f"CORNSERVE_EVENT_LOOP={choice!r}: use auto, uvloop or asyncio")
+    run_on_loop(cast(EventLoopChoice, choice), main)
 
 
 # ---------------------------------------------------------------- child roles
@@ -225,7 +237,7 @@ def hop_relay_role(listen: str, forward: str) -> None:
         async with await asyncio.start_unix_server(serve, listen):
             await asyncio.sleep(3600)
 
-    asyncio.run(run())
+    run_loop(run())
 
 
 def hop_sink_role(listen: str, ack: str) -> None:
@@ -242,7 +254,7 @@ def hop_sink_role(listen: str, ack: str) -> None:
         async with await asyncio.start_unix_server(serve, listen):
             await asyncio.sleep(3600)
 
-    asyncio.run(run())
+    run_loop(run())
 
 
 def bench_hops(n: int, work_dir: Path) -> tuple[str, float, float]:
@@ -402,6 +414,7 @@ async def main_bench(skip_ray: bool, quick: bool, only_mib: list[int] | None, sm
     if only_mib is not None:
         sizes = [(size, reps) for size, reps in sizes if size // MiB in only_mib]
     small_n = small_n or (100 if quick else SMALL_N)
+    print(f"event loop of the clients and the asyncio floor: {loop_name(asyncio.get_running_loop())}")
     rows: list[Row] = []
     ray_note = ""
     with NatsServerProcess() as nats_srv:
@@ -469,7 +482,7 @@ async def main_bench(skip_ray: bool, quick: bool, only_mib: list[int] | None, sm
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "consumer":
         rank, ack, prefix, n = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
-        asyncio.run(consumer_role(rank, ack, prefix, n))
+        run_loop(consumer_role(rank, ack, prefix, n))
         return
     if len(sys.argv) > 1 and sys.argv[1] == "raw-server":
         raw_socket_server_role(int(sys.argv[2]))
@@ -494,7 +507,7 @@ def main() -> None:
     parser.add_argument("--small-n", type=int, help="1 KiB objects timed (default 400, --quick 100)")
     args = parser.parse_args()
     only = None if args.sizes is None else [int(x) for x in args.sizes.split(",") if x]
-    asyncio.run(main_bench(args.skip_ray or args.quick, args.quick, only, args.small_n))
+    run_loop(main_bench(args.skip_ray or args.quick, args.quick, only, args.small_n))
 
 
 if __name__ == "__main__":
