@@ -103,7 +103,11 @@ class ExecutorTables:
         held.routed[entry.executor_id] = held.routed.get(entry.executor_id, 0) + 1
         self._changed(task_key)
         return RouteReply(
-            request_id="", executor_id=entry.executor_id, url=entry.url, sidecar_ranks=entry.sidecar_ranks
+            request_id="",
+            executor_id=entry.executor_id,
+            url=entry.url,
+            sidecar_ranks=entry.sidecar_ranks,
+            channel=entry.channel,
         )
 
     def done(self, task_key: str, executor_id: str) -> None:
