@@ -15,6 +15,7 @@ import signal
 import socket
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -35,6 +36,7 @@ from cornserve.bus.control import RouteReply
 from cornserve.bus.micro import ServiceFault
 from cornserve.dispatcher.channels import ChannelBroken, ChannelRefused, ExecutorChannels
 from cornserve.dispatcher.graph import Routed, _status_failure, _status_fault
+from cornserve.runtime.tracing import TRACES_DIR_ENV
 from cornserve.task import TaskExecutionError, TaskInvocation, TaskOutput, use_graph_runner
 
 CALL_TIMEOUT_S = 60.0
@@ -215,6 +217,8 @@ async def test_a_killed_executor_fails_in_flight_calls_then_refuses(
         for call in calls:
             with pytest.raises(ChannelBroken):
                 await call
+        # Once the process is gone (its listener closed with it), a new call reaches nothing.
+        await asyncio.to_thread(doomed.proc.wait, 30)
         with pytest.raises(ChannelRefused):
             await channels.call(doomed.channel, "/invoke", body, {}, CALL_TIMEOUT_S)
     finally:
@@ -266,3 +270,33 @@ async def _equals(value: Any, wanted: int) -> bool:
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_the_callers_trace_context_travels_in_the_call_frame(
+    cluster: ExecutorSetup, channels: ExecutorChannels, tmp_path: Path
+) -> None:
+    """A call carrying a traceparent gives the executor's server span that parent (as an HTTP header would)."""
+    lib = cluster.lib
+    traced = launch_executor(
+        lib.Reduce(),
+        "reduce-channel-traced",
+        cluster.executors["Reduce"].ranks,
+        cluster.nats_url,
+        cluster.log_dir,
+        {TRACES_DIR_ENV: str(tmp_path)},
+    )
+    trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    try:
+        await asyncio.to_thread(traced.wait_ready)
+        header = {"traceparent": f"00-{trace_id}-{parent_id}-01"}
+        reply = await channels.call(traced.channel, "/invoke", b"not json", header, CALL_TIMEOUT_S)
+        assert reply.status == 400
+    finally:
+        code = traced.stop()  # flushes its span file
+    assert code == 0, traced.log()
+    spans = [json.loads(line) for path in tmp_path.glob("*.jsonl") for line in path.read_text().splitlines()]
+    served = [s for s in spans if s["trace_id"] == trace_id]
+    assert [s["name"] for s in served] == ["POST /invoke"], spans
+    assert served[0]["parent_span_id"] == parent_id and served[0]["kind"] == "SERVER"
+    assert served[0]["attributes"]["cornserve.transport"] == "channel"
+    assert served[0]["attributes"]["http.response.status_code"] == 400

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from cornserve.bus import invoke_channel as wire
@@ -100,6 +100,14 @@ class ExecutorChannels:
                 self._connections[address] = connection
             return connection
 
+    def _forget(self, connection: _Connection) -> None:
+        """A closed connection leaves the pool (an executor restarted on a new port is never called again here)."""
+        if self._connections.get(connection.address) is connection:
+            del self._connections[connection.address]
+            lock = self._opening.get(connection.address)
+            if lock is not None and not lock.locked():
+                del self._opening[connection.address]
+
     async def _open(self, address: str) -> _Connection:
         host, sep, port_text = address.rpartition(":")
         if not sep or not port_text.isdigit():
@@ -108,7 +116,9 @@ class ExecutorChannels:
         try:
             async with asyncio.timeout(self.connect_timeout_s):
                 _, connection = await loop.create_connection(
-                    lambda: _Connection(address, self.max_frame_bytes), host.strip("[]"), int(port_text)
+                    lambda: _Connection(address, self.max_frame_bytes, self._forget),
+                    host.strip("[]"),
+                    int(port_text),
                 )
         except TimeoutError:
             raise ChannelRefused(f"connecting to {address} took over {self.connect_timeout_s:g} s") from None
@@ -120,8 +130,9 @@ class ExecutorChannels:
 class _Connection(asyncio.Protocol):
     """One open channel: calls out, replies in (any order), matched by request id."""
 
-    def __init__(self, address: str, max_frame_bytes: int) -> None:
+    def __init__(self, address: str, max_frame_bytes: int, on_lost: Callable[[_Connection], None]) -> None:
         self.address = address
+        self._on_lost = on_lost
         self._reader = wire.FrameReader(max_frame_bytes)
         self._transport: asyncio.Transport | None = None
         self._pending: dict[int, asyncio.Future[ChannelReply]] = {}
@@ -194,6 +205,7 @@ class _Connection(asyncio.Protocol):
     def _fail(self, reason: str) -> None:
         if self._lost is None:
             self._lost = reason
+            self._on_lost(self)
         self._writable.set()
         pending, self._pending = self._pending, {}
         for reply in pending.values():
