@@ -173,6 +173,13 @@ class _Connection(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         meta = wire.reply_meta(answer.status, answer.retry_after)
+        size = wire.REST_HEAD_BYTES + len(meta) + len(answer.body)
+        if size > self._owner._max_frame_bytes:
+            # Sent as is, the caller would refuse the frame and close the connection under every call on it.
+            message = f"the output's {size} bytes are over the invocation channel's frame limit of {self._owner._max_frame_bytes}"
+            logger.warning("call %d: %s", request_id, message)
+            answer = Answer(500, json.dumps({"error": message}).encode())
+            meta = wire.reply_meta(answer.status)
         transport.write(wire.encode(wire.REPLY, request_id, meta, answer.body))
 
     def close(self, reason: str) -> None:
