@@ -110,3 +110,56 @@ async def test_invocations_route_from_a_published_table_and_fall_back_when_it_fa
         # An empty table: the module's other tests route through their stand-in task managers again.
         await publish(3, [])
         await sub.unsubscribe()
+
+
+async def test_a_refused_invocation_channel_drops_the_table_and_http_serves_the_retry(
+    control_plane: StandInControlPlane, lib: types.ModuleType
+) -> None:
+    """A table entry advertising an invocation channel nobody listens on: the unary call is refused
+    (503, retryable) like a refused HTTP connection, the replica drops the table, and the task
+    manager's route (no channel advertised, as for the echo executor) is called over HTTP."""
+    echo = lib.Echo(label="channel-refused")
+    executor, tm = await control_plane.deploy(echo, ranks=[7])
+    key = echo.deployment_key
+    nc = control_plane.nc
+    reports = Reports()
+    sub = await nc.subscribe(tm_subject(key, "usage"), cb=reports.on_usage)
+
+    async def publish(version: int, entries: list[TableEntry]) -> None:
+        table = ExecutorTable(task_key=key, instance="i1", version=version, executors=entries, interval_s=30)
+        await nc.publish(tm_subject(key, "table"), table.model_dump_json().encode())
+        await nc.flush()
+        await reports.wait(version)
+
+    client = DispatcherClient(nc, timeout_s=30)
+    try:
+        entry = TableEntry(
+            executor_id=executor.executor_id,
+            url=executor.url,
+            sidecar_ranks=[7],
+            channel=f"127.0.0.1:{free_port()}",
+        )
+        await publish(1, [entry])
+        failures: list[DispatchError] = []
+        with use_graph_runner(client):
+            for _ in range(len(REPLICAS) + 1):
+                try:
+                    async with asyncio.timeout(DEADLINE):
+                        out = await echo(lib.EchoIn(text="http"))
+                except DispatchError as exc:
+                    failures.append(exc)
+                    continue
+                break
+            else:
+                pytest.fail(f"never fell back to the task manager: {failures}")
+        assert out.text == "HTTP" and out.executor == executor.executor_id
+        assert 1 <= len(failures) <= len(REPLICAS)
+        for failure in failures:
+            assert (failure.code, failure.error) == (503, "task_unavailable")
+            assert "refused the connection (ChannelRefused)" in str(failure)
+        # Nothing reached the executor over the channel; the one call that did came over HTTP.
+        assert [name for name, _ in executor.requests] == ["echo"]
+        assert tm.routes >= 1
+    finally:
+        await publish(2, [])
+        await sub.unsubscribe()

@@ -20,11 +20,11 @@ def tensor_math() -> ModuleType:
     return TENSOR_MATH.load()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def cluster(
     nats_url: str, tensor_math: ModuleType, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ExecutorSetup]:
-    """Sidecars and executors that live for the whole test module (starting torch processes is slow)."""
+    """Sidecars and executors shared by this package's test modules (starting torch processes is slow)."""
     asyncio.run(upload_library(nats_url, TENSOR_MATH))
     lib = tensor_math
     tasks: list[Any] = [

@@ -44,10 +44,17 @@ class LaunchedExecutor:
     service: ServiceProcess
     health_path: str
     ready_timeout_s: float
+    channel_port: int | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def channel(self) -> str:
+        """``host:port`` of its invocation channel (launched with one, as task managers launch them)."""
+        assert self.channel_port is not None
+        return f"127.0.0.1:{self.channel_port}"
 
     @property
     def proc(self) -> Any:
@@ -86,13 +93,21 @@ def launch_executor(
         devices=[Device(kind="cpu", index=r) for r in ranks],
         sidecar_ranks=ranks,
         nats_url=nats_url,
+        channel_port=free_port(),
     )
     spec = task.descriptor.launch_spec(task, placement)
     service = ServiceProcess.start(
         f"executor-{executor_id}", spec.command, log_dir, {**spec.env, **(env or {})}
     )
     return LaunchedExecutor(
-        task, executor_id, ranks, spec.port, service, spec.health_path, spec.ready_timeout_s
+        task,
+        executor_id,
+        ranks,
+        spec.port,
+        service,
+        spec.health_path,
+        spec.ready_timeout_s,
+        spec.channel_port,
     )
 
 

@@ -245,6 +245,8 @@ class RouteReply(WireModel):
     executor_id: str
     url: str
     sidecar_ranks: list[int]
+    channel: str | None = Field(default=None, max_length=512)
+    """``host:port`` of the executor's invocation channel (`cornserve.bus.invoke_channel`); None: HTTP only."""
 
 
 class RouteDone(WireModel):
@@ -259,6 +261,8 @@ class TableEntry(WireModel):
     executor_id: str = Field(min_length=1, max_length=128)
     url: str = Field(min_length=1, max_length=2048)
     sidecar_ranks: list[int] = Field(max_length=4096)
+    channel: str | None = Field(default=None, max_length=512)
+    """``host:port`` of the executor's invocation channel (`cornserve.bus.invoke_channel`); None: HTTP only."""
 
 
 class ExecutorTable(WireModel):

@@ -17,15 +17,18 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any
 
 import aiohttp
 from nats.aio.client import Client
 
+from cornserve.bus import invoke_channel as wire
 from cornserve.bus.control import RouteReply
 from cornserve.bus.micro import NoResponders, RequestTimeout, ServiceErrorReply, ServiceFault
 from cornserve.bus.tm_client import TaskManagerClient
 from cornserve.dispatcher import faults
+from cornserve.dispatcher.channels import ChannelBroken, ChannelRefused, ExecutorChannels
 from cornserve.dispatcher.deployments import DeploymentCache
 from cornserve.dispatcher.forwards import forwards_by_rank
 from cornserve.dispatcher.metrics import observe_call
@@ -40,6 +43,10 @@ logger = logging.getLogger(__name__)
 
 ERROR_TEXT_LIMIT = 2000
 """How much of an executor's error body goes into the error message."""
+ERROR_READ_LIMIT = 16 * 1024
+"""How much of an executor's error body is read at all."""
+CHANNEL_DEADLINE_MARGIN_S = 1.0
+"""A channel call's own deadline is the graph's plus this, so the graph's timeout is what fires."""
 
 OnDone = Callable[[str, str], None]
 """`(task_key, executor_id)`: report one routed invocation finished (publishes RouteDone)."""
@@ -144,6 +151,8 @@ class _Run:
     stream: OpenStream | None = None
     tail: dict[int, asyncio.Task[Any]] = field(default_factory=dict)
     """Calls the reply does not wait for (`Tail`), by position."""
+    deadline: float = float("inf")
+    """`time.monotonic()` by which the graph must be done."""
 
 
 def executor_url(route: RouteReply, path: str) -> str:
@@ -153,7 +162,7 @@ def executor_url(route: RouteReply, path: str) -> str:
 
 @dataclass(eq=False)
 class GraphRunner:
-    """Runs graphs against executors over one pooled HTTP session."""
+    """Runs graphs against executors: unary calls over invocation channels where advertised, else pooled HTTP."""
 
     nc: Client
     session: aiohttp.ClientSession
@@ -163,16 +172,18 @@ class GraphRunner:
     on_abandoned: OnAbandoned | None = field(default=None, kw_only=True)
     tables: ExecutorTables | None = field(default=None, kw_only=True)
     """Task managers' executor tables; None: every invocation is routed by a `route` request."""
+    channels: ExecutorChannels | None = field(default=None, kw_only=True)
+    """Executors' invocation channels for unary calls (`channels.py`); None: every call over HTTP."""
 
     async def run(
         self, invocations: Sequence[TaskInvocation], timeout_s: float, stream_subject: str | None
     ) -> GraphResult:
         """Execute the graph within `timeout_s`; raise a ServiceFault on any failure."""
         check_streams(invocations, stream_subject)
-        state = _Run()
+        deadline = time.monotonic() + timeout_s
+        state = _Run(deadline=deadline)
         wired = False
         given_up = "its graph failed"
-        deadline = time.monotonic() + timeout_s
         tail_positions = tail_of(invocations) if stream_subject else set()
         try:
             async with asyncio.timeout(timeout_s):
@@ -382,29 +393,23 @@ class GraphRunner:
     async def _call_untraced(
         self, inv: TaskInvocation, routed: Routed, req: ExecutorRequest, state: _Run
     ) -> dict[str, Any] | None:
-        url = executor_url(routed.route, req.path)
         started = time.monotonic()
         ok = False
         try:
+            channel = self._channel_body(routed, req)
+            if channel is not None:
+                raw = await self._call_channel(routed, req, channel, state)
+                output = self._parse_output(inv, routed, raw)
+                state.finished.add(routed.position)
+                ok = True
+                return output
+            url = executor_url(routed.route, req.path)
             try:
                 response = await self.session.request(
                     req.method, url, json=req.body, headers=inject_headers()
                 )
             except aiohttp.ClientConnectorError as exc:
-                if not routed.local or self.tables is None:
-                    raise routed.failed(
-                        f"could not reach {routed.where}: {type(exc).__name__}: {exc}"
-                    ) from None
-                # The table named an executor that is gone (its process, or its task manager, died
-                # since): nothing reached it, and its task manager says what is up from now on.
-                self.tables.drop(routed.task_key, routed.route.executor_id)
-                raise faults.task_unavailable(
-                    routed.task_name,
-                    routed.task_key,
-                    routed.position,
-                    f"{routed.where} from its task manager's table refused the connection "
-                    f"({type(exc).__name__}); retry",
-                ) from None
+                raise self._refused(routed, exc) from None
             except aiohttp.ClientError as exc:
                 raise routed.failed(f"could not reach {routed.where}: {type(exc).__name__}: {exc}") from None
             if req.stream:
@@ -432,6 +437,54 @@ class GraphRunner:
             observe_call(routed.task_name, started, ok)
             if not req.stream:
                 self.release(routed)
+
+    def _channel_body(self, routed: Routed, req: ExecutorRequest) -> bytes | None:
+        """The call's body when it goes over the executor's invocation channel; None: over HTTP.
+
+        A unary POST with a body, to an executor that advertises a channel, that fits one frame.
+        """
+        if self.channels is None or routed.route.channel is None or req.stream or req.method != "POST":
+            return None
+        if req.body is None:
+            return None
+        body = json.dumps(req.body).encode()
+        if len(body) > self.channels.max_frame_bytes - 2 * wire.MAX_META_BYTES:
+            return None  # HTTP answers an oversized body as it always did
+        return body
+
+    async def _call_channel(self, routed: Routed, req: ExecutorRequest, body: bytes, state: _Run) -> bytes:
+        """One unary call over the invocation channel: the answer's body, or the fault HTTP would give."""
+        assert self.channels is not None and routed.route.channel is not None
+        # The graph's own deadline fires first (a graph timeout); this one is the backstop of this wait.
+        timeout = max(0.0, state.deadline - time.monotonic()) + CHANNEL_DEADLINE_MARGIN_S
+        try:
+            reply = await self.channels.call(routed.route.channel, req.path, body, inject_headers(), timeout)
+        except ChannelRefused as exc:
+            raise self._refused(routed, exc) from None
+        except ChannelBroken as exc:
+            raise routed.failed(f"could not reach {routed.where}: {type(exc).__name__}: {exc}") from None
+        except TimeoutError:
+            raise routed.failed(f"{routed.where} did not answer within the graph's deadline") from None
+        if reply.status >= 400:
+            raise _status_fault(
+                routed, reply.status, reply.body[:ERROR_READ_LIMIT], _reason(reply.status), reply.retry_after
+            )
+        return reply.body
+
+    def _refused(self, routed: Routed, exc: Exception) -> ServiceFault:
+        """The fault of a call that reached nothing (the connection was refused)."""
+        if not routed.local or self.tables is None:
+            return routed.failed(f"could not reach {routed.where}: {type(exc).__name__}: {exc}")
+        # The table named an executor that is gone (its process, or its task manager, died
+        # since): nothing reached it, and its task manager says what is up from now on.
+        self.tables.drop(routed.task_key, routed.route.executor_id)
+        return faults.task_unavailable(
+            routed.task_name,
+            routed.task_key,
+            routed.position,
+            f"{routed.where} from its task manager's table refused the connection "
+            f"({type(exc).__name__}); retry",
+        )
 
     def _parse_output(self, inv: TaskInvocation, routed: Routed, raw: bytes) -> dict[str, Any]:
         descriptor = inv.task.descriptor
@@ -545,32 +598,49 @@ def _flatten(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
 
 
 async def _status_failure(routed: Routed, response: aiohttp.ClientResponse) -> ServiceFault:
-    """The executor's error answer as a fault carrying its own error text."""
+    """The executor's HTTP error answer as a fault carrying its own error text."""
     try:
-        raw = await response.content.read(16 * 1024)
+        raw = await response.content.read(ERROR_READ_LIMIT)
     except aiohttp.ClientError:
         raw = b""
-    text = _text(raw) or (response.reason or "")
-    if response.status == 429:
+    return _status_fault(
+        routed, response.status, raw, response.reason or "", response.headers.get("Retry-After")
+    )
+
+
+def _status_fault(
+    routed: Routed, status: int, raw: bytes, reason: str, retry_after_header: str | None
+) -> ServiceFault:
+    """An executor's error answer (HTTP or channel: the same status and body) as a fault with its text."""
+    text = _text(raw) or reason
+    if status == 429:
         return faults.executor_overloaded(
             routed.task_name,
             routed.position,
             _error_message(raw) or text,
-            retry_after(response.headers.get("Retry-After")),
+            retry_after(retry_after_header),
             executor_id=routed.route.executor_id,
         )
-    if response.status in faults.CLIENT_ERROR_STATUSES:
+    if status in faults.CLIENT_ERROR_STATUSES:
         return faults.executor_rejected_input(
             routed.task_name,
             routed.position,
-            response.status,
+            status,
             _error_message(raw) or text,
             executor_id=routed.route.executor_id,
         )
     return routed.failed(
-        f"{routed.where} answered HTTP {response.status}: {text}",
-        status=response.status,
+        f"{routed.where} answered HTTP {status}: {text}",
+        status=status,
     )
+
+
+def _reason(status: int) -> str:
+    """The reason phrase HTTP would have sent with `status`."""
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""
 
 
 def retry_after(header: str | None) -> float | None:

@@ -14,6 +14,7 @@ from nats.aio.client import Client
 from pydantic import Field
 
 from cornserve.bus.control import DISPATCHER_SERVICE_NAME
+from cornserve.bus.invoke_channel import DEFAULT_MAX_FRAME_BYTES, MIN_MAX_FRAME_BYTES
 from cornserve.dispatcher.service import DispatcherService
 from cornserve.runtime.service import run_service, running
 from cornserve.runtime.settings import ProcessInfo, ServiceSettings
@@ -51,6 +52,10 @@ class DispatcherSettings(ServiceSettings):
     """Graphs this replica runs at once (streams being relayed included); more are answered 429."""
     executor_tables: bool = True
     """Route from the executor tables task managers publish; off: one `route` request per invocation."""
+    executor_channels: bool = True
+    """Send unary invocations over executors' invocation channels where advertised; off: all over HTTP."""
+    channel_max_frame_bytes: int = Field(default=DEFAULT_MAX_FRAME_BYTES, ge=MIN_MAX_FRAME_BYTES)
+    """Largest invocation-channel frame sent or read (a bigger call goes over HTTP, a bigger reply breaks the connection)."""
 
     @property
     def nats_client_name(self) -> str:
@@ -75,6 +80,8 @@ def serve(settings: DispatcherSettings, nc: Client) -> AbstractAsyncContextManag
             drain_timeout_s=settings.drain_timeout,
             max_graphs=settings.max_graphs,
             executor_tables=settings.executor_tables,
+            executor_channels=settings.executor_channels,
+            channel_max_frame_bytes=settings.channel_max_frame_bytes,
         )
     )
 

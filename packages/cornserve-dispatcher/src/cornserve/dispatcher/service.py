@@ -34,12 +34,14 @@ from cornserve.bus.control import (
     TaskLibraryRecord,
 )
 from cornserve.bus.error_codec import describe_invalid, request_id_of, respond_error
+from cornserve.bus.invoke_channel import DEFAULT_MAX_FRAME_BYTES
 from cornserve.bus.kv import TaskLibrarySync
 from cornserve.bus.micro import ServiceFault, respond_fault
 from cornserve.bus.reply_parts import split_reply
 from cornserve.bus.tm_client import TaskManagerClient
 from cornserve.dispatcher import __version__, faults
 from cornserve.dispatcher.cancel import CancelBoard
+from cornserve.dispatcher.channels import ExecutorChannels
 from cornserve.dispatcher.deployments import DeploymentCache
 from cornserve.dispatcher.forwards import drop_forwards
 from cornserve.dispatcher.graph import GraphRunner
@@ -94,6 +96,10 @@ class DispatcherService:
     _tables: ExecutorTables | None = field(default=None, init=False)
     executor_tables: bool = field(default=True, kw_only=True)
     """Route from task managers' published tables (`tables.py`); False: a `route` request per invocation."""
+    executor_channels: bool = field(default=True, kw_only=True)
+    """Unary calls over executors' invocation channels where advertised (`channels.py`); False: HTTP only."""
+    channel_max_frame_bytes: int = field(default=DEFAULT_MAX_FRAME_BYTES, kw_only=True)
+    _channels: ExecutorChannels | None = field(default=None, init=False)
     _service: Service | None = field(default=None, init=False)
     _handlers: set[asyncio.Task[None]] = field(default_factory=set, init=False)
     """One task per graph being executed (parse, run, reply); micro runs callbacks one at a time."""
@@ -141,6 +147,8 @@ class DispatcherService:
         if self.executor_tables:
             self._tables = ExecutorTables(self.nc, self.replica_id)
             await self._tables.start()
+        if self.executor_channels:
+            self._channels = ExecutorChannels(max_frame_bytes=self.channel_max_frame_bytes)
         self._graphs = GraphRunner(
             self.nc,
             self._session,
@@ -149,6 +157,7 @@ class DispatcherService:
             route_timeout_s=self.route_timeout_s,
             on_abandoned=self._drop_forwards,
             tables=self._tables,
+            channels=self._channels,
         )
         self._cancels = CancelBoard(self.nc)
         await self._cancels.start()
@@ -207,6 +216,8 @@ class DispatcherService:
         await asyncio.gather(*self._background, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
+        if self._channels is not None:
+            await self._channels.close()
         logger.info("dispatcher replica %s stopped", self.replica_id)
 
     # ----- invoke ----------------------------------------------------------------------------------

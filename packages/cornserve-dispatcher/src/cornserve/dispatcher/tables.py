@@ -106,7 +106,11 @@ class ExecutorTables:
         held.routed_changed.add(entry.executor_id)
         self._changed(task_key)
         return RouteReply(
-            request_id="", executor_id=entry.executor_id, url=entry.url, sidecar_ranks=entry.sidecar_ranks
+            request_id="",
+            executor_id=entry.executor_id,
+            url=entry.url,
+            sidecar_ranks=entry.sidecar_ranks,
+            channel=entry.channel,
         )
 
     def done(self, task_key: str, executor_id: str) -> None:

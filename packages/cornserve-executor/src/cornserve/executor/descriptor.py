@@ -106,6 +106,8 @@ class PythonExecutorDescriptor(TaskExecutionDescriptor[TaskT], Generic[TaskT]):
             "CORNSERVE_EXECUTOR_ID": placement.executor_id,
             "CORNSERVE_SIDECAR_RANKS": ",".join(map(str, placement.sidecar_ranks)),
         }
+        if placement.channel_port is not None:
+            command += ["--channel-port", str(placement.channel_port)]
         if placement.nats_url:
             command += ["--nats-url", placement.nats_url]
             env["CORNSERVE_NATS_URL"] = placement.nats_url
@@ -121,6 +123,7 @@ class PythonExecutorDescriptor(TaskExecutionDescriptor[TaskT], Generic[TaskT]):
             port=placement.port,
             health_path=HEALTH_PATH,
             ready_timeout_s=self.ready_timeout_s,
+            channel_port=placement.channel_port,
         )
 
     def resolve_handler(self, task: TaskT) -> Callable[..., Any]:

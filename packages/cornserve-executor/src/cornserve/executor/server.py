@@ -21,7 +21,9 @@ from nats.aio.client import Client
 from pydantic import ValidationError
 
 from cornserve.bus.control import TaskLibraryRecord
+from cornserve.bus.invoke_channel import CallMeta
 from cornserve.bus.kv import TaskLibrarySync
+from cornserve.executor.channel import Answer, ChannelServer
 from cornserve.executor.context import ExecutorContext, Handler
 from cornserve.executor.descriptor import (
     HEALTH_PATH,
@@ -35,7 +37,7 @@ from cornserve.runtime.httptrace import server_span_middleware
 from cornserve.runtime.metrics import metrics_route
 from cornserve.runtime.nats import connect_nats
 from cornserve.runtime.natsstop import current_budget
-from cornserve.runtime.tracing import set_attributes
+from cornserve.runtime.tracing import mark_error, server_span, set_attributes
 from cornserve.task.base import UnitTask
 from cornserve.task.errors import TaskDefinitionError, TaskError, TaskRegistryError
 from cornserve.task.invocation import TaskInvocation
@@ -64,6 +66,18 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return web.json_response({"error": message}, status=status, headers=headers)
 
 
+def _answer_error(status: int, message: str, retry_after: str | None = None) -> Answer:
+    return Answer(status, json.dumps({"error": message}).encode(), retry_after)
+
+
+def _response(answer: Answer) -> web.Response:
+    """A channel-shaped answer as the HTTP response (the same status, body and Retry-After)."""
+    headers = {"Retry-After": answer.retry_after} if answer.retry_after is not None else None
+    return web.Response(
+        body=answer.body, status=answer.status, content_type="application/json", headers=headers
+    )
+
+
 class ExecutorServer:
     """One executor: HTTP endpoints, the handler, and the connections it needs."""
 
@@ -80,6 +94,9 @@ class ExecutorServer:
         self._ctx: ExecutorContext | None = None
         self._handler: Handler | None = None
         self._descriptor: PythonExecutorDescriptor[Any] | None = None
+        self._item_type: Any = None
+        """The stream item type when the task's output streams (else None: one output per call)."""
+        self._channel: ChannelServer | None = None
         self._runner: web.AppRunner | None = None
         self._phase = "starting"
         self.app = web.Application(middlewares=[server_span_middleware()])
@@ -109,6 +126,16 @@ class ExecutorServer:
             self.config.host,
             self.config.port,
         )
+        if self.config.channel_port is not None:
+            # Same host as HTTP, no credentials, like the HTTP port (docs/security.md); refuses with 503 until ready.
+            self._channel = ChannelServer(self, self.config.channel_max_frame_bytes)
+            await self._channel.start(self.config.host, self.config.channel_port)
+            logger.info(
+                "executor %s: invocation channel on %s:%d",
+                self.config.executor_id,
+                self.config.host,
+                self.config.channel_port,
+            )
 
     async def initialize(self) -> None:
         """Connect, load the task and its handler, connect the sidecar client; then become ready."""
@@ -144,6 +171,7 @@ class ExecutorServer:
             )
         self._descriptor = descriptor
         self._handler = handler
+        self._item_type = stream_item_type(task.output_cls())
         self._ctx = ExecutorContext(
             task=task, executor_id=self.config.executor_id, sidecar_ranks=list(self.config.sidecar_ranks)
         )
@@ -223,6 +251,12 @@ class ExecutorServer:
                 self.in_flight,
                 self.config.drain_timeout_s,
             )
+        if self._channel is not None:
+            self._channel.close()  # calls still running past the drain are cancelled, as HTTP's are
+            try:
+                await self._channel.wait_closed(5.0)
+            except TimeoutError:
+                logger.warning("the invocation channel's listener did not close within 5 s")
         if self._runner is not None:
             await self._runner.cleanup()
         if self._ctx is not None and self._ctx._sidecar is not None:
@@ -268,28 +302,78 @@ class ExecutorServer:
 
     async def on_invoke(self, request: web.Request) -> web.StreamResponse:
         """Run one invocation: a JSON output, or an ndjson stream of items."""
-        if self.state != "ready":
-            return _error(503, f"executor {self.config.executor_id} is {self.state}")
-        if self.in_flight >= self.config.max_in_flight:  # bounded: refuse at once rather than queue
-            message = f"executor {self.config.executor_id} is running {self.in_flight} invocations (--max-in-flight)"
-            return _error(429, message, {"Retry-After": "1"})
-        assert self._ctx is not None and self._handler is not None
+        refused = self.admit()
+        if refused is not None:
+            return _response(refused)
         try:
-            invocation = self._parse(await request.read())
-        except _BadRequest as exc:
-            return _error(400, str(exc))
-        self.in_flight += 1
-        self._idle.clear()
-        try:
-            return await self._run(request, invocation)
+            try:
+                invocation = self._parse(await request.read())
+            except _BadRequest as exc:
+                return _error(400, str(exc))
+            if self._item_type is None:
+                return _response(await self._run_unary(invocation))
+            return await self._run_stream(request, invocation)
         except asyncio.CancelledError:
             # The caller went away (e.g. the dispatcher cancelled the graph after another task failed).
-            logger.info("invocation of %s cancelled: the client disconnected", invocation.task.display_name())
+            logger.info("invocation of %s cancelled: the client disconnected", self._task_name())
             raise
         finally:
-            self.in_flight -= 1
-            if self.in_flight == 0:
-                self._idle.set()
+            self.release()
+
+    def _task_name(self) -> str:
+        return self._ctx.task.display_name() if self._ctx is not None else "?"
+
+    # ----- the invocation channel (`cornserve.executor.channel`) -----------------------------------
+
+    def admit(self) -> Answer | None:
+        """Count an invocation in flight, or the refusal to answer at once (503 not ready, 429 full)."""
+        if self.state != "ready":
+            return _answer_error(503, f"executor {self.config.executor_id} is {self.state}")
+        if self.in_flight >= self.config.max_in_flight:  # bounded: refuse at once rather than queue
+            message = f"executor {self.config.executor_id} is running {self.in_flight} invocations (--max-in-flight)"
+            return _answer_error(429, message, retry_after="1")
+        self.in_flight += 1
+        self._idle.clear()
+        return None
+
+    def release(self) -> None:
+        """Count an admitted invocation out."""
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+    async def answer(self, meta: CallMeta, body: bytes) -> Answer:
+        """One admitted channel call: what ``POST /invoke`` would answer, in a server span like its own."""
+        attributes = {
+            "http.request.method": "POST",
+            "http.route": INVOKE_PATH,
+            "cornserve.transport": "channel",
+        }
+        with server_span(f"POST {INVOKE_PATH}", meta.trace, attributes) as current:
+            try:
+                answer = await self._answer(meta, body)
+            except asyncio.CancelledError:
+                logger.info(
+                    "invocation of %s cancelled: the caller cancelled it on the channel", self._task_name()
+                )
+                raise
+            set_attributes({"http.response.status_code": answer.status}, current)
+            if answer.status >= 500:
+                mark_error(f"HTTP {answer.status}", current)
+            return answer
+
+    async def _answer(self, meta: CallMeta, body: bytes) -> Answer:
+        if meta.path != INVOKE_PATH:
+            return _answer_error(404, f"the invocation channel serves {INVOKE_PATH}, not {meta.path}")
+        try:
+            invocation = self._parse(body)
+        except _BadRequest as exc:
+            return _answer_error(400, str(exc))
+        if self._item_type is not None:
+            return _answer_error(
+                400, f"{invocation.task.display_name()} streams: call POST {INVOKE_PATH} over HTTP"
+            )
+        return await self._run_unary(invocation)
 
     def _parse(self, raw: bytes) -> TaskInvocation:
         assert self._ctx is not None
@@ -313,29 +397,52 @@ class ExecutorServer:
             )
         return invocation
 
-    async def _run(self, request: web.Request, invocation: TaskInvocation) -> web.StreamResponse:
-        assert self._ctx is not None and self._handler is not None and self._descriptor is not None
+    def _attributes(self) -> None:
+        assert self._ctx is not None
         task = self._ctx.task
-        timeout = self._descriptor.invoke_timeout_s
-        item_type = stream_item_type(task.output_cls())
         set_attributes(
             {"cornserve.task_class": type(task).__name__, "cornserve.deployment_key": task.deployment_key}
         )
+
+    async def _run_unary(self, invocation: TaskInvocation) -> Answer:
+        """Call the handler for one output: 200 with its JSON, or 500 with the failure's text."""
+        assert self._ctx is not None and self._handler is not None and self._descriptor is not None
+        timeout = self._descriptor.invoke_timeout_s
+        self._attributes()
         try:
             async with asyncio.timeout(timeout):
                 result: Any = self._handler(self._ctx, invocation)
                 if inspect.isawaitable(result):
                     result = await result
-                if item_type is None:
-                    output = self._check_output(result)
+                output = self._check_output(result)
         except TimeoutError:
-            return self._failed(TimeoutError(f"{task.display_name()} did not finish within {timeout:.0f} s"))
+            return self._failed(
+                TimeoutError(f"{self._ctx.task.display_name()} did not finish within {timeout:.0f} s")
+            )
         except Exception as exc:
             return self._failed(exc)
-        if item_type is not None:
-            return await self._stream(request, result, item_type, timeout)
         self.served += 1
-        return web.json_response(output.model_dump(mode="json"))
+        return Answer(200, json.dumps(output.model_dump(mode="json")).encode())
+
+    async def _run_stream(self, request: web.Request, invocation: TaskInvocation) -> web.StreamResponse:
+        assert self._ctx is not None and self._handler is not None and self._descriptor is not None
+        assert self._item_type is not None
+        timeout = self._descriptor.invoke_timeout_s
+        self._attributes()
+        try:
+            async with asyncio.timeout(timeout):
+                result: Any = self._handler(self._ctx, invocation)
+                if inspect.isawaitable(result):
+                    result = await result
+        except TimeoutError:
+            return _response(
+                self._failed(
+                    TimeoutError(f"{self._ctx.task.display_name()} did not finish within {timeout:.0f} s")
+                )
+            )
+        except Exception as exc:
+            return _response(self._failed(exc))
+        return await self._stream(request, result, self._item_type, timeout)
 
     def _check_output(self, result: Any) -> TaskOutput:
         assert self._ctx is not None
@@ -348,19 +455,22 @@ class ExecutorServer:
             f"{type(result).__name__}, not {output_cls.__name__}"
         )
 
-    def _failed(self, exc: BaseException) -> web.Response:
+    def _failed(self, exc: BaseException) -> Answer:
         self.failed += 1
         logger.warning("invocation failed: %s", error_text(exc), exc_info=exc)
-        return _error(500, error_text(exc))
+        return _answer_error(500, error_text(exc))
 
     async def _stream(
         self, request: web.Request, result: Any, item_type: Any, timeout: float
     ) -> web.StreamResponse:
         if not hasattr(result, "__aiter__"):
-            return self._failed(
-                TaskDefinitionError(
-                    f"the output of {self._ctx.task.display_name() if self._ctx else '?'} streams, so its handler "
-                    f"must be an async generator (or return an async iterator), not return {type(result).__name__}"
+            return _response(
+                self._failed(
+                    TaskDefinitionError(
+                        f"the output of {self._ctx.task.display_name() if self._ctx else '?'} streams, so its "
+                        "handler must be an async generator (or return an async iterator), not return "
+                        f"{type(result).__name__}"
+                    )
                 )
             )
         iterator: AsyncIterator[Any] = aiter(result)

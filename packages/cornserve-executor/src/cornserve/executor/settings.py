@@ -7,6 +7,7 @@ from typing import Annotated, Any, ClassVar
 
 from pydantic import BeforeValidator, Field
 
+from cornserve.bus.invoke_channel import DEFAULT_MAX_FRAME_BYTES, MIN_MAX_FRAME_BYTES
 from cornserve.runtime.settings import Flag, ProcessInfo, ServiceSettings, SidecarRanks
 
 
@@ -34,6 +35,10 @@ class PythonExecutorSettings(ServiceSettings):
     """Address the HTTP endpoints listen on."""
     port: int = Field(gt=0, lt=65536)
     """Port of the HTTP endpoints."""
+    channel_port: int | None = Field(default=None, gt=0, lt=65536)
+    """Port of the invocation channel (`cornserve.executor.channel`) on `host`; unset: HTTP only."""
+    channel_max_frame_bytes: int = Field(default=DEFAULT_MAX_FRAME_BYTES, ge=MIN_MAX_FRAME_BYTES)
+    """Largest frame the invocation channel reads; a bigger one closes its connection."""
     sidecar_ranks: SidecarRanks = Field(default_factory=list)
     """Comma-separated sidecar ranks; the first one is used."""
     startup_timeout_s: Annotated[float, Flag(name="--startup-timeout")] = Field(default=120.0, gt=0)

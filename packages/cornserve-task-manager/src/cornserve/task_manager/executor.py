@@ -54,6 +54,8 @@ class ManagedExecutor:
     task_key: str = ""
     state: ExecutorState = "starting"
     port: int = 0
+    channel_port: int | None = None
+    """The executor's invocation channel port (`cornserve.bus.invoke_channel`), when its descriptor serves one."""
     health_path: str = "/health"
     proc: ProcessGroup | ContainerProcess | None = None
     in_flight: int = 0
@@ -71,6 +73,11 @@ class ManagedExecutor:
     def url(self) -> str:
         """Base URL of the executor's HTTP server."""
         return f"http://{self.host}:{self.port}"
+
+    @property
+    def channel(self) -> str | None:
+        """``host:port`` of the executor's invocation channel, or None (it is called over HTTP)."""
+        return f"{self.host}:{self.channel_port}" if self.channel_port is not None else None
 
     @property
     def sidecar_ranks(self) -> list[int]:
@@ -100,9 +107,9 @@ class ManagedExecutor:
         if self.containers is not None:
             self.host = self.containers.node(node).address
         try:
-            port = free_port(self.host)
+            port, channel_port = free_port(self.host), free_port(self.host)
         except OSError:  # another node's address: a port free here is very likely free there
-            port = free_port()
+            port, channel_port = free_port(), free_port()
         try:
             devices = executor_devices(self.devices)
         except DeviceMapError as exc:
@@ -114,6 +121,7 @@ class ManagedExecutor:
             devices=devices,
             sidecar_ranks=self.sidecar_ranks,
             nats_url=nats_url,
+            channel_port=channel_port if channel_port != port else None,
         )
         try:
             spec: ExecutorLaunchSpec = task.descriptor.launch_spec(task, placement)
@@ -124,6 +132,7 @@ class ManagedExecutor:
             ) from exc
         env = executor_env({**os.environ, **spec.env}, nats_url, self.nats_creds)
         self.port = spec.port
+        self.channel_port = spec.channel_port
         self.health_path = spec.health_path if spec.health_path.startswith("/") else "/" + spec.health_path
         self.failed_probes = 0
         logger.info("executor %s: starting %s (port %d)", self.executor_id, spec.command, spec.port)

@@ -147,7 +147,9 @@ class TaskManager:
         engine call, so containers are left to the health loop (each second).
         """
         return [
-            TableEntry(executor_id=ex.executor_id, url=ex.url, sidecar_ranks=ex.sidecar_ranks)
+            TableEntry(
+                executor_id=ex.executor_id, url=ex.url, sidecar_ranks=ex.sidecar_ranks, channel=ex.channel
+            )
             for ex in sorted(self.executors.values(), key=lambda e: e.executor_id)
             if ex.state == "ready" and (ex.containers is not None or ex.exited() is None)
         ]
@@ -296,6 +298,7 @@ class TaskManager:
             executor_id=best.executor_id,
             url=best.url,
             sidecar_ranks=best.sidecar_ranks,
+            channel=best.channel,
         )
 
     def done(self, executor_id: str) -> None:

@@ -45,6 +45,8 @@ class ExecutorPlacement(BaseModel):
     devices: list[Device]
     sidecar_ranks: list[int]
     nats_url: str | None = None
+    channel_port: int | None = Field(default=None, gt=0, lt=65536)
+    """A second free port for an invocation channel (`cornserve.bus.invoke_channel`), for executors that serve one."""
 
 
 class ExecutorLaunchSpec(BaseModel):
@@ -55,6 +57,8 @@ class ExecutorLaunchSpec(BaseModel):
     port: int = Field(gt=0, lt=65536)
     health_path: str = "/health"
     ready_timeout_s: float = Field(default=300.0, gt=0)
+    channel_port: int | None = Field(default=None, gt=0, lt=65536)
+    """Where the executor serves the invocation channel on its host; None: HTTP only (vLLM, the LLM executor)."""
 
 
 class ExecutorRequest(BaseModel):
