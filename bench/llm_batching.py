@@ -19,9 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault(
-    "OMP_WAIT_POLICY", "PASSIVE"
-)  # as `python -m cornserve.llm_executor` runs (before torch loads)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `python -m cornserve.llm_executor` runs (before torch loads)
 
 from cornserve.llm_executor.engine import Engine
 from cornserve.llm_executor.model import LoadedModel, load_model
