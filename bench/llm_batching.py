@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import tempfile
 import time
 from pathlib import Path
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `python -m cornserve.llm_executor` runs (before torch loads)
 
 from cornserve.llm_executor.engine import Engine
 from cornserve.llm_executor.model import LoadedModel, load_model

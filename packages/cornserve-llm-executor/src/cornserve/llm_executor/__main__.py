@@ -2,14 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import sys
-
-# Before torch loads OpenMP: idle intra-op threads sleep instead of spinning. The model thread runs
-# its steps while the event loop's thread works; spinning OpenMP threads took the cores both need,
-# and a step loop with 2 torch threads on 2 cores ran ten times slower (docs/performance.md,
-# "LLM executor step loop in its own thread"). An operator's own setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from collections.abc import Sequence
 
 from cornserve.llm_executor.config import LLMExecutorSettings

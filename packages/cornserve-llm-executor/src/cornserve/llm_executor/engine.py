@@ -54,8 +54,6 @@ logger = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 1.0
 """The model thread's longest sleep with nothing to step (it re-checks `close` after it)."""
-DRAIN_WAIT_S = 0.05
-"""Longest wait of the model thread for the loop to take a step's events before the next step."""
 CLOSE_TIMEOUT_S = 300.0
 """Longest wait in `close` for the step in flight to end (a prefill of a long prompt on a slow CPU)."""
 
@@ -190,8 +188,6 @@ class Engine:
         self._outbox_lock = threading.Lock()
         self._drain_pending = False
         """A `_drain` callback is scheduled on the loop and has not run yet (guarded by `_outbox_lock`)."""
-        self._drained = threading.Event()
-        """Set by `_drain` once it handed the posted events over (the model thread waits for it)."""
 
     def start(self) -> None:
         """Start the model thread; its events are delivered on the running loop."""
@@ -396,27 +392,16 @@ class Engine:
     # ------------------------------------------------------------------ handing events to the loop
 
     def _post(self, out: list[Delivery]) -> None:
-        """Hand a step's events to the loop and wait (bounded) until it took them (model thread).
-
-        One wake-up per step for all its sequences, none while a drain is already pending. The wait
-        keeps the model thread off the CPU and the GIL while the loop thread wakes up: with the two
-        running at once on a small CPU (and torch's intra-op threads spinning on the same cores), a
-        step that went straight on made every loop wake-up wait for the GIL, up to the switch
-        interval each, and slowed both ten-fold (docs/performance.md, "LLM executor step loop in its
-        own thread"). Past `DRAIN_WAIT_S` the step goes on: the events wait in the outbox.
-        """
+        """Hand a step's events to the loop: one wake-up, unless a drain is already pending (model thread)."""
         if not out:
             return
         with self._outbox_lock:
             self._outbox.extend(out)
-            schedule = not self._drain_pending
-            if schedule:
-                self._drain_pending = True
-                self._drained.clear()
-        if schedule:
-            assert self._loop is not None
-            self._loop.call_soon_threadsafe(self._drain)
-        self._drained.wait(DRAIN_WAIT_S)
+            if self._drain_pending:
+                return
+            self._drain_pending = True
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._drain)
 
     def _drain(self) -> None:
         """Deliver every posted event in order (on the loop): hidden states, talker progress, then the event."""
@@ -435,7 +420,6 @@ class Engine:
                 seq.cancel()
                 item = GenerationFailed(f"generation failed for request {seq.request_id}: {exc!r}")
             seq.events.put_nowait(item)
-        self._drained.set()
 
     # ------------------------------------------------------------------ model steps (model thread)
 
