@@ -50,10 +50,6 @@ class LLMExecutorSettings(ServiceSettings, MediaPolicy):
     """Completion cap when a request sets none."""
     embedding_timeout_s: float = Field(default=60.0, gt=0)
     """Deadline per embedding forward."""
-    gil_switch_interval_ms: float = Field(default=0.5, gt=0, le=100)
-    """`sys.setswitchinterval` of the process: how long the event loop's thread may wait for the GIL
-    while the model thread runs a forward's Python code (CPython's default 5 ms delays each step's
-    token hand-off by up to that much; docs/performance.md, "LLM executor step loop in its own thread")."""
     device: str = Field(default="cpu", pattern=r"^(cpu|cuda(:[0-9]+)?)$")
     """Where the model runs: cpu, cuda or cuda:N (of the devices CUDA_VISIBLE_DEVICES leaves visible)."""
     executor_id: Annotated[str, Flag(env_only=True)] = "llm-executor"

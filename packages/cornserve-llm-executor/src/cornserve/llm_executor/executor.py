@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 
@@ -74,7 +73,6 @@ class LLMExecutor:
     async def initialize(self) -> None:
         """Load the model, connect the sidecar (fission), start the engine; then serve."""
         s = self.settings
-        sys.setswitchinterval(s.gil_switch_interval_ms / 1000)  # before the model thread starts
         loaded = await asyncio.to_thread(load_model, s.model_id, s.max_model_len, s.device)
         receiver: EmbeddingReceiver | None = None
         sidecar: Sidecar | None = None
