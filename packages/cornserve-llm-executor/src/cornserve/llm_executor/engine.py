@@ -1,19 +1,11 @@
 """The step-level scheduler: iteration-level batching with one batched forward per decode step.
 
-One thread (the model thread, "llm-engine") owns the model and runs the step loop. Each step it
-admits waiting sequences (up to `max_batch_size` active), prefills every new sequence (one
-forward each: their media differ) and decodes one token for all the others in ONE forward over a
+One asyncio task owns the model. Each step it admits waiting sequences (up to
+`max_batch_size` active), then, in a worker thread, prefills every new sequence (one forward
+each: their media differ) and decodes one token for all the others in ONE forward over a
 left-padded batched KV cache (`batch_cache.BatchedDecodeCache`). Requests that arrive while a
 step runs join at the next step, so concurrent requests share the model's forwards and
-throughput rises with concurrency. A cancelled sequence is dropped at the next step boundary.
-
-The step loop does not round-trip through the event loop: after a step the model thread posts
-the step's token events to an outbox and goes on with the next step; the event loop drains the
-outbox in one callback (one `call_soon_threadsafe` wake-up per step for every sequence, none
-while a drain is already pending, so events pile up only while the loop is behind and are never
-held back when it keeps up). Before, each step was a thread-pool `submit` from the loop and a
-wake-up back, and the model sat idle while the loop thread delivered the tokens and scheduled
-the next step (docs/performance.md, "LLM executor step loop in its own thread"). Each row keeps its own positions (M-RoPE included) and the
+throughput rises with concurrency. Each row keeps its own positions (M-RoPE included) and the
 attention mask hides its padding, so a sequence's tokens are what it would get alone (greedy
 output equals transformers' `generate`). `decode_batching=False` decodes each sequence in its
 own forward (the escape hatch `--decode-batching off`).
@@ -52,11 +44,6 @@ from cornserve.models.thinker_talker import talker_step_input
 
 logger = logging.getLogger(__name__)
 
-IDLE_WAIT_S = 1.0
-"""The model thread's longest sleep with nothing to step (it re-checks `close` after it)."""
-CLOSE_TIMEOUT_S = 300.0
-"""Longest wait in `close` for the step in flight to end (a prefill of a long prompt on a slow CPU)."""
-
 
 Forwarded = tuple[torch.Tensor, torch.Tensor | None]
 """One sequence's step output: its `[vocab]` logits and, for a thinker, its `[hidden]` last-layer state."""
@@ -87,18 +74,6 @@ class TokenEvent:
     """Talker: input rows read when this token was made."""
     inputs_complete: bool = False
     """Talker: whether the input stream had ended when this token was made."""
-
-
-@dataclass(eq=False)
-class Delivery:
-    """What a step made for one sequence, handed from the model thread to the loop (`Engine._drain`)."""
-
-    seq: Sequence
-    item: TokenEvent | BaseException
-    hidden: torch.Tensor | None = None
-    """Thinker: the token's hidden state, given to the sequence's `hidden_sink` before the event."""
-    consumed: int | None = None
-    """Talker: input rows used so far (`InputEmbedsFeed.consume`)."""
 
 
 @dataclass
@@ -174,42 +149,24 @@ class Engine:
         """Touched only by `_step` (worker thread) and while no step runs."""
         self.stats = EngineStats()
         self._waiting: deque[Sequence] = deque()
-        """Appended by `submit` on the loop, popped by the model thread (deque ends are thread-safe)."""
         self._active: list[Sequence] = []
-        """Touched only by the model thread (and by `close` once it has stopped)."""
-        self._wake = threading.Event()
-        """Set when the model thread may have work: a submit, a talker's input row, close."""
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._model_lock = threading.Lock()
-        self._outbox: list[Delivery] = []
-        """Events the model thread made that the loop has not taken yet (guarded by `_outbox_lock`)."""
-        self._outbox_lock = threading.Lock()
-        self._drain_pending = False
-        """A `_drain` callback is scheduled on the loop and has not run yet (guarded by `_outbox_lock`)."""
 
     def start(self) -> None:
-        """Start the model thread; its events are delivered on the running loop."""
-        self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="llm-engine", daemon=True)
-        self._thread.start()
+        """Start the scheduler task on the running loop."""
+        self._task = asyncio.create_task(self._run(), name="llm-engine")
 
     async def close(self) -> None:
-        """Stop the model thread (after the step in flight); unfinished sequences get an ExecutorUnavailable error."""
+        """Stop the scheduler; unfinished sequences get an ExecutorUnavailable error."""
         self._closing = True
         self._wake.set()
-        thread = self._thread
-        if thread is not None:
-            await asyncio.to_thread(thread.join, CLOSE_TIMEOUT_S)
-            if thread.is_alive():
-                logger.error("the LLM engine's step did not end within %.0fs of close", CLOSE_TIMEOUT_S)
-        self._drain()  # events of the last steps, before the shutdown errors
-        shutdown = ExecutorUnavailable("the LLM executor is shutting down")
+        if self._task is not None:
+            await self._task
         for seq in [*self._active, *self._waiting]:
-            delivery = self._fail(seq, shutdown)
-            if delivery is not None:
-                seq.events.put_nowait(delivery.item)
+            self._fail(seq, ExecutorUnavailable("the LLM executor is shutting down"))
         self._active.clear()
         self._waiting.clear()
 
@@ -278,74 +235,51 @@ class Engine:
             if event.finish_reason is not None:
                 return
 
-    # ------------------------------------------------------------------ scheduler (model thread)
+    # ------------------------------------------------------------------ scheduler
 
-    def _run(self) -> None:
-        """The step loop, on the model thread, until `close`."""
-        try:
-            while not self._closing:
-                # Cleared before looking for work, so a submit or wake after the look is not lost.
+    async def _run(self) -> None:
+        while not self._closing:
+            self._active = [s for s in self._active if not self._dropped(s)]
+            while self._waiting and len(self._active) < self.max_batch_size:
+                seq = self._waiting.popleft()
+                if not self._dropped(seq):
+                    self._active.append(seq)
+                    self.stats.sequences_started += 1
+            self._settle_feeds()
+            self._active = [s for s in self._active if not s.finished]
+            self.stats.waiting = len(self._waiting)
+            self.stats.active = len(self._active)
+            if not self._active:
+                self._batch.clear()  # no step is running: free finished rows' memory
+            batch = [s for s in self._active if s.ready]
+            if not batch:  # nothing active, or only talkers waiting for their next input row
                 self._wake.clear()
-                out: list[Delivery] = []
-                batch = self._schedule(out)
-                if batch:
-                    self.stats.steps += 1
-                    self.stats.max_batch_size_observed = max(self.stats.max_batch_size_observed, len(batch))
-                    results = self._step(batch)
-                    for seq, result in zip(batch, results, strict=True):
-                        delivery = (
-                            self._fail(seq, result)
-                            if isinstance(result, BaseException)
-                            else self._deliver(seq, result)
-                        )
-                        if delivery is not None:
-                            out.append(delivery)
-                self._post(out)
-                if not batch:  # nothing active, or only talkers waiting for their next input row
-                    self._wake.wait(IDLE_WAIT_S)
-        except Exception:
-            # Not re-raised: a thread's exception would only be printed again. Every sequence fails
-            # with the error and new ones are refused (`submit` sees `_closing`).
-            logger.exception("the LLM engine's model thread failed; no further tokens will be generated")
-            self._closing = True
-            failure = ExecutorUnavailable("the LLM executor's engine failed")
-            self._post(
-                [d for seq in [*self._active, *self._waiting] if (d := self._fail(seq, failure)) is not None]
-            )
+                await self._wake.wait()
+                continue
+            self.stats.steps += 1
+            self.stats.max_batch_size_observed = max(self.stats.max_batch_size_observed, len(batch))
+            results = await asyncio.to_thread(self._step, batch)
+            for seq, result in zip(batch, results, strict=True):
+                if isinstance(result, BaseException):
+                    self._fail(seq, result)
+                else:
+                    self._deliver(seq, result)
 
-    def _schedule(self, out: list[Delivery]) -> list[Sequence]:
-        """Drop cancelled and finished sequences, admit waiting ones, settle talkers: the next step's batch."""
-        self._active = [s for s in self._active if not self._dropped(s)]
-        while self._waiting and len(self._active) < self.max_batch_size:
-            seq = self._waiting.popleft()
-            if not self._dropped(seq):
-                self._active.append(seq)
-                self.stats.sequences_started += 1
-        batch: list[Sequence] = []
+    def _settle_feeds(self) -> None:
+        """Talkers whose input failed fail; those whose input ended (and is used up) finish with "stop"."""
         for seq in self._active:
             feed = seq.feed
-            if feed is None:
-                batch.append(seq)
+            if feed is None or seq.finished or seq.ready:
                 continue
-            # A talker: `closed` is read before `received`, as the loop sets them in the other
-            # order (rows first), so "closed and nothing left" is never seen while a row is new.
-            closed, error = feed.closed, feed.error
-            if seq.ready:
-                batch.append(seq)
-            elif error is not None:
-                out.extend(d for d in [self._fail(seq, error)] if d is not None)
-            elif closed:
+            if feed.error is not None:
+                self._fail(seq, feed.error)
+            elif feed.closed:
                 seq.finished = True
                 seq.cache = None
                 self.stats.sequences_finished += 1
-                event = TokenEvent(None, "stop", inputs_received=feed.received, inputs_complete=True)
-                out.append(Delivery(seq, event))
-        self._active = [s for s in self._active if not s.finished]
-        self.stats.waiting = len(self._waiting)
-        self.stats.active = len(self._active)
-        if not self._active:
-            self._batch.clear()  # no step is running: free finished rows' memory
-        return batch
+                seq.events.put_nowait(
+                    TokenEvent(None, "stop", inputs_received=feed.received, inputs_complete=True)
+                )
 
     def _dropped(self, seq: Sequence) -> bool:
         """Whether `seq` leaves the scheduler now: finished, or cancelled (then counted and freed)."""
@@ -358,16 +292,18 @@ class Engine:
         self.stats.sequences_cancelled += 1
         return True
 
-    def _fail(self, seq: Sequence, exc: BaseException) -> Delivery | None:
+    def _fail(self, seq: Sequence, exc: BaseException) -> None:
         if seq.finished:
-            return None
+            return
         seq.finished = True
         seq.cache = None
         self.stats.sequences_finished += 1
-        return Delivery(seq, exc)
+        seq.events.put_nowait(exc)
 
-    def _deliver(self, seq: Sequence, result: StepResult) -> Delivery:
+    def _deliver(self, seq: Sequence, result: StepResult) -> None:
         token, hidden = result
+        if hidden is not None and seq.hidden_sink is not None:
+            seq.hidden_sink(hidden)
         now = time.monotonic()
         (TPOT if seq.generated else TTFT).observe(now - seq.last_event_at)
         seq.last_event_at = now
@@ -383,45 +319,12 @@ class Engine:
             seq.cache = None
             self.stats.sequences_finished += 1
         event = TokenEvent(token_id=token, finish_reason=finish)
-        consumed = None
         if seq.feed is not None:
             event.inputs_received, event.inputs_complete = seq.feed.received, seq.feed.closed
-            consumed = len(seq.generated)
-        return Delivery(seq, event, hidden if seq.hidden_sink is not None else None, consumed)
+            seq.feed.consume(len(seq.generated))
+        seq.events.put_nowait(event)
 
-    # ------------------------------------------------------------------ handing events to the loop
-
-    def _post(self, out: list[Delivery]) -> None:
-        """Hand a step's events to the loop: one wake-up, unless a drain is already pending (model thread)."""
-        if not out:
-            return
-        with self._outbox_lock:
-            self._outbox.extend(out)
-            if self._drain_pending:
-                return
-            self._drain_pending = True
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._drain)
-
-    def _drain(self) -> None:
-        """Deliver every posted event in order (on the loop): hidden states, talker progress, then the event."""
-        with self._outbox_lock:
-            out, self._outbox = self._outbox, []
-            self._drain_pending = False
-        for delivery in out:
-            seq, item = delivery.seq, delivery.item
-            try:
-                if delivery.hidden is not None and seq.hidden_sink is not None:
-                    seq.hidden_sink(delivery.hidden)
-                if delivery.consumed is not None and seq.feed is not None:
-                    seq.feed.consume(delivery.consumed)
-            except Exception as exc:
-                logger.exception("handing token of request %s to its consumer failed", seq.request_id)
-                seq.cancel()
-                item = GenerationFailed(f"generation failed for request {seq.request_id}: {exc!r}")
-            seq.events.put_nowait(item)
-
-    # ------------------------------------------------------------------ model steps (model thread)
+    # ------------------------------------------------------------------ model steps (worker thread)
 
     def _step(self, batch: list[Sequence]) -> list[StepResult | BaseException]:
         results: dict[Sequence, StepResult | BaseException] = {}
