@@ -19,7 +19,7 @@ import json
 import logging
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 from cornserve.bus import invoke_channel as wire
 
@@ -96,7 +96,8 @@ class _Connection(asyncio.Protocol):
     # ----- asyncio.Protocol -----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # A stream transport (uvloop's is not an asyncio.Transport subclass, so no isinstance check).
+        transport = cast(asyncio.Transport, transport)
         self._transport = transport
         transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
         self._peer = str(transport.get_extra_info("peername"))
