@@ -42,3 +42,13 @@ async def test_the_first_connect_has_a_deadline() -> None:
     with pytest.raises(NatsConnectTimeout, match=rf"cannot reach NATS at nats://127.0.0.1:{port} within 1 s"):
         await connect_nats(f"nats://127.0.0.1:{port}", name="nobody", first_connect_deadline_s=1.0)
     assert time.monotonic() - started < 5
+
+
+async def test_closing_the_connection_is_not_reported_as_a_disconnect(
+    caplog: pytest.LogCaptureFixture, nats_url: str
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="cornserve.runtime.nats")
+    nc = await connect_nats(nats_url, name="closing-test")
+    await nc.close()
+    assert "closing-test: NATS connection closed" in caplog.text
+    assert "closing-test: disconnected from NATS" not in caplog.text

@@ -106,7 +106,8 @@ async def connect_nats(
             {connecting, refused}, timeout=first_connect_deadline_s, return_when=asyncio.FIRST_COMPLETED
         )
         if connecting in done:
-            return connecting.result()
+            log.client = connecting.result()
+            return log.client
         if refused in done:
             which = f"credentials file {creds}" if creds is not None else "no credentials"
             fix = "" if creds is not None else " (set --nats-creds or CORNSERVE_NATS_CREDS)"
@@ -141,6 +142,8 @@ class _ConnectionLog:
         self._last_error = ""
         self.on_auth_error: Any = None
         """Called with an `AuthorizationError` while the first connect is under way."""
+        self.client: Client | None = None
+        """The connection, once connected (its own `close` also reports a disconnect)."""
 
     def callbacks(self) -> dict[str, Any]:
         """The nats-py callback keyword arguments."""
@@ -160,6 +163,8 @@ class _ConnectionLog:
             logger.warning("%s: NATS error: %s", self.name, text)
 
     async def on_disconnected(self) -> None:
+        if self.client is not None and self.client.is_closed:
+            return  # our own close: nats-py reports it as a disconnect too, and nothing reconnects
         logger.warning("%s: disconnected from NATS; reconnecting every %g s", self.name, RECONNECT_WAIT_S)
 
     async def on_reconnected(self) -> None:
