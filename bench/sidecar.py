@@ -64,13 +64,13 @@ class Row:
 
 
 def run_loop(main: Coroutine[Any, Any, None]) -> None:
-    """Run on the event loop executors run on (uvloop unless CORNSERVE_EVENT_LOOP says otherwise):
-    the sidecar clients here stand for executors, and the asyncio floor below must use the same loop.
+    """Run on the event loop executors run on (the standard loop unless CORNSERVE_EVENT_LOOP says
+    otherwise): the sidecar clients here stand for executors, and the asyncio floor uses the same loop.
     """
     choice = os.environ.get("CORNSERVE_EVENT_LOOP", "auto")
     if choice not in ("auto", "uvloop", "asyncio"):
         raise SystemExit(f"CORNSERVE_EVENT_LOOP={choice!r}: use auto, uvloop or asyncio")
-    run_on_loop(cast(EventLoopChoice, choice), main)
+    run_on_loop(cast(EventLoopChoice, choice), main, auto_uvloop=False)
 
 
 # ---------------------------------------------------------------- child roles

@@ -131,6 +131,17 @@ def test_services_run_on_uvloop_unless_told_otherwise(nats_url: str, choice: str
     assert finish(proc)[0] == 0
 
 
+@pytest.mark.parametrize(("choice", "loop"), [(None, "asyncio"), ("uvloop", "uvloop")])
+def test_executors_keep_the_standard_loop_unless_told_otherwise(choice: str | None, loop: str) -> None:
+    env = {} if choice is None else {"CORNSERVE_EVENT_LOOP": choice}
+    proc = start("executor", env=env)
+    lines = wait_for_line(proc, "port open")
+    said = [x["message"] for x in lines if "event loop" in str(x["message"])]
+    assert said == [f"running on the {loop} event loop"], said
+    proc.send_signal(signal.SIGTERM)
+    assert finish(proc)[0] == 0
+
+
 def test_an_unknown_event_loop_is_a_bad_setting() -> None:
     proc = start("service", env={"CORNSERVE_EVENT_LOOP": "tokio"})
     code, err = finish(proc)

@@ -1,11 +1,13 @@
 """Which asyncio event loop implementation every Cornserve process runs on.
 
-Why uvloop by default: every hot path here (gateway, dispatcher, executors, sidecars) is a chain of
-small socket reads and writes and task wake-ups, where the standard selector loop's own Python code is
-a large share of each process's CPU (see docs/performance.md, "Event loop"). uvloop runs the same
-asyncio API on libuv, in C. ``CORNSERVE_EVENT_LOOP=asyncio`` keeps the standard loop (to rule the loop
-out when chasing a bug, or on a platform without uvloop wheels); ``auto`` (the default) uses uvloop
-when it can be imported and says so in the start-up log otherwise.
+Why uvloop for the control-plane services (gateway, dispatcher, resource manager, task manager):
+their hot paths are chains of small socket reads and writes and task wake-ups, where the standard
+selector loop's own Python code is a large share of each process's CPU; uvloop runs the same asyncio
+API on libuv, in C (docs/performance.md, "Event loop"). Why not for executors and sidecar servers:
+measured on uvloop, their sidecar transfers were slower (a 1 MiB same-node send ~1.3-1.7x), so
+``auto`` (the default) keeps the standard loop there. ``CORNSERVE_EVENT_LOOP=uvloop`` or ``asyncio``
+forces one loop for a process (``asyncio`` also rules the loop out when chasing a bug); ``auto`` falls
+back to the standard loop, saying so in the start-up log, where uvloop cannot be imported.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from typing import Any, Literal, TypeVar
 logger = logging.getLogger(__name__)
 
 EventLoopChoice = Literal["auto", "uvloop", "asyncio"]
-"""auto: uvloop when installed, else the standard loop; uvloop: uvloop or fail; asyncio: the standard loop."""
+"""auto: uvloop for control-plane services when installed, else the standard loop; uvloop: uvloop or
+fail; asyncio: the standard loop."""
 
 T = TypeVar("T")
 
@@ -33,9 +36,14 @@ def uvloop_installed() -> bool:
     return importlib.util.find_spec("uvloop") is not None
 
 
-def loop_factory(choice: EventLoopChoice) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """The factory `asyncio.Runner` gets for `choice` (None: the standard loop)."""
-    if choice == "asyncio":
+def loop_factory(
+    choice: EventLoopChoice, auto_uvloop: bool = True
+) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The factory `asyncio.Runner` gets for `choice` (None: the standard loop).
+
+    ``auto`` means uvloop only where `auto_uvloop` says it measured faster (see the module).
+    """
+    if choice == "asyncio" or (choice == "auto" and not auto_uvloop):
         return None
     if not uvloop_installed():
         if choice == "uvloop":
@@ -56,12 +64,12 @@ def loop_name(loop: asyncio.AbstractEventLoop) -> str:
     return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
 
 
-def run_on_loop(choice: EventLoopChoice, main: Coroutine[Any, Any, T]) -> T:
+def run_on_loop(choice: EventLoopChoice, main: Coroutine[Any, Any, T], auto_uvloop: bool = True) -> T:
     """`asyncio.run(main)` on the loop `choice` names; the first log line inside says which loop it is."""
 
     async def logged() -> T:
         logger.info("running on the %s event loop", loop_name(asyncio.get_running_loop()))
         return await main
 
-    with asyncio.Runner(loop_factory=loop_factory(choice)) as runner:
+    with asyncio.Runner(loop_factory=loop_factory(choice, auto_uvloop)) as runner:
         return runner.run(logged())

@@ -142,7 +142,9 @@ def run_process(
     """`run_service` for a process that manages its own NATS connection (the sidecar server)."""
     settings, tracing = _settings_and_logging(settings_type, argv)
     with _traced(tracing):
-        return run_on_loop(settings.event_loop, serve_until_signal(settings, serve, expected_errors))
+        return run_on_loop(
+            settings.event_loop, serve_until_signal(settings, serve, expected_errors), auto_uvloop=False
+        )
 
 
 def run_executor(
@@ -156,7 +158,9 @@ def run_executor(
     settings, tracing = _settings_and_logging(settings_type, argv)
     with _traced(tracing):
         return run_on_loop(
-            settings.event_loop, run_executor_until_signal(settings, make_server(settings), expected_errors)
+            settings.event_loop,
+            run_executor_until_signal(settings, make_server(settings), expected_errors),
+            auto_uvloop=False,
         )
 
 

@@ -193,7 +193,8 @@ class ServiceSettings(BaseSettings):
     metrics_host: str = "127.0.0.1"
     """Address of the metrics port (loopback unless a scraper on another host needs it)."""
     event_loop: Annotated[EventLoopChoice, AfterValidator(_loop_available), Flag(env_only=True)] = "auto"
-    """``CORNSERVE_EVENT_LOOP``: auto (uvloop when installed), uvloop (or fail), asyncio (the standard loop)."""
+    """``CORNSERVE_EVENT_LOOP``: auto (uvloop for control-plane services when installed, the standard
+    loop for executors and sidecars), uvloop (or fail), asyncio (the standard loop)."""
 
     @property
     def nats_client_name(self) -> str:
