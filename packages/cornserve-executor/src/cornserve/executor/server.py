@@ -406,27 +406,27 @@ class ExecutorServer:
 
     async def _run_unary(self, invocation: TaskInvocation) -> Answer:
         """Call the handler for one output: 200 with its JSON, or 500 with the failure's text."""
-        assert self._ctx is not None and self._handler is not None and self._descriptor is not None
-        timeout = self._descriptor.invoke_timeout_s
-        self._attributes()
         try:
-            async with asyncio.timeout(timeout):
-                result: Any = self._handler(self._ctx, invocation)
-                if inspect.isawaitable(result):
-                    result = await result
-                output = self._check_output(result)
-        except TimeoutError:
-            return self._failed(
-                TimeoutError(f"{self._ctx.task.display_name()} did not finish within {timeout:.0f} s")
-            )
+            output = self._check_output(await self._handler_result(invocation))
         except Exception as exc:
             return self._failed(exc)
         self.served += 1
         return Answer(200, json.dumps(output.model_dump(mode="json")).encode())
 
     async def _run_stream(self, request: web.Request, invocation: TaskInvocation) -> web.StreamResponse:
+        assert self._descriptor is not None and self._item_type is not None
+        try:
+            result = await self._handler_result(invocation)
+        except Exception as exc:
+            return _response(self._failed(exc))
+        return await self._stream(request, result, self._item_type, self._descriptor.invoke_timeout_s)
+
+    async def _handler_result(self, invocation: TaskInvocation) -> Any:
+        """The handler's result for `invocation` (a coroutine's awaited), within the descriptor's timeout.
+
+        Overrunning it (or the handler's own TimeoutError) raises a TimeoutError naming the task.
+        """
         assert self._ctx is not None and self._handler is not None and self._descriptor is not None
-        assert self._item_type is not None
         timeout = self._descriptor.invoke_timeout_s
         self._attributes()
         try:
@@ -434,15 +434,11 @@ class ExecutorServer:
                 result: Any = self._handler(self._ctx, invocation)
                 if inspect.isawaitable(result):
                     result = await result
+                return result
         except TimeoutError:
-            return _response(
-                self._failed(
-                    TimeoutError(f"{self._ctx.task.display_name()} did not finish within {timeout:.0f} s")
-                )
-            )
-        except Exception as exc:
-            return _response(self._failed(exc))
-        return await self._stream(request, result, self._item_type, timeout)
+            raise TimeoutError(
+                f"{self._ctx.task.display_name()} did not finish within {timeout:.0f} s"
+            ) from None
 
     def _check_output(self, result: Any) -> TaskOutput:
         assert self._ctx is not None
