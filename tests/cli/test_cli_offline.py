@@ -60,6 +60,7 @@ def test_help_lists_every_command_grouped_and_plain_when_piped() -> None:
     )
 
 
+@pytest.mark.slow  # ~12 s: a fresh CLI process per case
 def test_usage_errors_exit_2() -> None:
     assert cli("nope").returncode == 2
     assert cli("invoke", "only-the-app").returncode == 2

@@ -537,6 +537,7 @@ async def test_the_port_opens_first_and_health_is_503_while_the_model_loads() ->
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+@pytest.mark.slow  # ~15 s plus teardown: a whole executor start that fails late
 def test_device_cuda_without_cuda_exits_1_saying_so(tiny_models: dict[str, Path]) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "cornserve.llm_executor", "--model-id", str(tiny_models["qwen2-vl"]),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 import torch
 from tests.support.sidecars import SIDECAR_RANKS, start_sidecars
 
@@ -18,6 +19,7 @@ from cornserve.sidecar.arena import SHM_DIR
 from cornserve.sidecar.ownership import OwnedDir, owned_by_a_live_process
 
 
+@pytest.mark.slow  # two clusters' sidecars and a second nats-server
 async def test_a_second_cluster_with_the_same_rank_leaves_the_first_ones_arena_and_socket(
     nats_url: str, tmp_path: Path
 ) -> None:
@@ -49,6 +51,7 @@ async def test_a_second_cluster_with_the_same_rank_leaves_the_first_ones_arena_a
         first.stop()
 
 
+@pytest.mark.slow  # a sidecar killed and restarted
 async def test_a_crashed_instances_arena_and_socket_are_removed_at_the_next_start(
     nats_url: str, tmp_path: Path
 ) -> None:
