@@ -26,9 +26,10 @@ the connection (every call in flight on it fails as a broken connection would).
 
 from __future__ import annotations
 
+import asyncio
 import struct
 from dataclasses import dataclass
-from typing import Final, TypeVar
+from typing import Final, TypeVar, cast
 
 from pydantic import Field, ValidationError
 
@@ -179,3 +180,34 @@ class FrameReader:
         finally:
             del buffer[:offset]
         return frames
+
+
+WRITE_BUFFER_HIGH: Final = 1 << 20
+"""Bytes of unsent frames past which a channel end's writers wait for the other end to read."""
+
+
+class ChannelProtocol(asyncio.Protocol):
+    """What both ends of a channel share: the stream transport and write flow control.
+
+    Writers await `_writable` (cleared while the transport's buffer is over `WRITE_BUFFER_HIGH`);
+    `connection_lost` must set it so that waiting writers see the closed transport and give up.
+    """
+
+    def __init__(self) -> None:
+        self._transport: asyncio.Transport | None = None
+        self._writable = asyncio.Event()
+        self._writable.set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Keep the transport and bound its write buffer."""
+        # A stream transport (uvloop's is not an asyncio.Transport subclass, so no isinstance check).
+        self._transport = cast(asyncio.Transport, transport)
+        self._transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
+
+    def pause_writing(self) -> None:
+        """The transport's buffer is over the high mark: writers wait."""
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        """The buffer drained: writers go on."""
+        self._writable.set()

@@ -20,14 +20,10 @@ import asyncio
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import cast
 
 from cornserve.bus import invoke_channel as wire
 
 logger = logging.getLogger(__name__)
-
-WRITE_BUFFER_HIGH = 1 << 20
-"""Bytes of unsent calls past which callers wait for the executor to read."""
 
 
 class ChannelError(Exception):
@@ -128,18 +124,16 @@ class ExecutorChannels:
         return connection
 
 
-class _Connection(asyncio.Protocol):
+class _Connection(wire.ChannelProtocol):
     """One open channel: calls out, replies in (any order), matched by request id."""
 
     def __init__(self, address: str, max_frame_bytes: int, on_lost: Callable[[_Connection], None]) -> None:
+        super().__init__()
         self.address = address
         self._on_lost = on_lost
         self._reader = wire.FrameReader(max_frame_bytes)
-        self._transport: asyncio.Transport | None = None
         self._pending: dict[int, asyncio.Future[ChannelReply]] = {}
         self._next_id = 0
-        self._writable = asyncio.Event()
-        self._writable.set()
         self._lost: str | None = None
 
     @property
@@ -172,24 +166,12 @@ class _Connection(asyncio.Protocol):
 
     # ----- asyncio.Protocol -----------------------------------------------------------------------
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # A stream transport (uvloop's is not an asyncio.Transport subclass, so no isinstance check).
-        transport = cast(asyncio.Transport, transport)
-        self._transport = transport
-        transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
-
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail(
             f"the connection closed ({type(exc).__name__}: {exc})"
             if exc
             else "the executor closed the connection"
         )
-
-    def pause_writing(self) -> None:
-        self._writable.clear()
-
-    def resume_writing(self) -> None:
-        self._writable.set()
 
     def data_received(self, data: bytes) -> None:
         try:

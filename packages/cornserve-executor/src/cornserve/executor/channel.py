@@ -19,14 +19,12 @@ import json
 import logging
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import Protocol
 
 from cornserve.bus import invoke_channel as wire
 
 logger = logging.getLogger(__name__)
 
-WRITE_BUFFER_HIGH = 1 << 20
-"""Bytes of unsent replies past which a connection pauses its writers until the peer reads."""
 DRAIN_TIMEOUT_S = 30.0
 """A reply waits this long for a peer that stopped reading; then the connection is closed."""
 
@@ -81,25 +79,20 @@ class ChannelServer:
                 await self._server.wait_closed()
 
 
-class _Connection(asyncio.Protocol):
+class _Connection(wire.ChannelProtocol):
     """One dispatcher's connection: frames in, a task per call, replies out in any order."""
 
     def __init__(self, owner: ChannelServer) -> None:
+        super().__init__()
         self._owner = owner
         self._reader = wire.FrameReader(owner._max_frame_bytes)
-        self._transport: asyncio.Transport | None = None
         self._calls: dict[int, asyncio.Task[None]] = {}
-        self._writable: asyncio.Event = asyncio.Event()
-        self._writable.set()
         self._peer = "?"
 
     # ----- asyncio.Protocol -----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # A stream transport (uvloop's is not an asyncio.Transport subclass, so no isinstance check).
-        transport = cast(asyncio.Transport, transport)
-        self._transport = transport
-        transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
+        super().connection_made(transport)
         self._peer = str(transport.get_extra_info("peername"))
         self._owner._connections.add(self)
 
@@ -109,12 +102,6 @@ class _Connection(asyncio.Protocol):
         for task in self._calls.values():
             task.cancel()  # the caller is gone, as a closed HTTP connection
         self._calls.clear()
-
-    def pause_writing(self) -> None:
-        self._writable.clear()
-
-    def resume_writing(self) -> None:
-        self._writable.set()
 
     def data_received(self, data: bytes) -> None:
         try:

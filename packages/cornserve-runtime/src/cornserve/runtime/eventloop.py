@@ -4,7 +4,7 @@ Why uvloop for the control-plane services (gateway, dispatcher, resource manager
 their hot paths are chains of small socket reads and writes and task wake-ups, where the standard
 selector loop's own Python code is a large share of each process's CPU; uvloop runs the same asyncio
 API on libuv, in C (docs/performance.md, "Event loop"). Why not for executors and sidecar servers:
-measured on uvloop, their sidecar transfers were slower (a 1 MiB same-node send ~1.3-1.7x), so
+measured on uvloop, their sidecar transfers were slower (a 1 MiB same-node send 1.2-1.7x), so
 ``auto`` (the default) keeps the standard loop there. ``CORNSERVE_EVENT_LOOP=uvloop`` or ``asyncio``
 forces one loop for a process (``asyncio`` also rules the loop out when chasing a bug); ``auto`` falls
 back to the standard loop, saying so in the start-up log, where uvloop cannot be imported.
