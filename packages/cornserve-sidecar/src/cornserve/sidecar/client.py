@@ -60,7 +60,8 @@ from cornserve.runtime.settings import nats_creds_from_env, nats_url_from_env
 from cornserve.runtime.tracing import client_span, set_attributes
 from cornserve.sidecar import gpu, gpu_ipc, gpu_nccl, spares
 from cornserve.sidecar.arena import map_arena
-from cornserve.sidecar.codec import decode, encode, torch_dtype, torch_dtype_name
+from cornserve.sidecar.codec import Encoded, decode, encode, torch_dtype, torch_dtype_name
+from cornserve.sidecar.directput import ROOM_WAIT_S, DirectPeers, sole_destination
 from cornserve.sidecar.errors import (
     BadRequest,
     DataLost,
@@ -164,6 +165,8 @@ class Sidecar:
         """Reserve the next block after a copy send of a size (`spares`); False: every send allocates."""
         self._spares = Spares()
         self._spare_tasks = BackgroundTasks(logger, "spare reservation")
+        self._direct = DirectPeers(rank)
+        """Same-node ranks small sends go to directly (`directput`)."""
         self._closed = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -224,6 +227,7 @@ class Sidecar:
         """Close the NATS connection and stop the client's loop thread (idempotent)."""
         if not self._closed:
             await self._release_spares()
+            await self._direct.close()
             if self._nc is not None:  # bounded, also when NATS is gone (cornserve.runtime.natsstop)
                 await current_budget("sidecar client").close(self._nc)
                 self._nc = None
@@ -438,6 +442,13 @@ class Sidecar:
             if region is None:
                 encoded = encode(data)
                 meta = encoded.meta
+                sole = sole_destination(dst_ranks, num_chunks, notify_released, self.rank)
+                if (
+                    meta.nbytes <= INLINE_SEND_BYTES
+                    and sole is not None
+                    and await self._put_direct(sole, encoded, id_, chunk_id, num_chunks, timeout)
+                ):
+                    return
                 if meta.nbytes <= INLINE_SEND_BYTES and self._local is not None:
                     msg = SendRequest(
                         id=id_,
@@ -509,6 +520,48 @@ class Sidecar:
             await self._call(SidecarVerb.SEND, msg, SidecarAck, timeout + REPLY_MARGIN_S)
             if encoded is not None:
                 self._keep_spare(meta.nbytes)
+
+    async def _put_direct(
+        self, rank: int, encoded: Encoded, id_: str, chunk_id: int, num_chunks: int | None, timeout: float
+    ) -> bool:
+        """Put a small chunk straight to same-node ``rank``'s server (`directput`); False: take the usual path.
+
+        The usual path is taken when the destination is not known (yet) to be on our node, when its
+        socket fails, and when its arena has no room within `ROOM_WAIT_S` (the usual path waits for
+        room in our own arena, as before). Its other errors are the send's.
+        """
+        assert self._nc is not None and self._info is not None
+        peer = self._direct.peer(rank, self._nc, self._info.node)
+        if peer is None:
+            return False
+        meta = encoded.meta
+        msg = SendRequest(
+            id=id_,
+            chunk_id=chunk_id,
+            num_chunks=num_chunks,
+            dst_ranks=[[rank]],
+            instance=peer.info.instance,
+            location=Location(arena=peer.info.arena, size=meta.nbytes, meta=meta, node=peer.info.node),
+            timeout=min(timeout, ROOM_WAIT_S),
+        )
+        set_attributes({"cornserve.bytes": meta.nbytes, "cornserve.sidecar.direct_rank": rank})
+        try:
+            ack = await peer.channel.call(PUT, msg, SidecarAck, timeout + REPLY_MARGIN_S, encoded.raw())
+        except LocalUnavailable as exc:
+            logger.info("direct put to sidecar rank %d failed (%s); using the peer path", rank, exc)
+            self._direct.forget(rank)
+            return False
+        except RequestTimeout:
+            raise SidecarTimeout(
+                f"sidecar rank {rank} did not answer put within {timeout + REPLY_MARGIN_S:.3f}s"
+            ) from None
+        except ServiceErrorReply as exc:
+            if exc.error.error == "memory_pressure":
+                return False
+            raise error_from_kind(exc.error.error, exc.error.message, exc.error.details) from None
+        if ack.instance != peer.info.instance:  # restarted since we learnt it: learn it again
+            self._direct.forget(rank)
+        return True
 
     # ------------------------------------------------------------------ spare reservations (`spares`)
 

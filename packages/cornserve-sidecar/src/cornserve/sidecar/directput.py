@@ -1,0 +1,115 @@
+"""Small sends to one same-node rank go straight to that rank's server (``put`` on its socket).
+
+Why: through the producer's own server a small same-node send takes three process hops (client →
+its server → the destination's server → the waiting ``recv``) and three server-to-server messages
+(``deliver``, its ack, later the ``release``). Put straight to the destination's server, the bytes
+land in the arena the receiver maps anyway and the delivery is that server's send to itself: two
+hops and no server-to-server message; the receiver's ``done`` frees the block where it lives.
+Measured in docs/performance.md ("Direct puts").
+
+Only where nothing else depends on the producer's own server seeing the chunk: one destination
+rank (not the producer's own), a bounded chunk (not a stream: ``close_stream`` asks the producer's
+server for the stream's destinations), no release notification (the producer's server announces
+those). Everything else, and every failure to reach the destination this way, takes the usual path.
+
+A destination's control socket is learnt from its ``info`` over NATS, in the background on the first
+send to it (that send takes the usual path), so no send waits for the lookup. The reply is checked
+before it is used: the rank it names, our node, a socket path a sidecar creates.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from nats.aio.client import Client
+
+from cornserve.bus.micro import request
+from cornserve.bus.sidecar import InfoReply, InfoRequest
+from cornserve.bus.subjects import SidecarVerb, sidecar_subject
+from cornserve.sidecar.localclient import LocalChannel
+from cornserve.sidecar.localsocket import checked_socket_path
+from cornserve.sidecar.tasks import BackgroundTasks
+
+logger = logging.getLogger(__name__)
+
+LOOKUP_TIMEOUT_S = 2.0
+"""Bound on asking a destination rank for its info."""
+RECHECK_S = 30.0
+"""A rank found unusable this way (another node, no socket, no answer) is asked again after this long."""
+ROOM_WAIT_S = 0.05
+"""How long a direct put waits for room in the destination's arena before the usual path is taken
+(there the bytes wait for room in the producer's own arena, as before)."""
+
+
+def sole_destination(
+    dst_ranks: list[list[int]], num_chunks: int | None, notify_released: bool, own_rank: int
+) -> int | None:
+    """The one destination rank of a send that may go direct, else None (see the module docstring)."""
+    if notify_released or num_chunks is None or len(dst_ranks) != 1 or len(dst_ranks[0]) != 1:
+        return None
+    rank = dst_ranks[0][0]
+    return None if rank == own_rank else rank
+
+
+@dataclass(frozen=True)
+class DirectPeer:
+    """A same-node destination's identity and a channel to its control socket."""
+
+    info: InfoReply
+    channel: LocalChannel
+
+
+class DirectPeers:
+    """The same-node ranks a client puts to directly, learnt on first use."""
+
+    def __init__(self, own_rank: int) -> None:
+        self._own_rank = own_rank
+        self._peers: dict[int, DirectPeer] = {}
+        self._unusable_until: dict[int, float] = {}
+        self._looking_up: set[int] = set()
+        self._tasks = BackgroundTasks(logger, "destination sidecar lookup")
+
+    def peer(self, rank: int, nc: Client, own_node: str) -> DirectPeer | None:
+        """The direct channel to ``rank`` if known; else None, starting a lookup when one is due."""
+        found = self._peers.get(rank)
+        if found is not None:
+            return found
+        if rank in self._looking_up or time.monotonic() < self._unusable_until.get(rank, 0.0):
+            return None
+        self._looking_up.add(rank)
+        self._tasks.spawn(self._lookup(rank, nc, own_node))
+        return None
+
+    async def _lookup(self, rank: int, nc: Client, own_node: str) -> None:
+        try:
+            info = await request(
+                nc, sidecar_subject(rank, SidecarVerb.INFO), InfoRequest(), InfoReply, LOOKUP_TIMEOUT_S
+            )
+        except Exception as exc:  # no answer or a refusal: the usual path serves, asked again later
+            logger.info("sidecar rank %d: no info for direct puts (%r); using its peer path", rank, exc)
+            self._unusable(rank)
+            return
+        finally:
+            self._looking_up.discard(rank)
+        path = checked_socket_path(info.local_socket)
+        if info.rank != rank or info.node != own_node or path is None:
+            self._unusable(rank)
+            return
+        self._peers[rank] = DirectPeer(info, LocalChannel(path))
+
+    def _unusable(self, rank: int) -> None:
+        self._unusable_until[rank] = time.monotonic() + RECHECK_S
+
+    def forget(self, rank: int) -> None:
+        """Stop using ``rank``'s channel (it failed, or the rank restarted); learnt again on a later send."""
+        found = self._peers.pop(rank, None)
+        if found is not None:
+            found.channel.close()
+
+    async def close(self) -> None:
+        """Cancel lookups under way and close every channel."""
+        await self._tasks.close()
+        for rank in list(self._peers):
+            self.forget(rank)
