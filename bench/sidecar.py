@@ -3,8 +3,10 @@
 Compares, in the same run, against (a) one in-process memcpy of the same bytes (the floor),
 (b) pickle over a local TCP socket to another process, (c) Ray's object store put/get between
 two processes. Also p50/p99 latency of a 1 KiB object, next to its floor: three bare process hops
-over UNIX sockets with asyncio streams and no work (the path a same-node send takes: client ->
-source server -> destination server -> waiting receiver).
+over UNIX sockets with asyncio streams and no work (the path a same-node send took before direct
+sends: client -> source server -> destination server -> waiting receiver). Same-node sends are
+timed twice: as clients send by default (a copy for one same-node rank goes straight to that rank's
+server: two hops) and with `direct_sends=False` (through the producer's own server: three hops).
 
 Timing: a shared monotonic clock (time.perf_counter is CLOCK_MONOTONIC on Linux, identical in
 every process) from just before the producer's send to the moment the consumer process holds
@@ -423,11 +425,14 @@ async def main_bench(skip_ray: bool, quick: bool, only_mib: list[int] | None, sm
         sidecars = start_sidecars(nats_srv.url, log_dir)
         try:
             await wait_sidecars()
-            async with Sidecar(0) as sc:
+            async with Sidecar(0) as sc, Sidecar(0, direct_sends=False) as via_own:
                 for size, reps in sizes:
                     print(f"size {size // MiB} MiB ...", file=sys.stderr, flush=True)
                     rows.append(bench_memcpy(size, reps))
                     rows.append(await bench_sidecar(sc, 1, "sidecar same node (shm)", size, reps))
+                    rows.append(
+                        await bench_sidecar(via_own, 1, "sidecar same node, via own server", size, reps)
+                    )
                     rows.append(
                         await bench_sidecar(
                             sc, 1, "sidecar same node, alloc_tensor", size, reps, zero_copy=True
@@ -438,6 +443,7 @@ async def main_bench(skip_ray: bool, quick: bool, only_mib: list[int] | None, sm
                     rows.append(bench_pickle(size, reps))
                 small = [
                     await bench_small(sc, 1, "same node (shm)", small_n),
+                    await bench_small(via_own, 1, "same node, via own server", small_n),
                     await bench_small(sc, 2, "across nodes (TCP)", small_n),
                     bench_hops(small_n, log_dir),
                 ]

@@ -85,8 +85,12 @@ async def test_socket_is_owner_only_and_removed_at_stop(sidecars, nats_url):
 async def test_same_node_sends_go_over_the_socket_not_nats(sidecars, nats_url, stats_of, arenas_empty):
     a, b = await sidecars(2)
     before = await stats_of([a.rank, b.rank])
-    # No spare reservations: the count of the source's requests below is exact.
-    async with Sidecar(a.rank, nats_url, keep_spares=False) as src, Sidecar(b.rank, nats_url) as dst:
+    # No spare reservations: the count of the source's requests below is exact; no direct sends
+    # (tests/sidecar/test_direct_send.py): every send goes through the source's server.
+    async with (
+        Sidecar(a.rank, nats_url, keep_spares=False, direct_sends=False) as src,
+        Sidecar(b.rank, nats_url) as dst,
+    ):
         small = np.arange(256, dtype=np.float32)  # inline: one `put` carries the bytes
         big = torch.arange(2 * 1024 * 1024 // 4, dtype=torch.float32)  # reserve, write, send
         await src.send(small, "small", [[b.rank]])
@@ -230,7 +234,8 @@ async def test_a_put_waits_for_room_then_fails_or_proceeds_and_leaks_nothing(
 ):
     (a,) = await sidecars(1, arena_bytes=4 * 1024 * 1024)
     (b,) = await sidecars(1)
-    async with Sidecar(a.rank, nats_url) as src, Sidecar(b.rank, nats_url) as dst:
+    # Through the producer's own server (no direct sends): the room waited for is in its arena.
+    async with Sidecar(a.rank, nats_url, direct_sends=False) as src, Sidecar(b.rank, nats_url) as dst:
         filler = torch.zeros(3 * 1024 * 1024 // 4 + 1024)  # 3 MiB + 4 KiB: reserved, then written
         small = torch.ones(1024 * 1024 // 4)  # 1 MiB: one put
         await src.send(filler, "fill", [[b.rank]])

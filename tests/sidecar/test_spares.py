@@ -40,7 +40,9 @@ async def test_a_repeated_copy_send_lands_in_the_spare_and_close_frees_it(
 ) -> None:
     a, b = await sidecars(2)
     async with Sidecar(a.rank, nats_url) as dst:
-        async with Sidecar(b.rank, nats_url) as src:
+        # Spares in the producer's own arena (spares in a direct destination's arena:
+        # tests/sidecar/test_direct_send.py).
+        async with Sidecar(b.rank, nats_url, direct_sends=False) as src:
             await src.send(_tensor(1.0), "sp-0", [[a.rank]])
             await _spares_on(stats_of, b.rank, 1)
             stats = (await stats_of([b.rank]))[b.rank]

@@ -145,7 +145,8 @@ async def test_memory_pressure_waits_then_errors_and_unblocks_on_free(
 ):
     (a,) = await sidecars(1, arena_bytes=4 * MiB)
     b, c = await sidecars(2)
-    async with Sidecar(a.rank, nats_url) as src, Sidecar(b.rank, nats_url) as dst:
+    # Through the producer's own server (no direct sends): the pressure is on its small arena.
+    async with Sidecar(a.rank, nats_url, direct_sends=False) as src, Sidecar(b.rank, nats_url) as dst:
         big = torch.zeros(3 * MiB // 4, dtype=torch.float32)  # 3 MiB
         await src.send(big, "p1", [[b.rank]])
         with pytest.raises(MemoryPressure, match="no room"):

@@ -61,7 +61,7 @@ from cornserve.runtime.tracing import client_span, set_attributes
 from cornserve.sidecar import gpu, gpu_ipc, gpu_nccl, spares
 from cornserve.sidecar.arena import map_arena
 from cornserve.sidecar.codec import Encoded, decode, encode, torch_dtype, torch_dtype_name
-from cornserve.sidecar.directput import ROOM_WAIT_S, DirectPeers, sole_destination
+from cornserve.sidecar.directsend import ROOM_WAIT_S, DirectPeer, DirectPeers, sole_destination
 from cornserve.sidecar.errors import (
     BadRequest,
     DataLost,
@@ -132,6 +132,7 @@ class Sidecar:
         timeout: float = DEFAULT_TIMEOUT_S,
         nats_creds: Path | None = None,
         keep_spares: bool = True,
+        direct_sends: bool = True,
     ) -> None:
         if rank < 0:
             raise ValueError(f"rank must be >= 0, got {rank}")
@@ -165,8 +166,10 @@ class Sidecar:
         """Reserve the next block after a copy send of a size (`spares`); False: every send allocates."""
         self._spares = Spares()
         self._spare_tasks = BackgroundTasks(logger, "spare reservation")
+        self._direct_sends = direct_sends
+        """Send copies for one same-node rank to that rank's server (`directsend`); False: via our own."""
         self._direct = DirectPeers(rank)
-        """Same-node ranks small sends go to directly (`directput`)."""
+        """Same-node ranks sends go to directly."""
         self._closed = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -444,9 +447,9 @@ class Sidecar:
                 meta = encoded.meta
                 sole = sole_destination(dst_ranks, num_chunks, notify_released, self.rank)
                 if (
-                    meta.nbytes <= INLINE_SEND_BYTES
-                    and sole is not None
-                    and await self._put_direct(sole, encoded, id_, chunk_id, num_chunks, timeout)
+                    sole is not None
+                    and self._direct_sends
+                    and await self._send_direct(sole, encoded, id_, chunk_id, num_chunks, timeout)
                 ):
                     return
                 if meta.nbytes <= INLINE_SEND_BYTES and self._local is not None:
@@ -521,95 +524,160 @@ class Sidecar:
             if encoded is not None:
                 self._keep_spare(meta.nbytes)
 
-    async def _put_direct(
+    async def _send_direct(
         self, rank: int, encoded: Encoded, id_: str, chunk_id: int, num_chunks: int | None, timeout: float
     ) -> bool:
-        """Put a small chunk straight to same-node ``rank``'s server (`directput`); False: take the usual path.
+        """Send a chunk straight to same-node ``rank``'s server (`directsend`); False: take the usual path.
 
-        The usual path is taken when the destination is not known (yet) to be on our node, when its
-        socket fails, and when its arena has no room within `ROOM_WAIT_S` (the usual path waits for
-        room in our own arena, as before). Its other errors are the send's.
+        A small chunk rides a ``put``; a bigger one is written into a block of that server's arena (a
+        spare reserved there, else an ``alloc``) and sent from there. The usual path is taken when the
+        destination is not known (yet) to be on our node, when its socket fails, and when its arena
+        has no room within `ROOM_WAIT_S` (the usual path waits for room in our own arena, as before).
+        Its other errors are the send's.
         """
         assert self._nc is not None and self._info is not None
         peer = self._direct.peer(rank, self._nc, self._info.node)
         if peer is None:
             return False
         meta = encoded.meta
-        msg = SendRequest(
-            id=id_,
-            chunk_id=chunk_id,
-            num_chunks=num_chunks,
-            dst_ranks=[[rank]],
-            instance=peer.info.instance,
-            location=Location(arena=peer.info.arena, size=meta.nbytes, meta=meta, node=peer.info.node),
-            timeout=min(timeout, ROOM_WAIT_S),
-        )
+        info = peer.info
+
+        def request(offset: int, room_wait: float) -> SendRequest:
+            return SendRequest(
+                id=id_,
+                chunk_id=chunk_id,
+                num_chunks=num_chunks,
+                dst_ranks=[[rank]],
+                instance=info.instance,
+                location=Location(
+                    arena=info.arena, offset=offset, size=meta.nbytes, meta=meta, node=info.node
+                ),
+                timeout=room_wait,
+            )
+
         set_attributes({"cornserve.bytes": meta.nbytes, "cornserve.sidecar.direct_rank": rank})
-        try:
-            ack = await peer.channel.call(PUT, msg, SidecarAck, timeout + REPLY_MARGIN_S, encoded.raw())
-        except LocalUnavailable as exc:
-            logger.info("direct put to sidecar rank %d failed (%s); using the peer path", rank, exc)
-            self._direct.forget(rank)
+        if meta.nbytes <= INLINE_SEND_BYTES:
+            put = request(0, min(timeout, ROOM_WAIT_S))
+            return await self._direct_call(peer, PUT, put, SidecarAck, timeout, encoded.raw()) is not None
+        offset = await self._direct_block(peer, meta.nbytes)
+        if offset is None:
             return False
+        encoded.write_into(peer.view, offset)
+        sent = await self._direct_call(
+            peer, SidecarVerb.SEND.value, request(offset, timeout), SidecarAck, timeout
+        )
+        if sent is None:  # the socket failed: the block went with its server, or its TTL reclaims it
+            return False
+        self._keep_spare(meta.nbytes, peer)
+        return True
+
+    async def _direct_block(self, peer: DirectPeer, size: int) -> int | None:
+        """Where in ``peer``'s arena to write ``size`` bytes: a spare there, else a fresh ``alloc``."""
+        spare, stale = peer.spares.take(size, peer.info.instance, peer.info.ttl_s)
+        for old in stale:
+            self._spare_tasks.spawn(self._free_spare(old, peer))
+        if spare is not None:
+            return spare.offset
+        request = AllocRequest(size=size, timeout=ROOM_WAIT_S)
+        reply = await self._direct_call(peer, SidecarVerb.ALLOC.value, request, AllocReply, ROOM_WAIT_S)
+        return None if reply is None else reply.offset
+
+    async def _direct_call(
+        self,
+        peer: DirectPeer,
+        verb: str,
+        msg: BaseModel,
+        reply: type[R],
+        timeout: float,
+        payload: memoryview | None = None,
+    ) -> R | None:
+        """One request to a direct destination; None: take the usual path (see :meth:`_send_direct`)."""
+        rank = peer.info.rank
+        try:
+            result = await peer.channel.call(verb, msg, reply, timeout + REPLY_MARGIN_S, payload or b"")
+        except LocalUnavailable as exc:
+            logger.info("direct %s to sidecar rank %d failed (%s); using the peer path", verb, rank, exc)
+            self._direct.forget(rank)
+            return None
         except RequestTimeout:
             raise SidecarTimeout(
-                f"sidecar rank {rank} did not answer put within {timeout + REPLY_MARGIN_S:.3f}s"
+                f"sidecar rank {rank} did not answer {verb} within {timeout + REPLY_MARGIN_S:.3f}s"
             ) from None
         except ServiceErrorReply as exc:
-            if exc.error.error == "memory_pressure":
-                return False
+            if exc.error.error in ("memory_pressure", "too_large"):
+                return None
             raise error_from_kind(exc.error.error, exc.error.message, exc.error.details) from None
-        if ack.instance != peer.info.instance:  # restarted since we learnt it: learn it again
-            self._direct.forget(rank)
-        return True
+        if getattr(result, "instance", peer.info.instance) != peer.info.instance:
+            self._direct.forget(rank)  # restarted since we learnt it: learn it again on a later send
+        return result
 
     # ------------------------------------------------------------------ spare reservations (`spares`)
 
-    def _keep_spare(self, size: int) -> None:
-        """After a copy send of ``size``: reserve the next block of that size in the background."""
+    def _keep_spare(self, size: int, peer: DirectPeer | None = None) -> None:
+        """After a copy send of ``size``: reserve the next block of that size in the background.
+
+        In our own server's arena, or (``peer``) in the arena of a destination we send to directly.
+        """
         if not self._keep_spares or self._closed or self._info is None:
             return
-        if not self._spares.wants(size, self._info.arena_bytes):
+        held, arena_bytes = (
+            (self._spares, self._info.arena_bytes) if peer is None else (peer.spares, peer.info.arena_bytes)
+        )
+        if not held.wants(size, arena_bytes):
             return
-        self._spares.reserving(size)
-        self._spare_tasks.spawn(self._reserve_spare(size))
+        held.reserving(size)
+        self._spare_tasks.spawn(self._reserve_spare(size, peer))
 
-    async def _reserve_spare(self, size: int) -> None:
+    async def _reserve_spare(self, size: int, peer: DirectPeer | None) -> None:
         spare: Spare | None = None
+        request = AllocRequest(size=size, timeout=spares.RESERVE_TIMEOUT_S, spare=True)
         try:
-            reply = await self._call(
-                SidecarVerb.ALLOC,
-                AllocRequest(size=size, timeout=spares.RESERVE_TIMEOUT_S, spare=True),
-                AllocReply,
-                spares.RESERVE_TIMEOUT_S + REPLY_MARGIN_S,
-            )
+            if peer is None:
+                reply = await self._call(
+                    SidecarVerb.ALLOC, request, AllocReply, spares.RESERVE_TIMEOUT_S + REPLY_MARGIN_S
+                )
+            else:
+                direct = await self._direct_call(
+                    peer, SidecarVerb.ALLOC.value, request, AllocReply, spares.RESERVE_TIMEOUT_S
+                )
+                if direct is None:
+                    raise SidecarError(f"sidecar rank {peer.info.rank} has no room or its socket failed")
+                reply = direct
             spare = Spare(reply.instance, reply.offset, size)
         except SidecarError as exc:  # no room now, or the server is gone: the next send allocates
-            logger.debug("no spare of %d bytes reserved on sidecar rank %d: %s", size, self.rank, exc)
+            rank = self.rank if peer is None else peer.info.rank
+            logger.debug("no spare of %d bytes reserved on sidecar rank %d: %s", size, rank, exc)
         finally:
-            kept = self._spares.reserved(spare, size)
+            kept = (self._spares if peer is None else peer.spares).reserved(spare, size)
         if spare is not None and not kept:
-            await self._free_spare(spare)
+            await self._free_spare(spare, peer)
 
-    async def _free_spare(self, spare: Spare) -> None:
+    async def _free_spare(self, spare: Spare, peer: DirectPeer | None = None) -> None:
         """Give a spare back (one of a previous server instance went with it)."""
-        if self._info is None or spare.instance != self._info.instance:
+        info = self._info if peer is None else peer.info
+        if info is None or spare.instance != info.instance:
             return
+        request = FreeRequest(instance=spare.instance, offset=spare.offset)
+        timeout = min(self.timeout, SPARE_FREE_TIMEOUT_S)
         try:
-            await self._call(
-                SidecarVerb.FREE,
-                FreeRequest(instance=spare.instance, offset=spare.offset),
-                SidecarAck,
-                min(self.timeout, SPARE_FREE_TIMEOUT_S),
-            )
+            if peer is None:
+                await self._call(SidecarVerb.FREE, request, SidecarAck, timeout)
+            else:
+                await self._direct_call(peer, SidecarVerb.FREE.value, request, SidecarAck, timeout)
         except SidecarError as exc:  # the TTL reclaims it
-            logger.info("spare at offset %d of sidecar rank %d not freed: %s", spare.offset, self.rank, exc)
+            logger.info("spare at offset %d of sidecar rank %d not freed: %s", spare.offset, info.rank, exc)
 
     async def _release_spares(self) -> None:
-        """At close: let reservations under way end, then free every spare (bounded)."""
+        """At close: let reservations under way end, then free every spare (bounded).
+
+        Also those held in the arenas of destinations we send to directly.
+        """
         await self._spare_tasks.settle(SPARE_FREE_TIMEOUT_S)
         for spare in self._spares.drain():
             await self._free_spare(spare)
+        for peer in self._direct.known():
+            for spare in peer.spares.drain():
+                await self._free_spare(spare, peer)
 
     def _zero_copy_region(self, data: Any) -> _Region | None:
         """Return the arena region a tensor from :meth:`alloc_tensor` occupies, if it can be sent as is."""

@@ -195,7 +195,7 @@ class Outbox:
         if msg.dst_rank == self.me.rank:
             if self.inbox.accept(msg, owned_offset=None):
                 # A receiver is waiting: let it answer its consumer before the producer's send is
-                # acked (as `Inbox.on_deliver` does for a peer's delivery; `directput` sends land here).
+                # acked (as `Inbox.on_deliver` does for a peer's delivery; `directsend` sends land here).
                 await asyncio.sleep(0)
             return
         await self.peers.request(msg.dst_rank, SidecarVerb.DELIVER, msg, SidecarAck, deadline)

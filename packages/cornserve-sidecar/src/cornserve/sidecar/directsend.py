@@ -1,16 +1,19 @@
-"""Small sends to one same-node rank go straight to that rank's server (``put`` on its socket).
+"""Copy sends to one same-node rank go straight to that rank's server (on its control socket).
 
-Why: through the producer's own server a small same-node send takes three process hops (client →
-its server → the destination's server → the waiting ``recv``) and three server-to-server messages
-(``deliver``, its ack, later the ``release``). Put straight to the destination's server, the bytes
+Why: through the producer's own server a same-node send takes three process hops (client → its
+server → the destination's server → the waiting ``recv``) and three server-to-server messages
+(``deliver``, its ack, later the ``release``). Sent straight to the destination's server, the bytes
 land in the arena the receiver maps anyway and the delivery is that server's send to itself: two
-hops and no server-to-server message; the receiver's ``done`` frees the block where it lives.
-Measured in docs/performance.md ("Direct puts").
+hops and no server-to-server message; the receiver's ``done`` frees the block where it lives. A
+small chunk rides a ``put``; a bigger one is written by the client into a block of the
+destination's arena (``alloc`` there, or a spare reserved there after an earlier send of that size)
+and then ``send``. Measured in docs/performance.md ("Direct sends").
 
 Only where nothing else depends on the producer's own server seeing the chunk: one destination
 rank (not the producer's own), a bounded chunk (not a stream: ``close_stream`` asks the producer's
 server for the stream's destinations), no release notification (the producer's server announces
-those). Everything else, and every failure to reach the destination this way, takes the usual path.
+those), and a copy (a tensor from `alloc_tensor` already lives in the producer's own arena). Everything
+else, and every failure to reach the destination this way, takes the usual path.
 
 A destination's control socket is learnt from its ``info`` over NATS, in the background on the first
 send to it (that send takes the usual path), so no send waits for the lookup. The reply is checked
@@ -19,17 +22,21 @@ before it is used: the rank it names, our node, a socket path a sidecar creates.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import mmap
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from nats.aio.client import Client
 
 from cornserve.bus.micro import request
 from cornserve.bus.sidecar import InfoReply, InfoRequest
 from cornserve.bus.subjects import SidecarVerb, sidecar_subject
+from cornserve.sidecar.arena import map_arena
 from cornserve.sidecar.localclient import LocalChannel
 from cornserve.sidecar.localsocket import checked_socket_path
+from cornserve.sidecar.spares import Spares
 from cornserve.sidecar.tasks import BackgroundTasks
 
 logger = logging.getLogger(__name__)
@@ -39,7 +46,7 @@ LOOKUP_TIMEOUT_S = 2.0
 RECHECK_S = 30.0
 """A rank found unusable this way (another node, no socket, no answer) is asked again after this long."""
 ROOM_WAIT_S = 0.05
-"""How long a direct put waits for room in the destination's arena before the usual path is taken
+"""How long a direct send waits for room in the destination's arena before the usual path is taken
 (there the bytes wait for room in the producer's own arena, as before)."""
 
 
@@ -53,12 +60,22 @@ def sole_destination(
     return None if rank == own_rank else rank
 
 
-@dataclass(frozen=True)
+@dataclass
 class DirectPeer:
-    """A same-node destination's identity and a channel to its control socket."""
+    """A same-node destination we send to directly.
+
+    Its identity, a channel to its control socket, its arena mapped writable (bigger chunks are
+    written straight into it) and the spares reserved there.
+    """
 
     info: InfoReply
     channel: LocalChannel
+    arena: mmap.mmap
+    view: memoryview = field(init=False)
+    spares: Spares = field(default_factory=Spares)
+
+    def __post_init__(self) -> None:
+        self.view = memoryview(self.arena)
 
 
 class DirectPeers:
@@ -88,7 +105,7 @@ class DirectPeers:
                 nc, sidecar_subject(rank, SidecarVerb.INFO), InfoRequest(), InfoReply, LOOKUP_TIMEOUT_S
             )
         except Exception as exc:  # no answer or a refusal: the usual path serves, asked again later
-            logger.info("sidecar rank %d: no info for direct puts (%r); using its peer path", rank, exc)
+            logger.info("sidecar rank %d: no info for direct sends (%r); using its peer path", rank, exc)
             self._unusable(rank)
             return
         finally:
@@ -97,16 +114,34 @@ class DirectPeers:
         if info.rank != rank or info.node != own_node or path is None:
             self._unusable(rank)
             return
-        self._peers[rank] = DirectPeer(info, LocalChannel(path))
+        try:
+            # In a thread: filling the page tables of a prefaulted arena takes a while.
+            arena = await asyncio.to_thread(map_arena, info.arena, True, info.prefaulted)
+        except (OSError, ValueError) as exc:
+            logger.info(
+                "sidecar rank %d: arena %s not mapped (%r); using its peer path", rank, info.arena, exc
+            )
+            self._unusable(rank)
+            return
+        self._peers[rank] = DirectPeer(info, LocalChannel(path), arena)
 
     def _unusable(self, rank: int) -> None:
         self._unusable_until[rank] = time.monotonic() + RECHECK_S
 
-    def forget(self, rank: int) -> None:
-        """Stop using ``rank``'s channel (it failed, or the rank restarted); learnt again on a later send."""
+    def forget(self, rank: int) -> DirectPeer | None:
+        """Stop using ``rank`` (its socket failed, or it restarted); learnt again on a later send.
+
+        Returns what was known, so the caller can give back the spares held there. The arena mapping
+        is left to the garbage collector: tensors received from it may still view it.
+        """
         found = self._peers.pop(rank, None)
         if found is not None:
             found.channel.close()
+        return found
+
+    def known(self) -> list[DirectPeer]:
+        """Every destination known now."""
+        return list(self._peers.values())
 
     async def close(self) -> None:
         """Cancel lookups under way and close every channel."""

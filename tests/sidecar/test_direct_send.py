@@ -1,7 +1,7 @@
-"""Small sends to one same-node rank go straight to that rank's server (`cornserve.sidecar.directput`).
+"""Copy sends to one same-node rank go straight to that rank's server (`cornserve.sidecar.directsend`).
 
 Real sidecar server processes. Which path a send took is read from the servers' stats: a server
-counts every chunk it delivers (``sent_by_path``), so a direct put is counted by the destination's
+counts every chunk it delivers (``sent_by_path``), so a direct send is counted by the destination's
 server (its send to itself) and not by the producer's; while unconsumed, its bytes occupy the
 destination's arena, not the producer's.
 """
@@ -16,7 +16,8 @@ from tests.support.waiting import wait_for
 from cornserve.bus.sidecar import StatsReply
 from cornserve.sidecar import Sidecar
 
-SMALL = 4096  # bytes: well under the inline-send size
+SMALL = 4096  # bytes: well under the inline-send size: one `put`
+BIG = 1 << 20  # bytes: over it: written into the destination's arena, then `send`
 
 
 def _delivered(stats: dict[int, StatsReply], rank: int) -> int:
@@ -70,12 +71,25 @@ async def test_a_small_send_to_one_same_node_rank_lands_in_its_arena(
         assert await dst.recv("obj", chunk_id=1, timeout=10) == b"second"
         await dst.mark_done("obj", 0)
         await dst.mark_done("obj", 1)
+        # Bigger than a put: written by the producer into b's arena, then a spare is reserved there.
+        big = torch.arange(BIG // 4, dtype=torch.float32)
+        for k in range(3):
+            await src.send(big + k, f"big-{k}", [[b.rank]])
+            held = await stats_of([a.rank, b.rank])
+            assert held[b.rank].used_bytes >= BIG and held[a.rank].used_bytes == 0
+            got = await dst.recv(f"big-{k}", timeout=10)
+            assert torch.equal(got, big + k)
+            del got
+            await dst.mark_done(f"big-{k}")
         after = await stats_of([a.rank, b.rank])
         assert _delivered(after, a.rank) == _delivered(before, a.rank)
+        assert _delivered(after, b.rank) == _delivered(before, b.rank) + 6
+        assert after[b.rank].spare_bytes >= BIG and after[a.rank].spare_bytes == 0
     await arenas_empty([a.rank, b.rank])
+    assert (await stats_of([b.rank]))[b.rank].spare_bytes == 0  # the client gave its spare back at close
 
 
-async def test_streams_groups_notifications_and_big_sends_take_the_peer_path(
+async def test_streams_groups_notifications_and_arena_tensors_take_the_peer_path(
     sidecars, nats_url, stats_of, arenas_empty
 ):
     a, b, c = await sidecars(3)
@@ -92,15 +106,17 @@ async def test_streams_groups_notifications_and_big_sends_take_the_peer_path(
         await src.send(small, "group", [[b.rank, c.rank]])  # more than one destination
         await src.watch_releases("notify")
         await src.send(small, "notify", [[b.rank]], notify_released=True)  # a release notification
-        await src.send(torch.zeros(1 << 18), "big", [[b.rank]])  # over the inline size
+        in_arena = await src.alloc_tensor((BIG // 4,), torch.float32)  # already in a's arena: no copy
+        in_arena.fill_(7.0)
+        await src.send(in_arena, "arena", [[b.rank]])
         for key in ("stream", "group", "notify"):
             np.testing.assert_array_equal(await dst.recv(key, timeout=10), small)
             await dst.mark_done(key)
         assert await dst.recv("stream", chunk_id=1, timeout=10) is None
         np.testing.assert_array_equal(await other.recv("group", timeout=10), small)
         await other.mark_done("group")
-        assert torch.equal(await dst.recv("big", timeout=10), torch.zeros(1 << 18))
-        await dst.mark_done("big")
+        assert torch.equal(await dst.recv("arena", timeout=10), torch.full((BIG // 4,), 7.0))
+        await dst.mark_done("arena")
         await src.wait_released("notify", 0, timeout=10)
         after = await stats_of([a.rank])
         assert _delivered(after, a.rank) == _delivered(before, a.rank) + 5  # group: one per destination
@@ -128,11 +144,15 @@ async def test_a_full_destination_arena_falls_back_to_the_peer_path(
         hog = await dst.alloc_tensor(((1 << 20) // 4,), torch.float32)  # the whole arena of b
         before = await stats_of([a.rank])
         value = np.ones(SMALL // 4, dtype=np.float32)
+        big = np.ones(BIG // 8, dtype=np.float32)  # over the put size: needs a block of b's arena
         await src.send(value, "full", [[b.rank]], timeout=10)
+        await src.send(big, "full-big", [[b.rank]], timeout=10)
         np.testing.assert_array_equal(await dst.recv("full", timeout=10), value)
+        np.testing.assert_array_equal(await dst.recv("full-big", timeout=10), big)
         await dst.mark_done("full")
+        await dst.mark_done("full-big")
         after = await stats_of([a.rank])
-        assert _delivered(after, a.rank) == _delivered(before, a.rank) + 1  # delivered by a, from a's arena
+        assert _delivered(after, a.rank) == _delivered(before, a.rank) + 2  # delivered by a, from a's arena
         await dst.free_tensor(hog)
     await arenas_empty([a.rank, b.rank])
 
