@@ -562,7 +562,11 @@ class Sidecar:
         offset = await self._direct_block(peer, meta.nbytes)
         if offset is None:
             return False
-        encoded.write_into(peer.view, offset)
+        try:
+            encoded.write_into(peer.view, offset)
+        except BaseException:
+            self._spare_tasks.spawn(self._free_spare(Spare(info.instance, offset, meta.nbytes), peer))
+            raise
         sent = await self._direct_call(
             peer, SidecarVerb.SEND.value, request(offset, timeout), SidecarAck, timeout
         )
