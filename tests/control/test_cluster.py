@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from nats.aio.client import Client
 from tests.control.apps import PIPELINE_APP, SUM_APP
 from tests.control.support import (
     TASKLIB,
@@ -27,11 +28,14 @@ from tests.control.support import (
 )
 from tests.support.waiting import wait_for
 
-from cornserve.bus.control import InvokeKeepalive
+from cornserve.bus.control import DISPATCHER_SERVICE_NAME, InvokeKeepalive
 from cornserve.cli.launcher import LocalCluster
+from cornserve.gateway.discovery import ping_services
 from cornserve.runtime.process import pid_alive
 
 DEADLINE = 120.0
+ACK_DELAY_ENV = "CORNSERVE_ACK_DELAY"
+"""The dispatcher's `--ack-delay` (`cornserve.dispatcher.main.DispatcherSettings`)."""
 
 
 async def test_lifecycle_through_the_gateway(cluster: LocalCluster, http: aiohttp.ClientSession) -> None:
@@ -108,8 +112,16 @@ async def test_survives_a_dispatcher_and_an_executor_being_killed(
     assert status == 201, app
     assert cluster.nats_url is not None
 
+    # The victim acknowledges every graph at once (`--ack-delay 0`): by default a graph that
+    # replies within the delay sends no keepalive, and on a fast machine all of these might.
+    victim = next(c for c in cluster.children if c.name == "dispatcher-0")
+    victim.env[ACK_DELAY_ENV] = "0"
+    await asyncio.to_thread(cluster.restart, "dispatcher-0")
     # Watch the replicas' keepalives, so the kill lands while dispatcher-0 runs graphs.
     nc = await admin_nats(cluster)
+    await wait_for(
+        lambda: replica_serving(nc, "dispatcher-0"), DEADLINE, "dispatcher-0 to serve again", interval=0.2
+    )
     taken_by_victim = asyncio.Event()
 
     async def on_keepalive(msg: Any) -> None:
@@ -128,7 +140,6 @@ async def test_survives_a_dispatcher_and_an_executor_being_killed(
         ]
         async with asyncio.timeout(DEADLINE):
             await taken_by_victim.wait()
-        victim = next(c for c in cluster.children if c.name == "dispatcher-0")
         assert victim.proc is not None
         os.killpg(victim.proc.pid, signal.SIGKILL)
 
@@ -150,6 +161,7 @@ async def test_survives_a_dispatcher_and_an_executor_being_killed(
             assert status == 200 and body["sum"] == pytest.approx(expected_sum(seed, 8), rel=1e-4, abs=1e-3)
     finally:
         await nc.close()
+        victim.env.pop(ACK_DELAY_ENV, None)
         await asyncio.to_thread(cluster.restart, "dispatcher-0")  # the next tests get two replicas again
 
     tasks = await tasks_by_key(http)
@@ -168,6 +180,14 @@ async def test_survives_a_dispatcher_and_an_executor_being_killed(
         assert status == 200 and body["sum"] == pytest.approx(expected_sum(seed, 8), rel=1e-4, abs=1e-3)
     assert (await call(http, "DELETE", "/apps/pipeline2"))[0] == 200
     await wait_dispatchers_registered(http, dispatchers=2)
+
+
+async def replica_serving(nc: Client, replica_id: str) -> bool:
+    """Whether dispatcher replica `replica_id` answers the micro discovery ping."""
+    found = await ping_services(nc)
+    return any(
+        reply.get("metadata", {}).get("replica_id") == replica_id for reply in found[DISPATCHER_SERVICE_NAME]
+    )
 
 
 async def wait_dispatchers_registered(http: aiohttp.ClientSession, dispatchers: int) -> None:

@@ -17,7 +17,7 @@ from tests.support.processes import ServiceProcess
 from tests.support.sidecars import SidecarProcess
 from tests.support.waiting import wait_healthy
 
-from cornserve.runtime.process import free_port
+from cornserve.runtime.process import free_ports
 from cornserve.task import (
     Device,
     ExecutorPlacement,
@@ -86,14 +86,14 @@ def launch_executor(
     env: dict[str, str] | None = None,
 ) -> LaunchedExecutor:
     """Spawn an executor from `task.descriptor.launch_spec(...)`, as the task manager does (plus `env`)."""
-    port = free_port()
+    port, channel_port = free_ports(2)
     placement = ExecutorPlacement(
         executor_id=executor_id,
         port=port,
         devices=[Device(kind="cpu", index=r) for r in ranks],
         sidecar_ranks=ranks,
         nats_url=nats_url,
-        channel_port=free_port(),
+        channel_port=channel_port,
     )
     spec = task.descriptor.launch_spec(task, placement)
     service = ServiceProcess.start(

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cornserve.cli.natsserver import SYNC_DEFAULT, ClusterRole, NatsServerError, NatsServerProcess
-from cornserve.runtime.process import free_port
+from cornserve.runtime.process import free_port, free_ports
 
 CLUSTER_NAME = "cornserve"
 """The NATS cluster name of `up`'s servers (JetStream needs one in clustered mode)."""
@@ -69,12 +69,13 @@ class NatsCluster:
             ]
             return
         names = [f"nats-{index}" for index in range(size)]
-        route_ports = [free_port(host) for _ in names]
+        ports = free_ports(2 * size, host)  # all at once: separate draws may repeat a port
+        route_ports, client_ports = ports[:size], ports[size:]
         routes = tuple(f"nats://{host}:{port}" for port in route_ports)
         self.servers = [
             NatsServerProcess(
                 host=host,
-                port=free_port(host),
+                port=client_port,
                 store_dir=state_dir / "nats" / name,
                 log_file=log_dir / f"{name}.log",
                 config_file=config_file,
@@ -82,7 +83,7 @@ class NatsCluster:
                 name=name,
                 cluster=ClusterRole(name, CLUSTER_NAME, port, routes),
             )
-            for name, port in zip(names, route_ports, strict=True)
+            for name, port, client_port in zip(names, route_ports, client_ports, strict=True)
         ]
 
     @property

@@ -15,6 +15,7 @@ from pydantic import Field
 
 from cornserve.bus.control import DISPATCHER_SERVICE_NAME
 from cornserve.bus.invoke_channel import DEFAULT_MAX_FRAME_BYTES, MIN_MAX_FRAME_BYTES
+from cornserve.dispatcher.keepalive import ACK_DELAY_S
 from cornserve.dispatcher.service import DispatcherService
 from cornserve.runtime.service import run_service, running
 from cornserve.runtime.settings import ProcessInfo, ServiceSettings
@@ -48,6 +49,9 @@ class DispatcherSettings(ServiceSettings):
     """Seconds between full re-syncs of the deployment view with the resource manager."""
     drain_timeout: float = Field(default=30.0, gt=0)
     """On SIGTERM, seconds running graphs and streams get to finish before they are failed."""
+    ack_delay: float = Field(default=ACK_DELAY_S, ge=0)
+    """Seconds a graph runs before its caller gets the acknowledgement keepalive (0: at once); a graph
+    that replies sooner sends its caller no keepalive at all (capped at the caller's keepalive interval)."""
     max_graphs: int = Field(default=1024, ge=1)
     """Graphs this replica runs at once (streams being relayed included); more are answered 429."""
     executor_tables: bool = True
@@ -78,6 +82,7 @@ def serve(settings: DispatcherSettings, nc: Client) -> AbstractAsyncContextManag
             state_timeout_s=settings.state_timeout,
             resync_interval_s=settings.resync_interval,
             drain_timeout_s=settings.drain_timeout,
+            ack_delay_s=settings.ack_delay,
             max_graphs=settings.max_graphs,
             executor_tables=settings.executor_tables,
             executor_channels=settings.executor_channels,

@@ -45,7 +45,7 @@ from cornserve.dispatcher.channels import ExecutorChannels
 from cornserve.dispatcher.deployments import DeploymentCache
 from cornserve.dispatcher.forwards import drop_forwards
 from cornserve.dispatcher.graph import GraphRunner
-from cornserve.dispatcher.keepalive import Keepalive
+from cornserve.dispatcher.keepalive import ACK_DELAY_S, Keepalive
 from cornserve.dispatcher.metrics import watch_load
 from cornserve.dispatcher.relay import StreamRelay
 from cornserve.dispatcher.tables import ExecutorTables
@@ -87,6 +87,8 @@ class DispatcherService:
     state_timeout_s: float = field(default=3.0, kw_only=True)
     resync_interval_s: float = field(default=30.0, kw_only=True)
     drain_timeout_s: float = field(default=30.0, kw_only=True)
+    ack_delay_s: float = field(default=ACK_DELAY_S, kw_only=True)
+    """How long a graph runs before its caller gets the acknowledgement (`keepalive.py`); 0: at once."""
     max_graphs: int = field(default=1024, kw_only=True)
     """Graphs this replica runs at once, relayed streams included; more are refused with 429 at once."""
     _session: aiohttp.ClientSession | None = field(default=None, init=False)
@@ -246,10 +248,15 @@ class DispatcherService:
             )
             return
         keepalive = Keepalive(
-            self.nc, req.keepalive_subject, req.request_id, self.replica_id, req.keepalive_interval_s
+            self.nc,
+            req.keepalive_subject,
+            req.request_id,
+            self.replica_id,
+            req.keepalive_interval_s,
+            self.ack_delay_s,
         )
         self._keepalives.add(keepalive)
-        await keepalive.start()  # the acknowledgement: the caller now knows which replica runs it
+        await keepalive.start()  # the acknowledgement follows unless the graph replies first
         handler = asyncio.create_task(self._serve(msg, req, keepalive), name=f"graph-{req.request_id}")
         self._track(self._handlers, handler)
 

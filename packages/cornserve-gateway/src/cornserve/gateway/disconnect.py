@@ -12,8 +12,11 @@ exposes none to a handler. Its protocol's `connection_lost` cancels the handler 
 `handler_cancellation`, and otherwise only sets an exception on the request's body stream, which
 wakes nothing once the body was read (it even clears the stream's `on_eof` callbacks); hooking
 the protocol's private method would break with any aiohttp release. So a watcher looks at the
-transport: one sleeping task per invocation in flight (admission bounds them per app), waking ten
-times a second for a check that costs a few attribute reads.
+transport: one timer per invocation in flight (admission bounds them per app), firing ten times a
+second for a check that costs a few attribute reads. A timer rather than a sleeping task: a task
+per invocation had to be created, run once, cancelled and awaited when the invocation ended, which
+put two more event-loop turns before every response (measured on the dispatch benchmark's
+concurrency-1 path, docs/performance.md).
 """
 
 from __future__ import annotations
@@ -45,16 +48,21 @@ async def cancel_on_disconnect(request: web.Request, poll_s: float = POLL_S) -> 
     """
     task = asyncio.current_task()
     assert task is not None
+    loop = asyncio.get_running_loop()
+    timer: asyncio.TimerHandle | None = None
 
-    async def watch() -> None:
-        while not client_gone(request):
-            await asyncio.sleep(poll_s)
+    def check() -> None:
+        nonlocal timer
+        if not client_gone(request):
+            timer = loop.call_later(poll_s, check)
+            return
+        timer = None
         logger.info("client of %s %s went away; cancelling the app driver", request.method, request.path)
         task.cancel("the client went away")
 
-    watcher = asyncio.create_task(watch(), name=f"disconnect-watch-{request.path}")
+    timer = loop.call_later(poll_s, check)
     try:
         yield
     finally:
-        watcher.cancel()
-        await asyncio.gather(watcher, return_exceptions=True)
+        if timer is not None:
+            timer.cancel()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import ctypes
 import logging
 import os
@@ -39,10 +40,30 @@ _PROC = Path("/proc")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (the kernel picks it), for a child to listen on."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A TCP port that was free a moment ago (the kernel picks it), for a child to listen on.
+
+    For more than one port at once use `free_ports`: two calls of this may return the same port.
+    """
+    return free_ports(1, host)[0]
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """`count` distinct TCP ports that were free a moment ago, for children to listen on.
+
+    Every probe socket stays bound until all `count` ports are drawn: the kernel may hand a port
+    that was just released to the next bind to port 0, so drawing ports one `free_port` at a time
+    can return the same port twice (an executor's HTTP and channel ports were once drawn that way,
+    and its channel was then dropped).
+    """
+    if count < 1:
+        raise ValueError(f"free_ports needs a count of at least 1, got {count}")
+    with contextlib.ExitStack() as held:
+        ports: list[int] = []
+        for _ in range(count):
+            s = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            s.bind((host, 0))
+            ports.append(int(s.getsockname()[1]))
+        return ports
 
 
 def log_tail(path: Path, max_chars: int = 2000, max_lines: int | None = None) -> str:

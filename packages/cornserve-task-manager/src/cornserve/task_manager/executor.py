@@ -15,7 +15,7 @@ import docker.errors
 
 from cornserve.bus.control import DeviceInfo, ExecutorInfo, ExecutorState
 from cornserve.runtime.metrics import child_environment
-from cornserve.runtime.process import ProcessGroup, free_port, log_tail
+from cornserve.runtime.process import ProcessGroup, free_ports, log_tail
 from cornserve.runtime.settings import NATS_CREDS_ENV, NATS_URL_ENV
 from cornserve.task import ExecutorLaunchSpec, ExecutorPlacement, UnitTask
 from cornserve.task_manager.containers import ContainerProcess, ExecutorContainers
@@ -106,10 +106,10 @@ class ManagedExecutor:
         node = self.devices[0].node if self.devices else ""
         if self.containers is not None:
             self.host = self.containers.node(node).address
-        try:
-            port, channel_port = free_port(self.host), free_port(self.host)
+        try:  # both drawn at once: two separate draws may return the same port
+            port, channel_port = free_ports(2, self.host)
         except OSError:  # another node's address: a port free here is very likely free there
-            port, channel_port = free_port(), free_port()
+            port, channel_port = free_ports(2)
         try:
             devices = executor_devices(self.devices)
         except DeviceMapError as exc:
@@ -121,7 +121,7 @@ class ManagedExecutor:
             devices=devices,
             sidecar_ranks=self.sidecar_ranks,
             nats_url=nats_url,
-            channel_port=channel_port if channel_port != port else None,
+            channel_port=channel_port,
         )
         try:
             spec: ExecutorLaunchSpec = task.descriptor.launch_spec(task, placement)
