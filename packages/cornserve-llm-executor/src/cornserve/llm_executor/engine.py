@@ -22,11 +22,11 @@ answering meanwhile). On the CPU a step without a prefill runs **inline on the e
 the previous such step took less than the budget (CPython's GIL switch interval, 5 ms): a step that
 short holds the GIL for most of its length anyway, so the loop could do little during it, while
 handing it to a worker thread and back (pool submit, the self-pipe wake-up, two GIL hand-overs)
-cost ~0.2 ms per token, a third of a tiny model's step. After an inline step the scheduler yields
-to the loop once, so the step's tokens are written, new requests are read and join at the next
-step, cancellations apply and `/health` is answered between any two steps. Prefills (their length
-depends on the prompt) and steps after one that took longer than the budget go to the worker
-thread, so a long step never blocks the loop.
+cost ~0.2 ms per token, a third of a tiny model's step. After an inline step the scheduler lets
+the loop run a few iterations (`YIELDS_BETWEEN_STEPS`), so the step's tokens are written, new
+requests are read and join at the next step, cancellations apply and `/health` is answered
+between any two steps. Prefills (their length depends on the prompt) and steps after one that
+took longer than the budget go to the worker thread, so a long step never blocks the loop.
 """
 
 from __future__ import annotations
@@ -56,6 +56,23 @@ from cornserve.llm_executor.sampling import SamplingParams, select_token
 from cornserve.models.thinker_talker import talker_step_input
 
 logger = logging.getLogger(__name__)
+
+
+YIELDS_BETWEEN_STEPS = 8
+"""Event-loop iterations run between two inline steps (module docstring).
+
+One iteration polls the sockets and runs what is ready: the step's tokens' handlers write them, new
+requests are read, cancellations apply. But an HTTP exchange is a chain of callbacks, one iteration
+each, so with one iteration per step a `/health` during a generation took ~6x as long as with the
+steps in the worker thread; with 8 it takes as long, and the 7 extra iterations cost ~0.03 ms per
+step when nothing is ready (docs/performance.md, "LLM executor steps on the event loop").
+"""
+
+
+async def _yield_to_loop() -> None:
+    """Let the event loop run `YIELDS_BETWEEN_STEPS` iterations between two inline steps."""
+    for _ in range(YIELDS_BETWEEN_STEPS):
+        await asyncio.sleep(0)
 
 
 Forwarded = tuple[torch.Tensor, torch.Tensor | None]
@@ -292,9 +309,10 @@ class Engine:
                 else:
                     self._deliver(seq, result)
             if inline:
-                # One loop iteration between steps: the tokens' handlers write them, new requests
-                # and cancellations are read, /health is answered.
-                await asyncio.sleep(0)
+                # What /stats and /metrics say is current before the loop answers anyone.
+                self._active = [s for s in self._active if not s.finished]
+                self.stats.active = len(self._active)
+                await _yield_to_loop()
 
     def _runs_inline(self, batch: list[Sequence]) -> bool:
         """Whether this step runs on the loop: no prefill in it, and the previous such step was short."""
