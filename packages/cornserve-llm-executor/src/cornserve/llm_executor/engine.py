@@ -26,7 +26,8 @@ cost ~0.2 ms per token, a third of a tiny model's step. After an inline step the
 the loop run a few iterations (`YIELDS_BETWEEN_STEPS`), so the step's tokens are written, new
 requests are read and join at the next step, cancellations apply and `/health` is answered
 between any two steps. Prefills (their length depends on the prompt) and steps after one that
-took longer than the budget go to the worker thread, so a long step never blocks the loop.
+took longer than the budget go to the worker thread: a decode step blocks the loop for longer
+than the budget only when it is the first to grow past it (the batch or the context grew).
 """
 
 from __future__ import annotations
