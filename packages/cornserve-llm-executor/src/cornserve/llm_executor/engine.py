@@ -18,7 +18,10 @@ has the rule), is stepped only when its next row has arrived, and decodes in a f
 
 Where a step runs (`Engine.inline_step_budget_s`): on a CUDA device every step runs in a worker
 thread (the forward waits on the GPU without the GIL, and the loop keeps writing chunks and
-answering meanwhile). On the CPU a step without a prefill runs **inline on the event loop** when
+answering meanwhile), and so it does on the CPU with several torch threads (measured: batched
+decode of concurrent requests was slower inline, its kernels' pool and the loop's Python work no
+longer overlapping). On the CPU with one torch thread (the executor on one CPU slot, whose
+`OMP_NUM_THREADS` is 1) a step without a prefill runs **inline on the event loop** when
 the previous such step took less than the budget (CPython's GIL switch interval, 5 ms): a step that
 short holds the GIL for most of its length anyway, so the loop could do little during it, while
 handing it to a worker thread and back (pool submit, the self-pipe wake-up, two GIL hand-overs)
@@ -189,7 +192,8 @@ class Engine:
         self._closing = False
         self._model_lock = threading.Lock()
         if inline_step_budget_s is None:
-            inline_step_budget_s = sys.getswitchinterval() if loaded.device.type == "cpu" else 0.0
+            one_cpu_thread = loaded.device.type == "cpu" and torch.get_num_threads() == 1
+            inline_step_budget_s = sys.getswitchinterval() if one_cpu_thread else 0.0
         self.inline_step_budget_s = inline_step_budget_s
         """A step without a prefill runs on the loop when the previous one took less (0: never; module docstring)."""
         self._last_step_s: float | None = None
