@@ -97,13 +97,18 @@ async def alone(loaded: LoadedModel, cases: list[Case]) -> list[list[int]]:
         await engine.close()
 
 
+INLINE_BUDGETS = {"inline": float("inf"), "worker-thread": 0.0}
+"""`inline_step_budget_s` that runs every step without a prefill on the loop, and one that never does."""
+
+
+@pytest.mark.parametrize("where", list(INLINE_BUDGETS))
 @pytest.mark.parametrize("arch", ["qwen2-vl", "llava"])
 async def test_batched_decoding_equals_each_request_alone_while_rows_join_and_leave(
-    loaded_models: dict[str, LoadedModel], arch: str
+    loaded_models: dict[str, LoadedModel], arch: str, where: str
 ) -> None:
     loaded = loaded_models[arch]
     reference = await alone(loaded, CASES)
-    engine = Engine(loaded, 4, decode_batching=True)
+    engine = Engine(loaded, 4, decode_batching=True, inline_step_budget_s=INLINE_BUDGETS[where])
     # Four requests are queued before the scheduler starts, so they prefill in one step and then
     # decode together; the short ones leave, and the last two join mid-flight (one with a prompt
     # longer than every live row, which widens the padded cache; one shorter, which is padded).
@@ -133,6 +138,45 @@ async def test_batched_decoding_equals_each_request_alone_while_rows_join_and_le
     assert stats.tokens_generated == sum(c.max_tokens for c in CASES)
     # One forward per decode step, however many rows it decoded.
     assert stats.decode_forwards <= stats.steps < stats.tokens_generated // 2, stats
+    if where == "inline":  # every step but those with a prefill (and the first after start) ran on the loop
+        assert 0 < stats.inline_steps < stats.steps, stats
+    else:
+        assert stats.inline_steps == 0, stats
+
+
+async def test_inline_steps_yield_to_the_loop_between_any_two_steps(
+    loaded_models: dict[str, LoadedModel],
+) -> None:
+    """With every step on the loop, other tasks (writers, /health, new requests) still run between steps."""
+    loaded = loaded_models["qwen2-vl"]
+    engine = Engine(loaded, 4, inline_step_budget_s=float("inf"))
+    seen: set[int] = set()
+    done = asyncio.Event()
+
+    async def watch() -> None:
+        while not done.is_set():
+            seen.add(engine.stats.steps)
+            await asyncio.sleep(0)
+
+    engine.start()
+    watcher = asyncio.create_task(watch())
+    try:
+        async with asyncio.timeout(TOKEN_TIMEOUT_S):
+            first = engine.submit("first", prompt_of(loaded, CASES[3]), SamplingParams(), 40)
+            tokens = engine.tokens(first, TOKEN_TIMEOUT_S)
+            for _ in range(10):
+                await anext(tokens)
+            # A request submitted while the loop runs inline steps joins the running batch.
+            late = engine.submit("late", prompt_of(loaded, CASES[0]), SamplingParams(), 6)
+            got_late = await collect(engine, late)
+            rest = [event async for event in tokens]
+    finally:
+        done.set()
+        await watcher
+        await engine.close()
+    assert len(got_late) == 6 and len(rest) == 30
+    assert engine.stats.inline_steps > 30 and engine.stats.max_decode_batch_observed == 2, engine.stats
+    assert set(range(1, engine.stats.steps + 1)) <= seen  # the watcher ran after every single step
 
 
 async def test_decode_batching_off_runs_one_forward_per_sequence(

@@ -270,6 +270,36 @@ async def test_concurrent_streams_are_batched_and_each_matches_its_single_run(
     assert stats["decode_forwards"] - before["decode_forwards"] < tokens - len(bodies), (stats, before)
 
 
+async def test_health_and_stats_answer_between_steps_while_a_stream_runs_on_the_loop(
+    cluster: LLMExecutorSetup,
+) -> None:
+    """Decode steps may run on the event loop (engine.py): the server must still answer meanwhile."""
+    mono = cluster.monolithic["qwen2-vl"]
+    body = {
+        "messages": [{"role": "user", "content": "Tell me a story."}],
+        "max_completion_tokens": 64,
+        "stream": True,
+    }
+    answered_while_active = 0
+    async with (
+        aiohttp.ClientSession() as session,
+        asyncio.timeout(120),
+        session.post(mono.url + "/v1/chat/completions", json=body) as resp,
+    ):
+        assert resp.status == 200, await resp.text()
+        lines = 0
+        async for raw in resp.content:
+            lines += raw.startswith(b"data: ")
+            if lines in (2, 6, 10):  # mid-stream: the sequence is still being generated
+                async with session.get(mono.url + "/health") as health:
+                    assert health.status == 200 and (await health.json())["status"] == "ok"
+                async with session.get(mono.url + "/stats") as stats_resp:
+                    answered_while_active += (await stats_resp.json())["active"] == 1
+    # (Whether the steps ran inline depends on the executor's torch threads; the e2e apps run it on
+    # one CPU slot, i.e. one thread, where they do.)
+    assert answered_while_active >= 1
+
+
 async def test_sampling_is_reproducible_with_a_seed_and_varies_without(cluster: LLMExecutorSetup) -> None:
     mono = cluster.monolithic["llava"]
     task = LLMTask(model_id="tiny")

@@ -1,11 +1,11 @@
 """The step-level scheduler: iteration-level batching with one batched forward per decode step.
 
 One asyncio task owns the model. Each step it admits waiting sequences (up to
-`max_batch_size` active), then, in a worker thread, prefills every new sequence (one forward
-each: their media differ) and decodes one token for all the others in ONE forward over a
-left-padded batched KV cache (`batch_cache.BatchedDecodeCache`). Requests that arrive while a
-step runs join at the next step, so concurrent requests share the model's forwards and
-throughput rises with concurrency. Each row keeps its own positions (M-RoPE included) and the
+`max_batch_size` active), then (in a worker thread, or on the loop: below) prefills every new
+sequence (one forward each: their media differ) and decodes one token for all the others in ONE
+forward over a left-padded batched KV cache (`batch_cache.BatchedDecodeCache`). Requests that
+arrive while a step runs join at the next step, so concurrent requests share the model's forwards
+and throughput rises with concurrency. Each row keeps its own positions (M-RoPE included) and the
 attention mask hides its padding, so a sequence's tokens are what it would get alone (greedy
 output equals transformers' `generate`). `decode_batching=False` decodes each sequence in its
 own forward (the escape hatch `--decode-batching off`).
@@ -15,6 +15,22 @@ Two roles beyond chat (docs/executors.md, "Thinker and talker"): a sequence with
 `feed` (talker) generates one token per input row of its feed (`cornserve.models.thinker_talker`
 has the rule), is stepped only when its next row has arrived, and decodes in a forward of its own
 (its inputs are embeddings, not the batch's token ids).
+
+Where a step runs (`Engine.inline_step_budget_s`): on a CUDA device every step runs in a worker
+thread (the forward waits on the GPU without the GIL, and the loop keeps writing chunks and
+answering meanwhile), and so it does on the CPU with several torch threads (measured: batched
+decode of concurrent requests was slower inline, its kernels' pool and the loop's Python work no
+longer overlapping). On the CPU with one torch thread (the executor on one CPU slot, whose
+`OMP_NUM_THREADS` is 1) a step without a prefill runs **inline on the event loop** when
+the previous such step took less than the budget (CPython's GIL switch interval, 5 ms): a step that
+short holds the GIL for most of its length anyway, so the loop could do little during it, while
+handing it to a worker thread and back (pool submit, the self-pipe wake-up, two GIL hand-overs)
+cost ~0.2 ms per token, a third of a tiny model's step. After an inline step the scheduler lets
+the loop run a few iterations (`YIELDS_BETWEEN_STEPS`), so the step's tokens are written, new
+requests are read and join at the next step, cancellations apply and `/health` is answered
+between any two steps. Prefills (their length depends on the prompt) and steps after one that
+took longer than the budget go to the worker thread: a decode step blocks the loop for longer
+than the budget only when it is the first to grow past it (the batch or the context grew).
 """
 
 from __future__ import annotations
@@ -22,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import sys
 import threading
 import time
 from collections import deque
@@ -43,6 +60,23 @@ from cornserve.llm_executor.sampling import SamplingParams, select_token
 from cornserve.models.thinker_talker import talker_step_input
 
 logger = logging.getLogger(__name__)
+
+
+YIELDS_BETWEEN_STEPS = 8
+"""Event-loop iterations run between two inline steps (module docstring).
+
+One iteration polls the sockets and runs what is ready: the step's tokens' handlers write them, new
+requests are read, cancellations apply. But an HTTP exchange is a chain of callbacks, one iteration
+each, so with one iteration per step a `/health` during a generation took ~6x as long as with the
+steps in the worker thread; with 8 it takes as long, and the 7 extra iterations cost ~0.03 ms per
+step when nothing is ready (docs/performance.md, "LLM executor steps on the event loop").
+"""
+
+
+async def _yield_to_loop() -> None:
+    """Let the event loop run `YIELDS_BETWEEN_STEPS` iterations between two inline steps."""
+    for _ in range(YIELDS_BETWEEN_STEPS):
+        await asyncio.sleep(0)
 
 
 Forwarded = tuple[torch.Tensor, torch.Tensor | None]
@@ -92,6 +126,8 @@ class EngineStats:
     active: int = 0
     """Sequences being generated now (a cancelled one stops counting at the next step)."""
     waiting: int = 0
+    inline_steps: int = 0
+    """Steps run on the event loop instead of the worker thread (CPU, short steps: module docstring)."""
     sequences_cancelled: int = 0
     """Sequences dropped unfinished: their caller hung up (or a stop string ended them)."""
 
@@ -139,6 +175,7 @@ class Engine:
         *,
         decode_batching: bool = True,
         max_waiting: int = 256,
+        inline_step_budget_s: float | None = None,
     ) -> None:
         self.loaded = loaded
         self.max_batch_size = max_batch_size
@@ -146,7 +183,7 @@ class Engine:
         """Sequences that may wait for a batch slot; `submit` refuses more (429) instead of queueing them."""
         self.decode_batching = decode_batching
         self._batch = BatchedDecodeCache()
-        """Touched only by `_step` (worker thread) and while no step runs."""
+        """Touched only by `_step` (on one thread at a time) and while no step runs."""
         self.stats = EngineStats()
         self._waiting: deque[Sequence] = deque()
         self._active: list[Sequence] = []
@@ -154,6 +191,13 @@ class Engine:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._model_lock = threading.Lock()
+        if inline_step_budget_s is None:
+            one_cpu_thread = loaded.device.type == "cpu" and torch.get_num_threads() == 1
+            inline_step_budget_s = sys.getswitchinterval() if one_cpu_thread else 0.0
+        self.inline_step_budget_s = inline_step_budget_s
+        """A step without a prefill runs on the loop when the previous one took less (0: never; module docstring)."""
+        self._last_step_s: float | None = None
+        """How long the latest step without a prefill took (None until one ran)."""
 
     def start(self) -> None:
         """Start the scheduler task on the running loop."""
@@ -258,12 +302,29 @@ class Engine:
                 continue
             self.stats.steps += 1
             self.stats.max_batch_size_observed = max(self.stats.max_batch_size_observed, len(batch))
-            results = await asyncio.to_thread(self._step, batch)
+            inline = self._runs_inline(batch)
+            if inline:
+                self.stats.inline_steps += 1
+                results = self._step(batch)
+            else:
+                results = await asyncio.to_thread(self._step, batch)
             for seq, result in zip(batch, results, strict=True):
                 if isinstance(result, BaseException):
                     self._fail(seq, result)
                 else:
                     self._deliver(seq, result)
+            if inline:
+                # What /stats and /metrics say is current before the loop answers anyone.
+                self._active = [s for s in self._active if not s.finished]
+                self.stats.active = len(self._active)
+                await _yield_to_loop()
+
+    def _runs_inline(self, batch: list[Sequence]) -> bool:
+        """Whether this step runs on the loop: no prefill in it, and the previous such step was short."""
+        last = self._last_step_s
+        if last is None or last >= self.inline_step_budget_s:
+            return False
+        return all(seq.prefilled or seq.feed is not None for seq in batch)
 
     def _settle_feeds(self) -> None:
         """Talkers whose input failed fail; those whose input ended (and is used up) finish with "stop"."""
@@ -324,10 +385,12 @@ class Engine:
             seq.feed.consume(len(seq.generated))
         seq.events.put_nowait(event)
 
-    # ------------------------------------------------------------------ model steps (worker thread)
+    # ------------------------------------------------------------------ model steps (worker thread or inline)
 
     def _step(self, batch: list[Sequence]) -> list[StepResult | BaseException]:
         results: dict[Sequence, StepResult | BaseException] = {}
+        started = time.perf_counter()
+        prefills = any(not seq.prefilled and seq.feed is None for seq in batch)
         with self._model_lock, torch.inference_mode():
             decoding = [seq for seq in batch if seq.prefilled and seq.feed is None]
             for seq in batch:
@@ -341,6 +404,8 @@ class Engine:
                 self._count_decode(1, forwards=len(decoding))
                 for seq in decoding:
                     results[seq] = self._guarded(seq, self._decode)
+        if not prefills:
+            self._last_step_s = time.perf_counter() - started
         return [results[seq] for seq in batch]
 
     def _guarded(self, seq: Sequence, run: Callable[[Sequence], Forwarded]) -> StepResult | BaseException:
