@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import nats
 import pytest
+from nats.aio.client import Client
 from tests.dispatcher.support import (
     LIBRARY,
     DispatcherReplica,
@@ -18,6 +19,16 @@ from tests.dispatcher.support import (
 from tests.support.tasklibs import upload_library
 
 from cornserve.cli.natsserver import NatsServerProcess
+
+
+@pytest.fixture
+async def nc(nats_url: str) -> AsyncIterator[Client]:
+    """A plain NATS connection to the session's server (the keepalive and usage-report tests)."""
+    client = await nats.connect(nats_url)
+    try:
+        yield client
+    finally:
+        await client.close()
 
 
 @pytest.fixture(scope="session")

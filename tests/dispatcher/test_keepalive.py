@@ -7,25 +7,14 @@ graph inbox does.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import nats
-import pytest
 from nats.aio.client import Client
 
 from cornserve.bus.control import InvokeKeepalive
 from cornserve.dispatcher.keepalive import Keepalive
 
 DEADLINE_S = 10.0
-
-
-@pytest.fixture
-async def nc(nats_url: str) -> AsyncIterator[Client]:
-    client = await nats.connect(nats_url)
-    try:
-        yield client
-    finally:
-        await client.close()
 
 
 async def watch(nc: Client, subject: str) -> asyncio.Queue[InvokeKeepalive]:

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 
-import nats
-import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
@@ -21,15 +18,6 @@ from cornserve.dispatcher.tables import ExecutorTables
 from cornserve.task_manager.usage import RemoteUsage
 
 DEADLINE = 30.0
-
-
-@pytest.fixture
-async def nc(nats_url: str) -> AsyncIterator[Client]:
-    client = await nats.connect(nats_url)
-    try:
-        yield client
-    finally:
-        await client.close()
 
 
 class TaskManagerSide:
