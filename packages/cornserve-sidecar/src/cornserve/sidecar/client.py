@@ -532,8 +532,8 @@ class Sidecar:
         A small chunk rides a ``put``; a bigger one is written into a block of that server's arena (a
         spare reserved there, else an ``alloc``) and sent from there. The usual path is taken when the
         destination is not known (yet) to be on our node, when its socket fails, and when its arena
-        has no room within `ROOM_WAIT_S` (the usual path waits for room in our own arena, as before).
-        Its other errors are the send's.
+        has no room within `ROOM_WAIT_S` or is too small (the usual path waits for room in our own
+        arena, as before). Its other errors are the send's.
         """
         assert self._nc is not None and self._info is not None
         peer = self._direct.peer(rank, self._nc, self._info.node)

@@ -128,16 +128,15 @@ class DirectPeers:
     def _unusable(self, rank: int) -> None:
         self._unusable_until[rank] = time.monotonic() + RECHECK_S
 
-    def forget(self, rank: int) -> DirectPeer | None:
+    def forget(self, rank: int) -> None:
         """Stop using ``rank`` (its socket failed, or it restarted); learnt again on a later send.
 
-        Returns what was known, so the caller can give back the spares held there. The arena mapping
-        is left to the garbage collector: tensors received from it may still view it.
+        Spares held there are left to that server's TTL (it may be gone). The arena mapping is left
+        to the garbage collector: tensors received from it may still view it.
         """
         found = self._peers.pop(rank, None)
         if found is not None:
             found.channel.close()
-        return found
 
     def known(self) -> list[DirectPeer]:
         """Every destination known now."""
