@@ -114,9 +114,7 @@ class PythonExecutorDescriptor(TaskExecutionDescriptor[TaskT], Generic[TaskT]):
         cuda = [d.index for d in placement.devices if d.kind == "cuda"]
         if cuda:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, cuda))
-        elif placement.devices:
-            # One CPU slot is one core's worth of work: keep torch from oversubscribing the node.
-            env["OMP_NUM_THREADS"] = str(len(placement.devices))
+        env.update(placement.cpu_threads_env())  # the task manager sets it too; kept for direct callers
         return ExecutorLaunchSpec(
             command=command,
             env=env,

@@ -48,6 +48,19 @@ class ExecutorPlacement(BaseModel):
     channel_port: int | None = Field(default=None, gt=0, lt=65536)
     """A second free port for an invocation channel (`cornserve.bus.invoke_channel`), for executors that serve one."""
 
+    def cpu_threads_env(self) -> dict[str, str]:
+        """`OMP_NUM_THREADS` for an executor placed on CPU slots only (the number of slots); else nothing.
+
+        One CPU slot is one core's worth of work, but torch (and every OpenMP library) starts one
+        compute thread per core of the machine unless told otherwise: three executors on a
+        2-core node each ran two spinning threads, and the LLM executor's one-thread fast path
+        (decode steps on the event loop) never applied. The task manager puts this under every
+        descriptor's own `ExecutorLaunchSpec.env`, which can still set another value.
+        """
+        if not self.devices or any(d.kind != "cpu" for d in self.devices):
+            return {}
+        return {"OMP_NUM_THREADS": str(len(self.devices))}
+
 
 class ExecutorLaunchSpec(BaseModel):
     """How to start one executor process and know it is ready."""
