@@ -8,11 +8,15 @@ in the background: the request's prefill does not wait for it (it was ~2 ms of e
 request's time to first token, docs/performance.md). A receive that fails or is cancelled still
 releases what it got before it returns.
 
-A receive is a NATS request, which nats-py awaits with `asyncio.wait_for`: on Python 3.11 a cancel
-that lands in the loop turn in which the reply arrives is swallowed (the reply is returned). The
-task's cancel count still says it was asked, so after each chunk a request whose cancel was lost
-raises it itself instead of waiting on for the next chunk (as the dispatcher and gateway do with
-their NATS waits).
+The two chunks are received concurrently: the encoder sends them at once, and one after the other
+cost a second round trip to this executor's sidecar (~1.5 ms of every fission request's time to
+first token, docs/performance.md).
+
+A receive can be a NATS request, which nats-py awaits with `asyncio.wait_for`: on Python 3.11 a
+cancel that lands in the loop turn in which the reply arrives is swallowed (the reply is returned).
+The task's cancel count still says it was asked, so once both chunks are in, a request whose cancel
+was lost raises it itself instead of going on to its prefill (as the dispatcher and gateway do
+with their NATS waits).
 """
 
 from __future__ import annotations
@@ -117,15 +121,7 @@ class EmbeddingReceiver:
         with sidecar_errors(timed_out, f"embedding forward {fid} could not be received"):
             try:
                 async with asyncio.timeout(self.timeout_s + 5.0):
-                    data = await self.sidecar.recv(
-                        fid, EMBEDDING_TENSOR_CHUNK, timeout=self.timeout_s, copy=True
-                    )
-                    got.append(EMBEDDING_TENSOR_CHUNK)
-                    _raise_lost_cancel(cancels)
-                    raw_meta = await self.sidecar.recv(
-                        fid, EMBEDDING_META_CHUNK, timeout=self.timeout_s, copy=True
-                    )
-                    got.append(EMBEDDING_META_CHUNK)
+                    data, raw_meta = await self._receive_chunks(fid, got)
                     _raise_lost_cancel(cancels)
                     received_all = True
             except asyncio.CancelledError:
@@ -156,6 +152,29 @@ class EmbeddingReceiver:
             )
         # Kept in the dtype it travelled in (the LLM's); the engine casts it where it splices it in.
         return ReceivedEmbedding(forward_id=fid, meta=meta, tensor=data)
+
+    async def _receive_chunks(self, fid: str, got: list[int]) -> tuple[Any, Any]:
+        """Both chunks of `fid`, received at once (the encoder sends them at once).
+
+        Each chunk is appended to `got` as it arrives. When one fails, or the caller is cancelled,
+        the other receive is cancelled and awaited before this returns, so `got` is final for the
+        release.
+        """
+
+        async def one(chunk: int) -> Any:
+            value = await self.sidecar.recv(fid, chunk, timeout=self.timeout_s, copy=True)
+            got.append(chunk)
+            return value
+
+        receives = [asyncio.ensure_future(one(chunk)) for chunk in ALL_CHUNKS]
+        try:
+            data, raw_meta = await asyncio.gather(*receives)
+        finally:
+            for receive in receives:
+                receive.cancel()  # a no-op once done
+            # Settled, not raised: the first failure (or the cancel) is already propagating.
+            await asyncio.wait(receives)
+        return data, raw_meta
 
     async def _release_abandoned(self, fid: str, chunks: list[int]) -> None:
         """Mark done the chunks of a cancelled request that were not received (bounded, best effort).
