@@ -135,6 +135,8 @@ async def test_one_invocation_is_one_connected_trace_across_processes(
     print(f"one trace: {len(spans)} spans from {len(processes)} processes: {sorted(processes)}")
     sequence = next(s for s in spans if s["name"] == "llm.sequence")
     assert sequence["attributes"]["gen_ai.usage.output_tokens"] >= 1
+    errors = [(s["service"], s["name"]) for s in spans if s["status"] == "ERROR"]
+    assert not errors, f"a successful request's spans say ERROR: {errors}"
     routes = [s for s in spans if s["name"] == "task.route"]
     assert {s["attributes"]["cornserve.task_class"] for s in routes} >= {"EncoderTask"}
     assert all(s["attributes"].get("cornserve.executor_id") for s in routes)

@@ -36,7 +36,7 @@ from cornserve.llm_executor.detok import TextAssembler
 from cornserve.llm_executor.engine import Sequence
 from cornserve.llm_executor.errors import GenerationFailed
 from cornserve.llm_executor.executor import LLMExecutor
-from cornserve.llm_executor.prompt import PreparedPrompt
+from cornserve.llm_executor.prompt import INLINE_PROMPT_CHARS, PreparedPrompt, text_chars
 from cornserve.llm_executor.sampling import SamplingParams
 from cornserve.llm_executor.server import ChatServer, Completion, Piece
 from cornserve.models.media import MediaPolicy, load_media
@@ -171,17 +171,20 @@ def finish_of(chunks: list[ChatCompletionChunk]) -> str | None:
 # ---------------------------------------------------------------------- correctness
 
 
+# The last case's text is longer than INLINE_PROMPT_CHARS: its fission prompt is prepared in a
+# worker thread, the others' on the event loop.
 @pytest.mark.parametrize(
-    ("arch", "modalities"),
+    ("arch", "modalities", "text"),
     [
-        ("qwen2-vl", ["image"]),
-        ("llava", ["image"]),
-        ("qwen2-vl", ["video"]),
-        ("qwen2-vl", ["image", "video", "image"]),
+        ("qwen2-vl", ["image"], "Describe this picture."),
+        ("llava", ["image"], "Describe this picture."),
+        ("qwen2-vl", ["video"], "Describe this picture."),
+        ("qwen2-vl", ["image", "video", "image"], "Describe this picture."),
+        ("qwen2-vl", ["image"], "Describe this picture. " + "Be precise. " * (INLINE_PROMPT_CHARS // 12 + 1)),
     ],
 )
 async def test_greedy_matches_transformers_generate_in_both_modes(
-    cluster: LLMExecutorSetup, nats_url: str, tmp_path: Path, arch: str, modalities: list[str]
+    cluster: LLMExecutorSetup, nats_url: str, tmp_path: Path, arch: str, modalities: list[str], text: str
 ) -> None:
     ref = Reference(cluster.models[arch])
     parts: list[dict[str, Any]] = []
@@ -194,7 +197,6 @@ async def test_greedy_matches_transformers_generate_in_both_modes(
         parts.append({"type": f"{modality}_url", f"{modality}_url": {"url": url}})
         # The same decoder the executors use.
         items.append((modality, load_media(url, modality, MediaPolicy(media_dirs=str(tmp_path)))))
-    text = "Describe this picture."
     ref_ids, ref_text, prompt_len = ref.generate(items, text, MAX_TOKENS)
     assert len(ref_ids) >= 1
 
@@ -587,3 +589,16 @@ def test_a_model_that_cannot_load_exits_1(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 1, proc.stderr
     assert "llm-executor failed to start" in proc.stderr
+
+
+def test_text_chars_counts_the_text_of_every_message() -> None:
+    request = ChatCompletionRequest.model_validate(
+        {
+            "messages": [
+                {"role": "system", "content": "abc"},
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}, {"type": "text", "text": "de"}]},
+                {"role": "assistant", "content": None},
+            ]
+        }
+    )  # fmt: skip
+    assert text_chars(request) == 5

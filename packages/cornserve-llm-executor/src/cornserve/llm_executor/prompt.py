@@ -79,6 +79,25 @@ def hf_messages(request: ChatCompletionRequest) -> list[dict[str, Any]]:
     return out
 
 
+INLINE_PROMPT_CHARS = 4096
+"""Prompts whose messages hold at most this many characters of text are prepared from embeddings on
+the event loop: a worker thread's hand-off cost ~1.5 ms of the ~0.5 ms such a prompt takes
+(tiny Qwen2-VL, one torch thread); tokenizing runs at roughly 1 ms per 1000 characters, so the
+longest inline preparation holds the loop for a few ms (docs/performance.md)."""
+
+
+def text_chars(request: ChatCompletionRequest) -> int:
+    """Characters of text in the request's messages (what tokenizing the prompt scales with)."""
+    total = 0
+    for message in request.messages:
+        content = message.content
+        if isinstance(content, str):
+            total += len(content)
+        elif content is not None:
+            total += sum(len(part.text) for part in content if isinstance(part, TextPart))
+    return total
+
+
 def render_prompt(loaded: LoadedModel, request: ChatCompletionRequest) -> str:
     """The chat-templated prompt text with one placeholder per media item."""
     templater = loaded.processor if loaded.processor is not None else loaded.tokenizer

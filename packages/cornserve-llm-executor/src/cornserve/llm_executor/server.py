@@ -35,10 +35,12 @@ from cornserve.llm_executor.hidden_states import HiddenStateSender
 from cornserve.llm_executor.input_embeds import InputEmbedsReader
 from cornserve.llm_executor.model import LoadedModel
 from cornserve.llm_executor.prompt import (
+    INLINE_PROMPT_CHARS,
     PreparedPrompt,
     check_modalities,
     prepare_with_embeddings,
     prepare_with_media,
+    text_chars,
 )
 from cornserve.llm_executor.sampling import SamplingParams
 from cornserve.llm_executor.sse import ChunkLines, sse_line
@@ -254,7 +256,10 @@ class ChatServer:
             check_modalities(self.loaded, req)
             assert self.receiver is not None
             received = await self.receiver.receive_all(forwards)
-            prompt = await asyncio.to_thread(prepare_with_embeddings, self.loaded, req, received)
+            if text_chars(req) <= INLINE_PROMPT_CHARS:  # cheaper than a worker thread's hand-off
+                prompt = prepare_with_embeddings(self.loaded, req, received)
+            else:
+                prompt = await asyncio.to_thread(prepare_with_embeddings, self.loaded, req, received)
         else:
             if forwards:
                 raise InvalidRequest(
@@ -358,6 +363,7 @@ class ChatServer:
             {"cornserve.model": completion.model, "gen_ai.usage.input_tokens": completion.prompt.num_tokens},
         )
         error: BaseException | None = None
+        ended = False
         try:
             async for event in self.engine.tokens(seq, TOKEN_TIMEOUT_S):
                 assert event.token_id is not None
@@ -371,11 +377,14 @@ class ChatServer:
                     text += assembler.flush()
                 if finish is not None and completion.sender is not None:
                     await completion.sender.finish()  # the answer ends once every hidden state is sent
+                ended = finish is not None
                 yield Piece(text, finish)
-                if finish is not None:
+                if ended:
                     return
         except BaseException as exc:
-            error = exc
+            # A reader that stops after the last piece closes this generator there: not a failure.
+            if not (ended and isinstance(exc, GeneratorExit)):
+                error = exc
             raise
         finally:
             seq.cancel()
