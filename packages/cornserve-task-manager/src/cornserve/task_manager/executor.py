@@ -130,7 +130,9 @@ class ManagedExecutor:
                 f"{type(task.descriptor).__name__}.launch_spec failed for executor {self.executor_id}: "
                 f"{type(exc).__name__}: {exc}"
             ) from exc
-        env = executor_env({**os.environ, **placement.cpu_threads_env(), **spec.env}, nats_url, self.nats_creds)
+        env = executor_env(
+            {**os.environ, **placement.cpu_threads_env(), **spec.env}, nats_url, self.nats_creds
+        )
         self.port = spec.port
         self.channel_port = spec.channel_port
         self.health_path = spec.health_path if spec.health_path.startswith("/") else "/" + spec.health_path
