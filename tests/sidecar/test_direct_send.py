@@ -185,3 +185,43 @@ async def test_sending_to_ones_own_rank_is_unchanged(sidecars, nats_url, stats_o
             await c.mark_done(f"self-{k}")
     assert _delivered(await stats_of([a.rank]), a.rank) == 5
     await arenas_empty([a.rank])
+
+
+async def test_a_send_during_a_lookup_does_not_start_a_second_one(sidecars, nats_url, monkeypatch):
+    """A lookup maps the destination's arena in a thread; a send meanwhile found the rank neither
+    known nor being looked up and started a second lookup, whose peer then replaced the first's,
+    connections and spares included (an unclosed socket, found by the leak test)."""
+    import asyncio
+    import threading
+
+    import nats
+
+    from cornserve.sidecar import directsend
+
+    a, b = await sidecars(2)
+    maps: list[str] = []
+    release = threading.Event()
+    real_map = directsend.map_arena
+
+    def held_map(*args, **kwargs):
+        maps.append(args[0])
+        assert release.wait(30), "the test never released the arena mapping"
+        return real_map(*args, **kwargs)
+
+    monkeypatch.setattr(directsend, "map_arena", held_map)
+    nc = await nats.connect(nats_url)
+    peers = directsend.DirectPeers(a.rank)
+    try:
+        node = b.node
+        assert peers.peer(b.rank, nc, node) is None  # starts the lookup
+        await wait_for(lambda: len(maps) == 1, 20, "the lookup to map the arena")
+        for _ in range(3):  # sends while the arena is being mapped
+            assert peers.peer(b.rank, nc, node) is None
+            await asyncio.sleep(0.05)
+        release.set()
+        await wait_for(lambda: peers.peer(b.rank, nc, node) is not None, 20, "the destination to be known")
+        assert len(maps) == 1, maps
+    finally:
+        release.set()
+        await peers.close()
+        await nc.close()

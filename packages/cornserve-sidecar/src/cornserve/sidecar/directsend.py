@@ -100,6 +100,14 @@ class DirectPeers:
         return None
 
     async def _lookup(self, rank: int, nc: Client, own_node: str) -> None:
+        # The rank stays "being looked up" until its peer is known or refused: a send meanwhile must
+        # not start a second lookup, whose peer would replace this one's with its connections open.
+        try:
+            await self._look_up(rank, nc, own_node)
+        finally:
+            self._looking_up.discard(rank)
+
+    async def _look_up(self, rank: int, nc: Client, own_node: str) -> None:
         try:
             info = await request(
                 nc, sidecar_subject(rank, SidecarVerb.INFO), InfoRequest(), InfoReply, LOOKUP_TIMEOUT_S
@@ -108,8 +116,6 @@ class DirectPeers:
             logger.info("sidecar rank %d: no info for direct sends (%r); using its peer path", rank, exc)
             self._unusable(rank)
             return
-        finally:
-            self._looking_up.discard(rank)
         path = checked_socket_path(info.local_socket)
         if info.rank != rank or info.node != own_node or path is None:
             self._unusable(rank)
