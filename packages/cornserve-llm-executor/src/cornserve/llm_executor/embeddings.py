@@ -170,10 +170,11 @@ class EmbeddingReceiver:
         try:
             data, raw_meta = await asyncio.gather(*receives)
         finally:
-            for receive in receives:
-                receive.cancel()  # a no-op once done
-            # Settled, not raised: the first failure (or the cancel) is already propagating.
-            await asyncio.wait(receives)
+            pending = [receive for receive in receives if not receive.done()]
+            for receive in pending:
+                receive.cancel()
+            if pending:  # settled, not raised: the first failure (or the cancel) is already propagating
+                await asyncio.wait(pending)  # each receive is bounded by its own timeout
         return data, raw_meta
 
     async def _release_abandoned(self, fid: str, chunks: list[int]) -> None:
