@@ -8,13 +8,17 @@ destination's arena, not the producer's.
 
 from __future__ import annotations
 
+import asyncio
+import threading
+
+import nats
 import numpy as np
 import pytest
 import torch
 from tests.support.waiting import wait_for
 
 from cornserve.bus.sidecar import StatsReply
-from cornserve.sidecar import Sidecar
+from cornserve.sidecar import Sidecar, directsend
 
 SMALL = 4096  # bytes: well under the inline-send size: one `put`
 BIG = 1 << 20  # bytes: over it: written into the destination's arena, then `send`
@@ -191,13 +195,6 @@ async def test_a_send_during_a_lookup_does_not_start_a_second_one(sidecars, nats
     """A lookup maps the destination's arena in a thread; a send meanwhile found the rank neither
     known nor being looked up and started a second lookup, whose peer then replaced the first's,
     connections and spares included (an unclosed socket, found by the leak test)."""
-    import asyncio
-    import threading
-
-    import nats
-
-    from cornserve.sidecar import directsend
-
     a, b = await sidecars(2)
     maps: list[str] = []
     release = threading.Event()

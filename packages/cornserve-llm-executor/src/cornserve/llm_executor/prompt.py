@@ -82,8 +82,8 @@ def hf_messages(request: ChatCompletionRequest) -> list[dict[str, Any]]:
 INLINE_PROMPT_CHARS = 4096
 """Prompts whose messages hold at most this many characters of text are prepared from embeddings on
 the event loop: a worker thread's hand-off cost ~1.5 ms of the ~0.5 ms such a prompt takes
-(tiny Qwen2-VL, one torch thread); tokenizing runs at roughly 1 ms per 1000 characters, so the
-longest inline preparation holds the loop for a few ms (docs/performance.md)."""
+(tiny Qwen2-VL, one torch thread); a 15 000-character prompt took ~11 ms, so the longest inline
+preparation holds the loop for ~3 ms (docs/executors.md)."""
 
 
 def text_chars(request: ChatCompletionRequest) -> int:

@@ -96,30 +96,39 @@ class DirectPeers:
         if rank in self._looking_up or time.monotonic() < self._unusable_until.get(rank, 0.0):
             return None
         self._looking_up.add(rank)
-        self._tasks.spawn(self._lookup(rank, nc, own_node))
+        self._tasks.spawn(self._learn(rank, nc, own_node))
         return None
 
-    async def _lookup(self, rank: int, nc: Client, own_node: str) -> None:
-        # The rank stays "being looked up" until its peer is known or refused: a send meanwhile must
-        # not start a second lookup, whose peer would replace this one's with its connections open.
+    async def _learn(self, rank: int, nc: Client, own_node: str) -> None:
+        """Look ``rank`` up, then keep its peer or mark it unusable for a while.
+
+        The rank stays "being looked up" until then, arena mapping included: a send meanwhile must
+        not start a second lookup, whose peer would replace this one's with its connections open.
+        """
         try:
-            await self._look_up(rank, nc, own_node)
+            found = await self._lookup(rank, nc, own_node)
         finally:
             self._looking_up.discard(rank)
+        if found is None:
+            self._unusable(rank)
+        else:
+            self._peers[rank] = found
 
-    async def _look_up(self, rank: int, nc: Client, own_node: str) -> None:
+    async def _lookup(self, rank: int, nc: Client, own_node: str) -> DirectPeer | None:
+        """``rank``'s peer from its ``info``, or None (the usual path serves; asked again later).
+
+        None when it did not answer, is not on our node, or its arena cannot be mapped.
+        """
         try:
             info = await request(
                 nc, sidecar_subject(rank, SidecarVerb.INFO), InfoRequest(), InfoReply, LOOKUP_TIMEOUT_S
             )
-        except Exception as exc:  # no answer or a refusal: the usual path serves, asked again later
+        except Exception as exc:  # no answer or a refusal
             logger.info("sidecar rank %d: no info for direct sends (%r); using its peer path", rank, exc)
-            self._unusable(rank)
-            return
+            return None
         path = checked_socket_path(info.local_socket)
         if info.rank != rank or info.node != own_node or path is None:
-            self._unusable(rank)
-            return
+            return None
         try:
             # In a thread: filling the page tables of a prefaulted arena takes a while.
             arena = await asyncio.to_thread(map_arena, info.arena, True, info.prefaulted)
@@ -127,9 +136,8 @@ class DirectPeers:
             logger.info(
                 "sidecar rank %d: arena %s not mapped (%r); using its peer path", rank, info.arena, exc
             )
-            self._unusable(rank)
-            return
-        self._peers[rank] = DirectPeer(info, LocalChannel(path), arena)
+            return None
+        return DirectPeer(info, LocalChannel(path), arena)
 
     def _unusable(self, rank: int) -> None:
         self._unusable_until[rank] = time.monotonic() + RECHECK_S
