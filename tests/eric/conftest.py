@@ -36,10 +36,12 @@ def eric_cluster(
 ) -> Iterator[EricSetup]:
     """Sidecars + three Erics (qwen2-vl image, qwen2-vl video, llava image) + one that must fail to start."""
     ckpt = {arch: tiny_checkpoint(arch) for arch in ("qwen2-vl", "llava")}
+    # (checkpoint, modality, max batch size, torch threads): one thread is what a cluster gives an
+    # Eric on one CPU slot, where short work runs on the event loop (cornserve.eric.inline).
     specs = {
-        "qwen-image": ("qwen2-vl", "image", 2),
-        "qwen-video": ("qwen2-vl", "video", 4),
-        "llava-image": ("llava", "image", 4),
+        "qwen-image": ("qwen2-vl", "image", 2, 1),
+        "qwen-video": ("qwen2-vl", "video", 4, 2),
+        "llava-image": ("llava", "image", 4, 2),
     }
     with ProcessCluster(tmp_path_factory.mktemp("eric"), nats_url, ERIC_RANKS) as cluster:
         sidecars = cluster.start_sidecars(len(specs) + 2, nodes=["node-eric"] * (len(specs) + 2))
@@ -51,10 +53,11 @@ def eric_cluster(
             "CORNSERVE_MEDIA_DIRS": str(tmp_path_factory.getbasetemp()),
         }
         erics: dict[str, Eric] = {}
-        for (name, (arch, modality, batch)), rank in zip(specs.items(), ranks[1:], strict=False):
+        for (name, (arch, modality, batch, threads)), rank in zip(specs.items(), ranks[1:], strict=False):
             port = free_port()
             cmd = eric_command(str(ckpt[arch]), modality, batch, port, rank)
-            service = cluster.start_service(name, cmd, env | {"CORNSERVE_EXECUTOR_ID": name})
+            own_env = {"CORNSERVE_EXECUTOR_ID": name, "OMP_NUM_THREADS": str(threads)}
+            service = cluster.start_service(name, cmd, env | own_env)
             erics[name] = Eric(service, f"http://127.0.0.1:{port}", ckpt[arch], rank)
         bad_cmd = eric_command(str(ckpt["llava"]), "video", 1, free_port(), ranks[-1])
         failed = cluster.start_service("llava-video", bad_cmd, env)

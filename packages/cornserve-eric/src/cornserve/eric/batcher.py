@@ -2,7 +2,9 @@
 
 Items of one request are queued together, so they form one batch (up to `max_batch_size`); items
 of requests that arrive while a batch is running wait and go together in the next one. The model
-runs on a single worker thread, so the event loop stays free to accept and preprocess requests.
+runs on a single worker thread, so the event loop stays free to accept and preprocess requests;
+a batch predicted to be short runs on the loop instead when the batcher is given an `InlineCost`
+(`cornserve.eric.inline`: Eric on one CPU thread).
 
 The items admitted (being fetched, queued, encoded or sent) are bounded by `max_pending`: a request
 that would go beyond it is refused at once (`QueueFull`, answered 429 with `Retry-After`) instead of
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -20,11 +23,20 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel
 
+from cornserve.eric.inline import InlineCost
 from cornserve.models.encoders import EncodedItem, Preprocessed
 
 logger = logging.getLogger(__name__)
 
 EncodeFn = Callable[[list[Preprocessed]], list[EncodedItem]]
+
+YIELDS_AFTER_INLINE = 8
+"""Event-loop iterations run after a batch encoded on the loop, before the next batch starts.
+
+The batch's requests go on to send their embeddings, and requests that arrived meanwhile are read
+and queued (so they can join the next batch); an HTTP exchange is a chain of callbacks, one
+iteration each. The LLM executor lets its loop run as many between two inline decode steps.
+"""
 
 
 class BatchStats(BaseModel):
@@ -59,12 +71,21 @@ class _Job:
 class DynamicBatcher:
     """Collects queued items into batches of at most `max_batch_size` and encodes them in order."""
 
-    def __init__(self, encode: EncodeFn, max_batch_size: int, max_pending: int = 256) -> None:
+    def __init__(
+        self,
+        encode: EncodeFn,
+        max_batch_size: int,
+        max_pending: int = 256,
+        *,
+        inline: InlineCost | None = None,
+    ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if max_pending < 1:
             raise ValueError(f"max_pending must be >= 1, got {max_pending}")
         self._encode = encode
+        self._inline = inline
+        """Decides which batches run on the loop (None: every batch runs on the worker thread)."""
         self.max_batch_size = max_batch_size
         self.max_pending = max_pending
         self.pending = 0
@@ -132,17 +153,34 @@ class DynamicBatcher:
             if not batch:
                 continue
             self._record(len(batch))
+            items = [job.item for job in batch]
+            units = sum(int(item.pixels.shape[0]) for item in items)
+            inline = self._inline is not None and self._inline.runs_inline(units)
             try:
-                results = await loop.run_in_executor(self._pool, self._encode, [job.item for job in batch])
+                if inline:
+                    results, seconds = self._timed_encode(items)
+                else:
+                    results, seconds = await loop.run_in_executor(self._pool, self._timed_encode, items)
             except Exception as exc:
                 logger.exception("encoding a batch of %d items failed", len(batch))
                 for job in batch:
                     if not job.future.done():
                         job.future.set_exception(exc)
                 continue
+            if self._inline is not None:
+                self._inline.record(units, seconds, inline=inline)
             for job, result in zip(batch, results, strict=True):
                 if not job.future.done():
                     job.future.set_result(result)
+            if inline:
+                for _ in range(YIELDS_AFTER_INLINE):
+                    await asyncio.sleep(0)
+
+    def _timed_encode(self, items: list[Preprocessed]) -> tuple[list[EncodedItem], float]:
+        """The encoder's results and its own seconds (on whichever thread runs it)."""
+        start = time.perf_counter()
+        results = self._encode(items)
+        return results, time.perf_counter() - start
 
     def _record(self, size: int) -> None:
         self._recent.append(size)

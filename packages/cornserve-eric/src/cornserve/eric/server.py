@@ -5,8 +5,9 @@ the model loads), then the encoder tower + projector are loaded (never the langu
 sidecar client connects, and only then does `/health` turn 200.
 
 Per request: every item is fetched and decoded on the media pool (bounded, under the media policy
-of the settings: `cornserve.models.media_pool`), then preprocessed in a thread pool; the request's
-items are queued together on the dynamic batcher; each embedding goes out through the sidecar
+of the settings: `cornserve.models.media_pool`), then preprocessed in a thread pool (or on the
+event loop when predicted short: `cornserve.eric.inline`); the request's items are queued together
+on the dynamic batcher; each embedding goes out through the sidecar
 as a two-chunk DataForward (docs/executors.md) and the reply lists the forward ids in input
 order. Bad media is the client's fault (400) and never takes the server down.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +26,7 @@ from aiohttp.typedefs import Handler
 from pydantic import ValidationError
 
 from cornserve.eric.batcher import DynamicBatcher, QueueFull
+from cornserve.eric.inline import InlineCost, inline_budget_s
 from cornserve.eric.metrics import watch_batcher
 from cornserve.eric.schemas import (
     EmbeddingItem,
@@ -105,6 +108,10 @@ class EricServer:
         self._media = MediaPool(config.media_policy(), name="eric-media")
         self._runner: web.AppRunner | None = None
         self._ready = False
+        self._preprocess_cost = InlineCost(0.0)
+        """Which images are preprocessed on the loop (per input pixel; set up once the model is on its device)."""
+        self._encode_cost = InlineCost(0.0)
+        """Which batches are encoded on the loop (per patch; likewise)."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -156,7 +163,11 @@ class EricServer:
         from cornserve.sidecar import Sidecar
 
         self.sidecar = await Sidecar(cfg.sidecar_ranks[0], cfg.nats_url, nats_creds=cfg.nats_creds).connect()
-        self.batcher = DynamicBatcher(self.encoder.encode, cfg.max_batch_size, cfg.max_pending)
+        budget = inline_budget_s(self.encoder.device)
+        self._preprocess_cost, self._encode_cost = InlineCost(budget), InlineCost(budget)
+        self.batcher = DynamicBatcher(
+            self.encoder.encode, cfg.max_batch_size, cfg.max_pending, inline=self._encode_cost
+        )
         watch_batcher(self.batcher)
         self.batcher.start()
         self._ready = True
@@ -213,6 +224,11 @@ class EricServer:
             "loaded_files": list(enc.opened_files) if enc else None,
             "ready": self._ready,
             "batching": self.batcher.stats.model_dump() if self.batcher else None,
+            "inline": {
+                "budget_s": self._encode_cost.budget_s,
+                "preprocessed": self._preprocess_cost.inline_runs,
+                "encoded_batches": self._encode_cost.inline_runs,
+            },
         }
         return web.json_response(info)
 
@@ -257,11 +273,25 @@ class EricServer:
         return body
 
     async def _prepare(self, url: str, modality: str) -> Preprocessed:
-        """Fetch and decode one item on the media pool, then preprocess it in the preprocessing pool."""
-        assert self.encoder is not None
+        """Fetch and decode one item on the media pool, then preprocess it (pool, or loop if short)."""
         media = await self._media.load(url, modality)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self.encoder.preprocess, media, modality)
+        # Images are predicted by their pixels; a video's preprocessing always goes to the pool.
+        units = media.width * media.height if modality == "image" else 0
+        inline = units > 0 and self._preprocess_cost.runs_inline(units)
+        if inline:
+            prepared, seconds = self._timed_preprocess(media, modality)
+        else:
+            loop = asyncio.get_running_loop()
+            prepared, seconds = await loop.run_in_executor(self._pool, self._timed_preprocess, media, modality)
+        self._preprocess_cost.record(units, seconds, inline=inline)
+        return prepared
+
+    def _timed_preprocess(self, media: Any, modality: str) -> tuple[Preprocessed, float]:
+        """The encoder's preprocessing of one item and its own seconds (on whichever thread runs it)."""
+        assert self.encoder is not None
+        start = time.perf_counter()
+        prepared = self.encoder.preprocess(media, modality)
+        return prepared, time.perf_counter() - start
 
     async def _preprocess_all(self, body: EmbeddingsRequest) -> list[Preprocessed]:
         results = await asyncio.gather(
