@@ -282,7 +282,9 @@ class EricServer:
             prepared, seconds = self._timed_preprocess(media, modality)
         else:
             loop = asyncio.get_running_loop()
-            prepared, seconds = await loop.run_in_executor(self._pool, self._timed_preprocess, media, modality)
+            prepared, seconds = await loop.run_in_executor(
+                self._pool, self._timed_preprocess, media, modality
+            )
         self._preprocess_cost.record(units, seconds, inline=inline)
         return prepared
 
