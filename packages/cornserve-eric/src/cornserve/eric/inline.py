@@ -2,9 +2,10 @@
 
 Why: with one torch thread on a CPU slot (the task manager sets `OMP_NUM_THREADS` to the slots, so
 one slot gives one), preprocessing a small image and encoding it with a small tower take well under
-a millisecond or two, and each hand-off to a pool thread and back (submit, the thread's wake-up, two
-GIL hand-overs, the loop's self-pipe wake-up) costs a sizeable fraction of that on a busy machine:
-docs/performance.md, "Eric's work on the event loop". Work that short holds the GIL for most of its
+a millisecond or two, and the hand-offs to a pool thread and back (submit, the thread's wake-up, two
+GIL hand-overs, the loop's self-pipe wake-up) cost on top of it: running both inline saved 0.1-0.4 ms
+per one-image request on a 2-core machine (docs/performance.md, "Eric's short work on the event
+loop"). Work that short holds the GIL for most of its
 length anyway, so the loop could do little during it; work that is long must stay on a thread, or
 every other request's HTTP reading and sending would wait behind it.
 
