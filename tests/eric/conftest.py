@@ -37,7 +37,7 @@ def eric_cluster(
     """Sidecars + three Erics (qwen2-vl image, qwen2-vl video, llava image) + one that must fail to start."""
     ckpt = {arch: tiny_checkpoint(arch) for arch in ("qwen2-vl", "llava")}
     # (checkpoint, modality, max batch size, torch threads): one thread is what a cluster gives an
-    # Eric on one CPU slot, where short work runs on the event loop (cornserve.eric.inline).
+    # Eric on one CPU slot, where short work runs on the event loop (cornserve.models.inline).
     specs = {
         "qwen-image": ("qwen2-vl", "image", 2, 1),
         "qwen-video": ("qwen2-vl", "video", 4, 2),

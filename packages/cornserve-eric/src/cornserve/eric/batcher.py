@@ -4,7 +4,7 @@ Items of one request are queued together, so they form one batch (up to `max_bat
 of requests that arrive while a batch is running wait and go together in the next one. The model
 runs on a single worker thread, so the event loop stays free to accept and preprocess requests;
 a batch predicted to be short runs on the loop instead when the batcher is given an `InlineCost`
-(`cornserve.eric.inline`: Eric on one CPU thread).
+(`cornserve.models.inline`: Eric on one CPU thread).
 
 The items admitted (being fetched, queued, encoded or sent) are bounded by `max_pending`: a request
 that would go beyond it is refused at once (`QueueFull`, answered 429 with `Retry-After`) instead of
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -23,8 +22,8 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel
 
-from cornserve.eric.inline import InlineCost
 from cornserve.models.encoders import EncodedItem, Preprocessed
+from cornserve.models.inline import InlineCost, timed
 
 logger = logging.getLogger(__name__)
 
@@ -158,9 +157,9 @@ class DynamicBatcher:
             inline = self._inline is not None and self._inline.runs_inline(units)
             try:
                 if inline:
-                    results, seconds = self._timed_encode(items)
+                    results, seconds = timed(self._encode, items)
                 else:
-                    results, seconds = await loop.run_in_executor(self._pool, self._timed_encode, items)
+                    results, seconds = await loop.run_in_executor(self._pool, timed, self._encode, items)
             except Exception as exc:
                 logger.exception("encoding a batch of %d items failed", len(batch))
                 for job in batch:
@@ -175,12 +174,6 @@ class DynamicBatcher:
             if inline:
                 for _ in range(YIELDS_AFTER_INLINE):
                     await asyncio.sleep(0)
-
-    def _timed_encode(self, items: list[Preprocessed]) -> tuple[list[EncodedItem], float]:
-        """The encoder's results and its own seconds (on whichever thread runs it)."""
-        start = time.perf_counter()
-        results = self._encode(items)
-        return results, time.perf_counter() - start
 
     def _record(self, size: int) -> None:
         self._recent.append(size)

@@ -6,7 +6,7 @@ sidecar client connects, and only then does `/health` turn 200.
 
 Per request: every item is fetched and decoded on the media pool (bounded, under the media policy
 of the settings: `cornserve.models.media_pool`), then preprocessed in a thread pool (or on the
-event loop when predicted short: `cornserve.eric.inline`); the request's items are queued together
+event loop when predicted short: `cornserve.models.inline`); the request's items are queued together
 on the dynamic batcher; each embedding goes out through the sidecar
 as a two-chunk DataForward (docs/executors.md) and the reply lists the forward ids in input
 order. Bad media is the client's fault (400) and never takes the server down.
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,7 +25,6 @@ from aiohttp.typedefs import Handler
 from pydantic import ValidationError
 
 from cornserve.eric.batcher import DynamicBatcher, QueueFull
-from cornserve.eric.inline import InlineCost, inline_budget_s
 from cornserve.eric.metrics import watch_batcher
 from cornserve.eric.schemas import (
     EmbeddingItem,
@@ -36,6 +34,7 @@ from cornserve.eric.schemas import (
 )
 from cornserve.eric.settings import EricSettings
 from cornserve.models.encoders import EncodedItem, EncoderModel, Preprocessed, load_encoder
+from cornserve.models.inline import InlineCost, inline_budget_s, timed
 from cornserve.models.llm_dtype import dtype_name
 from cornserve.models.loading import resolve_model_dir
 from cornserve.models.media import MediaError
@@ -274,26 +273,20 @@ class EricServer:
 
     async def _prepare(self, url: str, modality: str) -> Preprocessed:
         """Fetch and decode one item on the media pool, then preprocess it (pool, or loop if short)."""
+        assert self.encoder is not None
         media = await self._media.load(url, modality)
         # Images are predicted by their pixels; a video's preprocessing always goes to the pool.
         units = media.width * media.height if modality == "image" else 0
         inline = units > 0 and self._preprocess_cost.runs_inline(units)
         if inline:
-            prepared, seconds = self._timed_preprocess(media, modality)
+            prepared, seconds = timed(self.encoder.preprocess, media, modality)
         else:
             loop = asyncio.get_running_loop()
             prepared, seconds = await loop.run_in_executor(
-                self._pool, self._timed_preprocess, media, modality
+                self._pool, timed, self.encoder.preprocess, media, modality
             )
         self._preprocess_cost.record(units, seconds, inline=inline)
         return prepared
-
-    def _timed_preprocess(self, media: Any, modality: str) -> tuple[Preprocessed, float]:
-        """The encoder's preprocessing of one item and its own seconds (on whichever thread runs it)."""
-        assert self.encoder is not None
-        start = time.perf_counter()
-        prepared = self.encoder.preprocess(media, modality)
-        return prepared, time.perf_counter() - start
 
     async def _preprocess_all(self, body: EmbeddingsRequest) -> list[Preprocessed]:
         results = await asyncio.gather(

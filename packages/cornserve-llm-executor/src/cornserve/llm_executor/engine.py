@@ -38,7 +38,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import sys
 import threading
 import time
 from collections import deque
@@ -57,6 +56,7 @@ from cornserve.llm_executor.metrics import TPOT, TTFT
 from cornserve.llm_executor.model import LoadedModel
 from cornserve.llm_executor.prompt import PreparedPrompt
 from cornserve.llm_executor.sampling import SamplingParams, select_token
+from cornserve.models.inline import inline_budget_s
 from cornserve.models.thinker_talker import talker_step_input
 
 logger = logging.getLogger(__name__)
@@ -192,8 +192,7 @@ class Engine:
         self._closing = False
         self._model_lock = threading.Lock()
         if inline_step_budget_s is None:
-            one_cpu_thread = loaded.device.type == "cpu" and torch.get_num_threads() == 1
-            inline_step_budget_s = sys.getswitchinterval() if one_cpu_thread else 0.0
+            inline_step_budget_s = inline_budget_s(loaded.device)
         self.inline_step_budget_s = inline_step_budget_s
         """A step without a prefill runs on the loop when the previous one took less (0: never; module docstring)."""
         self._last_step_s: float | None = None

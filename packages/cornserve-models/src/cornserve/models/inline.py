@@ -1,27 +1,34 @@
-"""When Eric runs a short piece of CPU work on its event loop instead of a worker thread.
+"""When an executor runs a short piece of CPU work on its event loop instead of a worker thread.
 
 Why: with one torch thread on a CPU slot (the task manager sets `OMP_NUM_THREADS` to the slots, so
-one slot gives one), preprocessing a small image and encoding it with a small tower take well under
-a millisecond or two, and the hand-offs to a pool thread and back (submit, the thread's wake-up, two
-GIL hand-overs, the loop's self-pipe wake-up) cost on top of it: running both inline saved 0.1-0.4 ms
-per one-image request on a 2-core machine (docs/performance.md, "Eric's short work on the event
-loop"). Work that short holds the GIL for most of its
-length anyway, so the loop could do little during it; work that is long must stay on a thread, or
-every other request's HTTP reading and sending would wait behind it.
+one slot gives one), a small model's decode step or a small image's preprocessing and encoding take
+a millisecond or two, and the hand-offs to a pool thread and back (submit, the thread's wake-up,
+two GIL hand-overs, the loop's self-pipe wake-up) cost on top of it. Work that short holds the GIL
+for most of its length anyway, so the loop could do little during it; work that is long must stay
+on a thread, or every other request's HTTP reading and sending would wait behind it. The budget
+(`inline_budget_s`) is shared by the LLM executor's decode steps (docs/performance.md, "LLM executor
+steps on the event loop") and Eric's preprocessing and encoding, where running both inline saved
+0.1-0.4 ms per one-image request on a 2-core machine ("Eric's short work on the event loop").
 
-How: the cost of a piece of work is predicted from what it measured before, per *unit* (a pixel of
-the image for preprocessing, a patch of the batch for encoding) so a big image after small ones is
-predicted big; work runs inline only when the prediction is within the budget (CPython's GIL switch
-interval, 5 ms, the same budget as the LLM executor's inline decode steps). The first piece of a
-kind always runs on the thread (nothing is known yet), and so does everything on a GPU or with
-several torch threads (the work then overlaps the loop's, and the budget is 0).
+How Eric decides (`InlineCost`): the cost of a piece of work is predicted from what it measured
+before, per *unit* (a pixel of the image for preprocessing, a patch of the batch for encoding) so a
+big image after small ones is predicted big; work runs inline only when the prediction is within
+the budget (CPython's GIL switch interval, 5 ms). The first piece of a kind always runs on the
+thread (nothing is known yet), and so does everything on a GPU or with several torch threads (the
+work then overlaps the loop's, and the budget is 0).
 """
 
 from __future__ import annotations
 
 import sys
+import time
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
 
 import torch
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 def inline_budget_s(device: torch.device) -> float:
@@ -65,3 +72,10 @@ class InlineCost:
             self._seconds_per_unit = seconds / units
         if inline:
             self.inline_runs += 1
+
+
+def timed(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> tuple[R, float]:
+    """`fn`'s result and the seconds it took, measured on whichever thread calls this (for `record`)."""
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return result, time.perf_counter() - start
