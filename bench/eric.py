@@ -127,6 +127,7 @@ async def run(args: argparse.Namespace, work: Path, nats_url: str) -> None:
     sidecar = str(Path(sys.executable).parent / "cornserve-sidecar")
     procs = []
     urls: dict[str, str] = {}
+    eric_procs: dict[str, subprocess.Popen[bytes]] = {}
     try:
         for rank in range(len(pythons) + 1):
             cmd = [sidecar, "--rank", str(rank), "--node", "bench", "--nats-url", nats_url]
@@ -135,7 +136,8 @@ async def run(args: argparse.Namespace, work: Path, nats_url: str) -> None:
             port = free_port()
             cmd = [python, "-m", "cornserve.eric", "--model-id", str(model), "--modality", "image"]
             cmd += ["--port", str(port), "--sidecar-ranks", str(rank)]
-            procs.append(start(cmd, env, work / f"{name.replace(' ', '-')}.log"))
+            eric_procs[name] = start(cmd, env, work / f"{name.replace(' ', '-')}.log")
+            procs.append(eric_procs[name])
             urls[name] = f"http://127.0.0.1:{port}"
         torch.set_num_threads(1)
         encoder = load_encoder(model)
@@ -151,7 +153,7 @@ async def run(args: argparse.Namespace, work: Path, nats_url: str) -> None:
         times: dict[str, list[float]] = {name: [] for name in [*urls, "in-process"]}
         async with aiohttp.ClientSession() as http:
             for name, url in urls.items():  # healthy Erics: every sidecar server answers by now
-                await wait_healthy(http, url, procs[len(pythons) + 1 + list(urls).index(name)])
+                await wait_healthy(http, url, eric_procs[name])
             async with Sidecar(RECEIVER_RANK, nats_url, timeout=60) as sc:
                 await measure(args, http, sc, urls, str(model), in_process, times)
             for name, url in urls.items():
