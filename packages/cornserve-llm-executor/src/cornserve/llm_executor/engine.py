@@ -28,9 +28,17 @@ handing it to a worker thread and back (pool submit, the self-pipe wake-up, two 
 cost ~0.2 ms per token, a third of a tiny model's step. After an inline step the scheduler lets
 the loop run a few iterations (`YIELDS_BETWEEN_STEPS`), so the step's tokens are written, new
 requests are read and join at the next step, cancellations apply and `/health` is answered
-between any two steps. Prefills (their length depends on the prompt) and steps after one that
-took longer than the budget go to the worker thread: a decode step blocks the loop for longer
-than the budget only when it is the first to grow past it (the batch or the context grew).
+between any two steps. Steps after one that took longer than the budget go to the worker thread: a decode step
+blocks the loop for longer than the budget only when it is the first to grow past it (the batch
+or the context grew).
+
+A step with prefills runs inline too when its prefills are predicted short (`PrefillCosts`: the
+latest prefill's seconds per prompt token, one figure for prompts with media the model encodes
+itself and one for the rest, as `cornserve.models.inline.InlineCost` predicts) and the prediction,
+plus the latest decode step's time when the step also decodes, is within the budget. The first
+prefill of each kind always runs on the thread (nothing is known yet). A short prefill then costs
+its time to first token no thread hand-off (docs/performance.md, "Short prefills on the event
+loop").
 """
 
 from __future__ import annotations
@@ -56,7 +64,7 @@ from cornserve.llm_executor.metrics import TPOT, TTFT
 from cornserve.llm_executor.model import LoadedModel
 from cornserve.llm_executor.prompt import PreparedPrompt
 from cornserve.llm_executor.sampling import SamplingParams, select_token
-from cornserve.models.inline import inline_budget_s
+from cornserve.models.inline import InlineCost, inline_budget_s
 from cornserve.models.thinker_talker import talker_step_input
 
 logger = logging.getLogger(__name__)
@@ -83,6 +91,11 @@ Forwarded = tuple[torch.Tensor, torch.Tensor | None]
 """One sequence's step output: its `[vocab]` logits and, for a thinker, its `[hidden]` last-layer state."""
 StepResult = tuple[int, torch.Tensor | None]
 """The token picked and the hidden state that produced it (None unless the sequence wants it)."""
+
+
+def _needs_prefill(seq: Sequence) -> bool:
+    """Whether the sequence's next step is its prefill (a talker has none: it steps from its feed)."""
+    return not seq.prefilled and seq.feed is None
 
 
 def _row_of(logits: torch.Tensor, hidden: torch.Tensor | None, row: int, seq: Sequence) -> Forwarded:
@@ -128,6 +141,8 @@ class EngineStats:
     waiting: int = 0
     inline_steps: int = 0
     """Steps run on the event loop instead of the worker thread (CPU, short steps: module docstring)."""
+    inline_prefills: int = 0
+    """Prefills among them (predicted short: module docstring)."""
     sequences_cancelled: int = 0
     """Sequences dropped unfinished: their caller hung up (or a stop string ended them)."""
 
@@ -165,6 +180,39 @@ class Sequence:
         self.cancelled = True
 
 
+ENCODER_INPUTS = ("pixel_values", "pixel_values_videos", "input_features")
+"""Processor outputs the model encodes during a prefill (images, videos, audio): a media prefill."""
+
+
+class PrefillCosts:
+    """Predicts a step's prefills from their prompt tokens: one `InlineCost` per kind of prefill.
+
+    A prompt with media the model encodes itself (pixel values, no fission) runs the vision tower in
+    its prefill, several times the cost per token of a text or received-embeddings prompt, so the
+    two kinds are measured and predicted apart.
+    """
+
+    def __init__(self, budget_s: float) -> None:
+        self.text = InlineCost(budget_s)
+        """Prompts of tokens and received embeddings."""
+        self.media = InlineCost(budget_s)
+        """Prompts with media inputs the model encodes during the prefill."""
+
+    def of(self, prompt: PreparedPrompt) -> InlineCost:
+        """The cost model of `prompt`'s prefill (read before the prefill: it drops the media inputs)."""
+        return self.media if any(key in prompt.model_inputs for key in ENCODER_INPUTS) else self.text
+
+    def predict_s(self, prompts: list[PreparedPrompt]) -> float | None:
+        """Seconds the prefills of `prompts` are expected to take; None if a kind was never measured."""
+        total = 0.0
+        for prompt in prompts:
+            predicted = self.of(prompt).predict_s(prompt.num_tokens)
+            if predicted is None:
+                return None
+            total += predicted
+        return total
+
+
 class Engine:
     """Runs sequences on one model with iteration-level batching."""
 
@@ -197,6 +245,8 @@ class Engine:
         """A step without a prefill runs on the loop when the previous one took less (0: never; module docstring)."""
         self._last_step_s: float | None = None
         """How long the latest step without a prefill took (None until one ran)."""
+        self.prefill_costs = PrefillCosts(inline_step_budget_s)
+        """What prefills took per prompt token, to run short ones inline (module docstring)."""
 
     def start(self) -> None:
         """Start the scheduler task on the running loop."""
@@ -304,7 +354,7 @@ class Engine:
             inline = self._runs_inline(batch)
             if inline:
                 self.stats.inline_steps += 1
-                results = self._step(batch)
+                results = self._step(batch, inline=True)
             else:
                 results = await asyncio.to_thread(self._step, batch)
             for seq, result in zip(batch, results, strict=True):
@@ -319,11 +369,25 @@ class Engine:
                 await _yield_to_loop()
 
     def _runs_inline(self, batch: list[Sequence]) -> bool:
-        """Whether this step runs on the loop: no prefill in it, and the previous such step was short."""
-        last = self._last_step_s
-        if last is None or last >= self.inline_step_budget_s:
+        """Whether this step runs on the loop: its prefills and decode predicted within the budget.
+
+        The decode part is predicted by the latest step without a prefill, the prefills by
+        `prefill_costs`; a part never measured sends the step to the worker thread.
+        """
+        if self.inline_step_budget_s <= 0:
             return False
-        return all(seq.prefilled or seq.feed is not None for seq in batch)
+        predicted = 0.0
+        prefills = [seq.prompt for seq in batch if _needs_prefill(seq)]
+        if len(prefills) < len(batch):  # the step decodes too
+            if self._last_step_s is None:
+                return False
+            predicted += self._last_step_s
+        if prefills:
+            prefill_s = self.prefill_costs.predict_s(prefills)
+            if prefill_s is None:
+                return False
+            predicted += prefill_s
+        return predicted < self.inline_step_budget_s
 
     def _settle_feeds(self) -> None:
         """Talkers whose input failed fail; those whose input ended (and is used up) finish with "stop"."""
@@ -386,17 +450,22 @@ class Engine:
 
     # ------------------------------------------------------------------ model steps (worker thread or inline)
 
-    def _step(self, batch: list[Sequence]) -> list[StepResult | BaseException]:
+    def _step(self, batch: list[Sequence], *, inline: bool = False) -> list[StepResult | BaseException]:
         results: dict[Sequence, StepResult | BaseException] = {}
         started = time.perf_counter()
-        prefills = any(not seq.prefilled and seq.feed is None for seq in batch)
+        prefills = any(_needs_prefill(seq) for seq in batch)
         with self._model_lock, torch.inference_mode():
             decoding = [seq for seq in batch if seq.prefilled and seq.feed is None]
             for seq in batch:
                 if seq.feed is not None:
                     results[seq] = self._guarded(seq, self._talk)
                 elif not seq.prefilled:
+                    cost = self.prefill_costs.of(seq.prompt)
+                    prefill_started = time.perf_counter()
                     results[seq] = self._guarded(seq, self._prefill)
+                    cost.record(seq.prompt.num_tokens, time.perf_counter() - prefill_started, inline=inline)
+                    if inline:
+                        self.stats.inline_prefills += 1
             if self.decode_batching:
                 results |= self._decode_batched(decoding)
             else:
