@@ -4,16 +4,17 @@ Two ways in, one shape out (`PreparedPrompt`):
 
 - raw media (no fission): the chat-templated text and the decoded media go through the model's
   own processor, exactly as `model.generate(**processor(...))` would receive them;
-- embeddings (encoder fission): each media placeholder of the chat-templated text is expanded to
-  the forward's `num_tokens` copies, the text is tokenized as the processor would, and the
-  received embeddings are spliced in at those positions during prefill.
+- embeddings (encoder fission): the chat-templated text is tokenized with one placeholder per
+  media item while the embeddings are on their way (`template_for_embeddings`); once they are in,
+  each placeholder is expanded to its forward's `num_tokens` copies, as the processor would
+  tokenize them, and the received embeddings are spliced in at those positions during prefill
+  (`splice_embeddings`).
 
 Qwen2-VL-family positions come from the model's own `get_rope_index` in both cases.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,7 +81,7 @@ def hf_messages(request: ChatCompletionRequest) -> list[dict[str, Any]]:
 
 
 INLINE_PROMPT_CHARS = 4096
-"""Prompts whose messages hold at most this many characters of text are prepared from embeddings on
+"""Prompts whose messages hold at most this many characters of text are prepared for embeddings on
 the event loop: a worker thread's hand-off cost ~1.5 ms of the ~0.5 ms such a prompt takes
 (tiny Qwen2-VL, one torch thread); a 15 000-character prompt took ~11 ms, so the longest inline
 preparation holds the loop for ~3 ms (docs/executors.md)."""
@@ -195,10 +196,44 @@ def prepare_with_media(
     return PreparedPrompt(input_ids=input_ids, position_ids=pos, rope_delta=delta, model_inputs=inputs)
 
 
-def prepare_with_embeddings(
+@dataclass
+class TemplatedPrompt:
+    """An encoder-fission prompt tokenized before its embeddings arrive: one placeholder per media item.
+
+    Rendering and tokenizing need only the request, so the executor does them while the encoder
+    still works (`template_for_embeddings`); `splice_embeddings` then expands the k-th placeholder
+    to its forward's `num_tokens` copies in token space. That equals tokenizing the expanded text,
+    as the processor does: placeholders are added tokens, which the tokenizer splits off before
+    anything else, so N copies in the text are N copies of the one id.
+    """
+
+    input_ids: torch.Tensor
+    """`[L]` token ids with one placeholder token per media item."""
+    placeholders: list[int]
+    """Where each media item's placeholder is in `input_ids`, in order."""
+
+
+def template_for_embeddings(loaded: LoadedModel, request: ChatCompletionRequest) -> TemplatedPrompt:
+    """Encoder fission, before the embeddings: render the chat template and tokenize (blocking)."""
+    media = request.media()
+    if media and not loaded.placeholder_ids:
+        raise InvalidRequest(f"model {loaded.model_id} has no media placeholder tokens")
+    text = render_prompt(loaded, request)
+    input_ids = loaded.tokenizer(text, return_tensors="pt")["input_ids"][0]
+    placeholder_ids = torch.tensor(sorted(loaded.placeholder_ids.values()), dtype=input_ids.dtype)
+    at = torch.isin(input_ids, placeholder_ids).nonzero().reshape(-1).tolist()
+    if len(at) != len(media):
+        raise InvalidRequest(
+            f"the chat-templated prompt has {len(at)} media placeholder token(s) for {len(media)} media "
+            "item(s) (does the text itself contain a media placeholder token?)"
+        )
+    return TemplatedPrompt(input_ids=input_ids, placeholders=at)
+
+
+def _check_embeddings(
     loaded: LoadedModel, request: ChatCompletionRequest, received: list[ReceivedEmbedding]
-) -> PreparedPrompt:
-    """Encoder fission: expand placeholders to each forward's `num_tokens` and splice its embedding."""
+) -> None:
+    """Each forward matches its media item and the LLM (modality, shape, M-RoPE grid)."""
     media = request.media()
     if len(media) != len(received):
         raise InvalidRequest(
@@ -224,43 +259,36 @@ def prepare_with_embeddings(
                 raise EmbeddingError(
                     f"{where}: grid_thw {grid} means {expected} tokens but num_tokens is {emb.meta.num_tokens}"
                 )
-    text = render_prompt(loaded, request)
-    tokens = {loaded.placeholder_tokens[m]: m for m in loaded.modalities if m in loaded.placeholder_tokens}
-    if not tokens and received:
-        raise InvalidRequest(f"model {loaded.model_id} has no media placeholder tokens")
-    pieces: list[str] = []
+
+
+def splice_embeddings(
+    loaded: LoadedModel,
+    request: ChatCompletionRequest,
+    templated: TemplatedPrompt,
+    received: list[ReceivedEmbedding],
+) -> PreparedPrompt:
+    """Encoder fission, once the embeddings are in: expand each placeholder to its forward's rows."""
+    _check_embeddings(loaded, request, received)
+    ids = templated.input_ids
+    modality_of = {token: modality for modality, token in loaded.placeholder_ids.items()}
+    pieces: list[torch.Tensor] = []
     cursor = 0
-    count = 0
-    if tokens:
-        pattern = re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)))
-        for match in pattern.finditer(text):
-            if count >= len(received):
-                count += 1
-                continue
-            emb = received[count]
-            if tokens[match.group(0)] != emb.meta.modality:
-                raise EmbeddingError(
-                    f"embedding forward {emb.forward_id} is {emb.meta.modality.value} but the prompt's "
-                    f"placeholder {count} is {tokens[match.group(0)].value}"
-                )
-            pieces.append(text[cursor : match.start()])
-            pieces.append(match.group(0) * emb.meta.num_tokens)
-            cursor = match.end()
-            count += 1
-    if count != len(received):
-        raise InvalidRequest(
-            f"the chat template produced {count} media placeholder(s) for {len(received)} media item(s)"
-        )
-    pieces.append(text[cursor:])
-    input_ids = loaded.tokenizer("".join(pieces), return_tensors="pt")["input_ids"]
+    for count, (at, emb) in enumerate(zip(templated.placeholders, received, strict=True)):
+        token = int(ids[at])
+        if modality_of.get(token) != emb.meta.modality:
+            found = modality_of[token].value if token in modality_of else "unknown"
+            raise EmbeddingError(
+                f"embedding forward {emb.forward_id} is {emb.meta.modality.value} but the prompt's "
+                f"placeholder {count} is {found}"
+            )
+        pieces.append(ids[cursor:at])
+        pieces.append(ids[at : at + 1].expand(emb.meta.num_tokens))
+        cursor = at + 1
+    pieces.append(ids[cursor:])
+    input_ids = torch.cat(pieces).unsqueeze(0)
     placeholder_ids = torch.tensor(sorted(loaded.placeholder_ids.values()), dtype=input_ids.dtype)
     mask = torch.isin(input_ids[0], placeholder_ids)
     embeds = torch.cat([e.tensor for e in received], dim=0) if received else None
-    if embeds is not None and int(mask.sum()) != embeds.shape[0]:
-        raise InvalidRequest(
-            f"the prompt has {int(mask.sum())} placeholder tokens but the embeddings have {embeds.shape[0]} rows"
-            " (does the text itself contain a media placeholder token?)"
-        )
     image_grids = [e.meta.grid_thw for e in received if e.meta.modality == Modality.IMAGE and e.meta.grid_thw]
     video_grids = [e.meta.grid_thw for e in received if e.meta.modality == Modality.VIDEO and e.meta.grid_thw]
     extra: dict[str, Any] = {}

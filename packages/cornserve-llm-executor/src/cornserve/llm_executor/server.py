@@ -38,8 +38,9 @@ from cornserve.llm_executor.prompt import (
     INLINE_PROMPT_CHARS,
     PreparedPrompt,
     check_modalities,
-    prepare_with_embeddings,
     prepare_with_media,
+    splice_embeddings,
+    template_for_embeddings,
     text_chars,
 )
 from cornserve.llm_executor.sampling import SamplingParams
@@ -56,6 +57,7 @@ from cornserve.task.builtins.thinker_talker import (
     HIDDEN_STATES_FIELD,
     HiddenStatesTarget,
 )
+from cornserve.task.forward import DataForward, Tensor
 
 logger = logging.getLogger(__name__)
 
@@ -254,12 +256,7 @@ class ChatServer:
                     f"but {len(forwards)} cornserve_embeddings forward(s)"
                 )
             check_modalities(self.loaded, req)
-            assert self.receiver is not None
-            received = await self.receiver.receive_all(forwards)
-            if text_chars(req) <= INLINE_PROMPT_CHARS:  # cheaper than a worker thread's hand-off
-                prompt = prepare_with_embeddings(self.loaded, req, received)
-            else:
-                prompt = await asyncio.to_thread(prepare_with_embeddings, self.loaded, req, received)
+            prompt = await self._prepare_with_embeddings(req, forwards)
         else:
             if forwards:
                 raise InvalidRequest(
@@ -299,6 +296,30 @@ class ChatServer:
             stop=stop,
             sender=sender,
         )
+
+    async def _prepare_with_embeddings(
+        self, req: ChatCompletionRequest, forwards: list[DataForward[Tensor]]
+    ) -> PreparedPrompt:
+        """Tokenize the prompt while the embeddings travel, then splice them in (`prompt.py`).
+
+        A short prompt is templated and spliced on the event loop (cheaper than a worker thread's
+        hand-off), a long one on a worker thread while this task receives. Either way the
+        templating overlaps the encoder's work instead of following the embeddings' arrival.
+        """
+        assert self.receiver is not None
+        if text_chars(req) <= INLINE_PROMPT_CHARS:
+            templated = template_for_embeddings(self.loaded, req)
+            received = await self.receiver.receive_all(forwards)
+            return splice_embeddings(self.loaded, req, templated, received)
+        templating = asyncio.ensure_future(asyncio.to_thread(template_for_embeddings, self.loaded, req))
+        try:
+            received = await self.receiver.receive_all(forwards)
+        except BaseException:
+            templating.cancel()
+            await asyncio.gather(templating, return_exceptions=True)
+            raise
+        templated = await templating
+        return await asyncio.to_thread(splice_embeddings, self.loaded, req, templated, received)
 
     def _hidden_states_target(self, req: ChatCompletionRequest) -> HiddenStatesTarget | None:
         """The request's `cornserve_hidden_states`, if any, checked against this executor's role."""
