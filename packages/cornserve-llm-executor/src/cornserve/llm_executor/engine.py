@@ -32,13 +32,15 @@ between any two steps. Steps after one that took longer than the budget go to th
 blocks the loop for longer than the budget only when it is the first to grow past it (the batch
 or the context grew).
 
-A step with prefills runs inline too when its prefills are predicted short (`PrefillCosts`: the
-latest prefill's seconds per prompt token, one figure for prompts with media the model encodes
-itself and one for the rest, as `cornserve.models.inline.InlineCost` predicts) and the prediction,
-plus the latest decode step's time when the step also decodes, is within the budget. The first
-prefill of each kind always runs on the thread (nothing is known yet). A short prefill then costs
-its time to first token no thread hand-off (docs/performance.md, "Short prefills on the event
-loop").
+A step with prefills runs inline too when they are prompts of tokens or received embeddings
+predicted short (`Engine.prefill_cost`: the latest such prefill's seconds per prompt token, as
+`cornserve.models.inline.InlineCost` predicts) and the prediction, plus the latest decode step's
+time when the step also decodes, is within the budget. The first such prefill runs on the thread
+(nothing is known yet). A short prefill then costs its time to first token no thread hand-off:
+1.4-1.7 ms less for a short text prompt on the tiny Qwen2-VL, and about as much for an encoder-fission
+prompt. A prefill that runs the model's own media encoder (pixel values: no fission) always goes to
+the thread: on the loop it measured 0.35 ms *slower* (docs/performance.md, "Short prefills on the
+event loop").
 """
 
 from __future__ import annotations
@@ -142,7 +144,7 @@ class EngineStats:
     inline_steps: int = 0
     """Steps run on the event loop instead of the worker thread (CPU, short steps: module docstring)."""
     inline_prefills: int = 0
-    """Prefills among them (predicted short: module docstring)."""
+    """Prefills among them (of tokens or received embeddings, predicted short: module docstring)."""
     sequences_cancelled: int = 0
     """Sequences dropped unfinished: their caller hung up (or a stop string ended them)."""
 
@@ -184,33 +186,9 @@ ENCODER_INPUTS = ("pixel_values", "pixel_values_videos", "input_features")
 """Processor outputs the model encodes during a prefill (images, videos, audio): a media prefill."""
 
 
-class PrefillCosts:
-    """Predicts a step's prefills from their prompt tokens: one `InlineCost` per kind of prefill.
-
-    A prompt with media the model encodes itself (pixel values, no fission) runs the vision tower in
-    its prefill, several times the cost per token of a text or received-embeddings prompt, so the
-    two kinds are measured and predicted apart.
-    """
-
-    def __init__(self, budget_s: float) -> None:
-        self.text = InlineCost(budget_s)
-        """Prompts of tokens and received embeddings."""
-        self.media = InlineCost(budget_s)
-        """Prompts with media inputs the model encodes during the prefill."""
-
-    def of(self, prompt: PreparedPrompt) -> InlineCost:
-        """The cost model of `prompt`'s prefill (read before the prefill: it drops the media inputs)."""
-        return self.media if any(key in prompt.model_inputs for key in ENCODER_INPUTS) else self.text
-
-    def predict_s(self, prompts: list[PreparedPrompt]) -> float | None:
-        """Seconds the prefills of `prompts` are expected to take; None if a kind was never measured."""
-        total = 0.0
-        for prompt in prompts:
-            predicted = self.of(prompt).predict_s(prompt.num_tokens)
-            if predicted is None:
-                return None
-            total += predicted
-        return total
+def encodes_media(prompt: PreparedPrompt) -> bool:
+    """Whether the prompt's prefill runs the model's own media encoder (no fission); read before the prefill."""
+    return any(key in prompt.model_inputs for key in ENCODER_INPUTS)
 
 
 class Engine:
@@ -245,8 +223,8 @@ class Engine:
         """A step without a prefill runs on the loop when the previous one took less (0: never; module docstring)."""
         self._last_step_s: float | None = None
         """How long the latest step without a prefill took (None until one ran)."""
-        self.prefill_costs = PrefillCosts(inline_step_budget_s)
-        """What prefills took per prompt token, to run short ones inline (module docstring)."""
+        self.prefill_cost = InlineCost(inline_step_budget_s)
+        """What prefills of tokens or received embeddings took per prompt token (module docstring)."""
 
     def start(self) -> None:
         """Start the scheduler task on the running loop."""
@@ -372,7 +350,8 @@ class Engine:
         """Whether this step runs on the loop: its prefills and decode predicted within the budget.
 
         The decode part is predicted by the latest step without a prefill, the prefills by
-        `prefill_costs`; a part never measured sends the step to the worker thread.
+        `prefill_cost`; a part never measured, or a prefill that encodes media, sends the step to
+        the worker thread.
         """
         if self.inline_step_budget_s <= 0:
             return False
@@ -383,8 +362,8 @@ class Engine:
                 return False
             predicted += self._last_step_s
         if prefills:
-            prefill_s = self.prefill_costs.predict_s(prefills)
-            if prefill_s is None:
+            prefill_s = self.prefill_cost.predict_s(sum(prompt.num_tokens for prompt in prefills))
+            if prefill_s is None or any(encodes_media(prompt) for prompt in prefills):
                 return False
             predicted += prefill_s
         return predicted < self.inline_step_budget_s
@@ -460,10 +439,12 @@ class Engine:
                 if seq.feed is not None:
                     results[seq] = self._guarded(seq, self._talk)
                 elif not seq.prefilled:
-                    cost = self.prefill_costs.of(seq.prompt)
+                    measured = not encodes_media(seq.prompt)
                     prefill_started = time.perf_counter()
                     results[seq] = self._guarded(seq, self._prefill)
-                    cost.record(seq.prompt.num_tokens, time.perf_counter() - prefill_started, inline=inline)
+                    if measured:
+                        elapsed = time.perf_counter() - prefill_started
+                        self.prefill_cost.record(seq.prompt.num_tokens, elapsed, inline=inline)
                     if inline:
                         self.stats.inline_prefills += 1
             if self.decode_batching:
