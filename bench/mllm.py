@@ -376,6 +376,23 @@ async def monolithic_executor_url(client: CornserveClient) -> str | None:
     return None
 
 
+async def print_engine_stats(client: CornserveClient) -> None:
+    """Where each LLM executor's steps and prefills ran (`/stats`: inline on the event loop, or a thread)."""
+    listing = await client.list_tasks()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        for task in listing.tasks:
+            if "LLM" not in task.task:
+                continue
+            for executor in task.executors:
+                async with session.get(f"{executor.url}/stats") as response:
+                    stats = await response.json()
+                print(
+                    f"  {' '.join(task.users)} LLM executor: {stats['inline_steps']} of {stats['steps']} steps "
+                    f"and {stats.get('inline_prefills', '-')} of {stats['sequences_started']} prefills "
+                    "ran on its event loop"
+                )
+
+
 async def poisson_run(
     gateway: str, token: str, app: str, rate: float, bodies: list[dict[str, Any]], seed: int
 ) -> Result:
@@ -650,6 +667,8 @@ async def main_async(args: argparse.Namespace) -> None:
                 requests[:count],
                 min(rates),
             )
+        async with CornserveClient(cluster.url, token=cluster.admin_token) as client:
+            await print_engine_stats(client)
     finally:
         await asyncio.to_thread(cluster.stop)
     print("running the same model in-process (transformers generate, sequential) ...")
