@@ -85,3 +85,29 @@ async def test_no_prefill_runs_inline_without_a_budget(loaded: LoadedModel) -> N
     engine.prefill_cost.record(1000, 1e-9, inline=False)  # predicted free: still not inline
     await run_in_turn(engine, loaded, TEXT_CASES[:2])
     assert engine.stats.inline_steps == 0 and engine.stats.inline_prefills == 0, engine.stats
+
+
+async def test_the_first_token_of_a_prefill_on_the_thread_is_delivered_before_the_next_step(
+    loaded: LoadedModel,
+) -> None:
+    """A prefill in the worker thread (media) followed by inline decode steps: the stream gets its first
+    token before the next step runs, not after it (which cost one decode step of time to first token)."""
+    engine = Engine(loaded, 4, inline_step_budget_s=float("inf"))
+    engine.start()
+    try:
+        warm = TEXT_CASES[0]
+        await run_one(
+            engine, prompt_of(loaded, warm), warm, "warm"
+        )  # decode steps measured: later ones inline
+        case = MEDIA_CASES[0]
+        steps_before = engine.stats.steps
+        seq = engine.submit("media", prompt_of(loaded, case), case.params, case.max_tokens)
+        seen_at: list[int] = []
+        async with asyncio.timeout(TOKEN_TIMEOUT_S):
+            async for _ in engine.tokens(seq, TOKEN_TIMEOUT_S):
+                seen_at.append(engine.stats.steps)
+    finally:
+        await engine.close()
+    assert engine.stats.inline_prefills == 0  # the media prefill ran in the thread
+    # Each token is seen before the step after the one that made it starts.
+    assert seen_at == list(range(steps_before + 1, steps_before + 1 + case.max_tokens)), seen_at

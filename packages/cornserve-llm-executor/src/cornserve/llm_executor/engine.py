@@ -28,7 +28,9 @@ handing it to a worker thread and back (pool submit, the self-pipe wake-up, two 
 cost ~0.2 ms per token, a third of a tiny model's step. After an inline step the scheduler lets
 the loop run a few iterations (`YIELDS_BETWEEN_STEPS`), so the step's tokens are written, new
 requests are read and join at the next step, cancellations apply and `/health` is answered
-between any two steps. Steps after one that took longer than the budget go to the worker thread: a decode step
+between any two steps. So it does after a step in the worker thread when inline steps are
+possible: without it, the first token of a prefill run there waited in its queue while the first
+decode step ran inline, one decode step more of every request's time to first token. Steps after one that took longer than the budget go to the worker thread: a decode step
 blocks the loop for longer than the budget only when it is the first to grow past it (the batch
 or the context grew).
 
@@ -340,8 +342,12 @@ class Engine:
                     self._fail(seq, result)
                 else:
                     self._deliver(seq, result)
-            if inline:
-                # What /stats and /metrics say is current before the loop answers anyone.
+            if self.inline_step_budget_s > 0:
+                # What /stats and /metrics say is current before the loop answers anyone; then the
+                # step's tokens reach their streams before the next step, which may hold the loop
+                # (inline): after a step in the worker thread too, or the first token of a prefill
+                # there waited for the next decode step (module docstring). Without a budget every
+                # step runs in the thread and the loop's writes overlap the next one instead.
                 self._active = [s for s in self._active if not s.finished]
                 self.stats.active = len(self._active)
                 await _yield_to_loop()
