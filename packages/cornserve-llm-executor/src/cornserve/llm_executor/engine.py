@@ -30,19 +30,19 @@ the loop run a few iterations (`YIELDS_BETWEEN_STEPS`), so the step's tokens are
 requests are read and join at the next step, cancellations apply and `/health` is answered
 between any two steps. So it does after a step in the worker thread when inline steps are
 possible: without it, the first token of a prefill run there waited in its queue while the first
-decode step ran inline, one decode step more of every request's time to first token. Steps after one that took longer than the budget go to the worker thread: a decode step
-blocks the loop for longer than the budget only when it is the first to grow past it (the batch
-or the context grew).
+decode step ran inline, one decode step more of every request's time to first token. Steps after
+one that took longer than the budget go to the worker thread: a decode step blocks the loop for
+longer than the budget only when it is the first to grow past it (the batch or the context grew).
 
 A step with prefills runs inline too when they are prompts of tokens or received embeddings
 predicted short (`Engine.prefill_cost`: the latest such prefill's seconds per prompt token, as
 `cornserve.models.inline.InlineCost` predicts) and the prediction, plus the latest decode step's
 time when the step also decodes, is within the budget. The first such prefill runs on the thread
-(nothing is known yet). A short prefill then costs its time to first token no thread hand-off:
-1.4-1.7 ms less for a short text prompt on the tiny Qwen2-VL, and about as much for an encoder-fission
-prompt. A prefill that runs the model's own media encoder (pixel values: no fission) always goes to
-the thread: on the loop it measured 0.35 ms *slower* (docs/performance.md, "Short prefills on the
-event loop").
+(nothing is known yet). Against every prefill in the thread, for an encoder-fission prompt on the
+tiny Qwen2-VL this took 0.6-1.7 ms off the time to the last token in three paired runs (the time
+to first token moved by -0.7 to +0.6 ms). A prefill that runs the model's own media encoder (pixel
+values: no fission) always goes to the thread: on the loop its time to first token measured
+0.35 ms *longer* (docs/performance.md, "Short prefills on the event loop").
 """
 
 from __future__ import annotations

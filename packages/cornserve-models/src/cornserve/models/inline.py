@@ -7,12 +7,14 @@ two GIL hand-overs, the loop's self-pipe wake-up) cost on top of it. Work that s
 for most of its length anyway, so the loop could do little during it; work that is long must stay
 on a thread, or every other request's HTTP reading and sending would wait behind it. The budget
 (`inline_budget_s`) is shared by the LLM executor's decode steps (docs/performance.md, "LLM executor
-steps on the event loop") and Eric's preprocessing and encoding, where running both inline saved
-0.1-0.4 ms per one-image request on a 2-core machine ("Eric's short work on the event loop").
+steps on the event loop") and short prefills ("Short prefills on the event loop"), and Eric's
+preprocessing and encoding, where running both inline saved 0.1-0.4 ms per one-image request on a
+2-core machine ("Eric's short work on the event loop").
 
-How Eric decides (`InlineCost`): the cost of a piece of work is predicted from what it measured
-before, per *unit* (a pixel of the image for preprocessing, a patch of the batch for encoding) so a
-big image after small ones is predicted big; work runs inline only when the prediction is within
+How Eric and the LLM executor's prefills decide (`InlineCost`): the cost of a piece of work is
+predicted from what it measured before, per *unit* (a pixel of the image for preprocessing, a patch
+of the batch for encoding, a prompt token for a prefill) so a big piece after small ones is
+predicted big; work runs inline only when the prediction is within
 the budget (CPython's GIL switch interval, 5 ms). The first piece of a kind always runs on the
 thread (nothing is known yet), and so does everything on a GPU or with several torch threads (the
 work then overlaps the loop's, and the budget is 0).
