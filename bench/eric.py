@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import io
 import os
 import statistics
 import subprocess
@@ -30,9 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
-import numpy as np
 import torch
-from PIL import Image
 
 from cornserve.cli.natsserver import NatsServerProcess
 from cornserve.models.encoders import load_encoder
@@ -42,36 +38,13 @@ from cornserve.models.tiny import build_tiny
 from cornserve.runtime.process import free_port
 from cornserve.sidecar import Sidecar
 
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))
+from single_executor import png_url, start, wait_healthy  # noqa: E402
+
 RECEIVER_RANK = 0
 PAUSE_S = 0.05
 """Between two requests: the machine idles as it does at a low arrival rate."""
-
-
-def png_url(seed: int, size: int) -> str:
-    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("wb") as out:
-        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
-
-
-async def wait_healthy(http: aiohttp.ClientSession, url: str, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{url}: the process exited with {proc.returncode}")
-        try:
-            async with http.get(f"{url}/health") as resp:
-                if resp.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.2)
-    raise TimeoutError(f"{url} did not turn healthy within 180 s")
 
 
 async def through_eric(http: aiohttp.ClientSession, sc: Sidecar, url: str, model: str, image: str) -> float:

@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import functools
-import io
 import os
 import statistics
 import subprocess
@@ -41,9 +39,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
-import numpy as np
 import torch
-from PIL import Image
 
 from cornserve.cli.natsserver import NatsServerProcess
 from cornserve.llm_executor.detok import TextAssembler
@@ -68,6 +64,10 @@ from cornserve.task.builtins.embedding import (
 from cornserve.task.builtins.modality import Modality
 from cornserve.task.forward import DataForward, Tensor
 
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))
+from single_executor import png_url, start, wait_healthy  # noqa: E402
+
 PRODUCER_RANK = 0
 PAUSE_S = 0.05
 """Between two requests: the machine idles as it does at a low arrival rate."""
@@ -85,33 +85,6 @@ def timing(start_s: float, chunks: list[float]) -> Timing:
         raise RuntimeError("the answer had no text")
     per_token = (chunks[-1] - chunks[0]) / (len(chunks) - 1) if len(chunks) > 1 else 0.0
     return chunks[0] - start_s, chunks[-1] - start_s, per_token
-
-
-def png_url(seed: int, size: int) -> str:
-    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("wb") as out:
-        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
-
-
-async def wait_healthy(http: aiohttp.ClientSession, url: str, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{url}: the process exited with {proc.returncode}")
-        try:
-            async with http.get(f"{url}/health") as resp:
-                if resp.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.2)
-    raise TimeoutError(f"{url} did not turn healthy within 180 s")
 
 
 def messages(image_url: str) -> list[dict[str, object]]:
