@@ -527,11 +527,12 @@ async def test_a_failure_after_the_stream_started_is_an_sse_error_line() -> None
     completion = Completion(id="chatcmpl-x", created=0, model="tiny", prompt=prompt, seq=seq, stop=[])
 
     async def pieces() -> AsyncIterator[Piece]:
+        yield Piece("a")
         yield Piece("b")
         raise GenerationFailed("the model broke")
 
     async def handler(request: web.Request) -> web.StreamResponse:
-        return await server._stream(request, completion, Piece("a"), pieces(), True)
+        return await server._stream(request, completion, pieces(), True)
 
     app = web.Application()
     app.router.add_post("/v1/chat/completions", handler)
@@ -551,6 +552,45 @@ async def test_a_failure_after_the_stream_started_is_an_sse_error_line() -> None
                 if chunk is not None and chunk.choices:
                     texts.append(chunk.choices[0].delta.content or "")
     assert "".join(texts) == "ab"
+    assert server.requests_failed == 1
+
+
+async def test_a_stream_starts_before_its_prefill_and_a_failed_prefill_is_its_only_line() -> None:
+    """The headers leave before the first token (the dispatcher answers its caller meanwhile).
+
+    A prefill that then fails sends no role chunk, only the error line: the dispatcher's relay
+    fails the stream before any item, which the gateway still answers with an HTTP error.
+    """
+    server = ChatServer(LLMExecutorSettings(model_id="tiny"), cast(Any, None), cast(Any, None), None)
+    ids = torch.zeros((1, 3), dtype=torch.long)
+    prompt = PreparedPrompt(input_ids=ids, position_ids=ids)
+    seq = Sequence(request_id="chatcmpl-y", prompt=prompt, params=SamplingParams(), max_tokens=8)
+    completion = Completion(id="chatcmpl-y", created=0, model="tiny", prompt=prompt, seq=seq, stop=[])
+    headers_seen = asyncio.Event()
+
+    async def pieces() -> AsyncIterator[Piece]:
+        await headers_seen.wait()  # the prefill "runs" until the client has the response's headers
+        raise GenerationFailed("the prefill broke")
+        yield Piece("never")  # pragma: no cover - makes this an async generator
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await server._stream(request, completion, pieces(), True)
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handler)
+    async with (
+        TestServer(app) as ts,
+        aiohttp.ClientSession() as session,
+        asyncio.timeout(30),
+        session.post(ts.make_url("/v1/chat/completions"), json={}) as resp,
+    ):
+        assert resp.status == 200
+        assert resp.headers["X-Request-Id"] == "chatcmpl-y"
+        headers_seen.set()
+        lines = [raw.decode().strip() async for raw in resp.content if raw.strip()]
+    assert len(lines) == 1, lines
+    body = json.loads(lines[0].removeprefix("data: "))
+    assert body["error"]["code"] == 500 and "the prefill broke" in body["error"]["message"]
     assert server.requests_failed == 1
 
 

@@ -203,20 +203,18 @@ class ChatServer:
             return error_response(exc)
         pieces = self._pieces(completion)
         try:
-            # The first piece is awaited before answering, so prefill failures are still HTTP errors.
-            first = await anext(pieces)
-        except ExecutorRequestError as exc:
-            self.requests_failed += 1
-            completion.seq.cancel()
-            return error_response(exc)
-        except BaseException:
-            completion.seq.cancel()
-            raise
-        try:
             if req.stream:
+                # The headers leave now, before the prefill: the caller (a dispatcher) answers its
+                # own caller while the first token is computed, instead of after it. A prefill
+                # failure is then the stream's one error line, as any later failure is.
                 options = getattr(req, "stream_options", None) or {}
                 include_usage = bool(options.get("include_usage", False))
-                return await self._stream(request, completion, first, pieces, include_usage)
+                return await self._stream(request, completion, pieces, include_usage)
+            try:
+                first = await anext(pieces)
+            except ExecutorRequestError as exc:
+                self.requests_failed += 1
+                return error_response(exc)
             return await self._complete(completion, first, pieces)
         finally:
             # However the response ended (done, stop string, error, client gone), stop generating.
@@ -446,10 +444,10 @@ class ChatServer:
         self,
         request: web.Request,
         completion: Completion,
-        first: Piece,
         pieces: AsyncIterator[Piece],
         include_usage: bool,
     ) -> web.StreamResponse:
+        """Start the SSE response at once, then write each piece's lines as the engine makes them."""
         response = web.StreamResponse(
             headers={
                 "Content-Type": "text/event-stream",
@@ -463,8 +461,10 @@ class ChatServer:
         # token with the finish, usage and [DONE] lines (one socket write and one wakeup of the
         # reader each, instead of one per line).
         out: list[bytes] = [lines.role()]
+        first = True
         try:
-            piece: Piece | None = first
+            piece = await anext(pieces, None)
+            first = False
             while piece is not None:
                 if piece.text:
                     out.append(lines.content(piece.text))
@@ -482,6 +482,8 @@ class ChatServer:
         except ExecutorRequestError as exc:
             self.requests_failed += 1
             logger.warning("request %s failed while streaming: %s", completion.id, exc.message)
+            if first:
+                out.clear()  # a failed prefill sends no role chunk: the error is the stream's only line
             out.append(sse_line(json.dumps(exc.body())))
             await response.write(b"".join(out))
         except ConnectionResetError:
