@@ -3,9 +3,10 @@
 The body is an `EmbedsGenerationRequest` naming a `DataForward[Stream[Tensor]]` that arrives on this
 executor's sidecar rank. The sequence generates one token per input row, starting on the first row
 (`cornserve.models.thinker_talker` has the rule); each token is one SSE line `data: {TalkerChunk}`,
-the last one with `finish_reason`, then `data: [DONE]`. As for chat, the first token is awaited
-before the headers are sent, so a stream that never starts (timeout, wrong width) is an HTTP error;
-later failures end the stream with one `data: {"error": ...}` line.
+the last one with `finish_reason`, then `data: [DONE]`. Unlike a chat stream, the first token is
+awaited before the headers are sent: the first rows' failures are the request's fault (a wrong
+width: 400) or a missing producer (504), statuses worth keeping, so a stream that never starts is an
+HTTP error; later failures end the stream with one `data: {"error": ...}` line.
 """
 
 from __future__ import annotations
