@@ -24,3 +24,10 @@ def test_several_items_keep_their_order() -> None:
 def test_no_items_is_refused() -> None:
     with pytest.raises(ValueError, match="at least one item"):
         stream_items_message(0, [])
+
+
+def test_the_last_items_may_carry_the_end() -> None:
+    one = StreamMessage.model_validate_json(stream_items_message(4, [b'{"a":1}'], end=True))
+    assert one == StreamMessage(seq=4, item={"a": 1}, end=True)
+    two = StreamMessage.model_validate_json(stream_items_message(5, [b'{"a":1}', b'{"b":2}'], end=True))
+    assert two == StreamMessage(seq=5, items=[{"a": 1}, {"b": 2}], end=True)

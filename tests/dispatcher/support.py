@@ -172,8 +172,11 @@ class FakeExecutor:
                 if i == inp["stall_at"]:
                     await asyncio.sleep(300)
                 line = "BAD" if i == inp["bad_line_at"] else f'{{"index": {i}, "text": "tok{i}"}}'
-                await response.write(line.encode() + b"\n")
-            await response.write_eof()
+                if i == inp["count"] - 1:
+                    await response.write_eof(line.encode() + b"\n")  # with the end, as the LLM executor
+                else:
+                    await response.write(line.encode() + b"\n")
+            await response.write_eof()  # a no-op after the last line
             return response
         if name == "think":  # a stream forward: item i under "<id>/<i>", then None under "<id>/<count>"
             fid = outs[0]["id"]

@@ -10,6 +10,7 @@ from typing import Any
 
 import nats
 import pytest
+from nats.aio.msg import Msg
 from nats.micro.request import ERROR_CODE_HEADER
 from tests.dispatcher.support import (
     LIBRARY,
@@ -26,6 +27,7 @@ from cornserve.bus.control import (
     DISPATCHER_SERVICE_NAME,
     InvokeReply,
     InvokeRequest,
+    StreamMessage,
 )
 from cornserve.bus.micro import RequestTimeout, ServiceErrorReply, request
 from cornserve.cli.natsserver import NatsServerProcess
@@ -119,6 +121,37 @@ async def test_stream_relayed_through_nats(control_plane: StandInControlPlane, l
     assert generated["input"]["tensor"]["dst_sidecar_ranks"] == [[5]]
     assert await produce_tm.wait_done(1)
     assert await gen_tm.wait_done(1) == [gen_exec.executor_id]  # after the stream ended
+
+
+async def test_the_last_items_carry_the_end_when_the_response_ends_in_their_read(
+    control_plane: StandInControlPlane, lib: types.ModuleType
+) -> None:
+    """The stand-in writes its last line and the end of its body in one write: one message less."""
+    chat = lib.Chat()
+    await control_plane.deploy(chat.produce, ranks=[1])
+    await control_plane.deploy(chat.generate, ranks=[5])
+    seen: list[StreamMessage] = []
+
+    async def record(msg: Msg) -> None:
+        if msg.subject.endswith(".stream"):
+            seen.append(StreamMessage.model_validate_json(msg.data))
+
+    sub = await control_plane.nc.subscribe("_INBOX.>", cb=record)
+    client = DispatcherClient(control_plane.nc, timeout_s=30)
+    try:
+        with use_graph_runner(client):
+            async with asyncio.timeout(DEADLINE):
+                stream = await chat(lib.ChatIn(values=[1.0, 2.0, 3.0]))
+                items = [item async for item in stream]
+        await control_plane.nc.flush()
+    finally:
+        await sub.unsubscribe()
+    assert [t.index for t in items] == [0, 1, 2]
+    carried = [m for m in seen if m.item is not None or m.items]
+    assert sum(len(m.items or [m.item]) for m in carried) == 3
+    assert [m.end for m in seen].count(True) == 1 and seen[-1].end, seen
+    assert seen[-1].item is not None or seen[-1].items, "the end came alone, after the last items"
+    assert seen[-1].error is None
 
 
 async def test_stream_error_mid_stream(control_plane: StandInControlPlane, lib: types.ModuleType) -> None:

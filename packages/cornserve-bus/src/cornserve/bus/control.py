@@ -379,7 +379,8 @@ class StreamMessage(WireModel):
 
     `seq` numbers the messages (0, 1, ...; the caller restores their order). A relay that fell
     behind its producer sends the items that piled up as one message (`items`, in order) instead
-    of one message each; a relay that keeps up sends one `item` per message.
+    of one message each; a relay that keeps up sends one `item` per message. The last items may
+    carry `end` themselves (the producer's response ended in the read that brought them).
     """
 
     seq: int = Field(ge=0)
@@ -389,18 +390,20 @@ class StreamMessage(WireModel):
     error: str | None = None
 
 
-def stream_items_message(seq: int, items: Sequence[bytes]) -> bytes:
+def stream_items_message(seq: int, items: Sequence[bytes], end: bool = False) -> bytes:
     """The wire form of a `StreamMessage` carrying `items`, each already one JSON object's text.
 
     Relays build it by joining bytes instead of building the model and dumping it again: each item
     is framed, not re-validated (the caller validates it once, against the stream's item type). An
     item must be exactly one JSON object (its sender checked it), so it cannot break the framing.
+    `end`: the stream's last message (its last items and its end together, one message less).
     """
     if not items:
         raise ValueError("a stream message carries at least one item")
+    tail = b',"end":true}' if end else b"}"
     if len(items) == 1:
-        return b'{"seq":%d,"item":%s}' % (seq, items[0])
-    return b'{"seq":%d,"items":[%s]}' % (seq, b",".join(items))
+        return b'{"seq":%d,"item":%s%s' % (seq, items[0], tail)
+    return b'{"seq":%d,"items":[%s]%s' % (seq, b",".join(items), tail)
 
 
 # ----- durable records -----------------------------------------------------------------------------

@@ -4,7 +4,8 @@ Each line of the response goes through the task's descriptor (`stream_item_json`
 framed, not re-validated; the caller validates it once); the items of one read are published as
 one StreamMessage (one item when the relay keeps up, the items that piled up when it fell behind)
 with a sequence number on the subject the caller subscribed to before sending the graph. The
-stream always ends with exactly one terminal message — `end`, or `error` plus `end` — including
+stream always ends with exactly one terminal message — `end` (alone, or on the last items when the
+response ended in the read that brought them), or `error` plus `end` — including
 when the executor stalls past the idle deadline, breaks off, or this replica shuts down, so the
 caller never waits on a stream nobody is feeding.
 """
@@ -54,6 +55,8 @@ class StreamRelay:
     """Producers of stream forwards still running (`graph.Tail`): the stream ends with their error."""
     tail_done: bool = field(default=False, init=False)
     _seq: int = field(default=0, init=False)
+    _ended: bool = field(default=False, init=False)
+    """The end went out with the last items: nothing more may follow."""
     _cancel_reason: str | None = field(default=None, init=False)
 
     def cancelled_by_caller(self, reason: str) -> None:
@@ -153,12 +156,15 @@ class StreamRelay:
                 raise StreamFailure(f"{where} sent nothing for {self.idle_timeout_s:g} s") from None
             except aiohttp.ClientError as exc:
                 raise StreamFailure(f"{where} broke off the stream: {type(exc).__name__}: {exc}") from None
+            # The response may have ended in this very read (its last lines and the end of the
+            # body in one segment): then its last items also end the stream, in one message.
+            ended = not chunk or response.content.at_eof()
             try:
-                if chunk:
-                    complete = lines.feed(chunk)
-                else:
+                complete = lines.feed(chunk) if chunk else []
+                if ended:
                     last = lines.finish()
-                    complete = [] if last is None else [last]
+                    if last is not None:
+                        complete.append(last)
             except LineTooLong as exc:
                 raise StreamFailure(f"{where} sent an oversized line: {exc}") from None
             items: list[bytes] = []
@@ -168,12 +174,16 @@ class StreamRelay:
                     if item is not None:
                         items.append(item)
                         clock.item()
-            finally:
-                # The items before a line that fails the stream still reach the caller, in order. A
-                # read that completed no item line (part of a line, a keepalive) publishes nothing.
+            except BaseException:
+                # The items before a line that fails the stream still reach the caller, in order.
                 if items:
                     await self._publish(items, limit, clock)
-            if not chunk:
+                raise
+            # A read that completed no item line (part of a line, a keepalive) publishes nothing.
+            # Producers still running (a tail) end the stream later, with their outcome.
+            if items:
+                await self._publish(items, limit, clock, end=ended and self.tail is None)
+            if ended:
                 return
 
     def _item(self, raw: bytes) -> bytes | None:
@@ -192,32 +202,38 @@ class StreamRelay:
                 f"{self.stream.routed.where}: {type(exc).__name__}: {exc}"
             ) from None
 
-    async def _publish(self, items: list[bytes], limit: int, clock: ItemClock) -> None:
-        """Publish `items` in as few messages as the payload limit allows (one per item when one is that big)."""
+    async def _publish(self, items: list[bytes], limit: int, clock: ItemClock, end: bool = False) -> None:
+        """Publish `items` in as few messages as the payload limit allows (one per item when one is that big).
+
+        `end`: the last message also ends the stream (no separate end message follows).
+        """
         batch: list[bytes] = []
         size = 0
         for item in items:
             if batch and size + len(item) + 1 > limit:
-                await self._publish_batch(batch)
+                await self._publish_batch(batch, end=False)
                 clock.message()
                 batch, size = [], 0
             batch.append(item)
             size += len(item) + 1
         if batch:
-            await self._publish_batch(batch)
+            await self._publish_batch(batch, end=end)
             clock.message()
 
-    async def _publish_batch(self, items: list[bytes]) -> None:
+    async def _publish_batch(self, items: list[bytes], end: bool) -> None:
         try:
-            await self.nc.publish(self.subject, stream_items_message(self._seq, items))
+            await self.nc.publish(self.subject, stream_items_message(self._seq, items, end=end))
         except nats.errors.MaxPayloadError:
             raise StreamFailure(
                 f"stream message {self._seq} is larger than the NATS payload limit; send large data "
                 "through a DataForward instead"
             ) from None
         self._seq += 1
+        self._ended = end
 
     async def _finish(self, error: str | None) -> None:
+        if self._ended:
+            return  # the last items carried the end
         if error is not None:
             logger.warning("stream on %s ended with an error: %s", self.subject, error)
         message = StreamMessage(seq=self._seq, end=True, error=error)

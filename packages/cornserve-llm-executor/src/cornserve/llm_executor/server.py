@@ -478,17 +478,20 @@ class ChatServer:
             if include_usage:
                 out.append(lines.usage(completion.usage))
             out.append(sse_line("[DONE]"))
-            await response.write(b"".join(out))
         except ExecutorRequestError as exc:
             self.requests_failed += 1
             logger.warning("request %s failed while streaming: %s", completion.id, exc.message)
             if first:
                 out.clear()  # a failed prefill sends no role chunk: the error is the stream's only line
             out.append(sse_line(json.dumps(exc.body())))
-            await response.write(b"".join(out))
         except ConnectionResetError:
             logger.info("client of request %s went away", completion.id)
             completion.seq.cancel()
             return response
-        await response.write_eof()
+        try:
+            # The last lines and the end of the body in one write: the reader sees the stream end
+            # in the same read as its last item (a relay then ends its stream in the same message).
+            await response.write_eof(b"".join(out))
+        except ConnectionResetError:
+            logger.info("client of request %s went away", completion.id)
         return response
