@@ -174,20 +174,22 @@ class OpenAIFront:
                 await send(out.model_dump_json(exclude_none=True))
 
         limit = asyncio.timeout_at(deadline)
+        last = "[DONE]"
         try:
-            async with limit:
-                if first is not None:
-                    await send_chunk(first)
-                    async for chunk in chunks:
-                        await send_chunk(chunk)
-            await send("[DONE]")
-        except Exception as exc:
-            error = self._timed_out(app) if limit.expired() else to_http_error(exc)
-            logger.warning(
-                "app %r failed while streaming a chat completion: %s", app.record.name, error.message
-            )
-            await send(json.dumps(error.openai_body(), separators=(",", ":")))
+            try:
+                async with limit:
+                    if first is not None:
+                        await send_chunk(first)
+                        async for chunk in chunks:
+                            await send_chunk(chunk)
+            except Exception as exc:
+                error = self._timed_out(app) if limit.expired() else to_http_error(exc)
+                logger.warning(
+                    "app %r failed while streaming a chat completion: %s", app.record.name, error.message
+                )
+                last = json.dumps(error.openai_body(), separators=(",", ":"))
+            # The last line (`[DONE]` or the error) and the end of the body in one write.
+            await response.write_eof(f"data: {last}\n\n".encode())
         finally:
             await chunks.aclose()
-        await response.write_eof()
         return response

@@ -107,7 +107,6 @@ class StreamWriter:
     async def close(self) -> web.StreamResponse:
         """End the stream (after everything sent so far is written)."""
         await self._drain()
-        if self.sse:
-            await self.response.write(b"event: end\ndata: {}\n\n")
-        await self.response.write_eof()
+        # The end event and the end of the body in one write (the client reads the end at once).
+        await self.response.write_eof(b"event: end\ndata: {}\n\n" if self.sse else b"")
         return self.response
