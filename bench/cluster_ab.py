@@ -1,0 +1,256 @@
+"""Benchmark: this checkout's whole cluster against another checkout's, requests alternating.
+
+`bench/mllm.py` compares systems inside one cluster; comparing two versions of the code with it
+means two runs minutes apart, and on a small shared machine the same code's end-to-end latency
+moves by several milliseconds between such runs, more than most changes to the relays. Here both
+clusters run at once (`cornserve up` from each checkout's own `.venv`, the same tiny checkpoint,
+the same apps) and each input goes through both, one right after the other, alternating which
+goes first: both see the same moment's load, and the per-request difference is the change.
+
+    uv run --group bench python bench/cluster_ab.py --baseline-checkout ../main --requests 200
+
+Prints TTFT, E2E and time per output token for each cluster and the paired medians of
+(this - baseline) with a bootstrap 95% interval, per app (fission and monolithic by default).
+Each cluster uses `--cpu-slots` CPU slots; the machine runs both at once, so absolute figures are
+higher than `bench/mllm.py`'s: read the differences.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+from cornserve.client import CornserveClient
+from cornserve.runtime.process import free_port
+from cornserve.runtime.secrets import read_secret_file
+from cornserve.runtime.statedir import admin_token_path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mllm import APP_TEMPLATE, PROMPTS, Sample, make_image, one_request
+
+
+@dataclass
+class Cluster:
+    """One `cornserve up` process of a checkout, and what its state dir says once it is up."""
+
+    label: str
+    checkout: Path
+    state_dir: Path
+    port: int
+    proc: subprocess.Popen[bytes] | None = None
+    url: str = ""
+    token: str = ""
+    log: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.log = self.state_dir.parent / f"{self.label}.log"
+
+    def start(self, cpu_slots: int) -> None:
+        cli = self.checkout / ".venv" / "bin" / "cornserve"
+        if not cli.exists():
+            raise SystemExit(f"{cli} does not exist: run `uv sync --locked` in {self.checkout} first")
+        args = [str(cli), "up", "--state-dir", str(self.state_dir), "--port", str(self.port)]
+        args += ["--cpu-slots", str(cpu_slots)]
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+    async def wait_up(self, timeout_s: float) -> None:
+        """Until the gateway answers `/health` with the admin token (the process dying is fatal)."""
+        deadline = time.monotonic() + timeout_s
+        assert self.proc is not None
+        async with aiohttp.ClientSession() as session:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise SystemExit(
+                        f"{self.label}: `cornserve up` exited {self.proc.returncode}; see {self.log}"
+                    )
+                info = self.state_dir / "cluster.json"
+                if info.exists() and admin_token_path(self.state_dir).exists():
+                    self.url = json.loads(info.read_text())["url"]
+                    self.token = read_secret_file(admin_token_path(self.state_dir))
+                    try:
+                        async with session.get(f"{self.url}/health") as response:
+                            if response.status == 200:
+                                return
+                    except aiohttp.ClientError:
+                        pass
+                await asyncio.sleep(0.5)
+        raise SystemExit(f"{self.label}: not up within {timeout_s:g} s; see {self.log}")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGINT)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+
+def paired(a: list[Sample], b: list[Sample], key: str) -> list[float]:
+    """Per-input differences a - b (ms) of a Sample property, over inputs where both succeeded."""
+    out = []
+    for x, y in zip(a, b, strict=True):
+        vx, vy = getattr(x, key), getattr(y, key)
+        if x.error is None and y.error is None and vx is not None and vy is not None:
+            out.append((vx - vy) * 1000)
+    return out
+
+
+def per_token(s: Sample) -> float | None:
+    """Seconds per text chunk after the first (None with fewer than two chunks)."""
+    if s.first is None or s.last is None or s.chunks < 2:
+        return None
+    return float(s.last - s.first) / (s.chunks - 1)
+
+
+def bootstrap_median(values: list[float], rounds: int = 2000, seed: int = 3) -> tuple[float, float]:
+    """A percentile bootstrap 95% interval of the median."""
+    rng = random.Random(seed)
+    meds = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(rounds))
+    return meds[int(0.025 * rounds)], meds[int(0.975 * rounds)]
+
+
+def report(app: str, labels: tuple[str, str], samples: dict[str, list[Sample]]) -> None:
+    this, base = labels
+    print(f"\n{app}: {len(samples[this])} inputs through both clusters (ms; medians)")
+    print(f"| figure | {this} | {base} | {this} - {base}, paired median [95% CI] |")
+    print("|---|---:|---:|---:|")
+    for name, key in (("TTFT", "ttft"), ("E2E", "e2e")):
+        diffs = paired(samples[this], samples[base], key)
+        own = [
+            statistics.median([getattr(s, key) * 1000 for s in samples[label] if getattr(s, key) is not None])
+            for label in labels
+        ]
+        low, high = bootstrap_median(diffs)
+        print(
+            f"| {name} | {own[0]:.2f} | {own[1]:.2f} | {statistics.median(diffs):+.2f} [{low:+.2f}, {high:+.2f}] |"
+        )
+    tokens = {label: [per_token(s) for s in samples[label]] for label in labels}
+    diffs = [
+        (x - y) * 1000
+        for x, y in zip(tokens[this], tokens[base], strict=True)
+        if x is not None and y is not None
+    ]
+    own = [statistics.median([t * 1000 for t in tokens[label] if t is not None]) for label in labels]
+    low, high = bootstrap_median(diffs)
+    print(
+        f"| per output token | {own[0]:.3f} | {own[1]:.3f} | {statistics.median(diffs):+.3f} "
+        f"[{low:+.3f}, {high:+.3f}] |"
+    )
+    for label in labels:
+        errors = [s.error for s in samples[label] if s.error is not None]
+        if errors:
+            print(f"  {label}: {len(errors)} error(s), e.g. {errors[0]}")
+
+
+async def run(args: argparse.Namespace) -> None:
+    workdir = Path(tempfile.mkdtemp(prefix="cornserve-bench-cluster-ab-"))
+    from cornserve.models.tiny import build_tiny
+
+    model = args.model or str(build_tiny("qwen2-vl", workdir / "tiny-qwen2-vl", seed=0))
+    this_checkout = Path(__file__).resolve().parent.parent
+    clusters = [
+        Cluster("this", this_checkout, workdir / "this" / "state", free_port()),
+        Cluster(
+            "baseline", Path(args.baseline_checkout).resolve(), workdir / "baseline" / "state", free_port()
+        ),
+    ]
+    for c in clusters:
+        c.state_dir.parent.mkdir(parents=True)
+    apps = [a for a in args.apps.split(",") if a]
+    images = [make_image(i, args.image_size)[0] for i in range(args.requests)]
+    bodies = [
+        {
+            "prompt": PROMPTS[i % len(PROMPTS)],
+            "image_url": images[i],
+            "max_completion_tokens": args.max_tokens,
+        }
+        for i in range(args.requests)
+    ]
+    try:
+        starting = clusters[::-1] if args.baseline_first else clusters
+        for c in starting:  # one after the other: two model loads at once only slow both
+            c.start(args.cpu_slots)
+            await c.wait_up(args.start_timeout_s)
+            print(f"{c.label} ({c.checkout}) is up at {c.url}; log {c.log}", flush=True)
+            async with CornserveClient(c.url, token=c.token) as client:
+                for app in apps:
+                    source = APP_TEMPLATE.format(model=model, fission=app == "fission")
+                    async for _ in client.register_app(app, source):
+                        pass
+            print(f"  registered {', '.join(apps)}", flush=True)
+        samples: dict[str, dict[str, list[Sample]]] = {app: {c.label: [] for c in clusters} for app in apps}
+        timeout = aiohttp.ClientTimeout(total=600)
+        sessions = {
+            c.label: aiohttp.ClientSession(timeout=timeout, headers={"Authorization": f"Bearer {c.token}"})
+            for c in clusters
+        }
+        rng = random.Random(11)
+        try:
+            for app in apps:  # warm-up: first requests pay lazy initialisation
+                for c in clusters:
+                    for body in bodies[:3]:
+                        await one_request(
+                            sessions[c.label], f"{c.url}/apps/{app}/invoke", body, Sample(time.monotonic())
+                        )
+            print(f"running {args.requests} inputs x {len(apps)} app(s) x 2 clusters ...", flush=True)
+            for i, body in enumerate(bodies):
+                for app in apps:
+                    order = clusters if (i + apps.index(app)) % 2 == 0 else clusters[::-1]
+                    for c in order:
+                        sample = Sample(sent=time.monotonic())
+                        await one_request(sessions[c.label], f"{c.url}/apps/{app}/invoke", body, sample)
+                        samples[app][c.label].append(sample)
+                        await asyncio.sleep(rng.expovariate(1 / args.gap_s))
+        finally:
+            for s in sessions.values():
+                await s.close()
+        for app in apps:
+            report(app, ("this", "baseline"), samples[app])
+    finally:
+        for c in clusters:
+            c.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--baseline-checkout", required=True, help="another checkout with its own .venv")
+    parser.add_argument("--model", help="checkpoint dir (default: a tiny random Qwen2-VL, built on the fly)")
+    parser.add_argument("--requests", type=int, default=200, help="inputs, each through both clusters")
+    parser.add_argument("--apps", default="fission,monolithic")
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--image-size", type=int, default=96)
+    parser.add_argument("--gap-s", type=float, default=0.05, help="mean pause between requests")
+    parser.add_argument("--cpu-slots", type=int, default=3)
+    parser.add_argument("--start-timeout-s", type=float, default=300.0)
+    parser.add_argument(
+        "--baseline-first",
+        action="store_true",
+        help="start the baseline's cluster first (run both ways: the start order alone can show as a difference)",
+    )
+    args = parser.parse_args()
+    if args.requests < 10:
+        parser.error("--requests must be at least 10 for the intervals to mean anything")
+    asyncio.run(run(args))
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
