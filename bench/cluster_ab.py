@@ -40,6 +40,7 @@ from cornserve.runtime.statedir import admin_token_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mllm import APP_TEMPLATE, PROMPTS, Sample, make_image, one_request
+from single_executor import wait_healthy
 
 
 @dataclass
@@ -68,27 +69,22 @@ class Cluster:
             self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
     async def wait_up(self, timeout_s: float) -> None:
-        """Until the gateway answers `/health` with the admin token (the process dying is fatal)."""
+        """Until the state dir names the gateway and it answers `/health` (the process dying is fatal)."""
         deadline = time.monotonic() + timeout_s
         assert self.proc is not None
+        info = self.state_dir / "cluster.json"
+        while not (info.exists() and admin_token_path(self.state_dir).exists()):
+            if self.proc.poll() is not None:
+                raise SystemExit(
+                    f"{self.label}: `cornserve up` exited {self.proc.returncode}; see {self.log}"
+                )
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{self.label}: no cluster.json within {timeout_s:g} s; see {self.log}")
+            await asyncio.sleep(0.5)
+        self.url = json.loads(info.read_text())["url"]
+        self.token = read_secret_file(admin_token_path(self.state_dir))
         async with aiohttp.ClientSession() as session:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise SystemExit(
-                        f"{self.label}: `cornserve up` exited {self.proc.returncode}; see {self.log}"
-                    )
-                info = self.state_dir / "cluster.json"
-                if info.exists() and admin_token_path(self.state_dir).exists():
-                    self.url = json.loads(info.read_text())["url"]
-                    self.token = read_secret_file(admin_token_path(self.state_dir))
-                    try:
-                        async with session.get(f"{self.url}/health") as response:
-                            if response.status == 200:
-                                return
-                    except aiohttp.ClientError:
-                        pass
-                await asyncio.sleep(0.5)
-        raise SystemExit(f"{self.label}: not up within {timeout_s:g} s; see {self.log}")
+            await wait_healthy(session, self.url, self.proc)
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:

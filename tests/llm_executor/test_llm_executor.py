@@ -10,7 +10,8 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, cast
 
@@ -518,27 +519,31 @@ def test_command_line_of_the_descriptor_is_accepted() -> None:
     assert config.sidecar_ranks == [3, 4] and config.receive_embeddings
 
 
-async def test_a_failure_after_the_stream_started_is_an_sse_error_line() -> None:
-    """Mid-stream failures cannot change the HTTP status; the dispatcher must still see an error."""
+def bare_completion(request_id: str) -> tuple[ChatServer, Completion]:
+    """A chat server without an engine or model, and an admitted completion: for `_stream` alone."""
     server = ChatServer(LLMExecutorSettings(model_id="tiny"), cast(Any, None), cast(Any, None), None)
     ids = torch.zeros((1, 3), dtype=torch.long)
     prompt = PreparedPrompt(input_ids=ids, position_ids=ids)
-    seq = Sequence(request_id="chatcmpl-x", prompt=prompt, params=SamplingParams(), max_tokens=8)
-    completion = Completion(id="chatcmpl-x", created=0, model="tiny", prompt=prompt, seq=seq, stop=[])
+    seq = Sequence(request_id=request_id, prompt=prompt, params=SamplingParams(), max_tokens=8)
+    return server, Completion(id=request_id, created=0, model="tiny", prompt=prompt, seq=seq, stop=[])
 
-    async def pieces() -> AsyncIterator[Piece]:
-        yield Piece("a")
-        yield Piece("b")
-        raise GenerationFailed("the model broke")
+
+def stream_app(
+    server: ChatServer, completion: Completion, pieces: Callable[[], AsyncIterator[Piece]]
+) -> web.Application:
+    """An app whose chat route streams `pieces()` through the server's `_stream`."""
 
     async def handler(request: web.Request) -> web.StreamResponse:
         return await server._stream(request, completion, pieces(), True)
 
     app = web.Application()
     app.router.add_post("/v1/chat/completions", handler)
-    task = LLMTask(model_id="tiny")
-    inv = invocation(task, {"messages": [{"role": "user", "content": "x"}]})
-    texts: list[str] = []
+    return app
+
+
+@asynccontextmanager
+async def posted_stream(app: web.Application) -> AsyncIterator[aiohttp.ClientResponse]:
+    """The app served on a test server and its chat route posted to: the response, checked 200."""
     async with (
         TestServer(app) as ts,
         aiohttp.ClientSession() as session,
@@ -546,6 +551,23 @@ async def test_a_failure_after_the_stream_started_is_an_sse_error_line() -> None
         session.post(ts.make_url("/v1/chat/completions"), json={}) as resp,
     ):
         assert resp.status == 200
+        yield resp
+
+
+async def test_a_failure_after_the_stream_started_is_an_sse_error_line() -> None:
+    """Mid-stream failures cannot change the HTTP status; the dispatcher must still see an error."""
+    server, completion = bare_completion("chatcmpl-x")
+
+    async def pieces() -> AsyncIterator[Piece]:
+        yield Piece("a")
+        yield Piece("b")
+        raise GenerationFailed("the model broke")
+
+    app = stream_app(server, completion, pieces)
+    task = LLMTask(model_id="tiny")
+    inv = invocation(task, {"messages": [{"role": "user", "content": "x"}]})
+    texts: list[str] = []
+    async with posted_stream(app) as resp:
         with pytest.raises(TaskExecutionError, match="the model broke"):
             async for raw in resp.content:
                 chunk = DESCRIPTOR.from_stream_line(task, inv, raw.decode())
@@ -561,11 +583,7 @@ async def test_a_stream_starts_before_its_prefill_and_a_failed_prefill_is_its_on
     A prefill that then fails sends no role chunk, only the error line: the dispatcher's relay
     fails the stream before any item, which the gateway still answers with an HTTP error.
     """
-    server = ChatServer(LLMExecutorSettings(model_id="tiny"), cast(Any, None), cast(Any, None), None)
-    ids = torch.zeros((1, 3), dtype=torch.long)
-    prompt = PreparedPrompt(input_ids=ids, position_ids=ids)
-    seq = Sequence(request_id="chatcmpl-y", prompt=prompt, params=SamplingParams(), max_tokens=8)
-    completion = Completion(id="chatcmpl-y", created=0, model="tiny", prompt=prompt, seq=seq, stop=[])
+    server, completion = bare_completion("chatcmpl-y")
     headers_seen = asyncio.Event()
 
     async def pieces() -> AsyncIterator[Piece]:
@@ -573,18 +591,8 @@ async def test_a_stream_starts_before_its_prefill_and_a_failed_prefill_is_its_on
         raise GenerationFailed("the prefill broke")
         yield Piece("never")  # pragma: no cover - makes this an async generator
 
-    async def handler(request: web.Request) -> web.StreamResponse:
-        return await server._stream(request, completion, pieces(), True)
-
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", handler)
-    async with (
-        TestServer(app) as ts,
-        aiohttp.ClientSession() as session,
-        asyncio.timeout(30),
-        session.post(ts.make_url("/v1/chat/completions"), json={}) as resp,
-    ):
-        assert resp.status == 200
+    app = stream_app(server, completion, pieces)
+    async with posted_stream(app) as resp:
         assert resp.headers["X-Request-Id"] == "chatcmpl-y"
         headers_seen.set()
         lines = [raw.decode().strip() async for raw in resp.content if raw.strip()]
