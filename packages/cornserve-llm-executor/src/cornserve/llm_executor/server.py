@@ -458,40 +458,34 @@ class ChatServer:
         await response.prepare(request)
         lines = ChunkLines(completion.id, completion.created, completion.model)
         # The lines of one piece leave in one write: the role chunk with the first token, the last
-        # token with the finish, usage and [DONE] lines (one socket write and one wakeup of the
-        # reader each, instead of one per line).
-        out: list[bytes] = [lines.role()]
-        first = True
+        # token with the finish, usage and [DONE] lines with the end of the body (one socket write
+        # and one wakeup of the reader each, instead of one per line; a relay that reads the last
+        # lines and the end together ends its stream in the same message). The role chunk follows
+        # the prefill: a failed prefill's error line is the stream's only line.
+        out: list[bytes] = []
         try:
-            piece = await anext(pieces, None)
-            first = False
-            while piece is not None:
-                if piece.text:
-                    out.append(lines.content(piece.text))
-                if piece.finish_reason is not None:
-                    out.append(lines.finish(piece.finish_reason))
-                    break
-                if out:
-                    await response.write(b"".join(out))
-                    out.clear()
+            try:
                 piece = await anext(pieces, None)
-            if include_usage:
-                out.append(lines.usage(completion.usage))
-            out.append(sse_line("[DONE]"))
-        except ExecutorRequestError as exc:
-            self.requests_failed += 1
-            logger.warning("request %s failed while streaming: %s", completion.id, exc.message)
-            if first:
-                out.clear()  # a failed prefill sends no role chunk: the error is the stream's only line
-            out.append(sse_line(json.dumps(exc.body())))
-        except ConnectionResetError:
-            logger.info("client of request %s went away", completion.id)
-            completion.seq.cancel()
-            return response
-        try:
-            # The last lines and the end of the body in one write: the reader sees the stream end
-            # in the same read as its last item (a relay then ends its stream in the same message).
+                out.append(lines.role())
+                while piece is not None:
+                    if piece.text:
+                        out.append(lines.content(piece.text))
+                    if piece.finish_reason is not None:
+                        out.append(lines.finish(piece.finish_reason))
+                        break
+                    if out:
+                        await response.write(b"".join(out))
+                        out.clear()
+                    piece = await anext(pieces, None)
+                if include_usage:
+                    out.append(lines.usage(completion.usage))
+                out.append(sse_line("[DONE]"))
+            except ExecutorRequestError as exc:
+                self.requests_failed += 1
+                logger.warning("request %s failed while streaming: %s", completion.id, exc.message)
+                out.append(sse_line(json.dumps(exc.body())))
             await response.write_eof(b"".join(out))
         except ConnectionResetError:
             logger.info("client of request %s went away", completion.id)
+            completion.seq.cancel()
         return response
