@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,14 +98,12 @@ class Cluster:
             self.proc.wait(timeout=30)
 
 
-def paired(a: list[Sample], b: list[Sample], key: str) -> list[float]:
-    """Per-input differences a - b (ms) of a Sample property, over inputs where both succeeded."""
-    out = []
-    for x, y in zip(a, b, strict=True):
-        vx, vy = getattr(x, key), getattr(y, key)
-        if x.error is None and y.error is None and vx is not None and vy is not None:
-            out.append((vx - vy) * 1000)
-    return out
+def ttft(s: Sample) -> float | None:
+    return s.ttft
+
+
+def e2e(s: Sample) -> float | None:
+    return s.e2e
 
 
 def per_token(s: Sample) -> float | None:
@@ -112,6 +111,14 @@ def per_token(s: Sample) -> float | None:
     if s.first is None or s.last is None or s.chunks < 2:
         return None
     return float(s.last - s.first) / (s.chunks - 1)
+
+
+FIGURES: list[tuple[str, Callable[[Sample], float | None], str]] = [
+    ("TTFT", ttft, ".2f"),
+    ("E2E", e2e, ".2f"),
+    ("per output token", per_token, ".3f"),
+]
+"""What `report` prints: a name, the figure of one request (seconds), its format in ms."""
 
 
 def bootstrap_median(values: list[float], rounds: int = 2000, seed: int = 3) -> tuple[float, float]:
@@ -122,32 +129,28 @@ def bootstrap_median(values: list[float], rounds: int = 2000, seed: int = 3) -> 
 
 
 def report(app: str, labels: tuple[str, str], samples: dict[str, list[Sample]]) -> None:
+    """One row per figure: each cluster's median, and the paired median of the differences."""
     this, base = labels
     print(f"\n{app}: {len(samples[this])} inputs through both clusters (ms; medians)")
     print(f"| figure | {this} | {base} | {this} - {base}, paired median [95% CI] |")
     print("|---|---:|---:|---:|")
-    for name, key in (("TTFT", "ttft"), ("E2E", "e2e")):
-        diffs = paired(samples[this], samples[base], key)
-        own = [
-            statistics.median([getattr(s, key) * 1000 for s in samples[label] if getattr(s, key) is not None])
-            for label in labels
+    for name, figure, fmt in FIGURES:
+        values = {label: [None if s.error else figure(s) for s in samples[label]] for label in labels}
+        diffs = [
+            (x - y) * 1000
+            for x, y in zip(values[this], values[base], strict=True)
+            if x is not None and y is not None
         ]
+        own = [[v * 1000 for v in values[label] if v is not None] for label in labels]
+        if not diffs or not all(own):
+            print(f"| {name} | - | - | no input with this figure in both clusters |")
+            continue
         low, high = bootstrap_median(diffs)
+        a, b = (statistics.median(v) for v in own)
         print(
-            f"| {name} | {own[0]:.2f} | {own[1]:.2f} | {statistics.median(diffs):+.2f} [{low:+.2f}, {high:+.2f}] |"
+            f"| {name} | {a:{fmt}} | {b:{fmt}} | {statistics.median(diffs):+{fmt}} "
+            f"[{low:+{fmt}}, {high:+{fmt}}] |"
         )
-    tokens = {label: [per_token(s) for s in samples[label]] for label in labels}
-    diffs = [
-        (x - y) * 1000
-        for x, y in zip(tokens[this], tokens[base], strict=True)
-        if x is not None and y is not None
-    ]
-    own = [statistics.median([t * 1000 for t in tokens[label] if t is not None]) for label in labels]
-    low, high = bootstrap_median(diffs)
-    print(
-        f"| per output token | {own[0]:.3f} | {own[1]:.3f} | {statistics.median(diffs):+.3f} "
-        f"[{low:+.3f}, {high:+.3f}] |"
-    )
     for label in labels:
         errors = [s.error for s in samples[label] if s.error is not None]
         if errors:
@@ -201,9 +204,10 @@ async def run(args: argparse.Namespace) -> None:
             for app in apps:  # warm-up: first requests pay lazy initialisation
                 for c in clusters:
                     for body in bodies[:3]:
-                        await one_request(
-                            sessions[c.label], f"{c.url}/apps/{app}/invoke", body, Sample(time.monotonic())
-                        )
+                        warm = Sample(time.monotonic())
+                        await one_request(sessions[c.label], f"{c.url}/apps/{app}/invoke", body, warm)
+                        if warm.error is not None:
+                            raise SystemExit(f"{c.label}: a warm-up request of {app} failed: {warm.error}")
             print(f"running {args.requests} inputs x {len(apps)} app(s) x 2 clusters ...", flush=True)
             for i, body in enumerate(bodies):
                 for app in apps:
@@ -230,7 +234,7 @@ def main() -> None:
     parser.add_argument("--baseline-checkout", required=True, help="another checkout with its own .venv")
     parser.add_argument("--model", help="checkpoint dir (default: a tiny random Qwen2-VL, built on the fly)")
     parser.add_argument("--requests", type=int, default=200, help="inputs, each through both clusters")
-    parser.add_argument("--apps", default="fission,monolithic")
+    parser.add_argument("--apps", default="fission,monolithic", help="comma-separated: fission, monolithic")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--gap-s", type=float, default=0.05, help="mean pause between requests")
@@ -242,10 +246,13 @@ def main() -> None:
         help="start the baseline's cluster first (run both ways: the start order alone can show as a difference)",
     )
     args = parser.parse_args()
+    chosen = {a for a in args.apps.split(",") if a}
+    unknown = chosen - {"fission", "monolithic"}
+    if unknown or not chosen:
+        parser.error(f"--apps: unknown app(s) {', '.join(sorted(unknown))}; choose fission, monolithic")
     if args.requests < 10:
         parser.error("--requests must be at least 10 for the intervals to mean anything")
     asyncio.run(run(args))
-    sys.exit(0)
 
 
 if __name__ == "__main__":
