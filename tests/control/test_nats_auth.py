@@ -195,6 +195,27 @@ async def test_executors_cannot_publish_control_subjects(connect: ConnectAs) -> 
         await violation(executor, subject)
 
 
+async def test_executors_publish_on_a_graph_inbox_stream_subject_and_nothing_else_there(
+    connect: ConnectAs,
+) -> None:
+    """A stream the dispatcher lets an executor publish (STREAM_SUBJECT_HEADER) reaches the gateway; a reply does not."""
+    gateway = await connect(GATEWAY)
+    inbox = gateway.new_inbox()
+    sub = await gateway.subscribe(f"{inbox}.>")
+    await gateway.flush()
+    executor = await connect(EXECUTOR)
+    for subject in (f"{inbox}.stream", f"{inbox}.0a1b.stream"):  # a plain inbox and a gateway mux box
+        await executor.publish(subject, b'{"seq":0,"end":true}')
+        msg = await sub.next_msg(timeout=DEADLINE)
+        assert (msg.subject, msg.data) == (subject, b'{"seq":0,"end":true}')
+    for subject in (f"{inbox}.reply", f"{inbox}.0a1b.reply", f"{inbox}.alive"):
+        await executor.publish(subject, b"{}")
+        await executor.flush()
+        await violation(executor, subject)
+    with pytest.raises(nats.errors.TimeoutError):
+        await sub.next_msg(timeout=0.5)
+
+
 async def test_nobody_reads_another_roles_inbox(connect: ConnectAs) -> None:
     dispatcher = await connect(DISPATCHER)
     received: list[str] = []

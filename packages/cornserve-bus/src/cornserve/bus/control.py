@@ -388,6 +388,13 @@ class StreamMessage(WireModel):
     items: list[dict[str, Any]] | None = None
     end: bool = False
     error: str | None = None
+    abort: bool = False
+    """The stream failed where its messages' count is unknown (`end` and `error` come with it).
+
+    Sent by a dispatcher whose executor published the stream itself (see `STREAM_SUBJECT_HEADER`)
+    and then failed without saying how far it got: the caller ends the stream with `error` when
+    it next waits for a message, whatever `seq` the others reached.
+    """
 
 
 def stream_items_message(seq: int, items: Sequence[bytes], end: bool = False) -> bytes:
@@ -404,6 +411,42 @@ def stream_items_message(seq: int, items: Sequence[bytes], end: bool = False) ->
     if len(items) == 1:
         return b'{"seq":%d,"item":%s%s' % (seq, items[0], tail)
     return b'{"seq":%d,"items":[%s]%s' % (seq, b",".join(items), tail)
+
+
+def stream_abort_message(error: str) -> bytes:
+    """The wire form of a `StreamMessage` that ends a published stream whose count was lost."""
+    return StreamMessage(seq=0, end=True, error=error, abort=True).model_dump_json().encode()
+
+
+STREAM_SUBJECT_HEADER = "Cornserve-Stream-Subject"
+"""Request header: the executor may publish the stream's items itself, as StreamMessages on this subject.
+
+A dispatcher sets it on the HTTP request of a graph's streaming invocation when nothing else can
+still fail the stream (no tail). An executor that honors it answers with `STREAM_PUBLISHED_HEADER`
+and publishes every message of the stream from seq 0, the last one with `end` (one hop less per item
+than the dispatcher reading the response and publishing it); its HTTP body then carries only
+newlines while it runs (at most one a second: the dispatcher's idle deadline) and one
+`PublishedStreamEnd` line at the end. An executor that does not answer with the header streams its
+response as usual and the dispatcher relays it.
+"""
+STREAM_PUBLISHED_HEADER = "Cornserve-Stream-Published"
+"""Response header (value "1"): the executor publishes the stream itself (`STREAM_SUBJECT_HEADER`)."""
+
+
+class PublishedStreamEnd(WireModel):
+    """The last line of a published stream's HTTP body: how it ended, for the dispatcher.
+
+    `end`: the executor published the stream's end (with its last items) and there is nothing to do.
+    Otherwise the stream failed after `messages` messages: `line` is the failure as the executor's
+    streamed response would have carried it (one stream line, read by the task's descriptor), and
+    the dispatcher publishes the end with that error as message number `messages`.
+    """
+
+    messages: int = Field(ge=0)
+    items: int = Field(default=0, ge=0)
+    """Items the messages carried (the dispatcher's stream counters)."""
+    end: bool
+    line: str | None = Field(default=None, max_length=65536)
 
 
 # ----- durable records -----------------------------------------------------------------------------

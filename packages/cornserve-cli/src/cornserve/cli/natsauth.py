@@ -178,6 +178,11 @@ def role_permissions() -> dict[str, RolePermissions]:
                 *(f"{SIDECAR_PREFIX}.*.{verb.value}" for verb in CLIENT_VERBS),
                 # GPU forwards across nodes: pull requests (carrying the NCCL unique id) to the producer's client.
                 f"{SIDECAR_PREFIX}.*.nccl.pull",
+                # A stream the dispatcher lets it publish (STREAM_SUBJECT_HEADER): only stream subjects of
+                # a graph inbox (`<inbox>.stream`, `<inbox>.<box>.stream`), never a reply; the inbox and
+                # box tokens are random, so an executor reaches only the streams it was given.
+                f"{inbox_prefix(GATEWAY)}.*.stream",
+                f"{inbox_prefix(GATEWAY)}.*.*.stream",
                 *kv_read(KV_TASKLIBS),
             ],
             subscribe=[

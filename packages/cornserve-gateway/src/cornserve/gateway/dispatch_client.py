@@ -191,7 +191,16 @@ class GraphInbox:
         self.settled = False
         """Nothing runs for this attempt any more (the reply came; a stream ended): no cancel needed."""
         self.stream_early: dict[int, StreamMessage] = {}
+        self.stream_abort: StreamMessage | None = None
+        """An `abort` message: the stream ends with its error as soon as the reader waits for a message."""
         self._closed = False
+
+    def keep(self, message: StreamMessage) -> None:
+        """Keep a stream message until the reader takes it (by seq; an abort aside)."""
+        if message.abort:
+            self.stream_abort = message
+        else:
+            self.stream_early[message.seq] = message
 
     @classmethod
     async def open(
@@ -351,6 +360,9 @@ class RelayedStream:
     async def _next_message(self) -> StreamMessage:
         loop = asyncio.get_running_loop()
         while self._next_seq not in self._inbox.stream_early:
+            if self._inbox.stream_abort is not None:
+                # The executor published the stream and failed without saying how far it got.
+                return self._inbox.stream_abort
             early = self._inbox.stream_early
             deadline = loop.time() + self._idle_timeout_s
             doing = f"relaying the stream of {self._task_name} at position {self._position}"
@@ -380,8 +392,8 @@ class RelayedStream:
                 message = StreamMessage.model_validate_json(msg.data)
             except ValidationError as exc:
                 raise self._failure(f"the dispatcher sent a malformed stream message: {exc}") from None
-            if message.seq >= self._next_seq:
-                early[message.seq] = message
+            if message.abort or message.seq >= self._next_seq:
+                self._inbox.keep(message)
         self._next_seq += 1
         return self._inbox.stream_early.pop(self._next_seq - 1)
 
@@ -572,7 +584,7 @@ class DispatcherClient:
                         code=502,
                         error="bad_reply",
                     ) from None
-                inbox.stream_early[early.seq] = early
+                inbox.keep(early)
                 continue
             if msg.subject.endswith(".part"):
                 whole = self._add_part(parts, msg)

@@ -5,7 +5,7 @@ reply parts (`dispatch_client.GraphInbox`). A subscription per attempt cost a SU
 per graph: two more socket writes in the gateway (its NATS flushes were ~30% of its CPU per
 request), two interest changes in nats-server, and nats-py's `next_msg` (a uuid, two tasks and a
 `wait_for` per message). Instead the gateway subscribes once to `<inbox>.>` and hands out
-`<inbox>.<n>` prefixes; `InboxMux` routes each message to the `MuxBox` of its prefix, whose
+`<inbox>.<token>` prefixes; `InboxMux` routes each message to the `MuxBox` of its prefix, whose
 `next_msg` waits on a plain future with a deadline.
 
 Semantics kept from a subscription per attempt: a box receives only messages sent after it was
@@ -13,13 +13,17 @@ opened (it exists before the graph is sent); a message for a closed (or unknown)
 as an unsubscribed inbox's would be; and a box holds at most `pending_bytes_limit` bytes not yet
 taken (beyond it a message is dropped with a warning, as nats-py drops a slow consumer's). On a
 reconnect nats-py re-subscribes the one subscription, as it did the many.
+
+Tokens are random (64 bits), not a counter: an executor told one stream subject
+(`cornserve.bus.control.STREAM_SUBJECT_HEADER`) knows the inbox, and must not be able to name the
+other boxes in it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
+import secrets
 from collections import deque
 
 import nats.errors
@@ -31,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 
 class MuxBox:
-    """The messages of one prefix (`<inbox>.<n>.*`), read like a subscription's `next_msg`."""
+    """The messages of one prefix (`<inbox>.<token>.*`), read like a subscription's `next_msg`."""
 
     def __init__(self, mux: InboxMux, token: str, prefix: str, pending_bytes_limit: int) -> None:
         self._mux = mux
@@ -110,7 +114,6 @@ class InboxMux:
         self._sub: Subscription | None = None
         self._base = ""
         self._boxes: dict[str, MuxBox] = {}
-        self._counter = itertools.count()
         self._lock = asyncio.Lock()
 
     async def open(self, pending_bytes_limit: int) -> MuxBox:
@@ -128,7 +131,9 @@ class InboxMux:
                         pending_msgs_limit=DEFAULT_SUB_PENDING_MSGS_LIMIT,
                         pending_bytes_limit=0,
                     )
-        token = str(next(self._counter))
+        token = secrets.token_hex(8)
+        while token in self._boxes:  # a 64-bit collision among the open boxes: draw again
+            token = secrets.token_hex(8)
         box = MuxBox(self, token, f"{self._base}.{token}", pending_bytes_limit)
         self._boxes[token] = box
         return box
