@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import aiohttp
+import nats.errors
 import pytest
 import torch
 from aiohttp import web
@@ -32,6 +33,13 @@ from tests.llm_executor.support import (
 )
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from cornserve.bus.control import (
+    STREAM_PUBLISHED_HEADER,
+    STREAM_SUBJECT_HEADER,
+    PublishedStreamEnd,
+    StreamMessage,
+)
+from cornserve.llm_executor import publish
 from cornserve.llm_executor.config import LLMExecutorSettings
 from cornserve.llm_executor.detok import TextAssembler
 from cornserve.llm_executor.engine import Sequence
@@ -42,6 +50,7 @@ from cornserve.llm_executor.sampling import SamplingParams
 from cornserve.llm_executor.server import ChatServer, Completion, Piece
 from cornserve.models.media import MediaPolicy, load_media
 from cornserve.models.media_errors import shorten_url
+from cornserve.runtime.nats import connect_nats
 from cornserve.runtime.process import free_port
 from cornserve.runtime.settings import parse_settings
 from cornserve.sidecar import Sidecar
@@ -650,3 +659,108 @@ def test_text_chars_counts_the_text_of_every_message() -> None:
         }
     )  # fmt: skip
     assert text_chars(request) == 5
+
+
+# ---------------------------------------------------------------------- published streams
+
+
+async def published(
+    nats_url: str, url: str, body: dict[str, Any]
+) -> tuple[aiohttp.ClientResponse, bytes, list[StreamMessage]]:
+    """POST `body` asking the executor to publish its stream; the response, its body, the messages on NATS."""
+    nc = await connect_nats(nats_url, name="test-published-stream")
+    subject = f"_INBOX_gateway.{uuid.uuid4().hex}.{uuid.uuid4().hex[:8]}.stream"
+    messages: list[StreamMessage] = []
+    try:
+        sub = await nc.subscribe(subject)
+        await nc.flush()
+        async with (
+            aiohttp.ClientSession() as session,
+            asyncio.timeout(60),
+            session.post(url, json=body, headers={STREAM_SUBJECT_HEADER: subject}) as resp,
+        ):
+            data = await resp.read()
+        if resp.headers.get(STREAM_PUBLISHED_HEADER) == "1":
+            end = PublishedStreamEnd.model_validate_json(data.strip().splitlines()[-1])
+            for _ in range(end.messages):
+                messages.append(StreamMessage.model_validate_json((await sub.next_msg(timeout=10)).data))
+        with pytest.raises(nats.errors.TimeoutError):
+            await sub.next_msg(timeout=0.2)  # nothing more
+    finally:
+        await nc.close()
+    return resp, data, messages
+
+
+async def test_a_stream_it_may_publish_goes_to_the_subject_with_the_chunks_of_the_sse_stream(
+    cluster: LLMExecutorSetup, nats_url: str
+) -> None:
+    """Same chunks, same order as over SSE, numbered from 0, the last message with `end`; the body says how it ended."""
+    mono = cluster.monolithic["qwen2-vl"]
+    task = LLMTask(model_id="tiny")
+    body = {"messages": [{"role": "user", "content": "Publish"}], "max_completion_tokens": MAX_TOKENS}
+    request = DESCRIPTOR.to_request(task, invocation(task, body))
+    before = get_json(mono.url, "/stats")["published_streams"]
+    resp, data, messages = await published(nats_url, mono.url + request.path, request.body)
+    assert resp.status == 200 and resp.headers[STREAM_PUBLISHED_HEADER] == "1"
+    end = PublishedStreamEnd.model_validate_json(data.strip().splitlines()[-1])
+    assert end.end and end.line is None and end.messages == len(messages)
+    assert [m.seq for m in messages] == list(range(len(messages)))
+    assert [m.end for m in messages] == [False] * (len(messages) - 1) + [True]
+    assert not any(m.error or m.abort for m in messages)
+    items = [item for m in messages for item in ([m.item] if m.item is not None else m.items or [])]
+    assert end.items == len(items)
+    async with aiohttp.ClientSession() as session:
+        _, sse_chunks = await stream_via_descriptor(session, mono.url, task, body)
+    expected = [c.model_dump(exclude={"id", "created"}) for c in sse_chunks]
+    assert [
+        ChatCompletionChunk.model_validate(i).model_dump(exclude={"id", "created"}) for i in items
+    ] == expected
+    assert items[-1]["usage"] is not None and len(items) > 3  # role, tokens, finish, usage
+    assert get_json(mono.url, "/stats")["published_streams"] == before + 1
+    # A subject that is not a plain subject is not published on: the stream comes over SSE.
+    async with aiohttp.ClientSession() as session:
+        bad = {STREAM_SUBJECT_HEADER: "_INBOX_gateway.*.stream"}
+        async with session.post(mono.url + request.path, json=request.body, headers=bad) as resp:
+            text = await resp.text()
+    assert STREAM_PUBLISHED_HEADER not in resp.headers and text.rstrip().endswith("data: [DONE]")
+
+
+async def test_a_published_stream_that_fails_leaves_its_error_and_count_to_the_dispatcher(
+    nats_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The items before the failure are published; the body's last line carries the error line and the count."""
+    monkeypatch.setattr(publish, "BEAT_INTERVAL_S", 0.0)  # a newline after every message
+    server, completion = bare_completion("chatcmpl-p")
+    publisher = publish.StreamPublisher(nats_url, None, "test-executor")
+    publisher.start()
+    await wait_for_async(lambda: publisher._nc is not None and publisher._nc.is_connected, 10)
+    server.publisher = publisher
+
+    async def pieces() -> AsyncIterator[Piece]:
+        yield Piece("a")
+        yield Piece("b")
+        raise GenerationFailed("the model broke")
+
+    app = stream_app(server, completion, pieces)
+    try:
+        async with TestServer(app) as ts:
+            resp, data, messages = await published(nats_url, str(ts.make_url("/v1/chat/completions")), {})
+    finally:
+        await publisher.close()
+    assert resp.headers[STREAM_PUBLISHED_HEADER] == "1"
+    lines = data.split(b"\n")
+    assert lines[:2] == [b"", b""] and lines[-1] == b""  # a newline after each of the two messages
+    end = PublishedStreamEnd.model_validate_json(lines[-2])
+    assert (end.end, end.messages, end.items) == (False, 2, 3)  # role + "a", then "b"
+    assert [m.seq for m in messages] == [0, 1] and not any(m.end for m in messages)
+    task = LLMTask(model_id="tiny")
+    with pytest.raises(TaskExecutionError, match="the model broke"):
+        inv = invocation(task, {"messages": [{"role": "user", "content": "x"}]})
+        DESCRIPTOR.stream_item_json(task, inv, end.line or "")
+    assert server.requests_failed == 1 and publisher.published == 1
+
+
+async def wait_for_async(ready: Callable[[], bool], timeout_s: float) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not ready():
+            await asyncio.sleep(0.01)

@@ -1,4 +1,4 @@
-"""The SSE lines of a streamed completion say what `ChatCompletionChunk` says, for any text and model name."""
+"""The chunks of a streamed completion say what `ChatCompletionChunk` says, for any text and model name."""
 
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ TEXTS = [
 ]
 
 
-def _payload(line: bytes) -> object:
-    assert line.startswith(b"data: ") and line.endswith(b"\n\n"), line
-    return json.loads(line[len(b"data: ") : -2].decode())
+def _payload(chunk: bytes) -> object:
+    assert b"\n" not in chunk, chunk  # one line: an SSE data line's payload or a stream message's item
+    return json.loads(chunk.decode())
 
 
 def _expected(model: str, **fields: object) -> object:
@@ -49,4 +49,4 @@ def test_role_finish_usage_and_done_lines() -> None:
     )
     usage = Usage(prompt_tokens=3, completion_tokens=2, total_tokens=5)
     assert _payload(lines.usage(usage)) == _expected("tiny", choices=[], usage=usage)
-    assert sse_line("[DONE]") == b"data: [DONE]\n\n"
+    assert sse_line(b"[DONE]") == b"data: [DONE]\n\n"

@@ -19,6 +19,7 @@ from cornserve.llm_executor.embeddings import EmbeddingReceiver
 from cornserve.llm_executor.engine import Engine
 from cornserve.llm_executor.metrics import watch_engine
 from cornserve.llm_executor.model import load_model
+from cornserve.llm_executor.publish import StreamPublisher
 from cornserve.llm_executor.server import ROUTES, ChatServer
 from cornserve.models.media_pool import MediaPool
 from cornserve.runtime.httptrace import server_span_middleware
@@ -96,7 +97,16 @@ class LLMExecutor:
             media.close()
 
         self._closers.append(close_media)
-        chat = ChatServer(s, loaded, engine, receiver, media, sidecar=sidecar)
+        # Streams go straight to the caller when a NATS URL was given (a task manager always gives
+        # one); an executor started by hand without one answers over HTTP only.
+        publisher = StreamPublisher(
+            s.nats_url if "nats_url" in s.model_fields_set else None,
+            str(s.nats_creds) if s.nats_creds is not None else None,
+            name=f"llm-executor-{s.executor_id}",
+        )
+        publisher.start()
+        self._closers.append(publisher.close)
+        chat = ChatServer(s, loaded, engine, receiver, media, sidecar=sidecar, publisher=publisher)
         self._closers.append(chat.close)
         self.chat = chat
         logger.info(

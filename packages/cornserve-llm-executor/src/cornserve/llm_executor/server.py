@@ -43,8 +43,9 @@ from cornserve.llm_executor.prompt import (
     template_for_embeddings,
     text_chars,
 )
+from cornserve.llm_executor.publish import ChunkSink, PublishedChunks, SseChunks, StreamPublisher
 from cornserve.llm_executor.sampling import SamplingParams
-from cornserve.llm_executor.sse import ChunkLines, sse_line
+from cornserve.llm_executor.sse import ChunkLines
 from cornserve.llm_executor.talker import TalkerRoute
 from cornserve.models.media import MediaBusyError, MediaError, MediaTooLargeError
 from cornserve.models.media_pool import MediaPool
@@ -124,8 +125,11 @@ class ChatServer:
         media: MediaPool | None = None,
         *,
         sidecar: Sidecar | None = None,
+        publisher: StreamPublisher | None = None,
     ) -> None:
         self.config = config
+        self.publisher = publisher
+        """Publishes streams on the caller's subject when a dispatcher asks (None: always SSE)."""
         self.media = media if media is not None else MediaPool(config.media_policy(), name="llm-media")
         """Media are fetched and decoded here, never on the default executor the engine's steps use."""
         self.loaded = loaded
@@ -176,6 +180,7 @@ class ChatServer:
             "forward_hidden_states": self.config.forward_hidden_states,
             "receive_input_embeds": self.config.receive_input_embeds,
             "requests_failed": self.requests_failed,
+            "published_streams": self.publisher.published if self.publisher is not None else 0,
         }
         return web.json_response(body)
 
@@ -447,21 +452,33 @@ class ChatServer:
         pieces: AsyncIterator[Piece],
         include_usage: bool,
     ) -> web.StreamResponse:
-        """Start the SSE response at once, then write each piece's lines as the engine makes them."""
-        response = web.StreamResponse(
-            headers={
-                "Content-Type": "text/event-stream",
-                "Cache-Control": "no-cache",
-                "X-Request-Id": completion.id,
-            }
-        )
+        """Start the response at once, then send each piece's chunks as the engine makes them.
+
+        Over SSE, or published on the caller's subject when the dispatcher asks for it and this
+        executor can (`publish.py`): one hop less per token.
+        """
+        headers = {
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Request-Id": completion.id,
+        }
+        target = self.publisher.sink(request) if self.publisher is not None else None
+        if target is not None:
+            headers |= StreamPublisher.headers()
+        response = web.StreamResponse(headers=headers)
         await response.prepare(request)
+        sink: ChunkSink
+        if target is not None:
+            assert self.publisher is not None
+            self.publisher.published += 1
+            sink = PublishedChunks(target[1], target[0], response)
+        else:
+            sink = SseChunks(response)
         lines = ChunkLines(completion.id, completion.created, completion.model)
-        # The lines of one piece leave in one write: the role chunk with the first token, the last
-        # token with the finish, usage and [DONE] lines with the end of the body (one socket write
-        # and one wakeup of the reader each, instead of one per line; a relay that reads the last
-        # lines and the end together ends its stream in the same message). The role chunk follows
-        # the prefill: a failed prefill's error line is the stream's only line.
+        # The chunks of one piece leave together: the role chunk with the first token, the last
+        # token with the finish and usage chunks and the end (one socket write or one message, and
+        # one wakeup of the reader each, instead of one per chunk). The role chunk follows the
+        # prefill: a failed prefill's error is the stream's only line.
         out: list[bytes] = []
         try:
             try:
@@ -474,17 +491,16 @@ class ChatServer:
                         out.append(lines.finish(piece.finish_reason))
                         break
                     if out:
-                        await response.write(b"".join(out))
+                        await sink.write(out)
                         out.clear()
                     piece = await anext(pieces, None)
                 if include_usage:
                     out.append(lines.usage(completion.usage))
-                out.append(sse_line("[DONE]"))
+                await sink.finish(out)
             except ExecutorRequestError as exc:
                 self.requests_failed += 1
                 logger.warning("request %s failed while streaming: %s", completion.id, exc.message)
-                out.append(sse_line(json.dumps(exc.body())))
-            await response.write_eof(b"".join(out))
+                await sink.fail(json.dumps(exc.body()).encode())
         except ConnectionResetError:
             logger.info("client of request %s went away", completion.id)
             completion.seq.cancel()

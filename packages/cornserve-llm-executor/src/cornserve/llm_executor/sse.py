@@ -1,9 +1,10 @@
-"""The SSE lines of one streamed chat completion, built without a pydantic model per token.
+"""The chunks of one streamed chat completion, built without a pydantic model per token.
 
 Every content chunk of a completion differs only in its text, so the chunk's JSON is rendered once
 by `ChatCompletionChunk` (the same id, created, model and shape as before) with a placeholder for
-the text, split around it, and each token's line is the two halves joined around the text's JSON
-string. The lines a piece of the completion produces leave in one write (see `ChatServer._stream`).
+the text, split around it, and each token's chunk is the two halves joined around the text's JSON
+string. Each chunk is one JSON object (UTF-8): an SSE `data:` line's payload (`sse_line`) or a
+published stream message's item (`cornserve.llm_executor.publish`).
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ _SLOT = "cornserve-content-slot"
 """Placeholder text; the last occurrence in the rendered chunk is the content's (nothing follows it but brackets)."""
 
 
-def sse_line(payload: str) -> bytes:
+def sse_line(payload: bytes) -> bytes:
     """One server-sent event carrying `payload`."""
-    return f"data: {payload}\n\n".encode()
+    return b"data: " + payload + b"\n\n"
 
 
 class ChunkLines:
@@ -30,8 +31,8 @@ class ChunkLines:
         head, slot, tail = rendered.rpartition(json.dumps(_SLOT))
         if not slot:  # cannot happen: the placeholder is plain ASCII, rendered as is
             raise RuntimeError(f"chunk template without its content slot: {rendered}")
-        self._head = b"data: " + head.encode()
-        self._tail = tail.encode() + b"\n\n"
+        self._head = head.encode()
+        self._tail = tail.encode()
 
     def _chunk(self, **fields: object) -> str:
         chunk = ChatCompletionChunk.model_validate(
@@ -41,7 +42,7 @@ class ChunkLines:
 
     def role(self) -> bytes:
         """The first chunk: the assistant role with empty content."""
-        return sse_line(self._chunk(choices=[ChunkChoice(delta=ChoiceDelta(role="assistant", content=""))]))
+        return self._chunk(choices=[ChunkChoice(delta=ChoiceDelta(role="assistant", content=""))]).encode()
 
     def content(self, text: str) -> bytes:
         """A chunk with `text` as the delta's content."""
@@ -49,8 +50,8 @@ class ChunkLines:
 
     def finish(self, reason: str) -> bytes:
         """The chunk with the finish reason and an empty delta."""
-        return sse_line(self._chunk(choices=[ChunkChoice(delta=ChoiceDelta(), finish_reason=reason)]))
+        return self._chunk(choices=[ChunkChoice(delta=ChoiceDelta(), finish_reason=reason)]).encode()
 
     def usage(self, usage: Usage) -> bytes:
         """The usage chunk (no choices) of `stream_options.include_usage`."""
-        return sse_line(self._chunk(choices=[], usage=usage))
+        return self._chunk(choices=[], usage=usage).encode()
