@@ -24,13 +24,17 @@ from tests.support.waiting import wait_for, wait_log
 from cornserve.bus.control import (
     RM_EVENTS,
     RM_STATE,
+    STREAM_PUBLISHED_HEADER,
+    STREAM_SUBJECT_HEADER,
     ClusterState,
     DeploymentEvent,
     DeploymentInfo,
+    PublishedStreamEnd,
     RouteDone,
     RouteReply,
     RouteRequest,
     StateRequest,
+    stream_items_message,
     tm_subject,
 )
 from cornserve.task import LocalForwardStore, UnitTask, serialize_task
@@ -109,6 +113,9 @@ class FakeExecutor:
         self.gate = asyncio.Event()
         self.held = 0
         self.url = ""
+        self.publish_nc: Client | None = None
+        """Set: `generate` publishes its stream itself when the dispatcher names a subject (as the LLM executor)."""
+        self.published = 0
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
@@ -166,6 +173,9 @@ class FakeExecutor:
         if name == "generate":
             if inp["tensor"] is not None:
                 await self.store.get(inp["tensor"]["id"], timeout=60)
+            subject = request.headers.get(STREAM_SUBJECT_HEADER)
+            if subject is not None and self.publish_nc is not None:
+                return await self._publish_generate(inp, request, self.publish_nc, subject)
             response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
             await response.prepare(request)
             for i in range(inp["count"]):
@@ -200,6 +210,30 @@ class FakeExecutor:
             await response.write_eof()
             return response
         return web.Response(status=404, text=f"no such task {name}")
+
+    async def _publish_generate(
+        self, inp: dict[str, Any], request: web.Request, nc: Client, subject: str
+    ) -> web.StreamResponse:
+        """`generate`'s tokens as StreamMessages on `subject`; the body's last line says how it ended."""
+        response = web.StreamResponse(headers={STREAM_PUBLISHED_HEADER: "1"})
+        await response.prepare(request)
+        self.published += 1
+        seq = 0
+        for i in range(inp["count"]):
+            if i == inp["stall_at"]:
+                await asyncio.sleep(300)
+            if i == inp["bad_line_at"]:
+                end = PublishedStreamEnd(messages=seq, items=seq, end=False, line="BAD")
+                await response.write_eof(end.model_dump_json().encode() + b"\n")
+                return response
+            item = f'{{"index": {i}, "text": "tok{i}"}}'.encode()
+            await nc.publish(subject, stream_items_message(seq, [item], end=i == inp["count"] - 1))
+            seq += 1
+            await response.write(b"\n")
+        await response.write_eof(
+            PublishedStreamEnd(messages=seq, items=seq, end=True).model_dump_json().encode() + b"\n"
+        )
+        return response
 
 
 class StandInTM:

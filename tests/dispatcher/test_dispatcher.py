@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import types
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from nats.micro.request import ERROR_CODE_HEADER
 from tests.dispatcher.support import (
     LIBRARY,
     DispatcherReplica,
+    FakeExecutor,
     StandInControlPlane,
     start_dispatchers,
     stop_dispatchers,
@@ -152,6 +154,74 @@ async def test_the_last_items_carry_the_end_when_the_response_ends_in_their_read
     assert [m.end for m in seen].count(True) == 1 and seen[-1].end, seen
     assert seen[-1].item is not None or seen[-1].items, "the end came alone, after the last items"
     assert seen[-1].error is None
+
+
+async def _published_run(
+    control_plane: StandInControlPlane, lib: types.ModuleType, inp: Any, timeout_s: float = 30
+) -> tuple[list[Any], BaseException | None, list[StreamMessage], FakeExecutor]:
+    """Run Chat with a `generate` executor that publishes its stream: items, the failure, the raw messages."""
+    chat = lib.Chat()
+    await control_plane.deploy(chat.produce, ranks=[1])
+    gen_exec, _ = await control_plane.deploy(chat.generate, ranks=[5])
+    gen_exec.publish_nc = control_plane.nc
+    seen: list[StreamMessage] = []
+
+    async def record(msg: Msg) -> None:
+        if msg.subject.endswith(".stream"):
+            seen.append(StreamMessage.model_validate_json(msg.data))
+
+    sub = await control_plane.nc.subscribe("_INBOX.>", cb=record)
+    client = DispatcherClient(control_plane.nc, timeout_s=timeout_s)
+    items: list[Any] = []
+    failure: BaseException | None = None
+    try:
+        with use_graph_runner(client):
+            async with asyncio.timeout(DEADLINE):
+                stream = await chat(inp)
+                try:
+                    async for item in stream:
+                        items.append(item)
+                except TaskExecutionError as exc:
+                    failure = exc
+        await control_plane.nc.flush()
+    finally:
+        await sub.unsubscribe()
+    assert gen_exec.published == 1, "the dispatcher did not let the executor publish"
+    return items, failure, seen, gen_exec
+
+
+async def test_an_executor_may_publish_the_stream_itself(
+    control_plane: StandInControlPlane, lib: types.ModuleType
+) -> None:
+    """The dispatcher names the caller's subject; the executor's messages are all there is (no relay's end)."""
+    items, failure, seen, _ = await _published_run(control_plane, lib, lib.ChatIn(values=[1.0, 2.0, 3.0]))
+    assert failure is None and [t.index for t in items] == [0, 1, 2]
+    assert [(m.seq, m.end) for m in seen] == [(0, False), (1, False), (2, True)]
+
+
+async def test_a_published_stream_that_fails_gets_its_error_from_the_dispatcher(
+    control_plane: StandInControlPlane, lib: types.ModuleType
+) -> None:
+    """The executor's end line carries the failure and the count: the error is the message after its own."""
+    inp = lib.ChatIn(values=[1.0, 2.0, 3.0], bad_line_at=1)
+    items, failure, seen, _ = await _published_run(control_plane, lib, inp)
+    assert [t.index for t in items] == [0]
+    assert failure is not None and "Generate at position 1 failed while streaming" in str(failure)
+    assert "not a token" in str(failure)
+    assert [(m.seq, m.end, m.abort) for m in seen] == [(0, False, False), (1, True, False)]
+
+
+async def test_a_published_stream_that_stalls_ends_with_an_abort(
+    control_plane: StandInControlPlane, lib: types.ModuleType
+) -> None:
+    """The executor never says how many it sent: the dispatcher's end is an abort, taken whatever seq."""
+    inp = lib.ChatIn(values=[1.0, 2.0, 3.0], stall_at=2)
+    items, failure, seen, gen_exec = await _published_run(control_plane, lib, inp, timeout_s=1.5)
+    assert [t.index for t in items] == [0, 1]
+    assert failure is not None and re.search(r"sent nothing for 1\.5 s", str(failure)), failure
+    assert seen[-1].abort and seen[-1].end and seen[-1].error
+    async with asyncio.timeout(DEADLINE):
+        await gen_exec.cancelled.wait()  # the dispatcher hung up on the stalled executor
 
 
 async def test_stream_error_mid_stream(control_plane: StandInControlPlane, lib: types.ModuleType) -> None:

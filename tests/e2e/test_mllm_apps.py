@@ -91,6 +91,12 @@ async def test_qwen2_vl_fission_and_monolithic_match_transformers_and_share_the_
         assert status == 200, error
         assert pieces, "the second LLM streamed nothing"
         shared_texts.append("".join(pieces))
+    # The LLM executors published those streams on the gateway's subjects themselves (no relay).
+    for key, task in (await task_keys(gateway)).items():
+        if "encoder" not in key.lower():
+            url = task["executors"][0]["url"]
+            async with aiohttp.ClientSession() as session, session.get(f"{url}/stats") as response:
+                assert (await response.json())["published_streams"] >= 2, key
 
     # Bad inputs: a clear 4xx, and the executors stay up.
     bad_cases = [

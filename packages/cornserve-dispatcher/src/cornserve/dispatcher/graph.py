@@ -24,7 +24,7 @@ import aiohttp
 from nats.aio.client import Client
 
 from cornserve.bus import invoke_channel as wire
-from cornserve.bus.control import RouteReply
+from cornserve.bus.control import STREAM_PUBLISHED_HEADER, STREAM_SUBJECT_HEADER, RouteReply
 from cornserve.bus.micro import NoResponders, RequestTimeout, ServiceErrorReply, ServiceFault
 from cornserve.bus.tm_client import TaskManagerClient
 from cornserve.dispatcher import faults
@@ -87,6 +87,11 @@ class OpenStream:
     response: aiohttp.ClientResponse
     started: float = 0.0
     """When the call was sent (`time.monotonic`): the relay's time to first item counts from it."""
+
+    @property
+    def published(self) -> bool:
+        """The executor publishes the stream's items itself (`STREAM_SUBJECT_HEADER`); the body says how it ended."""
+        return self.response.headers.get(STREAM_PUBLISHED_HEADER) == "1"
 
 
 @dataclass(eq=False)
@@ -153,6 +158,8 @@ class _Run:
     """Calls the reply does not wait for (`Tail`), by position."""
     deadline: float = float("inf")
     """`time.monotonic()` by which the graph must be done."""
+    publish_subject: str | None = None
+    """Where the streaming executor may publish the stream itself: the caller's subject when no tail can fail it."""
 
 
 def executor_url(route: RouteReply, path: str) -> str:
@@ -185,6 +192,8 @@ class GraphRunner:
         wired = False
         given_up = "its graph failed"
         tail_positions = tail_of(invocations) if stream_subject else set()
+        if not tail_positions:
+            state.publish_subject = stream_subject
         try:
             async with asyncio.timeout(timeout_s):
                 await self._resolve(invocations)
@@ -404,10 +413,11 @@ class GraphRunner:
                 ok = True
                 return output
             url = executor_url(routed.route, req.path)
+            headers = inject_headers()
+            if req.stream and state.publish_subject is not None:
+                headers[STREAM_SUBJECT_HEADER] = state.publish_subject
             try:
-                response = await self.session.request(
-                    req.method, url, json=req.body, headers=inject_headers()
-                )
+                response = await self.session.request(req.method, url, json=req.body, headers=headers)
             except aiohttp.ClientConnectorError as exc:
                 raise self._refused(routed, exc) from None
             except aiohttp.ClientError as exc:

@@ -8,6 +8,12 @@ stream always ends with exactly one terminal message — `end` (alone, or on the
 response ended in the read that brought them), or `error` plus `end` — including
 when the executor stalls past the idle deadline, breaks off, or this replica shuts down, so the
 caller never waits on a stream nobody is feeding.
+
+An executor may publish the stream's messages itself (`OpenStream.published`, when the graph has
+no tail): the relay then reads only the body's newlines (with the same idle deadline) and its last
+line (`PublishedStreamEnd`). A failure the executor reports becomes the end it publishes as the
+message that follows the executor's; when the executor breaks off without saying how many messages
+it sent, the end is an `abort` message, which the caller takes whatever seq it waits for.
 """
 
 from __future__ import annotations
@@ -20,17 +26,25 @@ from dataclasses import dataclass, field
 import aiohttp
 import nats.errors
 from nats.aio.client import Client
+from pydantic import ValidationError
 
-from cornserve.bus.control import StreamMessage, stream_items_message
+from cornserve.bus.control import (
+    PublishedStreamEnd,
+    StreamMessage,
+    stream_abort_message,
+    stream_items_message,
+)
 from cornserve.bus.micro import ServiceFault
 from cornserve.dispatcher.graph import OpenStream, Tail
 from cornserve.dispatcher.lines import LineSplitter, LineTooLong
-from cornserve.dispatcher.metrics import ItemClock
+from cornserve.dispatcher.metrics import STREAM_ITEMS, STREAM_MESSAGES, ItemClock
 
 logger = logging.getLogger(__name__)
 
 MESSAGE_ROOM = 4096
 """Bytes of the payload limit kept for a stream message's framing and headers."""
+END_LINE_BYTES = 1 << 20
+"""Longest line of a published stream's body (its `PublishedStreamEnd`, the error line escaped in it)."""
 
 
 class StreamFailure(Exception):
@@ -57,6 +71,8 @@ class StreamRelay:
     _seq: int = field(default=0, init=False)
     _ended: bool = field(default=False, init=False)
     """The end went out with the last items: nothing more may follow."""
+    _count_lost: bool = field(default=False, init=False)
+    """The executor publishes the messages and has not said how many: an end must be an abort."""
     _cancel_reason: str | None = field(default=None, init=False)
 
     def cancelled_by_caller(self, reason: str) -> None:
@@ -103,7 +119,10 @@ class StreamRelay:
         """Relay the lines while the tail runs; the first failure of either ends the stream."""
         tail = self.tail
         if tail is None:
-            await self._relay_lines(response)
+            if self.stream.published:
+                await self._watch_published(response)
+            else:
+                await self._relay_lines(response)
             return
         lines = asyncio.ensure_future(self._relay_lines(response))
         watch = asyncio.ensure_future(self._watch_tail(tail))
@@ -186,6 +205,53 @@ class StreamRelay:
             if ended:
                 return
 
+    async def _watch_published(self, response: aiohttp.ClientResponse) -> None:
+        """The executor publishes the items: wait for its body's last line, newlines keeping it alive."""
+        where = self.stream.routed.where
+        task = self.stream.routed.task_name
+        lines = LineSplitter(END_LINE_BYTES)
+        self._count_lost = True
+        while True:
+            try:
+                async with asyncio.timeout(self.idle_timeout_s):
+                    chunk = await response.content.readany()
+            except TimeoutError:
+                raise StreamFailure(f"{where} sent nothing for {self.idle_timeout_s:g} s") from None
+            except aiohttp.ClientError as exc:
+                raise StreamFailure(f"{where} broke off the stream: {type(exc).__name__}: {exc}") from None
+            ended = not chunk or response.content.at_eof()
+            try:
+                complete = lines.feed(chunk) if chunk else []
+                if ended:
+                    last = lines.finish()
+                    if last is not None:
+                        complete.append(last)
+            except LineTooLong as exc:
+                raise StreamFailure(f"{where} sent an oversized line: {exc}") from None
+            for raw in complete:
+                if not raw.strip():
+                    continue  # a newline: the stream is moving
+                try:
+                    end = PublishedStreamEnd.model_validate_json(raw)
+                except ValidationError as exc:
+                    raise StreamFailure(
+                        f"{where} ended its published stream with a malformed line: {exc}"
+                    ) from None
+                self._seq, self._count_lost = end.messages, False
+                STREAM_ITEMS.labels(task=task).inc(end.items)
+                STREAM_MESSAGES.labels(task=task).inc(end.messages)
+                if end.end:
+                    self._ended = True
+                    return
+                if end.line is None:
+                    raise StreamFailure(f"{where} failed its published stream without an error line")
+                self._item(end.line.encode())  # the task's descriptor raises the executor's error
+                raise StreamFailure(
+                    f"{where} failed its published stream with a line that is not an error: {end.line[:200]!r}"
+                )
+            if ended:
+                raise StreamFailure(f"{where} ended its published stream without saying how it ended")
+
     def _item(self, raw: bytes) -> bytes | None:
         """One line → its item's JSON object (None: a line without an item); a bad line fails the stream."""
         inv = self.stream.invocation
@@ -236,8 +302,11 @@ class StreamRelay:
             return  # the last items carried the end
         if error is not None:
             logger.warning("stream on %s ended with an error: %s", self.subject, error)
-        message = StreamMessage(seq=self._seq, end=True, error=error)
+        if self._count_lost:
+            data = stream_abort_message(error or f"{self._label} ended its published stream without its end")
+        else:
+            data = StreamMessage(seq=self._seq, end=True, error=error).model_dump_json().encode()
         try:
-            await self.nc.publish(self.subject, message.model_dump_json().encode())
+            await self.nc.publish(self.subject, data)
         except nats.errors.Error as exc:
             logger.error("could not end the stream on %s: %s", self.subject, exc)
