@@ -259,18 +259,28 @@ async def relay_counts(session: aiohttp.ClientSession, urls: list[str]) -> tuple
     return items, messages
 
 
+RELAY_PARTS = ("gateway", "dispatchers", "nats")
+"""The relay processes, each group also measured on its own (the per-process columns)."""
+
+
 async def cluster_cpu_meter(cluster: LocalCluster, client: CornserveClient) -> CpuMeter:
-    """A CpuMeter over the cluster's relays (gateway, dispatchers, NATS) and its executors."""
-    relays = [
-        c.proc.pid
-        for c in cluster.children
-        if c.proc is not None and c.name.startswith(("gateway", "dispatcher"))
+    """A CpuMeter over the cluster's relays (gateway, dispatchers, NATS), each of them, and its executors."""
+    gateway = [c.proc.pid for c in cluster.children if c.proc is not None and c.name.startswith("gateway")]
+    dispatchers = [
+        c.proc.pid for c in cluster.children if c.proc is not None and c.name.startswith("dispatcher")
     ]
-    if cluster.nats is not None and cluster.nats.pid is not None:
-        relays.append(cluster.nats.pid)
+    nats = [cluster.nats.pid] if cluster.nats is not None and cluster.nats.pid is not None else []
     listing = await client.list_tasks()
     executors = [e.pid for t in listing.tasks for e in t.executors if e.pid is not None]
-    return CpuMeter({"relays": relays, "executors": executors})
+    return CpuMeter(
+        {
+            "relays": gateway + dispatchers + nats,
+            "gateway": gateway,
+            "dispatchers": dispatchers,
+            "nats": nats,
+            "executors": executors,
+        }
+    )
 
 
 def print_table(rows: list[list[str]]) -> None:
@@ -708,19 +718,23 @@ async def main_async(args: argparse.Namespace) -> None:
         print_table([r.row() for r in paired.values()])
         paired_overheads(paired)
     print("\nCPU per output token (user + system, summed over the processes of each group):")
-    print("| system | rate req/s | tokens | relays ms/token | relays less idle | executors ms/token |")
-    print("|---|---|---:|---:|---:|---:|")
+    print(
+        "| system | rate req/s | tokens | relays ms/token | relays less idle | gateway less idle | "
+        "dispatchers less idle | nats less idle | executors ms/token |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for result in results:
         tokens = result.tokens()
         if tokens and result.cpu:
-            relays, idle = result.cpu["relays"], result.idle_cpu.get("relays", 0.0)
+            less_idle = {k: (result.cpu[k] - result.idle_cpu.get(k, 0.0)) / tokens * 1e3 for k in result.cpu}
+            parts = " | ".join(f"{less_idle[k]:.2f}" for k in RELAY_PARTS)
             print(
-                f"| {result.system} | {result.rate} | {tokens} | {relays / tokens * 1e3:.2f} | "
-                f"{(relays - idle) / tokens * 1e3:.2f} | {result.cpu['executors'] / tokens * 1e3:.2f} |"
+                f"| {result.system} | {result.rate} | {tokens} | {result.cpu['relays'] / tokens * 1e3:.2f} | "
+                f"{less_idle['relays']:.2f} | {parts} | {result.cpu['executors'] / tokens * 1e3:.2f} |"
             )
     print(
         "(relays: gateway + dispatchers + nats-server; executors: Eric and the LLM executor; "
-        "less idle: minus what the relays burn with no request over the cell's wall time; "
+        "less idle: minus what a group burns with no request over the cell's wall time; "
         "the figures include each request's own costs, divided by its tokens)"
     )
 
