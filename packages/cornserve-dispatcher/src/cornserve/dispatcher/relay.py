@@ -163,29 +163,13 @@ class StreamRelay:
         behind (the lines piled up in the response's buffer) publishes them together, so a busy
         relay does less work per item instead of falling further behind.
         """
-        where = self.stream.routed.where
         limit = max(self.nc.max_payload - MESSAGE_ROOM, MESSAGE_ROOM)
         lines = LineSplitter(limit)
         clock = ItemClock(self.stream.routed.task_name, self.stream.started)
         while True:
-            try:
-                async with asyncio.timeout(self.idle_timeout_s):
-                    chunk = await response.content.readany()
-            except TimeoutError:
-                raise StreamFailure(f"{where} sent nothing for {self.idle_timeout_s:g} s") from None
-            except aiohttp.ClientError as exc:
-                raise StreamFailure(f"{where} broke off the stream: {type(exc).__name__}: {exc}") from None
             # The response may have ended in this very read (its last lines and the end of the
             # body in one segment): then its last items also end the stream, in one message.
-            ended = not chunk or response.content.at_eof()
-            try:
-                complete = lines.feed(chunk) if chunk else []
-                if ended:
-                    last = lines.finish()
-                    if last is not None:
-                        complete.append(last)
-            except LineTooLong as exc:
-                raise StreamFailure(f"{where} sent an oversized line: {exc}") from None
+            complete, ended = await self._read_lines(response, lines)
             items: list[bytes] = []
             try:
                 for raw in complete:
@@ -212,22 +196,7 @@ class StreamRelay:
         lines = LineSplitter(END_LINE_BYTES)
         self._count_lost = True
         while True:
-            try:
-                async with asyncio.timeout(self.idle_timeout_s):
-                    chunk = await response.content.readany()
-            except TimeoutError:
-                raise StreamFailure(f"{where} sent nothing for {self.idle_timeout_s:g} s") from None
-            except aiohttp.ClientError as exc:
-                raise StreamFailure(f"{where} broke off the stream: {type(exc).__name__}: {exc}") from None
-            ended = not chunk or response.content.at_eof()
-            try:
-                complete = lines.feed(chunk) if chunk else []
-                if ended:
-                    last = lines.finish()
-                    if last is not None:
-                        complete.append(last)
-            except LineTooLong as exc:
-                raise StreamFailure(f"{where} sent an oversized line: {exc}") from None
+            complete, ended = await self._read_lines(response, lines)
             for raw in complete:
                 if not raw.strip():
                     continue  # a newline: the stream is moving
@@ -251,6 +220,33 @@ class StreamRelay:
                 )
             if ended:
                 raise StreamFailure(f"{where} ended its published stream without saying how it ended")
+
+    async def _read_lines(
+        self, response: aiohttp.ClientResponse, lines: LineSplitter
+    ) -> tuple[list[bytes], bool]:
+        """The lines one read of the body completes, and whether the body ended with it (its last line included).
+
+        The read waits at most the idle deadline; a stall, a broken connection or a line over
+        `lines`' limit fails the stream.
+        """
+        where = self.stream.routed.where
+        try:
+            async with asyncio.timeout(self.idle_timeout_s):
+                chunk = await response.content.readany()
+        except TimeoutError:
+            raise StreamFailure(f"{where} sent nothing for {self.idle_timeout_s:g} s") from None
+        except aiohttp.ClientError as exc:
+            raise StreamFailure(f"{where} broke off the stream: {type(exc).__name__}: {exc}") from None
+        ended = not chunk or response.content.at_eof()
+        try:
+            complete = lines.feed(chunk) if chunk else []
+            if ended:
+                last = lines.finish()
+                if last is not None:
+                    complete.append(last)
+        except LineTooLong as exc:
+            raise StreamFailure(f"{where} sent an oversized line: {exc}") from None
+        return complete, ended
 
     def _item(self, raw: bytes) -> bytes | None:
         """One line → its item's JSON object (None: a line without an item); a bad line fails the stream."""
