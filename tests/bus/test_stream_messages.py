@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from cornserve.bus.control import StreamMessage, stream_items_message
+from cornserve.bus.control import StreamMessage, stream_batches, stream_item_limit, stream_items_message
 
 
 def test_one_item_is_sent_as_item() -> None:
@@ -31,3 +31,17 @@ def test_the_last_items_may_carry_the_end() -> None:
     assert one == StreamMessage(seq=4, item={"a": 1}, end=True)
     two = StreamMessage.model_validate_json(stream_items_message(5, [b'{"a":1}', b'{"b":2}'], end=True))
     assert two == StreamMessage(seq=5, items=[{"a": 1}, {"b": 2}], end=True)
+
+
+def test_stream_batches_keep_the_order_and_fit_the_payload_limit() -> None:
+    """Relays and publishing executors split items alike: in order, each batch within the limit, a big one alone."""
+    limit = stream_item_limit(10_000)
+    small = [b"x" * 1000] * 12
+    batches = stream_batches(small, 10_000)
+    assert [item for batch in batches for item in batch] == small
+    assert (
+        all(sum(len(i) + 1 for i in batch) <= limit for batch in batches) and len(batches) == 3
+    )  # 5 + 5 + 2 items of 1001 bytes in 5904
+    big = b"y" * (limit + 1)
+    assert stream_batches([b"a", big, b"b"], 10_000) == [[b"a"], [big], [b"b"]]
+    assert stream_batches([], 10_000) == []

@@ -413,6 +413,36 @@ def stream_items_message(seq: int, items: Sequence[bytes], end: bool = False) ->
     return b'{"seq":%d,"items":[%s]%s' % (seq, b",".join(items), tail)
 
 
+STREAM_MESSAGE_ROOM = 4096
+"""Bytes of the NATS payload limit a stream message keeps for its framing and headers."""
+
+
+def stream_item_limit(max_payload: int) -> int:
+    """The most bytes of items one stream message may carry on a connection whose limit is `max_payload`."""
+    return max(max_payload - STREAM_MESSAGE_ROOM, STREAM_MESSAGE_ROOM)
+
+
+def stream_batches(items: Sequence[bytes], max_payload: int) -> list[list[bytes]]:
+    """`items` in order, in as few messages' worth as the payload limit allows.
+
+    What a relay and an executor publishing its own stream both send: one message per batch. An
+    item too big for a message is a batch alone (its publish then fails with the limit's error).
+    """
+    limit = stream_item_limit(max_payload)
+    batches: list[list[bytes]] = []
+    batch: list[bytes] = []
+    size = 0
+    for item in items:
+        if batch and size + len(item) + 1 > limit:
+            batches.append(batch)
+            batch, size = [], 0
+        batch.append(item)
+        size += len(item) + 1
+    if batch:
+        batches.append(batch)
+    return batches
+
+
 def stream_abort_message(error: str) -> bytes:
     """The wire form of a `StreamMessage` that ends a published stream whose count was lost."""
     return StreamMessage(seq=0, end=True, error=error, abort=True).model_dump_json().encode()

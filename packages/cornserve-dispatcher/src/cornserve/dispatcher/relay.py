@@ -32,6 +32,8 @@ from cornserve.bus.control import (
     PublishedStreamEnd,
     StreamMessage,
     stream_abort_message,
+    stream_batches,
+    stream_item_limit,
     stream_items_message,
 )
 from cornserve.bus.micro import ServiceFault
@@ -41,8 +43,6 @@ from cornserve.dispatcher.metrics import STREAM_ITEMS, STREAM_MESSAGES, ItemCloc
 
 logger = logging.getLogger(__name__)
 
-MESSAGE_ROOM = 4096
-"""Bytes of the payload limit kept for a stream message's framing and headers."""
 END_LINE_BYTES = 1 << 20
 """Longest line of a published stream's body (its `PublishedStreamEnd`, the error line escaped in it)."""
 
@@ -163,8 +163,7 @@ class StreamRelay:
         behind (the lines piled up in the response's buffer) publishes them together, so a busy
         relay does less work per item instead of falling further behind.
         """
-        limit = max(self.nc.max_payload - MESSAGE_ROOM, MESSAGE_ROOM)
-        lines = LineSplitter(limit)
+        lines = LineSplitter(stream_item_limit(self.nc.max_payload))
         clock = ItemClock(self.stream.routed.task_name, self.stream.started)
         while True:
             # The response may have ended in this very read (its last lines and the end of the
@@ -180,12 +179,12 @@ class StreamRelay:
             except BaseException:
                 # The items before a line that fails the stream still reach the caller, in order.
                 if items:
-                    await self._publish(items, limit, clock)
+                    await self._publish(items, clock)
                 raise
             # A read that completed no item line (part of a line, a keepalive) publishes nothing.
             # Producers still running (a tail) end the stream later, with their outcome.
             if items:
-                await self._publish(items, limit, clock, end=ended and self.tail is None)
+                await self._publish(items, clock, end=ended and self.tail is None)
             if ended:
                 return
 
@@ -264,22 +263,14 @@ class StreamRelay:
                 f"{self.stream.routed.where}: {type(exc).__name__}: {exc}"
             ) from None
 
-    async def _publish(self, items: list[bytes], limit: int, clock: ItemClock, end: bool = False) -> None:
-        """Publish `items` in as few messages as the payload limit allows (one per item when one is that big).
+    async def _publish(self, items: list[bytes], clock: ItemClock, end: bool = False) -> None:
+        """Publish `items` in as few messages as the payload limit allows (`stream_batches`).
 
         `end`: the last message also ends the stream (no separate end message follows).
         """
-        batch: list[bytes] = []
-        size = 0
-        for item in items:
-            if batch and size + len(item) + 1 > limit:
-                await self._publish_batch(batch, end=False)
-                clock.message()
-                batch, size = [], 0
-            batch.append(item)
-            size += len(item) + 1
-        if batch:
-            await self._publish_batch(batch, end=end)
+        batches = stream_batches(items, self.nc.max_payload)
+        for index, batch in enumerate(batches):
+            await self._publish_batch(batch, end=end and index == len(batches) - 1)
             clock.message()
 
     async def _publish_batch(self, items: list[bytes], end: bool) -> None:

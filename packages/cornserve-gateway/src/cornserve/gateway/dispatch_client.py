@@ -391,7 +391,9 @@ class RelayedStream:
             try:
                 message = StreamMessage.model_validate_json(msg.data)
             except ValidationError as exc:
-                raise self._failure(f"the dispatcher sent a malformed stream message: {exc}") from None
+                raise self._failure(
+                    f"a malformed stream message arrived (from the dispatcher or the executor): {exc}"
+                ) from None
             if message.abort or message.seq >= self._next_seq:
                 self._inbox.keep(message)
         self._next_seq += 1
@@ -580,7 +582,7 @@ class DispatcherClient:
                     early = StreamMessage.model_validate_json(msg.data)
                 except ValidationError as exc:
                     raise DispatchError(
-                        f"the dispatcher sent a malformed stream message: {exc}",
+                        f"a malformed stream message arrived (from the dispatcher or the executor): {exc}",
                         code=502,
                         error="bad_reply",
                     ) from None

@@ -25,6 +25,7 @@ from cornserve.bus.control import (
     STREAM_SUBJECT_HEADER,
     PublishedStreamEnd,
     StreamMessage,
+    stream_batches,
     stream_items_message,
 )
 from cornserve.llm_executor.errors import ExecutorRequestError
@@ -33,17 +34,18 @@ from cornserve.runtime.nats import connect_nats
 
 logger = logging.getLogger(__name__)
 
+PUBLISHED_HEADERS = {STREAM_PUBLISHED_HEADER: "1"}
+"""The response header that tells the dispatcher the stream is published."""
+
 BEAT_INTERVAL_S = 1.0
 """Least time between two newlines on a published stream's HTTP body (the dispatcher's idle deadline)."""
-MESSAGE_ROOM = 4096
-"""Bytes of the NATS payload limit kept for a stream message's framing and headers."""
 _SUBJECT = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
 """A plain subject (no wildcards, no blanks): the only kind a stream is published on."""
 MAX_SUBJECT_CHARS = 256
 
 
 class PublishFailed(ExecutorRequestError):
-    """A chunk could not be published on the caller's subject (NATS gone, or a chunk over its limit)."""
+    """A chunk could not be published on the caller's subject (NATS gone, or a chunk over the payload limit)."""
 
     status = 503
     error_type = "stream_publish_failed"
@@ -99,12 +101,6 @@ class PublishedChunks:
         self._seq = 0
         self._items = 0
         self._beat = time.monotonic()
-        self._limit = max(nc.max_payload - MESSAGE_ROOM, MESSAGE_ROOM)
-
-    @property
-    def messages(self) -> int:
-        """How many messages went out."""
-        return self._seq
 
     async def write(self, chunks: list[bytes]) -> None:
         """Publish the piece's chunks; a newline to the dispatcher when the last one is a second old."""
@@ -131,22 +127,11 @@ class PublishedChunks:
         await self._response.write_eof(last.model_dump_json().encode() + b"\n")
 
     async def _publish(self, chunks: list[bytes], end: bool) -> None:
-        """As few messages as the payload limit allows; a chunk too big for one message fails the stream."""
-        batch: list[bytes] = []
-        size = 0
-        for chunk in chunks:
-            if len(chunk) > self._limit:
-                raise PublishFailed(
-                    f"a chunk of {len(chunk)} bytes is over the NATS payload limit ({self._nc.max_payload} bytes)"
-                )
-            if batch and size + len(chunk) + 1 > self._limit:
-                await self._send(stream_items_message(self._seq, batch))
-                self._items += len(batch)
-                batch, size = [], 0
-            batch.append(chunk)
-            size += len(chunk) + 1
-        await self._send(stream_items_message(self._seq, batch, end=end))
-        self._items += len(batch)
+        """As few messages as the payload limit allows (`stream_batches`); the last one ends the stream if `end`."""
+        batches = stream_batches(chunks, self._nc.max_payload)
+        for index, batch in enumerate(batches):
+            await self._send(stream_items_message(self._seq, batch, end=end and index == len(batches) - 1))
+            self._items += len(batch)
 
     async def _send(self, message: bytes) -> None:
         try:
@@ -189,7 +174,7 @@ class StreamPublisher:
             return
         logger.info("streams are published on NATS when the dispatcher asks (%s)", url)
 
-    def sink(self, request: web.Request) -> tuple[str, Client] | None:
+    def target(self, request: web.Request) -> tuple[str, Client] | None:
         """The subject and connection to publish the request's stream on, when it asks and we can."""
         subject = request.headers.get(STREAM_SUBJECT_HEADER)
         nc = self._nc
@@ -200,10 +185,11 @@ class StreamPublisher:
             return None
         return subject, nc
 
-    @staticmethod
-    def headers() -> dict[str, str]:
-        """The response header that tells the dispatcher the stream is published."""
-        return {STREAM_PUBLISHED_HEADER: "1"}
+    def chunks(self, target: tuple[str, Client], response: web.StreamResponse) -> PublishedChunks:
+        """The sink of one published stream (counted in `published`); `response` carries `PUBLISHED_HEADERS`."""
+        self.published += 1
+        subject, nc = target
+        return PublishedChunks(nc, subject, response)
 
     async def close(self) -> None:
         """Stop connecting, flush and close the connection."""

@@ -43,7 +43,7 @@ from cornserve.llm_executor.prompt import (
     template_for_embeddings,
     text_chars,
 )
-from cornserve.llm_executor.publish import ChunkSink, PublishedChunks, SseChunks, StreamPublisher
+from cornserve.llm_executor.publish import PUBLISHED_HEADERS, ChunkSink, SseChunks, StreamPublisher
 from cornserve.llm_executor.sampling import SamplingParams
 from cornserve.llm_executor.sse import ChunkLines
 from cornserve.llm_executor.talker import TalkerRoute
@@ -462,18 +462,14 @@ class ChatServer:
             "Cache-Control": "no-cache",
             "X-Request-Id": completion.id,
         }
-        target = self.publisher.sink(request) if self.publisher is not None else None
+        target = self.publisher.target(request) if self.publisher is not None else None
         if target is not None:
-            headers |= StreamPublisher.headers()
+            headers |= PUBLISHED_HEADERS
         response = web.StreamResponse(headers=headers)
         await response.prepare(request)
-        sink: ChunkSink
-        if target is not None:
-            assert self.publisher is not None
-            self.publisher.published += 1
-            sink = PublishedChunks(target[1], target[0], response)
-        else:
-            sink = SseChunks(response)
+        sink: ChunkSink = SseChunks(response)
+        if target is not None and self.publisher is not None:
+            sink = self.publisher.chunks(target, response)
         lines = ChunkLines(completion.id, completion.created, completion.model)
         # The chunks of one piece leave together: the role chunk with the first token, the last
         # token with the finish and usage chunks and the end (one socket write or one message, and
