@@ -110,6 +110,14 @@ class Outbox:
         self.holdings.held[key] = held
         if req.num_chunks is None:
             self.streams[req.id] = (req.dst_ranks, time.monotonic())  # refreshed by every chunk
+        if len(peers) == 1:
+            # One destination (the common case) is delivered inline: `gather` would wrap it in a task
+            # that runs a loop turn later, on the transfer's latency path.
+            try:
+                await self._deliver_to(peers[0], req, held, deadline)
+            finally:
+                self.holdings.maybe_release(key)
+            return self.me.ack(req.request_id)
         results = await asyncio.gather(
             *(self._deliver_to(p, req, held, deadline) for p in peers), return_exceptions=True
         )
@@ -120,7 +128,9 @@ class Outbox:
         return self.me.ack(req.request_id)
 
     async def _resolve(self, ranks: list[int], deadline: float) -> list[InfoReply]:
-        """Info of every destination rank (cached, else asked concurrently)."""
+        """Info of every destination rank (cached, else asked concurrently; one inline, see `on_send`)."""
+        if len(ranks) == 1:
+            return [await self.peers.info(ranks[0], deadline)]
         return list(await asyncio.gather(*(self.peers.info(r, deadline) for r in ranks)))
 
     async def _deliver_to(self, peer: InfoReply, req: SendRequest, held: Held, deadline: float) -> None:
