@@ -15,7 +15,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
@@ -281,30 +281,45 @@ class GraphRunner:
                 raise faults.task_unavailable(inv.task.display_name(), info.task_key, position, reason)
 
     async def _route_all(self, invocations: Sequence[TaskInvocation], state: _Run) -> None:
-        """Ask every invocation's task manager for an executor, concurrently."""
-        await _first_fault(self._route(position, inv, state) for position, inv in enumerate(invocations))
+        """Route every invocation: from the executor tables at once, else by asking its task manager.
+
+        The table picks run first and inline; only the invocations they cannot route wait for a
+        `route` request (concurrently). A graph routed from tables alone creates no task for it.
+        """
+        asks = [
+            (position, inv)
+            for position, inv in enumerate(invocations)
+            if not self._pick(position, inv, state)
+        ]
+        await _first_fault([self._route(position, inv, state) for position, inv in asks])
+
+    def _pick(self, position: int, inv: TaskInvocation, state: _Run) -> bool:
+        """Route from the task manager's executor table (no round trip); False: it has no pick."""
+        key = inv.task.deployment_key
+        picked = self.tables.pick(key) if self.tables is not None else None
+        if picked is None:
+            return False
+        with client_span("task.route", _task_attributes(inv, position)):
+            state.routed[position] = Routed(
+                position=position, task_key=key, task_name=inv.task.display_name(), route=picked, local=True
+            )
+            # `table`: picked from the task manager's executor table (no tm.route span).
+            set_attributes({"cornserve.executor_id": picked.executor_id, "cornserve.route_source": "table"})
+        return True
 
     async def _route(self, position: int, inv: TaskInvocation, state: _Run) -> None:
+        """Ask the invocation's task manager for an executor (a `route` request)."""
         with client_span("task.route", _task_attributes(inv, position)):
             await self._route_untraced(position, inv, state)
-            routed = state.routed[position]
             set_attributes(
                 {
-                    "cornserve.executor_id": routed.route.executor_id,
-                    # `table`: picked from the task manager's executor table (no tm.route span);
-                    # `task_manager`: asked it with a `route` request.
-                    "cornserve.route_source": "table" if routed.local else "task_manager",
+                    "cornserve.executor_id": state.routed[position].route.executor_id,
+                    "cornserve.route_source": "task_manager",
                 }
             )
 
     async def _route_untraced(self, position: int, inv: TaskInvocation, state: _Run) -> None:
         name, key = inv.task.display_name(), inv.task.deployment_key
-        picked = self.tables.pick(key) if self.tables is not None else None
-        if picked is not None:
-            state.routed[position] = Routed(
-                position=position, task_key=key, task_name=name, route=picked, local=True
-            )
-            return
         tm = TaskManagerClient(self.nc, key)
         subject = tm.subject("route")
         try:
@@ -364,6 +379,13 @@ class GraphRunner:
             if position not in tail_positions:
                 outputs[position] = output
 
+        if len(invocations) == 1 and not tail_positions:
+            # One call is awaited inline: a task and `asyncio.wait` would only add loop turns.
+            try:
+                outputs[0] = await self._call(invocations[0], state.routed[0], requests[0], state)
+            except Exception as exc:
+                raise _fault_of([exc]) from None
+            return outputs
         for position in tail_positions:
             # Known before the call: the recorded forwards, wired (`tail_of` checked there is nothing else).
             outputs[position] = invocations[position].task_output.model_dump(mode="json")
@@ -587,8 +609,19 @@ def _fault_of(errors: Sequence[BaseException]) -> ServiceFault:
     return ServiceFault(500, "internal", f"the dispatcher failed: {type(flat[0]).__name__}: {flat[0]}")
 
 
-async def _first_fault(coros: Any) -> None:
-    """Run coroutines concurrently; the first failure cancels the rest and is raised alone."""
+async def _first_fault(coros: Sequence[Coroutine[Any, Any, None]]) -> None:
+    """Run coroutines concurrently; the first failure cancels the rest and is raised alone.
+
+    One coroutine is awaited inline: a task for it would only add loop turns to the graph's path.
+    """
+    if not coros:
+        return
+    if len(coros) == 1:
+        try:
+            await coros[0]
+        except Exception as exc:
+            raise _fault_of([exc]) from None
+        return
     try:
         async with asyncio.TaskGroup() as group:
             for coro in coros:
