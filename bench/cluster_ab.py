@@ -41,6 +41,7 @@ from cornserve.runtime.statedir import admin_token_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mllm import APP_TEMPLATE, PROMPTS, Sample, make_image, one_request
+from paired import bootstrap_median
 from single_executor import wait_healthy
 
 
@@ -119,13 +120,6 @@ FIGURES: list[tuple[str, Callable[[Sample], float | None], str]] = [
     ("per output token", per_token, ".3f"),
 ]
 """What `report` prints: a name, the figure of one request (seconds), its format in ms."""
-
-
-def bootstrap_median(values: list[float], rounds: int = 2000, seed: int = 3) -> tuple[float, float]:
-    """A percentile bootstrap 95% interval of the median."""
-    rng = random.Random(seed)
-    meds = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(rounds))
-    return meds[int(0.025 * rounds)], meds[int(0.975 * rounds)]
 
 
 def report(app: str, labels: tuple[str, str], samples: dict[str, list[Sample]]) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import pickle
@@ -233,8 +234,10 @@ def hop_relay_role(listen: str, forward: str) -> None:
         _, out = await asyncio.open_unix_connection(forward)
 
         async def serve(reader: asyncio.StreamReader, _: asyncio.StreamWriter) -> None:
-            while True:
-                out.write(await reader.readexactly(HOP_MSG))
+            # Until the previous process closes the connection at the end of the run.
+            with contextlib.suppress(asyncio.IncompleteReadError):
+                while True:
+                    out.write(await reader.readexactly(HOP_MSG))
 
         async with await asyncio.start_unix_server(serve, listen):
             await asyncio.sleep(3600)
@@ -249,9 +252,10 @@ def hop_sink_role(listen: str, ack: str) -> None:
         _, back = await asyncio.open_unix_connection(ack)
 
         async def serve(reader: asyncio.StreamReader, _: asyncio.StreamWriter) -> None:
-            while True:
-                await reader.readexactly(HOP_MSG)
-                back.write(struct.pack("!d", time.perf_counter()))
+            with contextlib.suppress(asyncio.IncompleteReadError):  # the run's end closes the connection
+                while True:
+                    await reader.readexactly(HOP_MSG)
+                    back.write(struct.pack("!d", time.perf_counter()))
 
         async with await asyncio.start_unix_server(serve, listen):
             await asyncio.sleep(3600)
