@@ -45,6 +45,9 @@ from cornserve.runtime.eventloop import EventLoopChoice, loop_name, run_on_loop
 from cornserve.runtime.process import free_port
 from cornserve.sidecar import Sidecar
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sidecar_ab import Server, consumer_role, start_sidecars, stop_sidecars, wait_sidecars
+
 MiB = 1024 * 1024
 SIZES = [(1 * MiB, 30), (16 * MiB, 15), (256 * MiB, 5)]
 WARMUP = 2
@@ -77,20 +80,6 @@ def run_loop(main: Coroutine[Any, Any, None]) -> None:
 
 
 # ---------------------------------------------------------------- child roles
-
-
-async def consumer_role(rank: int, ack_rank: int, prefix: str, n: int) -> None:
-    """Receive n items, record when each is in hand, ack each so the producer paces itself."""
-    ends = []
-    async with Sidecar(rank) as sc:
-        for k in range(n):
-            item = await sc.recv(f"{prefix}-{k}", timeout=300)
-            ends.append(time.perf_counter())
-            assert item is not None
-            del item
-            await sc.mark_done(f"{prefix}-{k}")
-            await sc.send(k, f"{prefix}-ack-{k}", [[ack_rank]])
-    print(json.dumps(ends), flush=True)
 
 
 def pickle_server_role(port: int) -> None:
@@ -375,46 +364,6 @@ async def bench_small(sc: Sidecar, dst_rank: int, label: str, n: int) -> tuple[s
     return label, lat[len(lat) // 2], lat[min(len(lat) - 1, int(len(lat) * 0.99))]
 
 
-def start_sidecars(url: str, log_dir: Path) -> list[subprocess.Popen[bytes]]:
-    procs = []
-    secret = log_dir / "sidecar-secret"  # cross-node transfers need the cluster's peer secret
-    secret.write_text(os.urandom(24).hex())
-    secret.chmod(0o600)
-    binary = str(Path(sys.executable).parent / "cornserve-sidecar")
-    for rank, node in ((0, "node-a"), (1, "node-a"), (2, "node-b")):
-        log = open(log_dir / f"sidecar-{rank}.log", "wb")  # noqa: SIM115
-        cmd = [
-            binary,
-            "--rank",
-            str(rank),
-            "--node",
-            node,
-            "--nats-url",
-            url,
-            "--arena-bytes",
-            str(1200 * MiB),
-            "--peer-secret-file",
-            str(secret),
-            "--prefault",  # commit the arena up front: no first-touch page faults inside timed sends
-        ]
-        procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
-    return procs
-
-
-async def wait_sidecars() -> None:
-    for rank in (0, 1, 2):
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                async with Sidecar(rank, timeout=2) as sc:
-                    await sc.info()
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.2)
-
-
 async def main_bench(skip_ray: bool, quick: bool, only_mib: list[int] | None, small_n: int | None) -> None:
     sizes = [(size, max(3, reps // 3)) for size, reps in SIZES] if quick else SIZES
     if only_mib is not None:
@@ -426,9 +375,10 @@ async def main_bench(skip_ray: bool, quick: bool, only_mib: list[int] | None, sm
     with NatsServerProcess() as nats_srv:
         os.environ["CORNSERVE_NATS_URL"] = nats_srv.url
         log_dir = nats_srv.store_dir
-        sidecars = start_sidecars(nats_srv.url, log_dir)
+        servers = [Server(0), Server(1), Server(2, node="node-b")]
+        sidecars = start_sidecars(nats_srv.url, log_dir, servers, 1200 * MiB)
         try:
-            await wait_sidecars()
+            await wait_sidecars([0, 1, 2])
             async with Sidecar(0) as sc, Sidecar(0, direct_sends=False) as via_own:
                 for size, reps in sizes:
                     print(f"size {size // MiB} MiB ...", file=sys.stderr, flush=True)
@@ -465,10 +415,7 @@ async def main_bench(skip_ray: bool, quick: bool, only_mib: list[int] | None, sm
                         rows.append(ray_bench.run(size, reps))
                     ray_bench.close()
         finally:
-            for p in sidecars:
-                p.terminate()
-            for p in sidecars:
-                p.wait(timeout=30)
+            stop_sidecars(sidecars)
 
     print(
         f"\nHost: {os.cpu_count()} CPUs, torch {torch.__version__}, torch threads {torch.get_num_threads()}\n"

@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -143,27 +144,40 @@ class Version:
         return [e - s for s, e in zip(starts, ends, strict=True)]
 
 
+@dataclass
+class Server:
+    """One sidecar server to start: its rank and node, whose interpreter's `cornserve-sidecar`, its env."""
+
+    rank: int
+    node: str = "node-a"
+    python: str = sys.executable
+    env: dict[str, str] | None = None
+
+
 def start_sidecars(
-    url: str,
-    work: Path,
-    pythons: dict[str, str],
-    ranks: dict[str, tuple[int, int]],
-    arena: int,
-    envs: dict[str, dict[str, str]] | None = None,
+    url: str, work: Path, servers: list[Server], arena_bytes: int
 ) -> list[subprocess.Popen[bytes]]:
+    """Start the servers with one peer secret (cross-node transfers need it), logs in ``work``."""
     secret = work / "sidecar-secret"
     secret.write_text(os.urandom(24).hex())
     secret.chmod(0o600)
     procs = []
-    for label, python in pythons.items():
-        binary = str(Path(python).parent / "cornserve-sidecar")
-        for rank in ranks[label]:
-            log = open(work / f"sidecar-{rank}.log", "wb")  # noqa: SIM115
-            cmd = [binary, "--rank", str(rank), "--node", "node-a", "--nats-url", url]
-            cmd += ["--arena-bytes", str(arena), "--peer-secret-file", str(secret), "--prefault"]
-            env = None if envs is None else envs[label]
-            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
+    for server in servers:
+        binary = str(Path(server.python).parent / "cornserve-sidecar")
+        cmd = [binary, "--rank", str(server.rank), "--node", server.node, "--nats-url", url]
+        cmd += ["--arena-bytes", str(arena_bytes), "--peer-secret-file", str(secret)]
+        cmd.append("--prefault")  # commit the arena up front: no first-touch page faults inside timed sends
+        log = open(work / f"sidecar-{server.rank}.log", "wb")  # noqa: SIM115
+        procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=server.env))
     return procs
+
+
+def stop_sidecars(procs: list[subprocess.Popen[bytes]]) -> None:
+    """Stop the servers and wait for them (each removes its arena and socket at stop)."""
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        p.wait(timeout=30)
 
 
 async def wait_sidecars(ranks: list[int], timeout_s: float = 60.0) -> None:
@@ -248,7 +262,10 @@ def main() -> None:
         for env in envs.values():
             env["CORNSERVE_NATS_URL"] = nats_srv.url
         work = nats_srv.store_dir
-        sidecars = start_sidecars(nats_srv.url, work, pythons, ranks, arena, envs)
+        servers = [
+            Server(rank, python=pythons[label], env=envs[label]) for label in pythons for rank in ranks[label]
+        ]
+        sidecars = start_sidecars(nats_srv.url, work, servers, arena)
         try:
             asyncio.run(wait_sidecars([0, 1, 2, 3]))
             versions = [
@@ -259,10 +276,7 @@ def main() -> None:
                     v.run(min(args.block, len(sequence) - start))
             times = {v.label: v.times() for v in versions}
         finally:
-            for p in sidecars:
-                p.terminate()
-            for p in sidecars:
-                p.wait(timeout=30)
+            stop_sidecars(sidecars)
 
     print(
         f"\nthis: {Path(__file__).resolve().parent.parent}  baseline: {Path(args.baseline_checkout).resolve()}"
