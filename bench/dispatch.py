@@ -213,14 +213,22 @@ async def floor_target(client: CornserveClient) -> Target:
     return Target(FLOOR, base + "/invoke", body)
 
 
+APPS = {TWO_STAGE_APP: PIPELINE_APP, ONE_STAGE_APP: SINGLE_APP}
+"""The benchmark's apps by name: their sources."""
+
+
+async def set_up_apps(client: CornserveClient, names: list[str]) -> None:
+    """Upload the task library, then register the apps `names` (each ready once its tasks are deployed)."""
+    lib = await client.add_tasklib(TASKLIB_NAME, (BENCH_DIR / "dispatch_tasklib.py").read_text())
+    logger.info("task library %s uploaded: %s", TASKLIB_NAME, lib.unit_tasks)
+    for name in names:
+        await register_app(client, name, APPS[name])
+
+
 async def bench_cornserve(url: str, token: str, args: argparse.Namespace) -> list[Result]:
     """Upload the task library, register both apps, measure them and the floor."""
     async with CornserveClient(url, timeout_s=600, token=token) as client:
-        source = (BENCH_DIR / "dispatch_tasklib.py").read_text()
-        lib = await client.add_tasklib(TASKLIB_NAME, source)
-        logger.info("task library %s uploaded: %s", TASKLIB_NAME, lib.unit_tasks)
-        await register_app(client, TWO_STAGE_APP, PIPELINE_APP)
-        await register_app(client, ONE_STAGE_APP, SINGLE_APP)
+        await set_up_apps(client, [TWO_STAGE_APP, ONE_STAGE_APP])
         floor = await floor_target(client)
 
     def app_body(seed: int) -> dict[str, Any]:

@@ -35,20 +35,17 @@ from cornserve.runtime.process import free_port
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 from cluster_ab import Cluster  # noqa: E402
-from dispatch import ONE_STAGE_APP, TASKLIB_NAME, TWO_STAGE_APP, Target, call_once, register_app  # noqa: E402
-from dispatch_tasklib import PIPELINE_APP, SINGLE_APP  # noqa: E402
+from dispatch import ONE_STAGE_APP, TWO_STAGE_APP, Target, call_once, set_up_apps  # noqa: E402
 from paired import bootstrap_median  # noqa: E402
 
-APPS = {"two-stage": (TWO_STAGE_APP, PIPELINE_APP), "one-stage": (ONE_STAGE_APP, SINGLE_APP)}
+APPS = {"two-stage": TWO_STAGE_APP, "one-stage": ONE_STAGE_APP}
+"""The `--apps` choices: the app names of `bench/dispatch.py`."""
 
 
 async def set_up(cluster: Cluster, apps: list[str]) -> None:
-    """Upload the task library and register the apps (each ready once its tasks are deployed)."""
+    """The task library and the apps on one cluster (`dispatch.set_up_apps`)."""
     async with CornserveClient(cluster.url, timeout_s=600, token=cluster.token) as client:
-        await client.add_tasklib(TASKLIB_NAME, (BENCH_DIR / "dispatch_tasklib.py").read_text())
-        for app in apps:
-            name, source = APPS[app]
-            await register_app(client, name, source)
+        await set_up_apps(client, [APPS[app] for app in apps])
 
 
 def report(app: str, times: dict[str, list[float | None]]) -> None:
@@ -96,7 +93,7 @@ async def run(args: argparse.Namespace) -> int:
         targets = {
             (c.label, app): Target(
                 app,
-                f"{c.url}/apps/{APPS[app][0]}/invoke",
+                f"{c.url}/apps/{APPS[app]}/invoke",
                 lambda seed: {"seed": seed},
                 {"Authorization": f"Bearer {c.token}"},
             )

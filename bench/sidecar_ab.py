@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import json
 import os
+import select
 import statistics
 import subprocess
 import sys
@@ -34,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 KiB = 1024
+LINE_TIMEOUT_S = 300.0
+"""Bound on a producer's answer (its start, or a block of transfers: each is bounded by its own timeouts)."""
 SMALL_OBJECT_MAX = 64 * KiB
 """Up to this size a transfer is a ``bytes`` object (as the small rows of `bench/sidecar.py`);
 bigger ones are float32 tensors."""
@@ -121,7 +124,12 @@ class Version:
         self._expect("ready")
 
     def _expect(self, word: str) -> None:
+        """The producer's next line must be ``word``, within `LINE_TIMEOUT_S` (a hung version fails the run)."""
         assert self.producer.stdout is not None
+        ready, _, _ = select.select([self.producer.stdout], [], [], LINE_TIMEOUT_S)
+        if not ready:
+            self.producer.kill()
+            raise SystemExit(f"{self.label} producer said nothing within {LINE_TIMEOUT_S:g} s")
         line = self.producer.stdout.readline().strip()
         if line != word:
             raise SystemExit(
