@@ -467,9 +467,11 @@ class ChatServer:
             headers |= PUBLISHED_HEADERS
         response = web.StreamResponse(headers=headers)
         await response.prepare(request)
-        sink: ChunkSink = SseChunks(response)
-        if target is not None and self.publisher is not None:
-            sink = self.publisher.chunks(target, response)
+        sink: ChunkSink = (
+            self.publisher.chunks(target, response)
+            if target is not None and self.publisher is not None
+            else SseChunks(response)
+        )
         lines = ChunkLines(completion.id, completion.created, completion.model)
         # The chunks of one piece leave together: the role chunk with the first token, the last
         # token with the finish and usage chunks and the end (one socket write or one message, and
