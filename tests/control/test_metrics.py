@@ -24,6 +24,8 @@ from cornserve.bus.control import DISPATCHER_SERVICE_NAME, RM_SERVICE_NAME, TM_S
 from cornserve.bus.subjects import SIDECAR_SERVICE_NAME
 from cornserve.cli.launcher import STATE_FILE, LocalCluster
 
+pytestmark = pytest.mark.slow  # a whole `cornserve up` cluster for the module
+
 PIPE, ROWS = "metrics-pipe", "metrics-rows"
 SENT = 5
 """Invocations per app between the two scrapes."""

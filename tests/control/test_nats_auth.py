@@ -77,6 +77,12 @@ async def connect(auth_nats: tuple[NatsServerProcess, NatsAuth]) -> AsyncIterato
         await nc.close()
 
 
+DENIED_WAIT_S = 0.5
+"""How long a denied JetStream request waits for the answer that never comes. Short: what proves
+the denial is the server's permissions violation (`violation`), not the timeout; an allowed request
+would be answered well within it, or fail the violation check if it were slower."""
+
+
 async def violation(nc: Client, text: str) -> str:
     """The permissions violation the server reported to `nc` (it arrives as an async error)."""
 
@@ -157,7 +163,7 @@ async def test_only_the_gateway_writes_apps_and_task_libraries(
     gateway = await connect(GATEWAY)
     await (await open_bucket(gateway, bucket)).put("lib", b"from the gateway")
     other = await connect(role)
-    js = other.jetstream(timeout=2.0)
+    js = other.jetstream(timeout=DENIED_WAIT_S)
     with pytest.raises(nats.errors.TimeoutError):  # the server drops it: no ack comes (a timeout)
         await js.publish(f"$KV.{bucket}.lib", b"evil")
     await violation(other, f"$kv.{bucket}.lib".lower())
@@ -175,7 +181,7 @@ async def test_executors_read_task_libraries_but_touch_no_other_bucket(connect: 
     assert "readable" in await tasklibs.keys()
     for bucket in (KV_APPS, KV_DEPLOYMENTS):
         with pytest.raises(nats.errors.TimeoutError):  # denied: no answer (a timeout)
-            await executor.jetstream(timeout=2.0).key_value(bucket)
+            await executor.jetstream(timeout=DENIED_WAIT_S).key_value(bucket)
         await violation(executor, f"kv_{bucket}")
 
 
@@ -183,7 +189,9 @@ async def test_no_role_can_create_a_stream_capturing_control_subjects(connect: C
     for role in (EXECUTOR, DISPATCHER, GATEWAY):
         nc = await connect(role)
         with pytest.raises(nats.errors.TimeoutError):  # denied: no answer (a timeout)
-            await nc.jetstream(timeout=2.0).add_stream(StreamConfig(name="sniff", subjects=["cornserve.>"]))
+            await nc.jetstream(timeout=DENIED_WAIT_S).add_stream(
+                StreamConfig(name="sniff", subjects=["cornserve.>"])
+            )
         await violation(nc, "$js.api.stream.create.sniff")
 
 

@@ -30,7 +30,7 @@ def eric_command(model_dir: str, modality: str, batch: int, port: int, rank: int
     )  # fmt: skip
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def eric_cluster(
     nats_url: str, tiny_checkpoint: TinyCheckpoint, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[EricSetup]:

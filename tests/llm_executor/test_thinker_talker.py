@@ -37,6 +37,8 @@ from cornserve.task import DataForward, Stream, Tensor
 from cornserve.task.builtins import EmbedsGenerationRequest, HiddenStatesTarget, TalkerChunk
 from cornserve.task.builtins.thinker_talker import GENERATE_FROM_EMBEDS_PATH, HIDDEN_STATES_FIELD
 
+pytestmark = pytest.mark.slow  # a thinker and a talker executor for the module
+
 HIDDEN = 64
 ARENA_CHUNKS = 4
 ARENA_BYTES = ARENA_CHUNKS * HIDDEN * 4

@@ -37,6 +37,7 @@ from cornserve.runtime.detached import DetachedGroups
 from cornserve.runtime.process import pid_alive
 
 
+@pytest.mark.slow
 async def test_shared_task_deploys_once_and_is_torn_down_with_its_last_user(
     start_rm: StartRM, nc: Client
 ) -> None:
@@ -95,6 +96,7 @@ async def test_shared_task_deploys_once_and_is_torn_down_with_its_last_user(
     await events_sub.unsubscribe()
 
 
+@pytest.mark.slow
 async def test_deploy_errors_free_everything(start_rm: StartRM) -> None:
     rm = await start_rm()
     big = echo_task("big", devices=CPU_SLOTS + 1)
@@ -119,6 +121,7 @@ async def test_deploy_errors_free_everything(start_rm: StartRM) -> None:
     await wait_gone([*tm_pids(broken.deployment_key), *tm_pids(ok.deployment_key)])
 
 
+@pytest.mark.slow
 async def test_scale_up_and_down(start_rm: StartRM) -> None:
     rm = await start_rm()
     task = echo_task("scale")

@@ -269,6 +269,7 @@ async def test_shutdown_stops_executors_and_exits(start_tm: StartTM) -> None:
     await wait_gone(pids)
 
 
+@pytest.mark.slow  # test_shutdown_stops_executors_and_exits covers the same stop in the default suite
 async def test_sigterm_stops_executors(start_tm: StartTM) -> None:
     tm = await start_tm("sigterm")
     await tm.assign(assignment(("e0", 0)))

@@ -65,6 +65,7 @@ async def post(session: aiohttp.ClientSession, url: str, payload: dict[str, obje
         return response.status, await response.text()
 
 
+@pytest.mark.slow  # two stand-in vLLM processes each
 async def test_stand_in_refuses_like_vllm_0_33(tmp_path: Path, session: aiohttp.ClientSession) -> None:
     limits = json.dumps({"image": 0, "video": 0})
     proc, url = await start_fake(tmp_path, "0.33.0", "--enable-mm-embeds", "--limit-mm-per-prompt", limits)
@@ -88,6 +89,7 @@ async def test_stand_in_refuses_like_vllm_0_33(tmp_path: Path, session: aiohttp.
         proc.stop()
 
 
+@pytest.mark.slow
 async def test_stand_in_refuses_like_vllm_0_15(tmp_path: Path, session: aiohttp.ClientSession) -> None:
     limits = json.dumps({"image": 0, "video": 0})
     proc, url = await start_fake(tmp_path, "0.15.1", "--enable-mm-embeds", "--limit-mm-per-prompt", limits)
