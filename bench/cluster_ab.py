@@ -61,14 +61,16 @@ class Cluster:
     def __post_init__(self) -> None:
         self.log = self.state_dir.parent / f"{self.label}.log"
 
-    def start(self, cpu_slots: int) -> None:
+    def start(self, cpu_slots: int, env: dict[str, str] | None = None) -> None:
         cli = self.checkout / ".venv" / "bin" / "cornserve"
         if not cli.exists():
             raise SystemExit(f"{cli} does not exist: run `uv sync --locked` in {self.checkout} first")
         args = [str(cli), "up", "--state-dir", str(self.state_dir), "--port", str(self.port)]
         args += ["--cpu-slots", str(cpu_slots)]
         with self.log.open("wb") as out:
-            self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env
+            )
 
     async def wait_up(self, timeout_s: float) -> None:
         """Until the state dir names the gateway and it answers `/health` (the process dying is fatal)."""

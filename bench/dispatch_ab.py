@@ -10,8 +10,11 @@ per-request difference is the change.
 
     uv run --group bench python bench/dispatch_ab.py --baseline-checkout ../main --requests 1000
 
-Requests are sequential (concurrency 1: the latency path; `bench/dispatch.py` measures throughput).
-Every reply's sum is checked. Prints each cluster's p50 and p99 per app and the paired median of
+Requests are sequential by default (concurrency 1: the latency path). With `--concurrency N` each
+block sends its requests N at a time instead, and the pairs are blocks, not requests: per block,
+each cluster's requests per second and the CPU time its processes (everything `cornserve up`
+started, read from /proc) spent per request; the paired medians of their ratio and difference say
+whether a change moved throughput or its cost. Every reply's sum is checked. Prints each cluster's p50 and p99 per app and the paired median of
 (this - baseline) with a bootstrap 95% interval. Run it with this checkout as the baseline too (an
 A/A) and both ways (`--baseline-first`) to see how large a difference one run can establish.
 """
@@ -20,11 +23,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -35,8 +40,9 @@ from cornserve.runtime.process import free_port
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 from cluster_ab import Cluster  # noqa: E402
-from dispatch import ONE_STAGE_APP, TWO_STAGE_APP, Target, call_once, set_up_apps  # noqa: E402
-from paired import bootstrap_median  # noqa: E402
+from dispatch import ONE_STAGE_APP, TWO_STAGE_APP, Target, call_once, run_concurrent, set_up_apps  # noqa: E402
+from dispatch_cpu import cpu_seconds, descendants  # noqa: E402
+from paired import bootstrap_median, with_settings  # noqa: E402
 
 APPS = {"two-stage": TWO_STAGE_APP, "one-stage": ONE_STAGE_APP}
 """The `--apps` choices: the app names of `bench/dispatch.py`."""
@@ -68,6 +74,42 @@ def report(app: str, times: dict[str, list[float | None]]) -> None:
     )
 
 
+@dataclass
+class Block:
+    """One block of concurrent requests through one cluster."""
+
+    requests_per_s: float
+    cpu_ms_per_request: float
+
+
+def report_blocks(app: str, blocks: dict[str, list[Block | None]]) -> None:
+    """Each cluster's median throughput and CPU per request, and the paired medians (blocks with errors apart)."""
+    pairs = [(a, b) for a, b in zip(blocks["this"], blocks["baseline"], strict=True) if a and b]
+    print(f"\n{app}: {len(pairs)} blocks through both clusters")
+    print("| | this | baseline | this / baseline (rate) or this - baseline (CPU), paired median [95% CI] |")
+    print("|---|---:|---:|---:|")
+    if not pairs:
+        print("| - | - | - | no block succeeded in both clusters |")
+        return
+    for name, unit, get, combine, fmt in (
+        ("requests/s", "", lambda b: b.requests_per_s, lambda x, y: x / y, "{:.3f}x"),
+        ("CPU ms per request", "", lambda b: b.cpu_ms_per_request, lambda x, y: x - y, "{:+.3f}"),
+    ):
+        this = statistics.median(get(a) for a, _ in pairs)
+        base = statistics.median(get(b) for _, b in pairs)
+        values = [combine(get(a), get(b)) for a, b in pairs]
+        low, high = bootstrap_median(values)
+        mid = statistics.median(values)
+        print(
+            f"| {name}{unit} | {this:.2f} | {base:.2f} | {fmt.format(mid)} [{fmt.format(low)}, {fmt.format(high)}] |"
+        )
+
+
+def tree_cpu_s(pids: list[int]) -> float:
+    """CPU seconds (user + system) of `pids` so far."""
+    return sum(cpu_seconds(pid) for pid in pids)
+
+
 async def run(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="cornserve-bench-dispatch-ab-"))
     clusters = [
@@ -84,7 +126,10 @@ async def run(args: argparse.Namespace) -> int:
     try:
         for c in clusters[::-1] if args.baseline_first else clusters:
             c.state_dir.parent.mkdir(parents=True)
-            c.start(args.cpu_slots)
+            option, settings = (
+                ("--this-env", args.this_env) if c.label == "this" else ("--baseline-env", args.baseline_env)
+            )
+            c.start(args.cpu_slots, with_settings(dict(os.environ), option, settings))
             await c.wait_up(args.start_timeout_s)
             await set_up(c, apps)
             print(
@@ -103,8 +148,14 @@ async def run(args: argparse.Namespace) -> int:
         times: dict[str, dict[str, list[float | None]]] = {
             app: {c.label: [] for c in clusters} for app in apps
         }
+        blocks: dict[str, dict[str, list[Block | None]]] = {
+            app: {c.label: [] for c in clusters} for app in apps
+        }
         rng = random.Random(7)
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
+        connector = aiohttp.TCPConnector(limit=max(100, args.concurrency))
+        async with aiohttp.ClientSession(
+            connector=connector, timeout=aiohttp.ClientTimeout(total=60)
+        ) as http:
             for app in apps:  # warm-up: first requests pay lazy initialisation
                 for c in clusters:
                     for seed in range(args.warmup):
@@ -112,11 +163,30 @@ async def run(args: argparse.Namespace) -> int:
                         if error is not None:
                             raise SystemExit(f"{c.label}: a warm-up request of {app} failed: {error}")
             print(f"running {args.requests} requests x {len(apps)} app(s) x 2 clusters ...", flush=True)
+            # Every process the cluster started, executors included (they exist after the warm-up).
+            pids = {c.label: [c.proc.pid, *descendants(c.proc.pid)] for c in clusters if c.proc is not None}
+            if args.concurrency > 1:
+                print(", ".join(f"{k}: {len(v)} processes" for k, v in pids.items()), flush=True)
             for n, first in enumerate(range(0, args.requests, args.block)):
                 for app in apps:
                     order = clusters if (n + apps.index(app)) % 2 == 0 else clusters[::-1]
                     for c in order:
-                        for k in range(first, min(first + args.block, args.requests)):
+                        seeds = range(first, min(first + args.block, args.requests))
+                        if args.concurrency > 1:
+                            errors: list[str] = []
+                            cpu0, started = tree_cpu_s(pids[c.label]), time.perf_counter()
+                            ok = await run_concurrent(
+                                http, targets[(c.label, app)], seeds, args.concurrency, errors
+                            )
+                            elapsed, cpu = time.perf_counter() - started, tree_cpu_s(pids[c.label]) - cpu0
+                            failures += len(errors)
+                            for error in errors[:3]:
+                                print(f"  {c.label} {app} block {n}: {error}", flush=True)
+                            blocks[app][c.label].append(
+                                None if errors else Block(ok / elapsed, cpu * 1e3 / len(seeds))
+                            )
+                            continue
+                        for k in seeds:
                             started = time.perf_counter()
                             error = await call_once(http, targets[(c.label, app)], k)
                             elapsed = time.perf_counter() - started
@@ -130,8 +200,14 @@ async def run(args: argparse.Namespace) -> int:
         for c in clusters:
             c.stop()
     print(f"\nthis: {clusters[0].checkout}  baseline: {clusters[1].checkout}")
+    for label, settings in (("this", args.this_env), ("baseline", args.baseline_env)):
+        if settings:
+            print(f"{label} with {' '.join(settings)}")
     for app in apps:
-        report(app, times[app])
+        if args.concurrency > 1:
+            report_blocks(app, blocks[app])
+        else:
+            report(app, times[app])
     print(f"\nerrors: {failures}")
     return 1 if failures else 0
 
@@ -152,6 +228,23 @@ def main() -> None:
         default=20,
         help="requests of one cluster back to back before the other's (default 20; 1 alternates every "
         "request, which times each one after that cluster idled while the other served)",
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        help="requests in flight within a block (default 1: sequential, paired by request); above 1 "
+        "the blocks are paired, by throughput and CPU per request (use a --block of a few hundred)",
+    )
+    parser.add_argument(
+        "--this-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set in this cluster's `cornserve up` and so in every process it starts (repeatable)",
+    )
+    parser.add_argument(
+        "--baseline-env", action="append", default=[], metavar="KEY=VALUE", help="the same for the baseline"
     )
     parser.add_argument(
         "--gap-s", type=float, default=0.0, help="mean pause between requests (default none: back to back)"

@@ -1,4 +1,5 @@
-"""Statistics of paired A/B benchmarks (`cluster_ab.py`, `sidecar_ab.py`): one place, one method."""
+"""Paired A/B benchmarks (`cluster_ab.py`, `sidecar_ab.py`, `dispatch_ab.py`): their statistics and
+their per-version settings, one place, one method."""
 
 from __future__ import annotations
 
@@ -11,3 +12,14 @@ def bootstrap_median(values: list[float], rounds: int = 2000, seed: int = 3) -> 
     rng = random.Random(seed)
     meds = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(rounds))
     return meds[int(0.025 * rounds)], meds[int(0.975 * rounds)]
+
+
+def with_settings(base: dict[str, str], option: str, settings: list[str]) -> dict[str, str]:
+    """`base` plus the KEY=VALUE `settings` of one version's `option` (`--this-env`, `--baseline-env`)."""
+    env = dict(base)
+    for setting in settings:
+        key, sep, value = setting.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"{option} {setting!r}: expected KEY=VALUE")
+        env[key] = value
+    return env

@@ -245,7 +245,7 @@ def main() -> None:
     sizes = [int(s) * KiB for s in args.sizes_kib.split(",")]
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from paired import bootstrap_median
+    from paired import bootstrap_median, with_settings
 
     from cornserve.cli.natsserver import NatsServerProcess
 
@@ -255,13 +255,10 @@ def main() -> None:
         raise SystemExit(f"{base_python} is missing: run `uv sync` in the baseline checkout first")
     pythons = {"this": this_python, "baseline": base_python}
     ranks = {"this": (0, 1), "baseline": (2, 3)}
-    envs = {label: dict(os.environ) for label in pythons}
-    for label, settings in (("this", args.this_env), ("baseline", args.baseline_env)):
-        for setting in settings:
-            key, sep, value = setting.partition("=")
-            if not sep or not key:
-                raise SystemExit(f"--{label}-env {setting!r}: expected KEY=VALUE")
-            envs[label][key] = value
+    envs = {
+        "this": with_settings(dict(os.environ), "--this-env", args.this_env),
+        "baseline": with_settings(dict(os.environ), "--baseline-env", args.baseline_env),
+    }
     # Each size's transfers in one block, warm-up first; both versions run the same sequence.
     sequence = [size for size in sizes for _ in range(args.warmup + args.transfers)]
     arena = max(64 * KiB * KiB, 8 * max(sizes))
