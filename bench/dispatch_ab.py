@@ -42,7 +42,7 @@ sys.path.insert(0, str(BENCH_DIR))
 from cluster_ab import Cluster  # noqa: E402
 from dispatch import ONE_STAGE_APP, TWO_STAGE_APP, Target, call_once, run_concurrent, set_up_apps  # noqa: E402
 from dispatch_cpu import cpu_seconds, descendants  # noqa: E402
-from paired import bootstrap_median, with_settings  # noqa: E402
+from paired import add_setting_options, bootstrap_median, with_settings  # noqa: E402
 
 APPS = {"two-stage": TWO_STAGE_APP, "one-stage": ONE_STAGE_APP}
 """The `--apps` choices: the app names of `bench/dispatch.py`."""
@@ -236,16 +236,7 @@ def main() -> None:
         help="requests in flight within a block (default 1: sequential, paired by request); above 1 "
         "the blocks are paired, by throughput and CPU per request (use a --block of a few hundred)",
     )
-    parser.add_argument(
-        "--this-env",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="set in this cluster's `cornserve up` and so in every process it starts (repeatable)",
-    )
-    parser.add_argument(
-        "--baseline-env", action="append", default=[], metavar="KEY=VALUE", help="the same for the baseline"
-    )
+    add_setting_options(parser, "`cornserve up`, so in every process of its cluster (repeatable)")
     parser.add_argument(
         "--gap-s", type=float, default=0.0, help="mean pause between requests (default none: back to back)"
     )

@@ -3,6 +3,7 @@ their per-version settings, one place, one method."""
 
 from __future__ import annotations
 
+import argparse
 import random
 import statistics
 
@@ -23,3 +24,13 @@ def with_settings(base: dict[str, str], option: str, settings: list[str]) -> dic
             raise SystemExit(f"{option} {setting!r}: expected KEY=VALUE")
         env[key] = value
     return env
+
+
+def add_setting_options(parser: argparse.ArgumentParser, where: str) -> None:
+    """`--this-env` and `--baseline-env` (repeatable KEY=VALUE), set `where` for one version only."""
+    parser.add_argument(
+        "--this-env", action="append", default=[], metavar="KEY=VALUE", help=f"set in this version's {where}"
+    )
+    parser.add_argument(
+        "--baseline-env", action="append", default=[], metavar="KEY=VALUE", help="the same for the baseline"
+    )

@@ -231,21 +231,12 @@ def main() -> None:
         "transfer, which times each one after the machine idled while the driver switched)",
     )
     parser.add_argument("--sizes-kib", default="1,1024", help="comma-separated sizes in KiB (default 1,1024)")
-    parser.add_argument(
-        "--this-env",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="set in this version's servers and clients (repeatable), e.g. CORNSERVE_EVENT_LOOP=uvloop",
-    )
-    parser.add_argument(
-        "--baseline-env", action="append", default=[], metavar="KEY=VALUE", help="the same for the baseline"
-    )
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from paired import add_setting_options, bootstrap_median, with_settings
+
+    add_setting_options(parser, "servers and clients (repeatable), e.g. CORNSERVE_EVENT_LOOP=uvloop")
     args = parser.parse_args()
     sizes = [int(s) * KiB for s in args.sizes_kib.split(",")]
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from paired import bootstrap_median, with_settings
 
     from cornserve.cli.natsserver import NatsServerProcess
 
