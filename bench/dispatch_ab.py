@@ -10,13 +10,14 @@ per-request difference is the change.
 
     uv run --group bench python bench/dispatch_ab.py --baseline-checkout ../main --requests 1000
 
-Requests are sequential by default (concurrency 1: the latency path). With `--concurrency N` each
-block sends its requests N at a time instead, and the pairs are blocks, not requests: per block,
-each cluster's requests per second and the CPU time its processes (everything `cornserve up`
-started, read from /proc) spent per request; the paired medians of their ratio and difference say
-whether a change moved throughput or its cost. Every reply's sum is checked. Prints each cluster's p50 and p99 per app and the paired median of
-(this - baseline) with a bootstrap 95% interval. Run it with this checkout as the baseline too (an
-A/A) and both ways (`--baseline-first`) to see how large a difference one run can establish.
+Requests are sequential by default (concurrency 1: the latency path); it prints each cluster's p50
+and p99 per app and the paired median of (this - baseline) with a bootstrap 95% interval. With
+`--concurrency N` each block sends its requests N at a time instead, and the pairs are blocks, not
+requests: per block, each cluster's requests per second and the CPU time its processes
+(everything `cornserve up` started, read from /proc) spent per request; the paired medians of
+their ratio and difference say whether a change moved throughput or its cost. Every reply's sum
+is checked. Run it with this checkout as the baseline too (an A/A) and both ways
+(`--baseline-first`) to see how large a difference one run can establish.
 """
 
 from __future__ import annotations
@@ -91,9 +92,9 @@ def report_blocks(app: str, blocks: dict[str, list[Block | None]]) -> None:
     if not pairs:
         print("| - | - | - | no block succeeded in both clusters |")
         return
-    for name, unit, get, combine, fmt in (
-        ("requests/s", "", lambda b: b.requests_per_s, lambda x, y: x / y, "{:.3f}x"),
-        ("CPU ms per request", "", lambda b: b.cpu_ms_per_request, lambda x, y: x - y, "{:+.3f}"),
+    for name, get, combine, fmt in (
+        ("requests/s", lambda b: b.requests_per_s, lambda x, y: x / y, "{:.3f}x"),
+        ("CPU ms per request", lambda b: b.cpu_ms_per_request, lambda x, y: x - y, "{:+.3f}"),
     ):
         this = statistics.median(get(a) for a, _ in pairs)
         base = statistics.median(get(b) for _, b in pairs)
@@ -101,7 +102,7 @@ def report_blocks(app: str, blocks: dict[str, list[Block | None]]) -> None:
         low, high = bootstrap_median(values)
         mid = statistics.median(values)
         print(
-            f"| {name}{unit} | {this:.2f} | {base:.2f} | {fmt.format(mid)} [{fmt.format(low)}, {fmt.format(high)}] |"
+            f"| {name} | {this:.2f} | {base:.2f} | {fmt.format(mid)} [{fmt.format(low)}, {fmt.format(high)}] |"
         )
 
 
@@ -111,6 +112,15 @@ def tree_cpu_s(pids: list[int]) -> float:
 
 
 async def run(args: argparse.Namespace) -> int:
+    if args.concurrency > 1 and (args.gap_s or args.block < args.concurrency):
+        raise SystemExit(
+            "--concurrency above 1 times whole blocks: it takes no --gap-s, and a --block of at least "
+            f"--concurrency ({args.concurrency}; a few hundred gives stable rates)"
+        )
+    apps = [a for a in args.apps.split(",") if a]
+    unknown = set(apps) - set(APPS)
+    if unknown:
+        raise SystemExit(f"unknown app(s) {sorted(unknown)}; choose from {sorted(APPS)}")
     workdir = Path(tempfile.mkdtemp(prefix="cornserve-bench-dispatch-ab-"))
     clusters = [
         Cluster("this", BENCH_DIR.parent, workdir / "this" / "state", free_port()),
@@ -118,10 +128,6 @@ async def run(args: argparse.Namespace) -> int:
             "baseline", Path(args.baseline_checkout).resolve(), workdir / "baseline" / "state", free_port()
         ),
     ]
-    apps = [a for a in args.apps.split(",") if a]
-    unknown = set(apps) - set(APPS)
-    if unknown:
-        raise SystemExit(f"unknown app(s) {sorted(unknown)}; choose from {sorted(APPS)}")
     failures = 0
     try:
         for c in clusters[::-1] if args.baseline_first else clusters:
@@ -129,7 +135,7 @@ async def run(args: argparse.Namespace) -> int:
             option, settings = (
                 ("--this-env", args.this_env) if c.label == "this" else ("--baseline-env", args.baseline_env)
             )
-            c.start(args.cpu_slots, with_settings(dict(os.environ), option, settings))
+            c.start(args.cpu_slots, with_settings(os.environ, option, settings))
             await c.wait_up(args.start_timeout_s)
             await set_up(c, apps)
             print(

@@ -3,10 +3,11 @@
 Starts the same cluster as `bench/dispatch.py` (`LocalCluster`, the `dispatch-bench` task library,
 the two-stage and one-stage apps), warms up, then for each app sends `--requests` requests with
 `--concurrency` in flight and reads every process's CPU time (user + system, from /proc) before
-and after: the table is CPU milliseconds per request by process (the sum is what one request
-costs the machine; on a CPU-bound host its inverse bounds the throughput). With `--py-spy DIR`
-it also records a py-spy profile (raw collapsed stacks, `--nonblocking`) of the gateway, the
-dispatchers and the executors during the throughput phase of each app, one file per process.
+and after: the table is CPU milliseconds per request by process, and how much of it the kernel
+accounted as system time (the sum is what one request costs the machine; on a CPU-bound host its
+inverse bounds the throughput). With `--py-spy DIR` it also records a py-spy profile (raw
+collapsed stacks, `--nonblocking`; `--py-spy-gil` adds `--gil`) of the gateway, the dispatchers
+and the executors during the throughput phase of each app, one file per process.
 
     uv run --group bench python bench/dispatch_cpu.py [--requests 2000] [--py-spy /tmp/prof]
 
@@ -30,15 +31,7 @@ import aiohttp
 
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
-from dispatch import (  # noqa: E402
-    ONE_STAGE_APP,
-    TASKLIB_NAME,
-    TWO_STAGE_APP,
-    Target,
-    register_app,
-    run_concurrent,
-)
-from dispatch_tasklib import PIPELINE_APP, SINGLE_APP  # noqa: E402
+from dispatch import ONE_STAGE_APP, TWO_STAGE_APP, Target, run_concurrent, set_up_apps  # noqa: E402
 
 from cornserve.cli.launcher import LocalCluster  # noqa: E402
 from cornserve.client import CornserveClient  # noqa: E402
@@ -90,13 +83,18 @@ def short_name(argv: list[str]) -> str:
     return os.path.basename(argv[0]) if argv else "?"
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of `pid` so far (0 if it is gone)."""
+def cpu_times(pid: int) -> tuple[float, float]:
+    """User and system CPU time of `pid` so far, in seconds (0, 0 if it is gone)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / TICKS
+        return 0.0, 0.0
+    return int(fields[11]) / TICKS, int(fields[12]) / TICKS
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of `pid` so far (0 if it is gone)."""
+    return sum(cpu_times(pid))
 
 
 async def executor_names(client: CornserveClient) -> dict[int, str]:
@@ -110,9 +108,10 @@ async def executor_names(client: CornserveClient) -> dict[int, str]:
 
 
 def start_py_spy(
-    pids: dict[int, str], out_dir: Path, label: str, seconds: int
+    pids: dict[int, str], out_dir: Path, label: str, seconds: int, gil: bool = False
 ) -> list[subprocess.Popen[bytes]]:
-    """One `py-spy record` per process for `seconds` (raw collapsed stacks)."""
+    """One `py-spy record` per process for `seconds` (raw collapsed stacks); `gil`: only samples
+    taken while a thread holds the GIL (time blocked in a call that releases it is left out)."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     procs = []
     for pid, name in pids.items():
@@ -122,6 +121,7 @@ def start_py_spy(
                 [
                     spy,
                     "record",
+                    *(["--gil"] if gil else []),
                     "--nonblocking",
                     "-r",
                     "200",
@@ -163,35 +163,36 @@ async def phase(
                 for p, n in names.items()
                 if n.startswith(("cornserve.gateway", "dispatcher", "executor"))
             }
-            spies = start_py_spy(watched, args.py_spy, app, args.py_spy_seconds)
+            spies = start_py_spy(watched, args.py_spy, app, args.py_spy_seconds, args.py_spy_gil)
             await asyncio.sleep(1.0)  # py-spy attaches
-        before = {pid: cpu_seconds(pid) for pid in names}
+        before = {pid: cpu_times(pid) for pid in names}
         own_before = time.process_time()
         start = time.perf_counter()
         ok = await run_concurrent(http, target, range(args.requests), args.concurrency, errors)
         wall = time.perf_counter() - start
         own = time.process_time() - own_before
-        after = {pid: cpu_seconds(pid) for pid in names}
+        after = {pid: cpu_times(pid) for pid in names}
         for spy in spies:
             spy.wait(timeout=args.py_spy_seconds + 60)
-    per_request = {pid: (after[pid] - before[pid]) * 1e3 / max(ok, 1) for pid in names}
+    scale = 1e3 / max(ok, 1)
+    user = {pid: (after[pid][0] - before[pid][0]) * scale for pid in names}
+    system = {pid: (after[pid][1] - before[pid][1]) * scale for pid in names}
     print(f"\n{app}: {ok} ok, {len(errors)} error(s), {ok / wall:.1f} req/s at c={args.concurrency}")
-    print("| process | CPU ms per request |")
-    print("|---|---:|")
-    for pid, ms in sorted(per_request.items(), key=lambda kv: -kv[1]):
-        if ms >= 0.005:
-            print(f"| {names[pid]} | {ms:.3f} |")
-    print(f"| benchmark client | {own * 1e3 / max(ok, 1):.3f} |")
-    print(f"| **total (cluster)** | **{sum(per_request.values()):.3f}** |")
+    print("| process | CPU ms per request | of which system |")
+    print("|---|---:|---:|")
+    for pid in sorted(names, key=lambda p: -(user[p] + system[p])):
+        if user[pid] + system[pid] >= 0.005:
+            print(f"| {names[pid]} | {user[pid] + system[pid]:.3f} | {system[pid]:.3f} |")
+    print(f"| benchmark client | {own * scale:.3f} | |")
+    total_system = sum(system.values())
+    print(f"| **total (cluster)** | **{sum(user.values()) + total_system:.3f}** | **{total_system:.3f}** |")
     for message in errors[:5]:
         print("  error:", message)
 
 
 async def drive(url: str, token: str, args: argparse.Namespace) -> None:
     async with CornserveClient(url, timeout_s=600, token=token) as client:
-        await client.add_tasklib(TASKLIB_NAME, (BENCH_DIR / "dispatch_tasklib.py").read_text())
-        await register_app(client, TWO_STAGE_APP, PIPELINE_APP)
-        await register_app(client, ONE_STAGE_APP, SINGLE_APP)
+        await set_up_apps(client, [TWO_STAGE_APP, ONE_STAGE_APP])
         executors = await executor_names(client)
     names = descendants(os.getpid())
     names.update({pid: name for pid, name in executors.items() if pid in names})
@@ -209,6 +210,9 @@ def main() -> None:
     parser.add_argument("--apps", nargs="+", default=[TWO_STAGE_APP, ONE_STAGE_APP])
     parser.add_argument("--py-spy", type=Path, default=None, help="directory for py-spy profiles")
     parser.add_argument("--py-spy-seconds", type=int, default=8)
+    parser.add_argument(
+        "--py-spy-gil", action="store_true", help="profile only while the GIL is held (py-spy --gil)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     if args.py_spy is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
+from collections.abc import Mapping
 
 
 def bootstrap_median(values: list[float], rounds: int = 2000, seed: int = 3) -> tuple[float, float]:
@@ -15,8 +16,8 @@ def bootstrap_median(values: list[float], rounds: int = 2000, seed: int = 3) -> 
     return meds[int(0.025 * rounds)], meds[int(0.975 * rounds)]
 
 
-def with_settings(base: dict[str, str], option: str, settings: list[str]) -> dict[str, str]:
-    """`base` plus the KEY=VALUE `settings` of one version's `option` (`--this-env`, `--baseline-env`)."""
+def with_settings(base: Mapping[str, str], option: str, settings: list[str]) -> dict[str, str]:
+    """A copy of `base` plus the KEY=VALUE `settings` of one version's `option` (`--this-env`, `--baseline-env`)."""
     env = dict(base)
     for setting in settings:
         key, sep, value = setting.partition("=")

@@ -247,8 +247,8 @@ def main() -> None:
     pythons = {"this": this_python, "baseline": base_python}
     ranks = {"this": (0, 1), "baseline": (2, 3)}
     envs = {
-        "this": with_settings(dict(os.environ), "--this-env", args.this_env),
-        "baseline": with_settings(dict(os.environ), "--baseline-env", args.baseline_env),
+        "this": with_settings(os.environ, "--this-env", args.this_env),
+        "baseline": with_settings(os.environ, "--baseline-env", args.baseline_env),
     }
     # Each size's transfers in one block, warm-up first; both versions run the same sequence.
     sequence = [size for size in sizes for _ in range(args.warmup + args.transfers)]
