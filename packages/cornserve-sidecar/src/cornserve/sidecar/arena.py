@@ -117,11 +117,14 @@ def map_arena(name: str, writable: bool, populate: bool = False) -> mmap.mmap:
 
 
 def advise_huge_pages(mm: mmap.mmap) -> None:
-    """Ask for transparent huge pages on the arena.
+    """Ask for transparent huge pages on the arena (fewer page-table entries to fill and walk).
 
-    Copies into 4 KiB tmpfs pages run ~3x slower than into huge-page-backed memory (TLB misses).
-    This only takes effect where /sys/kernel/mm/transparent_hugepage/shmem_enabled is ``advise``
-    (or ``always``); elsewhere the kernel ignores it.
+    Only takes effect where /sys/kernel/mm/transparent_hugepage/shmem_enabled is ``advise`` (or
+    ``always``); elsewhere the kernel ignores it. It is kept because it costs nothing, not for a
+    measured gain: on the 2-vCPU development VM, copies into 2 MiB pages (THP on tmpfs, or hugetlb)
+    showed no consistent difference from copies into 4 KiB pages (`bench/arena_pages.py`: within
+    the runs' own spread, faster in one run of three). What makes a copy into an arena block
+    slower than a repeated in-process memcpy is the block being cold in the cache, not its page size.
     """
     if hasattr(mmap, "MADV_HUGEPAGE") and len(mm) > 0:
         try:
