@@ -8,8 +8,9 @@ slower. This measures the copy alone, in one process, with nothing else in the w
   (the "memcpy" floor row of `bench/sidecar.py`: its destination is warm in the cache);
 - **process memory, rotating**: into successive blocks of a prefaulted `--arena-mib` buffer
   (each copy's destination is cold, as an arena block handed out by the allocator is);
-- **/dev/shm arena, rotating** (and **same block**): a file mapped the way `cornserve.sidecar.arena`
-  maps it (shared, prefaulted, `MADV_HUGEPAGE`; whether that gives huge pages depends on
+- **/dev/shm arena, rotating** (and **same block**): a real sidecar arena (`cornserve.sidecar.arena`:
+  a server's `Arena`, prefaulted as `--prefault` does, mapped writable as a producer's client maps
+  its own with `map_arena`; both `MADV_HUGEPAGE`, whose effect depends on
   `/sys/kernel/mm/transparent_hugepage/shmem_enabled`, printed);
 - **hugetlb 2 MiB pages, rotating** (and **same block**): a shared `MAP_HUGETLB` mapping, only
   when the host has enough huge pages reserved (`vm.nr_hugepages`; reserving them needs root:
@@ -25,9 +26,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import mmap
-import os
+import secrets
 import statistics
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from cornserve.sidecar.arena import advise_huge_pages
+from cornserve.sidecar.arena import Arena, arena_name, map_arena
 
 MIB = 1 << 20
 MAP_HUGETLB = 0x40000
@@ -69,33 +69,33 @@ def as_floats(buffer: mmap.mmap) -> torch.Tensor:
         return torch.frombuffer(buffer, dtype=torch.float32)
 
 
-def shm_arena(size: int) -> tuple[mmap.mmap, Path]:
-    """A /dev/shm file mapped like a sidecar arena: shared, MADV_HUGEPAGE, every page written."""
-    fd, name = tempfile.mkstemp(prefix="cornserve-bench-arena-", dir="/dev/shm")
+def sidecar_arena(size: int) -> tuple[Arena, mmap.mmap]:
+    """A server's arena, prefaulted, and the writable mapping a producer's client would copy into."""
+    arena = Arena(arena_name("bench-arena-pages", 0, secrets.token_hex(4)), size)
     try:
-        os.ftruncate(fd, size)
-        mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
-    finally:
-        os.close(fd)
-    advise_huge_pages(mm)  # as the sidecar does; shmem_enabled decides whether it takes
-    as_floats(mm).zero_()
-    return mm, Path(name)
+        arena.prefault()
+        return arena, map_arena(arena.name, writable=True, populate=True)
+    except BaseException:
+        arena.close()
+        raise
 
 
-def hugetlb(size: int) -> mmap.mmap | None:
-    """A shared anonymous mapping of 2 MiB pages, every page written; None if the host has too few."""
+def hugetlb(size: int) -> tuple[mmap.mmap | None, str]:
+    """A shared anonymous mapping of 2 MiB pages, every page written, or None and why there is none."""
     free = 0
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("HugePages_Free:"):
             free = int(line.split()[1])
     if free * HUGE_PAGE < size:
-        return None
+        return None, (
+            f"{free} free 2 MiB pages, {size // HUGE_PAGE} needed (vm.nr_hugepages; reserving them needs root)"
+        )
     try:
         mm = mmap.mmap(-1, size, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS | MAP_HUGETLB)
-    except OSError:
-        return None
+    except OSError as exc:
+        return None, f"a MAP_HUGETLB mapping of {size} bytes was refused: {exc}"
     as_floats(mm).zero_()
-    return mm
+    return mm, ""
 
 
 def main() -> None:
@@ -109,6 +109,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     sizes = [int(s) for s in args.sizes.split(",")]
+    if any(size <= 0 or size > args.arena_mib for size in sizes):
+        raise SystemExit(
+            f"--sizes {args.sizes}: every size must be from 1 to --arena-mib ({args.arena_mib}) MiB"
+        )
     arena_bytes = args.arena_mib * MIB
     thp = THP_SHMEM.read_text().strip() if THP_SHMEM.exists() else "unknown"
     print(
@@ -116,8 +120,8 @@ def main() -> None:
     )
 
     process = torch.zeros(arena_bytes // 4)
-    shm, shm_path = shm_arena(arena_bytes)
-    huge = hugetlb(arena_bytes)
+    arena, shm = sidecar_arena(arena_bytes)
+    huge, no_huge = hugetlb(arena_bytes)
     views = {"process": process, "shm": as_floats(shm)}
     if huge is not None:
         views["huge"] = as_floats(huge)
@@ -144,13 +148,10 @@ def main() -> None:
             cells = " | ".join(f"{ms:.3f} ({ms / base:.2f}x)" for ms, base in zip(row, floor, strict=True))
             print(f"| {name} | {cells} |")
         if huge is None:
-            print(
-                "\nno hugetlb rows: fewer than "
-                f"{arena_bytes // HUGE_PAGE} free 2 MiB pages (vm.nr_hugepages; reserving them needs root)"
-            )
+            print(f"\nno hugetlb rows: {no_huge}")
     finally:
         views.clear()  # the tensors over the mappings go first, or closing them is refused
-        shm_path.unlink(missing_ok=True)
+        arena.close()  # unlinks the file
         for mapping in (shm, huge):
             if mapping is not None:
                 with contextlib.suppress(BufferError):  # a view still alive: the process exit unmaps it

@@ -15,11 +15,13 @@ exchange the same bytes both ways, and only the transport differs.
   keeps one connection and sends each request as a frame of `cornserve.bus.invoke_channel` (what
   the dispatcher already uses towards executors), matching replies by the frame's request id.
 
-Both run on uvloop when it is installed (as the control plane does). The transports take turns in
-blocks (`--block` requests each, the order alternating), so a moving machine load moves both.
-Reported per transport: p50 of a round trip at concurrency 1, and at `--concurrency N` the
-requests per second and the CPU per request of all three processes (gateway, dispatcher,
-nats-server; user + system from /proc), with the paired medians of the differences.
+Both run on the control plane's event loop (`cornserve.runtime.eventloop`, `auto`: uvloop when
+installed). The transports take turns in blocks (`--block` requests each, the order alternating),
+so a moving machine load moves both. Reported per transport: p50 and p99 of a round trip at
+concurrency 1, requests per second at `--concurrency N`, and at both concurrencies the CPU per
+round trip of each of the three processes (gateway, dispatcher, nats-server; user + system from
+/proc, summed over all blocks: one block is too short for /proc's clock ticks), then the paired
+medians over blocks of the p50 difference and the rate ratio.
 
     uv run --group bench python bench/bus_leg.py [--requests 4000] [--concurrency 32] [--request-bytes 1500]
 """
@@ -30,10 +32,12 @@ import argparse
 import asyncio
 import json
 import os
+import select
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import nats
@@ -41,32 +45,21 @@ from nats.aio.msg import Msg
 
 from cornserve.bus import invoke_channel as wire
 from cornserve.cli.natsserver import NatsServerProcess
+from cornserve.runtime.eventloop import run_on_loop
 from cornserve.runtime.process import free_port
 
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
+from dispatch_cpu import cpu_seconds  # noqa: E402
 from paired import bootstrap_median  # noqa: E402
 
 SUBJECT = "bench.leg.invoke"
 QUEUE = "bench-leg"
 REPLY = json.dumps({"request_id": "r" * 32, "outputs": [None, {"sum": 523776.0}]}).encode()
 TIMEOUT_S = 10.0
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of `pid` so far (from /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
-
-
-def use_uvloop() -> None:
-    """uvloop's policy when installed (the control plane's loop)."""
-    try:
-        import uvloop
-    except ImportError:
-        return
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+"""Deadline of one round trip."""
+READY_TIMEOUT_S = 60.0
+"""Deadline for the dispatcher stand-in to connect and listen."""
 
 
 # ----- the "dispatcher" ----------------------------------------------------------------------------
@@ -160,9 +153,10 @@ class DirectCaller(wire.ChannelProtocol):
             return await future
 
 
-async def run_block(call: object, body: bytes, n: int, concurrency: int) -> tuple[list[float], float]:
+async def run_block(
+    caller: Callable[[bytes], Awaitable[bytes]], body: bytes, n: int, concurrency: int
+) -> tuple[list[float], float]:
     """`n` calls, `concurrency` at a time: (each call's seconds, the block's wall seconds)."""
-    caller = call.call  # type: ignore[attr-defined]
     times: list[float] = []
     left = n
 
@@ -192,7 +186,7 @@ async def drive(args: argparse.Namespace, pids: dict[str, int]) -> None:
     via_nats = NatsCaller(nc)
     await via_nats.start()
     _, direct = await asyncio.get_running_loop().create_connection(DirectCaller, "127.0.0.1", args.port)
-    callers = {"nats": via_nats, "direct": direct}
+    callers: dict[str, Callable[[bytes], Awaitable[bytes]]] = {"nats": via_nats.call, "direct": direct.call}
     body = json.dumps({"invocations": "x" * max(args.request_bytes - 20, 0)}).encode()
     pids = {**pids, "gateway": os.getpid()}
     for caller in callers.values():  # warm-up
@@ -208,9 +202,9 @@ async def drive(args: argparse.Namespace, pids: dict[str, int]) -> None:
         order = list(callers) if block % 2 == 0 else list(reversed(callers))
         for concurrency in (1, args.concurrency):
             for name in order:
-                before = {who: cpu_s(pid) for who, pid in pids.items()}
+                before = {who: cpu_seconds(pid) for who, pid in pids.items()}
                 times, wall = await run_block(callers[name], body, args.block, concurrency)
-                after = {who: cpu_s(pid) for who, pid in pids.items()}
+                after = {who: cpu_seconds(pid) for who, pid in pids.items()}
                 spent = {who: after[who] - before[who] for who in pids}
                 if concurrency == 1:
                     latency[name].append(times)
@@ -288,12 +282,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.block < args.concurrency:
         raise SystemExit("--block must be at least --concurrency")
-    use_uvloop()
     if args.role == "serve":
-        asyncio.run(serve(args.nats_url, args.port))
+        run_on_loop("auto", serve(args.nats_url, args.port))
         return
     if args.role == "drive":
-        asyncio.run(drive(args, json.loads(args.pids)))
+        run_on_loop("auto", drive(args, json.loads(args.pids)))
         return
     nats_server = NatsServerProcess()
     nats_server.start()
@@ -307,8 +300,9 @@ def main() -> None:
     )
     try:
         assert server.stdout is not None
-        if server.stdout.readline().strip() != "ready":
-            raise SystemExit("the dispatcher stand-in did not start")
+        readable, _, _ = select.select([server.stdout], [], [], READY_TIMEOUT_S)
+        if not readable or server.stdout.readline().strip() != "ready":
+            raise SystemExit(f"the dispatcher stand-in did not start within {READY_TIMEOUT_S:g} s")
         assert nats_server.pid is not None
         pids = json.dumps({"dispatcher": server.pid, "nats-server": nats_server.pid})
         forwarded = [
